@@ -1,0 +1,28 @@
+"""`python -m agent --config FILE` (console script `shoal-agent`)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from agent import app, config
+from shoal.entry import run_component
+
+FLAGS = {
+    "--listen": ("listen", "address of the registry mirror API"),
+    "--node": ("node", "node name recorded in logs and journals"),
+    "--data-dir": ("data_dir", "cache and state directory"),
+    "--tracker": ("tracker", "tracker base URL"),
+    "--origin": ("origin", "origin base URL"),
+    "--torrent-listen": ("torrent.listen", "BitTorrent listen address (ip:port)"),
+    "--cache-max-bytes": ("cache.max_bytes", "cache size budget, e.g. 50GiB"),
+    "--log-level": ("log.level", "debug, info, warning or error"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_component("agent", argv, flags=FLAGS, load=config.load, build=app.build)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

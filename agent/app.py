@@ -1,0 +1,149 @@
+"""The agent's aiohttp application: wiring, error translation, request log, ops routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client import CollectorRegistry
+
+from agent.api import MirrorApi
+from agent.bindings import Bindings
+from agent.config import AgentConfig
+from agent.fetcher import Fetcher
+from agent.metrics import AgentMetrics
+from agent.responses import error_response, oci_error
+from agent.upstreams import Upstream, Upstreams
+from shoal import errors
+from shoal.config import split_hostport
+from shoal.metrics import StoreCollector, SwarmCollector
+from shoal.registry import Credentials, RegistryClient
+from shoal.store import BlobStore
+from shoal.swarm import AGENT_FINGERPRINT, Swarm, SwarmSettings
+from shoal.web import add_ops_routes
+
+log = logging.getLogger(__name__)
+
+API_KEY = web.AppKey("api", MirrorApi)
+USER_AGENT = "shoal-agent/0.1"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _middleware(metrics: AgentMetrics) -> Middleware:
+    @web.middleware
+    async def oci_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.monotonic()
+        try:
+            resp = await handler(request)
+        except errors.ShoalError as exc:
+            resp = error_response(exc)
+        except web.HTTPException as exc:
+            # aiohttp's own 404/405 for paths outside /v2/: keep them OCI-shaped.
+            code = errors.UNSUPPORTED if exc.status == 405 else errors.NAME_UNKNOWN
+            resp = oci_error(errors.OciCode(code.code, exc.status, exc.reason))
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("internal error serving %s %s", request.method, request.rel_url.path)
+            resp = oci_error(errors.UNKNOWN)
+        kind = request.get("kind", "other")
+        if request.path.startswith("/v2"):
+            metrics.requests.labels(kind, request.method, str(resp.status)).inc()
+        log.debug("%s %s -> %d (%s, %.1f ms)", request.method, request.rel_url.path, resp.status,
+                  request.get("source", "-"), (time.monotonic() - started) * 1000)
+        return resp
+
+    return oci_errors
+
+
+def build(config: AgentConfig) -> web.Application:
+    creds: dict[str, Credentials | None] = {}
+    for i, u in enumerate(config.upstreams):
+        password = u.read_password(f"upstreams[{i}]")
+        creds[u.name] = Credentials(u.username, password or "") if u.username else None
+
+    registry = CollectorRegistry()
+    metrics = AgentMetrics(registry)
+    app = web.Application(middlewares=[_middleware(metrics)])
+    data = Path(config.data_dir)
+    torrent_host, torrent_port = split_hostport(config.torrent.listen)
+    use_swarm = config.tracker is not None
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, limit_per_host=64))
+        store = BlobStore(data / "cache", max_bytes=config.cache.max_bytes)
+        bindings = Bindings(data / "bindings", ttl=config.cache.binding_ttl)
+        swarm = Swarm(SwarmSettings(
+            listen_ip=torrent_host, listen_port=torrent_port, fingerprint=AGENT_FINGERPRINT,
+            upload_rate_limit=config.torrent.upload_rate_limit,
+            download_rate_limit=config.torrent.download_rate_limit,
+            allow_multiple_connections_per_ip=config.torrent.allow_multiple_connections_per_ip,
+            extra=config.torrent.libtorrent,
+        )) if use_swarm else None
+        upstreams = Upstreams([
+            Upstream(u.name, RegistryClient(http, u.url, credentials=creds[u.name], user_agent=USER_AGENT,
+                                            read_timeout=config.registry_read_timeout))
+            for u in config.upstreams
+        ])
+        fetcher = Fetcher(store=store, swarm=swarm, http=http, tracker=config.tracker, origin=config.origin,
+                          policy=config.swarm, metrics=metrics)
+        started_swarm = False
+        try:
+            await store.open()
+            await bindings.open()
+            if swarm is not None:
+                await swarm.start()
+                started_swarm = True
+                registry.register(SwarmCollector("shoal_agent", swarm))
+            await fetcher.start()
+        except BaseException:
+            if started_swarm and swarm is not None:
+                await swarm.stop()
+            await http.close()
+            raise
+        registry.register(StoreCollector("shoal_agent", store))
+        app[API_KEY] = MirrorApi(upstreams=upstreams, store=store, fetcher=fetcher, bindings=bindings,
+                                 metrics=metrics, max_blob_size=config.max_blob_size)
+        log.info("agent %s ready: %d upstream(s), swarm %s", config.node, len(config.upstreams),
+                 "on" if swarm is not None else "off")
+        yield
+        await fetcher.stop()
+        if swarm is not None:
+            await swarm.stop()
+        await bindings.close()
+        await store.close()
+        await http.close()
+
+    async def ready() -> str | None:
+        return None if API_KEY in app else "starting"
+
+    async def root(request: web.Request) -> web.StreamResponse:
+        return await request.app[API_KEY].root(request)
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        return await request.app[API_KEY].dispatch(request)
+
+    async def status(request: web.Request) -> web.StreamResponse:
+        api = request.app[API_KEY]
+        return web.json_response({
+            "node": config.node,
+            "cache_bytes": api.store.used_bytes,
+            "cache_budget_bytes": api.store.max_bytes,
+            "cached_blobs": len(api.store.digests()),
+            "downloads_in_flight": api.fetcher.in_flight(),
+            "seeding": len(api.fetcher.swarm.jobs()) if api.fetcher.swarm is not None else 0,
+        })
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_route("*", "/v2", root)
+    app.router.add_route("*", "/v2/", root)
+    app.router.add_route("*", "/v2/{tail:.*}", dispatch)
+    app.router.add_get("/v1/status", status)
+    add_ops_routes(app, registry, ready)
+    return app

@@ -1,0 +1,70 @@
+"""Agent configuration (YAML, validated at start)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from shoal.config import (
+    DURATION,
+    HOSTPORT,
+    SIZE,
+    URL,
+    LogSettings,
+    TorrentSettings,
+    UpstreamSettings,
+    check_upstream_names,
+    load_section,
+)
+from shoal.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    max_bytes: Annotated[int, SIZE] = 20 << 30
+    # How long a learned "repository links this blob" fact is trusted without the registry.
+    binding_ttl: Annotated[float, DURATION] = 7 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmPolicy:
+    # Blobs below this size go straight to the registry unless the tracker already has them.
+    threshold: Annotated[int, SIZE] = 1 << 20
+    # Budget for asking the tracker for metainfo; a dead tracker costs at most this.
+    metainfo_timeout: Annotated[float, DURATION] = 2.0
+    # Budget for the origin to fetch, verify and hash a blob it does not have yet.
+    seed_timeout: Annotated[float, DURATION] = 120.0
+    # From joining the swarm to the first verified piece; then between pieces.
+    first_piece_timeout: Annotated[float, DURATION] = 10.0
+    stall_timeout: Annotated[float, DURATION] = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    data_dir: str
+    upstreams: list[UpstreamSettings]
+    listen: Annotated[str, HOSTPORT] = "127.0.0.1:5050"
+    node: str = field(default_factory=socket.gethostname)
+    # Without a tracker (or origin) the agent is a plain verifying pull-through cache.
+    tracker: Annotated[str | None, URL] = None
+    origin: Annotated[str | None, URL] = None
+    torrent: TorrentSettings = field(default_factory=TorrentSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    swarm: SwarmPolicy = field(default_factory=SwarmPolicy)
+    # Blobs larger than this are refused before download.
+    max_blob_size: Annotated[int, SIZE] = 64 << 30
+    # Longest silence tolerated on a registry connection.
+    registry_read_timeout: Annotated[float, DURATION] = 30.0
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def validate(self, prefix: str) -> None:
+        check_upstream_names(self.upstreams, "upstreams")
+        if (self.tracker is None) != (self.origin is None):
+            raise ConfigError("tracker: set both tracker and origin to use the swarm, or neither")
+        if not self.node or len(self.node) > 253:
+            raise ConfigError("node: must be a non-empty name of at most 253 characters")
+
+
+def load(doc: dict[str, Any]) -> AgentConfig:
+    return load_section(AgentConfig, doc)

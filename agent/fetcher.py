@@ -1,0 +1,342 @@
+"""Blob downloads: one flight per digest, swarm first, the registry when the swarm cannot deliver.
+
+A `Download` runs in the background (a client hanging up does not stop it) and every local
+client reading the blob attaches to it:
+
+1. metainfo from the tracker; if it has none and the blob is large, ask the origin to seed it;
+   small blobs the tracker does not know go straight to the registry;
+2. join the swarm, with deadlines: a first verified piece within `first_piece_timeout`, then
+   no gap longer than `stall_timeout`;
+3. once complete: flush, sha256 the file from disk, let libtorrent rename it into `blobs/`
+   (it keeps seeding from there), fsync, index;
+4. on any swarm failure (tracker or origin away, no peers, stall, bad metainfo, digest
+   mismatch) the agent fetches the blob from the registry itself, verifies and caches it, and
+   seeds it if it knows the metainfo.
+
+Readers get verified pieces in order as they land (and the cached file once it exists); a
+reader of the whole blob also hashes what it sends and holds back the last chunk until the
+digest matches, so no client ever receives a complete body that is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+
+from agent.config import SwarmPolicy
+from agent.metrics import AgentMetrics
+from agent.responses import read_file
+from agent.upstreams import Upstream
+from shoal import errors, metainfo
+from shoal.metainfo import Metainfo
+from shoal.oci import Digest
+from shoal.store import BlobStore, fsync_file, sha256_file
+from shoal.swarm import Swarm, TorrentJob
+
+log = logging.getLogger(__name__)
+
+EMPTY_DIGEST = Digest(hashlib.sha256(b"").hexdigest())
+# A reader gives up when nothing at all happens for this long; the download's own deadlines
+# normally end a dead path much sooner.
+READER_SAFETY_TIMEOUT = 600.0
+# While no piece has arrived, re-announce this often to pick up peers that joined after us.
+ANNOUNCE_RETRY = 1.5
+
+
+class Download:
+    def __init__(self, fetcher: Fetcher, upstream: Upstream, repo: str, digest: Digest, size: int) -> None:
+        self.fetcher = fetcher
+        self.upstream = upstream
+        self.repo = repo
+        self.digest = digest
+        self.size = size
+        self.job: TorrentJob | None = None
+        self.source = "peers"
+        self.error: errors.ShoalError | None = None
+        self.done = asyncio.Event()
+        self._changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    # ----- reading ------------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait(self, within: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), within)
+
+    def path(self) -> Path | None:
+        store = self.fetcher.store
+        return store.path(self.digest) if store.has(self.digest) else None
+
+    async def stream(self, offset: int, length: int, *, whole: bool) -> AsyncIterator[bytes]:
+        store = self.fetcher.store
+        h = hashlib.sha256() if whole else None
+        pos, end = offset, offset + length
+        last_progress = time.monotonic()
+
+        def check(chunk: bytes) -> bytes:
+            # Hash before releasing: the chunk that completes the blob goes out only if the
+            # whole blob matches its digest.
+            if h is not None:
+                h.update(chunk)
+                if pos + len(chunk) == end and h.hexdigest() != self.digest.hex:
+                    self.fetcher.metrics.integrity_failures.labels(self.source).inc()
+                    raise errors.IntegrityError(f"streamed bytes of {self.digest} do not match it")
+            return chunk
+
+        while pos < end:
+            if store.has(self.digest):
+                with store.pinned(self.digest):
+                    async for chunk in read_file(store.path(self.digest), pos, end - pos):
+                        yield check(chunk)
+                        pos += len(chunk)
+                return
+            job = self.job
+            if job is not None and job.failed is None:
+                index = pos // job.meta.piece_length
+                if job.has_piece(index):
+                    try:
+                        data = await job.read_piece(index)
+                    except errors.SwarmUnavailable:
+                        continue  # the torrent went away (fallback): the file will come
+                    start = pos - index * job.meta.piece_length
+                    chunk = data[start : start + (end - pos)]
+                    if not chunk:
+                        raise errors.IntegrityError(f"piece {index} of {self.digest} is short")
+                    yield check(chunk)
+                    pos += len(chunk)
+                    last_progress = time.monotonic()
+                    continue
+                job.prioritize(index)
+            if self.done.is_set() and not store.has(self.digest):
+                raise self.error or errors.SwarmUnavailable("download ended without the blob")
+            if time.monotonic() - last_progress > READER_SAFETY_TIMEOUT:
+                raise errors.SwarmUnavailable("no progress on the blob")
+            await self._wait(1.0)
+
+    # ----- the download -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        store = self.fetcher.store
+        started = time.monotonic()
+        try:
+            with store.pinned(self.digest), store.reservation(self.size):
+                await store.make_room()
+                meta: Metainfo | None = None
+                if self.fetcher.swarm is not None:
+                    try:
+                        meta = await self.fetcher.metainfo(self.upstream, self.repo, self.digest, self.size)
+                        if meta is not None:
+                            await self._from_swarm(meta)
+                            self._finish("peers", started)
+                            return
+                    except (errors.SwarmUnavailable, errors.IntegrityError) as exc:
+                        reason = getattr(exc, "reason", None) or type(exc).__name__
+                        self.fetcher.metrics.fallbacks.labels(reason).inc()
+                        log.warning("swarm could not deliver %s (%s); fetching from the registry",
+                                    self.digest, exc)
+                await self._from_registry(meta)
+                self._finish("origin", started)
+        except errors.ShoalError as exc:
+            self.error = exc
+            self.fetcher.metrics.downloads.labels(self.source, "failed").inc()
+            log.warning("download of %s failed: %s", self.digest, exc)
+        except asyncio.CancelledError:
+            self.error = errors.UpstreamError("agent shutting down")
+            raise
+        except Exception as exc:
+            log.exception("download of %s failed", self.digest)
+            self.error = errors.ShoalError(f"internal error: {type(exc).__name__}")
+        finally:
+            self.done.set()
+            self._notify()
+        await store.make_room()
+
+    def _finish(self, source: str, started: float) -> None:
+        self.source = source
+        elapsed = time.monotonic() - started
+        m = self.fetcher.metrics
+        m.downloads.labels(source, "ok").inc()
+        m.download_seconds.labels(source).observe(elapsed)
+        log.info("cached %s (%d bytes) from %s in %.2fs", self.digest, self.size, source, elapsed)
+
+    async def _from_swarm(self, meta: Metainfo) -> None:
+        swarm = self.fetcher.swarm
+        assert swarm is not None
+        if meta.digest != self.digest or meta.size != self.size:
+            raise errors.SwarmUnavailable("metainfo does not describe this blob", )
+        store, policy = self.fetcher.store, self.fetcher.policy
+        job = swarm.add(meta, store.downloads_dir, seed=False)
+        self.job = job
+        job.listeners.append(self._notify)
+        self._notify()
+        moved = False
+        try:
+            joined = last_announce = time.monotonic()
+            while not job.finished.is_set():
+                if job.failed is not None:
+                    raise _SwarmFailure("torrent_error", job.failed)
+                now = time.monotonic()
+                if job.have_count == 0 and now - joined > policy.first_piece_timeout:
+                    raise _SwarmFailure("no_first_piece",
+                                        f"no verified piece within {policy.first_piece_timeout:g}s")
+                if job.have_count and now - job.last_progress > policy.stall_timeout:
+                    raise _SwarmFailure("stalled", f"no piece for {policy.stall_timeout:g}s")
+                if job.have_count == 0 and now - last_announce > ANNOUNCE_RETRY:
+                    # Nothing yet: perhaps the seeder was not listed when we joined. Ask again
+                    # now rather than after the tracker's interval.
+                    swarm.force_reannounce(job)
+                    last_announce = now
+                await job.wait_change(0.5)
+            await job.flush()
+            partial = store.downloads_dir / self.digest.hex
+
+            def verify() -> None:
+                sha256_file(partial, self.digest)
+                fsync_file(partial)
+                store.blob_dir(self.digest).mkdir(parents=True, exist_ok=True)
+
+            try:
+                await asyncio.to_thread(verify)
+            except errors.IntegrityError:
+                self.fetcher.metrics.integrity_failures.labels("peers").inc()
+                raise
+            await job.move_to(store.blob_dir(self.digest))
+            moved = True
+            await store.adopt_in_place(self.digest)
+            await store.save_metainfo(self.digest, meta.raw)
+            m = self.fetcher.metrics
+            m.swarm_bytes.labels("seeder").inc(job.peer_bytes.from_seeders)
+            m.swarm_bytes.labels("agent").inc(job.peer_bytes.from_agents)
+        except BaseException:
+            if job.listeners and self._notify in job.listeners:
+                job.listeners.remove(self._notify)
+            self.job = None
+            await swarm.remove(self.digest.hex, delete_files=not moved)
+            raise
+
+    async def _from_registry(self, meta: Metainfo | None) -> None:
+        self.source = "origin"
+        self._notify()
+        store, m = self.fetcher.store, self.fetcher.metrics
+        if self.size == 0 and self.digest == EMPTY_DIGEST:
+            return
+        tmp = store.download_path(self.digest)
+        try:
+            await self.upstream.client.download_blob(self.repo, self.digest, tmp, max_size=self.size,
+                                                     progress=m.registry_bytes.inc)
+        except errors.IntegrityError:
+            m.integrity_failures.labels("origin").inc()
+            raise
+        m.registry_requests.labels("blob", "200").inc()
+        await store.commit_file(self.digest, tmp, verified=True)
+        if meta is not None and self.fetcher.swarm is not None:
+            await store.save_metainfo(self.digest, meta.raw)
+            self.fetcher.swarm.add(meta, store.blob_dir(self.digest), seed=True)
+
+
+class _SwarmFailure(errors.SwarmUnavailable):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Fetcher:
+    def __init__(
+        self, *, store: BlobStore, swarm: Swarm | None, http: aiohttp.ClientSession, tracker: str | None,
+        origin: str | None, policy: SwarmPolicy, metrics: AgentMetrics,
+    ) -> None:
+        self.store = store
+        self.swarm = swarm
+        self.http = http
+        self.tracker = tracker
+        self.origin = origin
+        self.policy = policy
+        self.metrics = metrics
+        self._flights: dict[Digest, Download] = {}
+
+    async def start(self) -> None:
+        """Seed again what the cache kept across a restart."""
+        if self.swarm is None:
+            return
+        self.store.add_evict_hook(self._on_evict)
+        seeded = 0
+        for digest in self.store.digests():
+            raw = await self.store.load_metainfo(digest)
+            if raw is None:
+                continue
+            try:
+                meta = metainfo.parse(raw)
+            except metainfo.MetainfoError:
+                continue
+            self.swarm.add(meta, self.store.blob_dir(digest), seed=True)
+            seeded += 1
+        log.info("seeding %d cached blobs", seeded)
+
+    async def stop(self) -> None:
+        tasks = [d.task for d in self._flights.values() if d.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _on_evict(self, digest: Digest) -> None:
+        if self.swarm is not None:
+            await self.swarm.remove(digest.hex)
+
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    def get(self, upstream: Upstream, repo: str, digest: Digest, size: int) -> Download:
+        """The download of `digest`, started if none is running."""
+        download = self._flights.get(digest)
+        if download is not None:
+            return download
+        download = Download(self, upstream, repo, digest, size)
+        self._flights[digest] = download
+        task = asyncio.create_task(download.run())
+        download.task = task
+        task.add_done_callback(lambda _t: self._flights.pop(digest, None))
+        return download
+
+    async def metainfo(self, upstream: Upstream, repo: str, digest: Digest, size: int) -> Metainfo | None:
+        """From the tracker, or (for blobs worth a swarm) from the origin after it seeded them."""
+        assert self.tracker is not None
+        assert self.origin is not None
+        try:
+            async with self.http.get(f"{self.tracker}/v1/metainfo/{digest}",
+                                     timeout=aiohttp.ClientTimeout(total=self.policy.metainfo_timeout)) as r:
+                if r.status == 200:
+                    return self._parse(await r.read())
+                if r.status != 404:
+                    raise _SwarmFailure("tracker_error", f"tracker answered {r.status} for metainfo")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _SwarmFailure("tracker_unreachable", f"tracker unreachable: {type(exc).__name__}") from None
+        if size < self.policy.threshold:
+            return None
+        try:
+            async with self.http.post(
+                f"{self.origin}/v1/blobs/{digest}/seed", json={"ns": upstream.name, "repository": repo},
+                timeout=aiohttp.ClientTimeout(total=self.policy.seed_timeout),
+            ) as r:
+                if r.status == 200:
+                    return self._parse(await r.read())
+                raise _SwarmFailure("origin_error", f"origin answered {r.status} to the seed request")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _SwarmFailure("origin_unreachable", f"origin unreachable: {type(exc).__name__}") from None
+
+    @staticmethod
+    def _parse(raw: bytes) -> Metainfo:
+        try:
+            return metainfo.parse(raw)
+        except metainfo.MetainfoError as exc:
+            raise _SwarmFailure("bad_metainfo", f"unusable metainfo: {exc}") from None

@@ -1,0 +1,40 @@
+"""The agent's Prometheus metrics (one registry per agent instance)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class AgentMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("shoal_agent_requests_total", "Mirror API requests",
+                                ["kind", "method", "status"], registry=registry)
+        self.cache_hits = Counter("shoal_agent_cache_hits_total", "Blob requests served from the cache",
+                                  registry=registry)
+        self.cache_misses = Counter("shoal_agent_cache_misses_total",
+                                    "Blob requests for blobs not in the cache", registry=registry)
+        self.served_bytes = Counter("shoal_agent_served_bytes_total",
+                                    "Blob bytes sent to clients, by where the blob came from",
+                                    ["source"], registry=registry)
+        self.downloads = Counter("shoal_agent_downloads_total", "Blob downloads by outcome and source",
+                                 ["source", "result"], registry=registry)
+        self.download_seconds = Histogram("shoal_agent_download_seconds",
+                                          "Time to download and verify a blob", ["source"],
+                                          registry=registry, buckets=DURATION_BUCKETS)
+        self.swarm_bytes = Counter("shoal_agent_swarm_download_bytes_total",
+                                   "Payload bytes of completed swarm downloads, by peer kind "
+                                   "(seeder = origin seeder, agent = other nodes)", ["peer"],
+                                   registry=registry)
+        self.registry_bytes = Counter("shoal_agent_registry_bytes_total",
+                                      "Blob bytes fetched from the origin registry", registry=registry)
+        self.fallbacks = Counter("shoal_agent_fallbacks_total",
+                                 "Swarm downloads abandoned for the registry, by reason", ["reason"],
+                                 registry=registry)
+        self.integrity_failures = Counter("shoal_agent_integrity_failures_total",
+                                          "Blobs whose bytes did not hash to their digest", ["source"],
+                                          registry=registry)
+        self.registry_requests = Counter("shoal_agent_registry_requests_total",
+                                         "Requests the agent sent to the origin registry",
+                                         ["kind", "status"], registry=registry)

@@ -1,0 +1,160 @@
+"""The origin's aiohttp application: seed API, pre-seed jobs, status and ops routes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from origin.config import OriginConfig
+from origin.preseed import Preseeder
+from origin.registration import TrackerRegistration
+from origin.seeder import Seeder, SeederMetrics, Upstream
+from shoal import errors
+from shoal.config import split_hostport
+from shoal.metrics import StoreCollector, SwarmCollector
+from shoal.oci import Digest, validate_name
+from shoal.registry import Credentials, RegistryClient
+from shoal.store import BlobStore
+from shoal.swarm import SEEDER_FINGERPRINT, Swarm, SwarmSettings
+from shoal.web import add_ops_routes
+
+log = logging.getLogger(__name__)
+
+SEEDER_KEY = web.AppKey("seeder", Seeder)
+PRESEEDER_KEY = web.AppKey("preseeder", Preseeder)
+USER_AGENT = "shoal-origin/0.1"
+
+
+def _error(exc: errors.ShoalError) -> web.Response:
+    return web.Response(status=exc.oci.status, body=errors.error_body(exc.oci, str(exc), exc.detail),
+                        content_type="application/json")
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    try:
+        doc = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise errors.BadRequest(errors.UNSUPPORTED, "body must be a JSON object") from None
+    if not isinstance(doc, dict):
+        raise errors.BadRequest(errors.UNSUPPORTED, "body must be a JSON object")
+    return doc
+
+
+async def seed_blob(request: web.Request) -> web.Response:
+    """POST /v1/blobs/{digest}/seed {"ns": registry, "repository": name} -> metainfo."""
+    try:
+        digest = Digest.parse(request.match_info["digest"])
+        doc = await _json(request)
+        ns, repo = doc.get("ns"), doc.get("repository")
+        if not isinstance(ns, str) or not isinstance(repo, str):
+            raise errors.BadRequest(errors.NAME_INVALID, "give ns and repository as strings")
+        validate_name(repo)
+        meta = await request.app[SEEDER_KEY].ensure_seeded(ns, repo, digest)
+    except errors.ShoalError as exc:
+        return _error(exc)
+    return web.Response(body=meta.raw, content_type="application/x-bittorrent")
+
+
+async def submit_preseed(request: web.Request) -> web.Response:
+    """POST /v1/preseed {"images": [...], "platforms": [...]} -> 202 with the job."""
+    try:
+        doc = await _json(request)
+        images, platforms = doc.get("images"), doc.get("platforms", [])
+        if (not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images)
+                or not isinstance(platforms, list) or not all(isinstance(p, str) for p in platforms)):
+            raise errors.BadRequest(errors.NAME_INVALID, "give images (and optionally platforms) as lists")
+        job = request.app[PRESEEDER_KEY].submit(images, platforms)
+    except errors.ShoalError as exc:
+        return _error(exc)
+    return web.json_response(job.summary(), status=202)
+
+
+async def get_preseed(request: web.Request) -> web.Response:
+    job = request.app[PRESEEDER_KEY].jobs.get(request.match_info["job"])
+    if job is None:
+        return web.json_response({"error": "no such job"}, status=404)
+    return web.json_response(job.summary())
+
+
+async def status(request: web.Request) -> web.Response:
+    seeder = request.app[SEEDER_KEY]
+    return web.json_response({
+        "seeding": len(seeder.seeded()),
+        "registered": len(seeder.registration.registered),
+        "cache_bytes": seeder.store.used_bytes,
+        "cache_budget_bytes": seeder.store.max_bytes,
+        "blobs": [{"digest": str(m.digest), "size": m.size, "info_hash": m.info_hash.hex()}
+                  for m in seeder.seeded()],
+    })
+
+
+def build(config: OriginConfig) -> web.Application:
+    # Read every secret now so a bad file fails at start with the key named.
+    token = config.registration_token.read("registration_token")
+    assert token is not None
+    creds: dict[str, Credentials | None] = {}
+    for i, u in enumerate(config.upstreams):
+        password = u.read_password(f"upstreams[{i}]")
+        creds[u.name] = Credentials(u.username, password or "") if u.username else None
+
+    registry = CollectorRegistry()
+    metrics = SeederMetrics(registry)
+    app = web.Application()
+    host, port = split_hostport(config.torrent.listen)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, limit_per_host=64))
+        store = BlobStore(Path(config.data_dir), max_bytes=config.cache.max_bytes)
+        swarm = Swarm(SwarmSettings(
+            listen_ip=host, listen_port=port, fingerprint=SEEDER_FINGERPRINT,
+            upload_rate_limit=config.torrent.upload_rate_limit,
+            download_rate_limit=config.torrent.download_rate_limit,
+            allow_multiple_connections_per_ip=config.torrent.allow_multiple_connections_per_ip,
+            extra=config.torrent.libtorrent,
+        ))
+        upstreams = {
+            u.name: Upstream(u.name, RegistryClient(http, u.url, credentials=creds[u.name],
+                                                    user_agent=USER_AGENT))
+            for u in config.upstreams
+        }
+        registration = TrackerRegistration(http, config.tracker, token)
+        seeder = Seeder(store=store, swarm=swarm, registration=registration, upstreams=upstreams,
+                        announce=config.announce, max_blob_size=config.max_blob_size, metrics=metrics)
+        preseeder = Preseeder(seeder, concurrency=config.preseed_concurrency)
+        try:
+            await store.open()
+            await swarm.start()
+            await seeder.start()
+        except BaseException:
+            await swarm.stop()
+            await http.close()
+            raise
+        registry.register(SwarmCollector("shoal_origin", swarm))
+        registry.register(StoreCollector("shoal_origin", store))
+        app[SEEDER_KEY] = seeder
+        app[PRESEEDER_KEY] = preseeder
+        yield
+        await preseeder.stop()
+        await seeder.stop()
+        await swarm.stop()
+        await store.close()
+        await http.close()
+
+    async def ready() -> str | None:
+        seeder = app.get(SEEDER_KEY)
+        return None if seeder is not None else "starting"
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/blobs/{digest}/seed", seed_blob)
+    app.router.add_post("/v1/preseed", submit_preseed)
+    app.router.add_get("/v1/preseed/{job}", get_preseed)
+    app.router.add_get("/v1/status", status)
+    add_ops_routes(app, registry, ready)
+    return app

@@ -1,0 +1,58 @@
+"""Origin configuration (YAML, validated at start)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from shoal.config import (
+    HOSTPORT,
+    SIZE,
+    URL,
+    LogSettings,
+    SecretSource,
+    TorrentSettings,
+    UpstreamSettings,
+    check_upstream_names,
+    load_section,
+)
+from shoal.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    max_bytes: Annotated[int, SIZE] = 100 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class OriginConfig:
+    data_dir: str
+    upstreams: list[UpstreamSettings]
+    # Base URL of the tracker (registration API and, unless announce_url is set, announces).
+    tracker: Annotated[str, URL]
+    listen: Annotated[str, HOSTPORT] = "127.0.0.1:6970"
+    # The announce URL written into every torrent, as agents reach the tracker.
+    announce_url: Annotated[str | None, URL] = None
+    registration_token: SecretSource = field(default_factory=SecretSource)
+    torrent: TorrentSettings = field(default_factory=lambda: TorrentSettings(listen="127.0.0.1:6882"))
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    # Blobs larger than this are refused before download.
+    max_blob_size: Annotated[int, SIZE] = 64 << 30
+    # Blobs a pre-seed job fetches at once.
+    preseed_concurrency: int = 4
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def validate(self, prefix: str) -> None:
+        check_upstream_names(self.upstreams, "upstreams")
+        if self.registration_token.file is None and self.registration_token.env is None:
+            raise ConfigError("registration_token: give file or env (shared with the tracker)")
+        if not 1 <= self.preseed_concurrency <= 64:
+            raise ConfigError("preseed_concurrency: must be between 1 and 64")
+
+    @property
+    def announce(self) -> str:
+        return self.announce_url or f"{self.tracker}/announce"
+
+
+def load(doc: dict[str, Any]) -> OriginConfig:
+    return load_section(OriginConfig, doc)

@@ -1,0 +1,161 @@
+"""Pre-seeding: resolve images to their blobs and seed them all before a rollout.
+
+An image is `registry/name:tag` or `registry/name@digest`; `registry` must be one of the
+origin's upstream names. An index seeds every platform, or only those asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from origin.seeder import Seeder
+from shoal import errors
+from shoal.oci import Descriptor, Digest, ImageReference, parse_manifest
+
+log = logging.getLogger(__name__)
+
+MAX_JOBS_KEPT = 100
+
+
+@dataclass(slots=True)
+class BlobState:
+    digest: str
+    size: int
+    repository: str
+    state: str = "pending"  # pending, seeding, done, skipped, failed
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Job:
+    id: str
+    images: list[str]
+    platforms: list[str]
+    state: str = "resolving"  # resolving, seeding, done, failed
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    manifests: list[str] = field(default_factory=list)
+    blobs: dict[str, BlobState] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        blobs = list(self.blobs.values())
+        done = [b for b in blobs if b.state in ("done", "skipped")]
+        return {
+            "id": self.id,
+            "state": self.state,
+            "images": self.images,
+            "platforms": self.platforms,
+            "manifests": self.manifests,
+            "blobs_total": len(blobs),
+            "blobs_done": len(done),
+            "blobs_failed": sum(1 for b in blobs if b.state == "failed"),
+            "bytes_total": sum(b.size for b in blobs),
+            "bytes_done": sum(b.size for b in done),
+            "errors": self.errors,
+            "elapsed_seconds": round((self.finished or time.time()) - self.created, 3),
+            "blobs": [
+                {"digest": b.digest, "size": b.size, "state": b.state, "error": b.error} for b in blobs
+            ],
+        }
+
+
+class Preseeder:
+    def __init__(self, seeder: Seeder, *, concurrency: int) -> None:
+        self.seeder = seeder
+        self.concurrency = concurrency
+        self.jobs: dict[str, Job] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, images: list[str], platforms: list[str]) -> Job:
+        refs = [ImageReference.parse(i) for i in images]  # BadRequest on a malformed reference
+        for ref in refs:
+            if ref.registry not in self.seeder.upstreams:
+                raise errors.NotFound(errors.NAME_UNKNOWN,
+                                      f"{ref.registry!r} is not an upstream of this origin")
+        job = Job(id=secrets.token_hex(8), images=[str(r) for r in refs], platforms=platforms)
+        self.jobs[job.id] = job
+        while len(self.jobs) > MAX_JOBS_KEPT:
+            self.jobs.pop(next(iter(self.jobs)))
+        task = asyncio.create_task(self._run(job, refs))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    async def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(self, job: Job, refs: list[ImageReference]) -> None:
+        try:
+            for ref in refs:
+                for desc in await self._resolve(job, ref):
+                    key = str(desc.digest)
+                    if key not in job.blobs:
+                        job.blobs[key] = BlobState(key, desc.size, f"{ref.registry}/{ref.name}")
+            job.state = "seeding"
+            sem = asyncio.Semaphore(self.concurrency)
+            await asyncio.gather(*(self._seed(job, b, sem) for b in job.blobs.values()))
+            job.state = "failed" if job.errors else "done"
+        except errors.ShoalError as exc:
+            job.errors.append(str(exc))
+            job.state = "failed"
+        except Exception as exc:
+            log.exception("pre-seed job %s failed", job.id)
+            job.errors.append(f"internal error: {type(exc).__name__}")
+            job.state = "failed"
+        finally:
+            job.finished = time.time()
+            log.info("pre-seed job %s %s: %d blobs, %d errors", job.id, job.state, len(job.blobs),
+                     len(job.errors))
+
+    async def _resolve(self, job: Job, ref: ImageReference) -> list[Descriptor]:
+        client = self.seeder.upstreams[ref.registry].client
+        resp = await client.get_manifest(ref.name, ref.reference)
+        if resp.status == 404:
+            raise errors.NotFound(errors.MANIFEST_UNKNOWN, f"{ref}: manifest unknown")
+        if resp.status != 200:
+            raise errors.UpstreamError(f"{ref}: registry answered {resp.status}")
+        self._check_digest(ref, resp.body)
+        job.manifests.append(f"{ref.registry}/{ref.name}@sha256:{hashlib.sha256(resp.body).hexdigest()}")
+        parsed = parse_manifest(resp.body, resp.headers.get("Content-Type", ""))
+        if not parsed.is_index:
+            return list(parsed.blobs)
+        children = [c for c in parsed.children
+                    if not job.platforms or c.platform in job.platforms]
+        if not children:
+            raise errors.NotFound(errors.MANIFEST_UNKNOWN,
+                                  f"{ref}: no manifest for platform(s) {', '.join(job.platforms)}")
+        blobs: list[Descriptor] = []
+        for child in children:
+            child_ref = ImageReference(ref.registry, ref.name, None, child.digest)
+            blobs.extend(await self._resolve(job, child_ref))
+        return blobs
+
+    @staticmethod
+    def _check_digest(ref: ImageReference, body: bytes) -> None:
+        if ref.digest is not None and hashlib.sha256(body).hexdigest() != ref.digest.hex:
+            raise errors.IntegrityError(f"{ref}: manifest does not match its digest")
+
+    async def _seed(self, job: Job, blob: BlobState, sem: asyncio.Semaphore) -> None:
+        if blob.size == 0:
+            blob.state = "skipped"  # nothing to share; agents answer empty blobs themselves
+            return
+        registry, _, repo = blob.repository.partition("/")
+        async with sem:
+            blob.state = "seeding"
+            try:
+                await self.seeder.ensure_seeded(registry, repo, Digest.parse(blob.digest))
+            except errors.ShoalError as exc:
+                blob.state = "failed"
+                blob.error = str(exc)
+                job.errors.append(f"{blob.digest}: {exc}")
+                return
+            blob.state = "done"

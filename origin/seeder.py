@@ -1,0 +1,168 @@
+"""Blob -> verified file -> torrent -> registered at the tracker -> seeded. One flight per digest."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from origin.registration import TrackerRegistration
+from shoal import errors, metainfo
+from shoal.metainfo import Metainfo
+from shoal.oci import Digest
+from shoal.registry import RegistryClient
+from shoal.store import BlobStore
+from shoal.swarm import Swarm
+
+log = logging.getLogger(__name__)
+
+
+class SeederMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("shoal_origin_seed_requests_total", "Seed requests by outcome",
+                                ["result"], registry=registry)
+        self.registry_bytes = Counter("shoal_origin_registry_bytes_total",
+                                      "Blob bytes fetched from the origin registry", registry=registry)
+        self.fetch_seconds = Histogram("shoal_origin_fetch_seconds",
+                                       "Time to fetch, verify and hash a blob into a torrent",
+                                       registry=registry, buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300))
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    client: RegistryClient
+
+
+class Seeder:
+    def __init__(
+        self, *, store: BlobStore, swarm: Swarm, registration: TrackerRegistration,
+        upstreams: dict[str, Upstream], announce: str, max_blob_size: int, metrics: SeederMetrics,
+    ) -> None:
+        self.store = store
+        self.swarm = swarm
+        self.registration = registration
+        self.upstreams = upstreams
+        self.announce = announce
+        self.max_blob_size = max_blob_size
+        self.metrics = metrics
+        self._flights: dict[Digest, asyncio.Task[Metainfo]] = {}
+        self._metas: dict[Digest, Metainfo] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Seed every blob the store kept across a restart and register it again."""
+        for digest in self.store.digests():
+            raw = await self.store.load_metainfo(digest)
+            if raw is None:
+                continue
+            try:
+                meta = metainfo.parse(raw)
+            except metainfo.MetainfoError:
+                continue
+            self._metas[digest] = meta
+            self.swarm.add(meta, self.store.blob_dir(digest), seed=True)
+        self.store.add_evict_hook(self._on_evict)
+        self.swarm.on_tracker_error = self._on_tracker_error
+        self._spawn(self._register(list(self._metas.values())))
+        log.info("seeding %d blobs from the cache", len(self._metas))
+
+    async def _register(self, metas: list[Metainfo]) -> None:
+        """Register (retrying while the tracker is away), then announce at once: an announce
+        refused before registration makes libtorrent back off for a whole interval."""
+        await self.registration.keep_registered(metas)
+        for meta in metas:
+            job = self.swarm.job(meta.digest.hex)
+            if job is not None:
+                self.swarm.force_reannounce(job)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def stop(self) -> None:
+        for task in list(self._background) + list(self._flights.values()):
+            task.cancel()
+        await asyncio.gather(*self._background, *self._flights.values(), return_exceptions=True)
+
+    def _on_tracker_error(self, name: str, reason: str) -> None:
+        # A tracker that restarted without persistence forgets registrations: register again.
+        if "unregistered" in reason:
+            meta = next((m for m in self._metas.values() if m.digest.hex == name), None)
+            if meta is not None and meta.digest.hex in self.registration.registered:
+                self.registration.registered.discard(meta.digest.hex)
+                self._spawn(self._register([meta]))
+
+    async def _on_evict(self, digest: Digest) -> None:
+        meta = self._metas.pop(digest, None)
+        await self.swarm.remove(digest.hex)
+        if meta is not None:
+            await self.registration.unregister(meta)
+
+    def seeded(self) -> list[Metainfo]:
+        return list(self._metas.values())
+
+    async def ensure_seeded(self, ns: str, repo: str, digest: Digest) -> Metainfo:
+        """The metainfo of `digest`, fetching and seeding it first if needed."""
+        meta = self._metas.get(digest)
+        if meta is not None and self.store.has(digest):
+            self.store.touch(digest)
+            if digest.hex not in self.registration.registered:
+                await self.registration.register(meta)
+            self.metrics.requests.labels("cached").inc()
+            return meta
+        flight = self._flights.get(digest)
+        if flight is None:
+            upstream = self.upstreams.get(ns)
+            if upstream is None:
+                raise errors.NotFound(errors.NAME_UNKNOWN, f"no upstream registry named {ns!r}")
+            flight = asyncio.create_task(self._seed(upstream, repo, digest))
+            self._flights[digest] = flight
+            flight.add_done_callback(lambda _t: self._flights.pop(digest, None))
+        try:
+            meta = await asyncio.shield(flight)
+        except errors.ShoalError as exc:
+            self.metrics.requests.labels(type(exc).__name__).inc()
+            log.warning("cannot seed %s from %s/%s: %s", digest, ns, repo, exc)
+            raise
+        self.metrics.requests.labels("fetched").inc()
+        return meta
+
+    async def _seed(self, upstream: Upstream, repo: str, digest: Digest) -> Metainfo:
+        started = time.monotonic()
+        size = await upstream.client.blob_size(repo, digest)
+        if size is None:
+            raise errors.NotFound(errors.BLOB_UNKNOWN, detail=str(digest))
+        if size > self.max_blob_size:
+            raise errors.BadRequest(errors.SIZE_INVALID, f"blob of {size} bytes exceeds max_blob_size")
+        if size == 0:
+            raise errors.BadRequest(errors.SIZE_INVALID, "empty blobs are not seeded (nothing to share)")
+        with self.store.pinned(digest), self.store.reservation(size):
+            await self.store.make_room()
+            if not self.store.has(digest):
+                tmp = self.store.download_path(digest)
+                got = await upstream.client.download_blob(repo, digest, tmp, max_size=size,
+                                                          progress=self.metrics.registry_bytes.inc)
+                if got != size:
+                    await asyncio.to_thread(tmp.unlink, missing_ok=True)
+                    raise errors.IntegrityError(f"registry sent {got} bytes for a {size}-byte blob")
+                await self.store.commit_file(digest, tmp)
+            raw = await asyncio.to_thread(metainfo.create, self.store.path(digest), digest,
+                                          announce=self.announce)
+            meta = metainfo.parse(raw)
+            await self.store.save_metainfo(digest, raw)
+        # Register first: the seeder's first announce must find the torrent known, or libtorrent
+        # backs off and agents see no seeder for a whole announce interval.
+        await self.registration.register(meta)
+        self._metas[digest] = meta
+        self.swarm.add(meta, self.store.blob_dir(digest), seed=True)
+        self.metrics.fetch_seconds.observe(time.monotonic() - started)
+        log.info("seeding %s from %s/%s (%d bytes, %d pieces) after %.2fs", digest, upstream.name, repo,
+                 size, meta.num_pieces, time.monotonic() - started)
+        return meta

@@ -1,0 +1,329 @@
+"""YAML configuration into frozen dataclasses, validated at start.
+
+Each component declares its configuration as nested frozen dataclasses; `load` walks the YAML
+document against them. Every problem is one `ConfigError` whose message starts with the dotted
+key (`cache.max_bytes: ...`), never a traceback: an unknown key, a wrong type, a bad size or
+duration, an unreadable secret file.
+
+Special value types are `Annotated` markers: `Annotated[int, SIZE]` accepts `512MiB`, `2GB` or a
+plain integer; `Annotated[float, DURATION]` accepts `500ms`, `30s`, `5m`, `1h` or seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, cast
+from urllib.parse import urlsplit
+
+import yaml
+
+from shoal.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Marker:
+    """A converter for one kind of configuration value."""
+
+    name: str
+    convert: Callable[[Any, str], Any]
+
+
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*")
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "ki": 1 << 10, "kib": 1 << 10,
+    "m": 1000**2, "mb": 1000**2, "mi": 1 << 20, "mib": 1 << 20,
+    "g": 1000**3, "gb": 1000**3, "gi": 1 << 30, "gib": 1 << 30,
+    "t": 1000**4, "tb": 1000**4, "ti": 1 << 40, "tib": 1 << 40,
+}  # fmt: skip
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_size(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value)
+        if m:
+            return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+    raise ConfigError(f"{key}: expected a size such as 512MiB, 20GB or a number of bytes, got {value!r}")
+
+
+def parse_duration(value: Any, key: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.fullmatch(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ConfigError(f"{key}: expected a duration such as 500ms, 30s, 5m or 1h, got {value!r}")
+
+
+def parse_url(value: Any, key: str) -> str:
+    if isinstance(value, str):
+        parts = urlsplit(value)
+        if parts.scheme in ("http", "https") and parts.hostname and not parts.username:
+            return value.rstrip("/")
+    raise ConfigError(f"{key}: expected an http:// or https:// URL without credentials, got {value!r}")
+
+
+def parse_hostport(value: Any, key: str) -> str:
+    """`host:port` or `[v6]:port`, returned unchanged after checking."""
+    if isinstance(value, str):
+        host, _, port = value.rpartition(":")
+        if host and port.isdigit() and 0 <= int(port) <= 65535:
+            return value
+    raise ConfigError(f"{key}: expected host:port (e.g. 127.0.0.1:5050), got {value!r}")
+
+
+def parse_ip(value: Any, key: str) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise ConfigError(f"{key}: expected an IP address, got {value!r}") from None
+
+
+SIZE = Marker("size", parse_size)
+DURATION = Marker("duration", parse_duration)
+URL = Marker("url", parse_url)
+HOSTPORT = Marker("host:port", parse_hostport)
+IP = Marker("ip address", parse_ip)
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def read_secret(*, key: str, file: str | None, env: str | None) -> str | None:
+    """A secret from a file (trailing newline stripped) or an environment variable.
+
+    The error names the key and the file or variable, never the value.
+    """
+    if file:
+        try:
+            return Path(file).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read secret file {file!r}: {exc.strerror}") from None
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError(f"{key}: environment variable {env!r} is not set")
+        return value
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        base, *meta = typing.get_args(tp)
+        for m in meta:
+            if isinstance(m, Marker):
+                return m.convert(value, key)
+        return _convert(base, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            return _convert(non_none[0], value, key)
+        raise TypeError(f"unsupported union in config schema at {key}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is list or origin is tuple:
+        (item_tp, *_rest) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        items = [_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        _k, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _convert(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return load_section(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {_type_name(tp)} at {key}")
+
+
+def load_section(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping, naming the dotted key of any problem."""
+    where = prefix or "configuration"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    assert dataclasses.is_dataclass(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in fields:
+            dotted = f"{prefix}.{name}" if prefix else str(name)
+            raise ConfigError(f"{dotted}: unknown key")
+    kwargs: dict[str, Any] = {}
+    for name, field in fields.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], dotted)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{dotted}: required key is missing")
+        else:
+            # schema defaults are already of the converted type
+            if field.default is not dataclasses.MISSING:
+                kwargs[name] = field.default
+            else:
+                factory = cast(Callable[[], Any], field.default_factory)
+                kwargs[name] = factory()
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check(prefix)
+    return obj
+
+
+def read_yaml(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path!r}: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"--config: {path} is not valid YAML{where}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping at the top level")
+    return doc
+
+
+def set_dotted(doc: dict[str, Any], dotted: str, value: Any) -> None:
+    """Apply a command-line override such as `cache.max_bytes=10GiB` onto the YAML document."""
+    parts = dotted.split(".")
+    node = doc
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SecretSource:
+    """A secret given by file or environment variable, never inline in the YAML."""
+
+    file: str | None = None
+    env: str | None = None
+
+    def read(self, key: str) -> str | None:
+        return read_secret(key=key, file=self.file, env=self.env)
+
+
+_UPSTREAM_NAME_RE = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9a-fA-F:]+\](:\d{1,5})?")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """An origin registry. `name` is how clients name it (`host[:port]`, containerd's `?ns=`)."""
+
+    name: str
+    url: Annotated[str, URL]
+    username: str | None = None
+    password: SecretSource = dataclasses.field(default_factory=SecretSource)
+
+    def validate(self, prefix: str) -> None:
+        if not _UPSTREAM_NAME_RE.fullmatch(self.name):
+            raise ConfigError(f"{prefix}.name: expected a registry host[:port], got {self.name!r}")
+        if self.username is not None and self.password.file is None and self.password.env is None:
+            raise ConfigError(f"{prefix}.password: give file or env when username is set")
+
+    def read_password(self, prefix: str) -> str | None:
+        return self.password.read(f"{prefix}.password")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TorrentSettings:
+    """The BitTorrent side of a component."""
+
+    listen: Annotated[str, HOSTPORT] = "127.0.0.1:6881"
+    upload_rate_limit: Annotated[int, SIZE] = 0  # bytes per second, 0 = unlimited
+    download_rate_limit: Annotated[int, SIZE] = 0
+    # Only for tests that run several nodes on one address.
+    allow_multiple_connections_per_ip: bool = False
+    # Extra libtorrent settings_pack names and values, passed through.
+    libtorrent: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self, prefix: str) -> None:
+        host, _port = split_hostport(self.listen)
+        parse_ip(host, f"{prefix}.listen")
+        for name in self.libtorrent:
+            if name not in _libtorrent_setting_names():
+                raise ConfigError(f"{prefix}.libtorrent.{name}: not a libtorrent setting")
+
+
+def _libtorrent_setting_names() -> frozenset[str]:
+    import libtorrent as lt
+
+    return frozenset(lt.default_settings().keys())
+
+
+def check_upstream_names(upstreams: list[UpstreamSettings], key: str) -> None:
+    if not upstreams:
+        raise ConfigError(f"{key}: configure at least one upstream registry")
+    seen: set[str] = set()
+    for i, u in enumerate(upstreams):
+        if u.name in seen:
+            raise ConfigError(f"{key}[{i}].name: {u.name!r} is configured twice")
+        seen.add(u.name)

@@ -1,0 +1,106 @@
+"""One exception hierarchy for every component, and the table that maps it to OCI errors.
+
+Foreign exceptions (aiohttp, OSError, libtorrent) are translated at the edge of the module
+that calls them; handlers only ever see `ShoalError` subclasses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class OciCode:
+    """An error code of the OCI distribution spec (or distribution's extensions) and its status."""
+
+    code: str
+    status: int
+    message: str
+
+
+# The spec's codes (distribution-spec "Error Codes") plus distribution's UNAVAILABLE/UNKNOWN,
+# which clients such as containerd already understand.
+BLOB_UNKNOWN = OciCode("BLOB_UNKNOWN", 404, "blob unknown to registry")
+DIGEST_INVALID = OciCode("DIGEST_INVALID", 400, "provided digest is invalid")
+MANIFEST_UNKNOWN = OciCode("MANIFEST_UNKNOWN", 404, "manifest unknown")
+MANIFEST_INVALID = OciCode("MANIFEST_INVALID", 400, "manifest invalid")
+NAME_INVALID = OciCode("NAME_INVALID", 400, "invalid repository name")
+NAME_UNKNOWN = OciCode("NAME_UNKNOWN", 404, "repository name not known to registry")
+SIZE_INVALID = OciCode("SIZE_INVALID", 400, "provided length did not match content length")
+RANGE_INVALID = OciCode("RANGE_INVALID", 416, "requested range not satisfiable")
+UNAUTHORIZED = OciCode("UNAUTHORIZED", 401, "authentication required")
+DENIED = OciCode("DENIED", 403, "requested access to the resource is denied")
+UNSUPPORTED = OciCode("UNSUPPORTED", 405, "the operation is unsupported")
+TOOMANYREQUESTS = OciCode("TOOMANYREQUESTS", 429, "too many requests")
+UNAVAILABLE = OciCode("UNAVAILABLE", 503, "service unavailable")
+UNKNOWN = OciCode("UNKNOWN", 500, "unknown error")
+
+
+class ShoalError(Exception):
+    """Base of every error shoal raises on purpose."""
+
+    oci: OciCode = UNKNOWN
+
+    def __init__(self, message: str = "", *, detail: Any = None) -> None:
+        super().__init__(message or self.oci.message)
+        self.detail = detail
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(ShoalError):
+    """A configuration key is missing, unknown or has a bad value. The message names the key."""
+
+
+class BadRequest(ShoalError):
+    """The client's request is malformed; `oci` says how."""
+
+    def __init__(self, oci: OciCode, message: str = "", *, detail: Any = None) -> None:
+        self.oci = oci
+        super().__init__(message or oci.message, detail=detail)
+
+
+class NotFound(ShoalError):
+    """The named thing does not exist (or is not visible through this name)."""
+
+    def __init__(self, oci: OciCode, message: str = "", *, detail: Any = None) -> None:
+        self.oci = oci
+        super().__init__(message or oci.message, detail=detail)
+
+
+class Unsupported(ShoalError):
+    oci = UNSUPPORTED
+
+
+class UpstreamError(ShoalError):
+    """The origin registry could not be reached or answered with a server error."""
+
+    oci = UNAVAILABLE
+
+
+class IntegrityError(ShoalError):
+    """Bytes did not hash to the digest they were fetched for. Never served."""
+
+    oci = UNAVAILABLE
+
+
+class SwarmUnavailable(ShoalError):
+    """The swarm path (tracker, origin seeder, peers) cannot deliver; callers fall back."""
+
+    oci = UNAVAILABLE
+
+
+class StoreFull(ShoalError):
+    """The cache cannot make room (disk full or everything pinned)."""
+
+    oci = UNAVAILABLE
+
+
+def error_body(oci: OciCode, message: str | None = None, detail: Any = None) -> bytes:
+    """The OCI error JSON document, as distribution writes it."""
+    doc = {"errors": [{"code": oci.code, "message": message or oci.message, "detail": detail}]}
+    return json.dumps(doc, separators=(",", ":")).encode()

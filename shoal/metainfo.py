@@ -1,0 +1,117 @@
+"""Torrent metainfo for blobs: one private BitTorrent v2 torrent per blob digest.
+
+Piece-size policy (deterministic, so every origin builds the same torrent for a blob):
+
+    blob size         piece size
+    < 1 MiB           the next power of two >= size, at least 16 KiB (a single piece)
+    < 64 MiB          1 MiB    (fast first byte for small layers)
+    < 4 GiB           4 MiB    (Kraken's choice; few hundred pieces per GiB)
+    >= 4 GiB          16 MiB   (keeps the piece count and the metainfo small)
+
+The torrent's single file is named by the digest's hex, so the v2 info-hash binds the digest;
+BitTorrent v2 pieces are SHA-256 merkle-verified. The v2 `pieces root` is not the OCI digest,
+so whoever has the bytes (the origin) must publish the metainfo per digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal import bencode
+from shoal.oci import SHA256_HEX_RE, Digest
+
+KIB = 1 << 10
+MIB = 1 << 20
+GIB = 1 << 30
+MAX_METAINFO_BYTES = 4 * MIB
+
+
+def piece_size_for(size: int) -> int:
+    if size < MIB:
+        piece = 16 * KIB
+        while piece < size:
+            piece *= 2
+        return piece
+    if size < 64 * MIB:
+        return MIB
+    if size < 4 * GIB:
+        return 4 * MIB
+    return 16 * MIB
+
+
+class MetainfoError(ValueError):
+    """Metainfo that is not a single-file private v2 torrent named by a sha256 digest."""
+
+
+@dataclass(frozen=True, slots=True)
+class Metainfo:
+    raw: bytes
+    digest: Digest
+    size: int
+    piece_length: int
+    info_hash: bytes  # the full 32-byte v2 info-hash
+
+    @property
+    def tracker_hash(self) -> bytes:
+        """v2 info-hashes reach trackers truncated to 20 bytes (BEP 52)."""
+        return self.info_hash[:20]
+
+    @property
+    def num_pieces(self) -> int:
+        return (self.size + self.piece_length - 1) // self.piece_length
+
+
+def parse(raw: bytes) -> Metainfo:
+    if len(raw) > MAX_METAINFO_BYTES:
+        raise MetainfoError("metainfo too large")
+    try:
+        doc = bencode.decode(raw)
+    except bencode.BencodeError as exc:
+        raise MetainfoError(f"metainfo is not bencode: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get(b"info"), dict):
+        raise MetainfoError("metainfo has no info dictionary")
+    info = doc[b"info"]
+    assert isinstance(info, dict)
+    if info.get(b"meta version") != 2:
+        raise MetainfoError("not a BitTorrent v2 torrent")
+    if info.get(b"private") != 1:
+        raise MetainfoError("torrent is not private")
+    name = info.get(b"name")
+    if not isinstance(name, bytes) or not SHA256_HEX_RE.fullmatch(name.decode("ascii", "replace")):
+        raise MetainfoError("torrent name is not a sha256 hex digest")
+    tree = info.get(b"file tree")
+    if not isinstance(tree, dict) or list(tree) != [name]:
+        raise MetainfoError("torrent must hold exactly one file named by its digest")
+    leaf = tree[name]
+    node = leaf.get(b"") if isinstance(leaf, dict) else None
+    length = node.get(b"length") if isinstance(node, dict) else None
+    if not isinstance(length, int) or length < 0:
+        raise MetainfoError("torrent file has no valid length")
+    piece_length = info.get(b"piece length")
+    if not isinstance(piece_length, int) or piece_length < 16 * KIB or piece_length & (piece_length - 1):
+        raise MetainfoError("piece length must be a power of two of at least 16 KiB")
+    info_hash = hashlib.sha256(bencode.encode(info)).digest()
+    return Metainfo(raw, Digest(name.decode()), length, piece_length, info_hash)
+
+
+def create(blob: Path, digest: Digest, *, announce: str) -> bytes:
+    """Build the metainfo for the verified blob at `blob` (named by its hex). Blocking: it
+    hashes the whole file, so call it in a thread."""
+    import libtorrent as lt  # imported here: the tracker parses metainfo without libtorrent
+
+    if blob.name != digest.hex:
+        raise ValueError("the blob file must be named by its digest hex")
+    size = blob.stat().st_size
+    ct = lt.create_torrent(
+        [lt.create_file_entry(digest.hex, size)],
+        piece_size=piece_size_for(size),
+        flags=lt.create_torrent.v2_only,
+    )
+    ct.set_priv(True)
+    ct.set_creator("shoal")
+    ct.add_tracker(announce)
+    lt.set_piece_hashes(ct, str(blob.parent))
+    raw: bytes = lt.bencode(ct.generate())
+    return raw

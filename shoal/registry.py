@@ -1,0 +1,280 @@
+"""Client for the origin registry (distribution API v2) with Basic and Bearer-token auth.
+
+One `RegistryClient` per upstream registry and identity. It answers 401 challenges itself:
+Basic (then sends Basic up front), or Bearer (fetches a token for the repository's pull scope
+from the challenge's realm and caches it until shortly before `expires_in`). Credentials are
+sent only to the registry's own origin and its token realm, never logged; aiohttp drops
+`Authorization` on cross-origin redirects (blob redirects to object storage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from shoal import errors
+from shoal.oci import DEFAULT_ACCEPT, MAX_MANIFEST_BYTES, Digest
+
+log = logging.getLogger(__name__)
+
+BLOB_CHUNK = 1 << 20
+# Bearer tokens are refreshed this long before they expire.
+TOKEN_SLACK = 10.0
+_CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+
+    def basic(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    scheme: str  # "basic" or "bearer"
+    params: Mapping[str, str]
+
+    @classmethod
+    def parse(cls, header: str) -> Challenge | None:
+        scheme, _, rest = header.strip().partition(" ")
+        scheme = scheme.lower()
+        if scheme not in ("basic", "bearer"):
+            return None
+        return cls(scheme, dict(_CHALLENGE_RE.findall(rest)))
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A small registry response read whole (manifests, tag lists, errors)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+def _timeout(read: float) -> aiohttp.ClientTimeout:
+    # No total limit: a multi-GB layer may take long; a stalled socket may not.
+    return aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read)
+
+
+class RegistryClient:
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        credentials: Credentials | None,
+        user_agent: str,
+        read_timeout: float = 30.0,
+    ) -> None:
+        self.http = http
+        self.base = URL(base_url)
+        self.credentials = credentials
+        self.user_agent = user_agent
+        self.read_timeout = read_timeout
+        self._basic_known = False
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._token_locks: dict[str, asyncio.Lock] = {}
+
+    # ----- auth -------------------------------------------------------------------------------
+
+    def _auth_header(self, scope: str | None) -> str | None:
+        if self._basic_known and self.credentials is not None:
+            return self.credentials.basic()
+        if scope is not None:
+            cached = self._tokens.get(scope)
+            if cached is not None and cached[1] > time.monotonic():
+                return f"Bearer {cached[0]}"
+        return None
+
+    async def _answer_challenge(self, header: str, scope: str | None) -> bool:
+        """Learn how to authenticate from a 401; True if a retry can succeed."""
+        challenge = Challenge.parse(header)
+        if challenge is None:
+            return False
+        if challenge.scheme == "basic":
+            if self.credentials is None or self._basic_known:
+                return False
+            self._basic_known = True
+            return True
+        realm = challenge.params.get("realm")
+        if not realm or scope is None:
+            return False
+        lock = self._token_locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            cached = self._tokens.get(scope)
+            if cached is not None and cached[1] > time.monotonic():
+                return True
+            token, ttl = await self._fetch_token(realm, challenge.params.get("service"), scope)
+            self._tokens[scope] = (token, time.monotonic() + max(ttl - TOKEN_SLACK, 1.0))
+        return True
+
+    async def _fetch_token(self, realm: str, service: str | None, scope: str) -> tuple[str, float]:
+        realm_url = URL(realm)
+        if realm_url.scheme not in ("http", "https") or not realm_url.host:
+            raise errors.UpstreamError("registry sent an unusable token realm")
+        query: dict[str, str] = {"scope": scope}
+        if service:
+            query["service"] = service
+        headers = {"User-Agent": self.user_agent}
+        if self.credentials is not None:
+            headers["Authorization"] = self.credentials.basic()
+            query["account"] = self.credentials.username
+        try:
+            async with self.http.get(
+                realm_url.update_query(query), headers=headers, timeout=_timeout(self.read_timeout),
+                allow_redirects=False,
+            ) as resp:
+                if resp.status in (401, 403):
+                    raise errors.ShoalError("token server refused the configured credentials")
+                if resp.status != 200:
+                    raise errors.UpstreamError(f"token server answered {resp.status}")
+                doc = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise errors.UpstreamError(f"token server unreachable: {type(exc).__name__}") from None
+        token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
+        if not isinstance(token, str) or not token:
+            raise errors.UpstreamError("token server answered without a token")
+        expires = doc.get("expires_in", 60)
+        return token, float(expires) if isinstance(expires, (int, float)) else 60.0
+
+    # ----- requests -----------------------------------------------------------------------------
+
+    def _url(self, path: str, query: Mapping[str, str] | None = None) -> URL:
+        url = self.base.join(URL(path, encoded=True)) if path.startswith("/") else self.base / path
+        return url.update_query(query) if query else url
+
+    async def _send(
+        self, method: str, path: str, *, repo: str | None, headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send a request, answering one auth challenge. The caller must release the response."""
+        scope = f"repository:{repo}:pull" if repo else None
+        hdrs = {"User-Agent": self.user_agent, **(headers or {})}
+        for attempt in range(2):
+            auth = self._auth_header(scope)
+            if auth is not None:
+                hdrs["Authorization"] = auth
+            try:
+                resp = await self.http.request(
+                    method, self._url(path, query), headers=hdrs, timeout=_timeout(self.read_timeout),
+                )
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise errors.UpstreamError(f"registry {self.base.host}:{self.base.port} unreachable: "
+                                           f"{type(exc).__name__}") from None
+            if resp.status == 401 and attempt == 0:
+                try:
+                    answered = await self._answer_challenge(resp.headers.get("WWW-Authenticate", ""), scope)
+                except BaseException:
+                    resp.release()
+                    raise
+                if answered:
+                    resp.release()
+                    continue
+            return resp
+        raise AssertionError("unreachable")
+
+    async def request(
+        self, method: str, path: str, *, repo: str | None, headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None, limit: int = MAX_MANIFEST_BYTES,
+    ) -> Response:
+        """A whole small response; bodies above `limit` are refused, not truncated."""
+        resp = await self._send(method, path, repo=repo, headers=headers, query=query)
+        async with resp:
+            declared = resp.content_length
+            if method != "HEAD" and declared is not None and declared > limit:
+                raise errors.UpstreamError(f"registry response of {declared} bytes exceeds {limit}")
+            body = b""
+            if method != "HEAD":
+                try:
+                    body = await resp.content.read(limit + 1)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise errors.UpstreamError(f"registry read failed: {type(exc).__name__}") from None
+                if len(body) > limit:
+                    raise errors.UpstreamError(f"registry response exceeds {limit} bytes")
+            return Response(resp.status, dict(resp.headers), body)
+
+    async def ping(self) -> bool:
+        try:
+            r = await self.request("GET", "/v2/", repo=None)
+        except errors.ShoalError:
+            return False
+        return r.status in (200, 401)
+
+    async def get_manifest(self, repo: str, reference: str, *, method: str = "GET",
+                           accept: str | None = None) -> Response:
+        return await self.request(method, f"/v2/{repo}/manifests/{reference}", repo=repo,
+                                  headers={"Accept": accept or DEFAULT_ACCEPT})
+
+    async def blob_size(self, repo: str, digest: Digest) -> int | None:
+        """HEAD a blob in a repository: its size, or None if the repository does not link it."""
+        r = await self.request("HEAD", f"/v2/{repo}/blobs/{digest}", repo=repo)
+        if r.status == 404:
+            return None
+        if r.status != 200:
+            raise errors.UpstreamError(f"registry answered {r.status} for blob HEAD")
+        length = r.headers.get("Content-Length", "")
+        if not length.isdigit():
+            raise errors.UpstreamError("registry blob HEAD without Content-Length")
+        return int(length)
+
+    async def stream_blob(self, repo: str, digest: Digest, *, offset: int = 0) -> AsyncIterator[bytes]:
+        headers = {"Range": f"bytes={offset}-"} if offset else None
+        resp = await self._send("GET", f"/v2/{repo}/blobs/{digest}", repo=repo, headers=headers)
+        async with resp:
+            expected = 206 if offset else 200
+            if resp.status == 404:
+                raise errors.NotFound(errors.BLOB_UNKNOWN, detail=str(digest))
+            if resp.status != expected:
+                raise errors.UpstreamError(f"registry answered {resp.status} for blob GET")
+            try:
+                async for chunk in resp.content.iter_chunked(BLOB_CHUNK):
+                    yield chunk
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise errors.UpstreamError(f"registry blob read failed: {type(exc).__name__}") from None
+
+    async def download_blob(
+        self, repo: str, digest: Digest, dest: Path, *, max_size: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Fetch a blob into `dest`, hashing as it arrives. IntegrityError if the bytes do not
+        hash to `digest`; UpstreamError if the registry sends more than `max_size` bytes."""
+        h = hashlib.sha256()
+        size = 0
+
+        def write(f: Any, chunk: bytes) -> None:
+            h.update(chunk)
+            f.write(chunk)
+
+        f = await asyncio.to_thread(open, dest, "wb")
+        try:
+            async for chunk in self.stream_blob(repo, digest):
+                size += len(chunk)
+                if size > max_size:
+                    raise errors.UpstreamError(f"registry sent more than the {max_size} bytes expected")
+                await asyncio.to_thread(write, f, chunk)
+                if progress is not None:
+                    progress(len(chunk))
+            await asyncio.to_thread(f.close)
+            if h.hexdigest() != digest.hex:
+                raise errors.IntegrityError(f"registry bytes for {digest} hash to sha256:{h.hexdigest()}")
+        except BaseException:
+            await asyncio.to_thread(f.close)
+            await asyncio.to_thread(dest.unlink, missing_ok=True)
+            raise
+        return size

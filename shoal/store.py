@@ -1,0 +1,371 @@
+"""The content-addressed blob store: verified files, a small index, byte-budget LRU eviction.
+
+Layout under `root`:
+    blobs/sha256/<2 hex>/<hex>   whole, verified blobs (and the libtorrent save path when seeding)
+    downloads/                    partial downloads; wiped at start, never served
+    meta/<hex>.torrent            the blob's metainfo, so a restart can seed it again
+    index/                        diskcache (sqlite) index: size and last access per blob
+
+A file appears in `blobs/` only by rename after its sha256 matched, followed by an fsync of the
+directory, so a crash leaves either the whole verified blob or nothing. The index holds JSON
+strings only (never pickles) and is rebuilt from `blobs/` if it disagrees with the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import stat
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+from shoal import errors
+from shoal.oci import SHA256_HEX_RE, Digest
+
+log = logging.getLogger(__name__)
+
+HASH_CHUNK = 1 << 20
+
+
+class NoPickleDisk(diskcache.Disk):  # type: ignore[misc]
+    """diskcache's Disk that refuses to unpickle: a planted index entry cannot run code
+    (CVE-2025-69872). The index only ever stores strings."""
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode == diskcache.core.MODE_PICKLE:
+            raise ValueError("refusing to unpickle a store index value")
+        return super().fetch(mode, filename, value, read)
+
+
+@dataclass(slots=True)
+class _Entry:
+    size: int
+    atime: float
+
+
+def sha256_file(path: Path, expected: Digest | None = None) -> Digest:
+    """Hash a file (blocking; call in a thread). Raises IntegrityError on mismatch."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    got = Digest(h.hexdigest())
+    if expected is not None and got != expected:
+        raise errors.IntegrityError(f"{path.name}: content hashes to {got}, expected {expected}")
+    return got
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+EvictHook = Callable[[Digest], Awaitable[None]]
+
+
+class BlobStore:
+    """Verified blobs on disk plus their LRU index. All public methods run on the event loop;
+    blocking work goes to threads (one ordered thread for index writes)."""
+
+    def __init__(self, root: Path, *, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.blobs_dir = root / "blobs" / "sha256"
+        self.downloads_dir = root / "downloads"
+        self.meta_dir = root / "meta"
+        self._entries: OrderedDict[Digest, _Entry] = OrderedDict()  # LRU order, oldest first
+        self._pins: dict[Digest, int] = {}
+        self._reserved: dict[str, int] = {}
+        self._index: diskcache.Cache | None = None
+        self._index_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-index")
+        self._evict_lock = asyncio.Lock()
+        self._evict_hooks: list[EvictHook] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.evictions = 0
+        self.evicted_bytes = 0
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._open_sync)
+        log.info("store opened: %d blobs, %d bytes, budget %d bytes", len(self._entries), self.used_bytes,
+                 self.max_bytes)
+
+    def _open_sync(self) -> None:
+        for d in (self.blobs_dir, self.downloads_dir, self.meta_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        # Partial downloads are disposable: nothing in downloads/ was ever verified.
+        for child in self.downloads_dir.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        self._index = diskcache.Cache(
+            str(self.root / "index"), disk=NoPickleDisk, eviction_policy="none", cull_limit=0,
+            size_limit=1 << 62,
+        )
+        indexed: dict[Digest, _Entry] = {}
+        for key in list(self._index.iterkeys()):
+            try:
+                doc = json.loads(self._index.get(key))
+                indexed[Digest.parse(key)] = _Entry(int(doc["size"]), float(doc["atime"]))
+            except (ValueError, TypeError, KeyError, errors.ShoalError):
+                self._index.delete(key)
+        on_disk = dict(self._scan_blobs())
+        for digest in set(indexed) - set(on_disk):
+            self._index.delete(str(digest))
+        entries: list[tuple[Digest, _Entry]] = []
+        for digest, size in on_disk.items():
+            entry = indexed.get(digest)
+            if entry is None or entry.size != size:
+                # Renamed into place (so verified) but the index write was lost: adopt it.
+                entry = _Entry(size, time.time())
+                self._index.set(str(digest), json.dumps({"size": size, "atime": entry.atime}))
+            entries.append((digest, entry))
+        entries.sort(key=lambda de: de[1].atime)
+        self._entries = OrderedDict(entries)
+        for meta in self.meta_dir.iterdir():
+            name = meta.name.removesuffix(".torrent")
+            if not SHA256_HEX_RE.fullmatch(name) or Digest(name) not in self._entries:
+                meta.unlink(missing_ok=True)
+
+    def _scan_blobs(self) -> Iterator[tuple[Digest, int]]:
+        for prefix in self.blobs_dir.iterdir():
+            if prefix.is_symlink() or not prefix.is_dir():
+                prefix.unlink(missing_ok=True)
+                continue
+            for f in prefix.iterdir():
+                st = f.lstat()
+                # A symlink or anything but a regular file under the right prefix is not ours.
+                if (not stat.S_ISREG(st.st_mode) or not SHA256_HEX_RE.fullmatch(f.name)
+                        or f.name[:2] != prefix.name):
+                    if stat.S_ISDIR(st.st_mode):
+                        shutil.rmtree(f, ignore_errors=True)
+                    else:
+                        f.unlink(missing_ok=True)
+                    continue
+                yield Digest(f.name), st.st_size
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._index_writer, self._close_sync)
+        self._index_writer.shutdown(wait=True)
+
+    def _close_sync(self) -> None:
+        if self._index is not None:
+            self._index.close()
+
+    def add_evict_hook(self, hook: EvictHook) -> None:
+        """Called before a blob's file is removed (e.g. to stop seeding it)."""
+        self._evict_hooks.append(hook)
+
+    # ----- queries -----------------------------------------------------------------------------
+
+    def path(self, digest: Digest) -> Path:
+        return self.blobs_dir / digest.hex[:2] / digest.hex
+
+    def blob_dir(self, digest: Digest) -> Path:
+        return self.blobs_dir / digest.hex[:2]
+
+    def has(self, digest: Digest) -> bool:
+        return digest in self._entries
+
+    def size_of(self, digest: Digest) -> int | None:
+        entry = self._entries.get(digest)
+        return entry.size if entry else None
+
+    def digests(self) -> list[Digest]:
+        return list(self._entries)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(e.size for e in self._entries.values())
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(self._reserved.values())
+
+    # ----- pins and access --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def pinned(self, digest: Digest) -> Iterator[None]:
+        """Keep `digest` from eviction while serving or seeding-critical work runs."""
+        self._pins[digest] = self._pins.get(digest, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._pins[digest] - 1
+            if left:
+                self._pins[digest] = left
+            else:
+                del self._pins[digest]
+                if self.used_bytes + self.reserved_bytes > self.max_bytes:
+                    # A blob kept over budget only by this pin can go now.
+                    task = asyncio.get_running_loop().create_task(self.make_room())
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+
+    def is_pinned(self, digest: Digest) -> bool:
+        return digest in self._pins
+
+    def touch(self, digest: Digest) -> None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return
+        entry.atime = time.time()
+        self._entries.move_to_end(digest)
+        self._write_index(digest, entry)
+
+    def _write_index(self, digest: Digest, entry: _Entry | None) -> None:
+        index = self._index
+        if index is None:
+            return
+        key = str(digest)
+        doc = None if entry is None else json.dumps({"size": entry.size, "atime": entry.atime})
+
+        def write() -> None:
+            if doc is None:
+                index.delete(key)
+            else:
+                index.set(key, doc)
+
+        asyncio.get_running_loop().run_in_executor(self._index_writer, write)
+
+    # ----- downloads ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reservation(self, size: int) -> Iterator[str]:
+        """Count an in-flight download against the budget until it is committed or dropped."""
+        token = secrets.token_hex(8)
+        self._reserved[token] = size
+        try:
+            yield token
+        finally:
+            self._reserved.pop(token, None)
+
+    def download_path(self, digest: Digest) -> Path:
+        return self.downloads_dir / f"{digest.hex}.{secrets.token_hex(4)}"
+
+    async def commit_file(self, digest: Digest, src: Path, *, verified: bool = False) -> None:
+        """Verify `src` against `digest` (unless the caller hashed it as it arrived), fsync it
+        and rename it into `blobs/`."""
+        dest = self.path(digest)
+
+        def work() -> int:
+            if not verified:
+                sha256_file(src, digest)
+            fsync_file(src)
+            dest.parent.mkdir(exist_ok=True)
+            os.replace(src, dest)
+            fsync_dir(dest.parent)
+            return dest.stat().st_size
+
+        try:
+            size = await asyncio.to_thread(work)
+        except BaseException:
+            await asyncio.to_thread(src.unlink, missing_ok=True)
+            raise
+        self._add(digest, size)
+
+    async def adopt_in_place(self, digest: Digest) -> None:
+        """Register a blob that was verified and then moved to `path(digest)` by someone else
+        (libtorrent's move_storage)."""
+        path = self.path(digest)
+
+        def work() -> int:
+            fsync_file(path)
+            fsync_dir(path.parent)
+            return path.stat().st_size
+
+        self._add(digest, await asyncio.to_thread(work))
+
+    def _add(self, digest: Digest, size: int) -> None:
+        entry = _Entry(size, time.time())
+        self._entries[digest] = entry
+        self._entries.move_to_end(digest)
+        self._write_index(digest, entry)
+
+    async def remove(self, digest: Digest, *, reason: str) -> None:
+        """Drop a blob now (corruption found, or eviction)."""
+        entry = self._entries.pop(digest, None)
+        for hook in self._evict_hooks:
+            await hook(digest)
+        path, meta = self.path(digest), self.meta_dir / f"{digest.hex}.torrent"
+
+        def work() -> None:
+            path.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+
+        await asyncio.to_thread(work)
+        self._write_index(digest, None)
+        if entry is not None:
+            log.info("removed blob %s (%d bytes): %s", digest, entry.size, reason)
+
+    # ----- metainfo -------------------------------------------------------------------------
+
+    async def save_metainfo(self, digest: Digest, metainfo: bytes) -> None:
+        dest = self.meta_dir / f"{digest.hex}.torrent"
+
+        def work() -> None:
+            tmp = dest.with_suffix(f".tmp{secrets.token_hex(4)}")
+            tmp.write_bytes(metainfo)
+            os.replace(tmp, dest)
+
+        await asyncio.to_thread(work)
+
+    async def load_metainfo(self, digest: Digest) -> bytes | None:
+        path = self.meta_dir / f"{digest.hex}.torrent"
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            return None
+
+    # ----- eviction -------------------------------------------------------------------------
+
+    async def make_room(self) -> None:
+        """Evict least-recently-used, unpinned blobs until cached + reserved bytes fit the budget.
+
+        Pinned blobs (being served or downloaded) are never evicted; if only pinned blobs are
+        left, the store stays over budget until they are released and the next call runs.
+        """
+        async with self._evict_lock:
+            over = self.used_bytes + self.reserved_bytes - self.max_bytes
+            if over <= 0:
+                return
+            victims: list[tuple[Digest, int]] = []
+            for digest, entry in self._entries.items():
+                if over <= 0:
+                    break
+                if digest in self._pins:
+                    continue
+                victims.append((digest, entry.size))
+                over -= entry.size
+            for digest, size in victims:
+                if digest in self._pins:  # pinned while we were evicting others
+                    continue
+                await self.remove(digest, reason="evicted (least recently used)")
+                self.evictions += 1
+                self.evicted_bytes += size

@@ -1,0 +1,433 @@
+"""The libtorrent session, pumped into asyncio.
+
+Rules this module keeps (see shared/notes/python-stack.md A.1):
+- every libtorrent call happens on the event-loop thread;
+- alerts arrive through `set_alert_fd` on a non-blocking socketpair (never `set_alert_notify`,
+  which deadlocks from Python); their data is copied out before the next `pop_alerts`;
+- torrents are added without `auto_managed`, so no queueing limit ever parks one;
+- the session is tuned for a datacenter swarm: TCP only (uTP crawls on fast links), no DHT,
+  LSD, UPnP or NAT-PMP (peers come only from our tracker; torrents are private anyway), and
+  rate limits apply to local peers too (libtorrent exempts them by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import libtorrent as lt
+
+from shoal import errors
+from shoal.metainfo import Metainfo
+
+log = logging.getLogger(__name__)
+
+# Peer-id prefixes (Azureus style). The origin seeder's prefix lets agents tell bytes that came
+# from the seeder from bytes that came from other nodes.
+AGENT_FINGERPRINT = "-SA0100-"
+SEEDER_FINGERPRINT = "-SO0100-"
+
+_ALERT_MASK = (
+    lt.alert_category.error
+    | lt.alert_category.status
+    | lt.alert_category.storage
+    | lt.alert_category.piece_progress
+    | lt.alert_category.tracker
+    | lt.alert_category.peer
+)
+# How many pieces ahead of the slowest local reader get a deadline (time-critical requests).
+STREAM_WINDOW = 4
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmSettings:
+    listen_ip: str
+    listen_port: int
+    fingerprint: str
+    upload_rate_limit: int = 0
+    download_rate_limit: int = 0
+    allow_multiple_connections_per_ip: bool = False
+    # Any libtorrent settings_pack names; libtorrent rejects unknown names (KeyError).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def pack(self) -> dict[str, Any]:
+        host = f"[{self.listen_ip}]" if ":" in self.listen_ip else self.listen_ip
+        settings: dict[str, Any] = {
+            "listen_interfaces": f"{host}:{self.listen_port}",
+            "outgoing_interfaces": self.listen_ip,
+            "peer_fingerprint": self.fingerprint,
+            "user_agent": "shoal/0.1",
+            "enable_dht": False,
+            "enable_lsd": False,
+            "enable_upnp": False,
+            "enable_natpmp": False,
+            "enable_incoming_utp": False,
+            "enable_outgoing_utp": False,
+            "alert_mask": int(_ALERT_MASK),
+            "alert_queue_size": 20000,
+            "announce_to_all_trackers": True,
+            "announce_to_all_tiers": True,
+            "allow_multiple_connections_per_ip": self.allow_multiple_connections_per_ip,
+            "connections_limit": 1000,
+            # Every node uploads to every interested peer: there is no one to free-ride on.
+            "unchoke_slots_limit": -1,
+            "seed_choking_algorithm": 1,  # fastest_upload
+            "upload_rate_limit": self.upload_rate_limit,
+            "download_rate_limit": self.download_rate_limit,
+            # Fail over quickly when the tracker is away; the agent has its own deadlines.
+            "tracker_completion_timeout": 10,
+            "tracker_receive_timeout": 5,
+            "peer_connect_timeout": 3,
+            "request_timeout": 10,
+            "piece_timeout": 5,
+            "inactivity_timeout": 60,
+            "min_reconnect_time": 1,
+            "max_failcount": 5,
+            "send_buffer_watermark": 8 << 20,
+            "send_buffer_low_watermark": 1 << 20,
+            "send_buffer_watermark_factor": 150,
+            "max_queued_disk_bytes": 16 << 20,
+            "file_pool_size": 500,
+        }
+        settings.update(self.extra)
+        return settings
+
+
+@dataclass(slots=True)
+class PeerBytes:
+    """Payload bytes received per kind of peer (origin seeder vs other nodes)."""
+
+    from_seeders: int = 0
+    from_agents: int = 0
+
+
+class TorrentJob:
+    """One torrent in the session and what the event loop knows about it."""
+
+    def __init__(self, swarm: Swarm, handle: lt.torrent_handle, meta: Metainfo, *, complete: bool) -> None:
+        self.swarm = swarm
+        self.handle = handle
+        self.meta = meta
+        self.have = bytearray([1 if complete else 0]) * meta.num_pieces
+        self.have_count = meta.num_pieces if complete else 0
+        self.finished = asyncio.Event()
+        if complete:
+            self.finished.set()
+        self.failed: str | None = None
+        self.hash_failures = 0
+        self.last_progress = time.monotonic()
+        self.peer_bytes = PeerBytes()
+        self._peer_totals: dict[tuple[str, int], tuple[bool, int]] = {}
+        self._peer_poll = 0.0
+        self._changed = asyncio.Event()
+        # Called on every change (piece, finish, failure), e.g. to wake readers elsewhere.
+        self.listeners: list[Callable[[], None]] = []
+        self._reads: dict[int, asyncio.Future[bytes]] = {}
+        self._flush_waiter: asyncio.Future[None] | None = None
+        self._move_waiter: asyncio.Future[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.meta.digest.hex
+
+    def has_piece(self, index: int) -> bool:
+        return bool(self.have[index])
+
+    async def wait_change(self, within: float) -> None:
+        """Wait until a piece lands, the torrent finishes or fails, or `within` seconds pass."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), within)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+        for listener in self.listeners:
+            listener()
+
+    def prioritize(self, first_piece: int) -> None:
+        """Ask libtorrent for the next pieces a local client will read, in order."""
+        end = min(first_piece + STREAM_WINDOW, self.meta.num_pieces)
+        for offset, index in enumerate(range(first_piece, end)):
+            if not self.have[index]:
+                self.handle.set_piece_deadline(index, 200 * (offset + 1))
+
+    async def read_piece(self, index: int) -> bytes:
+        """The verified bytes of a piece this torrent has."""
+        if not self.have[index]:
+            raise ValueError(f"piece {index} is not verified yet")
+        fut = self._reads.get(index)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._reads[index] = fut
+            self.handle.read_piece(index)
+        return await asyncio.shield(fut)
+
+    async def flush(self) -> None:
+        """Wait until libtorrent has written every downloaded byte to the file.
+
+        With the pread backend, `save_resume_data(flush_disk_cache)` does not wait for the
+        store buffer (right after it the file was sometimes not even created); `flush_cache`
+        and its `cache_flushed_alert` do (0 bad files in 100 runs here)."""
+        self._flush_waiter = asyncio.get_running_loop().create_future()
+        self.handle.flush_cache()
+        await self._flush_waiter
+
+    async def move_to(self, directory: Path) -> None:
+        """Have libtorrent rename the file into `directory` (seeding continues)."""
+        self._move_waiter = asyncio.get_running_loop().create_future()
+        self.handle.move_storage(str(directory), lt.move_flags_t.always_replace_files)
+        await self._move_waiter
+
+    def poll_peers(self, *, force: bool = False) -> None:
+        """Account payload bytes per peer kind from libtorrent's per-peer counters."""
+        now = time.monotonic()
+        if not force and now - self._peer_poll < 0.25:
+            return
+        self._peer_poll = now
+        for peer in self.handle.get_peer_info():
+            pid = peer.pid.to_bytes()[:8].decode("latin-1")
+            is_seeder = pid == SEEDER_FINGERPRINT
+            ip, port = peer.ip
+            self._peer_totals[(ip, port)] = (is_seeder, int(peer.total_download))
+        seeders = agents = 0
+        for is_seeder, total in self._peer_totals.values():
+            if is_seeder:
+                seeders += total
+            else:
+                agents += total
+        self.peer_bytes = PeerBytes(seeders, agents)
+
+    # ----- alert handlers (called by Swarm on the loop thread) ---------------------------------
+
+    def _on_piece(self, index: int) -> None:
+        if 0 <= index < len(self.have) and not self.have[index]:
+            self.have[index] = 1
+            self.have_count += 1
+            self.last_progress = time.monotonic()
+            self.poll_peers(force=self.have_count == self.meta.num_pieces)
+            self._notify()
+
+    def _on_read(self, index: int, data: bytes, error: str | None) -> None:
+        fut = self._reads.pop(index, None)
+        if fut is None or fut.done():
+            return
+        if error:
+            fut.set_exception(errors.SwarmUnavailable(f"reading piece {index}: {error}"))
+        else:
+            fut.set_result(data)
+
+    def _on_finished(self) -> None:
+        if not self.finished.is_set():
+            self.poll_peers(force=True)
+            self.finished.set()
+            self._notify()
+
+    def _on_error(self, message: str) -> None:
+        self.failed = message
+        for waiter in (self._flush_waiter, self._move_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(errors.SwarmUnavailable(message))
+        for fut in self._reads.values():
+            if not fut.done():
+                fut.set_exception(errors.SwarmUnavailable(message))
+        self._reads.clear()
+        self._notify()
+
+    def _on_flushed(self) -> None:
+        waiter = self._flush_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_moved(self, error: str | None) -> None:
+        waiter = self._move_waiter
+        if waiter is not None and not waiter.done():
+            if error:
+                waiter.set_exception(errors.SwarmUnavailable(f"move failed: {error}"))
+            else:
+                waiter.set_result(None)
+
+
+class Swarm:
+    """A libtorrent session owned by one component."""
+
+    def __init__(self, settings: SwarmSettings) -> None:
+        self.settings = settings
+        self._session: lt.session | None = None
+        self._jobs: dict[str, TorrentJob] = {}
+        self._removals: dict[str, asyncio.Future[None]] = {}
+        self._rsock: socket.socket | None = None
+        self._wsock: socket.socket | None = None
+        self._stats_task: asyncio.Task[None] | None = None
+        self.stats: dict[str, int] = {}
+        self.banned_peers = 0
+        self.hash_failures = 0
+        self.tracker_errors = 0
+        self.on_tracker_error: Callable[[str, str], None] | None = None
+
+    @property
+    def session(self) -> lt.session:
+        if self._session is None:
+            raise RuntimeError("swarm not started")
+        return self._session
+
+    async def start(self) -> None:
+        params = lt.session_params(cast("lt.settings_pack", self.settings.pack()))
+        # pread/pwrite storage: page cache is not charged to the process as with mmap, and
+        # reads of a flushed file see exactly what was verified.
+        params.disk_io_constructor = "pread_disk_io_constructor"
+        ses = lt.session(params)
+        # Make the global rate limits apply to every peer, including those on the local network.
+        everyone = lt.ip_filter()
+        global_class = 1 << lt.session.global_peer_class_id
+        everyone.add_rule("0.0.0.0", "255.255.255.255", global_class)  # noqa: S104 (a filter, not a bind)
+        everyone.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", global_class)
+        ses.set_peer_class_filter(everyone)
+        self._session = ses
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        self._rsock, self._wsock = r, w
+        asyncio.get_running_loop().add_reader(r.fileno(), self._drain)
+        ses.set_alert_fd(w.fileno())
+        self._stats_task = asyncio.create_task(self._poll_stats())
+        log.info("swarm listening on %s:%d", self.settings.listen_ip, self.settings.listen_port)
+
+    async def stop(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stats_task
+        if self._session is None:
+            return
+        ses = self._session
+        ses.pause()
+        if self._rsock is not None:
+            asyncio.get_running_loop().remove_reader(self._rsock.fileno())
+        ses.set_alert_fd(-1)
+        self._jobs.clear()
+        self._session = None
+        # Destroy the session on the loop thread after the reader is gone (libtorrent PR #8075).
+        del ses
+        for s in (self._rsock, self._wsock):
+            if s is not None:
+                s.close()
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.session.listen_port())
+
+    def job(self, name: str) -> TorrentJob | None:
+        return self._jobs.get(name)
+
+    def jobs(self) -> list[TorrentJob]:
+        return list(self._jobs.values())
+
+    def add(self, meta: Metainfo, save_path: Path, *, seed: bool) -> TorrentJob:
+        """Add a torrent: `seed` for a verified file already at save_path/<hex> (no re-hash:
+        seed mode checks each piece the first time a peer asks for it)."""
+        name = meta.digest.hex
+        existing = self._jobs.get(name)
+        if existing is not None:
+            return existing
+        atp = lt.add_torrent_params()
+        atp.ti = lt.torrent_info(meta.raw)
+        atp.save_path = str(save_path)
+        # Assigning flags replaces the defaults, dropping auto_managed|paused: start at once.
+        atp.flags = lt.torrent_flags.seed_mode if seed else 0
+        handle = self.session.add_torrent(atp)
+        job = TorrentJob(self, handle, meta, complete=seed)
+        self._jobs[name] = job
+        return job
+
+    async def remove(self, name: str, *, delete_files: bool = False) -> None:
+        job = self._jobs.pop(name, None)
+        if job is None or self._session is None:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._removals[name] = fut
+        job._on_error("torrent removed")
+        self._session.remove_torrent(job.handle, lt.session.delete_files if delete_files else 0)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), 10)
+        except TimeoutError:
+            log.warning("libtorrent did not confirm removal of %s", name)
+        finally:
+            self._removals.pop(name, None)
+
+    def force_reannounce(self, job: TorrentJob) -> None:
+        job.handle.force_reannounce(0, -1, lt.reannounce_flags_t.ignore_min_interval)
+
+    # ----- alerts ---------------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        assert self._rsock is not None
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while self._rsock.recv(4096):
+                pass
+        if self._session is None:
+            return
+        for alert in self._session.pop_alerts():
+            try:
+                self._dispatch(alert)
+            except Exception:
+                log.exception("error handling libtorrent alert %s", type(alert).__name__)
+
+    def _dispatch(self, alert: lt.alert) -> None:
+        if isinstance(alert, lt.session_stats_alert):
+            self.stats = {k: int(v) for k, v in alert.values.items()}
+            return
+        if isinstance(alert, lt.torrent_removed_alert):
+            fut = self._removals.get(alert.torrent_name)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            return
+        if isinstance(alert, lt.peer_ban_alert):
+            self.banned_peers += 1
+            log.warning("banned peer: %s", alert.message())
+            return
+        if isinstance(alert, lt.tracker_error_alert):
+            self.tracker_errors += 1
+            log.debug("tracker error: %s", alert.message())
+            if self.on_tracker_error is not None:
+                self.on_tracker_error(alert.torrent_name, alert.failure_reason())
+            return
+        if not isinstance(alert, lt.torrent_alert):
+            if isinstance(alert, (lt.listen_failed_alert,)):
+                log.error("libtorrent: %s", alert.message())
+            return
+        job = self._jobs.get(alert.torrent_name)
+        if job is None:
+            return
+        if isinstance(alert, lt.piece_finished_alert):
+            job._on_piece(alert.piece_index)
+        elif isinstance(alert, lt.read_piece_alert):
+            err = alert.error.message() if alert.error.value() else None
+            job._on_read(alert.piece, bytes(alert.buffer) if err is None else b"", err)
+        elif isinstance(alert, lt.torrent_finished_alert):
+            job._on_finished()
+        elif isinstance(alert, lt.hash_failed_alert):
+            job.hash_failures += 1
+            self.hash_failures += 1
+            log.warning("piece %d of %s failed its hash check", alert.piece_index, job.name)
+        elif isinstance(alert, lt.cache_flushed_alert):
+            job._on_flushed()
+        elif isinstance(alert, lt.storage_moved_alert):
+            job._on_moved(None)
+        elif isinstance(alert, lt.storage_moved_failed_alert):
+            job._on_moved(alert.message())
+        elif isinstance(alert, (lt.torrent_error_alert, lt.file_error_alert)):
+            log.error("torrent %s failed: %s", job.name, alert.message())
+            job._on_error(alert.message())
+
+    async def _poll_stats(self) -> None:
+        while True:
+            await asyncio.sleep(2)
+            if self._session is not None:
+                self._session.post_session_stats()

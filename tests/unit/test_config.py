@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import config as agent_config
+from origin import config as origin_config
+from shoal.config import parse_duration, parse_size, read_yaml
+from shoal.errors import ConfigError
+from tracker import config as tracker_config
+
+UP = [{"name": "registry.example.com:5000", "url": "https://registry.example.com:5000"}]
+
+
+def agent_doc(**extra: Any) -> dict[str, Any]:
+    return {"data_dir": "/tmp/x", "upstreams": UP, **extra}
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("512MiB", 512 << 20), ("2GB", 2_000_000_000), ("10GiB", 10 << 30), (1234, 1234), ("1.5KiB", 1536),
+    ("7", 7), ("3k", 3000),
+])
+def test_sizes(text: Any, value: int) -> None:
+    assert parse_size(text, "k") == value
+
+
+@pytest.mark.parametrize(("text", "value"), [("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), (2, 2.0)])
+def test_durations(text: Any, value: float) -> None:
+    assert parse_duration(text, "k") == value
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    (agent_doc(cache={"max_bytes": "lots"}), "cache.max_bytes: expected a size"),
+    (agent_doc(cache={"maxbytes": 1}), "cache.maxbytes: unknown key"),
+    (agent_doc(bogus=1), "bogus: unknown key"),
+    ({"upstreams": UP}, "data_dir: required key is missing"),
+    (agent_doc(upstreams=[]), "upstreams: configure at least one upstream"),
+    (agent_doc(upstreams=[{"name": "r", "url": "ftp://r"}]), "upstreams[0].url: expected an http"),
+    (agent_doc(upstreams=[{"name": "r", "url": "http://u:p@r"}]), "upstreams[0].url: expected an http"),
+    (agent_doc(upstreams=[{"name": "a/b", "url": "http://r"}]), "upstreams[0].name: expected a registry host"),
+    (agent_doc(upstreams=[{"name": "r", "url": "http://r", "username": "u"}]), "upstreams[0].password: give file"),
+    (agent_doc(upstreams=UP * 2), "upstreams[1].name: 'registry.example.com:5000' is configured twice"),
+    (agent_doc(listen="nowhere"), "listen: expected host:port"),
+    (agent_doc(swarm={"stall_timeout": "soon"}), "swarm.stall_timeout: expected a duration"),
+    (agent_doc(tracker="http://t:1"), "tracker: set both tracker and origin"),
+    (agent_doc(torrent={"listen": "host:1"}), "torrent.listen: expected an IP address"),
+    (agent_doc(torrent={"libtorrent": {"no_such_setting": 1}}), "torrent.libtorrent.no_such_setting: not a"),
+    (agent_doc(log={"level": "loud"}), "log.level: expected one of"),
+    (agent_doc(cache={"max_bytes": True}), "cache.max_bytes: expected a size"),
+])
+def test_agent_errors_name_the_key(doc: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        agent_config.load(doc)
+    assert str(exc.value).startswith(message)
+    assert "\n" not in str(exc.value)
+
+
+def test_agent_defaults() -> None:
+    cfg = agent_config.load(agent_doc(cache={"max_bytes": "1GiB"}))
+    assert cfg.cache.max_bytes == 1 << 30
+    assert cfg.swarm.threshold == 1 << 20
+    assert cfg.tracker is None and cfg.listen == "127.0.0.1:5050"
+
+
+def test_tracker_needs_a_token_source() -> None:
+    with pytest.raises(ConfigError, match="^registration_token: give file or env"):
+        tracker_config.load({})
+    cfg = tracker_config.load({"registration_token": {"env": "X"}, "interval": "10s"})
+    assert cfg.interval == 10.0
+    with pytest.raises(ConfigError, match="^peer_ttl: must be at least"):
+        tracker_config.load({"registration_token": {"env": "X"}, "peer_ttl": "1s"})
+
+
+def test_origin_announce_default() -> None:
+    cfg = origin_config.load({"data_dir": "/d", "upstreams": UP, "tracker": "http://t:6969",
+                              "registration_token": {"file": "/x"}})
+    assert cfg.announce == "http://t:6969/announce"
+
+
+def test_secret_file_errors_name_the_key(tmp_path: Path) -> None:
+    cfg = agent_config.load(agent_doc(upstreams=[{**UP[0], "username": "u",
+                                                  "password": {"file": str(tmp_path / "missing")}}]))
+    with pytest.raises(ConfigError) as exc:
+        cfg.upstreams[0].read_password("upstreams[0]")
+    assert str(exc.value).startswith("upstreams[0].password: cannot read secret file")
+
+
+def test_yaml_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        read_yaml(str(bad))
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        read_yaml(str(lst))
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_yaml(str(tmp_path / "nope.yaml"))

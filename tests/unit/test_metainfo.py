@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from shoal import bencode, metainfo
+from shoal.oci import Digest
+
+KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
+
+
+@pytest.mark.parametrize(("size", "piece"), [
+    (1, 16 * KIB), (16 * KIB, 16 * KIB), (16 * KIB + 1, 32 * KIB), (700 * KIB, 1 * MIB), (MIB, MIB),
+    (64 * MIB - 1, MIB), (64 * MIB, 4 * MIB), (3 * GIB, 4 * MIB), (4 * GIB, 16 * MIB), (50 * GIB, 16 * MIB),
+])
+def test_piece_size_policy(size: int, piece: int) -> None:
+    assert metainfo.piece_size_for(size) == piece
+
+
+def make_blob(tmp_path: Path, size: int) -> tuple[Path, Digest]:
+    data = (b"shoal" * (size // 5 + 1))[:size]
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    path = tmp_path / digest.hex
+    path.write_bytes(data)
+    return path, digest
+
+
+@pytest.mark.parametrize("size", [10, 3 * MIB + 5, 70 * MIB])
+def test_create_and_parse(tmp_path: Path, size: int) -> None:
+    path, digest = make_blob(tmp_path, size)
+    raw = metainfo.create(path, digest, announce="http://t:1/announce")
+    meta = metainfo.parse(raw)
+    assert meta.digest == digest and meta.size == size
+    assert meta.piece_length == metainfo.piece_size_for(size)
+    assert meta.num_pieces == -(-size // meta.piece_length)
+    doc = bencode.decode(raw)
+    assert isinstance(doc, dict)
+    assert doc[b"announce"] == b"http://t:1/announce"
+    import libtorrent as lt
+
+    ti = lt.torrent_info(raw)
+    assert ti.priv() and ti.info_hashes().has_v2() and not ti.info_hashes().has_v1()
+    assert ti.info_hashes().v2.to_bytes() == meta.info_hash
+    assert ti.info_hashes().get_best().to_bytes() == meta.tracker_hash
+
+
+def _mutate(raw: bytes, **info_changes: bencode.Value) -> bytes:
+    doc = bencode.decode(raw)
+    assert isinstance(doc, dict)
+    info = doc[b"info"]
+    assert isinstance(info, dict)
+    for k, v in info_changes.items():
+        key = k.replace("_", " ").encode()
+        if v is None:
+            info.pop(key, None)
+        else:
+            info[key] = v
+    return bencode.encode(doc)
+
+
+def test_rejects_unsafe_metainfo(tmp_path: Path) -> None:
+    path, digest = make_blob(tmp_path, 100)
+    raw = metainfo.create(path, digest, announce="http://t:1/announce")
+    for bad, reason in [
+        (_mutate(raw, private=None), "not private"),  # type: ignore[arg-type]
+        (_mutate(raw, meta_version=1), "v2"),
+        (_mutate(raw, name=b"../../etc/passwd"), "name"),
+        (_mutate(raw, piece_length=1000), "piece length"),
+        (b"d4:infod", "bencode"),
+        (b"x" * (metainfo.MAX_METAINFO_BYTES + 1), "too large"),
+    ]:
+        with pytest.raises(metainfo.MetainfoError, match=reason):
+            metainfo.parse(bad)

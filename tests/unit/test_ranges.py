@@ -1,0 +1,81 @@
+"""Range semantics as Go's ServeContent (what distribution uses), checked against a model."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shoal.ranges import ByteRange, RangeNotSatisfiable, parse_range, plan_multipart
+
+SIZE = 100_000
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    (None, None),
+    ("", None),
+    ("bytes=0-99", [ByteRange(0, 100)]),
+    ("bytes=100-", [ByteRange(100, SIZE - 100)]),
+    ("bytes=-50", [ByteRange(SIZE - 50, 50)]),
+    ("bytes=-200000", [ByteRange(0, SIZE)]),
+    ("bytes=99999-200000", [ByteRange(99999, 1)]),
+    ("bytes=0-1,5-6", [ByteRange(0, 2), ByteRange(5, 2)]),
+    ("bytes=0-1, 100000-", [ByteRange(0, 2)]),
+    ("bytes=0-1,0-99999", None),  # more than the blob in total: ignored, whole blob
+    ("bytes= 0-9 ,", [ByteRange(0, 10)]),
+])
+def test_satisfiable(header: str | None, expected: list[ByteRange] | None) -> None:
+    assert parse_range(header, SIZE) == expected
+
+
+@pytest.mark.parametrize(("header", "unsatisfied"), [
+    ("bytes=100000-", True),
+    ("bytes=200000-300000", True),
+    ("bytes=-0", True),
+    ("abc", False),
+    ("bytes=5-1", False),
+    ("bytes=a-b", False),
+    ("bytes=-", False),
+    ("bytes=1", False),
+    ("items=0-1", False),
+    ("bytes=--1", False),
+    ("bytes=0-99999999999999999999", False),
+])
+def test_not_satisfiable(header: str, unsatisfied: bool) -> None:
+    with pytest.raises(RangeNotSatisfiable) as exc:
+        parse_range(header, SIZE)
+    assert exc.value.unsatisfied is unsatisfied
+
+
+@given(st.integers(0, 2 * SIZE), st.integers(0, 2 * SIZE))
+def test_single_range_model(start: int, end: int) -> None:
+    header = f"bytes={start}-{end}"
+    if start > end and start < SIZE:
+        with pytest.raises(RangeNotSatisfiable):
+            parse_range(header, SIZE)
+        return
+    if start >= SIZE:
+        with pytest.raises(RangeNotSatisfiable) as exc:
+            parse_range(header, SIZE)
+        assert exc.value.unsatisfied
+        return
+    [r] = parse_range(header, SIZE) or [ByteRange(0, SIZE)]
+    assert r.start == start and r.end == min(end, SIZE - 1)
+
+
+@given(st.text(max_size=40))
+def test_never_crashes_and_stays_in_bounds(header: str) -> None:
+    try:
+        ranges = parse_range(header, SIZE)
+    except RangeNotSatisfiable:
+        return
+    for r in ranges or []:
+        assert 0 <= r.start < SIZE and r.length >= 1 and r.start + r.length <= SIZE
+
+
+def test_multipart_layout() -> None:
+    plan = plan_multipart([ByteRange(0, 2), ByteRange(5, 2)], SIZE, "application/octet-stream")
+    body = plan.part_headers[0] + b"xx" + plan.part_headers[1] + b"yy" + plan.closing
+    assert len(body) == plan.content_length
+    assert body.startswith(f"--{plan.boundary}\r\nContent-Range: bytes 0-1/{SIZE}\r\n".encode())
+    assert body.endswith(f"\r\n--{plan.boundary}--\r\n".encode())

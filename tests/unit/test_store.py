@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from shoal import errors
+from shoal.oci import Digest
+from shoal.store import BlobStore
+
+
+def blob(n: int, seed: int) -> tuple[Digest, bytes]:
+    data = hashlib.sha256(str(seed).encode()).digest() * (n // 32 + 1)
+    data = data[:n]
+    return Digest(hashlib.sha256(data).hexdigest()), data
+
+
+async def put(store: BlobStore, data: bytes, digest: Digest) -> None:
+    tmp = store.download_path(digest)
+    tmp.write_bytes(data)
+    await store.commit_file(digest, tmp)
+
+
+async def test_commit_verifies_and_places(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, max_bytes=1 << 20)
+    await store.open()
+    d, data = blob(1000, 1)
+    await put(store, data, d)
+    assert store.has(d) and store.path(d).read_bytes() == data
+    assert store.path(d) == tmp_path / "blobs" / "sha256" / d.hex[:2] / d.hex
+    other, _ = blob(10, 2)
+    tmp = store.download_path(other)
+    tmp.write_bytes(data)
+    with pytest.raises(errors.IntegrityError):
+        await store.commit_file(other, tmp)
+    assert not store.has(other) and not store.path(other).exists() and not tmp.exists()
+    await store.close()
+
+
+async def test_lru_eviction_respects_pins(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, max_bytes=3000)
+    await store.open()
+    evicted: list[Digest] = []
+
+    async def hook(d: Digest) -> None:
+        evicted.append(d)
+
+    store.add_evict_hook(hook)
+    blobs = [blob(1000, i) for i in range(3)]
+    for d, data in blobs:
+        await put(store, data, d)
+    store.touch(blobs[0][0])  # 0 is now the most recently used; 1 is the oldest
+    d3, data3 = blob(1000, 3)
+    with store.pinned(blobs[1][0]):
+        await put(store, data3, d3)
+        await store.make_room()
+        assert evicted == [blobs[2][0]]  # 1 is pinned, so 2 goes
+        assert store.has(blobs[1][0]) and store.path(blobs[1][0]).exists()
+    with store.reservation(1500):
+        await store.make_room()
+    assert store.used_bytes <= 1500 + 1000
+    assert not any(store.path(d).exists() for d in evicted)
+    await store.close()
+
+
+async def test_unpin_evicts_what_was_kept_over_budget(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, max_bytes=1500)
+    await store.open()
+    a, da = blob(1000, 1)
+    b, db = blob(1000, 2)
+    with store.pinned(b):
+        with store.pinned(a):
+            await put(store, da, a)
+            await put(store, db, b)
+            await store.make_room()
+            assert store.has(a) and store.has(b)  # both pinned: over budget for now
+        await asyncio.sleep(0.05)  # releasing a's pin let the evictor run
+        assert not store.has(a) and not store.path(a).exists()
+        assert store.has(b) and store.used_bytes <= 1500
+    await store.close()
+
+
+async def test_restart_recovers_and_cleans(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, max_bytes=1 << 20)
+    await store.open()
+    d, data = blob(500, 7)
+    await put(store, data, d)
+    await store.save_metainfo(d, b"meta")
+    partial = store.download_path(d)
+    partial.write_bytes(b"partial")
+    await store.close()
+    # junk a crash or an attacker could leave: a symlink, a misnamed file, a lost index entry
+    (tmp_path / "blobs" / "sha256" / "zz").symlink_to("/etc")
+    os.symlink("/etc/passwd", tmp_path / "blobs" / "sha256" / d.hex[:2] / ("0" * 64))
+    (tmp_path / "blobs" / "sha256" / d.hex[:2] / "notahash").write_text("x")
+    adopted, adata = blob(300, 8)
+    (tmp_path / "blobs" / "sha256" / adopted.hex[:2]).mkdir(exist_ok=True)
+    (tmp_path / "blobs" / "sha256" / adopted.hex[:2] / adopted.hex).write_bytes(adata)
+
+    again = BlobStore(tmp_path, max_bytes=1 << 20)
+    await again.open()
+    assert again.has(d) and again.size_of(d) == 500
+    assert again.has(adopted)
+    assert await again.load_metainfo(d) == b"meta"
+    assert not partial.exists()
+    assert not (tmp_path / "blobs" / "sha256" / "zz").exists()
+    assert not (tmp_path / "blobs" / "sha256" / d.hex[:2] / ("0" * 64)).exists()
+    assert Path("/etc/passwd").exists()
+    assert sorted(again.digests()) == sorted([d, adopted])
+    await again.close()
+
+
+class _Planted:
+    """Unpickling this creates a file: proof that a pickle was (not) loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return open, (str(self.marker), "w")
+
+
+async def test_index_refuses_pickles(tmp_path: Path) -> None:
+    import diskcache
+
+    store = BlobStore(tmp_path / "s", max_bytes=1 << 20)
+    await store.open()
+    await store.close()
+    # a planted pickled value (CVE-2025-69872) must never be unpickled
+    marker = tmp_path / "pwned"
+    raw = diskcache.Cache(str(tmp_path / "s" / "index"))
+    raw.set("sha256:" + "c" * 64, _Planted(marker))
+    raw.close()
+    again = BlobStore(tmp_path / "s", max_bytes=1 << 20)
+    await again.open()
+    assert not marker.exists()
+    assert again.digests() == []
+    await again.close()

@@ -1,0 +1,218 @@
+"""The tracker's aiohttp application: announce, scrape, metainfo by digest, registration, ops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shoal import metainfo
+from shoal.errors import ConfigError, ShoalError
+from shoal.oci import Digest
+from shoal.web import add_ops_routes
+from tracker import announce as ann
+from tracker.config import TrackerConfig
+from tracker.peers import Peer, PeerStore
+from tracker.torrents import TorrentRegistry
+
+log = logging.getLogger(__name__)
+
+BENCODE = "text/plain"  # what opentracker and most trackers send
+TORRENT = "application/x-bittorrent"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.announces = Counter("shoal_tracker_announces_total", "Announces by outcome",
+                                 ["result"], registry=registry)
+        self.scrapes = Counter("shoal_tracker_scrapes_total", "Scrape requests", registry=registry)
+        self.metainfo_requests = Counter("shoal_tracker_metainfo_requests_total",
+                                         "Metainfo lookups by digest", ["result"], registry=registry)
+        self.registrations = Counter("shoal_tracker_registrations_total", "Metainfo registrations",
+                                     ["result"], registry=registry)
+        self.peers = Gauge("shoal_tracker_peers", "Peers currently tracked", registry=registry)
+        self.swarms = Gauge("shoal_tracker_swarms", "Swarms with at least one peer", registry=registry)
+        self.torrents = Gauge("shoal_tracker_torrents", "Registered torrents", registry=registry)
+        self.announce_seconds = Histogram("shoal_tracker_announce_seconds", "Announce handling time",
+                                          registry=registry,
+                                          buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1))
+
+
+def _peer_address(request: web.Request) -> tuple[str, int] | None:
+    """The TCP source address. Never `ip=` or X-Forwarded-For: peers cannot speak for others."""
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if not peer:
+        return None
+    return ann.normalize_ip(str(peer[0])), int(peer[1])
+
+
+class Tracker:
+    def __init__(self, config: TrackerConfig, registry: CollectorRegistry, token: str) -> None:
+        self.config = config
+        self.metrics = Metrics(registry)
+        self.peers = PeerStore(ttl=config.peer_ttl, max_peers=config.max_peers_per_torrent)
+        self.torrents = TorrentRegistry(Path(config.data_dir) if config.data_dir else None)
+        self._token = token
+
+    def _bencoded(self, body: bytes) -> web.Response:
+        return web.Response(body=body, content_type=BENCODE, headers={"Cache-Control": "no-store"})
+
+    async def announce(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            return self._announce(request)
+        finally:
+            self.metrics.announce_seconds.observe(time.perf_counter() - started)
+
+    def _announce(self, request: web.Request) -> web.Response:
+        try:
+            a = ann.parse_announce(request.rel_url.raw_query_string)
+        except ann.AnnounceError as exc:
+            self.metrics.announces.labels("bad_request").inc()
+            return self._bencoded(ann.failure(str(exc)))
+        if self.torrents.by_hash(a.info_hash) is None:
+            self.metrics.announces.labels("unknown_torrent").inc()
+            return self._bencoded(ann.failure("unregistered torrent: this tracker only serves "
+                                              "torrents its origin registered"))
+        source = _peer_address(request)
+        if source is None:
+            return self._bencoded(ann.failure("cannot determine peer address"))
+        ip = source[0]
+        peer = Peer(ip=ip, port=a.port, peer_id=a.peer_id, left=a.left, last_seen=time.monotonic())
+        self.peers.announce(a.info_hash, peer, a.event)
+        want = min(a.numwant if a.numwant is not None else self.config.numwant_default,
+                   self.config.numwant_max)
+        chosen = [] if a.event == "stopped" else self.peers.select(
+            a.info_hash, (ip, a.port), want=want, seeder=a.left == 0)
+        complete, incomplete, _ = self.peers.stats(a.info_hash)
+        self.metrics.announces.labels("ok").inc()
+        log.debug("announce %s from %s:%d event=%s left=%d -> %d peers", a.info_hash.hex()[:12], ip, a.port,
+                  a.event or "-", a.left, len(chosen))
+        return self._bencoded(ann.announce_response(
+            [(p.ip, p.port, p.peer_id) for p in chosen], compact=a.compact, no_peer_id=a.no_peer_id,
+            interval=int(self.config.interval), min_interval=int(self.config.min_interval),
+            complete=complete, incomplete=incomplete,
+        ))
+
+    async def scrape(self, request: web.Request) -> web.Response:
+        self.metrics.scrapes.inc()
+        try:
+            hashes = ann.parse_scrape(request.rel_url.raw_query_string)
+        except ann.AnnounceError as exc:
+            return self._bencoded(ann.failure(str(exc)))
+        if not hashes:
+            return self._bencoded(ann.failure("full scrape is not supported; name info_hash values"))
+        files = {h: self.peers.stats(h) for h in hashes if self.torrents.by_hash(h) is not None}
+        return self._bencoded(ann.scrape_response(files))
+
+    def _digest(self, request: web.Request) -> Digest:
+        return Digest.parse(request.match_info["digest"])
+
+    async def get_metainfo(self, request: web.Request) -> web.Response:
+        try:
+            digest = self._digest(request)
+        except ShoalError:
+            self.metrics.metainfo_requests.labels("bad_request").inc()
+            return web.json_response({"error": "invalid digest"}, status=400)
+        meta = self.torrents.by_digest(digest)
+        if meta is None:
+            self.metrics.metainfo_requests.labels("unknown").inc()
+            return web.json_response({"error": "no torrent registered for this digest"}, status=404)
+        self.metrics.metainfo_requests.labels("ok").inc()
+        return web.Response(body=meta.raw, content_type=TORRENT)
+
+    def _authorized(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        expected = f"Bearer {self._token}"
+        return hmac.compare_digest(header.encode(), expected.encode())
+
+    async def put_metainfo(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            self.metrics.registrations.labels("unauthorized").inc()
+            return web.json_response({"error": "registration needs the origin's token"}, status=401)
+        try:
+            digest = self._digest(request)
+        except ShoalError:
+            return web.json_response({"error": "invalid digest"}, status=400)
+        body = await request.content.read(metainfo.MAX_METAINFO_BYTES + 1)
+        try:
+            meta = metainfo.parse(body)
+        except metainfo.MetainfoError as exc:
+            self.metrics.registrations.labels("invalid").inc()
+            return web.json_response({"error": f"invalid metainfo: {exc}"}, status=400)
+        if meta.digest != digest:
+            self.metrics.registrations.labels("invalid").inc()
+            return web.json_response({"error": "metainfo names a different digest"}, status=400)
+        await asyncio.to_thread(self.torrents.register, meta)
+        self.metrics.registrations.labels("ok").inc()
+        self.metrics.torrents.set(len(self.torrents))
+        log.info("registered %s (info-hash %s, %d bytes)", digest, meta.tracker_hash.hex(), meta.size)
+        return web.json_response({"digest": str(digest), "info_hash": meta.info_hash.hex()}, status=201)
+
+    async def delete_metainfo(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "registration needs the origin's token"}, status=401)
+        try:
+            digest = self._digest(request)
+        except ShoalError:
+            return web.json_response({"error": "invalid digest"}, status=400)
+        meta = await asyncio.to_thread(self.torrents.unregister, digest)
+        if meta is None:
+            return web.json_response({"error": "not registered"}, status=404)
+        self.peers.forget(meta.tracker_hash)
+        self.metrics.torrents.set(len(self.torrents))
+        return web.Response(status=204)
+
+    async def status(self, _: web.Request) -> web.Response:
+        return web.json_response({
+            "torrents": len(self.torrents), "swarms": self.peers.swarm_count, "peers": self.peers.peer_count,
+        })
+
+    async def expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.config.interval / 2, 1.0))
+            removed = self.peers.expire()
+            if removed:
+                log.debug("expired %d peers", removed)
+            self.metrics.peers.set(self.peers.peer_count)
+            self.metrics.swarms.set(self.peers.swarm_count)
+
+
+def build(config: TrackerConfig) -> web.Application:
+    token = config.registration_token.read("registration_token")
+    assert token is not None  # validate() requires a source
+    if len(token) < 16:
+        raise ConfigError("registration_token: the secret must be at least 16 characters")
+    registry = CollectorRegistry()
+    tracker = Tracker(config, registry, token)
+    app = web.Application(client_max_size=metainfo.MAX_METAINFO_BYTES + 1024)
+
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        await asyncio.to_thread(tracker.torrents.load)
+        tracker.metrics.torrents.set(len(tracker.torrents))
+        task = asyncio.create_task(tracker.expire_loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def ready() -> str | None:
+        return None
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/announce", tracker.announce)
+    app.router.add_get("/scrape", tracker.scrape)
+    app.router.add_get("/v1/metainfo/{digest}", tracker.get_metainfo)
+    app.router.add_put("/v1/metainfo/{digest}", tracker.put_metainfo)
+    app.router.add_delete("/v1/metainfo/{digest}", tracker.delete_metainfo)
+    app.router.add_get("/v1/status", tracker.status)
+    add_ops_routes(app, registry, ready)
+    return app

@@ -1,0 +1,42 @@
+"""Tracker configuration (YAML, validated at start)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from shoal.config import DURATION, HOSTPORT, URL, LogSettings, SecretSource, load_section
+from shoal.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerConfig:
+    listen: Annotated[str, HOSTPORT] = "127.0.0.1:6969"
+    # The URL peers announce to, written into metainfo by the origin (for `shoal status`).
+    public_url: Annotated[str | None, URL] = None
+    # Where registered metainfo is kept across restarts; None keeps it in memory only.
+    data_dir: str | None = None
+    interval: Annotated[float, DURATION] = 30.0
+    min_interval: Annotated[float, DURATION] = 5.0
+    # Peers not heard from for this long are dropped (three missed announces by default).
+    peer_ttl: Annotated[float, DURATION] = 95.0
+    numwant_default: int = 50
+    numwant_max: int = 200
+    max_peers_per_torrent: int = 5000
+    # Shared secret the origin presents to register metainfo (file or env; required).
+    registration_token: SecretSource = field(default_factory=SecretSource)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def validate(self, prefix: str) -> None:
+        if self.interval < 1:
+            raise ConfigError("interval: must be at least 1s")
+        if self.peer_ttl < self.interval:
+            raise ConfigError("peer_ttl: must be at least the announce interval")
+        if not 1 <= self.numwant_default <= self.numwant_max:
+            raise ConfigError("numwant_default: must be between 1 and numwant_max")
+        if self.registration_token.file is None and self.registration_token.env is None:
+            raise ConfigError("registration_token: give file or env (the origin's registration secret)")
+
+
+def load(doc: dict[str, Any]) -> TrackerConfig:
+    return load_section(TrackerConfig, doc)
