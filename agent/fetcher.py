@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -82,9 +82,9 @@ class Download:
         store = self.fetcher.store
         h = hashlib.sha256() if whole else None
         pos, end = offset, offset + length
-        last_progress = time.monotonic()
 
         def check(chunk: bytes) -> bytes:
+            nonlocal pos
             # Hash before releasing: the chunk that completes the blob goes out only if the
             # whole blob matches its digest.
             if h is not None:
@@ -92,14 +92,21 @@ class Download:
                 if pos + len(chunk) == end and h.hexdigest() != self.digest.hex:
                     self.fetcher.metrics.integrity_failures.labels(self.source).inc()
                     raise errors.IntegrityError(f"streamed bytes of {self.digest} do not match it")
+            pos += len(chunk)
             return chunk
 
+        with store.pinned(self.digest):  # what is being served is never evicted under the client
+            async for chunk in self._stream(pos, end, check):
+                yield chunk
+
+    async def _stream(self, pos: int, end: int, check: Callable[[bytes], bytes]) -> AsyncIterator[bytes]:
+        store = self.fetcher.store
+        last_progress = time.monotonic()
         while pos < end:
             if store.has(self.digest):
-                with store.pinned(self.digest):
-                    async for chunk in read_file(store.path(self.digest), pos, end - pos):
-                        yield check(chunk)
-                        pos += len(chunk)
+                async for chunk in read_file(store.path(self.digest), pos, end - pos):
+                    yield check(chunk)
+                    pos += len(chunk)
                 return
             job = self.job
             if job is not None and job.failed is None:

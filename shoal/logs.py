@@ -61,6 +61,22 @@ class _JsonFormatter(logging.Formatter):
         return scrub(json.dumps(doc, ensure_ascii=False))
 
 
+class _QuietProtocolErrors(logging.Filter):
+    """aiohttp logs a full traceback for every malformed request line, e.g. podman probing a
+    plain-HTTP mirror with TLS first. One debug line is enough for that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__module__.startswith("aiohttp.http_exceptions"):
+            if logging.getLogger("aiohttp.server").isEnabledFor(logging.DEBUG):
+                record.msg, record.args, record.exc_info, record.exc_text = (
+                    f"bad request from client: {type(exc).__name__}", (), None, None)
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+                return True
+            return False
+        return True
+
+
 def setup(component: str, *, level: str = "info", fmt: Literal["text", "json"] = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -72,3 +88,4 @@ def setup(component: str, *, level: str = "info", fmt: Literal["text", "json"] =
     root.setLevel(level.upper())
     # aiohttp's access log would record every blob request; our own request log replaces it.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_QuietProtocolErrors())

@@ -105,6 +105,8 @@ class BlobStore:
         self._evict_lock = asyncio.Lock()
         self._evict_hooks: list[EvictHook] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # Victims chosen while pinned: they count as freed and go when released (see make_room).
+        self._doomed: set[Digest] = set()
         self.evictions = 0
         self.evicted_bytes = 0
 
@@ -222,8 +224,8 @@ class BlobStore:
                 self._pins[digest] = left
             else:
                 del self._pins[digest]
-                if self.used_bytes + self.reserved_bytes > self.max_bytes:
-                    # A blob kept over budget only by this pin can go now.
+                if digest in self._doomed or self.used_bytes + self.reserved_bytes > self.max_bytes:
+                    # A victim that was in use when chosen can go now.
                     task = asyncio.get_running_loop().create_task(self.make_room())
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
@@ -346,25 +348,41 @@ class BlobStore:
     # ----- eviction -------------------------------------------------------------------------
 
     async def make_room(self) -> None:
-        """Evict least-recently-used, unpinned blobs until cached + reserved bytes fit the budget.
+        """Evict least-recently-used blobs until cached + reserved bytes fit the budget.
 
-        Pinned blobs (being served or downloaded) are never evicted; if only pinned blobs are
-        left, the store stays over budget until they are released and the next call runs.
+        A blob in use (pinned: being served or downloaded) is never removed. When the LRU walk
+        reaches one, it is chosen anyway but only marked: it counts as freed and is removed the
+        moment it is released. So a slow client on an old blob defers that blob's eviction
+        instead of forcing out newer, hotter blobs; the overshoot is bounded by the bytes in use.
         """
         async with self._evict_lock:
             over = self.used_bytes + self.reserved_bytes - self.max_bytes
             if over <= 0:
+                self._doomed.clear()
                 return
             victims: list[tuple[Digest, int]] = []
+            for digest in list(self._doomed):
+                entry = self._entries.get(digest)
+                if entry is None:
+                    self._doomed.discard(digest)
+                    continue
+                if digest not in self._pins:
+                    self._doomed.discard(digest)
+                    victims.append((digest, entry.size))
+                over -= entry.size
             for digest, entry in self._entries.items():
                 if over <= 0:
                     break
-                if digest in self._pins:
+                if digest in self._doomed or any(digest == v for v, _ in victims):
                     continue
-                victims.append((digest, entry.size))
+                if digest in self._pins:
+                    self._doomed.add(digest)
+                else:
+                    victims.append((digest, entry.size))
                 over -= entry.size
             for digest, size in victims:
                 if digest in self._pins:  # pinned while we were evicting others
+                    self._doomed.add(digest)
                     continue
                 await self.remove(digest, reason="evicted (least recently used)")
                 self.evictions += 1

@@ -84,6 +84,8 @@ class SwarmSettings:
             # Fail over quickly when the tracker is away; the agent has its own deadlines.
             "tracker_completion_timeout": 10,
             "tracker_receive_timeout": 5,
+            # Shutdown waits this long for "stopped" announces; do not hang a restart on it.
+            "stop_tracker_timeout": 1,
             "peer_connect_timeout": 3,
             "request_timeout": 10,
             "piece_timeout": 5,
@@ -125,7 +127,6 @@ class TorrentJob:
         self.last_progress = time.monotonic()
         self.peer_bytes = PeerBytes()
         self._peer_totals: dict[tuple[str, int], tuple[bool, int]] = {}
-        self._peer_poll = 0.0
         self._changed = asyncio.Event()
         # Called on every change (piece, finish, failure), e.g. to wake readers elsewhere.
         self.listeners: list[Callable[[], None]] = []
@@ -185,12 +186,11 @@ class TorrentJob:
         self.handle.move_storage(str(directory), lt.move_flags_t.always_replace_files)
         await self._move_waiter
 
-    def poll_peers(self, *, force: bool = False) -> None:
-        """Account payload bytes per peer kind from libtorrent's per-peer counters."""
-        now = time.monotonic()
-        if not force and now - self._peer_poll < 0.25:
-            return
-        self._peer_poll = now
+    def poll_peers(self) -> None:
+        """Account payload bytes per peer kind from libtorrent's per-peer counters.
+
+        Called on every verified piece: bytes a peer sent after the last poll and before it
+        disconnected are missed, so the split is a close approximation, not an exact count."""
         for peer in self.handle.get_peer_info():
             pid = peer.pid.to_bytes()[:8].decode("latin-1")
             is_seeder = pid == SEEDER_FINGERPRINT
@@ -211,7 +211,7 @@ class TorrentJob:
             self.have[index] = 1
             self.have_count += 1
             self.last_progress = time.monotonic()
-            self.poll_peers(force=self.have_count == self.meta.num_pieces)
+            self.poll_peers()
             self._notify()
 
     def _on_read(self, index: int, data: bytes, error: str | None) -> None:
@@ -225,7 +225,7 @@ class TorrentJob:
 
     def _on_finished(self) -> None:
         if not self.finished.is_set():
-            self.poll_peers(force=True)
+            self.poll_peers()
             self.finished.set()
             self._notify()
 

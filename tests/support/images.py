@@ -24,6 +24,8 @@ class Blob:
     size: int
     media_type: str
     path: Path
+    # For layers: the name and sha256 of the one file inside the tar (to check unpacked content).
+    payload: tuple[str, str] | None = None
 
     @property
     def hex(self) -> str:
@@ -57,17 +59,18 @@ def _write_blob(layout: Path, data: bytes) -> tuple[str, int, Path]:
     return f"sha256:{digest}", len(data), path
 
 
-def _layer(seed: int, size: int) -> bytes:
+def _layer(seed: int, size: int) -> tuple[bytes, tuple[str, str]]:
     """A tar with one file of `size` seeded random bytes (incompressible, reproducible)."""
     payload = random.Random(seed).randbytes(size)
+    name = f"data/layer-{seed}.bin"
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        info = tarfile.TarInfo(f"data/layer-{seed}.bin")
+        info = tarfile.TarInfo(name)
         info.size = size
         info.mtime = 0
         info.mode = 0o644
         tar.addfile(info, io.BytesIO(payload))
-    return buf.getvalue()
+    return buf.getvalue(), (name, hashlib.sha256(payload).hexdigest())
 
 
 def _manifest(layout: Path, image: Image, layer_sizes: list[int], layer_seeds: list[int], seed: int,
@@ -75,9 +78,9 @@ def _manifest(layout: Path, image: Image, layer_sizes: list[int], layer_seeds: l
     layers = []
     diff_ids = []
     for size, layer_seed in zip(layer_sizes, layer_seeds, strict=True):
-        data = _layer(layer_seed, size)
+        data, payload = _layer(layer_seed, size)
         digest, length, path = _write_blob(layout, data)
-        image.blobs[digest] = Blob(digest, length, OCI_LAYER, path)
+        image.blobs[digest] = Blob(digest, length, OCI_LAYER, path, payload)
         layers.append({"mediaType": OCI_LAYER, "digest": digest, "size": length})
         diff_ids.append(digest)  # uncompressed layers: diff id == digest
     config = json.dumps({

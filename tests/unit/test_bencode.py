@@ -19,7 +19,7 @@ def test_round_trip(value: bencode.Value) -> None:
 
 
 def test_known_encoding() -> None:
-    doc = {b"interval": 30, b"peers": b"\x7f\x00\x00\x02\x1a\xe1", b"list": [1, b"a"]}
+    doc: bencode.Value = {b"interval": 30, b"peers": b"\x7f\x00\x00\x02\x1a\xe1", b"list": [1, b"a"]}
     assert bencode.encode(doc) == b"d8:intervali30e4:listli1e1:ae5:peers6:\x7f\x00\x00\x02\x1a\xe1e"
 
 
@@ -43,4 +43,4 @@ def test_decode_never_crashes(raw: bytes) -> None:
 
 def test_encode_rejects_bool() -> None:
     with pytest.raises(TypeError):
-        bencode.encode(True)  # type: ignore[arg-type]
+        bencode.encode(True)

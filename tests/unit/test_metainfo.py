@@ -46,7 +46,7 @@ def test_create_and_parse(tmp_path: Path, size: int) -> None:
     assert ti.info_hashes().get_best().to_bytes() == meta.tracker_hash
 
 
-def _mutate(raw: bytes, **info_changes: bencode.Value) -> bytes:
+def _mutate(raw: bytes, **info_changes: bencode.Value | None) -> bytes:
     doc = bencode.decode(raw)
     assert isinstance(doc, dict)
     info = doc[b"info"]
@@ -64,7 +64,7 @@ def test_rejects_unsafe_metainfo(tmp_path: Path) -> None:
     path, digest = make_blob(tmp_path, 100)
     raw = metainfo.create(path, digest, announce="http://t:1/announce")
     for bad, reason in [
-        (_mutate(raw, private=None), "not private"),  # type: ignore[arg-type]
+        (_mutate(raw, private=None), "not private"),
         (_mutate(raw, meta_version=1), "v2"),
         (_mutate(raw, name=b"../../etc/passwd"), "name"),
         (_mutate(raw, piece_length=1000), "piece length"),

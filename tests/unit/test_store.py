@@ -40,7 +40,7 @@ async def test_commit_verifies_and_places(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_lru_eviction_respects_pins(tmp_path: Path) -> None:
+async def test_lru_eviction_defers_blobs_in_use(tmp_path: Path) -> None:
     store = BlobStore(tmp_path, max_bytes=3000)
     await store.open()
     evicted: list[Digest] = []
@@ -52,17 +52,22 @@ async def test_lru_eviction_respects_pins(tmp_path: Path) -> None:
     blobs = [blob(1000, i) for i in range(3)]
     for d, data in blobs:
         await put(store, data, d)
-    store.touch(blobs[0][0])  # 0 is now the most recently used; 1 is the oldest
+    store.touch(blobs[0][0])  # LRU order is now 1, 2, 0
     d3, data3 = blob(1000, 3)
     with store.pinned(blobs[1][0]):
         await put(store, data3, d3)
         await store.make_room()
-        assert evicted == [blobs[2][0]]  # 1 is pinned, so 2 goes
-        assert store.has(blobs[1][0]) and store.path(blobs[1][0]).exists()
+        # 1 is the victim but in use: it stays until released, and nothing newer goes instead
+        assert evicted == []
+        assert store.path(blobs[1][0]).exists()
+    await asyncio.sleep(0.05)
+    assert evicted == [blobs[1][0]]
+    assert not store.path(blobs[1][0]).exists()
+    assert store.used_bytes == 3000
     with store.reservation(1500):
         await store.make_room()
-    assert store.used_bytes <= 1500 + 1000
-    assert not any(store.path(d).exists() for d in evicted)
+    assert evicted == [blobs[1][0], blobs[2][0], blobs[0][0]]
+    assert store.digests() == [d3]
     await store.close()
 
 

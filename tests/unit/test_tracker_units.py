@@ -77,7 +77,7 @@ def test_peer_store_orders_and_expires() -> None:
     store.announce(IH, peer("127.0.0.3", 1, 0), "completed")
     store.announce(IH, peer("127.0.0.4", 1, 9), "started")
     chosen = store.select(IH, ("127.0.0.2", 1), want=10, seeder=False)
-    assert [p.ip for p in chosen][0] == "127.0.0.3"  # seeders first, requester excluded
+    assert next(p.ip for p in chosen) == "127.0.0.3"  # seeders first, requester excluded
     assert {p.ip for p in chosen} == {"127.0.0.3", "127.0.0.4"}
     assert [p.ip for p in store.select(IH, ("127.0.0.3", 1), want=10, seeder=True)] != []
     assert all(not p.is_seeder for p in store.select(IH, ("127.0.0.3", 1), want=10, seeder=True))

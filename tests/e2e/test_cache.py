@@ -1,0 +1,110 @@
+"""The node cache: a second pull asks the registry for manifests only, a killed and restarted
+agent still serves its cache, and eviction never breaks a pull in progress."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.e2e.conftest import Images
+from tests.support.clients import skopeo_copy, verify_dir
+from tests.support.registry import Pull, Registry
+from tests.support.stack import Stack
+
+MIB = 1 << 20
+
+
+def only_manifests(pulls: list[Pull]) -> bool:
+    return bool(pulls) and all("manifest" in p.media_type or "index" in p.media_type for p in pulls)
+
+
+def test_second_pull_and_restart_use_the_cache(stack: Stack, registry: Registry, images: Images,
+                                               workdir: Path) -> None:
+    image = images.app()
+    stack.start(agents=1)
+    agent = stack.agents[0]
+    source = f"{agent.config['listen']}/private/app:v1"
+    skopeo_copy(source, workdir / "first")
+    verify_dir(workdir / "first", image)
+
+    before = registry.settle()
+    skopeo_copy(source, workdir / "second")
+    verify_dir(workdir / "second", image)
+    second = registry.settle()[len(before):]
+    assert only_manifests(second), [(p.method, p.media_type, p.digest) for p in second]
+    assert agent.metric("shoal_agent_cache_hits_total") == len(image.blobs)
+
+    # SIGKILL, then start again on the same data directory
+    agent.stop(kill=True)
+    agent.start()
+    before = registry.settle()
+    skopeo_copy(source, workdir / "third")
+    verify_dir(workdir / "third", image)
+    third = registry.settle()[len(before):]
+    assert only_manifests(third), [(p.method, p.media_type, p.digest) for p in third]
+    assert agent.metric("shoal_agent_cache_hits_total") == len(image.blobs)
+    assert agent.metric("shoal_agent_cache_blobs") == len(image.blobs)
+
+
+class SlowReader(threading.Thread):
+    """Reads a blob from the agent slowly, keeping the response (and its pin) open."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.digest = ""
+        self.started_reading = threading.Event()
+        self.go_on = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            h = hashlib.sha256()
+            with urllib.request.urlopen(self.url, timeout=120) as resp:
+                h.update(resp.read(MIB))
+                self.started_reading.set()
+                self.go_on.wait(120)
+                while chunk := resp.read(MIB):
+                    h.update(chunk)
+                    time.sleep(0.001)
+            self.digest = "sha256:" + h.hexdigest()
+        except BaseException as exc:
+            self.error = exc
+            self.started_reading.set()
+
+
+def test_eviction_keeps_blobs_in_use(stack: Stack, images: Images, workdir: Path) -> None:
+    a = images.get("private/evict-a", layers=[30 * MIB, 5 * MIB, 100_000], seed=21)
+    b = images.get("private/evict-b", layers=[30 * MIB, 5 * MIB, 100_000], seed=22)
+    budget = 50 * MIB  # less than the two images together
+    assert a.total_blob_bytes < budget < a.total_blob_bytes + b.total_blob_bytes
+    stack.start(agents=1, cache={"max_bytes": budget})
+    agent = stack.agents[0]
+    listen = agent.config["listen"]
+    skopeo_copy(f"{listen}/private/evict-a:v1", workdir / "a")
+    verify_dir(workdir / "a", a)
+
+    big_a = max(a.blobs.values(), key=lambda blob: blob.size)
+    reader = SlowReader(f"http://{listen}/v2/private/evict-a/blobs/{big_a.digest}")
+    reader.start()
+    assert reader.started_reading.wait(30) and reader.error is None
+    # Pulling b needs room: a's blobs not in use go, the one being read stays.
+    skopeo_copy(f"{listen}/private/evict-b:v1", workdir / "b")
+    verify_dir(workdir / "b", b)
+    assert agent.metric("shoal_agent_cache_evictions_total") >= 1
+    blob_path = Path(stack.workdir / "agent0" / "cache" / "blobs" / "sha256" / big_a.hex[:2] / big_a.hex)
+    assert blob_path.exists(), "the blob being served was evicted"
+    reader.go_on.set()
+    reader.join(60)
+    assert reader.error is None and reader.digest == big_a.digest
+    # Once released, the over-budget blob goes and the cache is back within budget.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and agent.metric("shoal_agent_cache_bytes") > budget:
+        time.sleep(0.1)
+    assert agent.metric("shoal_agent_cache_bytes") <= budget
+    assert not blob_path.exists()
+    for blob in b.blobs.values():  # the newest image is still whole in the cache
+        assert (stack.workdir / "agent0" / "cache" / "blobs" / "sha256" / blob.hex[:2] / blob.hex).exists()

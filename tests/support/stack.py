@@ -1,0 +1,94 @@
+"""A shoal deployment for one test: tracker, origin and agents as separate processes, each agent
+on its own loopback address (127.0.0.2, .3, ...) like separate nodes."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+from tests.support.procs import Component, free_port
+from tests.support.registry import Registry
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class Stack:
+    def __init__(self, workdir: Path, registry: Registry, *, node_user: tuple[str, str],
+                 seeder_user: tuple[str, str]) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.registry = registry
+        self.token_file = workdir / "registration.token"
+        self.token_file.write_text(secrets.token_urlsafe(24))
+        self.node_password = workdir / "node.password"
+        self.node_password.write_text(node_user[1])
+        self.seeder_password = workdir / "seeder.password"
+        self.seeder_password.write_text(seeder_user[1])
+        self.node_user, self.seeder_user = node_user[0], seeder_user[0]
+        self.components: list[Component] = []
+        self.tracker: Component | None = None
+        self.origin: Component | None = None
+        self.agents: list[Component] = []
+
+    def upstream(self, user: str, password_file: Path) -> dict[str, Any]:
+        return {"name": self.registry.host, "url": self.registry.url, "username": user,
+                "password": {"file": str(password_file)}}
+
+    def start_tracker(self, **extra: Any) -> Component:
+        cfg = _merge({"listen": f"127.0.0.1:{free_port()}", "registration_token": {"file": str(self.token_file)},
+                      "interval": "5s", "min_interval": "1s", "peer_ttl": "20s", "log": {"level": "debug"}}, extra)
+        self.tracker = Component("tracker", self.workdir, cfg).start()
+        self.components.append(self.tracker)
+        return self.tracker
+
+    def start_origin(self, **extra: Any) -> Component:
+        assert self.tracker is not None
+        cfg = _merge({
+            "listen": f"127.0.0.1:{free_port()}", "data_dir": str(self.workdir / "origin"),
+            "upstreams": [self.upstream(self.seeder_user, self.seeder_password)],
+            "tracker": self.tracker.url, "registration_token": {"file": str(self.token_file)},
+            "torrent": {"listen": f"127.0.0.1:{free_port()}"}, "log": {"level": "debug"},
+        }, extra)
+        self.origin = Component("origin", self.workdir, cfg).start()
+        self.components.append(self.origin)
+        return self.origin
+
+    def agent_config(self, n: int, **extra: Any) -> dict[str, Any]:
+        ip = f"127.0.0.{n + 2}"
+        base: dict[str, Any] = {
+            "listen": f"{ip}:{free_port(ip)}", "node": f"node{n}", "data_dir": str(self.workdir / f"agent{n}"),
+            "upstreams": [self.upstream(self.node_user, self.node_password)],
+            "torrent": {"listen": f"{ip}:{free_port(ip)}"},
+            "swarm": {"first_piece_timeout": "5s", "stall_timeout": "5s", "seed_timeout": "60s"},
+            "log": {"level": "debug"},
+        }
+        if self.tracker is not None and self.origin is not None:
+            base["tracker"], base["origin"] = self.tracker.url, self.origin.url
+        return _merge(base, extra)
+
+    def start_agent(self, n: int | None = None, **extra: Any) -> Component:
+        n = len(self.agents) if n is None else n
+        agent = Component("agent", self.workdir, self.agent_config(n, **extra), name=f"agent{n}").start()
+        self.components.append(agent)
+        self.agents.append(agent)
+        return agent
+
+    def start(self, agents: int = 1, **agent_extra: Any) -> Stack:
+        self.start_tracker()
+        self.start_origin()
+        for _ in range(agents):
+            self.start_agent(**agent_extra)
+        return self
+
+    def close(self) -> None:
+        for c in reversed(self.components):
+            c.stop()
