@@ -45,8 +45,8 @@ _SIZE_UNITS = {
     "g": 1000**3, "gb": 1000**3, "gi": 1 << 30, "gib": 1 << 30,
     "t": 1000**4, "tb": 1000**4, "ti": 1 << 40, "tib": 1 << 40,
 }  # fmt: skip
-_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
-_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_size(value: Any, key: str) -> int:
@@ -70,7 +70,7 @@ def parse_duration(value: Any, key: str) -> float:
         m = _DURATION_RE.fullmatch(value)
         if m:
             return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ConfigError(f"{key}: expected a duration such as 500ms, 30s, 5m or 1h, got {value!r}")
+    raise ConfigError(f"{key}: expected a duration such as 500ms, 30s, 5m, 1h or 7d, got {value!r}")
 
 
 def parse_url(value: Any, key: str) -> str:

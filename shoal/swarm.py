@@ -42,6 +42,8 @@ _ALERT_MASK = (
     | lt.alert_category.tracker
     | lt.alert_category.peer
 )
+# Time given at shutdown for "stopped" announces to reach the tracker.
+STOP_GRACE = 0.3
 # How many pieces ahead of the slowest local reader get a deadline (time-critical requests).
 STREAM_WINDOW = 4
 
@@ -84,7 +86,7 @@ class SwarmSettings:
             # Fail over quickly when the tracker is away; the agent has its own deadlines.
             "tracker_completion_timeout": 10,
             "tracker_receive_timeout": 5,
-            # Shutdown waits this long for "stopped" announces; do not hang a restart on it.
+            # Shutdown waits this long for "stopped" announces; keep restarts quick.
             "stop_tracker_timeout": 1,
             "peer_connect_timeout": 3,
             "request_timeout": 10,
@@ -270,6 +272,7 @@ class Swarm:
         self.hash_failures = 0
         self.tracker_errors = 0
         self.on_tracker_error: Callable[[str, str], None] | None = None
+        self._had_torrents = False
 
     @property
     def session(self) -> lt.session:
@@ -307,13 +310,30 @@ class Swarm:
         if self._session is None:
             return
         ses = self._session
-        ses.pause()
-        if self._rsock is not None:
-            asyncio.get_running_loop().remove_reader(self._rsock.fileno())
-        ses.set_alert_fd(-1)
+        # Remove every torrent first: libtorrent sends the "stopped" announces while the loop
+        # still runs. The destructor would otherwise send them itself and wait for the tracker
+        # holding the GIL, which stalls the event loop.
+        loop = asyncio.get_running_loop()
+        waits = []
+        for name, job in list(self._jobs.items()):
+            fut: asyncio.Future[None] = loop.create_future()
+            self._removals[name] = fut
+            waits.append(fut)
+            job._on_error("swarm stopping")
+            ses.remove_torrent(job.handle)
         self._jobs.clear()
+        if waits:
+            await asyncio.wait(waits, timeout=2)
+        if self._had_torrents:
+            # Let the "stopped" announces complete; the destructor would wait for any still in
+            # flight (up to stop_tracker_timeout) without releasing the GIL.
+            await asyncio.sleep(STOP_GRACE)
+        self._removals.clear()
+        ses.apply_settings({"stop_tracker_timeout": 0})
+        if self._rsock is not None:
+            loop.remove_reader(self._rsock.fileno())
+        ses.set_alert_fd(-1)
         self._session = None
-        # Destroy the session on the loop thread after the reader is gone (libtorrent PR #8075).
         del ses
         for s in (self._rsock, self._wsock):
             if s is not None:
@@ -344,6 +364,7 @@ class Swarm:
         handle = self.session.add_torrent(atp)
         job = TorrentJob(self, handle, meta, complete=seed)
         self._jobs[name] = job
+        self._had_torrents = True
         return job
 
     async def remove(self, name: str, *, delete_files: bool = False) -> None:

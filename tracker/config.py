@@ -5,15 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from shoal.config import DURATION, HOSTPORT, URL, LogSettings, SecretSource, load_section
+from shoal.config import DURATION, HOSTPORT, LogSettings, SecretSource, load_section
 from shoal.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)
 class TrackerConfig:
     listen: Annotated[str, HOSTPORT] = "127.0.0.1:6969"
-    # The URL peers announce to, written into metainfo by the origin (for `shoal status`).
-    public_url: Annotated[str | None, URL] = None
     # Where registered metainfo is kept across restarts; None keeps it in memory only.
     data_dir: str | None = None
     interval: Annotated[float, DURATION] = 30.0

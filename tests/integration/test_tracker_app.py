@@ -122,3 +122,30 @@ async def test_metainfo_persists_across_restart(aiohttp_client: Any, tmp_path: P
     c2 = await aiohttp_client(tracker_app.build(cfg))
     r = await c2.get(f"/v1/metainfo/{meta.digest}")
     assert r.status == 200 and await r.read() == meta.raw
+
+
+async def test_ipv6_peers_come_back_in_peers6(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              meta: metainfo.Metainfo) -> None:
+    """BEP 7: a tracker on IPv6 records the announcer's v6 source address and answers `peers6`."""
+    import aiohttp
+    from aiohttp.test_utils import TestServer
+
+    monkeypatch.setenv("SHOAL_TEST_TOKEN", TOKEN)
+    cfg = tracker_config.load({"registration_token": {"env": "SHOAL_TEST_TOKEN"}})
+    server = TestServer(tracker_app.build(cfg), host="::1")
+    await server.start_server()
+    try:
+        base = f"http://[::1]:{server.port}"
+        async with aiohttp.ClientSession() as http:
+            r = await http.put(f"{base}/v1/metainfo/{meta.digest}", data=meta.raw,
+                               headers={"Authorization": f"Bearer {TOKEN}"})
+            assert r.status == 201
+            ih = meta.tracker_hash
+            await http.get(f"{base}/announce?" + announce_query(ih, 7001, 0, event="started"))
+            r = await http.get(f"{base}/announce?" + announce_query(ih, 7002, 5, event="started"))
+            doc = bencode.decode(await r.read())
+    finally:
+        await server.close()
+    assert isinstance(doc, dict)
+    assert doc[b"peers"] == b""
+    assert doc[b"peers6"] == b"\x00" * 15 + b"\x01" + (7001).to_bytes(2, "big")

@@ -26,7 +26,9 @@ def test_sizes(text: Any, value: int) -> None:
     assert parse_size(text, "k") == value
 
 
-@pytest.mark.parametrize(("text", "value"), [("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), (2, 2.0)])
+@pytest.mark.parametrize(("text", "value"), [
+    ("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("7d", 604800.0), (2, 2.0),
+])
 def test_durations(text: Any, value: float) -> None:
     assert parse_duration(text, "k") == value
 

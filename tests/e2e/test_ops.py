@@ -1,0 +1,129 @@
+"""Operating shoal: configuration errors are one line naming the key, every component serves
+/healthz, /readyz and /metrics, and `shoal up` runs a single node that containerd can pull through."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import USERS, Images
+from tests.support.clients import Containerd, skopeo_copy, verify_dir
+from tests.support.procs import ROOT, Component, free_port, http_get, wait_http
+from tests.support.registry import Registry
+from tests.support.stack import Stack
+
+
+def run_module(module: str, config: dict[str, object] | str, workdir: Path) -> subprocess.CompletedProcess[str]:
+    path = workdir / f"{module}-bad.yaml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", module, "--config", str(path)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+UP = [{"name": "127.0.0.1:5000", "url": "http://127.0.0.1:5000"}]
+
+
+@pytest.mark.parametrize(("module", "config", "message"), [
+    ("agent", {"data_dir": "/tmp/x", "upstreams": UP, "cache": {"max_bytes": "plenty"}},
+     "shoal-agent: config error: cache.max_bytes: expected a size"),
+    ("agent", {"data_dir": "/tmp/x", "upstreams": UP, "swarm": {"treshold": 1}},
+     "shoal-agent: config error: swarm.treshold: unknown key"),
+    ("agent", {"upstreams": UP}, "shoal-agent: config error: data_dir: required key is missing"),
+    ("agent", {"data_dir": "/tmp/x", "upstreams": [{**UP[0], "username": "u", "password": {"file": "/nonexistent"}}]},
+     "shoal-agent: config error: upstreams[0].password: cannot read secret file '/nonexistent'"),
+    ("agent", "listen: [unclosed", "shoal-agent: config error: --config:"),
+    ("tracker", {"registration_token": {"env": "SHOAL_NO_SUCH_VARIABLE"}},
+     "shoal-tracker: config error: registration_token: environment variable 'SHOAL_NO_SUCH_VARIABLE' is not set"),
+    ("tracker", {"interval": "often", "registration_token": {"file": "/x"}},
+     "shoal-tracker: config error: interval: expected a duration"),
+    ("origin", {"data_dir": "/tmp/x", "upstreams": UP, "tracker": "tracker:6969", "registration_token": {"file": "/x"}},
+     "shoal-origin: config error: tracker: expected an http:// or https:// URL"),
+])
+def test_config_errors_are_one_line(module: str, config: dict[str, object] | str, message: str, tmp_path: Path) -> None:
+    result = run_module(module, config, tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(message), lines[0]
+
+
+def test_port_in_use_is_one_line(stack: Stack, tmp_path: Path) -> None:
+    tracker = stack.start_tracker()
+    result = run_module("tracker", {**tracker.config, "data_dir": str(tmp_path / "t2")}, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"shoal-tracker: listen: cannot bind {tracker.config['listen']}: Address already in use"]
+
+
+def test_health_readiness_and_metrics(stack: Stack, images: Images, workdir: Path) -> None:
+    image = images.app()
+    stack.start(agents=1)
+    agent = stack.agents[0]
+    skopeo_copy(f"{agent.config['listen']}/private/app:v1", workdir / "a")
+    verify_dir(workdir / "a", image)
+    skopeo_copy(f"{agent.config['listen']}/private/app:v1", workdir / "b")
+    verify_dir(workdir / "b", image)
+    for component in (stack.tracker, stack.origin, agent):
+        assert component is not None
+        for path in ("/healthz", "/readyz"):
+            status, _ = http_get(component.url + path)
+            assert status == 200, (component.name, path)
+    m = agent.metrics()
+    assert agent.metric("shoal_agent_cache_hits_total") == len(image.blobs)
+    assert agent.metric("shoal_agent_cache_misses_total") == len(image.blobs)
+    assert agent.metric("shoal_agent_served_bytes_total", source="cache") == image.total_blob_bytes
+    assert agent.metric("shoal_agent_served_bytes_total", source="peers") > 0
+    assert agent.metric("shoal_agent_served_bytes_total", source="origin") > 0
+    assert agent.metric("shoal_agent_download_seconds_count", source="peers") >= 1
+    assert agent.metric("shoal_agent_swarm_peers_connected") >= 0
+    assert agent.metric("shoal_agent_swarm_received_payload_bytes_total") > 0
+    assert agent.metric("shoal_agent_cache_bytes") == image.total_blob_bytes
+    assert any(k.startswith("shoal_agent_requests_total{") for k in m)
+    assert stack.origin is not None and stack.tracker is not None
+    assert stack.origin.metric("shoal_origin_registry_bytes_total") > 0
+    assert stack.origin.metric("shoal_origin_swarm_sent_payload_bytes_total") > 0
+    assert stack.tracker.metric("shoal_tracker_announces_total", result="ok") > 0
+    assert stack.tracker.metric("shoal_tracker_torrents") >= 1
+
+
+def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Containerd, tmp_path: Path) -> None:
+    image = images.app()
+    password = tmp_path / "node.password"
+    password.write_text(USERS["node"])
+    listen = f"127.0.0.2:{free_port('127.0.0.2')}"
+    tracker_listen, origin_listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", "up", "--upstream", registry.url, "--username", "node",
+         "--password-file", str(password), "--data-dir", str(tmp_path / "data"), "--listen", listen,
+         "--tracker-listen", tracker_listen, "--origin-listen", origin_listen,
+         "--agent-torrent-port", str(free_port()), "--origin-torrent-port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        wait_http(f"http://{listen}/readyz", timeout=60)
+        agent = Component("agent", tmp_path, {"listen": listen})
+        hosts = containerd.hosts_dir(registry.host, registry.url, agent)
+        containerd.pull(f"{registry.host}/private/app:v1", hosts)
+        containerd.verify_content(list(image.blobs))
+        assert agent.metric("shoal_agent_requests_total", kind="blobs", status="200") == len(image.blobs)
+        status = subprocess.run([sys.executable, "-m", "shoal.cli", "status", "--agent", f"http://{listen}",
+                                 "--origin", f"http://{origin_listen}", "--tracker", f"http://{tracker_listen}"],
+                                capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert status.returncode == 0, status.stdout
+        assert "cached_blobs=" in status.stdout and "seeding=" in status.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "shoal is up for" in out and f'[host."http://{listen}"]' in out
+    time.sleep(0.2)
+    for hostport in (listen, tracker_listen, origin_listen):
+        with pytest.raises(OSError, match="refused"):
+            http_get(f"http://{hostport}/healthz", timeout=1)

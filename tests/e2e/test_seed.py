@@ -1,0 +1,80 @@
+"""`shoal seed` pre-seeds images at the origin; afterwards a fresh agent's pull asks the
+registry for nothing but manifests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.e2e.conftest import Images
+from tests.support.clients import skopeo_copy, verify_dir
+from tests.support.images import Image
+from tests.support.procs import ROOT, http_get
+from tests.support.registry import Registry
+from tests.support.stack import Stack
+
+
+def shoal_seed(origin: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shoal.cli", "seed", "--origin", origin, *args],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+
+
+def seeded(origin: str) -> set[str]:
+    status, body = http_get(f"{origin}/v1/status")
+    assert status == 200
+    return {b["digest"] for b in json.loads(body)["blobs"]}
+
+
+def platform_blobs(image: Image, platform: str) -> set[str]:
+    doc = json.loads(image.manifests[image.platforms[platform]])
+    return {doc["config"]["digest"], *(layer["digest"] for layer in doc["layers"])}
+
+
+def test_seed_then_pull_fetches_only_manifests(stack: Stack, registry: Registry, images: Images,
+                                               workdir: Path) -> None:
+    image = images.multi()
+    stack.start(agents=0)
+    assert stack.origin is not None
+    result = shoal_seed(stack.origin.url, f"{registry.host}/private/multi:v1")
+    assert result.returncode == 0, result.stderr
+    assert f"done: {len(image.blobs)} blobs" in result.stdout
+    assert "blobs," in result.stdout  # the progress display
+    assert seeded(stack.origin.url) == set(image.blobs)
+
+    agent = stack.start_agent()
+    before = registry.settle()
+    skopeo_copy(f"{agent.config['listen']}/private/multi:v1", workdir / "copy")
+    assert verify_dir(workdir / "copy", image) == len(image.blobs)
+    pulls = registry.settle()[len(before):]
+    assert pulls and all("manifest" in p.media_type or "index" in p.media_type for p in pulls), \
+        [(p.method, p.media_type) for p in pulls]
+    assert agent.metric("shoal_agent_downloads_total", source="peers", result="ok") == len(image.blobs)
+
+
+def test_seed_one_platform_by_digest(stack: Stack, registry: Registry, images: Images) -> None:
+    image = images.multi()
+    stack.start(agents=0)
+    assert stack.origin is not None
+    result = shoal_seed(stack.origin.url, "--platform", "linux/arm64", f"{registry.host}/private/multi@{image.digest}")
+    assert result.returncode == 0, result.stderr
+    assert seeded(stack.origin.url) == platform_blobs(image, "linux/arm64")
+    assert platform_blobs(image, "linux/arm64") != set(image.blobs)
+
+
+def test_seed_reports_errors(stack: Stack, registry: Registry, images: Images) -> None:
+    images.multi()
+    stack.start(agents=0)
+    assert stack.origin is not None
+    missing = shoal_seed(stack.origin.url, f"{registry.host}/private/multi:nosuchtag")
+    assert missing.returncode == 1
+    assert "manifest unknown" in missing.stdout + missing.stderr
+    foreign = shoal_seed(stack.origin.url, "elsewhere.example.com/app:v1")
+    assert foreign.returncode == 1
+    assert "not an upstream of this origin" in foreign.stderr
+    bad = shoal_seed(stack.origin.url, "not a reference")
+    assert bad.returncode == 1
+    unreachable = shoal_seed("http://127.0.0.1:9", f"{registry.host}/private/multi:v1")
+    assert unreachable.returncode == 1
+    assert "cannot reach the origin" in unreachable.stderr
