@@ -18,7 +18,7 @@ from agent.bindings import Bindings
 from agent.config import AgentConfig
 from agent.fetcher import Fetcher
 from agent.metrics import AgentMetrics
-from agent.responses import error_response, oci_error
+from agent.responses import RESPONSE_STARTED, abort, error_response, oci_error
 from agent.upstreams import Upstream, Upstreams
 from shoal import errors
 from shoal.config import split_hostport
@@ -41,17 +41,16 @@ def _middleware(metrics: AgentMetrics) -> Middleware:
         started = time.monotonic()
         try:
             resp = await handler(request)
-        except errors.ShoalError as exc:
-            resp = error_response(exc)
-        except web.HTTPException as exc:
-            # aiohttp's own 404/405 for paths outside /v2/: keep them OCI-shaped.
-            code = errors.UNSUPPORTED if exc.status == 405 else errors.NAME_UNKNOWN
-            resp = oci_error(errors.OciCode(code.code, exc.status, exc.reason))
         except (ConnectionResetError, asyncio.CancelledError):
+            if request.get("aborted"):
+                metrics.requests.labels(request.get("kind", "other"), request.method, "aborted").inc()
             raise
-        except Exception:
-            log.exception("internal error serving %s %s", request.method, request.rel_url.path)
-            resp = oci_error(errors.UNKNOWN)
+        except Exception as exc:
+            if request.get(RESPONSE_STARTED):
+                # Never write an error response into a started body (see responses.abort).
+                abort(request, exc)
+                raise ConnectionResetError("response aborted") from exc
+            resp = _error_for(request, exc)
         kind = request.get("kind", "other")
         if request.path.startswith("/v2"):
             metrics.requests.labels(kind, request.method, str(resp.status)).inc()
@@ -60,6 +59,17 @@ def _middleware(metrics: AgentMetrics) -> Middleware:
         return resp
 
     return oci_errors
+
+
+def _error_for(request: web.Request, exc: Exception) -> web.StreamResponse:
+    if isinstance(exc, errors.ShoalError):
+        return error_response(exc)
+    if isinstance(exc, web.HTTPException):
+        # aiohttp's own 404/405 for paths outside /v2/: keep them OCI-shaped.
+        code = errors.UNSUPPORTED if exc.status == 405 else errors.NAME_UNKNOWN
+        return oci_error(errors.OciCode(code.code, exc.status, exc.reason))
+    log.exception("internal error serving %s %s", request.method, request.rel_url.path)
+    return oci_error(errors.UNKNOWN)
 
 
 def build(config: AgentConfig) -> web.Application:

@@ -9,8 +9,10 @@ from verified pieces.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +21,8 @@ from aiohttp import web
 from shoal import errors
 from shoal.oci import Digest
 from shoal.ranges import ByteRange, RangeNotSatisfiable, parse_range, plan_multipart
+
+log = logging.getLogger(__name__)
 
 API_VERSION = {"Docker-Distribution-Api-Version": "registry/2.0"}
 OCTET = "application/octet-stream"
@@ -99,30 +103,61 @@ async def send_blob(
         resp.set_status(206)
         resp.headers["Content-Type"] = plan.content_type
         resp.content_length = plan.content_length
-        await resp.prepare(request)
+        await _start(request, resp)
         if request.method == "HEAD":
             return resp
-        for head, part in zip(plan.part_headers, ranges, strict=True):
-            await resp.write(head)
-            await _write_range(request, resp, body, part, whole=False, on_bytes=on_bytes)
-        await resp.write(plan.closing)
-        await resp.write_eof()
+        with _abort_on_error(request):
+            for head, part in zip(plan.part_headers, ranges, strict=True):
+                await resp.write(head)
+                await _write_range(request, resp, body, part, whole=False, on_bytes=on_bytes)
+            await resp.write(plan.closing)
+            await resp.write_eof()
         return resp
 
-    await resp.prepare(request)
+    await _start(request, resp)
     if request.method == "HEAD" or size == 0:
         await resp.write_eof()
         return resp
     part = parts[0]
-    path = body.path()
-    if path is not None:
-        await _sendfile(request, path, part.start, part.length)
-        if on_bytes is not None:
-            on_bytes(part.length)
-    else:
-        await _write_range(request, resp, body, part, whole=ranges is None, on_bytes=on_bytes)
-    await resp.write_eof()
+    with _abort_on_error(request):
+        path = body.path()
+        if path is not None:
+            await _sendfile(request, path, part.start, part.length)
+            if on_bytes is not None:
+                on_bytes(part.length)
+        else:
+            await _write_range(request, resp, body, part, whole=ranges is None, on_bytes=on_bytes)
+        await resp.write_eof()
     return resp
+
+
+RESPONSE_STARTED = "shoal.response_started"
+
+
+async def _start(request: web.Request, resp: web.StreamResponse) -> None:
+    await resp.prepare(request)
+    request[RESPONSE_STARTED] = True
+
+
+@contextlib.contextmanager
+def _abort_on_error(request: web.Request) -> Iterator[None]:
+    """Once a status line went out, an error can only be told by cutting the connection: the
+    client then sees a short body, never a complete one (and never a second response written
+    into the body, which is what returning an error response would do)."""
+    try:
+        yield
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        abort(request, exc)
+        raise ConnectionResetError("response aborted") from exc
+
+
+def abort(request: web.Request, exc: BaseException) -> None:
+    log.warning("aborting %s %s mid-response: %s", request.method, request.rel_url.path, exc)
+    request["aborted"] = True
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def _write_range(request: web.Request, resp: web.StreamResponse, body: BlobBody, part: ByteRange,

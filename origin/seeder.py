@@ -124,7 +124,7 @@ class Seeder:
                 raise errors.NotFound(errors.NAME_UNKNOWN, f"no upstream registry named {ns!r}")
             flight = asyncio.create_task(self._seed(upstream, repo, digest))
             self._flights[digest] = flight
-            flight.add_done_callback(lambda _t: self._flights.pop(digest, None))
+            flight.add_done_callback(lambda t: self._landed(digest, t))
         try:
             meta = await asyncio.shield(flight)
         except errors.ShoalError as exc:
@@ -133,6 +133,13 @@ class Seeder:
             raise
         self.metrics.requests.labels("fetched").inc()
         return meta
+
+    def _landed(self, digest: Digest, task: asyncio.Task[Metainfo]) -> None:
+        self._flights.pop(digest, None)
+        # Every requester may have gone (clients hang up); the outcome was logged by them or
+        # will be retried, so consume it here rather than leak "exception never retrieved".
+        if not task.cancelled():
+            task.exception()
 
     async def _seed(self, upstream: Upstream, repo: str, digest: Digest) -> Metainfo:
         started = time.monotonic()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 from pathlib import Path
 
 from tests.e2e.conftest import Images
 from tests.support.clients import skopeo_copy, verify_dir
+from tests.support.faults import CuttableProxy
 from tests.support.procs import http_get
 from tests.support.registry import Registry
 from tests.support.stack import Stack
@@ -70,3 +73,38 @@ def _seed(origin: str, ns: str, digest: str) -> tuple[int, bytes]:
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         return int(resp.status), resp.read()
+
+
+def test_failure_mid_response_cuts_the_connection(stack: Stack, registry: Registry, images: Images) -> None:
+    """Seeder killed and registry unreachable while a blob streams: the client gets a short,
+    correct prefix and a cut connection, never a complete (or padded) body."""
+    image = images.app()
+    big = max(image.blobs.values(), key=lambda b: b.size)
+    proxy = CuttableProxy("127.0.0.1", registry.port)  # the agent's only way to the registry
+    stack.start_tracker()
+    origin = stack.start_origin(torrent={"upload_rate_limit": "4MiB"})
+    status, _ = _seed(origin.url, registry.host, big.digest)
+    assert status == 200
+    upstream = {**stack.upstream(stack.node_user, stack.node_password), "url": proxy.url}
+    agent = stack.start_agent(upstreams=[upstream], swarm={"stall_timeout": "2s"})
+    host, port = agent.config["listen"].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(f"GET /v2/private/app/blobs/{big.digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    received = bytearray()
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    data = bytearray(body)
+    while len(data) < 1 << 20:  # the first piece arrived: now take the swarm and the registry away
+        data += sock.recv(65536)
+    origin.stop(kill=True)
+    proxy.cut()
+    with contextlib.suppress(ConnectionResetError, TimeoutError):
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    sock.close()
+    assert len(data) < big.size
+    assert bytes(data) == big.path.read_bytes()[: len(data)]
+    assert agent.metric("shoal_agent_requests_total", kind="blobs", status="aborted") == 1
+    assert agent.metric("shoal_agent_downloads_total", result="failed") == 1
