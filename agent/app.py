@@ -21,9 +21,8 @@ from agent.metrics import AgentMetrics
 from agent.responses import RESPONSE_STARTED, abort, error_response, oci_error
 from agent.upstreams import Upstream, Upstreams
 from shoal import errors
-from shoal.config import split_hostport
 from shoal.metrics import StoreCollector, SwarmCollector
-from shoal.registry import Credentials, RegistryClient
+from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import AGENT_FINGERPRINT, Swarm, SwarmSettings
 from shoal.web import add_ops_routes
@@ -73,29 +72,19 @@ def _error_for(request: web.Request, exc: Exception) -> web.StreamResponse:
 
 
 def build(config: AgentConfig) -> web.Application:
-    creds: dict[str, Credentials | None] = {}
-    for i, u in enumerate(config.upstreams):
-        password = u.read_password(f"upstreams[{i}]")
-        creds[u.name] = Credentials(u.username, password or "") if u.username else None
+    creds = {u.name: u.credentials(f"upstreams[{i}]") for i, u in enumerate(config.upstreams)}
 
     registry = CollectorRegistry()
     metrics = AgentMetrics(registry)
     app = web.Application(middlewares=[_middleware(metrics)])
     data = Path(config.data_dir)
-    torrent_host, torrent_port = split_hostport(config.torrent.listen)
     use_swarm = config.tracker is not None
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, limit_per_host=64))
         store = BlobStore(data / "cache", max_bytes=config.cache.max_bytes)
         bindings = Bindings(data / "bindings", ttl=config.cache.binding_ttl)
-        swarm = Swarm(SwarmSettings(
-            listen_ip=torrent_host, listen_port=torrent_port, fingerprint=AGENT_FINGERPRINT,
-            upload_rate_limit=config.torrent.upload_rate_limit,
-            download_rate_limit=config.torrent.download_rate_limit,
-            allow_multiple_connections_per_ip=config.torrent.allow_multiple_connections_per_ip,
-            extra=config.torrent.libtorrent,
-        )) if use_swarm else None
+        swarm = Swarm(SwarmSettings.from_config(config.torrent, AGENT_FINGERPRINT)) if use_swarm else None
         upstreams = Upstreams([
             Upstream(u.name, RegistryClient(http, u.url, credentials=creds[u.name], user_agent=USER_AGENT,
                                             read_timeout=config.registry_read_timeout))

@@ -17,10 +17,9 @@ from origin.preseed import Preseeder
 from origin.registration import TrackerRegistration
 from origin.seeder import Seeder, SeederMetrics, Upstream
 from shoal import errors
-from shoal.config import split_hostport
 from shoal.metrics import StoreCollector, SwarmCollector
 from shoal.oci import Digest, validate_name
-from shoal.registry import Credentials, RegistryClient
+from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import SEEDER_FINGERPRINT, Swarm, SwarmSettings
 from shoal.web import add_ops_routes
@@ -99,26 +98,16 @@ def build(config: OriginConfig) -> web.Application:
     # Read every secret now so a bad file fails at start with the key named.
     token = config.registration_token.read("registration_token")
     assert token is not None
-    creds: dict[str, Credentials | None] = {}
-    for i, u in enumerate(config.upstreams):
-        password = u.read_password(f"upstreams[{i}]")
-        creds[u.name] = Credentials(u.username, password or "") if u.username else None
+    creds = {u.name: u.credentials(f"upstreams[{i}]") for i, u in enumerate(config.upstreams)}
 
     registry = CollectorRegistry()
     metrics = SeederMetrics(registry)
     app = web.Application()
-    host, port = split_hostport(config.torrent.listen)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, limit_per_host=64))
         store = BlobStore(Path(config.data_dir), max_bytes=config.cache.max_bytes)
-        swarm = Swarm(SwarmSettings(
-            listen_ip=host, listen_port=port, fingerprint=SEEDER_FINGERPRINT,
-            upload_rate_limit=config.torrent.upload_rate_limit,
-            download_rate_limit=config.torrent.download_rate_limit,
-            allow_multiple_connections_per_ip=config.torrent.allow_multiple_connections_per_ip,
-            extra=config.torrent.libtorrent,
-        ))
+        swarm = Swarm(SwarmSettings.from_config(config.torrent, SEEDER_FINGERPRINT))
         upstreams = {
             u.name: Upstream(u.name, RegistryClient(http, u.url, credentials=creds[u.name],
                                                     user_agent=USER_AGENT))

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from shoal.errors import ConfigError
+from shoal.registry import Credentials
 
 T = TypeVar("T")
 
@@ -289,8 +290,11 @@ class UpstreamSettings:
         if self.username is not None and self.password.file is None and self.password.env is None:
             raise ConfigError(f"{prefix}.password: give file or env when username is set")
 
-    def read_password(self, prefix: str) -> str | None:
-        return self.password.read(f"{prefix}.password")
+    def credentials(self, prefix: str) -> Credentials | None:
+        """The registry credentials (reads the secret now, so a bad file fails at start)."""
+        if self.username is None:
+            return None
+        return Credentials(self.username, self.password.read(f"{prefix}.password") or "")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

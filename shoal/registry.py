@@ -102,23 +102,25 @@ class RegistryClient:
                 return f"Bearer {cached[0]}"
         return None
 
-    async def _answer_challenge(self, header: str, scope: str | None) -> bool:
-        """Learn how to authenticate from a 401; True if a retry can succeed."""
+    async def _answer_challenge(self, header: str, scope: str | None, sent: str | None) -> bool:
+        """Learn how to authenticate from a 401; True if a retry with other credentials can
+        succeed. `sent` is the Authorization the refused request carried: concurrent requests
+        that went out before the first challenge was answered retry with what it learned."""
         challenge = Challenge.parse(header)
         if challenge is None:
             return False
         if challenge.scheme == "basic":
-            if self.credentials is None or self._basic_known:
+            if self.credentials is None:
                 return False
             self._basic_known = True
-            return True
+            return sent != self.credentials.basic()
         realm = challenge.params.get("realm")
         if not realm or scope is None:
             return False
         lock = self._token_locks.setdefault(scope, asyncio.Lock())
         async with lock:
             cached = self._tokens.get(scope)
-            if cached is not None and cached[1] > time.monotonic():
+            if cached is not None and cached[1] > time.monotonic() and f"Bearer {cached[0]}" != sent:
                 return True
             token, ttl = await self._fetch_token(realm, challenge.params.get("service"), scope)
             self._tokens[scope] = (token, time.monotonic() + max(ttl - TOKEN_SLACK, 1.0))
@@ -179,7 +181,8 @@ class RegistryClient:
                                            f"{type(exc).__name__}") from None
             if resp.status == 401 and attempt == 0:
                 try:
-                    answered = await self._answer_challenge(resp.headers.get("WWW-Authenticate", ""), scope)
+                    answered = await self._answer_challenge(resp.headers.get("WWW-Authenticate", ""), scope,
+                                                            auth)
                 except BaseException:
                     resp.release()
                     raise

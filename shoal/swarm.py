@@ -25,6 +25,7 @@ from typing import Any, cast
 import libtorrent as lt
 
 from shoal import errors
+from shoal.config import TorrentSettings, split_hostport
 from shoal.metainfo import Metainfo
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,14 @@ class SwarmSettings:
     allow_multiple_connections_per_ip: bool = False
     # Any libtorrent settings_pack names; libtorrent rejects unknown names (KeyError).
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, torrent: TorrentSettings, fingerprint: str) -> SwarmSettings:
+        host, port = split_hostport(torrent.listen)
+        return cls(listen_ip=host, listen_port=port, fingerprint=fingerprint,
+                   upload_rate_limit=torrent.upload_rate_limit, download_rate_limit=torrent.download_rate_limit,
+                   allow_multiple_connections_per_ip=torrent.allow_multiple_connections_per_ip,
+                   extra=torrent.libtorrent)
 
     def pack(self) -> dict[str, Any]:
         host = f"[{self.listen_ip}]" if ":" in self.listen_ip else self.listen_ip

@@ -7,6 +7,7 @@ import hashlib
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.e2e.conftest import Images
@@ -108,3 +109,23 @@ def test_eviction_keeps_blobs_in_use(stack: Stack, images: Images, workdir: Path
     assert not blob_path.exists()
     for blob in b.blobs.values():  # the newest image is still whole in the cache
         assert (stack.workdir / "agent0" / "cache" / "blobs" / "sha256" / blob.hex[:2] / blob.hex).exists()
+
+
+def test_concurrent_clients_share_one_download(stack: Stack, registry: Registry, images: Images) -> None:
+    image = images.app()
+    big = max(image.blobs.values(), key=lambda blob: blob.size)
+    stack.start(agents=1)
+    agent = stack.agents[0]
+    url = f"http://{agent.config['listen']}/v2/private/app/blobs/{big.digest}"
+    before = registry.settle()
+
+    def get(_: int) -> str:
+        with urllib.request.urlopen(url, timeout=120) as resp:
+            return "sha256:" + hashlib.sha256(resp.read()).hexdigest()
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(get, range(6))) == [big.digest] * 6
+    assert agent.metric("shoal_agent_downloads_total", result="ok") == 1
+    assert agent.metric("shoal_agent_cache_misses_total") + agent.metric("shoal_agent_cache_hits_total") == 6
+    gets = registry.blob_gets(registry.settle()[len(before):])
+    assert gets.get(big.digest) == 1  # once, to the origin seeder

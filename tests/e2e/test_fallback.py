@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import socket
 from pathlib import Path
@@ -108,3 +109,31 @@ def test_failure_mid_response_cuts_the_connection(stack: Stack, registry: Regist
     assert bytes(data) == big.path.read_bytes()[: len(data)]
     assert agent.metric("shoal_agent_requests_total", kind="blobs", status="aborted") == 1
     assert agent.metric("shoal_agent_downloads_total", result="failed") == 1
+
+
+def test_seeder_killed_mid_transfer(stack: Stack, registry: Registry, images: Images) -> None:
+    """The swarm stalls mid-blob (its only seeder died): the agent finishes the blob from the
+    registry and the client, which already had part of it, gets the whole correct blob."""
+    image = images.app()
+    big = max(image.blobs.values(), key=lambda b: b.size)
+    stack.start_tracker()
+    origin = stack.start_origin(torrent={"upload_rate_limit": "4MiB"})
+    status, _ = _seed(origin.url, registry.host, big.digest)
+    assert status == 200
+    agent = stack.start_agent(swarm={"stall_timeout": "2s"})
+    host, port = agent.config["listen"].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=BOUND)
+    sock.sendall(f"GET /v2/private/app/blobs/{big.digest} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    received = bytearray()
+    while len(received) < 1 << 20:
+        received += sock.recv(65536)
+    origin.stop(kill=True)
+    while chunk := sock.recv(1 << 20):
+        received += chunk
+    sock.close()
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert len(body) == big.size
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == big.digest
+    assert agent.metric("shoal_agent_fallbacks_total", reason="stalled") == 1
+    assert agent.metric("shoal_agent_downloads_total", source="origin", result="ok") == 1

@@ -127,3 +127,16 @@ def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Co
     for hostport in (listen, tracker_listen, origin_listen):
         with pytest.raises(OSError, match="refused"):
             http_get(f"http://{hostport}/healthz", timeout=1)
+
+
+def test_flags_override_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": str(tmp_path), "upstreams": UP}))
+    base = [sys.executable, "-m", "agent", "--config", str(path), "--check-config"]
+    ok = subprocess.run([*base, "--cache-max-bytes", "5GiB", "--listen", "127.0.0.9:5000"], capture_output=True,
+                        text=True, timeout=60, cwd=ROOT)
+    assert ok.returncode == 0
+    assert ok.stdout.strip() == "shoal-agent: configuration is valid"
+    bad = subprocess.run([*base, "--cache-max-bytes", "huge"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("shoal-agent: config error: cache.max_bytes: expected a size")

@@ -85,7 +85,7 @@ def test_secret_file_errors_name_the_key(tmp_path: Path) -> None:
     cfg = agent_config.load(agent_doc(upstreams=[{**UP[0], "username": "u",
                                                   "password": {"file": str(tmp_path / "missing")}}]))
     with pytest.raises(ConfigError) as exc:
-        cfg.upstreams[0].read_password("upstreams[0]")
+        cfg.upstreams[0].credentials("upstreams[0]")
     assert str(exc.value).startswith("upstreams[0].password: cannot read secret file")
 
 
