@@ -16,11 +16,12 @@ from prometheus_client import CollectorRegistry
 from agent.api import MirrorApi
 from agent.bindings import Bindings
 from agent.config import AgentConfig
-from agent.fetcher import Fetcher
+from agent.fetcher import Fetcher, SwarmAccess
 from agent.metrics import AgentMetrics
 from agent.responses import RESPONSE_STARTED, abort, error_response, oci_error
 from agent.upstreams import Upstream, Upstreams
-from shoal import errors
+from shoal import errors, signing
+from shoal.config import read_token
 from shoal.metrics import StoreCollector, SwarmCollector
 from shoal.registry import RegistryClient
 from shoal.store import BlobStore
@@ -79,6 +80,11 @@ def build(config: AgentConfig) -> web.Application:
     app = web.Application(middlewares=[_middleware(metrics)])
     data = Path(config.data_dir)
     use_swarm = config.tracker is not None
+    access = None
+    if config.tracker is not None and config.origin is not None and config.origin_public_key is not None:
+        access = SwarmAccess(tracker=config.tracker, origin=config.origin, node=config.node,
+                             node_token=read_token(config.node_token, "node_token"),
+                             origin_key=signing.load_public_key(config.origin_public_key, "origin_public_key"))
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, limit_per_host=64))
@@ -90,8 +96,8 @@ def build(config: AgentConfig) -> web.Application:
                                             read_timeout=config.registry_read_timeout))
             for u in config.upstreams
         ])
-        fetcher = Fetcher(store=store, swarm=swarm, http=http, tracker=config.tracker, origin=config.origin,
-                          policy=config.swarm, metrics=metrics)
+        fetcher = Fetcher(store=store, swarm=swarm, http=http, access=access, policy=config.swarm,
+                          metrics=metrics)
         started_swarm = False
         try:
             await store.open()

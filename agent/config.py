@@ -12,6 +12,7 @@ from shoal.config import (
     SIZE,
     URL,
     LogSettings,
+    SecretSource,
     TorrentSettings,
     UpstreamSettings,
     check_upstream_names,
@@ -49,6 +50,10 @@ class AgentConfig:
     # Without a tracker (or origin) the agent is a plain verifying pull-through cache.
     tracker: Annotated[str | None, URL] = None
     origin: Annotated[str | None, URL] = None
+    # With the swarm: the cluster's node secret (file or env) for the origin's and tracker's APIs,
+    # and the origin's public key (PEM file) that metainfo and swarm tokens must verify against.
+    node_token: SecretSource = field(default_factory=SecretSource)
+    origin_public_key: str | None = None
     torrent: TorrentSettings = field(default_factory=TorrentSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     swarm: SwarmPolicy = field(default_factory=SwarmPolicy)
@@ -62,6 +67,11 @@ class AgentConfig:
         check_upstream_names(self.upstreams, "upstreams")
         if (self.tracker is None) != (self.origin is None):
             raise ConfigError("tracker: set both tracker and origin to use the swarm, or neither")
+        if self.tracker is not None:
+            if self.node_token.file is None and self.node_token.env is None:
+                raise ConfigError("node_token: give file or env (required with tracker and origin)")
+            if self.origin_public_key is None:
+                raise ConfigError("origin_public_key: required with tracker and origin (PEM file)")
         if not self.node or len(self.node) > 253:
             raise ConfigError("node: must be a non-empty name of at most 253 characters")
 

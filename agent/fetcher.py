@@ -26,17 +26,20 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import SwarmPolicy
 from agent.metrics import AgentMetrics
 from agent.responses import read_file
 from agent.upstreams import Upstream
-from shoal import errors, metainfo
-from shoal.metainfo import Metainfo
+from shoal import errors, metainfo, signing
+from shoal.metainfo import Published
 from shoal.oci import Digest
+from shoal.signing import SIGNATURE_HEADER
 from shoal.store import BlobStore, fsync_file, sha256_file
 from shoal.swarm import Swarm, TorrentJob
 
@@ -48,6 +51,8 @@ EMPTY_DIGEST = Digest(hashlib.sha256(b"").hexdigest())
 READER_SAFETY_TIMEOUT = 600.0
 # While no piece has arrived, re-announce this often to pick up peers that joined after us.
 ANNOUNCE_RETRY = 1.5
+# Backoff while the origin does not hand out a swarm token.
+TOKEN_RETRY_MIN, TOKEN_RETRY_MAX = 1.0, 30.0
 
 
 class Download:
@@ -139,7 +144,7 @@ class Download:
         try:
             with store.pinned(self.digest), store.reservation(self.size):
                 await store.make_room()
-                meta: Metainfo | None = None
+                meta: Published | None = None
                 if self.fetcher.swarm is not None:
                     try:
                         meta = await self.fetcher.metainfo(self.upstream, self.repo, self.digest, self.size)
@@ -177,7 +182,8 @@ class Download:
         m.download_seconds.labels(source).observe(elapsed)
         log.info("cached %s (%d bytes) from %s in %.2fs", self.digest, self.size, source, elapsed)
 
-    async def _from_swarm(self, meta: Metainfo) -> None:
+    async def _from_swarm(self, published: Published) -> None:
+        meta = published.meta
         swarm = self.fetcher.swarm
         assert swarm is not None
         if meta.digest != self.digest or meta.size != self.size:
@@ -221,7 +227,7 @@ class Download:
             await job.move_to(store.blob_dir(self.digest))
             moved = True
             await store.adopt_in_place(self.digest)
-            await store.save_metainfo(self.digest, meta.raw)
+            await store.save_metainfo(self.digest, meta.raw, published.signature)
             m = self.fetcher.metrics
             m.swarm_bytes.labels("seeder").inc(job.peer_bytes.from_seeders)
             m.swarm_bytes.labels("agent").inc(job.peer_bytes.from_agents)
@@ -232,7 +238,7 @@ class Download:
             await swarm.remove(self.digest.hex, delete_files=not moved)
             raise
 
-    async def _from_registry(self, meta: Metainfo | None) -> None:
+    async def _from_registry(self, published: Published | None) -> None:
         self.source = "origin"
         self._notify()
         store, m = self.fetcher.store, self.fetcher.metrics
@@ -247,9 +253,9 @@ class Download:
             raise
         m.registry_requests.labels("blob", "200").inc()
         await store.commit_file(self.digest, tmp, verified=True)
-        if meta is not None and self.fetcher.swarm is not None:
-            await store.save_metainfo(self.digest, meta.raw)
-            self.fetcher.swarm.add(meta, store.blob_dir(self.digest), seed=True)
+        if published is not None and self.fetcher.swarm is not None:
+            await store.save_metainfo(self.digest, published.meta.raw, published.signature)
+            self.fetcher.swarm.add(published.meta, store.blob_dir(self.digest), seed=True)
 
 
 class _SwarmFailure(errors.SwarmUnavailable):
@@ -258,40 +264,83 @@ class _SwarmFailure(errors.SwarmUnavailable):
         self.reason = reason
 
 
+@dataclass(frozen=True, slots=True)
+class SwarmAccess:
+    """What an agent needs to take part in the swarm."""
+
+    tracker: str
+    origin: str
+    node: str
+    node_token: str = field(repr=False)
+    origin_key: Ed25519PublicKey
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.node_token}"}
+
+
 class Fetcher:
     def __init__(
-        self, *, store: BlobStore, swarm: Swarm | None, http: aiohttp.ClientSession, tracker: str | None,
-        origin: str | None, policy: SwarmPolicy, metrics: AgentMetrics,
+        self, *, store: BlobStore, swarm: Swarm | None, http: aiohttp.ClientSession, access: SwarmAccess | None,
+        policy: SwarmPolicy, metrics: AgentMetrics,
     ) -> None:
         self.store = store
         self.swarm = swarm
         self.http = http
-        self.tracker = tracker
-        self.origin = origin
+        self.access = access
         self.policy = policy
         self.metrics = metrics
         self._flights: dict[Digest, Download] = {}
+        self._token_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Seed again what the cache kept across a restart."""
-        if self.swarm is None:
+        """Join the swarm (token from the origin) and seed again what the cache kept."""
+        if self.swarm is None or self.access is None:
             return
         self.store.add_evict_hook(self._on_evict)
+        self._token_task = asyncio.create_task(self._keep_token(self.swarm, self.access))
         seeded = 0
         for digest in self.store.digests():
-            raw = await self.store.load_metainfo(digest)
-            if raw is None:
+            kept = await self.store.load_metainfo(digest)
+            if kept is None:
                 continue
             try:
-                meta = metainfo.parse(raw)
-            except metainfo.MetainfoError:
+                signing.verify_metainfo(self.access.origin_key, kept[0], kept[1])
+                meta = metainfo.parse(kept[0])
+            except (signing.SignatureError, metainfo.MetainfoError) as exc:
+                log.warning("not seeding %s: its metainfo on disk is unusable (%s)", digest, exc)
                 continue
             self.swarm.add(meta, self.store.blob_dir(digest), seed=True)
             seeded += 1
         log.info("seeding %d cached blobs", seeded)
 
+    async def _keep_token(self, swarm: Swarm, access: SwarmAccess) -> None:
+        """Hold a valid swarm token: the tracker refuses announces without one."""
+        retry = TOKEN_RETRY_MIN
+        while True:
+            try:
+                async with self.http.post(f"{access.origin}/v1/swarm/token", json={"node": access.node},
+                                          headers=access.auth, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    if r.status != 200:
+                        raise errors.SwarmUnavailable(f"origin answered {r.status} for a swarm token")
+                    doc = await r.json()
+                token, ttl = str(doc["token"]), float(doc["ttl_seconds"])
+                signing.verify_token(access.origin_key, token)
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, errors.ShoalError,
+                    signing.SignatureError) as exc:
+                log.warning("no swarm token from the origin yet (%s); retrying in %.0fs", exc, retry)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, TOKEN_RETRY_MAX)
+                continue
+            swarm.set_token(token)
+            self.metrics.swarm_token_expiry.set(time.time() + ttl)
+            retry = TOKEN_RETRY_MIN
+            await asyncio.sleep(max(ttl / 2, 1.0))
+
     async def stop(self) -> None:
         tasks = [d.task for d in self._flights.values() if d.task is not None]
+        if self._token_task is not None:
+            tasks.append(self._token_task)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -315,15 +364,18 @@ class Fetcher:
         task.add_done_callback(lambda _t: self._flights.pop(digest, None))
         return download
 
-    async def metainfo(self, upstream: Upstream, repo: str, digest: Digest, size: int) -> Metainfo | None:
-        """From the tracker, or (for blobs worth a swarm) from the origin after it seeded them."""
-        assert self.tracker is not None
-        assert self.origin is not None
+    async def metainfo(self, upstream: Upstream, repo: str, digest: Digest, size: int) -> Published | None:
+        """From the tracker, or (for blobs worth a swarm) from the origin after it seeded them.
+        Only metainfo the origin signed is accepted, wherever it came from."""
+        access = self.access
+        assert access is not None
+        if self.swarm is not None and not self.swarm.has_token:
+            raise _SwarmFailure("no_swarm_token", "this node has no swarm token from the origin yet")
         try:
-            async with self.http.get(f"{self.tracker}/v1/metainfo/{digest}",
+            async with self.http.get(f"{access.tracker}/v1/metainfo/{digest}", headers=access.auth,
                                      timeout=aiohttp.ClientTimeout(total=self.policy.metainfo_timeout)) as r:
                 if r.status == 200:
-                    return self._parse(await r.read())
+                    return self._verify(await r.read(), r.headers.get(SIGNATURE_HEADER))
                 if r.status != 404:
                     raise _SwarmFailure("tracker_error", f"tracker answered {r.status} for metainfo")
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -332,18 +384,21 @@ class Fetcher:
             return None
         try:
             async with self.http.post(
-                f"{self.origin}/v1/blobs/{digest}/seed", json={"ns": upstream.name, "repository": repo},
-                timeout=aiohttp.ClientTimeout(total=self.policy.seed_timeout),
+                f"{access.origin}/v1/blobs/{digest}/seed", json={"ns": upstream.name, "repository": repo},
+                headers=access.auth, timeout=aiohttp.ClientTimeout(total=self.policy.seed_timeout),
             ) as r:
                 if r.status == 200:
-                    return self._parse(await r.read())
+                    return self._verify(await r.read(), r.headers.get(SIGNATURE_HEADER))
                 raise _SwarmFailure("origin_error", f"origin answered {r.status} to the seed request")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _SwarmFailure("origin_unreachable", f"origin unreachable: {type(exc).__name__}") from None
 
-    @staticmethod
-    def _parse(raw: bytes) -> Metainfo:
+    def _verify(self, raw: bytes, signature: str | None) -> Published:
+        assert self.access is not None
         try:
-            return metainfo.parse(raw)
+            signing.verify_metainfo(self.access.origin_key, raw, signature)
+            return Published(metainfo.parse(raw), signature or "")
+        except signing.SignatureError as exc:
+            raise _SwarmFailure("unsigned_metainfo", f"metainfo not signed by the origin: {exc}") from None
         except metainfo.MetainfoError as exc:
             raise _SwarmFailure("bad_metainfo", f"unusable metainfo: {exc}") from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -35,6 +35,9 @@ class AgentMetrics:
         self.integrity_failures = Counter("shoal_agent_integrity_failures_total",
                                           "Blobs whose bytes did not hash to their digest", ["source"],
                                           registry=registry)
+        self.swarm_token_expiry = Gauge("shoal_agent_swarm_token_expiry_timestamp_seconds",
+                                        "When this node's swarm token from the origin expires (0: none)",
+                                        registry=registry)
         self.registry_requests = Counter("shoal_agent_registry_requests_total",
                                          "Requests the agent sent to the origin registry",
                                          ["kind", "status"], registry=registry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -16,10 +17,12 @@ from origin.config import OriginConfig
 from origin.preseed import Preseeder
 from origin.registration import TrackerRegistration
 from origin.seeder import Seeder, SeederMetrics, Upstream
-from shoal import errors
+from shoal import errors, signing
+from shoal.config import read_token
 from shoal.metrics import StoreCollector, SwarmCollector
 from shoal.oci import Digest, validate_name
 from shoal.registry import RegistryClient
+from shoal.signing import SIGNATURE_HEADER
 from shoal.store import BlobStore
 from shoal.swarm import SEEDER_FINGERPRINT, Swarm, SwarmSettings
 from shoal.web import add_ops_routes
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SEEDER_KEY = web.AppKey("seeder", Seeder)
 PRESEEDER_KEY = web.AppKey("preseeder", Preseeder)
+NODE_AUTH_KEY = web.AppKey("node_auth", str)
 USER_AGENT = "shoal-origin/0.1"
 
 
@@ -46,24 +50,48 @@ async def _json(request: web.Request) -> dict[str, Any]:
     return doc
 
 
+def _require_node(request: web.Request) -> None:
+    """Write APIs and metainfo are for cluster members: they present the node token."""
+    sent = request.headers.get("Authorization", "").encode()
+    if not hmac.compare_digest(sent, request.app[NODE_AUTH_KEY].encode()):
+        raise errors.BadRequest(errors.UNAUTHORIZED, "this API needs the cluster's node token")
+
+
 async def seed_blob(request: web.Request) -> web.Response:
-    """POST /v1/blobs/{digest}/seed {"ns": registry, "repository": name} -> metainfo."""
+    """POST /v1/blobs/{digest}/seed {"ns": registry, "repository": name} -> signed metainfo."""
     try:
+        _require_node(request)
         digest = Digest.parse(request.match_info["digest"])
         doc = await _json(request)
         ns, repo = doc.get("ns"), doc.get("repository")
         if not isinstance(ns, str) or not isinstance(repo, str):
             raise errors.BadRequest(errors.NAME_INVALID, "give ns and repository as strings")
         validate_name(repo)
-        meta = await request.app[SEEDER_KEY].ensure_seeded(ns, repo, digest)
+        published = await request.app[SEEDER_KEY].ensure_seeded(ns, repo, digest)
     except errors.ShoalError as exc:
         return _error(exc)
-    return web.Response(body=meta.raw, content_type="application/x-bittorrent")
+    return web.Response(body=published.meta.raw, content_type="application/x-bittorrent",
+                        headers={SIGNATURE_HEADER: published.signature})
+
+
+async def swarm_token(request: web.Request) -> web.Response:
+    """POST /v1/swarm/token {"node": name} -> a signed swarm token for announcing."""
+    try:
+        _require_node(request)
+        doc = await _json(request)
+        node = doc.get("node")
+        if not isinstance(node, str) or not 0 < len(node) <= 253:
+            raise errors.BadRequest(errors.NAME_INVALID, "give the node's name")
+    except errors.ShoalError as exc:
+        return _error(exc)
+    seeder = request.app[SEEDER_KEY]
+    return web.json_response({"token": seeder.issue_token(node), "ttl_seconds": seeder.token_ttl})
 
 
 async def submit_preseed(request: web.Request) -> web.Response:
     """POST /v1/preseed {"images": [...], "platforms": [...]} -> 202 with the job."""
     try:
+        _require_node(request)
         doc = await _json(request)
         images, platforms = doc.get("images"), doc.get("platforms", [])
         if (not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images)
@@ -89,20 +117,23 @@ async def status(request: web.Request) -> web.Response:
         "registered": len(seeder.registration.registered),
         "cache_bytes": seeder.store.used_bytes,
         "cache_budget_bytes": seeder.store.max_bytes,
-        "blobs": [{"digest": str(m.digest), "size": m.size, "info_hash": m.info_hash.hex()}
-                  for m in seeder.seeded()],
+        "blobs": [{"digest": str(p.meta.digest), "size": p.meta.size, "info_hash": p.meta.info_hash.hex()}
+                  for p in seeder.seeded()],
     })
 
 
 def build(config: OriginConfig) -> web.Application:
     # Read every secret now so a bad file fails at start with the key named.
-    token = config.registration_token.read("registration_token")
-    assert token is not None
+    token = read_token(config.registration_token, "registration_token")
+    node_token = read_token(config.node_token, "node_token")
+    assert config.signing_key is not None  # validate() requires it
+    key = signing.load_private_key(config.signing_key, "signing_key")
     creds = {u.name: u.credentials(f"upstreams[{i}]") for i, u in enumerate(config.upstreams)}
 
     registry = CollectorRegistry()
     metrics = SeederMetrics(registry)
     app = web.Application()
+    app[NODE_AUTH_KEY] = f"Bearer {node_token}"
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, limit_per_host=64))
@@ -115,7 +146,8 @@ def build(config: OriginConfig) -> web.Application:
         }
         registration = TrackerRegistration(http, config.tracker, token)
         seeder = Seeder(store=store, swarm=swarm, registration=registration, upstreams=upstreams,
-                        announce=config.announce, max_blob_size=config.max_blob_size, metrics=metrics)
+                        announce=config.announce, max_blob_size=config.max_blob_size, metrics=metrics,
+                        key=key, token_ttl=config.swarm_token_ttl)
         preseeder = Preseeder(seeder, concurrency=config.preseed_concurrency)
         try:
             await store.open()
@@ -142,6 +174,7 @@ def build(config: OriginConfig) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/v1/blobs/{digest}/seed", seed_blob)
+    app.router.add_post("/v1/swarm/token", swarm_token)
     app.router.add_post("/v1/preseed", submit_preseed)
     app.router.add_get("/v1/preseed/{job}", get_preseed)
     app.router.add_get("/v1/status", status)

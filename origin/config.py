@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from shoal.config import (
+    DURATION,
     HOSTPORT,
     SIZE,
     URL,
@@ -34,6 +35,12 @@ class OriginConfig:
     # The announce URL written into every torrent, as agents reach the tracker.
     announce_url: Annotated[str | None, URL] = None
     registration_token: SecretSource = field(default_factory=SecretSource)
+    # The origin's Ed25519 private key (PEM file): signs metainfo and swarm tokens.
+    signing_key: str | None = None
+    # The cluster's node secret (file or env): agents and `shoal seed`/`shoal audit` present it.
+    node_token: SecretSource = field(default_factory=SecretSource)
+    # How long a swarm token the origin issues to a node is valid (nodes renew at half-life).
+    swarm_token_ttl: Annotated[float, DURATION] = 86400.0
     torrent: TorrentSettings = field(default_factory=lambda: TorrentSettings(listen="127.0.0.1:6882"))
     cache: CacheSettings = field(default_factory=CacheSettings)
     # Blobs larger than this are refused before download.
@@ -46,6 +53,12 @@ class OriginConfig:
         check_upstream_names(self.upstreams, "upstreams")
         if self.registration_token.file is None and self.registration_token.env is None:
             raise ConfigError("registration_token: give file or env (shared with the tracker)")
+        if self.signing_key is None:
+            raise ConfigError("signing_key: required (PEM file of the origin's Ed25519 private key)")
+        if self.node_token.file is None and self.node_token.env is None:
+            raise ConfigError("node_token: give file or env (the cluster's node secret)")
+        if self.swarm_token_ttl < 60:
+            raise ConfigError("swarm_token_ttl: must be at least 60s")
         if not 1 <= self.preseed_concurrency <= 64:
             raise ConfigError("preseed_concurrency: must be between 1 and 64")
 

@@ -8,6 +8,7 @@ import logging
 import aiohttp
 
 from shoal.metainfo import Metainfo
+from shoal.signing import SIGNATURE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +20,14 @@ class TrackerRegistration:
         self._token = token
         self.registered: set[str] = set()
 
-    async def register(self, meta: Metainfo) -> bool:
+    async def register(self, meta: Metainfo, signature: str) -> bool:
         """One attempt; False (logged) if the tracker is unreachable or refuses."""
         url = f"{self.tracker}/v1/metainfo/{meta.digest}"
         try:
             async with self.http.put(
                 url, data=meta.raw, headers={"Authorization": f"Bearer {self._token}",
-                                             "Content-Type": "application/x-bittorrent"},
+                                             "Content-Type": "application/x-bittorrent",
+                                             SIGNATURE_HEADER: signature},
                 timeout=aiohttp.ClientTimeout(total=10),
             ) as resp:
                 if resp.status == 201:
@@ -48,11 +50,11 @@ class TrackerRegistration:
         except (aiohttp.ClientError, TimeoutError):
             pass  # the tracker forgets it at its next restart without persistence anyway
 
-    async def keep_registered(self, metas: list[Metainfo], *, retry: float = 5.0) -> None:
+    async def keep_registered(self, metas: list[tuple[Metainfo, str]], *, retry: float = 5.0) -> None:
         """Register everything not yet registered, retrying until the tracker takes it."""
-        pending = [m for m in metas if m.digest.hex not in self.registered]
+        pending = [(m, s) for m, s in metas if m.digest.hex not in self.registered]
         while pending:
-            results = await asyncio.gather(*(self.register(m) for m in pending))
-            pending = [m for m, ok in zip(pending, results, strict=True) if not ok]
+            results = await asyncio.gather(*(self.register(m, s) for m, s in pending))
+            pending = [ms for ms, ok in zip(pending, results, strict=True) if not ok]
             if pending:
                 await asyncio.sleep(retry)

@@ -9,11 +9,12 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from origin.registration import TrackerRegistration
-from shoal import errors, metainfo
-from shoal.metainfo import Metainfo
+from shoal import errors, metainfo, signing
+from shoal.metainfo import Published
 from shoal.oci import Digest
 from shoal.registry import RegistryClient
 from shoal.store import BlobStore
@@ -43,6 +44,7 @@ class Seeder:
     def __init__(
         self, *, store: BlobStore, swarm: Swarm, registration: TrackerRegistration,
         upstreams: dict[str, Upstream], announce: str, max_blob_size: int, metrics: SeederMetrics,
+        key: Ed25519PrivateKey, token_ttl: float,
     ) -> None:
         self.store = store
         self.swarm = swarm
@@ -51,33 +53,46 @@ class Seeder:
         self.announce = announce
         self.max_blob_size = max_blob_size
         self.metrics = metrics
-        self._flights: dict[Digest, asyncio.Task[Metainfo]] = {}
-        self._metas: dict[Digest, Metainfo] = {}
+        self.key = key
+        self.token_ttl = token_ttl
+        self._flights: dict[Digest, asyncio.Task[Published]] = {}
+        self._metas: dict[Digest, Published] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Seed every blob the store kept across a restart and register it again."""
+        self.swarm.set_token(self.issue_token("origin"))
+        self._spawn(self._renew_own_token())
         for digest in self.store.digests():
-            raw = await self.store.load_metainfo(digest)
-            if raw is None:
+            kept = await self.store.load_metainfo(digest)
+            if kept is None:
                 continue
+            raw, signature = kept
             try:
                 meta = metainfo.parse(raw)
             except metainfo.MetainfoError:
                 continue
-            self._metas[digest] = meta
+            self._metas[digest] = Published(meta, signature)
             self.swarm.add(meta, self.store.blob_dir(digest), seed=True)
         self.store.add_evict_hook(self._on_evict)
         self.swarm.on_tracker_error = self._on_tracker_error
         self._spawn(self._register(list(self._metas.values())))
         log.info("seeding %d blobs from the cache", len(self._metas))
 
-    async def _register(self, metas: list[Metainfo]) -> None:
+    def issue_token(self, node: str) -> str:
+        return signing.issue_token(self.key, node, self.token_ttl)
+
+    async def _renew_own_token(self) -> None:
+        while True:
+            await asyncio.sleep(self.token_ttl / 2)
+            self.swarm.set_token(self.issue_token("origin"))
+
+    async def _register(self, published: list[Published]) -> None:
         """Register (retrying while the tracker is away), then announce at once: an announce
         refused before registration makes libtorrent back off for a whole interval."""
-        await self.registration.keep_registered(metas)
-        for meta in metas:
-            job = self.swarm.job(meta.digest.hex)
+        await self.registration.keep_registered([(p.meta, p.signature) for p in published])
+        for p in published:
+            job = self.swarm.job(p.meta.digest.hex)
             if job is not None:
                 self.swarm.force_reannounce(job)
 
@@ -94,29 +109,29 @@ class Seeder:
     def _on_tracker_error(self, name: str, reason: str) -> None:
         # A tracker that restarted without persistence forgets registrations: register again.
         if "unregistered" in reason:
-            meta = next((m for m in self._metas.values() if m.digest.hex == name), None)
-            if meta is not None and meta.digest.hex in self.registration.registered:
-                self.registration.registered.discard(meta.digest.hex)
-                self._spawn(self._register([meta]))
+            published = next((p for p in self._metas.values() if p.meta.digest.hex == name), None)
+            if published is not None and published.meta.digest.hex in self.registration.registered:
+                self.registration.registered.discard(published.meta.digest.hex)
+                self._spawn(self._register([published]))
 
     async def _on_evict(self, digest: Digest) -> None:
-        meta = self._metas.pop(digest, None)
+        published = self._metas.pop(digest, None)
         await self.swarm.remove(digest.hex)
-        if meta is not None:
-            await self.registration.unregister(meta)
+        if published is not None:
+            await self.registration.unregister(published.meta)
 
-    def seeded(self) -> list[Metainfo]:
+    def seeded(self) -> list[Published]:
         return list(self._metas.values())
 
-    async def ensure_seeded(self, ns: str, repo: str, digest: Digest) -> Metainfo:
-        """The metainfo of `digest`, fetching and seeding it first if needed."""
-        meta = self._metas.get(digest)
-        if meta is not None and self.store.has(digest):
+    async def ensure_seeded(self, ns: str, repo: str, digest: Digest) -> Published:
+        """The signed metainfo of `digest`, fetching and seeding it first if needed."""
+        published = self._metas.get(digest)
+        if published is not None and self.store.has(digest):
             self.store.touch(digest)
             if digest.hex not in self.registration.registered:
-                await self.registration.register(meta)
+                await self.registration.register(published.meta, published.signature)
             self.metrics.requests.labels("cached").inc()
-            return meta
+            return published
         flight = self._flights.get(digest)
         if flight is None:
             upstream = self.upstreams.get(ns)
@@ -126,22 +141,22 @@ class Seeder:
             self._flights[digest] = flight
             flight.add_done_callback(lambda t: self._landed(digest, t))
         try:
-            meta = await asyncio.shield(flight)
+            published = await asyncio.shield(flight)
         except errors.ShoalError as exc:
             self.metrics.requests.labels(type(exc).__name__).inc()
             log.warning("cannot seed %s from %s/%s: %s", digest, ns, repo, exc)
             raise
         self.metrics.requests.labels("fetched").inc()
-        return meta
+        return published
 
-    def _landed(self, digest: Digest, task: asyncio.Task[Metainfo]) -> None:
+    def _landed(self, digest: Digest, task: asyncio.Task[Published]) -> None:
         self._flights.pop(digest, None)
         # Every requester may have gone (clients hang up); the outcome was logged by them or
         # will be retried, so consume it here rather than leak "exception never retrieved".
         if not task.cancelled():
             task.exception()
 
-    async def _seed(self, upstream: Upstream, repo: str, digest: Digest) -> Metainfo:
+    async def _seed(self, upstream: Upstream, repo: str, digest: Digest) -> Published:
         started = time.monotonic()
         size = await upstream.client.blob_size(repo, digest)
         if size is None:
@@ -163,13 +178,14 @@ class Seeder:
             raw = await asyncio.to_thread(metainfo.create, self.store.path(digest), digest,
                                           announce=self.announce)
             meta = metainfo.parse(raw)
-            await self.store.save_metainfo(digest, raw)
+            published = Published(meta, signing.sign_metainfo(self.key, raw))
+            await self.store.save_metainfo(digest, raw, published.signature)
         # Register first: the seeder's first announce must find the torrent known, or libtorrent
         # backs off and agents see no seeder for a whole announce interval.
-        await self.registration.register(meta)
-        self._metas[digest] = meta
+        await self.registration.register(meta, published.signature)
+        self._metas[digest] = published
         self.swarm.add(meta, self.store.blob_dir(digest), seed=True)
         self.metrics.fetch_seconds.observe(time.monotonic() - started)
         log.info("seeding %s from %s/%s (%d bytes, %d pieces) after %.2fs", digest, upstream.name, repo,
                  size, meta.num_pieces, time.monotonic() - started)
-        return meta
+        return published

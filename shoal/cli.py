@@ -25,15 +25,21 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from shoal import signing
+
 DEFAULT_ORIGIN = "http://127.0.0.1:6970"
 
 
-def _http(method: str, url: str, body: Any = None, *, timeout: float = 10.0) -> tuple[int, Any]:
+def _http(method: str, url: str, body: Any = None, *, timeout: float = 10.0,
+          token: str | None = None) -> tuple[int, Any]:
     if not url.startswith(("http://", "https://")):
         raise urllib.error.URLError(f"not an http(s) URL: {url}")
     data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"} if data else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url, data=data, method=method,  # noqa: S310 (scheme checked above)
-                                 headers={"Content-Type": "application/json"} if data else {})
+                                 headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (operator-given URL)
             raw = resp.read()
@@ -57,10 +63,22 @@ def _size(n: float) -> str:
 # ----- shoal seed ---------------------------------------------------------------------------------
 
 
+def _node_token(args: argparse.Namespace) -> str | None:
+    path = args.node_token_file or os.environ.get("SHOAL_NODE_TOKEN_FILE")
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"shoal: cannot read the node token file {path!r}: {exc.strerror}") from None
+
+
 def cmd_seed(args: argparse.Namespace) -> int:
     origin = args.origin.rstrip("/")
+    token = _node_token(args)
     try:
-        status, job = _http("POST", f"{origin}/v1/preseed", {"images": args.images, "platforms": args.platform})
+        status, job = _http("POST", f"{origin}/v1/preseed", {"images": args.images, "platforms": args.platform},
+                            token=token)
     except (urllib.error.URLError, OSError) as exc:
         print(f"shoal seed: cannot reach the origin at {origin}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 1
@@ -75,7 +93,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     tty = sys.stdout.isatty()
     last_line = ""
     while True:
-        status, job = _http("GET", f"{origin}/v1/preseed/{job['id']}")
+        status, job = _http("GET", f"{origin}/v1/preseed/{job['id']}", token=token)
         if status != 200 or not isinstance(job, dict):
             print(f"shoal seed: lost the job ({status})", file=sys.stderr)
             return 1
@@ -148,9 +166,8 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise SystemExit(f"shoal up: --upstream must be an http(s) URL, got {args.upstream!r}")
     name = args.name or parts.netloc
-    token_file = data / "registration.token"
-    if not token_file.exists():
-        _write_secret(token_file, secrets.token_urlsafe(32))
+    keys = make_keys(data / "keys")
+    token_file = keys["registration_token"]
     upstream: dict[str, Any] = {"name": name, "url": args.upstream}
     if args.username:
         if not args.password_file:
@@ -163,16 +180,43 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
     origin_url = f"http://{args.origin_listen}"
     return {
         "tracker": {"listen": args.tracker_listen, "data_dir": str(data / "tracker"),
-                    "registration_token": {"file": str(token_file)}, "log": log},
+                    "registration_token": {"file": str(token_file)}, "node_token": {"file": str(keys["node_token"])},
+                    "origin_public_key": str(keys["origin_public_key"]), "log": log},
         "origin": {"listen": args.origin_listen, "data_dir": str(data / "origin"), "upstreams": [upstream],
                    "tracker": tracker_url, "registration_token": {"file": str(token_file)},
+                   "signing_key": str(keys["signing_key"]), "node_token": {"file": str(keys["node_token"])},
                    "torrent": {"listen": f"{ip}:{args.origin_torrent_port}"},
                    "cache": {"max_bytes": args.origin_cache}, "log": log},
         "agent": {"listen": args.listen, "data_dir": str(data / "agent"), "upstreams": [upstream],
-                  "tracker": tracker_url, "origin": origin_url,
+                  "tracker": tracker_url, "origin": origin_url, "node_token": {"file": str(keys["node_token"])},
+                  "origin_public_key": str(keys["origin_public_key"]),
                   "torrent": {"listen": f"{ip}:{args.agent_torrent_port}"},
                   "cache": {"max_bytes": args.cache}, "log": log},
     }
+
+
+def make_keys(directory: Path) -> dict[str, Path]:
+    """The cluster's secrets, created once (0600): the origin's signing key and its public key,
+    the node token (agents and operator CLI) and the registration token (origin -> tracker)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {name: directory / file for name, file in (
+        ("signing_key", "origin-signing.pem"), ("origin_public_key", "origin-public.pem"),
+        ("node_token", "node.token"), ("registration_token", "registration.token"))}
+    if not paths["signing_key"].exists():
+        _write_secret(paths["signing_key"], signing.generate_private_key().decode())
+    if not paths["origin_public_key"].exists():
+        paths["origin_public_key"].write_bytes(signing.public_pem(paths["signing_key"].read_bytes()))
+    for name in ("node_token", "registration_token"):
+        if not paths[name].exists():
+            _write_secret(paths[name], secrets.token_urlsafe(32))
+    return paths
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    paths = make_keys(Path(args.directory))
+    for name, path in paths.items():
+        print(f"{name:20} {path}")
+    return 0
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> bool:
@@ -220,7 +264,8 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"containerd: /etc/containerd/certs.d/{upstream['name']}/hosts.toml\n"
               f"  server = \"{upstream['url']}\"\n"
               f"  [host.\"http://{args.listen}\"]\n    capabilities = [\"pull\", \"resolve\"]\n\n"
-              f"pre-seed:  shoal seed --origin http://{args.origin_listen} {upstream['name']}/REPO:TAG\n"
+              f"pre-seed:  shoal seed --origin http://{args.origin_listen} "
+              f"--node-token-file {data / 'keys' / 'node.token'} {upstream['name']}/REPO:TAG\n"
               "Ctrl-C stops all three.", flush=True)
         while not stopping:
             for name, proc in procs.items():
@@ -271,7 +316,13 @@ def parser() -> argparse.ArgumentParser:
                       help="only this platform of an index, e.g. linux/amd64 (repeatable; default all)")
     seed.add_argument("--no-wait", action="store_true", help="submit and return without following progress")
     seed.add_argument("--timeout", type=float, default=3600.0, help="seconds to follow the job")
+    seed.add_argument("--node-token-file", help="file holding the cluster's node token "
+                      "(default: $SHOAL_NODE_TOKEN_FILE)")
     seed.set_defaults(func=cmd_seed)
+
+    keygen = sub.add_parser("keygen", help="create the cluster's keys and tokens in a directory (kept if present)")
+    keygen.add_argument("directory")
+    keygen.set_defaults(func=cmd_keygen)
 
     status = sub.add_parser("status", help="show cache and swarm state")
     status.add_argument("--agent", default="http://127.0.0.1:5050")

@@ -331,3 +331,13 @@ def check_upstream_names(upstreams: list[UpstreamSettings], key: str) -> None:
         if u.name in seen:
             raise ConfigError(f"{key}[{i}].name: {u.name!r} is configured twice")
         seen.add(u.name)
+
+
+def read_token(source: SecretSource, key: str) -> str:
+    """A shared secret that must be present and long enough to resist guessing."""
+    value = source.read(key)
+    if not value:
+        raise ConfigError(f"{key}: give file or env")
+    if len(value) < 16:
+        raise ConfigError(f"{key}: the secret must be at least 16 characters")
+    return value

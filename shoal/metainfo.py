@@ -52,6 +52,7 @@ class Metainfo:
     size: int
     piece_length: int
     info_hash: bytes  # the full 32-byte v2 info-hash
+    announce: str
 
     @property
     def tracker_hash(self) -> bytes:
@@ -92,8 +93,11 @@ def parse(raw: bytes) -> Metainfo:
     piece_length = info.get(b"piece length")
     if not isinstance(piece_length, int) or piece_length < 16 * KIB or piece_length & (piece_length - 1):
         raise MetainfoError("piece length must be a power of two of at least 16 KiB")
+    announce = doc.get(b"announce")
+    if not isinstance(announce, bytes) or not announce.startswith((b"http://", b"https://")):
+        raise MetainfoError("torrent has no http(s) announce URL")
     info_hash = hashlib.sha256(bencode.encode(info)).digest()
-    return Metainfo(raw, Digest(name.decode()), length, piece_length, info_hash)
+    return Metainfo(raw, Digest(name.decode()), length, piece_length, info_hash, announce.decode())
 
 
 def create(blob: Path, digest: Digest, *, announce: str) -> bytes:
@@ -115,3 +119,11 @@ def create(blob: Path, digest: Digest, *, announce: str) -> bytes:
     lt.set_piece_hashes(ct, str(blob.parent))
     raw: bytes = lt.bencode(ct.generate())
     return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """Metainfo with the origin's signature of it, as the origin publishes it."""
+
+    meta: Metainfo
+    signature: str

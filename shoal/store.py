@@ -151,7 +151,7 @@ class BlobStore:
         entries.sort(key=lambda de: de[1].atime)
         self._entries = OrderedDict(entries)
         for meta in self.meta_dir.iterdir():
-            name = meta.name.removesuffix(".torrent")
+            name = meta.name.removesuffix(".torrent").removesuffix(".sig")
             if not SHA256_HEX_RE.fullmatch(name) or Digest(name) not in self._entries:
                 meta.unlink(missing_ok=True)
 
@@ -315,11 +315,12 @@ class BlobStore:
         entry = self._entries.pop(digest, None)
         for hook in self._evict_hooks:
             await hook(digest)
-        path, meta = self.path(digest), self.meta_dir / f"{digest.hex}.torrent"
+        path, meta = self.path(digest), self.meta_dir / digest.hex
 
         def work() -> None:
             path.unlink(missing_ok=True)
-            meta.unlink(missing_ok=True)
+            meta.with_suffix(".torrent").unlink(missing_ok=True)
+            meta.with_suffix(".sig").unlink(missing_ok=True)
 
         await asyncio.to_thread(work)
         self._write_index(digest, None)
@@ -328,22 +329,28 @@ class BlobStore:
 
     # ----- metainfo -------------------------------------------------------------------------
 
-    async def save_metainfo(self, digest: Digest, metainfo: bytes) -> None:
-        dest = self.meta_dir / f"{digest.hex}.torrent"
+    async def save_metainfo(self, digest: Digest, metainfo: bytes, signature: str) -> None:
+        """Keep a blob's metainfo and the origin's signature of it (to seed it after a restart)."""
 
         def work() -> None:
-            tmp = dest.with_suffix(f".tmp{secrets.token_hex(4)}")
-            tmp.write_bytes(metainfo)
-            os.replace(tmp, dest)
+            for suffix, data in ((".sig", signature.encode()), (".torrent", metainfo)):
+                dest = self.meta_dir / f"{digest.hex}{suffix}"
+                tmp = self.meta_dir / f".{digest.hex}.tmp{secrets.token_hex(4)}"
+                tmp.write_bytes(data)
+                os.replace(tmp, dest)
 
         await asyncio.to_thread(work)
 
-    async def load_metainfo(self, digest: Digest) -> bytes | None:
-        path = self.meta_dir / f"{digest.hex}.torrent"
-        try:
-            return await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError:
-            return None
+    async def load_metainfo(self, digest: Digest) -> tuple[bytes, str] | None:
+        base = self.meta_dir / digest.hex
+
+        def work() -> tuple[bytes, str] | None:
+            try:
+                return base.with_suffix(".torrent").read_bytes(), base.with_suffix(".sig").read_text().strip()
+            except FileNotFoundError:
+                return None
+
+        return await asyncio.to_thread(work)
 
     # ----- eviction -------------------------------------------------------------------------
 

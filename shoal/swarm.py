@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import quote
 
 import libtorrent as lt
 
@@ -282,6 +283,7 @@ class Swarm:
         self.tracker_errors = 0
         self.on_tracker_error: Callable[[str, str], None] | None = None
         self._had_torrents = False
+        self._token: str | None = None
 
     @property
     def session(self) -> lt.session:
@@ -368,8 +370,9 @@ class Swarm:
         atp = lt.add_torrent_params()
         atp.ti = lt.torrent_info(meta.raw)
         atp.save_path = str(save_path)
+        atp.trackers = [self._tracker_url(meta)]
         # Assigning flags replaces the defaults, dropping auto_managed|paused: start at once.
-        atp.flags = lt.torrent_flags.seed_mode if seed else 0
+        atp.flags = (lt.torrent_flags.seed_mode if seed else 0) | lt.torrent_flags.override_trackers
         handle = self.session.add_torrent(atp)
         job = TorrentJob(self, handle, meta, complete=seed)
         self._jobs[name] = job
@@ -390,6 +393,26 @@ class Swarm:
             log.warning("libtorrent did not confirm removal of %s", name)
         finally:
             self._removals.pop(name, None)
+
+    @property
+    def has_token(self) -> bool:
+        return self._token is not None
+
+    def set_token(self, token: str) -> None:
+        """Announce with this origin-signed swarm token from now on (the tracker refuses
+        announces without a valid one)."""
+        renewed = self._token is not None
+        self._token = token
+        for job in self._jobs.values():
+            job.handle.replace_trackers([lt.announce_entry(self._tracker_url(job.meta))])
+            if not renewed:
+                self.force_reannounce(job)
+
+    def _tracker_url(self, meta: Metainfo) -> str:
+        if self._token is None:
+            return meta.announce
+        sep = "&" if "?" in meta.announce else "?"
+        return f"{meta.announce}{sep}token={quote(self._token, safe='')}"
 
     def force_reannounce(self, job: TorrentJob) -> None:
         job.handle.force_reannounce(0, -1, lt.reannounce_flags_t.ignore_min_interval)

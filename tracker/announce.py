@@ -73,6 +73,7 @@ class Announce:
     numwant: int | None
     compact: bool
     no_peer_id: bool
+    token: str | None  # the origin-signed swarm token
 
 
 def parse_announce(raw_query: str) -> Announce:
@@ -103,7 +104,17 @@ def parse_announce(raw_query: str) -> Announce:
         numwant=numwant,
         compact=(_one(params, "compact", required=False) or b"1") != b"0",
         no_peer_id=(_one(params, "no_peer_id", required=False) or b"0") == b"1",
+        token=_text(_one(params, "token", required=False)),
     )
+
+
+def _text(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise AnnounceError("token is not ASCII") from None
 
 
 def parse_scrape(raw_query: str) -> list[bytes]:

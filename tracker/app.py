@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from shoal import metainfo
-from shoal.errors import ConfigError, ShoalError
+from shoal import metainfo, signing
+from shoal.config import read_token
+from shoal.errors import ShoalError
 from shoal.oci import Digest
 from shoal.web import add_ops_routes
 from tracker import announce as ann
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 BENCODE = "text/plain"  # what opentracker and most trackers send
 TORRENT = "application/x-bittorrent"
+SIGNATURE_HEADER = signing.SIGNATURE_HEADER
 
 
 class Metrics:
@@ -45,6 +48,10 @@ class Metrics:
                                           buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1))
 
 
+def _bearer_matches(request: web.Request, expected: str) -> bool:
+    return hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected.encode())
+
+
 def _peer_address(request: web.Request) -> tuple[str, int] | None:
     """The TCP source address. Never `ip=` or X-Forwarded-For: peers cannot speak for others."""
     transport = request.transport
@@ -55,12 +62,18 @@ def _peer_address(request: web.Request) -> tuple[str, int] | None:
 
 
 class Tracker:
-    def __init__(self, config: TrackerConfig, registry: CollectorRegistry, token: str) -> None:
+    def __init__(self, config: TrackerConfig, registry: CollectorRegistry, *, registration_token: str,
+                 node_token: str, origin_key: Ed25519PublicKey) -> None:
         self.config = config
         self.metrics = Metrics(registry)
         self.peers = PeerStore(ttl=config.peer_ttl, max_peers=config.max_peers_per_torrent)
         self.torrents = TorrentRegistry(Path(config.data_dir) if config.data_dir else None)
-        self._token = token
+        self._registration = f"Bearer {registration_token}"
+        self._node = f"Bearer {node_token}"
+        self.origin_key = origin_key
+
+    def verify_metainfo(self, raw: bytes, signature: str) -> None:
+        signing.verify_metainfo(self.origin_key, raw, signature)
 
     def _bencoded(self, body: bytes) -> web.Response:
         return web.Response(body=body, content_type=BENCODE, headers={"Cache-Control": "no-store"})
@@ -78,6 +91,11 @@ class Tracker:
         except ann.AnnounceError as exc:
             self.metrics.announces.labels("bad_request").inc()
             return self._bencoded(ann.failure(str(exc)))
+        try:
+            member = signing.verify_token(self.origin_key, a.token)
+        except signing.SignatureError as exc:
+            self.metrics.announces.labels("bad_token").inc()
+            return self._bencoded(ann.failure(f"not a swarm member: {exc}"))
         if self.torrents.by_hash(a.info_hash) is None:
             self.metrics.announces.labels("unknown_torrent").inc()
             return self._bencoded(ann.failure("unregistered torrent: this tracker only serves "
@@ -94,8 +112,8 @@ class Tracker:
             a.info_hash, (ip, a.port), want=want, seeder=a.left == 0)
         complete, incomplete, _ = self.peers.stats(a.info_hash)
         self.metrics.announces.labels("ok").inc()
-        log.debug("announce %s from %s:%d event=%s left=%d -> %d peers", a.info_hash.hex()[:12], ip, a.port,
-                  a.event or "-", a.left, len(chosen))
+        log.debug("announce %s from %s (%s:%d) event=%s left=%d -> %d peers", a.info_hash.hex()[:12],
+                  member.node, ip, a.port, a.event or "-", a.left, len(chosen))
         return self._bencoded(ann.announce_response(
             [(p.ip, p.port, p.peer_id) for p in chosen], compact=a.compact, no_peer_id=a.no_peer_id,
             interval=int(self.config.interval), min_interval=int(self.config.min_interval),
@@ -117,6 +135,9 @@ class Tracker:
         return Digest.parse(request.match_info["digest"])
 
     async def get_metainfo(self, request: web.Request) -> web.Response:
+        if not _bearer_matches(request, self._node):
+            self.metrics.metainfo_requests.labels("unauthorized").inc()
+            return web.json_response({"error": "metainfo is for cluster nodes (node token)"}, status=401)
         try:
             digest = self._digest(request)
         except ShoalError:
@@ -127,12 +148,11 @@ class Tracker:
             self.metrics.metainfo_requests.labels("unknown").inc()
             return web.json_response({"error": "no torrent registered for this digest"}, status=404)
         self.metrics.metainfo_requests.labels("ok").inc()
-        return web.Response(body=meta.raw, content_type=TORRENT)
+        return web.Response(body=meta.raw, content_type=TORRENT,
+                            headers={SIGNATURE_HEADER: self.torrents.signature(digest) or ""})
 
     def _authorized(self, request: web.Request) -> bool:
-        header = request.headers.get("Authorization", "")
-        expected = f"Bearer {self._token}"
-        return hmac.compare_digest(header.encode(), expected.encode())
+        return _bearer_matches(request, self._registration)
 
     async def put_metainfo(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -151,7 +171,13 @@ class Tracker:
         if meta.digest != digest:
             self.metrics.registrations.labels("invalid").inc()
             return web.json_response({"error": "metainfo names a different digest"}, status=400)
-        await asyncio.to_thread(self.torrents.register, meta)
+        signature = request.headers.get(SIGNATURE_HEADER, "")
+        try:
+            self.verify_metainfo(body, signature)
+        except signing.SignatureError as exc:
+            self.metrics.registrations.labels("bad_signature").inc()
+            return web.json_response({"error": f"metainfo not signed by the origin: {exc}"}, status=400)
+        await asyncio.to_thread(self.torrents.register, meta, signature)
         self.metrics.registrations.labels("ok").inc()
         self.metrics.torrents.set(len(self.torrents))
         log.info("registered %s (info-hash %s, %d bytes)", digest, meta.tracker_hash.hex(), meta.size)
@@ -187,16 +213,16 @@ class Tracker:
 
 
 def build(config: TrackerConfig) -> web.Application:
-    token = config.registration_token.read("registration_token")
-    assert token is not None  # validate() requires a source
-    if len(token) < 16:
-        raise ConfigError("registration_token: the secret must be at least 16 characters")
+    registration = read_token(config.registration_token, "registration_token")
+    node = read_token(config.node_token, "node_token")
+    assert config.origin_public_key is not None  # validate() requires it
+    origin_key = signing.load_public_key(config.origin_public_key, "origin_public_key")
     registry = CollectorRegistry()
-    tracker = Tracker(config, registry, token)
+    tracker = Tracker(config, registry, registration_token=registration, node_token=node, origin_key=origin_key)
     app = web.Application(client_max_size=metainfo.MAX_METAINFO_BYTES + 1024)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
-        await asyncio.to_thread(tracker.torrents.load)
+        await asyncio.to_thread(tracker.torrents.load, tracker.verify_metainfo)
         tracker.metrics.torrents.set(len(tracker.torrents))
         task = asyncio.create_task(tracker.expire_loop())
         yield

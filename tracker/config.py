@@ -23,6 +23,10 @@ class TrackerConfig:
     max_peers_per_torrent: int = 5000
     # Shared secret the origin presents to register metainfo (file or env; required).
     registration_token: SecretSource = field(default_factory=SecretSource)
+    # The origin's Ed25519 public key (PEM file): verifies metainfo signatures and swarm tokens.
+    origin_public_key: str | None = None
+    # The cluster's node secret (file or env): agents present it to fetch metainfo.
+    node_token: SecretSource = field(default_factory=SecretSource)
     log: LogSettings = field(default_factory=LogSettings)
 
     def validate(self, prefix: str) -> None:
@@ -34,6 +38,10 @@ class TrackerConfig:
             raise ConfigError("numwant_default: must be between 1 and numwant_max")
         if self.registration_token.file is None and self.registration_token.env is None:
             raise ConfigError("registration_token: give file or env (the origin's registration secret)")
+        if self.origin_public_key is None:
+            raise ConfigError("origin_public_key: required (the PEM file of the origin's public key)")
+        if self.node_token.file is None and self.node_token.env is None:
+            raise ConfigError("node_token: give file or env (the cluster's node secret)")
 
 
 def load(doc: dict[str, Any]) -> TrackerConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from shoal import metainfo
@@ -23,53 +24,68 @@ class TorrentRegistry:
         self.dir = data_dir / "metainfo" if data_dir is not None else None
         self._by_digest: dict[Digest, Metainfo] = {}
         self._by_hash: dict[bytes, Metainfo] = {}
+        self._signatures: dict[Digest, str] = {}
 
-    def load(self) -> None:
-        """Blocking: read persisted metainfo at start."""
+    def load(self, verify: Callable[[bytes, str], None]) -> None:
+        """Blocking: read persisted metainfo at start (kept only if its signature verifies)."""
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         for path in self.dir.iterdir():
+            if path.suffix == ".sig":
+                continue
             name = path.name.removesuffix(".torrent")
+            sig_path = path.with_suffix(".sig")
             if not SHA256_HEX_RE.fullmatch(name) or path.is_symlink():
                 path.unlink(missing_ok=True)
                 continue
             try:
-                meta = metainfo.parse(path.read_bytes())
-            except (OSError, metainfo.MetainfoError) as exc:
-                log.warning("dropping unreadable metainfo %s: %s", path.name, exc)
+                raw = path.read_bytes()
+                signature = sig_path.read_text().strip()
+                verify(raw, signature)
+                meta = metainfo.parse(raw)
+            except (OSError, ValueError) as exc:
+                log.warning("dropping unusable metainfo %s: %s", path.name, exc)
                 path.unlink(missing_ok=True)
+                sig_path.unlink(missing_ok=True)
                 continue
             if meta.digest.hex == name:
-                self._remember(meta)
+                self._remember(meta, signature)
         log.info("loaded %d registered torrents", len(self._by_digest))
 
-    def _remember(self, meta: Metainfo) -> None:
+    def _remember(self, meta: Metainfo, signature: str) -> None:
         old = self._by_digest.get(meta.digest)
         if old is not None:
             self._by_hash.pop(old.tracker_hash, None)
         self._by_digest[meta.digest] = meta
         self._by_hash[meta.tracker_hash] = meta
+        self._signatures[meta.digest] = signature
 
-    def register(self, meta: Metainfo) -> None:
-        """Blocking when persistent (small file write)."""
-        self._remember(meta)
+    def register(self, meta: Metainfo, signature: str) -> None:
+        """Blocking when persistent (small file writes)."""
+        self._remember(meta, signature)
         if self.dir is not None:
-            dest = self.dir / f"{meta.digest.hex}.torrent"
-            tmp = self.dir / f".{meta.digest.hex}.{secrets.token_hex(4)}"
-            tmp.write_bytes(meta.raw)
-            os.replace(tmp, dest)
+            for suffix, data in ((".sig", signature.encode()), (".torrent", meta.raw)):
+                dest = self.dir / f"{meta.digest.hex}{suffix}"
+                tmp = self.dir / f".{meta.digest.hex}.{secrets.token_hex(4)}"
+                tmp.write_bytes(data)
+                os.replace(tmp, dest)
 
     def unregister(self, digest: Digest) -> Metainfo | None:
         meta = self._by_digest.pop(digest, None)
+        self._signatures.pop(digest, None)
         if meta is not None:
             self._by_hash.pop(meta.tracker_hash, None)
             if self.dir is not None:
                 (self.dir / f"{digest.hex}.torrent").unlink(missing_ok=True)
+                (self.dir / f"{digest.hex}.sig").unlink(missing_ok=True)
         return meta
 
     def by_digest(self, digest: Digest) -> Metainfo | None:
         return self._by_digest.get(digest)
+
+    def signature(self, digest: Digest) -> str | None:
+        return self._signatures.get(digest)
 
     def by_hash(self, info_hash: bytes) -> Metainfo | None:
         return self._by_hash.get(info_hash)

@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.e2e.conftest import Images
 from tests.support.clients import skopeo_copy, verify_dir
 from tests.support.faults import CuttableProxy
-from tests.support.procs import http_get
+from tests.support.procs import http_get, wait_for
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 
@@ -55,10 +55,11 @@ def test_seeder_killed_after_registering(stack: Stack, registry: Registry, image
     stack.start(agents=0)
     assert stack.origin is not None and stack.tracker is not None
     for blob in image.large_blobs(THRESHOLD):
-        status, _ = _seed(stack.origin.url, registry.host, blob.digest)
+        status, _ = _seed(stack, registry.host, blob.digest)
         assert status == 200
-    stack.origin.stop(kill=True)
     agent = stack.start_agent()
+    wait_for(lambda: agent.metric("shoal_agent_swarm_token_expiry_timestamp_seconds") > 0)
+    stack.origin.stop(kill=True)
     skopeo_copy(f"{agent.config['listen']}/private/app:v1", workdir / "copy", timeout=BOUND)
     assert verify_dir(workdir / "copy", image) == len(image.blobs)
     assert agent.metric("shoal_agent_fallbacks_total", reason="no_first_piece") == len(image.large_blobs(THRESHOLD))
@@ -66,12 +67,14 @@ def test_seeder_killed_after_registering(stack: Stack, registry: Registry, image
     assert status == 200 and json.loads(body)["torrents"] == len(image.large_blobs(THRESHOLD))
 
 
-def _seed(origin: str, ns: str, digest: str) -> tuple[int, bytes]:
+def _seed(stack: Stack, ns: str, digest: str) -> tuple[int, bytes]:
     import urllib.request
 
-    req = urllib.request.Request(f"{origin}/v1/blobs/{digest}/seed", method="POST",
+    assert stack.origin is not None
+    req = urllib.request.Request(f"{stack.origin.url}/v1/blobs/{digest}/seed", method="POST",
                                  data=json.dumps({"ns": ns, "repository": "private/app"}).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {stack.node_token}"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         return int(resp.status), resp.read()
 
@@ -84,7 +87,7 @@ def test_failure_mid_response_cuts_the_connection(stack: Stack, registry: Regist
     proxy = CuttableProxy("127.0.0.1", registry.port)  # the agent's only way to the registry
     stack.start_tracker()
     origin = stack.start_origin(torrent={"upload_rate_limit": "4MiB"})
-    status, _ = _seed(origin.url, registry.host, big.digest)
+    status, _ = _seed(stack, registry.host, big.digest)
     assert status == 200
     upstream = {**stack.upstream(stack.node_user, stack.node_password), "url": proxy.url}
     agent = stack.start_agent(upstreams=[upstream], swarm={"stall_timeout": "2s"})
@@ -118,7 +121,7 @@ def test_seeder_killed_mid_transfer(stack: Stack, registry: Registry, images: Im
     big = max(image.blobs.values(), key=lambda b: b.size)
     stack.start_tracker()
     origin = stack.start_origin(torrent={"upload_rate_limit": "4MiB"})
-    status, _ = _seed(origin.url, registry.host, big.digest)
+    status, _ = _seed(stack, registry.host, big.digest)
     assert status == 200
     agent = stack.start_agent(swarm={"stall_timeout": "2s"})
     host, port = agent.config["listen"].rsplit(":", 1)

@@ -28,6 +28,10 @@ def run_module(module: str, config: dict[str, object] | str, workdir: Path) -> s
 
 
 UP = [{"name": "127.0.0.1:5000", "url": "http://127.0.0.1:5000"}]
+# files that exist (their content stands in for secrets), so the error under test is the one reported
+SOME_FILE = str(ROOT / "README.md")
+TRACKER_KEYS = {"registration_token": {"file": SOME_FILE}, "node_token": {"file": SOME_FILE},
+                "origin_public_key": SOME_FILE}
 
 
 @pytest.mark.parametrize(("module", "config", "message"), [
@@ -39,12 +43,20 @@ UP = [{"name": "127.0.0.1:5000", "url": "http://127.0.0.1:5000"}]
     ("agent", {"data_dir": "/tmp/x", "upstreams": [{**UP[0], "username": "u", "password": {"file": "/nonexistent"}}]},
      "shoal-agent: config error: upstreams[0].password: cannot read secret file '/nonexistent'"),
     ("agent", "listen: [unclosed", "shoal-agent: config error: --config:"),
-    ("tracker", {"registration_token": {"env": "SHOAL_NO_SUCH_VARIABLE"}},
+    ("tracker", {**TRACKER_KEYS, "registration_token": {"env": "SHOAL_NO_SUCH_VARIABLE"}},
      "shoal-tracker: config error: registration_token: environment variable 'SHOAL_NO_SUCH_VARIABLE' is not set"),
-    ("tracker", {"interval": "often", "registration_token": {"file": "/x"}},
+    ("tracker", {**TRACKER_KEYS, "interval": "often"},
      "shoal-tracker: config error: interval: expected a duration"),
+    ("tracker", {**TRACKER_KEYS, "origin_public_key": "/nonexistent.pem"},
+     "shoal-tracker: config error: origin_public_key: cannot read '/nonexistent.pem'"),
+    ("tracker", TRACKER_KEYS, f"shoal-tracker: config error: origin_public_key: '{SOME_FILE}' is not a PEM public key"),
+    ("tracker", {"registration_token": {"file": "/x"}}, "shoal-tracker: config error: origin_public_key: required"),
     ("origin", {"data_dir": "/tmp/x", "upstreams": UP, "tracker": "tracker:6969", "registration_token": {"file": "/x"}},
      "shoal-origin: config error: tracker: expected an http:// or https:// URL"),
+    ("origin", {"data_dir": "/tmp/x", "upstreams": UP, "tracker": "http://t:1", "registration_token": {"file": "/x"},
+                "node_token": {"file": "/x"}}, "shoal-origin: config error: signing_key: required"),
+    ("agent", {"data_dir": "/tmp/x", "upstreams": UP, "tracker": "http://t:1", "origin": "http://o:1"},
+     "shoal-agent: config error: node_token: give file or env"),
 ])
 def test_config_errors_are_one_line(module: str, config: dict[str, object] | str, message: str, tmp_path: Path) -> None:
     result = run_module(module, config, tmp_path)

@@ -16,8 +16,9 @@ from tests.support.registry import Registry
 from tests.support.stack import Stack
 
 
-def shoal_seed(origin: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shoal.cli", "seed", "--origin", origin, *args],
+def shoal_seed(stack: Stack, origin: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shoal.cli", "seed", "--origin", origin,
+                           "--node-token-file", str(stack.keys["node_token"]), *args],
                           capture_output=True, text=True, timeout=180, cwd=ROOT)
 
 
@@ -37,7 +38,7 @@ def test_seed_then_pull_fetches_only_manifests(stack: Stack, registry: Registry,
     image = images.multi()
     stack.start(agents=0)
     assert stack.origin is not None
-    result = shoal_seed(stack.origin.url, f"{registry.host}/private/multi:v1")
+    result = shoal_seed(stack, stack.origin.url, f"{registry.host}/private/multi:v1")
     assert result.returncode == 0, result.stderr
     assert f"done: {len(image.blobs)} blobs" in result.stdout
     assert "blobs," in result.stdout  # the progress display
@@ -57,7 +58,8 @@ def test_seed_one_platform_by_digest(stack: Stack, registry: Registry, images: I
     image = images.multi()
     stack.start(agents=0)
     assert stack.origin is not None
-    result = shoal_seed(stack.origin.url, "--platform", "linux/arm64", f"{registry.host}/private/multi@{image.digest}")
+    result = shoal_seed(stack, stack.origin.url, "--platform", "linux/arm64",
+                        f"{registry.host}/private/multi@{image.digest}")
     assert result.returncode == 0, result.stderr
     assert seeded(stack.origin.url) == platform_blobs(image, "linux/arm64")
     assert platform_blobs(image, "linux/arm64") != set(image.blobs)
@@ -67,14 +69,14 @@ def test_seed_reports_errors(stack: Stack, registry: Registry, images: Images) -
     images.multi()
     stack.start(agents=0)
     assert stack.origin is not None
-    missing = shoal_seed(stack.origin.url, f"{registry.host}/private/multi:nosuchtag")
+    missing = shoal_seed(stack, stack.origin.url, f"{registry.host}/private/multi:nosuchtag")
     assert missing.returncode == 1
     assert "manifest unknown" in missing.stdout + missing.stderr
-    foreign = shoal_seed(stack.origin.url, "elsewhere.example.com/app:v1")
+    foreign = shoal_seed(stack, stack.origin.url, "elsewhere.example.com/app:v1")
     assert foreign.returncode == 1
     assert "not an upstream of this origin" in foreign.stderr
-    bad = shoal_seed(stack.origin.url, "not a reference")
+    bad = shoal_seed(stack, stack.origin.url, "not a reference")
     assert bad.returncode == 1
-    unreachable = shoal_seed("http://127.0.0.1:9", f"{registry.host}/private/multi:v1")
+    unreachable = shoal_seed(stack, "http://127.0.0.1:9", f"{registry.host}/private/multi:v1")
     assert unreachable.returncode == 1
     assert "cannot reach the origin" in unreachable.stderr

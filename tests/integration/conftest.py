@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from shoal import signing
 
 # A callback or task step holding the loop longer than this is a bug (file I/O, hashing or a
 # slow libtorrent call that belongs in a thread).
@@ -21,3 +26,29 @@ async def loop_guard(caplog: pytest.LogCaptureFixture) -> AsyncIterator[None]:
     records = caplog.get_records("setup") + caplog.get_records("call")
     slow = [r.getMessage() for r in records if r.name == "asyncio" and " took " in r.getMessage()]
     assert not slow, f"the event loop was blocked: {slow}"
+
+
+class Keys:
+    """The origin's signing key (and files for a tracker's config) for in-process tests."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        pem = signing.generate_private_key()
+        self.private_path = directory / "origin.pem"
+        self.private_path.write_bytes(pem)
+        self.public_path = directory / "origin.pub.pem"
+        self.public_path.write_bytes(signing.public_pem(pem))
+        key = serialization.load_pem_private_key(pem, password=None)
+        assert isinstance(key, Ed25519PrivateKey)
+        self.key = key
+
+    def token(self, node: str = "node-test", ttl: float = 600) -> str:
+        return signing.issue_token(self.key, node, ttl)
+
+    def sign(self, raw: bytes) -> str:
+        return signing.sign_metainfo(self.key, raw)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return Keys(tmp_path / "keys")

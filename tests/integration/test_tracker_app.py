@@ -13,10 +13,12 @@ from aiohttp.test_utils import TestClient
 
 from shoal import bencode, metainfo
 from shoal.oci import Digest
+from tests.integration.conftest import Keys
 from tracker import app as tracker_app
 from tracker import config as tracker_config
 
 TOKEN = "registration-secret-0123456789"
+NODE_TOKEN = "node-secret-0123456789abcdef"
 Client = TestClient[web.Request, web.Application]
 
 
@@ -28,10 +30,20 @@ def meta(tmp_path: Path) -> metainfo.Metainfo:
     return metainfo.parse(metainfo.create(tmp_path / digest.hex, digest, announce="http://t/announce"))
 
 
-@pytest.fixture
-async def client(aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Client:
+def tracker_doc(keys: Keys, **extra: Any) -> dict[str, Any]:
+    return {"registration_token": {"env": "SHOAL_TEST_TOKEN"}, "node_token": {"env": "SHOAL_TEST_NODE_TOKEN"},
+            "origin_public_key": str(keys.public_path), **extra}
+
+
+@pytest.fixture(autouse=True)
+def tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHOAL_TEST_TOKEN", TOKEN)
-    cfg = tracker_config.load({"registration_token": {"env": "SHOAL_TEST_TOKEN"}, "data_dir": str(tmp_path / "t")})
+    monkeypatch.setenv("SHOAL_TEST_NODE_TOKEN", NODE_TOKEN)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, tmp_path: Path, keys: Keys) -> Client:
+    cfg = tracker_config.load(tracker_doc(keys, data_dir=str(tmp_path / "t")))
     c: Client = await aiohttp_client(tracker_app.build(cfg))
     return c
 
@@ -42,7 +54,10 @@ def announce_query(info_hash: bytes, port: int, left: int, **extra: str) -> str:
     return q + "".join(f"&{k}={v}" for k, v in extra.items())
 
 
-async def announce(client: Client, info_hash: bytes, port: int, left: int, **extra: str) -> dict[bytes, object]:
+async def announce(client: Client, info_hash: bytes, port: int, left: int, *, token: str | None,
+                   **extra: str) -> dict[bytes, object]:
+    if token is not None:
+        extra = {"token": token, **extra}
     r = await client.get("/announce?" + announce_query(info_hash, port, left, **extra))
     assert r.status == 200
     doc = bencode.decode(await r.read())
@@ -50,54 +65,113 @@ async def announce(client: Client, info_hash: bytes, port: int, left: int, **ext
     return doc  # type: ignore[return-value]
 
 
-async def register(client: Client, meta: metainfo.Metainfo, token: str = TOKEN) -> int:
-    r = await client.put(f"/v1/metainfo/{meta.digest}", data=meta.raw, headers={"Authorization": f"Bearer {token}"})
+async def register(client: Client, meta: metainfo.Metainfo, keys: Keys, token: str = TOKEN,
+                   signature: str | None = None) -> int:
+    sig = keys.sign(meta.raw) if signature is None else signature
+    r = await client.put(f"/v1/metainfo/{meta.digest}", data=meta.raw,
+                         headers={"Authorization": f"Bearer {token}", "Shoal-Signature": sig})
     return r.status
 
 
-async def test_registration_needs_the_token(client: Client, meta: metainfo.Metainfo) -> None:
-    assert await register(client, meta, token="wrong-token-0123456789") == 401
+async def get_metainfo(client: Client, meta: metainfo.Metainfo,
+                       token: str | None = NODE_TOKEN) -> tuple[int, bytes, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    r = await client.get(f"/v1/metainfo/{meta.digest}", headers=headers)
+    return r.status, await r.read(), r.headers.get("Shoal-Signature", "")
+
+
+async def test_registration_needs_the_token_and_the_origins_signature(client: Client, meta: metainfo.Metainfo,
+                                                                       keys: Keys, tmp_path: Path) -> None:
+    assert await register(client, meta, keys, token="wrong-token-0123456789") == 401
     r = await client.put(f"/v1/metainfo/{meta.digest}", data=meta.raw)
     assert r.status == 401
-    assert (await client.get(f"/v1/metainfo/{meta.digest}")).status == 404
-    assert await register(client, meta) == 201
-    r = await client.get(f"/v1/metainfo/{meta.digest}")
-    assert r.status == 200 and await r.read() == meta.raw
+    assert await register(client, meta, keys, signature="") == 400  # unsigned
+    other = Keys(tmp_path / "attacker")
+    assert await register(client, meta, keys, signature=other.sign(meta.raw)) == 400  # forged
+    assert (await get_metainfo(client, meta))[0] == 404
+    assert await register(client, meta, keys) == 201
+    status, body, signature = await get_metainfo(client, meta)
+    assert status == 200
+    assert body == meta.raw
+    assert signature == keys.sign(meta.raw)
 
 
-async def test_registration_rejects_mismatched_metainfo(client: Client, meta: metainfo.Metainfo) -> None:
+async def test_metainfo_is_for_nodes_only(client: Client, meta: metainfo.Metainfo, keys: Keys) -> None:
+    assert await register(client, meta, keys) == 201
+    assert (await get_metainfo(client, meta, token=None))[0] == 401
+    assert (await get_metainfo(client, meta, token="not-the-node-token-000"))[0] == 401
+    assert (await get_metainfo(client, meta))[0] == 200
+
+
+async def test_registration_rejects_mismatched_metainfo(client: Client, meta: metainfo.Metainfo, keys: Keys) -> None:
     other = "sha256:" + "0" * 64
-    r = await client.put(f"/v1/metainfo/{other}", data=meta.raw, headers={"Authorization": f"Bearer {TOKEN}"})
+    r = await client.put(f"/v1/metainfo/{other}", data=meta.raw,
+                         headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(meta.raw)})
     assert r.status == 400
     r = await client.put(f"/v1/metainfo/{meta.digest}", data=b"garbage", headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status == 400
-    assert (await client.get("/v1/metainfo/sha256:..%2f..%2fetc")).status in (400, 404)
+    assert (await client.get("/v1/metainfo/sha256:..%2f..%2fetc")).status in (400, 401, 404)
 
 
-async def test_unregistered_infohash_is_refused(client: Client, meta: metainfo.Metainfo) -> None:
-    doc = await announce(client, meta.tracker_hash, 6881, 10)
-    assert b"failure reason" in doc and b"unregistered" in doc[b"failure reason"]  # type: ignore[operator]
+async def test_unregistered_infohash_is_refused(client: Client, meta: metainfo.Metainfo, keys: Keys) -> None:
+    doc = await announce(client, meta.tracker_hash, 6881, 10, token=keys.token())
+    assert b"unregistered" in doc[b"failure reason"]  # type: ignore[operator]
 
 
-async def test_announce_lists_seeders_first_and_ignores_ip(client: Client, meta: metainfo.Metainfo) -> None:
-    assert await register(client, meta) == 201
+async def test_unsigned_forged_and_expired_announces_are_refused(client: Client, meta: metainfo.Metainfo, keys: Keys,
+                                                                 tmp_path: Path) -> None:
+    assert await register(client, meta, keys) == 201
     ih = meta.tracker_hash
-    first = await announce(client, ih, 7001, 0, event="started", ip="10.9.9.9")  # a seeder claiming another IP
+    forged = Keys(tmp_path / "attacker").token()
+    good = keys.token()
+    payload, _, sig = good.partition(".")
+    tampered = signing_payload(payload, node="someone-else") + "." + sig
+    expired = keys.token(ttl=-1)
+    for token, why in ((None, "no swarm token"), (forged, "does not verify"), (tampered, "does not verify"),
+                       (expired, "expired"), ("garbage", "malformed")):
+        doc = await announce(client, ih, 7001, 0, token=token, event="started")
+        assert why.encode() in doc[b"failure reason"], (token, doc)  # type: ignore[operator]
+        assert b"peers" not in doc
+    # none of them was recorded as a peer
+    doc = await announce(client, ih, 7002, 10, token=good, event="started")
+    assert doc[b"peers"] == b""
+    assert doc[b"complete"] == 0
+
+
+def signing_payload(payload_b64: str, **changes: str) -> str:
+    import base64
+    import json
+
+    raw = base64.urlsafe_b64decode(payload_b64 + "=" * (-len(payload_b64) % 4))
+    doc = {**json.loads(raw), **changes}
+    return base64.urlsafe_b64encode(json.dumps(doc, separators=(",", ":")).encode()).rstrip(b"=").decode()
+
+
+async def test_announce_lists_seeders_first_and_ignores_ip(client: Client, meta: metainfo.Metainfo, keys: Keys) -> None:
+    assert await register(client, meta, keys) == 201
+    ih = meta.tracker_hash
+    token = keys.token()
+    # a seeder claiming another address with every spelling of "ip"
+    first = await announce(client, ih, 7001, 0, token=token, event="started", ip="10.9.9.9", ipv4="10.9.9.9",
+                           ipv6="fe80::9")
     assert first[b"peers"] == b""
-    await announce(client, ih, 7002, 100, event="started")
-    doc = await announce(client, ih, 7003, 100, event="started")
+    await announce(client, ih, 7002, 100, token=token, event="started")
+    doc = await announce(client, ih, 7003, 100, token=token, event="started")
     peers = doc[b"peers"]
-    assert isinstance(peers, bytes) and len(peers) == 12
+    assert isinstance(peers, bytes)
+    assert len(peers) == 12
     addrs = [(peers[i:i + 4], int.from_bytes(peers[i + 4:i + 6], "big")) for i in range(0, len(peers), 6)]
     assert addrs[0] == (bytes([127, 0, 0, 1]), 7001)  # the seeder, at its real source address
     assert (bytes([127, 0, 0, 1]), 7002) in addrs
-    assert doc[b"complete"] == 1 and doc[b"incomplete"] == 2
+    assert b"peers6" not in doc  # no v6 peer was recorded from the claimed ipv6=
+    assert doc[b"complete"] == 1
+    assert doc[b"incomplete"] == 2
     r = await client.get(f"/scrape?info_hash={quote_from_bytes(ih)}")
     scrape = bencode.decode(await r.read())
     assert isinstance(scrape, dict)
     assert scrape[b"files"] == {ih: {b"complete": 1, b"downloaded": 0, b"incomplete": 2}}
-    await announce(client, ih, 7002, 0, event="completed")
-    await announce(client, ih, 7003, 100, event="stopped")
+    await announce(client, ih, 7002, 0, token=token, event="completed")
+    await announce(client, ih, 7003, 100, token=token, event="stopped")
     r = await client.get(f"/scrape?info_hash={quote_from_bytes(ih)}")
     scrape = bencode.decode(await r.read())
     assert isinstance(scrape, dict)
@@ -109,40 +183,45 @@ async def test_announce_lists_seeders_first_and_ignores_ip(client: Client, meta:
 async def test_bad_announce_gets_failure_reason(client: Client) -> None:
     r = await client.get("/announce?info_hash=abc&peer_id=x&port=1")
     doc = bencode.decode(await r.read())
-    assert isinstance(doc, dict) and b"failure reason" in doc
+    assert isinstance(doc, dict)
+    assert b"failure reason" in doc
 
 
-async def test_metainfo_persists_across_restart(aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+async def test_metainfo_persists_across_restart(aiohttp_client: Any, tmp_path: Path, keys: Keys,
                                                 meta: metainfo.Metainfo) -> None:
-    monkeypatch.setenv("SHOAL_TEST_TOKEN", TOKEN)
-    cfg = tracker_config.load({"registration_token": {"env": "SHOAL_TEST_TOKEN"}, "data_dir": str(tmp_path / "p")})
+    cfg = tracker_config.load(tracker_doc(keys, data_dir=str(tmp_path / "p")))
     c1 = await aiohttp_client(tracker_app.build(cfg))
-    assert await register(c1, meta) == 201
+    assert await register(c1, meta, keys) == 201
     await c1.close()
+    # a metainfo file tampered with on disk is dropped at start, the genuine one kept
     c2 = await aiohttp_client(tracker_app.build(cfg))
-    r = await c2.get(f"/v1/metainfo/{meta.digest}")
-    assert r.status == 200 and await r.read() == meta.raw
+    status, body, _ = await get_metainfo(c2, meta)
+    assert status == 200
+    assert body == meta.raw
+    await c2.close()
+    (tmp_path / "p" / "metainfo" / f"{meta.digest.hex}.sig").write_text(Keys(tmp_path / "x").sign(meta.raw))
+    c3 = await aiohttp_client(tracker_app.build(cfg))
+    assert (await get_metainfo(c3, meta))[0] == 404
 
 
-async def test_ipv6_peers_come_back_in_peers6(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              meta: metainfo.Metainfo) -> None:
+async def test_ipv6_peers_come_back_in_peers6(tmp_path: Path, keys: Keys, meta: metainfo.Metainfo) -> None:
     """BEP 7: a tracker on IPv6 records the announcer's v6 source address and answers `peers6`."""
     import aiohttp
     from aiohttp.test_utils import TestServer
 
-    monkeypatch.setenv("SHOAL_TEST_TOKEN", TOKEN)
-    cfg = tracker_config.load({"registration_token": {"env": "SHOAL_TEST_TOKEN"}})
+    cfg = tracker_config.load(tracker_doc(keys))
     server = TestServer(tracker_app.build(cfg), host="::1")
     await server.start_server()
+    token = keys.token()
     try:
         base = f"http://[::1]:{server.port}"
         async with aiohttp.ClientSession() as http:
             r = await http.put(f"{base}/v1/metainfo/{meta.digest}", data=meta.raw,
-                               headers={"Authorization": f"Bearer {TOKEN}"})
+                               headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(meta.raw)})
             assert r.status == 201
             ih = meta.tracker_hash
-            await http.get(f"{base}/announce?" + announce_query(ih, 7001, 0, event="started"))
-            r = await http.get(f"{base}/announce?" + announce_query(ih, 7002, 5, event="started"))
+            await http.get(f"{base}/announce?" + announce_query(ih, 7001, 0, event="started", token=token))
+            r = await http.get(f"{base}/announce?" + announce_query(ih, 7002, 5, event="started", token=token))
             doc = bencode.decode(await r.read())
     finally:
         await server.close()

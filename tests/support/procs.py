@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,12 @@ class Component:
             if all(f'{k}="{v}"' in rest for k, v in labels.items()):
                 total += value
         return total
+
+
+def wait_for(condition: Callable[[], bool], *, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not met within {timeout}s")

@@ -70,9 +70,11 @@ class Pull:
 
 
 class Registry:
-    def __init__(self, workdir: Path, *, users: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, *, users: dict[str, str] | None = None, auth_yaml: str | None = None) -> None:
+        """htpasswd auth for `users`, or the given `auth:` block (e.g. a token server's)."""
         self.workdir = workdir
         self.users = users if users is not None else {"alice": "alicepw"}
+        self.auth_yaml = auth_yaml
         self.port = free_port("127.0.0.1")
         self.sink = EventSink()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -88,8 +90,8 @@ class Registry:
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        auth = ""
-        if self.users:
+        auth = self.auth_yaml or ""
+        if self.users and self.auth_yaml is None:
             htpasswd = self.workdir / "htpasswd"
             htpasswd.unlink(missing_ok=True)
             for user, password in self.users.items():

@@ -3,10 +3,10 @@ on its own loopback address (127.0.0.2, .3, ...) like separate nodes."""
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 from typing import Any
 
+from shoal.cli import make_keys
 from tests.support.procs import Component, free_port
 from tests.support.registry import Registry
 
@@ -27,8 +27,9 @@ class Stack:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.registry = registry
-        self.token_file = workdir / "registration.token"
-        self.token_file.write_text(secrets.token_urlsafe(24))
+        self.keys = make_keys(workdir / "keys")
+        self.token_file = self.keys["registration_token"]
+        self.node_token = self.keys["node_token"].read_text()
         self.node_password = workdir / "node.password"
         self.node_password.write_text(node_user[1])
         self.seeder_password = workdir / "seeder.password"
@@ -45,7 +46,9 @@ class Stack:
 
     def start_tracker(self, **extra: Any) -> Component:
         cfg = _merge({"listen": f"127.0.0.1:{free_port()}", "registration_token": {"file": str(self.token_file)},
-                      "interval": "5s", "min_interval": "1s", "peer_ttl": "20s", "log": {"level": "debug"}}, extra)
+                      "node_token": {"file": str(self.keys["node_token"])},
+                      "origin_public_key": str(self.keys["origin_public_key"]), "interval": "5s",
+                      "min_interval": "1s", "peer_ttl": "20s", "log": {"level": "debug"}}, extra)
         self.tracker = Component("tracker", self.workdir, cfg).start()
         self.components.append(self.tracker)
         return self.tracker
@@ -56,6 +59,7 @@ class Stack:
             "listen": f"127.0.0.1:{free_port()}", "data_dir": str(self.workdir / "origin"),
             "upstreams": [self.upstream(self.seeder_user, self.seeder_password)],
             "tracker": self.tracker.url, "registration_token": {"file": str(self.token_file)},
+            "signing_key": str(self.keys["signing_key"]), "node_token": {"file": str(self.keys["node_token"])},
             "torrent": {"listen": f"127.0.0.1:{free_port()}"}, "log": {"level": "debug"},
         }, extra)
         self.origin = Component("origin", self.workdir, cfg).start()
@@ -73,6 +77,8 @@ class Stack:
         }
         if self.tracker is not None and self.origin is not None:
             base["tracker"], base["origin"] = self.tracker.url, self.origin.url
+            base["node_token"] = {"file": str(self.keys["node_token"])}
+            base["origin_public_key"] = str(self.keys["origin_public_key"])
         return _merge(base, extra)
 
     def start_agent(self, n: int | None = None, **extra: Any) -> Component:

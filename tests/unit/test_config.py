@@ -69,15 +69,22 @@ def test_agent_defaults() -> None:
 def test_tracker_needs_a_token_source() -> None:
     with pytest.raises(ConfigError, match="^registration_token: give file or env"):
         tracker_config.load({})
-    cfg = tracker_config.load({"registration_token": {"env": "X"}, "interval": "10s"})
+    with pytest.raises(ConfigError, match="^origin_public_key: required"):
+        tracker_config.load({"registration_token": {"env": "X"}})
+    ok = {"registration_token": {"env": "X"}, "node_token": {"env": "Y"}, "origin_public_key": "/k.pem"}
+    cfg = tracker_config.load({**ok, "interval": "10s"})
     assert cfg.interval == 10.0
     with pytest.raises(ConfigError, match="^peer_ttl: must be at least"):
-        tracker_config.load({"registration_token": {"env": "X"}, "peer_ttl": "1s"})
+        tracker_config.load({**ok, "peer_ttl": "1s"})
 
 
 def test_origin_announce_default() -> None:
+    with pytest.raises(ConfigError, match="^signing_key: required"):
+        origin_config.load({"data_dir": "/d", "upstreams": UP, "tracker": "http://t:6969",
+                            "registration_token": {"file": "/x"}})
     cfg = origin_config.load({"data_dir": "/d", "upstreams": UP, "tracker": "http://t:6969",
-                              "registration_token": {"file": "/x"}})
+                              "registration_token": {"file": "/x"}, "signing_key": "/k.pem",
+                              "node_token": {"file": "/n"}})
     assert cfg.announce == "http://t:6969/announce"
 
 

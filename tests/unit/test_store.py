@@ -93,7 +93,7 @@ async def test_restart_recovers_and_cleans(tmp_path: Path) -> None:
     await store.open()
     d, data = blob(500, 7)
     await put(store, data, d)
-    await store.save_metainfo(d, b"meta")
+    await store.save_metainfo(d, b"meta", "sig")
     partial = store.download_path(d)
     partial.write_bytes(b"partial")
     await store.close()
@@ -109,7 +109,7 @@ async def test_restart_recovers_and_cleans(tmp_path: Path) -> None:
     await again.open()
     assert again.has(d) and again.size_of(d) == 500
     assert again.has(adopted)
-    assert await again.load_metainfo(d) == b"meta"
+    assert await again.load_metainfo(d) == (b"meta", "sig")
     assert not partial.exists()
     assert not (tmp_path / "blobs" / "sha256" / "zz").exists()
     assert not (tmp_path / "blobs" / "sha256" / d.hex[:2] / ("0" * 64)).exists()

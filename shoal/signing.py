@@ -1,0 +1,136 @@
+"""The origin's signatures: swarm membership tokens and metainfo provenance (Ed25519).
+
+The origin holds the private key. The tracker and the agents hold the public key, so they can
+check, but never mint, what the origin signed:
+- a **swarm token** names a node and an expiry; the tracker refuses announces without a valid
+  one (only nodes the origin admitted join swarms);
+- a **metainfo signature** covers the exact metainfo bytes; agents add no torrent and the tracker
+  registers none unless the origin signed it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from shoal.errors import ConfigError
+
+_METAINFO_CONTEXT = b"shoal metainfo v1\x00"
+_TOKEN_CONTEXT = b"shoal swarm token v1\x00"
+MAX_TOKEN_LENGTH = 512
+# HTTP header carrying the origin's signature of a metainfo (origin -> tracker -> agents).
+SIGNATURE_HEADER = "Shoal-Signature"
+
+
+class SignatureError(ValueError):
+    """A token or signature that is missing, malformed, forged or expired."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise SignatureError("not base64url") from None
+
+
+def generate_private_key() -> bytes:
+    """A new Ed25519 private key as PEM (PKCS#8)."""
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def public_pem(private_pem: bytes) -> bytes:
+    key = serialization.load_pem_private_key(private_pem, password=None)
+    assert isinstance(key, Ed25519PrivateKey)
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_private_key(path: str, key: str) -> Ed25519PrivateKey:
+    try:
+        loaded = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path!r}: {exc.strerror}") from None
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key}: {path!r} is not an unencrypted PEM private key") from None
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise ConfigError(f"{key}: {path!r} is not an Ed25519 key")
+    return loaded
+
+
+def load_public_key(path: str, key: str) -> Ed25519PublicKey:
+    try:
+        loaded = serialization.load_pem_public_key(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path!r}: {exc.strerror}") from None
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key}: {path!r} is not a PEM public key") from None
+    if not isinstance(loaded, Ed25519PublicKey):
+        raise ConfigError(f"{key}: {path!r} is not an Ed25519 public key")
+    return loaded
+
+
+# ----- metainfo ------------------------------------------------------------------------------------
+
+
+def sign_metainfo(key: Ed25519PrivateKey, raw: bytes) -> str:
+    return _b64(key.sign(_METAINFO_CONTEXT + hashlib.sha256(raw).digest()))
+
+
+def verify_metainfo(key: Ed25519PublicKey, raw: bytes, signature: str | None) -> None:
+    if not signature:
+        raise SignatureError("metainfo is not signed")
+    try:
+        key.verify(_unb64(signature), _METAINFO_CONTEXT + hashlib.sha256(raw).digest())
+    except InvalidSignature:
+        raise SignatureError("metainfo signature does not verify") from None
+
+
+# ----- swarm tokens --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmToken:
+    node: str
+    expires: int  # unix time
+
+    def remaining(self) -> float:
+        return self.expires - time.time()
+
+
+def issue_token(key: Ed25519PrivateKey, node: str, ttl: float) -> str:
+    payload = json.dumps({"node": node, "exp": int(time.time() + ttl)}, separators=(",", ":")).encode()
+    return f"{_b64(payload)}.{_b64(key.sign(_TOKEN_CONTEXT + payload))}"
+
+
+def verify_token(key: Ed25519PublicKey, token: str | None) -> SwarmToken:
+    if not token:
+        raise SignatureError("announce carries no swarm token")
+    if len(token) > MAX_TOKEN_LENGTH or token.count(".") != 1:
+        raise SignatureError("malformed swarm token")
+    payload_b64, sig_b64 = token.split(".")
+    payload = _unb64(payload_b64)
+    try:
+        key.verify(_unb64(sig_b64), _TOKEN_CONTEXT + payload)
+    except InvalidSignature:
+        raise SignatureError("swarm token signature does not verify") from None
+    try:
+        doc = json.loads(payload)
+        claims = SwarmToken(str(doc["node"]), int(doc["exp"]))
+    except (ValueError, KeyError, TypeError):
+        raise SignatureError("malformed swarm token") from None
+    if claims.remaining() <= 0:
+        raise SignatureError("swarm token expired")
+    return claims
