@@ -1,36 +1,33 @@
 """The OCI pull API the agent serves as a registry mirror.
 
-Manifests, tags and referrers always come from the origin registry; blobs from the cache, the
-swarm, or the registry. Push verbs answer 405 UNSUPPORTED. Paths are parsed from the raw URL:
-names, tags and digests never contain `%`, so any percent-encoding (`%2F`, `%2e%2e`) is refused
-before it can become a file name or an upstream path.
+Manifests, tags and referrers always come from the registry, with the puller's credential;
+blobs from the cache, the swarm, or the registry, after the registry authorized the puller for
+that repository's blob (see agent.authz). Push verbs answer 405 UNSUPPORTED. Paths are parsed
+from the raw URL: names, tags and digests never contain `%`, so any percent-encoding (`%2F`,
+`%2e%2e`) is refused before it can become a file name or an upstream path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 from yarl import URL
 
-from agent.bindings import Bindings
+from agent.authz import Authorizer, Credential
+from agent.config import AuthSettings
 from agent.fetcher import EMPTY_DIGEST, Download, Fetcher
+from agent.manifests import ManifestKeeper
 from agent.metrics import AgentMetrics
-from agent.responses import API_VERSION, send_blob
+from agent.responses import API_VERSION, BEFORE_START, oci_error, send_blob
 from agent.upstreams import Upstream, Upstreams
 from shoal import errors
-from shoal.oci import (
-    TAG_RE,
-    Descriptor,
-    Digest,
-    parse_manifest,
-    parse_manifest_reference,
-    validate_name,
-)
+from shoal.oci import TAG_RE, Digest, parse_manifest_reference, validate_name
+from shoal.registry import Response
 from shoal.store import BlobStore
 
 log = logging.getLogger(__name__)
@@ -39,6 +36,40 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 _ENDPOINTS = ("/manifests/", "/blobs/", "/referrers/")
 # Headers of a registry manifest answer worth passing on.
 _MANIFEST_HEADERS = ("Content-Type", "Docker-Content-Digest", "Etag", "OCI-Subject")
+_RELAYED = ("Content-Type", "Docker-Content-Digest", "Link", "OCI-Filters-Applied", "WWW-Authenticate")
+AUDIT = "shoal.audit"
+
+
+@dataclass
+class Audit:
+    """What the journal records about one request; filled in as the request is handled."""
+
+    kind: str = "other"
+    ns: str | None = None
+    repository: str | None = None
+    reference: str | None = None
+    digest: str | None = None
+    principal: str | None = None
+    cred_fpr: str | None = None
+    credential: str | None = None
+    authz_method: str | None = None
+    origin_status: str | None = None
+    source: str | None = None
+    verified: bool | None = None
+    bytes: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def credential_used(self, cred: Credential) -> None:
+        self.credential, self.cred_fpr = cred.kind, cred.fingerprint
+
+
+def audit_of(request: web.Request) -> Audit:
+    audit = request.get(AUDIT)
+    if audit is None:
+        audit = Audit()
+        request[AUDIT] = audit
+    assert isinstance(audit, Audit)
+    return audit
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,63 +98,125 @@ def parse_path(raw_path: str) -> Route:
     return Route(kind, validate_name(name), reference)
 
 
+def _unauthorized(challenge: str | None) -> web.Response:
+    return oci_error(errors.UNAUTHORIZED, headers={"WWW-Authenticate": challenge} if challenge else None)
+
+
 class MirrorApi:
-    def __init__(self, *, upstreams: Upstreams, store: BlobStore, fetcher: Fetcher, bindings: Bindings,
-                 metrics: AgentMetrics, max_blob_size: int) -> None:
+    def __init__(self, *, upstreams: Upstreams, store: BlobStore, fetcher: Fetcher, authorizer: Authorizer,
+                 keeper: ManifestKeeper, auth: AuthSettings, metrics: AgentMetrics, max_blob_size: int) -> None:
         self.upstreams = upstreams
         self.store = store
         self.fetcher = fetcher
-        self.bindings = bindings
+        self.authorizer = authorizer
+        self.keeper = keeper
+        self.auth = auth
         self.metrics = metrics
         self.max_blob_size = max_blob_size
 
     async def root(self, request: web.Request) -> web.StreamResponse:
+        """`/v2/`: the registry's answer for this credential (so clients learn the challenge)."""
         if request.method not in READ_METHODS:
             raise errors.Unsupported("this is a pull-through mirror: only pulls are supported")
-        return web.json_response({}, headers=API_VERSION)
+        audit = audit_of(request)
+        audit.kind = "ping"
+        try:
+            up = self.upstreams.resolve(request)
+        except errors.NotFound:
+            return web.json_response({}, headers=API_VERSION)  # several upstreams, none named
+        audit.ns = up.name
+        cred = self.authorizer.credential(request, up)
+        audit.credential_used(cred)
+        r = await up.client.request("GET", "/v2/", repo=None, authorization=cred.upstream_auth)
+        if r.status == 200:
+            audit.principal = cred.principal(up.client.credentials.username if up.client.credentials else None)
+            return web.json_response({}, headers=API_VERSION)
+        return self._relay(request, r)
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        audit = audit_of(request)
         route = parse_path(request.rel_url.raw_path)
         if request.method not in READ_METHODS or (route.kind in ("tags", "referrers")
                                                   and request.method != "GET"):
             raise errors.Unsupported("this is a pull-through mirror: only pulls are supported")
-        request["kind"] = route.kind
+        request["kind"] = audit.kind = route.kind
+        audit.repository, audit.reference = route.name, route.reference or None
         upstream = self.upstreams.resolve(request)
+        audit.ns = upstream.name
+        cred = self.authorizer.credential(request, upstream)
+        audit.credential_used(cred)
         if route.kind == "blobs":
-            return await self.blob(request, upstream, route.name, Digest.parse(route.reference))
+            return await self.blob(request, upstream, cred, route.name, Digest.parse(route.reference))
         if route.kind == "manifests":
-            return await self.manifest(request, upstream, route.name, route.reference)
+            return await self.manifest(request, upstream, cred, route.name, route.reference)
         if route.kind == "tags":
-            return await self.tags(request, upstream, route.name)
-        return await self.referrers(request, upstream, route.name, Digest.parse(route.reference))
+            return await self.tags(request, upstream, cred, route.name)
+        return await self.referrers(request, upstream, cred, route.name, Digest.parse(route.reference))
+
+    def _principal(self, up: Upstream, cred: Credential) -> str:
+        return cred.principal(up.client.credentials.username if up.client.credentials else None)
 
     # ----- manifests, tags, referrers: always from the registry ---------------------------------
 
-    async def manifest(self, request: web.Request, up: Upstream, name: str, ref_text: str) -> web.StreamResponse:
+    async def manifest(self, request: web.Request, up: Upstream, cred: Credential, name: str,
+                       ref_text: str) -> web.StreamResponse:
         ref = parse_manifest_reference(ref_text)
+        audit = audit_of(request)
         accept = ", ".join(request.headers.getall("Accept", [])) or None
-        r = await up.client.get_manifest(name, str(ref), method=request.method, accept=accept)
+        try:
+            r = await up.client.get_manifest(name, str(ref), method=request.method, accept=accept,
+                                             authorization=cred.upstream_auth)
+            if r.status >= 500 or r.status == 429:
+                raise errors.UpstreamError(f"registry answered {r.status}")
+        except errors.UpstreamError:
+            return await self._kept_manifest(request, up, cred, name, str(ref))
         self.metrics.registry_requests.labels("manifest", str(r.status)).inc()
+        audit.authz_method, audit.origin_status = "registry", str(r.status)
         if r.status != 200:
-            return self._relay(request, r.status, r.headers, r.body)
+            return self._relay(request, r)
+        audit.principal = self._principal(up, cred)
         headers = {k: r.headers[k] for k in _MANIFEST_HEADERS if k in r.headers}
         if request.method == "HEAD":
             length = r.headers.get("Content-Length", "")
+            if self.auth.mode == "availability" and "Docker-Content-Digest" in headers:
+                await self.keeper.keep(cred.fingerprint, up.name, name, str(ref), body=None,
+                                       digest=headers["Docker-Content-Digest"],
+                                       media_type=headers.get("Content-Type", ""), principal=audit.principal)
+            audit.digest = headers.get("Docker-Content-Digest")
             return await self._head(request, 200, headers, int(length) if length.isdigit() else None)
         digest = Digest(hashlib.sha256(r.body).hexdigest())
         if isinstance(ref, Digest) and digest != ref:
             self.metrics.integrity_failures.labels("origin").inc()
             raise errors.IntegrityError(f"registry manifest does not match {ref}")
-        try:
-            parsed = parse_manifest(r.body, headers.get("Content-Type", ""))
-            self.bindings.learn(up.name, name, parsed.blobs)
-        except errors.BadRequest:
-            log.debug("manifest %s@%s is not one shoal understands; not learning its blobs", name, digest)
+        audit.digest = str(digest)
         headers["Docker-Content-Digest"] = str(digest)
         headers["Etag"] = f'"{digest}"'
+        if self.auth.mode == "availability":
+            for reference in {str(ref), str(digest)}:
+                await self.keeper.keep(cred.fingerprint, up.name, name, reference, digest=str(digest),
+                                       media_type=headers.get("Content-Type", ""), body=r.body,
+                                       principal=audit.principal)
         return web.Response(status=200, body=r.body, headers={**API_VERSION, **headers})
 
-    async def tags(self, request: web.Request, up: Upstream, name: str) -> web.StreamResponse:
+    async def _kept_manifest(self, request: web.Request, up: Upstream, cred: Credential, name: str,
+                             reference: str) -> web.StreamResponse:
+        """The registry is unreachable: availability mode answers with what this credential was
+        allowed before; strict mode refuses."""
+        audit = audit_of(request)
+        audit.origin_status = "unreachable"
+        kept = await self.keeper.find(cred.fingerprint, up.name, name, reference) \
+            if self.auth.mode == "availability" else None
+        if kept is None:
+            raise errors.UpstreamError("the registry is unreachable and this manifest cannot be authorized "
+                                       f"(auth.mode: {self.auth.mode})")
+        audit.authz_method, audit.principal, audit.digest = "stale_decision", kept.principal, kept.digest
+        headers = {**API_VERSION, "Content-Type": kept.media_type, "Docker-Content-Digest": kept.digest,
+                   "Etag": f'"{kept.digest}"'}
+        if request.method == "HEAD":
+            return await self._head(request, 200, headers, len(kept.body))
+        return web.Response(status=200, body=kept.body, headers=headers)
+
+    async def tags(self, request: web.Request, up: Upstream, cred: Credential, name: str) -> web.StreamResponse:
         query: dict[str, str] = {}
         n, last = request.rel_url.query.get("n"), request.rel_url.query.get("last")
         if n is not None:
@@ -134,13 +227,15 @@ class MirrorApi:
             if not TAG_RE.fullmatch(last):
                 raise errors.BadRequest(errors.UNSUPPORTED, "last must be a tag")
             query["last"] = last
-        r = await up.client.request("GET", f"/v2/{name}/tags/list", repo=name, query=query)
+        r = await up.client.request("GET", f"/v2/{name}/tags/list", repo=name, query=query,
+                                    authorization=cred.upstream_auth)
         self.metrics.registry_requests.labels("tags", str(r.status)).inc()
+        self._note(request, up, cred, r)
         extra = {}
         link = r.headers.get("Link")
         if link and "ns" in request.rel_url.query:
             extra["Link"] = self._link_with_ns(link, request.rel_url.query["ns"])
-        return self._relay(request, r.status, r.headers, r.body, extra)
+        return self._relay(request, r, extra)
 
     @staticmethod
     def _link_with_ns(link: str, ns: str) -> str:
@@ -151,22 +246,30 @@ class MirrorApi:
         url = URL(link[start + 1 : end]).update_query({"ns": ns})
         return f"{link[:start + 1]}{url}{link[end:]}"
 
-    async def referrers(self, request: web.Request, up: Upstream, name: str, digest: Digest) -> web.StreamResponse:
+    async def referrers(self, request: web.Request, up: Upstream, cred: Credential, name: str,
+                        digest: Digest) -> web.StreamResponse:
         query = {}
         artifact = request.rel_url.query.get("artifactType")
         if artifact is not None:
             query["artifactType"] = artifact[:255]
         r = await up.client.request("GET", f"/v2/{name}/referrers/{digest}", repo=name, query=query,
-                                    headers={"Accept": "application/vnd.oci.image.index.v1+json"})
+                                    headers={"Accept": "application/vnd.oci.image.index.v1+json"},
+                                    authorization=cred.upstream_auth)
         self.metrics.registry_requests.labels("referrers", str(r.status)).inc()
-        return self._relay(request, r.status, r.headers, r.body)
+        self._note(request, up, cred, r)
+        return self._relay(request, r)
 
-    def _relay(self, request: web.Request, status: int, headers: Mapping[str, str], body: bytes,
-               extra: dict[str, str] | None = None) -> web.StreamResponse:
-        """Pass a registry answer on (errors included), minus hop-by-hop and auth headers."""
-        keep = {k: v for k, v in headers.items()
-                if k in ("Content-Type", "Docker-Content-Digest", "Link", "OCI-Filters-Applied")}
-        return web.Response(status=status, body=body if request.method != "HEAD" else None,
+    def _note(self, request: web.Request, up: Upstream, cred: Credential, r: Response) -> None:
+        audit = audit_of(request)
+        audit.authz_method, audit.origin_status = "registry", str(r.status)
+        if r.status == 200:
+            audit.principal = self._principal(up, cred)
+
+    def _relay(self, request: web.Request, r: Response, extra: Mapping[str, str] | None = None) -> web.StreamResponse:
+        """Pass a registry answer on (errors and challenges included), minus hop-by-hop headers.
+        A challenge is relayed verbatim: its realm is the registry's, never rewritten."""
+        keep = {k: v for k, v in r.headers.items() if k in _RELAYED}
+        return web.Response(status=r.status, body=r.body if request.method != "HEAD" else None,
                             headers={**API_VERSION, **keep, **(extra or {})})
 
     @staticmethod
@@ -175,46 +278,70 @@ class MirrorApi:
         resp = web.StreamResponse(status=status, headers={**API_VERSION, **headers})
         if length is not None:
             resp.content_length = length
+        hook = request.get(BEFORE_START)
+        if hook is not None:
+            await hook(status)
         await resp.prepare(request)
         await resp.write_eof()
         return resp
 
     # ----- blobs --------------------------------------------------------------------------------
 
-    async def locate(self, up: Upstream, name: str, digest: Digest) -> int:
-        """The blob's size, once the registry confirmed that `name` links it."""
-        size = self.bindings.lookup(up.name, name, digest)
-        if size is None:
-            size = await up.client.blob_size(name, digest)
-            self.metrics.registry_requests.labels("blob_head", "404" if size is None else "200").inc()
-            if size is None:
-                raise errors.NotFound(errors.BLOB_UNKNOWN, detail=str(digest))
-            self.bindings.learn(up.name, name, [Descriptor("", digest, size)])
+    async def blob(self, request: web.Request, up: Upstream, cred: Credential, name: str,
+                   digest: Digest) -> web.StreamResponse:
+        audit = audit_of(request)
+        audit.digest = str(digest)
+        verdict = await self.authorizer.blob(up, cred, name, digest)
+        decision = verdict.decision
+        audit.authz_method, audit.origin_status = verdict.method, verdict.origin_status
+        if verdict.method == "registry":
+            self.metrics.registry_requests.labels("blob_head", str(decision.status)).inc()
+        if decision.status == 401:
+            return _unauthorized(decision.challenge)
+        if decision.status == 403:
+            raise errors.BadRequest(errors.DENIED)
+        if decision.status != 200 or decision.size is None:
+            raise errors.NotFound(errors.BLOB_UNKNOWN, detail=str(digest))
+        audit.principal = decision.principal
+        size = decision.size
         if size > self.max_blob_size:
             raise errors.BadRequest(errors.SIZE_INVALID, f"blob of {size} bytes exceeds max_blob_size")
-        return size
-
-    async def blob(self, request: web.Request, up: Upstream, name: str, digest: Digest) -> web.StreamResponse:
-        size = await self.locate(up, name, digest)
         with self.store.pinned(digest):
             if self.store.has(digest):
                 self.metrics.cache_hits.inc()
                 self.store.touch(digest)
-                request["source"] = "cache"
+                request["source"] = audit.source = "cache"
+                audit.verified = True
                 served = self.metrics.served_bytes.labels("cache")
-                return await send_blob(request, digest, size, _Cached(self.store, digest), served.inc)
+                return await send_blob(request, digest, size, _Cached(self.store, digest),
+                                       self._counter(audit, served.inc))
         if digest == EMPTY_DIGEST:
+            audit.verified = True
             return await send_blob(request, digest, 0, _Empty())
         self.metrics.cache_misses.inc()
         if request.method == "HEAD":
             return await send_blob(request, digest, size, _Empty())
-        download = self.fetcher.get(up, name, digest, size)
+        download = self.fetcher.get(up, name, digest, size, authorization=cred.upstream_auth)
         request["source"] = "swarm"
+        audit.source = download.source
 
         def count(n: int) -> None:
+            audit.source = download.source
             self.metrics.served_bytes.labels(download.source).inc(n)
 
-        return await send_blob(request, digest, size, _InFlight(download), count)
+        response = await send_blob(request, digest, size, _InFlight(download), self._counter(audit, count))
+        audit.source, audit.verified = download.source, True
+        return response
+
+    @staticmethod
+    def _counter(audit: Audit, inner: Callable[[int], None]) -> Callable[[int], None]:
+        """Count bytes sent for the journal, then for the metrics."""
+
+        def count(n: int) -> None:
+            audit.bytes += n
+            inner(n)
+
+        return count
 
 
 class _Cached:
@@ -247,3 +374,4 @@ class _InFlight:
 
     def stream(self, offset: int, length: int, *, whole: bool) -> AsyncIterator[bytes]:
         return self.download.stream(offset, length, whole=whole)
+

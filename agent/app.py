@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from agent.api import MirrorApi
-from agent.bindings import Bindings
+from agent.authz import Authorizer, Decisions
 from agent.config import AgentConfig
 from agent.fetcher import Fetcher, SwarmAccess
+from agent.journal import Journal
+from agent.manifests import ManifestKeeper
 from agent.metrics import AgentMetrics
+from agent.recording import journal_middleware
 from agent.responses import RESPONSE_STARTED, abort, error_response, oci_error
+from agent.shipper import Shipper
 from agent.upstreams import Upstream, Upstreams
 from shoal import errors, signing
 from shoal.config import read_token
@@ -74,12 +81,11 @@ def _error_for(request: web.Request, exc: Exception) -> web.StreamResponse:
 
 def build(config: AgentConfig) -> web.Application:
     creds = {u.name: u.credentials(f"upstreams[{i}]") for i, u in enumerate(config.upstreams)}
-
     registry = CollectorRegistry()
     metrics = AgentMetrics(registry)
-    app = web.Application(middlewares=[_middleware(metrics)])
     data = Path(config.data_dir)
-    use_swarm = config.tracker is not None
+    journal = Journal(data / "journal", max_segment_bytes=config.journal.max_segment_bytes)
+    app = web.Application(middlewares=[journal_middleware(journal, config.node), _middleware(metrics)])
     access = None
     if config.tracker is not None and config.origin is not None and config.origin_public_key is not None:
         access = SwarmAccess(tracker=config.tracker, origin=config.origin, node=config.node,
@@ -87,43 +93,50 @@ def build(config: AgentConfig) -> web.Application:
                              origin_key=signing.load_public_key(config.origin_public_key, "origin_public_key"))
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, limit_per_host=64))
-        store = BlobStore(data / "cache", max_bytes=config.cache.max_bytes)
-        bindings = Bindings(data / "bindings", ttl=config.cache.binding_ttl)
-        swarm = Swarm(SwarmSettings.from_config(config.torrent, AGENT_FINGERPRINT)) if use_swarm else None
-        upstreams = Upstreams([
-            Upstream(u.name, RegistryClient(http, u.url, credentials=creds[u.name], user_agent=USER_AGENT,
-                                            read_timeout=config.registry_read_timeout))
-            for u in config.upstreams
-        ])
-        fetcher = Fetcher(store=store, swarm=swarm, http=http, access=access, policy=config.swarm,
-                          metrics=metrics)
-        started_swarm = False
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, limit_per_host=64))
+            stack.push_async_callback(http.close)
+            store = BlobStore(data / "cache", max_bytes=config.cache.max_bytes)
             await store.open()
-            await bindings.open()
-            if swarm is not None:
+            stack.push_async_callback(store.close)
+            decisions = Decisions(data / "decisions")
+            await decisions.open(config.auth.stale_decision_max_age)
+            stack.push_async_callback(decisions.close)
+            keeper = ManifestKeeper(data / "manifests", max_age=config.auth.stale_decision_max_age)
+            await keeper.open()
+            stack.push_async_callback(keeper.close)
+            await journal.open()
+            stack.push_async_callback(journal.close)
+            swarm = None
+            if access is not None:
+                swarm = Swarm(SwarmSettings.from_config(config.torrent, AGENT_FINGERPRINT))
                 await swarm.start()
-                started_swarm = True
+                stack.push_async_callback(swarm.stop)
                 registry.register(SwarmCollector("shoal_agent", swarm))
+            fetcher = Fetcher(store=store, swarm=swarm, http=http, access=access, policy=config.swarm,
+                              metrics=metrics)
             await fetcher.start()
-        except BaseException:
-            if started_swarm and swarm is not None:
-                await swarm.stop()
-            await http.close()
-            raise
-        registry.register(StoreCollector("shoal_agent", store))
-        app[API_KEY] = MirrorApi(upstreams=upstreams, store=store, fetcher=fetcher, bindings=bindings,
-                                 metrics=metrics, max_blob_size=config.max_blob_size)
-        log.info("agent %s ready: %d upstream(s), swarm %s", config.node, len(config.upstreams),
-                 "on" if swarm is not None else "off")
-        yield
-        await fetcher.stop()
-        if swarm is not None:
-            await swarm.stop()
-        await bindings.close()
-        await store.close()
-        await http.close()
+            stack.push_async_callback(fetcher.stop)
+            if access is not None and config.journal.ship:
+                shipper = Shipper(journal, http, collector=access.origin, node=config.node, headers=access.auth)
+                task = asyncio.create_task(shipper.run())
+                stack.push_async_callback(_cancel, task)
+                registry.register(JournalCollector(journal, shipper))
+            else:
+                registry.register(JournalCollector(journal, None))
+                log.warning("the pull journal is kept on this node only (no origin to ship it to)")
+            registry.register(StoreCollector("shoal_agent", store))
+            upstreams = Upstreams([
+                Upstream(u.name, RegistryClient(http, u.url, credentials=creds[u.name], user_agent=USER_AGENT,
+                                                read_timeout=config.registry_read_timeout))
+                for u in config.upstreams
+            ])
+            app[API_KEY] = MirrorApi(upstreams=upstreams, store=store, fetcher=fetcher,
+                                     authorizer=Authorizer(config.auth, decisions), keeper=keeper, auth=config.auth,
+                                     metrics=metrics, max_blob_size=config.max_blob_size)
+            log.info("agent %s ready: %d upstream(s), swarm %s, auth %s/%s", config.node, len(config.upstreams),
+                     "on" if swarm is not None else "off", config.auth.unauthenticated, config.auth.mode)
+            yield
 
     async def ready() -> str | None:
         return None if API_KEY in app else "starting"
@@ -143,6 +156,7 @@ def build(config: AgentConfig) -> web.Application:
             "cached_blobs": len(api.store.digests()),
             "downloads_in_flight": api.fetcher.in_flight(),
             "seeding": len(api.fetcher.swarm.jobs()) if api.fetcher.swarm is not None else 0,
+            "journal_records": journal.records_written,
         })
 
     app.cleanup_ctx.append(lifecycle)
@@ -152,3 +166,27 @@ def build(config: AgentConfig) -> web.Application:
     app.router.add_get("/v1/status", status)
     add_ops_routes(app, registry, ready)
     return app
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+class JournalCollector(Collector):
+    def __init__(self, journal: Journal, shipper: Shipper | None) -> None:
+        self.journal = journal
+        self.shipper = shipper
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        c = CounterMetricFamily("shoal_agent_journal_records", "Pull journal records written (fsync'd)")
+        c.add_metric([], float(self.journal.records_written))
+        yield c
+        if self.shipper is not None:
+            c = CounterMetricFamily("shoal_agent_journal_shipped_records", "Journal records the collector acknowledged")
+            c.add_metric([], float(self.shipper.shipped_records))
+            yield c
+            c = CounterMetricFamily("shoal_agent_journal_ship_failures", "Failed attempts to ship a journal batch")
+            c.add_metric([], float(self.shipper.failures))
+            yield c

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from shoal.config import (
     DURATION,
@@ -24,8 +24,32 @@ from shoal.errors import ConfigError
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
     max_bytes: Annotated[int, SIZE] = 20 << 30
-    # How long a learned "repository links this blob" fact is trusted without the registry.
-    binding_ttl: Annotated[float, DURATION] = 7 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    # Requests without credentials: "challenge" relays the registry's 401 so the client
+    # authenticates itself; "node" uses the upstream's node credentials for them (a trust choice:
+    # whoever reaches the agent can pull what the node user can).
+    unauthenticated: Literal["challenge", "node"] = "challenge"
+    # How long the registry's answer for (credential, repository, blob) is reused.
+    decision_ttl: Annotated[float, DURATION] = 60.0
+    # Registry unreachable: "strict" refuses what it cannot authorize now; "availability" serves
+    # under an earlier "yes" (no older than stale_decision_max_age) and journals that it did.
+    mode: Literal["strict", "availability"] = "strict"
+    stale_decision_max_age: Annotated[float, DURATION] = 86400.0
+
+    def validate(self, prefix: str) -> None:
+        if self.stale_decision_max_age < self.decision_ttl:
+            raise ConfigError(f"{prefix}.stale_decision_max_age: must be at least decision_ttl")
+
+
+@dataclass(frozen=True, slots=True)
+class JournalSettings:
+    # A journal segment is closed and a new one started at this size.
+    max_segment_bytes: Annotated[int, SIZE] = 64 << 20
+    # Ship records to the origin's collector (needs origin and node_token).
+    ship: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +80,8 @@ class AgentConfig:
     origin_public_key: str | None = None
     torrent: TorrentSettings = field(default_factory=TorrentSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    journal: JournalSettings = field(default_factory=JournalSettings)
     swarm: SwarmPolicy = field(default_factory=SwarmPolicy)
     # Blobs larger than this are refused before download.
     max_blob_size: Annotated[int, SIZE] = 64 << 30

@@ -39,6 +39,7 @@ from agent.upstreams import Upstream
 from shoal import errors, metainfo, signing
 from shoal.metainfo import Published
 from shoal.oci import Digest
+from shoal.registry import Authorization
 from shoal.signing import SIGNATURE_HEADER
 from shoal.store import BlobStore, fsync_file, sha256_file
 from shoal.swarm import Swarm, TorrentJob
@@ -56,12 +57,16 @@ TOKEN_RETRY_MIN, TOKEN_RETRY_MAX = 1.0, 30.0
 
 
 class Download:
-    def __init__(self, fetcher: Fetcher, upstream: Upstream, repo: str, digest: Digest, size: int) -> None:
+    def __init__(self, fetcher: Fetcher, upstream: Upstream, repo: str, digest: Digest, size: int,
+                 authorization: Authorization) -> None:
         self.fetcher = fetcher
         self.upstream = upstream
         self.repo = repo
         self.digest = digest
         self.size = size
+        # The credential of the client that started it (authorized for this blob): used if the
+        # blob has to come from the registry.
+        self.authorization = authorization
         self.job: TorrentJob | None = None
         self.source = "peers"
         self.error: errors.ShoalError | None = None
@@ -247,7 +252,7 @@ class Download:
         tmp = store.download_path(self.digest)
         try:
             await self.upstream.client.download_blob(self.repo, self.digest, tmp, max_size=self.size,
-                                                     progress=m.registry_bytes.inc)
+                                                     progress=m.registry_bytes.inc, authorization=self.authorization)
         except errors.IntegrityError:
             m.integrity_failures.labels("origin").inc()
             raise
@@ -352,12 +357,13 @@ class Fetcher:
     def in_flight(self) -> int:
         return len(self._flights)
 
-    def get(self, upstream: Upstream, repo: str, digest: Digest, size: int) -> Download:
-        """The download of `digest`, started if none is running."""
+    def get(self, upstream: Upstream, repo: str, digest: Digest, size: int, *,
+            authorization: Authorization) -> Download:
+        """The download of `digest`, started if none is running (callers are authorized)."""
         download = self._flights.get(digest)
         if download is not None:
             return download
-        download = Download(self, upstream, repo, digest, size)
+        download = Download(self, upstream, repo, digest, size, authorization)
         self._flights[digest] = download
         task = asyncio.create_task(download.run())
         download.task = task

@@ -132,9 +132,14 @@ async def send_blob(
 
 
 RESPONSE_STARTED = "shoal.response_started"
+# Set by the journal middleware: awaited with the status right before a response's first byte.
+BEFORE_START = "shoal.before_start"
 
 
 async def _start(request: web.Request, resp: web.StreamResponse) -> None:
+    hook = request.get(BEFORE_START)
+    if hook is not None:
+        await hook(resp.status)  # the journal's start record is on disk before any byte is sent
     await resp.prepare(request)
     request[RESPONSE_STARTED] = True
 

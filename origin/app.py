@@ -5,22 +5,25 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector as PromCollector
 
+from origin.collector import Collector, Query
 from origin.config import OriginConfig
 from origin.preseed import Preseeder
 from origin.registration import TrackerRegistration
 from origin.seeder import Seeder, SeederMetrics, Upstream
-from shoal import errors, signing
+from shoal import audit, errors, signing
 from shoal.config import read_token
 from shoal.metrics import StoreCollector, SwarmCollector
-from shoal.oci import Digest, validate_name
+from shoal.oci import Digest, ImageReference, validate_name
 from shoal.registry import RegistryClient
 from shoal.signing import SIGNATURE_HEADER
 from shoal.store import BlobStore
@@ -30,6 +33,7 @@ from shoal.web import add_ops_routes
 log = logging.getLogger(__name__)
 
 SEEDER_KEY = web.AppKey("seeder", Seeder)
+COLLECTOR_KEY = web.AppKey("collector", Collector)
 PRESEEDER_KEY = web.AppKey("preseeder", Preseeder)
 NODE_AUTH_KEY = web.AppKey("node_auth", str)
 USER_AGENT = "shoal-origin/0.1"
@@ -103,6 +107,54 @@ async def submit_preseed(request: web.Request) -> web.Response:
     return web.json_response(job.summary(), status=202)
 
 
+async def receive_journal(request: web.Request) -> web.Response:
+    """POST /v1/journal {"node": name, "records": [...]}: store, deduplicated, then acknowledge."""
+    try:
+        _require_node(request)
+        doc = await _json(request)
+        node, recs = doc.get("node"), doc.get("records")
+        if not isinstance(node, str) or not node or not isinstance(recs, list):
+            raise errors.BadRequest(errors.UNSUPPORTED, "give node and records")
+    except errors.ShoalError as exc:
+        return _error(exc)
+    stored = await request.app[COLLECTOR_KEY].store(node, recs)
+    return web.json_response({"accepted": stored.accepted, "duplicates": stored.duplicates,
+                              "rejected": stored.rejected})
+
+
+_QUERY_FIELDS = ("repository", "digest", "reference", "ns", "principal", "node", "since", "until")
+
+
+async def query_audit(request: web.Request) -> web.StreamResponse:
+    """GET /v1/audit?repository=&digest=&principal=&node=&since=&until=&image=&limit=&format=json|jsonl|csv"""
+    try:
+        _require_node(request)
+        params = request.rel_url.query
+        filters: dict[str, Any] = {k: params[k] for k in _QUERY_FIELDS if params.get(k)}
+        image = params.get("image")
+        if image:  # registry/name[:tag][@digest]; a tag or digest narrows to pulls that named it
+            ref = ImageReference.parse(image)
+            filters.update(ns=ref.registry, repository=ref.name)
+            if ref.digest is not None:
+                filters["digest"] = str(ref.digest)
+            elif ":" in image.partition("@")[0].rsplit("/", 1)[-1] and ref.tag:
+                filters["reference"] = ref.tag
+        limit = params.get("limit", "1000")
+        if not limit.isdigit():
+            raise errors.BadRequest(errors.UNSUPPORTED, "limit must be a number")
+        fmt = params.get("format", "json")
+        if fmt not in ("json", "jsonl", "csv"):
+            raise errors.BadRequest(errors.UNSUPPORTED, "format is json, jsonl or csv")
+    except errors.ShoalError as exc:
+        return _error(exc)
+    events = await request.app[COLLECTOR_KEY].query(Query(**filters, limit=int(limit)))
+    if fmt == "jsonl":
+        return web.Response(text=audit.to_jsonl(events), content_type="application/x-ndjson")
+    if fmt == "csv":
+        return web.Response(text=audit.to_csv(events), content_type="text/csv")
+    return web.json_response({"events": events, "count": len(events)})
+
+
 async def get_preseed(request: web.Request) -> web.Response:
     job = request.app[PRESEEDER_KEY].jobs.get(request.match_info["job"])
     if job is None:
@@ -149,7 +201,9 @@ def build(config: OriginConfig) -> web.Application:
                         announce=config.announce, max_blob_size=config.max_blob_size, metrics=metrics,
                         key=key, token_ttl=config.swarm_token_ttl)
         preseeder = Preseeder(seeder, concurrency=config.preseed_concurrency)
+        collector = Collector(Path(config.data_dir) / "audit.db")
         try:
+            await collector.open()
             await store.open()
             await swarm.start()
             await seeder.start()
@@ -161,11 +215,14 @@ def build(config: OriginConfig) -> web.Application:
         registry.register(StoreCollector("shoal_origin", store))
         app[SEEDER_KEY] = seeder
         app[PRESEEDER_KEY] = preseeder
+        app[COLLECTOR_KEY] = collector
+        registry.register(CollectorMetrics(collector))
         yield
         await preseeder.stop()
         await seeder.stop()
         await swarm.stop()
         await store.close()
+        await collector.close()
         await http.close()
 
     async def ready() -> str | None:
@@ -175,8 +232,25 @@ def build(config: OriginConfig) -> web.Application:
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/v1/blobs/{digest}/seed", seed_blob)
     app.router.add_post("/v1/swarm/token", swarm_token)
+    app.router.add_post("/v1/journal", receive_journal)
+    app.router.add_get("/v1/audit", query_audit)
     app.router.add_post("/v1/preseed", submit_preseed)
     app.router.add_get("/v1/preseed/{job}", get_preseed)
     app.router.add_get("/v1/status", status)
     add_ops_routes(app, registry, ready)
     return app
+
+
+class CollectorMetrics(PromCollector):
+    def __init__(self, collector: Collector) -> None:
+        self.collector = collector
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, text, value in (
+            ("stored", "Journal records stored", self.collector.stored),
+            ("duplicates", "Journal records received again and dropped", self.collector.duplicates),
+            ("rejected", "Journal records refused as malformed", self.collector.rejected),
+        ):
+            c = CounterMetricFamily(f"shoal_origin_journal_{name}_records", text)
+            c.add_metric([], float(value))
+            yield c

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,6 +123,48 @@ def cmd_seed(args: argparse.Namespace) -> int:
     return 0 if job["state"] == "done" else 1
 
 
+# ----- shoal audit --------------------------------------------------------------------------------
+
+AUDIT_COLUMNS = ("ts", "node", "principal", "method", "kind", "repository", "reference", "digest", "status",
+                 "bytes", "source", "authz_method", "outcome")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    query = {k: v for k, v in (("image", args.image), ("repository", args.repository), ("digest", args.digest),
+                               ("principal", args.principal), ("node", args.node), ("since", args.since),
+                               ("until", args.until)) if v}
+    query["limit"] = str(args.limit)
+    query["format"] = "json" if args.format == "table" else args.format
+    url = f"{args.origin.rstrip('/')}/v1/audit?{urllib.parse.urlencode(query)}"
+    try:
+        status, body = _http("GET", url, token=_node_token(args), timeout=60)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"shoal audit: cannot reach the origin at {args.origin}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    if status != 200:
+        message = body["errors"][0]["message"] if isinstance(body, dict) and body.get("errors") else body
+        print(f"shoal audit: origin answered {status}: {message}", file=sys.stderr)
+        return 1
+    if args.format != "table":
+        sys.stdout.write(body if isinstance(body, str) else json.dumps(body))
+        return 0
+    events = body["events"]
+    rows = [[_short(e.get(c)) for c in AUDIT_COLUMNS] for e in events]
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(AUDIT_COLUMNS)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(AUDIT_COLUMNS, widths, strict=True)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    print(f"{len(events)} event(s)", file=sys.stderr)
+    return 0
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return "-"
+    text = str(value)
+    return text[:19] if text.startswith("sha256:") else text
+
+
 # ----- shoal status -------------------------------------------------------------------------------
 
 
@@ -191,6 +234,7 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
                   "tracker": tracker_url, "origin": origin_url, "node_token": {"file": str(keys["node_token"])},
                   "origin_public_key": str(keys["origin_public_key"]),
                   "torrent": {"listen": f"{ip}:{args.agent_torrent_port}"},
+                  "auth": {"unauthenticated": args.unauthenticated},
                   "cache": {"max_bytes": args.cache}, "log": log},
     }
 
@@ -257,6 +301,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 print(f"shoal up: {name} failed to start (see its messages above)", file=sys.stderr)
                 return 1
         upstream = configs["agent"]["upstreams"][0]
+        anonymous = ("use the node credentials" if args.unauthenticated == "node"
+                     else "get the registry's challenge (ctr --user, podman login)")
         print(f"\nshoal is up for {upstream['url']} (clients call it {upstream['name']})\n"
               f"  mirror  http://{args.listen}   tracker http://{args.tracker_listen}   "
               f"origin http://{args.origin_listen}\n"
@@ -266,6 +312,7 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"  [host.\"http://{args.listen}\"]\n    capabilities = [\"pull\", \"resolve\"]\n\n"
               f"pre-seed:  shoal seed --origin http://{args.origin_listen} "
               f"--node-token-file {data / 'keys' / 'node.token'} {upstream['name']}/REPO:TAG\n"
+              f"auth: pulls without credentials {anonymous}\n"
               "Ctrl-C stops all three.", flush=True)
         while not stopping:
             for name, proc in procs.items():
@@ -305,6 +352,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--agent-torrent-port", type=int, default=6881)
     up.add_argument("--origin-torrent-port", type=int, default=6882)
     up.add_argument("--cache", default="20GiB", help="agent cache budget")
+    up.add_argument("--unauthenticated", choices=["challenge", "node"], default="challenge",
+                    help="pulls without credentials: relay the registry's challenge (default) or use the "
+                         "node credentials (--username) for them")
     up.add_argument("--origin-cache", default="50GiB", help="origin cache budget")
     up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     up.set_defaults(func=cmd_up)
@@ -319,6 +369,21 @@ def parser() -> argparse.ArgumentParser:
     seed.add_argument("--node-token-file", help="file holding the cluster's node token "
                       "(default: $SHOAL_NODE_TOKEN_FILE)")
     seed.set_defaults(func=cmd_seed)
+
+    aud = sub.add_parser("audit", help="query the pull journal at the origin's collector")
+    aud.add_argument("--origin", default=DEFAULT_ORIGIN, help=f"origin URL (default {DEFAULT_ORIGIN})")
+    aud.add_argument("--image", help="registry/name[:tag][@digest]")
+    aud.add_argument("--repository", help="repository name, e.g. team/app")
+    aud.add_argument("--digest", help="blob or manifest digest")
+    aud.add_argument("--principal", help="user the registry confirmed")
+    aud.add_argument("--node", help="agent node name")
+    aud.add_argument("--since", help="RFC 3339 UTC time, e.g. 2026-11-27T00:00:00Z")
+    aud.add_argument("--until", help="RFC 3339 UTC time (exclusive)")
+    aud.add_argument("--limit", type=int, default=1000)
+    aud.add_argument("--format", choices=["table", "jsonl", "csv", "json"], default="table")
+    aud.add_argument("--node-token-file", help="file holding the cluster's node token "
+                     "(default: $SHOAL_NODE_TOKEN_FILE)")
+    aud.set_defaults(func=cmd_audit)
 
     keygen = sub.add_parser("keygen", help="create the cluster's keys and tokens in a directory (kept if present)")
     keygen.add_argument("directory")

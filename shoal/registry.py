@@ -34,6 +34,18 @@ TOKEN_SLACK = 10.0
 _CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
 
 
+class _Own:
+    """Marker: use the client's own configured credentials (answering challenges)."""
+
+    def __repr__(self) -> str:
+        return "OWN"
+
+
+OWN = _Own()
+# What to authenticate a request with: OWN credentials, a puller's Authorization value, or None.
+Authorization = _Own | str | None
+
+
 @dataclass(frozen=True, slots=True)
 class Credentials:
     username: str
@@ -163,11 +175,22 @@ class RegistryClient:
 
     async def _send(
         self, method: str, path: str, *, repo: str | None, headers: Mapping[str, str] | None = None,
-        query: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None, authorization: Authorization = OWN,
     ) -> aiohttp.ClientResponse:
-        """Send a request, answering one auth challenge. The caller must release the response."""
+        """Send a request. With `authorization=OWN` (this client's own credentials) one auth
+        challenge is answered; otherwise the given Authorization value (None: anonymous) is sent
+        exactly once, as the puller's own. The caller must release the response."""
         scope = f"repository:{repo}:pull" if repo else None
         hdrs = {"User-Agent": self.user_agent, **(headers or {})}
+        if not isinstance(authorization, _Own):
+            if authorization is not None:
+                hdrs["Authorization"] = authorization
+            try:
+                return await self.http.request(method, self._url(path, query), headers=hdrs,
+                                               timeout=_timeout(self.read_timeout))
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise errors.UpstreamError(f"registry {self.base.host}:{self.base.port} unreachable: "
+                                           f"{type(exc).__name__}") from None
         for attempt in range(2):
             auth = self._auth_header(scope)
             if auth is not None:
@@ -194,10 +217,10 @@ class RegistryClient:
 
     async def request(
         self, method: str, path: str, *, repo: str | None, headers: Mapping[str, str] | None = None,
-        query: Mapping[str, str] | None = None, limit: int = MAX_MANIFEST_BYTES,
+        query: Mapping[str, str] | None = None, limit: int = MAX_MANIFEST_BYTES, authorization: Authorization = OWN,
     ) -> Response:
         """A whole small response; bodies above `limit` are refused, not truncated."""
-        resp = await self._send(method, path, repo=repo, headers=headers, query=query)
+        resp = await self._send(method, path, repo=repo, headers=headers, query=query, authorization=authorization)
         async with resp:
             declared = resp.content_length
             if method != "HEAD" and declared is not None and declared > limit:
@@ -220,9 +243,9 @@ class RegistryClient:
         return r.status in (200, 401)
 
     async def get_manifest(self, repo: str, reference: str, *, method: str = "GET",
-                           accept: str | None = None) -> Response:
+                           accept: str | None = None, authorization: Authorization = OWN) -> Response:
         return await self.request(method, f"/v2/{repo}/manifests/{reference}", repo=repo,
-                                  headers={"Accept": accept or DEFAULT_ACCEPT})
+                                  headers={"Accept": accept or DEFAULT_ACCEPT}, authorization=authorization)
 
     async def blob_size(self, repo: str, digest: Digest) -> int | None:
         """HEAD a blob in a repository: its size, or None if the repository does not link it."""
@@ -236,9 +259,11 @@ class RegistryClient:
             raise errors.UpstreamError("registry blob HEAD without Content-Length")
         return int(length)
 
-    async def stream_blob(self, repo: str, digest: Digest, *, offset: int = 0) -> AsyncIterator[bytes]:
+    async def stream_blob(self, repo: str, digest: Digest, *, offset: int = 0,
+                          authorization: Authorization = OWN) -> AsyncIterator[bytes]:
         headers = {"Range": f"bytes={offset}-"} if offset else None
-        resp = await self._send("GET", f"/v2/{repo}/blobs/{digest}", repo=repo, headers=headers)
+        resp = await self._send("GET", f"/v2/{repo}/blobs/{digest}", repo=repo, headers=headers,
+                                authorization=authorization)
         async with resp:
             expected = 206 if offset else 200
             if resp.status == 404:
@@ -253,7 +278,7 @@ class RegistryClient:
 
     async def download_blob(
         self, repo: str, digest: Digest, dest: Path, *, max_size: int,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int], None] | None = None, authorization: Authorization = OWN,
     ) -> int:
         """Fetch a blob into `dest`, hashing as it arrives. IntegrityError if the bytes do not
         hash to `digest`; UpstreamError if the registry sends more than `max_size` bytes."""
@@ -266,7 +291,7 @@ class RegistryClient:
 
         f = await asyncio.to_thread(open, dest, "wb")
         try:
-            async for chunk in self.stream_blob(repo, digest):
+            async for chunk in self.stream_blob(repo, digest, authorization=authorization):
                 size += len(chunk)
                 if size > max_size:
                     raise errors.UpstreamError(f"registry sent more than the {max_size} bytes expected")

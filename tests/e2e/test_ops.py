@@ -122,7 +122,8 @@ def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Co
         wait_http(f"http://{listen}/readyz", timeout=60)
         agent = Component("agent", tmp_path, {"listen": listen})
         hosts = containerd.hosts_dir(registry.host, registry.url, agent)
-        containerd.pull(f"{registry.host}/private/app:v1", hosts)
+        # pass-through: the agent relays the registry's challenge and forwards ctr's credentials
+        containerd.pull(f"{registry.host}/private/app:v1", hosts, user=f"alice:{USERS['alice']}")
         containerd.verify_content(list(image.blobs))
         assert agent.metric("shoal_agent_requests_total", kind="blobs", status="200") == len(image.blobs)
         status = subprocess.run([sys.executable, "-m", "shoal.cli", "status", "--agent", f"http://{listen}",

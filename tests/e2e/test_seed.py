@@ -49,8 +49,11 @@ def test_seed_then_pull_fetches_only_manifests(stack: Stack, registry: Registry,
     skopeo_copy(f"{agent.config['listen']}/private/multi:v1", workdir / "copy")
     assert verify_dir(workdir / "copy", image) == len(image.blobs)
     pulls = registry.settle()[len(before):]
-    assert pulls and all("manifest" in p.media_type or "index" in p.media_type for p in pulls), \
-        [(p.method, p.media_type) for p in pulls]
+    # no blob bytes from the registry: manifests, and the authorization HEAD per blob
+    assert registry.blob_gets(pulls) == {}
+    blob_events = [p for p in pulls if "manifest" not in p.media_type and "index" not in p.media_type]
+    assert {(p.method, p.actor) for p in blob_events} == {("HEAD", "node")}
+    assert {p.digest for p in blob_events} == set(image.blobs)
     assert agent.metric("shoal_agent_downloads_total", source="peers", result="ok") == len(image.blobs)
 
 

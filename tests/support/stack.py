@@ -73,6 +73,9 @@ class Stack:
             "upstreams": [self.upstream(self.node_user, self.node_password)],
             "torrent": {"listen": f"{ip}:{free_port(ip)}"},
             "swarm": {"first_piece_timeout": "5s", "stall_timeout": "5s", "seed_timeout": "60s"},
+            # Most tests pull without client credentials, as podman/skopeo do; the pass-through
+            # tests set "challenge" themselves.
+            "auth": {"unauthenticated": "node"},
             "log": {"level": "debug"},
         }
         if self.tracker is not None and self.origin is not None:

@@ -1,0 +1,221 @@
+"""Pass-through authorization: the registry decides who may pull what, for every response.
+
+Which credential a request uses:
+- the client's own `Authorization` (Basic or a Bearer token from the registry's token server),
+  forwarded verbatim to the registry, never replaced;
+- without one: the node's credentials if `auth.unauthenticated: node`, else none at all, and
+  the registry's own 401 challenge is relayed so the client authenticates (containerd only
+  sends credentials to a mirror after that challenge).
+
+Before the first byte of a blob the registry is asked, with that credential, whether this
+repository's blob may be pulled (a HEAD, which is also the registry's own audit event). The
+answer is kept for `auth.decision_ttl`, keyed by credential fingerprint, upstream, repository
+and digest, never by digest alone: a blob cached for one repository is served under another
+only after the registry said yes for that one. When the registry is unreachable, `strict` mode
+refuses; `availability` mode serves under an earlier yes (up to `auth.stale_decision_max_age`)
+and says so in the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import diskcache
+from aiohttp import web
+
+from agent.config import AuthSettings
+from agent.upstreams import Upstream
+from shoal import errors
+from shoal.logs import fingerprint
+from shoal.oci import Digest
+from shoal.registry import OWN, Authorization
+from shoal.store import NoPickleDisk
+
+MAX_DECISIONS = 100_000
+
+CredentialKind = Literal["client", "node", "anonymous"]
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    kind: CredentialKind
+    header: str | None  # the client's Authorization value (kind "client" only); never logged
+    fingerprint: str  # what may be logged, journaled or used as a key
+
+    @property
+    def upstream_auth(self) -> Authorization:
+        """How to present this credential to the registry."""
+        return OWN if self.kind == "node" else self.header
+
+    def principal(self, node_user: str | None) -> str:
+        """Who the registry accepted: call only after it answered 2xx for this credential."""
+        if self.kind == "node":
+            return node_user or "node"
+        if self.kind == "anonymous" or self.header is None:
+            return "anonymous"
+        scheme, _, value = self.header.partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                return base64.b64decode(value, validate=True).decode().partition(":")[0]
+            except (binascii.Error, UnicodeDecodeError):
+                return self.fingerprint
+        if scheme.lower() == "bearer":
+            # The registry verified the token; its subject is the user it acted for.
+            parts = value.split(".")
+            if len(parts) == 3:
+                try:
+                    claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+                    sub = claims.get("sub") if isinstance(claims, dict) else None
+                    if isinstance(sub, str):
+                        return sub or "anonymous"
+                except (binascii.Error, ValueError):
+                    pass
+        return self.fingerprint
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    status: int  # the registry's answer: 200, 401, 403 or 404
+    principal: str
+    size: int | None
+    challenge: str | None  # WWW-Authenticate of a 401, relayed verbatim
+    at: float
+
+    @property
+    def allowed(self) -> bool:
+        return self.status == 200
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A decision and how it was reached, for the journal."""
+
+    decision: Decision
+    method: Literal["registry", "decision_cache", "stale_decision"]
+    origin_status: str  # the registry's status for this request, "cached" or "unreachable"
+
+
+class Decisions:
+    """Bounded LRU of decisions in memory; allowed ones also on disk (fingerprints only), so a
+    restart keeps fresh ones and availability mode has stale ones."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._mem: OrderedDict[str, Decision] = OrderedDict()
+        self._disk: diskcache.Cache | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decisions")
+
+    async def open(self, keep: float) -> None:
+        def load() -> None:
+            self._disk = diskcache.Cache(str(self.directory), disk=NoPickleDisk, eviction_policy="none",
+                                         cull_limit=0, size_limit=1 << 40)
+            self._disk.expire()
+            for key in self._disk.iterkeys():
+                try:
+                    doc = json.loads(self._disk.get(key))
+                    self._mem[key] = Decision(200, str(doc["principal"]), int(doc["size"]), None, float(doc["at"]))
+                except (TypeError, ValueError, KeyError):
+                    self._disk.delete(key)
+            self._prune()
+
+        self._keep = keep
+        await asyncio.to_thread(load)
+
+    async def close(self) -> None:
+        def close() -> None:
+            if self._disk is not None:
+                self._disk.close()
+
+        await asyncio.get_running_loop().run_in_executor(self._writer, close)
+        self._writer.shutdown(wait=True)
+
+    def get(self, key: str) -> Decision | None:
+        decision = self._mem.get(key)
+        if decision is not None:
+            self._mem.move_to_end(key)
+        return decision
+
+    def put(self, key: str, decision: Decision) -> None:
+        self._mem[key] = decision
+        self._mem.move_to_end(key)
+        self._prune()
+        disk = self._disk
+        if disk is None:
+            return
+        doc = json.dumps({"principal": decision.principal, "size": decision.size, "at": decision.at})
+        keep = self._keep
+
+        def write() -> None:
+            if decision.allowed:
+                disk.set(key, doc, expire=keep)
+            else:
+                disk.delete(key)
+
+        asyncio.get_running_loop().run_in_executor(self._writer, write)
+
+    def _prune(self) -> None:
+        while len(self._mem) > MAX_DECISIONS:
+            self._mem.popitem(last=False)
+
+
+class Authorizer:
+    def __init__(self, settings: AuthSettings, decisions: Decisions) -> None:
+        self.settings = settings
+        self.decisions = decisions
+        self._flights: dict[str, asyncio.Task[Decision]] = {}
+
+    def credential(self, request: web.Request, upstream: Upstream) -> Credential:
+        header = request.headers.get("Authorization")
+        if header:
+            return Credential("client", header, fingerprint(header))
+        node = upstream.client.credentials
+        if self.settings.unauthenticated == "node" and node is not None:
+            return Credential("node", None, f"node:{node.username}")
+        return Credential("anonymous", None, "anonymous")
+
+    async def blob(self, up: Upstream, cred: Credential, repo: str, digest: Digest) -> Verdict:
+        """May `cred` pull `digest` through `repo`? Asks the registry unless a decision for exactly
+        this credential, repository and digest is younger than the TTL."""
+        key = f"{cred.fingerprint}|{up.name}|{repo}|{digest.hex}"
+        cached = self.decisions.get(key)
+        now = time.time()
+        if cached is not None and now - cached.at < self.settings.decision_ttl:
+            return Verdict(cached, "decision_cache", "cached")
+        flight = self._flights.get(key)
+        if flight is None:
+            # one question to the registry however many requests wait for it
+            flight = asyncio.create_task(self._ask(up, cred, repo, digest))
+            self._flights[key] = flight
+            flight.add_done_callback(lambda _t: self._flights.pop(key, None))
+        try:
+            decision = await asyncio.shield(flight)
+        except errors.UpstreamError:
+            if (self.settings.mode == "availability" and cached is not None and cached.allowed
+                    and now - cached.at < self.settings.stale_decision_max_age):
+                return Verdict(cached, "stale_decision", "unreachable")
+            raise errors.UpstreamError("the registry is unreachable, and private content is served only with "
+                                       "its authorization (auth.mode: strict)") from None
+        self.decisions.put(key, decision)
+        return Verdict(decision, "registry", str(decision.status))
+
+    async def _ask(self, up: Upstream, cred: Credential, repo: str, digest: Digest) -> Decision:
+        r = await up.client.request("HEAD", f"/v2/{repo}/blobs/{digest}", repo=repo, authorization=cred.upstream_auth)
+        if r.status >= 500 or r.status == 429:
+            raise errors.UpstreamError(f"registry answered {r.status}")
+        node_user = up.client.credentials.username if up.client.credentials else None
+        if r.status == 200:
+            length = r.headers.get("Content-Length", "")
+            if not length.isdigit():
+                raise errors.UpstreamError("registry blob HEAD without Content-Length")
+            return Decision(200, cred.principal(node_user), int(length), None, time.time())
+        status = r.status if r.status in (401, 403, 404) else 403
+        return Decision(status, "", None, r.headers.get("WWW-Authenticate"), time.time())

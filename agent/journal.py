@@ -1,0 +1,131 @@
+"""The agent's pull journal: append-only JSON lines, durable before a response starts.
+
+Records go to `segment-<seq>.jsonl` files under the journal directory. `record()` returns only
+after the line is written and fsync'd; concurrent records share one fsync (group commit), so
+the cost is one disk flush per burst, not per request. A segment is closed at
+`max_segment_bytes` and a new one started; a restarted agent always starts a new segment, so a
+line torn by a crash stays at the end of a finished segment, where the shipper drops it (it was
+never acknowledged, so its response never started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from shoal import errors
+
+log = logging.getLogger(__name__)
+
+SEGMENT_RE = re.compile(r"segment-(\d{10})\.jsonl")
+
+
+def segment_name(seq: int) -> str:
+    return f"segment-{seq:010d}.jsonl"
+
+
+def segments(directory: Path) -> list[tuple[int, Path]]:
+    """Existing segments, oldest first (blocking)."""
+    found = []
+    for path in directory.iterdir():
+        m = SEGMENT_RE.fullmatch(path.name)
+        if m and path.is_file() and not path.is_symlink():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+class JournalError(errors.ShoalError):
+    """The journal cannot be written: nothing may be served unrecorded."""
+
+    oci = errors.UNAVAILABLE
+
+
+class Journal:
+    def __init__(self, directory: Path, *, max_segment_bytes: int) -> None:
+        self.directory = directory
+        self.max_segment_bytes = max_segment_bytes
+        self.active_seq = 0
+        self.written = asyncio.Event()  # set after each flush; the shipper waits on it
+        self.records_written = 0
+        self._fd = -1
+        self._size = 0
+        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
+
+    async def open(self) -> None:
+        def work() -> None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            existing = segments(self.directory)
+            self._start_segment(existing[-1][0] + 1 if existing else 1)
+
+        await asyncio.get_running_loop().run_in_executor(self._io, work)
+
+    def _start_segment(self, seq: int) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        path = self.directory / segment_name(seq)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)  # the new segment's name is durable too
+        finally:
+            os.close(fd)
+        self._size = os.fstat(self._fd).st_size
+        self.active_seq = seq
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+
+        def work() -> None:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+        await asyncio.get_running_loop().run_in_executor(self._io, work)
+        self._io.shutdown(wait=True)
+
+    async def record(self, doc: dict[str, Any]) -> None:
+        """Append one record; returns once it is on disk. JournalError if it cannot be."""
+        line = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((line, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await fut
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            data = b"".join(line for line, _ in batch)
+            try:
+                await loop.run_in_executor(self._io, self._append, data)
+            except OSError as exc:
+                log.error("cannot write the pull journal: %s", exc.strerror)
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(JournalError("the pull journal cannot be written; not serving"))
+                continue
+            self.records_written += len(batch)
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+            self.written.set()
+
+    def _append(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        os.fsync(self._fd)
+        self._size += len(data)
+        if self._size >= self.max_segment_bytes:
+            self._start_segment(self.active_seq + 1)

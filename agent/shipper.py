@@ -1,0 +1,139 @@
+"""Ships journal segments to the origin's collector, in order, in batches, until acknowledged.
+
+Progress is a (segment, offset) pair in `shipped.json`, replaced atomically and fsync'd only
+after the collector answered 2xx, so a crash at any point re-sends at most the last batch; the
+collector drops duplicates by (event_id, phase), which makes delivery exactly-once end to end.
+A segment is deleted once it is fully shipped and the writer has moved on from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import aiohttp
+
+from agent.journal import Journal, segments
+
+log = logging.getLogger(__name__)
+
+BATCH_RECORDS = 500
+BATCH_BYTES = 1 << 20
+RETRY_MIN, RETRY_MAX = 0.5, 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    seq: int
+    start: int
+    end: int  # offset after the last complete line taken
+    records: list[object]
+
+
+class Shipper:
+    def __init__(self, journal: Journal, http: aiohttp.ClientSession, *, collector: str, node: str,
+                 headers: dict[str, str]) -> None:
+        self.journal = journal
+        self.http = http
+        self.collector = collector
+        self.node = node
+        self._headers = headers
+        self.state_path = journal.directory / "shipped.json"
+        self.shipped_records = 0
+        self.failures = 0
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shipper")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        retry = RETRY_MIN
+        while True:
+            batch = await loop.run_in_executor(self._io, self._next_batch)
+            if batch is None:
+                self.journal.written.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.journal.written.wait(), 1.0)
+                continue
+            if batch.end == batch.start:  # a finished segment ended: state already moved on
+                continue
+            if await self._send(batch):
+                await loop.run_in_executor(self._io, self._save_state, batch.seq, batch.end)
+                self.shipped_records += len(batch.records)
+                retry = RETRY_MIN
+            else:
+                self.failures += 1
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RETRY_MAX)
+
+    async def _send(self, batch: Batch) -> bool:
+        try:
+            async with self.http.post(f"{self.collector}/v1/journal", json={"node": self.node,
+                                                                             "records": batch.records},
+                                      headers=self._headers, timeout=aiohttp.ClientTimeout(total=30)) as r:
+                if 200 <= r.status < 300:
+                    return True
+                log.warning("collector refused a journal batch: HTTP %d", r.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("collector unreachable (%s); journal kept for retry", type(exc).__name__)
+        return False
+
+    # ----- files (blocking, in the shipper's thread) --------------------------------------------
+
+    def _load_state(self) -> tuple[int, int]:
+        try:
+            doc = json.loads(self.state_path.read_text())
+            return int(doc["segment"]), int(doc["offset"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return 0, 0
+
+    def _save_state(self, seq: int, offset: int) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps({"segment": seq, "offset": offset}).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.state_path)
+        dfd = os.open(self.journal.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _next_batch(self) -> Batch | None:
+        """The next records to send, or None when everything written is shipped."""
+        seq, offset = self._load_state()
+        for segment_seq, path in segments(self.journal.directory):
+            if segment_seq < seq:
+                path.unlink(missing_ok=True)  # shipped earlier; removal was interrupted
+                continue
+            if segment_seq > seq:
+                seq, offset = segment_seq, 0
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(BATCH_BYTES)
+            end = data.rfind(b"\n") + 1
+            if end == 0 and len(data) == BATCH_BYTES:
+                log.error("journal line longer than %d bytes in %s; skipping it", BATCH_BYTES, path.name)
+                end = len(data)
+            take = data[:end].split(b"\n")[:-1][:BATCH_RECORDS]  # complete lines only
+            records: list[object] = []
+            for line in take:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    log.error("unreadable journal line in %s; skipping it", path.name)
+            if take:
+                return Batch(seq, offset, offset + sum(len(line) + 1 for line in take), records)
+            if segment_seq == self.journal.active_seq:
+                return None  # all caught up with the writer
+            # A finished segment fully shipped (any torn tail was never acknowledged): move on.
+            self._save_state(segment_seq + 1, 0)
+            path.unlink(missing_ok=True)
+            return Batch(segment_seq, offset, offset, [])
+        return None

@@ -1,0 +1,109 @@
+"""The pull journal's record format, shared by the agent (writer) and the origin (collector).
+
+Every response the agent starts produces a `start` record, written durably before the first
+byte goes out, and an `end` record when it is done. Both carry the same `event_id`; the
+collector keeps one of each (duplicates from re-sent batches are dropped) and merges them into
+one event. An event with a start and no end is a response cut short (e.g. the agent was killed).
+
+Never in a record: passwords, tokens or Authorization values; only `cred_fpr`, a truncated
+SHA-256 of the credential.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+PHASES = ("start", "end")
+# Fields of a merged event, in export order (CSV columns).
+EVENT_FIELDS = (
+    "event_id", "ts", "node", "client_addr", "user_agent", "principal", "cred_fpr", "credential",
+    "ns", "repository", "kind", "method", "reference", "digest", "range", "status", "bytes", "source",
+    "verified", "duration_ms", "outcome", "authz_method", "origin_status", "error",
+)
+_START_FIELDS = frozenset(EVENT_FIELDS) - {"bytes", "duration_ms", "outcome"}
+_END_FIELDS = frozenset({"event_id", "ts", "node", "bytes", "duration_ms", "outcome", "source", "verified",
+                         "error"})
+_STRINGS = frozenset({"event_id", "ts", "node", "client_addr", "user_agent", "principal", "cred_fpr",
+                      "credential", "ns", "repository", "kind", "method", "reference", "digest", "range",
+                      "source", "outcome", "authz_method", "origin_status", "error"})
+_INTS = frozenset({"status", "bytes"})
+MAX_FIELD = 2048
+MAX_RECORD_BYTES = 16 * 1024
+
+
+class RecordError(ValueError):
+    """A journal record that does not follow the format."""
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+
+
+def validate(record: Any) -> dict[str, Any]:
+    """Check a record from the network (the collector trusts agents, but not blindly)."""
+    if not isinstance(record, dict):
+        raise RecordError("record is not an object")
+    phase = record.get("phase")
+    if phase not in PHASES:
+        raise RecordError("phase must be start or end")
+    allowed = (_START_FIELDS if phase == "start" else _END_FIELDS) | {"phase"}
+    for key, value in record.items():
+        if key not in allowed:
+            raise RecordError(f"unknown field {key!r}")
+        if value is None:
+            continue
+        if key in _STRINGS and (not isinstance(value, str) or len(value) > MAX_FIELD):
+            raise RecordError(f"{key} must be a string of at most {MAX_FIELD} characters")
+        if key in _INTS and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise RecordError(f"{key} must be a non-negative integer")
+        if key == "duration_ms" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise RecordError("duration_ms must be a number")
+        if key == "verified" and not isinstance(value, bool):
+            raise RecordError("verified must be true or false")
+    event_id = record.get("event_id")
+    if not isinstance(event_id, str) or not 8 <= len(event_id) <= 64:
+        raise RecordError("event_id must be a string of 8 to 64 characters")
+    if not isinstance(record.get("ts"), str):
+        raise RecordError("ts is required")
+    if len(json.dumps(record)) > MAX_RECORD_BYTES:
+        raise RecordError("record too large")
+    return record
+
+
+def merge(start: dict[str, Any] | None, end: dict[str, Any] | None) -> dict[str, Any]:
+    """One event from its records; `outcome` says "incomplete" when the end never came."""
+    event: dict[str, Any] = {f: None for f in EVENT_FIELDS}
+    for part in (start, end):
+        if part:
+            for key, value in part.items():
+                if key in event and (value is not None or event[key] is None):
+                    if key == "ts" and part is end and start is not None:
+                        continue  # the event's time is when it started
+                    event[key] = value
+    if end is None:
+        event["outcome"] = "incomplete"
+    return event
+
+
+def to_jsonl(events: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events)
+
+
+def to_csv(events: Iterable[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(EVENT_FIELDS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for event in events:
+        writer.writerow({k: ("" if v is None else v) for k, v in event.items()})
+    return out.getvalue()
