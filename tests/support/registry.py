@@ -67,6 +67,7 @@ class Pull:
     media_type: str
     actor: str
     user_agent: str
+    addr: str = ""
 
 
 class Registry:
@@ -92,12 +93,8 @@ class Registry:
         self.workdir.mkdir(parents=True, exist_ok=True)
         auth = self.auth_yaml or ""
         if self.users and self.auth_yaml is None:
-            htpasswd = self.workdir / "htpasswd"
-            htpasswd.unlink(missing_ok=True)
-            for user, password in self.users.items():
-                subprocess.run(["htpasswd", "-Bi" if htpasswd.exists() else "-Bci", str(htpasswd), user],
-                               input=password.encode(), check=True, capture_output=True)
-            auth = f"auth:\n  htpasswd: {{realm: basic-realm, path: {htpasswd}}}\n"
+            self.set_users(self.users)
+            auth = f"auth:\n  htpasswd: {{realm: basic-realm, path: {self.workdir / 'htpasswd'}}}\n"
         config = self.workdir / "config.yml"
         config.write_text(
             "version: 0.1\n"
@@ -130,6 +127,15 @@ class Registry:
         self.stop()
         self._spawn(self.workdir / "config.yml")
 
+    def set_users(self, users: dict[str, str]) -> None:
+        """Rewrite the htpasswd file (distribution reads it at start: restart to apply)."""
+        self.users = users
+        htpasswd = self.workdir / "htpasswd"
+        htpasswd.unlink(missing_ok=True)
+        for user, password in users.items():
+            subprocess.run(["htpasswd", "-Bi" if htpasswd.exists() else "-Bci", str(htpasswd), user],
+                           input=password.encode(), check=True, capture_output=True)
+
     def close(self) -> None:
         self.stop()
         self.sink.close()
@@ -144,7 +150,7 @@ class Registry:
             target, request = e.get("target", {}), e.get("request", {})
             out.append(Pull(request.get("method", ""), target.get("repository", ""), target.get("digest", ""),
                             target.get("mediaType", ""), e.get("actor", {}).get("name", ""),
-                            request.get("useragent", "")))
+                            request.get("useragent", ""), request.get("addr", "")))
         return out
 
     def settle(self, quiet: float = 1.0, timeout: float = 15.0) -> list[Pull]:

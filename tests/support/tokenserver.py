@@ -59,6 +59,9 @@ class TokenServer:
             def do_GET(self) -> None:
                 server._handle(self)
 
+            def do_POST(self) -> None:
+                server._handle_oauth(self)
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
@@ -115,6 +118,25 @@ class TokenServer:
         token = self._issue(user, query.get("scope", []))
         self._reply(h, 200, {"token": token, "access_token": token, "expires_in": self.token_ttl,
                              "issued_at": datetime.datetime.now(datetime.UTC).isoformat()})
+
+    def _handle_oauth(self, h: BaseHTTPRequestHandler) -> None:
+        """The OAuth2 form (what containerd tries first): grant_type=password with the user's
+        credentials in the body (see distribution's docs/spec/auth/oauth.md)."""
+        length = int(h.headers.get("Content-Length", "0"))
+        form = parse_qs(h.rfile.read(length).decode())
+        if urlsplit(h.path).path != "/token" or form.get("grant_type", [""])[0] != "password":
+            self._reply(h, 400, {"error": "unsupported_grant_type"})
+            return
+        user = form.get("username", [""])[0]
+        if not user or self.users.get(user) != form.get("password", [""])[0]:
+            self._reply(h, 401, {"error": "invalid_grant"})
+            return
+        if form.get("service", [""])[0] != self.service:
+            self._reply(h, 400, {"error": "invalid_request"})
+            return
+        scopes = [s for value in form.get("scope", []) for s in value.split(" ") if s]
+        token = self._issue(user, scopes)
+        self._reply(h, 200, {"access_token": token, "expires_in": self.token_ttl, "scope": " ".join(scopes)})
 
     def _issue(self, user: str, scopes: list[str]) -> str:
         access = []

@@ -1,0 +1,259 @@
+"""Private images stay private: the origin registry runs with JWT token auth (a token server
+the tests run), the agent passes the puller's credentials through and asks the registry before
+any blob byte. alice may pull private/app, bob may not, anonymous clients only public/app."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import re
+import tempfile
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.clients import Containerd
+from tests.support.images import Image, build_image, push
+from tests.support.procs import Component, http_get
+from tests.support.registry import Registry
+from tests.support.stack import Stack
+from tests.support.tokenserver import TokenServer
+
+MIB = 1 << 20
+USERS = {"alice": "alice-pw-1", "bob": "bob-pw-2", "pusher": "pusher-pw-3", "seeder": "seeder-pw-4"}
+REPOS = ("private/app", "public/app", "private/other")
+
+
+@dataclass
+class TokenWorld:
+    tokens: TokenServer
+    registry: Registry
+    private: Image  # in private/app
+    public: Image  # in public/app
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenWorld]:
+    root = tmp_path_factory.mktemp("tokenworld")
+    ts = TokenServer(root / "ts", service="shoal-test-registry", users=USERS, acl={
+        "pusher": {r: {"pull", "push"} for r in REPOS},
+        "seeder": {r: {"pull"} for r in REPOS},
+        "alice": {"private/app": {"pull"}, "public/app": {"pull"}},
+        "bob": {"public/app": {"pull"}},
+        "": {"public/app": {"pull"}},
+    })
+    reg = Registry(root / "registry", users={}, auth_yaml=ts.registry_auth_yaml())
+    reg.start()
+    private = build_image(root / "private", tag="v1", layer_sizes=[8 * MIB, 3 * MIB, 2 * MIB, 200_000], seed=31)
+    public = build_image(root / "public", tag="v1", layer_sizes=[2 * MIB, 100_000], seed=32)
+    push(private, registry=reg.host, repo="private/app", user="pusher", password=USERS["pusher"])
+    push(public, registry=reg.host, repo="public/app", user="pusher", password=USERS["pusher"])
+    yield TokenWorld(ts, reg, private, public)
+    reg.close()
+    ts.close()
+
+
+@pytest.fixture
+def tstack(tmp_path: Path, world: TokenWorld) -> Iterator[Stack]:
+    s = Stack(tmp_path / "stack", world.registry, node_user=("nobody", "unused"),
+              seeder_user=("seeder", USERS["seeder"]))
+    yield s
+    s.close()
+
+
+def start(stack: Stack, agents: int = 2) -> list[Component]:
+    stack.start_tracker()
+    stack.start_origin()
+    upstream = {"name": stack.registry.host, "url": stack.registry.url}  # no node credentials at all
+    return [stack.start_agent(upstreams=[upstream], auth={"unauthenticated": "challenge", "decision_ttl": "2s"})
+            for _ in range(agents)]
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def get(agent: Component, path: str, authorization: str | None = None, accept: str | None = None) -> Answer:
+    host, port = agent.config["listen"].rsplit(":", 1)
+    headers = {"Authorization": authorization} if authorization else {}
+    if accept:
+        headers["Accept"] = accept
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+def token_from_challenge(challenge: str, user: str | None) -> str:
+    """What a client does with a Bearer challenge: ask the realm for a token (Basic, or anonymous)."""
+    params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+    query = {"service": params["service"]}
+    if "scope" in params:
+        query["scope"] = params["scope"]
+    req = urllib.request.Request(f"{params['realm']}?{urllib.parse.urlencode(query)}")
+    if user is not None:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{USERS[user]}".encode()).decode())
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return str(json.loads(resp.read())["token"])
+
+
+def pull_as(agent: Component, path: str, user: str | None, accept: str | None = None) -> Answer:
+    """A request as a client makes it: without credentials first, then with a token for the
+    challenge it got (anonymous clients ask for an anonymous token)."""
+    first = get(agent, path, accept=accept)
+    if first.status != 401:
+        return first
+    challenge = first.headers["www-authenticate"]
+    assert challenge.startswith("Bearer ")
+    return get(agent, path, f"Bearer {token_from_challenge(challenge, user)}", accept)
+
+
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def test_private_content_matrix(tstack: Stack, world: TokenWorld) -> None:
+    agent, other = start(tstack)
+    image = world.private
+    layers = sorted((b for b in image.blobs.values() if b.size > 1_000_000), key=lambda b: b.size, reverse=True)
+    cached, on_peers, nowhere = layers[0], layers[1], layers[2]
+    # set up the blob states as alice: one blob on this node, one only on the other node (and the seeder)
+    assert pull_as(agent, f"/v2/private/app/blobs/{cached.digest}", "alice").status == 200
+    assert pull_as(other, f"/v2/private/app/blobs/{on_peers.digest}", "alice").status == 200
+    assert agent.metric("shoal_agent_cache_blobs") == 1
+
+    content = [b.path.read_bytes() for b in image.blobs.values()] + list(image.manifests.values())
+    probes = {"cached": cached, "peers": on_peers, "nowhere": nowhere}
+
+    def check_denied(answer: Answer, why: str) -> None:
+        assert answer.status in (401, 403, 404), why
+        assert len(answer.body) < 2000, why
+        assert not any(answer.body and answer.body in c for c in content), why  # not one byte of content
+
+    def run(principal: str, user: str | None, allowed: bool) -> None:
+        for state, blob in probes.items():
+            for request in ("manifest", "blob", "blob_other_repo"):
+                why = f"{principal} {request} {state}"
+                if request == "manifest":
+                    answer = pull_as(agent, "/v2/private/app/manifests/v1", user, accept=MANIFEST)
+                elif request == "blob":
+                    answer = pull_as(agent, f"/v2/private/app/blobs/{blob.digest}", user)
+                else:
+                    answer = pull_as(agent, f"/v2/public/app/blobs/{blob.digest}", user)
+                if request == "blob_other_repo":
+                    assert answer.status == 404, why  # the blob is not linked to public/app
+                    check_denied(answer, why)
+                elif allowed:
+                    assert answer.status == 200, why
+                    digest = image.digest if request == "manifest" else blob.digest
+                    assert "sha256:" + hashlib.sha256(answer.body).hexdigest() == digest, why
+                else:
+                    assert answer.status == 401, why
+                    assert answer.headers["www-authenticate"].startswith(f'Bearer realm="{world.tokens.realm}"')
+                    check_denied(answer, why)
+
+    run("anonymous", None, allowed=False)
+    run("bob", "bob", allowed=False)
+    run("alice", "alice", allowed=True)
+    assert agent.metric("shoal_agent_cache_blobs") == 3  # "peers" and "nowhere" are now here too
+    world.tokens.revoke("alice", "private/app")
+    try:
+        run("alice after revocation", "alice", allowed=False)
+    finally:
+        world.tokens.grant("alice", "private/app", "pull")
+    # requests without any credentials get the registry's own challenge, scoped to the repository
+    bare = get(agent, f"/v2/private/app/blobs/{cached.digest}")
+    assert bare.status == 401
+    assert 'scope="repository:private/app:pull"' in bare.headers["www-authenticate"]
+    # anonymous clients may pull the public image
+    public_blob = next(iter(world.public.blobs.values()))
+    public = pull_as(agent, f"/v2/public/app/blobs/{public_blob.digest}", None)
+    assert public.status == 200
+    assert "sha256:" + hashlib.sha256(public.body).hexdigest() == public_blob.digest
+
+
+def test_containerd_pulls_with_its_users_credentials(tstack: Stack, world: TokenWorld, tmp_path: Path) -> None:
+    agent, _ = start(tstack)
+    ref = f"{world.registry.host}/private/app:v1"
+    ctds = []
+    try:
+        for user, ok in (("bob", False), (None, False), ("alice", True)):
+            ctd = Containerd(Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp")))
+            ctds.append(ctd)
+            ctd.start()
+            hosts = ctd.hosts_dir(world.registry.host, world.registry.url, agent)
+            # the registry itself (the `server` fallback) is made unreachable for containerd, so
+            # everything it gets, or does not get, is the agent's answer
+            (hosts / world.registry.host / "hosts.toml").write_text(
+                f'server = "http://127.0.0.1:9"\n\n[host."{agent.url}"]\n  capabilities = ["pull", "resolve"]\n')
+            args = ["content", "fetch", "--plain-http", "--hosts-dir", str(hosts)]
+            if user:
+                args += ["--user", f"{user}:{USERS[user]}"]
+            result = ctd.ctr(*args, ref, check=False)
+            assert (result.returncode == 0) is ok, (user, result.stderr[-500:])
+            listed = ctd.ctr("content", "ls", "-q").stdout.split()
+            if ok:
+                ctd.verify_content([world.private.digest, *world.private.blobs])
+            else:
+                assert not set(world.private.blobs) & set(listed), f"{user} got private blobs"
+        public = f"{world.registry.host}/public/app:v1"
+        anon = ctds[1]
+        result = anon.ctr("content", "fetch", "--plain-http", "--hosts-dir", str(anon.workdir / "certs.d"),
+                          public, check=False)
+        assert result.returncode == 0, result.stderr[-500:]
+        anon.verify_content(list(world.public.blobs))
+    finally:
+        for ctd in ctds:
+            ctd.close()
+
+
+def test_every_private_200_joins_a_registry_pull_event(tstack: Stack, world: TokenWorld) -> None:
+    """The audit join: every 200 for non-public content has a journal record with the principal
+    and a pull event at the registry for the same principal, repository and digest."""
+    agent, other = start(tstack)
+    before = len(world.registry.settle())
+    for node in (agent, other, agent):  # cold, cold, then from cache and decision cache
+        assert pull_as(node, "/v2/private/app/manifests/v1", "alice", accept=MANIFEST).status == 200
+        for blob in world.private.blobs.values():
+            assert pull_as(node, f"/v2/private/app/blobs/{blob.digest}", "alice").status == 200
+        assert pull_as(node, "/v2/private/app/manifests/v1", "bob", accept=MANIFEST).status == 401
+    events = world.registry.settle()[before:]
+    seen = {(e.actor, e.repository, e.digest) for e in events}
+    assert tstack.origin is not None
+    journal = wait_for_journal(tstack, minimum=2 * (2 + 2 * len(world.private.blobs)))
+    served = [e for e in journal if e["status"] == 200 and e["repository"] == "private/app"]
+    assert len(served) == 3 * (1 + len(world.private.blobs))
+    for e in served:
+        assert e["principal"] == "alice"
+        assert str(e["cred_fpr"]).startswith("fp:")
+        assert (e["principal"], e["repository"], e["digest"]) in seen, e
+    denied = [e for e in journal if e["status"] == 401]
+    assert denied and all(e["principal"] is None for e in denied)
+
+
+def wait_for_journal(stack: Stack, *, minimum: int, timeout: float = 30) -> list[dict[str, object]]:
+    import time
+
+    assert stack.origin is not None
+    deadline = time.monotonic() + timeout
+    events: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        status, body = http_get(f"{stack.origin.url}/v1/audit?limit=100000",
+                                headers={"Authorization": f"Bearer {stack.node_token}"})
+        assert status == 200
+        events = json.loads(body)["events"]
+        if len(events) >= minimum and all(e["outcome"] != "incomplete" for e in events):
+            return events
+        time.sleep(0.2)
+    raise AssertionError(f"journal has {len(events)} events, expected at least {minimum}")

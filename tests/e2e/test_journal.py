@@ -1,0 +1,101 @@
+"""The pull journal arrives at the collector exactly once, across a collector outage and an agent
+killed with SIGKILL in the middle of a response."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import socket
+import time
+
+from tests.e2e.conftest import Images
+from tests.support.procs import Component, http_get
+from tests.support.stack import Stack
+
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def request(agent: Component, path: str, accept: str | None = None) -> tuple[int, bytes]:
+    host, port = agent.config["listen"].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("GET", path, headers={"Accept": accept} if accept else {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def collected(stack: Stack) -> list[dict[str, object]]:
+    assert stack.origin is not None
+    status, body = http_get(f"{stack.origin.url}/v1/audit?limit=100000",
+                            headers={"Authorization": f"Bearer {stack.node_token}"})
+    assert status == 200
+    return list(json.loads(body)["events"])
+
+
+def wait_collected(stack: Stack, count: int, timeout: float = 60) -> list[dict[str, object]]:
+    deadline = time.monotonic() + timeout
+    events = collected(stack)
+    while len(events) < count and time.monotonic() < deadline:
+        time.sleep(0.25)
+        events = collected(stack)
+    return events
+
+
+def test_exactly_once_across_collector_outage_and_sigkill(stack: Stack, images: Images) -> None:
+    image = images.app()
+    big = max(image.blobs.values(), key=lambda b: b.size)
+    small = [b for b in image.blobs.values() if b is not big]
+    stack.start(agents=1)
+    agent, origin = stack.agents[0], stack.origin
+    assert origin is not None
+    made = 0
+    # 1. the collector is down: requests are journaled locally, shipping fails and retries
+    origin.stop()
+    for blob in small:
+        status, body = request(agent, f"/v2/private/app/blobs/{blob.digest}")
+        assert status == 200
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
+        made += 1
+    assert request(agent, "/v2/private/app/manifests/v1", MANIFEST)[0] == 200
+    assert request(agent, "/v2/private/app/blobs/sha256:" + "0" * 64)[0] == 404
+    made += 2
+    deadline = time.monotonic() + 10
+    while agent.metric("shoal_agent_journal_ship_failures_total") == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert agent.metric("shoal_agent_journal_ship_failures_total") > 0
+    assert agent.metric("shoal_agent_journal_shipped_records_total") == 0
+    # 2. SIGKILL in the middle of a blob response
+    host, port = agent.config["listen"].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(f"GET /v2/private/app/blobs/{big.digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    received = b""
+    while len(received) < 1 << 20:
+        received += sock.recv(1 << 16)
+    assert received.startswith(b"HTTP/1.1 200")
+    agent.stop(kill=True)
+    sock.close()
+    made += 1
+    # 3. the agent comes back on the same data directory, the collector too; more requests
+    agent.start()
+    origin.start()
+    for blob in small:
+        assert request(agent, f"/v2/private/app/blobs/{blob.digest}")[0] == 200
+        made += 1
+    events = wait_collected(stack, made)
+    ids = [e["event_id"] for e in events]
+    assert len(ids) == len(set(ids)) == made, (len(ids), made)
+    cut = [e for e in events if e["outcome"] == "incomplete"]
+    assert len(cut) == 1
+    assert cut[0]["digest"] == big.digest
+    assert cut[0]["status"] == 200
+    assert all(e["outcome"] == "complete" for e in events if e is not cut[0])
+    statuses = sorted(int(str(e["status"])) for e in events)
+    assert statuses.count(404) == 1
+    assert all(e["node"] == "node0" and e["principal"] == "node" for e in events if e["status"] == 200)
+    # nothing left to ship, nothing shipped twice into the store
+    assert agent.metric("shoal_agent_journal_shipped_records_total") >= 2 * len(small)
+    time.sleep(1)
+    assert len(collected(stack)) == made
