@@ -1,0 +1,102 @@
+"""Journal writer and shipper in process, against a collector that can fail: group-committed
+records, rotation, resends deduplicated, torn tails of crashed segments skipped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from agent.journal import Journal, segments
+from agent.shipper import Shipper
+from origin.collector import Collector, Query
+from shoal import audit
+from tests.support.procs import free_port
+
+
+def record(i: int) -> dict[str, Any]:
+    return {"event_id": f"{i:032x}", "phase": "start", "ts": audit.now(), "node": "n1", "status": 200,
+            "repository": "private/app", "principal": "alice"}
+
+
+async def collector_server(tmp_path: Path, failures: list[int]) -> tuple[TestServer, Collector]:
+    """The origin's collector behind a handler that fails the first `failures[0]` batches
+    after storing them (as if the answer was lost)."""
+    collector = Collector(tmp_path / "audit.db")
+    await collector.open()
+
+    async def receive(request: web.Request) -> web.Response:
+        doc = await request.json()
+        stored = await collector.store(doc["node"], doc["records"])
+        if failures[0] > 0:
+            failures[0] -= 1
+            return web.Response(status=502)  # stored, but the agent never hears so
+        return web.json_response({"accepted": stored.accepted})
+
+    app = web.Application()
+    app.router.add_post("/v1/journal", receive)
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    return server, collector
+
+
+async def test_group_commit_rotation_and_exactly_once(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal", max_segment_bytes=4096)
+    await journal.open()
+    for wave in range(10):  # concurrent records share fsyncs; each wave's batch may rotate the segment
+        await asyncio.gather(*(journal.record(record(wave * 20 + i)) for i in range(20)))
+    assert journal.records_written == 200
+    assert len(segments(journal.directory)) > 3
+    failures = [3]
+    server, collector = await collector_server(tmp_path, failures)
+    async with aiohttp.ClientSession() as http:
+        shipper = Shipper(journal, http, collector=f"http://127.0.0.1:{server.port}", node="n1", headers={})
+        task = asyncio.create_task(shipper.run())
+        try:
+            async with asyncio.timeout(30):
+                while shipper.shipped_records < 200:
+                    await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    events = await collector.query(Query(limit=1000))
+    assert sorted(e["event_id"] for e in events) == [f"{i:032x}" for i in range(200)]
+    assert collector.duplicates > 0  # the lost answers made the agent send again
+    assert [seq for seq, _ in segments(journal.directory)] == [journal.active_seq]  # shipped ones removed
+    await server.close()
+    await collector.close()
+    await journal.close()
+
+
+async def test_torn_tail_of_a_crashed_segment_is_skipped(tmp_path: Path) -> None:
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    lines = [json.dumps(record(i)) for i in range(3)]
+    # a segment left by a crash: two whole lines, then half a line (never acknowledged)
+    (directory / "segment-0000000001.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:20])
+    journal = Journal(directory, max_segment_bytes=1 << 20)
+    await journal.open()  # a restarted agent writes a new segment
+    assert journal.active_seq == 2
+    await journal.record(record(10))
+    server, collector = await collector_server(tmp_path, [0])
+    async with aiohttp.ClientSession() as http:
+        shipper = Shipper(journal, http, collector=f"http://127.0.0.1:{server.port}", node="n1", headers={})
+        task = asyncio.create_task(shipper.run())
+        try:
+            async with asyncio.timeout(30):
+                while shipper.shipped_records < 3:
+                    await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    events = await collector.query(Query(limit=10))
+    assert sorted(e["event_id"] for e in events) == [f"{i:032x}" for i in (0, 1, 10)]
+    assert not (directory / "segment-0000000001.jsonl").exists()
+    await server.close()
+    await collector.close()
+    await journal.close()
