@@ -32,7 +32,7 @@ DEFAULT_ORIGIN = "http://127.0.0.1:6970"
 
 
 def _http(method: str, url: str, body: Any = None, *, timeout: float = 10.0,
-          token: str | None = None) -> tuple[int, Any]:
+          token: str | None = None, raw_text: bool = False) -> tuple[int, Any]:
     if not url.startswith(("http://", "https://")):
         raise urllib.error.URLError(f"not an http(s) URL: {url}")
     data = json.dumps(body).encode() if body is not None else None
@@ -47,6 +47,8 @@ def _http(method: str, url: str, body: Any = None, *, timeout: float = 10.0,
             status = int(resp.status)
     except urllib.error.HTTPError as exc:
         raw, status = exc.read(), int(exc.code)
+    if raw_text and 200 <= status < 300:
+        return status, raw.decode(errors="replace")
     try:
         return status, json.loads(raw) if raw else None
     except ValueError:
@@ -137,7 +139,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     query["format"] = "json" if args.format == "table" else args.format
     url = f"{args.origin.rstrip('/')}/v1/audit?{urllib.parse.urlencode(query)}"
     try:
-        status, body = _http("GET", url, token=_node_token(args), timeout=60)
+        status, body = _http("GET", url, token=_node_token(args), timeout=60, raw_text=args.format != "table")
     except (urllib.error.URLError, OSError) as exc:
         print(f"shoal audit: cannot reach the origin at {args.origin}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 1
@@ -146,7 +148,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"shoal audit: origin answered {status}: {message}", file=sys.stderr)
         return 1
     if args.format != "table":
-        sys.stdout.write(body if isinstance(body, str) else json.dumps(body))
+        sys.stdout.write(body)
         return 0
     events = body["events"]
     rows = [[_short(e.get(c)) for c in AUDIT_COLUMNS] for e in events]

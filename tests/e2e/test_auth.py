@@ -183,39 +183,51 @@ def test_private_content_matrix(tstack: Stack, world: TokenWorld) -> None:
     assert "sha256:" + hashlib.sha256(public.body).hexdigest() == public_blob.digest
 
 
-def test_containerd_pulls_with_its_users_credentials(tstack: Stack, world: TokenWorld, tmp_path: Path) -> None:
-    agent, _ = start(tstack)
+def test_containerd_pulls_with_its_users_credentials(tstack: Stack, world: TokenWorld) -> None:
+    """ctr --user through the agent, for each principal, with the private blobs nowhere yet, then
+    cached on this node (after alice pulled), then only on a peer (another node's agent)."""
+    agent, peer = start(tstack)
     ref = f"{world.registry.host}/private/app:v1"
-    ctds = []
-    try:
-        for user, ok in (("bob", False), (None, False), ("alice", True)):
-            ctd = Containerd(Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp")))
-            ctds.append(ctd)
+    private = set(world.private.blobs)
+
+    def fetch(via: Component, user: str | None, image: str = ref) -> tuple[bool, set[str]]:
+        ctd = Containerd(Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp")))
+        try:
             ctd.start()
-            hosts = ctd.hosts_dir(world.registry.host, world.registry.url, agent)
-            # the registry itself (the `server` fallback) is made unreachable for containerd, so
-            # everything it gets, or does not get, is the agent's answer
+            hosts = ctd.hosts_dir(world.registry.host, world.registry.url, via)
+            # the registry itself (the `server` fallback) is unreachable for containerd, so what it
+            # gets, or does not get, is the agent's answer
             (hosts / world.registry.host / "hosts.toml").write_text(
-                f'server = "http://127.0.0.1:9"\n\n[host."{agent.url}"]\n  capabilities = ["pull", "resolve"]\n')
+                f'server = "http://127.0.0.1:9"\n\n[host."{via.url}"]\n  capabilities = ["pull", "resolve"]\n')
             args = ["content", "fetch", "--plain-http", "--hosts-dir", str(hosts)]
             if user:
                 args += ["--user", f"{user}:{USERS[user]}"]
-            result = ctd.ctr(*args, ref, check=False)
-            assert (result.returncode == 0) is ok, (user, result.stderr[-500:])
-            listed = ctd.ctr("content", "ls", "-q").stdout.split()
+            ok = ctd.ctr(*args, image, check=False).returncode == 0
+            listed = set(ctd.ctr("content", "ls", "-q").stdout.split())
             if ok:
-                ctd.verify_content([world.private.digest, *world.private.blobs])
-            else:
-                assert not set(world.private.blobs) & set(listed), f"{user} got private blobs"
-        public = f"{world.registry.host}/public/app:v1"
-        anon = ctds[1]
-        result = anon.ctr("content", "fetch", "--plain-http", "--hosts-dir", str(anon.workdir / "certs.d"),
-                          public, check=False)
-        assert result.returncode == 0, result.stderr[-500:]
-        anon.verify_content(list(world.public.blobs))
-    finally:
-        for ctd in ctds:
+                wanted = world.private if image == ref else world.public
+                ctd.verify_content([wanted.digest, *wanted.blobs])
+            return ok, listed
+        finally:
             ctd.close()
+
+    for user in ("bob", None):  # nowhere
+        ok, got = fetch(agent, user)
+        assert not ok and not got & private, user
+    ok, got = fetch(agent, "alice")
+    assert ok and private <= got
+    assert agent.metric("shoal_agent_cache_blobs") == len(private)
+    for via, state in ((agent, "cached"), (peer, "on peers")):
+        for user in ("bob", None):
+            ok, got = fetch(via, user)
+            assert not ok, (user, state)
+            assert not got & private, (user, state)
+    assert peer.metric("shoal_agent_cache_blobs") == 0
+    ok, _ = fetch(peer, None, f"{world.registry.host}/public/app:v1")  # anonymous, public image
+    assert ok
+    ok, _ = fetch(peer, "alice")  # and alice through the peer: from the swarm
+    assert ok
+    assert peer.metric("shoal_agent_downloads_total", source="peers", result="ok") >= 1
 
 
 def test_every_private_200_joins_a_registry_pull_event(tstack: Stack, world: TokenWorld) -> None:

@@ -3,14 +3,18 @@ killed with SIGKILL in the middle of a response."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import http.client
+import io
 import json
 import socket
+import subprocess
+import sys
 import time
 
 from tests.e2e.conftest import Images
-from tests.support.procs import Component, http_get
+from tests.support.procs import ROOT, Component, http_get
 from tests.support.stack import Stack
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -99,3 +103,51 @@ def test_exactly_once_across_collector_outage_and_sigkill(stack: Stack, images: 
     assert agent.metric("shoal_agent_journal_shipped_records_total") >= 2 * len(small)
     time.sleep(1)
     assert len(collected(stack)) == made
+
+
+def test_shoal_audit_queries_and_exports(stack: Stack, images: Images) -> None:
+    image = images.app()
+    stack.start(agents=2)
+    first, second = stack.agents
+    small = [b for b in image.blobs.values() if b.size < 1 << 20]
+    start = audit_now()
+    for agent in (first, second):
+        for blob in small:
+            assert request(agent, f"/v2/private/app/blobs/{blob.digest}")[0] == 200
+    assert request(first, "/v2/private/nosuch/blobs/sha256:" + "1" * 64)[0] == 404
+    events = wait_collected(stack, 2 * len(small) + 1)
+    assert len(events) == 2 * len(small) + 1
+
+    def shoal_audit(*args: str) -> str:
+        assert stack.origin is not None
+        result = subprocess.run([sys.executable, "-m", "shoal.cli", "audit", "--origin", stack.origin.url,
+                                 "--node-token-file", str(stack.keys["node_token"]), *args],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    rows = list(csv.DictReader(io.StringIO(shoal_audit("--repository", "private/app", "--format", "csv"))))
+    assert len(rows) == 2 * len(small)
+    assert {r["digest"] for r in rows} == {b.digest for b in small}
+    assert {r["node"] for r in rows} == {"node0", "node1"}
+    assert all(r["principal"] == "node" and r["status"] == "200" and r["outcome"] == "complete" for r in rows)
+    lines = shoal_audit("--node", "node1", "--format", "jsonl").splitlines()
+    assert len(lines) == len(small)
+    assert all(json.loads(line)["node"] == "node1" for line in lines)
+    digest = small[0].digest
+    assert len(shoal_audit("--digest", digest, "--format", "jsonl").splitlines()) == 2
+    assert len(shoal_audit("--image", f"{stack.registry.host}/private/nosuch", "--format", "jsonl").splitlines()) == 1
+    assert shoal_audit("--since", audit_now(), "--format", "jsonl") == ""
+    assert len(shoal_audit("--since", start, "--format", "jsonl").splitlines()) == 2 * len(small) + 1
+    table = shoal_audit("--principal", "node", "--digest", digest)
+    assert table.splitlines()[0].split()[:3] == ["TS", "NODE", "PRINCIPAL"]
+    assert len(table.splitlines()) == 3
+    # the collector needs the node token
+    status, _ = http_get(f"{stack.origin.url}/v1/audit") if stack.origin else (0, b"")
+    assert status == 401
+
+
+def audit_now() -> str:
+    from shoal.audit import now
+
+    return now()
