@@ -9,6 +9,7 @@ from the raw URL: names, tags and digests never contain `%`, so any percent-enco
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -36,7 +37,8 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 _ENDPOINTS = ("/manifests/", "/blobs/", "/referrers/")
 # Headers of a registry manifest answer worth passing on.
 _MANIFEST_HEADERS = ("Content-Type", "Docker-Content-Digest", "Etag", "OCI-Subject")
-_RELAYED = ("Content-Type", "Docker-Content-Digest", "Link", "OCI-Filters-Applied", "WWW-Authenticate")
+_RELAYED = ("Content-Type", "Docker-Content-Digest", "Link", "OCI-Filters-Applied", "WWW-Authenticate",
+            "Retry-After")
 AUDIT = "shoal.audit"
 
 
@@ -166,10 +168,13 @@ class MirrorApi:
         try:
             r = await up.client.get_manifest(name, str(ref), method=request.method, accept=accept,
                                              authorization=cred.upstream_auth)
-            if r.status >= 500 or r.status == 429:
+            if r.status >= 500:
                 raise errors.UpstreamError(f"registry answered {r.status}")
         except errors.UpstreamError:
             return await self._kept_manifest(request, up, cred, name, str(ref))
+        if r.status == 429 and self.auth.mode == "availability":
+            with contextlib.suppress(errors.UpstreamError):
+                return await self._kept_manifest(request, up, cred, name, str(ref))
         self.metrics.registry_requests.labels("manifest", str(r.status)).inc()
         audit.authz_method, audit.origin_status = "registry", str(r.status)
         if r.status != 200:
@@ -307,7 +312,9 @@ class MirrorApi:
         if size > self.max_blob_size:
             raise errors.BadRequest(errors.SIZE_INVALID, f"blob of {size} bytes exceeds max_blob_size")
         with self.store.pinned(digest):
-            if self.store.has(digest):
+            # A cached file is served only while it is the file that was verified (an fstat; a
+            # changed one is hashed again, a corrupt one evicted and fetched anew below).
+            if self.store.has(digest) and await self.store.verify(digest):
                 self.metrics.cache_hits.inc()
                 self.store.touch(digest)
                 request["source"] = audit.source = "cache"

@@ -126,11 +126,15 @@ def build(config: AgentConfig) -> web.Application:
                 registry.register(JournalCollector(journal, None))
                 log.warning("the pull journal is kept on this node only (no origin to ship it to)")
             registry.register(StoreCollector("shoal_agent", store))
+            if config.cache.scrub_interval > 0:
+                stack.push_async_callback(_cancel, asyncio.create_task(_scrub(store, config.cache.scrub_interval)))
             upstreams = Upstreams([
                 Upstream(u.name, RegistryClient(http, u.url, credentials=creds[u.name], user_agent=USER_AGENT,
-                                                read_timeout=config.registry_read_timeout))
+                                                read_timeout=config.registry_read_timeout,
+                                                token_realms=u.token_realms, redirect_hosts=u.redirect_hosts))
                 for u in config.upstreams
             ])
+            registry.register(RegistryRetries(upstreams))
             app[API_KEY] = MirrorApi(upstreams=upstreams, store=store, fetcher=fetcher,
                                      authorizer=Authorizer(config.auth, decisions), keeper=keeper, auth=config.auth,
                                      metrics=metrics, max_blob_size=config.max_blob_size)
@@ -168,10 +172,27 @@ def build(config: AgentConfig) -> web.Application:
     return app
 
 
+async def _scrub(store: BlobStore, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        bad = await store.scrub()
+        log.info("scrubbed the cache: %d blobs, %d corrupt (evicted)", len(store.digests()), bad)
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+class RegistryRetries(Collector):
+    def __init__(self, upstreams: Upstreams) -> None:
+        self.upstreams = upstreams
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        c = CounterMetricFamily("shoal_agent_registry_retries", "Registry requests retried after 429/5xx")
+        c.add_metric([], float(sum(u.client.retries for u in self.upstreams.all())))
+        yield c
 
 
 class JournalCollector(Collector):

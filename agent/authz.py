@@ -198,18 +198,22 @@ class Authorizer:
             flight.add_done_callback(lambda _t: self._flights.pop(key, None))
         try:
             decision = await asyncio.shield(flight)
-        except errors.UpstreamError:
+        except errors.UpstreamError as exc:
             if (self.settings.mode == "availability" and cached is not None and cached.allowed
                     and now - cached.at < self.settings.stale_decision_max_age):
                 return Verdict(cached, "stale_decision", "unreachable")
+            if isinstance(exc, errors.RateLimited):
+                raise
             raise errors.UpstreamError("the registry is unreachable, and private content is served only with "
-                                       "its authorization (auth.mode: strict)") from None
+                                       f"its authorization (auth.mode: {self.settings.mode})") from None
         self.decisions.put(key, decision)
         return Verdict(decision, "registry", str(decision.status))
 
     async def _ask(self, up: Upstream, cred: Credential, repo: str, digest: Digest) -> Decision:
         r = await up.client.request("HEAD", f"/v2/{repo}/blobs/{digest}", repo=repo, authorization=cred.upstream_auth)
-        if r.status >= 500 or r.status == 429:
+        if r.status == 429:
+            raise errors.RateLimited("the registry is rate limiting this node (429)")
+        if r.status >= 500:
             raise errors.UpstreamError(f"registry answered {r.status}")
         node_user = up.client.credentials.username if up.client.credentials else None
         if r.status == 200:

@@ -24,6 +24,8 @@ from shoal.errors import ConfigError
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
     max_bytes: Annotated[int, SIZE] = 20 << 30
+    # Every cached blob is hashed again this often (0: never), to find silent corruption.
+    scrub_interval: Annotated[float, DURATION] = 6 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ EMPTY_DIGEST = Digest(hashlib.sha256(b"").hexdigest())
 # A reader gives up when nothing at all happens for this long; the download's own deadlines
 # normally end a dead path much sooner.
 READER_SAFETY_TIMEOUT = 600.0
+READ_CHUNK = 1 << 20
 # While no piece has arrived, re-announce this often to pick up peers that joined after us.
 ANNOUNCE_RETRY = 1.5
 # Backoff while the origin does not hand out a swarm token.
@@ -67,6 +69,10 @@ class Download:
         # The credential of the client that started it (authorized for this blob): used if the
         # blob has to come from the registry.
         self.authorization = authorization
+        # While the blob comes straight from the registry: the file being written and how much of
+        # it is there (a whole-blob reader streams it, holding back the end until the digest matches).
+        self.partial: Path | None = None
+        self.written = 0
         self.job: TorrentJob | None = None
         self.source = "peers"
         self.error: errors.ShoalError | None = None
@@ -106,10 +112,11 @@ class Download:
             return chunk
 
         with store.pinned(self.digest):  # what is being served is never evicted under the client
-            async for chunk in self._stream(pos, end, check):
+            async for chunk in self._stream(pos, end, check, whole=whole):
                 yield chunk
 
-    async def _stream(self, pos: int, end: int, check: Callable[[bytes], bytes]) -> AsyncIterator[bytes]:
+    async def _stream(self, pos: int, end: int, check: Callable[[bytes], bytes], *,
+                      whole: bool) -> AsyncIterator[bytes]:
         store = self.fetcher.store
         last_progress = time.monotonic()
         while pos < end:
@@ -135,6 +142,18 @@ class Download:
                     last_progress = time.monotonic()
                     continue
                 job.prioritize(index)
+            if whole and self.partial is not None and pos < self.written:
+                # From the registry: not verified piece by piece, so only a whole-blob reader takes
+                # it, and its last chunk waits for the digest (see check).
+                try:
+                    chunk = await asyncio.to_thread(_pread, self.partial, pos, min(self.written, end) - pos)
+                except FileNotFoundError:
+                    continue  # renamed into the cache (or dropped): look again
+                if chunk:
+                    yield check(chunk)
+                    pos += len(chunk)
+                    last_progress = time.monotonic()
+                    continue
             if self.done.is_set() and not store.has(self.digest):
                 raise self.error or errors.SwarmUnavailable("download ended without the blob")
             if time.monotonic() - last_progress > READER_SAFETY_TIMEOUT:
@@ -250,17 +269,31 @@ class Download:
         if self.size == 0 and self.digest == EMPTY_DIGEST:
             return
         tmp = store.download_path(self.digest)
+
+        def progress(n: int) -> None:
+            m.registry_bytes.inc(n)
+            self.written += n
+            self._notify()
+
+        self.partial, self.written = tmp, 0
         try:
             await self.upstream.client.download_blob(self.repo, self.digest, tmp, max_size=self.size,
-                                                     progress=m.registry_bytes.inc, authorization=self.authorization)
+                                                     progress=progress, authorization=self.authorization)
         except errors.IntegrityError:
             m.integrity_failures.labels("origin").inc()
             raise
+        finally:
+            self.partial = None
         m.registry_requests.labels("blob", "200").inc()
         await store.commit_file(self.digest, tmp, verified=True)
         if published is not None and self.fetcher.swarm is not None:
             await store.save_metainfo(self.digest, published.meta.raw, published.signature)
             self.fetcher.swarm.add(published.meta, store.blob_dir(self.digest), seed=True)
+
+
+def _pread(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        return os.pread(f.fileno(), min(length, READ_CHUNK), offset)
 
 
 class _SwarmFailure(errors.SwarmUnavailable):

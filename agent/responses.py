@@ -114,19 +114,33 @@ async def send_blob(
             await resp.write_eof()
         return resp
 
-    await _start(request, resp)
     if request.method == "HEAD" or size == 0:
+        await _start(request, resp)
         await resp.write_eof()
         return resp
     part = parts[0]
-    with _abort_on_error(request):
-        path = body.path()
-        if path is not None:
-            await _sendfile(request, path, part.start, part.length)
+    path = body.path()
+    if path is None:
+        # In flight: wait for the first verified bytes before the status line, so a download that
+        # fails early is a clean error (containerd then tries the next host), not a cut body.
+        chunks = body.stream(part.start, part.length, whole=ranges is None)
+        first = await anext(chunks)
+        await _start(request, resp)
+        with _abort_on_error(request):
+            await resp.write(first)
             if on_bytes is not None:
-                on_bytes(part.length)
-        else:
-            await _write_range(request, resp, body, part, whole=ranges is None, on_bytes=on_bytes)
+                on_bytes(len(first))
+            async for chunk in chunks:
+                await resp.write(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
+            await resp.write_eof()
+        return resp
+    await _start(request, resp)
+    with _abort_on_error(request):
+        await _sendfile(request, path, part.start, part.length)
+        if on_bytes is not None:
+            on_bytes(part.length)
         await resp.write_eof()
     return resp
 

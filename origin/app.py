@@ -192,8 +192,8 @@ def build(config: OriginConfig) -> web.Application:
         store = BlobStore(Path(config.data_dir), max_bytes=config.cache.max_bytes)
         swarm = Swarm(SwarmSettings.from_config(config.torrent, SEEDER_FINGERPRINT))
         upstreams = {
-            u.name: Upstream(u.name, RegistryClient(http, u.url, credentials=creds[u.name],
-                                                    user_agent=USER_AGENT))
+            u.name: Upstream(u.name, RegistryClient(http, u.url, credentials=creds[u.name], user_agent=USER_AGENT,
+                                                    token_realms=u.token_realms, redirect_hosts=u.redirect_hosts))
             for u in config.upstreams
         }
         registration = TrackerRegistration(http, config.tracker, token)

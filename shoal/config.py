@@ -283,6 +283,11 @@ class UpstreamSettings:
     url: Annotated[str, URL]
     username: str | None = None
     password: SecretSource = dataclasses.field(default_factory=SecretSource)
+    # Token realms (URL prefixes) on other hosts that may receive these credentials, e.g. Docker
+    # Hub's https://auth.docker.io/token. A realm anywhere else is never contacted.
+    token_realms: list[Annotated[str, URL]] = dataclasses.field(default_factory=list)
+    # Hosts the registry may redirect blob downloads to (object storage); none by default.
+    redirect_hosts: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self, prefix: str) -> None:
         if not _UPSTREAM_NAME_RE.fullmatch(self.name):

@@ -94,6 +94,12 @@ class SwarmUnavailable(ShoalError):
     oci = UNAVAILABLE
 
 
+class RateLimited(UpstreamError):
+    """The registry keeps answering 429 beyond what the agent waits for."""
+
+    oci = TOOMANYREQUESTS
+
+
 class StoreFull(ShoalError):
     """The cache cannot make room (disk full or everything pinned)."""
 

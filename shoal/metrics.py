@@ -69,3 +69,7 @@ class StoreCollector(Collector):
         c = CounterMetricFamily(f"{self.prefix}_cache_evicted_bytes", "Bytes evicted to stay in budget")
         c.add_metric([], float(self.store.evicted_bytes))
         yield c
+        c = CounterMetricFamily(f"{self.prefix}_cache_corrupt_blobs",
+                                "Cached blobs found changed or corrupt on disk (evicted)")
+        c.add_metric([], float(self.store.integrity_failures))
+        yield c

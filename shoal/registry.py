@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ from shoal.oci import DEFAULT_ACCEPT, MAX_MANIFEST_BYTES, Digest
 log = logging.getLogger(__name__)
 
 BLOB_CHUNK = 1 << 20
+MAX_REDIRECTS = 3
+RETRIED = frozenset({429, 502, 503, 504})
+# A Retry-After longer than this is not waited for: the client is told instead.
+MAX_RETRY_WAIT = 5.0
 # Bearer tokens are refreshed this long before they expire.
 TOKEN_SLACK = 10.0
 _CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
@@ -79,6 +84,20 @@ class Response:
     body: bytes
 
 
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds (a number, or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
 def _timeout(read: float) -> aiohttp.ClientTimeout:
     # No total limit: a multi-GB layer may take long; a stalled socket may not.
     return aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read)
@@ -93,12 +112,21 @@ class RegistryClient:
         credentials: Credentials | None,
         user_agent: str,
         read_timeout: float = 30.0,
+        token_realms: Sequence[str] = (),
+        redirect_hosts: Sequence[str] = (),
+        retry_budget: float = 10.0,
     ) -> None:
         self.http = http
         self.base = URL(base_url)
         self.credentials = credentials
         self.user_agent = user_agent
         self.read_timeout = read_timeout
+        # Where this client may send its own credentials for tokens, besides the registry's host,
+        # and where the registry may redirect (object storage): nothing else is ever contacted.
+        self.token_realms = tuple(URL(r) for r in token_realms)
+        self.redirect_hosts = frozenset(h.lower() for h in redirect_hosts)
+        self.retry_budget = retry_budget
+        self.retries = 0
         self._basic_known = False
         self._tokens: dict[str, tuple[str, float]] = {}
         self._token_locks: dict[str, asyncio.Lock] = {}
@@ -138,10 +166,20 @@ class RegistryClient:
             self._tokens[scope] = (token, time.monotonic() + max(ttl - TOKEN_SLACK, 1.0))
         return True
 
+    def _realm_allowed(self, realm: URL) -> bool:
+        if realm.scheme not in ("http", "https") or not realm.host:
+            return False
+        if realm.origin() == self.base.origin():
+            return True
+        return any(realm.origin() == allowed.origin() and realm.path.startswith(allowed.path)
+                   for allowed in self.token_realms)
+
     async def _fetch_token(self, realm: str, service: str | None, scope: str) -> tuple[str, float]:
         realm_url = URL(realm)
-        if realm_url.scheme not in ("http", "https") or not realm_url.host:
-            raise errors.UpstreamError("registry sent an unusable token realm")
+        if not self._realm_allowed(realm_url):
+            # A realm elsewhere would receive this client's credentials: only configured ones.
+            raise errors.UpstreamError(f"registry named a token realm on {realm_url.host!r}, which is not "
+                                       "the registry nor in token_realms")
         query: dict[str, str] = {"scope": scope}
         if service:
             query["service"] = service
@@ -173,6 +211,50 @@ class RegistryClient:
         url = self.base.join(URL(path, encoded=True)) if path.startswith("/") else self.base / path
         return url.update_query(query) if query else url
 
+    async def _once(self, method: str, url: URL, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """One request, following redirects only to the registry itself or to `redirect_hosts`
+        (credentials go only to the registry's own origin)."""
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                resp = await self.http.request(method, url, headers=headers, allow_redirects=False,
+                                               timeout=_timeout(self.read_timeout))
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise errors.UpstreamError(f"registry {self.base.host}:{self.base.port} unreachable: "
+                                           f"{type(exc).__name__}") from None
+            if resp.status not in (301, 302, 303, 307, 308):
+                return resp
+            location = resp.headers.get("Location", "")
+            resp.release()
+            target = url.join(URL(location))
+            same = target.origin() == self.base.origin()
+            if target.scheme not in ("http", "https") or not (
+                    same or (target.host or "").lower() in self.redirect_hosts):
+                raise errors.UpstreamError(f"registry redirected to {target.host!r}, which is not in redirect_hosts")
+            if not same:
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url = target
+            if resp.status == 303:
+                method = "GET"
+        raise errors.UpstreamError("registry redirected too many times")
+
+    async def _retrying(self, method: str, url: URL, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """Retry 429 and 502/503/504 while the registry's Retry-After (or a short backoff) fits
+        in `retry_budget`; then hand the last answer to the caller."""
+        spent, backoff = 0.0, 0.25
+        while True:
+            resp = await self._once(method, url, headers)
+            if resp.status not in RETRIED:
+                return resp
+            wait = _retry_after(resp.headers.get("Retry-After"))
+            wait = backoff if wait is None else wait
+            if spent + wait > self.retry_budget or wait > MAX_RETRY_WAIT:
+                return resp
+            resp.release()
+            self.retries += 1
+            await asyncio.sleep(wait)
+            spent += wait
+            backoff = min(backoff * 2, 2.0)
+
     async def _send(
         self, method: str, path: str, *, repo: str | None, headers: Mapping[str, str] | None = None,
         query: Mapping[str, str] | None = None, authorization: Authorization = OWN,
@@ -182,26 +264,16 @@ class RegistryClient:
         exactly once, as the puller's own. The caller must release the response."""
         scope = f"repository:{repo}:pull" if repo else None
         hdrs = {"User-Agent": self.user_agent, **(headers or {})}
+        url = self._url(path, query)
         if not isinstance(authorization, _Own):
             if authorization is not None:
                 hdrs["Authorization"] = authorization
-            try:
-                return await self.http.request(method, self._url(path, query), headers=hdrs,
-                                               timeout=_timeout(self.read_timeout))
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                raise errors.UpstreamError(f"registry {self.base.host}:{self.base.port} unreachable: "
-                                           f"{type(exc).__name__}") from None
+            return await self._retrying(method, url, hdrs)
         for attempt in range(2):
             auth = self._auth_header(scope)
             if auth is not None:
                 hdrs["Authorization"] = auth
-            try:
-                resp = await self.http.request(
-                    method, self._url(path, query), headers=hdrs, timeout=_timeout(self.read_timeout),
-                )
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                raise errors.UpstreamError(f"registry {self.base.host}:{self.base.port} unreachable: "
-                                           f"{type(exc).__name__}") from None
+            resp = await self._retrying(method, url, hdrs)
             if resp.status == 401 and attempt == 0:
                 try:
                     answered = await self._answer_challenge(resp.headers.get("WWW-Authenticate", ""), scope,
@@ -289,7 +361,8 @@ class RegistryClient:
             h.update(chunk)
             f.write(chunk)
 
-        f = await asyncio.to_thread(open, dest, "wb")
+        # unbuffered: what `progress` reports is readable from the file at once
+        f = await asyncio.to_thread(open, dest, "wb", 0)
         try:
             async for chunk in self.stream_blob(repo, digest, authorization=authorization):
                 size += len(chunk)

@@ -50,10 +50,21 @@ class NoPickleDisk(diskcache.Disk):  # type: ignore[misc]
         return super().fetch(mode, filename, value, read)
 
 
+# What a verified file looked like: size, mtime_ns, ctime_ns, inode. Any write, truncation or
+# replacement through the filesystem changes it (ctime cannot be set back from user space), so a
+# cheap fstat tells whether the file is still the one that was hashed.
+Stamp = tuple[int, int, int, int]
+
+
+def stamp_of(st: os.stat_result) -> Stamp:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
 @dataclass(slots=True)
 class _Entry:
     size: int
     atime: float
+    stamp: Stamp | None  # None: not known to match the hash since start (checked before serving)
 
 
 def sha256_file(path: Path, expected: Digest | None = None) -> Digest:
@@ -66,6 +77,10 @@ def sha256_file(path: Path, expected: Digest | None = None) -> Digest:
     if expected is not None and got != expected:
         raise errors.IntegrityError(f"{path.name}: content hashes to {got}, expected {expected}")
     return got
+
+
+def _index_doc(entry: _Entry) -> str:
+    return json.dumps({"size": entry.size, "atime": entry.atime, "stamp": entry.stamp})
 
 
 def fsync_dir(path: Path) -> None:
@@ -109,6 +124,7 @@ class BlobStore:
         self._doomed: set[Digest] = set()
         self.evictions = 0
         self.evicted_bytes = 0
+        self.integrity_failures = 0
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -134,19 +150,29 @@ class BlobStore:
         for key in list(self._index.iterkeys()):
             try:
                 doc = json.loads(self._index.get(key))
-                indexed[Digest.parse(key)] = _Entry(int(doc["size"]), float(doc["atime"]))
+                stamp = doc.get("stamp")
+                indexed[Digest.parse(key)] = _Entry(int(doc["size"]), float(doc["atime"]),
+                                                    tuple(stamp) if isinstance(stamp, list) else None)
             except (ValueError, TypeError, KeyError, errors.ShoalError):
                 self._index.delete(key)
         on_disk = dict(self._scan_blobs())
         for digest in set(indexed) - set(on_disk):
             self._index.delete(str(digest))
         entries: list[tuple[Digest, _Entry]] = []
-        for digest, size in on_disk.items():
+        for digest, st in on_disk.items():
             entry = indexed.get(digest)
-            if entry is None or entry.size != size:
-                # Renamed into place (so verified) but the index write was lost: adopt it.
-                entry = _Entry(size, time.time())
-                self._index.set(str(digest), json.dumps({"size": size, "atime": entry.atime}))
+            if entry is None:
+                # Renamed into place after verification, but the index write was lost (a crash):
+                # hash it again before taking it back; it is rare.
+                try:
+                    sha256_file(self.path(digest), digest)
+                except errors.IntegrityError:
+                    self.path(digest).unlink(missing_ok=True)
+                    continue
+                entry = _Entry(st.st_size, time.time(), stamp_of(st))
+                self._index.set(str(digest), _index_doc(entry))
+            elif entry.stamp != stamp_of(st):
+                entry.stamp = None  # changed since it was verified (or unknown): hash before serving
             entries.append((digest, entry))
         entries.sort(key=lambda de: de[1].atime)
         self._entries = OrderedDict(entries)
@@ -155,7 +181,7 @@ class BlobStore:
             if not SHA256_HEX_RE.fullmatch(name) or Digest(name) not in self._entries:
                 meta.unlink(missing_ok=True)
 
-    def _scan_blobs(self) -> Iterator[tuple[Digest, int]]:
+    def _scan_blobs(self) -> Iterator[tuple[Digest, os.stat_result]]:
         for prefix in self.blobs_dir.iterdir():
             if prefix.is_symlink() or not prefix.is_dir():
                 prefix.unlink(missing_ok=True)
@@ -170,7 +196,7 @@ class BlobStore:
                     else:
                         f.unlink(missing_ok=True)
                     continue
-                yield Digest(f.name), st.st_size
+                yield Digest(f.name), st
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._index_writer, self._close_sync)
@@ -246,7 +272,7 @@ class BlobStore:
         if index is None:
             return
         key = str(digest)
-        doc = None if entry is None else json.dumps({"size": entry.size, "atime": entry.atime})
+        doc = None if entry is None else _index_doc(entry)
 
         def write() -> None:
             if doc is None:
@@ -276,36 +302,36 @@ class BlobStore:
         and rename it into `blobs/`."""
         dest = self.path(digest)
 
-        def work() -> int:
+        def work() -> os.stat_result:
             if not verified:
                 sha256_file(src, digest)
             fsync_file(src)
             dest.parent.mkdir(exist_ok=True)
             os.replace(src, dest)
             fsync_dir(dest.parent)
-            return dest.stat().st_size
+            return dest.stat()
 
         try:
-            size = await asyncio.to_thread(work)
+            st = await asyncio.to_thread(work)
         except BaseException:
             await asyncio.to_thread(src.unlink, missing_ok=True)
             raise
-        self._add(digest, size)
+        self._add(digest, st)
 
     async def adopt_in_place(self, digest: Digest) -> None:
         """Register a blob that was verified and then moved to `path(digest)` by someone else
         (libtorrent's move_storage)."""
         path = self.path(digest)
 
-        def work() -> int:
+        def work() -> os.stat_result:
             fsync_file(path)
             fsync_dir(path.parent)
-            return path.stat().st_size
+            return path.stat()
 
         self._add(digest, await asyncio.to_thread(work))
 
-    def _add(self, digest: Digest, size: int) -> None:
-        entry = _Entry(size, time.time())
+    def _add(self, digest: Digest, st: os.stat_result) -> None:
+        entry = _Entry(st.st_size, time.time(), stamp_of(st))
         self._entries[digest] = entry
         self._entries.move_to_end(digest)
         self._write_index(digest, entry)
@@ -326,6 +352,55 @@ class BlobStore:
         self._write_index(digest, None)
         if entry is not None:
             log.info("removed blob %s (%d bytes): %s", digest, entry.size, reason)
+
+    # ----- integrity -------------------------------------------------------------------------
+
+    async def verify(self, digest: Digest, *, deep: bool = False) -> bool:
+        """Is the cached file still exactly what was verified? A file whose stamp changed (or,
+        with `deep`, any file) is hashed again; a corrupt or missing one is removed (False)."""
+        entry = self._entries.get(digest)
+        if entry is None:
+            return False
+        path, known = self.path(digest), entry.stamp
+
+        def work() -> Stamp | str:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return "missing"
+            if not stat.S_ISREG(st.st_mode):
+                return "not a regular file"
+            if not deep and known == stamp_of(st):
+                return stamp_of(st)
+            try:
+                sha256_file(path, digest)
+            except errors.IntegrityError:
+                return "content does not hash to the digest"
+            except OSError as exc:
+                return f"unreadable ({exc.strerror})"
+            return stamp_of(os.lstat(path))
+
+        outcome = await asyncio.to_thread(work)
+        if isinstance(outcome, str):
+            self.integrity_failures += 1
+            log.error("cached blob %s is corrupt (%s): evicting it", digest, outcome)
+            await self.remove(digest, reason=f"corrupt on disk: {outcome}")
+            return False
+        if outcome != entry.stamp:
+            entry.stamp = outcome
+            self._write_index(digest, entry)
+        return True
+
+    async def scrub(self) -> int:
+        """Hash every cached blob once (one at a time); returns how many were corrupt."""
+        bad = 0
+        for digest in list(self._entries):
+            if digest not in self._entries:
+                continue
+            with self.pinned(digest):
+                if not await self.verify(digest, deep=True):
+                    bad += 1
+        return bad
 
     # ----- metainfo -------------------------------------------------------------------------
 
