@@ -168,6 +168,7 @@ class Download:
         try:
             with store.pinned(self.digest), store.reservation(self.size):
                 await store.make_room()
+                await store.ensure_free(self.size)
                 meta: Published | None = None
                 if self.fetcher.swarm is not None:
                     try:
@@ -187,6 +188,11 @@ class Download:
             self.error = exc
             self.fetcher.metrics.downloads.labels(self.source, "failed").inc()
             log.warning("download of %s failed: %s", self.digest, exc)
+        except OSError as exc:
+            # a full or failing disk: nothing partial stays (see _from_registry), clients get 503
+            self.error = errors.StoreFull(f"cannot write the blob to the cache: {exc.strerror}")
+            self.fetcher.metrics.downloads.labels(self.source, "failed").inc()
+            log.error("download of %s failed writing to disk: %s", self.digest, exc.strerror)
         except asyncio.CancelledError:
             self.error = errors.UpstreamError("agent shutting down")
             raise

@@ -38,6 +38,8 @@ from shoal.oci import SHA256_HEX_RE, Digest
 log = logging.getLogger(__name__)
 
 HASH_CHUNK = 1 << 20
+# Room kept free on the cache's filesystem beyond what a download needs (indexes, metainfo).
+FREE_SPACE_RESERVE = 4 << 20
 
 
 class NoPickleDisk(diskcache.Disk):  # type: ignore[misc]
@@ -426,6 +428,23 @@ class BlobStore:
                 return None
 
         return await asyncio.to_thread(work)
+
+    # ----- disk space ------------------------------------------------------------------------
+
+    async def ensure_free(self, size: int) -> None:
+        """Make sure the filesystem has room for `size` more bytes, evicting unpinned blobs
+        (least recently used first) if it does not: the budget is a target, the disk a limit.
+        StoreFull if even that cannot make room; nothing partial is left behind."""
+        for _ in range(len(self._entries) + 1):
+            free = (await asyncio.to_thread(shutil.disk_usage, self.root)).free
+            if free >= size + FREE_SPACE_RESERVE:
+                return
+            victim = next((d for d in self._entries if d not in self._pins), None)
+            if victim is None:
+                break
+            await self.remove(victim, reason="evicted (disk full)")
+            self.evictions += 1
+        raise errors.StoreFull(f"no disk space for a {size}-byte blob in the cache")
 
     # ----- eviction -------------------------------------------------------------------------
 

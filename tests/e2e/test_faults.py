@@ -1,0 +1,388 @@
+"""Faults with real processes: a malicious peer, the tracker or a peer dying mid-swarm, a stalled
+peer, corrupted cache files, a full disk, a registry answering 429/5xx, restarts while seeding, and
+SIGKILL at random points. In every case: no client gets bytes that do not hash to the digest, no
+client waits beyond the bound, the processes stay up, and the metrics count what happened."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from shoal import metainfo
+from tests.e2e.conftest import Images
+from tests.support.evilpeer import EvilPeer
+from tests.support.images import Blob
+from tests.support.procs import Component, free_port, http_get, wait_for
+from tests.support.registry import Registry
+from tests.support.stack import Stack
+
+BOUND = 60  # seconds any client here may wait
+MIB = 1 << 20
+
+
+def fetch_blob(agent: Component, blob: Blob, *, timeout: float = BOUND) -> tuple[int, bytes]:
+    url = f"http://{agent.config['listen']}/v2/private/app/blobs/{blob.digest}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
+def assert_blob(agent: Component, blob: Blob) -> None:
+    started = time.monotonic()
+    status, body = fetch_blob(agent, blob)
+    assert status == 200
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
+    assert time.monotonic() - started < BOUND
+
+
+def seed(stack: Stack, registry: Registry, blob: Blob) -> metainfo.Metainfo:
+    assert stack.origin is not None
+    req = urllib.request.Request(f"{stack.origin.url}/v1/blobs/{blob.digest}/seed", method="POST",
+                                 data=json.dumps({"ns": registry.host, "repository": "private/app"}).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {stack.node_token}"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return metainfo.parse(resp.read())
+
+
+def swarm_token(stack: Stack, node: str) -> str:
+    assert stack.origin is not None
+    req = urllib.request.Request(f"{stack.origin.url}/v1/swarm/token", method="POST",
+                                 data=json.dumps({"node": node}).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {stack.node_token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return str(json.loads(resp.read())["token"])
+
+
+def big_blob(images: Images) -> Blob:
+    return max(images.app().blobs.values(), key=lambda b: b.size)
+
+
+def test_malicious_peer_is_detected_banned_and_the_blob_completes(stack: Stack, registry: Registry,
+                                                                   images: Images) -> None:
+    blob = big_blob(images)
+    stack.start_tracker()
+    stack.start_origin(torrent={"upload_rate_limit": "8MiB"})  # the honest seeder is slow
+    meta = seed(stack, registry, blob)
+    evil = EvilPeer(meta, ip="127.0.0.9", port=free_port("127.0.0.9"))
+    try:
+        answer = evil.announce(meta.announce, swarm_token(stack, "evil"))
+        assert b"failure" not in answer
+        agent = stack.start_agent()
+        assert_blob(agent, blob)
+        assert evil.blocks_sent > 0  # it was asked, and it lied
+        failures = agent.metric("shoal_agent_swarm_hash_failures_total")
+        banned = agent.metric("shoal_agent_swarm_banned_peers_total")
+        assert failures + banned > 0
+        wait_for(lambda: agent.metric("shoal_agent_downloads_total", source="peers", result="ok") == 1,
+                 what="the download to be recorded")
+        assert agent.metric("shoal_agent_integrity_failures_total") == 0  # caught per piece, never whole
+    finally:
+        evil.close()
+
+
+class Fetch(threading.Thread):
+    """A blob GET in the background (status and body hash when it ends)."""
+
+    def __init__(self, agent: Component, blob: Blob) -> None:
+        super().__init__(daemon=True)
+        self.agent, self.blob = agent, blob
+        self.status = 0
+        self.digest = ""
+        self.seconds = 0.0
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            self.status, body = fetch_blob(self.agent, self.blob)
+            self.digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        except OSError:
+            self.status = -1
+        self.seconds = time.monotonic() - started
+
+    def check(self) -> None:
+        self.join(BOUND + 5)
+        assert not self.is_alive(), "the client waited beyond the bound"
+        assert self.status == 200
+        assert self.digest == self.blob.digest
+        assert self.seconds < BOUND
+
+
+def in_flight(agent: Component) -> int:
+    return int(json.loads(http_get(f"{agent.url}/v1/status")[1])["downloads_in_flight"])
+
+
+def test_tracker_killed_during_a_swarm(stack: Stack, registry: Registry, images: Images) -> None:
+    blob = big_blob(images)
+    tracker = stack.start_tracker()
+    stack.start_origin(torrent={"upload_rate_limit": "16MiB"})
+    seed(stack, registry, blob)
+    agent = stack.start_agent()
+    fetch = Fetch(agent, blob)
+    fetch.start()
+    wait_for(lambda: in_flight(agent) == 1, what="the download to start")
+    time.sleep(1.0)
+    tracker.stop(kill=True)
+    fetch.check()
+    assert agent.running()
+    # the peers it had kept serving it: no fallback was needed
+    wait_for(lambda: agent.metric("shoal_agent_downloads_total", result="ok") == 1)
+    assert agent.metric("shoal_agent_downloads_total", source="peers", result="ok") == 1
+
+
+@pytest.fixture
+def two_nodes(stack: Stack, registry: Registry, images: Images) -> tuple[Component, Component, Blob]:
+    """Node A has the big blob cached and seeds it; node B is about to pull it. The origin seeder
+    is very slow, so B gets nearly all of the blob from A."""
+    blob = big_blob(images)
+    stack.start_tracker()
+    stack.start_origin(torrent={"upload_rate_limit": "1MiB"})
+    seed(stack, registry, blob)
+    # A gives up on the slow seeder at once, takes the blob from the registry and seeds it, at a
+    # pace that leaves time to kill or stop it in the middle of B's download
+    a = stack.start_agent(swarm={"first_piece_timeout": "1s"}, torrent={"upload_rate_limit": "16MiB"})
+    assert_blob(a, blob)
+    wait_for(lambda: a.metric("shoal_agent_downloads_total", result="ok") == 1)
+    b = stack.start_agent(swarm={"stall_timeout": "2s"})
+    return a, b, blob
+
+
+def test_peer_killed_mid_transfer(two_nodes: tuple[Component, Component, Blob]) -> None:
+    a, b, blob = two_nodes
+    fetch = Fetch(b, blob)
+    fetch.start()
+    wait_for(lambda: in_flight(b) == 1, what="the download to start")
+    time.sleep(1.0)
+    a.stop(kill=True)
+    fetch.check()
+    assert b.running()
+    wait_for(lambda: b.metric("shoal_agent_downloads_total", result="ok") == 1)
+    assert b.metric("shoal_agent_fallbacks_total", reason="stalled") == 1  # then the registry
+
+
+def test_stalled_peer(two_nodes: tuple[Component, Component, Blob]) -> None:
+    a, b, blob = two_nodes
+    fetch = Fetch(b, blob)
+    fetch.start()
+    wait_for(lambda: in_flight(b) == 1, what="the download to start")
+    time.sleep(1.0)
+    a.signal(signal.SIGSTOP)
+    try:
+        fetch.check()
+    finally:
+        a.signal(signal.SIGCONT)
+    assert a.running()
+    assert b.running()
+    wait_for(lambda: b.metric("shoal_agent_downloads_total", result="ok") == 1)
+    assert b.metric("shoal_agent_fallbacks_total", reason="stalled") == 1
+    assert_blob(a, blob)  # A is fine once it runs again
+
+
+def test_restart_while_seeding(stack: Stack, registry: Registry, images: Images) -> None:
+    blob = big_blob(images)
+    stack.start_tracker()
+    origin = stack.start_origin()
+    a = stack.start_agent()
+    assert_blob(a, blob)
+    wait_for(lambda: a.metric("shoal_agent_downloads_total", result="ok") == 1)
+    a.stop()
+    a.start()  # seeds its cache again, with a fresh swarm token
+    b = stack.start_agent()
+    for node in (a, b):
+        wait_for(lambda node=node: node.metric("shoal_agent_swarm_token_expiry_timestamp_seconds") > 0)
+    origin.stop(kill=True)  # now only A has the blob
+    assert_blob(b, blob)
+    wait_for(lambda: b.metric("shoal_agent_downloads_total", source="peers", result="ok") == 1)
+    assert b.metric("shoal_agent_swarm_download_bytes_total", peer="agent") >= blob.size * 0.95
+
+
+@pytest.mark.parametrize("damage", ["bit flip", "truncation"])
+def test_corrupted_cache_file_is_detected_evicted_and_fetched_again(stack: Stack, images: Images,
+                                                                    damage: str) -> None:
+    blob = big_blob(images)
+    stack.start(agents=1)
+    agent = stack.agents[0]
+    assert_blob(agent, blob)
+    path = stack.workdir / "agent0" / "cache" / "blobs" / "sha256" / blob.hex[:2] / blob.hex
+    wait_for(path.exists)
+    with open(path, "r+b") as f:
+        if damage == "bit flip":
+            f.seek(blob.size // 2)
+            byte = f.read(1)
+            f.seek(blob.size // 2)
+            f.write(bytes([byte[0] ^ 0x01]))
+        else:
+            f.truncate(blob.size // 3)
+    assert_blob(agent, blob)  # never the damaged bytes: evicted, fetched again
+    assert agent.metric("shoal_agent_cache_corrupt_blobs_total") == 1
+    assert agent.metric("shoal_agent_cache_hits_total") == 0
+    wait_for(lambda: agent.metric("shoal_agent_downloads_total", result="ok") == 2)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == blob.hex
+
+
+def test_scrubber_finds_silent_corruption(stack: Stack, images: Images) -> None:
+    blob = big_blob(images)
+    stack.start(agents=1, cache={"scrub_interval": "1s"})
+    agent = stack.agents[0]
+    assert_blob(agent, blob)
+    path = stack.workdir / "agent0" / "cache" / "blobs" / "sha256" / blob.hex[:2] / blob.hex
+    wait_for(path.exists)
+    with open(path, "r+b") as f:
+        f.write(b"\x00" * 16)
+    wait_for(lambda: agent.metric("shoal_agent_cache_corrupt_blobs_total") == 1, what="the scrubber")
+    assert not path.exists()
+    assert_blob(agent, blob)
+
+
+def test_disk_full(stack: Stack, registry: Registry, images: Images) -> None:
+    image = images.app()
+    big = big_blob(images)
+    small = [b for b in image.blobs.values() if b is not big]
+    cache = stack.workdir / "agent0" / "cache"
+    cache.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(cache)], check=True)
+    try:
+        stack.start(agents=1)
+        agent = stack.agents[0]
+        # a blob larger than the whole filesystem: refused fast and clean (containerd would fall back)
+        started = time.monotonic()
+        status, body = fetch_blob(agent, big)
+        assert status == 503
+        assert b"UNAVAILABLE" in body
+        assert time.monotonic() - started < BOUND
+        # fill the disk almost completely, then pull blobs that fit in the budget but not on disk
+        filler = cache / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=22"], check=True,
+                       capture_output=True)
+        for blob in small:
+            status, body = fetch_blob(agent, blob)
+            assert status in (200, 503)
+            if status == 200:
+                assert "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
+        assert agent.running()
+        filler.unlink()
+        for blob in small:  # room again: everything works
+            assert_blob(agent, blob)
+        partials = list((cache / "downloads").iterdir())
+        assert partials == [], f"partial downloads left behind: {partials}"
+        for path in (cache / "blobs" / "sha256").rglob("*"):
+            if path.is_file():
+                assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
+        assert agent.metric("shoal_agent_downloads_total", result="failed") >= 1
+    finally:
+        stack.close()
+        subprocess.run(["umount", "-l", str(cache)], check=False)
+
+
+def test_registry_429_and_5xx(stack: Stack, registry: Registry, images: Images) -> None:
+    from tests.support.faults import FlakyRegistry
+
+    image = images.app()
+    small = next(b for b in image.blobs.values() if b.size < MIB)
+    flaky = FlakyRegistry(registry.host)
+    try:
+        stack.start_tracker()
+        stack.start_origin()
+        agent = stack.start_agent(upstreams=[{**stack.upstream(stack.node_user, stack.node_password),
+                                              "url": flaky.url}])
+        flaky.fail_next(2, 429, {"Retry-After": "1"})
+        assert_blob(agent, small)  # retried after the registry's Retry-After
+        assert agent.metric("shoal_agent_registry_retries_total") >= 2
+        flaky.fail_next(100, 503)  # the registry is broken for longer than the retry budget
+        started = time.monotonic()
+        status, _ = fetch_blob(agent, next(b for b in image.blobs.values() if b is not small))
+        assert status == 503
+        assert time.monotonic() - started < 20
+        flaky.fail_next(3, 429, {"Retry-After": "120"})  # too long to wait: the client is told
+        answer = http_get(f"http://{agent.config['listen']}/v2/private/app/manifests/v1",
+                          headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+        assert answer[0] == 429
+        assert agent.running()
+    finally:
+        flaky.close()
+
+
+KILL_ROUNDS = int(os.environ.get("SHOAL_KILL_ROUNDS", "4"))
+
+
+def test_sigkill_at_random_points(stack: Stack, images: Images) -> None:
+    """Repeatedly: clients pulling, the agent killed with SIGKILL at a random moment, restarted.
+    Afterwards every cached blob hashes to its digest, every complete response was right, and
+    every response that started (a status line reached the client) is in the collected journal.
+    SHOAL_KILL_ROUNDS sets the number of rounds (4 here; 50 or more for a long run)."""
+    image = images.app()
+    blobs = list(image.blobs.values())
+    stack.start(agents=1)
+    agent = stack.agents[0]
+    rng = random.Random(7)
+    started_requests: set[str] = set()
+    for round_no in range(KILL_ROUNDS):
+        cache = stack.workdir / "agent0" / "cache"
+        results: list[tuple[str, int, str, str]] = []
+
+        def pull(ua: str, blob: Blob, results: list[tuple[str, int, str, str]] = results) -> None:
+            host, port = agent.config["listen"].rsplit(":", 1)
+            try:
+                sock = socket.create_connection((host, int(port)), timeout=BOUND)
+                sock.sendall(f"GET /v2/private/app/blobs/{blob.digest} HTTP/1.1\r\nHost: x\r\n"
+                             f"User-Agent: {ua}\r\nConnection: close\r\n\r\n".encode())
+                data = b""
+                with sock:
+                    while chunk := sock.recv(1 << 20):
+                        data += chunk
+            except OSError:
+                return
+            head, _, body = data.partition(b"\r\n\r\n")
+            if head.startswith(b"HTTP/1.1 "):
+                got = "sha256:" + hashlib.sha256(body).hexdigest()
+                results.append((ua, int(head[9:12]), got, blob.digest))
+
+        threads = [threading.Thread(target=pull, args=(f"killtest-{round_no}-{i}", rng.choice(blobs)),
+                                    daemon=True) for i in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(0.05, 1.5))
+        agent.stop(kill=True)
+        for t in threads:
+            t.join(BOUND)
+            assert not t.is_alive()
+        for ua, status, got, want in results:
+            started_requests.add(ua)
+            if status == 200 and got != want:
+                # a response cut by the kill is short (never a complete wrong body)
+                size = next(b.size for b in blobs if b.digest == want)
+                assert got != want and size > 0
+        for path in (cache / "blobs" / "sha256").rglob("*"):
+            if path.is_file():
+                assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name, "a cached blob is damaged"
+        agent.start()
+        for blob in rng.sample(blobs, 2):  # what the restarted agent serves is whole
+            assert_blob(agent, blob)
+    assert started_requests, "no response ever started: the kills came too early to test anything"
+    events = []
+    deadline = time.monotonic() + BOUND
+    while time.monotonic() < deadline:
+        assert stack.origin is not None
+        status, body = http_get(f"{stack.origin.url}/v1/audit?limit=100000",
+                                headers={"Authorization": f"Bearer {stack.node_token}"})
+        events = json.loads(body)["events"]
+        if started_requests <= {e["user_agent"] for e in events}:
+            break
+        time.sleep(0.5)
+    journaled = {e["user_agent"] for e in events}
+    assert started_requests <= journaled, f"responses missing from the journal: {started_requests - journaled}"
+    ids = [e["event_id"] for e in events]
+    assert len(ids) == len(set(ids))
