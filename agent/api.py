@@ -27,7 +27,7 @@ from agent.metrics import AgentMetrics
 from agent.responses import API_VERSION, BEFORE_START, oci_error, send_blob
 from agent.upstreams import Upstream, Upstreams
 from shoal import errors
-from shoal.oci import TAG_RE, Digest, parse_manifest_reference, validate_name
+from shoal.oci import Digest, parse_manifest_reference, validate_name
 from shoal.registry import Response
 from shoal.store import BlobStore
 
@@ -170,11 +170,11 @@ class MirrorApi:
                                              authorization=cred.upstream_auth)
             if r.status >= 500:
                 raise errors.UpstreamError(f"registry answered {r.status}")
-        except errors.UpstreamError:
-            return await self._kept_manifest(request, up, cred, name, str(ref))
+        except errors.UpstreamError as exc:
+            return await self._kept_manifest(request, up, cred, name, str(ref), str(exc))
         if r.status == 429 and self.auth.mode == "availability":
             with contextlib.suppress(errors.UpstreamError):
-                return await self._kept_manifest(request, up, cred, name, str(ref))
+                return await self._kept_manifest(request, up, cred, name, str(ref), "registry answered 429")
         self.metrics.registry_requests.labels("manifest", str(r.status)).inc()
         audit.authz_method, audit.origin_status = "registry", str(r.status)
         if r.status != 200:
@@ -204,7 +204,7 @@ class MirrorApi:
         return web.Response(status=200, body=r.body, headers={**API_VERSION, **headers})
 
     async def _kept_manifest(self, request: web.Request, up: Upstream, cred: Credential, name: str,
-                             reference: str) -> web.StreamResponse:
+                             reference: str, reason: str) -> web.StreamResponse:
         """The registry is unreachable: availability mode answers with what this credential was
         allowed before; strict mode refuses."""
         audit = audit_of(request)
@@ -212,7 +212,7 @@ class MirrorApi:
         kept = await self.keeper.find(cred.fingerprint, up.name, name, reference) \
             if self.auth.mode == "availability" else None
         if kept is None:
-            raise errors.UpstreamError("the registry is unreachable and this manifest cannot be authorized "
+            raise errors.UpstreamError(f"{reason}: this manifest cannot be served or authorized now "
                                        f"(auth.mode: {self.auth.mode})")
         audit.authz_method, audit.principal, audit.digest = "stale_decision", kept.principal, kept.digest
         headers = {**API_VERSION, "Content-Type": kept.media_type, "Docker-Content-Digest": kept.digest,
@@ -226,12 +226,11 @@ class MirrorApi:
         n, last = request.rel_url.query.get("n"), request.rel_url.query.get("last")
         if n is not None:
             if not n.isdigit() or len(n) > 6:
-                raise errors.BadRequest(errors.UNSUPPORTED, "n must be a number")
+                raise errors.BadRequest(errors.PAGINATION_NUMBER_INVALID)
             query["n"] = n
         if last is not None:
-            if not TAG_RE.fullmatch(last):
-                raise errors.BadRequest(errors.UNSUPPORTED, "last must be a tag")
-            query["last"] = last
+            # passed on encoded, as distribution takes any value here (it only compares tags)
+            query["last"] = last[:256]
         r = await up.client.request("GET", f"/v2/{name}/tags/list", repo=name, query=query,
                                     authorization=cred.upstream_auth)
         self.metrics.registry_requests.labels("tags", str(r.status)).inc()
