@@ -77,7 +77,7 @@ def test_redirect_to_a_host_not_allowed_is_refused(tmp_path: Path, fake: FakeSer
     blob_routes(fake, Canned(307, {"Location": f"{trap.url}/metadata"}))
     agent = agent_for(tmp_path, fake)
     try:
-        status, headers, body, _ = raw_get(agent, BLOB_PATH)
+        status, _headers, body, _ = raw_get(agent, BLOB_PATH)
         assert status == 503
         assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
         assert trap.seen == []

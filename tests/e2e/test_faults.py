@@ -5,6 +5,7 @@ client waits beyond the bound, the processes stay up, and the metrics count what
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -121,6 +122,10 @@ class Fetch(threading.Thread):
         assert self.seconds < BOUND
 
 
+def has_token(agent: Component) -> bool:
+    return agent.metric("shoal_agent_swarm_token_expiry_timestamp_seconds") > 0
+
+
 def in_flight(agent: Component) -> int:
     return int(json.loads(http_get(f"{agent.url}/v1/status")[1])["downloads_in_flight"])
 
@@ -202,7 +207,7 @@ def test_restart_while_seeding(stack: Stack, registry: Registry, images: Images)
     a.start()  # seeds its cache again, with a fresh swarm token
     b = stack.start_agent()
     for node in (a, b):
-        wait_for(lambda node=node: node.metric("shoal_agent_swarm_token_expiry_timestamp_seconds") > 0)
+        wait_for(functools.partial(has_token, node))
     origin.stop(kill=True)  # now only A has the blob
     assert_blob(b, blob)
     wait_for(lambda: b.metric("shoal_agent_downloads_total", source="peers", result="ok") == 1)
