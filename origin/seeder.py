@@ -128,8 +128,12 @@ class Seeder:
         published = self._metas.get(digest)
         if published is not None and self.store.has(digest):
             self.store.touch(digest)
-            if digest.hex not in self.registration.registered:
-                await self.registration.register(published.meta, published.signature)
+            # An agent asks here only after the tracker did not know the blob (e.g. it restarted
+            # without persistence): register again, and announce so the seeder is listed at once.
+            if await self.registration.register(published.meta, published.signature):
+                job = self.swarm.job(digest.hex)
+                if job is not None:
+                    self.swarm.force_reannounce(job)
             self.metrics.requests.labels("cached").inc()
             return published
         flight = self._flights.get(digest)

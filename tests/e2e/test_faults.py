@@ -391,3 +391,47 @@ def test_sigkill_at_random_points(stack: Stack, images: Images) -> None:
     assert started_requests <= journaled, f"responses missing from the journal: {started_requests - journaled}"
     ids = [e["event_id"] for e in events]
     assert len(ids) == len(set(ids))
+
+
+def test_tracker_restarted_without_persistence(stack: Stack, registry: Registry, images: Images) -> None:
+    blob = big_blob(images)
+    tracker = stack.start_tracker()  # in memory: a restart forgets every registration
+    stack.start_origin()
+    seed(stack, registry, blob)
+    tracker.stop()
+    tracker.start()
+    agent = stack.start_agent()
+    assert_blob(agent, blob)
+    wait_for(lambda: agent.metric("shoal_agent_downloads_total", result="ok") == 1)
+    assert agent.metric("shoal_agent_downloads_total", source="peers", result="ok") == 1  # no fallback
+    assert agent.metric("shoal_agent_fallbacks_total") == 0
+
+
+def test_journal_cannot_be_written(stack: Stack, images: Images) -> None:
+    """No response without its journal record: with the journal's disk full, the agent answers 503."""
+    image = images.app()
+    journal = stack.workdir / "agent0" / "journal"
+    journal.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(journal)], check=True)
+    try:
+        stack.start(agents=1)
+        agent = stack.agents[0]
+        small = next(b for b in image.blobs.values() if b.size < MIB)
+        assert_blob(agent, small)
+        filler = journal / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k", "count=1000"], capture_output=True)
+        # the segment's last page may still take a few records; then the disk is really full
+        answers = [fetch_blob(agent, small) for _ in range(40)]
+        refused = [body for status, body in answers if status == 503]
+        assert refused, "the agent kept serving without journaling"
+        assert all(b"journal" in body for body in refused)
+        first = next(i for i, (status, _) in enumerate(answers) if status == 503)
+        assert all(status == 503 for status, _ in answers[first:])  # never again unrecorded
+        assert all("sha256:" + hashlib.sha256(body).hexdigest() == small.digest
+                   for status, body in answers if status == 200)
+        assert agent.running()
+        filler.unlink()
+        assert_blob(agent, small)
+    finally:
+        stack.close()
+        subprocess.run(["umount", "-l", str(journal)], check=False)
