@@ -169,8 +169,8 @@ class RegistryClient:
     def _realm_allowed(self, realm: URL) -> bool:
         if realm.scheme not in ("http", "https") or not realm.host:
             return False
-        if realm.origin() == self.base.origin():
-            return True
+        if realm.host == self.base.host:
+            return True  # the registry's own host (a token server beside it, any port)
         return any(realm.origin() == allowed.origin() and realm.path.startswith(allowed.path)
                    for allowed in self.token_realms)
 
@@ -178,8 +178,8 @@ class RegistryClient:
         realm_url = URL(realm)
         if not self._realm_allowed(realm_url):
             # A realm elsewhere would receive this client's credentials: only configured ones.
-            raise errors.UpstreamError(f"registry named a token realm on {realm_url.host!r}, which is not "
-                                       "the registry nor in token_realms")
+            raise errors.UpstreamError(f"registry named a token realm on {realm_url.host!r}, which is neither "
+                                       "the registry's host nor in token_realms")
         query: dict[str, str] = {"scope": scope}
         if service:
             query["service"] = service

@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.clients import Containerd
 from tests.support.images import Image, build_image, push
-from tests.support.procs import Component, http_get
+from tests.support.procs import Component, http_get, wait_for
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 from tests.support.tokenserver import TokenServer
@@ -227,7 +227,8 @@ def test_containerd_pulls_with_its_users_credentials(tstack: Stack, world: Token
     assert ok
     ok, _ = fetch(peer, "alice")  # and alice through the peer: from the swarm
     assert ok
-    assert peer.metric("shoal_agent_downloads_total", source="peers", result="ok") >= 1
+    wait_for(lambda: peer.metric("shoal_agent_downloads_total", source="peers", result="ok") >= 1,
+             what="a download from the swarm")
 
 
 def test_every_private_200_joins_a_registry_pull_event(tstack: Stack, world: TokenWorld) -> None:

@@ -23,7 +23,7 @@ BLOB_PATH = f"/v2/app/blobs/{DIGEST}"
 
 @pytest.fixture
 def fake() -> Iterator[FakeServer]:
-    server = FakeServer()
+    server = FakeServer("127.0.0.3")  # another host than the trap's
     server.routes[("GET", "/v2/")] = Canned(200, {"Content-Type": "application/json"}, b"{}")
     yield server
     server.close()
@@ -90,7 +90,7 @@ def test_redirect_to_allowed_storage_carries_no_credentials(tmp_path: Path, fake
     storage = FakeServer("127.0.0.1")
     try:
         storage.routes[("GET", "/bucket/blob")] = Canned(200, {}, DATA)
-        # "localhost" names the storage host; the registry itself is 127.0.0.1
+        # "localhost" names the storage host; the registry itself is 127.0.0.3
         blob_routes(fake, Canned(307, {"Location": f"http://localhost:{storage.port}/bucket/blob?sig=x"}))
         fake.require_basic = True
         agent = agent_for(tmp_path, fake, redirect_hosts=["localhost"])
