@@ -1,0 +1,1 @@
+"""shoal benchmarks: python -m bench (see bench/RESULTS.md)."""

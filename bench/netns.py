@@ -1,0 +1,104 @@
+"""Emulated hosts: one network namespace per host on a shared bridge, each NIC capped with tc.
+
+Every host gets a veth pair: `eth0` inside its namespace, the other end on the bridge `shb0` in
+the root namespace. A token bucket (tbf) on both ends caps the host's upload (eth0 egress) and
+download (bridge-side egress) at B, as a physical NIC of B would. Loopback inside a namespace is
+not capped, so a client and the agent on the same host talk at memory speed, as on a real node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+BRIDGE = "shb0"
+PREFIX = "shb-"
+SUBNET = "10.88"
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), check=check, capture_output=True, text=True)
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    ip: str
+    cap_bytes: int | None  # bytes per second each way, None: uncapped
+
+    @property
+    def netns(self) -> str:
+        return PREFIX + self.name
+
+    def cmd(self, *args: str) -> list[str]:
+        """A command line that runs inside this host's namespace."""
+        return ["ip", "netns", "exec", self.netns, *args]
+
+    def popen(self, args: Sequence[str], *, log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        out = open(log, "ab")  # noqa: SIM115 (the child keeps it)
+        proc = subprocess.Popen(self.cmd(*args), stdout=out, stderr=out, env={**os.environ, **(env or {})})
+        out.close()
+        return proc
+
+    def tx_bytes(self) -> int:
+        """Bytes this host sent on its NIC so far."""
+        stats = sh(*self.cmd("cat", "/sys/class/net/eth0/statistics/tx_bytes")).stdout
+        return int(stats.strip())
+
+
+def _tbf(dev: str, rate: int, ns: str | None = None) -> None:
+    burst = max(256 << 10, rate // 100)  # 10 ms worth: enough for the kernel timer at these rates
+    base = ["ip", "netns", "exec", ns] if ns else []
+    sh(*base, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate * 8}bit",
+       "burst", str(burst), "latency", "100ms")
+
+
+class Topology:
+    def __init__(self) -> None:
+        self.hosts: dict[str, Host] = {}
+
+    def __enter__(self) -> Topology:
+        self.teardown()
+        sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        sh("ip", "addr", "add", f"{SUBNET}.0.1/16", "dev", BRIDGE)
+        sh("ip", "link", "set", BRIDGE, "up")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+    def add(self, name: str, ip: str, cap_bytes: int | None) -> Host:
+        host = Host(name, ip, cap_bytes)
+        outer = (PREFIX + name)[:15]
+        sh("ip", "netns", "add", host.netns)
+        sh("ip", "link", "add", outer, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
+        sh("ip", "link", "set", outer, "master", BRIDGE)
+        sh("ip", "link", "set", outer, "up")
+        sh(*host.cmd("ip", "addr", "add", f"{ip}/16", "dev", "eth0"))
+        sh(*host.cmd("ip", "link", "set", "eth0", "up"))
+        sh(*host.cmd("ip", "link", "set", "lo", "up"))
+        if cap_bytes:
+            _tbf("eth0", cap_bytes, host.netns)
+            _tbf(outer, cap_bytes)
+        self.hosts[name] = host
+        return host
+
+    def uncap(self, name: str) -> None:
+        host = self.hosts[name]
+        sh(*host.cmd("tc", "qdisc", "del", "dev", "eth0", "root"), check=False)
+        sh("tc", "qdisc", "del", "dev", (PREFIX + name)[:15], "root", check=False)
+
+    def teardown(self) -> None:
+        for ns in sh("ip", "netns", "list", check=False).stdout.split("\n"):
+            name = ns.split(" ")[0]
+            if name.startswith(PREFIX):
+                sh("ip", "netns", "pids", name, check=False)
+                for pid in sh("ip", "netns", "pids", name, check=False).stdout.split():
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid), 9)
+                sh("ip", "netns", "del", name, check=False)
+        sh("ip", "link", "del", BRIDGE, check=False)
+        self.hosts.clear()

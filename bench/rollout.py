@@ -1,0 +1,147 @@
+"""Cold rollout: N capped hosts pull one image at once, through each system.
+
+Hosts are network namespaces whose NICs are capped at B (tc tbf, both directions). The registry
+host (10.88.0.2) is capped at B too; shoal's origin and tracker run on it, beside the registry.
+The central cache (docker-registry in proxy mode) has a host of its own, capped at B.
+Systems: "direct" (every host pulls from the registry), "central" (every host pulls from the
+cache, which pulls from the registry once), "shoal" (every host pulls from its own agent).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import services
+from bench.netns import SUBNET, Host, Topology
+from shoal.cli import make_keys
+
+REGISTRY_IP, CACHE_IP = f"{SUBNET}.0.2", f"{SUBNET}.0.3"
+
+
+@dataclass
+class RolloutResult:
+    system: str
+    hosts: int
+    image_bytes: int
+    cap_bytes: int
+    total_seconds: float  # from the common start to the last host done
+    p50_seconds: float
+    p99_seconds: float
+    registry_egress_bytes: int
+    errors: list[str]
+
+    @property
+    def ideal_seconds(self) -> float:
+        return self.image_bytes / self.cap_bytes
+
+    def row(self) -> dict[str, Any]:
+        return {**asdict(self), "ideal_seconds": round(self.ideal_seconds, 2),
+                "ratio_to_ideal": round(self.total_seconds / self.ideal_seconds, 2),
+                "egress_ratio": round(self.registry_egress_bytes / self.image_bytes, 3)}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+class Rollout:
+    def __init__(self, work: Path, topo: Topology, cap: int, max_hosts: int) -> None:
+        self.work, self.topo, self.cap = work, topo, cap
+        self.registry_host = topo.add("registry", REGISTRY_IP, cap)
+        self.cache_host = topo.add("cache", CACHE_IP, cap)
+        self.nodes = [topo.add(f"h{i}", f"{SUBNET}.1.{i}", cap) for i in range(1, max_hosts + 1)]
+        self.registry = services.registry(self.registry_host, work / "registry").start(
+            f"http://{REGISTRY_IP}:5000/v2/")
+        self.keys = make_keys(work / "keys")
+
+    def close(self) -> None:
+        self.registry.stop()
+
+    @property
+    def registry_url(self) -> str:
+        return f"http://{REGISTRY_IP}:5000"
+
+    def run(self, system: str, hosts: int, image: str, image_bytes: int) -> RolloutResult:
+        run_dir = self.work / f"{system}-{hosts}-{image.replace('/', '_').replace(':', '_')}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        nodes = self.nodes[:hosts]
+        started: list[services.Service] = []
+        try:
+            if system == "direct":
+                endpoints = [self.registry_url] * hosts
+            elif system == "central":
+                cache = services.registry(self.cache_host, run_dir / "cache", proxy_of=self.registry_url)
+                started.append(cache.start(f"http://{CACHE_IP}:5000/v2/"))
+                endpoints = [f"http://{CACHE_IP}:5000"] * hosts
+            else:
+                started += self._shoal(run_dir, nodes)
+                endpoints = ["http://127.0.0.1:5050"] * hosts
+            egress_before = services.registry_bytes_sent(self.registry.log)
+            go_at = time.time() + 3
+            clients = []
+            for node, endpoint in zip(nodes, endpoints, strict=True):
+                out = run_dir / f"client-{node.name}.json"
+                clients.append((out, node.popen([sys.executable, "-m", "bench.client", "--endpoint", endpoint,
+                                                 "--image", image, "--go-at", str(go_at), "--out", str(out)],
+                                                log=str(run_dir / f"client-{node.name}.log"),
+                                                env={"PYTHONPATH": str(services.ROOT)})))
+            for _, proc in clients:
+                proc.wait(7200)
+            time.sleep(1.5)  # the registry logs a response after it is sent
+            egress = services.registry_bytes_sent(self.registry.log) - egress_before
+        finally:
+            for service in reversed(started):
+                service.stop()
+        durations: list[float] = []
+        errors: list[str] = []
+        finished: list[float] = []
+        for out, _ in clients:
+            doc: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {
+                "errors": ["no result"], "started": go_at, "finished": time.time()}
+            errors += [str(e) for e in doc["errors"]]
+            durations.append(float(doc["finished"]) - go_at)
+            finished.append(float(doc["finished"]))
+        return RolloutResult(system, hosts, image_bytes, self.cap, round(max(finished) - go_at, 2),
+                             round(statistics.median(durations), 2), round(percentile(durations, 0.99), 2),
+                             egress, errors)
+
+    def _shoal(self, run_dir: Path, nodes: list[Host]) -> list[services.Service]:
+        keys = {k: str(v) for k, v in self.keys.items()}
+        upstream = {"name": f"{REGISTRY_IP}:5000", "url": self.registry_url}
+        tracker_url = f"http://{REGISTRY_IP}:6969"
+        tracker = services.shoal(self.registry_host, "tracker", "tracker", run_dir, {
+            "listen": f"{REGISTRY_IP}:6969", "registration_token": {"file": keys["registration_token"]},
+            "node_token": {"file": keys["node_token"]}, "origin_public_key": keys["origin_public_key"],
+            "interval": "10s", "min_interval": "1s", "log": {"level": "warning"},
+        }).start(f"{tracker_url}/readyz")
+        origin = services.shoal(self.registry_host, "origin", "origin", run_dir, {
+            "listen": f"{REGISTRY_IP}:6970", "data_dir": str(run_dir / "origin"), "upstreams": [upstream],
+            "tracker": tracker_url, "registration_token": {"file": keys["registration_token"]},
+            "signing_key": keys["signing_key"], "node_token": {"file": keys["node_token"]},
+            "torrent": {"listen": f"{REGISTRY_IP}:6881"}, "log": {"level": "warning"},
+        }).start(f"http://{REGISTRY_IP}:6970/readyz")
+        agents = []
+        for node in nodes:
+            agents.append(services.shoal(node, "agent", f"agent-{node.name}", run_dir, {
+                "listen": "127.0.0.1:5050", "node": node.name, "data_dir": str(run_dir / node.name),
+                "upstreams": [upstream], "tracker": tracker_url, "origin": f"http://{REGISTRY_IP}:6970",
+                "node_token": {"file": keys["node_token"]}, "origin_public_key": keys["origin_public_key"],
+                "torrent": {"listen": f"{node.ip}:6881"},
+                "swarm": {"first_piece_timeout": "30s", "stall_timeout": "30s"},
+                "log": {"level": "warning"},
+            }))
+        for agent in agents:
+            agent.start()
+        for agent in agents:
+            agent.wait("http://127.0.0.1:5050/readyz", (200,))
+        time.sleep(1.0)  # swarm tokens
+        return [tracker, origin, *agents]

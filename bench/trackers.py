@@ -1,0 +1,90 @@
+"""Tracker throughput: shoal's tracker against Debian's opentracker, same wrk load (an announce
+script varying peer id and port), same concurrency, on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote_from_bytes
+
+import yaml
+
+from bench import services
+from bench.loadgen import WrkResult, wrk
+from shoal import metainfo, signing
+from shoal.cli import make_keys
+from shoal.oci import Digest
+from tests.support.procs import free_port
+
+LUA = """
+counter = 0
+request = function()
+  counter = counter + 1
+  local peer = string.format("-LD0001-%%012d", counter %% 5000)
+  local port = 20000 + (counter %% 5000)
+  local left = (counter %% 5 == 0) and 0 or 1000
+  local path = "/announce?info_hash=%s&peer_id=" .. peer .. "&port=" .. port ..
+               "&uploaded=0&downloaded=0&left=" .. left .. "&compact=1&numwant=50&token=%s"
+  return wrk.format("GET", path)
+end
+"""
+
+
+@dataclass
+class TrackerResult:
+    connections: int
+    shoal: WrkResult
+    opentracker: WrkResult
+
+
+def run(work: Path, *, seconds: int, connections: int = 32) -> TrackerResult:
+    work.mkdir(parents=True, exist_ok=True)
+    keys = make_keys(work / "keys")
+    data = b"tracker bench" * 1000
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    blob = work / digest.hex
+    blob.write_bytes(data)
+    port, ot_port = free_port(), free_port()
+    raw = metainfo.create(blob, digest, announce=f"http://127.0.0.1:{port}/announce")
+    meta = metainfo.parse(raw)
+    key = signing.load_private_key(str(keys["signing_key"]), "signing_key")
+    token = signing.issue_token(key, "bench", 3600)
+    config = work / "tracker.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{port}", "registration_token": {"file": str(keys["registration_token"])},
+        "node_token": {"file": str(keys["node_token"])}, "origin_public_key": str(keys["origin_public_key"]),
+        "log": {"level": "warning"}}))
+    whitelist = work / "whitelist.txt"
+    whitelist.write_text(meta.tracker_hash.hex() + "\n")
+    logs = [open(work / f"{n}.log", "ab") for n in ("tracker", "opentracker")]  # noqa: SIM115
+    shoal = subprocess.Popen([sys.executable, "-m", "tracker", "--config", str(config)], stdout=logs[0],
+                             stderr=logs[0], env={"PYTHONPATH": str(services.ROOT)})
+    ot = subprocess.Popen(["opentracker", "-i", "127.0.0.1", "-p", str(ot_port), "-P", str(ot_port),
+                           "-w", str(whitelist)], stdout=logs[1], stderr=logs[1])
+    try:
+        for _ in range(300):
+            if services.http_ok(f"http://127.0.0.1:{port}/readyz"):
+                break
+            time.sleep(0.1)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/metainfo/{digest}", data=raw, method="PUT",
+                                     headers={"Authorization": f"Bearer {keys['registration_token'].read_text()}",
+                                              "Shoal-Signature": signing.sign_metainfo(key, raw)})
+        urllib.request.urlopen(req, timeout=10).close()  # noqa: S310
+        script = work / "announce.lua"
+        script.write_text(LUA % (quote_from_bytes(meta.tracker_hash), token))
+        results = {}
+        for name, p in (("shoal", port), ("opentracker", ot_port)):
+            results[name] = wrk(f"http://127.0.0.1:{p}", threads=1, connections=connections, seconds=seconds,
+                                script=script)
+        return TrackerResult(connections, results["shoal"], results["opentracker"])
+    finally:
+        for proc in (shoal, ot):
+            proc.terminate()
+            proc.wait(20)
+        for log in logs:
+            log.close()

@@ -1,0 +1,124 @@
+"""The machine's limit: N agents on loopback (no caps) pulling one large blob through the swarm,
+against N plain HTTP clients pulling the same blob straight from the registry. Aggregate
+throughput = N * size / time until the last one is done. Also records the agents' footprint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench import services
+from shoal.cli import make_keys
+from tests.support.procs import free_port
+
+CLK_TCK = 100
+
+
+@dataclass
+class UncappedResult:
+    agents: int
+    blob_bytes: int
+    swarm_seconds: float
+    http_seconds: float
+    swarm_aggregate_bytes_per_second: float
+    http_aggregate_bytes_per_second: float
+    agent_peak_rss_bytes: int
+    agent_cpu_seconds_per_gib: float
+    errors: list[str]
+
+
+def _proc_stats(pid: int) -> tuple[int, float]:
+    """(RSS bytes, CPU seconds) of a process."""
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return rss, (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _curl_all(urls: list[str], outdir: Path) -> tuple[float, list[str]]:
+    started = time.monotonic()
+    procs = [subprocess.Popen(["curl", "-sf", "-o", str(outdir / f"http-{i}"), "-w", "%{http_code}", u],
+                              stdout=subprocess.PIPE) for i, u in enumerate(urls)]
+    errors = []
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        if out.decode() != "200":
+            errors.append(f"HTTP client got {out.decode()}")
+    return time.monotonic() - started, errors
+
+
+def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], agents: int = 4,
+        libtorrent: dict[str, Any] | None = None) -> UncappedResult:
+    digest, size = blob
+    work.mkdir(parents=True, exist_ok=True)
+    keys = {k: str(v) for k, v in make_keys(work / "keys").items()}
+    upstream = {"name": registry_host, "url": f"http://{registry_host}"}
+    tport, oport = free_port(), free_port()
+    tracker = services.Service(None, "tracker", [sys.executable, "-m", "tracker", "--config", str(work / "t.yaml")],
+                               work)
+    (work / "t.yaml").write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{tport}", "registration_token": {"file": keys["registration_token"]},
+        "node_token": {"file": keys["node_token"]}, "origin_public_key": keys["origin_public_key"],
+        "interval": "10s", "min_interval": "1s", "log": {"level": "warning"}}))
+    origin = services.Service(None, "origin", [sys.executable, "-m", "origin", "--config", str(work / "o.yaml")],
+                              work)
+    (work / "o.yaml").write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{oport}", "data_dir": str(work / "origin"), "upstreams": [upstream],
+        "tracker": f"http://127.0.0.1:{tport}", "registration_token": {"file": keys["registration_token"]},
+        "signing_key": keys["signing_key"], "node_token": {"file": keys["node_token"]},
+        "torrent": {"listen": f"127.0.0.1:{free_port()}", "libtorrent": libtorrent or {}},
+        "log": {"level": "warning"}}))
+    started_services = [tracker.start(f"http://127.0.0.1:{tport}/readyz")]
+    started_services.append(origin.start(f"http://127.0.0.1:{oport}/readyz"))
+    nodes = []
+    try:
+        for i in range(agents):
+            ip = f"127.0.0.{i + 2}"
+            port = free_port(ip)
+            cfg = work / f"a{i}.yaml"
+            cfg.write_text(yaml.safe_dump({
+                "listen": f"{ip}:{port}", "node": f"n{i}", "data_dir": str(work / f"a{i}"), "upstreams": [upstream],
+                "tracker": f"http://127.0.0.1:{tport}", "origin": f"http://127.0.0.1:{oport}",
+                "node_token": {"file": keys["node_token"]}, "origin_public_key": keys["origin_public_key"],
+                "torrent": {"listen": f"{ip}:{free_port(ip)}", "libtorrent": libtorrent or {}},
+                "swarm": {"first_piece_timeout": "60s", "stall_timeout": "60s"}, "log": {"level": "warning"}}))
+            service = services.Service(None, f"agent{i}", [sys.executable, "-m", "agent", "--config", str(cfg)], work)
+            service.start(f"http://{ip}:{port}/readyz")
+            started_services.append(service)
+            nodes.append((service, f"http://{ip}:{port}/v2/{repo}/blobs/{digest}"))
+        # the origin has the blob already (pre-seeded), so this measures the swarm itself
+        seed = json.dumps({"ns": registry_host, "repository": repo}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{oport}/v1/blobs/{digest}/seed", data=seed, method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {Path(keys['node_token']).read_text()}"})
+        urllib.request.urlopen(req, timeout=300).close()  # noqa: S310
+        time.sleep(2)  # swarm tokens, announces
+        cpu_before = sum(_proc_stats(s.pid)[1] for s, _ in nodes)
+        outcome: list[tuple[float, list[str]]] = []
+        puller = threading.Thread(target=lambda: outcome.append(_curl_all([u for _, u in nodes], work)))
+        puller.start()
+        peak = 0
+        while puller.is_alive():
+            peak = max([peak, *(_proc_stats(s.pid)[0] for s, _ in nodes)])
+            puller.join(0.1)
+        swarm_seconds, errors = outcome[0]
+        cpu = sum(_proc_stats(s.pid)[1] for s, _ in nodes) - cpu_before
+        http_seconds, http_errors = _curl_all([f"http://{registry_host}/v2/{repo}/blobs/{digest}"] * agents, work)
+        gib_served = agents * size / (1 << 30)
+        return UncappedResult(agents, size, round(swarm_seconds, 3), round(http_seconds, 3),
+                              agents * size / swarm_seconds, agents * size / http_seconds, peak,
+                              round(cpu / gib_served, 3), errors + http_errors)
+    finally:
+        for service in reversed(started_services):
+            service.stop()
