@@ -141,7 +141,7 @@ class Download:
                     pos += len(chunk)
                     last_progress = time.monotonic()
                     continue
-                job.prioritize(index)
+                job.want(index)
             if whole and self.partial is not None and pos < self.written:
                 # From the registry: not verified piece by piece, so only a whole-blob reader takes
                 # it, and its last chunk waits for the digest (see check).

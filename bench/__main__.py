@@ -9,6 +9,7 @@ baselines' N * S / B times.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -58,6 +59,13 @@ def main() -> int:
     parser.add_argument("--systems", default="direct,central,shoal")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: rollout,hits,tracker,uncapped")
     parser.add_argument("--seconds", type=int, default=8, help="duration of each wrk measurement")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    parser.add_argument("--origin-config", type=json.loads, default={},
+                        help='JSON merged into the origin\'s config, e.g. {"torrent": {"libtorrent": {...}}}')
+    parser.add_argument("--agent-config", type=json.loads, default={},
+                        help='JSON merged into every agent\'s config, e.g. {"prefetch": {"enabled": false}}')
+    parser.add_argument("--repeat", type=int, default=1, help="cold rollouts per (system, N, size); all reported")
+    parser.add_argument("--log-level", default="warning", help="log level of shoal's services")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("python -m bench: needs root (network namespaces and tc)", file=sys.stderr)
@@ -75,7 +83,8 @@ def main() -> int:
     print(f"machine: {results['machine']}", flush=True)
 
     with Topology() as topo:
-        rollout = Rollout(work / "rollout", topo, cap, max(hosts))
+        rollout = Rollout(work / "rollout", topo, cap, max(hosts), origin_config=args.origin_config,
+                          agent_config=args.agent_config, log_level=args.log_level)
         try:
             images = {}
             for n, size in enumerate(sizes):
@@ -87,12 +96,14 @@ def main() -> int:
                 for size in sizes:
                     image, ref = images[size]
                     for n in hosts:
-                        for system in args.systems.split(","):
-                            print(f"rollout: {system} N={n} {size >> 20} MiB ...", end=" ", flush=True)
+                        for system, run in itertools.product(args.systems.split(","), range(args.repeat)):
+                            print(f"rollout: {system} N={n} {size >> 20} MiB run {run + 1} ...", end=" ", flush=True)
                             r = rollout.run(system, n, ref, image.total_blob_bytes)
-                            results["rollout"].append(r.row())
+                            results["rollout"].append({**r.row(), "run": run + 1})
                             print(f"{r.total_seconds}s (ideal {r.ideal_seconds:.1f}s), egress "
-                                  f"{r.registry_egress_bytes >> 20} MiB, errors {len(r.errors)}", flush=True)
+                                  f"{r.registry_egress_bytes >> 20} MiB, errors {len(r.errors)}, from agents "
+                                  f"{r.from_agents_bytes >> 20} MiB, from seeder {r.from_seeder_bytes >> 20} MiB",
+                                  flush=True)
                             (out / "results.json").write_text(json.dumps(results, indent=2))
             image, ref = images[sizes[0]]
             large = max(image.blobs.values(), key=lambda b: b.size)
@@ -123,7 +134,8 @@ def main() -> int:
     (out / "results.md").write_text(report)
     plot(results, out)
     print(report)
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

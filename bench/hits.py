@@ -15,6 +15,7 @@ import yaml
 
 from bench import services
 from bench.loadgen import WrkResult, wrk
+from tests.support.clients import sha256_path
 from tests.support.procs import free_port
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -80,9 +81,11 @@ def run(work: Path, *, registry_url: str, repo: str, manifest_digest: str, large
             "agent": f"http://127.0.0.1:{agent_port}/v2/{repo}/blobs/",
             "central": f"http://127.0.0.1:{central_port}/v2/{repo}/blobs/",
         }
-        for base in urls.values():  # warm both caches
+        for base in urls.values():  # warm both caches, checking what they serve
             for digest in (large[0], small):
-                subprocess.run(["curl", "-sf", "-o", "/dev/null", base + digest], check=True, timeout=300)
+                subprocess.run(["curl", "-sf", "-o", str(work / "warm"), base + digest], check=True, timeout=300)
+                if sha256_path(work / "warm") != digest:
+                    raise RuntimeError(f"{base}{digest} does not hash to its digest")
         time.sleep(1)
         large_file = work / "agent" / "cache" / "blobs" / "sha256" / large[0][7:9] / large[0][7:]
         small_file = work / "agent" / "cache" / "blobs" / "sha256" / small[7:9] / small[7:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,14 @@ def _mb(v: float) -> str:
     return f"{v / 1e6:,.0f} MB/s"
 
 
+def _medians(rollouts: list[dict[str, Any]]) -> dict[tuple[str, int, int], float]:
+    """Median time until every host is done, per (system, image size, N), over repeated runs."""
+    runs: dict[tuple[str, int, int], list[float]] = {}
+    for r in rollouts:
+        runs.setdefault((r["system"], r["image_bytes"], r["hosts"]), []).append(r["total_seconds"])
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
 def table(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_bytes'] >> 30} GiB, Linux {m['kernel']}, "
@@ -20,24 +29,26 @@ def table(results: dict[str, Any]) -> str:
     if "rollout" in results:
         cap = results["cap_bytes"]
         lines += [f"### Cold rollout (per-host NIC cap B = {cap / 1e6:g} MB/s, tc tbf, both directions)", "",
-                  "| image | N | system | all done (s) | p50 (s) | p99 (s) | ideal S/B (s) | x ideal | registry egress "
-                  "(x image) | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| image | N | system | run | all done (s) | p50 (s) | p99 (s) | ideal S/B (s) | x ideal | "
+                  "registry egress (x image) | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["rollout"]:
-            lines.append(f"| {r['image_bytes'] >> 20} MiB | {r['hosts']} | {r['system']} | {r['total_seconds']} | "
+            lines.append(f"| {r['image_bytes'] >> 20} MiB | {r['hosts']} | {r['system']} | {r.get('run', 1)} | "
+                         f"{r['total_seconds']} | "
                          f"{r['p50_seconds']} | {r['p99_seconds']} | {r['ideal_seconds']} | {r['ratio_to_ideal']} | "
                          f"{r['egress_ratio']} | {len(r['errors'])} |")
         lines.append("")
-        speedups = []
-        for r in results["rollout"]:
-            if r["system"] != "shoal":
+        summary = []
+        medians = _medians(results["rollout"])
+        for (system, size, hosts), total in sorted(medians.items()):
+            if system != "shoal":
                 continue
+            line = (f"{size >> 20} MiB N={hosts}: shoal median {total:g} s = {total / (size / cap):.2f}x ideal")
             for base in ("direct", "central"):
-                other = next((o for o in results["rollout"] if o["system"] == base and o["hosts"] == r["hosts"]
-                              and o["image_bytes"] == r["image_bytes"]), None)
+                other = medians.get((base, size, hosts))
                 if other:
-                    speedups.append(f"{r['image_bytes'] >> 20} MiB N={r['hosts']}: shoal "
-                                    f"{other['total_seconds'] / r['total_seconds']:.1f}x faster than {base}")
-        lines += [f"- {s}" for s in speedups] + [""]
+                    line += f"; {other / total:.1f}x faster than {base}"
+            summary.append(line)
+        lines += [f"- {s}" for s in summary] + [""]
     if "hits" in results:
         h = results["hits"]
         lines += ["### Cache hits (loopback, wrk)", "",
@@ -83,7 +94,8 @@ def plot(results: dict[str, Any], out: Path) -> None:
         for ax, size in zip(axes[0], sizes, strict=True):
             rows = [r for r in results["rollout"] if r["image_bytes"] == size]
             for system in ("direct", "central", "shoal"):
-                pts = sorted((r["hosts"], r["total_seconds"]) for r in rows if r["system"] == system)
+                medians = _medians(rows)
+                pts = sorted((hosts, total) for (sys_, _s, hosts), total in medians.items() if sys_ == system)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
             ideal = rows[0]["ideal_seconds"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +37,8 @@ class RolloutResult:
     p99_seconds: float
     registry_egress_bytes: int
     errors: list[str]
+    from_agents_bytes: int = 0  # shoal only: payload the agents got from each other
+    from_seeder_bytes: int = 0  # ... and from the origin seeder
 
     @property
     def ideal_seconds(self) -> float:
@@ -47,14 +50,31 @@ class RolloutResult:
                 "egress_ratio": round(self.registry_egress_bytes / self.image_bytes, 3)}
 
 
+def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` merged in, nested mappings key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 class Rollout:
-    def __init__(self, work: Path, topo: Topology, cap: int, max_hosts: int) -> None:
+    def __init__(self, work: Path, topo: Topology, cap: int, max_hosts: int, *,
+                 origin_config: dict[str, Any] | None = None, agent_config: dict[str, Any] | None = None,
+                 log_level: str = "warning") -> None:
         self.work, self.topo, self.cap = work, topo, cap
+        # Overrides merged into the generated configs, for tuning experiments.
+        self.origin_config = origin_config or {}
+        self.agent_config = agent_config or {}
+        self.log_level = log_level
         self.registry_host = topo.add("registry", REGISTRY_IP, cap)
         self.cache_host = topo.add("cache", CACHE_IP, cap)
         self.nodes = [topo.add(f"h{i}", f"{SUBNET}.1.{i}", cap) for i in range(1, max_hosts + 1)]
@@ -98,6 +118,7 @@ class Rollout:
                 proc.wait(7200)
             time.sleep(1.5)  # the registry logs a response after it is sent
             egress = services.registry_bytes_sent(self.registry.log) - egress_before
+            peer_bytes = self._peer_bytes(nodes) if system == "shoal" else (0, 0)
         finally:
             for service in reversed(started):
                 service.stop()
@@ -112,7 +133,19 @@ class Rollout:
             finished.append(float(doc["finished"]))
         return RolloutResult(system, hosts, image_bytes, self.cap, round(max(finished) - go_at, 2),
                              round(statistics.median(durations), 2), round(percentile(durations, 0.99), 2),
-                             egress, errors)
+                             egress, errors, *peer_bytes)
+
+    def _peer_bytes(self, nodes: list[Host]) -> tuple[int, int]:
+        agents = seeder = 0
+        for node in nodes:
+            text = subprocess.run(node.cmd("curl", "-s", "http://127.0.0.1:5050/metrics"), capture_output=True,
+                                  text=True, timeout=10).stdout
+            for line in text.splitlines():
+                if line.startswith('shoal_agent_swarm_download_bytes_total{peer="agent"}'):
+                    agents += int(float(line.split()[-1]))
+                if line.startswith('shoal_agent_swarm_download_bytes_total{peer="seeder"}'):
+                    seeder += int(float(line.split()[-1]))
+        return agents, seeder
 
     def _shoal(self, run_dir: Path, nodes: list[Host]) -> list[services.Service]:
         keys = {k: str(v) for k, v in self.keys.items()}
@@ -123,22 +156,22 @@ class Rollout:
             "node_token": {"file": keys["node_token"]}, "origin_public_key": keys["origin_public_key"],
             "interval": "10s", "min_interval": "1s", "log": {"level": "warning"},
         }).start(f"{tracker_url}/readyz")
-        origin = services.shoal(self.registry_host, "origin", "origin", run_dir, {
+        origin = services.shoal(self.registry_host, "origin", "origin", run_dir, merged({
             "listen": f"{REGISTRY_IP}:6970", "data_dir": str(run_dir / "origin"), "upstreams": [upstream],
             "tracker": tracker_url, "registration_token": {"file": keys["registration_token"]},
             "signing_key": keys["signing_key"], "node_token": {"file": keys["node_token"]},
-            "torrent": {"listen": f"{REGISTRY_IP}:6881"}, "log": {"level": "warning"},
-        }).start(f"http://{REGISTRY_IP}:6970/readyz")
+            "torrent": {"listen": f"{REGISTRY_IP}:6881"}, "log": {"level": self.log_level},
+        }, self.origin_config)).start(f"http://{REGISTRY_IP}:6970/readyz")
         agents = []
         for node in nodes:
-            agents.append(services.shoal(node, "agent", f"agent-{node.name}", run_dir, {
+            agents.append(services.shoal(node, "agent", f"agent-{node.name}", run_dir, merged({
                 "listen": "127.0.0.1:5050", "node": node.name, "data_dir": str(run_dir / node.name),
                 "upstreams": [upstream], "tracker": tracker_url, "origin": f"http://{REGISTRY_IP}:6970",
                 "node_token": {"file": keys["node_token"]}, "origin_public_key": keys["origin_public_key"],
                 "torrent": {"listen": f"{node.ip}:6881"},
                 "swarm": {"first_piece_timeout": "30s", "stall_timeout": "30s"},
-                "log": {"level": "warning"},
-            }))
+                "log": {"level": self.log_level},
+            }, self.agent_config)))
         for agent in agents:
             agent.start()
         for agent in agents:

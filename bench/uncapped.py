@@ -18,6 +18,7 @@ import yaml
 
 from bench import services
 from shoal.cli import make_keys
+from tests.support.clients import sha256_path
 from tests.support.procs import free_port
 
 CLK_TCK = 100
@@ -46,16 +47,23 @@ def _proc_stats(pid: int) -> tuple[int, float]:
     return rss, (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def _curl_all(urls: list[str], outdir: Path) -> tuple[float, list[str]]:
+def _curl_all(urls: list[str], outdir: Path, digest: str) -> tuple[float, list[str]]:
+    """Time N concurrent downloads; afterwards (outside the timing) each file must hash to `digest`."""
     started = time.monotonic()
-    procs = [subprocess.Popen(["curl", "-sf", "-o", str(outdir / f"http-{i}"), "-w", "%{http_code}", u],
-                              stdout=subprocess.PIPE) for i, u in enumerate(urls)]
+    files = [outdir / f"download-{i}" for i in range(len(urls))]
+    procs = [subprocess.Popen(["curl", "-sf", "-o", str(f), "-w", "%{http_code}", u], stdout=subprocess.PIPE)
+             for f, u in zip(files, urls, strict=True)]
     errors = []
     for p in procs:
         out, _ = p.communicate(timeout=600)
         if out.decode() != "200":
             errors.append(f"HTTP client got {out.decode()}")
-    return time.monotonic() - started, errors
+    seconds = time.monotonic() - started
+    for f in files:
+        if not f.exists() or sha256_path(f) != digest:
+            errors.append(f"{f.name} does not hash to {digest}")
+        f.unlink(missing_ok=True)
+    return seconds, errors
 
 
 def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], agents: int = 4,
@@ -106,7 +114,7 @@ def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], age
         time.sleep(2)  # swarm tokens, announces
         cpu_before = sum(_proc_stats(s.pid)[1] for s, _ in nodes)
         outcome: list[tuple[float, list[str]]] = []
-        puller = threading.Thread(target=lambda: outcome.append(_curl_all([u for _, u in nodes], work)))
+        puller = threading.Thread(target=lambda: outcome.append(_curl_all([u for _, u in nodes], work, digest)))
         puller.start()
         peak = 0
         while puller.is_alive():
@@ -114,7 +122,8 @@ def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], age
             puller.join(0.1)
         swarm_seconds, errors = outcome[0]
         cpu = sum(_proc_stats(s.pid)[1] for s, _ in nodes) - cpu_before
-        http_seconds, http_errors = _curl_all([f"http://{registry_host}/v2/{repo}/blobs/{digest}"] * agents, work)
+        http_seconds, http_errors = _curl_all([f"http://{registry_host}/v2/{repo}/blobs/{digest}"] * agents, work,
+                                             digest)
         gib_served = agents * size / (1 << 30)
         return UncappedResult(agents, size, round(swarm_seconds, 3), round(http_seconds, 3),
                               agents * size / swarm_seconds, agents * size / http_seconds, peak,

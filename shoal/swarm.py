@@ -44,10 +44,12 @@ _ALERT_MASK = (
     | lt.alert_category.tracker
     | lt.alert_category.peer
 )
+# Per-peer byte accounting is refreshed at most this often while pieces arrive.
+PEER_POLL_INTERVAL = 0.5
+# Deadline (ms) asked for the one piece a local client is blocked on (see TorrentJob.want).
+HEAD_PIECE_DEADLINE_MS = 1000
 # Time given at shutdown for "stopped" announces to reach the tracker.
 STOP_GRACE = 0.3
-# How many pieces ahead of the slowest local reader get a deadline (time-critical requests).
-STREAM_WINDOW = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,8 @@ class TorrentJob:
         self.last_progress = time.monotonic()
         self.peer_bytes = PeerBytes()
         self._peer_totals: dict[tuple[str, int], tuple[bool, int]] = {}
+        self._last_poll = 0.0
+        self._wanted: set[int] = set()
         self._changed = asyncio.Event()
         # Called on every change (piece, finish, failure), e.g. to wake readers elsewhere.
         self.listeners: list[Callable[[], None]] = []
@@ -164,12 +168,16 @@ class TorrentJob:
         for listener in self.listeners:
             listener()
 
-    def prioritize(self, first_piece: int) -> None:
-        """Ask libtorrent for the next pieces a local client will read, in order."""
-        end = min(first_piece + STREAM_WINDOW, self.meta.num_pieces)
-        for offset, index in enumerate(range(first_piece, end)):
-            if not self.have[index]:
-                self.handle.set_piece_deadline(index, 200 * (offset + 1))
+    def want(self, index: int) -> None:
+        """A local client is blocked on this piece: ask libtorrent for it first.
+
+        Only the head piece, once: a window of in-order deadlines put every node on the same
+        pieces, leaving peers nothing to trade (a 4-node rollout took 1.6x longer than with
+        rarest-first, bench/RESULTS.md), while no deadline at all can leave a client without a
+        byte until most of the blob is here."""
+        if not self.have[index] and index not in self._wanted:
+            self._wanted.add(index)
+            self.handle.set_piece_deadline(index, HEAD_PIECE_DEADLINE_MS)
 
     async def read_piece(self, index: int) -> bytes:
         """The verified bytes of a piece this torrent has."""
@@ -201,8 +209,10 @@ class TorrentJob:
     def poll_peers(self) -> None:
         """Account payload bytes per peer kind from libtorrent's per-peer counters.
 
-        Called on every verified piece: bytes a peer sent after the last poll and before it
-        disconnected are missed, so the split is a close approximation, not an exact count."""
+        Called as pieces arrive (at most every PEER_POLL_INTERVAL) and at the end. A node peer
+        may send bytes after the last poll and then disconnect (two finished nodes drop each
+        other), so bytes from nodes are the torrent's payload total minus the seeder's share;
+        the seeder's own connection lasts the whole download, so its last sample is complete."""
         for peer in self.handle.get_peer_info():
             pid = peer.pid.to_bytes()[:8].decode("latin-1")
             is_seeder = pid == SEEDER_FINGERPRINT
@@ -214,16 +224,22 @@ class TorrentJob:
                 seeders += total
             else:
                 agents += total
-        self.peer_bytes = PeerBytes(seeders, agents)
+        payload = int(self.handle.status().total_payload_download)
+        self.peer_bytes = PeerBytes(seeders, max(agents, payload - seeders))
 
     # ----- alert handlers (called by Swarm on the loop thread) ---------------------------------
 
     def _on_piece(self, index: int) -> None:
         if 0 <= index < len(self.have) and not self.have[index]:
+            self._wanted.discard(index)
             self.have[index] = 1
             self.have_count += 1
             self.last_progress = time.monotonic()
-            self.poll_peers()
+            # get_peer_info is a blocking round trip to libtorrent's network thread: not for
+            # every one of a thousand pieces (the last poll comes with "finished")
+            if self.last_progress - self._last_poll >= PEER_POLL_INTERVAL:
+                self._last_poll = self.last_progress
+                self.poll_peers()
             self._notify()
 
     def _on_read(self, index: int, data: bytes, error: str | None) -> None:
@@ -467,6 +483,7 @@ class Swarm:
             job._on_finished()
         elif isinstance(alert, lt.hash_failed_alert):
             job.hash_failures += 1
+            job._wanted.discard(alert.piece_index)  # its deadline went with the bad copy
             self.hash_failures += 1
             log.warning("piece %d of %s failed its hash check", alert.piece_index, job.name)
         elif isinstance(alert, lt.cache_flushed_alert):

@@ -75,7 +75,7 @@ async def test_stream_verify_move(tmp_path: Path, tracker: TestServer, keys: Key
                     streamed += await job.read_piece(index)
                     index += 1
                     continue
-                job.prioritize(index)
+                job.want(index)
                 await job.wait_change(1.0)
                 if job.have_count == 0:
                     leecher.force_reannounce(job)

@@ -12,8 +12,9 @@ KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 
 
 @pytest.mark.parametrize(("size", "piece"), [
-    (1, 16 * KIB), (16 * KIB, 16 * KIB), (16 * KIB + 1, 32 * KIB), (700 * KIB, 1 * MIB), (MIB, MIB),
-    (64 * MIB - 1, MIB), (64 * MIB, 4 * MIB), (3 * GIB, 4 * MIB), (4 * GIB, 16 * MIB), (50 * GIB, 16 * MIB),
+    (1, 16 * KIB), (16 * KIB, 16 * KIB), (16 * KIB + 1, 32 * KIB), (200 * KIB, 256 * KIB),
+    (256 * KIB, 256 * KIB), (700 * KIB, 256 * KIB), (64 * MIB, 256 * KIB), (GIB - 1, 256 * KIB), (GIB, MIB),
+    (16 * GIB - 1, MIB), (16 * GIB, 4 * MIB), (64 * GIB, 4 * MIB),
 ])
 def test_piece_size_policy(size: int, piece: int) -> None:
     assert metainfo.piece_size_for(size) == piece
