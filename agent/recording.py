@@ -35,10 +35,8 @@ def journal_middleware(journal: Journal, node: str) -> Middleware:
         event_id, ts, started = records.new_event_id(), records.now(), time.monotonic()
         state = {"started": False}
 
-        async def before_start(status: int) -> None:
-            if state["started"]:
-                return
-            await journal.record({
+        def start_doc(status: int) -> dict[str, Any]:
+            return {
                 "event_id": event_id, "phase": "start", "ts": ts, "node": node,
                 "client_addr": _client_addr(request),
                 "user_agent": request.headers.get("User-Agent", "")[:MAX_USER_AGENT] or None,
@@ -47,17 +45,24 @@ def journal_middleware(journal: Journal, node: str) -> Middleware:
                 "reference": audit.reference, "digest": audit.digest,
                 "range": request.headers.get("Range", "")[:200] or None, "status": status,
                 "source": audit.source, "authz_method": audit.authz_method, "origin_status": audit.origin_status,
-            })
-            state["started"] = True
+            }
 
-        async def end(outcome: str, error: str | None = None, size: int | None = None) -> None:
-            doc: dict[str, Any] = {
+        def end_doc(outcome: str, error: str | None = None, size: int | None = None) -> dict[str, Any]:
+            return {
                 "event_id": event_id, "phase": "end", "ts": records.now(), "node": node,
                 "bytes": audit.bytes if size is None else size,
                 "duration_ms": round((time.monotonic() - started) * 1000, 3), "outcome": outcome,
                 "source": audit.source, "verified": audit.verified, "error": error,
             }
-            await journal.record(doc)
+
+        async def before_start(status: int) -> None:
+            if state["started"]:
+                return
+            await journal.record(start_doc(status))
+            state["started"] = True
+
+        async def end(outcome: str, error: str | None = None, size: int | None = None) -> None:
+            await journal.record(end_doc(outcome, error, size))
 
         request[BEFORE_START] = before_start
         try:
@@ -66,13 +71,18 @@ def journal_middleware(journal: Journal, node: str) -> Middleware:
             if state["started"]:
                 await end("aborted", type(exc).__name__)
             raise
+        body = getattr(resp, "body", None)
+        size = len(body) if isinstance(body, bytes) and not audit.bytes else None
         if not state["started"]:
+            # Nothing was sent yet (a whole body or a file aiohttp sends after this returns):
+            # both records go to disk in one write and one fsync before the first byte.
             try:
-                await before_start(resp.status)
+                await journal.record(start_doc(resp.status), end_doc("complete", size=size))
             except JournalError as exc:
                 return error_response(exc)
-        body = getattr(resp, "body", None)
-        await end("complete", size=len(body) if isinstance(body, bytes) and not audit.bytes else None)
+            state["started"] = True
+            return resp
+        await end("complete", size=size)
         return resp
 
     return record

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -64,12 +65,17 @@ def main() -> int:
                         help='JSON merged into the origin\'s config, e.g. {"torrent": {"libtorrent": {...}}}')
     parser.add_argument("--agent-config", type=json.loads, default={},
                         help='JSON merged into every agent\'s config, e.g. {"prefetch": {"enabled": false}}')
+    parser.add_argument("--uncapped-agents", type=int, default=4, help="agents in the uncapped swarm (default 4)")
+    parser.add_argument("--libtorrent", type=json.loads, default={},
+                        help="JSON libtorrent settings for the uncapped swarm's agents and origin")
     parser.add_argument("--repeat", type=int, default=1, help="cold rollouts per (system, N, size); all reported")
     parser.add_argument("--log-level", default="warning", help="log level of shoal's services")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("python -m bench: needs root (network namespaces and tc)", file=sys.stderr)
         return 2
+    # a terminated run still tears down its namespaces and processes (the finally blocks)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     work = out / "work"
@@ -108,6 +114,9 @@ def main() -> int:
             image, ref = images[sizes[0]]
             large = max(image.blobs.values(), key=lambda b: b.size)
             small = min(image.blobs.values(), key=lambda b: b.size)
+            # the uncapped swarm moves the largest layer there is: a short one measures set-up
+            biggest, biggest_ref = images[max(sizes)]
+            largest = max(biggest.blobs.values(), key=lambda b: b.size)
             # the loopback benchmarks use the same registry from the root namespace (over the bridge,
             # uncapped on that side) and processes on 127.0.0.x
             registry_host = f"{REGISTRY_IP}:5000"
@@ -126,7 +135,9 @@ def main() -> int:
             if "uncapped" not in skip:
                 print("uncapped swarm ...", flush=True)
                 results["uncapped"] = asdict(uncapped.run(work / "uncapped", registry_host=registry_host,
-                                                          repo=ref.split(":")[0], blob=(large.digest, large.size)))
+                                                          repo=biggest_ref.split(":")[0],
+                                                          blob=(largest.digest, largest.size),
+                                                          agents=args.uncapped_agents, libtorrent=args.libtorrent))
         finally:
             rollout.close()
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -4,6 +4,7 @@ a manifest request over asking the registry directly. All on loopback, one load 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -14,11 +15,13 @@ from typing import Any
 import yaml
 
 from bench import services
+from bench.footprint import PeakRss, proc_stats
 from bench.loadgen import WrkResult, wrk
 from tests.support.clients import sha256_path
 from tests.support.procs import free_port
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+GIB = 1 << 30
 
 
 @dataclass
@@ -30,6 +33,8 @@ class HitsResult:
     manifest_p50_ms: dict[str, float]  # registry direct vs through the agent
     manifest_p99_ms: dict[str, float]
     errors: int
+    agent_peak_rss_bytes: int  # while wrk loads it (cached large blob, small blob, manifests)
+    agent_cpu_seconds_per_gib: float  # serving the cached large blob
 
     def row(self) -> dict[str, Any]:
         return {**asdict(self),
@@ -57,7 +62,7 @@ def run(work: Path, *, registry_url: str, repo: str, manifest_digest: str, large
 
     def spawn(args: list[str], name: str) -> subprocess.Popen[bytes]:
         log = open(work / f"{name}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(args, stdout=log, stderr=log, env={"PYTHONPATH": str(services.ROOT)})
+        proc = subprocess.Popen(args, stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(services.ROOT)})
         procs.append(proc)
         return proc
 
@@ -84,7 +89,7 @@ def run(work: Path, *, registry_url: str, repo: str, manifest_digest: str, large
         for base in urls.values():  # warm both caches, checking what they serve
             for digest in (large[0], small):
                 subprocess.run(["curl", "-sf", "-o", str(work / "warm"), base + digest], check=True, timeout=300)
-                if sha256_path(work / "warm") != digest:
+                if "sha256:" + sha256_path(work / "warm") != digest:
                     raise RuntimeError(f"{base}{digest} does not hash to its digest")
         time.sleep(1)
         large_file = work / "agent" / "cache" / "blobs" / "sha256" / large[0][7:9] / large[0][7:]
@@ -120,19 +125,24 @@ http {{
                       "central": urls["central"] + large[0]}
         small_urls = {"agent": urls["agent"] + small, "nginx": f"http://127.0.0.1:{nginx_port}/small",
                       "central": urls["central"] + small}
-        big: dict[str, WrkResult] = {k: wrk(u, threads=2, connections=4, seconds=seconds)
-                                     for k, u in large_urls.items()}
-        tiny: dict[str, WrkResult] = {k: wrk(u, threads=1, connections=8, seconds=seconds)
-                                      for k, u in small_urls.items()}
-        manifest_urls = {"registry": f"{registry_url}/v2/{repo}/manifests/{manifest_digest}",
-                         "agent": f"http://127.0.0.1:{agent_port}/v2/{repo}/manifests/{manifest_digest}"}
-        manifest = {k: wrk(u, threads=1, connections=1, seconds=seconds, headers={"Accept": MANIFEST})
-                    for k, u in manifest_urls.items()}
+        with PeakRss([agent.pid]) as peak:
+            cpu_before = proc_stats(agent.pid)[1]
+            big: dict[str, WrkResult] = {"agent": wrk(large_urls["agent"], threads=2, connections=4,
+                                                      seconds=seconds)}
+            cpu_per_gib = (proc_stats(agent.pid)[1] - cpu_before) / (big["agent"].bytes_per_second * seconds / GIB)
+            big |= {k: wrk(u, threads=2, connections=4, seconds=seconds) for k, u in large_urls.items()
+                    if k != "agent"}
+            tiny: dict[str, WrkResult] = {k: wrk(u, threads=1, connections=8, seconds=seconds)
+                                          for k, u in small_urls.items()}
+            manifest_urls = {"registry": f"{registry_url}/v2/{repo}/manifests/{manifest_digest}",
+                             "agent": f"http://127.0.0.1:{agent_port}/v2/{repo}/manifests/{manifest_digest}"}
+            manifest = {k: wrk(u, threads=1, connections=1, seconds=seconds, headers={"Accept": MANIFEST})
+                        for k, u in manifest_urls.items()}
         errors = sum(r.errors for group in (big, tiny, manifest) for r in group.values())
         return HitsResult(large[1], {k: r.bytes_per_second for k, r in big.items()},
                           {k: r.p50_ms for k, r in tiny.items()}, {k: r.p99_ms for k, r in tiny.items()},
                           {k: r.p50_ms for k, r in manifest.items()}, {k: r.p99_ms for k, r in manifest.items()},
-                          errors)
+                          errors, peak.bytes, round(cpu_per_gib, 3))
     finally:
         for proc in procs:
             proc.terminate()

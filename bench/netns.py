@@ -95,7 +95,6 @@ class Topology:
         for ns in sh("ip", "netns", "list", check=False).stdout.split("\n"):
             name = ns.split(" ")[0]
             if name.startswith(PREFIX):
-                sh("ip", "netns", "pids", name, check=False)
                 for pid in sh("ip", "netns", "pids", name, check=False).stdout.split():
                     with contextlib.suppress(ProcessLookupError, ValueError):
                         os.kill(int(pid), 9)

@@ -61,7 +61,9 @@ def table(results: dict[str, Any]) -> str:
                       f"{h['agent_vs_central']}",
                   f"- manifest latency p50: registry {h['manifest_p50_ms']['registry']:.3f} ms, through the agent "
                   f"{h['manifest_p50_ms']['agent']:.3f} ms (added {h['manifest_added_p50_ms']:.3f} ms; p99 added "
-                  f"{h['manifest_added_p99_ms']:.3f} ms)", ""]
+                  f"{h['manifest_added_p99_ms']:.3f} ms)",
+                  f"- agent under this load: peak RSS {h['agent_peak_rss_bytes'] >> 20} MiB; CPU "
+                  f"{h['agent_cpu_seconds_per_gib']} s per GiB of cached blob served", ""]
     if "tracker" in results:
         t = results["tracker"]
         lines += [f"### Trackers (wrk, 1 thread, {t['connections']} connections, announces varying peer id and port)",
@@ -77,8 +79,8 @@ def table(results: dict[str, Any]) -> str:
                   f"{_mb(u['swarm_aggregate_bytes_per_second'])} aggregate ({u['swarm_seconds']} s)",
                   f"- {u['agents']} plain HTTP clients pulling it from the registry: "
                   f"{_mb(u['http_aggregate_bytes_per_second'])} aggregate ({u['http_seconds']} s)",
-                  f"- agent peak RSS {u['agent_peak_rss_bytes'] >> 20} MiB; CPU "
-                  f"{u['agent_cpu_seconds_per_gib']} s per GiB served", ""]
+                  f"- agents while they download and seed: peak RSS {u['agent_peak_rss_bytes'] >> 20} MiB; CPU "
+                  f"{u['agent_cpu_seconds_per_gib']} s per GiB downloaded (swarm + HTTP to the client)", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -17,11 +16,10 @@ from typing import Any
 import yaml
 
 from bench import services
+from bench.footprint import PeakRss, proc_stats
 from shoal.cli import make_keys
 from tests.support.clients import sha256_path
 from tests.support.procs import free_port
-
-CLK_TCK = 100
 
 
 @dataclass
@@ -37,16 +35,6 @@ class UncappedResult:
     errors: list[str]
 
 
-def _proc_stats(pid: int) -> tuple[int, float]:
-    """(RSS bytes, CPU seconds) of a process."""
-    rss = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) * 1024
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return rss, (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def _curl_all(urls: list[str], outdir: Path, digest: str) -> tuple[float, list[str]]:
     """Time N concurrent downloads; afterwards (outside the timing) each file must hash to `digest`."""
     started = time.monotonic()
@@ -60,7 +48,7 @@ def _curl_all(urls: list[str], outdir: Path, digest: str) -> tuple[float, list[s
             errors.append(f"HTTP client got {out.decode()}")
     seconds = time.monotonic() - started
     for f in files:
-        if not f.exists() or sha256_path(f) != digest:
+        if not f.exists() or "sha256:" + sha256_path(f) != digest:
             errors.append(f"{f.name} does not hash to {digest}")
         f.unlink(missing_ok=True)
     return seconds, errors
@@ -112,21 +100,15 @@ def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], age
                                               "Authorization": f"Bearer {Path(keys['node_token']).read_text()}"})
         urllib.request.urlopen(req, timeout=300).close()  # noqa: S310
         time.sleep(2)  # swarm tokens, announces
-        cpu_before = sum(_proc_stats(s.pid)[1] for s, _ in nodes)
-        outcome: list[tuple[float, list[str]]] = []
-        puller = threading.Thread(target=lambda: outcome.append(_curl_all([u for _, u in nodes], work, digest)))
-        puller.start()
-        peak = 0
-        while puller.is_alive():
-            peak = max([peak, *(_proc_stats(s.pid)[0] for s, _ in nodes)])
-            puller.join(0.1)
-        swarm_seconds, errors = outcome[0]
-        cpu = sum(_proc_stats(s.pid)[1] for s, _ in nodes) - cpu_before
+        cpu_before = sum(proc_stats(s.pid)[1] for s, _ in nodes)
+        with PeakRss([s.pid for s, _ in nodes]) as peak:
+            swarm_seconds, errors = _curl_all([u for _, u in nodes], work, digest)
+        cpu = sum(proc_stats(s.pid)[1] for s, _ in nodes) - cpu_before
         http_seconds, http_errors = _curl_all([f"http://{registry_host}/v2/{repo}/blobs/{digest}"] * agents, work,
                                              digest)
         gib_served = agents * size / (1 << 30)
         return UncappedResult(agents, size, round(swarm_seconds, 3), round(http_seconds, 3),
-                              agents * size / swarm_seconds, agents * size / http_seconds, peak,
+                              agents * size / swarm_seconds, agents * size / http_seconds, peak.bytes,
                               round(cpu / gib_served, 3), errors + http_errors)
     finally:
         for service in reversed(started_services):

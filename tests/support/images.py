@@ -61,7 +61,9 @@ def _write_blob(layout: Path, data: bytes) -> tuple[str, int, Path]:
 
 def _layer(seed: int, size: int) -> tuple[bytes, tuple[str, str]]:
     """A tar with one file of `size` seeded random bytes (incompressible, reproducible)."""
-    payload = random.Random(seed).randbytes(size)
+    rng = random.Random(seed)
+    # randbytes takes at most 2**28 bytes at a time (its bit count is a C int)
+    payload = b"".join(rng.randbytes(min(64 << 20, size - i)) for i in range(0, size, 64 << 20))
     name = f"data/layer-{seed}.bin"
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
