@@ -211,10 +211,8 @@ class TorrentJob:
     def poll_peers(self) -> None:
         """Account payload bytes per peer kind from libtorrent's per-peer counters.
 
-        Called as pieces arrive (at most every PEER_POLL_INTERVAL) and at the end. A node peer
-        may send bytes after the last poll and then disconnect (two finished nodes drop each
-        other), so bytes from nodes are the torrent's payload total minus the seeder's share;
-        the seeder's own connection lasts the whole download, so its last sample is complete."""
+        Called as pieces arrive (at most every PEER_POLL_INTERVAL) and at the end; the total
+        is libtorrent's payload count, the split between seeder and nodes an estimate."""
         for peer in self.handle.get_peer_info():
             pid = peer.pid.to_bytes()[:8].decode("latin-1")
             is_seeder = pid == SEEDER_FINGERPRINT
@@ -226,8 +224,13 @@ class TorrentJob:
                 seeders += total
             else:
                 agents += total
-        payload = int(self.handle.status().total_payload_download)
-        self.peer_bytes = PeerBytes(seeders, max(agents, payload - seeders))
+        # Bytes from peers that disconnected since the last sample (finished nodes drop each
+        # other, and the seeder drops a node that completes) are split like the sampled ones.
+        missed = int(self.handle.status().total_payload_download) - seeders - agents
+        if missed > 0 and seeders + agents > 0:
+            extra = missed * seeders // (seeders + agents)
+            seeders, agents = seeders + extra, agents + missed - extra
+        self.peer_bytes = PeerBytes(seeders, agents)
 
     # ----- alert handlers (called by Swarm on the loop thread) ---------------------------------
 
