@@ -22,6 +22,7 @@ from typing import Any
 from bench import services
 from bench.netns import SUBNET, Host, Topology
 from shoal.cli import make_keys
+from tests.support.stack import merged
 
 REGISTRY_IP, CACHE_IP = f"{SUBNET}.0.2", f"{SUBNET}.0.3"
 
@@ -48,17 +49,6 @@ class RolloutResult:
         return {**asdict(self), "ideal_seconds": round(self.ideal_seconds, 2),
                 "ratio_to_ideal": round(self.total_seconds / self.ideal_seconds, 2),
                 "egress_ratio": round(self.registry_egress_bytes / self.image_bytes, 3)}
-
-
-def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `overrides` merged in, nested mappings key by key."""
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def percentile(values: list[float], q: float) -> float:

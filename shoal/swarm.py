@@ -247,6 +247,10 @@ class TorrentJob:
                 self.poll_peers()
             self._notify()
 
+    def _on_hash_failed(self, index: int) -> None:
+        self.hash_failures += 1
+        self._wanted.discard(index)  # a client still waiting asks for it again
+
     def _on_read(self, index: int, data: bytes, error: str | None) -> None:
         fut = self._reads.pop(index, None)
         if fut is None or fut.done():
@@ -487,8 +491,7 @@ class Swarm:
         elif isinstance(alert, lt.torrent_finished_alert):
             job._on_finished()
         elif isinstance(alert, lt.hash_failed_alert):
-            job.hash_failures += 1
-            job._wanted.discard(alert.piece_index)  # to be asked for again
+            job._on_hash_failed(alert.piece_index)
             self.hash_failures += 1
             log.warning("piece %d of %s failed its hash check", alert.piece_index, job.name)
         elif isinstance(alert, lt.cache_flushed_alert):

@@ -11,11 +11,12 @@ from tests.support.procs import Component, free_port
 from tests.support.registry import Registry
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` merged in, nested mappings key by key."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merged(out[key], value)
         else:
             out[key] = value
     return out
@@ -45,7 +46,7 @@ class Stack:
                 "password": {"file": str(password_file)}}
 
     def start_tracker(self, **extra: Any) -> Component:
-        cfg = _merge({"listen": f"127.0.0.1:{free_port()}", "registration_token": {"file": str(self.token_file)},
+        cfg = merged({"listen": f"127.0.0.1:{free_port()}", "registration_token": {"file": str(self.token_file)},
                       "node_token": {"file": str(self.keys["node_token"])},
                       "origin_public_key": str(self.keys["origin_public_key"]), "interval": "5s",
                       "min_interval": "1s", "peer_ttl": "20s", "log": {"level": "debug"}}, extra)
@@ -55,7 +56,7 @@ class Stack:
 
     def start_origin(self, **extra: Any) -> Component:
         assert self.tracker is not None
-        cfg = _merge({
+        cfg = merged({
             "listen": f"127.0.0.1:{free_port()}", "data_dir": str(self.workdir / "origin"),
             "upstreams": [self.upstream(self.seeder_user, self.seeder_password)],
             "tracker": self.tracker.url, "registration_token": {"file": str(self.token_file)},
@@ -82,7 +83,7 @@ class Stack:
             base["tracker"], base["origin"] = self.tracker.url, self.origin.url
             base["node_token"] = {"file": str(self.keys["node_token"])}
             base["origin_public_key"] = str(self.keys["origin_public_key"])
-        return _merge(base, extra)
+        return merged(base, extra)
 
     def start_agent(self, n: int | None = None, **extra: Any) -> Component:
         n = len(self.agents) if n is None else n

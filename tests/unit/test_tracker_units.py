@@ -97,3 +97,31 @@ def test_peer_store_is_bounded() -> None:
     for i in range(10):
         store.announce(IH, peer(f"127.0.1.{i}", 1, 1), "started")
     assert store.peer_count == 3
+
+
+def test_peer_store_samples_large_swarms_without_stale_or_requester() -> None:
+    store = PeerStore(ttl=60, max_peers=10_000)
+    for i in range(2_000):
+        store.announce(IH, peer(f"127.0.{i // 250}.{i % 250 + 1}", 1, 0 if i % 4 == 0 else 7), "started")
+    chosen = store.select(IH, ("127.0.0.1", 1), want=50, seeder=False)
+    assert len(chosen) == 50 and len({(p.ip, p.port) for p in chosen}) == 50
+    assert all(p.is_seeder for p in chosen)  # 500 seeders: they fill the answer
+    assert ("127.0.0.1", 1) not in {(p.ip, p.port) for p in chosen}
+    assert all(not p.is_seeder for p in store.select(IH, ("127.0.0.1", 1), want=50, seeder=True))
+    # most peers went stale before the expiry loop ran: the answer still holds only live ones
+    now = time.monotonic()
+    live = {f"127.0.7.{i}" for i in range(1, 11)}
+    for swarm_peer in store.select(IH, ("x", 0), want=10_000, seeder=False):
+        if swarm_peer.ip not in live:
+            swarm_peer.last_seen = now - 120
+    chosen = store.select(IH, ("127.0.0.1", 1), want=50, seeder=False)
+    assert sorted(p.ip for p in chosen) == sorted(live)
+
+
+def test_peer_store_moves_a_completed_peer_to_the_seeders() -> None:
+    store = PeerStore(ttl=60, max_peers=10)
+    store.announce(IH, peer("127.0.0.2", 1, 5), "started")
+    store.announce(IH, peer("127.0.0.2", 1, 0), "completed")
+    assert store.stats(IH) == (1, 0, 1) and store.peer_count == 1
+    store.announce(IH, peer("127.0.0.2", 1, 0), "stopped")
+    assert store.stats(IH)[:2] == (0, 0) and store.peer_count == 0
