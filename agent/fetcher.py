@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import SwarmPolicy
 from agent.metrics import AgentMetrics
-from agent.responses import read_file
+from agent.responses import FILE_CHUNK, read_file
 from agent.upstreams import Upstream
 from shoal import errors, metainfo, signing
 from shoal.metainfo import Published
@@ -51,7 +51,7 @@ EMPTY_DIGEST = Digest(hashlib.sha256(b"").hexdigest())
 # A reader gives up when nothing at all happens for this long; the download's own deadlines
 # normally end a dead path much sooner.
 READER_SAFETY_TIMEOUT = 600.0
-READ_CHUNK = 1 << 20
+READ_CHUNK = FILE_CHUNK  # bytes per read of a partial registry download (see FILE_CHUNK)
 # While no piece has arrived, re-announce this often to pick up peers that joined after us.
 ANNOUNCE_RETRY = 1.5
 # Backoff while the origin does not hand out a swarm token.

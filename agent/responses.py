@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 API_VERSION = {"Docker-Distribution-Api-Version": "registry/2.0"}
 OCTET = "application/octet-stream"
-FILE_CHUNK = 1 << 20
+# Chunk of a streamed (not sendfile'd) response. Each client holds about two of them (the one
+# being written and the transport's unsent rest): at 1 MiB, 64 clients on in-flight blobs took
+# the agent from 65 to about 200 MiB; a piece's size keeps that to a quarter.
+FILE_CHUNK = 256 << 10
 
 
 def oci_error(oci: errors.OciCode, message: str | None = None, detail: Any = None,

