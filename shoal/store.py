@@ -38,6 +38,8 @@ from shoal.oci import SHA256_HEX_RE, Digest
 log = logging.getLogger(__name__)
 
 HASH_CHUNK = 1 << 20
+# How stale the on-disk index may let a blob's last-access time get (see BlobStore.touch).
+ATIME_RESOLUTION = 60.0
 # Room kept free on the cache's filesystem beyond what a download needs (indexes, metainfo).
 FREE_SPACE_RESERVE = 4 << 20
 
@@ -67,6 +69,7 @@ class _Entry:
     size: int
     atime: float
     stamp: Stamp | None  # None: not known to match the hash since start (checked before serving)
+    indexed_atime: float = 0.0  # the atime the index on disk has
 
 
 def sha256_file(path: Path, expected: Digest | None = None) -> Digest:
@@ -153,8 +156,9 @@ class BlobStore:
             try:
                 doc = json.loads(self._index.get(key))
                 stamp = doc.get("stamp")
-                indexed[Digest.parse(key)] = _Entry(int(doc["size"]), float(doc["atime"]),
-                                                    tuple(stamp) if isinstance(stamp, list) else None)
+                atime = float(doc["atime"])
+                indexed[Digest.parse(key)] = _Entry(int(doc["size"]), atime,
+                                                    tuple(stamp) if isinstance(stamp, list) else None, atime)
             except (ValueError, TypeError, KeyError, errors.ShoalError):
                 self._index.delete(key)
         on_disk = dict(self._scan_blobs())
@@ -267,7 +271,10 @@ class BlobStore:
             return
         entry.atime = time.time()
         self._entries.move_to_end(digest)
-        self._write_index(digest, entry)
+        # The LRU order lives in memory; the index's atime only orders blobs after a restart,
+        # so it is written at most once per ATIME_RESOLUTION per blob, not on every hit.
+        if entry.atime - entry.indexed_atime >= ATIME_RESOLUTION:
+            self._write_index(digest, entry)
 
     def _write_index(self, digest: Digest, entry: _Entry | None) -> None:
         index = self._index
@@ -275,6 +282,8 @@ class BlobStore:
             return
         key = str(digest)
         doc = None if entry is None else _index_doc(entry)
+        if entry is not None:
+            entry.indexed_atime = entry.atime
 
         def write() -> None:
             if doc is None:
@@ -364,6 +373,12 @@ class BlobStore:
         if entry is None:
             return False
         path, known = self.path(digest), entry.stamp
+        if not deep and known is not None:
+            # The common case, a stamp check, is one lstat of a local file: done here, as a hop
+            # to a thread and back cost more than the stat (small cached blobs, bench/RESULTS.md).
+            with contextlib.suppress(OSError):
+                if stamp_of(os.lstat(path)) == known:
+                    return True
 
         def work() -> Stamp | str:
             try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -143,4 +144,39 @@ async def test_index_refuses_pickles(tmp_path: Path) -> None:
     await again.open()
     assert not marker.exists()
     assert again.digests() == []
+    await again.close()
+
+
+async def test_hits_move_the_lru_at_once_and_the_index_at_most_once_a_minute(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    store = BlobStore(tmp_path, max_bytes=1 << 20)
+    await store.open()
+    older, newer = blob(1000, 1), blob(1000, 2)
+    for d, data in (older, newer):
+        await put(store, data, d)
+    clock = [time.time() + 120]  # a while after the blobs were stored
+    monkeypatch.setattr("shoal.store.time.time", lambda: clock[0])
+    writes: list[Digest] = []
+    real_write = store._write_index
+
+    def counting(digest: Digest, entry: object) -> None:
+        writes.append(digest)
+        real_write(digest, entry)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "_write_index", counting)
+    store.touch(older[0])
+    assert store.digests()[-1] == older[0]  # most recently used, in memory
+    clock[0] += 30
+    store.touch(older[0])
+    store.touch(newer[0])
+    assert store.digests()[-1] == newer[0]
+    assert writes == [older[0], newer[0]]  # the second hit on `older` within a minute: no write
+    clock[0] += 31
+    store.touch(older[0])
+    assert writes == [older[0], newer[0], older[0]]
+    await store.close()
+    # after a restart the order is what the index recorded
+    again = BlobStore(tmp_path, max_bytes=1 << 20)
+    await again.open()
+    assert again.digests() == [newer[0], older[0]]
     await again.close()
