@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import hits, trackers, uncapped
+from bench import hits, ltpair, trackers, uncapped
 from bench.netns import Topology
 from bench.report import plot, table
 from bench.rollout import REGISTRY_IP, Rollout
@@ -138,6 +138,8 @@ def main() -> int:
                                                           repo=biggest_ref.split(":")[0],
                                                           blob=(largest.digest, largest.size),
                                                           agents=args.uncapped_agents, libtorrent=args.libtorrent))
+                pair = ltpair.run(work / "ltpair", blob=largest.path, digest=largest.digest)
+                results["uncapped"]["libtorrent_pair"] = asdict(pair)
         finally:
             rollout.close()
     (out / "results.json").write_text(json.dumps(results, indent=2))

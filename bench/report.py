@@ -80,7 +80,13 @@ def table(results: dict[str, Any]) -> str:
                   f"- {u['agents']} plain HTTP clients pulling it from the registry: "
                   f"{_mb(u['http_aggregate_bytes_per_second'])} aggregate ({u['http_seconds']} s)",
                   f"- agents while they download and seed: peak RSS {u['agent_peak_rss_bytes'] >> 20} MiB; CPU "
-                  f"{u['agent_cpu_seconds_per_gib']} s per GiB downloaded (swarm + HTTP to the client)", ""]
+                  f"{u['agent_cpu_seconds_per_gib']} s per GiB downloaded (swarm + HTTP to the client)"]
+        pair = u.get("libtorrent_pair")
+        if pair:
+            lines.append(f"- libtorrent alone (one seeder session to one downloader session, shoal's settings, "
+                         f"no agent): {_mb(pair['bytes_per_second'])} ({pair['seconds']} s), "
+                         f"{pair['cpu_seconds_per_gib']} CPU-s per GiB for both sessions together")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
