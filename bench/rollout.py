@@ -112,6 +112,12 @@ class Rollout:
         finally:
             for service in reversed(started):
                 service.stop()
+            # The caches of a finished run go (logs and client results stay): a full matrix
+            # would otherwise keep N copies of every image on disk, about 40 GiB, and a full disk
+            # turns later runs into fallbacks and errors.
+            for data in run_dir.iterdir():
+                if data.is_dir():
+                    shutil.rmtree(data, ignore_errors=True)
         durations: list[float] = []
         errors: list[str] = []
         finished: list[float] = []
