@@ -151,10 +151,11 @@ def test_tracker_killed_during_a_swarm(stack: Stack, registry: Registry, images:
 @pytest.fixture
 def two_nodes(stack: Stack, registry: Registry, images: Images) -> tuple[Component, Component, Blob]:
     """Node A has the big blob cached and seeds it; node B is about to pull it. The origin seeder
-    is very slow, so B gets nearly all of the blob from A."""
+    is very slow (a 256 KiB piece takes it 4 s, longer than B's stall_timeout), so B gets nearly
+    all of the blob from A, and nothing in time from the origin once A is gone."""
     blob = big_blob(images)
     stack.start_tracker()
-    stack.start_origin(torrent={"upload_rate_limit": "1MiB"})
+    stack.start_origin(torrent={"upload_rate_limit": "64KiB"})
     seed(stack, registry, blob)
     # A gives up on the slow seeder at once, takes the blob from the registry and seeds it, at a
     # pace that leaves time to kill or stop it in the middle of B's download
