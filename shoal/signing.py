@@ -115,6 +115,32 @@ def issue_token(key: Ed25519PrivateKey, node: str, ttl: float) -> str:
     return f"{_b64(payload)}.{_b64(key.sign(_TOKEN_CONTEXT + payload))}"
 
 
+class VerifiedTokens:
+    """Swarm tokens whose signature has verified, remembered until they expire. A node announces
+    with one token for hours (renewed at half-life), and the Ed25519 check cost 180 us of the
+    tracker's 660 us per announce. Only tokens that verified are kept; at `max_entries` the
+    oldest goes first."""
+
+    def __init__(self, key: Ed25519PublicKey, *, max_entries: int = 10_000) -> None:
+        self.key = key
+        self.max_entries = max_entries
+        self._known: dict[str, SwarmToken] = {}
+
+    def verify(self, token: str | None) -> SwarmToken:
+        if not token:
+            return verify_token(self.key, token)  # refuses it
+        claims = self._known.get(token)
+        if claims is None:
+            claims = verify_token(self.key, token)
+            if len(self._known) >= self.max_entries:
+                del self._known[next(iter(self._known))]
+            self._known[token] = claims
+        elif claims.remaining() <= 0:
+            del self._known[token]
+            raise SignatureError("swarm token expired")
+        return claims
+
+
 def verify_token(key: Ed25519PublicKey, token: str | None) -> SwarmToken:
     if not token:
         raise SignatureError("announce carries no swarm token")

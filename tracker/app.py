@@ -71,6 +71,7 @@ class Tracker:
         self._registration = f"Bearer {registration_token}"
         self._node = f"Bearer {node_token}"
         self.origin_key = origin_key
+        self.tokens = signing.VerifiedTokens(origin_key)
 
     def verify_metainfo(self, raw: bytes, signature: str) -> None:
         signing.verify_metainfo(self.origin_key, raw, signature)
@@ -92,7 +93,7 @@ class Tracker:
             self.metrics.announces.labels("bad_request").inc()
             return self._bencoded(ann.failure(str(exc)))
         try:
-            member = signing.verify_token(self.origin_key, a.token)
+            member = self.tokens.verify(a.token)
         except signing.SignatureError as exc:
             self.metrics.announces.labels("bad_token").inc()
             return self._bencoded(ann.failure(f"not a swarm member: {exc}"))

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -33,6 +34,48 @@ def test_swarm_tokens() -> None:
     for bad in (None, "", "a.b.c", "x" * 600, "!!!.???"):
         with pytest.raises(signing.SignatureError):
             signing.verify_token(pub, bad)
+
+
+def test_verified_tokens_are_remembered_until_they_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    key, pub = keypair()
+    _, other = keypair()
+    tokens = signing.VerifiedTokens(pub, max_entries=2)
+    checks: list[str | None] = []
+    real = signing.verify_token
+
+    def counting(k: object, token: str | None) -> signing.SwarmToken:
+        checks.append(token)
+        return real(k, token)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(signing, "verify_token", counting)
+    a = signing.issue_token(key, "node-a", 60)
+    assert tokens.verify(a).node == "node-a"
+    assert tokens.verify(a).node == "node-a"
+    assert checks == [a]  # the signature was checked once
+    # what did not verify is never remembered: it is checked (and refused) every time
+    forged = signing.issue_token(keypair()[0], "node-x", 60)
+    for _ in range(2):
+        with pytest.raises(signing.SignatureError):
+            tokens.verify(forged)
+    assert checks == [a, forged, forged]
+    for bad in (None, ""):
+        with pytest.raises(signing.SignatureError):
+            tokens.verify(bad)
+    # a remembered token still expires
+    now = time.time()
+    monkeypatch.setattr("shoal.signing.time.time", lambda: now + 61)
+    with pytest.raises(signing.SignatureError, match="expired"):
+        tokens.verify(a)
+    monkeypatch.setattr("shoal.signing.time.time", lambda: now)
+    # bounded: the oldest goes first
+    b, c = signing.issue_token(key, "node-b", 60), signing.issue_token(key, "node-c", 60)
+    for t in (a, b, c):
+        tokens.verify(t)
+    checks.clear()
+    tokens.verify(a)
+    assert checks == [a]  # a was pushed out by c
+    with pytest.raises(signing.SignatureError, match="does not verify"):
+        signing.VerifiedTokens(other).verify(a)  # remembered per key, not globally
 
 
 def test_metainfo_signatures() -> None:
