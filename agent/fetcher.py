@@ -372,9 +372,11 @@ class Fetcher:
                 signing.verify_token(access.origin_key, token)
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, errors.ShoalError,
                     signing.SignatureError) as exc:
-                # exc never carries the token: signature errors are fixed texts, aiohttp's name
-                # only the URL, and the node token travels in headers aiohttp does not echo
-                log.warning("no swarm token from the origin yet (%s); retrying in %.0fs", exc, retry)
+                # Only shoal's own fixed texts are logged (an HTTP status, a signature verdict),
+                # never another library's message, which could echo what the origin sent.
+                reason = str(exc) if isinstance(exc, (errors.ShoalError, signing.SignatureError)) \
+                    else type(exc).__name__
+                log.warning("no swarm token from the origin yet (%s); retrying in %.0fs", reason, retry)
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, TOKEN_RETRY_MAX)
                 continue
