@@ -1,23 +1,11 @@
-"""Process footprint: RSS and CPU time from /proc, and the peak RSS while something runs."""
+"""The peak RSS of processes while something runs (RSS and CPU time: tests.support.procs)."""
 
 from __future__ import annotations
 
-import os
 import threading
-from pathlib import Path
 from types import TracebackType
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_stats(pid: int) -> tuple[int, float]:
-    """(RSS bytes, CPU seconds: user + system) of a running process."""
-    rss = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) * 1024
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return rss, (int(fields[11]) + int(fields[12])) / CLK_TCK
+from tests.support.procs import proc_stats
 
 
 class PeakRss:

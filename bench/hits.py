@@ -15,10 +15,10 @@ from typing import Any
 import yaml
 
 from bench import services
-from bench.footprint import PeakRss, proc_stats
+from bench.footprint import PeakRss
 from bench.loadgen import WrkResult, wrk
 from tests.support.clients import sha256_path
-from tests.support.procs import free_port
+from tests.support.procs import free_port, proc_stats
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 GIB = 1 << 30

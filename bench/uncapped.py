@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 
 from bench import services
-from bench.footprint import PeakRss, proc_stats
+from bench.footprint import PeakRss
 from shoal.cli import make_keys
 from tests.support.clients import sha256_path
-from tests.support.procs import free_port
+from tests.support.procs import free_port, proc_stats
 
 
 @dataclass

@@ -19,6 +19,19 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_stats(pid: int) -> tuple[int, float]:
+    """(RSS bytes, CPU seconds: user + system) of a running process."""
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return rss, (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def free_port(ip: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((ip, 0))
