@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from shoal.announcing import RESERVED_SETTINGS
 from shoal.errors import ConfigError
 from shoal.registry import Credentials
 
@@ -320,6 +321,9 @@ class TorrentSettings:
         for name in self.libtorrent:
             if name not in _libtorrent_setting_names():
                 raise ConfigError(f"{prefix}.libtorrent.{name}: not a libtorrent setting")
+            if name in RESERVED_SETTINGS:
+                raise ConfigError(f"{prefix}.libtorrent.{name}: set by shoal so that peers announce at the "
+                                  "tracker's interval; change the tracker's interval instead")
 
 
 def _libtorrent_setting_names() -> frozenset[str]:

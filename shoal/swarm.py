@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 import libtorrent as lt
 
-from shoal import errors
+from shoal import announcing, errors
 from shoal.config import TorrentSettings, split_hostport
 from shoal.metainfo import Metainfo
 
@@ -95,9 +95,9 @@ class SwarmSettings:
             "seed_choking_algorithm": 1,  # fastest_upload
             "upload_rate_limit": self.upload_rate_limit,
             "download_rate_limit": self.download_rate_limit,
-            # Fail over quickly when the tracker is away; the agent has its own deadlines.
-            "tracker_completion_timeout": 10,
-            "tracker_receive_timeout": 5,
+            # Announce timing is the tracker's (shoal.announcing): its interval, not
+            # libtorrent's 300 s floor; bounded announce time. Operators cannot override these.
+            **announcing.libtorrent_settings(),
             # Shutdown waits this long for "stopped" announces; keep restarts quick.
             "stop_tracker_timeout": 1,
             "peer_connect_timeout": 3,
@@ -114,7 +114,7 @@ class SwarmSettings:
             "max_queued_disk_bytes": 16 << 20,
             "file_pool_size": 500,
         }
-        settings.update(self.extra)
+        settings.update({k: v for k, v in self.extra.items() if k not in announcing.RESERVED_SETTINGS})
         return settings
 
 
@@ -484,6 +484,13 @@ class Swarm:
         if isinstance(alert, lt.tracker_error_alert):
             self.tracker_errors += 1
             log.debug("tracker error: %s", alert.message())
+            job = self._jobs.get(alert.torrent_name)
+            if job is not None:
+                # libtorrent's own backoff grows to an hour (5 s + 12.5 s x failures squared):
+                # a seeder would stay unlisted long after the tracker is back. Retry on
+                # shoal's schedule instead (at most announcing.RETRY_MAX apart).
+                job.handle.force_reannounce(announcing.retry_delay(alert.times_in_row), -1,
+                                            lt.reannounce_flags_t.ignore_min_interval)
             if self.on_tracker_error is not None:
                 self.on_tracker_error(alert.torrent_name, alert.failure_reason())
             return

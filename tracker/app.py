@@ -43,6 +43,9 @@ class Metrics:
         self.peers = Gauge("shoal_tracker_peers", "Peers currently tracked", registry=registry)
         self.swarms = Gauge("shoal_tracker_swarms", "Swarms with at least one peer", registry=registry)
         self.torrents = Gauge("shoal_tracker_torrents", "Registered torrents", registry=registry)
+        self.unseeded = Gauge("shoal_tracker_torrents_without_seeders",
+                              "Registered torrents no live seeder announces (their pulls fall back to the "
+                              "registry unless a leecher completes them)", registry=registry)
         self.announce_seconds = Histogram("shoal_tracker_announce_seconds", "Announce handling time",
                                           registry=registry,
                                           buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1))
@@ -66,7 +69,7 @@ class Tracker:
                  node_token: str, origin_key: Ed25519PublicKey) -> None:
         self.config = config
         self.metrics = Metrics(registry)
-        self.peers = PeerStore(ttl=config.peer_ttl, max_peers=config.max_peers_per_torrent)
+        self.peers = PeerStore(ttl=config.ttl, max_peers=config.max_peers_per_torrent)
         self.torrents = TorrentRegistry(Path(config.data_dir) if config.data_dir else None)
         self._registration = f"Bearer {registration_token}"
         self._node = f"Bearer {node_token}"
@@ -117,7 +120,8 @@ class Tracker:
                   member.node, ip, a.port, a.event or "-", a.left, len(chosen))
         return self._bencoded(ann.announce_response(
             [(p.ip, p.port, p.peer_id) for p in chosen], compact=a.compact, no_peer_id=a.no_peer_id,
-            interval=int(self.config.interval), min_interval=int(self.config.min_interval),
+            interval=int(self.config.interval),
+            min_interval=int(min(self.config.min_interval, self.config.interval)),
             complete=complete, incomplete=incomplete,
         ))
 
@@ -211,6 +215,7 @@ class Tracker:
                 log.debug("expired %d peers", removed)
             self.metrics.peers.set(self.peers.peer_count)
             self.metrics.swarms.set(self.peers.swarm_count)
+            self.metrics.unseeded.set(sum(1 for h in self.torrents.hashes() if not self.peers.stats(h)[0]))
 
 
 def build(config: TrackerConfig) -> web.Application:

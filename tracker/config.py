@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+from shoal import announcing
 from shoal.config import DURATION, HOSTPORT, LogSettings, SecretSource, load_section
 from shoal.errors import ConfigError
 
@@ -14,10 +15,13 @@ class TrackerConfig:
     listen: Annotated[str, HOSTPORT] = "127.0.0.1:6969"
     # Where registered metainfo is kept across restarts; None keeps it in memory only.
     data_dir: str | None = None
+    # The announce interval every peer uses (shoal.announcing: peers cannot choose another).
     interval: Annotated[float, DURATION] = 30.0
+    # Least time between announces a peer may force (capped at interval in answers).
     min_interval: Annotated[float, DURATION] = 5.0
-    # Peers not heard from for this long are dropped (three missed announces by default).
-    peer_ttl: Annotated[float, DURATION] = 95.0
+    # Peers not heard from for this long are dropped. Default: three intervals plus the announce
+    # timeout (a peer survives two lost announces); never less than one interval plus it.
+    peer_ttl: Annotated[float | None, DURATION] = None
     numwant_default: int = 50
     numwant_max: int = 200
     max_peers_per_torrent: int = 5000
@@ -29,11 +33,19 @@ class TrackerConfig:
     node_token: SecretSource = field(default_factory=SecretSource)
     log: LogSettings = field(default_factory=LogSettings)
 
+    @property
+    def ttl(self) -> float:
+        return self.peer_ttl if self.peer_ttl is not None else announcing.default_peer_ttl(self.interval)
+
     def validate(self, prefix: str) -> None:
-        if self.interval < 1:
-            raise ConfigError("interval: must be at least 1s")
-        if self.peer_ttl < self.interval:
-            raise ConfigError("peer_ttl: must be at least the announce interval")
+        if self.interval < announcing.MIN_INTERVAL or self.interval != int(self.interval):
+            raise ConfigError(f"interval: must be a whole number of seconds, at least {announcing.MIN_INTERVAL}s")
+        if self.peer_ttl is not None and self.peer_ttl < announcing.min_peer_ttl(self.interval):
+            raise ConfigError(
+                f"peer_ttl: {self.peer_ttl:g}s would drop live peers between their announces; it must be at "
+                f"least interval + {announcing.ANNOUNCE_TIMEOUT}s (the announce timeout) = "
+                f"{announcing.min_peer_ttl(self.interval):g}s, default 3 x interval + "
+                f"{announcing.ANNOUNCE_TIMEOUT}s")
         if not 1 <= self.numwant_default <= self.numwant_max:
             raise ConfigError("numwant_default: must be between 1 and numwant_max")
         if self.registration_token.file is None and self.registration_token.env is None:

@@ -90,5 +90,8 @@ class TorrentRegistry:
     def by_hash(self, info_hash: bytes) -> Metainfo | None:
         return self._by_hash.get(info_hash)
 
+    def hashes(self) -> list[bytes]:
+        return list(self._by_hash)
+
     def __len__(self) -> int:
         return len(self._by_digest)

@@ -8,12 +8,13 @@ import hashlib
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote_from_bytes
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from shoal import metainfo
+from shoal import announcing, bencode, metainfo
 from shoal.oci import Digest
 from shoal.store import sha256_file
 from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Swarm, SwarmSettings
@@ -32,7 +33,7 @@ async def tracker(monkeypatch: pytest.MonkeyPatch, keys: Keys) -> AsyncIterator[
     cfg = tracker_config.load({"registration_token": {"env": "SHOAL_TEST_TOKEN"},
                                "node_token": {"env": "SHOAL_TEST_NODE_TOKEN"},
                                "origin_public_key": str(keys.public_path), "interval": "2s",
-                               "min_interval": "1s", "peer_ttl": "10s"})
+                               "min_interval": "1s"})
     server = TestServer(tracker_app.build(cfg), host="127.0.0.1", port=free_port())
     await server.start_server()
     yield server
@@ -122,3 +123,97 @@ async def test_no_token_no_swarm(tmp_path: Path, tracker: TestServer, keys: Keys
     finally:
         await intruder.stop()
         await seeder.stop()
+
+
+async def _registered_blob(tmp_path: Path, port: int, keys: Keys, seed: int) -> tuple[metainfo.Metainfo, Path]:
+    data = random.Random(seed).randbytes(1 << 20)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    seed_dir = tmp_path / f"seed{seed}"
+    seed_dir.mkdir()
+    (seed_dir / digest.hex).write_bytes(data)
+    raw = await asyncio.to_thread(metainfo.create, seed_dir / digest.hex, digest,
+                                  announce=f"http://127.0.0.1:{port}/announce")
+    async with aiohttp.ClientSession() as http:
+        r = await http.put(f"http://127.0.0.1:{port}/v1/metainfo/{digest}", data=raw,
+                           headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(raw)})
+        assert r.status == 201
+    return metainfo.parse(raw), seed_dir
+
+
+async def _seeders(port: int, meta: metainfo.Metainfo) -> int:
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"http://127.0.0.1:{port}/scrape?info_hash={quote_from_bytes(meta.tracker_hash)}") as r:
+        doc = bencode.decode(await r.read())
+    assert isinstance(doc, dict)
+    files = doc[b"files"]
+    assert isinstance(files, dict)
+    entry = files.get(meta.tracker_hash, {})
+    assert isinstance(entry, dict)
+    complete = entry.get(b"complete", 0)
+    assert isinstance(complete, int)
+    return complete
+
+
+async def _ok_announces(port: int) -> float:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith('shoal_tracker_announces_total{result="ok"}'))
+
+
+async def test_seeders_announce_at_the_trackers_interval(tmp_path: Path, tracker: TestServer, keys: Keys) -> None:
+    """The tracker (interval 2 s) hears from a seeder every interval, not every 300 s (libtorrent's
+    own floor, which once let the tracker forget every seeder between its announces)."""
+    port = tracker.port
+    assert port is not None
+    meta, seed_dir = await _registered_blob(tmp_path, port, keys, 7)
+    seeder = await start_swarm("127.0.0.2", SEEDER_FINGERPRINT, keys.token("origin"))
+    try:
+        seeder.add(meta, seed_dir, seed=True)
+        async with asyncio.timeout(30):
+            while await _ok_announces(port) < 1:
+                await asyncio.sleep(0.2)
+            first = asyncio.get_running_loop().time()
+            # three more announces, each at the interval: about 6 s (bounded by the timeout)
+            while await _ok_announces(port) < 4:
+                await asyncio.sleep(0.2)
+        assert asyncio.get_running_loop().time() - first >= 3 * 2 - 1  # at the interval, not faster
+        assert await _seeders(port, meta) == 1
+    finally:
+        await seeder.stop()
+
+
+async def test_a_seeder_is_listed_again_soon_after_a_tracker_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 keys: Keys) -> None:
+    """Failed announces are retried on shoal's bounded schedule: after two failures libtorrent
+    alone would wait 55 s more (5 + 2^2 x 12.5), and a third, 117 s; shoal retries within 12 s."""
+    monkeypatch.setenv("SHOAL_TEST_TOKEN", TOKEN)
+    monkeypatch.setenv("SHOAL_TEST_NODE_TOKEN", "node-secret-0123456789abcdef")
+    cfg = tracker_config.load({"registration_token": {"env": "SHOAL_TEST_TOKEN"},
+                               "node_token": {"env": "SHOAL_TEST_NODE_TOKEN"},
+                               "origin_public_key": str(keys.public_path), "interval": "2s",
+                               "min_interval": "1s", "data_dir": str(tmp_path / "tracker")})
+    port = free_port()
+    server = TestServer(tracker_app.build(cfg), host="127.0.0.1", port=port)
+    await server.start_server()
+    meta, seed_dir = await _registered_blob(tmp_path, port, keys, 8)
+    seeder = await start_swarm("127.0.0.2", SEEDER_FINGERPRINT, keys.token("origin"))
+    try:
+        seeder.add(meta, seed_dir, seed=True)
+        async with asyncio.timeout(20):
+            while await _seeders(port, meta) < 1:
+                await asyncio.sleep(0.2)
+        await server.close()  # the tracker goes away; its registrations persist in data_dir
+        async with asyncio.timeout(40):
+            while seeder.tracker_errors < 2:
+                await asyncio.sleep(0.2)
+        server = TestServer(tracker_app.build(cfg), host="127.0.0.1", port=port)
+        await server.start_server()  # back, knowing no peers
+        back = asyncio.get_running_loop().time()
+        async with asyncio.timeout(announcing.RETRY_MAX):
+            while await _seeders(port, meta) < 1:
+                await asyncio.sleep(0.2)
+        assert asyncio.get_running_loop().time() - back < 10 * (1 + announcing.RETRY_JITTER) + 2
+    finally:
+        await seeder.stop()
+        await server.close()

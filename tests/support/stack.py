@@ -49,7 +49,7 @@ class Stack:
         cfg = merged({"listen": f"127.0.0.1:{free_port()}", "registration_token": {"file": str(self.token_file)},
                       "node_token": {"file": str(self.keys["node_token"])},
                       "origin_public_key": str(self.keys["origin_public_key"]), "interval": "5s",
-                      "min_interval": "1s", "peer_ttl": "20s", "log": {"level": "debug"}}, extra)
+                      "min_interval": "1s", "log": {"level": "debug"}}, extra)
         self.tracker = Component("tracker", self.workdir, cfg).start()
         self.components.append(self.tracker)
         return self.tracker

@@ -7,8 +7,10 @@ import pytest
 
 from agent import config as agent_config
 from origin import config as origin_config
+from shoal import announcing
 from shoal.config import parse_duration, parse_size, read_yaml
 from shoal.errors import ConfigError
+from shoal.swarm import SwarmSettings
 from tracker import config as tracker_config
 
 UP = [{"name": "registry.example.com:5000", "url": "https://registry.example.com:5000"}]
@@ -74,8 +76,38 @@ def test_tracker_needs_a_token_source() -> None:
     ok = {"registration_token": {"env": "X"}, "node_token": {"env": "Y"}, "origin_public_key": "/k.pem"}
     cfg = tracker_config.load({**ok, "interval": "10s"})
     assert cfg.interval == 10.0
-    with pytest.raises(ConfigError, match="^peer_ttl: must be at least"):
+
+
+def test_tracker_peer_ttl_follows_the_interval() -> None:
+    """A peer that announces on time is never dropped: the TTL is derived from the interval by
+    default, and a TTL under one interval plus the announce timeout is refused."""
+    ok = {"registration_token": {"env": "X"}, "node_token": {"env": "Y"}, "origin_public_key": "/k.pem"}
+    assert tracker_config.load(ok).ttl == 3 * 30 + announcing.ANNOUNCE_TIMEOUT
+    # an operator who raises the interval does not have to remember the TTL
+    assert tracker_config.load({**ok, "interval": "5m"}).ttl == 3 * 300 + announcing.ANNOUNCE_TIMEOUT
+    assert tracker_config.load({**ok, "interval": "2s"}).ttl == 16
+    assert tracker_config.load({**ok, "interval": "30s", "peer_ttl": "40s"}).ttl == 40
+    with pytest.raises(ConfigError, match=r"^peer_ttl: 95s would drop live peers .* at least interval \+ 10s"):
+        tracker_config.load({**ok, "interval": "90s", "peer_ttl": "95s"})
+    with pytest.raises(ConfigError, match="^peer_ttl: "):
         tracker_config.load({**ok, "peer_ttl": "1s"})
+    with pytest.raises(ConfigError, match="^interval: must be a whole number of seconds"):
+        tracker_config.load({**ok, "interval": "1500ms"})
+
+
+@pytest.mark.parametrize("setting", sorted(announcing.RESERVED_SETTINGS))
+def test_announce_timing_cannot_be_overridden(setting: str) -> None:
+    """libtorrent's own announce floor (300 s) once overrode the tracker's interval; shoal
+    sets it, and a configuration that tries to is refused naming the key."""
+    for load, doc in ((agent_config.load, agent_doc(torrent={"libtorrent": {setting: 300}})),
+                      (origin_config.load, {"data_dir": "/d", "upstreams": UP, "tracker": "http://t:6969",
+                                            "registration_token": {"file": "/x"}, "signing_key": "/k.pem",
+                                            "node_token": {"file": "/n"}, "torrent": {"libtorrent": {setting: 300}}})):
+        with pytest.raises(ConfigError, match=rf"^torrent\.libtorrent\.{setting}: set by shoal"):
+            load(doc)
+    settings = SwarmSettings(listen_ip="127.0.0.1", listen_port=1, fingerprint="-XX0000-",
+                             extra={setting: 300}).pack()
+    assert settings[setting] == announcing.libtorrent_settings()[setting]
 
 
 def test_origin_announce_default() -> None:
