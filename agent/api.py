@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -357,7 +357,7 @@ class _Cached:
     def path(self) -> Path | None:
         return self._path
 
-    def stream(self, offset: int, length: int, *, whole: bool) -> AsyncIterator[bytes]:
+    def stream(self, offset: int, length: int, *, whole: bool) -> AsyncGenerator[bytes, None]:
         raise AssertionError("cached blobs are sent from their file")
 
 
@@ -365,7 +365,7 @@ class _Empty:
     def path(self) -> Path | None:
         return None
 
-    async def stream(self, offset: int, length: int, *, whole: bool) -> AsyncIterator[bytes]:
+    async def stream(self, offset: int, length: int, *, whole: bool) -> AsyncGenerator[bytes, None]:
         nothing: tuple[bytes, ...] = ()
         for chunk in nothing:
             yield chunk
@@ -378,6 +378,6 @@ class _InFlight:
     def path(self) -> Path | None:
         return self.download.path()
 
-    def stream(self, offset: int, length: int, *, whole: bool) -> AsyncIterator[bytes]:
+    def stream(self, offset: int, length: int, *, whole: bool) -> AsyncGenerator[bytes, None]:
         return self.download.stream(offset, length, whole=whole)
 

@@ -48,9 +48,12 @@ def _middleware(metrics: AgentMetrics) -> Middleware:
         started = time.monotonic()
         try:
             resp = await handler(request)
-        except (ConnectionResetError, asyncio.CancelledError):
-            if request.get("aborted"):
-                metrics.requests.labels(request.get("kind", "other"), request.method, "aborted").inc()
+        except ConnectionError:
+            # cut by the agent (responses.abort) or by the client hanging up
+            outcome = "aborted" if request.get("aborted") else "client_gone"
+            metrics.requests.labels(request.get("kind", "other"), request.method, outcome).inc()
+            raise
+        except asyncio.CancelledError:
             raise
         except Exception as exc:
             if request.get(RESPONSE_STARTED):
@@ -66,6 +69,27 @@ def _middleware(metrics: AgentMetrics) -> Middleware:
         return resp
 
     return oci_errors
+
+
+def _client_gone() -> Middleware:
+    @web.middleware
+    async def quiet_hangups(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A client hanging up mid-response is routine (containerd cancels, pods are deleted):
+        the journal records the response `aborted`; here it ends without aiohttp's ERROR and
+        traceback ("Error handling request"), which alerts on error logs would page on."""
+        try:
+            return await handler(request)
+        except ConnectionError as exc:
+            transport = request.transport
+            if transport is not None:
+                transport.abort()  # nothing more goes out on this connection
+            if not request.get("aborted"):  # the agent's own cuts were logged as warnings already
+                log.info("client went away during %s %s (%s)", request.method, request.rel_url.path,
+                         type(exc).__name__)
+            # aiohttp cannot send this on the closed connection and finishes quietly
+            return web.Response(status=499)
+
+    return quiet_hangups
 
 
 def _error_for(request: web.Request, exc: Exception) -> web.StreamResponse:
@@ -85,7 +109,8 @@ def build(config: AgentConfig) -> web.Application:
     metrics = AgentMetrics(registry)
     data = Path(config.data_dir)
     journal = Journal(data / "journal", max_segment_bytes=config.journal.max_segment_bytes)
-    app = web.Application(middlewares=[journal_middleware(journal, config.node), _middleware(metrics)])
+    app = web.Application(middlewares=[_client_gone(), journal_middleware(journal, config.node),
+                                       _middleware(metrics)])
     access = None
     if config.tracker is not None and config.origin is not None and config.origin_public_key is not None:
         access = SwarmAccess(tracker=config.tracker, origin=config.origin, node=config.node,

@@ -26,7 +26,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +34,7 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import SwarmPolicy
-from agent.metrics import AgentMetrics
+from agent.metrics import FALLBACK_REASONS, AgentMetrics
 from agent.responses import FILE_CHUNK, read_file
 from agent.upstreams import Upstream
 from shoal import errors, metainfo, signing
@@ -94,7 +94,7 @@ class Download:
         store = self.fetcher.store
         return store.path(self.digest) if store.has(self.digest) else None
 
-    async def stream(self, offset: int, length: int, *, whole: bool) -> AsyncIterator[bytes]:
+    async def stream(self, offset: int, length: int, *, whole: bool) -> AsyncGenerator[bytes, None]:
         store = self.fetcher.store
         h = hashlib.sha256() if whole else None
         pos, end = offset, offset + length
@@ -112,18 +112,20 @@ class Download:
             return chunk
 
         with store.pinned(self.digest):  # what is being served is never evicted under the client
-            async for chunk in self._stream(pos, end, check, whole=whole):
-                yield chunk
+            async with contextlib.aclosing(self._stream(pos, end, check, whole=whole)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
 
     async def _stream(self, pos: int, end: int, check: Callable[[bytes], bytes], *,
-                      whole: bool) -> AsyncIterator[bytes]:
+                      whole: bool) -> AsyncGenerator[bytes, None]:
         store = self.fetcher.store
         last_progress = time.monotonic()
         while pos < end:
             if store.has(self.digest):
-                async for chunk in read_file(store.path(self.digest), pos, end - pos):
-                    yield check(chunk)
-                    pos += len(chunk)
+                async with contextlib.aclosing(read_file(store.path(self.digest), pos, end - pos)) as chunks:
+                    async for chunk in chunks:
+                        yield check(chunk)
+                        pos += len(chunk)
                 return
             job = self.job
             if job is not None and job.failed is None:
@@ -178,7 +180,8 @@ class Download:
                             self._finish("peers", started)
                             return
                     except (errors.SwarmUnavailable, errors.IntegrityError) as exc:
-                        reason = getattr(exc, "reason", None) or type(exc).__name__
+                        reason = exc.reason if isinstance(exc, _SwarmFailure) else \
+                            "integrity" if isinstance(exc, errors.IntegrityError) else "swarm_error"
                         self.fetcher.metrics.fallbacks.labels(reason).inc()
                         log.warning("swarm could not deliver %s (%s); fetching from the registry",
                                     self.digest, exc)
@@ -217,7 +220,7 @@ class Download:
         swarm = self.fetcher.swarm
         assert swarm is not None
         if meta.digest != self.digest or meta.size != self.size:
-            raise errors.SwarmUnavailable("metainfo does not describe this blob", )
+            raise _SwarmFailure("bad_metainfo", "metainfo does not describe this blob")
         store, policy = self.fetcher.store, self.fetcher.policy
         job = swarm.add(meta, store.downloads_dir, seed=False)
         self.job = job
@@ -304,6 +307,7 @@ def _pread(path: Path, offset: int, length: int) -> bytes:
 
 class _SwarmFailure(errors.SwarmUnavailable):
     def __init__(self, reason: str, message: str) -> None:
+        assert reason in FALLBACK_REASONS, reason
         super().__init__(message)
         self.reason = reason
 
@@ -418,7 +422,8 @@ class Fetcher:
         Only metainfo the origin signed is accepted, wherever it came from."""
         access = self.access
         assert access is not None
-        if self.swarm is not None and not self.swarm.has_token:
+        if self.swarm is not None and not await self.swarm.wait_token(self.policy.metainfo_timeout):
+            # right after start the token is usually a few milliseconds away: wait for it
             raise _SwarmFailure("no_swarm_token", "this node has no swarm token from the origin yet")
         try:
             async with self.http.get(f"{access.tracker}/v1/metainfo/{digest}", headers=access.auth,

@@ -5,6 +5,18 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Why a swarm download was abandoned for the registry. A fixed set, every series exported from
+# start at 0, so an alert on rate(shoal_agent_fallbacks_total[...]) sees zero, not "no data".
+FALLBACK_REASONS = (
+    "no_swarm_token",  # the origin has not given this node a swarm token (yet)
+    "tracker_unreachable", "tracker_error",  # metainfo lookup failed
+    "origin_unreachable", "origin_error",  # the origin could not seed the blob
+    "unsigned_metainfo", "bad_metainfo",  # metainfo that does not verify or describe the blob
+    "no_first_piece", "stalled",  # no seeder answered, or every peer stopped sending
+    "torrent_error",  # libtorrent failed the torrent (disk, storage)
+    "integrity",  # the assembled blob did not hash to its digest
+    "swarm_error",  # anything else on the swarm path
+)
 
 
 class AgentMetrics:
@@ -32,6 +44,8 @@ class AgentMetrics:
         self.fallbacks = Counter("shoal_agent_fallbacks_total",
                                  "Swarm downloads abandoned for the registry, by reason", ["reason"],
                                  registry=registry)
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(reason)
         self.integrity_failures = Counter("shoal_agent_integrity_failures_total",
                                           "Blobs whose bytes did not hash to their digest", ["source"],
                                           registry=registry)

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,9 +59,10 @@ class BlobBody(Protocol):
     def path(self) -> Path | None:
         """The verified file, if the blob is cached (then sendfile is used)."""
 
-    def stream(self, offset: int, length: int, *, whole: bool) -> AsyncIterator[bytes]:
+    def stream(self, offset: int, length: int, *, whole: bool) -> AsyncGenerator[bytes, None]:
         """Verified bytes [offset, offset+length). With `whole`, the stream is the entire blob and
-        its sha256 is checked before the last chunk is released."""
+        its sha256 is checked before the last chunk is released. Callers close it (aclosing):
+        it holds the blob pinned until closed."""
 
 
 def _etag_matches(header: str, etag: str) -> bool:
@@ -126,18 +127,20 @@ async def send_blob(
     if path is None:
         # In flight: wait for the first verified bytes before the status line, so a download that
         # fails early is a clean error (containerd then tries the next host), not a cut body.
-        chunks = body.stream(part.start, part.length, whole=ranges is None)
-        first = await anext(chunks)
-        await _start(request, resp)
-        with _abort_on_error(request):
-            await resp.write(first)
-            if on_bytes is not None:
-                on_bytes(len(first))
-            async for chunk in chunks:
-                await resp.write(chunk)
+        # Closed here, not by the garbage collector, when the client hangs up: the stream
+        # holds the blob pinned, and a collector may run in any thread (see BlobStore.pinned).
+        async with contextlib.aclosing(body.stream(part.start, part.length, whole=ranges is None)) as chunks:
+            first = await anext(chunks)
+            await _start(request, resp)
+            with _abort_on_error(request):
+                await resp.write(first)
                 if on_bytes is not None:
-                    on_bytes(len(chunk))
-            await resp.write_eof()
+                    on_bytes(len(first))
+                async for chunk in chunks:
+                    await resp.write(chunk)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+                await resp.write_eof()
         return resp
     await _start(request, resp)
     with _abort_on_error(request):
@@ -168,8 +171,8 @@ def _abort_on_error(request: web.Request) -> Iterator[None]:
     into the body, which is what returning an error response would do)."""
     try:
         yield
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
+    except (ConnectionError, asyncio.CancelledError):
+        raise  # the client went away (reset, broken pipe, or asyncio's "closed by peer")
     except Exception as exc:
         abort(request, exc)
         raise ConnectionResetError("response aborted") from exc
@@ -185,16 +188,13 @@ def abort(request: web.Request, exc: BaseException) -> None:
 async def _write_range(request: web.Request, resp: web.StreamResponse, body: BlobBody, part: ByteRange,
                        *, whole: bool, on_bytes: Callable[[int], None] | None) -> None:
     path = body.path()
-    if path is not None:
-        async for chunk in read_file(path, part.start, part.length):
+    chunks = read_file(path, part.start, part.length) if path is not None else \
+        body.stream(part.start, part.length, whole=whole)
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
             await resp.write(chunk)
             if on_bytes is not None:
                 on_bytes(len(chunk))
-        return
-    async for chunk in body.stream(part.start, part.length, whole=whole):
-        await resp.write(chunk)
-        if on_bytes is not None:
-            on_bytes(len(chunk))
 
 
 async def _sendfile(request: web.Request, path: Path, offset: int, count: int) -> None:
@@ -207,7 +207,7 @@ async def _sendfile(request: web.Request, path: Path, offset: int, count: int) -
         await asyncio.get_running_loop().sendfile(transport, f, offset, count)
 
 
-async def read_file(path: Path, offset: int, length: int) -> AsyncIterator[bytes]:
+async def read_file(path: Path, offset: int, length: int) -> AsyncGenerator[bytes, None]:
     fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
     try:
         end = offset + length

@@ -58,6 +58,8 @@ class StoreCollector(Collector):
             ("cache_bytes", "Bytes of verified blobs in the cache", self.store.used_bytes),
             ("cache_blobs", "Verified blobs in the cache", len(self.store.digests())),
             ("cache_reserved_bytes", "Bytes reserved by downloads in progress", self.store.reserved_bytes),
+            ("cache_in_use_bytes", "Bytes of cached blobs in use (being served); never evicted",
+             self.store.pinned_bytes),
             ("cache_budget_bytes", "The cache's size budget", self.store.max_bytes),
         ):
             g = GaugeMetricFamily(f"{self.prefix}_{name}", text)

@@ -311,6 +311,7 @@ class Swarm:
         self.on_tracker_error: Callable[[str, str], None] | None = None
         self._had_torrents = False
         self._token: str | None = None
+        self._token_set = asyncio.Event()
 
     @property
     def session(self) -> lt.session:
@@ -430,8 +431,11 @@ class Swarm:
         finally:
             self._removals.pop(name, None)
 
-    @property
-    def has_token(self) -> bool:
+    async def wait_token(self, within: float) -> bool:
+        """Whether this session has a swarm token, waiting up to `within` seconds for one."""
+        if self._token is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._token_set.wait(), within)
         return self._token is not None
 
     def set_token(self, token: str) -> None:
@@ -439,6 +443,7 @@ class Swarm:
         announces without a valid one)."""
         renewed = self._token is not None
         self._token = token
+        self._token_set.set()
         for job in self._jobs.values():
             job.handle.replace_trackers([lt.announce_entry(self._tracker_url(job.meta))])
             if not renewed:

@@ -1,13 +1,18 @@
 """Four agents on four loopback addresses pull one image at once: every blob verified, each large
-blob left the registry once (to the origin seeder), and agents traded pieces with each other."""
+blob left the registry once (to the origin seeder), and agents traded pieces with each other. A
+node pulling long after the first still finds every seeder listed."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote_from_bytes
 
+from shoal import announcing, bencode, metainfo
 from tests.e2e.conftest import Images
 from tests.support.clients import skopeo_copy, verify_dir
+from tests.support.procs import http_get
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 
@@ -51,3 +56,54 @@ def test_four_agents_pull_at_once(stack: Stack, registry: Registry, images: Imag
         assert a.metric("shoal_agent_downloads_total", source="peers", result="ok") == len(image.large_blobs(THRESHOLD))
         assert a.metric("shoal_agent_fallbacks_total") == 0
         assert a.metric("shoal_agent_served_bytes_total", source="peers") >= large
+
+
+def seeders(stack: Stack, digest: str) -> int:
+    """How many seeders the tracker lists for a blob's torrent right now (BEP 48 scrape)."""
+    assert stack.tracker is not None
+    status, raw = http_get(f"{stack.tracker.url}/v1/metainfo/{digest}",
+                           headers={"Authorization": f"Bearer {stack.node_token}"})
+    assert status == 200, status
+    info_hash = metainfo.parse(raw).tracker_hash
+    status, body = http_get(f"{stack.tracker.url}/scrape?info_hash={quote_from_bytes(info_hash)}")
+    doc = bencode.decode(body)
+    assert status == 200 and isinstance(doc, dict)
+    files = doc[b"files"]
+    assert isinstance(files, dict)
+    entry = files[info_hash]
+    assert isinstance(entry, dict)
+    complete = entry[b"complete"]
+    assert isinstance(complete, int)
+    return complete
+
+
+def test_seeders_stay_listed_long_after_a_pull(stack: Stack, registry: Registry, images: Images,
+                                               workdir: Path) -> None:
+    """A node pulling long after another (or after `shoal seed`) still gets every large blob from
+    the swarm: the origin and the first node keep announcing at the tracker's interval, so the
+    tracker never forgets them (with libtorrent's 300 s announce floor it did after peer_ttl)."""
+    image = images.app()
+    interval = 2
+    ttl = announcing.default_peer_ttl(interval)
+    stack.start_tracker(interval=f"{interval}s")
+    stack.start_origin()
+    first = stack.start_agent()
+    skopeo_copy(f"{first.config['listen']}/private/app:v1", workdir / "first")
+    verify_dir(workdir / "first", image)
+    large = image.large_blobs(THRESHOLD)
+    pulled = time.monotonic()
+    # wait out the peer TTL (and then some); both seeders stay listed the whole time
+    while time.monotonic() - pulled < ttl + 2 * interval:
+        for blob in large:
+            assert seeders(stack, blob.digest) == 2, f"a seeder of {blob.digest} dropped out of the tracker"
+        time.sleep(0.5)
+    assert stack.tracker is not None
+    assert stack.tracker.metric("shoal_tracker_torrents_without_seeders") == 0
+    before = registry.settle()
+    second = stack.start_agent()
+    skopeo_copy(f"{second.config['listen']}/private/app:v1", workdir / "second")
+    verify_dir(workdir / "second", image)
+    gets = registry.blob_gets(registry.settle()[len(before):])
+    assert all(gets.get(b.digest, 0) == 0 for b in large), gets  # no large blob from the registry
+    assert second.metric("shoal_agent_fallbacks_total") == 0
+    assert second.metric("shoal_agent_downloads_total", source="peers", result="ok") == len(large)
