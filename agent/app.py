@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from agent.api import MirrorApi
@@ -225,11 +225,19 @@ class JournalCollector(Collector):
         self.journal = journal
         self.shipper = shipper
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         c = CounterMetricFamily("shoal_agent_journal_records", "Pull journal records written (fsync'd)")
         c.add_metric([], float(self.journal.records_written))
         yield c
+        # (collected in a thread: /metrics renders off the loop, so listing the directory is fine)
+        g = GaugeMetricFamily("shoal_agent_journal_disk_bytes", "Bytes of journal segments on disk")
+        g.add_metric([], float(self.journal.disk_bytes()))
+        yield g
         if self.shipper is not None:
+            g = GaugeMetricFamily("shoal_agent_journal_unshipped_bytes",
+                                  "Journal bytes the collector has not acknowledged yet")
+            g.add_metric([], float(self.shipper.unshipped_bytes()))
+            yield g
             c = CounterMetricFamily("shoal_agent_journal_shipped_records", "Journal records the collector acknowledged")
             c.add_metric([], float(self.shipper.shipped_records))
             yield c

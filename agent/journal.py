@@ -3,9 +3,10 @@
 Records go to `segment-<seq>.jsonl` files under the journal directory. `record()` returns only
 after the line is written and fsync'd; concurrent records share one fsync (group commit), so
 the cost is one disk flush per burst, not per request. A segment is closed at
-`max_segment_bytes` and a new one started; a restarted agent always starts a new segment, so a
-line torn by a crash stays at the end of a finished segment, where the shipper drops it (it was
-never acknowledged, so its response never started).
+`max_segment_bytes`, or earlier by `roll()` once everything in it was shipped (so shipped records
+do not wait for a 64 MiB rotation, nine hours at a busy node, to be freed); a restarted agent
+always starts a new segment, so a line torn by a crash stays at the end of a finished segment,
+where the shipper drops it (it was never acknowledged, so its response never started).
 """
 
 from __future__ import annotations
@@ -121,6 +122,31 @@ class Journal:
                 if not fut.done():
                     fut.set_result(None)
             self.written.set()
+
+    @property
+    def active_bytes(self) -> int:
+        return self._size
+
+    def disk_bytes(self) -> int:
+        """Bytes of every segment on disk (blocking: a directory listing)."""
+        total = 0
+        for _, path in segments(self.directory):
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                continue  # shipped and removed meanwhile
+        return total
+
+    async def roll(self, *, min_bytes: int) -> bool:
+        """Close the active segment and start the next if it holds at least `min_bytes`. Runs
+        in the writer's thread, between appends, so no record is split."""
+        def work() -> bool:
+            if self._fd < 0 or self._size < min_bytes:
+                return False
+            self._start_segment(self.active_seq + 1)
+            return True
+
+        return await asyncio.get_running_loop().run_in_executor(self._io, work)
 
     def _append(self, data: bytes) -> None:
         view = memoryview(data)

@@ -3,7 +3,10 @@
 Progress is a (segment, offset) pair in `shipped.json`, replaced atomically and fsync'd only
 after the collector answered 2xx, so a crash at any point re-sends at most the last batch; the
 collector drops duplicates by (event_id, phase), which makes delivery exactly-once end to end.
-A segment is deleted once it is fully shipped and the writer has moved on from it.
+A segment is deleted once it is fully shipped and the writer has moved on from it; when the
+shipper has caught up and the active segment holds `roll_bytes` or more, it asks the writer to
+move on. So the journal on disk is what the collector has not acknowledged plus less than
+`roll_bytes` (and, while the collector is away, grows with the load: records are never dropped).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ log = logging.getLogger(__name__)
 
 BATCH_RECORDS = 500
 BATCH_BYTES = 1 << 20
+# Shipped records kept on disk before the segment is rolled and deleted (about 2,000 requests).
+ROLL_BYTES = 1 << 20
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
 
 
@@ -37,15 +42,18 @@ class Batch:
 
 class Shipper:
     def __init__(self, journal: Journal, http: aiohttp.ClientSession, *, collector: str, node: str,
-                 headers: dict[str, str]) -> None:
+                 headers: dict[str, str], roll_bytes: int = ROLL_BYTES) -> None:
         self.journal = journal
         self.http = http
         self.collector = collector
         self.node = node
         self._headers = headers
         self.state_path = journal.directory / "shipped.json"
+        self.roll_bytes = roll_bytes
         self.shipped_records = 0
         self.failures = 0
+        self.rolls = 0
+        self.cursor = (0, 0)  # (segment, offset) acknowledged so far
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shipper")
 
     async def run(self) -> None:
@@ -54,6 +62,10 @@ class Shipper:
         while True:
             batch = await loop.run_in_executor(self._io, self._next_batch)
             if batch is None:
+                if self.journal.active_bytes >= self.roll_bytes and \
+                        await self.journal.roll(min_bytes=self.roll_bytes):
+                    self.rolls += 1
+                    continue  # the next pass finishes the old segment and deletes it
                 self.journal.written.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.journal.written.wait(), 1.0)
@@ -83,12 +95,27 @@ class Shipper:
 
     # ----- files (blocking, in the shipper's thread) --------------------------------------------
 
+    def unshipped_bytes(self) -> int:
+        """Journal bytes the collector has not acknowledged (blocking: a directory listing)."""
+        seq, offset = self.cursor
+        total = 0
+        for segment_seq, path in segments(self.journal.directory):
+            if segment_seq < seq:
+                continue
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            total += max(size - offset, 0) if segment_seq == seq else size
+        return total
+
     def _load_state(self) -> tuple[int, int]:
         try:
             doc = json.loads(self.state_path.read_text())
-            return int(doc["segment"]), int(doc["offset"])
+            self.cursor = (int(doc["segment"]), int(doc["offset"]))
         except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return 0, 0
+            self.cursor = (0, 0)
+        return self.cursor
 
     def _save_state(self, seq: int, offset: int) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -99,6 +126,7 @@ class Shipper:
         finally:
             os.close(fd)
         os.replace(tmp, self.state_path)
+        self.cursor = (seq, offset)
         dfd = os.open(self.journal.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)

@@ -100,3 +100,33 @@ async def test_torn_tail_of_a_crashed_segment_is_skipped(tmp_path: Path) -> None
     await server.close()
     await collector.close()
     await journal.close()
+
+
+async def test_shipped_records_are_freed_without_waiting_for_rotation(tmp_path: Path) -> None:
+    """A quiet collector-side catch-up frees the disk: once everything is acknowledged, the active
+    segment is rolled (at roll_bytes, long before max_segment_bytes) and deleted."""
+    journal = Journal(tmp_path / "journal", max_segment_bytes=64 << 20)
+    await journal.open()
+    server, collector = await collector_server(tmp_path, [0])
+    async with aiohttp.ClientSession() as http:
+        shipper = Shipper(journal, http, collector=f"http://127.0.0.1:{server.port}", node="n1", headers={},
+                          roll_bytes=8192)
+        task = asyncio.create_task(shipper.run())
+        try:
+            for wave in range(3):
+                await asyncio.gather(*(journal.record(record(wave * 100 + i)) for i in range(100)))
+                async with asyncio.timeout(30):
+                    while shipper.shipped_records < 100 * (wave + 1) or journal.disk_bytes() >= 8192:
+                        await asyncio.sleep(0.05)
+                assert shipper.unshipped_bytes() == 0
+                assert [seq for seq, _ in segments(journal.directory)] == [journal.active_seq]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert shipper.rolls >= 3  # each wave is about 12 KiB of records
+    events = await collector.query(Query(limit=1000))
+    assert sorted(e["event_id"] for e in events) == [f"{i:032x}" for i in range(300)]
+    assert collector.duplicates == 0
+    await server.close()
+    await collector.close()
+    await journal.close()
