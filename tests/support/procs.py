@@ -133,14 +133,17 @@ class Component:
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of samples of `name` whose labels include `labels`."""
-        total = 0.0
-        for key, value in self.metrics().items():
-            base, _, rest = key.partition("{")
-            if base != name:
-                continue
-            if all(f'{k}="{v}"' in rest for k, v in labels.items()):
-                total += value
-        return total
+        return metric_sum(self.metrics(), name, **labels)
+
+
+def metric_sum(samples: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of the samples (as Component.metrics gives them) of `name` whose labels include `labels`."""
+    total = 0.0
+    for key, value in samples.items():
+        base, _, rest = key.partition("{")
+        if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += value
+    return total
 
 
 def wait_for(condition: Callable[[], bool], *, timeout: float = 30.0, what: str = "condition") -> None:
