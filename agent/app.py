@@ -48,14 +48,14 @@ def _middleware(metrics: AgentMetrics) -> Middleware:
         started = time.monotonic()
         try:
             resp = await handler(request)
-        except ConnectionError:
-            # cut by the agent (responses.abort) or by the client hanging up
-            outcome = "aborted" if request.get("aborted") else "client_gone"
-            metrics.requests.labels(request.get("kind", "other"), request.method, outcome).inc()
-            raise
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if isinstance(exc, ConnectionError) and (request.get(RESPONSE_STARTED) or _closed(request)):
+                # cut by the agent (responses.abort) or by the client hanging up
+                outcome = "aborted" if request.get("aborted") else "client_gone"
+                metrics.requests.labels(request.get("kind", "other"), request.method, outcome).inc()
+                raise
             if request.get(RESPONSE_STARTED):
                 # Never write an error response into a started body (see responses.abort).
                 abort(request, exc)
@@ -69,6 +69,11 @@ def _middleware(metrics: AgentMetrics) -> Middleware:
         return resp
 
     return oci_errors
+
+
+def _closed(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _client_gone() -> Middleware:

@@ -283,7 +283,10 @@ class BlobStore:
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(e.size for d, e in self._entries.items() if d in self._pins)
+        # Also read by /metrics from a worker thread: iterate over a copy (made in C, atomic
+        # under the GIL), never over the live dicts the loop mutates.
+        entries = self._entries
+        return sum(e.size for e in (entries.get(d) for d in list(self._pins)) if e is not None)
 
     def is_pinned(self, digest: Digest) -> bool:
         return digest in self._pins
