@@ -38,6 +38,7 @@ from shoal.web import add_ops_routes
 log = logging.getLogger(__name__)
 
 API_KEY = web.AppKey("api", MirrorApi)
+SWARM_KEY = web.AppKey("swarm", Swarm)
 USER_AGENT = "shoal-agent/0.1"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -142,6 +143,7 @@ def build(config: AgentConfig) -> web.Application:
                 swarm = Swarm(SwarmSettings.from_config(config.torrent, AGENT_FINGERPRINT))
                 await swarm.start()
                 stack.push_async_callback(swarm.stop)
+                app[SWARM_KEY] = swarm
                 registry.register(SwarmCollector("shoal_agent", swarm))
             fetcher = Fetcher(store=store, swarm=swarm, http=http, access=access, policy=config.swarm,
                               metrics=metrics)
@@ -198,7 +200,12 @@ def build(config: AgentConfig) -> web.Application:
     app.router.add_route("*", "/v2/", root)
     app.router.add_route("*", "/v2/{tail:.*}", dispatch)
     app.router.add_get("/v1/status", status)
-    add_ops_routes(app, registry, ready)
+    async def fresh_stats() -> None:
+        swarm = app.get(SWARM_KEY)
+        if swarm is not None:
+            await swarm.fresh_stats()
+
+    add_ops_routes(app, registry, ready, refresh=fresh_stats)
     return app
 
 

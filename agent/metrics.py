@@ -5,6 +5,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Where served bytes came from, and where a download got them (origin = the registry).
+SOURCES = ("cache", "peers", "origin")
+DOWNLOAD_SOURCES = ("peers", "origin")
 # Why a swarm download was abandoned for the registry. A fixed set, every series exported from
 # start at 0, so an alert on rate(shoal_agent_fallbacks_total[...]) sees zero, not "no data".
 FALLBACK_REASONS = (
@@ -55,3 +58,13 @@ class AgentMetrics:
         self.registry_requests = Counter("shoal_agent_registry_requests_total",
                                          "Requests the agent sent to the origin registry",
                                          ["kind", "status"], registry=registry)
+        # Series that alerts and dashboards divide by or watch for a first event exist at 0.
+        for source in SOURCES:
+            self.served_bytes.labels(source)
+        for source in DOWNLOAD_SOURCES:
+            self.download_seconds.labels(source)
+            self.integrity_failures.labels(source)
+            for result in ("ok", "failed"):
+                self.downloads.labels(source, result)
+        for peer in ("seeder", "agent"):
+            self.swarm_bytes.labels(peer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -33,6 +34,7 @@ from shoal.web import add_ops_routes
 log = logging.getLogger(__name__)
 
 SEEDER_KEY = web.AppKey("seeder", Seeder)
+SWARM_KEY = web.AppKey("swarm", Swarm)
 COLLECTOR_KEY = web.AppKey("collector", Collector)
 PRESEEDER_KEY = web.AppKey("preseeder", Preseeder)
 NODE_AUTH_KEY = web.AppKey("node_auth", str)
@@ -202,28 +204,27 @@ def build(config: OriginConfig) -> web.Application:
                         key=key, token_ttl=config.swarm_token_ttl)
         preseeder = Preseeder(seeder, concurrency=config.preseed_concurrency)
         collector = Collector(Path(config.data_dir) / "audit.db")
-        try:
+        # Whatever interrupts start-up or shutdown (a failure, a second signal), everything that
+        # was opened is closed, in reverse order.
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(http.close)
             await collector.open()
+            stack.push_async_callback(collector.close)
             await store.open()
+            stack.push_async_callback(store.close)
             await swarm.start()
+            stack.push_async_callback(swarm.stop)
+            app[SWARM_KEY] = swarm
             await seeder.start()
-        except BaseException:
-            await swarm.stop()
-            await http.close()
-            raise
-        registry.register(SwarmCollector("shoal_origin", swarm))
-        registry.register(StoreCollector("shoal_origin", store))
-        app[SEEDER_KEY] = seeder
-        app[PRESEEDER_KEY] = preseeder
-        app[COLLECTOR_KEY] = collector
-        registry.register(CollectorMetrics(collector))
-        yield
-        await preseeder.stop()
-        await seeder.stop()
-        await swarm.stop()
-        await store.close()
-        await collector.close()
-        await http.close()
+            stack.push_async_callback(seeder.stop)
+            stack.push_async_callback(preseeder.stop)
+            registry.register(SwarmCollector("shoal_origin", swarm))
+            registry.register(StoreCollector("shoal_origin", store))
+            app[SEEDER_KEY] = seeder
+            app[PRESEEDER_KEY] = preseeder
+            app[COLLECTOR_KEY] = collector
+            registry.register(CollectorMetrics(collector))
+            yield
 
     async def ready() -> str | None:
         seeder = app.get(SEEDER_KEY)
@@ -237,7 +238,12 @@ def build(config: OriginConfig) -> web.Application:
     app.router.add_post("/v1/preseed", submit_preseed)
     app.router.add_get("/v1/preseed/{job}", get_preseed)
     app.router.add_get("/v1/status", status)
-    add_ops_routes(app, registry, ready)
+    async def fresh_stats() -> None:
+        swarm = app.get(SWARM_KEY)
+        if swarm is not None:
+            await swarm.fresh_stats()
+
+    add_ops_routes(app, registry, ready, refresh=fresh_stats)
     return app
 
 

@@ -33,8 +33,16 @@ RETRY_MIN = 5.0
 RETRY_MAX = 30.0
 RETRY_JITTER = 0.2
 
-# libtorrent settings that make the contract; `torrent.libtorrent` may not override them.
-RESERVED_SETTINGS = frozenset({"min_announce_interval", "tracker_completion_timeout", "tracker_receive_timeout"})
+# libtorrent settings that make the contract; `torrent.libtorrent` may not override them (the
+# reason is the configuration error an operator sees).
+RESERVED_SETTINGS = {
+    "min_announce_interval": "set by shoal so that peers announce at the tracker's interval; change the "
+                             "tracker's interval instead",
+    "tracker_completion_timeout": f"set by shoal to {ANNOUNCE_TIMEOUT}s: the tracker's peer_ttl bounds "
+                                  "count on it",
+    "tracker_receive_timeout": f"set by shoal to {ANNOUNCE_RECEIVE_TIMEOUT}s: the tracker's peer_ttl "
+                               "bounds count on it",
+}
 
 
 def libtorrent_settings() -> dict[str, int]:

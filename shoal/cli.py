@@ -8,6 +8,7 @@ each other; the CLI only writes their configuration and supervises them).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -280,6 +281,17 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) 
     return False
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies (Linux prctl)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     data = Path(args.data_dir).expanduser().resolve() if args.data_dir else _default_data_dir()
     data.mkdir(parents=True, exist_ok=True)
@@ -298,7 +310,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         for name in ("tracker", "origin", "agent"):
             path = data / f"{name}.yaml"
             path.write_text(yaml.safe_dump(configs[name], sort_keys=False))
-            procs[name] = subprocess.Popen([sys.executable, "-m", name, "--config", str(path)])
+            # Each child in its own session: Ctrl-C reaches only this supervisor, which stops
+            # each child with one SIGTERM. (With the terminal's SIGINT on top, a second signal
+            # cut the origin's cleanup short and it logged unclosed sessions.) The children
+            # still go with the supervisor if it is killed outright.
+            procs[name] = subprocess.Popen([sys.executable, "-m", name, "--config", str(path)],
+                                           start_new_session=True, preexec_fn=_die_with_parent)
             if not _wait_ready(f"http://{configs[name]['listen']}", procs[name]):
                 print(f"shoal up: {name} failed to start (see its messages above)", file=sys.stderr)
                 return 1

@@ -322,8 +322,7 @@ class TorrentSettings:
             if name not in _libtorrent_setting_names():
                 raise ConfigError(f"{prefix}.libtorrent.{name}: not a libtorrent setting")
             if name in RESERVED_SETTINGS:
-                raise ConfigError(f"{prefix}.libtorrent.{name}: set by shoal so that peers announce at the "
-                                  "tracker's interval; change the tracker's interval instead")
+                raise ConfigError(f"{prefix}.libtorrent.{name}: {RESERVED_SETTINGS[name]}")
 
 
 def _libtorrent_setting_names() -> frozenset[str]:

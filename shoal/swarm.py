@@ -312,6 +312,7 @@ class Swarm:
         self._had_torrents = False
         self._token: str | None = None
         self._token_set = asyncio.Event()
+        self._stats_waiters: list[asyncio.Future[None]] = []
 
     @property
     def session(self) -> lt.session:
@@ -476,6 +477,10 @@ class Swarm:
     def _dispatch(self, alert: lt.alert) -> None:
         if isinstance(alert, lt.session_stats_alert):
             self.stats = {k: int(v) for k, v in alert.values.items()}
+            waiters, self._stats_waiters = self._stats_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
             return
         if isinstance(alert, lt.torrent_removed_alert):
             fut = self._removals.get(alert.torrent_name)
@@ -526,6 +531,17 @@ class Swarm:
         elif isinstance(alert, (lt.torrent_error_alert, lt.file_error_alert)):
             log.error("torrent %s failed: %s", job.name, alert.message())
             job._on_error(alert.message())
+
+    async def fresh_stats(self, within: float = 1.0) -> None:
+        """Refresh `stats` now (a /metrics scrape right after a transfer must show it, not the
+        numbers of the last 2 s poll); gives up after `within` seconds, keeping the old ones."""
+        if self._session is None:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stats_waiters.append(fut)
+        self._session.post_session_stats()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(fut, within)
 
     async def _poll_stats(self) -> None:
         while True:

@@ -19,7 +19,9 @@ ReadyCheck = Callable[[], Awaitable[str | None]]
 """Returns None when ready, else a short reason shown by /readyz."""
 
 
-def add_ops_routes(app: web.Application, registry: CollectorRegistry, ready: ReadyCheck) -> None:
+def add_ops_routes(app: web.Application, registry: CollectorRegistry, ready: ReadyCheck,
+                   refresh: Callable[[], Awaitable[None]] | None = None) -> None:
+    """`refresh`, if given, runs before each /metrics render (e.g. to pull libtorrent's counters)."""
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -30,6 +32,8 @@ def add_ops_routes(app: web.Application, registry: CollectorRegistry, ready: Rea
         return web.json_response({"status": "not ready", "reason": reason}, status=503)
 
     async def metrics(_: web.Request) -> web.Response:
+        if refresh is not None:
+            await refresh()
         body = await asyncio.to_thread(generate_latest, registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -46,6 +46,12 @@ class Metrics:
         self.unseeded = Gauge("shoal_tracker_torrents_without_seeders",
                               "Registered torrents no live seeder announces (their pulls fall back to the "
                               "registry unless a leecher completes them)", registry=registry)
+        for result in ("ok", "bad_request", "bad_token", "unknown_torrent"):
+            self.announces.labels(result)
+        for result in ("ok", "unknown", "unauthorized", "bad_request"):
+            self.metainfo_requests.labels(result)
+        for result in ("ok", "unauthorized", "invalid", "bad_signature"):
+            self.registrations.labels(result)
         self.announce_seconds = Histogram("shoal_tracker_announce_seconds", "Announce handling time",
                                           registry=registry,
                                           buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1))

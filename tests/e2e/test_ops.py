@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agent.metrics import FALLBACK_REASONS
 from tests.e2e.conftest import USERS, Images
 from tests.support.clients import Containerd, skopeo_copy, verify_dir
 from tests.support.procs import ROOT, Component, free_port, http_get, wait_http
@@ -78,6 +79,16 @@ def test_health_readiness_and_metrics(stack: Stack, images: Images, workdir: Pat
     image = images.app()
     stack.start(agents=1)
     agent = stack.agents[0]
+    # before any event, the series alerts use exist at 0 ("no data" would hide a problem)
+    fresh = agent.metrics()
+    for reason in FALLBACK_REASONS:
+        assert fresh[f'shoal_agent_fallbacks_total{{reason="{reason}"}}'] == 0
+    for source in ("peers", "origin"):
+        for result in ("ok", "failed"):
+            assert fresh[f'shoal_agent_downloads_total{{result="{result}",source="{source}"}}'] == 0
+        assert fresh[f'shoal_agent_integrity_failures_total{{source="{source}"}}'] == 0
+    assert stack.tracker is not None
+    assert stack.tracker.metrics()["shoal_tracker_torrents_without_seeders"] == 0
     skopeo_copy(f"{agent.config['listen']}/private/app:v1", workdir / "a")
     verify_dir(workdir / "a", image)
     skopeo_copy(f"{agent.config['listen']}/private/app:v1", workdir / "b")
@@ -117,7 +128,7 @@ def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Co
          "--tracker-listen", tracker_listen, "--origin-listen", origin_listen,
          "--agent-torrent-port", str(free_port()), "--origin-torrent-port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)  # as a terminal's job
     try:
         wait_http(f"http://{listen}/readyz", timeout=60)
         agent = Component("agent", tmp_path, {"listen": listen})
@@ -132,10 +143,12 @@ def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Co
         assert status.returncode == 0, status.stdout
         assert "cached_blobs=" in status.stdout and "seeding=" in status.stdout
     finally:
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole job
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "shoal is up for" in out and f'[host."http://{listen}"]' in out
+    # a clean stop: no component logs an ERROR (a second signal once cut the origin's cleanup short)
+    assert " ERROR " not in out and "Traceback" not in out, out[-3000:]
     time.sleep(0.2)
     for hostport in (listen, tracker_listen, origin_listen):
         with pytest.raises(OSError, match="refused"):

@@ -31,5 +31,7 @@ def test_soak(registry: Registry, workdir: Path) -> None:
         run.stack.close()
     assert run.requests and verdict.summary["distinct_bytes"] > 2 * plan.cache_budget  # eviction never stops
     assert verdict.summary["evictions"] > 0
+    # the journal's roll ran too: each agent wrote several MiB of records
+    assert all(verdict.summary[f"agent{n}.journal_rolls"] >= 1 for n in range(plan.agents)), verdict.summary
     assert verdict.met, "\n".join(f"{t.name}: {t.measured}" for t in verdict.failures()) + "\n" + \
         json.dumps(verdict.summary, indent=1, default=str)[:6000]

@@ -12,6 +12,7 @@ clients' requests, the registry's own access log and the components' logs:
 
 from __future__ import annotations
 
+import itertools
 import re
 import statistics
 from collections import Counter
@@ -101,13 +102,20 @@ def _series(samples: list[dict[str, float]], key: str) -> list[float]:
     return [s[key] for s in samples if key in s]
 
 
-def flat(values: list[float], margin: float) -> tuple[bool, str]:
+def flat(values: list[float], margin: float, unit: float = 1.0, unit_name: str = "") -> tuple[bool, str]:
     """Whether the last third of a series peaks no higher than its middle third (+GROWTH, +margin)."""
     if len(values) < 6:
         return True, "too short to judge"
     third = len(values) // 3
     middle, last = max(values[third:2 * third]), max(values[2 * third:])
-    return last <= middle * (1 + GROWTH) + margin, f"middle third peak {middle:g}, last third peak {last:g}"
+    return (last <= middle * (1 + GROWTH) + margin,
+            f"middle third peak {middle / unit:g}{unit_name}, last third peak {last / unit:g}{unit_name}")
+
+
+def rolls(values: list[float]) -> int:
+    """How often a journal's size on disk dropped (a shipped segment rolled and deleted)."""
+    return sum(1 for before, after in itertools.pairwise(values)
+               if after < before * 0.75 and before - after > 64 << 10)
 
 
 def judge(run: Run) -> Verdict:
@@ -152,7 +160,7 @@ def judge(run: Run) -> Verdict:
     for name in ("tracker", "origin", *agents):
         for what, margin in MARGINS.items():
             series = _series(samples, f"{name}.{what}")
-            ok, detail = flat(series, margin)
+            ok, detail = flat(series, margin, *((MIB, " MiB") if what == "rss" else (1.0, "")))
             summary[f"{name}.{what}_peak"] = max(series, default=0.0)
             targets.append(Target(f"{name} {what} flat", ok, detail))
 
@@ -163,11 +171,12 @@ def judge(run: Run) -> Verdict:
         shipped = last.get(f"{a}.journal_shipped_records_total", 0.0)
         unshipped = last.get(f"{a}.journal_unshipped_bytes", -1.0)
         summary[f"{a}.journal_peak_disk_bytes"] = max(_series(samples, f"{a}.journal_disk_bytes"), default=0.0)
+        summary[f"{a}.journal_rolls"] = rolled = rolls(_series(run.samples, f"{a}.journal_disk_bytes"))
         targets.append(Target(
             f"{a} journal bounded and shipped",
             peak <= ROLL_BYTES + JOURNAL_SLACK and unshipped == 0 and shipped == written,
-            f"shipped records kept on disk peaked at {peak / 1024:.0f} KiB; {int(written)} written, "
-            f"{int(shipped)} shipped, {int(unshipped)} bytes unshipped at the end"))
+            f"shipped records kept on disk peaked at {peak / 1024:.0f} KiB ({rolled} rolls); {int(written)} "
+            f"written, {int(shipped)} shipped, {int(unshipped)} bytes unshipped at the end"))
 
     errors: Counter[str] = Counter()
     warnings: Counter[str] = Counter()
