@@ -55,7 +55,7 @@ class Audit:
     cred_fpr: str | None = None
     credential: str | None = None
     authz_method: str | None = None
-    origin_status: str | None = None
+    registry_status: str | None = None
     source: str | None = None
     verified: bool | None = None
     bytes: int = 0
@@ -176,7 +176,7 @@ class MirrorApi:
             with contextlib.suppress(errors.UpstreamError):
                 return await self._kept_manifest(request, up, cred, name, str(ref), "registry answered 429")
         self.metrics.registry_requests.labels("manifest", str(r.status)).inc()
-        audit.authz_method, audit.origin_status = "registry", str(r.status)
+        audit.authz_method, audit.registry_status = "registry", str(r.status)
         if r.status != 200:
             return self._relay(request, r)
         audit.principal = self._principal(up, cred)
@@ -191,7 +191,7 @@ class MirrorApi:
             return await self._head(request, 200, headers, int(length) if length.isdigit() else None)
         digest = Digest(hashlib.sha256(r.body).hexdigest())
         if isinstance(ref, Digest) and digest != ref:
-            self.metrics.integrity_failures.labels("origin").inc()
+            self.metrics.integrity_failures.labels("registry").inc()
             raise errors.IntegrityError(f"registry manifest does not match {ref}")
         audit.digest = str(digest)
         headers["Docker-Content-Digest"] = str(digest)
@@ -208,7 +208,7 @@ class MirrorApi:
         """The registry is unreachable: availability mode answers with what this credential was
         allowed before; strict mode refuses."""
         audit = audit_of(request)
-        audit.origin_status = "unreachable"
+        audit.registry_status = "unreachable"
         kept = await self.keeper.find(cred.fingerprint, up.name, name, reference) \
             if self.auth.mode == "availability" else None
         if kept is None:
@@ -265,7 +265,7 @@ class MirrorApi:
 
     def _note(self, request: web.Request, up: Upstream, cred: Credential, r: Response) -> None:
         audit = audit_of(request)
-        audit.authz_method, audit.origin_status = "registry", str(r.status)
+        audit.authz_method, audit.registry_status = "registry", str(r.status)
         if r.status == 200:
             audit.principal = self._principal(up, cred)
 
@@ -297,7 +297,7 @@ class MirrorApi:
         audit.digest = str(digest)
         verdict = await self.authorizer.blob(up, cred, name, digest)
         decision = verdict.decision
-        audit.authz_method, audit.origin_status = verdict.method, verdict.origin_status
+        audit.authz_method, audit.registry_status = verdict.method, verdict.registry_status
         if verdict.method == "registry":
             self.metrics.registry_requests.labels("blob_head", str(decision.status)).inc()
         if decision.status == 401:

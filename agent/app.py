@@ -27,7 +27,7 @@ from agent.recording import journal_middleware
 from agent.responses import RESPONSE_STARTED, abort, error_response, oci_error
 from agent.shipper import Shipper
 from agent.upstreams import Upstream, Upstreams
-from shoal import errors, signing
+from shoal import errors, protocol, signing
 from shoal.config import read_token
 from shoal.metrics import StoreCollector, SwarmCollector
 from shoal.registry import RegistryClient
@@ -199,7 +199,7 @@ def build(config: AgentConfig) -> web.Application:
     app.router.add_route("*", "/v2", root)
     app.router.add_route("*", "/v2/", root)
     app.router.add_route("*", "/v2/{tail:.*}", dispatch)
-    app.router.add_get("/v1/status", status)
+    app.router.add_route(protocol.STATUS.method, protocol.STATUS.pattern, status)
     async def fresh_stats() -> None:
         swarm = app.get(SWARM_KEY)
         if swarm is not None:

@@ -101,7 +101,7 @@ class Verdict:
 
     decision: Decision
     method: Literal["registry", "decision_cache", "stale_decision"]
-    origin_status: str  # the registry's status for this request, "cached" or "unreachable"
+    registry_status: str  # the registry's status for this request, "cached" or "unreachable"
 
 
 class Decisions:

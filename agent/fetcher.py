@@ -37,7 +37,7 @@ from agent.config import SwarmPolicy
 from agent.metrics import FALLBACK_REASONS, AgentMetrics
 from agent.responses import FILE_CHUNK, read_file
 from agent.upstreams import Upstream
-from shoal import errors, metainfo, signing
+from shoal import errors, metainfo, protocol, signing
 from shoal.metainfo import Published
 from shoal.oci import Digest
 from shoal.registry import Authorization
@@ -186,7 +186,7 @@ class Download:
                         log.warning("swarm could not deliver %s (%s); fetching from the registry",
                                     self.digest, exc)
                 await self._from_registry(meta)
-                self._finish("origin", started)
+                self._finish("registry", started)
         except errors.ShoalError as exc:
             self.error = exc
             self.fetcher.metrics.downloads.labels(self.source, "failed").inc()
@@ -272,7 +272,7 @@ class Download:
             raise
 
     async def _from_registry(self, published: Published | None) -> None:
-        self.source = "origin"
+        self.source = "registry"
         self._notify()
         store, m = self.fetcher.store, self.fetcher.metrics
         if self.size == 0 and self.digest == EMPTY_DIGEST:
@@ -289,7 +289,7 @@ class Download:
             await self.upstream.client.download_blob(self.repo, self.digest, tmp, max_size=self.size,
                                                      progress=progress, authorization=self.authorization)
         except errors.IntegrityError:
-            m.integrity_failures.labels("origin").inc()
+            m.integrity_failures.labels("registry").inc()
             raise
         finally:
             self.partial = None
@@ -367,7 +367,7 @@ class Fetcher:
         retry = TOKEN_RETRY_MIN
         while True:
             try:
-                async with self.http.post(f"{access.origin}/v1/swarm/token", json={"node": access.node},
+                async with self.http.post(protocol.SWARM_TOKEN.url(access.origin), json={"node": access.node},
                                           headers=access.auth, timeout=aiohttp.ClientTimeout(total=10)) as r:
                     if r.status != 200:
                         raise errors.SwarmUnavailable(f"origin answered {r.status} for a swarm token")
@@ -426,7 +426,7 @@ class Fetcher:
             # right after start the token is usually a few milliseconds away: wait for it
             raise _SwarmFailure("no_swarm_token", "this node has no swarm token from the origin yet")
         try:
-            async with self.http.get(f"{access.tracker}/v1/metainfo/{digest}", headers=access.auth,
+            async with self.http.get(protocol.METAINFO.url(access.tracker, digest=str(digest)), headers=access.auth,
                                      timeout=aiohttp.ClientTimeout(total=self.policy.metainfo_timeout)) as r:
                 if r.status == 200:
                     return self._verify(await r.read(), r.headers.get(SIGNATURE_HEADER))
@@ -438,7 +438,8 @@ class Fetcher:
             return None
         try:
             async with self.http.post(
-                f"{access.origin}/v1/blobs/{digest}/seed", json={"ns": upstream.name, "repository": repo},
+                protocol.SEED_BLOB.url(access.origin, digest=str(digest)),
+                json={"ns": upstream.name, "repository": repo},
                 headers=access.auth, timeout=aiohttp.ClientTimeout(total=self.policy.seed_timeout),
             ) as r:
                 if r.status == 200:

@@ -6,8 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # Where served bytes came from, and where a download got them (origin = the registry).
-SOURCES = ("cache", "peers", "origin")
-DOWNLOAD_SOURCES = ("peers", "origin")
+SOURCES = ("cache", "peers", "registry")
+DOWNLOAD_SOURCES = ("peers", "registry")
 # Why a swarm download was abandoned for the registry. A fixed set, every series exported from
 # start at 0, so an alert on rate(shoal_agent_fallbacks_total[...]) sees zero, not "no data".
 FALLBACK_REASONS = (

@@ -44,7 +44,7 @@ def journal_middleware(journal: Journal, node: str) -> Middleware:
                 "ns": audit.ns, "repository": audit.repository, "kind": audit.kind, "method": request.method,
                 "reference": audit.reference, "digest": audit.digest,
                 "range": request.headers.get("Range", "")[:200] or None, "status": status,
-                "source": audit.source, "authz_method": audit.authz_method, "origin_status": audit.origin_status,
+                "source": audit.source, "authz_method": audit.authz_method, "registry_status": audit.registry_status,
             }
 
         def end_doc(outcome: str, error: str | None = None, size: int | None = None) -> dict[str, Any]:

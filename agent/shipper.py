@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from agent.journal import Journal, segments
+from shoal import protocol
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class Shipper:
 
     async def _send(self, batch: Batch) -> bool:
         try:
-            async with self.http.post(f"{self.collector}/v1/journal", json={"node": self.node,
+            async with self.http.post(protocol.JOURNAL.url(self.collector), json={"node": self.node,
                                                                              "records": batch.records},
                                       headers=self._headers, timeout=aiohttp.ClientTimeout(total=30)) as r:
                 if 200 <= r.status < 300:

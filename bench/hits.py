@@ -17,6 +17,7 @@ import yaml
 from bench import services
 from bench.footprint import PeakRss
 from bench.loadgen import WrkResult, wrk
+from shoal import protocol
 from tests.support.clients import sha256_path
 from tests.support.procs import free_port, proc_stats
 
@@ -81,7 +82,7 @@ def run(work: Path, *, registry_url: str, repo: str, manifest_digest: str, large
             "log": {"level": "warning"}}))
         agent = spawn([sys.executable, "-m", "agent", "--config", str(agent_cfg)], "agent")
         _wait(f"http://127.0.0.1:{central_port}/v2/", central)
-        _wait(f"http://127.0.0.1:{agent_port}/readyz", agent)
+        _wait(protocol.READYZ.url(f"http://127.0.0.1:{agent_port}"), agent)
         urls = {
             "agent": f"http://127.0.0.1:{agent_port}/v2/{repo}/blobs/",
             "central": f"http://127.0.0.1:{central_port}/v2/{repo}/blobs/",

@@ -21,6 +21,7 @@ from typing import Any
 
 from bench import services
 from bench.netns import SUBNET, Host, Topology
+from shoal import protocol
 from shoal.cli import make_keys
 from tests.support.stack import merged
 
@@ -134,7 +135,8 @@ class Rollout:
     def _peer_bytes(self, nodes: list[Host]) -> tuple[int, int]:
         agents = seeder = 0
         for node in nodes:
-            text = subprocess.run(node.cmd("curl", "-s", "http://127.0.0.1:5050/metrics"), capture_output=True,
+            metrics = protocol.METRICS.url("http://127.0.0.1:5050")
+            text = subprocess.run(node.cmd("curl", "-s", metrics), capture_output=True,
                                   text=True, timeout=10).stdout
             for line in text.splitlines():
                 if line.startswith('shoal_agent_swarm_download_bytes_total{peer="agent"}'):
@@ -151,13 +153,13 @@ class Rollout:
             "listen": f"{REGISTRY_IP}:6969", "registration_token": {"file": keys["registration_token"]},
             "node_token": {"file": keys["node_token"]}, "origin_public_key": keys["origin_public_key"],
             "interval": "10s", "min_interval": "1s", "log": {"level": "warning"},
-        }).start(f"{tracker_url}/readyz")
+        }).start(protocol.READYZ.url(tracker_url))
         origin = services.shoal(self.registry_host, "origin", "origin", run_dir, merged({
             "listen": f"{REGISTRY_IP}:6970", "data_dir": str(run_dir / "origin"), "upstreams": [upstream],
             "tracker": tracker_url, "registration_token": {"file": keys["registration_token"]},
             "signing_key": keys["signing_key"], "node_token": {"file": keys["node_token"]},
             "torrent": {"listen": f"{REGISTRY_IP}:6881"}, "log": {"level": self.log_level},
-        }, self.origin_config)).start(f"http://{REGISTRY_IP}:6970/readyz")
+        }, self.origin_config)).start(protocol.READYZ.url(f"http://{REGISTRY_IP}:6970"))
         agents = []
         for node in nodes:
             agents.append(services.shoal(node, "agent", f"agent-{node.name}", run_dir, merged({
@@ -171,6 +173,6 @@ class Rollout:
         for agent in agents:
             agent.start()
         for agent in agents:
-            agent.wait("http://127.0.0.1:5050/readyz", (200,))
+            agent.wait(protocol.READYZ.url("http://127.0.0.1:5050"), (200,))
         time.sleep(1.0)  # swarm tokens
         return [tracker, origin, *agents]

@@ -105,7 +105,7 @@ def markdown(doc: dict[str, Any]) -> str:
     served, unseeded = s["served_bytes"], s["tracker_torrents_without_seeders"]
     lines += ["", f"Requests: {s['requests']}; {s['client_bytes'] / 1e9:.1f} GB to clients "
               f"(agents served {served['cache'] / 1e9:.1f} GB from cache, {served['peers'] / 1e9:.1f} GB from the "
-              f"swarm, {served['origin'] / 1e9:.2f} GB from the registry); {s['distinct_blobs']} distinct blobs; "
+              f"swarm, {served['registry'] / 1e9:.2f} GB from the registry); {s['distinct_blobs']} distinct blobs; "
               f"{int(s['evictions'])} evictions; tracker torrents without a seeder: max "
               f"{unseeded['max']:g}, mean {unseeded['mean']}.",
               "", "| latency (s) | n | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|"]

@@ -16,7 +16,7 @@ import yaml
 
 from bench import services
 from bench.loadgen import WrkResult, wrk
-from shoal import metainfo, signing
+from shoal import metainfo, protocol, signing
 from shoal.cli import make_keys
 from shoal.oci import Digest
 from tests.support.procs import free_port
@@ -68,10 +68,11 @@ def run(work: Path, *, seconds: int, connections: int = 32) -> TrackerResult:
                            "-w", str(whitelist)], stdout=logs[1], stderr=logs[1])
     try:
         for _ in range(300):
-            if services.http_ok(f"http://127.0.0.1:{port}/readyz"):
+            if services.http_ok(protocol.READYZ.url(f"http://127.0.0.1:{port}")):
                 break
             time.sleep(0.1)
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/metainfo/{digest}", data=raw, method="PUT",
+        url = protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{port}", digest=str(digest))
+        req = urllib.request.Request(url, data=raw, method="PUT",  # noqa: S310 (http, built here)
                                      headers={"Authorization": f"Bearer {keys['registration_token'].read_text()}",
                                               "Shoal-Signature": signing.sign_metainfo(key, raw)})
         urllib.request.urlopen(req, timeout=10).close()  # noqa: S310

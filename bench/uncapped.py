@@ -17,6 +17,7 @@ import yaml
 
 from bench import services
 from bench.footprint import PeakRss
+from shoal import protocol
 from shoal.cli import make_keys
 from tests.support.clients import sha256_path
 from tests.support.procs import free_port, proc_stats
@@ -75,8 +76,8 @@ def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], age
         "signing_key": keys["signing_key"], "node_token": {"file": keys["node_token"]},
         "torrent": {"listen": f"127.0.0.1:{free_port()}", "libtorrent": libtorrent or {}},
         "log": {"level": "warning"}}))
-    started_services = [tracker.start(f"http://127.0.0.1:{tport}/readyz")]
-    started_services.append(origin.start(f"http://127.0.0.1:{oport}/readyz"))
+    started_services = [tracker.start(protocol.READYZ.url(f"http://127.0.0.1:{tport}"))]
+    started_services.append(origin.start(protocol.READYZ.url(f"http://127.0.0.1:{oport}")))
     nodes = []
     try:
         for i in range(agents):
@@ -90,12 +91,13 @@ def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], age
                 "torrent": {"listen": f"{ip}:{free_port(ip)}", "libtorrent": libtorrent or {}},
                 "swarm": {"first_piece_timeout": "60s", "stall_timeout": "60s"}, "log": {"level": "warning"}}))
             service = services.Service(None, f"agent{i}", [sys.executable, "-m", "agent", "--config", str(cfg)], work)
-            service.start(f"http://{ip}:{port}/readyz")
+            service.start(protocol.READYZ.url(f"http://{ip}:{port}"))
             started_services.append(service)
             nodes.append((service, f"http://{ip}:{port}/v2/{repo}/blobs/{digest}"))
         # the origin has the blob already (pre-seeded), so this measures the swarm itself
         seed = json.dumps({"ns": registry_host, "repository": repo}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{oport}/v1/blobs/{digest}/seed", data=seed, method="POST",
+        url = protocol.SEED_BLOB.url(f"http://127.0.0.1:{oport}", digest=str(digest))
+        req = urllib.request.Request(url, data=seed, method="POST",  # noqa: S310 (http, built here)
                                      headers={"Content-Type": "application/json",
                                               "Authorization": f"Bearer {Path(keys['node_token']).read_text()}"})
         urllib.request.urlopen(req, timeout=300).close()  # noqa: S310

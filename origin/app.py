@@ -21,7 +21,7 @@ from origin.config import OriginConfig
 from origin.preseed import Preseeder
 from origin.registration import TrackerRegistration
 from origin.seeder import Seeder, SeederMetrics, Upstream
-from shoal import audit, errors, signing
+from shoal import audit, errors, protocol, signing
 from shoal.config import read_token
 from shoal.metrics import StoreCollector, SwarmCollector
 from shoal.oci import Digest, ImageReference, validate_name
@@ -231,13 +231,11 @@ def build(config: OriginConfig) -> web.Application:
         return None if seeder is not None else "starting"
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_post("/v1/blobs/{digest}/seed", seed_blob)
-    app.router.add_post("/v1/swarm/token", swarm_token)
-    app.router.add_post("/v1/journal", receive_journal)
-    app.router.add_get("/v1/audit", query_audit)
-    app.router.add_post("/v1/preseed", submit_preseed)
-    app.router.add_get("/v1/preseed/{job}", get_preseed)
-    app.router.add_get("/v1/status", status)
+    for route, handler in ((protocol.SEED_BLOB, seed_blob), (protocol.SWARM_TOKEN, swarm_token),
+                           (protocol.JOURNAL, receive_journal), (protocol.AUDIT, query_audit),
+                           (protocol.PRESEED, submit_preseed), (protocol.PRESEED_JOB, get_preseed),
+                           (protocol.STATUS, status)):
+        app.router.add_route(route.method, route.pattern, handler)
     async def fresh_stats() -> None:
         swarm = app.get(SWARM_KEY)
         if swarm is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+from shoal import protocol
 from shoal.config import (
     DURATION,
     HOSTPORT,
@@ -64,7 +65,7 @@ class OriginConfig:
 
     @property
     def announce(self) -> str:
-        return self.announce_url or f"{self.tracker}/announce"
+        return self.announce_url or protocol.ANNOUNCE.url(self.tracker)
 
 
 def load(doc: dict[str, Any]) -> OriginConfig:

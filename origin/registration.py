@@ -7,6 +7,7 @@ import logging
 
 import aiohttp
 
+from shoal import protocol
 from shoal.metainfo import Metainfo
 from shoal.signing import SIGNATURE_HEADER
 
@@ -22,7 +23,7 @@ class TrackerRegistration:
 
     async def register(self, meta: Metainfo, signature: str) -> bool:
         """One attempt; False (logged) if the tracker is unreachable or refuses."""
-        url = f"{self.tracker}/v1/metainfo/{meta.digest}"
+        url = protocol.REGISTER_METAINFO.url(self.tracker, digest=str(meta.digest))
         try:
             async with self.http.put(
                 url, data=meta.raw, headers={"Authorization": f"Bearer {self._token}",
@@ -43,7 +44,7 @@ class TrackerRegistration:
         self.registered.discard(meta.digest.hex)
         try:
             async with self.http.delete(
-                f"{self.tracker}/v1/metainfo/{meta.digest}",
+                protocol.UNREGISTER_METAINFO.url(self.tracker, digest=str(meta.digest)),
                 headers={"Authorization": f"Bearer {self._token}"}, timeout=aiohttp.ClientTimeout(total=10),
             ):
                 pass

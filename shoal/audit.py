@@ -24,14 +24,14 @@ PHASES = ("start", "end")
 EVENT_FIELDS = (
     "event_id", "ts", "node", "client_addr", "user_agent", "principal", "cred_fpr", "credential",
     "ns", "repository", "kind", "method", "reference", "digest", "range", "status", "bytes", "source",
-    "verified", "duration_ms", "outcome", "authz_method", "origin_status", "error",
+    "verified", "duration_ms", "outcome", "authz_method", "registry_status", "error",
 )
 _START_FIELDS = frozenset(EVENT_FIELDS) - {"bytes", "duration_ms", "outcome"}
 _END_FIELDS = frozenset({"event_id", "ts", "node", "bytes", "duration_ms", "outcome", "source", "verified",
                          "error"})
 _STRINGS = frozenset({"event_id", "ts", "node", "client_addr", "user_agent", "principal", "cred_fpr",
                       "credential", "ns", "repository", "kind", "method", "reference", "digest", "range",
-                      "source", "outcome", "authz_method", "origin_status", "error"})
+                      "source", "outcome", "authz_method", "registry_status", "error"})
 _INTS = frozenset({"status", "bytes"})
 MAX_FIELD = 2048
 MAX_RECORD_BYTES = 16 * 1024
@@ -50,15 +50,28 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
 
 
+def upgrade(record: dict[str, Any]) -> dict[str, Any]:
+    """A record in today's format. Until 0.1 a blob fetched from the registry said
+    `source: origin` and `origin_status`; shoal's own origin seeder is a peer, so these now say
+    `registry` (records journaled or stored before the change read the same as new ones)."""
+    if "origin_status" not in record and record.get("source") != "origin":
+        return record
+    out = {("registry_status" if k == "origin_status" else k): v for k, v in record.items()}
+    if out.get("source") == "origin":
+        out["source"] = "registry"
+    return out
+
+
 def validate(record: Any) -> dict[str, Any]:
     """Check a record from the network (the collector trusts agents, but not blindly)."""
     if not isinstance(record, dict):
         raise RecordError("record is not an object")
-    phase = record.get("phase")
+    doc = upgrade(record)
+    phase = doc.get("phase")
     if phase not in PHASES:
         raise RecordError("phase must be start or end")
     allowed = (_START_FIELDS if phase == "start" else _END_FIELDS) | {"phase"}
-    for key, value in record.items():
+    for key, value in doc.items():
         if key not in allowed:
             raise RecordError(f"unknown field {key!r}")
         if value is None:
@@ -71,14 +84,14 @@ def validate(record: Any) -> dict[str, Any]:
             raise RecordError("duration_ms must be a number")
         if key == "verified" and not isinstance(value, bool):
             raise RecordError("verified must be true or false")
-    event_id = record.get("event_id")
+    event_id = doc.get("event_id")
     if not isinstance(event_id, str) or not 8 <= len(event_id) <= 64:
         raise RecordError("event_id must be a string of 8 to 64 characters")
-    if not isinstance(record.get("ts"), str):
+    if not isinstance(doc.get("ts"), str):
         raise RecordError("ts is required")
-    if len(json.dumps(record)) > MAX_RECORD_BYTES:
+    if len(json.dumps(doc)) > MAX_RECORD_BYTES:
         raise RecordError("record too large")
-    return record
+    return doc
 
 
 def merge(start: dict[str, Any] | None, end: dict[str, Any] | None) -> dict[str, Any]:
@@ -86,7 +99,7 @@ def merge(start: dict[str, Any] | None, end: dict[str, Any] | None) -> dict[str,
     event: dict[str, Any] = {f: None for f in EVENT_FIELDS}
     for part in (start, end):
         if part:
-            for key, value in part.items():
+            for key, value in upgrade(part).items():
                 if key in event and (value is not None or event[key] is None):
                     if key == "ts" and part is end and start is not None:
                         continue  # the event's time is when it started

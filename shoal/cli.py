@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from shoal import signing
+from shoal import protocol, signing
 
 DEFAULT_ORIGIN = "http://127.0.0.1:6970"
 
@@ -81,7 +81,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     origin = args.origin.rstrip("/")
     token = _node_token(args)
     try:
-        status, job = _http("POST", f"{origin}/v1/preseed", {"images": args.images, "platforms": args.platform},
+        status, job = _http("POST", protocol.PRESEED.url(origin), {"images": args.images, "platforms": args.platform},
                             token=token)
     except (urllib.error.URLError, OSError) as exc:
         print(f"shoal seed: cannot reach the origin at {origin}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
@@ -97,7 +97,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     tty = sys.stdout.isatty()
     last_line = ""
     while True:
-        status, job = _http("GET", f"{origin}/v1/preseed/{job['id']}", token=token)
+        status, job = _http("GET", protocol.PRESEED_JOB.url(origin, job=str(job['id'])), token=token)
         if status != 200 or not isinstance(job, dict):
             print(f"shoal seed: lost the job ({status})", file=sys.stderr)
             return 1
@@ -138,7 +138,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                ("until", args.until)) if v}
     query["limit"] = str(args.limit)
     query["format"] = "json" if args.format == "table" else args.format
-    url = f"{args.origin.rstrip('/')}/v1/audit?{urllib.parse.urlencode(query)}"
+    url = protocol.AUDIT.url(args.origin, query)
     try:
         status, body = _http("GET", url, token=_node_token(args), timeout=60, raw_text=args.format != "table")
     except (urllib.error.URLError, OSError) as exc:
@@ -177,7 +177,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not url:
             continue
         try:
-            status, doc = _http("GET", f"{url.rstrip('/')}/v1/status")
+            status, doc = _http("GET", protocol.STATUS.url(url))
         except (urllib.error.URLError, OSError) as exc:
             print(f"{label:8} {url}: unreachable ({getattr(exc, 'reason', exc)})")
             rc = 1
@@ -272,7 +272,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) 
         if proc.poll() is not None:
             return False
         try:
-            status, _ = _http("GET", f"{url}/readyz", timeout=1.0)
+            status, _ = _http("GET", protocol.READYZ.url(url), timeout=1.0)
             if status == 200:
                 return True
         except (urllib.error.URLError, OSError):

@@ -99,10 +99,12 @@ def parse(raw: bytes) -> Metainfo:
     if not isinstance(piece_length, int) or piece_length < 16 * KIB or piece_length & (piece_length - 1):
         raise MetainfoError("piece length must be a power of two of at least 16 KiB")
     announce = doc.get(b"announce")
-    if not isinstance(announce, bytes) or not announce.startswith((b"http://", b"https://")):
+    if (not isinstance(announce, bytes) or not announce.startswith((b"http://", b"https://"))
+            or not announce.isascii()):
+        # a URL is ASCII (RFC 3986); anything else would fail to decode further on
         raise MetainfoError("torrent has no http(s) announce URL")
     info_hash = hashlib.sha256(bencode.encode(info)).digest()
-    return Metainfo(raw, Digest(name.decode()), length, piece_length, info_hash, announce.decode())
+    return Metainfo(raw, Digest(name.decode()), length, piece_length, info_hash, announce.decode("ascii"))
 
 
 def create(blob: Path, digest: Digest, *, announce: str) -> bytes:

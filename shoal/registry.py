@@ -307,13 +307,6 @@ class RegistryClient:
                     raise errors.UpstreamError(f"registry response exceeds {limit} bytes")
             return Response(resp.status, dict(resp.headers), body)
 
-    async def ping(self) -> bool:
-        try:
-            r = await self.request("GET", "/v2/", repo=None)
-        except errors.ShoalError:
-            return False
-        return r.status in (200, 401)
-
     async def get_manifest(self, repo: str, reference: str, *, method: str = "GET",
                            accept: str | None = None, authorization: Authorization = OWN) -> Response:
         return await self.request(method, f"/v2/{repo}/manifests/{reference}", repo=repo,

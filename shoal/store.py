@@ -288,9 +288,6 @@ class BlobStore:
         entries = self._entries
         return sum(e.size for e in (entries.get(d) for d in list(self._pins)) if e is not None)
 
-    def is_pinned(self, digest: Digest) -> bool:
-        return digest in self._pins
-
     def touch(self, digest: Digest) -> None:
         entry = self._entries.get(digest)
         if entry is None:

@@ -1,6 +1,6 @@
 """The libtorrent session, pumped into asyncio.
 
-Rules this module keeps (see shared/notes/python-stack.md A.1):
+Rules this module keeps (facts of libtorrent 2.1.1's Python bindings, checked here):
 - every libtorrent call happens on the event-loop thread;
 - alerts arrive through `set_alert_fd` on a non-blocking socketpair (never `set_alert_notify`,
   which deadlocks from Python); their data is copied out before the next `pop_alerts`;

@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from shoal import protocol
 from shoal.errors import ShoalError
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,8 @@ def add_ops_routes(app: web.Application, registry: CollectorRegistry, ready: Rea
         body = await asyncio.to_thread(generate_latest, registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    for route, handler in ((protocol.HEALTHZ, healthz), (protocol.READYZ, readyz), (protocol.METRICS, metrics)):
+        app.router.add_route(route.method, route.pattern, handler)
 
 
 def run(app: web.Application, host: str, port: int, *, shutdown_timeout: float = 10.0) -> None:

@@ -14,7 +14,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from shoal import metainfo, signing
+from shoal import metainfo, protocol, signing
 from shoal.config import read_token
 from shoal.errors import ShoalError
 from shoal.oci import Digest
@@ -246,11 +246,11 @@ def build(config: TrackerConfig) -> web.Application:
         return None
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_get("/announce", tracker.announce)
-    app.router.add_get("/scrape", tracker.scrape)
-    app.router.add_get("/v1/metainfo/{digest}", tracker.get_metainfo)
-    app.router.add_put("/v1/metainfo/{digest}", tracker.put_metainfo)
-    app.router.add_delete("/v1/metainfo/{digest}", tracker.delete_metainfo)
-    app.router.add_get("/v1/status", tracker.status)
+    for route, handler in ((protocol.ANNOUNCE, tracker.announce), (protocol.SCRAPE, tracker.scrape),
+                           (protocol.METAINFO, tracker.get_metainfo),
+                           (protocol.REGISTER_METAINFO, tracker.put_metainfo),
+                           (protocol.UNREGISTER_METAINFO, tracker.delete_metainfo),
+                           (protocol.STATUS, tracker.status)):
+        app.router.add_route(route.method, route.pattern, handler)
     add_ops_routes(app, registry, ready)
     return app

@@ -5,6 +5,7 @@ any blob byte. alice may pull private/app, bob may not, anonymous clients only p
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import http.client
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from shoal import protocol
 from tests.support.clients import Containerd
 from tests.support.images import Image, build_image, push
 from tests.support.procs import Component, http_get, wait_for
@@ -251,6 +253,26 @@ def test_every_private_200_joins_a_registry_pull_event(tstack: Stack, world: Tok
         assert e["principal"] == "alice"
         assert str(e["cred_fpr"]).startswith("fp:")
         assert (e["principal"], e["repository"], e["digest"]) in seen, e
+    # Not only "somebody asked once": each node asked the registry itself, and a decision reused
+    # from cache follows that node's own yes (a node serving under another node's yes would pass
+    # a plain membership test). The registry records an authorization as a HEAD pull event.
+    blob_digests = {b.digest for b in world.private.blobs.values()}
+    asked: dict[tuple[str, str], list[str]] = {}
+    for e in sorted(served, key=lambda e: str(e["ts"])):
+        if e["digest"] not in blob_digests:
+            continue
+        methods = asked.setdefault((str(e["node"]), str(e["digest"])), [])
+        methods.append(str(e["authz_method"]))
+    assert len(asked) == 2 * len(blob_digests)
+    for who, methods in asked.items():
+        # (a pull with a fresh bearer token is a new credential: the registry is asked again)
+        assert methods[0] == "registry", (who, methods)
+        assert set(methods) <= {"registry", "decision_cache"}, (who, methods)
+    heads = collections.Counter(p.digest for p in events
+                                if p.method == "HEAD" and p.actor == "alice" and p.repository == "private/app")
+    for digest in blob_digests:
+        asked_registry = sum(m.count("registry") for (_, d), m in asked.items() if d == digest)
+        assert asked_registry >= 2 and heads[digest] >= asked_registry, (digest, heads[digest], asked_registry)
     denied = [e for e in journal if e["status"] == 401]
     assert denied and all(e["principal"] is None for e in denied)
 
@@ -262,7 +284,7 @@ def wait_for_journal(stack: Stack, *, minimum: int, timeout: float = 30) -> list
     deadline = time.monotonic() + timeout
     events: list[dict[str, object]] = []
     while time.monotonic() < deadline:
-        status, body = http_get(f"{stack.origin.url}/v1/audit?limit=100000",
+        status, body = http_get(protocol.AUDIT.url(stack.origin.url, {"limit": "100000"}),
                                 headers={"Authorization": f"Bearer {stack.node_token}"})
         assert status == 200
         events = json.loads(body)["events"]

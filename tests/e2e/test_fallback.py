@@ -8,6 +8,7 @@ import json
 import socket
 from pathlib import Path
 
+from shoal import protocol
 from tests.e2e.conftest import Images
 from tests.support.clients import skopeo_copy, verify_dir
 from tests.support.faults import CuttableProxy
@@ -33,7 +34,7 @@ def test_tracker_stopped(stack: Stack, registry: Registry, images: Images, workd
     for blob in image.large_blobs(THRESHOLD):
         assert {p.actor for p in pulls if p.digest == blob.digest and p.method == "GET"} == {"node"}
     assert agent.metric("shoal_agent_fallbacks_total", reason="tracker_unreachable") == len(image.blobs)
-    assert agent.metric("shoal_agent_downloads_total", source="origin", result="ok") == len(image.blobs)
+    assert agent.metric("shoal_agent_downloads_total", source="registry", result="ok") == len(image.blobs)
 
 
 def test_origin_stopped_before_seeding(stack: Stack, registry: Registry, images: Images, workdir: Path) -> None:
@@ -63,7 +64,7 @@ def test_seeder_killed_after_registering(stack: Stack, registry: Registry, image
     skopeo_copy(f"{agent.config['listen']}/private/app:v1", workdir / "copy", timeout=BOUND)
     assert verify_dir(workdir / "copy", image) == len(image.blobs)
     assert agent.metric("shoal_agent_fallbacks_total", reason="no_first_piece") == len(image.large_blobs(THRESHOLD))
-    status, body = http_get(f"{stack.tracker.url}/v1/status")
+    status, body = http_get(protocol.STATUS.url(stack.tracker.url))
     assert status == 200 and json.loads(body)["torrents"] == len(image.large_blobs(THRESHOLD))
 
 
@@ -71,7 +72,7 @@ def _seed(stack: Stack, ns: str, digest: str) -> tuple[int, bytes]:
     import urllib.request
 
     assert stack.origin is not None
-    req = urllib.request.Request(f"{stack.origin.url}/v1/blobs/{digest}/seed", method="POST",
+    req = urllib.request.Request(protocol.SEED_BLOB.url(stack.origin.url, digest=str(digest)), method="POST",
                                  data=json.dumps({"ns": ns, "repository": "private/app"}).encode(),
                                  headers={"Content-Type": "application/json",
                                           "Authorization": f"Bearer {stack.node_token}"})
@@ -139,4 +140,4 @@ def test_seeder_killed_mid_transfer(stack: Stack, registry: Registry, images: Im
     assert len(body) == big.size
     assert "sha256:" + hashlib.sha256(body).hexdigest() == big.digest
     assert agent.metric("shoal_agent_fallbacks_total", reason="stalled") == 1
-    assert agent.metric("shoal_agent_downloads_total", source="origin", result="ok") == 1
+    assert agent.metric("shoal_agent_downloads_total", source="registry", result="ok") == 1

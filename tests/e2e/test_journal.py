@@ -13,8 +13,9 @@ import subprocess
 import sys
 import time
 
+from shoal import protocol
 from tests.e2e.conftest import Images
-from tests.support.procs import ROOT, Component, http_get
+from tests.support.procs import ROOT, Component, http_get, wait_for
 from tests.support.stack import Stack
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -33,7 +34,7 @@ def request(agent: Component, path: str, accept: str | None = None) -> tuple[int
 
 def collected(stack: Stack) -> list[dict[str, object]]:
     assert stack.origin is not None
-    status, body = http_get(f"{stack.origin.url}/v1/audit?limit=100000",
+    status, body = http_get(protocol.AUDIT.url(stack.origin.url, {"limit": "100000"}),
                             headers={"Authorization": f"Bearer {stack.node_token}"})
     assert status == 200
     return list(json.loads(body)["events"])
@@ -66,10 +67,7 @@ def test_exactly_once_across_collector_outage_and_sigkill(stack: Stack, images: 
     assert request(agent, "/v2/private/app/manifests/v1", MANIFEST)[0] == 200
     assert request(agent, "/v2/private/app/blobs/sha256:" + "0" * 64)[0] == 404
     made += 2
-    deadline = time.monotonic() + 10
-    while agent.metric("shoal_agent_journal_ship_failures_total") == 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert agent.metric("shoal_agent_journal_ship_failures_total") > 0
+    wait_for(lambda: agent.metric("shoal_agent_journal_ship_failures_total") > 0, what="a failed shipment")
     assert agent.metric("shoal_agent_journal_shipped_records_total") == 0
     # 2. SIGKILL in the middle of a blob response
     host, port = agent.config["listen"].rsplit(":", 1)
@@ -100,8 +98,8 @@ def test_exactly_once_across_collector_outage_and_sigkill(stack: Stack, images: 
     assert statuses.count(404) == 1
     assert all(e["node"] == "node0" and e["principal"] == "node" for e in events if e["status"] == 200)
     # nothing left to ship, nothing shipped twice into the store
+    wait_for(lambda: agent.metric("shoal_agent_journal_unshipped_bytes") == 0, what="the journal shipped")
     assert agent.metric("shoal_agent_journal_shipped_records_total") >= 2 * len(small)
-    time.sleep(1)
     assert len(collected(stack)) == made
 
 
@@ -143,7 +141,7 @@ def test_shoal_audit_queries_and_exports(stack: Stack, images: Images) -> None:
     assert table.splitlines()[0].split()[:3] == ["TS", "NODE", "PRINCIPAL"]
     assert len(table.splitlines()) == 3
     # the collector needs the node token
-    status, _ = http_get(f"{stack.origin.url}/v1/audit") if stack.origin else (0, b"")
+    status, _ = http_get(protocol.AUDIT.url(stack.origin.url)) if stack.origin else (0, b"")
     assert status == 401
 
 

@@ -13,7 +13,7 @@ from urllib.parse import quote_from_bytes
 
 import aiohttp
 
-from shoal import bencode, metainfo, signing
+from shoal import bencode, metainfo, protocol, signing
 from shoal.oci import Digest
 from tests.e2e.conftest import Images
 from tests.support.images import Blob, build_image
@@ -124,7 +124,7 @@ def test_tracker_under_sustained_announce_load(stack: Stack, tmp_path: Path) -> 
     async def run() -> tuple[int, float, list[str]]:
         problems: list[str] = []
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as http:
-            r = await http.put(f"{tracker.url}/v1/metainfo/{blob.digest}", data=raw,
+            r = await http.put(protocol.REGISTER_METAINFO.url(tracker.url, digest=blob.digest), data=raw,
                                headers={"Authorization": f"Bearer {token_value}", "Shoal-Signature": signature})
             assert r.status == 201
             ih = quote_from_bytes(meta.tracker_hash)
@@ -157,7 +157,7 @@ def test_tracker_under_sustained_announce_load(stack: Stack, tmp_path: Path) -> 
 
             await asyncio.gather(*(peer_loop(n) for n in range(seeders + leechers)))
             elapsed = time.monotonic() - started
-            r = await http.get(f"{tracker.url}/scrape?info_hash={ih}")
+            r = await http.get(protocol.SCRAPE.url(tracker.url) + f"?info_hash={ih}")
             scrape = bencode.decode(await r.read())
         assert isinstance(scrape, dict)
         files = scrape[b"files"]
@@ -171,7 +171,7 @@ def test_tracker_under_sustained_announce_load(stack: Stack, tmp_path: Path) -> 
     assert count > seeders + leechers
     assert tracker.running()
     assert rss(tracker) < 200 << 20
-    _status, body = http_get(f"{tracker.url}/v1/status")
+    _status, body = http_get(protocol.STATUS.url(tracker.url))
     assert json.loads(body)["peers"] == seeders + leechers
     assert origin.running()
     print(f"\ntracker: {count} announces in {elapsed:.1f}s ({count / elapsed:.0f}/s) from {seeders + leechers} peers")

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from agent.metrics import FALLBACK_REASONS
+from shoal import protocol
 from tests.e2e.conftest import USERS, Images
 from tests.support.clients import Containerd, skopeo_copy, verify_dir
 from tests.support.procs import ROOT, Component, free_port, http_get, wait_http
@@ -83,7 +84,7 @@ def test_health_readiness_and_metrics(stack: Stack, images: Images, workdir: Pat
     fresh = agent.metrics()
     for reason in FALLBACK_REASONS:
         assert fresh[f'shoal_agent_fallbacks_total{{reason="{reason}"}}'] == 0
-    for source in ("peers", "origin"):
+    for source in ("peers", "registry"):
         for result in ("ok", "failed"):
             assert fresh[f'shoal_agent_downloads_total{{result="{result}",source="{source}"}}'] == 0
         assert fresh[f'shoal_agent_integrity_failures_total{{source="{source}"}}'] == 0
@@ -95,7 +96,7 @@ def test_health_readiness_and_metrics(stack: Stack, images: Images, workdir: Pat
     verify_dir(workdir / "b", image)
     for component in (stack.tracker, stack.origin, agent):
         assert component is not None
-        for path in ("/healthz", "/readyz"):
+        for path in (protocol.HEALTHZ.path(), protocol.READYZ.path()):
             status, _ = http_get(component.url + path)
             assert status == 200, (component.name, path)
     m = agent.metrics()
@@ -103,7 +104,7 @@ def test_health_readiness_and_metrics(stack: Stack, images: Images, workdir: Pat
     assert agent.metric("shoal_agent_cache_misses_total") == len(image.blobs)
     assert agent.metric("shoal_agent_served_bytes_total", source="cache") == image.total_blob_bytes
     assert agent.metric("shoal_agent_served_bytes_total", source="peers") > 0
-    assert agent.metric("shoal_agent_served_bytes_total", source="origin") > 0
+    assert agent.metric("shoal_agent_served_bytes_total", source="registry") > 0
     assert agent.metric("shoal_agent_download_seconds_count", source="peers") >= 1
     assert agent.metric("shoal_agent_swarm_peers_connected") >= 0
     assert agent.metric("shoal_agent_swarm_received_payload_bytes_total") > 0
@@ -130,7 +131,7 @@ def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Co
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)  # as a terminal's job
     try:
-        wait_http(f"http://{listen}/readyz", timeout=60)
+        wait_http(protocol.READYZ.url(f"http://{listen}"), timeout=60)
         agent = Component("agent", tmp_path, {"listen": listen})
         hosts = containerd.hosts_dir(registry.host, registry.url, agent)
         # pass-through: the agent relays the registry's challenge and forwards ctr's credentials
@@ -152,7 +153,7 @@ def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Co
     time.sleep(0.2)
     for hostport in (listen, tracker_listen, origin_listen):
         with pytest.raises(OSError, match="refused"):
-            http_get(f"http://{hostport}/healthz", timeout=1)
+            http_get(protocol.HEALTHZ.url(f"http://{hostport}"), timeout=1)
 
 
 def test_flags_override_the_config_file(tmp_path: Path) -> None:

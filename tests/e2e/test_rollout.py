@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote_from_bytes
 
-from shoal import announcing, bencode, metainfo
+from shoal import announcing, bencode, metainfo, protocol
 from tests.e2e.conftest import Images
 from tests.support.clients import skopeo_copy, verify_dir
 from tests.support.procs import http_get
@@ -61,11 +61,11 @@ def test_four_agents_pull_at_once(stack: Stack, registry: Registry, images: Imag
 def seeders(stack: Stack, digest: str) -> int:
     """How many seeders the tracker lists for a blob's torrent right now (BEP 48 scrape)."""
     assert stack.tracker is not None
-    status, raw = http_get(f"{stack.tracker.url}/v1/metainfo/{digest}",
+    status, raw = http_get(protocol.METAINFO.url(stack.tracker.url, digest=str(digest)),
                            headers={"Authorization": f"Bearer {stack.node_token}"})
     assert status == 200, status
     info_hash = metainfo.parse(raw).tracker_hash
-    status, body = http_get(f"{stack.tracker.url}/scrape?info_hash={quote_from_bytes(info_hash)}")
+    status, body = http_get(protocol.SCRAPE.url(stack.tracker.url) + f"?info_hash={quote_from_bytes(info_hash)}")
     doc = bencode.decode(body)
     assert status == 200 and isinstance(doc, dict)
     files = doc[b"files"]

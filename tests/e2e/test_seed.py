@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shoal import protocol
 from tests.e2e.conftest import Images
 from tests.support.clients import skopeo_copy, verify_dir
 from tests.support.images import Image
@@ -23,7 +24,7 @@ def shoal_seed(stack: Stack, origin: str, *args: str) -> subprocess.CompletedPro
 
 
 def seeded(origin: str) -> set[str]:
-    status, body = http_get(f"{origin}/v1/status")
+    status, body = http_get(protocol.STATUS.url(origin))
     assert status == 200
     return {b["digest"] for b in json.loads(body)["blobs"]}
 

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from agent.journal import Journal, segments
 from agent.shipper import Shipper
 from origin.collector import Collector, Query
-from shoal import audit
+from shoal import audit, protocol
 from tests.support.procs import free_port
 
 
@@ -39,7 +39,7 @@ async def collector_server(tmp_path: Path, failures: list[int]) -> tuple[TestSer
         return web.json_response({"accepted": stored.accepted})
 
     app = web.Application()
-    app.router.add_post("/v1/journal", receive)
+    app.router.add_route(protocol.JOURNAL.method, protocol.JOURNAL.pattern, receive)
     server = TestServer(app, host="127.0.0.1", port=free_port())
     await server.start_server()
     return server, collector

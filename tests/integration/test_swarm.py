@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from shoal import announcing, bencode, metainfo
+from shoal import announcing, bencode, metainfo, protocol
 from shoal.oci import Digest
 from shoal.store import sha256_file
 from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Swarm, SwarmSettings
@@ -59,7 +59,8 @@ async def test_stream_verify_move(tmp_path: Path, tracker: TestServer, keys: Key
     raw = await asyncio.to_thread(metainfo.create, seed_dir / digest.hex, digest, announce=announce)
     meta = metainfo.parse(raw)
     async with aiohttp.ClientSession() as http:
-        r = await http.put(f"http://127.0.0.1:{tracker.port}/v1/metainfo/{digest}", data=raw,
+        url = protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{tracker.port}", digest=str(digest))
+        r = await http.put(url, data=raw,
                            headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(raw)})
         assert r.status == 201
 
@@ -106,7 +107,8 @@ async def test_no_token_no_swarm(tmp_path: Path, tracker: TestServer, keys: Keys
                                   announce=f"http://127.0.0.1:{tracker.port}/announce")
     meta = metainfo.parse(raw)
     async with aiohttp.ClientSession() as http:
-        r = await http.put(f"http://127.0.0.1:{tracker.port}/v1/metainfo/{digest}", data=raw,
+        url = protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{tracker.port}", digest=str(digest))
+        r = await http.put(url, data=raw,
                            headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(raw)})
         assert r.status == 201
     forged = Keys(tmp_path / "attacker").token("intruder")
@@ -134,15 +136,15 @@ async def _registered_blob(tmp_path: Path, port: int, keys: Keys, seed: int) -> 
     raw = await asyncio.to_thread(metainfo.create, seed_dir / digest.hex, digest,
                                   announce=f"http://127.0.0.1:{port}/announce")
     async with aiohttp.ClientSession() as http:
-        r = await http.put(f"http://127.0.0.1:{port}/v1/metainfo/{digest}", data=raw,
+        r = await http.put(protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{port}", digest=str(digest)), data=raw,
                            headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(raw)})
         assert r.status == 201
     return metainfo.parse(raw), seed_dir
 
 
 async def _seeders(port: int, meta: metainfo.Metainfo) -> int:
-    async with aiohttp.ClientSession() as http, \
-            http.get(f"http://127.0.0.1:{port}/scrape?info_hash={quote_from_bytes(meta.tracker_hash)}") as r:
+    url = protocol.SCRAPE.url(f"http://127.0.0.1:{port}") + f"?info_hash={quote_from_bytes(meta.tracker_hash)}"
+    async with aiohttp.ClientSession() as http, http.get(url) as r:
         doc = bencode.decode(await r.read())
     assert isinstance(doc, dict)
     files = doc[b"files"]
@@ -155,7 +157,7 @@ async def _seeders(port: int, meta: metainfo.Metainfo) -> int:
 
 
 async def _ok_announces(port: int) -> float:
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
+    async with aiohttp.ClientSession() as http, http.get(protocol.METRICS.url(f"http://127.0.0.1:{port}")) as r:
         text = await r.text()
     return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
                if line.startswith('shoal_tracker_announces_total{result="ok"}'))

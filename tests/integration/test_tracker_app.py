@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from shoal import bencode, metainfo
+from shoal import bencode, metainfo, protocol
 from shoal.oci import Digest
 from tests.integration.conftest import Keys
 from tracker import app as tracker_app
@@ -58,7 +58,7 @@ async def announce(client: Client, info_hash: bytes, port: int, left: int, *, to
                    **extra: str) -> dict[bytes, object]:
     if token is not None:
         extra = {"token": token, **extra}
-    r = await client.get("/announce?" + announce_query(info_hash, port, left, **extra))
+    r = await client.get(protocol.ANNOUNCE.path() + "?" + announce_query(info_hash, port, left, **extra))
     assert r.status == 200
     doc = bencode.decode(await r.read())
     assert isinstance(doc, dict)
@@ -68,7 +68,7 @@ async def announce(client: Client, info_hash: bytes, port: int, left: int, *, to
 async def register(client: Client, meta: metainfo.Metainfo, keys: Keys, token: str = TOKEN,
                    signature: str | None = None) -> int:
     sig = keys.sign(meta.raw) if signature is None else signature
-    r = await client.put(f"/v1/metainfo/{meta.digest}", data=meta.raw,
+    r = await client.put(protocol.REGISTER_METAINFO.path(digest=str(meta.digest)), data=meta.raw,
                          headers={"Authorization": f"Bearer {token}", "Shoal-Signature": sig})
     return r.status
 
@@ -76,14 +76,14 @@ async def register(client: Client, meta: metainfo.Metainfo, keys: Keys, token: s
 async def get_metainfo(client: Client, meta: metainfo.Metainfo,
                        token: str | None = NODE_TOKEN) -> tuple[int, bytes, str]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    r = await client.get(f"/v1/metainfo/{meta.digest}", headers=headers)
+    r = await client.get(protocol.METAINFO.path(digest=str(meta.digest)), headers=headers)
     return r.status, await r.read(), r.headers.get("Shoal-Signature", "")
 
 
 async def test_registration_needs_the_token_and_the_origins_signature(client: Client, meta: metainfo.Metainfo,
                                                                        keys: Keys, tmp_path: Path) -> None:
     assert await register(client, meta, keys, token="wrong-token-0123456789") == 401
-    r = await client.put(f"/v1/metainfo/{meta.digest}", data=meta.raw)
+    r = await client.put(protocol.REGISTER_METAINFO.path(digest=str(meta.digest)), data=meta.raw)
     assert r.status == 401
     assert await register(client, meta, keys, signature="") == 400  # unsigned
     other = Keys(tmp_path / "attacker")
@@ -105,12 +105,13 @@ async def test_metainfo_is_for_nodes_only(client: Client, meta: metainfo.Metainf
 
 async def test_registration_rejects_mismatched_metainfo(client: Client, meta: metainfo.Metainfo, keys: Keys) -> None:
     other = "sha256:" + "0" * 64
-    r = await client.put(f"/v1/metainfo/{other}", data=meta.raw,
+    r = await client.put(protocol.REGISTER_METAINFO.path(digest=other), data=meta.raw,
                          headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(meta.raw)})
     assert r.status == 400
-    r = await client.put(f"/v1/metainfo/{meta.digest}", data=b"garbage", headers={"Authorization": f"Bearer {TOKEN}"})
+    r = await client.put(protocol.REGISTER_METAINFO.path(digest=str(meta.digest)), data=b"garbage",
+                         headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status == 400
-    assert (await client.get("/v1/metainfo/sha256:..%2f..%2fetc")).status in (400, 401, 404)
+    assert (await client.get(protocol.METAINFO.pattern.format(digest="sha256:..%2f..%2fetc"))).status in (400, 401, 404)
 
 
 async def test_unregistered_infohash_is_refused(client: Client, meta: metainfo.Metainfo, keys: Keys) -> None:
@@ -166,13 +167,13 @@ async def test_announce_lists_seeders_first_and_ignores_ip(client: Client, meta:
     assert b"peers6" not in doc  # no v6 peer was recorded from the claimed ipv6=
     assert doc[b"complete"] == 1
     assert doc[b"incomplete"] == 2
-    r = await client.get(f"/scrape?info_hash={quote_from_bytes(ih)}")
+    r = await client.get(protocol.SCRAPE.path() + f"?info_hash={quote_from_bytes(ih)}")
     scrape = bencode.decode(await r.read())
     assert isinstance(scrape, dict)
     assert scrape[b"files"] == {ih: {b"complete": 1, b"downloaded": 0, b"incomplete": 2}}
     await announce(client, ih, 7002, 0, token=token, event="completed")
     await announce(client, ih, 7003, 100, token=token, event="stopped")
-    r = await client.get(f"/scrape?info_hash={quote_from_bytes(ih)}")
+    r = await client.get(protocol.SCRAPE.path() + f"?info_hash={quote_from_bytes(ih)}")
     scrape = bencode.decode(await r.read())
     assert isinstance(scrape, dict)
     files = scrape[b"files"]
@@ -181,7 +182,7 @@ async def test_announce_lists_seeders_first_and_ignores_ip(client: Client, meta:
 
 
 async def test_bad_announce_gets_failure_reason(client: Client) -> None:
-    r = await client.get("/announce?info_hash=abc&peer_id=x&port=1")
+    r = await client.get(protocol.ANNOUNCE.path() + "?info_hash=abc&peer_id=x&port=1")
     doc = bencode.decode(await r.read())
     assert isinstance(doc, dict)
     assert b"failure reason" in doc
@@ -216,7 +217,7 @@ async def test_ipv6_peers_come_back_in_peers6(tmp_path: Path, keys: Keys, meta: 
     try:
         base = f"http://[::1]:{server.port}"
         async with aiohttp.ClientSession() as http:
-            r = await http.put(f"{base}/v1/metainfo/{meta.digest}", data=meta.raw,
+            r = await http.put(protocol.REGISTER_METAINFO.url(base, digest=str(meta.digest)), data=meta.raw,
                                headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(meta.raw)})
             assert r.status == 201
             ih = meta.tracker_hash

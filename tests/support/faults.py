@@ -1,5 +1,6 @@
-"""Fault injection for tests: a TCP proxy that can be cut, so one client's view of a server
-(e.g. one agent's view of the registry) goes down while the server keeps running for others."""
+"""Fault injection for tests: a TCP proxy that can be cut (one client's view of a server, e.g.
+one agent's view of the registry, goes down while the server keeps running for others) or held
+after some bytes (a transfer stopped in the middle, at a known point, until released)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class CuttableProxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._cut = False
+        self._budget: int | None = None  # bytes still let through towards clients; None: no hold
+        self._released = threading.Condition(self._lock)
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -48,20 +51,45 @@ class CuttableProxy:
                     upstream.close()
                     continue
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, to_client: bool = False) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(1 << 16):
-                dst.sendall(data)
+                while to_client and data:
+                    with self._lock:
+                        while self._budget == 0 and not self._cut:
+                            self._released.wait()
+                        n = len(data) if self._budget is None else min(len(data), self._budget)
+                        if self._budget is not None:
+                            self._budget -= n
+                    dst.sendall(data[:n])
+                    data = data[n:]
+                if data:
+                    dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+    def hold_after(self, nbytes: int) -> None:
+        """Let `nbytes` more through towards clients (all connections together), then hold."""
+        with self._lock:
+            self._budget = nbytes
+            self._released.notify_all()
+
+    def release(self) -> None:
+        with self._lock:
+            self._budget = None
+            self._released.notify_all()
+
+    def held(self) -> bool:
+        with self._lock:
+            return self._budget == 0
 
     def cut(self) -> None:
         with self._lock:
             self._cut = True
+            self._released.notify_all()
             conns, self._conns = self._conns, []
         self._listener.close()
         for c in conns:

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from shoal import protocol
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -90,7 +92,7 @@ class Component:
                                      stdout=log, stderr=log, env=env, cwd=ROOT)
         log.close()
         if wait:
-            wait_http(f"{self.url}/readyz", timeout=30, proc=self.proc)
+            wait_http(protocol.READYZ.url(self.url), timeout=30, proc=self.proc)
         return self
 
     def running(self) -> bool:
@@ -121,7 +123,7 @@ class Component:
 
     def metrics(self) -> dict[str, float]:
         """Prometheus samples as {'name{labels}': value}."""
-        status, body = http_get(f"{self.url}/metrics")
+        status, body = http_get(protocol.METRICS.url(self.url))
         assert status == 200, status
         out: dict[str, float] = {}
         for line in body.decode().splitlines():

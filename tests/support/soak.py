@@ -356,7 +356,7 @@ def sample(run: Run, idle: _CpuIdle) -> dict[str, float]:
                 if key.startswith("shoal_agent_fallbacks_total{") and m[key]:
                     reason = key.split('reason="', 1)[1].split('"', 1)[0]
                     row[f"{name}.fallbacks.{reason}"] = m[key]
-            for source in ("cache", "peers", "origin"):
+            for source in ("cache", "peers", "registry"):
                 row[f"{name}.served.{source}"] = metric_sum(m, "shoal_agent_served_bytes_total", source=source)
         elif name == "origin":
             row["origin.registry_bytes_total"] = metric_sum(m, "shoal_origin_registry_bytes_total")

@@ -203,6 +203,6 @@ def judge(run: Run) -> Verdict:
     summary["tracker_torrents_without_seeders"] = {"max": max(unseeded, default=0.0),
                                                    "mean": round(statistics.fmean(unseeded), 2) if unseeded else 0}
     summary["served_bytes"] = {src: sum(last.get(f"{a}.served.{src}", 0.0) for a in agents)
-                               for src in ("cache", "peers", "origin")}
+                               for src in ("cache", "peers", "registry")}
     summary["evictions"] = sum(last.get(f"{a}.cache_evictions_total", 0.0) for a in agents)
     return Verdict(summary, targets)

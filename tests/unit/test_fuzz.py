@@ -41,6 +41,34 @@ def test_announce_parser(params: dict[str, bytes]) -> None:
     assert 1 <= a.port <= 65535
 
 
+def _num(lo: int, hi: int) -> st.SearchStrategy[bytes]:
+    return st.integers(lo, hi).map(lambda n: str(n).encode())
+
+
+# Well-formed announces (what libtorrent sends), so the parser's success path is exercised on
+# every example rather than by chance (random bytes almost never make a 20-byte info_hash).
+valid_announces = st.fixed_dictionaries(
+    {"info_hash": st.binary(min_size=20, max_size=20), "peer_id": st.binary(min_size=20, max_size=20),
+     "port": _num(1, 65535)},
+    optional={"left": _num(0, 1 << 50), "uploaded": _num(0, 1 << 50), "downloaded": _num(0, 1 << 50),
+              "event": st.sampled_from([b"", b"started", b"completed", b"stopped", b"paused"]),
+              "numwant": _num(0, 100000), "compact": st.sampled_from([b"0", b"1"]),
+              "token": st.text(alphabet=st.characters(codec="ascii"), max_size=30).map(str.encode),
+              "ip": binary, "key": binary},
+)
+
+
+@given(valid_announces)
+def test_announce_parser_reads_every_well_formed_announce(params: dict[str, bytes]) -> None:
+    a = ann.parse_announce("&".join(f"{k}={quote_from_bytes(v)}" for k, v in params.items()))
+    assert (a.info_hash, a.peer_id, a.port) == (params["info_hash"], params["peer_id"], int(params["port"]))
+    assert a.left == int(params.get("left", b"0"))
+    assert a.event == params.get("event", b"").decode()
+    assert a.numwant == (int(params["numwant"]) if "numwant" in params else None)
+    assert a.compact is (params.get("compact", b"1") != b"0")
+    assert a.token == (params["token"].decode() if "token" in params else None)
+
+
 @given(text)
 def test_announce_parser_raw(raw: str) -> None:
     with contextlib.suppress(ann.AnnounceError):
@@ -125,6 +153,24 @@ def test_mirror_paths(tail: str) -> None:
         return
     assert ".." not in route.name and "%" not in route.name and "//" not in route.name
     assert "/" not in route.reference
+
+
+_component = st.from_regex(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*", fullmatch=True).filter(lambda c: len(c) < 40)
+names = st.lists(_component, min_size=1, max_size=4).map("/".join)
+references = st.one_of(
+    st.tuples(st.just("manifests"), st.from_regex(r"[\w][\w.-]{0,127}", fullmatch=True)),
+    st.tuples(st.sampled_from(["manifests", "blobs", "referrers"]),
+              st.from_regex(r"[0-9a-f]{64}", fullmatch=True).map(lambda h: "sha256:" + h)),
+    st.tuples(st.just("tags"), st.just("")),
+)
+
+
+@given(names, references)
+def test_mirror_paths_accept_every_valid_route(name: str, ref: tuple[str, str]) -> None:
+    kind, reference = ref
+    path = f"/v2/{name}/tags/list" if kind == "tags" else f"/v2/{name}/{kind}/{reference}"
+    route = parse_path(path)
+    assert (route.kind, route.name, route.reference) == (kind, name, reference)
 
 
 @given(text)

@@ -135,3 +135,20 @@ def test_records_validate_and_merge() -> None:
     ]:
         with pytest.raises(audit.RecordError, match=why):
             audit.validate(bad)
+
+
+def test_records_from_before_the_registry_rename_read_as_new_ones() -> None:
+    """Agents and audit databases from before 0.1's rename said `source: origin` and
+    `origin_status` for the registry; they are read in today's names."""
+    old_start = {"event_id": "f" * 32, "phase": "start", "ts": "2026-11-27T05:00:00.000000Z", "node": "n",
+                 "status": 200, "source": "origin", "origin_status": "200", "authz_method": "registry"}
+    old_end = {"event_id": "f" * 32, "phase": "end", "ts": "2026-11-27T05:00:01.000000Z", "source": "origin",
+               "outcome": "complete"}
+    checked = audit.validate(dict(old_start))
+    assert checked["source"] == "registry" and checked["registry_status"] == "200"
+    assert "origin_status" not in checked
+    merged = audit.merge(old_start, old_end)  # as stored by an older collector
+    assert (merged["source"], merged["registry_status"], merged["outcome"]) == ("registry", "200", "complete")
+    new = {**old_start, "source": "peers"}
+    del new["origin_status"]
+    assert audit.validate(dict(new)) == new  # today's records pass unchanged
