@@ -28,7 +28,7 @@ request = function()
   local peer = string.format("-LD0001-%%012d", counter %% 5000)
   local port = 20000 + (counter %% 5000)
   local left = (counter %% 5 == 0) and 0 or 1000
-  local path = "/announce?info_hash=%s&peer_id=" .. peer .. "&port=" .. port ..
+  local path = "%s?info_hash=%s&peer_id=" .. peer .. "&port=" .. port ..
                "&uploaded=0&downloaded=0&left=" .. left .. "&compact=1&numwant=50&token=%s"
   return wrk.format("GET", path)
 end
@@ -50,7 +50,7 @@ def run(work: Path, *, seconds: int, connections: int = 32) -> TrackerResult:
     blob = work / digest.hex
     blob.write_bytes(data)
     port, ot_port = free_port(), free_port()
-    raw = metainfo.create(blob, digest, announce=f"http://127.0.0.1:{port}/announce")
+    raw = metainfo.create(blob, digest, announce=protocol.ANNOUNCE.url(f"http://127.0.0.1:{port}"))
     meta = metainfo.parse(raw)
     key = signing.load_private_key(str(keys["signing_key"]), "signing_key")
     token = signing.issue_token(key, "bench", 3600)
@@ -77,7 +77,7 @@ def run(work: Path, *, seconds: int, connections: int = 32) -> TrackerResult:
                                               "Shoal-Signature": signing.sign_metainfo(key, raw)})
         urllib.request.urlopen(req, timeout=10).close()  # noqa: S310
         script = work / "announce.lua"
-        script.write_text(LUA % (quote_from_bytes(meta.tracker_hash), token))
+        script.write_text(LUA % (protocol.ANNOUNCE.path(), quote_from_bytes(meta.tracker_hash), token))
         results = {}
         for name, p in (("shoal", port), ("opentracker", ot_port)):
             results[name] = wrk(f"http://127.0.0.1:{p}", threads=1, connections=connections, seconds=seconds,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-# Go parses range numbers as int64; anything longer cannot be a valid offset.
+# Go parses range numbers as int64: longer or larger numbers are malformed, not "to the end".
 _MAX_DIGITS = 19
+_MAX_INT64 = (1 << 63) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +41,7 @@ class RangeNotSatisfiable(Exception):
 
 
 def _number(text: str) -> int:
-    if not text.isdigit() or not text.isascii() or len(text) > _MAX_DIGITS:
+    if not text.isdigit() or not text.isascii() or len(text) > _MAX_DIGITS or int(text) > _MAX_INT64:
         raise RangeNotSatisfiable(unsatisfied=False)
     return int(text)
 

@@ -187,7 +187,7 @@ def test_no_secret_in_logs_journals_or_metrics(stack: Stack, registry: Registry,
                 and (path.suffix != "" or "blobs" not in path.parts)):
             haystacks[str(path)] = path.read_bytes()
     for component in stack.components:
-        haystacks[f"{component.name} /metrics"] = http_get(protocol.METRICS.url(component.url))[1]
+        haystacks[f"{component.name} metrics"] = http_get(protocol.METRICS.url(component.url))[1]
     assert any(name.endswith("agent0.log") for name in haystacks)
     assert any("journal" in name for name in haystacks)
     assert any(name.endswith("audit.db") for name in haystacks)

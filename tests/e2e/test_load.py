@@ -110,7 +110,8 @@ def test_tracker_under_sustained_announce_load(stack: Stack, tmp_path: Path) -> 
     data = blob.path.read_bytes()
     (tmp_path / "seedblob" / blob.hex).write_bytes(data)
 
-    raw = metainfo.create(tmp_path / "seedblob" / blob.hex, Digest(blob.hex), announce=f"{tracker.url}/announce")
+    raw = metainfo.create(tmp_path / "seedblob" / blob.hex, Digest(blob.hex),
+                          announce=protocol.ANNOUNCE.url(tracker.url))
     from cryptography.hazmat.primitives import serialization
 
 
@@ -140,7 +141,7 @@ def test_tracker_under_sustained_announce_load(stack: Stack, tmp_path: Path) -> 
                 while time.monotonic() < deadline:
                     query = (f"info_hash={ih}&peer_id={pid}&port={port}&uploaded=0&downloaded=0&left={left}"
                              f"&compact=1&numwant=50&token={swarm_token}")
-                    async with http.get(f"{tracker.url}/announce?{query}") as resp:
+                    async with http.get(protocol.ANNOUNCE.url(tracker.url) + f"?{query}") as resp:
                         doc = bencode.decode(await resp.read())
                     count += 1
                     if not isinstance(doc, dict) or b"failure reason" in doc:

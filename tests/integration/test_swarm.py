@@ -55,7 +55,7 @@ async def test_stream_verify_move(tmp_path: Path, tracker: TestServer, keys: Key
     for d in (seed_dir, leech_dir, final_dir):
         d.mkdir()
     (seed_dir / digest.hex).write_bytes(data)
-    announce = f"http://127.0.0.1:{tracker.port}/announce"
+    announce = protocol.ANNOUNCE.url(f"http://127.0.0.1:{tracker.port}")
     raw = await asyncio.to_thread(metainfo.create, seed_dir / digest.hex, digest, announce=announce)
     meta = metainfo.parse(raw)
     async with aiohttp.ClientSession() as http:
@@ -104,7 +104,7 @@ async def test_no_token_no_swarm(tmp_path: Path, tracker: TestServer, keys: Keys
     (tmp_path / "leech").mkdir()
     (tmp_path / "seed" / digest.hex).write_bytes(data)
     raw = await asyncio.to_thread(metainfo.create, tmp_path / "seed" / digest.hex, digest,
-                                  announce=f"http://127.0.0.1:{tracker.port}/announce")
+                                  announce=protocol.ANNOUNCE.url(f"http://127.0.0.1:{tracker.port}"))
     meta = metainfo.parse(raw)
     async with aiohttp.ClientSession() as http:
         url = protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{tracker.port}", digest=str(digest))
@@ -134,7 +134,7 @@ async def _registered_blob(tmp_path: Path, port: int, keys: Keys, seed: int) -> 
     seed_dir.mkdir()
     (seed_dir / digest.hex).write_bytes(data)
     raw = await asyncio.to_thread(metainfo.create, seed_dir / digest.hex, digest,
-                                  announce=f"http://127.0.0.1:{port}/announce")
+                                  announce=protocol.ANNOUNCE.url(f"http://127.0.0.1:{port}"))
     async with aiohttp.ClientSession() as http:
         r = await http.put(protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{port}", digest=str(digest)), data=raw,
                            headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(raw)})

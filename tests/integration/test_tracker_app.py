@@ -221,8 +221,9 @@ async def test_ipv6_peers_come_back_in_peers6(tmp_path: Path, keys: Keys, meta: 
                                headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(meta.raw)})
             assert r.status == 201
             ih = meta.tracker_hash
-            await http.get(f"{base}/announce?" + announce_query(ih, 7001, 0, event="started", token=token))
-            r = await http.get(f"{base}/announce?" + announce_query(ih, 7002, 5, event="started", token=token))
+            announce = protocol.ANNOUNCE.url(base) + "?"
+            await http.get(announce + announce_query(ih, 7001, 0, event="started", token=token))
+            r = await http.get(announce + announce_query(ih, 7002, 5, event="started", token=token))
             doc = bencode.decode(await r.read())
     finally:
         await server.close()

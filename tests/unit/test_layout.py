@@ -5,6 +5,7 @@ an import hidden in a function body counts as much as one at the top."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,34 @@ def test_the_contract_check_sees_imports(tmp_path: Path) -> None:
     (tmp_path / "agent" / "x.py").write_text(
         "def f():\n    from origin.seeder import Seeder\n    import tracker.peers, json\n    from . import y\n")
     assert imported_packages("agent", tmp_path) == {"agent/x.py": {"origin", "tracker", "json", "agent"}}
+
+
+# A path of shoal's own API inside a string: it belongs in shoal/protocol.py, nowhere else.
+API_PATH = re.compile(r"(?<![\w.])/(v1/|announce\b|scrape\b|healthz\b|readyz\b|metrics\b)")
+
+
+def api_path_literals(path: Path) -> list[str]:
+    return api_path_literals_at(path, ROOT)
+
+
+def api_path_literals_at(path: Path, root: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    # a string standing alone as a statement is documentation (docstrings, attribute docs)
+    docstrings = {id(node.value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+    return [f"{path.relative_to(root)}:{node.lineno}: {node.value[:60]!r}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            and API_PATH.search(node.value)]
+
+
+def test_api_paths_are_written_only_in_the_protocol_module() -> None:
+    found = [hit for package in (CORE, *COMPONENTS, "tests", "bench") for path in sorted((ROOT / package).rglob("*.py"))
+             if path != ROOT / "shoal" / "protocol.py" for hit in api_path_literals(path)]
+    assert not found, "API paths outside shoal/protocol.py:\n" + "\n".join(found)
+
+
+def test_the_path_check_sees_paths_in_f_strings(tmp_path: Path) -> None:
+    status = "/v" + "1/status"  # (written in two pieces so that this file passes its own check)
+    (tmp_path / "m.py").write_text(f'"""GET {status} is documented here."""\nurl = f"{{base}}{status}"\n')
+    hits = [h.split(": ", 1)[1] for h in api_path_literals_at(tmp_path / "m.py", tmp_path)]
+    assert hits == [repr(status)]

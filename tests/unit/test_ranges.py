@@ -25,6 +25,14 @@ SIZE = 100_000
     ("bytes=0-1, 100000-", [ByteRange(0, 2)]),
     ("bytes=0-1,0-99999", None),  # more than the blob in total: ignored, whole blob
     ("bytes= 0-9 ,", [ByteRange(0, 10)]),
+    # every part is read, whatever comes before it (empty, unsatisfiable, open-ended, suffix)
+    ("bytes=,0-9", [ByteRange(0, 10)]),
+    ("bytes=-0,0-9", [ByteRange(0, 10)]),
+    ("bytes=100000-,0-9", [ByteRange(0, 10)]),
+    ("bytes=99990-,0-9", [ByteRange(99990, 10), ByteRange(0, 10)]),
+    ("bytes=-10,0-9", [ByteRange(SIZE - 10, 10), ByteRange(0, 10)]),
+    ("bytes=,", None),  # no part at all: Go serves the whole blob
+    ("bytes=0-9223372036854775807", [ByteRange(0, SIZE)]),  # the largest int64 is still a number
 ])
 def test_satisfiable(header: str | None, expected: list[ByteRange] | None) -> None:
     assert parse_range(header, SIZE) == expected
@@ -42,11 +50,14 @@ def test_satisfiable(header: str | None, expected: list[ByteRange] | None) -> No
     ("items=0-1", False),
     ("bytes=--1", False),
     ("bytes=0-99999999999999999999", False),
+    ("bytes=0-9223372036854775808", False),  # past int64: Go's ParseInt fails
+    ("bytes=\v0-9", False),  # Go trims only spaces and tabs
 ])
 def test_not_satisfiable(header: str, unsatisfied: bool) -> None:
     with pytest.raises(RangeNotSatisfiable) as exc:
         parse_range(header, SIZE)
     assert exc.value.unsatisfied is unsatisfied
+    assert str(exc.value) == ("no overlap" if unsatisfied else "invalid range")
 
 
 @given(st.integers(0, 2 * SIZE) | st.just(0), st.integers(0, 2 * SIZE) | st.sampled_from([SIZE - 1, SIZE]))
@@ -83,5 +94,11 @@ def test_multipart_layout() -> None:
     plan = plan_multipart([ByteRange(0, 2), ByteRange(5, 2)], SIZE, "application/octet-stream")
     body = plan.part_headers[0] + b"xx" + plan.part_headers[1] + b"yy" + plan.closing
     assert len(body) == plan.content_length
+    assert len(plan.boundary) == 60 and int(plan.boundary, 16) >= 0  # 30 random bytes, as Go's writer
+    assert body == (f"--{plan.boundary}\r\nContent-Range: bytes 0-1/{SIZE}\r\n"
+                    f"Content-Type: application/octet-stream\r\n\r\nxx"
+                    f"\r\n--{plan.boundary}\r\nContent-Range: bytes 5-6/{SIZE}\r\n"
+                    f"Content-Type: application/octet-stream\r\n\r\nyy"
+                    f"\r\n--{plan.boundary}--\r\n").encode()
     assert body.startswith(f"--{plan.boundary}\r\nContent-Range: bytes 0-1/{SIZE}\r\n".encode())
     assert body.endswith(f"\r\n--{plan.boundary}--\r\n".encode())
