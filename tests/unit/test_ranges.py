@@ -52,6 +52,10 @@ def test_satisfiable(header: str | None, expected: list[ByteRange] | None) -> No
     ("bytes=0-99999999999999999999", False),
     ("bytes=0-9223372036854775808", False),  # past int64: Go's ParseInt fails
     ("bytes=\v0-9", False),  # Go trims only spaces and tabs
+    ("bytes=0-9\v", False),
+    ("bytes=X0-9", False),
+    ("bytes=0-9X", False),
+    ("bytes=\u0660-\u0669", False),  # digits, but not ASCII ones (Python's int() would take them)
 ])
 def test_not_satisfiable(header: str, unsatisfied: bool) -> None:
     with pytest.raises(RangeNotSatisfiable) as exc:
