@@ -303,7 +303,7 @@ class MirrorApi:
         if decision.status == 401:
             return _unauthorized(decision.challenge)
         if decision.status == 403:
-            raise errors.BadRequest(errors.DENIED)
+            raise errors.Denied()
         if decision.status != 200 or decision.size is None:
             raise errors.NotFound(errors.BLOB_UNKNOWN, detail=str(digest))
         audit.principal = decision.principal

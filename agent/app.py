@@ -24,7 +24,7 @@ from agent.journal import Journal
 from agent.manifests import ManifestKeeper
 from agent.metrics import AgentMetrics
 from agent.recording import journal_middleware
-from agent.responses import RESPONSE_STARTED, abort, error_response, oci_error
+from agent.responses import RESPONSE_STARTED, abort, error_response
 from agent.shipper import Shipper
 from agent.upstreams import Upstream, Upstreams
 from shoal import errors, protocol, signing
@@ -33,7 +33,7 @@ from shoal.metrics import StoreCollector, SwarmCollector
 from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import AGENT_FINGERPRINT, Swarm, SwarmSettings
-from shoal.web import add_ops_routes
+from shoal.web import add_ops_routes, add_routes
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +99,9 @@ def _client_gone() -> Middleware:
 
 
 def _error_for(request: web.Request, exc: Exception) -> web.StreamResponse:
-    if isinstance(exc, errors.ShoalError):
-        return error_response(exc)
-    if isinstance(exc, web.HTTPException):
-        # aiohttp's own 404/405 for paths outside /v2/: keep them OCI-shaped.
-        code = errors.UNSUPPORTED if exc.status == 405 else errors.NAME_UNKNOWN
-        return oci_error(errors.OciCode(code.code, exc.status, exc.reason))
-    log.exception("internal error serving %s %s", request.method, request.rel_url.path)
-    return oci_error(errors.UNKNOWN)
+    if not isinstance(exc, (errors.ShoalError, web.HTTPException)):
+        log.exception("internal error serving %s %s", request.method, request.rel_url.path)
+    return error_response(exc)  # aiohttp's own 404/405 (paths outside /v2/) included
 
 
 def build(config: AgentConfig) -> web.Application:
@@ -196,10 +191,13 @@ def build(config: AgentConfig) -> web.Application:
         })
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_route("*", "/v2", root)
-    app.router.add_route("*", "/v2/", root)
-    app.router.add_route("*", "/v2/{tail:.*}", dispatch)
-    app.router.add_route(protocol.STATUS.method, protocol.STATUS.pattern, status)
+    add_routes(app, [
+        # who may pull what is the registry's decision, asked for every request (authz.py)
+        (protocol.MIRROR_BASE, root, "public"),
+        (protocol.MIRROR_ROOT, root, "public"),
+        (protocol.MIRROR, dispatch, "public"),
+        (protocol.STATUS, status, "public"),
+    ], {})
     async def fresh_stats() -> None:
         swarm = app.get(SWARM_KEY)
         if swarm is not None:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from shoal import errors
+from shoal import web as shoal_web
 from shoal.oci import Digest
 from shoal.ranges import ByteRange, RangeNotSatisfiable, parse_range, plan_multipart
 
@@ -40,8 +41,9 @@ def oci_error(oci: errors.OciCode, message: str | None = None, detail: Any = Non
     )
 
 
-def error_response(exc: errors.ShoalError) -> web.Response:
-    return oci_error(exc.oci, str(exc), exc.detail)
+def error_response(exc: BaseException) -> web.Response:
+    """shoal's one error answer (shoal.web), with the registry API's version header."""
+    return shoal_web.error_response(exc, headers=API_VERSION)
 
 
 def blob_headers(digest: Digest) -> dict[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -29,7 +28,7 @@ from shoal.registry import RegistryClient
 from shoal.signing import SIGNATURE_HEADER
 from shoal.store import BlobStore
 from shoal.swarm import SEEDER_FINGERPRINT, Swarm, SwarmSettings
-from shoal.web import add_ops_routes
+from shoal.web import add_ops_routes, add_routes, error_middleware
 
 log = logging.getLogger(__name__)
 
@@ -37,88 +36,59 @@ SEEDER_KEY = web.AppKey("seeder", Seeder)
 SWARM_KEY = web.AppKey("swarm", Swarm)
 COLLECTOR_KEY = web.AppKey("collector", Collector)
 PRESEEDER_KEY = web.AppKey("preseeder", Preseeder)
-NODE_AUTH_KEY = web.AppKey("node_auth", str)
 USER_AGENT = "shoal-origin/0.1"
-
-
-def _error(exc: errors.ShoalError) -> web.Response:
-    return web.Response(status=exc.oci.status, body=errors.error_body(exc.oci, str(exc), exc.detail),
-                        content_type="application/json")
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
     try:
         doc = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise errors.BadRequest(errors.UNSUPPORTED, "body must be a JSON object") from None
+        raise errors.BadRequest(errors.INVALID_REQUEST, "body must be a JSON object") from None
     if not isinstance(doc, dict):
-        raise errors.BadRequest(errors.UNSUPPORTED, "body must be a JSON object")
+        raise errors.BadRequest(errors.INVALID_REQUEST, "body must be a JSON object")
     return doc
-
-
-def _require_node(request: web.Request) -> None:
-    """Write APIs and metainfo are for cluster members: they present the node token."""
-    sent = request.headers.get("Authorization", "").encode()
-    if not hmac.compare_digest(sent, request.app[NODE_AUTH_KEY].encode()):
-        raise errors.BadRequest(errors.UNAUTHORIZED, "this API needs the cluster's node token")
 
 
 async def seed_blob(request: web.Request) -> web.Response:
     """POST /v1/blobs/{digest}/seed {"ns": registry, "repository": name} -> signed metainfo."""
-    try:
-        _require_node(request)
-        digest = Digest.parse(request.match_info["digest"])
-        doc = await _json(request)
-        ns, repo = doc.get("ns"), doc.get("repository")
-        if not isinstance(ns, str) or not isinstance(repo, str):
-            raise errors.BadRequest(errors.NAME_INVALID, "give ns and repository as strings")
-        validate_name(repo)
-        published = await request.app[SEEDER_KEY].ensure_seeded(ns, repo, digest)
-    except errors.ShoalError as exc:
-        return _error(exc)
+    digest = Digest.parse(request.match_info["digest"])
+    doc = await _json(request)
+    ns, repo = doc.get("ns"), doc.get("repository")
+    if not isinstance(ns, str) or not isinstance(repo, str):
+        raise errors.BadRequest(errors.NAME_INVALID, "give ns and repository as strings")
+    validate_name(repo)
+    published = await request.app[SEEDER_KEY].ensure_seeded(ns, repo, digest)
     return web.Response(body=published.meta.raw, content_type="application/x-bittorrent",
                         headers={SIGNATURE_HEADER: published.signature})
 
 
 async def swarm_token(request: web.Request) -> web.Response:
     """POST /v1/swarm/token {"node": name} -> a signed swarm token for announcing."""
-    try:
-        _require_node(request)
-        doc = await _json(request)
-        node = doc.get("node")
-        if not isinstance(node, str) or not 0 < len(node) <= 253:
-            raise errors.BadRequest(errors.NAME_INVALID, "give the node's name")
-    except errors.ShoalError as exc:
-        return _error(exc)
+    doc = await _json(request)
+    node = doc.get("node")
+    if not isinstance(node, str) or not 0 < len(node) <= 253:
+        raise errors.BadRequest(errors.NAME_INVALID, "give the node's name")
     seeder = request.app[SEEDER_KEY]
     return web.json_response({"token": seeder.issue_token(node), "ttl_seconds": seeder.token_ttl})
 
 
 async def submit_preseed(request: web.Request) -> web.Response:
     """POST /v1/preseed {"images": [...], "platforms": [...]} -> 202 with the job."""
-    try:
-        _require_node(request)
-        doc = await _json(request)
-        images, platforms = doc.get("images"), doc.get("platforms", [])
-        if (not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images)
-                or not isinstance(platforms, list) or not all(isinstance(p, str) for p in platforms)):
-            raise errors.BadRequest(errors.NAME_INVALID, "give images (and optionally platforms) as lists")
-        job = request.app[PRESEEDER_KEY].submit(images, platforms)
-    except errors.ShoalError as exc:
-        return _error(exc)
+    doc = await _json(request)
+    images, platforms = doc.get("images"), doc.get("platforms", [])
+    if (not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images)
+            or not isinstance(platforms, list) or not all(isinstance(p, str) for p in platforms)):
+        raise errors.BadRequest(errors.NAME_INVALID, "give images (and optionally platforms) as lists")
+    job = request.app[PRESEEDER_KEY].submit(images, platforms)
     return web.json_response(job.summary(), status=202)
 
 
 async def receive_journal(request: web.Request) -> web.Response:
     """POST /v1/journal {"node": name, "records": [...]}: store, deduplicated, then acknowledge."""
-    try:
-        _require_node(request)
-        doc = await _json(request)
-        node, recs = doc.get("node"), doc.get("records")
-        if not isinstance(node, str) or not node or not isinstance(recs, list):
-            raise errors.BadRequest(errors.UNSUPPORTED, "give node and records")
-    except errors.ShoalError as exc:
-        return _error(exc)
+    doc = await _json(request)
+    node, recs = doc.get("node"), doc.get("records")
+    if not isinstance(node, str) or not node or not isinstance(recs, list):
+        raise errors.BadRequest(errors.INVALID_REQUEST, "give node and records")
     stored = await request.app[COLLECTOR_KEY].store(node, recs)
     return web.json_response({"accepted": stored.accepted, "duplicates": stored.duplicates,
                               "rejected": stored.rejected})
@@ -129,26 +99,22 @@ _QUERY_FIELDS = ("repository", "digest", "reference", "ns", "principal", "node",
 
 async def query_audit(request: web.Request) -> web.StreamResponse:
     """GET /v1/audit?repository=&digest=&principal=&node=&since=&until=&image=&limit=&format=json|jsonl|csv"""
-    try:
-        _require_node(request)
-        params = request.rel_url.query
-        filters: dict[str, Any] = {k: params[k] for k in _QUERY_FIELDS if params.get(k)}
-        image = params.get("image")
-        if image:  # registry/name[:tag][@digest]; a tag or digest narrows to pulls that named it
-            ref = ImageReference.parse(image)
-            filters.update(ns=ref.registry, repository=ref.name)
-            if ref.digest is not None:
-                filters["digest"] = str(ref.digest)
-            elif ":" in image.partition("@")[0].rsplit("/", 1)[-1] and ref.tag:
-                filters["reference"] = ref.tag
-        limit = params.get("limit", "1000")
-        if not limit.isdigit():
-            raise errors.BadRequest(errors.UNSUPPORTED, "limit must be a number")
-        fmt = params.get("format", "json")
-        if fmt not in ("json", "jsonl", "csv"):
-            raise errors.BadRequest(errors.UNSUPPORTED, "format is json, jsonl or csv")
-    except errors.ShoalError as exc:
-        return _error(exc)
+    params = request.rel_url.query
+    filters: dict[str, Any] = {k: params[k] for k in _QUERY_FIELDS if params.get(k)}
+    image = params.get("image")
+    if image:  # registry/name[:tag][@digest]; a tag or digest narrows to pulls that named it
+        ref = ImageReference.parse(image)
+        filters.update(ns=ref.registry, repository=ref.name)
+        if ref.digest is not None:
+            filters["digest"] = str(ref.digest)
+        elif ":" in image.partition("@")[0].rsplit("/", 1)[-1] and ref.tag:
+            filters["reference"] = ref.tag
+    limit = params.get("limit", "1000")
+    if not limit.isdigit():
+        raise errors.BadRequest(errors.INVALID_REQUEST, "limit must be a number")
+    fmt = params.get("format", "json")
+    if fmt not in ("json", "jsonl", "csv"):
+        raise errors.BadRequest(errors.INVALID_REQUEST, "format is json, jsonl or csv")
     events = await request.app[COLLECTOR_KEY].query(Query(**filters, limit=int(limit)))
     if fmt == "jsonl":
         return web.Response(text=audit.to_jsonl(events), content_type="application/x-ndjson")
@@ -160,7 +126,7 @@ async def query_audit(request: web.Request) -> web.StreamResponse:
 async def get_preseed(request: web.Request) -> web.Response:
     job = request.app[PRESEEDER_KEY].jobs.get(request.match_info["job"])
     if job is None:
-        return web.json_response({"error": "no such job"}, status=404)
+        raise errors.NotFound(errors.NOT_FOUND, "no such pre-seed job")
     return web.json_response(job.summary())
 
 
@@ -186,8 +152,7 @@ def build(config: OriginConfig) -> web.Application:
 
     registry = CollectorRegistry()
     metrics = SeederMetrics(registry)
-    app = web.Application()
-    app[NODE_AUTH_KEY] = f"Bearer {node_token}"
+    app = web.Application(middlewares=[error_middleware()])
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, limit_per_host=64))
@@ -231,11 +196,15 @@ def build(config: OriginConfig) -> web.Application:
         return None if seeder is not None else "starting"
 
     app.cleanup_ctx.append(lifecycle)
-    for route, handler in ((protocol.SEED_BLOB, seed_blob), (protocol.SWARM_TOKEN, swarm_token),
-                           (protocol.JOURNAL, receive_journal), (protocol.AUDIT, query_audit),
-                           (protocol.PRESEED, submit_preseed), (protocol.PRESEED_JOB, get_preseed),
-                           (protocol.STATUS, status)):
-        app.router.add_route(route.method, route.pattern, handler)
+    add_routes(app, [
+        (protocol.SEED_BLOB, seed_blob, "node"),
+        (protocol.SWARM_TOKEN, swarm_token, "node"),
+        (protocol.JOURNAL, receive_journal, "node"),
+        (protocol.AUDIT, query_audit, "node"),
+        (protocol.PRESEED, submit_preseed, "node"),
+        (protocol.PRESEED_JOB, get_preseed, "node"),
+        (protocol.STATUS, status, "public"),  # lists what is seeded: to be guarded (issue 12)
+    ], {"node": f"Bearer {node_token}"})
     async def fresh_stats() -> None:
         swarm = app.get(SWARM_KEY)
         if swarm is not None:

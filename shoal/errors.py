@@ -37,6 +37,9 @@ PAGINATION_NUMBER_INVALID = OciCode("PAGINATION_NUMBER_INVALID", 400, "invalid n
 TOOMANYREQUESTS = OciCode("TOOMANYREQUESTS", 429, "too many requests")
 UNAVAILABLE = OciCode("UNAVAILABLE", 503, "service unavailable")
 UNKNOWN = OciCode("UNKNOWN", 500, "unknown error")
+# shoal's own APIs (origin, tracker) answer in the same shape, with these codes besides the above.
+INVALID_REQUEST = OciCode("INVALID_REQUEST", 400, "the request is malformed")
+NOT_FOUND = OciCode("NOT_FOUND", 404, "not found")
 
 
 class ShoalError(Exception):
@@ -75,6 +78,18 @@ class NotFound(ShoalError):
 
 class Unsupported(ShoalError):
     oci = UNSUPPORTED
+
+
+class Unauthorized(ShoalError):
+    """No credential, or not the one this route needs (401)."""
+
+    oci = UNAUTHORIZED
+
+
+class Denied(ShoalError):
+    """The credential is known and is refused this (403)."""
+
+    oci = DENIED
 
 
 class UpstreamError(ShoalError):

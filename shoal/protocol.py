@@ -2,8 +2,8 @@
 
 Servers register these patterns in their route tables; clients (the agent, the origin's
 registration, the CLI, tests and bench) build URLs from the same objects, so a path exists in
-exactly one place. The mirror API (`/v2/...`) is the OCI distribution spec's, not ours, and is
-not listed here.
+exactly one place. The mirror API (`/v2/...`) is the OCI distribution spec's: only its entry
+points are listed here.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ class Route:
         url = base.rstrip("/") + self.path(**params)
         return f"{url}?{urlencode(query)}" if query else url
 
+
+# The agent's mirror API: the OCI distribution spec's routes, dispatched inside the agent
+MIRROR_BASE = Route("*", "/v2")
+MIRROR_ROOT = Route("*", "/v2/")
+MIRROR = Route("*", "/v2/{tail:.*}")
 
 # Every component
 HEALTHZ = Route("GET", "/healthz")

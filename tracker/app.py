@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,11 +13,11 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from shoal import metainfo, protocol, signing
+from shoal import errors, metainfo, protocol, signing
 from shoal.config import read_token
 from shoal.errors import ShoalError
 from shoal.oci import Digest
-from shoal.web import add_ops_routes
+from shoal.web import Guard, add_ops_routes, add_routes, error_middleware
 from tracker import announce as ann
 from tracker.config import TrackerConfig
 from tracker.peers import Peer, PeerStore
@@ -57,10 +56,6 @@ class Metrics:
                                           buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1))
 
 
-def _bearer_matches(request: web.Request, expected: str) -> bool:
-    return hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected.encode())
-
-
 def _peer_address(request: web.Request) -> tuple[str, int] | None:
     """The TCP source address. Never `ip=` or X-Forwarded-For: peers cannot speak for others."""
     transport = request.transport
@@ -77,8 +72,8 @@ class Tracker:
         self.metrics = Metrics(registry)
         self.peers = PeerStore(ttl=config.ttl, max_peers=config.max_peers_per_torrent)
         self.torrents = TorrentRegistry(Path(config.data_dir) if config.data_dir else None)
-        self._registration = f"Bearer {registration_token}"
-        self._node = f"Bearer {node_token}"
+        self.tokens_by_guard: dict[Guard, str] = {"registration": f"Bearer {registration_token}",
+                                                  "node": f"Bearer {node_token}"}
         self.origin_key = origin_key
         self.tokens = signing.VerifiedTokens(origin_key)
 
@@ -146,48 +141,36 @@ class Tracker:
         return Digest.parse(request.match_info["digest"])
 
     async def get_metainfo(self, request: web.Request) -> web.Response:
-        if not _bearer_matches(request, self._node):
-            self.metrics.metainfo_requests.labels("unauthorized").inc()
-            return web.json_response({"error": "metainfo is for cluster nodes (node token)"}, status=401)
         try:
             digest = self._digest(request)
         except ShoalError:
             self.metrics.metainfo_requests.labels("bad_request").inc()
-            return web.json_response({"error": "invalid digest"}, status=400)
+            raise
         meta = self.torrents.by_digest(digest)
         if meta is None:
             self.metrics.metainfo_requests.labels("unknown").inc()
-            return web.json_response({"error": "no torrent registered for this digest"}, status=404)
+            raise errors.NotFound(errors.NOT_FOUND, "no torrent registered for this digest")
         self.metrics.metainfo_requests.labels("ok").inc()
         return web.Response(body=meta.raw, content_type=TORRENT,
                             headers={SIGNATURE_HEADER: self.torrents.signature(digest) or ""})
 
-    def _authorized(self, request: web.Request) -> bool:
-        return _bearer_matches(request, self._registration)
-
     async def put_metainfo(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            self.metrics.registrations.labels("unauthorized").inc()
-            return web.json_response({"error": "registration needs the origin's token"}, status=401)
-        try:
-            digest = self._digest(request)
-        except ShoalError:
-            return web.json_response({"error": "invalid digest"}, status=400)
+        digest = self._digest(request)
         body = await request.content.read(metainfo.MAX_METAINFO_BYTES + 1)
         try:
             meta = metainfo.parse(body)
         except metainfo.MetainfoError as exc:
             self.metrics.registrations.labels("invalid").inc()
-            return web.json_response({"error": f"invalid metainfo: {exc}"}, status=400)
+            raise errors.BadRequest(errors.INVALID_REQUEST, f"invalid metainfo: {exc}") from None
         if meta.digest != digest:
             self.metrics.registrations.labels("invalid").inc()
-            return web.json_response({"error": "metainfo names a different digest"}, status=400)
+            raise errors.BadRequest(errors.INVALID_REQUEST, "metainfo names a different digest")
         signature = request.headers.get(SIGNATURE_HEADER, "")
         try:
             self.verify_metainfo(body, signature)
         except signing.SignatureError as exc:
             self.metrics.registrations.labels("bad_signature").inc()
-            return web.json_response({"error": f"metainfo not signed by the origin: {exc}"}, status=400)
+            raise errors.BadRequest(errors.INVALID_REQUEST, f"metainfo not signed by the origin: {exc}") from None
         await asyncio.to_thread(self.torrents.register, meta, signature)
         self.metrics.registrations.labels("ok").inc()
         self.metrics.torrents.set(len(self.torrents))
@@ -195,15 +178,10 @@ class Tracker:
         return web.json_response({"digest": str(digest), "info_hash": meta.info_hash.hex()}, status=201)
 
     async def delete_metainfo(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return web.json_response({"error": "registration needs the origin's token"}, status=401)
-        try:
-            digest = self._digest(request)
-        except ShoalError:
-            return web.json_response({"error": "invalid digest"}, status=400)
+        digest = self._digest(request)
         meta = await asyncio.to_thread(self.torrents.unregister, digest)
         if meta is None:
-            return web.json_response({"error": "not registered"}, status=404)
+            raise errors.NotFound(errors.NOT_FOUND, "not registered")
         self.peers.forget(meta.tracker_hash)
         self.metrics.torrents.set(len(self.torrents))
         return web.Response(status=204)
@@ -231,7 +209,7 @@ def build(config: TrackerConfig) -> web.Application:
     origin_key = signing.load_public_key(config.origin_public_key, "origin_public_key")
     registry = CollectorRegistry()
     tracker = Tracker(config, registry, registration_token=registration, node_token=node, origin_key=origin_key)
-    app = web.Application(client_max_size=metainfo.MAX_METAINFO_BYTES + 1024)
+    app = web.Application(client_max_size=metainfo.MAX_METAINFO_BYTES + 1024, middlewares=[error_middleware()])
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(tracker.torrents.load, tracker.verify_metainfo)
@@ -246,11 +224,18 @@ def build(config: TrackerConfig) -> web.Application:
         return None
 
     app.cleanup_ctx.append(lifecycle)
-    for route, handler in ((protocol.ANNOUNCE, tracker.announce), (protocol.SCRAPE, tracker.scrape),
-                           (protocol.METAINFO, tracker.get_metainfo),
-                           (protocol.REGISTER_METAINFO, tracker.put_metainfo),
-                           (protocol.UNREGISTER_METAINFO, tracker.delete_metainfo),
-                           (protocol.STATUS, tracker.status)):
-        app.router.add_route(route.method, route.pattern, handler)
+    refused = tracker.metrics.registrations.labels("unauthorized").inc
+    add_routes(app, [
+        # BEP 3/48: peers prove membership with the swarm token in the query (checked inside)
+        (protocol.ANNOUNCE, tracker.announce, "public"),
+        (protocol.SCRAPE, tracker.scrape, "public"),
+        (protocol.METAINFO, tracker.get_metainfo, "node"),
+        (protocol.REGISTER_METAINFO, tracker.put_metainfo, "registration"),
+        (protocol.UNREGISTER_METAINFO, tracker.delete_metainfo, "registration"),
+        (protocol.STATUS, tracker.status, "public"),
+    ], tracker.tokens_by_guard, refused={
+        protocol.METAINFO: tracker.metrics.metainfo_requests.labels("unauthorized").inc,
+        protocol.REGISTER_METAINFO: refused, protocol.UNREGISTER_METAINFO: refused,
+    })
     add_ops_routes(app, registry, ready)
     return app
