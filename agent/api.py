@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -24,7 +24,8 @@ from agent.config import AuthSettings
 from agent.fetcher import EMPTY_DIGEST, Download, Fetcher
 from agent.manifests import ManifestKeeper
 from agent.metrics import AgentMetrics
-from agent.responses import API_VERSION, BEFORE_START, oci_error, send_blob
+from agent.responses import API_VERSION, oci_error, send_blob
+from agent.state import Audit, audit_of, state_of
 from agent.upstreams import Upstream, Upstreams
 from shoal import errors
 from shoal.oci import Digest, parse_manifest_reference, validate_name
@@ -39,39 +40,8 @@ _ENDPOINTS = ("/manifests/", "/blobs/", "/referrers/")
 _MANIFEST_HEADERS = ("Content-Type", "Docker-Content-Digest", "Etag", "OCI-Subject")
 _RELAYED = ("Content-Type", "Docker-Content-Digest", "Link", "OCI-Filters-Applied", "WWW-Authenticate",
             "Retry-After")
-AUDIT = "shoal.audit"
 
 
-@dataclass
-class Audit:
-    """What the journal records about one request; filled in as the request is handled."""
-
-    kind: str = "other"
-    ns: str | None = None
-    repository: str | None = None
-    reference: str | None = None
-    digest: str | None = None
-    principal: str | None = None
-    cred_fpr: str | None = None
-    credential: str | None = None
-    authz_method: str | None = None
-    registry_status: str | None = None
-    source: str | None = None
-    verified: bool | None = None
-    bytes: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
-
-    def credential_used(self, cred: Credential) -> None:
-        self.credential, self.cred_fpr = cred.kind, cred.fingerprint
-
-
-def audit_of(request: web.Request) -> Audit:
-    audit = request.get(AUDIT)
-    if audit is None:
-        audit = Audit()
-        request[AUDIT] = audit
-    assert isinstance(audit, Audit)
-    return audit
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +111,7 @@ class MirrorApi:
         if request.method not in READ_METHODS or (route.kind in ("tags", "referrers")
                                                   and request.method != "GET"):
             raise errors.Unsupported("this is a pull-through mirror: only pulls are supported")
-        request["kind"] = audit.kind = route.kind
+        audit.kind = route.kind
         audit.repository, audit.reference = route.name, route.reference or None
         upstream = self.upstreams.resolve(request)
         audit.ns = upstream.name
@@ -282,7 +252,7 @@ class MirrorApi:
         resp = web.StreamResponse(status=status, headers={**API_VERSION, **headers})
         if length is not None:
             resp.content_length = length
-        hook = request.get(BEFORE_START)
+        hook = state_of(request).before_start
         if hook is not None:
             await hook(status)
         await resp.prepare(request)
@@ -316,7 +286,7 @@ class MirrorApi:
             if self.store.has(digest) and await self.store.verify(digest):
                 self.metrics.cache_hits.inc()
                 self.store.touch(digest)
-                request["source"] = audit.source = "cache"
+                audit.source = "cache"
                 audit.verified = True
                 served = self.metrics.served_bytes.labels("cache")
                 return await send_blob(request, digest, size, _Cached(self.store, digest),
@@ -328,7 +298,6 @@ class MirrorApi:
         if request.method == "HEAD":
             return await send_blob(request, digest, size, _Empty())
         download = self.fetcher.get(up, name, digest, size, authorization=cred.upstream_auth)
-        request["source"] = "swarm"
         audit.source = download.source
 
         def count(n: int) -> None:

@@ -24,8 +24,9 @@ from agent.journal import Journal
 from agent.manifests import ManifestKeeper
 from agent.metrics import AgentMetrics
 from agent.recording import journal_middleware
-from agent.responses import RESPONSE_STARTED, abort, error_response
+from agent.responses import abort, error_response
 from agent.shipper import Shipper
+from agent.state import state_of
 from agent.upstreams import Upstream, Upstreams
 from shoal import errors, protocol, signing
 from shoal.config import read_token
@@ -47,26 +48,27 @@ def _middleware(metrics: AgentMetrics) -> Middleware:
     @web.middleware
     async def oci_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
+        state = state_of(request)
         try:
             resp = await handler(request)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if isinstance(exc, ConnectionError) and (request.get(RESPONSE_STARTED) or _closed(request)):
+            if isinstance(exc, ConnectionError) and (state.response_started or _closed(request)):
                 # cut by the agent (responses.abort) or by the client hanging up
-                outcome = "aborted" if request.get("aborted") else "client_gone"
-                metrics.requests.labels(request.get("kind", "other"), request.method, outcome).inc()
+                outcome = "aborted" if state.aborted else "client_gone"
+                metrics.requests.labels(state.audit.kind, request.method, outcome).inc()
                 raise
-            if request.get(RESPONSE_STARTED):
+            if state.response_started:
                 # Never write an error response into a started body (see responses.abort).
                 abort(request, exc)
                 raise ConnectionResetError("response aborted") from exc
             resp = _error_for(request, exc)
-        kind = request.get("kind", "other")
+        kind = state.audit.kind
         if request.path.startswith("/v2"):
             metrics.requests.labels(kind, request.method, str(resp.status)).inc()
         log.debug("%s %s -> %d (%s, %.1f ms)", request.method, request.rel_url.path, resp.status,
-                  request.get("source", "-"), (time.monotonic() - started) * 1000)
+                  state.audit.source or "-", (time.monotonic() - started) * 1000)
         return resp
 
     return oci_errors
@@ -89,7 +91,7 @@ def _client_gone() -> Middleware:
             transport = request.transport
             if transport is not None:
                 transport.abort()  # nothing more goes out on this connection
-            if not request.get("aborted"):  # the agent's own cuts were logged as warnings already
+            if not state_of(request).aborted:  # the agent's own cuts were logged as warnings already
                 log.info("client went away during %s %s (%s)", request.method, request.rel_url.path,
                          type(exc).__name__)
             # aiohttp cannot send this on the closed connection and finishes quietly

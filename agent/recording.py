@@ -10,9 +10,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from agent.api import audit_of
 from agent.journal import Journal, JournalError
-from agent.responses import BEFORE_START, error_response
+from agent.responses import error_response
+from agent.state import audit_of, state_of
 from shoal import audit as records
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -64,7 +64,7 @@ def journal_middleware(journal: Journal, node: str) -> Middleware:
         async def end(outcome: str, error: str | None = None, size: int | None = None) -> None:
             await journal.record(end_doc(outcome, error, size))
 
-        request[BEFORE_START] = before_start
+        state_of(request).before_start = before_start
         try:
             resp = await handler(request)
         except BaseException as exc:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from agent.state import state_of
 from shoal import errors
 from shoal import web as shoal_web
 from shoal.oci import Digest
@@ -153,17 +154,12 @@ async def send_blob(
     return resp
 
 
-RESPONSE_STARTED = "shoal.response_started"
-# Set by the journal middleware: awaited with the status right before a response's first byte.
-BEFORE_START = "shoal.before_start"
-
-
 async def _start(request: web.Request, resp: web.StreamResponse) -> None:
-    hook = request.get(BEFORE_START)
-    if hook is not None:
-        await hook(resp.status)  # the journal's start record is on disk before any byte is sent
+    state = state_of(request)
+    if state.before_start is not None:
+        await state.before_start(resp.status)  # the journal's start record is on disk before any byte
     await resp.prepare(request)
-    request[RESPONSE_STARTED] = True
+    state.response_started = True
 
 
 @contextlib.contextmanager
@@ -182,7 +178,7 @@ def _abort_on_error(request: web.Request) -> Iterator[None]:
 
 def abort(request: web.Request, exc: BaseException) -> None:
     log.warning("aborting %s %s mid-response: %s", request.method, request.rel_url.path, exc)
-    request["aborted"] = True
+    state_of(request).aborted = True
     if request.transport is not None:
         request.transport.abort()
 

@@ -17,6 +17,7 @@ from agent import app as agent_app
 from agent import config as agent_config
 from origin import app as origin_app
 from origin import config as origin_config
+from shoal import protocol
 from shoal.cli import make_keys
 from shoal.web import GUARDS_KEY, add_routes
 from tracker import app as tracker_app
@@ -57,10 +58,10 @@ def test_every_route_declares_its_guard(tmp_path: Path) -> None:
         assert undeclared(app) == [], f"{name} has routes without a guard"
     guards = {name: app[GUARDS_KEY] for name, (app, _) in apps.items()}
     # what each guard protects, in one table a reviewer can read
-    assert {route for route, g in guards["origin"].items() if g == "public"} == {
-        ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/status")}
+    public = {(r.method, r.pattern) for r in (protocol.HEALTHZ, protocol.READYZ, protocol.METRICS, protocol.STATUS)}
+    assert {route for route, g in guards["origin"].items() if g == "public"} == public
     assert {route for route, g in guards["tracker"].items() if g == "registration"} == {
-        ("PUT", "/v1/metainfo/{digest}"), ("DELETE", "/v1/metainfo/{digest}")}
+        (r.method, r.pattern) for r in (protocol.REGISTER_METAINFO, protocol.UNREGISTER_METAINFO)}
 
 
 def test_the_walk_finds_a_route_added_without_a_guard() -> None:
@@ -69,8 +70,9 @@ def test_the_walk_finds_a_route_added_without_a_guard() -> None:
 
     app = web.Application()
     add_routes(app, [], {})
-    app.router.add_get("/v1/forgotten", handler)
-    assert sorted(undeclared(app)) == ["GET /v1/forgotten", "HEAD /v1/forgotten"]
+    forgotten = protocol.STATUS.pattern + "/forgotten"
+    app.router.add_get(forgotten, handler)
+    assert sorted(undeclared(app)) == [f"GET {forgotten}", f"HEAD {forgotten}"]
 
 
 def concrete(pattern: str) -> str:

@@ -19,7 +19,7 @@ from shoal.oci import Digest
 from shoal.store import sha256_file
 from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Swarm, SwarmSettings
 from tests.integration.conftest import Keys
-from tests.support.procs import free_port
+from tests.support.procs import free_port, metric_sum, parse_metrics
 from tracker import app as tracker_app
 from tracker import config as tracker_config
 
@@ -159,8 +159,7 @@ async def _seeders(port: int, meta: metainfo.Metainfo) -> int:
 async def _ok_announces(port: int) -> float:
     async with aiohttp.ClientSession() as http, http.get(protocol.METRICS.url(f"http://127.0.0.1:{port}")) as r:
         text = await r.text()
-    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
-               if line.startswith('shoal_tracker_announces_total{result="ok"}'))
+    return metric_sum(parse_metrics(text), "shoal_tracker_announces_total", result="ok")
 
 
 async def test_seeders_announce_at_the_trackers_interval(tmp_path: Path, tracker: TestServer, keys: Keys) -> None:

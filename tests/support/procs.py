@@ -11,10 +11,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from shoal import protocol
 
@@ -121,31 +123,37 @@ class Component:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def metrics(self) -> dict[str, float]:
-        """Prometheus samples as {'name{labels}': value}."""
+    def metrics(self) -> list[Sample]:
+        """Every sample of /metrics, parsed by prometheus_client's own parser."""
         status, body = http_get(protocol.METRICS.url(self.url))
         assert status == 200, status
-        out: dict[str, float] = {}
-        for line in body.decode().splitlines():
-            if not line or line.startswith("#"):
-                continue
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-        return out
+        return parse_metrics(body.decode())
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of samples of `name` whose labels include `labels`."""
         return metric_sum(self.metrics(), name, **labels)
 
 
-def metric_sum(samples: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of the samples (as Component.metrics gives them) of `name` whose labels include `labels`."""
-    total = 0.0
-    for key, value in samples.items():
-        base, _, rest = key.partition("{")
-        if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
-            total += value
-    return total
+@dataclass(frozen=True, slots=True)
+class Sample:
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def parse_metrics(text: str) -> list[Sample]:
+    return [Sample(s.name, dict(s.labels), float(s.value))
+            for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def series(samples: list[Sample], name: str, **labels: str) -> list[Sample]:
+    """The samples of `name` whose labels include `labels`."""
+    return [s for s in samples if s.name == name and labels.items() <= s.labels.items()]
+
+
+def metric_sum(samples: list[Sample], name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    return sum(s.value for s in series(samples, name, **labels))
 
 
 def wait_for(condition: Callable[[], bool], *, timeout: float = 30.0, what: str = "condition") -> None:

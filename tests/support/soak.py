@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from tests.support import soakdata
-from tests.support.procs import Component, metric_sum, proc_stats
+from tests.support.procs import Component, metric_sum, proc_stats, series
 from tests.support.registry import Registry
 from tests.support.soakdata import SoakImage
 from tests.support.stack import Stack
@@ -352,10 +352,9 @@ def sample(run: Run, idle: _CpuIdle) -> dict[str, float]:
                         "journal_shipped_records_total", "cache_evictions_total"):
                 row[f"{name}.{key}"] = metric_sum(m, f"shoal_agent_{key}")
             row[f"{name}.fallbacks"] = metric_sum(m, "shoal_agent_fallbacks_total")
-            for key in m:
-                if key.startswith("shoal_agent_fallbacks_total{") and m[key]:
-                    reason = key.split('reason="', 1)[1].split('"', 1)[0]
-                    row[f"{name}.fallbacks.{reason}"] = m[key]
+            for sample in series(m, "shoal_agent_fallbacks_total"):
+                if sample.value:
+                    row[f"{name}.fallbacks.{sample.labels['reason']}"] = sample.value
             for source in ("cache", "peers", "registry"):
                 row[f"{name}.served.{source}"] = metric_sum(m, "shoal_agent_served_bytes_total", source=source)
         elif name == "origin":
