@@ -41,7 +41,6 @@ from shoal import errors, metainfo, protocol, signing
 from shoal.metainfo import Published
 from shoal.oci import Digest
 from shoal.registry import Authorization
-from shoal.signing import SIGNATURE_HEADER
 from shoal.store import BlobStore, fsync_file, sha256_file
 from shoal.swarm import Swarm, TorrentJob
 
@@ -367,12 +366,14 @@ class Fetcher:
         retry = TOKEN_RETRY_MIN
         while True:
             try:
-                async with self.http.post(protocol.SWARM_TOKEN.url(access.origin), json={"node": access.node},
+                async with self.http.post(protocol.SWARM_TOKEN.url(access.origin),
+                                          json=protocol.SwarmTokenRequest(access.node).to_json(),
                                           headers=access.auth, timeout=aiohttp.ClientTimeout(total=10)) as r:
                     if r.status != 200:
                         raise errors.SwarmUnavailable(f"origin answered {r.status} for a swarm token")
                     doc = await r.json()
-                token, ttl = str(doc["token"]), float(doc["ttl_seconds"])
+                answer = protocol.SwarmToken.from_json(doc)
+                token, ttl = answer.token, answer.ttl_seconds
                 signing.verify_token(access.origin_key, token)
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, errors.ShoalError,
                     signing.SignatureError) as exc:
@@ -429,7 +430,7 @@ class Fetcher:
             async with self.http.get(protocol.METAINFO.url(access.tracker, digest=str(digest)), headers=access.auth,
                                      timeout=aiohttp.ClientTimeout(total=self.policy.metainfo_timeout)) as r:
                 if r.status == 200:
-                    return self._verify(await r.read(), r.headers.get(SIGNATURE_HEADER))
+                    return self._verify(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER))
                 if r.status != 404:
                     raise _SwarmFailure("tracker_error", f"tracker answered {r.status} for metainfo")
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -439,11 +440,11 @@ class Fetcher:
         try:
             async with self.http.post(
                 protocol.SEED_BLOB.url(access.origin, digest=str(digest)),
-                json={"ns": upstream.name, "repository": repo},
+                json=protocol.SeedRequest(upstream.name, repo).to_json(),
                 headers=access.auth, timeout=aiohttp.ClientTimeout(total=self.policy.seed_timeout),
             ) as r:
                 if r.status == 200:
-                    return self._verify(await r.read(), r.headers.get(SIGNATURE_HEADER))
+                    return self._verify(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER))
                 raise _SwarmFailure("origin_error", f"origin answered {r.status} to the seed request")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _SwarmFailure("origin_unreachable", f"origin unreachable: {type(exc).__name__}") from None

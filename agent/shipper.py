@@ -84,8 +84,8 @@ class Shipper:
 
     async def _send(self, batch: Batch) -> bool:
         try:
-            async with self.http.post(protocol.JOURNAL.url(self.collector), json={"node": self.node,
-                                                                             "records": batch.records},
+            async with self.http.post(protocol.JOURNAL.url(self.collector),
+                                      json=protocol.JournalBatch(self.node, batch.records).to_json(),
                                       headers=self._headers, timeout=aiohttp.ClientTimeout(total=30)) as r:
                 if 200 <= r.status < 300:
                     return True

@@ -74,7 +74,7 @@ def run(work: Path, *, seconds: int, connections: int = 32) -> TrackerResult:
         url = protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{port}", digest=str(digest))
         req = urllib.request.Request(url, data=raw, method="PUT",  # noqa: S310 (http, built here)
                                      headers={"Authorization": f"Bearer {keys['registration_token'].read_text()}",
-                                              "Shoal-Signature": signing.sign_metainfo(key, raw)})
+                                              protocol.SIGNATURE_HEADER: signing.sign_metainfo(key, raw)})
         urllib.request.urlopen(req, timeout=10).close()  # noqa: S310
         script = work / "announce.lua"
         script.write_text(LUA % (protocol.ANNOUNCE.path(), quote_from_bytes(meta.tracker_hash), token))

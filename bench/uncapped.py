@@ -95,7 +95,7 @@ def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], age
             started_services.append(service)
             nodes.append((service, f"http://{ip}:{port}/v2/{repo}/blobs/{digest}"))
         # the origin has the blob already (pre-seeded), so this measures the swarm itself
-        seed = json.dumps({"ns": registry_host, "repository": repo}).encode()
+        seed = json.dumps(protocol.SeedRequest(registry_host, repo).to_json()).encode()
         url = protocol.SEED_BLOB.url(f"http://127.0.0.1:{oport}", digest=str(digest))
         req = urllib.request.Request(url, data=seed, method="POST",  # noqa: S310 (http, built here)
                                      headers={"Content-Type": "application/json",

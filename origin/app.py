@@ -25,7 +25,6 @@ from shoal.config import read_token
 from shoal.metrics import StoreCollector, SwarmCollector
 from shoal.oci import Digest, ImageReference, validate_name
 from shoal.registry import RegistryClient
-from shoal.signing import SIGNATURE_HEADER
 from shoal.store import BlobStore
 from shoal.swarm import SEEDER_FINGERPRINT, Swarm, SwarmSettings
 from shoal.web import add_ops_routes, add_routes, error_middleware
@@ -39,59 +38,42 @@ PRESEEDER_KEY = web.AppKey("preseeder", Preseeder)
 USER_AGENT = "shoal-origin/0.1"
 
 
-async def _json(request: web.Request) -> dict[str, Any]:
+async def _json(request: web.Request) -> Any:
     try:
-        doc = await request.json()
+        return await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise errors.BadRequest(errors.INVALID_REQUEST, "body must be a JSON object") from None
-    if not isinstance(doc, dict):
-        raise errors.BadRequest(errors.INVALID_REQUEST, "body must be a JSON object")
-    return doc
 
 
 async def seed_blob(request: web.Request) -> web.Response:
     """POST /v1/blobs/{digest}/seed {"ns": registry, "repository": name} -> signed metainfo."""
     digest = Digest.parse(request.match_info["digest"])
-    doc = await _json(request)
-    ns, repo = doc.get("ns"), doc.get("repository")
-    if not isinstance(ns, str) or not isinstance(repo, str):
-        raise errors.BadRequest(errors.NAME_INVALID, "give ns and repository as strings")
-    validate_name(repo)
-    published = await request.app[SEEDER_KEY].ensure_seeded(ns, repo, digest)
-    return web.Response(body=published.meta.raw, content_type="application/x-bittorrent",
-                        headers={SIGNATURE_HEADER: published.signature})
+    body = protocol.SeedRequest.from_json(await _json(request))
+    validate_name(body.repository)
+    published = await request.app[SEEDER_KEY].ensure_seeded(body.ns, body.repository, digest)
+    return web.Response(body=published.meta.raw, content_type=protocol.TORRENT_TYPE,
+                        headers={protocol.SIGNATURE_HEADER: published.signature})
 
 
 async def swarm_token(request: web.Request) -> web.Response:
     """POST /v1/swarm/token {"node": name} -> a signed swarm token for announcing."""
-    doc = await _json(request)
-    node = doc.get("node")
-    if not isinstance(node, str) or not 0 < len(node) <= 253:
-        raise errors.BadRequest(errors.NAME_INVALID, "give the node's name")
+    body = protocol.SwarmTokenRequest.from_json(await _json(request))
     seeder = request.app[SEEDER_KEY]
-    return web.json_response({"token": seeder.issue_token(node), "ttl_seconds": seeder.token_ttl})
+    return web.json_response(protocol.SwarmToken(seeder.issue_token(body.node), seeder.token_ttl).to_json())
 
 
 async def submit_preseed(request: web.Request) -> web.Response:
     """POST /v1/preseed {"images": [...], "platforms": [...]} -> 202 with the job."""
-    doc = await _json(request)
-    images, platforms = doc.get("images"), doc.get("platforms", [])
-    if (not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images)
-            or not isinstance(platforms, list) or not all(isinstance(p, str) for p in platforms)):
-        raise errors.BadRequest(errors.NAME_INVALID, "give images (and optionally platforms) as lists")
-    job = request.app[PRESEEDER_KEY].submit(images, platforms)
+    body = protocol.PreseedRequest.from_json(await _json(request))
+    job = request.app[PRESEEDER_KEY].submit(body.images, body.platforms)
     return web.json_response(job.summary(), status=202)
 
 
 async def receive_journal(request: web.Request) -> web.Response:
     """POST /v1/journal {"node": name, "records": [...]}: store, deduplicated, then acknowledge."""
-    doc = await _json(request)
-    node, recs = doc.get("node"), doc.get("records")
-    if not isinstance(node, str) or not node or not isinstance(recs, list):
-        raise errors.BadRequest(errors.INVALID_REQUEST, "give node and records")
-    stored = await request.app[COLLECTOR_KEY].store(node, recs)
-    return web.json_response({"accepted": stored.accepted, "duplicates": stored.duplicates,
-                              "rejected": stored.rejected})
+    batch = protocol.JournalBatch.from_json(await _json(request))
+    stored = await request.app[COLLECTOR_KEY].store(batch.node, batch.records)
+    return web.json_response(protocol.JournalAck(stored.accepted, stored.duplicates, stored.rejected).to_json())
 
 
 _QUERY_FIELDS = ("repository", "digest", "reference", "ns", "principal", "node", "since", "until")

@@ -9,7 +9,6 @@ import aiohttp
 
 from shoal import protocol
 from shoal.metainfo import Metainfo
-from shoal.signing import SIGNATURE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +26,8 @@ class TrackerRegistration:
         try:
             async with self.http.put(
                 url, data=meta.raw, headers={"Authorization": f"Bearer {self._token}",
-                                             "Content-Type": "application/x-bittorrent",
-                                             SIGNATURE_HEADER: signature},
+                                             "Content-Type": protocol.TORRENT_TYPE,
+                                             protocol.SIGNATURE_HEADER: signature},
                 timeout=aiohttp.ClientTimeout(total=10),
             ) as resp:
                 if resp.status == 201:

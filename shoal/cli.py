@@ -81,8 +81,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
     origin = args.origin.rstrip("/")
     token = _node_token(args)
     try:
-        status, job = _http("POST", protocol.PRESEED.url(origin), {"images": args.images, "platforms": args.platform},
-                            token=token)
+        status, job = _http("POST", protocol.PRESEED.url(origin),
+                            protocol.PreseedRequest(args.images, args.platform).to_json(), token=token)
     except (urllib.error.URLError, OSError) as exc:
         print(f"shoal seed: cannot reach the origin at {origin}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 1

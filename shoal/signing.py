@@ -28,7 +28,6 @@ _METAINFO_CONTEXT = b"shoal metainfo v1\x00"
 _TOKEN_CONTEXT = b"shoal swarm token v1\x00"
 MAX_TOKEN_LENGTH = 512
 # HTTP header carrying the origin's signature of a metainfo (origin -> tracker -> agents).
-SIGNATURE_HEADER = "Shoal-Signature"
 
 
 class SignatureError(ValueError):

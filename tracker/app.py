@@ -26,8 +26,6 @@ from tracker.torrents import TorrentRegistry
 log = logging.getLogger(__name__)
 
 BENCODE = "text/plain"  # what opentracker and most trackers send
-TORRENT = "application/x-bittorrent"
-SIGNATURE_HEADER = signing.SIGNATURE_HEADER
 
 
 class Metrics:
@@ -151,8 +149,8 @@ class Tracker:
             self.metrics.metainfo_requests.labels("unknown").inc()
             raise errors.NotFound(errors.NOT_FOUND, "no torrent registered for this digest")
         self.metrics.metainfo_requests.labels("ok").inc()
-        return web.Response(body=meta.raw, content_type=TORRENT,
-                            headers={SIGNATURE_HEADER: self.torrents.signature(digest) or ""})
+        return web.Response(body=meta.raw, content_type=protocol.TORRENT_TYPE,
+                            headers={protocol.SIGNATURE_HEADER: self.torrents.signature(digest) or ""})
 
     async def put_metainfo(self, request: web.Request) -> web.Response:
         digest = self._digest(request)
@@ -165,7 +163,7 @@ class Tracker:
         if meta.digest != digest:
             self.metrics.registrations.labels("invalid").inc()
             raise errors.BadRequest(errors.INVALID_REQUEST, "metainfo names a different digest")
-        signature = request.headers.get(SIGNATURE_HEADER, "")
+        signature = request.headers.get(protocol.SIGNATURE_HEADER, "")
         try:
             self.verify_metainfo(body, signature)
         except signing.SignatureError as exc:

@@ -73,7 +73,7 @@ def _seed(stack: Stack, ns: str, digest: str) -> tuple[int, bytes]:
 
     assert stack.origin is not None
     req = urllib.request.Request(protocol.SEED_BLOB.url(stack.origin.url, digest=str(digest)), method="POST",
-                                 data=json.dumps({"ns": ns, "repository": "private/app"}).encode(),
+                                 data=json.dumps(protocol.SeedRequest(ns, "private/app").to_json()).encode(),
                                  headers={"Content-Type": "application/json",
                                           "Authorization": f"Bearer {stack.node_token}"})
     with urllib.request.urlopen(req, timeout=60) as resp:

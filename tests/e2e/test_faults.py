@@ -57,7 +57,7 @@ def assert_blob(agent: Component, blob: Blob) -> None:
 def seed(stack: Stack, registry: Registry, blob: Blob) -> metainfo.Metainfo:
     assert stack.origin is not None
     req = urllib.request.Request(protocol.SEED_BLOB.url(stack.origin.url, digest=blob.digest), method="POST",
-                                 data=json.dumps({"ns": registry.host, "repository": "private/app"}).encode(),
+                                 data=json.dumps(protocol.SeedRequest(registry.host, "private/app").to_json()).encode(),
                                  headers={"Content-Type": "application/json",
                                           "Authorization": f"Bearer {stack.node_token}"})
     with urllib.request.urlopen(req, timeout=60) as resp:
@@ -67,11 +67,11 @@ def seed(stack: Stack, registry: Registry, blob: Blob) -> metainfo.Metainfo:
 def swarm_token(stack: Stack, node: str) -> str:
     assert stack.origin is not None
     req = urllib.request.Request(protocol.SWARM_TOKEN.url(stack.origin.url), method="POST",
-                                 data=json.dumps({"node": node}).encode(),
+                                 data=json.dumps(protocol.SwarmTokenRequest(node).to_json()).encode(),
                                  headers={"Content-Type": "application/json",
                                           "Authorization": f"Bearer {stack.node_token}"})
     with urllib.request.urlopen(req, timeout=10) as resp:
-        return str(json.loads(resp.read())["token"])
+        return protocol.SwarmToken.from_json(json.loads(resp.read())).token
 
 
 def content_length(head: bytes) -> int | None:

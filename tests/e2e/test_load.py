@@ -126,7 +126,7 @@ def test_tracker_under_sustained_announce_load(stack: Stack, tmp_path: Path) -> 
         problems: list[str] = []
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as http:
             r = await http.put(protocol.REGISTER_METAINFO.url(tracker.url, digest=blob.digest), data=raw,
-                               headers={"Authorization": f"Bearer {token_value}", "Shoal-Signature": signature})
+                               headers={"Authorization": f"Bearer {token_value}", protocol.SIGNATURE_HEADER: signature})
             assert r.status == 201
             ih = quote_from_bytes(meta.tracker_hash)
             count = 0

@@ -31,12 +31,12 @@ async def collector_server(tmp_path: Path, failures: list[int]) -> tuple[TestSer
     await collector.open()
 
     async def receive(request: web.Request) -> web.Response:
-        doc = await request.json()
-        stored = await collector.store(doc["node"], doc["records"])
+        batch = protocol.JournalBatch.from_json(await request.json())
+        stored = await collector.store(batch.node, batch.records)
         if failures[0] > 0:
             failures[0] -= 1
             return web.Response(status=502)  # stored, but the agent never hears so
-        return web.json_response({"accepted": stored.accepted})
+        return web.json_response(protocol.JournalAck(stored.accepted, stored.duplicates, stored.rejected).to_json())
 
     app = web.Application()
     app.router.add_route(protocol.JOURNAL.method, protocol.JOURNAL.pattern, receive)

@@ -61,7 +61,7 @@ async def test_stream_verify_move(tmp_path: Path, tracker: TestServer, keys: Key
     async with aiohttp.ClientSession() as http:
         url = protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{tracker.port}", digest=str(digest))
         r = await http.put(url, data=raw,
-                           headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(raw)})
+                           headers={"Authorization": f"Bearer {TOKEN}", protocol.SIGNATURE_HEADER: keys.sign(raw)})
         assert r.status == 201
 
     seeder = await start_swarm("127.0.0.2", SEEDER_FINGERPRINT, keys.token("origin"))
@@ -109,7 +109,7 @@ async def test_no_token_no_swarm(tmp_path: Path, tracker: TestServer, keys: Keys
     async with aiohttp.ClientSession() as http:
         url = protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{tracker.port}", digest=str(digest))
         r = await http.put(url, data=raw,
-                           headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(raw)})
+                           headers={"Authorization": f"Bearer {TOKEN}", protocol.SIGNATURE_HEADER: keys.sign(raw)})
         assert r.status == 201
     forged = Keys(tmp_path / "attacker").token("intruder")
     seeder = await start_swarm("127.0.0.2", SEEDER_FINGERPRINT, keys.token("origin"))
@@ -137,7 +137,7 @@ async def _registered_blob(tmp_path: Path, port: int, keys: Keys, seed: int) -> 
                                   announce=protocol.ANNOUNCE.url(f"http://127.0.0.1:{port}"))
     async with aiohttp.ClientSession() as http:
         r = await http.put(protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{port}", digest=str(digest)), data=raw,
-                           headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(raw)})
+                           headers={"Authorization": f"Bearer {TOKEN}", protocol.SIGNATURE_HEADER: keys.sign(raw)})
         assert r.status == 201
     return metainfo.parse(raw), seed_dir
 

@@ -69,7 +69,7 @@ async def register(client: Client, meta: metainfo.Metainfo, keys: Keys, token: s
                    signature: str | None = None) -> int:
     sig = keys.sign(meta.raw) if signature is None else signature
     r = await client.put(protocol.REGISTER_METAINFO.path(digest=str(meta.digest)), data=meta.raw,
-                         headers={"Authorization": f"Bearer {token}", "Shoal-Signature": sig})
+                         headers={"Authorization": f"Bearer {token}", protocol.SIGNATURE_HEADER: sig})
     return r.status
 
 
@@ -77,7 +77,7 @@ async def get_metainfo(client: Client, meta: metainfo.Metainfo,
                        token: str | None = NODE_TOKEN) -> tuple[int, bytes, str]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     r = await client.get(protocol.METAINFO.path(digest=str(meta.digest)), headers=headers)
-    return r.status, await r.read(), r.headers.get("Shoal-Signature", "")
+    return r.status, await r.read(), r.headers.get(protocol.SIGNATURE_HEADER, "")
 
 
 async def test_registration_needs_the_token_and_the_origins_signature(client: Client, meta: metainfo.Metainfo,
@@ -106,7 +106,7 @@ async def test_metainfo_is_for_nodes_only(client: Client, meta: metainfo.Metainf
 async def test_registration_rejects_mismatched_metainfo(client: Client, meta: metainfo.Metainfo, keys: Keys) -> None:
     other = "sha256:" + "0" * 64
     r = await client.put(protocol.REGISTER_METAINFO.path(digest=other), data=meta.raw,
-                         headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(meta.raw)})
+                         headers={"Authorization": f"Bearer {TOKEN}", protocol.SIGNATURE_HEADER: keys.sign(meta.raw)})
     assert r.status == 400
     r = await client.put(protocol.REGISTER_METAINFO.path(digest=str(meta.digest)), data=b"garbage",
                          headers={"Authorization": f"Bearer {TOKEN}"})
@@ -217,8 +217,9 @@ async def test_ipv6_peers_come_back_in_peers6(tmp_path: Path, keys: Keys, meta: 
     try:
         base = f"http://[::1]:{server.port}"
         async with aiohttp.ClientSession() as http:
+            headers = {"Authorization": f"Bearer {TOKEN}", protocol.SIGNATURE_HEADER: keys.sign(meta.raw)}
             r = await http.put(protocol.REGISTER_METAINFO.url(base, digest=str(meta.digest)), data=meta.raw,
-                               headers={"Authorization": f"Bearer {TOKEN}", "Shoal-Signature": keys.sign(meta.raw)})
+                               headers=headers)
             assert r.status == 201
             ih = meta.tracker_hash
             announce = protocol.ANNOUNCE.url(base) + "?"

@@ -1,0 +1,65 @@
+"""The protocol between components: bodies survive the round trip and refuse malformed documents
+with a 400 that names the field; routes quote their parameters."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shoal import errors, protocol
+
+BODIES: list[Any] = [
+    protocol.SeedRequest("registry.example:5000", "private/app"),
+    protocol.SwarmTokenRequest("node-1"),
+    protocol.SwarmToken("v1.abc.def", 3600.0),
+    protocol.JournalBatch("node-1", [{"event_id": "e" * 32, "phase": "start"}]),
+    protocol.JournalAck(3, 1, 0),
+    protocol.PreseedRequest(["r/app:v1"], ["linux/amd64"]),
+]
+
+
+@pytest.mark.parametrize("body", BODIES, ids=lambda b: type(b).__name__)
+def test_bodies_round_trip(body: Any) -> None:
+    assert type(body).from_json(body.to_json()) == body
+
+
+@pytest.mark.parametrize(("cls", "doc", "field"), [
+    (protocol.SeedRequest, {"ns": "r"}, "repository"),
+    (protocol.SeedRequest, {"ns": 5, "repository": "a"}, "ns"),
+    (protocol.SeedRequest, ["ns", "repository"], "JSON object"),
+    (protocol.SwarmTokenRequest, {"node": ""}, "node"),
+    (protocol.SwarmTokenRequest, {"node": "n" * 254}, "node"),
+    (protocol.SwarmToken, {"token": "t", "ttl_seconds": 0}, "ttl_seconds"),
+    (protocol.SwarmToken, {"token": "t", "ttl_seconds": True}, "ttl_seconds"),
+    (protocol.JournalBatch, {"node": "n", "records": {}}, "records"),
+    (protocol.JournalAck, {"accepted": -1, "duplicates": 0, "rejected": 0}, "accepted"),
+    (protocol.JournalAck, {"accepted": 1, "duplicates": 0}, "rejected"),
+    (protocol.PreseedRequest, {"images": []}, "images"),
+    (protocol.PreseedRequest, {"images": ["a"], "platforms": "linux/amd64"}, "platforms"),
+    (protocol.PreseedRequest, {"images": ["a", 1]}, "images"),
+])
+def test_malformed_bodies_are_400s_naming_the_field(cls: Any, doc: Any, field: str) -> None:
+    with pytest.raises(errors.BadRequest, match=field) as exc:
+        cls.from_json(doc)
+    assert exc.value.oci.status == 400
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(
+                        ["ns", "repository", "node", "token", "ttl_seconds", "records", "accepted", "duplicates",
+                         "rejected", "images", "platforms"]), c, max_size=6), max_leaves=10))
+def test_any_document_is_a_body_or_a_400(doc: Any) -> None:
+    for cls in {type(b) for b in BODIES}:
+        with contextlib.suppress(errors.BadRequest):  # anything else escapes and fails the test
+            body = cls.from_json(doc)
+            assert type(body).from_json(body.to_json()) == body
+
+
+def test_routes_quote_their_parameters() -> None:
+    assert protocol.PRESEED_JOB.path(job="a/../b") == protocol.PRESEED_JOB.pattern.format(job="a%2F..%2Fb")
+    assert protocol.METAINFO.path(digest="sha256:ab") == protocol.METAINFO.pattern.format(digest="sha256:ab")
+    assert protocol.AUDIT.url("http://o:1/", {"node": "a&b"}) == f"http://o:1{protocol.AUDIT.pattern}?node=a%26b"
