@@ -22,8 +22,7 @@ from typing import Any
 from bench import services
 from bench.netns import SUBNET, Host, Topology
 from shoal import protocol
-from shoal.cli import make_keys
-from tests.support.stack import merged
+from shoal.cluster import Cluster, make_keys, merged
 
 REGISTRY_IP, CACHE_IP = f"{SUBNET}.0.2", f"{SUBNET}.0.3"
 
@@ -146,30 +145,22 @@ class Rollout:
         return agents, seeder
 
     def _shoal(self, run_dir: Path, nodes: list[Host]) -> list[services.Service]:
-        keys = {k: str(v) for k, v in self.keys.items()}
         upstream = {"name": f"{REGISTRY_IP}:5000", "url": self.registry_url}
-        tracker_url = f"http://{REGISTRY_IP}:6969"
-        tracker = services.shoal(self.registry_host, "tracker", "tracker", run_dir, {
-            "listen": f"{REGISTRY_IP}:6969", "registration_token": {"file": keys["registration_token"]},
-            "node_token": {"file": keys["node_token"]}, "origin_public_key": keys["origin_public_key"],
-            "interval": "10s", "min_interval": "1s", "log": {"level": "warning"},
-        }).start(protocol.READYZ.url(tracker_url))
-        origin = services.shoal(self.registry_host, "origin", "origin", run_dir, merged({
-            "listen": f"{REGISTRY_IP}:6970", "data_dir": str(run_dir / "origin"), "upstreams": [upstream],
-            "tracker": tracker_url, "registration_token": {"file": keys["registration_token"]},
-            "signing_key": keys["signing_key"], "node_token": {"file": keys["node_token"]},
-            "torrent": {"listen": f"{REGISTRY_IP}:6881"}, "log": {"level": self.log_level},
-        }, self.origin_config)).start(protocol.READYZ.url(f"http://{REGISTRY_IP}:6970"))
+        tracker_url, origin_url = f"http://{REGISTRY_IP}:6969", f"http://{REGISTRY_IP}:6970"
+        cluster = Cluster(self.keys, [upstream], tracker_url=tracker_url, origin_url=origin_url,
+                          log={"level": self.log_level})
+        tracker = services.shoal(self.registry_host, "tracker", "tracker", run_dir, cluster.tracker(
+            listen=f"{REGISTRY_IP}:6969", interval="10s", min_interval="1s", log={"level": "warning"},
+        )).start(protocol.READYZ.url(tracker_url))
+        origin = services.shoal(self.registry_host, "origin", "origin", run_dir, cluster.origin(
+            listen=f"{REGISTRY_IP}:6970", data_dir=run_dir / "origin", torrent_listen=f"{REGISTRY_IP}:6881",
+            **self.origin_config)).start(protocol.READYZ.url(origin_url))
         agents = []
         for node in nodes:
-            agents.append(services.shoal(node, "agent", f"agent-{node.name}", run_dir, merged({
-                "listen": "127.0.0.1:5050", "node": node.name, "data_dir": str(run_dir / node.name),
-                "upstreams": [upstream], "tracker": tracker_url, "origin": f"http://{REGISTRY_IP}:6970",
-                "node_token": {"file": keys["node_token"]}, "origin_public_key": keys["origin_public_key"],
-                "torrent": {"listen": f"{node.ip}:6881"},
-                "swarm": {"first_piece_timeout": "30s", "stall_timeout": "30s"},
-                "log": {"level": self.log_level},
-            }, self.agent_config)))
+            agents.append(services.shoal(node, "agent", f"agent-{node.name}", run_dir, cluster.agent(
+                listen="127.0.0.1:5050", data_dir=run_dir / node.name, torrent_listen=f"{node.ip}:6881",
+                **merged({"node": node.name, "swarm": {"first_piece_timeout": "30s", "stall_timeout": "30s"}},
+                         self.agent_config))))
         for agent in agents:
             agent.start()
         for agent in agents:

@@ -17,7 +17,7 @@ import yaml
 from bench import services
 from bench.loadgen import WrkResult, wrk
 from shoal import metainfo, protocol, signing
-from shoal.cli import make_keys
+from shoal.cluster import Cluster, make_keys
 from shoal.oci import Digest
 from tests.support.procs import free_port
 
@@ -55,10 +55,8 @@ def run(work: Path, *, seconds: int, connections: int = 32) -> TrackerResult:
     key = signing.load_private_key(str(keys["signing_key"]), "signing_key")
     token = signing.issue_token(key, "bench", 3600)
     config = work / "tracker.yaml"
-    config.write_text(yaml.safe_dump({
-        "listen": f"127.0.0.1:{port}", "registration_token": {"file": str(keys["registration_token"])},
-        "node_token": {"file": str(keys["node_token"])}, "origin_public_key": str(keys["origin_public_key"]),
-        "log": {"level": "warning"}}))
+    cluster = Cluster(keys, [], tracker_url=f"http://127.0.0.1:{port}", origin_url="", log={"level": "warning"})
+    config.write_text(yaml.safe_dump(cluster.tracker(listen=f"127.0.0.1:{port}")))
     whitelist = work / "whitelist.txt"
     whitelist.write_text(meta.tracker_hash.hex() + "\n")
     logs = [open(work / f"{n}.log", "ab") for n in ("tracker", "opentracker")]  # noqa: SIM115

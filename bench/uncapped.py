@@ -18,7 +18,7 @@ import yaml
 from bench import services
 from bench.footprint import PeakRss
 from shoal import protocol
-from shoal.cli import make_keys
+from shoal.cluster import Cluster, make_keys
 from tests.support.clients import sha256_path
 from tests.support.procs import free_port, proc_stats
 
@@ -59,23 +59,19 @@ def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], age
         libtorrent: dict[str, Any] | None = None) -> UncappedResult:
     digest, size = blob
     work.mkdir(parents=True, exist_ok=True)
-    keys = {k: str(v) for k, v in make_keys(work / "keys").items()}
     upstream = {"name": registry_host, "url": f"http://{registry_host}"}
     tport, oport = free_port(), free_port()
+    cluster = Cluster(make_keys(work / "keys"), [upstream], tracker_url=f"http://127.0.0.1:{tport}",
+                      origin_url=f"http://127.0.0.1:{oport}", log={"level": "warning"})
     tracker = services.Service(None, "tracker", [sys.executable, "-m", "tracker", "--config", str(work / "t.yaml")],
                                work)
-    (work / "t.yaml").write_text(yaml.safe_dump({
-        "listen": f"127.0.0.1:{tport}", "registration_token": {"file": keys["registration_token"]},
-        "node_token": {"file": keys["node_token"]}, "origin_public_key": keys["origin_public_key"],
-        "interval": "10s", "min_interval": "1s", "log": {"level": "warning"}}))
+    (work / "t.yaml").write_text(yaml.safe_dump(cluster.tracker(listen=f"127.0.0.1:{tport}", interval="10s",
+                                                                min_interval="1s")))
     origin = services.Service(None, "origin", [sys.executable, "-m", "origin", "--config", str(work / "o.yaml")],
                               work)
-    (work / "o.yaml").write_text(yaml.safe_dump({
-        "listen": f"127.0.0.1:{oport}", "data_dir": str(work / "origin"), "upstreams": [upstream],
-        "tracker": f"http://127.0.0.1:{tport}", "registration_token": {"file": keys["registration_token"]},
-        "signing_key": keys["signing_key"], "node_token": {"file": keys["node_token"]},
-        "torrent": {"listen": f"127.0.0.1:{free_port()}", "libtorrent": libtorrent or {}},
-        "log": {"level": "warning"}}))
+    (work / "o.yaml").write_text(yaml.safe_dump(cluster.origin(
+        listen=f"127.0.0.1:{oport}", data_dir=work / "origin", torrent_listen=f"127.0.0.1:{free_port()}",
+        torrent={"libtorrent": libtorrent or {}})))
     started_services = [tracker.start(protocol.READYZ.url(f"http://127.0.0.1:{tport}"))]
     started_services.append(origin.start(protocol.READYZ.url(f"http://127.0.0.1:{oport}")))
     nodes = []
@@ -84,12 +80,10 @@ def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], age
             ip = f"127.0.0.{i + 2}"
             port = free_port(ip)
             cfg = work / f"a{i}.yaml"
-            cfg.write_text(yaml.safe_dump({
-                "listen": f"{ip}:{port}", "node": f"n{i}", "data_dir": str(work / f"a{i}"), "upstreams": [upstream],
-                "tracker": f"http://127.0.0.1:{tport}", "origin": f"http://127.0.0.1:{oport}",
-                "node_token": {"file": keys["node_token"]}, "origin_public_key": keys["origin_public_key"],
-                "torrent": {"listen": f"{ip}:{free_port(ip)}", "libtorrent": libtorrent or {}},
-                "swarm": {"first_piece_timeout": "60s", "stall_timeout": "60s"}, "log": {"level": "warning"}}))
+            cfg.write_text(yaml.safe_dump(cluster.agent(
+                listen=f"{ip}:{port}", data_dir=work / f"a{i}", torrent_listen=f"{ip}:{free_port(ip)}",
+                node=f"n{i}", torrent={"libtorrent": libtorrent or {}},
+                swarm={"first_piece_timeout": "60s", "stall_timeout": "60s"})))
             service = services.Service(None, f"agent{i}", [sys.executable, "-m", "agent", "--config", str(cfg)], work)
             service.start(protocol.READYZ.url(f"http://{ip}:{port}"))
             started_services.append(service)
@@ -99,7 +93,7 @@ def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], age
         url = protocol.SEED_BLOB.url(f"http://127.0.0.1:{oport}", digest=str(digest))
         req = urllib.request.Request(url, data=seed, method="POST",  # noqa: S310 (http, built here)
                                      headers={"Content-Type": "application/json",
-                                              "Authorization": f"Bearer {Path(keys['node_token']).read_text()}"})
+                                              "Authorization": f"Bearer {cluster.keys['node_token'].read_text()}"})
         urllib.request.urlopen(req, timeout=300).close()  # noqa: S310
         time.sleep(2)  # swarm tokens, announces
         cpu_before = sum(proc_stats(s.pid)[1] for s, _ in nodes)

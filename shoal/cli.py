@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -27,7 +26,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from shoal import protocol, signing
+from shoal import protocol
+from shoal.cluster import Cluster, make_keys
 
 DEFAULT_ORIGIN = "http://127.0.0.1:6970"
 
@@ -200,12 +200,6 @@ def _default_data_dir() -> Path:
     return Path(base) / "shoal"
 
 
-def _write_secret(path: Path, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value)
-
-
 def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]]:
     """The three components' configurations for a single node."""
     parts = urlsplit(args.upstream)
@@ -213,7 +207,6 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
         raise SystemExit(f"shoal up: --upstream must be an http(s) URL, got {args.upstream!r}")
     name = args.name or parts.netloc
     keys = make_keys(data / "keys")
-    token_file = keys["registration_token"]
     upstream: dict[str, Any] = {"name": name, "url": args.upstream}
     if args.username:
         if not args.password_file:
@@ -221,42 +214,17 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
         upstream["username"] = args.username
         upstream["password"] = {"file": str(Path(args.password_file).resolve())}
     ip = args.torrent_ip
-    log = {"level": args.log_level, "format": "text"}
-    tracker_url = f"http://{args.tracker_listen}"
-    origin_url = f"http://{args.origin_listen}"
+    cluster = Cluster(keys, [upstream], tracker_url=f"http://{args.tracker_listen}",
+                      origin_url=f"http://{args.origin_listen}", log={"level": args.log_level, "format": "text"})
     return {
-        "tracker": {"listen": args.tracker_listen, "data_dir": str(data / "tracker"),
-                    "registration_token": {"file": str(token_file)}, "node_token": {"file": str(keys["node_token"])},
-                    "origin_public_key": str(keys["origin_public_key"]), "log": log},
-        "origin": {"listen": args.origin_listen, "data_dir": str(data / "origin"), "upstreams": [upstream],
-                   "tracker": tracker_url, "registration_token": {"file": str(token_file)},
-                   "signing_key": str(keys["signing_key"]), "node_token": {"file": str(keys["node_token"])},
-                   "torrent": {"listen": f"{ip}:{args.origin_torrent_port}"},
-                   "cache": {"max_bytes": args.origin_cache}, "log": log},
-        "agent": {"listen": args.listen, "data_dir": str(data / "agent"), "upstreams": [upstream],
-                  "tracker": tracker_url, "origin": origin_url, "node_token": {"file": str(keys["node_token"])},
-                  "origin_public_key": str(keys["origin_public_key"]),
-                  "torrent": {"listen": f"{ip}:{args.agent_torrent_port}"},
-                  "auth": {"unauthenticated": args.unauthenticated},
-                  "cache": {"max_bytes": args.cache}, "log": log},
+        "tracker": cluster.tracker(listen=args.tracker_listen, data_dir=str(data / "tracker")),
+        "origin": cluster.origin(listen=args.origin_listen, data_dir=data / "origin",
+                                 torrent_listen=f"{ip}:{args.origin_torrent_port}",
+                                 cache={"max_bytes": args.origin_cache}),
+        "agent": cluster.agent(listen=args.listen, data_dir=data / "agent",
+                               torrent_listen=f"{ip}:{args.agent_torrent_port}",
+                               auth={"unauthenticated": args.unauthenticated}, cache={"max_bytes": args.cache}),
     }
-
-
-def make_keys(directory: Path) -> dict[str, Path]:
-    """The cluster's secrets, created once (0600): the origin's signing key and its public key,
-    the node token (agents and operator CLI) and the registration token (origin -> tracker)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {name: directory / file for name, file in (
-        ("signing_key", "origin-signing.pem"), ("origin_public_key", "origin-public.pem"),
-        ("node_token", "node.token"), ("registration_token", "registration.token"))}
-    if not paths["signing_key"].exists():
-        _write_secret(paths["signing_key"], signing.generate_private_key().decode())
-    if not paths["origin_public_key"].exists():
-        paths["origin_public_key"].write_bytes(signing.public_pem(paths["signing_key"].read_bytes()))
-    for name in ("node_token", "registration_token"):
-        if not paths[name].exists():
-            _write_secret(paths[name], secrets.token_urlsafe(32))
-    return paths
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

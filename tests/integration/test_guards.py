@@ -18,7 +18,7 @@ from agent import config as agent_config
 from origin import app as origin_app
 from origin import config as origin_config
 from shoal import protocol
-from shoal.cli import make_keys
+from shoal.cluster import make_keys
 from shoal.web import GUARDS_KEY, add_routes
 from tracker import app as tracker_app
 from tracker import config as tracker_config

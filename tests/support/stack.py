@@ -6,20 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shoal.cli import make_keys
+from shoal.cluster import Cluster, make_keys, merged
 from tests.support.procs import Component, free_port
 from tests.support.registry import Registry
-
-
-def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `extra` merged in, nested mappings key by key."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 class Stack:
@@ -36,6 +25,11 @@ class Stack:
         self.seeder_password = workdir / "seeder.password"
         self.seeder_password.write_text(seeder_user[1])
         self.node_user, self.seeder_user = node_user[0], seeder_user[0]
+        tracker_port, origin_port = free_port(), free_port()
+        self.cluster = Cluster(self.keys, [self.upstream(self.node_user, self.node_password)],
+                               tracker_url=f"http://127.0.0.1:{tracker_port}",
+                               origin_url=f"http://127.0.0.1:{origin_port}", log={"level": "debug"})
+        self._listen = {"tracker": f"127.0.0.1:{tracker_port}", "origin": f"127.0.0.1:{origin_port}"}
         self.components: list[Component] = []
         self.tracker: Component | None = None
         self.origin: Component | None = None
@@ -46,44 +40,34 @@ class Stack:
                 "password": {"file": str(password_file)}}
 
     def start_tracker(self, **extra: Any) -> Component:
-        cfg = merged({"listen": f"127.0.0.1:{free_port()}", "registration_token": {"file": str(self.token_file)},
-                      "node_token": {"file": str(self.keys["node_token"])},
-                      "origin_public_key": str(self.keys["origin_public_key"]), "interval": "5s",
-                      "min_interval": "1s", "log": {"level": "debug"}}, extra)
+        cfg = self.cluster.tracker(listen=self._listen["tracker"], **merged({"interval": "5s", "min_interval": "1s"},
+                                                                             extra))
         self.tracker = Component("tracker", self.workdir, cfg).start()
         self.components.append(self.tracker)
         return self.tracker
 
     def start_origin(self, **extra: Any) -> Component:
         assert self.tracker is not None
-        cfg = merged({
-            "listen": f"127.0.0.1:{free_port()}", "data_dir": str(self.workdir / "origin"),
-            "upstreams": [self.upstream(self.seeder_user, self.seeder_password)],
-            "tracker": self.tracker.url, "registration_token": {"file": str(self.token_file)},
-            "signing_key": str(self.keys["signing_key"]), "node_token": {"file": str(self.keys["node_token"])},
-            "torrent": {"listen": f"127.0.0.1:{free_port()}"}, "log": {"level": "debug"},
-        }, extra)
+        cfg = self.cluster.origin(listen=self._listen["origin"], data_dir=self.workdir / "origin",
+                                  torrent_listen=f"127.0.0.1:{free_port()}",
+                                  **merged({"upstreams": [self.upstream(self.seeder_user, self.seeder_password)]},
+                                           extra))
         self.origin = Component("origin", self.workdir, cfg).start()
         self.components.append(self.origin)
         return self.origin
 
     def agent_config(self, n: int, **extra: Any) -> dict[str, Any]:
         ip = f"127.0.0.{n + 2}"
-        base: dict[str, Any] = {
-            "listen": f"{ip}:{free_port(ip)}", "node": f"node{n}", "data_dir": str(self.workdir / f"agent{n}"),
-            "upstreams": [self.upstream(self.node_user, self.node_password)],
-            "torrent": {"listen": f"{ip}:{free_port(ip)}"},
-            "swarm": {"first_piece_timeout": "5s", "stall_timeout": "5s", "seed_timeout": "60s"},
-            # Most tests pull without client credentials, as podman/skopeo do; the pass-through
-            # tests set "challenge" themselves.
-            "auth": {"unauthenticated": "node"},
-            "log": {"level": "debug"},
-        }
-        if self.tracker is not None and self.origin is not None:
-            base["tracker"], base["origin"] = self.tracker.url, self.origin.url
-            base["node_token"] = {"file": str(self.keys["node_token"])}
-            base["origin_public_key"] = str(self.keys["origin_public_key"])
-        return merged(base, extra)
+        return self.cluster.agent(
+            listen=f"{ip}:{free_port(ip)}", data_dir=self.workdir / f"agent{n}", torrent_listen=f"{ip}:{free_port(ip)}",
+            with_swarm=self.tracker is not None and self.origin is not None,
+            **merged({
+                "node": f"node{n}",
+                "swarm": {"first_piece_timeout": "5s", "stall_timeout": "5s", "seed_timeout": "60s"},
+                # Most tests pull without client credentials, as podman/skopeo do; the pass-through
+                # tests set "challenge" themselves.
+                "auth": {"unauthenticated": "node"},
+            }, extra))
 
     def start_agent(self, n: int | None = None, **extra: Any) -> Component:
         n = len(self.agents) if n is None else n

@@ -1,0 +1,87 @@
+"""How a cluster's components are wired to each other, written once.
+
+A `Cluster` holds what every component shares (the keys, the registries, where the tracker and
+the origin listen) and writes each component's configuration document from it. `shoal up`,
+the test stack and the benchmarks all build their configurations here, so a key renamed or
+added in one component's configuration is renamed or added for all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoal import signing
+
+
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` merged in, nested mappings key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Cluster:
+    keys: dict[str, Path]  # as make_keys writes them
+    upstreams: list[dict[str, Any]]  # `upstreams` entries of the configuration
+    tracker_url: str
+    origin_url: str
+    log: dict[str, Any] = field(default_factory=lambda: {"level": "info"})
+
+    def _file(self, name: str) -> dict[str, str]:
+        return {"file": str(self.keys[name])}
+
+    def tracker(self, *, listen: str, **extra: Any) -> dict[str, Any]:
+        return merged({
+            "listen": listen, "registration_token": self._file("registration_token"),
+            "node_token": self._file("node_token"), "origin_public_key": str(self.keys["origin_public_key"]),
+            "log": self.log,
+        }, extra)
+
+    def origin(self, *, listen: str, data_dir: Path, torrent_listen: str, **extra: Any) -> dict[str, Any]:
+        return merged({
+            "listen": listen, "data_dir": str(data_dir), "upstreams": self.upstreams, "tracker": self.tracker_url,
+            "registration_token": self._file("registration_token"), "signing_key": str(self.keys["signing_key"]),
+            "node_token": self._file("node_token"), "torrent": {"listen": torrent_listen}, "log": self.log,
+        }, extra)
+
+    def agent(self, *, listen: str, data_dir: Path, torrent_listen: str, with_swarm: bool = True,
+              **extra: Any) -> dict[str, Any]:
+        """`with_swarm=False`: an agent without tracker and origin (the registry only)."""
+        doc: dict[str, Any] = {"listen": listen, "data_dir": str(data_dir), "upstreams": self.upstreams,
+                               "torrent": {"listen": torrent_listen}, "log": self.log}
+        if with_swarm:
+            doc.update(tracker=self.tracker_url, origin=self.origin_url, node_token=self._file("node_token"),
+                       origin_public_key=str(self.keys["origin_public_key"]))
+        return merged(doc, extra)
+
+
+def make_keys(directory: Path) -> dict[str, Path]:
+    """The cluster's secrets, created once (0600): the origin's signing key and its public key,
+    the node token (agents and operator CLI) and the registration token (origin -> tracker)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {name: directory / file for name, file in (
+        ("signing_key", "origin-signing.pem"), ("origin_public_key", "origin-public.pem"),
+        ("node_token", "node.token"), ("registration_token", "registration.token"))}
+    if not paths["signing_key"].exists():
+        _write_secret(paths["signing_key"], signing.generate_private_key().decode())
+    if not paths["origin_public_key"].exists():
+        paths["origin_public_key"].write_bytes(signing.public_pem(paths["signing_key"].read_bytes()))
+    for name in ("node_token", "registration_token"):
+        if not paths[name].exists():
+            _write_secret(paths[name], secrets.token_urlsafe(32))
+    return paths
+
+
+def _write_secret(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
