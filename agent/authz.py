@@ -35,6 +35,7 @@ from aiohttp import web
 from agent.config import AuthSettings
 from agent.upstreams import Upstream
 from shoal import errors
+from shoal.flights import SingleFlight
 from shoal.logs import fingerprint
 from shoal.oci import Digest
 from shoal.registry import OWN, Authorization
@@ -171,7 +172,7 @@ class Authorizer:
     def __init__(self, settings: AuthSettings, decisions: Decisions) -> None:
         self.settings = settings
         self.decisions = decisions
-        self._flights: dict[str, asyncio.Task[Decision]] = {}
+        self._flights: SingleFlight[str, Decision] = SingleFlight()
 
     def credential(self, request: web.Request, upstream: Upstream) -> Credential:
         header = request.headers.get("Authorization")
@@ -190,14 +191,9 @@ class Authorizer:
         now = time.time()
         if cached is not None and now - cached.at < self.settings.decision_ttl:
             return Verdict(cached, "decision_cache", "cached")
-        flight = self._flights.get(key)
-        if flight is None:
-            # one question to the registry however many requests wait for it
-            flight = asyncio.create_task(self._ask(up, cred, repo, digest))
-            self._flights[key] = flight
-            flight.add_done_callback(lambda _t: self._flights.pop(key, None))
         try:
-            decision = await asyncio.shield(flight)
+            # one question to the registry however many requests wait for it
+            decision = await self._flights.run(key, lambda: self._ask(up, cred, repo, digest))
         except errors.UpstreamError as exc:
             if (self.settings.mode == "availability" and cached is not None and cached.allowed
                     and now - cached.at < self.settings.stale_decision_max_age):

@@ -38,6 +38,7 @@ from agent.metrics import FALLBACK_REASONS, AgentMetrics
 from agent.responses import FILE_CHUNK, read_file
 from agent.upstreams import Upstream
 from shoal import errors, metainfo, protocol, signing
+from shoal.flights import Backoff
 from shoal.metainfo import Published
 from shoal.oci import Digest
 from shoal.registry import Authorization
@@ -363,7 +364,7 @@ class Fetcher:
 
     async def _keep_token(self, swarm: Swarm, access: SwarmAccess) -> None:
         """Hold a valid swarm token: the tracker refuses announces without one."""
-        retry = TOKEN_RETRY_MIN
+        backoff = Backoff(TOKEN_RETRY_MIN, TOKEN_RETRY_MAX)
         while True:
             try:
                 async with self.http.post(protocol.SWARM_TOKEN.url(access.origin),
@@ -381,13 +382,13 @@ class Fetcher:
                 # never another library's message, which could echo what the origin sent.
                 reason = str(exc) if isinstance(exc, (errors.ShoalError, signing.SignatureError)) \
                     else type(exc).__name__
-                log.warning("no swarm token from the origin yet (%s); retrying in %.0fs", reason, retry)
-                await asyncio.sleep(retry)
-                retry = min(retry * 2, TOKEN_RETRY_MAX)
+                wait = backoff.next()
+                log.warning("no swarm token from the origin yet (%s); retrying in %.0fs", reason, wait)
+                await asyncio.sleep(wait)
                 continue
             swarm.set_token(token)
             self.metrics.swarm_token_expiry.set(time.time() + ttl)
-            retry = TOKEN_RETRY_MIN
+            backoff.reset()
             await asyncio.sleep(max(ttl / 2, 1.0))
 
     async def stop(self) -> None:

@@ -23,6 +23,7 @@ import aiohttp
 
 from agent.journal import Journal, segments
 from shoal import protocol
+from shoal.flights import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Shipper:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        retry = RETRY_MIN
+        backoff = Backoff(RETRY_MIN, RETRY_MAX)
         while True:
             batch = await loop.run_in_executor(self._io, self._next_batch)
             if batch is None:
@@ -76,11 +77,10 @@ class Shipper:
             if await self._send(batch):
                 await loop.run_in_executor(self._io, self._save_state, batch.seq, batch.end)
                 self.shipped_records += len(batch.records)
-                retry = RETRY_MIN
+                backoff.reset()
             else:
                 self.failures += 1
-                await asyncio.sleep(retry)
-                retry = min(retry * 2, RETRY_MAX)
+                await asyncio.sleep(backoff.next())
 
     async def _send(self, batch: Batch) -> bool:
         try:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from origin.registration import TrackerRegistration
 from shoal import errors, metainfo, signing
+from shoal.flights import SingleFlight
 from shoal.metainfo import Published
 from shoal.oci import Digest
 from shoal.registry import RegistryClient
@@ -55,7 +56,7 @@ class Seeder:
         self.metrics = metrics
         self.key = key
         self.token_ttl = token_ttl
-        self._flights: dict[Digest, asyncio.Task[Published]] = {}
+        self._flights: SingleFlight[Digest, Published] = SingleFlight()
         self._metas: dict[Digest, Published] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -102,9 +103,10 @@ class Seeder:
         task.add_done_callback(self._background.discard)
 
     async def stop(self) -> None:
-        for task in list(self._background) + list(self._flights.values()):
+        for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*self._background, *self._flights.values(), return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._flights.cancel_all()
 
     def _on_tracker_error(self, name: str, reason: str) -> None:
         # A tracker that restarted without persistence forgets registrations: register again.
@@ -136,29 +138,19 @@ class Seeder:
                     self.swarm.force_reannounce(job)
             self.metrics.requests.labels("cached").inc()
             return published
-        flight = self._flights.get(digest)
-        if flight is None:
-            upstream = self.upstreams.get(ns)
-            if upstream is None:
-                raise errors.NotFound(errors.NAME_UNKNOWN, f"no upstream registry named {ns!r}")
-            flight = asyncio.create_task(self._seed(upstream, repo, digest))
-            self._flights[digest] = flight
-            flight.add_done_callback(lambda t: self._landed(digest, t))
+        upstream = self.upstreams.get(ns)
+        if upstream is None:
+            raise errors.NotFound(errors.NAME_UNKNOWN, f"no upstream registry named {ns!r}")
         try:
-            published = await asyncio.shield(flight)
+            # every request for the blob while it is fetched shares one fetch (from the first
+            # requester's registry and repository: each was authorized for it the same way)
+            published = await self._flights.run(digest, lambda: self._seed(upstream, repo, digest))
         except errors.ShoalError as exc:
             self.metrics.requests.labels(type(exc).__name__).inc()
             log.warning("cannot seed %s from %s/%s: %s", digest, ns, repo, exc)
             raise
         self.metrics.requests.labels("fetched").inc()
         return published
-
-    def _landed(self, digest: Digest, task: asyncio.Task[Published]) -> None:
-        self._flights.pop(digest, None)
-        # Every requester may have gone (clients hang up); the outcome was logged by them or
-        # will be retried, so consume it here rather than leak "exception never retrieved".
-        if not task.cancelled():
-            task.exception()
 
     async def _seed(self, upstream: Upstream, repo: str, digest: Digest) -> Published:
         started = time.monotonic()

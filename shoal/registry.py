@@ -25,6 +25,7 @@ import aiohttp
 from yarl import URL
 
 from shoal import errors
+from shoal.flights import Backoff
 from shoal.oci import DEFAULT_ACCEPT, MAX_MANIFEST_BYTES, Digest
 
 log = logging.getLogger(__name__)
@@ -240,20 +241,20 @@ class RegistryClient:
     async def _retrying(self, method: str, url: URL, headers: dict[str, str]) -> aiohttp.ClientResponse:
         """Retry 429 and 502/503/504 while the registry's Retry-After (or a short backoff) fits
         in `retry_budget`; then hand the last answer to the caller."""
-        spent, backoff = 0.0, 0.25
+        spent, backoff = 0.0, Backoff(0.25, 2.0)
         while True:
             resp = await self._once(method, url, headers)
             if resp.status not in RETRIED:
                 return resp
+            step = backoff.next()
             wait = _retry_after(resp.headers.get("Retry-After"))
-            wait = backoff if wait is None else wait
+            wait = step if wait is None else wait
             if spent + wait > self.retry_budget or wait > MAX_RETRY_WAIT:
                 return resp
             resp.release()
             self.retries += 1
             await asyncio.sleep(wait)
             spent += wait
-            backoff = min(backoff * 2, 2.0)
 
     async def _send(
         self, method: str, path: str, *, repo: str | None, headers: Mapping[str, str] | None = None,
