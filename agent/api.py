@@ -21,7 +21,8 @@ from yarl import URL
 
 from agent.authz import Authorizer, Credential
 from agent.config import AuthSettings
-from agent.fetcher import EMPTY_DIGEST, Download, Fetcher
+from agent.download import EMPTY_DIGEST, Download
+from agent.fetcher import Fetcher
 from agent.manifests import ManifestKeeper
 from agent.metrics import AgentMetrics
 from agent.responses import API_VERSION, oci_error, send_blob

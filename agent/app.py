@@ -19,9 +19,10 @@ from prometheus_client.registry import Collector
 from agent.api import MirrorApi
 from agent.authz import Authorizer, Decisions
 from agent.config import AgentConfig
-from agent.fetcher import Fetcher, SwarmAccess
+from agent.fetcher import Fetcher
 from agent.journal import Journal
 from agent.manifests import ManifestKeeper
+from agent.membership import SwarmAccess
 from agent.metrics import AgentMetrics
 from agent.recording import journal_middleware
 from agent.responses import abort, error_response

@@ -1,330 +1,26 @@
-"""Blob downloads: one flight per digest, swarm first, the registry when the swarm cannot deliver.
-
-A `Download` runs in the background (a client hanging up does not stop it) and every local
-client reading the blob attaches to it:
-
-1. metainfo from the tracker; if it has none and the blob is large, ask the origin to seed it;
-   small blobs the tracker does not know go straight to the registry;
-2. join the swarm, with deadlines: a first verified piece within `first_piece_timeout`, then
-   no gap longer than `stall_timeout`;
-3. once complete: flush, sha256 the file from disk, let libtorrent rename it into `blobs/`
-   (it keeps seeding from there), fsync, index;
-4. on any swarm failure (tracker or origin away, no peers, stall, bad metainfo, digest
-   mismatch) the agent fetches the blob from the registry itself, verifies and caches it, and
-   seeds it if it knows the metainfo.
-
-Readers get verified pieces in order as they land (and the cached file once it exists); a
-reader of the whole blob also hashes what it sends and holds back the last chunk until the
-digest matches, so no client ever receives a complete body that is wrong.
-"""
+"""The agent's downloads: one flight per digest (every local reader of a blob attaches to the
+same `Download`), seeding again what the cache kept, and leaving the swarm of evicted blobs.
+How one download goes is agent/download.py; swarm membership is agent/membership.py."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
-import os
-import time
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import SwarmPolicy
-from agent.metrics import FALLBACK_REASONS, AgentMetrics
-from agent.responses import FILE_CHUNK, read_file
+from agent.download import Collaborators, Download
+from agent.membership import Membership, SwarmAccess
+from agent.metrics import AgentMetrics
 from agent.upstreams import Upstream
-from shoal import errors, metainfo, protocol, signing
-from shoal.flights import Backoff
-from shoal.metainfo import Published
+from shoal import metainfo, signing
 from shoal.oci import Digest
 from shoal.registry import Authorization
-from shoal.store import BlobStore, fsync_file, sha256_file
-from shoal.swarm import Swarm, TorrentJob
+from shoal.store import BlobStore
+from shoal.swarm import Swarm
 
 log = logging.getLogger(__name__)
-
-EMPTY_DIGEST = Digest(hashlib.sha256(b"").hexdigest())
-# A reader gives up when nothing at all happens for this long; the download's own deadlines
-# normally end a dead path much sooner.
-READER_SAFETY_TIMEOUT = 600.0
-READ_CHUNK = FILE_CHUNK  # bytes per read of a partial registry download (see FILE_CHUNK)
-# While no piece has arrived, re-announce this often to pick up peers that joined after us.
-ANNOUNCE_RETRY = 1.5
-# Backoff while the origin does not hand out a swarm token.
-TOKEN_RETRY_MIN, TOKEN_RETRY_MAX = 1.0, 30.0
-
-
-class Download:
-    def __init__(self, fetcher: Fetcher, upstream: Upstream, repo: str, digest: Digest, size: int,
-                 authorization: Authorization) -> None:
-        self.fetcher = fetcher
-        self.upstream = upstream
-        self.repo = repo
-        self.digest = digest
-        self.size = size
-        # The credential of the client that started it (authorized for this blob): used if the
-        # blob has to come from the registry.
-        self.authorization = authorization
-        # While the blob comes straight from the registry: the file being written and how much of
-        # it is there (a whole-blob reader streams it, holding back the end until the digest matches).
-        self.partial: Path | None = None
-        self.written = 0
-        self.job: TorrentJob | None = None
-        self.source = "peers"
-        self.error: errors.ShoalError | None = None
-        self.done = asyncio.Event()
-        self._changed = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    # ----- reading ------------------------------------------------------------------------------
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def _wait(self, within: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), within)
-
-    def path(self) -> Path | None:
-        store = self.fetcher.store
-        return store.path(self.digest) if store.has(self.digest) else None
-
-    async def stream(self, offset: int, length: int, *, whole: bool) -> AsyncGenerator[bytes, None]:
-        store = self.fetcher.store
-        h = hashlib.sha256() if whole else None
-        pos, end = offset, offset + length
-
-        def check(chunk: bytes) -> bytes:
-            nonlocal pos
-            # Hash before releasing: the chunk that completes the blob goes out only if the
-            # whole blob matches its digest.
-            if h is not None:
-                h.update(chunk)
-                if pos + len(chunk) == end and h.hexdigest() != self.digest.hex:
-                    self.fetcher.metrics.integrity_failures.labels(self.source).inc()
-                    raise errors.IntegrityError(f"streamed bytes of {self.digest} do not match it")
-            pos += len(chunk)
-            return chunk
-
-        with store.pinned(self.digest):  # what is being served is never evicted under the client
-            async with contextlib.aclosing(self._stream(pos, end, check, whole=whole)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-
-    async def _stream(self, pos: int, end: int, check: Callable[[bytes], bytes], *,
-                      whole: bool) -> AsyncGenerator[bytes, None]:
-        store = self.fetcher.store
-        last_progress = time.monotonic()
-        while pos < end:
-            if store.has(self.digest):
-                async with contextlib.aclosing(read_file(store.path(self.digest), pos, end - pos)) as chunks:
-                    async for chunk in chunks:
-                        yield check(chunk)
-                        pos += len(chunk)
-                return
-            job = self.job
-            if job is not None and job.failed is None:
-                index = pos // job.meta.piece_length
-                if job.has_piece(index):
-                    try:
-                        data = await job.read_piece(index)
-                    except errors.SwarmUnavailable:
-                        continue  # the torrent went away (fallback): the file will come
-                    start = pos - index * job.meta.piece_length
-                    chunk = data[start : start + (end - pos)]
-                    if not chunk:
-                        raise errors.IntegrityError(f"piece {index} of {self.digest} is short")
-                    yield check(chunk)
-                    pos += len(chunk)
-                    last_progress = time.monotonic()
-                    continue
-                job.want(index)
-            if whole and self.partial is not None and pos < self.written:
-                # From the registry: not verified piece by piece, so only a whole-blob reader takes
-                # it, and its last chunk waits for the digest (see check).
-                try:
-                    chunk = await asyncio.to_thread(_pread, self.partial, pos, min(self.written, end) - pos)
-                except FileNotFoundError:
-                    continue  # renamed into the cache (or dropped): look again
-                if chunk:
-                    yield check(chunk)
-                    pos += len(chunk)
-                    last_progress = time.monotonic()
-                    continue
-            if self.done.is_set() and not store.has(self.digest):
-                raise self.error or errors.SwarmUnavailable("download ended without the blob")
-            if time.monotonic() - last_progress > READER_SAFETY_TIMEOUT:
-                raise errors.SwarmUnavailable("no progress on the blob")
-            await self._wait(1.0)
-
-    # ----- the download -------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        store = self.fetcher.store
-        started = time.monotonic()
-        try:
-            with store.pinned(self.digest), store.reservation(self.size):
-                await store.make_room()
-                await store.ensure_free(self.size)
-                meta: Published | None = None
-                if self.fetcher.swarm is not None:
-                    try:
-                        meta = await self.fetcher.metainfo(self.upstream, self.repo, self.digest, self.size)
-                        if meta is not None:
-                            await self._from_swarm(meta)
-                            self._finish("peers", started)
-                            return
-                    except (errors.SwarmUnavailable, errors.IntegrityError) as exc:
-                        reason = exc.reason if isinstance(exc, _SwarmFailure) else \
-                            "integrity" if isinstance(exc, errors.IntegrityError) else "swarm_error"
-                        self.fetcher.metrics.fallbacks.labels(reason).inc()
-                        log.warning("swarm could not deliver %s (%s); fetching from the registry",
-                                    self.digest, exc)
-                await self._from_registry(meta)
-                self._finish("registry", started)
-        except errors.ShoalError as exc:
-            self.error = exc
-            self.fetcher.metrics.downloads.labels(self.source, "failed").inc()
-            log.warning("download of %s failed: %s", self.digest, exc)
-        except OSError as exc:
-            # a full or failing disk: nothing partial stays (see _from_registry), clients get 503
-            self.error = errors.StoreFull(f"cannot write the blob to the cache: {exc.strerror}")
-            self.fetcher.metrics.downloads.labels(self.source, "failed").inc()
-            log.error("download of %s failed writing to disk: %s", self.digest, exc.strerror)
-        except asyncio.CancelledError:
-            self.error = errors.UpstreamError("agent shutting down")
-            raise
-        except Exception as exc:
-            log.exception("download of %s failed", self.digest)
-            self.error = errors.ShoalError(f"internal error: {type(exc).__name__}")
-        finally:
-            self.done.set()
-            self._notify()
-        await store.make_room()
-
-    def _finish(self, source: str, started: float) -> None:
-        self.source = source
-        elapsed = time.monotonic() - started
-        m = self.fetcher.metrics
-        m.downloads.labels(source, "ok").inc()
-        m.download_seconds.labels(source).observe(elapsed)
-        log.info("cached %s (%d bytes) from %s in %.2fs", self.digest, self.size, source, elapsed)
-
-    async def _from_swarm(self, published: Published) -> None:
-        meta = published.meta
-        swarm = self.fetcher.swarm
-        assert swarm is not None
-        if meta.digest != self.digest or meta.size != self.size:
-            raise _SwarmFailure("bad_metainfo", "metainfo does not describe this blob")
-        store, policy = self.fetcher.store, self.fetcher.policy
-        job = swarm.add(meta, store.downloads_dir, seed=False)
-        self.job = job
-        job.listeners.append(self._notify)
-        self._notify()
-        moved = False
-        try:
-            joined = last_announce = time.monotonic()
-            while not job.finished.is_set():
-                if job.failed is not None:
-                    raise _SwarmFailure("torrent_error", job.failed)
-                now = time.monotonic()
-                if job.have_count == 0 and now - joined > policy.first_piece_timeout:
-                    raise _SwarmFailure("no_first_piece",
-                                        f"no verified piece within {policy.first_piece_timeout:g}s")
-                if job.have_count and now - job.last_progress > policy.stall_timeout:
-                    raise _SwarmFailure("stalled", f"no piece for {policy.stall_timeout:g}s")
-                if job.have_count == 0 and now - last_announce > ANNOUNCE_RETRY:
-                    # Nothing yet: perhaps the seeder was not listed when we joined. Ask again
-                    # now rather than after the tracker's interval.
-                    swarm.force_reannounce(job)
-                    last_announce = now
-                await job.wait_change(0.5)
-            await job.flush()
-            partial = store.downloads_dir / self.digest.hex
-
-            def verify() -> None:
-                sha256_file(partial, self.digest)
-                fsync_file(partial)
-                store.blob_dir(self.digest).mkdir(parents=True, exist_ok=True)
-
-            try:
-                await asyncio.to_thread(verify)
-            except errors.IntegrityError:
-                self.fetcher.metrics.integrity_failures.labels("peers").inc()
-                raise
-            await job.move_to(store.blob_dir(self.digest))
-            moved = True
-            await store.adopt_in_place(self.digest)
-            await store.save_metainfo(self.digest, meta.raw, published.signature)
-            m = self.fetcher.metrics
-            m.swarm_bytes.labels("seeder").inc(job.peer_bytes.from_seeders)
-            m.swarm_bytes.labels("agent").inc(job.peer_bytes.from_agents)
-        except BaseException:
-            if job.listeners and self._notify in job.listeners:
-                job.listeners.remove(self._notify)
-            self.job = None
-            await swarm.remove(self.digest.hex, delete_files=not moved)
-            raise
-
-    async def _from_registry(self, published: Published | None) -> None:
-        self.source = "registry"
-        self._notify()
-        store, m = self.fetcher.store, self.fetcher.metrics
-        if self.size == 0 and self.digest == EMPTY_DIGEST:
-            return
-        tmp = store.download_path(self.digest)
-
-        def progress(n: int) -> None:
-            m.registry_bytes.inc(n)
-            self.written += n
-            self._notify()
-
-        self.partial, self.written = tmp, 0
-        try:
-            await self.upstream.client.download_blob(self.repo, self.digest, tmp, max_size=self.size,
-                                                     progress=progress, authorization=self.authorization)
-        except errors.IntegrityError:
-            m.integrity_failures.labels("registry").inc()
-            raise
-        finally:
-            self.partial = None
-        m.registry_requests.labels("blob", "200").inc()
-        await store.commit_file(self.digest, tmp, verified=True)
-        if published is not None and self.fetcher.swarm is not None:
-            await store.save_metainfo(self.digest, published.meta.raw, published.signature)
-            self.fetcher.swarm.add(published.meta, store.blob_dir(self.digest), seed=True)
-
-
-def _pread(path: Path, offset: int, length: int) -> bytes:
-    with open(path, "rb", buffering=0) as f:
-        return os.pread(f.fileno(), min(length, READ_CHUNK), offset)
-
-
-class _SwarmFailure(errors.SwarmUnavailable):
-    def __init__(self, reason: str, message: str) -> None:
-        assert reason in FALLBACK_REASONS, reason
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class SwarmAccess:
-    """What an agent needs to take part in the swarm."""
-
-    tracker: str
-    origin: str
-    node: str
-    node_token: str = field(repr=False)
-    origin_key: Ed25519PublicKey
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.node_token}"}
 
 
 class Fetcher:
@@ -334,19 +30,19 @@ class Fetcher:
     ) -> None:
         self.store = store
         self.swarm = swarm
-        self.http = http
         self.access = access
-        self.policy = policy
-        self.metrics = metrics
+        self.membership = None if swarm is None or access is None else Membership(
+            http=http, access=access, swarm=swarm, policy=policy, metrics=metrics)
+        self.deps = Collaborators(store=store, metrics=metrics, policy=policy, swarm=swarm, membership=self.membership)
         self._flights: dict[Digest, Download] = {}
         self._token_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Join the swarm (token from the origin) and seed again what the cache kept."""
-        if self.swarm is None or self.access is None:
+        if self.swarm is None or self.access is None or self.membership is None:
             return
         self.store.add_evict_hook(self._on_evict)
-        self._token_task = asyncio.create_task(self._keep_token(self.swarm, self.access))
+        self._token_task = asyncio.create_task(self.membership.keep_token())
         seeded = 0
         for digest in self.store.digests():
             kept = await self.store.load_metainfo(digest)
@@ -361,35 +57,6 @@ class Fetcher:
             self.swarm.add(meta, self.store.blob_dir(digest), seed=True)
             seeded += 1
         log.info("seeding %d cached blobs", seeded)
-
-    async def _keep_token(self, swarm: Swarm, access: SwarmAccess) -> None:
-        """Hold a valid swarm token: the tracker refuses announces without one."""
-        backoff = Backoff(TOKEN_RETRY_MIN, TOKEN_RETRY_MAX)
-        while True:
-            try:
-                async with self.http.post(protocol.SWARM_TOKEN.url(access.origin),
-                                          json=protocol.SwarmTokenRequest(access.node).to_json(),
-                                          headers=access.auth, timeout=aiohttp.ClientTimeout(total=10)) as r:
-                    if r.status != 200:
-                        raise errors.SwarmUnavailable(f"origin answered {r.status} for a swarm token")
-                    doc = await r.json()
-                answer = protocol.SwarmToken.from_json(doc)
-                token, ttl = answer.token, answer.ttl_seconds
-                signing.verify_token(access.origin_key, token)
-            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, errors.ShoalError,
-                    signing.SignatureError) as exc:
-                # Only shoal's own fixed texts are logged (an HTTP status, a signature verdict),
-                # never another library's message, which could echo what the origin sent.
-                reason = str(exc) if isinstance(exc, (errors.ShoalError, signing.SignatureError)) \
-                    else type(exc).__name__
-                wait = backoff.next()
-                log.warning("no swarm token from the origin yet (%s); retrying in %.0fs", reason, wait)
-                await asyncio.sleep(wait)
-                continue
-            swarm.set_token(token)
-            self.metrics.swarm_token_expiry.set(time.time() + ttl)
-            backoff.reset()
-            await asyncio.sleep(max(ttl / 2, 1.0))
 
     async def stop(self) -> None:
         tasks = [d.task for d in self._flights.values() if d.task is not None]
@@ -412,50 +79,10 @@ class Fetcher:
         download = self._flights.get(digest)
         if download is not None:
             return download
-        download = Download(self, upstream, repo, digest, size, authorization)
+        download = Download(self.deps, upstream, repo, digest, size, authorization)
         self._flights[digest] = download
         task = asyncio.create_task(download.run())
         download.task = task
         task.add_done_callback(lambda _t: self._flights.pop(digest, None))
         return download
 
-    async def metainfo(self, upstream: Upstream, repo: str, digest: Digest, size: int) -> Published | None:
-        """From the tracker, or (for blobs worth a swarm) from the origin after it seeded them.
-        Only metainfo the origin signed is accepted, wherever it came from."""
-        access = self.access
-        assert access is not None
-        if self.swarm is not None and not await self.swarm.wait_token(self.policy.metainfo_timeout):
-            # right after start the token is usually a few milliseconds away: wait for it
-            raise _SwarmFailure("no_swarm_token", "this node has no swarm token from the origin yet")
-        try:
-            async with self.http.get(protocol.METAINFO.url(access.tracker, digest=str(digest)), headers=access.auth,
-                                     timeout=aiohttp.ClientTimeout(total=self.policy.metainfo_timeout)) as r:
-                if r.status == 200:
-                    return self._verify(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER))
-                if r.status != 404:
-                    raise _SwarmFailure("tracker_error", f"tracker answered {r.status} for metainfo")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _SwarmFailure("tracker_unreachable", f"tracker unreachable: {type(exc).__name__}") from None
-        if size < self.policy.threshold:
-            return None
-        try:
-            async with self.http.post(
-                protocol.SEED_BLOB.url(access.origin, digest=str(digest)),
-                json=protocol.SeedRequest(upstream.name, repo).to_json(),
-                headers=access.auth, timeout=aiohttp.ClientTimeout(total=self.policy.seed_timeout),
-            ) as r:
-                if r.status == 200:
-                    return self._verify(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER))
-                raise _SwarmFailure("origin_error", f"origin answered {r.status} to the seed request")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _SwarmFailure("origin_unreachable", f"origin unreachable: {type(exc).__name__}") from None
-
-    def _verify(self, raw: bytes, signature: str | None) -> Published:
-        assert self.access is not None
-        try:
-            signing.verify_metainfo(self.access.origin_key, raw, signature)
-            return Published(metainfo.parse(raw), signature or "")
-        except signing.SignatureError as exc:
-            raise _SwarmFailure("unsigned_metainfo", f"metainfo not signed by the origin: {exc}") from None
-        except metainfo.MetainfoError as exc:
-            raise _SwarmFailure("bad_metainfo", f"unusable metainfo: {exc}") from None

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from agent.files import read_file
 from agent.state import state_of
 from shoal import errors
 from shoal import web as shoal_web
@@ -28,10 +28,6 @@ log = logging.getLogger(__name__)
 
 API_VERSION = {"Docker-Distribution-Api-Version": "registry/2.0"}
 OCTET = "application/octet-stream"
-# Chunk of a streamed (not sendfile'd) response. Each client holds about two of them (the one
-# being written and the transport's unsent rest): at 1 MiB, 64 clients on in-flight blobs took
-# the agent from 65 to about 200 MiB; a piece's size keeps that to a quarter.
-FILE_CHUNK = 256 << 10
 
 
 def oci_error(oci: errors.OciCode, message: str | None = None, detail: Any = None,
@@ -43,7 +39,10 @@ def oci_error(oci: errors.OciCode, message: str | None = None, detail: Any = Non
 
 
 def error_response(exc: BaseException) -> web.Response:
-    """shoal's one error answer (shoal.web), with the registry API's version header."""
+    """shoal's one error answer (shoal.web), with the registry API's version header; a path no
+    route matches (e.g. a control character decoded into it) is the spec's NAME_UNKNOWN."""
+    if isinstance(exc, web.HTTPNotFound):
+        exc = errors.NotFound(errors.NAME_UNKNOWN, exc.reason)
     return shoal_web.error_response(exc, headers=API_VERSION)
 
 
@@ -205,15 +204,3 @@ async def _sendfile(request: web.Request, path: Path, offset: int, count: int) -
         await asyncio.get_running_loop().sendfile(transport, f, offset, count)
 
 
-async def read_file(path: Path, offset: int, length: int) -> AsyncGenerator[bytes, None]:
-    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
-    try:
-        end = offset + length
-        while offset < end:
-            chunk = await asyncio.to_thread(os.pread, fd, min(FILE_CHUNK, end - offset), offset)
-            if not chunk:
-                raise errors.IntegrityError(f"{path.name} is shorter than its index entry")
-            offset += len(chunk)
-            yield chunk
-    finally:
-        await asyncio.to_thread(os.close, fd)

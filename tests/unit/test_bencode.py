@@ -23,13 +23,33 @@ def test_known_encoding() -> None:
     assert bencode.encode(doc) == b"d8:intervali30e4:listli1e1:ae5:peers6:\x7f\x00\x00\x02\x1a\xe1e"
 
 
-@pytest.mark.parametrize("raw", [
-    b"i03e", b"i-0e", b"ie", b"i1", b"01:a", b"5:abc", b"d1:bi1e1:ai2ee", b"d1:ai1e1:ai2ee",
-    b"di1ei2ee", b"l", b"x", b"i1ei2e", b"-1:a", b"", b"l" * 100 + b"e" * 100,
+@pytest.mark.parametrize(("raw", "why"), [
+    (b"i03e", "non-canonical integer"), (b"i-0e", "non-canonical integer"), (b"ie", "non-canonical integer"),
+    (b"i1", "unterminated integer"), (b"01:a", "bad string length"),
+    (b"5:abc", "string runs past the end"), (b"d1:bi1e1:ai2ee", "not sorted or not unique"),
+    (b"d1:ai1e1:ai2ee", "not sorted or not unique"), (b"di1ei2ee", "dict key is not a string"),
+    (b"l", "unexpected end"), (b"x", "unexpected byte"), (b"i1ei2e", "trailing data"), (b"-1:a", "unexpected byte"),
+    (b"", "unexpected end"), (b"3a", "without length separator"), (b"l" * 100 + b"e" * 100, "nested too deeply"),
 ])
-def test_rejects_non_canonical(raw: bytes) -> None:
-    with pytest.raises(bencode.BencodeError):
+def test_rejects_non_canonical(raw: bytes, why: str) -> None:
+    with pytest.raises(bencode.BencodeError, match=why):
         bencode.decode(raw)
+
+
+def test_nesting_is_bounded_exactly() -> None:
+    deepest = b"l" * (bencode.MAX_DEPTH + 1) + b"e" * (bencode.MAX_DEPTH + 1)  # depths 0..MAX_DEPTH
+    assert bencode.encode(bencode.decode(deepest)) == deepest
+    with pytest.raises(bencode.BencodeError, match="nested too deeply"):
+        bencode.decode(b"l" + deepest + b"e")
+    in_dicts = b"d1:a" * (bencode.MAX_DEPTH + 1) + b"i1e" + b"e" * (bencode.MAX_DEPTH + 1)
+    with pytest.raises(bencode.BencodeError, match="nested too deeply"):
+        bencode.decode(in_dicts)
+    assert bencode.decode(b"d1:a" * bencode.MAX_DEPTH + b"i1e" + b"e" * bencode.MAX_DEPTH)
+
+
+def test_text_is_encoded_as_utf8_bytes() -> None:
+    assert bencode.encode("añ") == b"3:a\xc3\xb1"
+    assert bencode.encode({b"k": ["x"]}) == b"d1:kl1:xee"  # type: ignore[list-item]
 
 
 @given(st.binary(max_size=200))
@@ -41,6 +61,10 @@ def test_decode_never_crashes(raw: bytes) -> None:
     assert bencode.encode(value) == raw  # whatever decodes is canonical
 
 
-def test_encode_rejects_bool() -> None:
-    with pytest.raises(TypeError):
+def test_encode_rejects_what_bencode_cannot_say() -> None:
+    with pytest.raises(TypeError, match="no booleans"):
         bencode.encode(True)
+    with pytest.raises(TypeError, match="dict keys must be bytes"):
+        bencode.encode({"text key": 1})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="cannot bencode float"):
+        bencode.encode(1.5)  # type: ignore[arg-type]

@@ -1,0 +1,92 @@
+"""The agent's mirror API in process (the app as `build` makes it, lifecycle included) over a
+scripted registry: what a client sees for manifests, blobs, ranges, HEAD, unknown blobs and push
+verbs, that a second pull comes from the cache, and that every answer is journaled."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from agent import app as agent_app
+from agent import config as agent_config
+from shoal import protocol
+from tests.support.fakeregistry import Canned, FakeServer
+from tests.support.procs import metric_sum, parse_metrics
+
+Client = TestClient[web.Request, web.Application]
+BLOB = random.Random(3).randbytes(700_000)
+DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": DIGEST,
+                                  "size": len(BLOB)}, "layers": []}).encode()
+MANIFEST_DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
+
+
+@pytest.fixture
+def registry() -> Iterator[FakeServer]:
+    server = FakeServer()
+    server.routes[("GET", "/v2/")] = Canned(200, {"Content-Type": "application/json"}, b"{}")
+    server.routes[("*", "/v2/private/app/manifests/v1")] = Canned(
+        200, {"Content-Type": MANIFEST_TYPE, "Docker-Content-Digest": MANIFEST_DIGEST}, MANIFEST)
+    server.routes[("HEAD", f"/v2/private/app/blobs/{DIGEST}")] = Canned(200, {}, declared_length=len(BLOB))
+    server.routes[("GET", f"/v2/private/app/blobs/{DIGEST}")] = Canned(200, {}, BLOB)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def client(tmp_path: Path, registry: FakeServer, aiohttp_client: Callable[..., Any]) -> Client:
+    cfg = agent_config.load({"data_dir": str(tmp_path / "agent"), "node": "n1", "auth": {"unauthenticated": "node"},
+                             "upstreams": [{"name": registry.host, "url": registry.url}]})
+    c: Client = await aiohttp_client(agent_app.build(cfg))
+    return c
+
+
+async def test_a_client_pulls_through_the_mirror(client: Client, registry: FakeServer) -> None:
+    r = await client.get("/v2/")
+    assert r.status == 200 and r.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
+    r = await client.get("/v2/private/app/manifests/v1", headers={"Accept": MANIFEST_TYPE})
+    assert r.status == 200 and await r.read() == MANIFEST
+    assert r.headers["Docker-Content-Digest"] == MANIFEST_DIGEST
+    blob_path = f"/v2/private/app/blobs/{DIGEST}"
+    r = await client.get(blob_path)
+    assert r.status == 200 and "sha256:" + hashlib.sha256(await r.read()).hexdigest() == DIGEST
+    assert r.headers["Docker-Content-Digest"] == DIGEST
+    r = await client.get(blob_path, headers={"Range": "bytes=10-19"})
+    assert r.status == 206 and await r.read() == BLOB[10:20]
+    assert r.headers["Content-Range"] == f"bytes 10-19/{len(BLOB)}"
+    r = await client.head(blob_path)
+    assert r.status == 200 and int(r.headers["Content-Length"]) == len(BLOB) and await r.read() == b""
+    gets = sum(1 for s in registry.seen if s.method == "GET" and s.path == blob_path)
+    assert gets == 1  # the range, the HEAD and a second pull come from the cache
+    r = await client.get(blob_path)
+    assert hashlib.sha256(await r.read()).hexdigest() == DIGEST.removeprefix("sha256:")
+    samples = parse_metrics(await (await client.get(protocol.METRICS.path())).text())
+    assert metric_sum(samples, "shoal_agent_cache_hits_total") >= 3
+    assert metric_sum(samples, "shoal_agent_downloads_total", source="registry", result="ok") == 1
+    status = await (await client.get(protocol.STATUS.path())).json()
+    assert status["cached_blobs"] == 1 and status["journal_records"] >= 6
+
+
+async def test_what_a_mirror_refuses(client: Client) -> None:
+    unknown = "sha256:" + "e" * 64
+    r = await client.get(f"/v2/private/app/blobs/{unknown}")
+    assert r.status == 404 and (await r.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+    for method in ("PUT", "POST", "DELETE", "PATCH"):
+        r = await client.request(method, f"/v2/private/app/blobs/{DIGEST}")
+        assert r.status == 405, method
+        assert (await r.json())["errors"][0]["code"] == "UNSUPPORTED"
+    r = await client.get("/v2/private/app/blobs/sha256:../../etc/passwd")
+    assert r.status in (400, 404)
+    assert (await r.json())["errors"][0]["code"] in ("DIGEST_INVALID", "NAME_UNKNOWN", "NAME_INVALID")
+    r = await client.get(f"/v2/private/app/blobs/{DIGEST}", headers={"Range": "bytes=9999999-"})
+    assert r.status == 416 and r.headers["Content-Range"] == f"bytes */{len(BLOB)}"

@@ -1,0 +1,182 @@
+"""The origin's Seeder and Preseeder in process: a scripted registry behind them, the real tracker
+app and a real libtorrent session. Requests for one blob share one fetch; the torrent is the
+deterministic one for the blob, signed, registered and seeded; bad registry bytes are never seeded
+or kept; a pre-seed job resolves an image to its blobs and reports each one's fate."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from origin.preseed import Preseeder
+from origin.registration import TrackerRegistration
+from origin.seeder import Seeder, SeederMetrics, Upstream
+from shoal import errors, metainfo, protocol, signing
+from shoal.oci import Digest
+from shoal.registry import RegistryClient
+from shoal.store import BlobStore
+from shoal.swarm import SEEDER_FINGERPRINT, Swarm, SwarmSettings
+from tests.integration.conftest import Keys
+from tests.support.fakeregistry import Canned, FakeServer
+from tests.support.procs import free_port
+from tracker import app as tracker_app
+from tracker import config as tracker_config
+
+TOKEN = "registration-secret-0123456789"
+NODE = "node-secret-0123456789abcdef"
+BLOB = random.Random(8).randbytes(2 * (1 << 20) + 777)
+DIGEST = Digest(hashlib.sha256(BLOB).hexdigest())
+LAYER = random.Random(9).randbytes(300_000)
+CONFIG = b'{"architecture":"amd64","os":"linux"}'
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+
+
+def digest_of(data: bytes) -> Digest:
+    return Digest(hashlib.sha256(data).hexdigest())
+
+
+def serve_blob(server: FakeServer, data: bytes) -> None:
+    path = f"/v2/private/app/blobs/{digest_of(data)}"
+    server.routes[("HEAD", path)] = Canned(200, {}, declared_length=len(data))
+    server.routes[("GET", path)] = Canned(200, {}, data)
+
+
+def manifest() -> bytes:
+    def desc(media: str, data: bytes) -> dict[str, object]:
+        return {"mediaType": media, "digest": str(digest_of(data)), "size": len(data)}
+
+    return json.dumps({"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+                       "config": desc("application/vnd.oci.image.config.v1+json", CONFIG),
+                       "layers": [desc("application/vnd.oci.image.layer.v1.tar+gzip", d) for d in (BLOB, LAYER)]
+                       }).encode()
+
+
+@pytest.fixture
+def registry() -> Iterator[FakeServer]:
+    server = FakeServer()
+    for data in (BLOB, LAYER, CONFIG):
+        serve_blob(server, data)
+    server.routes[("GET", "/v2/private/app/manifests/v1")] = Canned(200, {"Content-Type": MANIFEST_TYPE}, manifest())
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def tracker(monkeypatch: pytest.MonkeyPatch, keys: Keys) -> AsyncIterator[TestServer]:
+    monkeypatch.setenv("SHOAL_TEST_TOKEN", TOKEN)
+    monkeypatch.setenv("SHOAL_TEST_NODE_TOKEN", NODE)
+    cfg = tracker_config.load({"registration_token": {"env": "SHOAL_TEST_TOKEN"},
+                               "node_token": {"env": "SHOAL_TEST_NODE_TOKEN"},
+                               "origin_public_key": str(keys.public_path)})
+    server = TestServer(tracker_app.build(cfg), host="127.0.0.1", port=free_port())
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def seeder(tmp_path: Path, registry: FakeServer, tracker: TestServer, keys: Keys) -> AsyncIterator[Seeder]:
+    http = aiohttp.ClientSession()
+    store = BlobStore(tmp_path / "origin", max_bytes=64 << 20)
+    await store.open()
+    swarm = Swarm(SwarmSettings(listen_ip="127.0.0.2", listen_port=free_port("127.0.0.2"),
+                                fingerprint=SEEDER_FINGERPRINT))
+    await swarm.start()
+    tracker_url = str(tracker.make_url("")).rstrip("/")
+    client = RegistryClient(http, registry.url, credentials=None, user_agent="t", retry_budget=0)
+    seeder = Seeder(store=store, swarm=swarm, registration=TrackerRegistration(http, tracker_url, TOKEN),
+                    upstreams={registry.host: Upstream(registry.host, client)},
+                    announce=protocol.ANNOUNCE.url(tracker_url),
+                    max_blob_size=1 << 30, metrics=SeederMetrics(CollectorRegistry()), key=keys.key,
+                    token_ttl=600)
+    await seeder.start()
+    yield seeder
+    await seeder.stop()
+    await swarm.stop()
+    await store.close()
+    await http.close()
+
+
+async def test_one_fetch_a_deterministic_signed_torrent_registered_and_seeded(
+        seeder: Seeder, registry: FakeServer, tracker: TestServer, keys: Keys, tmp_path: Path) -> None:
+    published = await asyncio.gather(*(seeder.ensure_seeded(registry.host, "private/app", DIGEST) for _ in range(5)))
+    assert sum(1 for s in registry.seen if s.method == "GET") == 1
+    assert len({p.meta.raw for p in published}) == 1
+    meta = published[0].meta
+    # the torrent any origin builds for these bytes
+    (tmp_path / DIGEST.hex).write_bytes(BLOB)
+    assert meta.raw == metainfo.create(tmp_path / DIGEST.hex, DIGEST, announce=seeder.announce)
+    signing.verify_metainfo(keys.key.public_key(), meta.raw, published[0].signature)
+    assert seeder.store.path(DIGEST).read_bytes() == BLOB
+    assert seeder.swarm.job(DIGEST.hex) is not None
+    async with aiohttp.ClientSession() as http, http.get(
+            protocol.METAINFO.url(str(tracker.make_url("")), digest=str(DIGEST)),
+            headers={"Authorization": f"Bearer {NODE}"}) as r:
+        assert r.status == 200 and await r.read() == meta.raw
+    again = await seeder.ensure_seeded(registry.host, "private/app", DIGEST)  # cached: no second fetch
+    assert again.meta.raw == meta.raw and sum(1 for s in registry.seen if s.method == "GET") == 1
+
+
+async def test_bad_bytes_are_never_seeded_or_kept(seeder: Seeder, registry: FakeServer) -> None:
+    registry.routes[("GET", f"/v2/private/app/blobs/{DIGEST}")] = Canned(200, {}, BLOB[:-1] + b"\x00")
+    with pytest.raises(errors.IntegrityError):
+        await seeder.ensure_seeded(registry.host, "private/app", DIGEST)
+    assert not seeder.store.has(DIGEST)
+    assert list(seeder.store.downloads_dir.iterdir()) == []
+    assert seeder.swarm.job(DIGEST.hex) is None
+    with pytest.raises(errors.NotFound):
+        await seeder.ensure_seeded("elsewhere", "private/app", DIGEST)
+
+
+async def wait_job(preseeder: Preseeder, job_id: str) -> dict[str, object]:
+    async with asyncio.timeout(30):
+        while preseeder.jobs[job_id].state in ("resolving", "seeding"):
+            await asyncio.sleep(0.05)
+    return preseeder.jobs[job_id].summary()
+
+
+async def test_a_preseed_job_seeds_every_blob_of_an_image(seeder: Seeder, registry: FakeServer) -> None:
+    preseeder = Preseeder(seeder, concurrency=2)
+    try:
+        job = preseeder.submit([f"{registry.host}/private/app:v1"], [])
+        summary = await wait_job(preseeder, job.id)
+        assert summary["state"] == "done" and summary["errors"] == []
+        assert summary["manifests"] == [f"{registry.host}/private/app@{digest_of(manifest())}"]
+        assert summary["blobs_total"] == summary["blobs_done"] == 3
+        assert summary["bytes_done"] == summary["bytes_total"] == len(BLOB) + len(LAYER) + len(CONFIG)
+        for data in (BLOB, LAYER, CONFIG):
+            assert seeder.store.path(digest_of(data)).read_bytes() == data
+            assert seeder.swarm.job(digest_of(data).hex) is not None
+        # a digest that does not match the manifest, an unknown registry, a failing blob
+        registry.routes[("GET", f"/v2/private/app/manifests/sha256:{'0' * 64}")] = Canned(
+            200, {"Content-Type": MANIFEST_TYPE}, manifest())  # a registry answering the wrong manifest
+        pinned = preseeder.submit([f"{registry.host}/private/app@sha256:{'0' * 64}"], [])
+        summary = await wait_job(preseeder, pinned.id)
+        assert summary["state"] == "failed" and "does not match its digest" in str(summary["errors"])
+        with pytest.raises(errors.NotFound):
+            preseeder.submit(["elsewhere.example/private/app:v1"], [])
+    finally:
+        await preseeder.stop()
+
+
+async def test_a_failing_blob_fails_the_job_and_names_itself(seeder: Seeder, registry: FakeServer) -> None:
+    registry.routes[("GET", f"/v2/private/app/blobs/{digest_of(LAYER)}")] = Canned(500)
+    preseeder = Preseeder(seeder, concurrency=2)
+    try:
+        summary = await wait_job(preseeder, preseeder.submit([f"{registry.host}/private/app:v1"], []).id)
+        assert summary["state"] == "failed"
+        states = {b["digest"]: b["state"] for b in summary["blobs"]}  # type: ignore[attr-defined]
+        assert states == {str(digest_of(BLOB)): "done", str(digest_of(CONFIG)): "done",
+                          str(digest_of(LAYER)): "failed"}
+        assert str(digest_of(LAYER)) in str(summary["errors"])
+    finally:
+        await preseeder.stop()
