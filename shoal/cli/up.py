@@ -1,0 +1,149 @@
+"""`shoal up`: the single-node embedded default. Writes the three components' configurations
+(shoal.cluster) and supervises them as child processes; `shoal keygen` makes a cluster's keys."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from shoal import protocol
+from shoal.cli.common import http_json
+from shoal.cluster import Cluster, make_keys
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "shoal"
+
+
+def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]]:
+    """The three components' configurations for a single node."""
+    parts = urlsplit(args.upstream)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SystemExit(f"shoal up: --upstream must be an http(s) URL, got {args.upstream!r}")
+    name = args.name or parts.netloc
+    keys = make_keys(data / "keys")
+    upstream: dict[str, Any] = {"name": name, "url": args.upstream}
+    if args.username:
+        if not args.password_file:
+            raise SystemExit("shoal up: --username needs --password-file")
+        upstream["username"] = args.username
+        upstream["password"] = {"file": str(Path(args.password_file).resolve())}
+    ip = args.torrent_ip
+    cluster = Cluster(keys, [upstream], tracker_url=f"http://{args.tracker_listen}",
+                      origin_url=f"http://{args.origin_listen}", log={"level": args.log_level, "format": "text"})
+    return {
+        "tracker": cluster.tracker(listen=args.tracker_listen, data_dir=str(data / "tracker")),
+        "origin": cluster.origin(listen=args.origin_listen, data_dir=data / "origin",
+                                 torrent_listen=f"{ip}:{args.origin_torrent_port}",
+                                 cache={"max_bytes": args.origin_cache}),
+        "agent": cluster.agent(listen=args.listen, data_dir=data / "agent",
+                               torrent_listen=f"{ip}:{args.agent_torrent_port}",
+                               auth={"unauthenticated": args.unauthenticated}, cache={"max_bytes": args.cache}),
+    }
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    paths = make_keys(Path(args.directory))
+    for name, path in paths.items():
+        print(f"{name:20} {path}")
+    return 0
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            status, _ = http_json("GET", protocol.READYZ.url(url), timeout=1.0)
+            if status == 200:
+                return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    return False
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies (Linux prctl)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    data = Path(args.data_dir).expanduser().resolve() if args.data_dir else _default_data_dir()
+    data.mkdir(parents=True, exist_ok=True)
+    configs = up_configs(args, data)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def stop(_sig: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    rc = 0
+    try:
+        for name in ("tracker", "origin", "agent"):
+            path = data / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(configs[name], sort_keys=False))
+            # Each child in its own session: Ctrl-C reaches only this supervisor, which stops
+            # each child with one SIGTERM. (With the terminal's SIGINT on top, a second signal
+            # cut the origin's cleanup short and it logged unclosed sessions.) The children
+            # still go with the supervisor if it is killed outright.
+            procs[name] = subprocess.Popen([sys.executable, "-m", name, "--config", str(path)],
+                                           start_new_session=True, preexec_fn=_die_with_parent)
+            if not _wait_ready(f"http://{configs[name]['listen']}", procs[name]):
+                print(f"shoal up: {name} failed to start (see its messages above)", file=sys.stderr)
+                return 1
+        upstream = configs["agent"]["upstreams"][0]
+        anonymous = ("use the node credentials" if args.unauthenticated == "node"
+                     else "get the registry's challenge (ctr --user, podman login)")
+        print(f"\nshoal is up for {upstream['url']} (clients call it {upstream['name']})\n"
+              f"  mirror  http://{args.listen}   tracker http://{args.tracker_listen}   "
+              f"origin http://{args.origin_listen}\n"
+              f"  data    {data}\n\n"
+              f"containerd: /etc/containerd/certs.d/{upstream['name']}/hosts.toml\n"
+              f"  server = \"{upstream['url']}\"\n"
+              f"  [host.\"http://{args.listen}\"]\n    capabilities = [\"pull\", \"resolve\"]\n\n"
+              f"pre-seed:  shoal seed --origin http://{args.origin_listen} "
+              f"--node-token-file {data / 'keys' / 'node.token'} {upstream['name']}/REPO:TAG\n"
+              f"auth: pulls without credentials {anonymous}\n"
+              "Ctrl-C stops all three.", flush=True)
+        while not stopping:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    print(f"shoal up: {name} exited with {proc.returncode}; stopping", file=sys.stderr)
+                    stopping, rc = True, 1
+            time.sleep(0.2)
+    finally:
+        for proc in reversed(list(procs.values())):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return rc
+
+
