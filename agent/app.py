@@ -30,6 +30,7 @@ from agent.shipper import Shipper
 from agent.state import state_of
 from agent.upstreams import Upstream, Upstreams
 from shoal import errors, protocol, signing
+from shoal.clients import OriginClient
 from shoal.config import read_token
 from shoal.metrics import StoreCollector, SwarmCollector
 from shoal.registry import RegistryClient
@@ -148,7 +149,7 @@ def build(config: AgentConfig) -> web.Application:
             await fetcher.start()
             stack.push_async_callback(fetcher.stop)
             if access is not None and config.journal.ship:
-                shipper = Shipper(journal, http, collector=access.origin, node=config.node, headers=access.auth)
+                shipper = Shipper(journal, OriginClient(http, access.origin, access.node_token), node=config.node)
                 task = asyncio.create_task(shipper.run())
                 stack.push_async_callback(_cancel, task)
                 registry.register(JournalCollector(journal, shipper))

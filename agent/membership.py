@@ -16,6 +16,7 @@ from agent.config import SwarmPolicy
 from agent.metrics import FALLBACK_REASONS, AgentMetrics
 from agent.upstreams import Upstream
 from shoal import errors, metainfo, protocol, signing
+from shoal.clients import ApiError, OriginClient, SignedMetainfo, TrackerClient
 from shoal.flights import Backoff
 from shoal.metainfo import Published
 from shoal.oci import Digest
@@ -44,15 +45,12 @@ class SwarmAccess:
     node_token: str = field(repr=False)
     origin_key: Ed25519PublicKey
 
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.node_token}"}
-
 
 class Membership:
     def __init__(self, *, http: aiohttp.ClientSession, access: SwarmAccess, swarm: Swarm, policy: SwarmPolicy,
                  metrics: AgentMetrics) -> None:
-        self.http = http
+        self.origin = OriginClient(http, access.origin, access.node_token)
+        self.tracker = TrackerClient(http, access.tracker, access.node_token)
         self.access = access
         self.swarm = swarm
         self.policy = policy
@@ -64,13 +62,7 @@ class Membership:
         backoff = Backoff(TOKEN_RETRY_MIN, TOKEN_RETRY_MAX)
         while True:
             try:
-                async with self.http.post(protocol.SWARM_TOKEN.url(access.origin),
-                                          json=protocol.SwarmTokenRequest(access.node).to_json(),
-                                          headers=access.auth, timeout=aiohttp.ClientTimeout(total=10)) as r:
-                    if r.status != 200:
-                        raise errors.SwarmUnavailable(f"origin answered {r.status} for a swarm token")
-                    doc = await r.json()
-                answer = protocol.SwarmToken.from_json(doc)
+                answer = await self.origin.swarm_token(access.node, within=10)
                 token, ttl = answer.token, answer.ttl_seconds
                 signing.verify_token(access.origin_key, token)
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, errors.ShoalError,
@@ -91,37 +83,32 @@ class Membership:
     async def metainfo(self, upstream: Upstream, repo: str, digest: Digest, size: int) -> Published | None:
         """From the tracker, or (for blobs worth a swarm) from the origin after it seeded them.
         Only metainfo the origin signed is accepted, wherever it came from."""
-        access = self.access
         if not await self.swarm.wait_token(self.policy.metainfo_timeout):
             # right after start the token is usually a few milliseconds away: wait for it
             raise SwarmFailure("no_swarm_token", "this node has no swarm token from the origin yet")
         try:
-            async with self.http.get(protocol.METAINFO.url(access.tracker, digest=str(digest)), headers=access.auth,
-                                     timeout=aiohttp.ClientTimeout(total=self.policy.metainfo_timeout)) as r:
-                if r.status == 200:
-                    return self._verify(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER))
-                if r.status != 404:
-                    raise SwarmFailure("tracker_error", f"tracker answered {r.status} for metainfo")
+            found = await self.tracker.metainfo(digest, within=self.policy.metainfo_timeout)
+        except ApiError as exc:
+            raise SwarmFailure("tracker_error", f"tracker answered {exc.status} for metainfo") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SwarmFailure("tracker_unreachable", f"tracker unreachable: {type(exc).__name__}") from None
+        if found is not None:
+            return self._verify(found)
         if size < self.policy.threshold:
             return None
         try:
-            async with self.http.post(
-                protocol.SEED_BLOB.url(access.origin, digest=str(digest)),
-                json=protocol.SeedRequest(upstream.name, repo).to_json(),
-                headers=access.auth, timeout=aiohttp.ClientTimeout(total=self.policy.seed_timeout),
-            ) as r:
-                if r.status == 200:
-                    return self._verify(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER))
-                raise SwarmFailure("origin_error", f"origin answered {r.status} to the seed request")
+            seeded = await self.origin.seed(digest, protocol.SeedRequest(upstream.name, repo),
+                                            within=self.policy.seed_timeout)
+        except ApiError as exc:
+            raise SwarmFailure("origin_error", f"origin answered {exc.status} to the seed request") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SwarmFailure("origin_unreachable", f"origin unreachable: {type(exc).__name__}") from None
+        return self._verify(seeded)
 
-    def _verify(self, raw: bytes, signature: str | None) -> Published:
+    def _verify(self, signed: SignedMetainfo) -> Published:
         try:
-            signing.verify_metainfo(self.access.origin_key, raw, signature)
-            return Published(metainfo.parse(raw), signature or "")
+            signing.verify_metainfo(self.access.origin_key, signed.raw, signed.signature)
+            return Published(metainfo.parse(signed.raw), signed.signature or "")
         except signing.SignatureError as exc:
             raise SwarmFailure("unsigned_metainfo", f"metainfo not signed by the origin: {exc}") from None
         except metainfo.MetainfoError as exc:

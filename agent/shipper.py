@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import aiohttp
 
 from agent.journal import Journal, segments
-from shoal import protocol
+from shoal import errors, protocol
+from shoal.clients import ApiError, OriginClient
 from shoal.flights import Backoff
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,10 @@ class Batch:
 
 
 class Shipper:
-    def __init__(self, journal: Journal, http: aiohttp.ClientSession, *, collector: str, node: str,
-                 headers: dict[str, str], roll_bytes: int = ROLL_BYTES) -> None:
+    def __init__(self, journal: Journal, collector: OriginClient, *, node: str, roll_bytes: int = ROLL_BYTES) -> None:
         self.journal = journal
-        self.http = http
         self.collector = collector
         self.node = node
-        self._headers = headers
         self.state_path = journal.directory / "shipped.json"
         self.roll_bytes = roll_bytes
         self.shipped_records = 0
@@ -84,13 +82,11 @@ class Shipper:
 
     async def _send(self, batch: Batch) -> bool:
         try:
-            async with self.http.post(protocol.JOURNAL.url(self.collector),
-                                      json=protocol.JournalBatch(self.node, batch.records).to_json(),
-                                      headers=self._headers, timeout=aiohttp.ClientTimeout(total=30)) as r:
-                if 200 <= r.status < 300:
-                    return True
-                log.warning("collector refused a journal batch: HTTP %d", r.status)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            await self.collector.ship_journal(protocol.JournalBatch(self.node, batch.records), within=30)
+            return True
+        except ApiError as exc:
+            log.warning("%s", exc)  # shoal's own text: what was refused, and the status
+        except (aiohttp.ClientError, TimeoutError, errors.ShoalError) as exc:
             log.info("collector unreachable (%s); journal kept for retry", type(exc).__name__)
         return False
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import aiohttp
 
-from shoal import protocol
+from shoal.clients import ApiError, TrackerClient
 from shoal.metainfo import Metainfo
 
 log = logging.getLogger(__name__)
@@ -15,25 +16,17 @@ log = logging.getLogger(__name__)
 
 class TrackerRegistration:
     def __init__(self, http: aiohttp.ClientSession, tracker: str, token: str) -> None:
-        self.http = http
-        self.tracker = tracker
-        self._token = token
+        self.tracker = TrackerClient(http, tracker, token)
         self.registered: set[str] = set()
 
     async def register(self, meta: Metainfo, signature: str) -> bool:
         """One attempt; False (logged) if the tracker is unreachable or refuses."""
-        url = protocol.REGISTER_METAINFO.url(self.tracker, digest=str(meta.digest))
         try:
-            async with self.http.put(
-                url, data=meta.raw, headers={"Authorization": f"Bearer {self._token}",
-                                             "Content-Type": protocol.TORRENT_TYPE,
-                                             protocol.SIGNATURE_HEADER: signature},
-                timeout=aiohttp.ClientTimeout(total=10),
-            ) as resp:
-                if resp.status == 201:
-                    self.registered.add(meta.digest.hex)
-                    return True
-                log.warning("tracker refused registration of %s: HTTP %d", meta.digest, resp.status)
+            await self.tracker.register(meta.digest, meta.raw, signature, within=10)
+            self.registered.add(meta.digest.hex)
+            return True
+        except ApiError as exc:
+            log.warning("tracker refused registration of %s: HTTP %d", meta.digest, exc.status)
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("tracker unreachable registering %s: %s", meta.digest, type(exc).__name__)
         self.registered.discard(meta.digest.hex)
@@ -41,14 +34,9 @@ class TrackerRegistration:
 
     async def unregister(self, meta: Metainfo) -> None:
         self.registered.discard(meta.digest.hex)
-        try:
-            async with self.http.delete(
-                protocol.UNREGISTER_METAINFO.url(self.tracker, digest=str(meta.digest)),
-                headers={"Authorization": f"Bearer {self._token}"}, timeout=aiohttp.ClientTimeout(total=10),
-            ):
-                pass
-        except (aiohttp.ClientError, TimeoutError):
-            pass  # the tracker forgets it at its next restart without persistence anyway
+        # (if this fails, the tracker forgets it at its next restart without persistence anyway)
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ApiError):
+            await self.tracker.unregister(meta.digest, within=10)
 
     async def keep_registered(self, metas: list[tuple[Metainfo, str]], *, retry: float = 5.0) -> None:
         """Register everything not yet registered, retrying until the tracker takes it."""

@@ -16,6 +16,7 @@ from agent.journal import Journal, segments
 from agent.shipper import Shipper
 from origin.collector import Collector, Query
 from shoal import audit, protocol
+from shoal.clients import OriginClient
 from tests.support.procs import free_port
 
 
@@ -55,7 +56,7 @@ async def test_group_commit_rotation_and_exactly_once(tmp_path: Path) -> None:
     failures = [3]
     server, collector = await collector_server(tmp_path, failures)
     async with aiohttp.ClientSession() as http:
-        shipper = Shipper(journal, http, collector=f"http://127.0.0.1:{server.port}", node="n1", headers={})
+        shipper = Shipper(journal, OriginClient(http, f"http://127.0.0.1:{server.port}", "t"), node="n1")
         task = asyncio.create_task(shipper.run())
         try:
             async with asyncio.timeout(30):
@@ -85,7 +86,7 @@ async def test_torn_tail_of_a_crashed_segment_is_skipped(tmp_path: Path) -> None
     await journal.record(record(10))
     server, collector = await collector_server(tmp_path, [0])
     async with aiohttp.ClientSession() as http:
-        shipper = Shipper(journal, http, collector=f"http://127.0.0.1:{server.port}", node="n1", headers={})
+        shipper = Shipper(journal, OriginClient(http, f"http://127.0.0.1:{server.port}", "t"), node="n1")
         task = asyncio.create_task(shipper.run())
         try:
             async with asyncio.timeout(30):
@@ -109,7 +110,7 @@ async def test_shipped_records_are_freed_without_waiting_for_rotation(tmp_path: 
     await journal.open()
     server, collector = await collector_server(tmp_path, [0])
     async with aiohttp.ClientSession() as http:
-        shipper = Shipper(journal, http, collector=f"http://127.0.0.1:{server.port}", node="n1", headers={},
+        shipper = Shipper(journal, OriginClient(http, f"http://127.0.0.1:{server.port}", "t"), node="n1",
                           roll_bytes=8192)
         task = asyncio.create_task(shipper.run())
         try:

@@ -1,0 +1,63 @@
+"""The typed API clients against the real tracker app in process: each call's answer or its
+ApiError with the status, and a dead server as a transport error (not an ApiError)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from shoal import metainfo
+from shoal.clients import ApiError, TrackerClient
+from shoal.oci import Digest
+from tests.integration.conftest import Keys
+from tests.support.procs import free_port
+from tracker import app as tracker_app
+from tracker import config as tracker_config
+
+REGISTRATION, NODE = "registration-secret-0123456789", "node-secret-0123456789abcdef"
+
+
+@pytest.fixture
+async def tracker(monkeypatch: pytest.MonkeyPatch, keys: Keys) -> AsyncIterator[str]:
+    monkeypatch.setenv("SHOAL_TEST_TOKEN", REGISTRATION)
+    monkeypatch.setenv("SHOAL_TEST_NODE_TOKEN", NODE)
+    cfg = tracker_config.load({"registration_token": {"env": "SHOAL_TEST_TOKEN"},
+                               "node_token": {"env": "SHOAL_TEST_NODE_TOKEN"},
+                               "origin_public_key": str(keys.public_path)})
+    server = TestServer(tracker_app.build(cfg), host="127.0.0.1", port=free_port())
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+async def test_tracker_client(tracker: str, keys: Keys, tmp_path: Path) -> None:
+    data = b"client" * 10_000
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    (tmp_path / digest.hex).write_bytes(data)
+    raw = metainfo.create(tmp_path / digest.hex, digest, announce=f"{tracker}/x")
+    async with aiohttp.ClientSession() as http:
+        origin, node = TrackerClient(http, tracker, REGISTRATION), TrackerClient(http, tracker, NODE)
+        assert await node.metainfo(digest, within=5) is None  # not registered: None, not an error
+        with pytest.raises(ApiError) as refused:
+            await node.register(digest, raw, keys.sign(raw), within=5)  # the node token cannot register
+        assert refused.value.status == 401
+        with pytest.raises(ApiError) as bad:
+            await origin.register(digest, raw, "not-a-signature", within=5)
+        assert bad.value.status == 400
+        await origin.register(digest, raw, keys.sign(raw), within=5)
+        found = await node.metainfo(digest, within=5)
+        assert found is not None and found.raw == raw and found.signature == keys.sign(raw)
+        with pytest.raises(ApiError) as wrong:
+            await origin.metainfo(digest, within=5)  # the registration token cannot read
+        assert wrong.value.status == 401
+        await origin.unregister(digest, within=5)
+        await origin.unregister(digest, within=5)  # again: already gone is fine
+        assert await node.metainfo(digest, within=5) is None
+        dead = TrackerClient(http, f"http://127.0.0.1:{free_port()}", NODE)
+        with pytest.raises(aiohttp.ClientError):
+            await dead.metainfo(digest, within=5)
