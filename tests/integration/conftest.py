@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shoal import signing
+from tests.support.procs import free_port
+from tracker import app as tracker_app
+from tracker import config as tracker_config
 
 # A callback or task step holding the loop longer than this is a bug (file I/O, hashing or a
 # slow libtorrent call that belongs in a thread).
@@ -52,3 +58,23 @@ class Keys:
 @pytest.fixture
 def keys(tmp_path: Path) -> Keys:
     return Keys(tmp_path / "keys")
+
+
+REGISTRATION_TOKEN = "registration-secret-0123456789"
+NODE_TOKEN = "node-secret-0123456789abcdef"
+
+
+@contextlib.asynccontextmanager
+async def tracker_server(keys: Keys, monkeypatch: pytest.MonkeyPatch, **extra: Any) -> AsyncIterator[TestServer]:
+    """The real tracker app in process, on 127.0.0.1, with the tokens above."""
+    monkeypatch.setenv("SHOAL_TEST_TOKEN", REGISTRATION_TOKEN)
+    monkeypatch.setenv("SHOAL_TEST_NODE_TOKEN", NODE_TOKEN)
+    cfg = tracker_config.load({"registration_token": {"env": "SHOAL_TEST_TOKEN"},
+                               "node_token": {"env": "SHOAL_TEST_NODE_TOKEN"},
+                               "origin_public_key": str(keys.public_path), **extra})
+    server = TestServer(tracker_app.build(cfg), host="127.0.0.1", port=free_port())
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()

@@ -9,30 +9,20 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
 from shoal import metainfo
 from shoal.clients import ApiError, TrackerClient
 from shoal.oci import Digest
-from tests.integration.conftest import Keys
+from tests.integration.conftest import NODE_TOKEN, REGISTRATION_TOKEN, Keys, tracker_server
 from tests.support.procs import free_port
-from tracker import app as tracker_app
-from tracker import config as tracker_config
 
-REGISTRATION, NODE = "registration-secret-0123456789", "node-secret-0123456789abcdef"
+REGISTRATION, NODE = REGISTRATION_TOKEN, NODE_TOKEN
 
 
 @pytest.fixture
 async def tracker(monkeypatch: pytest.MonkeyPatch, keys: Keys) -> AsyncIterator[str]:
-    monkeypatch.setenv("SHOAL_TEST_TOKEN", REGISTRATION)
-    monkeypatch.setenv("SHOAL_TEST_NODE_TOKEN", NODE)
-    cfg = tracker_config.load({"registration_token": {"env": "SHOAL_TEST_TOKEN"},
-                               "node_token": {"env": "SHOAL_TEST_NODE_TOKEN"},
-                               "origin_public_key": str(keys.public_path)})
-    server = TestServer(tracker_app.build(cfg), host="127.0.0.1", port=free_port())
-    await server.start_server()
-    yield str(server.make_url("")).rstrip("/")
-    await server.close()
+    async with tracker_server(keys, monkeypatch) as server:
+        yield str(server.make_url("")).rstrip("/")
 
 
 async def test_tracker_client(tracker: str, keys: Keys, tmp_path: Path) -> None:

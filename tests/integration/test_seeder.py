@@ -25,14 +25,11 @@ from shoal.oci import Digest
 from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import SEEDER_FINGERPRINT, Swarm, SwarmSettings
-from tests.integration.conftest import Keys
+from tests.integration.conftest import NODE_TOKEN, REGISTRATION_TOKEN, Keys, tracker_server
 from tests.support.fakeregistry import Canned, FakeServer
 from tests.support.procs import free_port
-from tracker import app as tracker_app
-from tracker import config as tracker_config
 
-TOKEN = "registration-secret-0123456789"
-NODE = "node-secret-0123456789abcdef"
+TOKEN, NODE = REGISTRATION_TOKEN, NODE_TOKEN
 BLOB = random.Random(8).randbytes(2 * (1 << 20) + 777)
 DIGEST = Digest(hashlib.sha256(BLOB).hexdigest())
 LAYER = random.Random(9).randbytes(300_000)
@@ -72,15 +69,8 @@ def registry() -> Iterator[FakeServer]:
 
 @pytest.fixture
 async def tracker(monkeypatch: pytest.MonkeyPatch, keys: Keys) -> AsyncIterator[TestServer]:
-    monkeypatch.setenv("SHOAL_TEST_TOKEN", TOKEN)
-    monkeypatch.setenv("SHOAL_TEST_NODE_TOKEN", NODE)
-    cfg = tracker_config.load({"registration_token": {"env": "SHOAL_TEST_TOKEN"},
-                               "node_token": {"env": "SHOAL_TEST_NODE_TOKEN"},
-                               "origin_public_key": str(keys.public_path)})
-    server = TestServer(tracker_app.build(cfg), host="127.0.0.1", port=free_port())
-    await server.start_server()
-    yield server
-    await server.close()
+    async with tracker_server(keys, monkeypatch) as server:
+        yield server
 
 
 @pytest.fixture

@@ -18,26 +18,18 @@ from shoal import announcing, bencode, metainfo, protocol
 from shoal.oci import Digest
 from shoal.store import sha256_file
 from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Swarm, SwarmSettings
-from tests.integration.conftest import Keys
+from tests.integration.conftest import REGISTRATION_TOKEN, Keys, tracker_server
 from tests.support.procs import free_port, metric_sum, parse_metrics
 from tracker import app as tracker_app
 from tracker import config as tracker_config
 
-TOKEN = "registration-secret-0123456789"
+TOKEN = REGISTRATION_TOKEN
 
 
 @pytest.fixture
 async def tracker(monkeypatch: pytest.MonkeyPatch, keys: Keys) -> AsyncIterator[TestServer]:
-    monkeypatch.setenv("SHOAL_TEST_TOKEN", TOKEN)
-    monkeypatch.setenv("SHOAL_TEST_NODE_TOKEN", "node-secret-0123456789abcdef")
-    cfg = tracker_config.load({"registration_token": {"env": "SHOAL_TEST_TOKEN"},
-                               "node_token": {"env": "SHOAL_TEST_NODE_TOKEN"},
-                               "origin_public_key": str(keys.public_path), "interval": "2s",
-                               "min_interval": "1s"})
-    server = TestServer(tracker_app.build(cfg), host="127.0.0.1", port=free_port())
-    await server.start_server()
-    yield server
-    await server.close()
+    async with tracker_server(keys, monkeypatch, interval="2s", min_interval="1s") as server:
+        yield server
 
 
 async def start_swarm(ip: str, fingerprint: str, token: str | None) -> Swarm:
