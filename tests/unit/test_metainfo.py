@@ -12,7 +12,8 @@ KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 
 
 @pytest.mark.parametrize(("size", "piece"), [
-    (1, 16 * KIB), (16 * KIB, 16 * KIB), (16 * KIB + 1, 32 * KIB), (200 * KIB, 256 * KIB),
+    (1, 16 * KIB), (16 * KIB, 16 * KIB), (16 * KIB + 1, 32 * KIB), (20 * KIB, 32 * KIB), (40 * KIB, 64 * KIB),
+    (200 * KIB, 256 * KIB), (256 * KIB + 1, 256 * KIB),
     (256 * KIB, 256 * KIB), (700 * KIB, 256 * KIB), (64 * MIB, 256 * KIB), (GIB - 1, 256 * KIB), (GIB, MIB),
     (16 * GIB - 1, MIB), (16 * GIB, 4 * MIB), (64 * GIB, 4 * MIB),
 ])
@@ -76,4 +77,32 @@ def test_rejects_unsafe_metainfo(tmp_path: Path) -> None:
         (raw.replace(b"http://t:1/announce", b"http://t:1/\x80nnounce"), "announce URL"),
     ]:
         with pytest.raises(metainfo.MetainfoError, match=reason):
+            metainfo.parse(bad)
+
+
+def test_parse_refuses_every_malformed_shape(tmp_path: Path) -> None:
+    """Each shape a hostile server could send ends in MetainfoError, never another exception."""
+    path, digest = make_blob(tmp_path, 100_000)
+    raw = metainfo.create(path, digest, announce="https://t:1/announce")
+    meta = metainfo.parse(raw)
+    assert meta.raw == raw and meta.announce == "https://t:1/announce"
+    doc = bencode.decode(raw)
+    assert isinstance(doc, dict)
+    info = doc[b"info"]
+    assert isinstance(info, dict)
+    name = digest.hex.encode()
+    for bad, why in [
+        (b"le", "no info dictionary"), (b"de", "no info dictionary"),
+        (bencode.encode({**doc, b"info": b"x"}), "no info dictionary"),
+        (_mutate(raw, file_tree={name: 5}), "no valid length"),
+        (_mutate(raw, file_tree={name: {b"": 5}}), "no valid length"),
+        (_mutate(raw, file_tree={name: {b"": {b"length": -1}}}), "no valid length"),
+        (_mutate(raw, file_tree={name: {b"": {b"length": 1}}, b"x": {}}), "exactly one file"),
+        (_mutate(raw, piece_length=8 * KIB), "piece length"),
+        (_mutate(raw, piece_length=48 * KIB), "piece length"),
+        (_mutate(raw, name=5), "name"),
+        (bencode.encode({**doc, b"announce": b"udp://t:1/announce"}), "announce URL"),
+        (bencode.encode({**doc, b"announce": 7}), "announce URL"),
+    ]:
+        with pytest.raises(metainfo.MetainfoError, match=why):
             metainfo.parse(bad)

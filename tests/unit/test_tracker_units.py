@@ -125,3 +125,24 @@ def test_peer_store_moves_a_completed_peer_to_the_seeders() -> None:
     assert store.stats(IH) == (1, 0, 1) and store.peer_count == 1
     store.announce(IH, peer("127.0.0.2", 1, 0), "stopped")
     assert store.stats(IH)[:2] == (0, 0) and store.peer_count == 0
+
+
+def test_query_parsing_details() -> None:
+    """What BEP 3 clients send: empty parts, '+' for space, '=' inside values, latin-1 keys."""
+    q = ann.parse_query("&&a=1&&b=x+y&c=k%3D1=2&d&%E9=%FF")
+    assert q == {"a": [b"1"], "b": [b"x y"], "c": [b"k=1=2"], "d": [b""], "\xe9": [b"\xff"]}
+    assert ann.parse_query("x=1&x=2") == {"x": [b"1", b"2"]}
+    ann.parse_query("a=" + "b" * (ann.MAX_QUERY - 2))  # exactly the limit
+    with pytest.raises(ann.AnnounceError, match="too long"):
+        ann.parse_query("a=" + "b" * (ann.MAX_QUERY - 1))
+
+
+def test_announce_numbers_at_their_limits() -> None:
+    base = f"info_hash={'a' * 20}&peer_id={'b' * 20}"
+    assert ann.parse_announce(base + "&port=65535").port == 65535
+    with pytest.raises(ann.AnnounceError, match="port out of range"):
+        ann.parse_announce(base + "&port=65536")
+    big = "1" + "0" * 18  # 19 digits, below 2**63
+    assert ann.parse_announce(base + f"&port=1&uploaded={big}").uploaded == int(big)
+    with pytest.raises(ann.AnnounceError, match="uploaded must be a non-negative integer"):
+        ann.parse_announce(base + "&port=1&uploaded=" + "1" * 20)
