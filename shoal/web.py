@@ -43,7 +43,7 @@ def error_response(exc: BaseException, headers: Mapping[str, str] | None = None)
     if isinstance(exc, ShoalError):
         oci, message, detail = exc.oci, str(exc), exc.detail
     elif isinstance(exc, web.HTTPException) and 400 <= exc.status < 500:
-        code = errors.UNSUPPORTED if exc.status == 405 else errors.NOT_FOUND
+        code = {404: errors.NOT_FOUND, 405: errors.UNSUPPORTED}.get(exc.status, errors.INVALID_REQUEST)
         oci, message, detail = errors.OciCode(code.code, exc.status, exc.reason), exc.reason, None
     else:
         oci, message, detail = errors.UNKNOWN, errors.UNKNOWN.message, None

@@ -63,3 +63,25 @@ def test_routes_quote_their_parameters() -> None:
     assert protocol.PRESEED_JOB.path(job="a/../b") == protocol.PRESEED_JOB.pattern.format(job="a%2F..%2Fb")
     assert protocol.METAINFO.path(digest="sha256:ab") == protocol.METAINFO.pattern.format(digest="sha256:ab")
     assert protocol.AUDIT.url("http://o:1/", {"node": "a&b"}) == f"http://o:1{protocol.AUDIT.pattern}?node=a%26b"
+
+
+def test_one_error_answer_for_every_kind_of_error() -> None:
+    import json
+
+    from aiohttp import web
+
+    from shoal.web import error_response
+
+    def answer(exc: BaseException) -> tuple[int, str, str]:
+        r = error_response(exc)
+        assert r.body is not None and r.content_type == "application/json"
+        doc = json.loads(bytes(r.body))  # type: ignore[arg-type]
+        return r.status, doc["errors"][0]["code"], doc["errors"][0]["message"]
+
+    assert answer(errors.Unauthorized("who are you")) == (401, "UNAUTHORIZED", "who are you")
+    assert answer(errors.Denied())[:2] == (403, "DENIED")
+    assert answer(web.HTTPNotFound())[:2] == (404, "NOT_FOUND")
+    assert answer(web.HTTPMethodNotAllowed("PUT", ["GET"]))[:2] == (405, "UNSUPPORTED")
+    assert answer(web.HTTPRequestEntityTooLarge(10, 20))[:2] == (413, "INVALID_REQUEST")
+    secret = RuntimeError("password=hunter2")  # an unexpected error says nothing of itself
+    assert answer(secret) == (500, "UNKNOWN", "unknown error")
