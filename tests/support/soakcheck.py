@@ -5,8 +5,9 @@ clients' requests, the registry's own access log and the components' logs:
 - registry blob bytes at most 1.05x the distinct blob bytes clients asked for;
 - every agent's cache within its budget at every sample;
 - RSS, file descriptors and threads flat (the last third of the run no higher than the middle
-  third, within a margin), the journal bounded (what is on disk is what is not shipped plus less
-  than one roll) and fully shipped at the end;
+  third, within a margin: peaks for RSS and threads, medians for descriptors), the journal
+  bounded (what is on disk is what is not shipped plus less than one roll) and fully shipped at
+  the end;
 - no ERROR line (or traceback) for normal events, and every client got the right bytes.
 """
 
@@ -25,9 +26,14 @@ from tests.support.soak import Run
 
 MIB = 1 << 20
 REGISTRY_RATIO_MAX = 1.05
-# "Flat": the last third's peak may exceed the middle third's by this share plus a fixed margin.
+# "Flat": the last third may exceed the middle third by this share plus a fixed margin.
 GROWTH = 0.2
 MARGINS = {"rss": 16 * MIB, "fds": 16, "threads": 4}
+# Descriptors are compared by their median: a burst of pulls leaves up to one keep-alive
+# connection per concurrent request open for aiohttp's 75 s (a suite soak saw the tracker at 20
+# then 44 in one sample), while a leak raises the typical level, which the median follows.
+# RSS (the allocator's high-water mark) and threads (pools that grow to a bound) by their peak.
+BY_MEDIAN = frozenset({"fds"})
 # A journal line being written when a sample is taken, and the shipper's last batch in flight.
 JOURNAL_SLACK = 256 << 10
 
@@ -102,14 +108,17 @@ def _series(samples: list[dict[str, float]], key: str) -> list[float]:
     return [s[key] for s in samples if key in s]
 
 
-def flat(values: list[float], margin: float, unit: float = 1.0, unit_name: str = "") -> tuple[bool, str]:
-    """Whether the last third of a series peaks no higher than its middle third (+GROWTH, +margin)."""
+def flat(values: list[float], margin: float, unit: float = 1.0, unit_name: str = "", *,
+         by_median: bool = False) -> tuple[bool, str]:
+    """Whether the last third of a series is no higher than its middle third (+GROWTH, +margin),
+    comparing peaks, or medians with `by_median`."""
     if len(values) < 6:
         return True, "too short to judge"
     third = len(values) // 3
-    middle, last = max(values[third:2 * third]), max(values[2 * third:])
+    stat, word = (statistics.median, "median") if by_median else (max, "peak")
+    middle, last = stat(values[third:2 * third]), stat(values[2 * third:])
     return (last <= middle * (1 + GROWTH) + margin,
-            f"middle third peak {middle / unit:g}{unit_name}, last third peak {last / unit:g}{unit_name}")
+            f"middle third {word} {middle / unit:g}{unit_name}, last third {word} {last / unit:g}{unit_name}")
 
 
 def rolls(values: list[float]) -> int:
@@ -160,7 +169,8 @@ def judge(run: Run) -> Verdict:
     for name in ("tracker", "origin", *agents):
         for what, margin in MARGINS.items():
             series = _series(samples, f"{name}.{what}")
-            ok, detail = flat(series, margin, *((MIB, " MiB") if what == "rss" else (1.0, "")))
+            ok, detail = flat(series, margin, *((MIB, " MiB") if what == "rss" else (1.0, "")),
+                              by_median=what in BY_MEDIAN)
             summary[f"{name}.{what}_peak"] = max(series, default=0.0)
             targets.append(Target(f"{name} {what} flat", ok, detail))
 
