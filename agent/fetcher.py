@@ -30,7 +30,6 @@ class Fetcher:
     ) -> None:
         self.store = store
         self.swarm = swarm
-        self.access = access
         self.membership = None if swarm is None or access is None else Membership(
             http=http, access=access, swarm=swarm, policy=policy, metrics=metrics)
         self.deps = Collaborators(store=store, metrics=metrics, policy=policy, swarm=swarm, membership=self.membership)
@@ -39,22 +38,23 @@ class Fetcher:
 
     async def start(self) -> None:
         """Join the swarm (token from the origin) and seed again what the cache kept."""
-        if self.swarm is None or self.access is None or self.membership is None:
+        membership = self.membership  # there with a swarm and the access to it, else None
+        if membership is None:
             return
         self.store.add_evict_hook(self._on_evict)
-        self._token_task = asyncio.create_task(self.membership.keep_token())
+        self._token_task = asyncio.create_task(membership.keep_token())
         seeded = 0
         for digest in self.store.digests():
             kept = await self.store.load_metainfo(digest)
             if kept is None:
                 continue
             try:
-                signing.verify_metainfo(self.access.origin_key, kept[0], kept[1])
+                signing.verify_metainfo(membership.access.origin_key, kept[0], kept[1])
                 meta = metainfo.parse(kept[0])
             except (signing.SignatureError, metainfo.MetainfoError) as exc:
                 log.warning("not seeding %s: its metainfo on disk is unusable (%s)", digest, exc)
                 continue
-            self.swarm.add(meta, self.store.blob_dir(digest), seed=True)
+            membership.swarm.add(meta, self.store.blob_dir(digest), seed=True)
             seeded += 1
         log.info("seeding %d cached blobs", seeded)
 

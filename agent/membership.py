@@ -67,12 +67,13 @@ class Membership:
                 signing.verify_token(access.origin_key, token)
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, errors.ShoalError,
                     signing.SignatureError) as exc:
-                # Only shoal's own fixed texts are logged (an HTTP status, a signature verdict),
-                # never another library's message, which could echo what the origin sent.
+                # Only shoal's own fixed texts are logged (ApiError's HTTP status, a protocol field
+                # name, a signature verdict), never the token and never another library's message,
+                # which could echo what the origin sent.
                 reason = str(exc) if isinstance(exc, (errors.ShoalError, signing.SignatureError)) \
                     else type(exc).__name__
                 wait = backoff.next()
-                log.warning("no swarm token from the origin yet (%s); retrying in %.0fs", reason, wait)
+                log.warning("no swarm token from the origin yet (%s); retrying in %.0fs", reason, wait)  # log-safe
                 await asyncio.sleep(wait)
                 continue
             swarm.set_token(token)

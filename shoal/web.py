@@ -8,7 +8,7 @@ import hmac
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -95,7 +95,8 @@ def guarded(handler: Handler, guard: Guard, expected: str | None,
 
 
 def add_routes(app: web.Application, table: Iterable[tuple[protocol.Route, Handler, Guard]],
-               tokens: Mapping[Guard, str], refused: Mapping[Any, Callable[[], None]] | None = None) -> None:
+               tokens: Mapping[Guard, str],
+               refused: Mapping[protocol.Route, Callable[[], None]] | None = None) -> None:
     """Register a component's API: each route with its handler and its guard. The guards are kept
     in app[GUARDS_KEY] so that a test can walk every route and prove each is declared."""
     guards: dict[tuple[str, str], Guard] = app.setdefault(GUARDS_KEY, {})
