@@ -177,6 +177,10 @@ class Authorizer:
     def credential(self, request: web.Request, upstream: Upstream) -> Credential:
         header = request.headers.get("Authorization")
         if header:
+            if not header.isascii():
+                # Credentials are ASCII (RFC 9110 token68, Basic's base64); anything else cannot be
+                # forwarded to the registry as it was sent, so nobody is authorized by it.
+                raise errors.Unauthorized("the Authorization header is not ASCII")
             return Credential("client", header, fingerprint(header))
         node = upstream.client.credentials
         if self.settings.unauthenticated == "node" and node is not None:

@@ -25,7 +25,8 @@ _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message"
 
 def fingerprint(secret: str | bytes) -> str:
     """What may be logged or stored instead of a credential: a truncated SHA-256."""
-    data = secret.encode() if isinstance(secret, str) else secret
+    # (surrogateescape: a header that was not valid UTF-8 fingerprints as the bytes it was)
+    data = secret.encode("utf-8", "surrogateescape") if isinstance(secret, str) else secret
     return "fp:" + hashlib.sha256(data).hexdigest()[:16]
 
 

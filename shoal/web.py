@@ -85,7 +85,10 @@ def guarded(handler: Handler, guard: Guard, expected: str | None,
     want = expected.encode()
 
     async def check(request: web.Request) -> web.StreamResponse:
-        if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), want):
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape: encode them back the same way
+        # (invalid UTF-8 from a client is a wrong token, not a crash and an ERROR traceback).
+        sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(sent, want):
             if refused is not None:
                 refused()
             raise errors.Unauthorized(_REFUSALS[guard])

@@ -4,6 +4,7 @@ store, collector) are not started, so a request that got past its guard would fa
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -96,3 +97,32 @@ async def test_guards_refuse_missing_and_wrong_tokens(tmp_path: Path, component:
             error = json.loads(await r.read())["errors"][0]
             assert error["code"] == "UNAUTHORIZED" and guard in error["message"]
     assert client.server is not None
+
+
+async def raw_status(host: str, port: int, request: bytes) -> int:
+    """Send bytes a well-behaved client library would refuse to (e.g. a header that is not UTF-8)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 10)
+        return int(line.split()[1])
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("component", ["tracker", "origin"])
+async def test_a_token_that_is_not_utf8_is_refused_quietly(tmp_path: Path, component: str,
+                                                           aiohttp_client: Callable[..., Any],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    app, _ = build_all(tmp_path)[component]
+    app.cleanup_ctx.clear()
+    client: Client = await aiohttp_client(app)
+    assert client.server.host is not None and client.server.port is not None
+    for (method, pattern), guard in app[GUARDS_KEY].items():
+        if guard == "public":
+            continue
+        request = (f"{method} {concrete(pattern)} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n".encode()
+                   + b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n")
+        assert await raw_status(client.server.host, client.server.port, request) == 401, (method, pattern)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a refusal, not a traceback

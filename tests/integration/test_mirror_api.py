@@ -4,6 +4,7 @@ verbs, that a second pull comes from the cache, and that every answer is journal
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
@@ -90,3 +91,19 @@ async def test_what_a_mirror_refuses(client: Client) -> None:
     assert (await r.json())["errors"][0]["code"] in ("DIGEST_INVALID", "NAME_UNKNOWN", "NAME_INVALID")
     r = await client.get(f"/v2/private/app/blobs/{DIGEST}", headers={"Range": "bytes=9999999-"})
     assert r.status == 416 and r.headers["Content-Range"] == f"bytes */{len(BLOB)}"
+
+
+async def test_credentials_that_are_not_ascii_are_refused_quietly(client: Client,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    assert client.server.host is not None and client.server.port is not None
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(f"GET /v2/private/app/blobs/{DIGEST} HTTP/1.1\r\nHost: x\r\n".encode()
+                     + b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["errors"][0]["code"] == "UNAUTHORIZED"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
