@@ -1,12 +1,12 @@
-"""`python -m agent --config FILE` (console script `shoal-agent`)."""
+"""`python -m shoal_agent --config FILE` (console script `shoal-agent`)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from agent import app, config
 from shoal.entry import run_component
+from shoal_agent import app, config
 
 FLAGS = {
     "--listen": ("listen", "address of the registry mirror API"),

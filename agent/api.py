@@ -19,19 +19,19 @@ from pathlib import Path
 from aiohttp import web
 from yarl import URL
 
-from agent.authz import Authorizer, Credential
-from agent.config import AuthSettings
-from agent.download import EMPTY_DIGEST, Download
-from agent.fetcher import Fetcher
-from agent.manifests import ManifestKeeper
-from agent.metrics import AgentMetrics
-from agent.responses import API_VERSION, oci_error, send_blob
-from agent.state import Audit, audit_of, state_of
-from agent.upstreams import Upstream, Upstreams
 from shoal import errors
 from shoal.oci import Digest, parse_manifest_reference, validate_name
 from shoal.registry import Response
 from shoal.store import BlobStore
+from shoal_agent.authz import Authorizer, Credential
+from shoal_agent.config import AuthSettings
+from shoal_agent.download import EMPTY_DIGEST, Download
+from shoal_agent.fetcher import Fetcher
+from shoal_agent.manifests import ManifestKeeper
+from shoal_agent.metrics import AgentMetrics
+from shoal_agent.responses import API_VERSION, oci_error, send_blob
+from shoal_agent.state import Audit, audit_of, state_of
+from shoal_agent.upstreams import Upstream, Upstreams
 
 log = logging.getLogger(__name__)
 

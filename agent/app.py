@@ -16,19 +16,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agent.api import MirrorApi
-from agent.authz import Authorizer, Decisions
-from agent.config import AgentConfig
-from agent.fetcher import Fetcher
-from agent.journal import Journal
-from agent.manifests import ManifestKeeper
-from agent.membership import SwarmAccess
-from agent.metrics import AgentMetrics
-from agent.recording import journal_middleware
-from agent.responses import abort, error_response
-from agent.shipper import Shipper
-from agent.state import state_of
-from agent.upstreams import Upstream, Upstreams
 from shoal import errors, protocol, signing
 from shoal.clients import OriginClient
 from shoal.config import read_token
@@ -37,6 +24,19 @@ from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import AGENT_FINGERPRINT, Swarm, SwarmSettings
 from shoal.web import add_ops_routes, add_routes
+from shoal_agent.api import MirrorApi
+from shoal_agent.authz import Authorizer, Decisions
+from shoal_agent.config import AgentConfig
+from shoal_agent.fetcher import Fetcher
+from shoal_agent.journal import Journal
+from shoal_agent.manifests import ManifestKeeper
+from shoal_agent.membership import SwarmAccess
+from shoal_agent.metrics import AgentMetrics
+from shoal_agent.recording import journal_middleware
+from shoal_agent.responses import abort, error_response
+from shoal_agent.shipper import Shipper
+from shoal_agent.state import state_of
+from shoal_agent.upstreams import Upstream, Upstreams
 
 log = logging.getLogger(__name__)
 

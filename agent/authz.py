@@ -32,14 +32,14 @@ from typing import Literal
 import diskcache
 from aiohttp import web
 
-from agent.config import AuthSettings
-from agent.upstreams import Upstream
 from shoal import errors
 from shoal.flights import SingleFlight
 from shoal.logs import fingerprint
 from shoal.oci import Digest
 from shoal.registry import OWN, Authorization
 from shoal.store import NoPickleDisk
+from shoal_agent.config import AuthSettings
+from shoal_agent.upstreams import Upstream
 
 MAX_DECISIONS = 100_000
 

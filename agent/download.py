@@ -30,17 +30,17 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config import SwarmPolicy
-from agent.files import FILE_CHUNK, read_file
-from agent.membership import Membership, SwarmFailure
-from agent.metrics import AgentMetrics
-from agent.upstreams import Upstream
 from shoal import errors
 from shoal.metainfo import Published
 from shoal.oci import Digest
 from shoal.registry import Authorization
 from shoal.store import BlobStore, fsync_file, sha256_file
 from shoal.swarm import Swarm, TorrentJob
+from shoal_agent.config import SwarmPolicy
+from shoal_agent.files import FILE_CHUNK, read_file
+from shoal_agent.membership import Membership, SwarmFailure
+from shoal_agent.metrics import AgentMetrics
+from shoal_agent.upstreams import Upstream
 
 log = logging.getLogger(__name__)
 

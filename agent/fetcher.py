@@ -9,16 +9,16 @@ import logging
 
 import aiohttp
 
-from agent.config import SwarmPolicy
-from agent.download import Collaborators, Download
-from agent.membership import Membership, SwarmAccess
-from agent.metrics import AgentMetrics
-from agent.upstreams import Upstream
 from shoal import metainfo, signing
 from shoal.oci import Digest
 from shoal.registry import Authorization
 from shoal.store import BlobStore
 from shoal.swarm import Swarm
+from shoal_agent.config import SwarmPolicy
+from shoal_agent.download import Collaborators, Download
+from shoal_agent.membership import Membership, SwarmAccess
+from shoal_agent.metrics import AgentMetrics
+from shoal_agent.upstreams import Upstream
 
 log = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.config import SwarmPolicy
-from agent.metrics import FALLBACK_REASONS, AgentMetrics
-from agent.upstreams import Upstream
 from shoal import errors, metainfo, protocol, signing
 from shoal.clients import ApiError, OriginClient, SignedMetainfo, TrackerClient
 from shoal.flights import Backoff
 from shoal.metainfo import Published
 from shoal.oci import Digest
 from shoal.swarm import Swarm
+from shoal_agent.config import SwarmPolicy
+from shoal_agent.metrics import FALLBACK_REASONS, AgentMetrics
+from shoal_agent.upstreams import Upstream
 
 log = logging.getLogger(__name__)
 

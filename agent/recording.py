@@ -10,10 +10,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from agent.journal import Journal, JournalError
-from agent.responses import error_response
-from agent.state import audit_of, state_of
 from shoal import audit as records
+from shoal_agent.journal import Journal, JournalError
+from shoal_agent.responses import error_response
+from shoal_agent.state import audit_of, state_of
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_USER_AGENT = 512

@@ -17,12 +17,12 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from agent.files import read_file
-from agent.state import state_of
 from shoal import errors
 from shoal import web as shoal_web
 from shoal.oci import Digest
 from shoal.ranges import ByteRange, RangeNotSatisfiable, parse_range, plan_multipart
+from shoal_agent.files import read_file
+from shoal_agent.state import state_of
 
 log = logging.getLogger(__name__)
 

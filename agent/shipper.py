@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from agent.journal import Journal, segments
 from shoal import errors, protocol
 from shoal.clients import ApiError, OriginClient
 from shoal.flights import Backoff
+from shoal_agent.journal import Journal, segments
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from agent.authz import Credential
+from shoal_agent.authz import Credential
 
 
 @dataclass

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from bench import services
 from bench.footprint import PeakRss
 from bench.loadgen import WrkResult, wrk
 from shoal import protocol
+from shoal.cluster import command
 from tests.support.clients import sha256_path
 from tests.support.procs import free_port, proc_stats
 
@@ -80,7 +80,7 @@ def run(work: Path, *, registry_url: str, repo: str, manifest_digest: str, large
             "listen": f"127.0.0.1:{agent_port}", "data_dir": str(work / "agent"),
             "upstreams": [{"name": registry_url.split("//")[1], "url": registry_url}],
             "log": {"level": "warning"}}))
-        agent = spawn([sys.executable, "-m", "agent", "--config", str(agent_cfg)], "agent")
+        agent = spawn(command("agent", agent_cfg), "agent")
         _wait(f"http://127.0.0.1:{central_port}/v2/", central)
         _wait(protocol.READYZ.url(f"http://127.0.0.1:{agent_port}"), agent)
         urls = {

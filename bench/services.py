@@ -4,7 +4,6 @@ cache), shoal's tracker, origin and agents, and nginx."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +13,7 @@ from typing import Any
 import yaml
 
 from bench.netns import Host
+from shoal.cluster import command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,11 +86,11 @@ def registry(host: Host, workdir: Path, *, proxy_of: str | None = None, port: in
                    ["docker-registry", "serve", str(workdir / "config.yml")], workdir)
 
 
-def shoal(host: Host, module: str, name: str, workdir: Path, config: dict[str, Any]) -> Service:
+def shoal(host: Host, component: str, name: str, workdir: Path, config: dict[str, Any]) -> Service:
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return Service(host, name, [sys.executable, "-m", module, "--config", str(path)], workdir)
+    return Service(host, name, command(component, path), workdir)
 
 
 def registry_bytes_sent(log: Path) -> int:

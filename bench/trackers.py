@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import yaml
 from bench import services
 from bench.loadgen import WrkResult, wrk
 from shoal import metainfo, protocol, signing
-from shoal.cluster import Cluster, make_keys
+from shoal.cluster import Cluster, command, make_keys
 from shoal.oci import Digest
 from tests.support.procs import free_port
 
@@ -60,7 +59,7 @@ def run(work: Path, *, seconds: int, connections: int = 32) -> TrackerResult:
     whitelist = work / "whitelist.txt"
     whitelist.write_text(meta.tracker_hash.hex() + "\n")
     logs = [open(work / f"{n}.log", "ab") for n in ("tracker", "opentracker")]  # noqa: SIM115
-    shoal = subprocess.Popen([sys.executable, "-m", "tracker", "--config", str(config)], stdout=logs[0],
+    shoal = subprocess.Popen(command("tracker", config), stdout=logs[0],
                              stderr=logs[0], env={"PYTHONPATH": str(services.ROOT)})
     ot = subprocess.Popen(["opentracker", "-i", "127.0.0.1", "-p", str(ot_port), "-P", str(ot_port),
                            "-w", str(whitelist)], stdout=logs[1], stderr=logs[1])

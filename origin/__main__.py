@@ -1,12 +1,12 @@
-"""`python -m origin --config FILE` (console script `shoal-origin`)."""
+"""`python -m shoal_origin --config FILE` (console script `shoal-origin`)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from origin import app, config
 from shoal.entry import run_component
+from shoal_origin import app, config
 
 FLAGS = {
     "--listen": ("listen", "address of the seed and pre-seed API"),

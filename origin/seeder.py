@@ -12,7 +12,6 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from origin.registration import TrackerRegistration
 from shoal import errors, metainfo, signing
 from shoal.flights import SingleFlight
 from shoal.metainfo import Published
@@ -20,6 +19,7 @@ from shoal.oci import Digest
 from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import Swarm
+from shoal_origin.registration import TrackerRegistration
 
 log = logging.getLogger(__name__)
 

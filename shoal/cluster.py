@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shoal import signing
+
+# The components' import names (their folders are agent/, origin/ and tracker/; pyproject.toml
+# maps them so that an installed shoal does not claim site-packages/agent).
+MODULES = {"tracker": "shoal_tracker", "origin": "shoal_origin", "agent": "shoal_agent"}
+
+
+def command(component: str, config: Path) -> list[str]:
+    """The command line that runs `component` ("tracker", "origin", "agent") with `config`."""
+    return [sys.executable, "-m", MODULES[component], "--config", str(config)]
 
 
 def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`python -m tracker --config FILE` (console script `shoal-tracker`)."""
+"""`python -m shoal_tracker --config FILE` (console script `shoal-tracker`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from shoal.entry import run_component
-from tracker import app, config
+from shoal_tracker import app, config
 
 FLAGS = {
     "--listen": ("listen", "address to serve announces and metainfo on"),

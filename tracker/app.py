@@ -18,10 +18,10 @@ from shoal.config import read_token
 from shoal.errors import ShoalError
 from shoal.oci import Digest
 from shoal.web import Guard, add_ops_routes, add_routes, error_middleware
-from tracker import announce as ann
-from tracker.config import TrackerConfig
-from tracker.peers import Peer, PeerStore
-from tracker.torrents import TorrentRegistry
+from shoal_tracker import announce as ann
+from shoal_tracker.config import TrackerConfig
+from shoal_tracker.peers import Peer, PeerStore
+from shoal_tracker.torrents import TorrentRegistry
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from agent.metrics import FALLBACK_REASONS
-from shoal import protocol
+from shoal import cluster, protocol
+from shoal_agent.metrics import FALLBACK_REASONS
 from tests.e2e.conftest import USERS, Images
 from tests.support.clients import Containerd, skopeo_copy, verify_dir
 from tests.support.procs import ROOT, Component, free_port, http_get, series, wait_http
@@ -22,10 +21,10 @@ from tests.support.registry import Registry
 from tests.support.stack import Stack
 
 
-def run_module(module: str, config: dict[str, object] | str, workdir: Path) -> subprocess.CompletedProcess[str]:
-    path = workdir / f"{module}-bad.yaml"
+def run_module(component: str, config: dict[str, object] | str, workdir: Path) -> subprocess.CompletedProcess[str]:
+    path = workdir / f"{component}-bad.yaml"
     path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
-    return subprocess.run([sys.executable, "-m", module, "--config", str(path)], capture_output=True, text=True,
+    return subprocess.run(cluster.command(component, path), capture_output=True, text=True,
                           timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -150,8 +149,7 @@ def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Co
     assert "shoal is up for" in out and f'[host."http://{listen}"]' in out
     # a clean stop: no component logs an ERROR (a second signal once cut the origin's cleanup short)
     assert " ERROR " not in out and "Traceback" not in out, out[-3000:]
-    time.sleep(0.2)
-    for hostport in (listen, tracker_listen, origin_listen):
+    for hostport in (listen, tracker_listen, origin_listen):  # `shoal up` returns after its children
         with pytest.raises(OSError, match="refused"):
             http_get(protocol.HEALTHZ.url(f"http://{hostport}"), timeout=1)
 
@@ -159,7 +157,7 @@ def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Co
 def test_flags_override_the_config_file(tmp_path: Path) -> None:
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump({"data_dir": str(tmp_path), "upstreams": UP}))
-    base = [sys.executable, "-m", "agent", "--config", str(path), "--check-config"]
+    base = [*cluster.command("agent", path), "--check-config"]
     ok = subprocess.run([*base, "--cache-max-bytes", "5GiB", "--listen", "127.0.0.9:5000"], capture_output=True,
                         text=True, timeout=60, cwd=ROOT)
     assert ok.returncode == 0

@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shoal import signing
+from shoal_tracker import app as tracker_app
+from shoal_tracker import config as tracker_config
 from tests.support.procs import free_port
-from tracker import app as tracker_app
-from tracker import config as tracker_config
 
 # A callback or task step holding the loop longer than this is a bug (file I/O, hashing or a
 # slow libtorrent call that belongs in a thread).

@@ -13,13 +13,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from agent.authz import Authorizer, Credential, Decisions
-from agent.config import AuthSettings
-from agent.upstreams import Upstream
 from shoal import errors
 from shoal.logs import fingerprint
 from shoal.oci import Digest
 from shoal.registry import RegistryClient
+from shoal_agent.authz import Authorizer, Credential, Decisions
+from shoal_agent.config import AuthSettings
+from shoal_agent.upstreams import Upstream
 from tests.support.fakeregistry import Canned, FakeServer
 from tests.support.faults import CuttableProxy
 
@@ -74,7 +74,7 @@ async def test_one_question_per_key_and_reuse_only_within_the_ttl(tmp_path: Path
         assert heads(fake, DIGEST) == 3 and heads(fake, OTHER) == 1
         # past the TTL the registry is asked again
         real = __import__("time").time
-        monkeypatch.setattr("agent.authz.time.time", lambda: real() + 61)
+        monkeypatch.setattr("shoal_agent.authz.time.time", lambda: real() + 61)
         late = await authz.blob(up, alice, "private/app", DIGEST)
         assert late.method == "registry" and heads(fake, DIGEST) == 4
     finally:
@@ -110,7 +110,7 @@ async def test_registry_unreachable(tmp_path: Path, fake: FakeServer, mode: str,
         assert (await authz.blob(up, alice, "private/app", DIGEST)).method == "registry"
         proxy.cut()  # the registry goes away (open connections too)
         real = __import__("time").time
-        monkeypatch.setattr("agent.authz.time.time", lambda: real() + 10)  # past the TTL
+        monkeypatch.setattr("shoal_agent.authz.time.time", lambda: real() + 10)  # past the TTL
         if mode == "strict":
             with pytest.raises(errors.UpstreamError, match="auth.mode: strict"):
                 await authz.blob(up, alice, "private/app", DIGEST)

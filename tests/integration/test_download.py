@@ -14,14 +14,14 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.config import SwarmPolicy
-from agent.download import Collaborators, Download
-from agent.metrics import AgentMetrics
-from agent.upstreams import Upstream
 from shoal import errors
 from shoal.oci import Digest
 from shoal.registry import RegistryClient
 from shoal.store import BlobStore
+from shoal_agent.config import SwarmPolicy
+from shoal_agent.download import Collaborators, Download
+from shoal_agent.metrics import AgentMetrics
+from shoal_agent.upstreams import Upstream
 from tests.support.fakeregistry import Canned, FakeServer
 
 BLOB = hashlib.sha256(b"seed").digest() * (3 * 1024 * 1024 // 32 + 7)  # ~3 MiB, several chunks

@@ -14,15 +14,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from agent import app as agent_app
-from agent import config as agent_config
-from origin import app as origin_app
-from origin import config as origin_config
 from shoal import protocol
 from shoal.cluster import make_keys
 from shoal.web import GUARDS_KEY, add_routes
-from tracker import app as tracker_app
-from tracker import config as tracker_config
+from shoal_agent import app as agent_app
+from shoal_agent import config as agent_config
+from shoal_origin import app as origin_app
+from shoal_origin import config as origin_config
+from shoal_tracker import app as tracker_app
+from shoal_tracker import config as tracker_config
 
 Client = TestClient[web.Request, web.Application]
 UPSTREAM = {"name": "registry.test", "url": "http://127.0.0.1:9"}

@@ -16,9 +16,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from agent import app as agent_app
-from agent import config as agent_config
 from shoal import protocol
+from shoal_agent import app as agent_app
+from shoal_agent import config as agent_config
 from tests.support.fakeregistry import Canned, FakeServer
 from tests.support.procs import metric_sum, parse_metrics
 

@@ -18,10 +18,10 @@ from shoal import announcing, bencode, metainfo, protocol
 from shoal.oci import Digest
 from shoal.store import sha256_file
 from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Swarm, SwarmSettings
+from shoal_tracker import app as tracker_app
+from shoal_tracker import config as tracker_config
 from tests.integration.conftest import REGISTRATION_TOKEN, Keys, tracker_server
 from tests.support.procs import free_port, metric_sum, parse_metrics
-from tracker import app as tracker_app
-from tracker import config as tracker_config
 
 TOKEN = REGISTRATION_TOKEN
 

@@ -13,9 +13,9 @@ from aiohttp.test_utils import TestClient
 
 from shoal import bencode, metainfo, protocol
 from shoal.oci import Digest
+from shoal_tracker import app as tracker_app
+from shoal_tracker import config as tracker_config
 from tests.integration.conftest import Keys
-from tracker import app as tracker_app
-from tracker import config as tracker_config
 
 TOKEN = "registration-secret-0123456789"
 NODE_TOKEN = "node-secret-0123456789abcdef"

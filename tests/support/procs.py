@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from shoal import protocol
+from shoal import cluster, protocol
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,11 +69,11 @@ def wait_http(url: str, *, ok: tuple[int, ...] = (200,), timeout: float = 30.0,
 
 
 class Component:
-    """`python -m <module> --config FILE` with its log in the work directory."""
+    """A component ("tracker", "origin", "agent") run with `config`, its log in the work directory."""
 
-    def __init__(self, module: str, workdir: Path, config: dict[str, Any], *, name: str | None = None) -> None:
-        self.module = module
-        self.name = name or module
+    def __init__(self, component: str, workdir: Path, config: dict[str, Any], *, name: str | None = None) -> None:
+        self.component = component
+        self.name = name or component
         self.workdir = workdir
         self.config = config
         self.proc: subprocess.Popen[bytes] | None = None
@@ -90,7 +89,7 @@ class Component:
         self.config_path.write_text(yaml.safe_dump(self.config))
         log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module, "--config", str(self.config_path)],
+        self.proc = subprocess.Popen(cluster.command(self.component, self.config_path),
                                      stdout=log, stderr=log, env=env, cwd=ROOT)
         log.close()
         if wait:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.shipper import ROLL_BYTES
+from shoal_agent.shipper import ROLL_BYTES
 from tests.support.soak import Run
 
 MIB = 1 << 20

@@ -5,13 +5,13 @@ from typing import Any
 
 import pytest
 
-from agent import config as agent_config
-from origin import config as origin_config
 from shoal import announcing
 from shoal.config import parse_duration, parse_size, read_yaml
 from shoal.errors import ConfigError
 from shoal.swarm import SwarmSettings
-from tracker import config as tracker_config
+from shoal_agent import config as agent_config
+from shoal_origin import config as origin_config
+from shoal_tracker import config as tracker_config
 
 UP = [{"name": "registry.example.com:5000", "url": "https://registry.example.com:5000"}]
 

@@ -13,15 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import config as agent_config
-from agent.api import parse_path
-from origin import config as origin_config
 from shoal import audit, bencode, errors, metainfo, signing
 from shoal.errors import ConfigError
 from shoal.oci import Digest, ImageReference, parse_manifest
 from shoal.registry import Challenge
-from tracker import announce as ann
-from tracker import config as tracker_config
+from shoal_agent import config as agent_config
+from shoal_agent.api import parse_path
+from shoal_origin import config as origin_config
+from shoal_tracker import announce as ann
+from shoal_tracker import config as tracker_config
 
 binary = st.binary(max_size=40)
 text = st.text(max_size=60)

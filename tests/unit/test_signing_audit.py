@@ -8,8 +8,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.authz import Credential
 from shoal import audit, signing
+from shoal_agent.authz import Credential
 
 
 def keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:

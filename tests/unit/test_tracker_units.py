@@ -6,8 +6,8 @@ from urllib.parse import quote_from_bytes
 import pytest
 
 from shoal import bencode
-from tracker import announce as ann
-from tracker.peers import Peer, PeerStore
+from shoal_tracker import announce as ann
+from shoal_tracker.peers import Peer, PeerStore
 
 IH = bytes(range(0xE0, 0xF4))  # not valid UTF-8: must survive percent-decoding
 PID = b"-SA0100-" + b"\xff" * 12
