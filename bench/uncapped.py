@@ -4,11 +4,8 @@ throughput = N * size / time until the last one is done. Also records the agents
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +15,8 @@ import yaml
 from bench import services
 from bench.footprint import PeakRss
 from shoal import protocol
-from shoal.cluster import Cluster, make_keys
+from shoal.cluster import Cluster, command, make_keys
+from tests.support import api
 from tests.support.clients import sha256_path
 from tests.support.procs import free_port, proc_stats
 
@@ -63,12 +61,10 @@ def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], age
     tport, oport = free_port(), free_port()
     cluster = Cluster(make_keys(work / "keys"), [upstream], tracker_url=f"http://127.0.0.1:{tport}",
                       origin_url=f"http://127.0.0.1:{oport}", log={"level": "warning"})
-    tracker = services.Service(None, "tracker", [sys.executable, "-m", "tracker", "--config", str(work / "t.yaml")],
-                               work)
+    tracker = services.Service(None, "tracker", command("tracker", work / "t.yaml"), work)
     (work / "t.yaml").write_text(yaml.safe_dump(cluster.tracker(listen=f"127.0.0.1:{tport}", interval="10s",
                                                                 min_interval="1s")))
-    origin = services.Service(None, "origin", [sys.executable, "-m", "origin", "--config", str(work / "o.yaml")],
-                              work)
+    origin = services.Service(None, "origin", command("origin", work / "o.yaml"), work)
     (work / "o.yaml").write_text(yaml.safe_dump(cluster.origin(
         listen=f"127.0.0.1:{oport}", data_dir=work / "origin", torrent_listen=f"127.0.0.1:{free_port()}",
         torrent={"libtorrent": libtorrent or {}})))
@@ -84,17 +80,13 @@ def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], age
                 listen=f"{ip}:{port}", data_dir=work / f"a{i}", torrent_listen=f"{ip}:{free_port(ip)}",
                 node=f"n{i}", torrent={"libtorrent": libtorrent or {}},
                 swarm={"first_piece_timeout": "60s", "stall_timeout": "60s"})))
-            service = services.Service(None, f"agent{i}", [sys.executable, "-m", "agent", "--config", str(cfg)], work)
+            service = services.Service(None, f"agent{i}", command("agent", cfg), work)
             service.start(protocol.READYZ.url(f"http://{ip}:{port}"))
             started_services.append(service)
             nodes.append((service, f"http://{ip}:{port}/v2/{repo}/blobs/{digest}"))
         # the origin has the blob already (pre-seeded), so this measures the swarm itself
-        seed = json.dumps(protocol.SeedRequest(registry_host, repo).to_json()).encode()
-        url = protocol.SEED_BLOB.url(f"http://127.0.0.1:{oport}", digest=str(digest))
-        req = urllib.request.Request(url, data=seed, method="POST",  # noqa: S310 (http, built here)
-                                     headers={"Content-Type": "application/json",
-                                              "Authorization": f"Bearer {cluster.keys['node_token'].read_text()}"})
-        urllib.request.urlopen(req, timeout=300).close()  # noqa: S310
+        api.seed_blob(f"http://127.0.0.1:{oport}", cluster.keys["node_token"].read_text(), str(digest),
+                      registry_host, repo)
         time.sleep(2)  # swarm tokens, announces
         cpu_before = sum(proc_stats(s.pid)[1] for s, _ in nodes)
         with PeakRss([s.pid for s, _ in nodes]) as peak:

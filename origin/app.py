@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector as PromCollector
 
-from origin.collector import Collector, Query
-from origin.config import OriginConfig
-from origin.preseed import Preseeder
-from origin.registration import TrackerRegistration
-from origin.seeder import Seeder, SeederMetrics, Upstream
 from shoal import audit, errors, protocol, signing
 from shoal.config import read_token
 from shoal.metrics import StoreCollector, SwarmCollector
@@ -28,6 +24,11 @@ from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import SEEDER_FINGERPRINT, Swarm, SwarmSettings
 from shoal.web import add_ops_routes, add_routes, error_middleware
+from shoal_origin.collector import Collector
+from shoal_origin.config import OriginConfig
+from shoal_origin.preseed import Preseeder
+from shoal_origin.registration import TrackerRegistration
+from shoal_origin.seeder import Seeder, SeederMetrics, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ async def submit_preseed(request: web.Request) -> web.Response:
     """POST /v1/preseed {"images": [...], "platforms": [...]} -> 202 with the job."""
     body = protocol.PreseedRequest.from_json(await _json(request))
     job = request.app[PRESEEDER_KEY].submit(body.images, body.platforms)
-    return web.json_response(job.summary(), status=202)
+    return web.json_response(job.summary().to_json(), status=202)
 
 
 async def receive_journal(request: web.Request) -> web.Response:
@@ -76,40 +77,30 @@ async def receive_journal(request: web.Request) -> web.Response:
     return web.json_response(protocol.JournalAck(stored.accepted, stored.duplicates, stored.rejected).to_json())
 
 
-_QUERY_FIELDS = ("repository", "digest", "reference", "ns", "principal", "node", "since", "until")
-
-
 async def query_audit(request: web.Request) -> web.StreamResponse:
-    """GET /v1/audit?repository=&digest=&principal=&node=&since=&until=&image=&limit=&format=json|jsonl|csv"""
-    params = request.rel_url.query
-    filters: dict[str, Any] = {k: params[k] for k in _QUERY_FIELDS if params.get(k)}
-    image = params.get("image")
-    if image:  # registry/name[:tag][@digest]; a tag or digest narrows to pulls that named it
-        ref = ImageReference.parse(image)
-        filters.update(ns=ref.registry, repository=ref.name)
+    """GET AUDIT (protocol.AuditQuery)."""
+    query = protocol.AuditQuery.from_query(request.rel_url.query)
+    if query.image:  # registry/name[:tag][@digest]; a tag or digest narrows to pulls that named it
+        ref = ImageReference.parse(query.image)
+        narrowed: dict[str, Any] = {"ns": ref.registry, "repository": ref.name}
         if ref.digest is not None:
-            filters["digest"] = str(ref.digest)
-        elif ":" in image.partition("@")[0].rsplit("/", 1)[-1] and ref.tag:
-            filters["reference"] = ref.tag
-    limit = params.get("limit", "1000")
-    if not limit.isdigit():
-        raise errors.BadRequest(errors.INVALID_REQUEST, "limit must be a number")
-    fmt = params.get("format", "json")
-    if fmt not in ("json", "jsonl", "csv"):
-        raise errors.BadRequest(errors.INVALID_REQUEST, "format is json, jsonl or csv")
-    events = await request.app[COLLECTOR_KEY].query(Query(**filters, limit=int(limit)))
-    if fmt == "jsonl":
+            narrowed["digest"] = str(ref.digest)
+        elif ":" in query.image.partition("@")[0].rsplit("/", 1)[-1] and ref.tag:
+            narrowed["reference"] = ref.tag
+        query = replace(query, image=None, **narrowed)
+    events = await request.app[COLLECTOR_KEY].query(query)
+    if query.format == "jsonl":
         return web.Response(text=audit.to_jsonl(events), content_type="application/x-ndjson")
-    if fmt == "csv":
+    if query.format == "csv":
         return web.Response(text=audit.to_csv(events), content_type="text/csv")
-    return web.json_response({"events": events, "count": len(events)})
+    return web.json_response(protocol.AuditPage(events).to_json())
 
 
 async def get_preseed(request: web.Request) -> web.Response:
     job = request.app[PRESEEDER_KEY].jobs.get(request.match_info["job"])
     if job is None:
         raise errors.NotFound(errors.NOT_FOUND, "no such pre-seed job")
-    return web.json_response(job.summary())
+    return web.json_response(job.summary().to_json())
 
 
 async def status(request: web.Request) -> web.Response:

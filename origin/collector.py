@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal import audit
+from shoal import audit, protocol
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 5000
-MAX_RESULTS = 100_000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     event_id   TEXT NOT NULL,
@@ -51,21 +50,6 @@ class Stored:
     accepted: int
     duplicates: int
     rejected: int
-
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    """Filters on the events' start records; every field is optional."""
-
-    repository: str | None = None
-    digest: str | None = None
-    reference: str | None = None
-    ns: str | None = None
-    principal: str | None = None
-    node: str | None = None
-    since: str | None = None  # RFC 3339 timestamps, compared as text (all UTC, same format)
-    until: str | None = None
-    limit: int = 1000
 
 
 class Collector:
@@ -134,8 +118,9 @@ class Collector:
         self.rejected += rejected
         return Stored(inserted, len(rows) - inserted, rejected)
 
-    async def query(self, q: Query) -> list[dict[str, Any]]:
-        """Merged events whose start matches the filters, oldest first."""
+    async def query(self, q: protocol.AuditQuery) -> list[dict[str, Any]]:
+        """Merged events whose start matches the filters, oldest first (`image` must have been
+        resolved into ns, repository and digest or reference; `format` is the caller's)."""
         where, args = ["phase = 'start'"], []
         for column in ("repository", "digest", "reference", "ns", "principal", "node"):
             value = getattr(q, column)
@@ -148,7 +133,7 @@ class Collector:
         if q.until is not None:
             where.append("ts < ?")
             args.append(q.until)
-        limit = max(1, min(q.limit, MAX_RESULTS))
+        limit = max(1, min(q.limit, protocol.AUDIT_MAX_LIMIT))
 
         def work() -> list[dict[str, Any]]:
             assert self._db is not None

@@ -12,11 +12,10 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-from origin.seeder import Seeder
-from shoal import errors
+from shoal import errors, protocol
 from shoal.oci import Descriptor, Digest, ImageReference, parse_manifest
+from shoal_origin.seeder import Seeder
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +43,15 @@ class Job:
     blobs: dict[str, BlobState] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> protocol.PreseedJob:
         blobs = list(self.blobs.values())
         done = [b for b in blobs if b.state in ("done", "skipped")]
-        return {
-            "id": self.id,
-            "state": self.state,
-            "images": self.images,
-            "platforms": self.platforms,
-            "manifests": self.manifests,
-            "blobs_total": len(blobs),
-            "blobs_done": len(done),
-            "blobs_failed": sum(1 for b in blobs if b.state == "failed"),
-            "bytes_total": sum(b.size for b in blobs),
-            "bytes_done": sum(b.size for b in done),
-            "errors": self.errors,
-            "elapsed_seconds": round((self.finished or time.time()) - self.created, 3),
-            "blobs": [
-                {"digest": b.digest, "size": b.size, "state": b.state, "error": b.error} for b in blobs
-            ],
-        }
+        return protocol.PreseedJob(
+            id=self.id, state=self.state, images=self.images, platforms=self.platforms, manifests=self.manifests,
+            blobs_total=len(blobs), blobs_done=len(done), blobs_failed=sum(1 for b in blobs if b.state == "failed"),
+            bytes_total=sum(b.size for b in blobs), bytes_done=sum(b.size for b in done), errors=self.errors,
+            elapsed_seconds=round((self.finished or time.time()) - self.created, 3),
+            blobs=[protocol.PreseedBlob(b.digest, b.size, b.state, b.error) for b in blobs])
 
 
 class Preseeder:

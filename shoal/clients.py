@@ -2,15 +2,18 @@
 origin's registration and the journal shipper use them; nobody builds these requests by hand).
 
 A call returns the answer's typed body, or raises:
-- `ApiError` when the server answered with a status the call does not expect (it carries the
-  status, never the body, which is the server's text and could echo anything);
+- `ApiError` when the server answered with a status the call does not expect. Its text carries
+  the status only: a server's body could echo anything, a credential included, and these errors
+  are logged. The server's own error message is in `detail`, for a person at a terminal;
 - aiohttp.ClientError / TimeoutError when the server could not be reached or did not answer in
   time, so callers can tell "down" from "refused".
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -19,9 +22,24 @@ from shoal.oci import Digest
 
 
 class ApiError(errors.ShoalError):
-    def __init__(self, what: str, status: int) -> None:
+    def __init__(self, what: str, status: int, detail: str | None = None) -> None:
         super().__init__(f"{what}: HTTP {status}")
         self.status = status
+        self.detail = detail  # the error document's message, printable and short; never logged
+
+
+async def _refused(r: aiohttp.ClientResponse, what: str) -> ApiError:
+    """An ApiError for an answer with an unexpected status, with the message of shoal's error
+    document (web.error_response) as its detail when there is one."""
+    detail = None
+    try:
+        doc = await r.json(content_type=None)
+        message = doc["errors"][0]["message"]
+        if isinstance(message, str):
+            detail = "".join(c if c.isprintable() else "?" for c in message[:300])
+    except (ValueError, KeyError, IndexError, TypeError, aiohttp.ClientError):
+        pass
+    return ApiError(what, r.status, detail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +49,7 @@ class SignedMetainfo:
 
 
 def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+    return {"Authorization": f"Bearer {token}"} if token else {}  # no token: the server's 401 says so
 
 
 class OriginClient:
@@ -60,6 +78,46 @@ class OriginClient:
             if not 200 <= r.status < 300:
                 raise ApiError("collector refused a journal batch", r.status)
             return protocol.JournalAck.from_json(await r.json())
+
+    # What operators do (with the node token until operators have their own credentials)
+
+    async def preseed(self, request: protocol.PreseedRequest, *, within: float = 30) -> protocol.PreseedJob:
+        async with self.http.post(protocol.PRESEED.url(self.base), json=request.to_json(), headers=self._auth,
+                                  timeout=aiohttp.ClientTimeout(total=within)) as r:
+            if r.status != 202:
+                raise await _refused(r, "origin refused the pre-seed")
+            return protocol.PreseedJob.from_json(await r.json())
+
+    async def preseed_job(self, job: str, *, within: float = 30) -> protocol.PreseedJob:
+        async with self.http.get(protocol.PRESEED_JOB.url(self.base, job=job), headers=self._auth,
+                                 timeout=aiohttp.ClientTimeout(total=within)) as r:
+            if r.status != 200:
+                raise await _refused(r, "origin has no such pre-seed job")
+            return protocol.PreseedJob.from_json(await r.json())
+
+    async def audit(self, query: protocol.AuditQuery, *, within: float = 60) -> protocol.AuditPage:
+        if query.format != "json":
+            raise ValueError("audit() reads json; use audit_text() for jsonl and csv")
+        return protocol.AuditPage.from_json(json.loads(await self.audit_text(query, within=within)))
+
+    async def audit_text(self, query: protocol.AuditQuery, *, within: float = 60) -> str:
+        """The answer as the server wrote it (json, jsonl or csv, as `query.format` asks)."""
+        async with self.http.get(protocol.AUDIT.url(self.base, query.to_query()), headers=self._auth,
+                                 timeout=aiohttp.ClientTimeout(total=within)) as r:
+            if r.status != 200:
+                raise await _refused(r, "origin refused the audit query")
+            return await r.text()
+
+
+async def status(http: aiohttp.ClientSession, base: str, *, within: float = 10) -> dict[str, Any]:
+    """Any component's public STATUS document (its fields differ by component)."""
+    async with http.get(protocol.STATUS.url(base), timeout=aiohttp.ClientTimeout(total=within)) as r:
+        if r.status != 200:
+            raise await _refused(r, "status")
+        doc = await r.json(content_type=None)
+        if not isinstance(doc, dict):
+            raise ApiError("status is not a JSON object", r.status)
+        return doc
 
 
 class TrackerClient:

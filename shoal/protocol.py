@@ -188,3 +188,130 @@ class PreseedRequest:
     def from_json(cls, doc: Any) -> PreseedRequest:
         d = _doc(doc)
         return cls(_texts(d, "images", required=True), _texts(d, "platforms", required=False))
+
+
+def _number(doc: dict[str, Any], key: str) -> float:
+    value = doc.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise errors.BadRequest(errors.INVALID_REQUEST, f"{key} must be a non-negative number")
+    return float(value)
+
+
+def _optional_text(doc: dict[str, Any], key: str) -> str | None:
+    value = doc.get(key)
+    if value is not None and not isinstance(value, str):
+        raise errors.BadRequest(errors.INVALID_REQUEST, f"{key} must be a string or null")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class PreseedBlob:
+    digest: str
+    size: int
+    state: str  # pending, seeding, done, skipped, failed
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> PreseedBlob:
+        d = _doc(doc)
+        return cls(_text(d, "digest"), _count(d, "size"), _text(d, "state"), _optional_text(d, "error"))
+
+
+@dataclass(frozen=True, slots=True)
+class PreseedJob:
+    """The answer of PRESEED (202) and PRESEED_JOB (200): a job's progress."""
+
+    id: str
+    state: str  # resolving, seeding, done, failed
+    images: list[str]
+    platforms: list[str]
+    manifests: list[str]
+    blobs_total: int
+    blobs_done: int
+    blobs_failed: int
+    bytes_total: int
+    bytes_done: int
+    errors: list[str]
+    elapsed_seconds: float
+    blobs: list[PreseedBlob]
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> PreseedJob:
+        d = _doc(doc)
+        blobs = d.get("blobs")
+        if not isinstance(blobs, list):
+            raise errors.BadRequest(errors.INVALID_REQUEST, "blobs must be a list")
+        return cls(_text(d, "id"), _text(d, "state"), _texts(d, "images", required=True),
+                   _texts(d, "platforms", required=False), _texts(d, "manifests", required=False),
+                   _count(d, "blobs_total"), _count(d, "blobs_done"), _count(d, "blobs_failed"),
+                   _count(d, "bytes_total"), _count(d, "bytes_done"), _texts(d, "errors", required=False),
+                   _number(d, "elapsed_seconds"), [PreseedBlob.from_json(b) for b in blobs])
+
+
+AUDIT_FORMATS = ("json", "jsonl", "csv")
+AUDIT_MAX_LIMIT = 100_000  # a larger limit is cut to this
+AUDIT_FILTERS = ("image", "repository", "digest", "reference", "ns", "principal", "node", "since", "until")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """GET AUDIT's query string: filters on the events (all optional; `image` is
+    registry/name[:tag][@digest]), at most `limit` events (1 to AUDIT_MAX_LIMIT), in `format`
+    (json answers an AuditPage, jsonl and csv answer text)."""
+
+    image: str | None = None
+    repository: str | None = None
+    digest: str | None = None
+    reference: str | None = None
+    ns: str | None = None
+    principal: str | None = None
+    node: str | None = None
+    since: str | None = None  # RFC 3339
+    until: str | None = None
+    limit: int = 1000
+    format: str = "json"
+
+    def to_query(self) -> dict[str, str]:
+        query = {k: v for k in AUDIT_FILTERS if (v := getattr(self, k))}
+        return {**query, "limit": str(self.limit), "format": self.format}
+
+    @classmethod
+    def from_query(cls, query: Any) -> AuditQuery:
+        """From a request's query (a mapping of strings); empty filters are absent."""
+        limit = query.get("limit", "1000")
+        # ASCII only: str.isdigit() also admits "²", which int() refuses (that was a 500); and
+        # short: int() refuses more than 4,300 digits
+        if not (limit.isascii() and limit.isdigit() and len(limit) <= 20):
+            raise errors.BadRequest(errors.INVALID_REQUEST, "limit must be a whole number")
+        fmt = query.get("format", "json")
+        if fmt not in AUDIT_FORMATS:
+            raise errors.BadRequest(errors.INVALID_REQUEST, "format is json, jsonl or csv")
+        return cls(**{k: query[k] for k in AUDIT_FILTERS if query.get(k)},
+                   limit=max(1, min(int(limit), AUDIT_MAX_LIMIT)), format=fmt)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    """GET AUDIT in json: the events (shoal.audit's joined event documents), oldest first."""
+
+    events: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"events": self.events, "count": len(self.events)}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> AuditPage:
+        events = _doc(doc).get("events")
+        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+            raise errors.BadRequest(errors.INVALID_REQUEST, "events must be a list of objects")
+        return cls(events)

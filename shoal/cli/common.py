@@ -1,41 +1,49 @@
-"""What the subcommands share: a small JSON-over-HTTP helper (urllib: the CLI needs no event
-loop), sizes for people, the node token."""
+"""What the subcommands share: the origin client with the node token, how a failed call reads,
+sizes for people."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
 import os
-import urllib.error
-import urllib.request
+import sys
 from pathlib import Path
-from typing import Any
+
+import aiohttp
+
+from shoal import errors
+from shoal.clients import ApiError
 
 DEFAULT_ORIGIN = "http://127.0.0.1:6970"
+# What a call can fail with: the server could not be reached or did not answer in time, or it
+# answered with a refusal (ApiError), or with a body that is not what the protocol says.
+CALL_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ApiError, errors.BadRequest, ValueError)
 
 
-def http_json(method: str, url: str, body: Any = None, *, timeout: float = 10.0,
-          token: str | None = None, raw_text: bool = False) -> tuple[int, Any]:
+def check_url(url: str, flag: str) -> str:
     if not url.startswith(("http://", "https://")):
-        raise urllib.error.URLError(f"not an http(s) URL: {url}")
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"} if data else {}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=data, method=method,  # noqa: S310 (scheme checked above)
-                                 headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (operator-given URL)
-            raw = resp.read()
-            status = int(resp.status)
-    except urllib.error.HTTPError as exc:
-        raw, status = exc.read(), int(exc.code)
-    if raw_text and 200 <= status < 300:
-        return status, raw.decode(errors="replace")
-    try:
-        return status, json.loads(raw) if raw else None
-    except ValueError:
-        return status, raw.decode(errors="replace")
+        raise SystemExit(f"shoal: {flag} must be an http:// or https:// URL, not {url!r}")
+    return url.rstrip("/")
+
+
+def origin_failed(command: str, origin: str, exc: BaseException) -> int:
+    """Say on stderr, in one line, why a call to the origin failed; the exit status."""
+    if isinstance(exc, ApiError):
+        print(f"shoal {command}: the origin refused: {failure(exc)}", file=sys.stderr)
+    else:
+        print(f"shoal {command}: cannot reach the origin at {origin}: {failure(exc)}", file=sys.stderr)
+    return 1
+
+
+def failure(exc: BaseException) -> str:
+    """One line for a failed call: the server's own message when it refused, else what went wrong."""
+    if isinstance(exc, ApiError):
+        return f"HTTP {exc.status}: {exc.detail}" if exc.detail else f"HTTP {exc.status}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, errors.BadRequest):
+        return f"a malformed answer ({exc})"
+    return str(exc) or type(exc).__name__
 
 
 def size_text(n: float) -> str:
@@ -46,14 +54,11 @@ def size_text(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-
-def node_token(args: argparse.Namespace) -> str | None:
+def node_token(args: argparse.Namespace) -> str:
     path = args.node_token_file or os.environ.get("SHOAL_NODE_TOKEN_FILE")
     if not path:
-        return None
+        return ""
     try:
         return Path(path).read_text().strip()
     except OSError as exc:
         raise SystemExit(f"shoal: cannot read the node token file {path!r}: {exc.strerror}") from None
-
-

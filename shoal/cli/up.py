@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.request
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -19,8 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from shoal import protocol
-from shoal.cli.common import http_json
-from shoal.cluster import Cluster, make_keys
+from shoal.cluster import Cluster, command, make_keys
 
 
 def _default_data_dir() -> Path:
@@ -68,9 +68,9 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) 
         if proc.poll() is not None:
             return False
         try:
-            status, _ = http_json("GET", protocol.READYZ.url(url), timeout=1.0)
-            if status == 200:
-                return True
+            with urllib.request.urlopen(protocol.READYZ.url(url), timeout=1.0) as resp:  # noqa: S310 (http, ours)
+                if resp.status == 200:
+                    return True
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.1)
@@ -110,7 +110,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             # each child with one SIGTERM. (With the terminal's SIGINT on top, a second signal
             # cut the origin's cleanup short and it logged unclosed sessions.) The children
             # still go with the supervisor if it is killed outright.
-            procs[name] = subprocess.Popen([sys.executable, "-m", name, "--config", str(path)],
+            procs[name] = subprocess.Popen(command(name, path),
                                            start_new_session=True, preexec_fn=_die_with_parent)
             if not _wait_ready(f"http://{configs[name]['listen']}", procs[name]):
                 print(f"shoal up: {name} failed to start (see its messages above)", file=sys.stderr)
@@ -144,6 +144,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()  # gone (and its ports closed) before `shoal up` returns
     return rc
 
 

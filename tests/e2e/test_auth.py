@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from shoal import protocol
+from tests.support import api
 from tests.support.clients import Containerd
 from tests.support.images import Image, build_image, push
-from tests.support.procs import Component, http_get, wait_for
+from tests.support.procs import Component, wait_for
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 from tests.support.tokenserver import TokenServer
@@ -284,10 +284,7 @@ def wait_for_journal(stack: Stack, *, minimum: int, timeout: float = 30) -> list
     deadline = time.monotonic() + timeout
     events: list[dict[str, object]] = []
     while time.monotonic() < deadline:
-        status, body = http_get(protocol.AUDIT.url(stack.origin.url, {"limit": "100000"}),
-                                headers={"Authorization": f"Bearer {stack.node_token}"})
-        assert status == 200
-        events = json.loads(body)["events"]
+        events = api.audit_events(stack.origin.url, stack.node_token)
         if len(events) >= minimum and all(e["outcome"] != "incomplete" for e in events):
             return events
         time.sleep(0.2)

@@ -16,6 +16,7 @@ import pytest
 
 from shoal import protocol
 from tests.e2e.conftest import USERS, Images
+from tests.support import api
 from tests.support.clients import Containerd
 from tests.support.faults import CuttableProxy
 from tests.support.images import build_image, push
@@ -129,10 +130,7 @@ def journal(stack: Stack, *, node: str, minimum: int = 1, timeout: float = 30) -
     assert stack.origin is not None
     deadline = time.monotonic() + timeout
     while True:
-        status, body = http_get(protocol.AUDIT.url(stack.origin.url, {"node": node, "limit": "10000"}),
-                                headers={"Authorization": f"Bearer {stack.node_token}"})
-        assert status == 200
-        events = list(json.loads(body)["events"])
+        events = api.audit_events(stack.origin.url, stack.node_token, node=node)
         if len(events) >= minimum and all(e["outcome"] != "incomplete" for e in events):
             return events
         if time.monotonic() > deadline:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import socket
 from pathlib import Path
 
-from shoal import protocol
 from tests.e2e.conftest import Images
+from tests.support import api
 from tests.support.clients import skopeo_copy, verify_dir
 from tests.support.faults import CuttableProxy
-from tests.support.procs import http_get, wait_for
+from tests.support.procs import wait_for
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 
@@ -56,28 +55,19 @@ def test_seeder_killed_after_registering(stack: Stack, registry: Registry, image
     stack.start(agents=0)
     assert stack.origin is not None and stack.tracker is not None
     for blob in image.large_blobs(THRESHOLD):
-        status, _ = _seed(stack, registry.host, blob.digest)
-        assert status == 200
+        _seed(stack, registry.host, blob.digest)
     agent = stack.start_agent()
     wait_for(lambda: agent.metric("shoal_agent_swarm_token_expiry_timestamp_seconds") > 0)
     stack.origin.stop(kill=True)
     skopeo_copy(f"{agent.config['listen']}/private/app:v1", workdir / "copy", timeout=BOUND)
     assert verify_dir(workdir / "copy", image) == len(image.blobs)
     assert agent.metric("shoal_agent_fallbacks_total", reason="no_first_piece") == len(image.large_blobs(THRESHOLD))
-    status, body = http_get(protocol.STATUS.url(stack.tracker.url))
-    assert status == 200 and json.loads(body)["torrents"] == len(image.large_blobs(THRESHOLD))
+    assert api.status(stack.tracker.url)["torrents"] == len(image.large_blobs(THRESHOLD))
 
 
-def _seed(stack: Stack, ns: str, digest: str) -> tuple[int, bytes]:
-    import urllib.request
-
+def _seed(stack: Stack, ns: str, digest: str) -> None:
     assert stack.origin is not None
-    req = urllib.request.Request(protocol.SEED_BLOB.url(stack.origin.url, digest=str(digest)), method="POST",
-                                 data=json.dumps(protocol.SeedRequest(ns, "private/app").to_json()).encode(),
-                                 headers={"Content-Type": "application/json",
-                                          "Authorization": f"Bearer {stack.node_token}"})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return int(resp.status), resp.read()
+    api.seed_blob(stack.origin.url, stack.node_token, digest, ns, "private/app")  # ApiError unless seeded
 
 
 def test_failure_mid_response_cuts_the_connection(stack: Stack, registry: Registry, images: Images) -> None:
@@ -88,8 +78,7 @@ def test_failure_mid_response_cuts_the_connection(stack: Stack, registry: Regist
     proxy = CuttableProxy("127.0.0.1", registry.port)  # the agent's only way to the registry
     stack.start_tracker()
     origin = stack.start_origin(torrent={"upload_rate_limit": "4MiB"})
-    status, _ = _seed(stack, registry.host, big.digest)
-    assert status == 200
+    _seed(stack, registry.host, big.digest)
     upstream = {**stack.upstream(stack.node_user, stack.node_password), "url": proxy.url}
     agent = stack.start_agent(upstreams=[upstream], swarm={"stall_timeout": "2s"})
     host, port = agent.config["listen"].rsplit(":", 1)
@@ -122,8 +111,7 @@ def test_seeder_killed_mid_transfer(stack: Stack, registry: Registry, images: Im
     big = max(image.blobs.values(), key=lambda b: b.size)
     stack.start_tracker()
     origin = stack.start_origin(torrent={"upload_rate_limit": "4MiB"})
-    status, _ = _seed(stack, registry.host, big.digest)
-    assert status == 200
+    _seed(stack, registry.host, big.digest)
     agent = stack.start_agent(swarm={"stall_timeout": "2s"})
     host, port = agent.config["listen"].rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=BOUND)

@@ -9,7 +9,6 @@ import collections
 import functools
 import hashlib
 import http.client
-import json
 import os
 import random
 import shutil
@@ -23,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from shoal import metainfo, protocol
+from shoal import metainfo
 from shoal.store import FREE_SPACE_RESERVE
 from tests.e2e.conftest import Images
+from tests.support import api
 from tests.support.evilpeer import EvilPeer
 from tests.support.faults import CuttableProxy, FlakyRegistry
 from tests.support.images import Blob
@@ -56,22 +56,13 @@ def assert_blob(agent: Component, blob: Blob) -> None:
 
 def seed(stack: Stack, registry: Registry, blob: Blob) -> metainfo.Metainfo:
     assert stack.origin is not None
-    req = urllib.request.Request(protocol.SEED_BLOB.url(stack.origin.url, digest=blob.digest), method="POST",
-                                 data=json.dumps(protocol.SeedRequest(registry.host, "private/app").to_json()).encode(),
-                                 headers={"Content-Type": "application/json",
-                                          "Authorization": f"Bearer {stack.node_token}"})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return metainfo.parse(resp.read())
+    return metainfo.parse(api.seed_blob(stack.origin.url, stack.node_token, blob.digest, registry.host,
+                                        "private/app").raw)
 
 
 def swarm_token(stack: Stack, node: str) -> str:
     assert stack.origin is not None
-    req = urllib.request.Request(protocol.SWARM_TOKEN.url(stack.origin.url), method="POST",
-                                 data=json.dumps(protocol.SwarmTokenRequest(node).to_json()).encode(),
-                                 headers={"Content-Type": "application/json",
-                                          "Authorization": f"Bearer {stack.node_token}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return protocol.SwarmToken.from_json(json.loads(resp.read())).token
+    return api.swarm_token(stack.origin.url, stack.node_token, node).token
 
 
 def content_length(head: bytes) -> int | None:
@@ -141,7 +132,7 @@ def has_token(agent: Component) -> bool:
 
 
 def in_flight(agent: Component) -> int:
-    return int(json.loads(http_get(protocol.STATUS.url(agent.url))[1])["downloads_in_flight"])
+    return int(api.status(agent.url)["downloads_in_flight"])
 
 
 def test_tracker_killed_during_a_swarm(stack: Stack, registry: Registry, images: Images) -> None:
@@ -433,9 +424,7 @@ def test_sigkill_at_random_points(stack: Stack, images: Images) -> None:
     deadline = time.monotonic() + BOUND
     while time.monotonic() < deadline:
         assert stack.origin is not None
-        status, body = http_get(protocol.AUDIT.url(stack.origin.url, {"limit": "100000"}),
-                                headers={"Authorization": f"Bearer {stack.node_token}"})
-        events = json.loads(body)["events"]
+        events = api.audit_events(stack.origin.url, stack.node_token)
         if started_requests <= {e["user_agent"] for e in events}:
             break
         time.sleep(0.5)

@@ -15,6 +15,7 @@ import time
 
 from shoal import protocol
 from tests.e2e.conftest import Images
+from tests.support import api
 from tests.support.procs import ROOT, Component, http_get, wait_for
 from tests.support.stack import Stack
 
@@ -34,10 +35,7 @@ def request(agent: Component, path: str, accept: str | None = None) -> tuple[int
 
 def collected(stack: Stack) -> list[dict[str, object]]:
     assert stack.origin is not None
-    status, body = http_get(protocol.AUDIT.url(stack.origin.url, {"limit": "100000"}),
-                            headers={"Authorization": f"Bearer {stack.node_token}"})
-    assert status == 200
-    return list(json.loads(body)["events"])
+    return api.audit_events(stack.origin.url, stack.node_token)
 
 
 def wait_collected(stack: Stack, count: int, timeout: float = 60) -> list[dict[str, object]]:
@@ -141,8 +139,19 @@ def test_shoal_audit_queries_and_exports(stack: Stack, images: Images) -> None:
     assert table.splitlines()[0].split()[:3] == ["TS", "NODE", "PRINCIPAL"]
     assert len(table.splitlines()) == 3
     # the collector needs the node token
-    status, _ = http_get(protocol.AUDIT.url(stack.origin.url)) if stack.origin else (0, b"")
+    assert stack.origin is not None
+    status, _ = http_get(protocol.AUDIT.url(stack.origin.url))
     assert status == 401
+    # a limit that str.isdigit() accepts and int() does not was a 500 with a traceback
+    status, body = http_get(protocol.AUDIT.url(stack.origin.url, {"limit": "²"}),
+                            headers={"Authorization": f"Bearer {stack.node_token}"})
+    assert status == 400 and "limit must be a whole number" in json.loads(body)["errors"][0]["message"]
+    # an operator sees the origin's reason, not only its status
+    refused = subprocess.run([sys.executable, "-m", "shoal.cli", "audit", "--origin", stack.origin.url,
+                              "--node-token-file", str(stack.keys["node_token"]), "--limit", "-1"],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == "shoal audit: the origin refused: HTTP 400: limit must be a whole number"
 
 
 def audit_now() -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import random
 import time
 from pathlib import Path
@@ -16,8 +15,9 @@ import aiohttp
 from shoal import bencode, metainfo, protocol, signing
 from shoal.oci import Digest
 from tests.e2e.conftest import Images
+from tests.support import api
 from tests.support.images import Blob, build_image
-from tests.support.procs import Component, http_get, proc_stats
+from tests.support.procs import Component, proc_stats
 from tests.support.stack import Stack
 
 CLIENTS = 64
@@ -172,7 +172,6 @@ def test_tracker_under_sustained_announce_load(stack: Stack, tmp_path: Path) -> 
     assert count > seeders + leechers
     assert tracker.running()
     assert rss(tracker) < 200 << 20
-    _status, body = http_get(protocol.STATUS.url(tracker.url))
-    assert json.loads(body)["peers"] == seeders + leechers
+    assert api.status(tracker.url)["peers"] == seeders + leechers
     assert origin.running()
     print(f"\ntracker: {count} announces in {elapsed:.1f}s ({count / elapsed:.0f}/s) from {seeders + leechers} peers")

@@ -11,6 +11,7 @@ from urllib.parse import quote_from_bytes
 
 from shoal import announcing, bencode, metainfo, protocol
 from tests.e2e.conftest import Images
+from tests.support import api
 from tests.support.clients import skopeo_copy, verify_dir
 from tests.support.procs import http_get
 from tests.support.registry import Registry
@@ -61,10 +62,9 @@ def test_four_agents_pull_at_once(stack: Stack, registry: Registry, images: Imag
 def seeders(stack: Stack, digest: str) -> int:
     """How many seeders the tracker lists for a blob's torrent right now (BEP 48 scrape)."""
     assert stack.tracker is not None
-    status, raw = http_get(protocol.METAINFO.url(stack.tracker.url, digest=str(digest)),
-                           headers={"Authorization": f"Bearer {stack.node_token}"})
-    assert status == 200, status
-    info_hash = metainfo.parse(raw).tracker_hash
+    signed = api.metainfo(stack.tracker.url, stack.node_token, str(digest))
+    assert signed is not None
+    info_hash = metainfo.parse(signed.raw).tracker_hash
     status, body = http_get(protocol.SCRAPE.url(stack.tracker.url) + f"?info_hash={quote_from_bytes(info_hash)}")
     doc = bencode.decode(body)
     assert status == 200 and isinstance(doc, dict)

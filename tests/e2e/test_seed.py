@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shoal import protocol
 from tests.e2e.conftest import Images
+from tests.support import api
 from tests.support.clients import skopeo_copy, verify_dir
 from tests.support.images import Image
-from tests.support.procs import ROOT, http_get
+from tests.support.procs import ROOT
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 
@@ -24,9 +24,7 @@ def shoal_seed(stack: Stack, origin: str, *args: str) -> subprocess.CompletedPro
 
 
 def seeded(origin: str) -> set[str]:
-    status, body = http_get(protocol.STATUS.url(origin))
-    assert status == 200
-    return {b["digest"] for b in json.loads(body)["blobs"]}
+    return {b["digest"] for b in api.status(origin)["blobs"]}
 
 
 def platform_blobs(image: Image, platform: str) -> set[str]:

@@ -12,11 +12,11 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from agent.journal import Journal, segments
-from agent.shipper import Shipper
-from origin.collector import Collector, Query
 from shoal import audit, protocol
 from shoal.clients import OriginClient
+from shoal_agent.journal import Journal, segments
+from shoal_agent.shipper import Shipper
+from shoal_origin.collector import Collector
 from tests.support.procs import free_port
 
 
@@ -65,7 +65,7 @@ async def test_group_commit_rotation_and_exactly_once(tmp_path: Path) -> None:
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-    events = await collector.query(Query(limit=1000))
+    events = await collector.query(protocol.AuditQuery(limit=1000))
     assert sorted(e["event_id"] for e in events) == [f"{i:032x}" for i in range(200)]
     assert collector.duplicates > 0  # the lost answers made the agent send again
     assert [seq for seq, _ in segments(journal.directory)] == [journal.active_seq]  # shipped ones removed
@@ -95,7 +95,7 @@ async def test_torn_tail_of_a_crashed_segment_is_skipped(tmp_path: Path) -> None
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-    events = await collector.query(Query(limit=10))
+    events = await collector.query(protocol.AuditQuery(limit=10))
     assert sorted(e["event_id"] for e in events) == [f"{i:032x}" for i in (0, 1, 10)]
     assert not (directory / "segment-0000000001.jsonl").exists()
     await server.close()
@@ -125,7 +125,7 @@ async def test_shipped_records_are_freed_without_waiting_for_rotation(tmp_path: 
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     assert shipper.rolls >= 3  # each wave is about 12 KiB of records
-    events = await collector.query(Query(limit=1000))
+    events = await collector.query(protocol.AuditQuery(limit=1000))
     assert sorted(e["event_id"] for e in events) == [f"{i:032x}" for i in range(300)]
     assert collector.duplicates == 0
     await server.close()

@@ -17,14 +17,14 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from origin.preseed import Preseeder
-from origin.registration import TrackerRegistration
-from origin.seeder import Seeder, SeederMetrics, Upstream
 from shoal import errors, metainfo, protocol, signing
 from shoal.oci import Digest
 from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import SEEDER_FINGERPRINT, Swarm, SwarmSettings
+from shoal_origin.preseed import Preseeder
+from shoal_origin.registration import TrackerRegistration
+from shoal_origin.seeder import Seeder, SeederMetrics, Upstream
 from tests.integration.conftest import NODE_TOKEN, REGISTRATION_TOKEN, Keys, tracker_server
 from tests.support.fakeregistry import Canned, FakeServer
 from tests.support.procs import free_port
@@ -127,7 +127,7 @@ async def test_bad_bytes_are_never_seeded_or_kept(seeder: Seeder, registry: Fake
         await seeder.ensure_seeded("elsewhere", "private/app", DIGEST)
 
 
-async def wait_job(preseeder: Preseeder, job_id: str) -> dict[str, object]:
+async def wait_job(preseeder: Preseeder, job_id: str) -> protocol.PreseedJob:
     async with asyncio.timeout(30):
         while preseeder.jobs[job_id].state in ("resolving", "seeding"):
             await asyncio.sleep(0.05)
@@ -139,10 +139,10 @@ async def test_a_preseed_job_seeds_every_blob_of_an_image(seeder: Seeder, regist
     try:
         job = preseeder.submit([f"{registry.host}/private/app:v1"], [])
         summary = await wait_job(preseeder, job.id)
-        assert summary["state"] == "done" and summary["errors"] == []
-        assert summary["manifests"] == [f"{registry.host}/private/app@{digest_of(manifest())}"]
-        assert summary["blobs_total"] == summary["blobs_done"] == 3
-        assert summary["bytes_done"] == summary["bytes_total"] == len(BLOB) + len(LAYER) + len(CONFIG)
+        assert summary.state == "done" and summary.errors == []
+        assert summary.manifests == [f"{registry.host}/private/app@{digest_of(manifest())}"]
+        assert summary.blobs_total == summary.blobs_done == 3
+        assert summary.bytes_done == summary.bytes_total == len(BLOB) + len(LAYER) + len(CONFIG)
         for data in (BLOB, LAYER, CONFIG):
             assert seeder.store.path(digest_of(data)).read_bytes() == data
             assert seeder.swarm.job(digest_of(data).hex) is not None
@@ -151,7 +151,7 @@ async def test_a_preseed_job_seeds_every_blob_of_an_image(seeder: Seeder, regist
             200, {"Content-Type": MANIFEST_TYPE}, manifest())  # a registry answering the wrong manifest
         pinned = preseeder.submit([f"{registry.host}/private/app@sha256:{'0' * 64}"], [])
         summary = await wait_job(preseeder, pinned.id)
-        assert summary["state"] == "failed" and "does not match its digest" in str(summary["errors"])
+        assert summary.state == "failed" and "does not match its digest" in str(summary.errors)
         with pytest.raises(errors.NotFound):
             preseeder.submit(["elsewhere.example/private/app:v1"], [])
     finally:
@@ -163,10 +163,10 @@ async def test_a_failing_blob_fails_the_job_and_names_itself(seeder: Seeder, reg
     preseeder = Preseeder(seeder, concurrency=2)
     try:
         summary = await wait_job(preseeder, preseeder.submit([f"{registry.host}/private/app:v1"], []).id)
-        assert summary["state"] == "failed"
-        states = {b["digest"]: b["state"] for b in summary["blobs"]}  # type: ignore[attr-defined]
+        assert summary.state == "failed"
+        states = {b.digest: b.state for b in summary.blobs}
         assert states == {str(digest_of(BLOB)): "done", str(digest_of(CONFIG)): "done",
                           str(digest_of(LAYER)): "failed"}
-        assert str(digest_of(LAYER)) in str(summary["errors"])
+        assert str(digest_of(LAYER)) in str(summary.errors)
     finally:
         await preseeder.stop()

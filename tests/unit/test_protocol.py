@@ -4,6 +4,7 @@ with a 400 that names the field; routes quote their parameters."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -85,3 +86,65 @@ def test_one_error_answer_for_every_kind_of_error() -> None:
     assert answer(web.HTTPRequestEntityTooLarge(10, 20))[:2] == (413, "INVALID_REQUEST")
     secret = RuntimeError("password=hunter2")  # an unexpected error says nothing of itself
     assert answer(secret) == (500, "UNKNOWN", "unknown error")
+
+
+JOB = protocol.PreseedJob(
+    id="j1", state="seeding", images=["r/app:v1"], platforms=[], manifests=["r/app@sha256:" + "a" * 64],
+    blobs_total=2, blobs_done=1, blobs_failed=0, bytes_total=30, bytes_done=10, errors=[], elapsed_seconds=1.5,
+    blobs=[protocol.PreseedBlob("sha256:" + "b" * 64, 10, "done", None),
+           protocol.PreseedBlob("sha256:" + "c" * 64, 20, "failed", "registry answered 500")])
+
+
+@pytest.mark.parametrize("body", [JOB, protocol.AuditPage([{"event_id": "e1", "status": 200}]), protocol.AuditPage([])],
+                         ids=lambda b: type(b).__name__)
+def test_answers_round_trip(body: Any) -> None:
+    assert type(body).from_json(body.to_json()) == body
+
+
+def test_a_job_is_finished_when_done_or_failed() -> None:
+    assert [replace(JOB, state=s).finished for s in ("resolving", "seeding", "done", "failed")] == [
+        False, False, True, True]
+
+
+@pytest.mark.parametrize(("doc", "field"), [
+    ({**JOB.to_json(), "blobs": {}}, "blobs"),
+    ({**JOB.to_json(), "blobs": [{"digest": "d", "size": -1, "state": "done", "error": None}]}, "size"),
+    ({**JOB.to_json(), "blobs": [{"digest": "d", "size": 1, "state": "done", "error": 5}]}, "error"),
+    ({**JOB.to_json(), "elapsed_seconds": "1"}, "elapsed_seconds"),
+    ({**JOB.to_json(), "bytes_done": 1.5}, "bytes_done"),
+    ({"events": [1]}, "events"),
+])
+def test_malformed_answers_are_refused_naming_the_field(doc: dict[str, Any], field: str) -> None:
+    cls = protocol.AuditPage if "events" in doc else protocol.PreseedJob
+    with pytest.raises(errors.BadRequest, match=field):
+        cls.from_json(doc)
+
+
+def test_an_audit_query_survives_the_query_string() -> None:
+    query = protocol.AuditQuery(image="r/app:v1", node="n1", since="2026-11-30T00:00:00Z", limit=5, format="csv")
+    assert query.to_query() == {"image": "r/app:v1", "node": "n1", "since": "2026-11-30T00:00:00Z", "limit": "5",
+                                "format": "csv"}
+    assert protocol.AuditQuery.from_query(query.to_query()) == query
+    assert protocol.AuditQuery.from_query({"node": "", "principal": "alice"}) == protocol.AuditQuery(principal="alice")
+
+
+@pytest.mark.parametrize(("query", "message"), [
+    ({"limit": "²"}, "limit must be a whole number"),  # isdigit(), but int() refuses it: was a 500
+    ({"limit": "-1"}, "limit must be a whole number"),
+    ({"limit": "9" * 5000}, "limit must be a whole number"),  # more digits than int() reads: a 500
+    ({"format": "xml"}, "format is json, jsonl or csv"),
+])
+def test_a_bad_audit_query_is_a_400(query: dict[str, str], message: str) -> None:
+    with pytest.raises(errors.BadRequest, match=message) as exc:
+        protocol.AuditQuery.from_query(query)
+    assert exc.value.oci.status == 400
+
+
+def test_an_audit_limit_is_cut_to_its_bounds() -> None:
+    def limit(text: str) -> int:
+        return protocol.AuditQuery.from_query({"limit": text}).limit
+
+    assert protocol.AuditQuery.from_query({}).limit == 1000
+    assert [limit("0"), limit("1"), limit("99999"), limit(str(protocol.AUDIT_MAX_LIMIT))] == [
+        1, 1, 99_999, protocol.AUDIT_MAX_LIMIT]
+    assert limit("9" * 20) == protocol.AUDIT_MAX_LIMIT
