@@ -71,7 +71,7 @@ def _doc(doc: Any) -> dict[str, Any]:
     return doc
 
 
-def _text(doc: dict[str, Any], key: str, *, max_length: int = 1024) -> str:
+def _text(doc: dict[str, Any], key: str, *, max_length: int) -> str:
     value = doc.get(key)
     if not isinstance(value, str) or not 0 < len(value) <= max_length:
         raise errors.BadRequest(errors.INVALID_REQUEST, f"{key} must be a string of 1 to {max_length} characters")
