@@ -18,6 +18,14 @@ def test_retry_delay_doubles_up_to_the_bound_with_jitter() -> None:
     assert announcing.retry_delay(10, rng) <= announcing.RETRY_MAX * high
 
 
+def test_retry_delay_scales_the_base_by_the_rngs_draw() -> None:
+    for failures, base in ((1, 5.0), (2, 10.0), (3, 20.0), (4, 30.0), (9, 30.0)):
+        rng, same = random.Random(failures), random.Random(failures)
+        draw = same.uniform(-announcing.RETRY_JITTER, announcing.RETRY_JITTER)
+        assert announcing.retry_delay(failures, rng) == round(base * (1 + draw)), failures
+    assert 4 <= announcing.retry_delay(1) <= 6  # without one, the module's random draws
+
+
 def test_ttl_bounds() -> None:
     assert announcing.min_peer_ttl(30) == 30 + announcing.ANNOUNCE_TIMEOUT
     assert announcing.default_peer_ttl(30) == 90 + announcing.ANNOUNCE_TIMEOUT

@@ -66,3 +66,5 @@ def test_backoff_doubles_up_to_its_ceiling_and_resets() -> None:
     assert b.next() == 0.25
     with pytest.raises(ValueError, match="low"):
         Backoff(0, 1)
+    fixed = Backoff(1.0, 1.0)  # low == high: a fixed wait
+    assert [fixed.next() for _ in range(3)] == [1.0, 1.0, 1.0]

@@ -49,6 +49,43 @@ def test_malformed_bodies_are_400s_naming_the_field(cls: Any, doc: Any, field: s
     assert exc.value.oci.status == 400
 
 
+def test_refusals_are_the_error_body_a_client_reads() -> None:
+    def message(cls: Any, doc: Any) -> str:
+        with pytest.raises(errors.BadRequest) as exc:
+            cls.from_json(doc)
+        return str(exc.value)
+
+    assert message(protocol.SeedRequest, []) == "body must be a JSON object"
+    assert message(protocol.JournalBatch, {"node": "n"}) == "records must be a list"
+    assert message(protocol.SwarmToken, {"token": "t", "ttl_seconds": -1}) == "ttl_seconds must be a positive number"
+    assert message(protocol.PreseedRequest, {}) == "images must be a non-empty list of strings"
+    assert message(protocol.PreseedRequest, {"images": ["a"], "platforms": [1]}) == \
+        "platforms must be a list of strings"
+    assert message(protocol.SeedRequest, {"ns": "r", "repository": ""}) == \
+        "repository must be a string of 1 to 255 characters"
+
+
+@pytest.mark.parametrize(("cls", "doc", "field", "limit"), [
+    (protocol.SeedRequest, {"ns": "r", "repository": "a"}, "ns", 255),
+    (protocol.SeedRequest, {"ns": "r", "repository": "a"}, "repository", 255),
+    (protocol.SwarmTokenRequest, {}, "node", 253),
+    (protocol.SwarmToken, {"ttl_seconds": 60}, "token", 4096),
+    (protocol.JournalBatch, {"records": []}, "node", 253),
+])
+def test_text_fields_up_to_their_bound(cls: Any, doc: dict[str, Any], field: str, limit: int) -> None:
+    longest = {**doc, field: "x" * limit}
+    assert cls.from_json(longest).to_json()[field] == "x" * limit
+    with pytest.raises(errors.BadRequest) as exc:
+        cls.from_json({**doc, field: "x" * (limit + 1)})
+    assert str(exc.value) == f"{field} must be a string of 1 to {limit} characters"
+
+
+def test_optional_fields_and_small_positive_numbers() -> None:
+    assert protocol.PreseedRequest.from_json({"images": ["r/app:v1"]}).platforms == []  # platforms may be left out
+    for ttl in (0.5, 1):
+        assert protocol.SwarmToken.from_json({"token": "t", "ttl_seconds": ttl}).ttl_seconds == ttl
+
+
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(
                         ["ns", "repository", "node", "token", "ttl_seconds", "records", "accepted", "duplicates",
@@ -64,6 +101,7 @@ def test_routes_quote_their_parameters() -> None:
     assert protocol.PRESEED_JOB.path(job="a/../b") == protocol.PRESEED_JOB.pattern.format(job="a%2F..%2Fb")
     assert protocol.METAINFO.path(digest="sha256:ab") == protocol.METAINFO.pattern.format(digest="sha256:ab")
     assert protocol.AUDIT.url("http://o:1/", {"node": "a&b"}) == f"http://o:1{protocol.AUDIT.pattern}?node=a%26b"
+    assert protocol.HEALTHZ.url("http://BOX/") == "http://BOX/healthz"  # only the trailing slash goes
 
 
 def test_one_error_answer_for_every_kind_of_error() -> None:

@@ -3,13 +3,18 @@ from __future__ import annotations
 import base64
 import json
 import time
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shoal import audit, signing
+from shoal.errors import ConfigError
 from shoal_agent.authz import Credential
+
+NOW = 1_795_755_600.0  # 2026-11-27T05:00:00Z
 
 
 def keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
@@ -78,6 +83,98 @@ def test_verified_tokens_are_remembered_until_they_expire(monkeypatch: pytest.Mo
         signing.VerifiedTokens(other).verify(a)  # remembered per key, not globally
 
 
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def refusal(pub: Ed25519PublicKey, token: str | None) -> str:
+    with pytest.raises(signing.SignatureError) as exc:
+        signing.verify_token(pub, token)
+    return str(exc.value)
+
+
+def test_swarm_token_refusals_say_why() -> None:
+    """The reason is the tracker's `failure reason` ("not a swarm member: ...") and the agent's log."""
+    key, pub = keypair()
+    _, other = keypair()
+    token = signing.issue_token(key, "node-7", 60)
+    payload, sig = token.split(".")
+    assert refusal(pub, None) == refusal(pub, "") == "announce carries no swarm token"
+    for malformed in ("a.b.c", payload, "x" * 513):
+        assert refusal(pub, malformed) == "malformed swarm token"
+    # "AA!" is two data characters and junk: lenient padding would read it as b"\x00"
+    assert refusal(pub, f"AA!.{sig}") == "not base64url"
+    assert refusal(pub, f"{payload}.A") == "not base64url"
+    assert refusal(other, token) == "swarm token signature does not verify"
+    assert refusal(pub, signing.issue_token(key, "node-7", -1)) == "swarm token expired"
+    # signed by the origin but not claims: still refused, as malformed
+    for claims in (b"not json", b"[1]", b'{"node":"n"}', b'{"node":"n","exp":"soon"}'):
+        signed = f"{b64(claims)}.{b64(key.sign(b'shoal swarm token v1' + bytes(1) + claims))}"
+        assert refusal(pub, signed) == "malformed swarm token", claims
+
+
+def test_swarm_token_wire_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compact JSON claims and an Ed25519 signature, each unpadded base64url, joined by a dot."""
+    key, pub = keypair()
+    monkeypatch.setattr("shoal.signing.time.time", lambda: NOW)
+    token = signing.issue_token(key, "node-7", 60)
+    payload, sig = token.split(".")
+    assert base64.urlsafe_b64decode(payload + "==") == b'{"node":"node-7","exp":1795755660}'
+    assert len(sig) == 86 and "=" not in token  # 64 bytes, no padding
+    assert signing.verify_token(pub, token) == signing.SwarmToken("node-7", 1795755660)
+    # the encoding round-trips any bytes (b"\x00\x00\x17" encodes as "AAAX": nothing but "=" is stripped)
+    for data in (b"", b"\x00", b"\xff\xfe", b"\x00\x00\x17", bytes(range(64))):
+        assert "=" not in signing._b64(data)
+        assert signing._unb64(signing._b64(data)) == data
+
+
+def test_swarm_token_length_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    key, pub = keypair()
+    monkeypatch.setattr("shoal.signing.time.time", lambda: NOW)
+    # a token of exactly MAX_TOKEN_LENGTH characters is read (here: 510 and the signature's padding)
+    node = "n" * 289
+    token = signing.issue_token(key, node, 60) + "=="
+    assert len(token) == signing.MAX_TOKEN_LENGTH
+    assert signing.verify_token(pub, token).node == node
+    assert refusal(pub, token + "=") == "malformed swarm token"
+
+
+def test_a_token_expires_at_its_exp_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    key, pub = keypair()
+    monkeypatch.setattr("shoal.signing.time.time", lambda: NOW)
+    token = signing.issue_token(key, "node-7", 60)  # exp = NOW + 60
+    remembered = signing.VerifiedTokens(pub)
+    remembered.verify(token)
+    monkeypatch.setattr("shoal.signing.time.time", lambda: NOW + 59.5)
+    assert signing.verify_token(pub, token).node == "node-7"
+    assert remembered.verify(token).node == "node-7"
+    monkeypatch.setattr("shoal.signing.time.time", lambda: NOW + 60)
+    assert refusal(pub, token) == "swarm token expired"
+    with pytest.raises(signing.SignatureError) as exc:
+        remembered.verify(token)
+    assert str(exc.value) == "swarm token expired"
+
+
+def test_verified_tokens_remember_ten_thousand_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, pub = keypair()
+    checks: list[str | None] = []
+
+    def stub(k: object, token: str | None) -> signing.SwarmToken:
+        checks.append(token)
+        return signing.SwarmToken(str(token), int(time.time()) + 3600)
+
+    monkeypatch.setattr(signing, "verify_token", stub)
+    tokens = signing.VerifiedTokens(pub)
+    for i in range(10_000):
+        tokens.verify(f"t{i}")
+    checks.clear()
+    tokens.verify("t0")
+    assert checks == []  # all 10,000 kept
+    tokens.verify("t10000")
+    tokens.verify("t0")
+    assert checks == ["t10000", "t0"]  # the 10,001st pushed out the oldest
+
+
 def test_metainfo_signatures() -> None:
     key, pub = keypair()
     sig = signing.sign_metainfo(key, b"metainfo bytes")
@@ -90,6 +187,72 @@ def test_metainfo_signatures() -> None:
     token_sig = signing.issue_token(key, "n", 60).split(".")[1]
     with pytest.raises(signing.SignatureError):
         signing.verify_metainfo(pub, b"metainfo bytes", token_sig)
+    assert len(sig) == 86 and "=" not in sig  # unpadded base64url of 64 bytes
+
+
+def test_metainfo_refusals_say_why() -> None:
+    """The reason is in the tracker's 400 ("metainfo not signed by the origin: ...") and the agent's."""
+    key, pub = keypair()
+    sig = signing.sign_metainfo(key, b"metainfo bytes")
+    for signature, why in ((None, "metainfo is not signed"), ("", "metainfo is not signed"),
+                           ("AA!", "not base64url"), (sig, "metainfo signature does not verify")):
+        with pytest.raises(signing.SignatureError) as exc:
+            signing.verify_metainfo(pub, b"metainfo bytez", signature)
+        assert str(exc.value) == why
+
+
+def test_keys_load_from_pem_files(tmp_path: Path) -> None:
+    pem = signing.generate_private_key()
+    public = signing.public_pem(pem)
+    assert public.startswith(b"-----BEGIN PUBLIC KEY-----\n")
+    (tmp_path / "key.pem").write_bytes(pem)
+    (tmp_path / "pub.pem").write_bytes(public)
+    private_key = signing.load_private_key(str(tmp_path / "key.pem"), "signing_key")
+    public_key = signing.load_public_key(str(tmp_path / "pub.pem"), "origin_public_key")
+    assert public_key.public_bytes_raw() == private_key.public_key().public_bytes_raw()
+    signing.verify_metainfo(public_key, b"m", signing.sign_metainfo(private_key, b"m"))
+
+
+def test_unusable_key_files_are_config_errors_naming_the_key(tmp_path: Path) -> None:
+    def error(load: object, path: Path, key: str) -> str:
+        with pytest.raises(ConfigError) as exc:
+            load(str(path), key)  # type: ignore[operator]
+        return str(exc.value)
+
+    ed_pem = signing.generate_private_key()
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    files = {
+        "missing": None,
+        "garbage": b"not a key\n",
+        "ed_private": ed_pem,
+        "ed_public": signing.public_pem(ed_pem),
+        "ed_encrypted": serialization.load_pem_private_key(ed_pem, password=None).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret")),
+        "ec_private": ec_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()),
+        "ec_public": ec_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                      serialization.PublicFormat.SubjectPublicKeyInfo),
+    }
+    for name, data in files.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+    p = {name: tmp_path / name for name in files}
+    load_private, load_public = signing.load_private_key, signing.load_public_key
+    assert error(load_private, p["missing"], "signing_key") == \
+        f"signing_key: cannot read {str(p['missing'])!r}: No such file or directory"
+    for name in ("garbage", "ed_public", "ed_encrypted"):
+        assert error(load_private, p[name], "signing_key") == \
+            f"signing_key: {str(p[name])!r} is not an unencrypted PEM private key"
+    assert error(load_private, p["ec_private"], "signing_key") == \
+        f"signing_key: {str(p['ec_private'])!r} is not an Ed25519 key"
+    assert error(load_public, p["missing"], "origin_public_key") == \
+        f"origin_public_key: cannot read {str(p['missing'])!r}: No such file or directory"
+    for name in ("garbage", "ed_private"):
+        assert error(load_public, p[name], "origin_public_key") == \
+            f"origin_public_key: {str(p[name])!r} is not a PEM public key"
+    assert error(load_public, p["ec_public"], "origin_public_key") == \
+        f"origin_public_key: {str(p['ec_public'])!r} is not an Ed25519 public key"
 
 
 def jwt(claims: dict[str, object]) -> str:
@@ -152,3 +315,72 @@ def test_records_from_before_the_registry_rename_read_as_new_ones() -> None:
     new = {**old_start, "source": "peers"}
     del new["origin_status"]
     assert audit.validate(dict(new)) == new  # today's records pass unchanged
+
+
+START = {"event_id": "e" * 32, "phase": "start", "ts": "2026-11-27T05:00:00.000000Z", "node": "n",
+         "principal": "alice", "repository": "private/app", "status": 200, "source": "peers"}
+END = {"event_id": "e" * 32, "phase": "end", "ts": "2026-11-27T05:00:01.000000Z", "node": "n", "bytes": 10,
+       "duration_ms": 12.5, "outcome": "complete", "source": "registry", "verified": True}
+
+
+def test_record_times_are_utc_with_microseconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shoal.audit.time.time", lambda: 1795755601.999999)
+    assert audit.now() == "2026-11-27T05:00:01.999999Z"
+
+
+def test_records_at_their_bounds() -> None:
+    for ok in ({**START, "event_id": "e" * 8}, {**START, "event_id": "e" * 64}, {**START, "status": 0},
+               {**START, "user_agent": "u" * audit.MAX_FIELD}, {**END, "bytes": 0}, {**END, "duration_ms": 0},
+               {**END, "duration_ms": 3}):
+        assert audit.validate(dict(ok)) == ok
+    for bad, why in [
+        ({**START, "event_id": "e" * 7}, "event_id"), ({**START, "event_id": "e" * 65}, "event_id"),
+        ({**START, "status": -1}, "status"), ({**START, "status": True}, "status"), ({**END, "bytes": -1}, "bytes"),
+        ({**END, "duration_ms": "12"}, "duration_ms"), ({**END, "duration_ms": True}, "duration_ms"),
+        ({**START, "user_agent": "u" * (audit.MAX_FIELD + 1)}, "user_agent"),
+        ({**START, "client_addr": None, "password": "x"}, "unknown field 'password'"),  # after a null, still checked
+    ]:
+        with pytest.raises(audit.RecordError, match=why):
+            audit.validate(bad)
+
+
+def test_records_up_to_the_size_limit() -> None:
+    record: dict[str, object] = dict(START)
+    for key in ("client_addr", "user_agent", "cred_fpr", "credential", "ns", "kind", "method", "reference",
+                "range", "authz_method", "registry_status", "error"):
+        record[key] = ""
+        need = audit.MAX_RECORD_BYTES - len(json.dumps(record))
+        record[key] = "x" * min(need, audit.MAX_FIELD)
+        if need <= audit.MAX_FIELD:
+            break
+    assert len(json.dumps(record)) == audit.MAX_RECORD_BYTES
+    assert audit.validate(dict(record)) == record
+    with pytest.raises(audit.RecordError, match="too large"):
+        audit.validate({**record, "principal": "alice!"})
+
+
+def test_old_registry_status_is_renamed_whatever_the_source() -> None:
+    old = {**START, "source": "cache", "origin_status": "404"}
+    checked = audit.validate(dict(old))
+    assert (checked["source"], checked["registry_status"]) == ("cache", "404")
+    assert "origin_status" not in checked
+
+
+def test_merge_keeps_event_fields_and_lets_the_end_say_last() -> None:
+    merged = audit.merge(START, END)
+    assert list(merged) == list(audit.EVENT_FIELDS)  # no "phase"
+    assert merged["source"] == "registry"  # the pull fell back after it started
+    assert audit.merge(START, {**END, "source": None})["source"] == "peers"  # an end without it keeps the start's
+
+
+def test_exports_are_exact() -> None:
+    start = {"event_id": "e" * 32, "phase": "start", "ts": "2026-11-27T05:00:00.000000Z", "principal": "alice",
+             "status": 200}
+    event = audit.merge(start, None)
+    assert audit.to_jsonl([{"event_id": "a", "bytes": 1}, {"event_id": "b"}]) == \
+        '{"event_id":"a","bytes":1}\n{"event_id":"b"}\n'
+    values = {"event_id": "e" * 32, "ts": start["ts"], "principal": "alice", "status": "200", "outcome": "incomplete"}
+    row = ",".join(str(values.get(f, "")) for f in audit.EVENT_FIELDS)
+    expected = ",".join(audit.EVENT_FIELDS) + "\n" + row + "\n"
+    assert audit.to_csv([event]) == expected
+    assert audit.to_csv([{**event, "phase": "start"}]) == expected  # columns are EVENT_FIELDS, whatever else
