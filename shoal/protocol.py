@@ -217,7 +217,8 @@ class PreseedBlob:
     @classmethod
     def from_json(cls, doc: Any) -> PreseedBlob:
         d = _doc(doc)
-        return cls(_text(d, "digest"), _count(d, "size"), _text(d, "state"), _optional_text(d, "error"))
+        return cls(_text(d, "digest", max_length=255), _count(d, "size"), _text(d, "state", max_length=32),
+                   _optional_text(d, "error"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +252,7 @@ class PreseedJob:
         blobs = d.get("blobs")
         if not isinstance(blobs, list):
             raise errors.BadRequest(errors.INVALID_REQUEST, "blobs must be a list")
-        return cls(_text(d, "id"), _text(d, "state"), _texts(d, "images", required=True),
+        return cls(_text(d, "id", max_length=128), _text(d, "state", max_length=32), _texts(d, "images", required=True),
                    _texts(d, "platforms", required=False), _texts(d, "manifests", required=False),
                    _count(d, "blobs_total"), _count(d, "blobs_done"), _count(d, "blobs_failed"),
                    _count(d, "bytes_total"), _count(d, "bytes_done"), _texts(d, "errors", required=False),
