@@ -104,15 +104,20 @@ async def get_preseed(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
+    """Counts only: this route is public, and which blobs are seeded tells what the cluster pulls."""
     seeder = request.app[SEEDER_KEY]
     return web.json_response({
         "seeding": len(seeder.seeded()),
         "registered": len(seeder.registration.registered),
         "cache_bytes": seeder.store.used_bytes,
         "cache_budget_bytes": seeder.store.max_bytes,
-        "blobs": [{"digest": str(p.meta.digest), "size": p.meta.size, "info_hash": p.meta.info_hash.hex()}
-                  for p in seeder.seeded()],
     })
+
+
+async def seeded(request: web.Request) -> web.Response:
+    blobs = [protocol.SeededBlob(str(p.meta.digest), p.meta.size, p.meta.info_hash.hex())
+             for p in request.app[SEEDER_KEY].seeded()]
+    return web.json_response(protocol.Seeded(blobs).to_json())
 
 
 def build(config: OriginConfig) -> web.Application:
@@ -176,7 +181,8 @@ def build(config: OriginConfig) -> web.Application:
         (protocol.AUDIT, query_audit, "node"),
         (protocol.PRESEED, submit_preseed, "node"),
         (protocol.PRESEED_JOB, get_preseed, "node"),
-        (protocol.STATUS, status, "public"),  # lists what is seeded: to be guarded (issue 12)
+        (protocol.STATUS, status, "public"),
+        (protocol.SEEDED, seeded, "node"),
     ], {"node": f"Bearer {node_token}"})
     async def fresh_stats() -> None:
         swarm = app.get(SWARM_KEY)

@@ -79,6 +79,13 @@ class OriginClient:
                 raise ApiError("collector refused a journal batch", r.status)
             return protocol.JournalAck.from_json(await r.json())
 
+    async def seeded(self, *, within: float = 30) -> protocol.Seeded:
+        async with self.http.get(protocol.SEEDED.url(self.base), headers=self._auth,
+                                 timeout=aiohttp.ClientTimeout(total=within)) as r:
+            if r.status != 200:
+                raise await _refused(r, "origin refused the list of seeded blobs")
+            return protocol.Seeded.from_json(await r.json())
+
     # What operators do (with the node token until operators have their own credentials)
 
     async def preseed(self, request: protocol.PreseedRequest, *, within: float = 30) -> protocol.PreseedJob:

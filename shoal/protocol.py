@@ -49,8 +49,10 @@ JOURNAL = Route("POST", "/v1/journal")
 AUDIT = Route("GET", "/v1/audit")
 PRESEED = Route("POST", "/v1/preseed")
 PRESEED_JOB = Route("GET", "/v1/preseed/{job}")
+SEEDED = Route("GET", "/v1/seeded")  # what the origin seeds (STATUS, which is public, has counts only)
 
-# Tracker: BEP 3 announce and BEP 48 scrape, and the registered metainfo
+# Tracker: BEP 3 announce and BEP 48 scrape (for nodes: seeder counts tell what is cached),
+# and the registered metainfo
 ANNOUNCE = Route("GET", "/announce")
 SCRAPE = Route("GET", "/scrape")
 METAINFO = Route("GET", "/v1/metainfo/{digest}")
@@ -316,3 +318,35 @@ class AuditPage:
         if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
             raise errors.BadRequest(errors.INVALID_REQUEST, "events must be a list of objects")
         return cls(events)
+
+
+@dataclass(frozen=True, slots=True)
+class SeededBlob:
+    digest: str
+    size: int
+    info_hash: str  # hex, v1
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> SeededBlob:
+        d = _doc(doc)
+        return cls(_text(d, "digest", max_length=255), _count(d, "size"), _text(d, "info_hash", max_length=64))
+
+
+@dataclass(frozen=True, slots=True)
+class Seeded:
+    """GET SEEDED: the blobs the origin seeds."""
+
+    blobs: list[SeededBlob]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Seeded:
+        blobs = _doc(doc).get("blobs")
+        if not isinstance(blobs, list):
+            raise errors.BadRequest(errors.INVALID_REQUEST, "blobs must be a list")
+        return cls([SeededBlob.from_json(b) for b in blobs])

@@ -226,7 +226,7 @@ def build(config: TrackerConfig) -> web.Application:
     add_routes(app, [
         # BEP 3/48: peers prove membership with the swarm token in the query (checked inside)
         (protocol.ANNOUNCE, tracker.announce, "public"),
-        (protocol.SCRAPE, tracker.scrape, "public"),
+        (protocol.SCRAPE, tracker.scrape, "node"),  # seeder counts tell what is cached
         (protocol.METAINFO, tracker.get_metainfo, "node"),
         (protocol.REGISTER_METAINFO, tracker.put_metainfo, "registration"),
         (protocol.UNREGISTER_METAINFO, tracker.delete_metainfo, "registration"),

@@ -158,7 +158,8 @@ def test_tracker_under_sustained_announce_load(stack: Stack, tmp_path: Path) -> 
 
             await asyncio.gather(*(peer_loop(n) for n in range(seeders + leechers)))
             elapsed = time.monotonic() - started
-            r = await http.get(protocol.SCRAPE.url(tracker.url) + f"?info_hash={ih}")
+            r = await http.get(protocol.SCRAPE.url(tracker.url) + f"?info_hash={ih}",
+                               headers={"Authorization": f"Bearer {stack.node_token}"})
             scrape = bencode.decode(await r.read())
         assert isinstance(scrape, dict)
         files = scrape[b"files"]

@@ -65,7 +65,8 @@ def seeders(stack: Stack, digest: str) -> int:
     signed = api.metainfo(stack.tracker.url, stack.node_token, str(digest))
     assert signed is not None
     info_hash = metainfo.parse(signed.raw).tracker_hash
-    status, body = http_get(protocol.SCRAPE.url(stack.tracker.url) + f"?info_hash={quote_from_bytes(info_hash)}")
+    status, body = http_get(protocol.SCRAPE.url(stack.tracker.url) + f"?info_hash={quote_from_bytes(info_hash)}",
+                            headers={"Authorization": f"Bearer {stack.node_token}"})
     doc = bencode.decode(body)
     assert status == 200 and isinstance(doc, dict)
     files = doc[b"files"]

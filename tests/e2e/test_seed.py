@@ -8,11 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shoal import protocol
 from tests.e2e.conftest import Images
 from tests.support import api
 from tests.support.clients import skopeo_copy, verify_dir
 from tests.support.images import Image
-from tests.support.procs import ROOT
+from tests.support.procs import ROOT, http_get
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 
@@ -21,10 +22,6 @@ def shoal_seed(stack: Stack, origin: str, *args: str) -> subprocess.CompletedPro
     return subprocess.run([sys.executable, "-m", "shoal.cli", "seed", "--origin", origin,
                            "--node-token-file", str(stack.keys["node_token"]), *args],
                           capture_output=True, text=True, timeout=180, cwd=ROOT)
-
-
-def seeded(origin: str) -> set[str]:
-    return {b["digest"] for b in api.status(origin)["blobs"]}
 
 
 def platform_blobs(image: Image, platform: str) -> set[str]:
@@ -41,7 +38,12 @@ def test_seed_then_pull_fetches_only_manifests(stack: Stack, registry: Registry,
     assert result.returncode == 0, result.stderr
     assert f"done: {len(image.blobs)} blobs" in result.stdout
     assert "blobs," in result.stdout  # the progress display
-    assert seeded(stack.origin.url) == set(image.blobs)
+    assert api.seeded(stack.origin.url, stack.node_token) == set(image.blobs)
+    # without a credential: counts, and nothing that names a blob
+    status, body = http_get(protocol.STATUS.url(stack.origin.url))
+    assert status == 200 and json.loads(body)["seeding"] == len(image.blobs)
+    assert b"sha256:" not in body and not any(b.split(":")[1].encode() in body for b in image.blobs)
+    assert http_get(protocol.SEEDED.url(stack.origin.url))[0] == 401
 
     agent = stack.start_agent()
     before = registry.settle()
@@ -63,7 +65,7 @@ def test_seed_one_platform_by_digest(stack: Stack, registry: Registry, images: I
     result = shoal_seed(stack, stack.origin.url, "--platform", "linux/arm64",
                         f"{registry.host}/private/multi@{image.digest}")
     assert result.returncode == 0, result.stderr
-    assert seeded(stack.origin.url) == platform_blobs(image, "linux/arm64")
+    assert api.seeded(stack.origin.url, stack.node_token) == platform_blobs(image, "linux/arm64")
     assert platform_blobs(image, "linux/arm64") != set(image.blobs)
 
 

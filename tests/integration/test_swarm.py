@@ -20,7 +20,7 @@ from shoal.store import sha256_file
 from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Swarm, SwarmSettings
 from shoal_tracker import app as tracker_app
 from shoal_tracker import config as tracker_config
-from tests.integration.conftest import REGISTRATION_TOKEN, Keys, tracker_server
+from tests.integration.conftest import NODE_TOKEN, REGISTRATION_TOKEN, Keys, tracker_server
 from tests.support.procs import free_port, metric_sum, parse_metrics
 
 TOKEN = REGISTRATION_TOKEN
@@ -136,7 +136,7 @@ async def _registered_blob(tmp_path: Path, port: int, keys: Keys, seed: int) -> 
 
 async def _seeders(port: int, meta: metainfo.Metainfo) -> int:
     url = protocol.SCRAPE.url(f"http://127.0.0.1:{port}") + f"?info_hash={quote_from_bytes(meta.tracker_hash)}"
-    async with aiohttp.ClientSession() as http, http.get(url) as r:
+    async with aiohttp.ClientSession() as http, http.get(url, headers={"Authorization": f"Bearer {NODE_TOKEN}"}) as r:
         doc = bencode.decode(await r.read())
     assert isinstance(doc, dict)
     files = doc[b"files"]

@@ -19,6 +19,7 @@ from tests.integration.conftest import Keys
 
 TOKEN = "registration-secret-0123456789"
 NODE_TOKEN = "node-secret-0123456789abcdef"
+NODE_AUTH = {"Authorization": f"Bearer {NODE_TOKEN}"}
 Client = TestClient[web.Request, web.Application]
 
 
@@ -167,13 +168,16 @@ async def test_announce_lists_seeders_first_and_ignores_ip(client: Client, meta:
     assert b"peers6" not in doc  # no v6 peer was recorded from the claimed ipv6=
     assert doc[b"complete"] == 1
     assert doc[b"incomplete"] == 2
-    r = await client.get(protocol.SCRAPE.path() + f"?info_hash={quote_from_bytes(ih)}")
+    r = await client.get(protocol.SCRAPE.path() + f"?info_hash={quote_from_bytes(ih)}", headers=NODE_AUTH)
     scrape = bencode.decode(await r.read())
     assert isinstance(scrape, dict)
     assert scrape[b"files"] == {ih: {b"complete": 1, b"downloaded": 0, b"incomplete": 2}}
+    # seeder counts tell whether a blob is cached: not for anyone without the node token
+    r = await client.get(protocol.SCRAPE.path() + f"?info_hash={quote_from_bytes(ih)}")
+    assert r.status == 401 and b"files" not in await r.read()
     await announce(client, ih, 7002, 0, token=token, event="completed")
     await announce(client, ih, 7003, 100, token=token, event="stopped")
-    r = await client.get(protocol.SCRAPE.path() + f"?info_hash={quote_from_bytes(ih)}")
+    r = await client.get(protocol.SCRAPE.path() + f"?info_hash={quote_from_bytes(ih)}", headers=NODE_AUTH)
     scrape = bencode.decode(await r.read())
     assert isinstance(scrape, dict)
     files = scrape[b"files"]

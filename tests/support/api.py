@@ -44,5 +44,10 @@ def metainfo(tracker: str, token: str, digest: str) -> SignedMetainfo | None:
     return run(lambda http: TrackerClient(http, tracker, token).metainfo(Digest.parse(digest), within=10))
 
 
+def seeded(origin: str, token: str) -> set[str]:
+    """The digests the origin seeds."""
+    return {b.digest for b in run(lambda http: OriginClient(http, origin, token).seeded()).blobs}
+
+
 def status(url: str) -> dict[str, Any]:
     return run(lambda http: clients.status(http, url))
