@@ -40,6 +40,7 @@ def test_create_and_parse(tmp_path: Path, size: int) -> None:
     doc = bencode.decode(raw)
     assert isinstance(doc, dict)
     assert doc[b"announce"] == b"http://t:1/announce"
+    assert doc[b"created by"] == b"shoal"
     import libtorrent as lt
 
     ti = lt.torrent_info(raw)
@@ -65,19 +66,44 @@ def _mutate(raw: bytes, **info_changes: bencode.Value | None) -> bytes:
 def test_rejects_unsafe_metainfo(tmp_path: Path) -> None:
     path, digest = make_blob(tmp_path, 100)
     raw = metainfo.create(path, digest, announce="http://t:1/announce")
+    # The tracker answers a refused registration with "invalid metainfo: <this message>".
     for bad, reason in [
-        (_mutate(raw, private=None), "not private"),
-        (_mutate(raw, meta_version=1), "v2"),
-        (_mutate(raw, name=b"../../etc/passwd"), "name"),
-        (_mutate(raw, piece_length=1000), "piece length"),
-        (b"d4:infod", "bencode"),
-        (b"x" * (metainfo.MAX_METAINFO_BYTES + 1), "too large"),
+        (_mutate(raw, private=None), "torrent is not private"),
+        (_mutate(raw, meta_version=1), "not a BitTorrent v2 torrent"),
+        (_mutate(raw, name=b"../../etc/passwd"), "torrent name is not a sha256 hex digest"),
+        (_mutate(raw, name=b"\xff" * 64), "torrent name is not a sha256 hex digest"),
+        (_mutate(raw, piece_length=1000), "piece length must be a power of two of at least 16 KiB"),
+        (b"d4:infod", "metainfo is not bencode: unexpected end of bencoded data"),
+        (b"x" * (metainfo.MAX_METAINFO_BYTES + 1), "metainfo too large"),
         # found by the hypothesis parser test under mutmut's seed: a byte >= 0x80 in the URL
         # escaped as UnicodeDecodeError instead of MetainfoError
-        (raw.replace(b"http://t:1/announce", b"http://t:1/\x80nnounce"), "announce URL"),
+        (raw.replace(b"http://t:1/announce", b"http://t:1/\x80nnounce"), "torrent has no http(s) announce URL"),
     ]:
-        with pytest.raises(metainfo.MetainfoError, match=reason):
+        with pytest.raises(metainfo.MetainfoError) as exc:
             metainfo.parse(bad)
+        assert str(exc.value) == reason
+
+
+def test_size_limit_is_inclusive(tmp_path: Path) -> None:
+    path, digest = make_blob(tmp_path, 100)
+    doc = bencode.decode(metainfo.create(path, digest, announce="http://t:1/announce"))
+    assert isinstance(doc, dict)
+    # a comment of n bytes adds n + len(str(n)) - 1 to the empty comment's "0:"; n has 7 digits here
+    pad = metainfo.MAX_METAINFO_BYTES - len(bencode.encode({**doc, b"comment": b""})) + 1 - 7
+    exact = bencode.encode({**doc, b"comment": b"x" * pad})
+    assert len(exact) == metainfo.MAX_METAINFO_BYTES
+    assert metainfo.parse(exact).digest == digest
+    with pytest.raises(metainfo.MetainfoError) as exc:
+        metainfo.parse(bencode.encode({**doc, b"comment": b"x" * (pad + 1)}))
+    assert str(exc.value) == "metainfo too large"
+
+
+def test_empty_file_parses(tmp_path: Path) -> None:
+    path, digest = make_blob(tmp_path, 100)
+    raw = metainfo.create(path, digest, announce="http://t:1/announce")
+    name = digest.hex.encode()
+    meta = metainfo.parse(_mutate(raw, file_tree={name: {b"": {b"length": 0}}}))
+    assert meta.size == 0 and meta.num_pieces == 0
 
 
 def test_parse_refuses_every_malformed_shape(tmp_path: Path) -> None:
@@ -91,18 +117,23 @@ def test_parse_refuses_every_malformed_shape(tmp_path: Path) -> None:
     info = doc[b"info"]
     assert isinstance(info, dict)
     name = digest.hex.encode()
+    no_info, no_length = "metainfo has no info dictionary", "torrent file has no valid length"
+    bad_piece = "piece length must be a power of two of at least 16 KiB"
+    no_announce = "torrent has no http(s) announce URL"
     for bad, why in [
-        (b"le", "no info dictionary"), (b"de", "no info dictionary"),
-        (bencode.encode({**doc, b"info": b"x"}), "no info dictionary"),
-        (_mutate(raw, file_tree={name: 5}), "no valid length"),
-        (_mutate(raw, file_tree={name: {b"": 5}}), "no valid length"),
-        (_mutate(raw, file_tree={name: {b"": {b"length": -1}}}), "no valid length"),
-        (_mutate(raw, file_tree={name: {b"": {b"length": 1}}, b"x": {}}), "exactly one file"),
-        (_mutate(raw, piece_length=8 * KIB), "piece length"),
-        (_mutate(raw, piece_length=48 * KIB), "piece length"),
-        (_mutate(raw, name=5), "name"),
-        (bencode.encode({**doc, b"announce": b"udp://t:1/announce"}), "announce URL"),
-        (bencode.encode({**doc, b"announce": 7}), "announce URL"),
+        (b"le", no_info), (b"de", no_info),
+        (bencode.encode({**doc, b"info": b"x"}), no_info),
+        (_mutate(raw, file_tree={name: 5}), no_length),
+        (_mutate(raw, file_tree={name: {b"": 5}}), no_length),
+        (_mutate(raw, file_tree={name: {b"": {b"length": -1}}}), no_length),
+        (_mutate(raw, file_tree={name: {b"": {b"length": 1}}, b"x": {}}),
+         "torrent must hold exactly one file named by its digest"),
+        (_mutate(raw, piece_length=8 * KIB), bad_piece),
+        (_mutate(raw, piece_length=48 * KIB), bad_piece),
+        (_mutate(raw, name=5), "torrent name is not a sha256 hex digest"),
+        (bencode.encode({**doc, b"announce": b"udp://t:1/announce"}), no_announce),
+        (bencode.encode({**doc, b"announce": 7}), no_announce),
     ]:
-        with pytest.raises(metainfo.MetainfoError, match=why):
+        with pytest.raises(metainfo.MetainfoError) as exc:
             metainfo.parse(bad)
+        assert str(exc.value) == why
