@@ -25,15 +25,27 @@ def test_known_encoding() -> None:
 
 @pytest.mark.parametrize(("raw", "why"), [
     (b"i03e", "non-canonical integer"), (b"i-0e", "non-canonical integer"), (b"ie", "non-canonical integer"),
+    (b"i" + b"1" * 65 + b"e", "non-canonical integer"), (b"i-" + b"1" * 64 + b"e", "non-canonical integer"),
     (b"i1", "unterminated integer"), (b"01:a", "bad string length"),
-    (b"5:abc", "string runs past the end"), (b"d1:bi1e1:ai2ee", "not sorted or not unique"),
-    (b"d1:ai1e1:ai2ee", "not sorted or not unique"), (b"di1ei2ee", "dict key is not a string"),
-    (b"l", "unexpected end"), (b"x", "unexpected byte"), (b"i1ei2e", "trailing data"), (b"-1:a", "unexpected byte"),
-    (b"", "unexpected end"), (b"3a", "without length separator"), (b"l" * 100 + b"e" * 100, "nested too deeply"),
+    (b"5:abc", "string runs past the end of the data"), (b"d1:bi1e1:ai2ee", "dict keys not sorted or not unique"),
+    (b"d1:ai1e1:ai2ee", "dict keys not sorted or not unique"), (b"di1ei2ee", "dict key is not a string"),
+    (b"l", "unexpected end of bencoded data"), (b"x", "unexpected byte b'x' at 0"),
+    (b"i1ei2e", "trailing data after bencoded value"), (b"-1:a", "unexpected byte b'-' at 0"),
+    (b"", "unexpected end of bencoded data"), (b"3a", "string without length separator"),
+    (b"l" * 100 + b"e" * 100, "bencode nested too deeply"),
+    # keys are decoded (then refused) before their type is checked: they count as nesting too
+    (b"d" * 5000, "bencode nested too deeply"),
 ])
 def test_rejects_non_canonical(raw: bytes, why: str) -> None:
-    with pytest.raises(bencode.BencodeError, match=why):
+    """The tracker's answer to a refused metainfo registration carries this reason."""
+    with pytest.raises(bencode.BencodeError) as exc:
         bencode.decode(raw)
+    assert str(exc.value) == why
+
+
+def test_integer_length_bound_is_exact() -> None:
+    assert bencode.decode(b"i" + b"9" * 64 + b"e") == int("9" * 64)
+    assert bencode.decode(b"i-" + b"9" * 63 + b"e") == -int("9" * 63)
 
 
 def test_nesting_is_bounded_exactly() -> None:
