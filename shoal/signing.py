@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +39,23 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _unb64(text: str) -> bytes:
+    """Strict: one spelling per value. Python's decoder skips characters outside the alphabet and
+    ignores the last character's spare bits, so a token with junk inserted (or its last character
+    changed) verified as well, under another text: the tracker's memo of verified tokens, keyed
+    by the text, could be filled with spellings of one token."""
+    if not _B64URL.fullmatch(text):
+        raise SignatureError("not base64url")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         raise SignatureError("not base64url") from None
+    if _b64(data) != text:
+        raise SignatureError("not base64url")
+    return data
 
 
 def generate_private_key() -> bytes:

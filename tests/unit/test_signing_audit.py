@@ -105,6 +105,11 @@ def test_swarm_token_refusals_say_why() -> None:
     # "AA!" is two data characters and junk: lenient padding would read it as b"\x00"
     assert refusal(pub, f"AA!.{sig}") == "not base64url"
     assert refusal(pub, f"{payload}.A") == "not base64url"
+    # one spelling per token: junk inside, padding, or other spare bits in the last character
+    # (Python's decoder ignores all three) are refused, not verified as the same token
+    for junk in (f"{payload[:4]}!!!!{payload[4:]}.{sig}", f"{payload}.{sig[:10]} {sig[10:]}", f"{payload}==.{sig}",
+                 f"{payload}.{sig[:-1]}{chr(ord(sig[-1]) + 1)}"):
+        assert refusal(pub, junk) == "not base64url", junk
     assert refusal(other, token) == "swarm token signature does not verify"
     assert refusal(pub, signing.issue_token(key, "node-7", -1)) == "swarm token expired"
     # signed by the origin but not claims: still refused, as malformed
@@ -131,12 +136,15 @@ def test_swarm_token_wire_format(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_swarm_token_length_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     key, pub = keypair()
     monkeypatch.setattr("shoal.signing.time.time", lambda: NOW)
-    # a token of exactly MAX_TOKEN_LENGTH characters is read (here: 510 and the signature's padding)
-    node = "n" * 289
-    token = signing.issue_token(key, node, 60) + "=="
-    assert len(token) == signing.MAX_TOKEN_LENGTH
+    # the longest token under MAX_TOKEN_LENGTH (512) is read: unpadded base64url has no length
+    # of 1 mod 4, so a 425-character payload (and a 512-character token) cannot be spelled
+    node = "n" * 290
+    token = signing.issue_token(key, node, 60)
+    assert len(token) == signing.MAX_TOKEN_LENGTH - 1
     assert signing.verify_token(pub, token).node == node
-    assert refusal(pub, token + "=") == "malformed swarm token"
+    longer = signing.issue_token(key, node + "n", 60)
+    assert len(longer) == signing.MAX_TOKEN_LENGTH + 1
+    assert refusal(pub, longer) == "malformed swarm token"
 
 
 def test_a_token_expires_at_its_exp_second(monkeypatch: pytest.MonkeyPatch) -> None:
