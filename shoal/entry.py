@@ -50,6 +50,18 @@ def limit_malloc_arenas() -> None:
     except (OSError, AttributeError):
         return  # a libc without mallopt (musl)
 
+
+
+def private_files(data_dir: str | None) -> None:
+    """What a component writes is its user's alone: the cache holds private layers, the journal
+    and audit.db who pulled what. Files followed the umask (0644 on most systems). The umask
+    covers every file and directory made from now on (libtorrent's and SQLite's included); the
+    data directory itself is closed too, for files an older version left readable."""
+    os.umask(0o077)
+    if data_dir and os.path.isdir(data_dir):
+        os.chmod(data_dir, 0o700)
+
+
 # flag -> (dotted config key, help)
 Flags = dict[str, tuple[str, str]]
 
@@ -82,6 +94,7 @@ def run_component(
         print(f"shoal-{name}: configuration is valid")
         return 0
     logs.setup(name, level=config.log.level, fmt=config.log.format)
+    private_files(getattr(config, "data_dir", None))
     limit_malloc_arenas()  # before any thread starts (libtorrent's, the loop's executors)
     try:
         app = build(config)

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import http.client
 import json
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,3 +197,16 @@ def test_no_secret_in_logs_journals_or_metrics(stack: Stack, registry: Registry,
     # swarm tokens travel in announce URLs; libtorrent's messages about them are scrubbed
     logs = b"".join(data for name, data in haystacks.items() if name.endswith(".log"))
     assert b"token=" not in logs.replace(b"token=<redacted>", b"")
+    # and nothing the components wrote is readable by another user of the machine: cache (a
+    # private layer), journal, decisions, audit.db (they followed the umask: 0644)
+    checked = 0
+    for component in stack.components:
+        if not component.config.get("data_dir"):
+            continue
+        root = Path(component.config["data_dir"])
+        for path in [root, *root.rglob("*")]:
+            mode = path.lstat().st_mode
+            if not stat.S_ISLNK(mode):
+                assert mode & 0o077 == 0, f"{path} is {oct(mode & 0o777)}"
+                checked += 1
+    assert checked > len(image.blobs)  # the cached blobs at least
