@@ -284,17 +284,22 @@ class MirrorApi:
         with self.store.pinned(digest):
             # A cached file is served only while it is the file that was verified (an fstat; a
             # changed one is hashed again, a corrupt one evicted and fetched anew below).
-            if self.store.has(digest) and await self.store.verify(digest):
+            verified = self.store.size_of(digest) if self.store.has(digest) else None
+            if verified is not None and await self.store.verify(digest):
                 self.metrics.cache_hits.inc()
                 self.store.touch(digest)
                 audit.source = "cache"
                 audit.verified = True
                 served = self.metrics.served_bytes.labels("cache")
-                return await send_blob(request, digest, size, _Cached(self.store, digest),
+                # The registry's yes authorizes; the length is the verified file's (a HEAD that
+                # claimed 0 or 1000 bytes made this a 200 with an empty or truncated body).
+                return await send_blob(request, digest, verified, _Cached(self.store, digest),
                                        self._counter(audit, served.inc))
         if digest == EMPTY_DIGEST:
             audit.verified = True
             return await send_blob(request, digest, 0, _Empty())
+        if size == 0:  # only the empty blob has 0 bytes: an empty 200 would be a wrong body
+            raise errors.UpstreamError("the registry claims 0 bytes for a blob that is not empty")
         self.metrics.cache_misses.inc()
         if request.method == "HEAD":
             return await send_blob(request, digest, size, _Empty())

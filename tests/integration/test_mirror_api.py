@@ -107,3 +107,41 @@ async def test_credentials_that_are_not_ascii_are_refused_quietly(client: Client
     assert answer.startswith(b"HTTP/1.1 401 ")
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["errors"][0]["code"] == "UNAUTHORIZED"
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize("claimed", [0, 1000, len(BLOB) + 1])
+async def test_a_cached_blob_is_sent_whole_whatever_the_registry_head_claims(
+        tmp_path: Path, registry: FakeServer, aiohttp_client: Callable[..., Any], claimed: int) -> None:
+    """The registry's HEAD says yes (and its Content-Length); the bytes and their length are the
+    verified file's. A HEAD claiming 0 or 1000 bytes for a 700 kB blob made the agent answer 200
+    with an empty body or the first 1000 bytes."""
+    cfg = agent_config.load({"data_dir": str(tmp_path / "agent"), "node": "n1",
+                             "auth": {"unauthenticated": "node", "decision_ttl": "0s", "stale_decision_max_age": "0s"},
+                             "upstreams": [{"name": registry.host, "url": registry.url}]})
+    client: Client = await aiohttp_client(agent_app.build(cfg))
+    blob_path = f"/v2/private/app/blobs/{DIGEST}"
+    r = await client.get(blob_path)
+    assert r.status == 200 and await r.read() == BLOB  # now cached, verified
+    registry.routes[("HEAD", blob_path)] = Canned(200, {}, declared_length=claimed)
+    r = await client.get(blob_path)
+    body = await r.read()
+    assert r.status == 200 and int(r.headers["Content-Length"]) == len(BLOB)
+    assert hashlib.sha256(body).hexdigest() == DIGEST.removeprefix("sha256:")
+    r = await client.head(blob_path)
+    assert r.status == 200 and int(r.headers["Content-Length"]) == len(BLOB)
+    r = await client.get(blob_path, headers={"Range": "bytes=-10"})
+    assert r.status == 206 and await r.read() == BLOB[-10:]
+    assert r.headers["Content-Range"] == f"bytes {len(BLOB) - 10}-{len(BLOB) - 1}/{len(BLOB)}"
+    heads = [s for s in registry.seen if s.method == "HEAD" and s.path == blob_path]
+    assert len(heads) >= 4  # the registry was asked every time (TTL 0): its yes still counts
+
+
+async def test_a_registry_claiming_zero_bytes_for_an_uncached_blob_gets_no_empty_200(
+        client: Client, registry: FakeServer) -> None:
+    blob_path = f"/v2/private/app/blobs/{DIGEST}"
+    registry.routes[("HEAD", blob_path)] = Canned(200, {}, declared_length=0)
+    for method in ("GET", "HEAD"):
+        r = await client.request(method, blob_path)
+        assert r.status == 503, method
+        if method == "GET":
+            assert "claims 0 bytes" in (await r.json())["errors"][0]["message"]
