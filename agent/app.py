@@ -258,3 +258,7 @@ class JournalCollector(Collector):
             c = CounterMetricFamily("shoal_agent_journal_ship_failures", "Failed attempts to ship a journal batch")
             c.add_metric([], float(self.shipper.failures))
             yield c
+            c = CounterMetricFamily("shoal_agent_journal_rejected_records",
+                                    "Journal records the collector refused (a bug: records are made to fit)")
+            c.add_metric([], float(self.shipper.rejected_records))
+            yield c

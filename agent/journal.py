@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from shoal import errors
+from shoal import audit, errors
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Journal:
     async def record(self, *docs: dict[str, Any]) -> None:
         """Append records (one line each, in one write); returns once they are on disk.
         JournalError if they cannot be."""
-        line = b"".join(json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        line = b"".join(json.dumps(audit.fit(doc), separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
                         for doc in docs)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((line, fut))

@@ -29,7 +29,10 @@ from shoal_agent.journal import Journal, segments
 log = logging.getLogger(__name__)
 
 BATCH_RECORDS = 500
-BATCH_BYTES = 1 << 20
+# Journal lines per batch: the body carries them as they are plus about 30 bytes, well within
+# protocol.JOURNAL_MAX_BODY (a line is at most audit.MAX_RECORD_BYTES of escaped JSON, so
+# it stays under the limit however many of them are non-ASCII).
+BATCH_BYTES = 512 << 10
 # Shipped records kept on disk before the segment is rolled and deleted (about 2,000 requests).
 ROLL_BYTES = 1 << 20
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
@@ -51,6 +54,7 @@ class Shipper:
         self.state_path = journal.directory / "shipped.json"
         self.roll_bytes = roll_bytes
         self.shipped_records = 0
+        self.rejected_records = 0
         self.failures = 0
         self.rolls = 0
         self.cursor = (0, 0)  # (segment, offset) acknowledged so far
@@ -72,23 +76,28 @@ class Shipper:
                 continue
             if batch.end == batch.start:  # a finished segment ended: state already moved on
                 continue
-            if await self._send(batch):
+            ack = await self._send(batch)
+            if ack is not None:
                 await loop.run_in_executor(self._io, self._save_state, batch.seq, batch.end)
-                self.shipped_records += len(batch.records)
+                self.shipped_records += ack.accepted + ack.duplicates
+                if ack.rejected:
+                    # audit.fit makes every record valid: a rejection is a bug on one side,
+                    # said once per batch, counted, and the rest of the batch still kept.
+                    self.rejected_records += ack.rejected
+                    log.error("the collector refused %d of %d journal records", ack.rejected, len(batch.records))
                 backoff.reset()
             else:
                 self.failures += 1
                 await asyncio.sleep(backoff.next())
 
-    async def _send(self, batch: Batch) -> bool:
+    async def _send(self, batch: Batch) -> protocol.JournalAck | None:
         try:
-            await self.collector.ship_journal(protocol.JournalBatch(self.node, batch.records), within=30)
-            return True
+            return await self.collector.ship_journal(protocol.JournalBatch(self.node, batch.records), within=30)
         except ApiError as exc:
             log.warning("%s", exc)  # shoal's own text: what was refused, and the status
         except (aiohttp.ClientError, TimeoutError, errors.ShoalError) as exc:
             log.info("collector unreachable (%s); journal kept for retry", type(exc).__name__)
-        return False
+        return None
 
     # ----- files (blocking, in the shipper's thread) --------------------------------------------
 

@@ -130,7 +130,7 @@ def build(config: OriginConfig) -> web.Application:
 
     registry = CollectorRegistry()
     metrics = SeederMetrics(registry)
-    app = web.Application(middlewares=[error_middleware()])
+    app = web.Application(client_max_size=protocol.JOURNAL_MAX_BODY, middlewares=[error_middleware()])
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, limit_per_host=64))

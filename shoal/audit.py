@@ -94,6 +94,25 @@ def validate(record: Any) -> dict[str, Any]:
     return doc
 
 
+CUT_MARK = "…[cut]"
+
+
+def _cut(text: str, length: int) -> str:
+    return text if len(text) <= length else text[:max(0, length - len(CUT_MARK))] + CUT_MARK
+
+
+def fit(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with over-long text fields cut (marked CUT_MARK) so that `validate` accepts it:
+    each field to MAX_FIELD characters, then the longest ones halved until the record is within
+    MAX_RECORD_BYTES. A collector that refused the whole record lost the pull from the audit (a
+    long reference on a 404, a long user name on a 200)."""
+    out = {k: _cut(v, MAX_FIELD) if k in _STRINGS and isinstance(v, str) else v for k, v in record.items()}
+    while len(json.dumps(out)) > MAX_RECORD_BYTES:
+        longest = max((k for k in out if k in _STRINGS and isinstance(out[k], str)), key=lambda k: len(out[k]))
+        out[longest] = _cut(out[longest], len(out[longest]) // 2)
+    return out
+
+
 def merge(start: dict[str, Any] | None, end: dict[str, Any] | None) -> dict[str, Any]:
     """One event from its records; `outcome` says "incomplete" when the end never came."""
     event: dict[str, Any] = {f: None for f in EVENT_FIELDS}

@@ -73,7 +73,8 @@ class OriginClient:
             return SignedMetainfo(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER))
 
     async def ship_journal(self, batch: protocol.JournalBatch, *, within: float) -> protocol.JournalAck:
-        async with self.http.post(protocol.JOURNAL.url(self.base), json=batch.to_json(), headers=self._auth,
+        async with self.http.post(protocol.JOURNAL.url(self.base), data=batch.encode(),
+                                  headers={**self._auth, "Content-Type": "application/json"},
                                   timeout=aiohttp.ClientTimeout(total=within)) as r:
             if not 200 <= r.status < 300:
                 raise ApiError("collector refused a journal batch", r.status)

@@ -9,6 +9,7 @@ The mirror API (`/v2/...`) is the OCI distribution spec's: only its entry points
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -141,6 +142,10 @@ class SwarmToken:
         return cls(_text(d, "token", max_length=4096), float(ttl))
 
 
+# The collector's limit on a JOURNAL body; a batch is built to fit it (agent/shipper.py).
+JOURNAL_MAX_BODY = 1 << 20
+
+
 @dataclass(frozen=True, slots=True)
 class JournalBatch:
     """POST JOURNAL: one node's records, as they are in its journal (checked by shoal.audit)."""
@@ -150,6 +155,12 @@ class JournalBatch:
 
     def to_json(self) -> dict[str, Any]:
         return {"node": self.node, "records": self.records}
+
+    def encode(self) -> bytes:
+        """The body as sent: the journal's own encoding (compact, UTF-8), so a batch is as long
+        as the journal lines it carries. (aiohttp's default escapes non-ASCII text, which grew a
+        batch up to 3x, past JOURNAL_MAX_BODY: a 413, the same batch retried forever.)"""
+        return json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
     def from_json(cls, doc: Any) -> JournalBatch:

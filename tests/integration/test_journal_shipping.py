@@ -131,3 +131,56 @@ async def test_shipped_records_are_freed_without_waiting_for_rotation(tmp_path: 
     await server.close()
     await collector.close()
     await journal.close()
+
+
+async def ship_all(journal: Journal, tmp_path: Path, count: int) -> tuple[Collector, Shipper]:
+    server, collector = await collector_server(tmp_path, [0])
+    async with aiohttp.ClientSession() as http:
+        shipper = Shipper(journal, OriginClient(http, f"http://127.0.0.1:{server.port}", "t"), node="n1")
+        task = asyncio.create_task(shipper.run())
+        try:
+            async with asyncio.timeout(30):
+                while shipper.shipped_records < count:
+                    await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.close()
+    return collector, shipper
+
+
+async def test_batches_of_non_ascii_records_fit_the_collector(tmp_path: Path) -> None:
+    """A batch of journal lines re-encoded with escapes grew about 3x past the collector's 1 MiB:
+    413, and the same batch retried forever (shipping stopped for good)."""
+    journal = Journal(tmp_path / "journal", max_segment_bytes=64 << 20)
+    await journal.open()
+    for i in range(300):
+        await journal.record({**record(i), "user_agent": "é" * 1500})  # 3 kB a line, 9 kB escaped
+    collector, shipper = await ship_all(journal, tmp_path, 300)
+    assert shipper.failures == 0 and shipper.rejected_records == 0
+    events = await collector.query(protocol.AuditQuery(limit=1000))
+    assert len(events) == 300 and all(e["user_agent"] == "é" * 1500 for e in events)
+    await journal.close()
+    await collector.close()
+
+
+async def test_over_long_fields_are_cut_not_the_record_lost(tmp_path: Path) -> None:
+    """A field over audit.MAX_FIELD made the collector refuse the whole record while the shipper
+    counted it shipped: the pull was missing from the audit."""
+    journal = Journal(tmp_path / "journal", max_segment_bytes=64 << 20)
+    await journal.open()
+    long_reference = "v" * 10_000
+    await journal.record({**record(1), "reference": long_reference, "status": 404})
+    await journal.record({**record(2), **{f: "x" * 3000 for f in ("user_agent", "principal", "error", "range",
+                                                                     "credential", "repository", "client_addr")}})
+    collector, shipper = await ship_all(journal, tmp_path, 2)
+    assert shipper.rejected_records == 0 and collector.rejected == 0
+    events = {e["event_id"]: e for e in await collector.query(protocol.AuditQuery(limit=10))}
+    assert len(events) == 2
+    reference = events[f"{1:032x}"]["reference"]
+    assert reference.endswith(audit.CUT_MARK) and len(reference) == audit.MAX_FIELD
+    assert reference.startswith("v" * 1000) and events[f"{1:032x}"]["status"] == 404
+    assert all(isinstance(v, str) and v.endswith(audit.CUT_MARK) for k, v in events[f"{2:032x}"].items()
+               if k in ("user_agent", "principal", "error"))
+    await journal.close()
+    await collector.close()

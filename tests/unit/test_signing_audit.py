@@ -392,3 +392,14 @@ def test_exports_are_exact() -> None:
     expected = ",".join(audit.EVENT_FIELDS) + "\n" + row + "\n"
     assert audit.to_csv([event]) == expected
     assert audit.to_csv([{**event, "phase": "start"}]) == expected  # columns are EVENT_FIELDS, whatever else
+
+
+def test_fit_cuts_long_fields_until_the_record_validates() -> None:
+    base = {"event_id": "e" * 32, "phase": "start", "ts": audit.now(), "status": 200}
+    assert audit.fit({**base, "reference": "v1"}) == {**base, "reference": "v1"}  # short: untouched
+    one = audit.fit({**base, "reference": "r" * 5000})
+    assert one["reference"] == "r" * (audit.MAX_FIELD - len(audit.CUT_MARK)) + audit.CUT_MARK
+    many = audit.fit({**base, **{f: "\x00" * 2000 for f in ("user_agent", "principal", "error", "range")}})
+    assert len(json.dumps(many)) <= audit.MAX_RECORD_BYTES  # 6 bytes per escaped character
+    assert audit.validate(many) == many and audit.validate(one) == one
+    assert all(many[f].endswith(audit.CUT_MARK) for f in ("user_agent", "principal", "error", "range"))
