@@ -132,10 +132,23 @@ def to_jsonl(events: Iterable[dict[str, Any]]) -> str:
     return "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events)
 
 
+# A cell a spreadsheet would run as a formula (OWASP's list); the journal holds client-chosen
+# text (user agents, references, user names).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def to_csv(events: Iterable[dict[str, Any]]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(EVENT_FIELDS), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for event in events:
-        writer.writerow({k: ("" if v is None else v) for k, v in event.items()})
+        writer.writerow({k: _cell(v) for k, v in event.items()})
     return out.getvalue()

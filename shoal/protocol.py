@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -310,8 +311,26 @@ class AuditQuery:
         fmt = query.get("format", "json")
         if fmt not in AUDIT_FORMATS:
             raise errors.BadRequest(errors.INVALID_REQUEST, "format is json, jsonl or csv")
-        return cls(**{k: query[k] for k in AUDIT_FILTERS if query.get(k)},
-                   limit=max(1, min(int(limit), AUDIT_MAX_LIMIT)), format=fmt)
+        filters = {k: query[k] for k in AUDIT_FILTERS if query.get(k)}
+        for key in ("since", "until"):
+            if key in filters:
+                filters[key] = _utc_time(filters[key], key)
+        return cls(**filters, limit=max(1, min(int(limit), AUDIT_MAX_LIMIT)), format=fmt)
+
+
+def _utc_time(text: str, key: str) -> str:
+    """An RFC 3339 time (or a date: its midnight UTC) as the journal writes times, so that the
+    collector's text comparison is a time comparison ("yesterday" matched nothing, silently)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise errors.BadRequest(errors.INVALID_REQUEST,
+                                f"{key} must be an RFC 3339 time such as 2026-11-27T08:00:00Z, or a date") from None
+    if when.tzinfo is None:
+        if len(text) > 10:  # a time without its offset would be read in nobody knows which zone
+            raise errors.BadRequest(errors.INVALID_REQUEST, f"{key} needs a time zone (Z or +01:00)")
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,9 +159,10 @@ def test_malformed_answers_are_refused_naming_the_field(doc: dict[str, Any], fie
 
 
 def test_an_audit_query_survives_the_query_string() -> None:
-    query = protocol.AuditQuery(image="r/app:v1", node="n1", since="2026-11-30T00:00:00Z", limit=5, format="csv")
-    assert query.to_query() == {"image": "r/app:v1", "node": "n1", "since": "2026-11-30T00:00:00Z", "limit": "5",
-                                "format": "csv"}
+    query = protocol.AuditQuery(image="r/app:v1", node="n1", since="2026-11-30T00:00:00.000000Z", limit=5,
+                                format="csv")
+    assert query.to_query() == {"image": "r/app:v1", "node": "n1", "since": "2026-11-30T00:00:00.000000Z",
+                                "limit": "5", "format": "csv"}
     assert protocol.AuditQuery.from_query(query.to_query()) == query
     assert protocol.AuditQuery.from_query({"node": "", "principal": "alice"}) == protocol.AuditQuery(principal="alice")
 
@@ -186,3 +187,23 @@ def test_an_audit_limit_is_cut_to_its_bounds() -> None:
     assert [limit("0"), limit("1"), limit("99999"), limit(str(protocol.AUDIT_MAX_LIMIT))] == [
         1, 1, 99_999, protocol.AUDIT_MAX_LIMIT]
     assert limit("9" * 20) == protocol.AUDIT_MAX_LIMIT
+
+
+@pytest.mark.parametrize(("given", "stored"), [
+    ("2026-11-27", "2026-11-27T00:00:00.000000Z"),
+    ("2026-11-27T08:00:00Z", "2026-11-27T08:00:00.000000Z"),
+    ("2026-11-27T09:30:00.5+01:00", "2026-11-27T08:30:00.500000Z"),  # compared as the journal writes times
+])
+def test_audit_times_are_read_as_times(given: str, stored: str) -> None:
+    assert protocol.AuditQuery.from_query({"since": given, "until": given}).since == stored
+    assert protocol.AuditQuery.from_query({"until": given}).until == stored
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ("yesterday", "since must be an RFC 3339 time"),  # matched nothing, silently
+    ("2026-13-01", "since must be an RFC 3339 time"),
+    ("2026-11-27T08:00:00", "since needs a time zone"),
+])
+def test_audit_times_that_are_not_times_are_a_400(given: str, message: str) -> None:
+    with pytest.raises(errors.BadRequest, match=message):
+        protocol.AuditQuery.from_query({"since": given})

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import base64
+import csv
+import io
 import json
 import time
 from pathlib import Path
@@ -403,3 +405,14 @@ def test_fit_cuts_long_fields_until_the_record_validates() -> None:
     assert len(json.dumps(many)) <= audit.MAX_RECORD_BYTES  # 6 bytes per escaped character
     assert audit.validate(many) == many and audit.validate(one) == one
     assert all(many[f].endswith(audit.CUT_MARK) for f in ("user_agent", "principal", "error", "range"))
+
+
+def test_csv_cells_never_start_a_formula() -> None:
+    """User agents, references and user names are the client's text; a spreadsheet opening the
+    export would run `=HYPERLINK(...)` as a formula."""
+    event = {"user_agent": "=HYPERLINK(\"http://x\")", "reference": "+1", "principal": "@evil", "error": "-2",
+             "repository": "\tx", "range": "bytes=0-1", "status": 200, "bytes": None}
+    row = next(csv.DictReader(io.StringIO(audit.to_csv([event]))))
+    assert row["user_agent"] == "'=HYPERLINK(\"http://x\")" and row["reference"] == "'+1"
+    assert row["principal"] == "'@evil" and row["error"] == "'-2" and row["repository"] == "'\tx"
+    assert row["range"] == "bytes=0-1" and row["status"] == "200" and row["bytes"] == ""
