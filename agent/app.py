@@ -25,7 +25,7 @@ from shoal.store import BlobStore
 from shoal.swarm import AGENT_FINGERPRINT, Swarm, SwarmSettings
 from shoal.web import add_ops_routes, add_routes
 from shoal_agent.api import MirrorApi
-from shoal_agent.authz import Authorizer, Decisions
+from shoal_agent.authz import Authorizer, Decisions, fingerprint_key
 from shoal_agent.config import AgentConfig
 from shoal_agent.fetcher import Fetcher
 from shoal_agent.journal import Journal
@@ -166,8 +166,10 @@ def build(config: AgentConfig) -> web.Application:
                 for u in config.upstreams
             ])
             registry.register(RegistryRetries(upstreams))
+            authorizer = Authorizer(config.auth, decisions,
+                                    fingerprint_key(access.node_token if access is not None else None, data))
             app[API_KEY] = MirrorApi(upstreams=upstreams, store=store, fetcher=fetcher,
-                                     authorizer=Authorizer(config.auth, decisions), keeper=keeper, auth=config.auth,
+                                     authorizer=authorizer, keeper=keeper, auth=config.auth,
                                      metrics=metrics, max_blob_size=config.max_blob_size)
             log.info("agent %s ready: %d upstream(s), swarm %s, auth %s/%s", config.node, len(config.upstreams),
                      "on" if swarm is not None else "off", config.auth.unauthenticated, config.auth.mode)

@@ -21,7 +21,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
+import hmac
 import json
+import os
+import secrets
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -168,10 +172,28 @@ class Decisions:
             self._mem.popitem(last=False)
 
 
+def fingerprint_key(node_token: str | None, data_dir: Path) -> bytes:
+    """The key of credential fingerprints: derived from the node token when the node has one (so
+    one credential has one fingerprint on every node of the cluster), else this node's own,
+    made once."""
+    if node_token:
+        return hmac.new(node_token.encode(), b"shoal credential fingerprint v1", hashlib.sha256).digest()
+    path = data_dir / "fingerprint.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        key = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        return key
+
+
 class Authorizer:
-    def __init__(self, settings: AuthSettings, decisions: Decisions) -> None:
+    def __init__(self, settings: AuthSettings, decisions: Decisions, fingerprint_key: bytes) -> None:
         self.settings = settings
         self.decisions = decisions
+        self._fingerprint_key = fingerprint_key
         self._flights: SingleFlight[str, Decision] = SingleFlight()
 
     def credential(self, request: web.Request, upstream: Upstream) -> Credential:
@@ -181,7 +203,7 @@ class Authorizer:
                 # Credentials are ASCII (RFC 9110 token68, Basic's base64); anything else cannot be
                 # forwarded to the registry as it was sent, so nobody is authorized by it.
                 raise errors.Unauthorized("the Authorization header is not ASCII")
-            return Credential("client", header, fingerprint(header))
+            return Credential("client", header, fingerprint(header, self._fingerprint_key))
         node = upstream.client.credentials
         if self.settings.unauthenticated == "node" and node is not None:
             return Credential("node", None, f"node:{node.username}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,19 +18,20 @@ from shoal import errors
 from shoal.logs import fingerprint
 from shoal.oci import Digest
 from shoal.registry import RegistryClient
-from shoal_agent.authz import Authorizer, Credential, Decisions
+from shoal_agent.authz import Authorizer, Credential, Decisions, fingerprint_key
 from shoal_agent.config import AuthSettings
 from shoal_agent.upstreams import Upstream
 from tests.support.fakeregistry import Canned, FakeServer
 from tests.support.faults import CuttableProxy
 
 DIGEST = Digest("ab" * 32)
+KEY = b"k" * 32
 OTHER = Digest("cd" * 32)
 
 
 def client_cred(user: str) -> Credential:
     header = "Basic " + base64.b64encode(f"{user}:pw".encode()).decode()
-    return Credential("client", header, fingerprint(header))
+    return Credential("client", header, fingerprint(header, KEY))
 
 
 def heads(fake: FakeServer, digest: Digest) -> int:
@@ -52,7 +54,7 @@ async def make(tmp_path: Path, url: str, **settings: object) -> tuple[Authorizer
     decisions = Decisions(tmp_path / "decisions")
     auth = AuthSettings(**settings)  # type: ignore[arg-type]
     await decisions.open(auth.stale_decision_max_age)
-    return Authorizer(auth, decisions), up, http
+    return Authorizer(auth, decisions, KEY), up, http
 
 
 async def test_one_question_per_key_and_reuse_only_within_the_ttl(tmp_path: Path, fake: FakeServer,
@@ -124,3 +126,19 @@ async def test_registry_unreachable(tmp_path: Path, fake: FakeServer, mode: str,
     finally:
         await http.close()
         await authz.decisions.close()
+
+
+def test_credential_fingerprints_are_keyed(tmp_path: Path) -> None:
+    """A bare SHA-256 of a Basic header next to its user name in the journal cracks offline; the
+    fingerprint is an HMAC under a cluster key instead."""
+    header = "Basic " + base64.b64encode(b"alice:summer2026").decode()
+    bare = "fp:" + hashlib.sha256(header.encode()).hexdigest()[:16]
+    cluster = fingerprint_key("node-token-1", tmp_path / "a")
+    assert cluster == fingerprint_key("node-token-1", tmp_path / "b")  # every node of the cluster agrees
+    assert fingerprint(header, cluster) != bare
+    assert fingerprint(header, cluster) != fingerprint(header, fingerprint_key("node-token-2", tmp_path / "a"))
+    (tmp_path / "alone").mkdir()
+    own = fingerprint_key(None, tmp_path / "alone")  # no cluster: this node's key, kept
+    assert own == fingerprint_key(None, tmp_path / "alone") and len(own) == 32
+    assert (tmp_path / "alone" / "fingerprint.key").stat().st_mode & 0o077 == 0
+    assert fingerprint(header, own) not in (bare, fingerprint(header, cluster))
