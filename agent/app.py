@@ -28,7 +28,7 @@ from shoal_agent.api import MirrorApi
 from shoal_agent.authz import Authorizer, Decisions, fingerprint_key
 from shoal_agent.config import AgentConfig
 from shoal_agent.fetcher import Fetcher
-from shoal_agent.journal import Journal
+from shoal_agent.journal import DEFAULT_MAX_DISK_BYTES, Journal
 from shoal_agent.manifests import ManifestKeeper
 from shoal_agent.membership import SwarmAccess
 from shoal_agent.metrics import AgentMetrics
@@ -113,14 +113,16 @@ def build(config: AgentConfig) -> web.Application:
     registry = CollectorRegistry()
     metrics = AgentMetrics(registry)
     data = Path(config.data_dir)
-    journal = Journal(data / "journal", max_segment_bytes=config.journal.max_segment_bytes)
-    app = web.Application(middlewares=[_client_gone(), journal_middleware(journal, config.node),
-                                       _middleware(metrics)])
     access = None
     if config.tracker is not None and config.origin is not None and config.origin_public_key is not None:
         access = SwarmAccess(tracker=config.tracker, origin=config.origin, node=config.node,
                              node_token=read_token(config.node_token, "node_token"),
                              origin_key=signing.load_public_key(config.origin_public_key, "origin_public_key"))
+    shipped = access is not None and config.journal.ship
+    journal = Journal(data / "journal", max_segment_bytes=config.journal.max_segment_bytes,
+                      max_disk_bytes=config.journal.max_disk_bytes or (DEFAULT_MAX_DISK_BYTES if shipped else None))
+    app = web.Application(middlewares=[_client_gone(), journal_middleware(journal, config.node),
+                                       _middleware(metrics)])
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
@@ -148,7 +150,8 @@ def build(config: AgentConfig) -> web.Application:
                               metrics=metrics)
             await fetcher.start()
             stack.push_async_callback(fetcher.stop)
-            if access is not None and config.journal.ship:
+            if shipped:
+                assert access is not None
                 shipper = Shipper(journal, OriginClient(http, access.origin, access.node_token), node=config.node)
                 task = asyncio.create_task(shipper.run())
                 stack.push_async_callback(_cancel, task)

@@ -52,6 +52,11 @@ class JournalSettings:
     max_segment_bytes: Annotated[int, SIZE] = 64 << 20
     # Ship records to the origin's collector (needs origin and node_token).
     ship: bool = True
+    # Journal bytes on disk at most (and the end records of responses under way); past it the
+    # agent answers 503 (nothing is served unrecorded) until shipping catches up. Unset: 1 GiB
+    # when the journal is shipped, no limit when it is kept on the node only (then pruning it
+    # is the operator's).
+    max_disk_bytes: Annotated[int | None, SIZE] = None
 
 
 @dataclass(frozen=True, slots=True)

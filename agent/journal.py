@@ -47,10 +47,15 @@ class JournalError(errors.ShoalError):
     oci = errors.UNAVAILABLE
 
 
+DEFAULT_MAX_DISK_BYTES = 1 << 30
+
+
 class Journal:
-    def __init__(self, directory: Path, *, max_segment_bytes: int) -> None:
+    def __init__(self, directory: Path, *, max_segment_bytes: int, max_disk_bytes: int | None = None) -> None:
         self.directory = directory
         self.max_segment_bytes = max_segment_bytes
+        self.max_disk_bytes = max_disk_bytes  # None: no budget
+        self._disk = 0  # bytes of segments on disk, as of the last append or recount
         self.active_seq = 0
         self.written = asyncio.Event()  # set after each flush; the shipper waits on it
         self.records_written = 0
@@ -65,6 +70,7 @@ class Journal:
             self.directory.mkdir(parents=True, exist_ok=True)
             existing = segments(self.directory)
             self._start_segment(existing[-1][0] + 1 if existing else 1)
+            self._disk = self.disk_bytes()
 
         await asyncio.get_running_loop().run_in_executor(self._io, work)
 
@@ -98,6 +104,12 @@ class Journal:
         JournalError if they cannot be."""
         line = b"".join(json.dumps(audit.fit(doc), separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
                         for doc in docs)
+        # The budget gates new responses (start records); a started one always gets its end.
+        if self.max_disk_bytes is not None and self._disk + len(line) > self.max_disk_bytes and \
+                any(doc.get("phase") == "start" for doc in docs):
+            # (a client sending 8 KB references wrote 13 MB/s of journal while shipping was down)
+            raise JournalError(f"the pull journal is full ({self._disk} bytes not yet shipped to the collector); "
+                               "nothing is served unrecorded")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((line, fut))
         if self._flusher is None or self._flusher.done():
@@ -127,6 +139,10 @@ class Journal:
     def active_bytes(self) -> int:
         return self._size
 
+    def recount(self) -> None:
+        """Count the segments on disk again (blocking), after the shipper removed some."""
+        self._disk = self.disk_bytes()
+
     def disk_bytes(self) -> int:
         """Bytes of every segment on disk (blocking: a directory listing)."""
         total = 0
@@ -155,5 +171,6 @@ class Journal:
             view = view[n:]
         os.fdatasync(self._fd)  # data and the size that makes it readable; 0.2 ms here
         self._size += len(data)
+        self._disk += len(data)
         if self._size >= self.max_segment_bytes:
             self._start_segment(self.active_seq + 1)

@@ -145,6 +145,7 @@ class Shipper:
         for segment_seq, path in segments(self.journal.directory):
             if segment_seq < seq:
                 path.unlink(missing_ok=True)  # shipped earlier; removal was interrupted
+                self.journal.recount()
                 continue
             if segment_seq > seq:
                 seq, offset = segment_seq, 0
@@ -169,5 +170,6 @@ class Shipper:
             # A finished segment fully shipped (any torn tail was never acknowledged): move on.
             self._save_state(segment_seq + 1, 0)
             path.unlink(missing_ok=True)
+            self.journal.recount()
             return Batch(segment_seq, offset, offset, [])
         return None

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from shoal import audit, protocol
 from shoal.clients import OriginClient
-from shoal_agent.journal import Journal, segments
+from shoal_agent.journal import Journal, JournalError, segments
 from shoal_agent.shipper import Shipper
 from shoal_origin.collector import Collector
 from tests.support.procs import free_port
@@ -182,5 +183,24 @@ async def test_over_long_fields_are_cut_not_the_record_lost(tmp_path: Path) -> N
     assert reference.startswith("v" * 1000) and events[f"{1:032x}"]["status"] == 404
     assert all(isinstance(v, str) and v.endswith(audit.CUT_MARK) for k, v in events[f"{2:032x}"].items()
                if k in ("user_agent", "principal", "error"))
+    await journal.close()
+    await collector.close()
+
+
+async def test_a_full_journal_takes_records_again_once_shipped(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal", max_segment_bytes=4096, max_disk_bytes=16 << 10)
+    await journal.open()
+    written = 0
+    while journal.disk_bytes() + 200 < 16 << 10:  # (a record is about 150 bytes)
+        await journal.record(record(written))
+        written += 1
+    with pytest.raises(JournalError, match="journal is full"):
+        await journal.record(record(written))
+    assert 16 << 10 >= journal.disk_bytes() > (16 << 10) - 1024
+    end = {"event_id": f"{0:032x}", "phase": "end", "ts": audit.now(), "node": "n1", "outcome": "complete"}
+    await journal.record(end)  # a response that had started still gets its end
+    collector, _ = await ship_all(journal, tmp_path, written + 1)
+    assert journal.disk_bytes() < 4096  # shipped segments removed, and counted as gone
+    await journal.record(record(written + 1))
     await journal.close()
     await collector.close()

@@ -145,3 +145,33 @@ async def test_a_registry_claiming_zero_bytes_for_an_uncached_blob_gets_no_empty
         assert r.status == 503, method
         if method == "GET":
             assert "claims 0 bytes" in (await r.json())["errors"][0]["message"]
+
+
+async def test_a_full_journal_stops_serving_with_a_reason(tmp_path: Path, registry: FakeServer,
+                                                          aiohttp_client: Callable[..., Any]) -> None:
+    """Past its disk budget (shipping behind) the journal takes no more records, and the agent
+    serves nothing unrecorded: a 503 that says why, not a full disk. (8 KB references from
+    unauthenticated clients wrote 13 MB/s of journal.)"""
+    cfg = agent_config.load({"data_dir": str(tmp_path / "agent"), "node": "n1", "auth": {"unauthenticated": "node"},
+                             "journal": {"max_disk_bytes": "8KiB"},
+                             "upstreams": [{"name": registry.host, "url": registry.url}]})
+    client: Client = await aiohttp_client(agent_app.build(cfg))
+    statuses = []
+    for _ in range(100):
+        r = await client.get("/v2/private/app/manifests/" + "x" * 1000, headers={"Accept": MANIFEST_TYPE})
+        statuses.append(r.status)
+        if r.status == 503:
+            error = (await r.json())["errors"][0]
+            assert error["code"] == "UNAVAILABLE" and "journal is full" in error["message"]
+            break
+    assert statuses[-1] == 503 and len(statuses) > 3  # served (404s) while it had room
+    journal = tmp_path / "agent" / "journal"
+    assert sum(p.stat().st_size for p in journal.glob("segment-*")) <= 8 << 10
+    for _ in range(20):  # smaller records fit a little longer; then a blob too gets a 503
+        r = await client.get(f"/v2/private/app/blobs/{DIGEST}")
+        if r.status == 503:
+            break
+        assert r.status == 200 and await r.read() == BLOB
+    assert r.status == 503 and "journal is full" in (await r.json())["errors"][0]["message"]
+    # the budget, and the end records of responses that had started (one here)
+    assert sum(p.stat().st_size for p in journal.glob("segment-*")) <= (8 << 10) + 1024
