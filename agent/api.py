@@ -100,6 +100,7 @@ class MirrorApi:
         audit.ns = up.name
         cred = self.authorizer.credential(request, up)
         audit.credential_used(cred)
+        audit.principal_confirmed = await self._confirmed(up, cred)
         r = await up.client.request("GET", "/v2/", repo=None, authorization=cred.upstream_auth)
         if r.status == 200:
             audit.principal = cred.principal(up.client.credentials.username if up.client.credentials else None)
@@ -118,6 +119,7 @@ class MirrorApi:
         audit.ns = upstream.name
         cred = self.authorizer.credential(request, upstream)
         audit.credential_used(cred)
+        audit.principal_confirmed = await self._confirmed(upstream, cred)
         if route.kind == "blobs":
             return await self.blob(request, upstream, cred, route.name, Digest.parse(route.reference))
         if route.kind == "manifests":
@@ -125,6 +127,11 @@ class MirrorApi:
         if route.kind == "tags":
             return await self.tags(request, upstream, cred, route.name)
         return await self.referrers(request, upstream, cred, route.name, Digest.parse(route.reference))
+
+    async def _confirmed(self, up: Upstream, cred: Credential) -> bool | None:
+        """Whether the principal journaled for this request is the registry's word (True), only
+        the client's claim (False: the registry checks no credentials) or unknown (None)."""
+        return True if cred.kind == "anonymous" else await self.authorizer.checks_credentials(up)
 
     def _principal(self, up: Upstream, cred: Credential) -> str:
         return cred.principal(up.client.credentials.username if up.client.credentials else None)

@@ -189,12 +189,37 @@ def fingerprint_key(node_token: str | None, data_dir: Path) -> bytes:
         return key
 
 
+CHECK_TTL = 60.0
+
+
 class Authorizer:
     def __init__(self, settings: AuthSettings, decisions: Decisions, fingerprint_key: bytes) -> None:
         self.settings = settings
         self.decisions = decisions
         self._fingerprint_key = fingerprint_key
         self._flights: SingleFlight[str, Decision] = SingleFlight()
+        self._checks: dict[str, tuple[bool, float]] = {}  # upstream -> (checks credentials, when)
+        self._check_flights: SingleFlight[str, bool | None] = SingleFlight()
+
+    async def checks_credentials(self, up: Upstream) -> bool | None:
+        """Does the registry check credentials at all? A registry without auth answers 200 to
+        anyone, so a user name in a Basic header (or a token's subject) is only what the client
+        claims. Known from an anonymous GET /v2/ (401 with auth configured, whatever the
+        repositories allow), asked again every CHECK_TTL; None while the registry cannot say."""
+        known = self._checks.get(up.name)
+        if known is not None and time.monotonic() - known[1] < CHECK_TTL:
+            return known[0]
+        return await self._check_flights.run(up.name, lambda: self._check(up))
+
+    async def _check(self, up: Upstream) -> bool | None:
+        try:
+            r = await up.client.request("GET", "/v2/", repo=None, authorization=None)
+        except errors.UpstreamError:
+            return None
+        if r.status not in (200, 401):
+            return None
+        self._checks[up.name] = (r.status == 401, time.monotonic())
+        return r.status == 401
 
     def credential(self, request: web.Request, upstream: Upstream) -> Credential:
         header = request.headers.get("Authorization")

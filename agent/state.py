@@ -21,6 +21,7 @@ class Audit:
     reference: str | None = None
     digest: str | None = None
     principal: str | None = None
+    principal_confirmed: bool | None = None  # False: the registry does not check credentials
     cred_fpr: str | None = None
     credential: str | None = None
     authz_method: str | None = None

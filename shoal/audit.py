@@ -22,7 +22,8 @@ from typing import Any
 PHASES = ("start", "end")
 # Fields of a merged event, in export order (CSV columns).
 EVENT_FIELDS = (
-    "event_id", "ts", "node", "client_addr", "user_agent", "principal", "cred_fpr", "credential",
+    "event_id", "ts", "node", "client_addr", "user_agent", "principal", "principal_confirmed", "cred_fpr",
+    "credential",
     "ns", "repository", "kind", "method", "reference", "digest", "range", "status", "bytes", "source",
     "verified", "duration_ms", "outcome", "authz_method", "registry_status", "error",
 )
@@ -82,8 +83,8 @@ def validate(record: Any) -> dict[str, Any]:
             raise RecordError(f"{key} must be a non-negative integer")
         if key == "duration_ms" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             raise RecordError("duration_ms must be a number")
-        if key == "verified" and not isinstance(value, bool):
-            raise RecordError("verified must be true or false")
+        if key in ("verified", "principal_confirmed") and not isinstance(value, bool):
+            raise RecordError(f"{key} must be true or false")
     event_id = doc.get("event_id")
     if not isinstance(event_id, str) or not 8 <= len(event_id) <= 64:
         raise RecordError("event_id must be a string of 8 to 64 characters")

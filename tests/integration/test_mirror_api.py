@@ -5,6 +5,7 @@ verbs, that a second pull comes from the cache, and that every answer is journal
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import random
@@ -175,3 +176,30 @@ async def test_a_full_journal_stops_serving_with_a_reason(tmp_path: Path, regist
     assert r.status == 503 and "journal is full" in (await r.json())["errors"][0]["message"]
     # the budget, and the end records of responses that had started (one here)
     assert sum(p.stat().st_size for p in journal.glob("segment-*")) <= (8 << 10) + 1024
+
+
+def journaled_starts(data_dir: Path) -> list[dict[str, Any]]:
+    lines = b"".join(p.read_bytes() for p in sorted((data_dir / "journal").glob("segment-*"))).splitlines()
+    return [doc for doc in map(json.loads, lines) if doc["phase"] == "start"]
+
+
+@pytest.mark.parametrize(("ping_status", "confirmed"), [(200, False), (401, True)])
+async def test_a_principal_is_marked_claimed_when_the_registry_checks_no_credentials(
+        tmp_path: Path, registry: FakeServer, aiohttp_client: Callable[..., Any], ping_status: int,
+        confirmed: bool) -> None:
+    """A registry without auth answers 200 to any Authorization: the user name in a Basic header
+    is then the client's claim, not the registry's word, and the journal says so."""
+    registry.routes[("GET", "/v2/")] = Canned(ping_status, {"WWW-Authenticate": 'Basic realm="r"'}
+                                              if ping_status == 401 else {}, b"{}")
+    cfg = agent_config.load({"data_dir": str(tmp_path / "agent"), "node": "n1",
+                             "upstreams": [{"name": registry.host, "url": registry.url}]})
+    client: Client = await aiohttp_client(agent_app.build(cfg))
+    basic = "Basic " + base64.b64encode(b"mallory:anything").decode()
+    r = await client.get(f"/v2/private/app/blobs/{DIGEST}", headers={"Authorization": basic})
+    assert r.status == 200 and hashlib.sha256(await r.read()).hexdigest() == DIGEST.removeprefix("sha256:")
+    r = await client.get(f"/v2/private/app/blobs/{DIGEST}")  # anonymous: nothing is claimed
+    await r.read()
+    await client.close()
+    starts = journaled_starts(tmp_path / "agent")
+    assert [(d["principal"], d["principal_confirmed"]) for d in starts] == [("mallory", confirmed),
+                                                                           ("anonymous", True)]
