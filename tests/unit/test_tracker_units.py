@@ -146,3 +146,183 @@ def test_announce_numbers_at_their_limits() -> None:
     assert ann.parse_announce(base + f"&port=1&uploaded={big}").uploaded == int(big)
     with pytest.raises(ann.AnnounceError, match="uploaded must be a non-negative integer"):
         ann.parse_announce(base + "&port=1&uploaded=" + "1" * 20)
+
+
+def refusal(raw_query: str) -> str:
+    """The `failure reason` a client reads for this announce (the exact text is the product)."""
+    with pytest.raises(ann.AnnounceError) as exc:
+        ann.parse_announce(raw_query)
+    return str(exc.value)
+
+
+def test_announce_refusals_are_exact() -> None:
+    base = f"info_hash={'a' * 20}&peer_id={'b' * 20}"
+    assert refusal("x=" + "a" * 5000) == "query string too long"
+    assert refusal(query(info_hash=b"a" * 21)) == "info_hash must be 20 bytes"
+    assert refusal(query(peer_id=b"b" * 19)) == "peer_id must be 20 bytes"
+    assert refusal(query(peer_id=b"b" * 21)) == "peer_id must be 20 bytes"
+    assert refusal(query(event="Started")) == "unknown event"
+    assert refusal(query(token=b"tok\xe9n")) == "token is not ASCII"
+    assert refusal(query(info_hash=None)) == "missing info_hash"
+    # a missing port is a refusal like any other (never an assertion, never a default port)
+    assert refusal(base) == "missing port"
+    assert refusal(base + "&port=") == "port must be a non-negative integer"
+    assert refusal(base + "&port=1&downloaded=x") == "downloaded must be a non-negative integer"
+    assert refusal(base + "&port=1&numwant=-1") == "numwant must be a non-negative integer"
+
+
+def test_numwant_is_bounded() -> None:
+    assert ann.parse_announce(query(numwant=100000)).numwant == 100000
+    assert ann.parse_announce(query(numwant=0)).numwant == 0
+    assert ann.parse_announce(query()).numwant is None
+    assert refusal(query(numwant=100001)) == "numwant out of range"
+    assert refusal(query(numwant=2**62)) == "numwant out of range"
+
+
+def test_announce_fields_and_their_defaults() -> None:
+    base = f"info_hash={'a' * 20}&peer_id={'b' * 20}&port=1"
+    a = ann.parse_announce(base)
+    assert (a.uploaded, a.downloaded, a.left, a.event) == (0, 0, 0, "")
+    assert a.compact is True and a.no_peer_id is False and a.token is None and a.numwant is None
+    a = ann.parse_announce(base + "&uploaded=5&downloaded=7&left=9&no_peer_id=1&compact=0&token=t.k")
+    assert (a.uploaded, a.downloaded, a.left) == (5, 7, 9)
+    assert a.no_peer_id is True and a.compact is False and a.token == "t.k"
+    assert ann.parse_announce(base + "&no_peer_id=0").no_peer_id is False
+    assert ann.parse_announce(base + "&no_peer_id=yes").no_peer_id is False
+    assert ann.parse_announce(base + "&compact=1").compact is True
+    # ip= cannot move the peer anywhere: it is not even part of the parsed announce
+    assert "ip" not in ann.Announce.__slots__
+    assert ann.parse_announce(base + "&ip=10.0.0.1&ipv4=10.0.0.2&ipv6=%3A%3A1") == ann.parse_announce(base)
+
+
+def test_query_keys_decode_plus_as_space() -> None:
+    assert ann.parse_query("a+b=c+d&%2B=%2B") == {"a b": [b"c d"], "+": [b"+"]}
+
+
+def test_scrape_parsing() -> None:
+    other = bytes(range(20))
+    assert ann.parse_scrape("") == []
+    assert ann.parse_scrape(f"info_hash={quote_from_bytes(IH)}&info_hash={quote_from_bytes(other)}") == [IH, other]
+    at_limit = "&".join(f"info_hash={quote_from_bytes(bytes([i]) * 20)}" for i in range(ann.MAX_SCRAPE_HASHES))
+    assert len(ann.parse_scrape(at_limit)) == ann.MAX_SCRAPE_HASHES
+    with pytest.raises(ann.AnnounceError) as exc:
+        ann.parse_scrape(at_limit + "&info_hash=" + "z" * 20)
+    assert str(exc.value) == "at most 64 info_hash values per scrape"
+    for bad in (b"short", IH + b"x"):
+        with pytest.raises(ann.AnnounceError) as exc:
+            ann.parse_scrape(f"info_hash={quote_from_bytes(IH)}&info_hash={quote_from_bytes(bad)}")
+        assert str(exc.value) == "info_hash must be 20 bytes"
+
+
+def test_normalize_ip_drops_the_whole_zone() -> None:
+    assert ann.normalize_ip("fe80::1%a%b") == "fe80::1"
+    assert ann.normalize_ip("10.0.0.1") == "10.0.0.1"
+
+
+def test_failure_and_scrape_documents() -> None:
+    assert bencode.decode(ann.failure("unknown event")) == {b"failure reason": b"unknown event"}
+    assert bencode.decode(ann.scrape_response({IH: (3, 4, 5)})) == {
+        b"files": {IH: {b"complete": 3, b"incomplete": 4, b"downloaded": 5}}}
+    assert bencode.decode(ann.scrape_response({})) == {b"files": {}}
+
+
+def test_announce_answer_fields_and_high_ports() -> None:
+    peers = [("127.0.0.2", 60000, PID), ("::1", 65535, PID), ("127.0.0.3", 40000, PID), ("::2", 1, PID)]
+    doc = bencode.decode(ann.announce_response(peers, compact=True, no_peer_id=False, interval=30,
+                                               min_interval=5, complete=2, incomplete=7))
+    assert doc == {
+        b"interval": 30, b"min interval": 5, b"complete": 2, b"incomplete": 7,
+        b"peers": bytes([127, 0, 0, 2]) + (60000).to_bytes(2, "big") + bytes([127, 0, 0, 3])
+        + (40000).to_bytes(2, "big"),
+        b"peers6": b"\x00" * 15 + b"\x01" + (65535).to_bytes(2, "big") + b"\x00" * 15 + b"\x02" + b"\x00\x01",
+    }
+    only_v4 = bencode.decode(ann.announce_response(peers[:1], compact=True, no_peer_id=False, interval=30,
+                                                   min_interval=5, complete=0, incomplete=0))
+    assert isinstance(only_v4, dict) and b"peers6" not in only_v4
+    listed = bencode.decode(ann.announce_response(peers[:1], compact=False, no_peer_id=True, interval=30,
+                                                  min_interval=5, complete=0, incomplete=0))
+    assert isinstance(listed, dict) and listed[b"peers"] == [{b"ip": b"127.0.0.2", b"port": 60000}]
+
+
+def test_a_listed_peer_updates_its_entry_in_a_full_swarm() -> None:
+    store = PeerStore(ttl=60, max_peers=2)
+    store.announce(IH, peer("127.0.0.2", 1, 5), "started")
+    store.announce(IH, peer("127.0.0.3", 1, 5), "started")
+    store.announce(IH, peer("127.0.0.4", 1, 5), "started")  # full: not listed
+    assert store.stats(IH) == (0, 2, 0)
+    # a listed leecher that finished moves to the seeders although the swarm is full
+    store.announce(IH, peer("127.0.0.2", 1, 0), "completed")
+    assert store.stats(IH) == (1, 1, 1)
+    # a listed seeder refreshes its entry in a full swarm too
+    fresh = peer("127.0.0.2", 1, 0)
+    store.announce(IH, fresh, "")
+    assert store.select(IH, ("127.0.0.3", 1), want=5, seeder=False) == [fresh]
+
+
+def test_completed_counts_each_download_once() -> None:
+    store = PeerStore(ttl=60, max_peers=10)
+    store.announce(IH, peer("127.0.0.2", 1, 0), "completed")
+    store.announce(IH, peer("127.0.0.2", 1, 0), "completed")  # a seeder saying it again: no new download
+    assert store.stats(IH) == (1, 0, 1)
+    store.announce(IH, peer("127.0.0.3", 1, 4), "started")
+    store.announce(IH, peer("127.0.0.3", 1, 0), "completed")
+    assert store.stats(IH) == (2, 0, 2)
+
+
+def test_select_never_returns_the_requester_and_honours_small_wants() -> None:
+    store = PeerStore(ttl=60, max_peers=10)
+    store.announce(IH, peer("127.0.0.2", 1, 0), "started")
+    store.announce(IH, peer("127.0.0.3", 1, 0), "started")
+    store.announce(IH, peer("127.0.0.4", 1, 3), "started")
+    chosen = store.select(IH, ("127.0.0.2", 1), want=10, seeder=False)
+    assert sorted(p.ip for p in chosen) == ["127.0.0.3", "127.0.0.4"]
+    one = store.select(IH, ("127.0.0.9", 1), want=1, seeder=False)
+    assert len(one) == 1 and one[0].is_seeder
+    assert len(store.select(IH, ("127.0.0.9", 1), want=1, seeder=True)) == 1
+    assert store.select(IH, ("127.0.0.9", 1), want=0, seeder=False) == []
+    assert store.select(b"x" * 20, ("127.0.0.9", 1), want=5, seeder=False) == []
+
+
+def test_a_peer_is_live_for_exactly_ttl_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("tracker.peers.time.monotonic", lambda: clock[0])
+    # sampling is random; here it takes the first values, so the stale peers fill the sample and
+    # the answer has to come from the scan of the whole group
+    monkeypatch.setattr("tracker.peers.random.sample", lambda values, k: list(values)[:k])
+    store = PeerStore(ttl=60, max_peers=10)
+    for i in range(3):
+        store.announce(IH, Peer(f"127.0.0.{i + 10}", 1, PID, 0, 900.0), "started")  # long stale
+    edge = Peer("127.0.0.2", 1, PID, 0, 940.0)  # exactly ttl old
+    store.announce(IH, edge, "started")
+    assert store.select(IH, ("x", 0), want=1, seeder=True) == []  # no leechers
+    assert store.select(IH, ("x", 0), want=1, seeder=False) == [edge]  # from the scan
+    assert store.select(IH, ("x", 0), want=4, seeder=False) == [edge]  # from the sample
+    assert store.expire() == 3
+    assert store.stats(IH) == (1, 0, 0)
+    clock[0] += 0.5
+    assert store.expire() == 1 and store.swarm_count == 0
+
+
+def test_expire_counts_every_swarm_and_keeps_what_it_must(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("tracker.peers.time.monotonic", lambda: clock[0])
+    store = PeerStore(ttl=60, max_peers=10)
+    ih2, ih3 = b"2" * 20, b"3" * 20
+    store.announce(IH, Peer("127.0.0.2", 1, PID, 5, 900.0), "started")  # stale
+    store.announce(ih2, Peer("127.0.0.3", 1, PID, 5, 900.0), "started")  # stale
+    store.announce(ih2, Peer("127.0.0.4", 1, PID, 0, 900.0), "completed")  # stale, downloaded 1
+    store.announce(ih3, Peer("127.0.0.5", 1, PID, 5, 999.0), "started")  # live, nothing downloaded
+    assert store.expire() == 3
+    # the emptied swarm with no downloads is gone; the one with a download count keeps it; the live one stays
+    assert store.swarm_count == 2 and store.peer_count == 1
+    assert store.stats(IH) == (0, 0, 0) and store.stats(ih2) == (0, 0, 1) and store.stats(ih3) == (0, 1, 0)
+
+
+def test_stats_of_an_unknown_swarm_and_forget() -> None:
+    store = PeerStore(ttl=60, max_peers=10)
+    assert store.stats(IH) == (0, 0, 0)
+    store.announce(IH, peer("127.0.0.2", 1, 0), "completed")
+    store.announce(b"o" * 20, peer("127.0.0.2", 1, 3), "started")
+    store.forget(IH)
+    store.forget(b"n" * 20)  # unknown: nothing to do
+    assert store.stats(IH) == (0, 0, 0) and store.swarm_count == 1 and store.peer_count == 1
