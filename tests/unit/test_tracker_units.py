@@ -285,10 +285,10 @@ def test_select_never_returns_the_requester_and_honours_small_wants() -> None:
 
 def test_a_peer_is_live_for_exactly_ttl_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1000.0]
-    monkeypatch.setattr("tracker.peers.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("shoal_tracker.peers.time.monotonic", lambda: clock[0])
     # sampling is random; here it takes the first values, so the stale peers fill the sample and
     # the answer has to come from the scan of the whole group
-    monkeypatch.setattr("tracker.peers.random.sample", lambda values, k: list(values)[:k])
+    monkeypatch.setattr("shoal_tracker.peers.random.sample", lambda values, k: list(values)[:k])
     store = PeerStore(ttl=60, max_peers=10)
     for i in range(3):
         store.announce(IH, Peer(f"127.0.0.{i + 10}", 1, PID, 0, 900.0), "started")  # long stale
@@ -305,7 +305,7 @@ def test_a_peer_is_live_for_exactly_ttl_seconds(monkeypatch: pytest.MonkeyPatch)
 
 def test_expire_counts_every_swarm_and_keeps_what_it_must(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1000.0]
-    monkeypatch.setattr("tracker.peers.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("shoal_tracker.peers.time.monotonic", lambda: clock[0])
     store = PeerStore(ttl=60, max_peers=10)
     ih2, ih3 = b"2" * 20, b"3" * 20
     store.announce(IH, Peer("127.0.0.2", 1, PID, 5, 900.0), "started")  # stale
