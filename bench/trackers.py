@@ -55,7 +55,8 @@ def run(work: Path, *, seconds: int, connections: int = 32) -> TrackerResult:
     token = signing.issue_token(key, "bench", 3600)
     config = work / "tracker.yaml"
     cluster = Cluster(keys, [], tracker_url=f"http://127.0.0.1:{port}", origin_url="", log={"level": "warning"})
-    config.write_text(yaml.safe_dump(cluster.tracker(listen=f"127.0.0.1:{port}")))
+    # the load generator announces thousands of peers from one address, as for opentracker
+    config.write_text(yaml.safe_dump(cluster.tracker(listen=f"127.0.0.1:{port}", max_peers_per_address=100_000)))
     whitelist = work / "whitelist.txt"
     whitelist.write_text(meta.tracker_hash.hex() + "\n")
     logs = [open(work / f"{n}.log", "ab") for n in ("tracker", "opentracker")]  # noqa: SIM115

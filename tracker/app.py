@@ -68,7 +68,8 @@ class Tracker:
                  node_token: str, origin_key: Ed25519PublicKey) -> None:
         self.config = config
         self.metrics = Metrics(registry)
-        self.peers = PeerStore(ttl=config.ttl, max_peers=config.max_peers_per_torrent)
+        self.peers = PeerStore(ttl=config.ttl, max_peers=config.max_peers_per_torrent,
+                               max_per_address=config.max_peers_per_address)
         self.torrents = TorrentRegistry(Path(config.data_dir) if config.data_dir else None)
         self.tokens_by_guard: dict[Guard, str] = {"registration": f"Bearer {registration_token}",
                                                   "node": f"Bearer {node_token}"}

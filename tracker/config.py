@@ -25,6 +25,9 @@ class TrackerConfig:
     numwant_default: int = 50
     numwant_max: int = 200
     max_peers_per_torrent: int = 5000
+    # Entries one source address may hold in a swarm (a node has one; an agent and the origin on
+    # one host two; a restart's new port replaces the address's oldest entry).
+    max_peers_per_address: int = 8
     # Shared secret the origin presents to register metainfo (file or env; required).
     registration_token: SecretSource = field(default_factory=SecretSource)
     # The origin's Ed25519 public key (PEM file): verifies metainfo signatures and swarm tokens.
@@ -46,6 +49,8 @@ class TrackerConfig:
                 f"least interval + {announcing.ANNOUNCE_TIMEOUT}s (the announce timeout) = "
                 f"{announcing.min_peer_ttl(self.interval):g}s, default 3 x interval + "
                 f"{announcing.ANNOUNCE_TIMEOUT}s")
+        if self.max_peers_per_address < 1:
+            raise ConfigError("max_peers_per_address: must be at least 1")
         if not 1 <= self.numwant_default <= self.numwant_max:
             raise ConfigError("numwant_default: must be between 1 and numwant_max")
         if self.registration_token.file is None and self.registration_token.env is None:

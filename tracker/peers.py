@@ -31,6 +31,7 @@ class SwarmPeers:
     seeders: dict[Key, Peer] = field(default_factory=dict)
     leechers: dict[Key, Peer] = field(default_factory=dict)
     downloaded: int = 0
+    by_address: dict[str, dict[Key, None]] = field(default_factory=dict)  # each address's keys, oldest first
 
     def __len__(self) -> int:
         return len(self.seeders) + len(self.leechers)
@@ -42,10 +43,16 @@ class SwarmPeers:
         mine, other = (self.seeders, self.leechers) if peer.is_seeder else (self.leechers, self.seeders)
         other.pop(key, None)
         mine[key] = peer
+        self.by_address.setdefault(key[0], {})[key] = None
 
     def remove(self, key: Key) -> None:
         self.seeders.pop(key, None)
         self.leechers.pop(key, None)
+        keys = self.by_address.get(key[0])
+        if keys is not None:
+            keys.pop(key, None)
+            if not keys:
+                del self.by_address[key[0]]
 
     def counts(self) -> tuple[int, int]:
         return len(self.seeders), len(self.leechers)
@@ -53,11 +60,14 @@ class SwarmPeers:
 
 class PeerStore:
     """Peers are keyed by the source address of their announce (never by a claimed `ip=`),
-    so one host cannot remove or impersonate another's entry."""
+    so one host cannot remove or impersonate another's entry; and one address holds at most
+    `max_per_address` entries of a swarm (5,000 announces from one host with as many ports filled
+    a swarm with fake peers, and a fresh agent fell back to the registry)."""
 
-    def __init__(self, *, ttl: float, max_peers: int) -> None:
+    def __init__(self, *, ttl: float, max_peers: int, max_per_address: int = 8) -> None:
         self.ttl = ttl
         self.max_peers = max_peers
+        self.max_per_address = max_per_address
         self._swarms: dict[bytes, SwarmPeers] = {}
 
     def announce(self, info_hash: bytes, peer: Peer, event: str) -> SwarmPeers:
@@ -69,6 +79,9 @@ class PeerStore:
         previous = swarm.get(key)
         if event == "completed" and (previous is None or not previous.is_seeder):
             swarm.downloaded += 1
+        same_address = swarm.by_address.get(peer.ip, {})
+        if previous is None and len(same_address) >= self.max_per_address:
+            swarm.remove(next(iter(same_address)))  # the address's oldest entry makes room (a restart's new port)
         if previous is None and len(swarm) >= self.max_peers:
             self._expire_swarm(swarm, time.monotonic())
             if len(swarm) >= self.max_peers:

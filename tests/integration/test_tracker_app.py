@@ -235,3 +235,17 @@ async def test_ipv6_peers_come_back_in_peers6(tmp_path: Path, keys: Keys, meta: 
     assert isinstance(doc, dict)
     assert doc[b"peers"] == b""
     assert doc[b"peers6"] == b"\x00" * 15 + b"\x01" + (7001).to_bytes(2, "big")
+
+
+async def test_one_address_holds_a_bounded_share_of_a_swarm(client: Client, meta: metainfo.Metainfo,
+                                                            keys: Keys) -> None:
+    assert await register(client, meta, keys) == 201
+    token = keys.token()
+    for port in range(20_000, 20_040):  # one host, forty ports
+        await announce(client, meta.tracker_hash, port, 0, token=token, event="started")
+    doc = await announce(client, meta.tracker_hash, 30_000, 100, token=token, event="started", numwant="200")
+    peers = doc[b"peers"]
+    assert isinstance(peers, bytes)
+    ports = {int.from_bytes(peers[i + 4:i + 6], "big") for i in range(0, len(peers), 6)}
+    # the default cap: 8 entries (the requester's own is one of them), the newest kept
+    assert ports == set(range(20_033, 20_040)) and doc[b"complete"] == 7

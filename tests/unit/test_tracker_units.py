@@ -328,3 +328,24 @@ def test_stats_of_an_unknown_swarm_and_forget() -> None:
     store.forget(IH)
     store.forget(b"n" * 20)  # unknown: nothing to do
     assert store.stats(IH) == (0, 0, 0) and store.swarm_count == 1 and store.peer_count == 1
+
+
+def test_one_address_cannot_fill_a_swarm() -> None:
+    """5,000 announces from one host with as many ports filled max_peers_per_torrent with fake
+    peers; a fresh agent got 50 of them and fell back to the registry."""
+    store = PeerStore(ttl=60, max_peers=5000, max_per_address=8)
+    store.announce(IH, peer("127.0.0.2", 7000, 0), "started")  # a real seeder elsewhere
+    for port in range(10_000, 15_000):
+        store.announce(IH, peer("127.0.0.66", port, 0), "started")
+    assert store.peer_count == 1 + 8
+    # the address keeps its newest entries (a restarted node's new port is listed)
+    assert {p.port for p in store.select(IH, ("127.0.0.9", 1), want=50, seeder=False)
+            if p.ip == "127.0.0.66"} == set(range(14_992, 15_000))
+    assert any(p.ip == "127.0.0.2" for p in store.select(IH, ("127.0.0.9", 1), want=50, seeder=False))
+    # removing and expiring keep the per-address index exact: the address gets its slots back
+    for port in range(14_992, 14_996):
+        store.announce(IH, peer("127.0.0.66", port, 0), "stopped")
+    store.announce(IH, peer("127.0.0.66", 20_000, 0), "started")
+    assert store.peer_count == 1 + 5
+    assert store._swarms[IH].by_address["127.0.0.66"] == dict.fromkeys(
+        [("127.0.0.66", p) for p in (*range(14_996, 15_000), 20_000)])
