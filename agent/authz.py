@@ -189,7 +189,7 @@ def fingerprint_key(node_token: str | None, data_dir: Path) -> bytes:
         return key
 
 
-CHECK_TTL = 60.0
+CHECK_TTL, CHECK_WAIT = 60.0, 1.0
 
 
 class Authorizer:
@@ -198,28 +198,32 @@ class Authorizer:
         self.decisions = decisions
         self._fingerprint_key = fingerprint_key
         self._flights: SingleFlight[str, Decision] = SingleFlight()
-        self._checks: dict[str, tuple[bool, float]] = {}  # upstream -> (checks credentials, when)
+        self._checks: dict[str, tuple[bool | None, float]] = {}  # upstream -> (checks credentials, when)
         self._check_flights: SingleFlight[str, bool | None] = SingleFlight()
 
     async def checks_credentials(self, up: Upstream) -> bool | None:
         """Does the registry check credentials at all? A registry without auth answers 200 to
         anyone, so a user name in a Basic header (or a token's subject) is only what the client
         claims. Known from an anonymous GET /v2/ (401 with auth configured, whatever the
-        repositories allow), asked again every CHECK_TTL; None while the registry cannot say."""
+        repositories allow), asked again every CHECK_TTL; None while the registry cannot say.
+        A request waits for the question at most CHECK_WAIT (a registry that is down must not
+        slow what availability mode serves), and a failed answer is kept as long as a good one."""
         known = self._checks.get(up.name)
         if known is not None and time.monotonic() - known[1] < CHECK_TTL:
             return known[0]
-        return await self._check_flights.run(up.name, lambda: self._check(up))
+        try:
+            return await asyncio.wait_for(self._check_flights.run(up.name, lambda: self._check(up)), CHECK_WAIT)
+        except TimeoutError:  # (the question goes on; the next request reads its answer)
+            return known[0] if known is not None else None
 
     async def _check(self, up: Upstream) -> bool | None:
         try:
             r = await up.client.request("GET", "/v2/", repo=None, authorization=None)
+            answer = r.status == 401 if r.status in (200, 401) else None
         except errors.UpstreamError:
-            return None
-        if r.status not in (200, 401):
-            return None
-        self._checks[up.name] = (r.status == 401, time.monotonic())
-        return r.status == 401
+            answer = None
+        self._checks[up.name] = (answer, time.monotonic())
+        return answer
 
     def credential(self, request: web.Request, upstream: Upstream) -> Credential:
         header = request.headers.get("Authorization")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from shoal import errors
 from shoal.logs import fingerprint
 from shoal.oci import Digest
 from shoal.registry import RegistryClient
-from shoal_agent.authz import Authorizer, Credential, Decisions, fingerprint_key
+from shoal_agent.authz import CHECK_WAIT, Authorizer, Credential, Decisions, fingerprint_key
 from shoal_agent.config import AuthSettings
 from shoal_agent.upstreams import Upstream
 from tests.support.fakeregistry import Canned, FakeServer
@@ -142,3 +143,20 @@ def test_credential_fingerprints_are_keyed(tmp_path: Path) -> None:
     assert own == fingerprint_key(None, tmp_path / "alone") and len(own) == 32
     assert (tmp_path / "alone" / "fingerprint.key").stat().st_mode & 0o077 == 0
     assert fingerprint(header, own) not in (bare, fingerprint(header, cluster))
+
+
+async def test_a_registry_that_does_not_answer_delays_no_request(tmp_path: Path) -> None:
+    """Whether the registry checks credentials is asked anonymously; a registry that accepts the
+    connection and never answers costs a request at most CHECK_WAIT, and says "unknown"."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    try:
+        authz, up, http = await make(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}")
+        try:
+            async with asyncio.timeout(CHECK_WAIT + 4):
+                assert await authz.checks_credentials(up) is None
+        finally:
+            await http.close()
+    finally:
+        silent.close()
