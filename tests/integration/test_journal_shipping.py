@@ -47,6 +47,22 @@ async def collector_server(tmp_path: Path, failures: list[int]) -> tuple[TestSer
     return server, collector
 
 
+async def ship_all(journal: Journal, tmp_path: Path, count: int) -> tuple[Collector, Shipper]:
+    server, collector = await collector_server(tmp_path, [0])
+    async with aiohttp.ClientSession() as http:
+        shipper = Shipper(journal, OriginClient(http, f"http://127.0.0.1:{server.port}", "t"), node="n1")
+        task = asyncio.create_task(shipper.run())
+        try:
+            async with asyncio.timeout(30):
+                while shipper.shipped_records < count:
+                    await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.close()
+    return collector, shipper
+
+
 async def test_group_commit_rotation_and_exactly_once(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal", max_segment_bytes=4096)
     await journal.open()
@@ -85,21 +101,10 @@ async def test_torn_tail_of_a_crashed_segment_is_skipped(tmp_path: Path) -> None
     await journal.open()  # a restarted agent writes a new segment
     assert journal.active_seq == 2
     await journal.record(record(10))
-    server, collector = await collector_server(tmp_path, [0])
-    async with aiohttp.ClientSession() as http:
-        shipper = Shipper(journal, OriginClient(http, f"http://127.0.0.1:{server.port}", "t"), node="n1")
-        task = asyncio.create_task(shipper.run())
-        try:
-            async with asyncio.timeout(30):
-                while shipper.shipped_records < 3:
-                    await asyncio.sleep(0.05)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+    collector, _ = await ship_all(journal, tmp_path, 3)
     events = await collector.query(protocol.AuditQuery(limit=10))
     assert sorted(e["event_id"] for e in events) == [f"{i:032x}" for i in (0, 1, 10)]
     assert not (directory / "segment-0000000001.jsonl").exists()
-    await server.close()
     await collector.close()
     await journal.close()
 
@@ -132,22 +137,6 @@ async def test_shipped_records_are_freed_without_waiting_for_rotation(tmp_path: 
     await server.close()
     await collector.close()
     await journal.close()
-
-
-async def ship_all(journal: Journal, tmp_path: Path, count: int) -> tuple[Collector, Shipper]:
-    server, collector = await collector_server(tmp_path, [0])
-    async with aiohttp.ClientSession() as http:
-        shipper = Shipper(journal, OriginClient(http, f"http://127.0.0.1:{server.port}", "t"), node="n1")
-        task = asyncio.create_task(shipper.run())
-        try:
-            async with asyncio.timeout(30):
-                while shipper.shipped_records < count:
-                    await asyncio.sleep(0.05)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await server.close()
-    return collector, shipper
 
 
 async def test_batches_of_non_ascii_records_fit_the_collector(tmp_path: Path) -> None:
