@@ -121,7 +121,10 @@ def build(config: AgentConfig) -> web.Application:
     shipped = access is not None and config.journal.ship
     journal = Journal(data / "journal", max_segment_bytes=config.journal.max_segment_bytes,
                       max_disk_bytes=config.journal.max_disk_bytes or (DEFAULT_MAX_DISK_BYTES if shipped else None))
-    app = web.Application(middlewares=[_client_gone(), journal_middleware(journal, config.node),
+    # The mirror API reads no request body (push verbs get 405): a declared body past 64 KiB is
+    # refused before any handler runs (shoal/web.py).
+    app = web.Application(client_max_size=64 * 1024,
+                          middlewares=[_client_gone(), journal_middleware(journal, config.node),
                                        _middleware(metrics)])
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

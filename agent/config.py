@@ -94,9 +94,14 @@ class AgentConfig:
     max_blob_size: Annotated[int, SIZE] = 64 << 30
     # Longest silence tolerated on a registry connection.
     registry_read_timeout: Annotated[float, DURATION] = 30.0
+    # Connections served at once (containerd, kubelet and other nodes' fetches on one node);
+    # past it the oldest idle or slow one is closed (shoal/web.py).
+    max_connections: int = 1024
     log: LogSettings = field(default_factory=LogSettings)
 
     def validate(self, prefix: str) -> None:
+        if self.max_connections < 1:
+            raise ConfigError("max_connections: must be at least 1")
         check_upstream_names(self.upstreams, "upstreams")
         if (self.tracker is None) != (self.origin is None):
             raise ConfigError("tracker: set both tracker and origin to use the swarm, or neither")

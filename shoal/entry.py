@@ -25,6 +25,9 @@ class ComponentConfig(Protocol):
     @property
     def log(self) -> LogSettings: ...
 
+    @property
+    def max_connections(self) -> int: ...
+
 
 C = TypeVar("C", bound=ComponentConfig)
 
@@ -99,7 +102,7 @@ def run_component(
     try:
         app = build(config)
         host, port = split_hostport(config.listen)
-        shoal_web.run(app, host, port)
+        shoal_web.run(app, host, port, max_connections=config.max_connections)
     except ConfigError as exc:
         print(f"shoal-{name}: config error: {exc}", file=sys.stderr)
         return 2

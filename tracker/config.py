@@ -28,6 +28,9 @@ class TrackerConfig:
     # Entries one source address may hold in a swarm (a node has one; an agent and the origin on
     # one host two; a restart's new port replaces the address's oldest entry).
     max_peers_per_address: int = 8
+    # Connections served at once (announces from thousands of nodes, kept alive or not);
+    # past it the oldest idle or slow one is closed (shoal/web.py).
+    max_connections: int = 4096
     # Shared secret the origin presents to register metainfo (file or env; required).
     registration_token: SecretSource = field(default_factory=SecretSource)
     # The origin's Ed25519 public key (PEM file): verifies metainfo signatures and swarm tokens.
@@ -41,6 +44,8 @@ class TrackerConfig:
         return self.peer_ttl if self.peer_ttl is not None else announcing.default_peer_ttl(self.interval)
 
     def validate(self, prefix: str) -> None:
+        if self.max_connections < 1:
+            raise ConfigError("max_connections: must be at least 1")
         if self.interval < announcing.MIN_INTERVAL or self.interval != int(self.interval):
             raise ConfigError(f"interval: must be a whole number of seconds, at least {announcing.MIN_INTERVAL}s")
         if self.peer_ttl is not None and self.peer_ttl < announcing.min_peer_ttl(self.interval):

@@ -139,3 +139,19 @@ def test_yaml_errors(tmp_path: Path) -> None:
         read_yaml(str(lst))
     with pytest.raises(ConfigError, match="cannot read"):
         read_yaml(str(tmp_path / "nope.yaml"))
+
+
+def test_max_connections_defaults_and_bounds() -> None:
+    """Each component's cap on connections at once (shoal/web.py closes the oldest idle or slow
+    one past it), sized for its clients, configurable, never below 1."""
+    tracker = {"registration_token": {"env": "X"}, "node_token": {"env": "Y"}, "origin_public_key": "/k.pem"}
+    origin = {"data_dir": "/d", "upstreams": UP, "tracker": "http://t:6969", "registration_token": {"file": "/x"},
+              "signing_key": "/k.pem", "node_token": {"file": "/n"}}
+    assert agent_config.load(agent_doc()).max_connections == 1024
+    assert origin_config.load(origin).max_connections == 2048
+    assert tracker_config.load(tracker).max_connections == 4096
+    assert tracker_config.load({**tracker, "max_connections": 100}).max_connections == 100
+    for load, doc in ((agent_config.load, agent_doc()), (origin_config.load, origin),
+                      (tracker_config.load, tracker)):
+        with pytest.raises(ConfigError, match="^max_connections: must be at least 1"):
+            load({**doc, "max_connections": 0})
