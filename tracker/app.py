@@ -155,7 +155,7 @@ class Tracker:
 
     async def put_metainfo(self, request: web.Request) -> web.Response:
         digest = self._digest(request)
-        body = await request.content.read(metainfo.MAX_METAINFO_BYTES + 1)
+        body = await request.read()  # all of it (client_max_size bounds it): a read(n) gave what had arrived
         try:
             meta = metainfo.parse(body)
         except metainfo.MetainfoError as exc:
