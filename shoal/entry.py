@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import os
+import resource
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -55,6 +57,16 @@ def limit_malloc_arenas() -> None:
 
 
 
+def raise_fd_limit() -> None:
+    """Open files up to the hard limit, as Go programs do: a service's soft limit is often 1024
+    (systemd's default), below the connections a component admits (shoal/web.py) plus
+    libtorrent's files and sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def private_files(data_dir: str | None) -> None:
     """What a component writes is its user's alone: the cache holds private layers, the journal
     and audit.db who pulled what. Files followed the umask (0644 on most systems). The umask
@@ -98,6 +110,7 @@ def run_component(
         return 0
     logs.setup(name, level=config.log.level, fmt=config.log.format)
     private_files(getattr(config, "data_dir", None))
+    raise_fd_limit()
     limit_malloc_arenas()  # before any thread starts (libtorrent's, the loop's executors)
     try:
         app = build(config)

@@ -155,3 +155,17 @@ def test_max_connections_defaults_and_bounds() -> None:
                       (tracker_config.load, tracker)):
         with pytest.raises(ConfigError, match="^max_connections: must be at least 1"):
             load({**doc, "max_connections": 0})
+
+
+def test_components_raise_their_open_file_limit() -> None:
+    import resource
+
+    from shoal.entry import raise_fd_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        raise_fd_limit()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
