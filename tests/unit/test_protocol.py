@@ -4,6 +4,8 @@ with a 400 that names the field; routes quote their parameters."""
 from __future__ import annotations
 
 import contextlib
+import json
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -105,8 +107,6 @@ def test_routes_quote_their_parameters() -> None:
 
 
 def test_one_error_answer_for_every_kind_of_error() -> None:
-    import json
-
     from aiohttp import web
 
     from shoal.web import error_response
@@ -207,3 +207,163 @@ def test_audit_times_are_read_as_times(given: str, stored: str) -> None:
 def test_audit_times_that_are_not_times_are_a_400(given: str, message: str) -> None:
     with pytest.raises(errors.BadRequest, match=message):
         protocol.AuditQuery.from_query({"since": given})
+
+
+def refusal(cls: Any, doc: Any) -> str:
+    """The 400's message: the error body a client (the CLI, the agent, an operator's script) reads."""
+    with pytest.raises(errors.BadRequest) as exc:
+        cls.from_json(doc)
+    assert exc.value.oci is errors.INVALID_REQUEST
+    return str(exc.value)
+
+
+SEEDED = protocol.Seeded([protocol.SeededBlob("sha256:" + "a" * 64, 10, "b" * 40),
+                          protocol.SeededBlob("sha256:" + "c" * 64, 0, "d" * 40)])
+
+
+def test_the_seeded_list_is_exact_on_the_wire() -> None:
+    assert SEEDED.to_json() == {"blobs": [{"digest": "sha256:" + "a" * 64, "size": 10, "info_hash": "b" * 40},
+                                          {"digest": "sha256:" + "c" * 64, "size": 0, "info_hash": "d" * 40}]}
+    assert protocol.Seeded.from_json(SEEDED.to_json()) == SEEDED
+    assert protocol.Seeded.from_json({"blobs": []}) == protocol.Seeded([])
+
+
+def test_a_malformed_seeded_list_is_refused_naming_the_field() -> None:
+    blob = SEEDED.blobs[0].to_json()
+    assert refusal(protocol.Seeded, []) == "body must be a JSON object"
+    assert refusal(protocol.Seeded, {}) == "blobs must be a list"
+    assert refusal(protocol.Seeded, {"blobs": {"a": blob}}) == "blobs must be a list"
+    assert refusal(protocol.Seeded, {"blobs": [blob, 5]}) == "body must be a JSON object"
+    assert refusal(protocol.SeededBlob, {**blob, "digest": ""}) == "digest must be a string of 1 to 255 characters"
+    assert refusal(protocol.SeededBlob, {**blob, "size": -1}) == "size must be a non-negative integer"
+    assert refusal(protocol.SeededBlob, {**blob, "size": True}) == "size must be a non-negative integer"
+    assert refusal(protocol.SeededBlob, {**blob, "info_hash": None}) == \
+        "info_hash must be a string of 1 to 64 characters"
+    for field, limit in (("digest", 255), ("info_hash", 64)):
+        assert protocol.SeededBlob.from_json({**blob, field: "x" * limit}).to_json()[field] == "x" * limit
+        assert refusal(protocol.SeededBlob, {**blob, field: "x" * (limit + 1)}) == \
+            f"{field} must be a string of 1 to {limit} characters"
+
+
+def test_a_job_is_exact_on_the_wire() -> None:
+    doc = JOB.to_json()
+    assert doc == {
+        "id": "j1", "state": "seeding", "images": ["r/app:v1"], "platforms": [], "manifests": JOB.manifests,
+        "blobs_total": 2, "blobs_done": 1, "blobs_failed": 0, "bytes_total": 30, "bytes_done": 10, "errors": [],
+        "elapsed_seconds": 1.5,
+        "blobs": [{"digest": "sha256:" + "b" * 64, "size": 10, "state": "done", "error": None},
+                  {"digest": "sha256:" + "c" * 64, "size": 20, "state": "failed", "error": "registry answered 500"}]}
+    # the optional lists may be left out; a blob's error may be left out; whole seconds are read as seconds
+    lean = {k: v for k, v in doc.items() if k not in ("platforms", "manifests", "errors")}
+    lean["blobs"] = [{"digest": "d", "size": 0, "state": "pending"}]
+    job = protocol.PreseedJob.from_json({**lean, "elapsed_seconds": 0})
+    assert (job.platforms, job.manifests, job.errors) == ([], [], [])
+    assert job.blobs == [protocol.PreseedBlob("d", 0, "pending", None)]
+    assert job.elapsed_seconds == 0.0 and isinstance(job.elapsed_seconds, float)
+    assert isinstance(protocol.PreseedJob.from_json({**doc, "elapsed_seconds": 7}).elapsed_seconds, float)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"id": ""}, "id must be a string of 1 to 128 characters"),
+    ({"id": "j" * 129}, "id must be a string of 1 to 128 characters"),
+    ({"state": "s" * 33}, "state must be a string of 1 to 32 characters"),
+    ({"images": []}, "images must be a non-empty list of strings"),
+    ({"platforms": None}, "platforms must be a list of strings"),
+    ({"manifests": [1]}, "manifests must be a list of strings"),
+    ({"errors": "boom"}, "errors must be a list of strings"),
+    ({"blobs_total": -1}, "blobs_total must be a non-negative integer"),
+    ({"blobs_done": None}, "blobs_done must be a non-negative integer"),
+    ({"blobs_failed": False}, "blobs_failed must be a non-negative integer"),
+    ({"bytes_total": "30"}, "bytes_total must be a non-negative integer"),
+    ({"bytes_done": 1.5}, "bytes_done must be a non-negative integer"),
+    ({"elapsed_seconds": -0.5}, "elapsed_seconds must be a non-negative number"),
+    ({"elapsed_seconds": True}, "elapsed_seconds must be a non-negative number"),
+    ({"elapsed_seconds": None}, "elapsed_seconds must be a non-negative number"),
+    ({"blobs": None}, "blobs must be a list"),
+    ({"blobs": [[]]}, "body must be a JSON object"),
+    ({"blobs": [{"digest": "d" * 256, "size": 1, "state": "done"}]}, "digest must be a string of 1 to 255 characters"),
+    ({"blobs": [{"digest": "d", "size": "1", "state": "done"}]}, "size must be a non-negative integer"),
+    ({"blobs": [{"digest": "d", "size": 1, "state": "s" * 33}]}, "state must be a string of 1 to 32 characters"),
+    ({"blobs": [{"digest": "d", "size": 1, "state": "done", "error": 5}]}, "error must be a string or null"),
+])
+def test_job_refusals_are_exact(change: dict[str, Any], message: str) -> None:
+    assert refusal(protocol.PreseedJob, {**JOB.to_json(), **change}) == message
+
+
+def test_job_fields_up_to_their_bounds() -> None:
+    blob = {"digest": "d" * 255, "size": 0, "state": "s" * 32, "error": "e"}
+    job = protocol.PreseedJob.from_json({**JOB.to_json(), "id": "j" * 128, "state": "s" * 32, "elapsed_seconds": 0.0,
+                                         "blobs": [blob]})
+    assert (job.id, job.state, job.elapsed_seconds) == ("j" * 128, "s" * 32, 0.0)
+    assert job.blobs == [protocol.PreseedBlob("d" * 255, 0, "s" * 32, "e")]
+    assert refusal(protocol.PreseedJob, {**JOB.to_json(), "state": ""}) == \
+        "state must be a string of 1 to 32 characters"
+
+
+def test_an_audit_page_counts_its_events() -> None:
+    events = [{"event_id": "e1"}, {"event_id": "e2"}]
+    assert protocol.AuditPage(events).to_json() == {"events": events, "count": 2}
+    assert protocol.AuditPage([]).to_json() == {"events": [], "count": 0}
+    assert refusal(protocol.AuditPage, []) == "body must be a JSON object"
+    bad: dict[str, Any]
+    for bad in ({}, {"events": {}}, {"events": [{}, []]}, {"events": None}):
+        assert refusal(protocol.AuditPage, bad) == "events must be a list of objects"
+
+
+def test_a_journal_batch_is_sent_as_the_journal_writes_it() -> None:
+    batch = protocol.JournalBatch("node-é", [{"user_agent": "café ☕", "n": 1}])
+    body = batch.encode()
+    assert body == '{"node":"node-é","records":[{"user_agent":"café ☕","n":1}]}'.encode()
+    assert protocol.JournalBatch.from_json(json.loads(body)) == batch
+
+
+def test_audit_query_defaults_and_every_filter() -> None:
+    assert protocol.AuditQuery.from_query({}) == protocol.AuditQuery()
+    assert protocol.AuditQuery().to_query() == {"limit": "1000", "format": "json"}
+    every = {"image": "r/app:v1", "repository": "app", "digest": "sha256:" + "a" * 64, "reference": "v1",
+             "ns": "r", "principal": "alice", "node": "n1"}
+    query = protocol.AuditQuery.from_query({**every, "format": "jsonl", "limit": "7", "other": "x"})
+    assert query == protocol.AuditQuery(**every, limit=7, format="jsonl")
+    assert query.to_query() == {**every, "limit": "7", "format": "jsonl"}
+    assert protocol.AuditQuery.from_query({"since": "", "until": ""}) == protocol.AuditQuery()  # empty: absent
+    assert protocol.AuditQuery.from_query({"limit": "0" * 19 + "5"}).limit == 5  # 20 digits are read
+    with pytest.raises(errors.BadRequest) as exc:
+        protocol.AuditQuery.from_query({"limit": "0" * 20 + "5"})
+    assert str(exc.value) == "limit must be a whole number"
+    for fmt in protocol.AUDIT_FORMATS:
+        assert protocol.AuditQuery.from_query({"format": fmt}).format == fmt
+    with pytest.raises(errors.BadRequest) as exc:
+        protocol.AuditQuery.from_query({"format": "JSON"})
+    assert str(exc.value) == "format is json, jsonl or csv"
+
+
+@pytest.mark.parametrize(("key", "given", "message"), [
+    ("since", "yesterday", "since must be an RFC 3339 time such as 2026-11-27T08:00:00Z, or a date"),
+    ("until", "2026-02-30", "until must be an RFC 3339 time such as 2026-11-27T08:00:00Z, or a date"),
+    ("until", "2026-11-27T08:00:00", "until needs a time zone (Z or +01:00)"),
+    ("since", "20261127T08", "since needs a time zone (Z or +01:00)"),  # 11 characters: a time, not a date
+])
+def test_audit_time_refusals_are_exact(key: str, given: str, message: str) -> None:
+    with pytest.raises(errors.BadRequest) as exc:
+        protocol.AuditQuery.from_query({key: given})
+    assert str(exc.value) == message and exc.value.oci is errors.INVALID_REQUEST
+
+
+def test_audit_dates_in_any_iso_spelling_are_midnight_utc() -> None:
+    for date in ("2026-11-27", "20261127", "2026-W48-5"):  # 10 characters or fewer: a date
+        assert protocol.AuditQuery.from_query({"since": date}).since == "2026-11-27T00:00:00.000000Z"
+    assert protocol.AuditQuery.from_query({"until": "2026-11-27T23:59:59.999999-02:00"}).until == \
+        "2026-11-28T01:59:59.999999Z"
+
+
+def test_audit_times_do_not_depend_on_the_servers_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A date is midnight UTC and every time is written in UTC, wherever the origin runs."""
+    monkeypatch.setenv("TZ", "EST5")  # POSIX: UTC-5, no zone files needed
+    time.tzset()
+    try:
+        assert protocol.AuditQuery.from_query({"since": "2026-11-27"}).since == "2026-11-27T00:00:00.000000Z"
+        assert protocol.AuditQuery.from_query({"until": "2026-11-27T08:00:00+01:00"}).until == \
+            "2026-11-27T07:00:00.000000Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()

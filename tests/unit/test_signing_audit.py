@@ -147,6 +147,9 @@ def test_swarm_token_length_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     longer = signing.issue_token(key, node + "n", 60)
     assert len(longer) == signing.MAX_TOKEN_LENGTH + 1
     assert refusal(pub, longer) == "malformed swarm token"
+    # exactly 512 characters is still read (and refused for what it is, not for its length)
+    _, sig = token.split(".")
+    assert refusal(pub, "A" * 425 + "." + sig) == "not base64url"
 
 
 def test_a_token_expires_at_its_exp_second(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -416,3 +419,38 @@ def test_csv_cells_never_start_a_formula() -> None:
     assert row["user_agent"] == "'=HYPERLINK(\"http://x\")" and row["reference"] == "'+1"
     assert row["principal"] == "'@evil" and row["error"] == "'-2" and row["repository"] == "'\tx"
     assert row["range"] == "bytes=0-1" and row["status"] == "200" and row["bytes"] == ""
+
+
+def test_fit_cuts_at_exact_bounds() -> None:
+    base = {"event_id": "e" * 32, "phase": "start", "ts": "2026-11-27T05:00:00.000000Z", "status": 200}
+    at_bound = {**base, "reference": "r" * audit.MAX_FIELD}
+    assert audit.fit(at_bound) == at_bound  # MAX_FIELD characters are kept whole
+    over = audit.fit({**base, "reference": "r" * (audit.MAX_FIELD + 1)})["reference"]
+    assert len(over) == audit.MAX_FIELD and over == "r" * (audit.MAX_FIELD - 6) + "…[cut]"
+    # a record of exactly MAX_RECORD_BYTES is kept whole; one byte more and its longest field is halved
+    record: dict[str, object] = dict(base)
+    for key in ("user_agent", "error", "range", "principal", "credential", "client_addr", "ns", "kind"):
+        record[key] = ""
+        need = audit.MAX_RECORD_BYTES - len(json.dumps(record))
+        record[key] = "x" * min(need, audit.MAX_FIELD)
+        if need <= audit.MAX_FIELD:
+            break
+    assert len(json.dumps(record)) == audit.MAX_RECORD_BYTES
+    assert audit.fit(record) == record
+    bigger = audit.fit({**record, "event_id": "e" * 33})
+    assert bigger["user_agent"] == "x" * (audit.MAX_FIELD // 2 - 6) + "…[cut]"  # the first of the longest
+    assert bigger == {**record, "event_id": "e" * 33, "user_agent": bigger["user_agent"]}  # the rest is whole
+    # fields that are not text, and text in fields that are not journal text, are left as they are
+    # a text field left empty (None) is not text: it is neither cut nor measured
+    nulls = {**record, "event_id": "e" * 33, "authz_method": None, "registry_status": None}
+    assert audit.fit(nulls) == {**nulls, "user_agent": bigger["user_agent"]}
+    odd = {**base, "status": 10**40, "duration_ms": 1.5, "bytes": None, "unknown": "u" * 5000}
+    assert audit.fit(odd) == odd
+
+
+def test_principal_confirmed_is_true_or_false() -> None:
+    for value in (True, False, None):
+        assert audit.validate({**START, "principal_confirmed": value})["principal_confirmed"] is value
+    for wrong in ("yes", 1, 0, "true"):
+        with pytest.raises(audit.RecordError, match="principal_confirmed must be true or false"):
+            audit.validate({**START, "principal_confirmed": wrong})

@@ -349,3 +349,40 @@ def test_one_address_cannot_fill_a_swarm() -> None:
     assert store.peer_count == 1 + 5
     assert store._swarms[IH].by_address["127.0.0.66"] == dict.fromkeys(
         [("127.0.0.66", p) for p in (*range(14_996, 15_000), 20_000)])
+
+
+def test_the_per_address_cap_is_eight_by_default_and_counts_only_new_entries() -> None:
+    store = PeerStore(ttl=60, max_peers=100)
+    for port in range(1, 10):
+        store.announce(IH, peer("127.0.0.66", port, 3), "started")
+    listed = {p.port for p in store.select(IH, ("x", 0), want=50, seeder=False)}
+    assert listed == set(range(2, 10))  # the ninth pushed out the first
+    # an entry already listed re-announces (or completes) at the cap: nothing is pushed out
+    store.announce(IH, peer("127.0.0.66", 2, 3), "")
+    store.announce(IH, peer("127.0.0.66", 5, 0), "completed")
+    assert {p.port for p in store.select(IH, ("x", 0), want=50, seeder=False)} == listed
+    assert store.stats(IH) == (1, 7, 1)
+    # other addresses have their own cap, in this swarm and others
+    store.announce(IH, peer("127.0.0.67", 1, 3), "started")
+    store.announce(b"o" * 20, peer("127.0.0.66", 1, 3), "started")
+    assert store.peer_count == 8 + 1 + 1
+
+
+def test_the_per_address_index_follows_removal_and_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("shoal_tracker.peers.time.monotonic", lambda: clock[0])
+    store = PeerStore(ttl=60, max_peers=100, max_per_address=2)
+    store.announce(IH, Peer("127.0.0.66", 1, PID, 3, 900.0), "started")  # stale
+    store.announce(IH, Peer("127.0.0.66", 2, PID, 3, 1000.0), "started")
+    store.announce(IH, Peer("127.0.0.77", 1, PID, 3, 900.0), "started")  # stale, the address's only entry
+    store.announce(IH, peer("127.0.0.88", 9, 3), "stopped")  # never listed: nothing to remove
+    store.announce(IH, peer("127.0.0.66", 9, 3), "stopped")  # a port of a listed address that is not listed
+    swarm = store._swarms[IH]
+    assert store.expire() == 2
+    assert swarm.by_address == {"127.0.0.66": {("127.0.0.66", 2): None}}  # an address with no entry is dropped
+    # the expired entry's slot is free again: a new port does not push out the live one
+    store.announce(IH, Peer("127.0.0.66", 3, PID, 3, 1000.0), "started")
+    assert sorted(p.port for p in store.select(IH, ("x", 0), want=50, seeder=False)) == [2, 3]
+    store.announce(IH, peer("127.0.0.66", 2, 3), "stopped")
+    store.announce(IH, peer("127.0.0.66", 3, 3), "stopped")
+    assert swarm.by_address == {} and store.peer_count == 0
