@@ -133,8 +133,8 @@ JOB = protocol.PreseedJob(
            protocol.PreseedBlob("sha256:" + "c" * 64, 20, "failed", "registry answered 500")])
 
 
-@pytest.mark.parametrize("body", [JOB, protocol.AuditPage([{"event_id": "e1", "status": 200}]), protocol.AuditPage([])],
-                         ids=lambda b: type(b).__name__)
+@pytest.mark.parametrize("body", [JOB, JOB.blobs[1], protocol.AuditPage([{"event_id": "e1", "status": 200}]),
+                                  protocol.AuditPage([])], ids=lambda b: type(b).__name__)
 def test_answers_round_trip(body: Any) -> None:
     assert type(body).from_json(body.to_json()) == body
 
