@@ -357,16 +357,22 @@ def test_records_at_their_bounds() -> None:
             audit.validate(bad)
 
 
-def test_records_up_to_the_size_limit() -> None:
-    record: dict[str, object] = dict(START)
-    for key in ("client_addr", "user_agent", "cred_fpr", "credential", "ns", "kind", "method", "reference",
-                "range", "authz_method", "registry_status", "error"):
+def filled(base: dict[str, object], keys: tuple[str, ...]) -> dict[str, object]:
+    """`base` with text in `keys`, in order, until its JSON is exactly MAX_RECORD_BYTES long."""
+    record = dict(base)
+    for key in keys:
         record[key] = ""
         need = audit.MAX_RECORD_BYTES - len(json.dumps(record))
         record[key] = "x" * min(need, audit.MAX_FIELD)
         if need <= audit.MAX_FIELD:
             break
     assert len(json.dumps(record)) == audit.MAX_RECORD_BYTES
+    return record
+
+
+def test_records_up_to_the_size_limit() -> None:
+    record = filled(START, ("client_addr", "user_agent", "cred_fpr", "credential", "ns", "kind", "method",
+                            "reference", "range", "authz_method", "registry_status", "error"))
     assert audit.validate(dict(record)) == record
     with pytest.raises(audit.RecordError, match="too large"):
         audit.validate({**record, "principal": "alice!"})
@@ -428,14 +434,7 @@ def test_fit_cuts_at_exact_bounds() -> None:
     over = audit.fit({**base, "reference": "r" * (audit.MAX_FIELD + 1)})["reference"]
     assert len(over) == audit.MAX_FIELD and over == "r" * (audit.MAX_FIELD - 6) + "…[cut]"
     # a record of exactly MAX_RECORD_BYTES is kept whole; one byte more and its longest field is halved
-    record: dict[str, object] = dict(base)
-    for key in ("user_agent", "error", "range", "principal", "credential", "client_addr", "ns", "kind"):
-        record[key] = ""
-        need = audit.MAX_RECORD_BYTES - len(json.dumps(record))
-        record[key] = "x" * min(need, audit.MAX_FIELD)
-        if need <= audit.MAX_FIELD:
-            break
-    assert len(json.dumps(record)) == audit.MAX_RECORD_BYTES
+    record = filled(base, ("user_agent", "error", "range", "principal", "credential", "client_addr", "ns", "kind"))
     assert audit.fit(record) == record
     bigger = audit.fit({**record, "event_id": "e" * 33})
     assert bigger["user_agent"] == "x" * (audit.MAX_FIELD // 2 - 6) + "…[cut]"  # the first of the longest
