@@ -278,7 +278,7 @@ _UPSTREAM_NAME_RE = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9a-fA-F:]+\](:\d
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class UpstreamSettings:
-    """An origin registry. `name` is how clients name it (`host[:port]`, containerd's `?ns=`)."""
+    """An upstream registry. `name` is how clients name it (`host[:port]`, containerd's `?ns=`)."""
 
     name: str
     url: Annotated[str, URL]

@@ -93,7 +93,7 @@ class Denied(ShoalError):
 
 
 class UpstreamError(ShoalError):
-    """The origin registry could not be reached or answered with a server error."""
+    """The registry could not be reached or answered with a server error."""
 
     oci = UNAVAILABLE
 

@@ -1,6 +1,6 @@
 """HTTP `Range` for blobs, with the semantics distribution has (Go's net/http ServeContent).
 
-The agent must answer a `Range` exactly as the origin registry would, so this is a port of
+The agent must answer a `Range` exactly as the registry would, so this is a port of
 Go's `parseRange` rules rather than a generic RFC 9110 parser:
 - a header that is not `bytes=...` or has a malformed part is an error (416, no Content-Range);
 - parts that start at or past the end are dropped; if none is left, 416 with `bytes */size`;

@@ -1,4 +1,4 @@
-"""Client for the origin registry (distribution API v2) with Basic and Bearer-token auth.
+"""Client for an upstream registry (distribution API v2) with Basic and Bearer-token auth.
 
 One `RegistryClient` per upstream registry and identity. It answers 401 challenges itself:
 Basic (then sends Basic up front), or Bearer (fetches a token for the repository's pull scope

@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run tracker, origin and agent for one upstream on this node")
-    up.add_argument("--upstream", required=True, help="origin registry URL, e.g. https://registry.example.com")
+    up.add_argument("--upstream", required=True, help="the registry URL, e.g. https://registry.example.com")
     up.add_argument("--name", help="how clients name the registry (host[:port]); default: the URL's host")
     up.add_argument("--username", help="registry user for the node and the origin seeder")
     up.add_argument("--password-file", help="file holding that user's password")
