@@ -7,6 +7,7 @@ names are never imported."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -42,6 +43,16 @@ def test_the_components_are_mapped_to_unique_names() -> None:
     assert sorted(BARE) == ["agent", "origin", "tracker"]
     # `shoal up`, the tests and the bench start components by these names
     assert {cluster.MODULES[FOLDERS[name]] for name in COMPONENTS} == set(COMPONENTS)
+
+
+def test_mypy_finds_every_component_by_its_import_name() -> None:
+    """mypy cannot follow the editable install's import hook: .mypy-path (pyproject's mypy_path)
+    has a symlink per import name, and it must follow package-dir."""
+    links = ROOT / ".mypy-path"
+    assert {p.name: os.readlink(p) for p in links.iterdir()} == {
+        name: f"../{FOLDERS[name]}" for name in COMPONENTS}
+    mypy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    assert mypy["mypy_path"] == ".mypy-path" and set(BARE) <= set(mypy["files"])
 
 
 def test_every_package_folder_is_installed() -> None:
