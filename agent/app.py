@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shoal import errors, protocol, signing
+from shoal import errors, peercerts, protocol, signing
 from shoal.clients import OriginClient
 from shoal.config import read_token
 from shoal.metrics import StoreCollector, SwarmCollector
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 API_KEY = web.AppKey("api", MirrorApi)
 SWARM_KEY = web.AppKey("swarm", Swarm)
 USER_AGENT = "shoal-agent/0.1"
+NODE_KEY_FILE = "node.key"  # this node's Ed25519 key, made on first start (0600)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -119,6 +120,8 @@ def build(config: AgentConfig) -> web.Application:
                              node_token=read_token(config.node_token, "node_token"),
                              origin_key=signing.load_public_key(config.origin_public_key, "origin_public_key"))
     shipped = access is not None and config.journal.ship
+    # this node's identity in the cluster (its swarm certificate, its journal signatures)
+    node_key = peercerts.NodeKey.load_or_create(data / NODE_KEY_FILE, "data_dir") if access is not None else None
     journal = Journal(data / "journal", max_segment_bytes=config.journal.max_segment_bytes,
                       max_disk_bytes=config.journal.max_disk_bytes or (DEFAULT_MAX_DISK_BYTES if shipped else None))
     # The mirror API reads no request body (push verbs get 405): a declared body past 64 KiB is
@@ -144,7 +147,7 @@ def build(config: AgentConfig) -> web.Application:
             stack.push_async_callback(journal.close)
             swarm = None
             if access is not None:
-                swarm = Swarm(SwarmSettings.from_config(config.torrent, AGENT_FINGERPRINT))
+                swarm = Swarm(SwarmSettings.from_config(config.torrent, AGENT_FINGERPRINT), node_key)
                 await swarm.start()
                 stack.push_async_callback(swarm.stop)
                 app[SWARM_KEY] = swarm
@@ -155,7 +158,9 @@ def build(config: AgentConfig) -> web.Application:
             stack.push_async_callback(fetcher.stop)
             if shipped:
                 assert access is not None
-                shipper = Shipper(journal, OriginClient(http, access.origin, access.node_token), node=config.node)
+                assert node_key is not None
+                shipper = Shipper(journal, OriginClient(http, access.origin, access.node_token), node=config.node,
+                                  key=node_key.private_key)
                 task = asyncio.create_task(shipper.run())
                 stack.push_async_callback(_cancel, task)
                 registry.register(JournalCollector(journal, shipper))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from shoal import errors, metainfo, protocol, signing
+from shoal import errors, metainfo, peercerts, protocol, signing
 from shoal.clients import ApiError, OriginClient, SignedMetainfo, TrackerClient
 from shoal.flights import Backoff
 from shoal.metainfo import Published
@@ -62,9 +62,11 @@ class Membership:
         backoff = Backoff(TOKEN_RETRY_MIN, TOKEN_RETRY_MAX)
         while True:
             try:
-                answer = await self.origin.swarm_token(access.node, within=10)
+                answer = await self.origin.swarm_token(
+                    protocol.SwarmTokenRequest(access.node, swarm.key.public_pem), within=10)
                 token, ttl = answer.token, answer.ttl_seconds
                 signing.verify_token(access.origin_key, token)
+                peercerts.check_node_certificate(answer.certificate, access.origin_key, swarm.key.public_key)
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, errors.ShoalError,
                     signing.SignatureError) as exc:
                 # Only shoal's own fixed texts are logged (ApiError's HTTP status, a protocol field
@@ -76,7 +78,7 @@ class Membership:
                 log.warning("no swarm token from the origin yet (%s); retrying in %.0fs", reason, wait)  # log-safe
                 await asyncio.sleep(wait)
                 continue
-            swarm.set_token(token)
+            swarm.set_token(token, answer.certificate)
             self.metrics.swarm_token_expiry.set(time.time() + ttl)
             backoff.reset()
             await asyncio.sleep(max(ttl / 2, 1.0))

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import aiohttp
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shoal import errors, protocol
 from shoal.clients import ApiError, OriginClient
@@ -47,10 +48,12 @@ class Batch:
 
 
 class Shipper:
-    def __init__(self, journal: Journal, collector: OriginClient, *, node: str, roll_bytes: int = ROLL_BYTES) -> None:
+    def __init__(self, journal: Journal, collector: OriginClient, *, node: str, key: Ed25519PrivateKey,
+                 roll_bytes: int = ROLL_BYTES) -> None:
         self.journal = journal
         self.collector = collector
         self.node = node
+        self._key = key
         self.state_path = journal.directory / "shipped.json"
         self.roll_bytes = roll_bytes
         self.shipped_records = 0
@@ -92,7 +95,8 @@ class Shipper:
 
     async def _send(self, batch: Batch) -> protocol.JournalAck | None:
         try:
-            return await self.collector.ship_journal(protocol.JournalBatch(self.node, batch.records), within=30)
+            return await self.collector.ship_journal(protocol.JournalBatch(self.node, batch.records), self._key,
+                                                   within=30)
         except ApiError as exc:
             log.warning("%s", exc)  # shoal's own text: what was refused, and the status
         except (aiohttp.ClientError, TimeoutError, errors.ShoalError) as exc:

@@ -12,9 +12,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal import metainfo
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from shoal import metainfo, peercerts
 from shoal.oci import Digest
 from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Swarm, SwarmSettings
+from tests.support import pki
 from tests.support.clients import sha256_path
 from tests.support.procs import free_port
 
@@ -30,11 +33,15 @@ class PairResult:
 
 
 async def _transfer(blob: Path, digest: Digest, work: Path) -> tuple[float, float]:
-    meta = metainfo.parse(metainfo.create(blob, digest, announce="http://127.0.0.1:9/announce"))
+    ca = Ed25519PrivateKey.generate()
+    meta = metainfo.parse(metainfo.create(blob, digest, announce="http://127.0.0.1:9/announce",
+                                          root_cert=peercerts.ca_certificate(ca)))
     seeder = Swarm(SwarmSettings("127.0.0.20", free_port("127.0.0.20"), SEEDER_FINGERPRINT))
     leecher = Swarm(SwarmSettings("127.0.0.21", free_port("127.0.0.21"), AGENT_FINGERPRINT))
     await seeder.start()
     await leecher.start()
+    pki.admit(seeder, ca, "seeder")
+    pki.admit(leecher, ca, "leecher")
     try:
         seeder.add(meta, blob.parent, seed=True)
         job = leecher.add(meta, work, seed=False)

@@ -15,7 +15,7 @@ import yaml
 
 from bench import services
 from bench.loadgen import WrkResult, wrk
-from shoal import metainfo, protocol, signing
+from shoal import metainfo, peercerts, protocol, signing
 from shoal.cluster import Cluster, command, make_keys
 from shoal.oci import Digest
 from tests.support.procs import free_port
@@ -49,9 +49,10 @@ def run(work: Path, *, seconds: int, connections: int = 32) -> TrackerResult:
     blob = work / digest.hex
     blob.write_bytes(data)
     port, ot_port = free_port(), free_port()
-    raw = metainfo.create(blob, digest, announce=protocol.ANNOUNCE.url(f"http://127.0.0.1:{port}"))
-    meta = metainfo.parse(raw)
     key = signing.load_private_key(str(keys["signing_key"]), "signing_key")
+    raw = metainfo.create(blob, digest, announce=protocol.ANNOUNCE.url(f"http://127.0.0.1:{port}"),
+                          root_cert=peercerts.ca_certificate(key))
+    meta = metainfo.parse(raw)
     token = signing.issue_token(key, "bench", 3600)
     config = work / "tracker.yaml"
     cluster = Cluster(keys, [], tracker_url=f"http://127.0.0.1:{port}", origin_url="", log={"level": "warning"})

@@ -1,12 +1,18 @@
-"""`python -m shoal_origin --config FILE` (console script `shoal-origin`)."""
+"""`python -m shoal_origin --config FILE` (console script `shoal-origin`), and
+`shoal-origin forget-node NAME --config FILE`: release an enrolled node's name (run on the
+origin host; see README, Trust)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from shoal.config import read_yaml
 from shoal.entry import run_component
-from shoal_origin import app, config
+from shoal.errors import ConfigError
+from shoal_origin import app, collector, config
 
 FLAGS = {
     "--listen": ("listen", "address of the seed and pre-seed API"),
@@ -18,8 +24,31 @@ FLAGS = {
 }
 
 
+def forget_node(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="shoal-origin forget-node",
+        description="Release a node's name so that it can enroll again with a new key (a node that lost "
+                    "its data directory). Its old key no longer gets swarm tokens or has journal batches accepted.")
+    parser.add_argument("node", help="the node's name (its `node` setting)")
+    parser.add_argument("--config", required=True, help="the origin's YAML configuration file")
+    args = parser.parse_args(argv)
+    try:
+        data_dir = config.load(read_yaml(args.config)).data_dir
+    except ConfigError as exc:
+        print(f"shoal-origin: config error: {exc}", file=sys.stderr)
+        return 2
+    if collector.forget_node(Path(data_dir) / collector.AUDIT_DB, args.node):
+        print(f"node {args.node!r} may enroll again with a new key")
+        return 0
+    print(f"no node named {args.node!r} has enrolled", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_component("origin", argv, flags=FLAGS, load=config.load, build=app.build)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["forget-node"]:
+        return forget_node(args[1:])
+    return run_component("origin", args, flags=FLAGS, load=config.load, build=app.build)
 
 
 if __name__ == "__main__":

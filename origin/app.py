@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector as PromCollector
 
-from shoal import audit, errors, protocol, signing
+from shoal import audit, errors, peercerts, protocol, signing
 from shoal.config import read_token
 from shoal.metrics import StoreCollector, SwarmCollector
 from shoal.oci import Digest, ImageReference, validate_name
@@ -24,7 +24,7 @@ from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import SEEDER_FINGERPRINT, Swarm, SwarmSettings
 from shoal.web import add_ops_routes, add_routes, error_middleware
-from shoal_origin.collector import Collector
+from shoal_origin.collector import AUDIT_DB, Collector
 from shoal_origin.config import OriginConfig
 from shoal_origin.preseed import Preseeder
 from shoal_origin.registration import TrackerRegistration
@@ -40,8 +40,12 @@ USER_AGENT = "shoal-origin/0.1"
 
 
 async def _json(request: web.Request) -> Any:
+    return _parse_json(await request.read())
+
+
+def _parse_json(raw: bytes) -> Any:
     try:
-        return await request.json()
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise errors.BadRequest(errors.INVALID_REQUEST, "body must be a JSON object") from None
 
@@ -57,10 +61,12 @@ async def seed_blob(request: web.Request) -> web.Response:
 
 
 async def swarm_token(request: web.Request) -> web.Response:
-    """POST /v1/swarm/token {"node": name} -> a signed swarm token for announcing."""
+    """POST /v1/swarm/token {"node": name, "public_key": PEM} -> a signed swarm token for
+    announcing, and a certificate for that key to present to peers."""
     body = protocol.SwarmTokenRequest.from_json(await _json(request))
-    seeder = request.app[SEEDER_KEY]
-    return web.json_response(protocol.SwarmToken(seeder.issue_token(body.node), seeder.token_ttl).to_json())
+    public_key = peercerts.parse_public_key(body.public_key)
+    await request.app[COLLECTOR_KEY].enroll(body.node, body.public_key)
+    return web.json_response(request.app[SEEDER_KEY].admit(body.node, public_key).to_json())
 
 
 async def submit_preseed(request: web.Request) -> web.Response:
@@ -71,9 +77,19 @@ async def submit_preseed(request: web.Request) -> web.Response:
 
 
 async def receive_journal(request: web.Request) -> web.Response:
-    """POST /v1/journal {"node": name, "records": [...]}: store, deduplicated, then acknowledge."""
-    batch = protocol.JournalBatch.from_json(await _json(request))
-    stored = await request.app[COLLECTOR_KEY].store(batch.node, batch.records)
+    """POST /v1/journal {"node": name, "records": [...]}, signed by the node's own key: store,
+    deduplicated, then acknowledge. The records are the node's that signed, whatever they say."""
+    raw = await request.read()
+    batch = protocol.JournalBatch.from_json(_parse_json(raw))
+    collector = request.app[COLLECTOR_KEY]
+    key = await collector.node_key(batch.node)
+    if key is None:
+        raise errors.Denied(f"node {batch.node[:64]!r} has not enrolled (it asks for a swarm token first)")
+    try:
+        signing.verify_batch(key, raw, request.headers.get(protocol.NODE_SIGNATURE_HEADER))
+    except signing.SignatureError as exc:
+        raise errors.Denied(f"{exc} with the key of node {batch.node[:64]!r}") from None
+    stored = await collector.store(batch.node, batch.records)
     return web.json_response(protocol.JournalAck(stored.accepted, stored.duplicates, stored.rejected).to_json())
 
 
@@ -146,7 +162,7 @@ def build(config: OriginConfig) -> web.Application:
                         announce=config.announce, max_blob_size=config.max_blob_size, metrics=metrics,
                         key=key, token_ttl=config.swarm_token_ttl)
         preseeder = Preseeder(seeder, concurrency=config.preseed_concurrency)
-        collector = Collector(Path(config.data_dir) / "audit.db")
+        collector = Collector(Path(config.data_dir) / AUDIT_DB)
         # Whatever interrupts start-up or shutdown (a failure, a second signal), everything that
         # was opened is closed, in reverse order.
         async with contextlib.AsyncExitStack() as stack:

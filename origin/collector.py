@@ -8,6 +8,7 @@ acknowledged only after its transaction is on disk. Queries merge each event's s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -17,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal import audit, protocol
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from shoal import audit, errors, peercerts, protocol
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 5000
+AUDIT_DB = "audit.db"  # in the data directory
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     event_id   TEXT NOT NULL,
@@ -42,7 +46,14 @@ CREATE INDEX IF NOT EXISTS records_repository ON records (repository);
 CREATE INDEX IF NOT EXISTS records_digest ON records (digest);
 CREATE INDEX IF NOT EXISTS records_principal ON records (principal);
 CREATE INDEX IF NOT EXISTS records_node ON records (node);
+CREATE TABLE IF NOT EXISTS nodes (
+    name       TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL,
+    enrolled   REAL NOT NULL
+);
 """
+# The origin's own seeder is admitted without enrolling; no node may take its name.
+RESERVED_NODES = frozenset({"origin"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +90,33 @@ class Collector:
 
         await asyncio.get_running_loop().run_in_executor(self._io, work)
         self._io.shutdown(wait=True)
+
+    async def enroll(self, node: str, public_key: str) -> None:
+        """Bind `node` to the key it first asked for a swarm token with (trust on first use); a
+        later request for that name with another key is refused. So the cluster's node token
+        lets its holder add nodes, never act as one that enrolled (it would need its key)."""
+        if node in RESERVED_NODES:
+            raise errors.Denied(f"the node name {node!r} is reserved")
+
+        def work() -> str:
+            assert self._db is not None
+            self._db.execute("INSERT OR IGNORE INTO nodes VALUES (?, ?, ?)", (node, public_key, time.time()))
+            row = self._db.execute("SELECT public_key FROM nodes WHERE name = ?", (node,)).fetchone()
+            return str(row[0])
+
+        bound = await asyncio.get_running_loop().run_in_executor(self._io, work)
+        if bound != public_key:
+            raise errors.Denied(f"node {node[:64]!r} enrolled with another key; if it lost its key, an "
+                                f"operator releases the name with `shoal-origin forget-node` on the origin")
+
+    async def node_key(self, node: str) -> Ed25519PublicKey | None:
+        """The key `node` enrolled with, if it did."""
+        def work() -> Any:
+            assert self._db is not None
+            return self._db.execute("SELECT public_key FROM nodes WHERE name = ?", (node,)).fetchone()
+
+        row = await asyncio.get_running_loop().run_in_executor(self._io, work)
+        return None if row is None else peercerts.parse_public_key(str(row[0]))
 
     async def store(self, node: str, raw_records: list[Any]) -> Stored:
         rows = []
@@ -157,3 +195,12 @@ class Collector:
             return [audit.merge(json.loads(doc), ends.get(event_id)) for event_id, doc in starts]
 
         return await asyncio.get_running_loop().run_in_executor(self._io, work)
+
+
+def forget_node(path: Path, node: str) -> bool:
+    """Release a node's name, so that it enrolls again with a new key (a node that lost its
+    data directory). Run on the origin host: only who can write audit.db can do this."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("PRAGMA busy_timeout=10000")
+        db.executescript(_SCHEMA)
+        return db.execute("DELETE FROM nodes WHERE name = ?", (node,)).rowcount > 0

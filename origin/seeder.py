@@ -9,10 +9,10 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from shoal import errors, metainfo, signing
+from shoal import errors, metainfo, peercerts, protocol, signing
 from shoal.flights import SingleFlight
 from shoal.metainfo import Published
 from shoal.oci import Digest
@@ -56,13 +56,14 @@ class Seeder:
         self.metrics = metrics
         self.key = key
         self.token_ttl = token_ttl
+        self.root_cert = peercerts.ca_certificate(key)
         self._flights: SingleFlight[Digest, Published] = SingleFlight()
         self._metas: dict[Digest, Published] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Seed every blob the store kept across a restart and register it again."""
-        self.swarm.set_token(self.issue_token("origin"))
+        self._admit_self()
         self._spawn(self._renew_own_token())
         for digest in self.store.digests():
             kept = await self.store.load_metainfo(digest)
@@ -80,13 +81,20 @@ class Seeder:
         self._spawn(self._register(list(self._metas.values())))
         log.info("seeding %d blobs from the cache", len(self._metas))
 
-    def issue_token(self, node: str) -> str:
-        return signing.issue_token(self.key, node, self.token_ttl)
+    def admit(self, node: str, public_key: Ed25519PublicKey) -> protocol.SwarmToken:
+        """A swarm token for `node` and a certificate for its key, valid for token_ttl."""
+        expires = time.time() + self.token_ttl
+        return protocol.SwarmToken(signing.issue_token(self.key, node, self.token_ttl), self.token_ttl,
+                                   peercerts.issue_node_certificate(self.key, node, public_key, expires))
+
+    def _admit_self(self) -> None:
+        admitted = self.admit("origin", self.swarm.key.public_key)
+        self.swarm.set_token(admitted.token, admitted.certificate)
 
     async def _renew_own_token(self) -> None:
         while True:
             await asyncio.sleep(self.token_ttl / 2)
-            self.swarm.set_token(self.issue_token("origin"))
+            self._admit_self()
 
     async def _register(self, published: list[Published]) -> None:
         """Register (retrying while the tracker is away), then announce at once: an announce
@@ -172,7 +180,7 @@ class Seeder:
                     raise errors.IntegrityError(f"registry sent {got} bytes for a {size}-byte blob")
                 await self.store.commit_file(digest, tmp)
             raw = await asyncio.to_thread(metainfo.create, self.store.path(digest), digest,
-                                          announce=self.announce)
+                                          announce=self.announce, root_cert=self.root_cert)
             meta = metainfo.parse(raw)
             published = Published(meta, signing.sign_metainfo(self.key, raw))
             await self.store.save_metainfo(digest, raw, published.signature)

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shoal import errors, protocol
+from shoal import errors, protocol, signing
 from shoal.oci import Digest
 
 
@@ -58,8 +59,8 @@ class OriginClient:
     def __init__(self, http: aiohttp.ClientSession, base: str, node_token: str) -> None:
         self.http, self.base, self._auth = http, base, _bearer(node_token)
 
-    async def swarm_token(self, node: str, *, within: float) -> protocol.SwarmToken:
-        async with self.http.post(protocol.SWARM_TOKEN.url(self.base), json=protocol.SwarmTokenRequest(node).to_json(),
+    async def swarm_token(self, request: protocol.SwarmTokenRequest, *, within: float) -> protocol.SwarmToken:
+        async with self.http.post(protocol.SWARM_TOKEN.url(self.base), json=request.to_json(),
                                   headers=self._auth, timeout=aiohttp.ClientTimeout(total=within)) as r:
             if r.status != 200:
                 raise ApiError("origin refused a swarm token", r.status)
@@ -72,9 +73,14 @@ class OriginClient:
                 raise ApiError("origin refused to seed the blob", r.status)
             return SignedMetainfo(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER))
 
-    async def ship_journal(self, batch: protocol.JournalBatch, *, within: float) -> protocol.JournalAck:
-        async with self.http.post(protocol.JOURNAL.url(self.base), data=batch.encode(),
-                                  headers={**self._auth, "Content-Type": "application/json"},
+    async def ship_journal(self, batch: protocol.JournalBatch, key: Ed25519PrivateKey, *,
+                           within: float) -> protocol.JournalAck:
+        """Ship a batch signed with the node's own key (the collector checks it against the key
+        the node enrolled with)."""
+        body = batch.encode()
+        async with self.http.post(protocol.JOURNAL.url(self.base), data=body,
+                                  headers={**self._auth, "Content-Type": "application/json",
+                                           protocol.NODE_SIGNATURE_HEADER: signing.sign_batch(key, body)},
                                   timeout=aiohttp.ClientTimeout(total=within)) as r:
             if not 200 <= r.status < 300:
                 raise ApiError("collector refused a journal batch", r.status)

@@ -16,6 +16,11 @@ capped at 20 MB/s, 4 MiB pieces took 51 s for a 256 MiB image, 1 MiB 42 s, 256 K
 The torrent's single file is named by the digest's hex, so the v2 info-hash binds the digest;
 BitTorrent v2 pieces are SHA-256 merkle-verified. The v2 `pieces root` is not the OCI digest,
 so whoever has the bytes (the origin) must publish the metainfo per digest.
+
+Every torrent is an SSL torrent: its info dictionary holds the swarm CA's certificate
+(`ssl-cert`, shoal.peercerts), so the info-hash binds the CA too, and libtorrent exchanges its
+pieces only over TLS with peers holding a certificate from that CA. A torrent without one is
+refused everywhere (a plain torrent would serve any peer that knows its info-hash).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class Metainfo:
     piece_length: int
     info_hash: bytes  # the full 32-byte v2 info-hash
     announce: str
+    root_cert: str  # the swarm CA certificate (PEM) peers must chain to
 
     @property
     def tracker_hash(self) -> bytes:
@@ -98,18 +104,24 @@ def parse(raw: bytes) -> Metainfo:
     piece_length = info.get(b"piece length")
     if not isinstance(piece_length, int) or piece_length < 16 * KIB or piece_length & (piece_length - 1):
         raise MetainfoError("piece length must be a power of two of at least 16 KiB")
+    root_cert = info.get(b"ssl-cert")
+    if not isinstance(root_cert, bytes) or not root_cert.startswith(b"-----BEGIN CERTIFICATE-----") \
+            or not root_cert.isascii():
+        raise MetainfoError("torrent has no swarm certificate (not an SSL torrent)")
     announce = doc.get(b"announce")
     if (not isinstance(announce, bytes) or not announce.startswith((b"http://", b"https://"))
             or not announce.isascii()):
         # a URL is ASCII (RFC 3986); anything else would fail to decode further on
         raise MetainfoError("torrent has no http(s) announce URL")
     info_hash = hashlib.sha256(bencode.encode(info)).digest()
-    return Metainfo(raw, Digest(name.decode()), length, piece_length, info_hash, announce.decode("ascii"))
+    return Metainfo(raw, Digest(name.decode()), length, piece_length, info_hash, announce.decode("ascii"),
+                    root_cert.decode("ascii"))
 
 
-def create(blob: Path, digest: Digest, *, announce: str) -> bytes:
-    """Build the metainfo for the verified blob at `blob` (named by its hex). Blocking: it
-    hashes the whole file, so call it in a thread."""
+def create(blob: Path, digest: Digest, *, announce: str, root_cert: str) -> bytes:
+    """Build the metainfo for the verified blob at `blob` (named by its hex), for peers holding
+    a certificate of the CA `root_cert` (PEM, used byte for byte: it is part of the info-hash).
+    Blocking: it hashes the whole file, so call it in a thread."""
     import libtorrent as lt  # imported here: the tracker parses metainfo without libtorrent
 
     if blob.name != digest.hex:
@@ -121,6 +133,7 @@ def create(blob: Path, digest: Digest, *, announce: str) -> bytes:
         flags=lt.create_torrent.v2_only,
     )
     ct.set_priv(True)
+    ct.set_root_cert(root_cert)
     ct.set_creator("shoal")
     ct.add_tracker(announce)
     lt.set_piece_hashes(ct, str(blob.parent))

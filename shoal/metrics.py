@@ -46,6 +46,10 @@ class SwarmCollector(Collector):
         c = CounterMetricFamily(f"{self.prefix}_swarm_banned_peers", "Peers banned for sending bad data")
         c.add_metric([], float(self.swarm.banned_peers))
         yield c
+        c = CounterMetricFamily(f"{self.prefix}_swarm_refused_handshakes",
+                                "Incoming peer connections refused at the TLS handshake (no valid certificate)")
+        c.add_metric([], float(self.swarm.refused_handshakes))
+        yield c
         c = CounterMetricFamily(f"{self.prefix}_swarm_announce_failures",
                                 "Announces the tracker refused or did not answer (retried)")
         c.add_metric([], float(self.swarm.tracker_errors))

@@ -64,6 +64,7 @@ UNREGISTER_METAINFO = Route("DELETE", "/v1/metainfo/{digest}")
 
 # Headers
 SIGNATURE_HEADER = "Shoal-Signature"  # the origin's Ed25519 signature of a metainfo (base64)
+NODE_SIGNATURE_HEADER = "Shoal-Node-Signature"  # a node's signature of its journal batch (base64)
 TORRENT_TYPE = "application/x-bittorrent"
 
 
@@ -116,20 +117,28 @@ class SeedRequest:
 
 @dataclass(frozen=True, slots=True)
 class SwarmTokenRequest:
+    """POST SWARM_TOKEN: the node's name and the public key (PEM) its swarm certificate is for."""
+
     node: str
+    public_key: str
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, doc: Any) -> SwarmTokenRequest:
-        return cls(_text(_doc(doc), "node", max_length=253))
+        d = _doc(doc)
+        return cls(_text(d, "node", max_length=253), _text(d, "public_key", max_length=512))
 
 
 @dataclass(frozen=True, slots=True)
 class SwarmToken:
+    """The answer: a token to announce with, and a certificate (PEM) to present to peers, both
+    valid for ttl_seconds."""
+
     token: str
     ttl_seconds: float
+    certificate: str
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,7 +149,7 @@ class SwarmToken:
         ttl = d.get("ttl_seconds")
         if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0:
             raise errors.BadRequest(errors.INVALID_REQUEST, "ttl_seconds must be a positive number")
-        return cls(_text(d, "token", max_length=4096), float(ttl))
+        return cls(_text(d, "token", max_length=4096), float(ttl), _text(d, "certificate", max_length=8192))
 
 
 # The collector's limit on a JOURNAL body; a batch is built to fit it (agent/shipper.py).

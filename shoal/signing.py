@@ -27,6 +27,7 @@ from shoal.errors import ConfigError
 
 _METAINFO_CONTEXT = b"shoal metainfo v1\x00"
 _TOKEN_CONTEXT = b"shoal swarm token v1\x00"
+_BATCH_CONTEXT = b"shoal journal batch v1\x00"
 MAX_TOKEN_LENGTH = 512
 # HTTP header carrying the origin's signature of a metainfo (origin -> tracker -> agents).
 
@@ -108,6 +109,26 @@ def verify_metainfo(key: Ed25519PublicKey, raw: bytes, signature: str | None) ->
         key.verify(_unb64(signature), _METAINFO_CONTEXT + hashlib.sha256(raw).digest())
     except InvalidSignature:
         raise SignatureError("metainfo signature does not verify") from None
+
+
+# ----- journal batches -----------------------------------------------------------------------------
+# A node signs each batch it ships with its own key (shoal.peercerts.NodeKey), which the origin
+# bound to the node's name when it enrolled: the collector attributes the records to that node,
+# and no other holder of the cluster's node token can write records in its name. (A replayed
+# batch stores nothing: records are kept once per event and phase.)
+
+
+def sign_batch(key: Ed25519PrivateKey, body: bytes) -> str:
+    return _b64(key.sign(_BATCH_CONTEXT + hashlib.sha256(body).digest()))
+
+
+def verify_batch(key: Ed25519PublicKey, body: bytes, signature: str | None) -> None:
+    if not signature:
+        raise SignatureError("the journal batch is not signed")
+    try:
+        key.verify(_unb64(signature), _BATCH_CONTEXT + hashlib.sha256(body).digest())
+    except InvalidSignature:
+        raise SignatureError("the journal batch signature does not verify") from None
 
 
 # ----- swarm tokens --------------------------------------------------------------------------------

@@ -7,7 +7,10 @@ Rules this module keeps (facts of libtorrent 2.1.1's Python bindings, checked he
 - torrents are added without `auto_managed`, so no queueing limit ever parks one;
 - the session is tuned for a datacenter swarm: TCP only (uTP crawls on fast links), no DHT,
   LSD, UPnP or NAT-PMP (peers come only from our tracker; torrents are private anyway), and
-  rate limits apply to local peers too (libtorrent exempts them by default).
+  rate limits apply to local peers too (libtorrent exempts them by default);
+- every torrent is an SSL torrent (shoal.peercerts): the session listens for TLS only, and each
+  torrent presents this node's certificate, set on every handle (libtorrent has no session-wide
+  one) when the torrent is added and again at every renewal.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from urllib.parse import quote
 
 import libtorrent as lt
 
-from shoal import announcing, errors
+from shoal import announcing, errors, peercerts
 from shoal.config import TorrentSettings, split_hostport
 from shoal.metainfo import Metainfo
 
@@ -43,6 +46,7 @@ _ALERT_MASK = (
     | lt.alert_category.piece_progress
     | lt.alert_category.tracker
     | lt.alert_category.peer
+    | lt.alert_category.connect
 )
 # Per-peer byte accounting is refreshed at most this often while pieces arrive.
 PEER_POLL_INTERVAL = 0.5
@@ -50,6 +54,10 @@ PEER_POLL_INTERVAL = 0.5
 HEAD_PIECE_PRIORITY = 7
 # Time given at shutdown for "stopped" announces to reach the tracker.
 STOP_GRACE = 0.3
+# A TLS connection closed in the last seconds may still be closing (libtorrent waits about 2.7 s
+# for a peer's close_notify); the session's destructor would wait for it holding the GIL, so
+# the event loop stood still at shutdown. Stop waits for those instead, with the loop running.
+TLS_CLOSE_GRACE = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +82,9 @@ class SwarmSettings:
     def pack(self) -> dict[str, Any]:
         host = f"[{self.listen_ip}]" if ":" in self.listen_ip else self.listen_ip
         settings: dict[str, Any] = {
-            "listen_interfaces": f"{host}:{self.listen_port}",
+            # "s": a TLS socket. Only SSL torrents exist, so there is no plain one: a BitTorrent
+            # handshake in clear gets a TLS alert, never a piece.
+            "listen_interfaces": f"{host}:{self.listen_port}s",
             "outgoing_interfaces": self.listen_ip,
             "peer_fingerprint": self.fingerprint,
             "user_agent": "shoal/0.1",
@@ -296,8 +306,11 @@ class TorrentJob:
 class Swarm:
     """A libtorrent session owned by one component."""
 
-    def __init__(self, settings: SwarmSettings) -> None:
+    def __init__(self, settings: SwarmSettings, key: peercerts.NodeKey | None = None) -> None:
         self.settings = settings
+        # this node's key for the swarm's TLS; its certificate comes with the swarm token
+        self.key = key or peercerts.NodeKey.generate()
+        self._certificate: str | None = None
         self._session: lt.session | None = None
         self._jobs: dict[str, TorrentJob] = {}
         self._removals: dict[str, asyncio.Future[None]] = {}
@@ -306,10 +319,12 @@ class Swarm:
         self._stats_task: asyncio.Task[None] | None = None
         self.stats: dict[str, int] = {}
         self.banned_peers = 0
+        self.refused_handshakes = 0
         self.hash_failures = 0
         self.tracker_errors = 0
         self.on_tracker_error: Callable[[str, str], None] | None = None
         self._had_torrents = False
+        self._last_disconnect = -TLS_CLOSE_GRACE
         self._token: str | None = None
         self._token_set = asyncio.Event()
         self._stats_waiters: list[asyncio.Future[None]] = []
@@ -350,6 +365,7 @@ class Swarm:
         if self._session is None:
             return
         ses = self._session
+        ses.pause()  # every connection starts closing now, while the loop runs
         # Remove every torrent first: libtorrent sends the "stopped" announces while the loop
         # still runs. The destructor would otherwise send them itself and wait for the tracker
         # holding the GIL, which stalls the event loop.
@@ -369,6 +385,9 @@ class Swarm:
             # flight (up to stop_tracker_timeout) without releasing the GIL.
             await asyncio.sleep(STOP_GRACE)
         self._removals.clear()
+        closing = self._last_disconnect + TLS_CLOSE_GRACE - time.monotonic()
+        if closing > 0:
+            await asyncio.sleep(closing)
         ses.apply_settings({"stop_tracker_timeout": 0})
         if self._rsock is not None:
             loop.remove_reader(self._rsock.fileno())
@@ -381,7 +400,7 @@ class Swarm:
 
     @property
     def listen_port(self) -> int:
-        return int(self.session.listen_port())
+        return int(self.session.ssl_listen_port())
 
     def job(self, name: str) -> TorrentJob | None:
         return self._jobs.get(name)
@@ -412,6 +431,8 @@ class Swarm:
             atp.have_pieces = [True] * meta.num_pieces
             atp.verified_pieces = [True] * meta.num_pieces
         handle = self.session.add_torrent(atp)
+        if self._certificate is not None:
+            self._present(handle, self._certificate)
         job = TorrentJob(self, handle, meta, complete=seed)
         self._jobs[name] = job
         self._had_torrents = True
@@ -439,16 +460,23 @@ class Swarm:
                 await asyncio.wait_for(self._token_set.wait(), within)
         return self._token is not None
 
-    def set_token(self, token: str) -> None:
-        """Announce with this origin-signed swarm token from now on (the tracker refuses
-        announces without a valid one)."""
+    def set_token(self, token: str, certificate: str) -> None:
+        """Announce with this origin-signed swarm token, and present this certificate (issued
+        with it for `self.key`) to peers, from now on: the tracker refuses announces without a
+        valid token, peers refuse connections without a valid certificate. Live connections
+        stay up (libtorrent checks a certificate only at the handshake)."""
         renewed = self._token is not None
         self._token = token
+        self._certificate = certificate
         self._token_set.set()
         for job in self._jobs.values():
+            self._present(job.handle, certificate)
             job.handle.replace_trackers([lt.announce_entry(self._tracker_url(job.meta))])
             if not renewed:
                 self.force_reannounce(job)
+
+    def _present(self, handle: lt.torrent_handle, certificate: str) -> None:
+        handle.set_ssl_certificate_buffer(certificate, self.key.private_pem, peercerts.DH_PARAMS)
 
     def _tracker_url(self, meta: Metainfo) -> str:
         if self._token is None:
@@ -486,6 +514,13 @@ class Swarm:
             fut = self._removals.get(alert.torrent_name)
             if fut is not None and not fut.done():
                 fut.set_result(None)
+            return
+        if isinstance(alert, lt.peer_disconnected_alert):
+            self._last_disconnect = time.monotonic()
+        if isinstance(alert, lt.peer_error_alert) and alert.op == lt.operation_t.ssl_handshake:
+            # someone without a valid certificate (or a node whose certificate expired)
+            self.refused_handshakes += 1
+            log.debug("refused a peer's TLS handshake: %s", alert.message())
             return
         if isinstance(alert, lt.peer_ban_alert):
             self.banned_peers += 1

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from shoal import metainfo
+from shoal import metainfo, peercerts
 from shoal.store import FREE_SPACE_RESERVE
 from tests.e2e.conftest import Images
 from tests.support import api
 from tests.support.evilpeer import EvilPeer
 from tests.support.faults import CuttableProxy, FlakyRegistry
 from tests.support.images import Blob
+from tests.support.peerprobe import Identity, node_identity
 from tests.support.procs import Component, free_port, http_get, wait_for
 from tests.support.registry import Registry
 from tests.support.stack import Stack
@@ -60,9 +61,12 @@ def seed(stack: Stack, registry: Registry, blob: Blob) -> metainfo.Metainfo:
                                         "private/app").raw)
 
 
-def swarm_token(stack: Stack, node: str) -> str:
+def admitted(stack: Stack, node: str) -> tuple[str, Identity]:
+    """A swarm token and an identity (certificate and key) from the origin, as a node gets them."""
     assert stack.origin is not None
-    return api.swarm_token(stack.origin.url, stack.node_token, node).token
+    key = peercerts.NodeKey.generate()
+    answer = api.swarm_token(stack.origin.url, stack.node_token, node, key.public_pem)
+    return answer.token, node_identity(key, answer.certificate)
 
 
 def content_length(head: bytes) -> int | None:
@@ -83,9 +87,10 @@ def test_malicious_peer_is_detected_banned_and_the_blob_completes(stack: Stack, 
     stack.start_tracker()
     stack.start_origin(torrent={"upload_rate_limit": "8MiB"})  # the honest seeder is slow
     meta = seed(stack, registry, blob)
-    evil = EvilPeer(meta, ip="127.0.0.9", port=free_port("127.0.0.9"))
+    token, identity = admitted(stack, "evil")
+    evil = EvilPeer(meta, ip="127.0.0.9", port=free_port("127.0.0.9"), identity=identity)
     try:
-        answer = evil.announce(meta.announce, swarm_token(stack, "evil"))
+        answer = evil.announce(meta.announce, token)
         assert b"failure" not in answer
         agent = stack.start_agent()
         assert_blob(agent, blob)

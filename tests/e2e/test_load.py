@@ -12,7 +12,7 @@ from urllib.parse import quote_from_bytes
 
 import aiohttp
 
-from shoal import bencode, metainfo, protocol, signing
+from shoal import bencode, metainfo, peercerts, protocol, signing
 from shoal.oci import Digest
 from tests.e2e.conftest import Images
 from tests.support import api
@@ -111,16 +111,13 @@ def test_tracker_under_sustained_announce_load(stack: Stack, tmp_path: Path) -> 
     data = blob.path.read_bytes()
     (tmp_path / "seedblob" / blob.hex).write_bytes(data)
 
+    key = signing.load_private_key(str(stack.keys["signing_key"]), "signing_key")
     raw = metainfo.create(tmp_path / "seedblob" / blob.hex, Digest(blob.hex),
-                          announce=protocol.ANNOUNCE.url(tracker.url))
-    from cryptography.hazmat.primitives import serialization
-
-
-    key = serialization.load_pem_private_key(stack.keys["signing_key"].read_bytes(), password=None)
-    signature = signing.sign_metainfo(key, raw)  # type: ignore[arg-type]
+                          announce=protocol.ANNOUNCE.url(tracker.url), root_cert=peercerts.ca_certificate(key))
+    signature = signing.sign_metainfo(key, raw)
     token_value = stack.token_file.read_text()
     meta = metainfo.parse(raw)
-    swarm_token = signing.issue_token(key, "loadgen", 600)  # type: ignore[arg-type]
+    swarm_token = signing.issue_token(key, "loadgen", 600)
     seeders, leechers = 100, 400
 
     async def run() -> tuple[int, float, list[str]]:

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shoal import signing
+from shoal import peercerts, signing
 from shoal_tracker import app as tracker_app
 from shoal_tracker import config as tracker_config
 from tests.support.procs import free_port
@@ -53,6 +53,10 @@ class Keys:
 
     def sign(self, raw: bytes) -> str:
         return signing.sign_metainfo(self.key, raw)
+
+    @property
+    def root_cert(self) -> str:
+        return peercerts.ca_certificate(self.key)
 
 
 @pytest.fixture

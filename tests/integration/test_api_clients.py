@@ -29,7 +29,7 @@ async def test_tracker_client(tracker: str, keys: Keys, tmp_path: Path) -> None:
     data = b"client" * 10_000
     digest = Digest(hashlib.sha256(data).hexdigest())
     (tmp_path / digest.hex).write_bytes(data)
-    raw = metainfo.create(tmp_path / digest.hex, digest, announce=f"{tracker}/x")
+    raw = metainfo.create(tmp_path / digest.hex, digest, announce=f"{tracker}/x", root_cert=keys.root_cert)
     async with aiohttp.ClientSession() as http:
         origin, node = TrackerClient(http, tracker, REGISTRATION), TrackerClient(http, tracker, NODE)
         assert await node.metainfo(digest, within=5) is None  # not registered: None, not an error

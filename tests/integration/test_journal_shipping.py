@@ -12,13 +12,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shoal import audit, protocol
+from shoal import audit, protocol, signing
 from shoal.clients import OriginClient
 from shoal_agent.journal import Journal, JournalError, segments
 from shoal_agent.shipper import Shipper
 from shoal_origin.collector import Collector
 from tests.support.procs import free_port
+
+NODE_KEY = Ed25519PrivateKey.generate()
 
 
 def record(i: int) -> dict[str, Any]:
@@ -33,7 +36,9 @@ async def collector_server(tmp_path: Path, failures: list[int]) -> tuple[TestSer
     await collector.open()
 
     async def receive(request: web.Request) -> web.Response:
-        batch = protocol.JournalBatch.from_json(await request.json())
+        raw = await request.read()
+        signing.verify_batch(NODE_KEY.public_key(), raw, request.headers.get(protocol.NODE_SIGNATURE_HEADER))
+        batch = protocol.JournalBatch.from_json(json.loads(raw))
         stored = await collector.store(batch.node, batch.records)
         if failures[0] > 0:
             failures[0] -= 1
@@ -50,7 +55,8 @@ async def collector_server(tmp_path: Path, failures: list[int]) -> tuple[TestSer
 async def ship_all(journal: Journal, tmp_path: Path, count: int) -> tuple[Collector, Shipper]:
     server, collector = await collector_server(tmp_path, [0])
     async with aiohttp.ClientSession() as http:
-        shipper = Shipper(journal, OriginClient(http, f"http://127.0.0.1:{server.port}", "t"), node="n1")
+        shipper = Shipper(journal, OriginClient(http, f"http://127.0.0.1:{server.port}", "t"), node="n1",
+                          key=NODE_KEY)
         task = asyncio.create_task(shipper.run())
         try:
             async with asyncio.timeout(30):
@@ -73,7 +79,8 @@ async def test_group_commit_rotation_and_exactly_once(tmp_path: Path) -> None:
     failures = [3]
     server, collector = await collector_server(tmp_path, failures)
     async with aiohttp.ClientSession() as http:
-        shipper = Shipper(journal, OriginClient(http, f"http://127.0.0.1:{server.port}", "t"), node="n1")
+        shipper = Shipper(journal, OriginClient(http, f"http://127.0.0.1:{server.port}", "t"), node="n1",
+                          key=NODE_KEY)
         task = asyncio.create_task(shipper.run())
         try:
             async with asyncio.timeout(30):
@@ -117,7 +124,7 @@ async def test_shipped_records_are_freed_without_waiting_for_rotation(tmp_path: 
     server, collector = await collector_server(tmp_path, [0])
     async with aiohttp.ClientSession() as http:
         shipper = Shipper(journal, OriginClient(http, f"http://127.0.0.1:{server.port}", "t"), node="n1",
-                          roll_bytes=8192)
+                          key=NODE_KEY, roll_bytes=8192)
         task = asyncio.create_task(shipper.run())
         try:
             for wave in range(3):

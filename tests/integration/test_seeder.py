@@ -104,7 +104,8 @@ async def test_one_fetch_a_deterministic_signed_torrent_registered_and_seeded(
     meta = published[0].meta
     # the torrent any origin builds for these bytes
     (tmp_path / DIGEST.hex).write_bytes(BLOB)
-    assert meta.raw == metainfo.create(tmp_path / DIGEST.hex, DIGEST, announce=seeder.announce)
+    assert meta.raw == metainfo.create(tmp_path / DIGEST.hex, DIGEST, announce=seeder.announce,
+                                          root_cert=seeder.root_cert)
     signing.verify_metainfo(keys.key.public_key(), meta.raw, published[0].signature)
     assert seeder.store.path(DIGEST).read_bytes() == BLOB
     assert seeder.swarm.job(DIGEST.hex) is not None

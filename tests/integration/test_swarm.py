@@ -21,6 +21,7 @@ from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Swarm, SwarmSetti
 from shoal_tracker import app as tracker_app
 from shoal_tracker import config as tracker_config
 from tests.integration.conftest import NODE_TOKEN, REGISTRATION_TOKEN, Keys, tracker_server
+from tests.support import pki
 from tests.support.procs import free_port, metric_sum, parse_metrics
 
 TOKEN = REGISTRATION_TOKEN
@@ -32,11 +33,11 @@ async def tracker(monkeypatch: pytest.MonkeyPatch, keys: Keys) -> AsyncIterator[
         yield server
 
 
-async def start_swarm(ip: str, fingerprint: str, token: str | None) -> Swarm:
+async def start_swarm(ip: str, fingerprint: str, ca: Keys, node: str) -> Swarm:
+    """A session admitted by the CA `ca` as `node`."""
     swarm = Swarm(SwarmSettings(listen_ip=ip, listen_port=free_port(ip), fingerprint=fingerprint))
     await swarm.start()
-    if token is not None:
-        swarm.set_token(token)
+    pki.admit(swarm, ca.key, node)
     return swarm
 
 
@@ -48,7 +49,8 @@ async def test_stream_verify_move(tmp_path: Path, tracker: TestServer, keys: Key
         d.mkdir()
     (seed_dir / digest.hex).write_bytes(data)
     announce = protocol.ANNOUNCE.url(f"http://127.0.0.1:{tracker.port}")
-    raw = await asyncio.to_thread(metainfo.create, seed_dir / digest.hex, digest, announce=announce)
+    raw = await asyncio.to_thread(metainfo.create, seed_dir / digest.hex, digest, announce=announce,
+                                  root_cert=keys.root_cert)
     meta = metainfo.parse(raw)
     async with aiohttp.ClientSession() as http:
         url = protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{tracker.port}", digest=str(digest))
@@ -56,8 +58,8 @@ async def test_stream_verify_move(tmp_path: Path, tracker: TestServer, keys: Key
                            headers={"Authorization": f"Bearer {TOKEN}", protocol.SIGNATURE_HEADER: keys.sign(raw)})
         assert r.status == 201
 
-    seeder = await start_swarm("127.0.0.2", SEEDER_FINGERPRINT, keys.token("origin"))
-    leecher = await start_swarm("127.0.0.3", AGENT_FINGERPRINT, keys.token("node-a"))
+    seeder = await start_swarm("127.0.0.2", SEEDER_FINGERPRINT, keys, "origin")
+    leecher = await start_swarm("127.0.0.3", AGENT_FINGERPRINT, keys, "node-a")
     try:
         seeder.add(meta, seed_dir, seed=True)
         job = leecher.add(meta, leech_dir, seed=False)
@@ -96,16 +98,17 @@ async def test_no_token_no_swarm(tmp_path: Path, tracker: TestServer, keys: Keys
     (tmp_path / "leech").mkdir()
     (tmp_path / "seed" / digest.hex).write_bytes(data)
     raw = await asyncio.to_thread(metainfo.create, tmp_path / "seed" / digest.hex, digest,
-                                  announce=protocol.ANNOUNCE.url(f"http://127.0.0.1:{tracker.port}"))
+                                  announce=protocol.ANNOUNCE.url(f"http://127.0.0.1:{tracker.port}"),
+                                  root_cert=keys.root_cert)
     meta = metainfo.parse(raw)
     async with aiohttp.ClientSession() as http:
         url = protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{tracker.port}", digest=str(digest))
         r = await http.put(url, data=raw,
                            headers={"Authorization": f"Bearer {TOKEN}", protocol.SIGNATURE_HEADER: keys.sign(raw)})
         assert r.status == 201
-    forged = Keys(tmp_path / "attacker").token("intruder")
-    seeder = await start_swarm("127.0.0.2", SEEDER_FINGERPRINT, keys.token("origin"))
-    intruder = await start_swarm("127.0.0.4", AGENT_FINGERPRINT, forged)
+    forged = Keys(tmp_path / "attacker")
+    seeder = await start_swarm("127.0.0.2", SEEDER_FINGERPRINT, keys, "origin")
+    intruder = await start_swarm("127.0.0.4", AGENT_FINGERPRINT, forged, "intruder")
     try:
         seeder.add(meta, tmp_path / "seed", seed=True)
         job = intruder.add(meta, tmp_path / "leech", seed=False)
@@ -126,7 +129,8 @@ async def _registered_blob(tmp_path: Path, port: int, keys: Keys, seed: int) -> 
     seed_dir.mkdir()
     (seed_dir / digest.hex).write_bytes(data)
     raw = await asyncio.to_thread(metainfo.create, seed_dir / digest.hex, digest,
-                                  announce=protocol.ANNOUNCE.url(f"http://127.0.0.1:{port}"))
+                                  announce=protocol.ANNOUNCE.url(f"http://127.0.0.1:{port}"),
+                                  root_cert=keys.root_cert)
     async with aiohttp.ClientSession() as http:
         r = await http.put(protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{port}", digest=str(digest)), data=raw,
                            headers={"Authorization": f"Bearer {TOKEN}", protocol.SIGNATURE_HEADER: keys.sign(raw)})
@@ -160,7 +164,7 @@ async def test_seeders_announce_at_the_trackers_interval(tmp_path: Path, tracker
     port = tracker.port
     assert port is not None
     meta, seed_dir = await _registered_blob(tmp_path, port, keys, 7)
-    seeder = await start_swarm("127.0.0.2", SEEDER_FINGERPRINT, keys.token("origin"))
+    seeder = await start_swarm("127.0.0.2", SEEDER_FINGERPRINT, keys, "origin")
     try:
         seeder.add(meta, seed_dir, seed=True)
         async with asyncio.timeout(30):
@@ -190,7 +194,7 @@ async def test_a_seeder_is_listed_again_soon_after_a_tracker_outage(tmp_path: Pa
     server = TestServer(tracker_app.build(cfg), host="127.0.0.1", port=port)
     await server.start_server()
     meta, seed_dir = await _registered_blob(tmp_path, port, keys, 8)
-    seeder = await start_swarm("127.0.0.2", SEEDER_FINGERPRINT, keys.token("origin"))
+    seeder = await start_swarm("127.0.0.2", SEEDER_FINGERPRINT, keys, "origin")
     try:
         seeder.add(meta, seed_dir, seed=True)
         async with asyncio.timeout(20):

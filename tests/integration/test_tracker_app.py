@@ -17,6 +17,7 @@ from shoal.oci import Digest
 from shoal_tracker import app as tracker_app
 from shoal_tracker import config as tracker_config
 from tests.integration.conftest import Keys
+from tests.support.pki import SOME_ROOT
 
 TOKEN = "registration-secret-0123456789"
 NODE_TOKEN = "node-secret-0123456789abcdef"
@@ -29,7 +30,8 @@ def meta(tmp_path: Path) -> metainfo.Metainfo:
     data = b"layer" * 100_000
     digest = Digest(hashlib.sha256(data).hexdigest())
     (tmp_path / digest.hex).write_bytes(data)
-    return metainfo.parse(metainfo.create(tmp_path / digest.hex, digest, announce="http://t/announce"))
+    return metainfo.parse(metainfo.create(tmp_path / digest.hex, digest, announce="http://t/announce",
+                                                 root_cert=SOME_ROOT))
 
 
 def tracker_doc(keys: Keys, **extra: Any) -> dict[str, Any]:

@@ -36,8 +36,10 @@ def seed_blob(origin: str, token: str, digest: str, ns: str, repository: str) ->
     return run(lambda http: OriginClient(http, origin, token).seed(Digest.parse(digest), request, within=120))
 
 
-def swarm_token(origin: str, token: str, node: str) -> protocol.SwarmToken:
-    return run(lambda http: OriginClient(http, origin, token).swarm_token(node, within=10))
+def swarm_token(origin: str, token: str, node: str, public_key: str) -> protocol.SwarmToken:
+    """A swarm token and a certificate for `public_key` (PEM), as the origin gives a node."""
+    request = protocol.SwarmTokenRequest(node, public_key)
+    return run(lambda http: OriginClient(http, origin, token).swarm_token(request, within=10))
 
 
 def metainfo(tracker: str, token: str, digest: str) -> SignedMetainfo | None:

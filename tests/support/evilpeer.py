@@ -1,6 +1,7 @@
-"""A malicious swarm member: it holds a valid swarm token, announces itself as a seeder of a
-torrent, and answers every block request with garbage. Agents must detect the bad pieces (v2
-merkle hashes), ban it, and still finish the blob correctly."""
+"""A malicious swarm member: it holds a valid swarm token and certificate (an insider: a node
+the origin admitted, then compromised), announces itself as a seeder of a torrent, and answers
+every block request with garbage. Agents must detect the bad pieces (v2 merkle hashes), ban it,
+and still finish the blob correctly."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import asyncio
 import contextlib
 import http.client
 import os
+import ssl
 import struct
+import tempfile
 import threading
+from pathlib import Path
 from urllib.parse import quote_from_bytes, urlsplit
 
 from shoal import bencode
 from shoal.metainfo import Metainfo
+from tests.support.peerprobe import Identity
 
 PSTR = b"\x13BitTorrent protocol"
 # reserved bits: BEP 52 (v2) support is bit 4 of the last byte
@@ -21,8 +26,17 @@ RESERVED = b"\x00" * 7 + b"\x10"
 
 
 class EvilPeer:
-    def __init__(self, meta: Metainfo, *, ip: str, port: int) -> None:
+    def __init__(self, meta: Metainfo, *, ip: str, port: int, identity: Identity) -> None:
         self.meta = meta
+        # a TLS server as libtorrent expects for an SSL torrent: this identity, peers checked
+        # against the torrent's CA
+        self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "c.pem").write_text(identity.certificate)
+            (Path(d) / "k.pem").write_text(identity.key)
+            self._tls.load_cert_chain(Path(d) / "c.pem", Path(d) / "k.pem")
+        self._tls.verify_mode = ssl.CERT_REQUIRED
+        self._tls.load_verify_locations(cadata=meta.root_cert)
         self.ip = ip
         self.port = port
         self.peer_id = b"-EV0001-" + os.urandom(12)
@@ -39,7 +53,7 @@ class EvilPeer:
         asyncio.set_event_loop(self._loop)
 
         async def start() -> None:
-            self._server = await asyncio.start_server(self._serve, self.ip, self.port)
+            self._server = await asyncio.start_server(self._serve, self.ip, self.port, ssl=self._tls)
             self._ready.set()
 
         self._loop.run_until_complete(start())

@@ -3,6 +3,7 @@ on its own loopback address (127.0.0.2, .3, ...) like separate nodes."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -84,5 +85,11 @@ class Stack:
         return self
 
     def close(self) -> None:
+        # all at once: a component that had swarm connections takes up to 3 s to stop
+        # (shoal.swarm.TLS_CLOSE_GRACE)
+        for c in reversed(self.components):
+            if c.proc is not None and c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGCONT)
+                c.proc.terminate()
         for c in reversed(self.components):
             c.stop()

@@ -22,6 +22,7 @@ from shoal_agent.api import parse_path
 from shoal_origin import config as origin_config
 from shoal_tracker import announce as ann
 from shoal_tracker import config as tracker_config
+from tests.support.pki import SOME_ROOT
 
 binary = st.binary(max_size=40)
 text = st.text(max_size=60)
@@ -86,7 +87,7 @@ def valid_metainfo(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     data = b"fuzz" * 50_000
     digest = Digest(hashlib.sha256(data).hexdigest())
     (d / digest.hex).write_bytes(data)
-    return metainfo.create(d / digest.hex, digest, announce="http://t/announce")
+    return metainfo.create(d / digest.hex, digest, announce="http://t/announce", root_cert=SOME_ROOT)
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -7,6 +7,7 @@ import pytest
 
 from shoal import bencode, metainfo
 from shoal.oci import Digest
+from tests.support.pki import SOME_ROOT
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 
@@ -32,7 +33,7 @@ def make_blob(tmp_path: Path, size: int) -> tuple[Path, Digest]:
 @pytest.mark.parametrize("size", [10, 3 * MIB + 5, 70 * MIB])
 def test_create_and_parse(tmp_path: Path, size: int) -> None:
     path, digest = make_blob(tmp_path, size)
-    raw = metainfo.create(path, digest, announce="http://t:1/announce")
+    raw = metainfo.create(path, digest, announce="http://t:1/announce", root_cert=SOME_ROOT)
     meta = metainfo.parse(raw)
     assert meta.digest == digest and meta.size == size
     assert meta.piece_length == metainfo.piece_size_for(size)
@@ -47,6 +48,7 @@ def test_create_and_parse(tmp_path: Path, size: int) -> None:
     assert ti.priv() and ti.info_hashes().has_v2() and not ti.info_hashes().has_v1()
     assert ti.info_hashes().v2.to_bytes() == meta.info_hash
     assert ti.info_hashes().get_best().to_bytes() == meta.tracker_hash
+    assert ti.ssl_cert() == SOME_ROOT and meta.root_cert == SOME_ROOT
 
 
 def _mutate(raw: bytes, **info_changes: bencode.Value | None) -> bytes:
@@ -55,7 +57,7 @@ def _mutate(raw: bytes, **info_changes: bencode.Value | None) -> bytes:
     info = doc[b"info"]
     assert isinstance(info, dict)
     for k, v in info_changes.items():
-        key = k.replace("_", " ").encode()
+        key = b"ssl-cert" if k == "ssl_cert" else k.replace("_", " ").encode()
         if v is None:
             info.pop(key, None)
         else:
@@ -65,11 +67,15 @@ def _mutate(raw: bytes, **info_changes: bencode.Value | None) -> bytes:
 
 def test_rejects_unsafe_metainfo(tmp_path: Path) -> None:
     path, digest = make_blob(tmp_path, 100)
-    raw = metainfo.create(path, digest, announce="http://t:1/announce")
+    raw = metainfo.create(path, digest, announce="http://t:1/announce", root_cert=SOME_ROOT)
     # The tracker answers a refused registration with "invalid metainfo: <this message>".
     for bad, reason in [
         (_mutate(raw, private=None), "torrent is not private"),
         (_mutate(raw, meta_version=1), "not a BitTorrent v2 torrent"),
+        # a plain torrent would be served to any peer that knows its info-hash
+        (_mutate(raw, ssl_cert=None), "torrent has no swarm certificate (not an SSL torrent)"),
+        (_mutate(raw, ssl_cert=b"junk"), "torrent has no swarm certificate (not an SSL torrent)"),
+        (_mutate(raw, ssl_cert=7), "torrent has no swarm certificate (not an SSL torrent)"),
         (_mutate(raw, name=b"../../etc/passwd"), "torrent name is not a sha256 hex digest"),
         (_mutate(raw, name=b"\xff" * 64), "torrent name is not a sha256 hex digest"),
         (_mutate(raw, piece_length=1000), "piece length must be a power of two of at least 16 KiB"),
@@ -86,7 +92,7 @@ def test_rejects_unsafe_metainfo(tmp_path: Path) -> None:
 
 def test_size_limit_is_inclusive(tmp_path: Path) -> None:
     path, digest = make_blob(tmp_path, 100)
-    doc = bencode.decode(metainfo.create(path, digest, announce="http://t:1/announce"))
+    doc = bencode.decode(metainfo.create(path, digest, announce="http://t:1/announce", root_cert=SOME_ROOT))
     assert isinstance(doc, dict)
     # a comment of n bytes adds n + len(str(n)) - 1 to the empty comment's "0:"; n has 7 digits here
     pad = metainfo.MAX_METAINFO_BYTES - len(bencode.encode({**doc, b"comment": b""})) + 1 - 7
@@ -100,7 +106,7 @@ def test_size_limit_is_inclusive(tmp_path: Path) -> None:
 
 def test_empty_file_parses(tmp_path: Path) -> None:
     path, digest = make_blob(tmp_path, 100)
-    raw = metainfo.create(path, digest, announce="http://t:1/announce")
+    raw = metainfo.create(path, digest, announce="http://t:1/announce", root_cert=SOME_ROOT)
     name = digest.hex.encode()
     meta = metainfo.parse(_mutate(raw, file_tree={name: {b"": {b"length": 0}}}))
     assert meta.size == 0 and meta.num_pieces == 0
@@ -109,7 +115,7 @@ def test_empty_file_parses(tmp_path: Path) -> None:
 def test_parse_refuses_every_malformed_shape(tmp_path: Path) -> None:
     """Each shape a hostile server could send ends in MetainfoError, never another exception."""
     path, digest = make_blob(tmp_path, 100_000)
-    raw = metainfo.create(path, digest, announce="https://t:1/announce")
+    raw = metainfo.create(path, digest, announce="https://t:1/announce", root_cert=SOME_ROOT)
     meta = metainfo.parse(raw)
     assert meta.raw == raw and meta.announce == "https://t:1/announce"
     doc = bencode.decode(raw)

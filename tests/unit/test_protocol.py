@@ -17,8 +17,8 @@ from shoal import errors, protocol
 
 BODIES: list[Any] = [
     protocol.SeedRequest("registry.example:5000", "private/app"),
-    protocol.SwarmTokenRequest("node-1"),
-    protocol.SwarmToken("v1.abc.def", 3600.0),
+    protocol.SwarmTokenRequest("node-1", "-----BEGIN PUBLIC KEY-----\n"),
+    protocol.SwarmToken("v1.abc.def", 3600.0, "-----BEGIN CERTIFICATE-----\n"),
     protocol.JournalBatch("node-1", [{"event_id": "e" * 32, "phase": "start"}]),
     protocol.JournalAck(3, 1, 0),
     protocol.PreseedRequest(["r/app:v1"], ["linux/amd64"]),
@@ -34,10 +34,12 @@ def test_bodies_round_trip(body: Any) -> None:
     (protocol.SeedRequest, {"ns": "r"}, "repository"),
     (protocol.SeedRequest, {"ns": 5, "repository": "a"}, "ns"),
     (protocol.SeedRequest, ["ns", "repository"], "JSON object"),
-    (protocol.SwarmTokenRequest, {"node": ""}, "node"),
-    (protocol.SwarmTokenRequest, {"node": "n" * 254}, "node"),
-    (protocol.SwarmToken, {"token": "t", "ttl_seconds": 0}, "ttl_seconds"),
-    (protocol.SwarmToken, {"token": "t", "ttl_seconds": True}, "ttl_seconds"),
+    (protocol.SwarmTokenRequest, {"node": "", "public_key": "k"}, "node"),
+    (protocol.SwarmTokenRequest, {"node": "n" * 254, "public_key": "k"}, "node"),
+    (protocol.SwarmTokenRequest, {"node": "n"}, "public_key"),
+    (protocol.SwarmToken, {"token": "t", "ttl_seconds": 0, "certificate": "c"}, "ttl_seconds"),
+    (protocol.SwarmToken, {"token": "t", "ttl_seconds": True, "certificate": "c"}, "ttl_seconds"),
+    (protocol.SwarmToken, {"token": "t", "ttl_seconds": 60}, "certificate"),
     (protocol.JournalBatch, {"node": "n", "records": {}}, "records"),
     (protocol.JournalAck, {"accepted": -1, "duplicates": 0, "rejected": 0}, "accepted"),
     (protocol.JournalAck, {"accepted": 1, "duplicates": 0}, "rejected"),
@@ -70,8 +72,10 @@ def test_refusals_are_the_error_body_a_client_reads() -> None:
 @pytest.mark.parametrize(("cls", "doc", "field", "limit"), [
     (protocol.SeedRequest, {"ns": "r", "repository": "a"}, "ns", 255),
     (protocol.SeedRequest, {"ns": "r", "repository": "a"}, "repository", 255),
-    (protocol.SwarmTokenRequest, {}, "node", 253),
-    (protocol.SwarmToken, {"ttl_seconds": 60}, "token", 4096),
+    (protocol.SwarmTokenRequest, {"public_key": "k"}, "node", 253),
+    (protocol.SwarmTokenRequest, {"node": "n"}, "public_key", 512),
+    (protocol.SwarmToken, {"ttl_seconds": 60, "certificate": "c"}, "token", 4096),
+    (protocol.SwarmToken, {"ttl_seconds": 60, "token": "t"}, "certificate", 8192),
     (protocol.JournalBatch, {"records": []}, "node", 253),
 ])
 def test_text_fields_up_to_their_bound(cls: Any, doc: dict[str, Any], field: str, limit: int) -> None:
@@ -85,13 +89,13 @@ def test_text_fields_up_to_their_bound(cls: Any, doc: dict[str, Any], field: str
 def test_optional_fields_and_small_positive_numbers() -> None:
     assert protocol.PreseedRequest.from_json({"images": ["r/app:v1"]}).platforms == []  # platforms may be left out
     for ttl in (0.5, 1):
-        assert protocol.SwarmToken.from_json({"token": "t", "ttl_seconds": ttl}).ttl_seconds == ttl
+        assert protocol.SwarmToken.from_json({"token": "t", "ttl_seconds": ttl, "certificate": "c"}).ttl_seconds == ttl
 
 
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(
-                        ["ns", "repository", "node", "token", "ttl_seconds", "records", "accepted", "duplicates",
-                         "rejected", "images", "platforms"]), c, max_size=6), max_leaves=10))
+                        ["ns", "repository", "node", "token", "ttl_seconds", "certificate", "public_key", "records",
+                         "accepted", "duplicates", "rejected", "images", "platforms"]), c, max_size=6), max_leaves=10))
 def test_any_document_is_a_body_or_a_400(doc: Any) -> None:
     for cls in {type(b) for b in BODIES}:
         with contextlib.suppress(errors.BadRequest):  # anything else escapes and fails the test

@@ -203,6 +203,25 @@ def test_metainfo_signatures() -> None:
     assert len(sig) == 86 and "=" not in sig  # unpadded base64url of 64 bytes
 
 
+def test_journal_batch_signatures() -> None:
+    """A node signs its batches with its own key; another key, another body, a metainfo
+    signature of the same bytes, or none: refused, saying why."""
+    key, pub = keypair()
+    body = b'{"node":"n","records":[]}'
+    sig = signing.sign_batch(key, body)
+    signing.verify_batch(pub, body, sig)
+    other, _ = keypair()
+    bad = "the journal batch signature does not verify"
+    for signature, data, why in ((None, body, "the journal batch is not signed"),
+                                 ("", body, "the journal batch is not signed"),
+                                 (sig, body + b" ", bad), (signing.sign_batch(other, body), body, bad),
+                                 (signing.sign_metainfo(key, body), body, bad),
+                                 (sig + "!", body, "not base64url")):
+        with pytest.raises(signing.SignatureError) as exc:
+            signing.verify_batch(pub, data, signature)
+        assert str(exc.value) == why
+
+
 def test_metainfo_refusals_say_why() -> None:
     """The reason is in the tracker's 400 ("metainfo not signed by the origin: ...") and the agent's."""
     key, pub = keypair()

@@ -1,0 +1,89 @@
+"""Every node has its own identity (issue 12, part 4): the origin binds a node's name to the key
+it enrolled with, so the holder of the cluster's node token (the bootstrap secret) can add nodes
+but not act as one that enrolled: no swarm token or certificate for its name, no journal records
+in its name. An operator on the origin host releases a name with `shoal-origin forget-node`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from typing import Any
+
+from shoal import audit, peercerts, protocol, signing
+from tests.e2e.conftest import Images
+from tests.support import api
+from tests.support.procs import http_get, wait_for
+from tests.support.stack import Stack
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), json.loads(exc.read())
+
+
+def record(node: str, principal: str) -> dict[str, Any]:
+    return {"event_id": uuid.uuid4().hex, "phase": "start", "ts": audit.now(), "node": node, "status": 200,
+            "repository": "private/app", "principal": principal, "method": "GET"}
+
+
+def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Images) -> None:
+    stack.start_tracker()
+    origin = stack.start_origin()
+    agent = stack.start_agent()  # node0: enrolls with the key it made in its data directory
+    key_file = stack.workdir / "agent0" / "node.key"
+    wait_for(lambda: agent.metric("shoal_agent_swarm_token_expiry_timestamp_seconds") > 0, what="node0 enrolled")
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    blob = min(images.app().blobs.values(), key=lambda b: b.size)
+    status, body = http_get(f"{agent.url}/v2/private/app/blobs/{blob.digest}", timeout=30)
+    assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
+    wait_for(lambda: agent.metric("shoal_agent_journal_unshipped_bytes") == 0, what="node0's journal shipped")
+    bearer = {"Authorization": f"Bearer {stack.node_token}"}
+    thief = peercerts.NodeKey.generate()
+
+    # 1. a swarm token (and a certificate) in node0's name, for another key: refused
+    status, doc = post(protocol.SWARM_TOKEN.url(origin.url),
+                       json.dumps(protocol.SwarmTokenRequest("node0", thief.public_pem).to_json()).encode(), bearer)
+    assert status == 403, doc
+    assert "enrolled with another key" in doc["errors"][0]["message"]
+
+    # 2. journal records in node0's name: unsigned, or signed by another key, are refused whole
+    forged = protocol.JournalBatch("node0", [record("node0", "alice")]).encode()
+    for signature in (None, signing.sign_batch(thief.private_key, forged)):
+        headers = {**bearer, **({protocol.NODE_SIGNATURE_HEADER: signature} if signature else {})}
+        status, doc = post(protocol.JOURNAL.url(origin.url), forged, headers)
+        assert status == 403, doc
+    # a batch signed by the real key of an unknown name: refused (enrolling comes first)
+    stranger = protocol.JournalBatch("nobody", [record("nobody", "alice")]).encode()
+    status, _ = post(protocol.JOURNAL.url(origin.url), stranger,
+                     {**bearer, protocol.NODE_SIGNATURE_HEADER: signing.sign_batch(thief.private_key, stranger)})
+    assert status == 403
+
+    # 3. the token holder may add a node of its own; its records are its own, never node0's
+    assert api.swarm_token(origin.url, stack.node_token, "intruder", thief.public_pem).certificate
+    mixed = protocol.JournalBatch("intruder", [record("node0", "alice"), record("intruder", "mallory")]).encode()
+    status, doc = post(protocol.JOURNAL.url(origin.url), mixed,
+                       {**bearer, protocol.NODE_SIGNATURE_HEADER: signing.sign_batch(thief.private_key, mixed)})
+    assert status == 200 and doc == {"accepted": 1, "duplicates": 0, "rejected": 1}
+    events = api.audit_events(origin.url, stack.node_token, limit=1000)
+    assert {e["node"] for e in events} == {"node0", "intruder"}
+    assert not any(e["principal"] == "alice" for e in events)  # nothing forged reached the audit
+    assert [e["principal"] for e in events if e["node"] == "intruder"] == ["mallory"]
+    assert any(e["node"] == "node0" and e.get("digest") == blob.digest for e in events)
+
+    # 4. an operator on the origin host releases node0 (it lost its key): a new key may enroll
+    result = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "node0",
+                             "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert api.swarm_token(origin.url, stack.node_token, "node0", thief.public_pem).certificate
+    again = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "never-seen",
+                            "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "no node named 'never-seen'" in again.stderr

@@ -1,0 +1,123 @@
+"""An outsider at the BitTorrent port: a hand-written BEP 3/52 client that dials a node's swarm
+port (with TLS and a certificate of the test's choice, or in clear), asks for blocks and counts
+the payload bytes it gets. What a bare peer that knows a blob's info-hash can take."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import socket
+import ssl
+import struct
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
+
+from shoal import peercerts
+from shoal.metainfo import Metainfo
+
+PSTR = b"\x13BitTorrent protocol"
+RESERVED = b"\x00" * 7 + b"\x10"  # BEP 52: v2 support
+BLOCK = 16 << 10
+# requests in flight (libtorrent drops those beyond max_allowed_in_request_queue, 2,000)
+WINDOW = 256
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A certificate and its key (PEM) to present."""
+
+    certificate: str
+    key: str
+
+
+def node_identity(key: peercerts.NodeKey, certificate: str) -> Identity:
+    return Identity(certificate, key.private_pem)
+
+
+def forged(issuer: Ed25519PrivateKey | None, *, not_before: dt.datetime | None = None,
+           not_after: dt.datetime | None = None) -> Identity:
+    """A `*` certificate for a new key, signed by `issuer` (None: by itself)."""
+    key = Ed25519PrivateKey.generate()
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "*")])
+    issuer_name = name if issuer is None else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "shoal swarm CA")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(not_before or now - dt.timedelta(hours=1))
+            .not_valid_after(not_after or now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("*")]), critical=False)
+            .sign(issuer or key, None))
+    return Identity(cert.public_bytes(serialization.Encoding.PEM).decode(),
+                    key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()).decode())
+
+
+def _message(msg_id: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">IB", len(payload) + 1, msg_id) + payload
+
+
+def _wrap(sock: socket.socket, meta: Metainfo, identity: Identity | None) -> socket.socket:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # an attacker takes any server
+    if identity is not None:
+        with tempfile.TemporaryDirectory() as d:
+            cert, key = Path(d) / "cert.pem", Path(d) / "key.pem"
+            cert.write_text(identity.certificate)
+            key.write_text(identity.key)
+            ctx.load_cert_chain(cert, key)
+    # libtorrent picks the torrent by SNI: the hex of the (truncated) info-hash
+    return ctx.wrap_socket(sock, server_hostname=meta.tracker_hash.hex())
+
+
+def probe(address: tuple[str, int], meta: Metainfo, *, source_ip: str, identity: Identity | None = None,
+          tls: bool = True, within: float = 8.0, enough: int = 4 * BLOCK) -> bytes:
+    """The payload received for the blob's first `enough` bytes (what arrived, in order of
+    offset), once all of it came, the peer hung up, or `within` seconds passed."""
+    deadline = time.monotonic() + within
+    want = min(enough, meta.size)
+    got: dict[int, bytes] = {}
+    with contextlib.suppress(OSError, ssl.SSLError, ConnectionError, struct.error):
+        raw = socket.create_connection(address, timeout=within, source_address=(source_ip, 0))
+        sock = _wrap(raw, meta, identity) if tls else raw
+        with sock:
+            sock.sendall(PSTR + RESERVED + meta.tracker_hash + b"-PR0001-" + os.urandom(12))
+            sock.sendall(_message(2))  # interested
+            buf = b""
+            asked = False
+            requests = (_message(6, struct.pack(">III", *divmod(offset, meta.piece_length),
+                                                min(BLOCK, meta.size - offset)))
+                        for offset in range(0, want, BLOCK))
+            while time.monotonic() < deadline and sum(map(len, got.values())) < want:
+                sock.settimeout(max(0.05, deadline - time.monotonic()))
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+                if buf.startswith(PSTR):
+                    if len(buf) < 68:
+                        continue
+                    buf = buf[68:]
+                while len(buf) >= 4:
+                    (length,) = struct.unpack(">I", buf[:4])
+                    if len(buf) < 4 + length:
+                        break
+                    body, buf = buf[4:4 + length], buf[4 + length:]
+                    if length == 0:
+                        continue
+                    if body[0] == 1 and not asked:  # unchoke: ask for blocks up to `want`
+                        asked = True
+                        sock.sendall(b"".join(next(requests, b"") for _ in range(WINDOW)))
+                    elif body[0] == 7:  # piece(index, begin, block): ask for one more
+                        index, begin = struct.unpack(">II", body[1:9])
+                        got[index * meta.piece_length + begin] = body[9:]
+                        sock.sendall(next(requests, b""))
+    return b"".join(got[k] for k in sorted(got))
