@@ -27,8 +27,10 @@ from shoal_agent.authz import Authorizer, Credential
 from shoal_agent.config import AuthSettings
 from shoal_agent.download import EMPTY_DIGEST, Download
 from shoal_agent.fetcher import Fetcher
+from shoal_agent.files import read_file
 from shoal_agent.manifests import ManifestKeeper
 from shoal_agent.metrics import AgentMetrics
+from shoal_agent.provenance import IN_FLIGHT_SPAN, Provenance, ReadLocal
 from shoal_agent.responses import API_VERSION, oci_error, send_blob
 from shoal_agent.state import Audit, audit_of, state_of
 from shoal_agent.upstreams import Upstream, Upstreams
@@ -80,6 +82,7 @@ class MirrorApi:
                  keeper: ManifestKeeper, auth: AuthSettings, metrics: AgentMetrics, max_blob_size: int) -> None:
         self.upstreams = upstreams
         self.store = store
+        self.provenance = Provenance(store, metrics)
         self.fetcher = fetcher
         self.authorizer = authorizer
         self.keeper = keeper
@@ -293,6 +296,9 @@ class MirrorApi:
             # changed one is hashed again, a corrupt one evicted and fetched anew below).
             verified = self.store.size_of(digest) if self.store.has(digest) else None
             if verified is not None and await self.store.verify(digest):
+                if request.method != "HEAD" and not await self.provenance.known(up, digest):
+                    await self.provenance.prove(up, name, digest, verified, self._cached_bytes(digest),
+                                                cred.upstream_auth)
                 self.metrics.cache_hits.inc()
                 self.store.touch(digest)
                 audit.source = "cache"
@@ -311,7 +317,14 @@ class MirrorApi:
         if request.method == "HEAD":
             return await send_blob(request, digest, size, _Empty())
         download = self.fetcher.get(up, name, digest, size, authorization=cred.upstream_auth)
+        await download.chosen.wait()  # bounded by the download's own deadlines
         audit.source = download.source
+        if download.error is None and not (download.upstream.name == up.name and download.source == "registry") \
+                and not await self.provenance.known(up, digest):
+            # the bytes may come from the swarm or from another registry: `up` proves it holds
+            # them before any goes out (within the first piece, which the client waits for anyway)
+            await self.provenance.prove(up, name, digest, min(size, IN_FLIGHT_SPAN),
+                                        _in_flight_bytes(download), cred.upstream_auth)
 
         def count(n: int) -> None:
             audit.source = download.source
@@ -320,6 +333,13 @@ class MirrorApi:
         response = await send_blob(request, digest, size, _InFlight(download), self._counter(audit, count))
         audit.source, audit.verified = download.source, True
         return response
+
+    def _cached_bytes(self, digest: Digest) -> ReadLocal:
+        async def read(offset: int, length: int) -> bytes:
+            chunks = [c async for c in read_file(self.store.path(digest), offset, length)]
+            return b"".join(chunks)
+
+        return read
 
     @staticmethod
     def _counter(audit: Audit, inner: Callable[[int], None]) -> Callable[[int], None]:
@@ -330,6 +350,14 @@ class MirrorApi:
             inner(n)
 
         return count
+
+
+def _in_flight_bytes(download: Download) -> ReadLocal:
+    async def read(offset: int, length: int) -> bytes:
+        async with contextlib.aclosing(download.stream(offset, length, whole=False)) as chunks:
+            return b"".join([c async for c in chunks])
+
+    return read
 
 
 class _Cached:

@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
+from shoal import errors, protocol
 from shoal.config import (
     DURATION,
     HOSTPORT,
@@ -77,7 +78,7 @@ class AgentConfig:
     data_dir: str
     upstreams: list[UpstreamSettings]
     listen: Annotated[str, HOSTPORT] = "127.0.0.1:5050"
-    node: str = field(default_factory=socket.gethostname)
+    node: str = field(default_factory=lambda: socket.gethostname().lower())
     # Without a tracker (or origin) the agent is a plain verifying pull-through cache.
     tracker: Annotated[str | None, URL] = None
     origin: Annotated[str | None, URL] = None
@@ -110,8 +111,10 @@ class AgentConfig:
                 raise ConfigError("node_token: give file or env (required with tracker and origin)")
             if self.origin_public_key is None:
                 raise ConfigError("origin_public_key: required with tracker and origin (PEM file)")
-        if not self.node or len(self.node) > 253:
-            raise ConfigError("node: must be a non-empty name of at most 253 characters")
+        try:
+            protocol.node_name(self.node)
+        except errors.BadRequest as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def load(doc: dict[str, Any]) -> AgentConfig:

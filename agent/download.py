@@ -83,6 +83,8 @@ class Download:
         self.source = "peers"
         self.error: errors.ShoalError | None = None
         self.done = asyncio.Event()
+        # Set once the bytes' path is known (the swarm, or the registry) or the download ended.
+        self.chosen = asyncio.Event()
         self._changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -210,6 +212,7 @@ class Download:
             self.error = errors.ShoalError(f"internal error: {type(exc).__name__}")
         finally:
             self.done.set()
+            self.chosen.set()
             self._notify()
         await store.make_room()
 
@@ -230,6 +233,7 @@ class Download:
         store, policy = self.deps.store, self.deps.policy
         job = swarm.add(meta, store.downloads_dir, seed=False)
         self.job = job
+        self.chosen.set()
         job.listeners.append(self._notify)
         self._notify()
         moved = False
@@ -267,6 +271,7 @@ class Download:
             moved = True
             await store.adopt_in_place(self.digest)
             await store.save_metainfo(self.digest, meta.raw, published.signature)
+            # (no source: the bytes came from peers, by digest; a registry proves it holds them)
             m = self.deps.metrics
             m.swarm_bytes.labels("seeder").inc(job.peer_bytes.from_seeders)
             m.swarm_bytes.labels("agent").inc(job.peer_bytes.from_agents)
@@ -279,6 +284,7 @@ class Download:
 
     async def _from_registry(self, published: Published | None) -> None:
         self.source = "registry"
+        self.chosen.set()
         self._notify()
         store, m = self.deps.store, self.deps.metrics
         if self.size == 0 and self.digest == EMPTY_DIGEST:
@@ -301,6 +307,7 @@ class Download:
             self.partial = None
         m.registry_requests.labels("blob", "200").inc()
         await store.commit_file(self.digest, tmp, verified=True)
+        await store.add_source(self.digest, self.upstream.name)  # these bytes came from it
         if published is not None and self.deps.swarm is not None:
             await store.save_metainfo(self.digest, published.meta.raw, published.signature)
             self.deps.swarm.add(published.meta, store.blob_dir(self.digest), seed=True)

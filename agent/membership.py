@@ -74,6 +74,9 @@ class Membership:
                 # which could echo what the origin sent.
                 reason = str(exc) if isinstance(exc, (errors.ShoalError, signing.SignatureError)) \
                     else type(exc).__name__
+                if isinstance(exc, ApiError) and exc.status == 403:
+                    reason += ": the origin refuses this node's name and key (another key enrolled the name, the " \
+                              "key is banned, or max_nodes is reached; the origin's log says which)"
                 wait = backoff.next()
                 log.warning("no swarm token from the origin yet (%s); retrying in %.0fs", reason, wait)  # log-safe
                 await asyncio.sleep(wait)

@@ -58,6 +58,12 @@ class AgentMetrics:
         self.registry_requests = Counter("shoal_agent_registry_requests_total",
                                          "Requests the agent sent to the origin registry",
                                          ["kind", "status"], registry=registry)
+        self.provenance_checks = Counter(
+            "shoal_agent_provenance_checks_total",
+            "Registries asked to prove they hold a blob before it is served for them (agent/provenance.py)",
+            ["result"], registry=registry)
+        for result in ("proved", "refused", "unavailable"):
+            self.provenance_checks.labels(result)
         # Series that alerts and dashboards divide by or watch for a first event exist at 0.
         for source in SOURCES:
             self.served_bytes.labels(source)

@@ -5,6 +5,7 @@ origin host; see README, Trust)."""
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,14 +32,22 @@ def forget_node(argv: Sequence[str]) -> int:
                     "its data directory). Its old key no longer gets swarm tokens or has journal batches accepted.")
     parser.add_argument("node", help="the node's name (its `node` setting)")
     parser.add_argument("--config", required=True, help="the origin's YAML configuration file")
+    parser.add_argument("--ban", action="store_true",
+                        help="also refuse the node's key under any name from now on (a compromised node)")
     args = parser.parse_args(argv)
     try:
         data_dir = config.load(read_yaml(args.config)).data_dir
     except ConfigError as exc:
         print(f"shoal-origin: config error: {exc}", file=sys.stderr)
         return 2
-    if collector.forget_node(Path(data_dir) / collector.AUDIT_DB, args.node):
-        print(f"node {args.node!r} may enroll again with a new key")
+    database = Path(data_dir) / collector.AUDIT_DB
+    try:
+        released = collector.forget_node(database, args.node, ban=args.ban)
+    except (FileNotFoundError, sqlite3.Error) as exc:
+        print(f"shoal-origin: cannot open {str(database)!r}: {exc}", file=sys.stderr)
+        return 2
+    if released:
+        print(f"node {args.node!r} may enroll again with a new key" + (" (its old key is banned)" if args.ban else ""))
         return 0
     print(f"no node named {args.node!r} has enrolled", file=sys.stderr)
     return 1

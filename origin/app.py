@@ -162,7 +162,7 @@ def build(config: OriginConfig) -> web.Application:
                         announce=config.announce, max_blob_size=config.max_blob_size, metrics=metrics,
                         key=key, token_ttl=config.swarm_token_ttl)
         preseeder = Preseeder(seeder, concurrency=config.preseed_concurrency)
-        collector = Collector(Path(config.data_dir) / AUDIT_DB)
+        collector = Collector(Path(config.data_dir) / AUDIT_DB, max_nodes=config.max_nodes)
         # Whatever interrupts start-up or shutdown (a failure, a second signal), everything that
         # was opened is closed, in reverse order.
         async with contextlib.AsyncExitStack() as stack:
@@ -222,3 +222,8 @@ class CollectorMetrics(PromCollector):
             c = CounterMetricFamily(f"shoal_origin_journal_{name}_records", text)
             c.add_metric([], float(value))
             yield c
+        c = CounterMetricFamily("shoal_origin_enrollment_refusals",
+                                "Swarm tokens refused for a node name bound to another key, a banned key, or "
+                                "past max_nodes")
+        c.add_metric([], float(self.collector.enrollment_refusals))
+        yield c

@@ -51,9 +51,20 @@ CREATE TABLE IF NOT EXISTS nodes (
     public_key TEXT NOT NULL,
     enrolled   REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS banned_keys (
+    public_key TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    banned     REAL NOT NULL
+);
 """
 # The origin's own seeder is admitted without enrolling; no node may take its name.
 RESERVED_NODES = frozenset({"origin"})
+_REFUSALS = {
+    "taken": "enrolled with another key (a node that lost its key is released by an operator on the "
+             "origin host: shoal-origin forget-node)",
+    "banned": "this key was banned by an operator (shoal-origin forget-node --ban)",
+    "full": "the origin has enrolled max_nodes nodes",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +75,10 @@ class Stored:
 
 
 class Collector:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_nodes: int = 10_000) -> None:
         self.path = path
+        self.max_nodes = max_nodes
+        self.enrollment_refusals = 0
         self._db: sqlite3.Connection | None = None
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collector")
         self.stored = 0
@@ -100,14 +113,24 @@ class Collector:
 
         def work() -> str:
             assert self._db is not None
-            self._db.execute("INSERT OR IGNORE INTO nodes VALUES (?, ?, ?)", (node, public_key, time.time()))
-            row = self._db.execute("SELECT public_key FROM nodes WHERE name = ?", (node,)).fetchone()
-            return str(row[0])
+            db = self._db
+            if db.execute("SELECT 1 FROM banned_keys WHERE public_key = ?", (public_key,)).fetchone():
+                return "banned"
+            row = db.execute("SELECT public_key FROM nodes WHERE name = ?", (node,)).fetchone()
+            if row is not None:
+                return "ok" if row[0] == public_key else "taken"
+            if db.execute("SELECT count(*) FROM nodes").fetchone()[0] >= self.max_nodes:
+                return "full"
+            db.execute("INSERT INTO nodes VALUES (?, ?, ?)", (node, public_key, time.time()))
+            log.info("node %s enrolled", node)  # (a validated DNS name)
+            return "ok"
 
-        bound = await asyncio.get_running_loop().run_in_executor(self._io, work)
-        if bound != public_key:
-            raise errors.Denied(f"node {node[:64]!r} enrolled with another key; if it lost its key, an "
-                                f"operator releases the name with `shoal-origin forget-node` on the origin")
+        verdict = await asyncio.get_running_loop().run_in_executor(self._io, work)
+        if verdict == "ok":
+            return
+        self.enrollment_refusals += 1
+        log.warning("refused a swarm token for node %s: %s", node, _REFUSALS[verdict])
+        raise errors.Denied(f"node {node!r}: {_REFUSALS[verdict]}")
 
     async def node_key(self, node: str) -> Ed25519PublicKey | None:
         """The key `node` enrolled with, if it did."""
@@ -137,29 +160,42 @@ class Collector:
                          rec.get("repository"), rec.get("reference"), rec.get("digest"),
                          json.dumps({**rec, "node": node}, separators=(",", ":")), time.time()))
 
-        if rejected:  # once per batch (once per record was 15,000 lines in 10 s)
-            log.warning("refused %d of %d journal records from %s (first: %s)", rejected, len(raw_records), node,
-                        first_reason)
-
-        def work() -> int:
+        def work() -> tuple[int, int]:
             assert self._db is not None
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
+                # An event belongs to the node that recorded it first: another node (anyone
+                # holding the node token can enroll one) may not add its end, or its start.
+                ids = list({row[0] for row in rows})
+                taken: set[str] = set()
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i:i + 500]
+                    taken.update(r[0] for r in db.execute(
+                        f"SELECT DISTINCT event_id FROM records WHERE node <> ? AND event_id IN "  # noqa: S608
+                        f"({','.join('?' * len(chunk))})", [node, *chunk]))  # (placeholders only)
+                mine = [row for row in rows if row[0] not in taken]
                 before = db.total_changes
-                db.executemany("INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+                db.executemany("INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)", mine)
                 inserted = db.total_changes - before
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            return inserted
+            return inserted, len(rows) - len(mine)
 
-        inserted = await asyncio.get_running_loop().run_in_executor(self._io, work)
+        inserted, foreign = await asyncio.get_running_loop().run_in_executor(self._io, work)
+        if foreign:
+            rejected += foreign
+            first_reason = first_reason or "a record's event belongs to another node"
+        if rejected:  # once per batch (once per record was 15,000 lines in 10 s)
+            log.warning("refused %d of %d journal records from %s (first: %s)", rejected, len(raw_records), node,
+                        first_reason)
+        kept = len(rows) - foreign
         self.stored += inserted
-        self.duplicates += len(rows) - inserted
+        self.duplicates += kept - inserted
         self.rejected += rejected
-        return Stored(inserted, len(rows) - inserted, rejected)
+        return Stored(inserted, kept - inserted, rejected)
 
     async def query(self, q: protocol.AuditQuery) -> list[dict[str, Any]]:
         """Merged events whose start matches the filters, oldest first (`image` must have been
@@ -181,26 +217,38 @@ class Collector:
         def work() -> list[dict[str, Any]]:
             assert self._db is not None
             starts = self._db.execute(
-                f"SELECT event_id, doc FROM records WHERE {' AND '.join(where)} ORDER BY ts LIMIT ?",  # noqa: S608
+                f"SELECT event_id, node, doc FROM records WHERE {' AND '.join(where)} ORDER BY ts LIMIT ?",  # noqa: S608
                 [*args, limit]).fetchall()  # (the WHERE clause is built from fixed column names only)
-            ends: dict[str, dict[str, Any]] = {}
+            ends: dict[tuple[str, str], dict[str, Any]] = {}
             ids = [row[0] for row in starts]
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
                 marks = ",".join("?" * len(chunk))
-                for event_id, doc in self._db.execute(
-                        f"SELECT event_id, doc FROM records WHERE phase = 'end' AND event_id IN ({marks})",  # noqa: S608
+                for event_id, node, doc in self._db.execute(
+                        f"SELECT event_id, node, doc FROM records WHERE phase = 'end' AND event_id IN ({marks})",  # noqa: S608
                         chunk):
-                    ends[event_id] = json.loads(doc)
-            return [audit.merge(json.loads(doc), ends.get(event_id)) for event_id, doc in starts]
+                    ends[(event_id, node)] = json.loads(doc)
+            # an event's end is the one its own node recorded
+            return [audit.merge(json.loads(doc), ends.get((event_id, node))) for event_id, node, doc in starts]
 
         return await asyncio.get_running_loop().run_in_executor(self._io, work)
 
 
-def forget_node(path: Path, node: str) -> bool:
+def forget_node(path: Path, node: str, *, ban: bool = False) -> bool:
     """Release a node's name, so that it enrolls again with a new key (a node that lost its
-    data directory). Run on the origin host: only who can write audit.db can do this."""
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+    data directory); with `ban`, its key is refused under any name from now on (a compromised
+    node: its certificate stays valid until it expires, at most swarm_token_ttl). Run on the
+    origin host: only who can write audit.db can do this. False if no such node enrolled."""
+    if not path.exists():
+        raise FileNotFoundError(path)  # a wrong data_dir: never create an empty database there
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None)) as db:
         db.execute("PRAGMA busy_timeout=10000")
         db.executescript(_SCHEMA)
-        return db.execute("DELETE FROM nodes WHERE name = ?", (node,)).rowcount > 0
+        db.execute("BEGIN IMMEDIATE")
+        row = db.execute("SELECT public_key FROM nodes WHERE name = ?", (node,)).fetchone()
+        if row is not None:
+            if ban:
+                db.execute("INSERT OR IGNORE INTO banned_keys VALUES (?, ?, ?)", (row[0], node, time.time()))
+            db.execute("DELETE FROM nodes WHERE name = ?", (node,))
+        db.execute("COMMIT")
+        return row is not None

@@ -51,11 +51,15 @@ class OriginConfig:
     # Connections served at once (every node's seed requests and journal shipping);
     # past it the oldest idle or slow one is closed (shoal/web.py).
     max_connections: int = 2048
+    # Node names the origin enrolls (each bound to its key); past it, new names are refused.
+    max_nodes: int = 10_000
     log: LogSettings = field(default_factory=LogSettings)
 
     def validate(self, prefix: str) -> None:
         if self.max_connections < 1:
             raise ConfigError("max_connections: must be at least 1")
+        if self.max_nodes < 1:
+            raise ConfigError("max_nodes: must be at least 1")
         check_upstream_names(self.upstreams, "upstreams")
         if self.registration_token.file is None and self.registration_token.env is None:
             raise ConfigError("registration_token: give file or env (shared with the tracker)")

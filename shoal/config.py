@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from shoal.announcing import RESERVED_SETTINGS
+from shoal import announcing, peercerts
 from shoal.errors import ConfigError
 from shoal.registry import Credentials
 
@@ -321,8 +321,9 @@ class TorrentSettings:
         for name in self.libtorrent:
             if name not in _libtorrent_setting_names():
                 raise ConfigError(f"{prefix}.libtorrent.{name}: not a libtorrent setting")
-            if name in RESERVED_SETTINGS:
-                raise ConfigError(f"{prefix}.libtorrent.{name}: {RESERVED_SETTINGS[name]}")
+            reserved = announcing.RESERVED_SETTINGS.get(name) or peercerts.RESERVED_SETTINGS.get(name)
+            if reserved:
+                raise ConfigError(f"{prefix}.libtorrent.{name}: {reserved}")
 
 
 def _libtorrent_setting_names() -> frozenset[str]:

@@ -49,6 +49,12 @@ ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
 -----END DH PARAMETERS-----
 """
 MAX_PUBLIC_KEY_PEM = 512
+# libtorrent settings that keep the swarm TLS-only; `torrent.libtorrent` may not override them
+# (the reason is the configuration error an operator sees).
+RESERVED_SETTINGS = {
+    "listen_interfaces": "set by shoal from torrent.listen, as a TLS-only socket (a plain one would "
+                         "let peers without a certificate in)",
+}
 
 
 def _pem(cert: x509.Certificate) -> str:
@@ -152,21 +158,27 @@ class NodeKey:
     def load_or_create(cls, path: Path, key: str) -> NodeKey:
         """The key at `path`, made there (0600) on first use: a node keeps its identity across
         restarts, since the origin binds its name to this key when it first enrolls."""
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise ConfigError(f"{key}: cannot create {str(path)!r}: {exc.strerror}") from None
-        else:
+        if not path.exists():
             made = cls.generate()
-            with os.fdopen(fd, "w") as f:
-                f.write(made.private_pem)
-                f.flush()
-                os.fsync(f.fileno())
-            return made
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(made.private_pem)
+                    f.flush()
+                    os.fsync(f.fileno())
+                # whole or absent, never empty (a crash mid-write would lock the node out)
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process made it first: use that one
+            except OSError as exc:
+                raise ConfigError(f"{key}: cannot create {str(path)!r}: {exc.strerror}") from None
+            finally:
+                tmp.unlink(missing_ok=True)
         try:
+            if path.stat().st_mode & 0o077:
+                raise ConfigError(f"{key}: {str(path)!r} can be read by others than its owner (chmod 600 it)")
             loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except OSError as exc:
             raise ConfigError(f"{key}: cannot read {str(path)!r}: {exc.strerror}") from None

@@ -10,6 +10,7 @@ The mirror API (`/v2/...`) is the OCI distribution spec's: only its entry points
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -83,6 +84,19 @@ def _text(doc: dict[str, Any], key: str, *, max_length: int) -> str:
     return value
 
 
+# A node's name: a lowercase DNS name (as Kubernetes names nodes), one spelling per node. Names
+# that only look alike (spaces, zero-width or look-alike letters) or carry control characters
+# would pass for another node in the audit, or forge log lines.
+NODE_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+
+
+def node_name(value: str, key: str = "node") -> str:
+    if not NODE_NAME_RE.fullmatch(value):
+        raise errors.BadRequest(errors.INVALID_REQUEST, f"{key} must be a lowercase DNS name (a-z, 0-9, '-', '.'; "
+                                                        "at most 253 characters)")
+    return value
+
+
 def _texts(doc: dict[str, Any], key: str, *, required: bool) -> list[str]:
     value = doc.get(key, None if required else [])
     if not isinstance(value, list) or (required and not value) or not all(isinstance(v, str) for v in value):
@@ -128,7 +142,7 @@ class SwarmTokenRequest:
     @classmethod
     def from_json(cls, doc: Any) -> SwarmTokenRequest:
         d = _doc(doc)
-        return cls(_text(d, "node", max_length=253), _text(d, "public_key", max_length=512))
+        return cls(node_name(_text(d, "node", max_length=253)), _text(d, "public_key", max_length=512))
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +192,7 @@ class JournalBatch:
         records = d.get("records")
         if not isinstance(records, list):
             raise errors.BadRequest(errors.INVALID_REQUEST, "records must be a list")
-        return cls(_text(d, "node", max_length=253), records)
+        return cls(node_name(_text(d, "node", max_length=253)), records)
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,6 +125,7 @@ class BlobStore:
         self._used = 0
         self._evict_lock = asyncio.Lock()
         self._evict_hooks: list[EvictHook] = []
+        self._sources: dict[Digest, frozenset[str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.evictions = 0
@@ -185,7 +186,7 @@ class BlobStore:
         self._entries = OrderedDict(entries)
         self._used = sum(e.size for _, e in entries)
         for meta in self.meta_dir.iterdir():
-            name = meta.name.removesuffix(".torrent").removesuffix(".sig")
+            name = meta.name.removesuffix(".torrent").removesuffix(".sig").removesuffix(".from")
             if not SHA256_HEX_RE.fullmatch(name) or Digest(name) not in self._entries:
                 meta.unlink(missing_ok=True)
 
@@ -380,11 +381,13 @@ class BlobStore:
         for hook in self._evict_hooks:
             await hook(digest)
         path, meta = self.path(digest), self.meta_dir / digest.hex
+        self._sources.pop(digest, None)
 
         def work() -> None:
             path.unlink(missing_ok=True)
             meta.with_suffix(".torrent").unlink(missing_ok=True)
             meta.with_suffix(".sig").unlink(missing_ok=True)
+            meta.with_suffix(".from").unlink(missing_ok=True)
 
         await asyncio.to_thread(work)
         self._write_index(digest, None)
@@ -459,6 +462,40 @@ class BlobStore:
                 os.replace(tmp, dest)
 
         await asyncio.to_thread(work)
+
+    async def sources(self, digest: Digest) -> frozenset[str]:
+        """The registries (upstream names) known to hold this blob: it came from them, or they
+        proved they hold it (shoal_agent.provenance)."""
+        known = self._sources.get(digest)
+        if known is None:
+            path = self.meta_dir / f"{digest.hex}.from"
+
+            def work() -> frozenset[str]:
+                try:
+                    return frozenset(line for line in path.read_text().splitlines() if line)
+                except FileNotFoundError:
+                    return frozenset()
+
+            known = await asyncio.to_thread(work)
+            if self.has(digest):
+                self._sources[digest] = known
+        return known
+
+    async def add_source(self, digest: Digest, upstream: str) -> None:
+        known = await self.sources(digest)
+        if upstream in known:
+            return
+        updated = known | {upstream}
+        path = self.meta_dir / f"{digest.hex}.from"
+
+        def work() -> None:
+            tmp = self.meta_dir / f".{digest.hex}.tmp{secrets.token_hex(4)}"
+            tmp.write_text("".join(f"{name}\n" for name in sorted(updated)))
+            os.replace(tmp, path)
+
+        await asyncio.to_thread(work)
+        if self.has(digest):
+            self._sources[digest] = updated
 
     async def load_metainfo(self, digest: Digest) -> tuple[bytes, str] | None:
         base = self.meta_dir / digest.hex

@@ -124,7 +124,8 @@ class SwarmSettings:
             "max_queued_disk_bytes": 16 << 20,
             "file_pool_size": 500,
         }
-        settings.update({k: v for k, v in self.extra.items() if k not in announcing.RESERVED_SETTINGS})
+        settings.update({k: v for k, v in self.extra.items()
+                         if k not in announcing.RESERVED_SETTINGS and k not in peercerts.RESERVED_SETTINGS})
         return settings
 
 

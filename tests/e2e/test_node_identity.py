@@ -87,3 +87,13 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
     again = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "never-seen",
                             "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "no node named 'never-seen'" in again.stderr
+
+    # 5. the thief's key is found out: banned, it gets nothing under any name
+    banned = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "node0", "--ban",
+                             "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
+    assert banned.returncode == 0, banned.stderr
+    for name in ("node0", "intruder", "fresh-name"):
+        status, doc = post(protocol.SWARM_TOKEN.url(origin.url),
+                           json.dumps(protocol.SwarmTokenRequest(name, thief.public_pem).to_json()).encode(), bearer)
+        assert status == 403 and "banned" in doc["errors"][0]["message"], (name, doc)
+    assert origin.metric("shoal_origin_enrollment_refusals_total") >= 4

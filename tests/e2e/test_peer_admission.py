@@ -15,7 +15,7 @@ from shoal import metainfo, peercerts, signing
 from shoal.config import split_hostport
 from tests.e2e.conftest import Images
 from tests.support import api
-from tests.support.peerprobe import forged, node_identity, probe
+from tests.support.peerprobe import chained, forged, listening_ports, node_identity, probe
 from tests.support.procs import Component, http_get, wait_for
 from tests.support.registry import Registry
 from tests.support.stack import Stack
@@ -52,8 +52,13 @@ def test_outsiders_get_no_byte_from_any_seeder_and_admitted_nodes_get_the_blob(
     }
     key = peercerts.NodeKey.generate()
     issued = api.swarm_token(origin.url, stack.node_token, "prober", key.public_pem).certificate
+    outsiders["a certificate signed by a node's key, the node's certificate as intermediate"] = {
+        "identity": chained(node_identity(key, issued))}
     for seeder in (origin, agent):
         address = swarm_address(seeder)
+        # the TLS socket is the only way in: no plain BitTorrent listener on any port or family
+        assert seeder.proc is not None
+        assert listening_ports(seeder.proc.pid) == {address[1], split_hostport(seeder.config["listen"])[1]}
         for n, (who, how) in enumerate(outsiders.items()):
             got = probe(address, meta, source_ip=f"127.0.0.{60 + n}", enough=meta.size, **how)  # type: ignore[arg-type]
             assert got == b"", f"a peer with {who} got {len(got)} bytes from the {seeder.name}"

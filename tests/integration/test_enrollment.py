@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal import errors, peercerts
+from shoal import audit, errors, peercerts, protocol
 from shoal_origin.collector import AUDIT_DB, Collector, forget_node
 
 
@@ -38,3 +38,54 @@ async def test_a_name_is_bound_to_its_first_key_until_an_operator_releases_it(tm
         assert await reopened.node_key("node-a") == second.public_key
     finally:
         await reopened.close()
+
+
+async def test_a_banned_key_is_refused_under_any_name_and_names_are_bounded(tmp_path: Path) -> None:
+    thief, honest = peercerts.NodeKey.generate(), peercerts.NodeKey.generate()
+    collector = Collector(tmp_path / AUDIT_DB, max_nodes=2)
+    await collector.open()
+    try:
+        await collector.enroll("compromised", thief.public_pem)
+        assert forget_node(tmp_path / AUDIT_DB, "compromised", ban=True)
+        for name in ("compromised", "another-name"):
+            with pytest.raises(errors.Denied, match="banned"):
+                await collector.enroll(name, thief.public_pem)
+        await collector.enroll("compromised", honest.public_pem)  # the real node enrolls again
+        await collector.enroll("second", peercerts.NodeKey.generate().public_pem)
+        with pytest.raises(errors.Denied, match="max_nodes"):
+            await collector.enroll("third", peercerts.NodeKey.generate().public_pem)
+        await collector.enroll("second", (await _key_of(collector, "second")))  # renewals still pass
+        assert collector.enrollment_refusals == 3
+    finally:
+        await collector.close()
+    with pytest.raises(FileNotFoundError):  # a wrong data_dir: no empty database made there
+        forget_node(tmp_path / "elsewhere" / AUDIT_DB, "second")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+async def _key_of(collector: Collector, node: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+    key = await collector.node_key(node)
+    assert key is not None
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+async def test_one_node_cannot_write_another_nodes_event(tmp_path: Path) -> None:
+    """Anyone with the node token can enroll a node of its own; it must not be able to add the
+    end (or a start) of an event another node recorded: the real end was then dropped as a
+    duplicate and the audit showed the intruder's outcome (found by an outsider's review)."""
+    collector = Collector(tmp_path / AUDIT_DB)
+    await collector.open()
+    try:
+        event = "e" * 32
+        start = {"event_id": event, "phase": "start", "ts": audit.now(), "status": 200, "repository": "a/b"}
+        end = {"event_id": event, "phase": "end", "ts": audit.now(), "bytes": 10, "outcome": "ok"}
+        assert (await collector.store("node-a", [start])).accepted == 1
+        forged = await collector.store("intruder", [{**end, "bytes": 0, "outcome": "error"},
+                                                    {**start, "repository": "x/y"}])
+        assert (forged.accepted, forged.rejected) == (0, 2)
+        assert (await collector.store("node-a", [end])).accepted == 1  # the real end is kept
+        [merged] = await collector.query(protocol.AuditQuery(limit=10))
+        assert (merged["node"], merged["bytes"], merged["outcome"], merged["repository"]) == ("node-a", 10, "ok", "a/b")
+    finally:
+        await collector.close()

@@ -60,6 +60,41 @@ def forged(issuer: Ed25519PrivateKey | None, *, not_before: dt.datetime | None =
                                       serialization.NoEncryption()).decode())
 
 
+def chained(under: Identity) -> Identity:
+    """A `*` certificate signed by a node's own key, presented with the node's certificate as
+    its intermediate: refused, since a node certificate is no CA (CA:FALSE)."""
+    node_key = serialization.load_pem_private_key(under.key.encode(), password=None)
+    assert isinstance(node_key, Ed25519PrivateKey)
+    issuer = x509.load_pem_x509_certificate(under.certificate.encode())
+    key = Ed25519PrivateKey.generate()
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "*")]))
+            .issuer_name(issuer.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("*")]), critical=False)
+            .sign(node_key, None))
+    return Identity(cert.public_bytes(serialization.Encoding.PEM).decode() + under.certificate,
+                    key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()).decode())
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports a process listens on (from /proc: its socket inodes in LISTEN state)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def _message(msg_id: int, payload: bytes = b"") -> bytes:
     return struct.pack(">IB", len(payload) + 1, msg_id) + payload
 

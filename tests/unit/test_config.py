@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from shoal import announcing
+from shoal import announcing, errors, protocol
 from shoal.config import parse_duration, parse_size, read_yaml
 from shoal.errors import ConfigError
 from shoal.swarm import SwarmSettings
@@ -108,6 +108,29 @@ def test_announce_timing_cannot_be_overridden(setting: str) -> None:
     settings = SwarmSettings(listen_ip="127.0.0.1", listen_port=1, fingerprint="-XX0000-",
                              extra={setting: 300}).pack()
     assert settings[setting] == announcing.libtorrent_settings()[setting]
+
+
+@pytest.mark.parametrize("setting", ["listen_interfaces"])
+def test_the_tls_only_listener_cannot_be_overridden(setting: str) -> None:
+    """A plain listening socket would let peers without a certificate in (or announce port 0)."""
+    with pytest.raises(ConfigError, match=rf"^torrent\.libtorrent\.{setting}: set by shoal"):
+        agent_config.load(agent_doc(torrent={"libtorrent": {setting: "0.0.0.0:6881"}}))
+    settings = SwarmSettings(listen_ip="127.0.0.1", listen_port=1, fingerprint="-XX0000-",
+                             extra={setting: "0.0.0.0:6881"}).pack()
+    assert settings["listen_interfaces"] == "127.0.0.1:1s" and settings["outgoing_interfaces"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("node", ["Node0", "node0 ", " node0", "node0\u200b", "n\u043ede0", "node\n0", "-node", "a_b",
+                                  "\ud800", "x" * 252 + "."])
+def test_a_node_name_is_one_spelling_of_a_dns_name(node: str) -> None:
+    """Names that look alike would pass for another node in the audit; control characters forge
+    log lines; a lone surrogate was a 500 at the origin."""
+    with pytest.raises(ConfigError, match="^node must be a lowercase DNS name"):
+        agent_config.load(agent_doc(node=node))
+    for body in (protocol.SwarmTokenRequest, protocol.JournalBatch):
+        with pytest.raises(errors.BadRequest, match="^node must be a lowercase DNS name"):
+            body.from_json({"node": node, "public_key": "k", "records": []})
+    assert agent_config.load(agent_doc(node="node-0.zone-a")).node == "node-0.zone-a"
 
 
 def test_origin_announce_default() -> None:

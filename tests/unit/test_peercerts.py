@@ -75,6 +75,11 @@ def test_a_node_key_is_made_once_private_and_kept(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     again = peercerts.NodeKey.load_or_create(path, "data_dir")
     assert again.public_pem == made.public_pem and "PRIVATE" not in repr(again)
+    assert [p.name for p in path.parent.iterdir()] == ["node.key"]  # no temporary file left
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"^data_dir: .* can be read by others than its owner \(chmod 600 it\)$"):
+        peercerts.NodeKey.load_or_create(path, "data_dir")
+    path.chmod(0o600)
     path.write_text("junk")
     with pytest.raises(ConfigError, match=r"^data_dir: .* is not an unencrypted PEM private key$"):
         peercerts.NodeKey.load_or_create(path, "data_dir")

@@ -744,3 +744,26 @@ async def test_index_writes_run_in_order_in_one_thread(tmp_path: Path, monkeypat
     assert len({ident for ident, _, _ in done}) == 1
     assert [(op, atime) for _, op, atime in done] == [("set", start + 60 * i) for i in range(30)] + [("delete", None)]
     assert index_keys(tmp_path) == []
+
+
+async def test_a_blobs_sources_are_kept_across_restarts_and_go_with_it(tmp_path: Path) -> None:
+    """The registries known to hold a cached blob (agent/provenance.py): added once each,
+    persisted beside its metainfo, forgotten when the blob leaves the cache."""
+    store = BlobStore(tmp_path, max_bytes=1 << 20)
+    await store.open()
+    d, data = blob(1000, 7)
+    assert await store.sources(d) == frozenset()
+    await put(store, data, d)
+    await store.add_source(d, "registry.a:5000")
+    await store.add_source(d, "registry.b")
+    await store.add_source(d, "registry.a:5000")
+    assert await store.sources(d) == {"registry.a:5000", "registry.b"}
+    await store.close()
+    reopened = BlobStore(tmp_path, max_bytes=1 << 20)
+    await reopened.open()
+    assert await reopened.sources(d) == {"registry.a:5000", "registry.b"}
+    await reopened.remove(d, reason="test")
+    assert await reopened.sources(d) == frozenset()
+    await put(reopened, data, d)  # cached again: it starts with no source
+    assert await reopened.sources(d) == frozenset()
+    await reopened.close()
