@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -78,7 +79,7 @@ class AgentConfig:
     data_dir: str
     upstreams: list[UpstreamSettings]
     listen: Annotated[str, HOSTPORT] = "127.0.0.1:5050"
-    node: str = field(default_factory=lambda: socket.gethostname().lower())
+    node: str = field(default_factory=lambda: default_node_name(socket.gethostname()))
     # Without a tracker (or origin) the agent is a plain verifying pull-through cache.
     tracker: Annotated[str | None, URL] = None
     origin: Annotated[str | None, URL] = None
@@ -115,6 +116,12 @@ class AgentConfig:
             protocol.node_name(self.node)
         except errors.BadRequest as exc:
             raise ConfigError(str(exc)) from None
+
+
+def default_node_name(hostname: str) -> str:
+    """The host name as a node name (a lowercase DNS name): `My_Host` is `my-host`."""
+    name = re.sub(r"[^a-z0-9.-]+", "-", hostname.lower())[:253].strip("-.")
+    return name if protocol.NODE_NAME_RE.fullmatch(name) else "node"
 
 
 def load(doc: dict[str, Any]) -> AgentConfig:

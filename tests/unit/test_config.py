@@ -128,9 +128,18 @@ def test_a_node_name_is_one_spelling_of_a_dns_name(node: str) -> None:
     with pytest.raises(ConfigError, match="^node must be a lowercase DNS name"):
         agent_config.load(agent_doc(node=node))
     for body in (protocol.SwarmTokenRequest, protocol.JournalBatch):
-        with pytest.raises(errors.BadRequest, match="^node must be a lowercase DNS name"):
+        with pytest.raises(errors.BadRequest) as exc:
             body.from_json({"node": node, "public_key": "k", "records": []})
+        assert exc.value.oci.status == 400
+        assert str(exc.value) == "node must be a lowercase DNS name (a-z, 0-9, '-', '.'; at most 253 characters)"
     assert agent_config.load(agent_doc(node="node-0.zone-a")).node == "node-0.zone-a"
+
+
+@pytest.mark.parametrize(("hostname", "node"), [("vm", "vm"), ("My_Host", "my-host"),
+                                                ("web-1.Example.COM", "web-1.example.com"), ("-x-", "x"),
+                                                ("__", "node"), ("é", "node")])
+def test_the_default_node_name_is_the_host_name_made_valid(hostname: str, node: str) -> None:
+    assert agent_config.default_node_name(hostname) == node
 
 
 def test_origin_announce_default() -> None:
