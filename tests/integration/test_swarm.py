@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote_from_bytes
@@ -14,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from shoal import announcing, bencode, metainfo, protocol
+from shoal import announcing, bencode, metainfo, peercerts, protocol
 from shoal.oci import Digest
 from shoal.store import sha256_file
 from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Swarm, SwarmSettings
@@ -156,6 +157,46 @@ async def _ok_announces(port: int) -> float:
     async with aiohttp.ClientSession() as http, http.get(protocol.METRICS.url(f"http://127.0.0.1:{port}")) as r:
         text = await r.text()
     return metric_sum(parse_metrics(text), "shoal_tracker_announces_total", result="ok")
+
+
+async def test_an_expired_certificate_is_refused_and_a_renewed_one_used(tmp_path: Path, tracker: TestServer,
+                                                                      keys: Keys) -> None:
+    """A certificate is checked when a connection opens: once the seeder's has expired nobody
+    can connect to it, and the renewal (what set_token does at every swarm-token renewal) lets
+    new connections in again, on the same torrent handle."""
+    port = tracker.port
+    assert port is not None
+    meta, seed_dir = await _registered_blob(tmp_path, port, keys, 9)
+    (tmp_path / "leech").mkdir()
+    seeder = Swarm(SwarmSettings(listen_ip="127.0.0.2", listen_port=free_port("127.0.0.2"),
+                                 fingerprint=SEEDER_FINGERPRINT))
+    await seeder.start()
+    expires = time.time() + 2
+    seeder.set_token(keys.token("origin"),
+                     peercerts.issue_node_certificate(keys.key, "origin", seeder.key.public_key, expires))
+    leecher = await start_swarm("127.0.0.3", AGENT_FINGERPRINT, keys, "node-a")
+    try:
+        seeder.add(meta, seed_dir, seed=True)
+        async with asyncio.timeout(10):
+            while time.time() < expires + 0.5:
+                await asyncio.sleep(0.1)
+        job = leecher.add(meta, tmp_path / "leech", seed=False)
+        refused_before = seeder.refused_handshakes
+        async with asyncio.timeout(20):
+            while seeder.refused_handshakes == refused_before:  # the leecher tries, and is refused
+                job.handle.connect_peer(("127.0.0.2", seeder.listen_port))
+                await job.wait_change(0.5)
+        assert job.have_count == 0
+        pki.admit(seeder, keys.key, "origin")  # renewed: a fresh certificate on every handle
+        async with asyncio.timeout(30):
+            while not job.finished.is_set():
+                job.handle.connect_peer(("127.0.0.2", seeder.listen_port))
+                await job.wait_change(1.0)
+        await job.flush()
+        assert sha256_file(tmp_path / "leech" / meta.digest.hex) == meta.digest
+    finally:
+        await leecher.stop()
+        await seeder.stop()
 
 
 async def test_seeders_announce_at_the_trackers_interval(tmp_path: Path, tracker: TestServer, keys: Keys) -> None:
