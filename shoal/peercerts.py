@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -27,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shoal import errors
+from shoal import errors, signing
 from shoal.errors import ConfigError
 
 # Node certificates start this long before they are issued: clocks across a fleet drift.
@@ -177,21 +176,9 @@ class NodeKey:
             finally:
                 tmp.unlink(missing_ok=True)
         try:
-            if path.stat().st_mode & 0o077:
-                raise ConfigError(f"{key}: {str(path)!r} can be read by others than its owner (chmod 600 it)")
-            loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            private = path.stat().st_mode & 0o077 == 0
         except OSError as exc:
             raise ConfigError(f"{key}: cannot read {str(path)!r}: {exc.strerror}") from None
-        except (ValueError, TypeError):
-            raise ConfigError(f"{key}: {str(path)!r} is not an unencrypted PEM private key") from None
-        if not isinstance(loaded, Ed25519PrivateKey):
-            raise ConfigError(f"{key}: {str(path)!r} is not an Ed25519 key")
-        return cls(loaded)
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """What a libtorrent session presents to peers: a node certificate and its key."""
-
-    certificate: str
-    key: NodeKey
+        if not private:
+            raise ConfigError(f"{key}: {str(path)!r} can be read by others than its owner (chmod 600 it)")
+        return cls(signing.load_private_key(str(path), key))
