@@ -295,8 +295,11 @@ class MirrorApi:
             # A cached file is served only while it is the file that was verified (an fstat; a
             # changed one is hashed again, a corrupt one evicted and fetched anew below).
             verified = self.store.size_of(digest) if self.store.has(digest) else None
-            if verified is not None and await self.store.verify(digest):
-                if request.method != "HEAD" and not await self.provenance.known(up, digest):
+            proven = verified is not None and await self.provenance.known(up, digest)
+            # A HEAD for a registry not known to hold the blob is answered as a miss (the
+            # registry's own size): it must not learn that, or how big, another's blob is here.
+            if verified is not None and (proven or request.method != "HEAD") and await self.store.verify(digest):
+                if not proven:
                     await self.provenance.prove(up, name, digest, verified, self._cached_bytes(digest),
                                                 cred.upstream_auth)
                 self.metrics.cache_hits.inc()

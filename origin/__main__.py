@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from shoal import errors, protocol
 from shoal.config import read_yaml
 from shoal.entry import run_component
 from shoal.errors import ConfigError
@@ -32,9 +33,18 @@ def forget_node(argv: Sequence[str]) -> int:
                     "its data directory). Its old key no longer gets swarm tokens or has journal batches accepted.")
     parser.add_argument("node", help="the node's name (its `node` setting)")
     parser.add_argument("--config", required=True, help="the origin's YAML configuration file")
-    parser.add_argument("--ban", action="store_true",
-                        help="also refuse the node's key under any name from now on (a compromised node)")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--ban", action="store_true",
+                     help="also refuse the node's key under any name from now on (a compromised node; "
+                          "if the node itself is sound, delete its data_dir/node.key so it enrolls with a new key)")
+    how.add_argument("--unban", action="store_true",
+                     help="lift the ban of the keys banned under this name (the name stays free)")
     args = parser.parse_args(argv)
+    try:
+        protocol.node_name(args.node)
+    except errors.BadRequest as exc:
+        print(f"shoal-origin: {exc}", file=sys.stderr)
+        return 2
     try:
         data_dir = config.load(read_yaml(args.config)).data_dir
     except ConfigError as exc:
@@ -42,6 +52,10 @@ def forget_node(argv: Sequence[str]) -> int:
         return 2
     database = Path(data_dir) / collector.AUDIT_DB
     try:
+        if args.unban:
+            lifted = collector.unban(database, args.node)
+            print(f"lifted {lifted} ban(s) of keys banned under {args.node!r}")
+            return 0 if lifted else 1
         released = collector.forget_node(database, args.node, ban=args.ban)
     except (FileNotFoundError, sqlite3.Error) as exc:
         print(f"shoal-origin: cannot open {str(database)!r}: {exc}", file=sys.stderr)
@@ -57,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["forget-node"]:
         return forget_node(args[1:])
-    return run_component("origin", args, flags=FLAGS, load=config.load, build=app.build)
+    return run_component("origin", args, flags=FLAGS, load=config.load, build=app.build,
+                         epilog="shoal-origin forget-node NAME --config FILE [--ban | --unban]: release an "
+                                "enrolled node's name (see forget-node --help)")
 
 
 if __name__ == "__main__":

@@ -84,11 +84,13 @@ async def receive_journal(request: web.Request) -> web.Response:
     collector = request.app[COLLECTOR_KEY]
     key = await collector.node_key(batch.node)
     if key is None:
-        raise errors.Denied(f"node {batch.node[:64]!r} has not enrolled (it asks for a swarm token first)")
+        log.warning("refused a journal batch from node %s: not enrolled (or released)", batch.node)
+        raise errors.Denied(f"node {batch.node!r} has not enrolled (it asks for a swarm token first)")
     try:
         signing.verify_batch(key, raw, request.headers.get(protocol.NODE_SIGNATURE_HEADER))
     except signing.SignatureError as exc:
-        raise errors.Denied(f"{exc} with the key of node {batch.node[:64]!r}") from None
+        log.warning("refused a journal batch from node %s: %s", batch.node, exc)
+        raise errors.Denied(f"{exc} with the key of node {batch.node!r}") from None
     stored = await collector.store(batch.node, batch.records)
     return web.json_response(protocol.JournalAck(stored.accepted, stored.duplicates, stored.rejected).to_json())
 

@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS banned_keys (
 RESERVED_NODES = frozenset({"origin"})
 _REFUSALS = {
     "taken": "enrolled with another key (a node that lost its key is released by an operator on the "
-             "origin host: shoal-origin forget-node)",
+             "origin host: shoal-origin forget-node NAME --config ORIGIN_CONFIG)",
     "banned": "this key was banned by an operator (shoal-origin forget-node --ban)",
     "full": "the origin has enrolled max_nodes nodes",
 }
@@ -232,6 +232,16 @@ class Collector:
             return [audit.merge(json.loads(doc), ends.get((event_id, node))) for event_id, node, doc in starts]
 
         return await asyncio.get_running_loop().run_in_executor(self._io, work)
+
+
+def unban(path: Path, node: str) -> int:
+    """Lift the bans of keys banned under `node`'s name; how many were lifted."""
+    if not path.exists():
+        raise FileNotFoundError(path)
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None)) as db:
+        db.execute("PRAGMA busy_timeout=10000")
+        db.executescript(_SCHEMA)
+        return int(db.execute("DELETE FROM banned_keys WHERE name = ?", (node,)).rowcount)
 
 
 def forget_node(path: Path, node: str, *, ban: bool = False) -> bool:

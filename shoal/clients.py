@@ -63,7 +63,7 @@ class OriginClient:
         async with self.http.post(protocol.SWARM_TOKEN.url(self.base), json=request.to_json(),
                                   headers=self._auth, timeout=aiohttp.ClientTimeout(total=within)) as r:
             if r.status != 200:
-                raise ApiError("origin refused a swarm token", r.status)
+                raise ApiError("the origin refused this node's swarm-token request", r.status)
             return protocol.SwarmToken.from_json(await r.json())
 
     async def seed(self, digest: Digest, request: protocol.SeedRequest, *, within: float) -> SignedMetainfo:

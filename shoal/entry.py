@@ -88,8 +88,9 @@ def run_component(
     flags: Flags,
     load: Callable[[dict[str, Any]], C],
     build: Callable[[C], web.Application],
+    epilog: str | None = None,
 ) -> int:
-    parser = argparse.ArgumentParser(prog=f"shoal-{name}", description=f"shoal {name}")
+    parser = argparse.ArgumentParser(prog=f"shoal-{name}", description=f"shoal {name}", epilog=epilog)
     parser.add_argument("--config", help="YAML configuration file")
     parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     for flag, (key, text) in flags.items():

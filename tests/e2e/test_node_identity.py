@@ -97,3 +97,11 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
                            json.dumps(protocol.SwarmTokenRequest(name, thief.public_pem).to_json()).encode(), bearer)
         assert status == 403 and "banned" in doc["errors"][0]["message"], (name, doc)
     assert origin.metric("shoal_origin_enrollment_refusals_total") >= 4
+    # 6. it was a mistake: the ban is lifted, the key may enroll a (free) name again
+    lifted = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "node0", "--unban",
+                             "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
+    assert lifted.returncode == 0 and "lifted 1 ban" in lifted.stdout, lifted.stderr
+    assert api.swarm_token(origin.url, stack.node_token, "fresh-name", thief.public_pem).certificate
+    upper = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "Node0",
+                            "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
+    assert upper.returncode == 2 and "lowercase DNS name" in upper.stderr

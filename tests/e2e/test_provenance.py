@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import urllib.request
 
 from tests.e2e.conftest import Images
 from tests.support.fakeregistry import Canned, FakeServer
@@ -25,7 +26,7 @@ def test_a_lying_registry_gets_nothing_from_the_cache_or_the_swarm_and_an_honest
         path = f"/v2/private/app/blobs/{blob.digest}"
         # "yes, I have it" to the HEAD, and bytes of its own making to any GET
         liar.routes[("HEAD", path)] = Canned(200, {"Docker-Content-Digest": blob.digest}, b"",
-                                             declared_length=blob.size)
+                                             declared_length=blob.size + 1000)
         liar.routes[("GET", path)] = Canned(206, {"Content-Range": f"bytes 0-63/{blob.size}"}, os.urandom(64))
         liar.routes[("GET", "/v2/")] = Canned(200, {"Content-Type": "application/json"}, b"{}")
         upstreams = [stack.upstream(stack.node_user, stack.node_password),
@@ -40,12 +41,20 @@ def test_a_lying_registry_gets_nothing_from_the_cache_or_the_swarm_and_an_honest
         # first pulls it from its registry (through the swarm: the origin seeds it from there)
         status, body = http_get(f"{first.url}{path}?ns={registry.host}", timeout=60)
         assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
-        # the liar asks the node that has it cached: refused, no byte of it
+        # the liar asks the node that has it cached: refused, no byte of it; a HEAD is answered
+        # as for a blob not here (the liar's own size), so it does not even learn that it is cached
+        head = urllib.request.Request(f"{first.url}{path}?ns={liar.host}", method="HEAD")
+        with urllib.request.urlopen(head, timeout=60) as resp:
+            assert resp.status == 200 and int(resp.headers["Content-Length"]) == blob.size + 1000
+        assert first.metric("shoal_agent_cache_hits_total") == 0
         status, body = http_get(f"{first.url}{path}?ns={liar.host}", timeout=60)
         assert status == 404, body[:200]
         assert json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
         assert first.metric("shoal_agent_provenance_checks_total", result="refused") == 1
-        # the liar asks a node that has nothing: the blob comes from the swarm, and is not served
+        # the liar asks a node that has nothing (claiming the true size now, so that the swarm
+        # carries the blob): it comes from the swarm, and is not served
+        liar.routes[("HEAD", path)] = Canned(200, {"Docker-Content-Digest": blob.digest}, b"",
+                                             declared_length=blob.size)
         wait_for(lambda: first.metric("shoal_agent_downloads_total", source="peers", result="ok") == 1,
                  what="the first node to seed the blob")
         status, body = http_get(f"{second.url}{path}?ns={liar.host}", timeout=60)
