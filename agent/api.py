@@ -27,10 +27,9 @@ from shoal_agent.authz import Authorizer, Credential
 from shoal_agent.config import AuthSettings
 from shoal_agent.download import EMPTY_DIGEST, Download
 from shoal_agent.fetcher import Fetcher
-from shoal_agent.files import read_file
 from shoal_agent.manifests import ManifestKeeper
 from shoal_agent.metrics import AgentMetrics
-from shoal_agent.provenance import IN_FLIGHT_SPAN, Provenance, ReadLocal
+from shoal_agent.provenance import Provenance
 from shoal_agent.responses import API_VERSION, oci_error, send_blob
 from shoal_agent.state import Audit, audit_of, state_of
 from shoal_agent.upstreams import Upstream, Upstreams
@@ -82,7 +81,7 @@ class MirrorApi:
                  keeper: ManifestKeeper, auth: AuthSettings, metrics: AgentMetrics, max_blob_size: int) -> None:
         self.upstreams = upstreams
         self.store = store
-        self.provenance = Provenance(store, metrics)
+        self.provenance = Provenance(store, metrics, fetcher.membership)
         self.fetcher = fetcher
         self.authorizer = authorizer
         self.keeper = keeper
@@ -300,8 +299,7 @@ class MirrorApi:
             # registry's own size): it must not learn that, or how big, another's blob is here.
             if verified is not None and (proven or request.method != "HEAD") and await self.store.verify(digest):
                 if not proven:
-                    await self.provenance.prove(up, name, digest, verified, self._cached_bytes(digest),
-                                                cred.upstream_auth)
+                    await self.provenance.confirm(up, name, digest)
                 self.metrics.cache_hits.inc()
                 self.store.touch(digest)
                 audit.source = "cache"
@@ -322,12 +320,11 @@ class MirrorApi:
         download = self.fetcher.get(up, name, digest, size, authorization=cred.upstream_auth)
         await download.chosen.wait()  # bounded by the download's own deadlines
         audit.source = download.source
-        if download.error is None and not (download.upstream.name == up.name and download.source == "registry") \
-                and not await self.provenance.known(up, digest):
-            # the bytes may come from the swarm or from another registry: `up` proves it holds
-            # them before any goes out (within the first piece, which the client waits for anyway)
-            await self.provenance.prove(up, name, digest, min(size, IN_FLIGHT_SPAN),
-                                        _in_flight_bytes(download), cred.upstream_auth)
+        if up.name not in download.sources and not await self.provenance.known(up, digest):
+            # the bytes come from the swarm or from another registry: the origin confirms that
+            # `up` holds them before any goes out
+            await self.provenance.confirm(up, name, digest)
+            download.sources.add(up.name)
 
         def count(n: int) -> None:
             audit.source = download.source
@@ -336,13 +333,6 @@ class MirrorApi:
         response = await send_blob(request, digest, size, _InFlight(download), self._counter(audit, count))
         audit.source, audit.verified = download.source, True
         return response
-
-    def _cached_bytes(self, digest: Digest) -> ReadLocal:
-        async def read(offset: int, length: int) -> bytes:
-            chunks = [c async for c in read_file(self.store.path(digest), offset, length)]
-            return b"".join(chunks)
-
-        return read
 
     @staticmethod
     def _counter(audit: Audit, inner: Callable[[int], None]) -> Callable[[int], None]:
@@ -353,14 +343,6 @@ class MirrorApi:
             inner(n)
 
         return count
-
-
-def _in_flight_bytes(download: Download) -> ReadLocal:
-    async def read(offset: int, length: int) -> bytes:
-        async with contextlib.aclosing(download.stream(offset, length, whole=False)) as chunks:
-            return b"".join([c async for c in chunks])
-
-    return read
 
 
 class _Cached:

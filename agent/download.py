@@ -81,6 +81,9 @@ class Download:
         self.written = 0
         self.job: TorrentJob | None = None
         self.source = "peers"
+        # The registries known to hold these bytes (agent/provenance.py), kept with the blob: the
+        # one it is fetched from, or those the origin vouched for.
+        self.sources: set[str] = set()
         self.error: errors.ShoalError | None = None
         self.done = asyncio.Event()
         # Set once the bytes' path is known (the swarm, or the registry) or the download ended.
@@ -184,6 +187,7 @@ class Download:
                     try:
                         meta = await self.deps.membership.metainfo(self.upstream, self.repo, self.digest, self.size)
                         if meta is not None:
+                            self.sources.add(self.upstream.name)  # the origin vouched for it
                             await self._from_swarm(meta)
                             self._finish("peers", started)
                             return
@@ -271,7 +275,8 @@ class Download:
             moved = True
             await store.adopt_in_place(self.digest)
             await store.save_metainfo(self.digest, meta.raw, published.signature)
-            # (no source: the bytes came from peers, by digest; a registry proves it holds them)
+            for name in self.sources:
+                await store.add_source(self.digest, name)
             m = self.deps.metrics
             m.swarm_bytes.labels("seeder").inc(job.peer_bytes.from_seeders)
             m.swarm_bytes.labels("agent").inc(job.peer_bytes.from_agents)
@@ -284,6 +289,7 @@ class Download:
 
     async def _from_registry(self, published: Published | None) -> None:
         self.source = "registry"
+        self.sources.add(self.upstream.name)
         self.chosen.set()
         self._notify()
         store, m = self.deps.store, self.deps.metrics
@@ -307,7 +313,8 @@ class Download:
             self.partial = None
         m.registry_requests.labels("blob", "200").inc()
         await store.commit_file(self.digest, tmp, verified=True)
-        await store.add_source(self.digest, self.upstream.name)  # these bytes came from it
+        for name in self.sources:  # these bytes came from the registry (and any the origin vouched for)
+            await store.add_source(self.digest, name)
         if published is not None and self.deps.swarm is not None:
             await store.save_metainfo(self.digest, published.meta.raw, published.signature)
             self.deps.swarm.add(published.meta, store.blob_dir(self.digest), seed=True)

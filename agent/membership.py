@@ -92,24 +92,41 @@ class Membership:
         if not await self.swarm.wait_token(self.policy.metainfo_timeout):
             # right after start the token is usually a few milliseconds away: wait for it
             raise SwarmFailure("no_swarm_token", "this node has no swarm token from the origin yet")
-        try:
-            found = await self.tracker.metainfo(digest, within=self.policy.metainfo_timeout)
-        except ApiError as exc:
-            raise SwarmFailure("tracker_error", f"tracker answered {exc.status} for metainfo") from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise SwarmFailure("tracker_unreachable", f"tracker unreachable: {type(exc).__name__}") from None
-        if found is not None:
-            return self._verify(found)
         if size < self.policy.threshold:
-            return None
+            # small blobs go through the swarm only if it already carries them (pre-seeded)
+            try:
+                found = await self.tracker.metainfo(digest, within=self.policy.metainfo_timeout)
+            except ApiError as exc:
+                raise SwarmFailure("tracker_error", f"tracker answered {exc.status} for metainfo") from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise SwarmFailure("tracker_unreachable", f"tracker unreachable: {type(exc).__name__}") from None
+            if found is None:
+                return None
+        # That `upstream` holds the blob is the origin's word (it fetches the blob from there if
+        # it has not yet), given with the metainfo: agent/provenance.py.
+        return await self.vouch(upstream, repo, digest)
+
+    async def vouch(self, upstream: Upstream, repo: str, digest: Digest) -> Published:
+        """The blob's signed metainfo, from the origin, with its signed word that `upstream` holds
+        the blob (seeding it first if needed). SwarmFailure("origin_refused") if it says no."""
         try:
             seeded = await self.origin.seed(digest, protocol.SeedRequest(upstream.name, repo),
                                             within=self.policy.seed_timeout)
         except ApiError as exc:
+            if exc.status in (400, 403, 404):
+                raise SwarmFailure("origin_refused", f"the origin does not vouch for {upstream.name}: "
+                                                     f"HTTP {exc.status}") from None
             raise SwarmFailure("origin_error", f"origin answered {exc.status} to the seed request") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SwarmFailure("origin_unreachable", f"origin unreachable: {type(exc).__name__}") from None
-        return self._verify(seeded)
+        published = self._verify(seeded)
+        try:
+            signing.verify_source(self.access.origin_key, str(digest), upstream.name, seeded.source_signature)
+        except signing.SignatureError as exc:
+            raise SwarmFailure("unsigned_metainfo", str(exc)) from None
+        if published.meta.digest != digest:
+            raise SwarmFailure("bad_metainfo", "the origin's metainfo is for another blob")
+        return published
 
     def _verify(self, signed: SignedMetainfo) -> Published:
         try:

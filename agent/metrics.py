@@ -14,6 +14,7 @@ FALLBACK_REASONS = (
     "no_swarm_token",  # the origin has not given this node a swarm token (yet)
     "tracker_unreachable", "tracker_error",  # metainfo lookup failed
     "origin_unreachable", "origin_error",  # the origin could not seed the blob
+    "origin_refused",  # the origin does not vouch that the registry holds the blob
     "unsigned_metainfo", "bad_metainfo",  # metainfo that does not verify or describe the blob
     "no_first_piece", "stalled",  # no seeder answered, or every peer stopped sending
     "torrent_error",  # libtorrent failed the torrent (disk, storage)
@@ -60,9 +61,10 @@ class AgentMetrics:
                                          ["kind", "status"], registry=registry)
         self.provenance_checks = Counter(
             "shoal_agent_provenance_checks_total",
-            "Registries asked to prove they hold a blob before it is served for them (agent/provenance.py)",
+            "Blobs from the cache or the swarm the origin was asked to confirm a registry holds, before they "
+            "are served for it (agent/provenance.py)",
             ["result"], registry=registry)
-        for result in ("proved", "refused", "unavailable"):
+        for result in ("confirmed", "refused", "unavailable"):
             self.provenance_checks.labels(result)
         # Series that alerts and dashboards divide by or watch for a first event exist at 0.
         for source in SOURCES:

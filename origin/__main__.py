@@ -1,6 +1,7 @@
-"""`python -m shoal_origin --config FILE` (console script `shoal-origin`), and
-`shoal-origin forget-node NAME --config FILE`: release an enrolled node's name (run on the
-origin host; see README, Trust)."""
+"""`python -m shoal_origin --config FILE` (console script `shoal-origin`), and, run on the origin
+host (see README, Trust): `shoal-origin forget-node NAME --config FILE [--ban | --unban]` releases
+(or bans) an enrolled node's name; `shoal-origin enroll-node NAME --public-key FILE --config FILE`
+binds a name to a node's key ahead of its start, or again after a ban."""
 
 from __future__ import annotations
 
@@ -35,10 +36,10 @@ def forget_node(argv: Sequence[str]) -> int:
     parser.add_argument("--config", required=True, help="the origin's YAML configuration file")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--ban", action="store_true",
-                     help="also refuse the node's key under any name from now on (a compromised node; "
-                          "if the node itself is sound, delete its data_dir/node.key so it enrolls with a new key)")
+                     help="a compromised node: refuse its key under any name, and its name to any new key "
+                          "until enroll-node binds one (the node's new key, after deleting its data_dir/node.key)")
     how.add_argument("--unban", action="store_true",
-                     help="lift the ban of the keys banned under this name (the name stays free)")
+                     help="lift the ban of the keys banned under this name, and free the name")
     args = parser.parse_args(argv)
     try:
         protocol.node_name(args.node)
@@ -46,11 +47,10 @@ def forget_node(argv: Sequence[str]) -> int:
         print(f"shoal-origin: {exc}", file=sys.stderr)
         return 2
     try:
-        data_dir = config.load(read_yaml(args.config)).data_dir
+        database = _database(args.config)
     except ConfigError as exc:
         print(f"shoal-origin: config error: {exc}", file=sys.stderr)
         return 2
-    database = Path(data_dir) / collector.AUDIT_DB
     try:
         if args.unban:
             lifted = collector.unban(database, args.node)
@@ -67,13 +67,43 @@ def forget_node(argv: Sequence[str]) -> int:
     return 1
 
 
+def _database(config_file: str) -> Path:
+    return Path(config.load(read_yaml(config_file)).data_dir) / collector.AUDIT_DB
+
+
+def enroll_node(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="shoal-origin enroll-node",
+        description="Bind a node's name to its public key (PEM; on the node: openssl pkey -in DATA_DIR/node.key "
+                    "-pubout): before the node first starts, so nobody can take its name, or again after a ban.")
+    parser.add_argument("node", help="the node's name (its `node` setting)")
+    parser.add_argument("--public-key", required=True, help="the node's public key, a PEM file")
+    parser.add_argument("--config", required=True, help="the origin's YAML configuration file")
+    args = parser.parse_args(argv)
+    try:
+        protocol.node_name(args.node)
+        database = _database(args.config)
+        collector.enroll_node(database, args.node, Path(args.public_key).read_text())
+    except (errors.BadRequest, ConfigError) as exc:
+        print(f"shoal-origin: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, sqlite3.Error) as exc:
+        print(f"shoal-origin: {exc}", file=sys.stderr)
+        return 2
+    print(f"node {args.node!r} is bound to that key")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["forget-node"]:
         return forget_node(args[1:])
+    if args[:1] == ["enroll-node"]:
+        return enroll_node(args[1:])
     return run_component("origin", args, flags=FLAGS, load=config.load, build=app.build,
-                         epilog="shoal-origin forget-node NAME --config FILE [--ban | --unban]: release an "
-                                "enrolled node's name (see forget-node --help)")
+                         epilog="shoal-origin forget-node NAME --config FILE [--ban | --unban]: release or ban an "
+                                "enrolled node's name; shoal-origin enroll-node NAME --public-key FILE --config FILE: "
+                                "bind a name to a node's key (see each one's --help)")
 
 
 if __name__ == "__main__":

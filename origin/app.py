@@ -55,9 +55,11 @@ async def seed_blob(request: web.Request) -> web.Response:
     digest = Digest.parse(request.match_info["digest"])
     body = protocol.SeedRequest.from_json(await _json(request))
     validate_name(body.repository)
-    published = await request.app[SEEDER_KEY].ensure_seeded(body.ns, body.repository, digest)
+    seeder = request.app[SEEDER_KEY]
+    published = await seeder.ensure_seeded(body.ns, body.repository, digest)
     return web.Response(body=published.meta.raw, content_type=protocol.TORRENT_TYPE,
-                        headers={protocol.SIGNATURE_HEADER: published.signature})
+                        headers={protocol.SIGNATURE_HEADER: published.signature,
+                                 protocol.SOURCE_SIGNATURE_HEADER: seeder.source_signature(digest, body.ns)})
 
 
 async def swarm_token(request: web.Request) -> web.Response:

@@ -59,10 +59,14 @@ CREATE TABLE IF NOT EXISTS banned_keys (
 """
 # The origin's own seeder is admitted without enrolling; no node may take its name.
 RESERVED_NODES = frozenset({"origin"})
+# The key of a name banned with `forget-node --ban`: matches no key, so the name stays taken.
+BLOCKED = ""
 _REFUSALS = {
     "taken": "enrolled with another key (a node that lost its key is released by an operator on the "
              "origin host: shoal-origin forget-node NAME --config ORIGIN_CONFIG)",
     "banned": "this key was banned by an operator (shoal-origin forget-node --ban)",
+    "blocked": "this name was banned by an operator; it takes a key again only through "
+               "shoal-origin enroll-node NAME --public-key FILE",
     "full": "the origin has enrolled max_nodes nodes",
 }
 
@@ -118,7 +122,7 @@ class Collector:
                 return "banned"
             row = db.execute("SELECT public_key FROM nodes WHERE name = ?", (node,)).fetchone()
             if row is not None:
-                return "ok" if row[0] == public_key else "taken"
+                return "ok" if row[0] == public_key else "blocked" if row[0] == BLOCKED else "taken"
             if db.execute("SELECT count(*) FROM nodes").fetchone()[0] >= self.max_nodes:
                 return "full"
             db.execute("INSERT INTO nodes VALUES (?, ?, ?)", (node, public_key, time.time()))
@@ -139,7 +143,7 @@ class Collector:
             return self._db.execute("SELECT public_key FROM nodes WHERE name = ?", (node,)).fetchone()
 
         row = await asyncio.get_running_loop().run_in_executor(self._io, work)
-        return None if row is None else peercerts.parse_public_key(str(row[0]))
+        return None if row is None or row[0] == BLOCKED else peercerts.parse_public_key(str(row[0]))
 
     async def store(self, node: str, raw_records: list[Any]) -> Stored:
         rows = []
@@ -234,31 +238,49 @@ class Collector:
         return await asyncio.get_running_loop().run_in_executor(self._io, work)
 
 
-def unban(path: Path, node: str) -> int:
-    """Lift the bans of keys banned under `node`'s name; how many were lifted."""
+def _open_existing(path: Path) -> sqlite3.Connection:
     if not path.exists():
-        raise FileNotFoundError(path)
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None)) as db:
-        db.execute("PRAGMA busy_timeout=10000")
-        db.executescript(_SCHEMA)
+        raise FileNotFoundError(path)  # a wrong data_dir: never create an empty database there
+    db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None)
+    db.execute("PRAGMA busy_timeout=10000")
+    db.executescript(_SCHEMA)
+    return db
+
+
+def unban(path: Path, node: str) -> int:
+    """Lift the bans of keys banned under `node`'s name, and free the name; how many keys."""
+    with contextlib.closing(_open_existing(path)) as db:
+        db.execute("DELETE FROM nodes WHERE name = ? AND public_key = ?", (node, BLOCKED))
         return int(db.execute("DELETE FROM banned_keys WHERE name = ?", (node,)).rowcount)
+
+
+def enroll_node(path: Path, node: str, public_key: str) -> None:
+    """Bind `node` to `public_key` (PEM), whatever it was bound to: an operator admitting a node
+    ahead of its first start (no one can take its name first), or again after a ban."""
+    peercerts.parse_public_key(public_key)
+    with contextlib.closing(_open_existing(path)) as db:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM banned_keys WHERE public_key = ?", (public_key,))
+        db.execute("INSERT OR REPLACE INTO nodes VALUES (?, ?, ?)", (node, public_key, time.time()))
+        db.execute("COMMIT")
 
 
 def forget_node(path: Path, node: str, *, ban: bool = False) -> bool:
     """Release a node's name, so that it enrolls again with a new key (a node that lost its
-    data directory); with `ban`, its key is refused under any name from now on (a compromised
-    node: its certificate stays valid until it expires, at most swarm_token_ttl). Run on the
-    origin host: only who can write audit.db can do this. False if no such node enrolled."""
-    if not path.exists():
-        raise FileNotFoundError(path)  # a wrong data_dir: never create an empty database there
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None)) as db:
-        db.execute("PRAGMA busy_timeout=10000")
-        db.executescript(_SCHEMA)
+    data directory); with `ban` (a compromised node), its key is refused under any name from now
+    on and the name takes no new key until enroll_node binds one (its certificate stays valid
+    until it expires, at most swarm_token_ttl). Run on the origin host: only who can write
+    audit.db can do this. False if no such node enrolled."""
+    with contextlib.closing(_open_existing(path)) as db:
         db.execute("BEGIN IMMEDIATE")
         row = db.execute("SELECT public_key FROM nodes WHERE name = ?", (node,)).fetchone()
         if row is not None:
             if ban:
+                # the key, under any name, and the name, for any new key: a compromised host
+                # would otherwise come back under the same name with a fresh key
                 db.execute("INSERT OR IGNORE INTO banned_keys VALUES (?, ?, ?)", (row[0], node, time.time()))
-            db.execute("DELETE FROM nodes WHERE name = ?", (node,))
+                db.execute("UPDATE nodes SET public_key = ? WHERE name = ?", (BLOCKED, node))
+            else:
+                db.execute("DELETE FROM nodes WHERE name = ?", (node,))
         db.execute("COMMIT")
         return row is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ class Seeder:
         self.token_ttl = token_ttl
         self.root_cert = peercerts.ca_certificate(key)
         self._flights: SingleFlight[Digest, Published] = SingleFlight()
+        self._confirmations: SingleFlight[tuple[str, Digest], None] = SingleFlight()
         self._metas: dict[Digest, Published] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -134,9 +136,12 @@ class Seeder:
         return list(self._metas.values())
 
     async def ensure_seeded(self, ns: str, repo: str, digest: Digest) -> Published:
-        """The signed metainfo of `digest`, fetching and seeding it first if needed."""
+        """The signed metainfo of `digest`, fetching and seeding it first if needed, once the
+        registry `ns` is known to hold it (the blob came from there, or was fetched from there
+        again and matched its digest): the answer vouches for (ns, digest)."""
         published = self._metas.get(digest)
         if published is not None and self.store.has(digest):
+            await self._confirm_source(ns, repo, digest)
             self.store.touch(digest)
             # An agent asks here only after the tracker did not know the blob (e.g. it restarted
             # without persistence): register again, and announce so the seeder is listed at once.
@@ -158,7 +163,43 @@ class Seeder:
             log.warning("cannot seed %s from %s/%s: %s", digest, ns, repo, exc)
             raise
         self.metrics.requests.labels("fetched").inc()
+        if ns not in await self.store.sources(digest):  # another request's fetch, from another registry
+            await self._confirm_source(ns, repo, digest)
         return published
+
+    def source_signature(self, digest: Digest, ns: str) -> str:
+        return signing.sign_source(self.key, str(digest), ns)
+
+    async def _confirm_source(self, ns: str, repo: str, digest: Digest) -> None:
+        """Make sure registry `ns` holds `digest` before vouching for it: a registry's yes to a
+        HEAD proves nothing (a lying or intercepted one could claim another's private blob), so
+        the blob is fetched from it once and checked against the digest, then discarded."""
+        if ns in await self.store.sources(digest):
+            return
+        upstream = self.upstreams.get(ns)
+        if upstream is None:
+            raise errors.NotFound(errors.NAME_UNKNOWN, f"no upstream registry named {ns!r}")
+        size = self.store.size_of(digest)
+        assert size is not None
+
+        async def confirm() -> None:
+            tmp = self.store.download_path(digest).with_suffix(f".{secrets.token_hex(4)}")
+            try:
+                with self.store.reservation(size):
+                    await self.store.ensure_free(size)
+                    await upstream.client.download_blob(repo, digest, tmp, max_size=size,
+                                                        progress=self.metrics.registry_bytes.inc)
+            except errors.IntegrityError:
+                self.metrics.requests.labels("source_refused").inc()
+                log.warning("registry %s says it has %s in %s but sent other bytes: not vouched for", ns, digest,
+                            repo)
+                raise errors.NotFound(errors.BLOB_UNKNOWN, detail=str(digest)) from None
+            finally:
+                await asyncio.to_thread(tmp.unlink, missing_ok=True)
+            await self.store.add_source(digest, ns)
+            log.info("registry %s holds %s too (fetched and checked)", ns, digest)
+
+        await self._confirmations.run((ns, digest), confirm)
 
     async def _seed(self, upstream: Upstream, repo: str, digest: Digest) -> Published:
         started = time.monotonic()
@@ -179,6 +220,7 @@ class Seeder:
                     await asyncio.to_thread(tmp.unlink, missing_ok=True)
                     raise errors.IntegrityError(f"registry sent {got} bytes for a {size}-byte blob")
                 await self.store.commit_file(digest, tmp)
+                await self.store.add_source(digest, upstream.name)
             raw = await asyncio.to_thread(metainfo.create, self.store.path(digest), digest,
                                           announce=self.announce, root_cert=self.root_cert)
             meta = metainfo.parse(raw)

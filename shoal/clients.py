@@ -47,6 +47,7 @@ async def _refused(r: aiohttp.ClientResponse, what: str) -> ApiError:
 class SignedMetainfo:
     raw: bytes
     signature: str | None  # SIGNATURE_HEADER as sent (verified by the caller, not here)
+    source_signature: str | None = None  # SOURCE_SIGNATURE_HEADER of a seed answer (likewise)
 
 
 def _bearer(token: str) -> dict[str, str]:
@@ -71,7 +72,8 @@ class OriginClient:
                                   headers=self._auth, timeout=aiohttp.ClientTimeout(total=within)) as r:
             if r.status != 200:
                 raise ApiError("origin refused to seed the blob", r.status)
-            return SignedMetainfo(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER))
+            return SignedMetainfo(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER),
+                                  r.headers.get(protocol.SOURCE_SIGNATURE_HEADER))
 
     async def ship_journal(self, batch: protocol.JournalBatch, key: Ed25519PrivateKey, *,
                            within: float) -> protocol.JournalAck:

@@ -66,6 +66,8 @@ UNREGISTER_METAINFO = Route("DELETE", "/v1/metainfo/{digest}")
 # Headers
 SIGNATURE_HEADER = "Shoal-Signature"  # the origin's Ed25519 signature of a metainfo (base64)
 NODE_SIGNATURE_HEADER = "Shoal-Node-Signature"  # a node's signature of its journal batch (base64)
+# The origin's signature that the seed request's registry (`ns`) holds the blob (signing.sign_source)
+SOURCE_SIGNATURE_HEADER = "Shoal-Source-Signature"
 TORRENT_TYPE = "application/x-bittorrent"
 
 

@@ -31,8 +31,6 @@ from shoal.oci import DEFAULT_ACCEPT, MAX_MANIFEST_BYTES, Digest
 log = logging.getLogger(__name__)
 
 BLOB_CHUNK = 1 << 20
-# Added to the User-Agent of a blob sample (agent/provenance.py), for the registry's audit.
-SAMPLE_USER_AGENT = "(provenance check)"
 MAX_REDIRECTS = 3
 RETRIED = frozenset({429, 502, 503, 504})
 # A Retry-After longer than this is not waited for: the client is told instead.
@@ -343,37 +341,6 @@ class RegistryClient:
                     yield chunk
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise errors.UpstreamError(f"registry blob read failed: {type(exc).__name__}") from None
-
-    async def blob_sample(self, repo: str, digest: Digest, offset: int, length: int, *,
-                          authorization: Authorization = OWN) -> tuple[int, bytes] | None:
-        """Up to `length` bytes of a blob from `offset` as the registry holds it (a Range GET):
-        (where they start, the bytes); a registry that ignores Range answers from 0. None if the
-        registry answered but not with that sample (404, 401/403, another range); UpstreamError
-        if it could not answer (transport, 5xx). The User-Agent says what this is, so the
-        registry's own audit tells these samples from pulls."""
-        headers = {"Range": f"bytes={offset}-{offset + length - 1}",
-                   "User-Agent": f"{self.user_agent} {SAMPLE_USER_AGENT}"}
-        resp = await self._send("GET", f"/v2/{repo}/blobs/{digest}", repo=repo, headers=headers,
-                                authorization=authorization)
-        async with resp:
-            if resp.status == 429 or resp.status >= 500:
-                raise errors.UpstreamError(f"registry answered {resp.status} for a blob range")
-            if resp.status == 206 and resp.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-                start = offset
-            elif resp.status == 200:
-                start = 0
-            else:
-                return None
-            data = b""
-            try:
-                while len(data) < length:
-                    chunk = await resp.content.read(length - len(data))
-                    if not chunk:
-                        break
-                    data += chunk
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise errors.UpstreamError(f"registry blob read failed: {type(exc).__name__}") from None
-            return start, data
 
     async def download_blob(
         self, repo: str, digest: Digest, dest: Path, *, max_size: int,

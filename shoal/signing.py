@@ -28,6 +28,7 @@ from shoal.errors import ConfigError
 _METAINFO_CONTEXT = b"shoal metainfo v1\x00"
 _TOKEN_CONTEXT = b"shoal swarm token v1\x00"
 _BATCH_CONTEXT = b"shoal journal batch v1\x00"
+_SOURCE_CONTEXT = b"shoal blob source v1\x00"
 MAX_TOKEN_LENGTH = 512
 # HTTP header carrying the origin's signature of a metainfo (origin -> tracker -> agents).
 
@@ -109,6 +110,29 @@ def verify_metainfo(key: Ed25519PublicKey, raw: bytes, signature: str | None) ->
         key.verify(_unb64(signature), _METAINFO_CONTEXT + hashlib.sha256(raw).digest())
     except InvalidSignature:
         raise SignatureError("metainfo signature does not verify") from None
+
+
+# ----- blob sources --------------------------------------------------------------------------------
+# The origin's word that registry `ns` holds blob `digest` (it fetched the blob from there, and
+# checked it against the digest): an agent serves a blob for `ns` from the swarm or its cache only
+# with it, or with the blob fetched from `ns` itself (shoal_agent.provenance).
+
+
+def _source_message(digest: str, ns: str) -> bytes:
+    return _SOURCE_CONTEXT + digest.encode() + b"\x00" + ns.encode()
+
+
+def sign_source(key: Ed25519PrivateKey, digest: str, ns: str) -> str:
+    return _b64(key.sign(_source_message(digest, ns)))
+
+
+def verify_source(key: Ed25519PublicKey, digest: str, ns: str, signature: str | None) -> None:
+    if not signature:
+        raise SignatureError("the origin did not vouch for the blob's registry")
+    try:
+        key.verify(_unb64(signature), _source_message(digest, ns))
+    except InvalidSignature:
+        raise SignatureError("the origin's word on the blob's registry does not verify") from None
 
 
 # ----- journal batches -----------------------------------------------------------------------------

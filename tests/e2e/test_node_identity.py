@@ -96,7 +96,19 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
         status, doc = post(protocol.SWARM_TOKEN.url(origin.url),
                            json.dumps(protocol.SwarmTokenRequest(name, thief.public_pem).to_json()).encode(), bearer)
         assert status == 403 and "banned" in doc["errors"][0]["message"], (name, doc)
-    assert origin.metric("shoal_origin_enrollment_refusals_total") >= 4
+    # nor may the host come back under the name with a fresh key
+    status, doc = post(protocol.SWARM_TOKEN.url(origin.url), json.dumps(protocol.SwarmTokenRequest(
+        "node0", peercerts.NodeKey.generate().public_pem).to_json()).encode(), bearer)
+    assert status == 403 and "enroll-node" in doc["errors"][0]["message"], doc
+    assert origin.metric("shoal_origin_enrollment_refusals_total") >= 5
+    # the operator admits the real node's new key explicitly
+    renewed = peercerts.NodeKey.generate()
+    (stack.workdir / "node0.pub").write_text(renewed.public_pem)
+    bound = subprocess.run([sys.executable, "-m", "shoal_origin", "enroll-node", "node0", "--public-key",
+                            str(stack.workdir / "node0.pub"), "--config", str(origin.config_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert bound.returncode == 0, bound.stderr
+    assert api.swarm_token(origin.url, stack.node_token, "node0", renewed.public_pem).certificate
     # 6. it was a mistake: the ban is lifted, the key may enroll a (free) name again
     lifted = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "node0", "--unban",
                              "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)

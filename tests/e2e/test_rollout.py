@@ -10,7 +10,6 @@ from pathlib import Path
 from urllib.parse import quote_from_bytes
 
 from shoal import announcing, bencode, metainfo, protocol
-from shoal.registry import SAMPLE_USER_AGENT
 from tests.e2e.conftest import Images
 from tests.support import api
 from tests.support.clients import skopeo_copy, verify_dir
@@ -43,12 +42,8 @@ def test_four_agents_pull_at_once(stack: Stack, registry: Registry, images: Imag
     gets = registry.blob_gets(pulls)
     for blob in image.large_blobs(THRESHOLD):
         assert gets.get(blob.digest) == 1, f"{blob.digest} left the registry {gets.get(blob.digest)} times"
-        who = {p.actor for p in pulls if p.digest == blob.digest and p.method == "GET"
-               and SAMPLE_USER_AGENT not in p.user_agent}
+        who = {p.actor for p in pulls if p.digest == blob.digest and p.method == "GET"}
         assert who == {"seeder"}
-        # and each node's pull of it through the swarm shows in the registry's audit: the
-        # registry proved, once per node, that it holds the blob (agent/provenance.py)
-        assert registry.samples(pulls).get(blob.digest) == 4
     for blob in image.blobs.values():
         if blob.size < THRESHOLD:  # small blobs go straight to the registry, once per node at most
             assert gets.get(blob.digest, 0) <= 4

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shoal import audit, errors, peercerts, protocol
-from shoal_origin.collector import AUDIT_DB, Collector, forget_node
+from shoal_origin.collector import AUDIT_DB, Collector, enroll_node, forget_node, unban
 
 
 async def test_a_name_is_bound_to_its_first_key_until_an_operator_releases_it(tmp_path: Path) -> None:
@@ -50,12 +50,18 @@ async def test_a_banned_key_is_refused_under_any_name_and_names_are_bounded(tmp_
         for name in ("compromised", "another-name"):
             with pytest.raises(errors.Denied, match="banned"):
                 await collector.enroll(name, thief.public_pem)
-        await collector.enroll("compromised", honest.public_pem)  # the real node enrolls again
+        # the compromised host makes a fresh key: its name stays shut (found by an outsider's review)
+        with pytest.raises(errors.Denied, match="enroll-node"):
+            await collector.enroll("compromised", peercerts.NodeKey.generate().public_pem)
+        assert await collector.node_key("compromised") is None  # and its journal is refused
+        enroll_node(tmp_path / AUDIT_DB, "compromised", honest.public_pem)  # the operator admits the real node
+        await collector.enroll("compromised", honest.public_pem)
         await collector.enroll("second", peercerts.NodeKey.generate().public_pem)
         with pytest.raises(errors.Denied, match="max_nodes"):
             await collector.enroll("third", peercerts.NodeKey.generate().public_pem)
         await collector.enroll("second", (await _key_of(collector, "second")))  # renewals still pass
-        assert collector.enrollment_refusals == 3
+        assert collector.enrollment_refusals == 4
+        assert unban(tmp_path / AUDIT_DB, "compromised") == 1
     finally:
         await collector.close()
     with pytest.raises(FileNotFoundError):  # a wrong data_dir: no empty database made there
