@@ -320,6 +320,8 @@ class MirrorApi:
         download = self.fetcher.get(up, name, digest, size, authorization=cred.upstream_auth)
         await download.chosen.wait()  # bounded by the download's own deadlines
         audit.source = download.source
+        if download.error is not None and download.done.is_set():
+            raise download.error  # it ended without the blob (what streaming it would say too)
         if up.name not in download.sources and not await self.provenance.known(up, digest):
             # the bytes come from the swarm or from another registry: the origin confirms that
             # `up` holds them before any goes out

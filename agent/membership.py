@@ -92,18 +92,22 @@ class Membership:
         if not await self.swarm.wait_token(self.policy.metainfo_timeout):
             # right after start the token is usually a few milliseconds away: wait for it
             raise SwarmFailure("no_swarm_token", "this node has no swarm token from the origin yet")
-        if size < self.policy.threshold:
-            # small blobs go through the swarm only if it already carries them (pre-seeded)
-            try:
-                found = await self.tracker.metainfo(digest, within=self.policy.metainfo_timeout)
-            except ApiError as exc:
-                raise SwarmFailure("tracker_error", f"tracker answered {exc.status} for metainfo") from None
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise SwarmFailure("tracker_unreachable", f"tracker unreachable: {type(exc).__name__}") from None
-            if found is None:
-                return None
-        # That `upstream` holds the blob is the origin's word (it fetches the blob from there if
-        # it has not yet), given with the metainfo: agent/provenance.py.
+        try:
+            found = await self.tracker.metainfo(digest, within=self.policy.metainfo_timeout)
+        except ApiError as exc:
+            raise SwarmFailure("tracker_error", f"tracker answered {exc.status} for metainfo") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SwarmFailure("tracker_unreachable", f"tracker unreachable: {type(exc).__name__}") from None
+        if found is not None:
+            # That `upstream` holds the blob is the origin's word (agent/provenance.py): the
+            # tracker hands it out with the metainfo once the origin knows it, so peers serve
+            # each other with the origin away; else the origin is asked (and fetches the blob
+            # from `upstream` if it has not yet).
+            vouched = self._vouched(found, upstream, digest)
+            if vouched is not None:
+                return vouched
+        elif size < self.policy.threshold:
+            return None  # small blobs the swarm does not carry come from the registry
         return await self.vouch(upstream, repo, digest)
 
     async def vouch(self, upstream: Upstream, repo: str, digest: Digest) -> Published:
@@ -120,13 +124,22 @@ class Membership:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SwarmFailure("origin_unreachable", f"origin unreachable: {type(exc).__name__}") from None
         published = self._verify(seeded)
-        try:
-            signing.verify_source(self.access.origin_key, str(digest), upstream.name, seeded.source_signature)
-        except signing.SignatureError as exc:
-            raise SwarmFailure("unsigned_metainfo", str(exc)) from None
         if published.meta.digest != digest:
             raise SwarmFailure("bad_metainfo", "the origin's metainfo is for another blob")
+        try:
+            signing.verify_source(self.access.origin_key, str(digest), upstream.name, seeded.sources.get(upstream.name))
+        except signing.SignatureError as exc:
+            raise SwarmFailure("unsigned_metainfo", str(exc)) from None
         return published
+
+    def _vouched(self, found: SignedMetainfo, upstream: Upstream, digest: Digest) -> Published | None:
+        """The tracker's metainfo, if it carries the origin's word that `upstream` holds the blob."""
+        try:
+            signing.verify_source(self.access.origin_key, str(digest), upstream.name, found.sources.get(upstream.name))
+        except signing.SignatureError:
+            return None
+        published = self._verify(found)
+        return published if published.meta.digest == digest else None
 
     def _verify(self, signed: SignedMetainfo) -> Published:
         try:

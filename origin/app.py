@@ -59,7 +59,8 @@ async def seed_blob(request: web.Request) -> web.Response:
     published = await seeder.ensure_seeded(body.ns, body.repository, digest)
     return web.Response(body=published.meta.raw, content_type=protocol.TORRENT_TYPE,
                         headers={protocol.SIGNATURE_HEADER: published.signature,
-                                 protocol.SOURCE_SIGNATURE_HEADER: seeder.source_signature(digest, body.ns)})
+                                 protocol.SOURCES_HEADER: protocol.encode_sources(
+                                     {body.ns: seeder.source_signature(digest, body.ns)})})
 
 
 async def swarm_token(request: web.Request) -> web.Response:

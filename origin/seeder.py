@@ -101,7 +101,8 @@ class Seeder:
     async def _register(self, published: list[Published]) -> None:
         """Register (retrying while the tracker is away), then announce at once: an announce
         refused before registration makes libtorrent back off for a whole interval."""
-        await self.registration.keep_registered([(p.meta, p.signature) for p in published])
+        await self.registration.keep_registered(
+            [(p.meta, p.signature, await self.sources(p.meta.digest)) for p in published])
         for p in published:
             job = self.swarm.job(p.meta.digest.hex)
             if job is not None:
@@ -145,7 +146,7 @@ class Seeder:
             self.store.touch(digest)
             # An agent asks here only after the tracker did not know the blob (e.g. it restarted
             # without persistence): register again, and announce so the seeder is listed at once.
-            if await self.registration.register(published.meta, published.signature):
+            if await self.registration.register(published.meta, published.signature, await self.sources(digest)):
                 job = self.swarm.job(digest.hex)
                 if job is not None:
                     self.swarm.force_reannounce(job)
@@ -169,6 +170,10 @@ class Seeder:
 
     def source_signature(self, digest: Digest, ns: str) -> str:
         return signing.sign_source(self.key, str(digest), ns)
+
+    async def sources(self, digest: Digest) -> dict[str, str]:
+        """Every registry known to hold the blob, with the origin's word for it (for the tracker)."""
+        return {ns: self.source_signature(digest, ns) for ns in await self.store.sources(digest)}
 
     async def _confirm_source(self, ns: str, repo: str, digest: Digest) -> None:
         """Make sure registry `ns` holds `digest` before vouching for it: a registry's yes to a
@@ -198,6 +203,9 @@ class Seeder:
                 await asyncio.to_thread(tmp.unlink, missing_ok=True)
             await self.store.add_source(digest, ns)
             log.info("registry %s holds %s too (fetched and checked)", ns, digest)
+            published = self._metas.get(digest)
+            if published is not None:  # the tracker hands the new word out to every node
+                await self.registration.register(published.meta, published.signature, await self.sources(digest))
 
         await self._confirmations.run((ns, digest), confirm)
 
@@ -228,7 +236,7 @@ class Seeder:
             await self.store.save_metainfo(digest, raw, published.signature)
         # Register first: the seeder's first announce must find the torrent known, or libtorrent
         # backs off and agents see no seeder for a whole announce interval.
-        await self.registration.register(meta, published.signature)
+        await self.registration.register(meta, published.signature, await self.sources(digest))
         self._metas[digest] = published
         self.swarm.add(meta, self.store.blob_dir(digest), seed=True)
         self.metrics.fetch_seconds.observe(time.monotonic() - started)

@@ -12,7 +12,7 @@ A call returns the answer's typed body, or raises:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -47,7 +47,15 @@ async def _refused(r: aiohttp.ClientResponse, what: str) -> ApiError:
 class SignedMetainfo:
     raw: bytes
     signature: str | None  # SIGNATURE_HEADER as sent (verified by the caller, not here)
-    source_signature: str | None = None  # SOURCE_SIGNATURE_HEADER of a seed answer (likewise)
+    # SOURCES_HEADER: registry -> the origin's signature that it holds the blob (likewise unchecked)
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def _sources(r: aiohttp.ClientResponse) -> dict[str, str]:
+    try:
+        return protocol.parse_sources(r.headers.get(protocol.SOURCES_HEADER))
+    except errors.BadRequest:
+        return {}  # unusable: as if none (each one is verified before use anyway)
 
 
 def _bearer(token: str) -> dict[str, str]:
@@ -73,7 +81,7 @@ class OriginClient:
             if r.status != 200:
                 raise ApiError("origin refused to seed the blob", r.status)
             return SignedMetainfo(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER),
-                                  r.headers.get(protocol.SOURCE_SIGNATURE_HEADER))
+                                  _sources(r))
 
     async def ship_journal(self, batch: protocol.JournalBatch, key: Ed25519PrivateKey, *,
                            within: float) -> protocol.JournalAck:
@@ -151,12 +159,14 @@ class TrackerClient:
                 return None
             if r.status != 200:
                 raise ApiError("tracker refused metainfo", r.status)
-            return SignedMetainfo(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER))
+            return SignedMetainfo(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER), _sources(r))
 
-    async def register(self, digest: Digest, raw: bytes, signature: str, *, within: float) -> None:
+    async def register(self, digest: Digest, raw: bytes, signature: str, *, within: float,
+                       sources: dict[str, str] | None = None) -> None:
         async with self.http.put(protocol.REGISTER_METAINFO.url(self.base, digest=str(digest)), data=raw,
                                  headers={**self._auth, "Content-Type": protocol.TORRENT_TYPE,
-                                          protocol.SIGNATURE_HEADER: signature},
+                                          protocol.SIGNATURE_HEADER: signature,
+                                          protocol.SOURCES_HEADER: protocol.encode_sources(sources or {})},
                                  timeout=aiohttp.ClientTimeout(total=within)) as r:
             if r.status != 201:
                 raise ApiError("tracker refused the registration", r.status)

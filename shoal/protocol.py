@@ -66,8 +66,32 @@ UNREGISTER_METAINFO = Route("DELETE", "/v1/metainfo/{digest}")
 # Headers
 SIGNATURE_HEADER = "Shoal-Signature"  # the origin's Ed25519 signature of a metainfo (base64)
 NODE_SIGNATURE_HEADER = "Shoal-Node-Signature"  # a node's signature of its journal batch (base64)
-# The origin's signature that the seed request's registry (`ns`) holds the blob (signing.sign_source)
-SOURCE_SIGNATURE_HEADER = "Shoal-Source-Signature"
+# The registries the origin vouches hold a blob, each with its signature (signing.sign_source):
+# "ns=signature;ns=signature". The origin sends them with a seed answer (for the ns asked) and with
+# a registration (all it knows); the tracker hands them out with the metainfo.
+SOURCES_HEADER = "Shoal-Sources"
+MAX_SOURCES = 64
+_SOURCE_ITEM = re.compile(r"([A-Za-z0-9.:\[\]-]{1,255})=([A-Za-z0-9_-]{1,128})")
+
+
+def encode_sources(sources: dict[str, str]) -> str:
+    return ";".join(f"{ns}={sig}" for ns, sig in sorted(sources.items()))
+
+
+def parse_sources(value: str | None) -> dict[str, str]:
+    """What SOURCES_HEADER says (signatures unchecked: the caller verifies them)."""
+    if not value:
+        return {}
+    items = value.split(";")
+    if len(items) > MAX_SOURCES:
+        raise errors.BadRequest(errors.INVALID_REQUEST, f"{SOURCES_HEADER}: more than {MAX_SOURCES} sources")
+    out: dict[str, str] = {}
+    for item in items:
+        m = _SOURCE_ITEM.fullmatch(item.strip())
+        if m is None:
+            raise errors.BadRequest(errors.INVALID_REQUEST, f"{SOURCES_HEADER}: expected ns=signature;...")
+        out[m.group(1)] = m.group(2)
+    return out
 TORRENT_TYPE = "application/x-bittorrent"
 
 

@@ -79,6 +79,10 @@ class Tracker:
     def verify_metainfo(self, raw: bytes, signature: str) -> None:
         signing.verify_metainfo(self.origin_key, raw, signature)
 
+    def verify_sources(self, digest: Digest, sources: dict[str, str]) -> None:
+        for ns, signature in sources.items():
+            signing.verify_source(self.origin_key, str(digest), ns, signature)
+
     def _bencoded(self, body: bytes) -> web.Response:
         return web.Response(body=body, content_type=BENCODE, headers={"Cache-Control": "no-store"})
 
@@ -151,7 +155,8 @@ class Tracker:
             raise errors.NotFound(errors.NOT_FOUND, "no torrent registered for this digest")
         self.metrics.metainfo_requests.labels("ok").inc()
         return web.Response(body=meta.raw, content_type=protocol.TORRENT_TYPE,
-                            headers={protocol.SIGNATURE_HEADER: self.torrents.signature(digest) or ""})
+                            headers={protocol.SIGNATURE_HEADER: self.torrents.signature(digest) or "",
+                                     protocol.SOURCES_HEADER: protocol.encode_sources(self.torrents.sources(digest))})
 
     async def put_metainfo(self, request: web.Request) -> web.Response:
         digest = self._digest(request)
@@ -165,12 +170,14 @@ class Tracker:
             self.metrics.registrations.labels("invalid").inc()
             raise errors.BadRequest(errors.INVALID_REQUEST, "metainfo names a different digest")
         signature = request.headers.get(protocol.SIGNATURE_HEADER, "")
+        sources = protocol.parse_sources(request.headers.get(protocol.SOURCES_HEADER))
         try:
             self.verify_metainfo(body, signature)
+            self.verify_sources(digest, sources)
         except signing.SignatureError as exc:
             self.metrics.registrations.labels("bad_signature").inc()
             raise errors.BadRequest(errors.INVALID_REQUEST, f"metainfo not signed by the origin: {exc}") from None
-        await asyncio.to_thread(self.torrents.register, meta, signature)
+        await asyncio.to_thread(self.torrents.register, meta, signature, sources)
         self.metrics.registrations.labels("ok").inc()
         self.metrics.torrents.set(len(self.torrents))
         log.info("registered %s (info-hash %s, %d bytes)", digest, meta.tracker_hash.hex(), meta.size)
@@ -211,7 +218,7 @@ def build(config: TrackerConfig) -> web.Application:
     app = web.Application(client_max_size=metainfo.MAX_METAINFO_BYTES + 1024, middlewares=[error_middleware()])
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
-        await asyncio.to_thread(tracker.torrents.load, tracker.verify_metainfo)
+        await asyncio.to_thread(tracker.torrents.load, tracker.verify_metainfo, tracker.verify_sources)
         tracker.metrics.torrents.set(len(tracker.torrents))
         task = asyncio.create_task(tracker.expire_loop())
         yield

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from shoal import bencode, metainfo, protocol
+from shoal import bencode, metainfo, protocol, signing
 from shoal.oci import Digest
 from shoal_tracker import app as tracker_app
 from shoal_tracker import config as tracker_config
@@ -276,3 +276,27 @@ async def test_a_registration_arriving_in_pieces_is_read_whole(client: Client, m
     finally:
         writer.close()
     assert answer.startswith(b"HTTP/1.1 201 "), answer[:200]
+
+
+async def test_the_origins_word_on_a_blobs_registries_is_kept_handed_out_and_checked(
+        aiohttp_client: Any, tmp_path: Path, meta: metainfo.Metainfo, keys: Keys) -> None:
+    """The registries the origin vouches hold a blob travel with its metainfo (so nodes serve
+    each other with the origin away); only the origin's signatures are taken, and they survive a
+    restart."""
+    cfg = tracker_config.load(tracker_doc(keys, data_dir=str(tmp_path / "t")))
+    client: Client = await aiohttp_client(tracker_app.build(cfg))
+    digest = str(meta.digest)
+    good = {"registry.a:5000": signing.sign_source(keys.key, digest, "registry.a:5000")}
+    forged = {"registry.b": signing.sign_source(Keys(tmp_path / "attacker").key, digest, "registry.b")}
+    for sources, status in ((forged, 400), ({"registry.b": good["registry.a:5000"]}, 400), (good, 201)):
+        r = await client.put(protocol.REGISTER_METAINFO.path(digest=digest), data=meta.raw,
+                             headers={"Authorization": f"Bearer {TOKEN}",
+                                      protocol.SIGNATURE_HEADER: keys.sign(meta.raw),
+                                      protocol.SOURCES_HEADER: protocol.encode_sources(sources)})
+        assert r.status == status, await r.text()
+    r = await client.get(protocol.METAINFO.path(digest=digest), headers={"Authorization": f"Bearer {NODE_TOKEN}"})
+    assert r.status == 200 and protocol.parse_sources(r.headers[protocol.SOURCES_HEADER]) == good
+    await client.close()
+    again: Client = await aiohttp_client(tracker_app.build(cfg))  # restarted on the same data_dir
+    r = await again.get(protocol.METAINFO.path(digest=digest), headers={"Authorization": f"Bearer {NODE_TOKEN}"})
+    assert r.status == 200 and protocol.parse_sources(r.headers[protocol.SOURCES_HEADER]) == good

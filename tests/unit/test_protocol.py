@@ -371,3 +371,13 @@ def test_audit_times_do_not_depend_on_the_servers_zone(monkeypatch: pytest.Monke
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_sources_round_trip_and_malformed_ones_are_400() -> None:
+    sources = {"registry.a:5000": "c2ln", "[::1]:5000": "AbC-_9"}
+    assert protocol.parse_sources(protocol.encode_sources(sources)) == sources
+    assert protocol.parse_sources(None) == {} and protocol.parse_sources("") == {}
+    for bad in ("registry.a", "a=b=c", "a=sig;", "a b=sig", "a=sig!", ";".join(f"r{i}=s" for i in range(65))):
+        with pytest.raises(errors.BadRequest) as exc:
+            protocol.parse_sources(bad)
+        assert exc.value.oci.status == 400 and str(exc.value).startswith("Shoal-Sources: ")

@@ -222,6 +222,27 @@ def test_journal_batch_signatures() -> None:
         assert str(exc.value) == why
 
 
+def test_source_signatures_bind_the_blob_and_the_registry() -> None:
+    """The origin's word that registry `ns` holds `digest`: for that pair only, and no other
+    signature of the origin's passes for it."""
+    key, pub = keypair()
+    digest = "sha256:" + "a" * 64
+    sig = signing.sign_source(key, digest, "registry.a:5000")
+    signing.verify_source(pub, digest, "registry.a:5000", sig)
+    other, _ = keypair()
+    bad = "the origin's word on the blob's registry does not verify"
+    for d, ns, signature, why in (
+            (digest, "registry.b:5000", sig, bad), ("sha256:" + "b" * 64, "registry.a:5000", sig, bad),
+            (digest, "registry.a:500", sig, bad),  # no ambiguity where digest and name meet
+            (digest, "registry.a:5000", signing.sign_source(other, digest, "registry.a:5000"), bad),
+            (digest, "registry.a:5000", signing.sign_metainfo(key, digest.encode()), bad),
+            (digest, "registry.a:5000", None, "the origin did not vouch for the blob's registry"),
+            (digest, "registry.a:5000", "", "the origin did not vouch for the blob's registry")):
+        with pytest.raises(signing.SignatureError) as exc:
+            signing.verify_source(pub, d, ns, signature)
+        assert str(exc.value) == why
+
+
 def test_metainfo_refusals_say_why() -> None:
     """The reason is in the tracker's 400 ("metainfo not signed by the origin: ...") and the agent's."""
     key, pub = keypair()
