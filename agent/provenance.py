@@ -5,7 +5,7 @@ The cache, the swarm and the metainfo are keyed by digest alone. A registry's ye
 holding those bytes: a lying or intercepted registry that says yes to a digest it never had
 would otherwise be served another registry's private blob from this cache or from the swarm.
 So a blob goes out for upstream U only if U is one of its known sources, kept with the cached
-blob (`meta/<hex>.from`):
+blob (`meta/<hex>.sources`):
 
 - this node fetched the blob from U itself, or
 - the origin vouched for (U, digest): it fetched the blob from U (once, checked against the

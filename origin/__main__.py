@@ -57,11 +57,15 @@ def forget_node(argv: Sequence[str]) -> int:
             print(f"lifted {lifted} ban(s) of keys banned under {args.node!r}")
             return 0 if lifted else 1
         released = collector.forget_node(database, args.node, ban=args.ban)
+    except ValueError as exc:
+        print(f"shoal-origin: {exc}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, sqlite3.Error) as exc:
         print(f"shoal-origin: cannot open {str(database)!r}: {exc}", file=sys.stderr)
         return 2
     if released:
-        print(f"node {args.node!r} may enroll again with a new key" + (" (its old key is banned)" if args.ban else ""))
+        print(f"node {args.node!r} is banned: its key under any name, its name for any new key until "
+              "enroll-node binds one" if args.ban else f"node {args.node!r} may enroll again with a new key")
         return 0
     print(f"no node named {args.node!r} has enrolled", file=sys.stderr)
     return 1
@@ -78,13 +82,14 @@ def enroll_node(argv: Sequence[str]) -> int:
                     "-pubout): before the node first starts, so nobody can take its name, or again after a ban.")
     parser.add_argument("node", help="the node's name (its `node` setting)")
     parser.add_argument("--public-key", required=True, help="the node's public key, a PEM file")
+    parser.add_argument("--replace", action="store_true", help="rebind a name bound to another (live) key")
     parser.add_argument("--config", required=True, help="the origin's YAML configuration file")
     args = parser.parse_args(argv)
     try:
         protocol.node_name(args.node)
         database = _database(args.config)
-        collector.enroll_node(database, args.node, Path(args.public_key).read_text())
-    except (errors.BadRequest, ConfigError) as exc:
+        collector.enroll_node(database, args.node, Path(args.public_key).read_text(), replace=args.replace)
+    except (errors.BadRequest, ConfigError, ValueError) as exc:
         print(f"shoal-origin: {exc}", file=sys.stderr)
         return 2
     except (OSError, sqlite3.Error) as exc:

@@ -68,7 +68,7 @@ async def swarm_token(request: web.Request) -> web.Response:
     announcing, and a certificate for that key to present to peers."""
     body = protocol.SwarmTokenRequest.from_json(await _json(request))
     public_key = peercerts.parse_public_key(body.public_key)
-    await request.app[COLLECTOR_KEY].enroll(body.node, body.public_key)
+    await request.app[COLLECTOR_KEY].enroll(body.node, peercerts.canonical_public_pem(public_key))
     return web.json_response(request.app[SEEDER_KEY].admit(body.node, public_key).to_json())
 
 

@@ -254,15 +254,26 @@ def unban(path: Path, node: str) -> int:
         return int(db.execute("DELETE FROM banned_keys WHERE name = ?", (node,)).rowcount)
 
 
-def enroll_node(path: Path, node: str, public_key: str) -> None:
-    """Bind `node` to `public_key` (PEM), whatever it was bound to: an operator admitting a node
-    ahead of its first start (no one can take its name first), or again after a ban."""
-    peercerts.parse_public_key(public_key)
+def enroll_node(path: Path, node: str, public_key: str, *, replace: bool = False) -> None:
+    """Bind `node` to `public_key` (PEM): an operator admitting a node ahead of its first start
+    (no one can take its name first), or again after a ban. Refused (ValueError, saying why) for
+    a reserved name, a banned key, or a name bound to another live key unless `replace`."""
+    if node in RESERVED_NODES:
+        raise ValueError(f"the node name {node!r} is reserved")
+    canonical = peercerts.canonical_public_pem(peercerts.parse_public_key(public_key))
     with contextlib.closing(_open_existing(path)) as db:
         db.execute("BEGIN IMMEDIATE")
-        db.execute("DELETE FROM banned_keys WHERE public_key = ?", (public_key,))
-        db.execute("INSERT OR REPLACE INTO nodes VALUES (?, ?, ?)", (node, public_key, time.time()))
-        db.execute("COMMIT")
+        try:
+            if db.execute("SELECT 1 FROM banned_keys WHERE public_key = ?", (canonical,)).fetchone():
+                raise ValueError("this key is banned (lift the ban first: forget-node NAME --unban)")
+            row = db.execute("SELECT public_key FROM nodes WHERE name = ?", (node,)).fetchone()
+            if row is not None and row[0] not in (BLOCKED, canonical) and not replace:
+                raise ValueError(f"node {node!r} is bound to another key (give --replace to rebind it)")
+            db.execute("INSERT OR REPLACE INTO nodes VALUES (?, ?, ?)", (node, canonical, time.time()))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
 
 def forget_node(path: Path, node: str, *, ban: bool = False) -> bool:
@@ -274,6 +285,10 @@ def forget_node(path: Path, node: str, *, ban: bool = False) -> bool:
     with contextlib.closing(_open_existing(path)) as db:
         db.execute("BEGIN IMMEDIATE")
         row = db.execute("SELECT public_key FROM nodes WHERE name = ?", (node,)).fetchone()
+        if row is not None and row[0] == BLOCKED and not ban:
+            db.execute("ROLLBACK")
+            raise ValueError(f"node {node!r} is banned: bind the real node's new key with enroll-node, "
+                             "or lift the ban with --unban")
         if row is not None:
             if ban:
                 # the key, under any name, and the name, for any new key: a compromised host

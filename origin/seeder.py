@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-import secrets
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -23,6 +23,10 @@ from shoal.swarm import Swarm
 from shoal_origin.registration import TrackerRegistration
 
 log = logging.getLogger(__name__)
+
+# A registry confirms it holds a blob within this long, plus the blob's size at this rate.
+CONFIRM_DEADLINE = 60.0
+CONFIRM_RATE = 1 << 20
 
 
 class SeederMetrics:
@@ -142,7 +146,7 @@ class Seeder:
         again and matched its digest): the answer vouches for (ns, digest)."""
         published = self._metas.get(digest)
         if published is not None and self.store.has(digest):
-            await self._confirm_source(ns, repo, digest)
+            await self._confirm_source(ns, repo, digest, published.meta.size)
             self.store.touch(digest)
             # An agent asks here only after the tracker did not know the blob (e.g. it restarted
             # without persistence): register again, and announce so the seeder is listed at once.
@@ -165,7 +169,7 @@ class Seeder:
             raise
         self.metrics.requests.labels("fetched").inc()
         if ns not in await self.store.sources(digest):  # another request's fetch, from another registry
-            await self._confirm_source(ns, repo, digest)
+            await self._confirm_source(ns, repo, digest, published.meta.size)
         return published
 
     def source_signature(self, digest: Digest, ns: str) -> str:
@@ -175,34 +179,40 @@ class Seeder:
         """Every registry known to hold the blob, with the origin's word for it (for the tracker)."""
         return {ns: self.source_signature(digest, ns) for ns in await self.store.sources(digest)}
 
-    async def _confirm_source(self, ns: str, repo: str, digest: Digest) -> None:
+    async def _confirm_source(self, ns: str, repo: str, digest: Digest, size: int) -> None:
         """Make sure registry `ns` holds `digest` before vouching for it: a registry's yes to a
         HEAD proves nothing (a lying or intercepted one could claim another's private blob), so
-        the blob is fetched from it once and checked against the digest, then discarded."""
+        the blob is read from it once and hashed as it arrives (nothing kept). Every wrong
+        answer (other bytes, too few, too many, 404) is the same refusal, so that it tells the
+        registry nothing about the blob; one that cannot be had in time is a 503."""
         if ns in await self.store.sources(digest):
             return
         upstream = self.upstreams.get(ns)
         if upstream is None:
             raise errors.NotFound(errors.NAME_UNKNOWN, f"no upstream registry named {ns!r}")
-        size = self.store.size_of(digest)
-        assert size is not None
 
         async def confirm() -> None:
-            tmp = self.store.download_path(digest).with_suffix(f".{secrets.token_hex(4)}")
+            h, got = hashlib.sha256(), 0
             try:
-                with self.store.reservation(size):
-                    await self.store.ensure_free(size)
-                    await upstream.client.download_blob(repo, digest, tmp, max_size=size,
-                                                        progress=self.metrics.registry_bytes.inc)
-            except errors.IntegrityError:
+                async with asyncio.timeout(CONFIRM_DEADLINE + size / CONFIRM_RATE):
+                    async for chunk in upstream.client.stream_blob(repo, digest):
+                        got += len(chunk)
+                        if got > size:
+                            break
+                        h.update(chunk)
+                        self.metrics.registry_bytes.inc(len(chunk))
+            except errors.NotFound:
+                got = -1
+            except (TimeoutError, errors.ShoalError) as exc:
+                raise errors.UpstreamError(f"cannot confirm that {ns} holds the blob now "
+                                           f"({type(exc).__name__})") from None
+            if got != size or h.hexdigest() != digest.hex:
                 self.metrics.requests.labels("source_refused").inc()
-                log.warning("registry %s says it has %s in %s but sent other bytes: not vouched for", ns, digest,
+                log.warning("registry %s says it has %s in %s but does not send it: not vouched for", ns, digest,
                             repo)
-                raise errors.NotFound(errors.BLOB_UNKNOWN, detail=str(digest)) from None
-            finally:
-                await asyncio.to_thread(tmp.unlink, missing_ok=True)
+                raise errors.NotFound(errors.BLOB_UNKNOWN, detail=str(digest))
             await self.store.add_source(digest, ns)
-            log.info("registry %s holds %s too (fetched and checked)", ns, digest)
+            log.info("registry %s holds %s too (read and checked)", ns, digest)
             published = self._metas.get(digest)
             if published is not None:  # the tracker hands the new word out to every node
                 await self.registration.register(published.meta, published.signature, await self.sources(digest))

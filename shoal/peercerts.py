@@ -90,6 +90,11 @@ def parse_public_key(pem: str) -> Ed25519PublicKey:
     return key
 
 
+def canonical_public_pem(key: Ed25519PublicKey) -> str:
+    """The one spelling of a public key (bans and bindings compare keys as text)."""
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
 def issue_node_certificate(ca_key: Ed25519PrivateKey, node: str, public_key: Ed25519PublicKey,
                            expires: float) -> str:
     """A certificate admitting the holder of `public_key` to every torrent of this CA (`*`)

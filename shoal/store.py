@@ -185,8 +185,10 @@ class BlobStore:
         entries.sort(key=lambda de: de[1].atime)
         self._entries = OrderedDict(entries)
         self._used = sum(e.size for _, e in entries)
+        # (`<hex>.from` files, the sources an earlier version took from a byte sample, which a
+        # registry could fake, go here too: their registries are confirmed again)
         for meta in self.meta_dir.iterdir():
-            name = meta.name.removesuffix(".torrent").removesuffix(".sig").removesuffix(".from")
+            name = meta.name.removesuffix(".torrent").removesuffix(".sig").removesuffix(".sources")
             if not SHA256_HEX_RE.fullmatch(name) or Digest(name) not in self._entries:
                 meta.unlink(missing_ok=True)
 
@@ -387,7 +389,7 @@ class BlobStore:
             path.unlink(missing_ok=True)
             meta.with_suffix(".torrent").unlink(missing_ok=True)
             meta.with_suffix(".sig").unlink(missing_ok=True)
-            meta.with_suffix(".from").unlink(missing_ok=True)
+            meta.with_suffix(".sources").unlink(missing_ok=True)
 
         await asyncio.to_thread(work)
         self._write_index(digest, None)
@@ -468,7 +470,7 @@ class BlobStore:
         proved they hold it (shoal_agent.provenance)."""
         known = self._sources.get(digest)
         if known is None:
-            path = self.meta_dir / f"{digest.hex}.from"
+            path = self.meta_dir / f"{digest.hex}.sources"
 
             def work() -> frozenset[str]:
                 try:
@@ -486,7 +488,7 @@ class BlobStore:
         if upstream in known:
             return
         updated = known | {upstream}
-        path = self.meta_dir / f"{digest.hex}.from"
+        path = self.meta_dir / f"{digest.hex}.sources"
 
         def work() -> None:
             tmp = self.meta_dir / f".{digest.hex}.tmp{secrets.token_hex(4)}"

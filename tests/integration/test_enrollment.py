@@ -54,13 +54,28 @@ async def test_a_banned_key_is_refused_under_any_name_and_names_are_bounded(tmp_
         with pytest.raises(errors.Denied, match="enroll-node"):
             await collector.enroll("compromised", peercerts.NodeKey.generate().public_pem)
         assert await collector.node_key("compromised") is None  # and its journal is refused
-        enroll_node(tmp_path / AUDIT_DB, "compromised", honest.public_pem)  # the operator admits the real node
+        # a plain forget-node must not lift the ban by mistake; the banned key, however spelled,
+        # is refused under a new name, and enroll-node does not bind it either
+        with pytest.raises(ValueError, match="is banned"):
+            forget_node(tmp_path / AUDIT_DB, "compromised")
+        respelled = thief.public_pem.replace("\n", "\r\n") + "\n"
+        with pytest.raises(errors.Denied, match="banned"):
+            await collector.enroll("yet-another", peercerts.canonical_public_pem(
+                peercerts.parse_public_key(respelled)))
+        with pytest.raises(ValueError, match="this key is banned"):
+            enroll_node(tmp_path / AUDIT_DB, "compromised", respelled)
+        with pytest.raises(ValueError, match="reserved"):
+            enroll_node(tmp_path / AUDIT_DB, "origin", honest.public_pem)
+        # the operator admits the real node (its key file with CRLF line ends: one key, any spelling)
+        enroll_node(tmp_path / AUDIT_DB, "compromised", honest.public_pem.replace("\n", "\r\n"))
         await collector.enroll("compromised", honest.public_pem)
+        with pytest.raises(ValueError, match="--replace"):  # a live binding is not overwritten silently
+            enroll_node(tmp_path / AUDIT_DB, "compromised", peercerts.NodeKey.generate().public_pem)
         await collector.enroll("second", peercerts.NodeKey.generate().public_pem)
         with pytest.raises(errors.Denied, match="max_nodes"):
             await collector.enroll("third", peercerts.NodeKey.generate().public_pem)
         await collector.enroll("second", (await _key_of(collector, "second")))  # renewals still pass
-        assert collector.enrollment_refusals == 4
+        assert collector.enrollment_refusals == 5
         assert unban(tmp_path / AUDIT_DB, "compromised") == 1
     finally:
         await collector.close()

@@ -171,3 +171,40 @@ async def test_a_failing_blob_fails_the_job_and_names_itself(seeder: Seeder, reg
         assert str(digest_of(LAYER)) in str(summary.errors)
     finally:
         await preseeder.stop()
+
+
+async def test_a_second_registry_is_vouched_for_only_once_it_sent_the_whole_blob(
+        seeder: Seeder, registry: FakeServer, tracker: TestServer) -> None:
+    """The origin's word that a registry holds a blob (what lets nodes serve it for that registry)
+    comes only after that registry sent exactly the blob: every wrong answer is the same refusal
+    (so a liar learns nothing, not even the size), a registry that cannot answer is a 503, and
+    nothing of what it sent is kept."""
+    await seeder.ensure_seeded(registry.host, "private/app", DIGEST)
+    assert await seeder.sources(DIGEST) == {registry.host: seeder.source_signature(DIGEST, registry.host)}
+    other = FakeServer("127.0.0.45")
+    path = f"/v2/private/app/blobs/{DIGEST}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            seeder.upstreams[other.host] = Upstream(other.host, RegistryClient(
+                http, other.url, credentials=None, user_agent="t", retry_budget=0))
+            for answer in (Canned(200, {}, BLOB[:-1]), Canned(200, {}, BLOB + b"x"), Canned(200, {}, bytes(len(BLOB))),
+                           Canned(404)):
+                other.routes[("GET", path)] = answer
+                with pytest.raises(errors.NotFound):
+                    await seeder.ensure_seeded(other.host, "private/app", DIGEST)
+            other.routes[("GET", path)] = Canned(503)
+            with pytest.raises(errors.UpstreamError):
+                await seeder.ensure_seeded(other.host, "private/app", DIGEST)
+            assert list(seeder.store.downloads_dir.iterdir()) == []
+            assert other.host not in await seeder.store.sources(DIGEST)
+            other.routes[("GET", path)] = Canned(200, {}, BLOB)
+            await seeder.ensure_seeded(other.host, "private/app", DIGEST)
+            assert await seeder.store.sources(DIGEST) == {registry.host, other.host}
+            # and the tracker hands the new word out with the metainfo
+            async with http.get(protocol.METAINFO.url(str(tracker.make_url("")), digest=str(DIGEST)),
+                                headers={"Authorization": f"Bearer {NODE}"}) as r:
+                sources = protocol.parse_sources(r.headers[protocol.SOURCES_HEADER])
+            assert set(sources) == {registry.host, other.host}
+            signing.verify_source(seeder.key.public_key(), str(DIGEST), other.host, sources[other.host])
+    finally:
+        await asyncio.to_thread(other.close)  # (its shutdown waits out a poll interval)

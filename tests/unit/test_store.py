@@ -759,9 +759,12 @@ async def test_a_blobs_sources_are_kept_across_restarts_and_go_with_it(tmp_path:
     await store.add_source(d, "registry.a:5000")
     assert await store.sources(d) == {"registry.a:5000", "registry.b"}
     await store.close()
+    legacy = tmp_path / "meta" / f"{d.hex}.from"  # what a sample "proved" before: not trusted
+    legacy.write_text("registry.liar\n")
     reopened = BlobStore(tmp_path, max_bytes=1 << 20)
     await reopened.open()
     assert await reopened.sources(d) == {"registry.a:5000", "registry.b"}
+    assert not legacy.exists()
     await reopened.remove(d, reason="test")
     assert await reopened.sources(d) == frozenset()
     await put(reopened, data, d)  # cached again: it starts with no source
