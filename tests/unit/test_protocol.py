@@ -377,6 +377,8 @@ def test_sources_round_trip_and_malformed_ones_are_400() -> None:
     sources = {"registry.a:5000": "c2ln", "[::1]:5000": "AbC-_9"}
     assert protocol.parse_sources(protocol.encode_sources(sources)) == sources
     assert protocol.parse_sources(None) == {} and protocol.parse_sources("") == {}
+    most = {f"r{i}": "s" for i in range(protocol.MAX_SOURCES)}
+    assert protocol.parse_sources(protocol.encode_sources(most)) == most
     for bad in ("registry.a", "a=b=c", "a=sig;", "a b=sig", "a=sig!", ";".join(f"r{i}=s" for i in range(65))):
         with pytest.raises(errors.BadRequest) as exc:
             protocol.parse_sources(bad)
