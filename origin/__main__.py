@@ -27,13 +27,18 @@ FLAGS = {
 }
 
 
-def forget_node(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="shoal-origin forget-node",
-        description="Release a node's name so that it can enroll again with a new key (a node that lost "
-                    "its data directory). Its old key no longer gets swarm tokens or has journal batches accepted.")
+def _parser(command: str, description: str) -> argparse.ArgumentParser:
+    """A node command's parser: the node's name and the origin's configuration."""
+    parser = argparse.ArgumentParser(prog=f"shoal-origin {command}", description=description)
     parser.add_argument("node", help="the node's name (its `node` setting)")
     parser.add_argument("--config", required=True, help="the origin's YAML configuration file")
+    return parser
+
+
+def forget_node(argv: Sequence[str]) -> int:
+    parser = _parser("forget-node", "Release a node's name so that it can enroll again with a new key (a node "
+                                    "that lost its data directory). Its old key no longer gets swarm tokens or "
+                                    "has journal batches accepted.")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--ban", action="store_true",
                      help="a compromised node: refuse its key under any name, and its name to any new key "
@@ -76,14 +81,11 @@ def _database(config_file: str) -> Path:
 
 
 def enroll_node(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="shoal-origin enroll-node",
-        description="Bind a node's name to its public key (PEM; on the node: openssl pkey -in DATA_DIR/node.key "
-                    "-pubout): before the node first starts, so nobody can take its name, or again after a ban.")
-    parser.add_argument("node", help="the node's name (its `node` setting)")
+    parser = _parser("enroll-node", "Bind a node's name to its public key (PEM; on the node: openssl pkey -in "
+                                    "DATA_DIR/node.key -pubout): before the node first starts, so nobody can take "
+                                    "its name, or again after a ban.")
     parser.add_argument("--public-key", required=True, help="the node's public key, a PEM file")
     parser.add_argument("--replace", action="store_true", help="rebind a name bound to another (live) key")
-    parser.add_argument("--config", required=True, help="the origin's YAML configuration file")
     args = parser.parse_args(argv)
     try:
         protocol.node_name(args.node)
