@@ -1,7 +1,7 @@
 """The swarm's certificates: who may exchange pieces (libtorrent SSL torrents).
 
 Every torrent carries the swarm CA's certificate in its info dictionary (`ssl-cert`), and
-libtorrent then speaks TLS 1.3 to every peer of it and accepts a peer only if its certificate
+libtorrent then speaks TLS to every peer of it and accepts a peer only if its certificate
 chains to that CA, is valid now, and names the torrent (by its name, the digest hex) or `*`.
 Both ends check: a node without such a certificate gets no byte from a seeder, and serves none.
 
@@ -47,7 +47,6 @@ YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
 ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
 -----END DH PARAMETERS-----
 """
-MAX_PUBLIC_KEY_PEM = 512
 # libtorrent settings that keep the swarm TLS-only; `torrent.libtorrent` may not override them
 # (the reason is the configuration error an operator sees).
 RESERVED_SETTINGS = {
