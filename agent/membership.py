@@ -110,6 +110,17 @@ class Membership:
             return None  # small blobs the swarm does not carry come from the registry
         return await self.vouch(upstream, repo, digest)
 
+    async def confirm(self, upstream: Upstream, repo: str, digest: Digest) -> None:
+        """That `upstream` holds the blob, on the origin's word: from the tracker if it has it
+        (the origin may be away), else from the origin (SwarmFailure if it does not vouch)."""
+        try:
+            found = await self.tracker.metainfo(digest, within=self.policy.metainfo_timeout)
+            if found is not None and self._vouched(found, upstream, digest) is not None:
+                return
+        except (ApiError, aiohttp.ClientError, TimeoutError, SwarmFailure):
+            pass  # the origin decides
+        await self.vouch(upstream, repo, digest)
+
     async def vouch(self, upstream: Upstream, repo: str, digest: Digest) -> Published:
         """The blob's signed metainfo, from the origin, with its signed word that `upstream` holds
         the blob (seeding it first if needed). SwarmFailure("origin_refused") if it says no."""

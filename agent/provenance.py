@@ -46,7 +46,7 @@ class Provenance:
             raise errors.UpstreamError(f"this blob came from another registry than {upstream.name}, and there is no "
                                        "origin to confirm that it holds the blob too")
         try:
-            await self.membership.vouch(upstream, repo, digest)
+            await self.membership.confirm(upstream, repo, digest)
         except SwarmFailure as exc:
             if exc.reason == "origin_refused":
                 self.metrics.provenance_checks.labels("refused").inc()
