@@ -133,7 +133,8 @@ class Collector:
         if verdict == "ok":
             return
         self.enrollment_refusals += 1
-        log.warning("refused a swarm token for node %s: %s", node, _REFUSALS[verdict])
+        # the node name is a validated DNS name, the reason one of the fixed texts above
+        log.warning("refused a swarm token for node %s: %s", node, _REFUSALS[verdict])  # log-safe
         raise errors.Denied(f"node {node!r}: {_REFUSALS[verdict]}")
 
     async def node_key(self, node: str) -> Ed25519PublicKey | None:
