@@ -21,7 +21,8 @@ MIB = 1 << 20
 def test_soak(registry: Registry, workdir: Path) -> None:
     plan = soak.Plan(seconds=240, images=12, layers=24, min_layer=1 * MIB, max_layer=6 * MIB,
                      cache_budget=40 * MIB, clients=(2, 4), think=(0.0, 0.5), tracker_interval=2, sample_every=2.0,
-                     together_every=30.0, seed=3)
+                     # tokens and certificates renew every 30 s: eight times over on live torrents
+                     swarm_token_ttl=60, together_every=30.0, seed=3)
     run = soak.start(plan, workdir, registry, pusher=("alice", USERS["alice"]), node_user=("node", USERS["node"]),
                      seeder_user=("seeder", USERS["seeder"]))
     try:

@@ -44,6 +44,8 @@ class Plan:
     clients: tuple[int, int] = (4, 8)  # concurrent clients, redrawn every minute
     think: tuple[float, float] = (0.0, 4.0)  # a client's pause between two actions, seconds
     tracker_interval: int = 30  # the tracker's announce interval (30 s is the default)
+    # how long swarm tokens and node certificates live (renewed at half-life; 24 h is the default)
+    swarm_token_ttl: int = 86400
     sample_every: float = 5.0
     range_share: float = 0.1
     hangup_share: float = 0.05
@@ -101,7 +103,7 @@ def start(plan: Plan, workdir: Path, registry: Registry, *, pusher: tuple[str, s
     run = Run(plan, images, stack, registry)
     log = {"level": plan.log_level}
     stack.start_tracker(interval=f"{plan.tracker_interval}s", log=log)
-    stack.start_origin(log=log)
+    stack.start_origin(log=log, swarm_token_ttl=f"{plan.swarm_token_ttl}s")
     for _ in range(plan.agents):
         # production deadlines (the test stack's are shorter)
         stack.start_agent(cache={"max_bytes": plan.cache_budget}, log=log,
