@@ -19,8 +19,6 @@ and says so in the journal.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -36,7 +34,7 @@ from typing import Literal
 import diskcache
 from aiohttp import web
 
-from shoal import errors
+from shoal import errors, presented
 from shoal.flights import SingleFlight
 from shoal.logs import fingerprint
 from shoal.oci import Digest
@@ -65,26 +63,7 @@ class Credential:
         """Who the registry accepted: call only after it answered 2xx for this credential."""
         if self.kind == "node":
             return node_user or "node"
-        if self.kind == "anonymous" or self.header is None:
-            return "anonymous"
-        scheme, _, value = self.header.partition(" ")
-        if scheme.lower() == "basic":
-            try:
-                return base64.b64decode(value, validate=True).decode().partition(":")[0]
-            except (binascii.Error, UnicodeDecodeError):
-                return self.fingerprint
-        if scheme.lower() == "bearer":
-            # The registry verified the token; its subject is the user it acted for.
-            parts = value.split(".")
-            if len(parts) == 3:
-                try:
-                    claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-                    sub = claims.get("sub") if isinstance(claims, dict) else None
-                    if isinstance(sub, str):
-                        return sub or "anonymous"
-                except (binascii.Error, ValueError):
-                    pass
-        return self.fingerprint
+        return presented.principal_of(self.header if self.kind == "client" else None, self.fingerprint)
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,6 +132,13 @@ class RegistryClient:
         self._tokens: dict[str, tuple[str, float]] = {}
         self._token_locks: dict[str, asyncio.Lock] = {}
 
+    def with_credentials(self, credentials: Credentials | None) -> RegistryClient:
+        """A client of the same registry (same limits, realms and redirects) acting as someone
+        else: its own token cache, nothing shared with this one."""
+        return RegistryClient(self.http, str(self.base), credentials=credentials, user_agent=self.user_agent,
+                              read_timeout=self.read_timeout, token_realms=[str(r) for r in self.token_realms],
+                              redirect_hosts=sorted(self.redirect_hosts), retry_budget=self.retry_budget)
+
     # ----- auth -------------------------------------------------------------------------------
 
     def _auth_header(self, scope: str | None) -> str | None:
