@@ -12,7 +12,6 @@ FLAGS = {
     "--listen": ("listen", "address of the registry mirror API"),
     "--node": ("node", "node name recorded in logs and journals"),
     "--data-dir": ("data_dir", "cache and state directory"),
-    "--tracker": ("tracker", "tracker base URL"),
     "--origin": ("origin", "origin base URL"),
     "--torrent-listen": ("torrent.listen", "BitTorrent listen address (ip:port)"),
     "--cache-max-bytes": ("cache.max_bytes", "cache size budget, e.g. 50GiB"),

@@ -299,7 +299,7 @@ class MirrorApi:
             # registry's own size): it must not learn that, or how big, another's blob is here.
             if verified is not None and (proven or request.method != "HEAD") and await self.store.verify(digest):
                 if not proven:
-                    await self.provenance.confirm(up, name, digest)
+                    await self.provenance.confirm(up, name, digest, cred.upstream_auth)
                 self.metrics.cache_hits.inc()
                 self.store.touch(digest)
                 audit.source = "cache"
@@ -325,7 +325,7 @@ class MirrorApi:
         if up.name not in download.sources and not await self.provenance.known(up, digest):
             # the bytes come from the swarm or from another registry: the origin confirms that
             # `up` holds them before any goes out
-            await self.provenance.confirm(up, name, digest)
+            await self.provenance.confirm(up, name, digest, cred.upstream_auth)
             download.sources.add(up.name)
 
         def count(n: int) -> None:

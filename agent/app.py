@@ -115,8 +115,11 @@ def build(config: AgentConfig) -> web.Application:
     metrics = AgentMetrics(registry)
     data = Path(config.data_dir)
     access = None
-    if config.tracker is not None and config.origin is not None and config.origin_public_key is not None:
-        access = SwarmAccess(tracker=config.tracker, origin=config.origin, node=config.node,
+    if config.tracker is not None:
+        log.warning("tracker: no longer used by agents (announces go to the tracker the origin names in each "
+                    "torrent); remove it from the configuration")
+    if config.origin is not None and config.origin_public_key is not None:
+        access = SwarmAccess(origin=config.origin, node=config.node,
                              node_token=read_token(config.node_token, "node_token"),
                              origin_key=signing.load_public_key(config.origin_public_key, "origin_public_key"))
     shipped = access is not None and config.journal.ship

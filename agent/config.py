@@ -63,11 +63,12 @@ class JournalSettings:
 
 @dataclass(frozen=True, slots=True)
 class SwarmPolicy:
-    # Blobs below this size go straight to the registry unless the tracker already has them.
+    # Blobs below this size go straight to the registry.
     threshold: Annotated[int, SIZE] = 1 << 20
-    # Budget for asking the tracker for metainfo; a dead tracker costs at most this.
+    # Right after start, how long a download waits for this node's enrollment at the origin.
     metainfo_timeout: Annotated[float, DURATION] = 2.0
-    # Budget for the origin to fetch, verify and hash a blob it does not have yet.
+    # Budget for an admission: the origin asks the registry, and fetches, verifies and hashes a
+    # blob it does not have yet.
     seed_timeout: Annotated[float, DURATION] = 120.0
     # From joining the swarm to the first verified piece; then between pieces.
     first_piece_timeout: Annotated[float, DURATION] = 10.0
@@ -80,11 +81,13 @@ class AgentConfig:
     upstreams: list[UpstreamSettings]
     listen: Annotated[str, HOSTPORT] = "127.0.0.1:5050"
     node: str = field(default_factory=lambda: default_node_name(socket.gethostname()))
-    # Without a tracker (or origin) the agent is a plain verifying pull-through cache.
-    tracker: Annotated[str | None, URL] = None
+    # Without an origin the agent is a plain verifying pull-through cache.
     origin: Annotated[str | None, URL] = None
-    # With the swarm: the cluster's node secret (file or env) for the origin's and tracker's APIs,
-    # and the origin's public key (PEM file) that metainfo and swarm tokens must verify against.
+    # No longer used: announces go to the tracker the origin names in each torrent. Accepted (with
+    # a warning at start) so that configurations written for earlier versions still load.
+    tracker: Annotated[str | None, URL] = None
+    # With the swarm: the cluster's node secret (file or env) for the origin's API, and the
+    # origin's public key (PEM file) that metainfo, grants and receipts must verify against.
     node_token: SecretSource = field(default_factory=SecretSource)
     origin_public_key: str | None = None
     torrent: TorrentSettings = field(default_factory=TorrentSettings)
@@ -105,13 +108,11 @@ class AgentConfig:
         if self.max_connections < 1:
             raise ConfigError("max_connections: must be at least 1")
         check_upstream_names(self.upstreams, "upstreams")
-        if (self.tracker is None) != (self.origin is None):
-            raise ConfigError("tracker: set both tracker and origin to use the swarm, or neither")
-        if self.tracker is not None:
+        if self.origin is not None:
             if self.node_token.file is None and self.node_token.env is None:
-                raise ConfigError("node_token: give file or env (required with tracker and origin)")
+                raise ConfigError("node_token: give file or env (required with origin)")
             if self.origin_public_key is None:
-                raise ConfigError("origin_public_key: required with tracker and origin (PEM file)")
+                raise ConfigError("origin_public_key: required with origin (PEM file)")
         try:
             protocol.node_name(self.node)
         except errors.BadRequest as exc:

@@ -3,15 +3,16 @@
 A `Download` runs in the background (a client hanging up does not stop it) and every local
 client reading the blob attaches to it:
 
-1. metainfo from the tracker; if it has none and the blob is large, ask the origin to seed it;
-   small blobs the tracker does not know go straight to the registry;
+1. blobs worth a swarm (at least `threshold`): admission at the origin, for the credential the
+   registry accepted for the client (agent/membership.py), which answers with the metainfo and
+   this node's grant for the blob's swarm; smaller blobs go straight to the registry;
 2. join the swarm, with deadlines: a first verified piece within `first_piece_timeout`, then
    no gap longer than `stall_timeout`;
 3. once complete: flush, sha256 the file from disk, let libtorrent rename it into `blobs/`
    (it keeps seeding from there), fsync, index;
-4. on any swarm failure (tracker or origin away, no peers, stall, bad metainfo, digest
+4. on any swarm failure (origin away, not admitted, no peers, stall, bad metainfo, digest
    mismatch) the agent fetches the blob from the registry itself, verifies and caches it, and
-   seeds it if it knows the metainfo.
+   seeds it if it was admitted.
 
 Readers get verified pieces in order as they land (and the cached file once it exists); a
 reader of the whole blob also hashes what it sends and holds back the last chunk until the
@@ -31,14 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal import errors
-from shoal.metainfo import Published
 from shoal.oci import Digest
 from shoal.registry import Authorization
 from shoal.store import BlobStore, fsync_file, sha256_file
 from shoal.swarm import Swarm, TorrentJob
 from shoal_agent.config import SwarmPolicy
 from shoal_agent.files import FILE_CHUNK, read_file
-from shoal_agent.membership import Membership, SwarmFailure
+from shoal_agent.membership import Admitted, Membership, SwarmFailure
 from shoal_agent.metrics import AgentMetrics
 from shoal_agent.upstreams import Upstream
 
@@ -182,22 +182,22 @@ class Download:
             with store.pinned(self.digest), store.reservation(self.size):
                 await store.make_room()
                 await store.ensure_free(self.size)
-                meta: Published | None = None
-                if self.deps.membership is not None:
+                admitted: Admitted | None = None
+                if self.deps.membership is not None and self.size >= self.deps.policy.threshold:
                     try:
-                        meta = await self.deps.membership.metainfo(self.upstream, self.repo, self.digest, self.size)
-                        if meta is not None:
-                            self.sources.add(self.upstream.name)  # the origin vouched for it
-                            await self._from_swarm(meta)
-                            self._finish("peers", started)
-                            return
+                        admitted = await self.deps.membership.admit(self.upstream, self.repo, self.digest,
+                                                                    self.authorization)
+                        self.sources.add(self.upstream.name)  # the origin vouched for it
+                        await self._from_swarm(admitted)
+                        self._finish("peers", started)
+                        return
                     except (errors.SwarmUnavailable, errors.IntegrityError) as exc:
                         reason = exc.reason if isinstance(exc, SwarmFailure) else \
                             "integrity" if isinstance(exc, errors.IntegrityError) else "swarm_error"
                         self.deps.metrics.fallbacks.labels(reason).inc()
                         log.warning("swarm could not deliver %s (%s); fetching from the registry",
                                     self.digest, exc)
-                await self._from_registry(meta)
+                await self._from_registry(admitted)
                 self._finish("registry", started)
         except errors.ShoalError as exc:
             self.error = exc
@@ -228,14 +228,15 @@ class Download:
         m.download_seconds.labels(source).observe(elapsed)
         log.info("cached %s (%d bytes) from %s in %.2fs", self.digest, self.size, source, elapsed)
 
-    async def _from_swarm(self, published: Published) -> None:
+    async def _from_swarm(self, admitted: Admitted) -> None:
+        published = admitted.published
         meta = published.meta
         swarm = self.deps.swarm
         assert swarm is not None
         if meta.digest != self.digest or meta.size != self.size:
             raise SwarmFailure("bad_metainfo", "metainfo does not describe this blob")
         store, policy = self.deps.store, self.deps.policy
-        job = swarm.add(meta, store.downloads_dir, seed=False)
+        job = swarm.add(meta, store.downloads_dir, seed=False, grant=admitted.grant)
         self.job = job
         self.chosen.set()
         job.listeners.append(self._notify)
@@ -274,7 +275,7 @@ class Download:
             await job.move_to(store.blob_dir(self.digest))
             moved = True
             await store.adopt_in_place(self.digest)
-            await store.save_metainfo(self.digest, meta.raw, published.signature)
+            await store.save_metainfo(self.digest, meta.raw, published.signature, admitted.receipt)
             for name in self.sources:
                 await store.add_source(self.digest, name)
             m = self.deps.metrics
@@ -287,7 +288,7 @@ class Download:
             await swarm.remove(self.digest.hex, delete_files=not moved)
             raise
 
-    async def _from_registry(self, published: Published | None) -> None:
+    async def _from_registry(self, admitted: Admitted | None) -> None:
         self.source = "registry"
         self.sources.add(self.upstream.name)
         self.chosen.set()
@@ -315,9 +316,10 @@ class Download:
         await store.commit_file(self.digest, tmp, verified=True)
         for name in self.sources:  # these bytes came from the registry (and any the origin vouched for)
             await store.add_source(self.digest, name)
-        if published is not None and self.deps.swarm is not None:
-            await store.save_metainfo(self.digest, published.meta.raw, published.signature)
-            self.deps.swarm.add(published.meta, store.blob_dir(self.digest), seed=True)
+        if admitted is not None and self.deps.swarm is not None:
+            published = admitted.published
+            await store.save_metainfo(self.digest, published.meta.raw, published.signature, admitted.receipt)
+            self.deps.swarm.add(published.meta, store.blob_dir(self.digest), seed=True, grant=admitted.grant)
 
 
 def _pread(path: Path, offset: int, length: int) -> bytes:

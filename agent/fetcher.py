@@ -37,16 +37,20 @@ class Fetcher:
         self._token_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Join the swarm (token from the origin) and seed again what the cache kept."""
+        """Enroll with the origin, and seed again what the cache kept (each blob once its grant
+        is renewed)."""
         membership = self.membership  # there with a swarm and the access to it, else None
         if membership is None:
             return
         self.store.add_evict_hook(self._on_evict)
-        self._token_task = asyncio.create_task(membership.keep_token())
-        seeded = 0
+        resumed = unadmitted = 0
         for digest in self.store.digests():
             kept = await self.store.load_metainfo(digest)
             if kept is None:
+                continue
+            receipt = await self.store.load_receipt(digest)
+            if receipt is None:  # cached by an earlier version, before admissions: not seeded
+                unadmitted += 1
                 continue
             try:
                 signing.verify_metainfo(membership.access.origin_key, kept[0], kept[1])
@@ -54,9 +58,11 @@ class Fetcher:
             except (signing.SignatureError, metainfo.MetainfoError) as exc:
                 log.warning("not seeding %s: its metainfo on disk is unusable (%s)", digest, exc)
                 continue
-            membership.swarm.add(meta, self.store.blob_dir(digest), seed=True)
-            seeded += 1
-        log.info("seeding %d cached blobs", seeded)
+            membership.resume(meta, self.store.blob_dir(digest), receipt)
+            resumed += 1
+        self._token_task = asyncio.create_task(membership.keep_enrolled())
+        log.info("seeding %d cached blobs once their grants are renewed%s", resumed,
+                 f" ({unadmitted} without an admission receipt are served from the cache only)" if unadmitted else "")
 
     async def stop(self) -> None:
         tasks = [d.task for d in self._flights.values() if d.task is not None]
@@ -67,6 +73,8 @@ class Fetcher:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _on_evict(self, digest: Digest) -> None:
+        if self.membership is not None:
+            self.membership.forget(digest)
         if self.swarm is not None:
             await self.swarm.remove(digest.hex)
 

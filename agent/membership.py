@@ -1,31 +1,42 @@
-"""This node's membership of the cluster's swarms: the swarm token it keeps from the origin, and
-the signed metainfo of a blob (from the tracker, or from the origin after it seeded the blob).
-A failure says why, as one of the fixed fallback reasons."""
+"""This node's membership of the cluster's swarms, blob by blob.
+
+- **Enrollment and renewal**: the node enrolls with the origin (its name bound to its key) and, at
+  half-life, has the grant of every blob it holds renewed by showing the admission receipts.
+- **Admission**: before it joins a blob's swarm the node presents, for the puller it serves, the
+  credential the registry accepted (the puller's own, its registry login in node mode, or none);
+  the origin asks the registry with it and, on a yes, answers with the blob's signed metainfo, its
+  word that the registry holds the blob, and a grant for that swarm only (origin/admission.py).
+
+A failure says why, as one of the fixed fallback reasons.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shoal import errors, metainfo, peercerts, protocol, signing
-from shoal.clients import ApiError, OriginClient, SignedMetainfo, TrackerClient
+from shoal.clients import ApiError, OriginClient
 from shoal.flights import Backoff
-from shoal.metainfo import Published
+from shoal.metainfo import Metainfo, Published
 from shoal.oci import Digest
-from shoal.swarm import Swarm
+from shoal.registry import OWN, Authorization
+from shoal.swarm import Grant, Swarm
 from shoal_agent.config import SwarmPolicy
 from shoal_agent.metrics import FALLBACK_REASONS, AgentMetrics
 from shoal_agent.upstreams import Upstream
 
 log = logging.getLogger(__name__)
 
-# Backoff while the origin does not hand out a swarm token.
-TOKEN_RETRY_MIN, TOKEN_RETRY_MAX = 1.0, 30.0
+# Backoff while the origin does not enroll this node or renew its grants.
+RETRY_MIN, RETRY_MAX = 1.0, 30.0
 
 
 class SwarmFailure(errors.SwarmUnavailable):
@@ -39,124 +50,162 @@ class SwarmFailure(errors.SwarmUnavailable):
 class SwarmAccess:
     """What an agent needs to take part in the swarm."""
 
-    tracker: str
     origin: str
     node: str
     node_token: str = field(repr=False)
     origin_key: Ed25519PublicKey
 
 
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A blob's verified metainfo and this node's grant for its swarm."""
+
+    published: Published
+    grant: Grant
+    receipt: str
+
+
 class Membership:
     def __init__(self, *, http: aiohttp.ClientSession, access: SwarmAccess, swarm: Swarm, policy: SwarmPolicy,
                  metrics: AgentMetrics) -> None:
         self.origin = OriginClient(http, access.origin, access.node_token)
-        self.tracker = TrackerClient(http, access.tracker, access.node_token)
         self.access = access
         self.swarm = swarm
         self.policy = policy
         self.metrics = metrics
+        self.enrolled = asyncio.Event()
+        # The receipt of every blob this node takes part in (digest hex -> receipt), and the
+        # cached blobs waiting for their first grant after a restart (digest hex -> what to seed).
+        self._receipts: dict[str, str] = {}
+        self._waiting: dict[str, tuple[Metainfo, Path]] = {}
 
-    async def keep_token(self) -> None:
-        """Hold a valid swarm token: the tracker refuses announces without one (runs until cancelled)."""
-        swarm, access = self.swarm, self.access
-        backoff = Backoff(TOKEN_RETRY_MIN, TOKEN_RETRY_MAX)
+    # ----- enrollment and renewal ----------------------------------------------------------------
+
+    def resume(self, meta: Metainfo, save_path: Path, receipt: str) -> None:
+        """Seed a cached blob again once its grant is renewed (at enrollment)."""
+        self._receipts[meta.digest.hex] = receipt
+        self._waiting[meta.digest.hex] = (meta, save_path)
+
+    def forget(self, digest: Digest) -> None:
+        self._receipts.pop(digest.hex, None)
+        self._waiting.pop(digest.hex, None)
+
+    async def keep_enrolled(self) -> None:
+        """Stay enrolled and keep every grant valid (runs until cancelled)."""
+        backoff = Backoff(RETRY_MIN, RETRY_MAX)
         while True:
             try:
-                answer = await self.origin.swarm_token(
-                    protocol.SwarmTokenRequest(access.node, swarm.key.public_pem), within=10)
-                token, ttl = answer.token, answer.ttl_seconds
-                signing.verify_token(access.origin_key, token)
-                peercerts.check_node_certificate(answer.certificate, access.origin_key, swarm.key.public_key)
-            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, errors.ShoalError,
-                    signing.SignatureError) as exc:
+                ttl = await self._renew()
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, errors.ShoalError) as exc:
                 # Only shoal's own fixed texts are logged (ApiError's HTTP status, a protocol field
-                # name, a signature verdict), never the token and never another library's message,
-                # which could echo what the origin sent.
-                reason = str(exc) if isinstance(exc, (errors.ShoalError, signing.SignatureError)) \
-                    else type(exc).__name__
+                # name), never a token and never another library's message, which could echo what
+                # the origin sent.
+                reason = str(exc) if isinstance(exc, errors.ShoalError) else type(exc).__name__
                 if isinstance(exc, ApiError) and exc.status == 403:
                     reason += ": the origin refuses this node's name and key (another key enrolled the name, the " \
                               "key is banned, or max_nodes is reached; the origin's log says which)"
                 wait = backoff.next()
-                log.warning("no swarm token from the origin yet (%s); retrying in %.0fs", reason, wait)  # log-safe
+                log.warning("no enrollment or renewal at the origin (%s); retrying in %.0fs", reason, wait)  # log-safe
                 await asyncio.sleep(wait)
                 continue
-            swarm.set_token(token, answer.certificate)
-            self.metrics.swarm_token_expiry.set(time.time() + ttl)
             backoff.reset()
+            self.enrolled.set()
             await asyncio.sleep(max(ttl / 2, 1.0))
 
-    async def metainfo(self, upstream: Upstream, repo: str, digest: Digest, size: int) -> Published | None:
-        """From the tracker, or (for blobs worth a swarm) from the origin after it seeded them.
-        Only metainfo the origin signed is accepted, wherever it came from."""
-        if not await self.swarm.wait_token(self.policy.metainfo_timeout):
-            # right after start the token is usually a few milliseconds away: wait for it
-            raise SwarmFailure("no_swarm_token", "this node has no swarm token from the origin yet")
-        try:
-            found = await self.tracker.metainfo(digest, within=self.policy.metainfo_timeout)
-        except ApiError as exc:
-            raise SwarmFailure("tracker_error", f"tracker answered {exc.status} for metainfo") from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise SwarmFailure("tracker_unreachable", f"tracker unreachable: {type(exc).__name__}") from None
-        if found is not None:
-            # That `upstream` holds the blob is the origin's word (agent/provenance.py): the
-            # tracker hands it out with the metainfo once the origin knows it, so peers serve
-            # each other with the origin away; else the origin is asked (and fetches the blob
-            # from `upstream` if it has not yet).
-            vouched = self._vouched(found, upstream, digest)
-            if vouched is not None:
-                return vouched
-        elif size < self.policy.threshold:
-            return None  # small blobs the swarm does not carry come from the registry
-        return await self.vouch(upstream, repo, digest)
+    async def _renew(self) -> float:
+        """Enroll and renew every grant, MAX_RENEWALS at a time; the grants' lifetime."""
+        receipts = [protocol.Receipt(f"sha256:{h}", r) for h, r in self._receipts.items()]
+        ttl = None
+        for start in range(0, max(len(receipts), 1), protocol.MAX_RENEWALS):
+            answer = await self.origin.grants(
+                protocol.GrantsRequest(self.access.node, self.swarm.key.public_pem,
+                                       receipts[start : start + protocol.MAX_RENEWALS]), within=30)
+            ttl = answer.ttl_seconds
+            for grant in answer.grants:
+                try:
+                    digest = Digest.parse(grant.digest)
+                    self._use(digest.hex, self._check(grant, digest))
+                except (errors.ShoalError, SwarmFailure) as exc:
+                    log.warning("unusable renewed grant for %s: %s", grant.digest, exc)
+            for refused in answer.refused:
+                await self._drop(refused.removeprefix("sha256:"), "the origin does not renew its grant")
+        assert ttl is not None
+        self.metrics.swarm_token_expiry.set(time.time() + ttl)
+        return ttl
 
-    async def confirm(self, upstream: Upstream, repo: str, digest: Digest) -> None:
-        """That `upstream` holds the blob, on the origin's word: from the tracker if it has it
-        (the origin may be away), else from the origin (SwarmFailure if it does not vouch)."""
-        try:
-            found = await self.tracker.metainfo(digest, within=self.policy.metainfo_timeout)
-            if found is not None and self._vouched(found, upstream, digest) is not None:
-                return
-        except (ApiError, aiohttp.ClientError, TimeoutError, SwarmFailure):
-            pass  # the origin decides
-        await self.vouch(upstream, repo, digest)
+    def _use(self, name: str, grant: Grant) -> None:
+        waiting = self._waiting.pop(name, None)
+        if waiting is not None:
+            meta, save_path = waiting
+            self.swarm.add(meta, save_path, seed=True, grant=grant)
+        else:
+            self.swarm.set_grant(name, grant)
 
-    async def vouch(self, upstream: Upstream, repo: str, digest: Digest) -> Published:
-        """The blob's signed metainfo, from the origin, with its signed word that `upstream` holds
-        the blob (seeding it first if needed). SwarmFailure("origin_refused") if it says no."""
+    async def _drop(self, name: str, why: str) -> None:
+        self._receipts.pop(name, None)
+        self._waiting.pop(name, None)
+        if self.swarm.job(name) is not None:
+            log.warning("leaving the swarm of sha256:%s: %s", name, why)
+            await self.swarm.remove(name)
+
+    # ----- admission -----------------------------------------------------------------------------
+
+    async def admit(self, upstream: Upstream, repo: str, digest: Digest, authorization: Authorization) -> Admitted:
+        """The blob's metainfo and this node's grant for its swarm, once the origin had the
+        registry accept `authorization` (as the agent authenticates to the registry for the
+        puller) for this blob; with the origin's word that `upstream` holds the blob."""
+        if not self.enrolled.is_set():
+            # right after start the enrollment is usually a few milliseconds away: wait for it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.enrolled.wait(), self.policy.metainfo_timeout)
+            if not self.enrolled.is_set():
+                raise SwarmFailure("not_enrolled", "this node is not enrolled with the origin yet")
+        request = protocol.AdmissionRequest(self.access.node, upstream.name, repo)
         try:
-            seeded = await self.origin.seed(digest, protocol.SeedRequest(upstream.name, repo),
-                                            within=self.policy.seed_timeout)
+            answer = await self.origin.admission(digest, request, self._credential(upstream, authorization),
+                                                 within=self.policy.seed_timeout)
         except ApiError as exc:
-            if exc.status in (400, 403, 404):
+            if exc.status in (401, 403):
+                raise SwarmFailure("not_admitted", f"the origin did not admit this node to the blob's swarm: "
+                                                   f"HTTP {exc.status}") from None
+            if exc.status in (400, 404):
                 raise SwarmFailure("origin_refused", f"the origin does not vouch for {upstream.name}: "
                                                      f"HTTP {exc.status}") from None
-            raise SwarmFailure("origin_error", f"origin answered {exc.status} to the seed request") from None
+            raise SwarmFailure("origin_error", f"origin answered {exc.status} to the admission") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SwarmFailure("origin_unreachable", f"origin unreachable: {type(exc).__name__}") from None
-        published = self._verify(seeded)
-        if published.meta.digest != digest:
-            raise SwarmFailure("bad_metainfo", "the origin's metainfo is for another blob")
+        key = self.access.origin_key
         try:
-            signing.verify_source(self.access.origin_key, str(digest), upstream.name, seeded.sources.get(upstream.name))
+            signing.verify_metainfo(key, answer.metainfo, answer.signature)
+            published = Published(metainfo.parse(answer.metainfo), answer.signature)
+            signing.verify_source(key, str(digest), upstream.name, answer.source)
         except signing.SignatureError as exc:
-            raise SwarmFailure("unsigned_metainfo", str(exc)) from None
-        return published
-
-    def _vouched(self, found: SignedMetainfo, upstream: Upstream, digest: Digest) -> Published | None:
-        """The tracker's metainfo, if it carries the origin's word that `upstream` holds the blob."""
-        try:
-            signing.verify_source(self.access.origin_key, str(digest), upstream.name, found.sources.get(upstream.name))
-        except signing.SignatureError:
-            return None
-        published = self._verify(found)
-        return published if published.meta.digest == digest else None
-
-    def _verify(self, signed: SignedMetainfo) -> Published:
-        try:
-            signing.verify_metainfo(self.access.origin_key, signed.raw, signed.signature)
-            return Published(metainfo.parse(signed.raw), signed.signature or "")
-        except signing.SignatureError as exc:
-            raise SwarmFailure("unsigned_metainfo", f"metainfo not signed by the origin: {exc}") from None
+            raise SwarmFailure("unsigned_metainfo", f"the admission is not signed by the origin: {exc}") from None
         except metainfo.MetainfoError as exc:
             raise SwarmFailure("bad_metainfo", f"unusable metainfo: {exc}") from None
+        if published.meta.digest != digest or answer.grant.digest != str(digest):
+            raise SwarmFailure("bad_metainfo", "the origin's admission is for another blob")
+        grant = self._check(answer.grant, digest)
+        self._receipts[digest.hex] = answer.grant.receipt
+        return Admitted(published, grant, answer.grant.receipt)
+
+    def _credential(self, upstream: Upstream, authorization: Authorization) -> str | None:
+        """What the registry accepted for the puller, as the origin can present it again."""
+        if authorization is OWN:
+            credentials = upstream.client.credentials
+            return credentials.basic() if credentials is not None else None
+        assert authorization is None or isinstance(authorization, str)
+        return authorization
+
+    def _check(self, grant: protocol.Grant, digest: Digest) -> Grant:
+        """A grant the origin signed, for this blob and this node's key."""
+        try:
+            claims = signing.verify_token(self.access.origin_key, grant.token)
+            if claims.blob != digest.hex:
+                raise SwarmFailure("bad_metainfo", "the swarm token is for another blob")
+            peercerts.check_node_certificate(grant.certificate, self.access.origin_key, self.swarm.key.public_key)
+        except signing.SignatureError as exc:
+            raise SwarmFailure("unsigned_metainfo", f"the grant is not the origin's: {exc}") from None
+        except errors.IntegrityError as exc:
+            raise SwarmFailure("unsigned_metainfo", str(exc)) from None
+        return Grant(grant.token, grant.certificate)

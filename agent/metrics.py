@@ -11,9 +11,9 @@ DOWNLOAD_SOURCES = ("peers", "registry")
 # Why a swarm download was abandoned for the registry. A fixed set, every series exported from
 # start at 0, so an alert on rate(shoal_agent_fallbacks_total[...]) sees zero, not "no data".
 FALLBACK_REASONS = (
-    "no_swarm_token",  # the origin has not given this node a swarm token (yet)
-    "tracker_unreachable", "tracker_error",  # metainfo lookup failed
-    "origin_unreachable", "origin_error",  # the origin could not seed the blob
+    "not_enrolled",  # the origin has not enrolled this node (yet)
+    "not_admitted",  # the registry did not let the origin admit this puller's credential to the blob
+    "origin_unreachable", "origin_error",  # the origin could not admit the node or seed the blob
     "origin_refused",  # the origin does not vouch that the registry holds the blob
     "unsigned_metainfo", "bad_metainfo",  # metainfo that does not verify or describe the blob
     "no_first_piece", "stalled",  # no seeder answered, or every peer stopped sending
@@ -54,7 +54,8 @@ class AgentMetrics:
                                           "Blobs whose bytes did not hash to their digest", ["source"],
                                           registry=registry)
         self.swarm_token_expiry = Gauge("shoal_agent_swarm_token_expiry_timestamp_seconds",
-                                        "When this node's swarm token from the origin expires (0: none)",
+                                        "When this node's swarm grants (tokens and certificates, renewed "
+                                        "together) expire (0: none yet)",
                                         registry=registry)
         self.registry_requests = Counter("shoal_agent_registry_requests_total",
                                          "Requests the agent sent to the origin registry",

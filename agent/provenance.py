@@ -9,7 +9,8 @@ blob (`meta/<hex>.sources`):
 
 - this node fetched the blob from U itself, or
 - the origin vouched for (U, digest): it fetched the blob from U (once, checked against the
-  digest) and signed that (signing.sign_source), in its answer to a seed request for U.
+  digest) and signed that (signing.sign_source), in its answer to an admission for U (which the
+  registry U granted for the puller's credential).
 
 A sample of the bytes is no proof: a registry can send one matching byte, guess a prefix every
 gzip layer shares, or hold a near-copy; only the whole blob, checked against the digest, is.
@@ -21,6 +22,7 @@ import logging
 
 from shoal import errors
 from shoal.oci import Digest
+from shoal.registry import Authorization
 from shoal.store import BlobStore
 from shoal_agent.membership import Membership, SwarmFailure
 from shoal_agent.metrics import AgentMetrics
@@ -38,15 +40,16 @@ class Provenance:
     async def known(self, upstream: Upstream, digest: Digest) -> bool:
         return upstream.name in await self.store.sources(digest)
 
-    async def confirm(self, upstream: Upstream, repo: str, digest: Digest) -> None:
-        """Have the origin vouch that `upstream` holds `digest`, and remember it. Refused (404
-        BLOB_UNKNOWN) if the origin says it does not; 503 if nobody can say now."""
+    async def confirm(self, upstream: Upstream, repo: str, digest: Digest, authorization: Authorization) -> None:
+        """Have the origin vouch that `upstream` holds `digest` (asking with the puller's
+        `authorization`), and remember it. Refused (404 BLOB_UNKNOWN) if the origin says it does
+        not; 503 if nobody can say now."""
         if self.membership is None:
             self.metrics.provenance_checks.labels("unavailable").inc()
             raise errors.UpstreamError(f"this blob came from another registry than {upstream.name}, and there is no "
                                        "origin to confirm that it holds the blob too")
         try:
-            await self.membership.confirm(upstream, repo, digest)
+            await self.membership.admit(upstream, repo, digest, authorization)
         except SwarmFailure as exc:
             if exc.reason == "origin_refused":
                 self.metrics.provenance_checks.labels("refused").inc()

@@ -53,7 +53,7 @@ def run(work: Path, *, seconds: int, connections: int = 32) -> TrackerResult:
     raw = metainfo.create(blob, digest, announce=protocol.ANNOUNCE.url(f"http://127.0.0.1:{port}"),
                           root_cert=peercerts.ca_certificate(key))
     meta = metainfo.parse(raw)
-    token = signing.issue_token(key, "bench", 3600)
+    token = signing.issue_token(key, "bench", 3600, meta.digest.hex)
     config = work / "tracker.yaml"
     cluster = Cluster(keys, [], tracker_url=f"http://127.0.0.1:{port}", origin_url="", log={"level": "warning"})
     # the load generator announces thousands of peers from one address, as for opentracker

@@ -14,7 +14,7 @@ import yaml
 
 from bench import services
 from bench.footprint import PeakRss
-from shoal import protocol
+from shoal import peercerts, protocol
 from shoal.cluster import Cluster, command, make_keys
 from tests.support import api
 from tests.support.clients import sha256_path
@@ -85,8 +85,10 @@ def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], age
             started_services.append(service)
             nodes.append((service, f"http://{ip}:{port}/v2/{repo}/blobs/{digest}"))
         # the origin has the blob already (pre-seeded), so this measures the swarm itself
-        api.seed_blob(f"http://127.0.0.1:{oport}", cluster.keys["node_token"].read_text(), str(digest),
-                      registry_host, repo)
+        # (an admission for a node of the bench's own: the registry is open, so anonymous will do)
+        origin_url, node_token = f"http://127.0.0.1:{oport}", cluster.keys["node_token"].read_text()
+        api.grants(origin_url, node_token, "bench", peercerts.NodeKey.generate().public_pem)
+        api.admission(origin_url, node_token, str(digest), "bench", registry_host, repo)
         time.sleep(2)  # swarm tokens, announces
         cpu_before = sum(proc_stats(s.pid)[1] for s, _ in nodes)
         with PeakRss([s.pid for s, _ in nodes]) as peak:

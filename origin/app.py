@@ -1,7 +1,8 @@
-"""The origin's aiohttp application: seed API, pre-seed jobs, status and ops routes."""
+"""The origin's aiohttp application: admissions, enrollment, the collector, pre-seed jobs, status, ops."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -24,6 +25,7 @@ from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import SEEDER_FINGERPRINT, Swarm, SwarmSettings
 from shoal.web import add_ops_routes, add_routes, error_middleware
+from shoal_origin.admission import Admissions
 from shoal_origin.collector import AUDIT_DB, Collector
 from shoal_origin.config import OriginConfig
 from shoal_origin.preseed import Preseeder
@@ -36,6 +38,7 @@ SEEDER_KEY = web.AppKey("seeder", Seeder)
 SWARM_KEY = web.AppKey("swarm", Swarm)
 COLLECTOR_KEY = web.AppKey("collector", Collector)
 PRESEEDER_KEY = web.AppKey("preseeder", Preseeder)
+ADMISSIONS_KEY = web.AppKey("admissions", Admissions)
 USER_AGENT = "shoal-origin/0.1"
 
 
@@ -50,26 +53,36 @@ def _parse_json(raw: bytes) -> Any:
         raise errors.BadRequest(errors.INVALID_REQUEST, "body must be a JSON object") from None
 
 
-async def seed_blob(request: web.Request) -> web.Response:
-    """POST /v1/blobs/{digest}/seed {"ns": registry, "repository": name} -> signed metainfo."""
+async def admission(request: web.Request) -> web.Response:
+    """POST ADMISSION {"node", "ns", "repository"} with the puller's credential: once the registry
+    lets that credential pull the blob, the blob is seeded and the node gets its metainfo and a
+    grant for its swarm (origin/admission.py)."""
     digest = Digest.parse(request.match_info["digest"])
-    body = protocol.SeedRequest.from_json(await _json(request))
+    body = protocol.AdmissionRequest.from_json(await _json(request))
     validate_name(body.repository)
+    admissions = request.app[ADMISSIONS_KEY]
+    public_key = await request.app[COLLECTOR_KEY].node_key(body.node)
+    if public_key is None:
+        raise errors.Denied(f"node {body.node!r} has not enrolled (it asks for its grants first)")
+    principal = await admissions.check(body.ns, body.repository, digest,
+                                       request.headers.get(protocol.PULLER_AUTHORIZATION_HEADER))
     seeder = request.app[SEEDER_KEY]
     published = await seeder.ensure_seeded(body.ns, body.repository, digest)
-    return web.Response(body=published.meta.raw, content_type=protocol.TORRENT_TYPE,
-                        headers={protocol.SIGNATURE_HEADER: published.signature,
-                                 protocol.SOURCES_HEADER: protocol.encode_sources(
-                                     {body.ns: seeder.source_signature(digest, body.ns)})})
+    grant = await asyncio.to_thread(admissions.grant, body.node, public_key, digest)
+    log.info("admitted node %s to %s (%s/%s) for %s", body.node, digest, body.ns, body.repository, principal)
+    return web.json_response(protocol.Admission(published.meta.raw, published.signature,
+                                                seeder.source_signature(digest, body.ns), grant,
+                                                admissions.grant_ttl).to_json())
 
 
-async def swarm_token(request: web.Request) -> web.Response:
-    """POST /v1/swarm/token {"node": name, "public_key": PEM} -> a signed swarm token for
-    announcing, and a certificate for that key to present to peers."""
-    body = protocol.SwarmTokenRequest.from_json(await _json(request))
+async def grants(request: web.Request) -> web.Response:
+    """POST GRANTS {"node", "public_key", "renew"}: enroll the node (its name bound to its key the
+    first time) and renew the grants its receipts show it was admitted to."""
+    body = protocol.GrantsRequest.from_json(await _json(request))
     public_key = peercerts.parse_public_key(body.public_key)
     await request.app[COLLECTOR_KEY].enroll(body.node, peercerts.canonical_public_pem(public_key))
-    return web.json_response(request.app[SEEDER_KEY].admit(body.node, public_key).to_json())
+    renewed = await asyncio.to_thread(request.app[ADMISSIONS_KEY].renew, body.node, public_key, body.renew)
+    return web.json_response(renewed.to_json())
 
 
 async def submit_preseed(request: web.Request) -> web.Response:
@@ -167,6 +180,8 @@ def build(config: OriginConfig) -> web.Application:
                         announce=config.announce, max_blob_size=config.max_blob_size, metrics=metrics,
                         key=key, token_ttl=config.swarm_token_ttl)
         preseeder = Preseeder(seeder, concurrency=config.preseed_concurrency)
+        app[ADMISSIONS_KEY] = Admissions(key=key, upstreams=upstreams, ttl=config.admission_ttl,
+                                         grant_ttl=config.swarm_token_ttl)
         collector = Collector(Path(config.data_dir) / AUDIT_DB, max_nodes=config.max_nodes)
         # Whatever interrupts start-up or shutdown (a failure, a second signal), everything that
         # was opened is closed, in reverse order.
@@ -188,6 +203,7 @@ def build(config: OriginConfig) -> web.Application:
             app[PRESEEDER_KEY] = preseeder
             app[COLLECTOR_KEY] = collector
             registry.register(CollectorMetrics(collector))
+            registry.register(AdmissionMetrics(app[ADMISSIONS_KEY]))
             yield
 
     async def ready() -> str | None:
@@ -196,8 +212,8 @@ def build(config: OriginConfig) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     add_routes(app, [
-        (protocol.SEED_BLOB, seed_blob, "node"),
-        (protocol.SWARM_TOKEN, swarm_token, "node"),
+        (protocol.ADMISSION, admission, "node"),
+        (protocol.GRANTS, grants, "node"),
         (protocol.JOURNAL, receive_journal, "node"),
         (protocol.AUDIT, query_audit, "node"),
         (protocol.PRESEED, submit_preseed, "node"),
@@ -231,4 +247,18 @@ class CollectorMetrics(PromCollector):
                                 "Swarm tokens refused for a node name bound to another key, a banned key, or "
                                 "past max_nodes")
         c.add_metric([], float(self.collector.enrollment_refusals))
+        yield c
+
+
+class AdmissionMetrics(PromCollector):
+    def __init__(self, admissions: Admissions) -> None:
+        self.admissions = admissions
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        c = CounterMetricFamily("shoal_origin_admission_checks",
+                                "Admissions to a blob's swarm by how the registry's answer was had: asked "
+                                "(allowed, denied) or from the last answer for the same credential (cached)",
+                                labels=["result"])
+        for result, value in self.admissions.checks.items():
+            c.add_metric([result], float(value))
         yield c

@@ -40,8 +40,12 @@ class OriginConfig:
     signing_key: str | None = None
     # The cluster's node secret (file or env): agents and `shoal seed`/`shoal audit` present it.
     node_token: SecretSource = field(default_factory=SecretSource)
-    # How long a swarm token the origin issues to a node is valid (nodes renew at half-life).
+    # How long a node's grants (a swarm token and a certificate per blob) are valid; nodes renew
+    # them at half-life. A banned node drops out of every swarm within this.
     swarm_token_ttl: Annotated[float, DURATION] = 86400.0
+    # How long the registry's answer to an admission check is kept (per credential, repository
+    # and blob): a puller revoked at the registry gets no new admission after this.
+    admission_ttl: Annotated[float, DURATION] = 60.0
     torrent: TorrentSettings = field(default_factory=lambda: TorrentSettings(listen="127.0.0.1:6882"))
     cache: CacheSettings = field(default_factory=CacheSettings)
     # Blobs larger than this are refused before download.
@@ -69,6 +73,8 @@ class OriginConfig:
             raise ConfigError("node_token: give file or env (the cluster's node secret)")
         if self.swarm_token_ttl < 60:
             raise ConfigError("swarm_token_ttl: must be at least 60s")
+        if not 0 <= self.admission_ttl <= 3600:
+            raise ConfigError("admission_ttl: must be between 0s and 1h")
         if not 1 <= self.preseed_concurrency <= 64:
             raise ConfigError("preseed_concurrency: must be between 1 and 64")
 

@@ -1,4 +1,4 @@
-"""Registering metainfo at the tracker, so it tracks the torrent and serves it by digest."""
+"""Registering metainfo at the tracker, so that it tracks the torrent."""
 
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ class TrackerRegistration:
         self.tracker = TrackerClient(http, tracker, token)
         self.registered: set[str] = set()
 
-    async def register(self, meta: Metainfo, signature: str, sources: dict[str, str]) -> bool:
-        """One attempt, with the registries the origin vouches hold the blob; False (logged) if
-        the tracker is unreachable or refuses."""
+    async def register(self, meta: Metainfo, signature: str) -> bool:
+        """One attempt; False (logged) if the tracker is unreachable or refuses."""
         try:
-            await self.tracker.register(meta.digest, meta.raw, signature, within=10, sources=sources)
+            await self.tracker.register(meta.digest, meta.raw, signature, within=10)
             self.registered.add(meta.digest.hex)
             return True
         except ApiError as exc:
@@ -39,12 +38,11 @@ class TrackerRegistration:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError, ApiError):
             await self.tracker.unregister(meta.digest, within=10)
 
-    async def keep_registered(self, metas: list[tuple[Metainfo, str, dict[str, str]]], *,
-                              retry: float = 5.0) -> None:
+    async def keep_registered(self, metas: list[tuple[Metainfo, str]], *, retry: float = 5.0) -> None:
         """Register everything not yet registered, retrying until the tracker takes it."""
-        pending = [(m, s, src) for m, s, src in metas if m.digest.hex not in self.registered]
+        pending = [(m, s) for m, s in metas if m.digest.hex not in self.registered]
         while pending:
-            results = await asyncio.gather(*(self.register(m, s, src) for m, s, src in pending))
+            results = await asyncio.gather(*(self.register(m, s) for m, s in pending))
             pending = [ms for ms, ok in zip(pending, results, strict=True) if not ok]
             if pending:
                 await asyncio.sleep(retry)

@@ -10,16 +10,16 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from shoal import errors, metainfo, peercerts, protocol, signing
+from shoal import errors, metainfo, peercerts, signing
 from shoal.flights import SingleFlight
 from shoal.metainfo import Published
 from shoal.oci import Digest
 from shoal.registry import RegistryClient
 from shoal.store import BlobStore
-from shoal.swarm import Swarm
+from shoal.swarm import Grant, Swarm
 from shoal_origin.registration import TrackerRegistration
 
 log = logging.getLogger(__name__)
@@ -87,15 +87,11 @@ class Seeder:
         self._spawn(self._register(list(self._metas.values())))
         log.info("seeding %d blobs from the cache", len(self._metas))
 
-    def admit(self, node: str, public_key: Ed25519PublicKey) -> protocol.SwarmToken:
-        """A swarm token for `node` and a certificate for its key, valid for token_ttl."""
-        expires = time.time() + self.token_ttl
-        return protocol.SwarmToken(signing.issue_token(self.key, node, self.token_ttl), self.token_ttl,
-                                   peercerts.issue_node_certificate(self.key, node, public_key, expires))
-
     def _admit_self(self) -> None:
-        admitted = self.admit("origin", self.swarm.key.public_key)
-        self.swarm.set_token(admitted.token, admitted.certificate)
+        """The origin takes part in every swarm (it seeds them all): its own grant is for `*`."""
+        token, certificate = peercerts.issue_grant(self.key, "origin", self.swarm.key.public_key,
+                                                   signing.EVERY_BLOB, self.token_ttl)
+        self.swarm.set_default_grant(Grant(token, certificate))
 
     async def _renew_own_token(self) -> None:
         while True:
@@ -105,8 +101,7 @@ class Seeder:
     async def _register(self, published: list[Published]) -> None:
         """Register (retrying while the tracker is away), then announce at once: an announce
         refused before registration makes libtorrent back off for a whole interval."""
-        await self.registration.keep_registered(
-            [(p.meta, p.signature, await self.sources(p.meta.digest)) for p in published])
+        await self.registration.keep_registered([(p.meta, p.signature) for p in published])
         for p in published:
             job = self.swarm.job(p.meta.digest.hex)
             if job is not None:
@@ -150,7 +145,7 @@ class Seeder:
             self.store.touch(digest)
             # An agent asks here only after the tracker did not know the blob (e.g. it restarted
             # without persistence): register again, and announce so the seeder is listed at once.
-            if await self.registration.register(published.meta, published.signature, await self.sources(digest)):
+            if await self.registration.register(published.meta, published.signature):
                 job = self.swarm.job(digest.hex)
                 if job is not None:
                     self.swarm.force_reannounce(job)
@@ -174,10 +169,6 @@ class Seeder:
 
     def source_signature(self, digest: Digest, ns: str) -> str:
         return signing.sign_source(self.key, str(digest), ns)
-
-    async def sources(self, digest: Digest) -> dict[str, str]:
-        """Every registry known to hold the blob, with the origin's word for it (for the tracker)."""
-        return {ns: self.source_signature(digest, ns) for ns in await self.store.sources(digest)}
 
     async def _confirm_source(self, ns: str, repo: str, digest: Digest, size: int) -> None:
         """Make sure registry `ns` holds `digest` before vouching for it: a registry's yes to a
@@ -213,9 +204,6 @@ class Seeder:
                 raise errors.NotFound(errors.BLOB_UNKNOWN, detail=str(digest))
             await self.store.add_source(digest, ns)
             log.info("registry %s holds %s too (read and checked)", ns, digest)
-            published = self._metas.get(digest)
-            if published is not None:  # the tracker hands the new word out to every node
-                await self.registration.register(published.meta, published.signature, await self.sources(digest))
 
         await self._confirmations.run((ns, digest), confirm)
 
@@ -246,7 +234,7 @@ class Seeder:
             await self.store.save_metainfo(digest, raw, published.signature)
         # Register first: the seeder's first announce must find the torrent known, or libtorrent
         # backs off and agents see no seeder for a whole announce interval.
-        await self.registration.register(meta, published.signature, await self.sources(digest))
+        await self.registration.register(meta, published.signature)
         self._metas[digest] = published
         self.swarm.add(meta, self.store.blob_dir(digest), seed=True)
         self.metrics.fetch_seconds.observe(time.monotonic() - started)

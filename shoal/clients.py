@@ -12,7 +12,6 @@ A call returns the answer's typed body, or raises:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -43,21 +42,6 @@ async def _refused(r: aiohttp.ClientResponse, what: str) -> ApiError:
     return ApiError(what, r.status, detail)
 
 
-@dataclass(frozen=True, slots=True)
-class SignedMetainfo:
-    raw: bytes
-    signature: str | None  # SIGNATURE_HEADER as sent (verified by the caller, not here)
-    # SOURCES_HEADER: registry -> the origin's signature that it holds the blob (likewise unchecked)
-    sources: dict[str, str] = field(default_factory=dict)
-
-
-def _sources(r: aiohttp.ClientResponse) -> dict[str, str]:
-    try:
-        return protocol.parse_sources(r.headers.get(protocol.SOURCES_HEADER))
-    except errors.BadRequest:
-        return {}  # unusable: as if none (each one is verified before use anyway)
-
-
 def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}  # no token: the server's 401 says so
 
@@ -68,20 +52,25 @@ class OriginClient:
     def __init__(self, http: aiohttp.ClientSession, base: str, node_token: str) -> None:
         self.http, self.base, self._auth = http, base, _bearer(node_token)
 
-    async def swarm_token(self, request: protocol.SwarmTokenRequest, *, within: float) -> protocol.SwarmToken:
-        async with self.http.post(protocol.SWARM_TOKEN.url(self.base), json=request.to_json(),
+    async def grants(self, request: protocol.GrantsRequest, *, within: float) -> protocol.Grants:
+        async with self.http.post(protocol.GRANTS.url(self.base), json=request.to_json(),
                                   headers=self._auth, timeout=aiohttp.ClientTimeout(total=within)) as r:
             if r.status != 200:
-                raise ApiError("the origin refused this node's swarm-token request", r.status)
-            return protocol.SwarmToken.from_json(await r.json())
+                raise ApiError("the origin refused this node's enrollment", r.status)
+            return protocol.Grants.from_json(await r.json())
 
-    async def seed(self, digest: Digest, request: protocol.SeedRequest, *, within: float) -> SignedMetainfo:
-        async with self.http.post(protocol.SEED_BLOB.url(self.base, digest=str(digest)), json=request.to_json(),
-                                  headers=self._auth, timeout=aiohttp.ClientTimeout(total=within)) as r:
+    async def admission(self, digest: Digest, request: protocol.AdmissionRequest, credential: str | None, *,
+                        within: float) -> protocol.Admission:
+        """Ask to join `digest`'s swarm for a puller whose credential is `credential` (None:
+        anonymous). ApiError 403 if the registry does not let that credential pull the blob."""
+        headers = dict(self._auth)
+        if credential is not None:
+            headers[protocol.PULLER_AUTHORIZATION_HEADER] = credential
+        async with self.http.post(protocol.ADMISSION.url(self.base, digest=str(digest)), json=request.to_json(),
+                                  headers=headers, timeout=aiohttp.ClientTimeout(total=within)) as r:
             if r.status != 200:
-                raise ApiError("origin refused to seed the blob", r.status)
-            return SignedMetainfo(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER),
-                                  _sources(r))
+                raise ApiError("the origin did not admit this node to the blob's swarm", r.status)
+            return protocol.Admission.from_json(await r.json())
 
     async def ship_journal(self, batch: protocol.JournalBatch, key: Ed25519PrivateKey, *,
                            within: float) -> protocol.JournalAck:
@@ -145,28 +134,15 @@ async def status(http: aiohttp.ClientSession, base: str, *, within: float = 10) 
 
 
 class TrackerClient:
-    """The tracker's metainfo API: nodes read it (node token), the origin writes it
-    (registration token)."""
+    """The tracker's registration API, as the origin uses it (registration token)."""
 
     def __init__(self, http: aiohttp.ClientSession, base: str, token: str) -> None:
         self.http, self.base, self._auth = http, base, _bearer(token)
 
-    async def metainfo(self, digest: Digest, *, within: float) -> SignedMetainfo | None:
-        """None when the tracker has no torrent for the blob."""
-        async with self.http.get(protocol.METAINFO.url(self.base, digest=str(digest)), headers=self._auth,
-                                 timeout=aiohttp.ClientTimeout(total=within)) as r:
-            if r.status == 404:
-                return None
-            if r.status != 200:
-                raise ApiError("tracker refused metainfo", r.status)
-            return SignedMetainfo(await r.read(), r.headers.get(protocol.SIGNATURE_HEADER), _sources(r))
-
-    async def register(self, digest: Digest, raw: bytes, signature: str, *, within: float,
-                       sources: dict[str, str] | None = None) -> None:
+    async def register(self, digest: Digest, raw: bytes, signature: str, *, within: float) -> None:
         async with self.http.put(protocol.REGISTER_METAINFO.url(self.base, digest=str(digest)), data=raw,
                                  headers={**self._auth, "Content-Type": protocol.TORRENT_TYPE,
-                                          protocol.SIGNATURE_HEADER: signature,
-                                          protocol.SOURCES_HEADER: protocol.encode_sources(sources or {})},
+                                          protocol.SIGNATURE_HEADER: signature},
                                  timeout=aiohttp.ClientTimeout(total=within)) as r:
             if r.status != 201:
                 raise ApiError("tracker refused the registration", r.status)

@@ -65,11 +65,11 @@ class Cluster:
 
     def agent(self, *, listen: str, data_dir: Path, torrent_listen: str, with_swarm: bool = True,
               **extra: Any) -> dict[str, Any]:
-        """`with_swarm=False`: an agent without tracker and origin (the registry only)."""
+        """`with_swarm=False`: an agent without an origin (the registry only)."""
         doc: dict[str, Any] = {"listen": listen, "data_dir": str(data_dir), "upstreams": self.upstreams,
                                "torrent": {"listen": torrent_listen}, "log": self.log}
         if with_swarm:
-            doc.update(tracker=self.tracker_url, origin=self.origin_url, node_token=self._file("node_token"),
+            doc.update(origin=self.origin_url, node_token=self._file("node_token"),
                        origin_public_key=str(self.keys["origin_public_key"]))
         return merged(doc, extra)
 

@@ -8,8 +8,10 @@ Both ends check: a node without such a certificate gets no byte from a seeder, a
 - The **CA** is the origin's Ed25519 signing key. Its certificate is a pure function of the key
   (fixed subject, serial, validity; Ed25519 signatures are deterministic), so every origin with
   the key builds byte-identical torrents, and the agents' copy of the public key identifies it.
-- A **node certificate** comes with each swarm token (POST /v1/swarm/token carries the node's
-  public key) and lives as long as the token; the private key never leaves the node.
+- A **node certificate** names the one torrent it admits to (a DNS name that is the digest hex;
+  the origin's own is `*`). A node gets one with each blob's admission, for the key it enrolled
+  with, and it lives as long as the swarm token issued with it; the private key never leaves the
+  node. A node admitted to blob A that dials blob B's swarm is refused by every peer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -95,10 +98,11 @@ def canonical_public_pem(key: Ed25519PublicKey) -> str:
 
 
 def issue_node_certificate(ca_key: Ed25519PrivateKey, node: str, public_key: Ed25519PublicKey,
-                           expires: float) -> str:
-    """A certificate admitting the holder of `public_key` to every torrent of this CA (`*`)
-    until `expires` (unix time), naming the node in a URI (never in the CN or a DNS name:
-    libtorrent would read a node named like a digest as admitted to that torrent)."""
+                           expires: float, torrent: str) -> str:
+    """A certificate admitting the holder of `public_key` to the torrent named `torrent` (a
+    digest hex; `*`: every torrent of this CA) until `expires` (unix time). libtorrent matches
+    the certificate's DNS names against the torrent's name; the node is named in a URI (never
+    in the CN or another DNS name, which libtorrent would read as more torrents)."""
     now = dt.datetime.now(dt.UTC)
     ca_public = ca_key.public_key()
     cert = (x509.CertificateBuilder()
@@ -108,7 +112,7 @@ def issue_node_certificate(ca_key: Ed25519PrivateKey, node: str, public_key: Ed2
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(dt.datetime.fromtimestamp(expires, dt.UTC))
             .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("*"),
+                x509.DNSName(torrent),
                 x509.UniformResourceIdentifier(f"urn:shoal:node:{quote(node, safe='')}")]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
@@ -120,6 +124,14 @@ def issue_node_certificate(ca_key: Ed25519PrivateKey, node: str, public_key: Ed2
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_public), critical=False)
             .sign(ca_key, None))
     return _pem(cert)
+
+
+def issue_grant(ca_key: Ed25519PrivateKey, node: str, public_key: Ed25519PublicKey, torrent: str,
+                ttl: float) -> tuple[str, str]:
+    """A swarm token and a certificate for `public_key`, both for `torrent` (a digest hex, or
+    signing.EVERY_BLOB for the origin's own) and valid for `ttl` seconds."""
+    return (signing.issue_token(ca_key, node, ttl, torrent),
+            issue_node_certificate(ca_key, node, public_key, time.time() + ttl, torrent))
 
 
 def check_node_certificate(pem: str, ca_public: Ed25519PublicKey, public_key: Ed25519PublicKey) -> None:

@@ -9,6 +9,8 @@ The mirror API (`/v2/...`) is the OCI distribution spec's: only its entry points
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -45,9 +47,10 @@ READYZ = Route("GET", "/readyz")
 METRICS = Route("GET", "/metrics")
 STATUS = Route("GET", "/v1/status")
 
-# Origin: seeding, swarm tokens, the journal collector, audit queries, pre-seed jobs
-SEED_BLOB = Route("POST", "/v1/blobs/{digest}/seed")
-SWARM_TOKEN = Route("POST", "/v1/swarm/token")
+# Origin: admissions to blobs' swarms, a node's enrollment and grants, the journal collector,
+# audit queries, pre-seed jobs
+ADMISSION = Route("POST", "/v1/blobs/{digest}/admission")
+GRANTS = Route("POST", "/v1/swarm/grants")
 JOURNAL = Route("POST", "/v1/journal")
 AUDIT = Route("GET", "/v1/audit")
 PRESEED = Route("POST", "/v1/preseed")
@@ -55,10 +58,10 @@ PRESEED_JOB = Route("GET", "/v1/preseed/{job}")
 SEEDED = Route("GET", "/v1/seeded")  # what the origin seeds (STATUS, which is public, has counts only)
 
 # Tracker: BEP 3 announce and BEP 48 scrape (for nodes: seeder counts tell what is cached),
-# and the registered metainfo
+# and the metainfo the origin registers (which torrents exist; nodes get metainfo only from the
+# origin, with an admission)
 ANNOUNCE = Route("GET", "/announce")
 SCRAPE = Route("GET", "/scrape")
-METAINFO = Route("GET", "/v1/metainfo/{digest}")
 REGISTER_METAINFO = Route("PUT", "/v1/metainfo/{digest}")
 UNREGISTER_METAINFO = Route("DELETE", "/v1/metainfo/{digest}")
 
@@ -66,32 +69,10 @@ UNREGISTER_METAINFO = Route("DELETE", "/v1/metainfo/{digest}")
 # Headers
 SIGNATURE_HEADER = "Shoal-Signature"  # the origin's Ed25519 signature of a metainfo (base64)
 NODE_SIGNATURE_HEADER = "Shoal-Node-Signature"  # a node's signature of its journal batch (base64)
-# The registries the origin vouches hold a blob, each with its signature (signing.sign_source):
-# "ns=signature;ns=signature". The origin sends them with a seed answer (for the ns asked) and with
-# a registration (all it knows); the tracker hands them out with the metainfo.
-SOURCES_HEADER = "Shoal-Sources"
-MAX_SOURCES = 64
-_SOURCE_ITEM = re.compile(r"([A-Za-z0-9.:\[\]-]{1,255})=([A-Za-z0-9_-]{1,128})")
-
-
-def encode_sources(sources: dict[str, str]) -> str:
-    return ";".join(f"{ns}={sig}" for ns, sig in sorted(sources.items()))
-
-
-def parse_sources(value: str | None) -> dict[str, str]:
-    """What SOURCES_HEADER says (signatures unchecked: the caller verifies them)."""
-    if not value:
-        return {}
-    items = value.split(";")
-    if len(items) > MAX_SOURCES:
-        raise errors.BadRequest(errors.INVALID_REQUEST, f"{SOURCES_HEADER}: more than {MAX_SOURCES} sources")
-    out: dict[str, str] = {}
-    for item in items:
-        m = _SOURCE_ITEM.fullmatch(item.strip())
-        if m is None:
-            raise errors.BadRequest(errors.INVALID_REQUEST, f"{SOURCES_HEADER}: expected ns=signature;...")
-        out[m.group(1)] = m.group(2)
-    return out
+# The credential a node presents for an admission: the puller's Authorization as the puller sent
+# it, or the node's own registry login as Basic (absent: anonymous). The origin asks the registry
+# with it and forgets it.
+PULLER_AUTHORIZATION_HEADER = "Shoal-Puller-Authorization"
 TORRENT_TYPE = "application/x-bittorrent"
 
 
@@ -138,11 +119,19 @@ def _count(doc: dict[str, Any], key: str) -> int:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class SeedRequest:
-    """POST SEED_BLOB: the blob's registry (`ns`) and repository; answered with the metainfo
-    (TORRENT_TYPE) and its signature in SIGNATURE_HEADER."""
+def _b64(doc: dict[str, Any], key: str, *, max_length: int) -> bytes:
+    try:
+        return base64.b64decode(_text(doc, key, max_length=max_length), validate=True)
+    except (binascii.Error, ValueError):
+        raise errors.BadRequest(errors.INVALID_REQUEST, f"{key} must be base64") from None
 
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    """POST ADMISSION: node `node` asks to join the swarm of a blob of `repository` at registry
+    `ns`, on behalf of a puller whose credential is in PULLER_AUTHORIZATION_HEADER."""
+
+    node: str
     ns: str
     repository: str
 
@@ -150,46 +139,121 @@ class SeedRequest:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, doc: Any) -> SeedRequest:
+    def from_json(cls, doc: Any) -> AdmissionRequest:
         d = _doc(doc)
-        return cls(_text(d, "ns", max_length=255), _text(d, "repository", max_length=255))
+        return cls(node_name(_text(d, "node", max_length=253)), _text(d, "ns", max_length=255),
+                   _text(d, "repository", max_length=255))
 
 
 @dataclass(frozen=True, slots=True)
-class SwarmTokenRequest:
-    """POST SWARM_TOKEN: the node's name and the public key (PEM) its swarm certificate is for."""
+class Grant:
+    """What a node holds for one blob's swarm, for the key it enrolled with: a swarm token to
+    announce with and a certificate (PEM) to present to peers, both naming the blob and valid for
+    the answer's ttl_seconds; and the receipt of its admission, shown to renew them."""
+
+    digest: str
+    token: str
+    certificate: str
+    receipt: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Grant:
+        d = _doc(doc)
+        return cls(_text(d, "digest", max_length=71), _text(d, "token", max_length=1024),
+                   _text(d, "certificate", max_length=4096), _text(d, "receipt", max_length=128))
+
+
+def _ttl(doc: dict[str, Any]) -> float:
+    ttl = doc.get("ttl_seconds")
+    if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0:
+        raise errors.BadRequest(errors.INVALID_REQUEST, "ttl_seconds must be a positive number")
+    return float(ttl)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The answer of ADMISSION: the blob's metainfo and the origin's signature of it, its word that
+    registry `ns` holds the blob (signing.sign_source), and the node's grant for the swarm."""
+
+    metainfo: bytes
+    signature: str
+    source: str
+    grant: Grant
+    ttl_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metainfo": base64.b64encode(self.metainfo).decode(), "signature": self.signature,
+                "source": self.source, "grant": self.grant.to_json(), "ttl_seconds": self.ttl_seconds}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Admission:
+        d = _doc(doc)
+        return cls(_b64(d, "metainfo", max_length=4 << 20), _text(d, "signature", max_length=128),
+                   _text(d, "source", max_length=128), Grant.from_json(d.get("grant")), _ttl(d))
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    digest: str
+    receipt: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Receipt:
+        d = _doc(doc)
+        return cls(_text(d, "digest", max_length=71), _text(d, "receipt", max_length=128))
+
+
+MAX_RENEWALS = 500  # receipts in one GRANTS request (a node with more asks several times)
+
+
+@dataclass(frozen=True, slots=True)
+class GrantsRequest:
+    """POST GRANTS: node `node` enrolls with `public_key` (PEM; the origin binds the name to it the
+    first time) and has the grants of the blobs it was admitted to renewed, by their receipts."""
 
     node: str
     public_key: str
+    renew: list[Receipt]
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"node": self.node, "public_key": self.public_key, "renew": [r.to_json() for r in self.renew]}
 
     @classmethod
-    def from_json(cls, doc: Any) -> SwarmTokenRequest:
+    def from_json(cls, doc: Any) -> GrantsRequest:
         d = _doc(doc)
-        return cls(node_name(_text(d, "node", max_length=253)), _text(d, "public_key", max_length=512))
+        renew = d.get("renew", [])
+        if not isinstance(renew, list) or len(renew) > MAX_RENEWALS:
+            raise errors.BadRequest(errors.INVALID_REQUEST, f"renew must be a list of at most {MAX_RENEWALS} receipts")
+        return cls(node_name(_text(d, "node", max_length=253)), _text(d, "public_key", max_length=512),
+                   [Receipt.from_json(r) for r in renew])
 
 
 @dataclass(frozen=True, slots=True)
-class SwarmToken:
-    """The answer: a token to announce with, and a certificate (PEM) to present to peers, both
-    valid for ttl_seconds."""
+class Grants:
+    """The answer of GRANTS: a grant for every receipt that holds, valid for ttl_seconds (renew at
+    half of it); the digests of those that do not (not for this node's key)."""
 
-    token: str
     ttl_seconds: float
-    certificate: str
+    grants: list[Grant]
+    refused: list[str]
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"ttl_seconds": self.ttl_seconds, "grants": [g.to_json() for g in self.grants],
+                "refused": self.refused}
 
     @classmethod
-    def from_json(cls, doc: Any) -> SwarmToken:
+    def from_json(cls, doc: Any) -> Grants:
         d = _doc(doc)
-        ttl = d.get("ttl_seconds")
-        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0:
-            raise errors.BadRequest(errors.INVALID_REQUEST, "ttl_seconds must be a positive number")
-        return cls(_text(d, "token", max_length=4096), float(ttl), _text(d, "certificate", max_length=8192))
+        grants = d.get("grants")
+        if not isinstance(grants, list):
+            raise errors.BadRequest(errors.INVALID_REQUEST, "grants must be a list")
+        return cls(_ttl(d), [Grant.from_json(g) for g in grants], _texts(d, "refused", required=False))
 
 
 # The collector's limit on a JOURNAL body; a batch is built to fit it (agent/shipper.py).

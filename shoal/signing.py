@@ -2,8 +2,11 @@
 
 The origin holds the private key. The tracker and the agents hold the public key, so they can
 check, but never mint, what the origin signed:
-- a **swarm token** names a node and an expiry; the tracker refuses announces without a valid
-  one (only nodes the origin admitted join swarms);
+- a **swarm token** names a node, the blob it was admitted to (`*` for the origin itself) and an
+  expiry; the tracker refuses announces without a valid one for that torrent (a node joins only
+  the swarms of blobs the registry let one of its pullers have);
+- an **admission receipt** says the holder of a node key was admitted to a blob; the node shows it
+  to have that blob's token and certificate renewed (it keeps what it had, no more);
 - a **metainfo signature** covers the exact metainfo bytes; agents add no torrent and the tracker
   registers none unless the origin signed it.
 """
@@ -29,7 +32,8 @@ _METAINFO_CONTEXT = b"shoal metainfo v1\x00"
 _TOKEN_CONTEXT = b"shoal swarm token v1\x00"
 _BATCH_CONTEXT = b"shoal journal batch v1\x00"
 _SOURCE_CONTEXT = b"shoal blob source v1\x00"
-MAX_TOKEN_LENGTH = 512
+_RECEIPT_CONTEXT = b"shoal admission receipt v1\x00"
+MAX_TOKEN_LENGTH = 1024
 # HTTP header carrying the origin's signature of a metainfo (origin -> tracker -> agents).
 
 
@@ -155,20 +159,50 @@ def verify_batch(key: Ed25519PublicKey, body: bytes, signature: str | None) -> N
         raise SignatureError("the journal batch signature does not verify") from None
 
 
+# ----- admission receipts --------------------------------------------------------------------------
+# An admission is for good: revoking a puller at the registry stops new admissions, while a node
+# keeps taking part in the swarm of a blob it was admitted to (it holds the bytes anyway). Its
+# token and certificate expire with every other grant, so a banned node drops out of every swarm.
+
+
+def _receipt_message(node_key: Ed25519PublicKey, digest: str) -> bytes:
+    return _RECEIPT_CONTEXT + node_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) \
+        + digest.encode()
+
+
+def sign_receipt(key: Ed25519PrivateKey, node_key: Ed25519PublicKey, digest: str) -> str:
+    return _b64(key.sign(_receipt_message(node_key, digest)))
+
+
+def verify_receipt(key: Ed25519PublicKey, node_key: Ed25519PublicKey, digest: str, receipt: str | None) -> None:
+    if not receipt:
+        raise SignatureError("no admission receipt")
+    try:
+        key.verify(_unb64(receipt), _receipt_message(node_key, digest))
+    except InvalidSignature:
+        raise SignatureError("the admission receipt does not verify for this node and blob") from None
+
+
 # ----- swarm tokens --------------------------------------------------------------------------------
+
+EVERY_BLOB = "*"  # the scope of the origin's own token
 
 
 @dataclass(frozen=True, slots=True)
 class SwarmToken:
     node: str
     expires: int  # unix time
+    blob: str  # the digest hex of the one swarm it admits to, or EVERY_BLOB
+
+    def admits(self, digest_hex: str) -> bool:
+        return self.blob in (EVERY_BLOB, digest_hex)
 
     def remaining(self) -> float:
         return self.expires - time.time()
 
 
-def issue_token(key: Ed25519PrivateKey, node: str, ttl: float) -> str:
-    payload = json.dumps({"node": node, "exp": int(time.time() + ttl)}, separators=(",", ":")).encode()
+def issue_token(key: Ed25519PrivateKey, node: str, ttl: float, blob: str) -> str:
+    payload = json.dumps({"node": node, "exp": int(time.time() + ttl), "blob": blob}, separators=(",", ":")).encode()
     return f"{_b64(payload)}.{_b64(key.sign(_TOKEN_CONTEXT + payload))}"
 
 
@@ -211,7 +245,9 @@ def verify_token(key: Ed25519PublicKey, token: str | None) -> SwarmToken:
         raise SignatureError("swarm token signature does not verify") from None
     try:
         doc = json.loads(payload)
-        claims = SwarmToken(str(doc["node"]), int(doc["exp"]))
+        claims = SwarmToken(str(doc["node"]), int(doc["exp"]), doc["blob"])
+        if not isinstance(claims.blob, str):
+            raise TypeError("blob")
     except (ValueError, KeyError, TypeError):
         raise SignatureError("malformed swarm token") from None
     if claims.remaining() <= 0:

@@ -3,7 +3,9 @@
 Layout under `root`:
     blobs/sha256/<2 hex>/<hex>   whole, verified blobs (and the libtorrent save path when seeding)
     downloads/                    partial downloads; wiped at start, never served
-    meta/<hex>.torrent            the blob's metainfo, so a restart can seed it again
+    meta/<hex>.torrent            the blob's metainfo, so a restart can seed it again (with .sig,
+                                  the origin's signature, and .receipt, this node's admission)
+    meta/<hex>.sources            the registries known to hold the blob
     index/                        diskcache (sqlite) index: size and last access per blob
 
 A file appears in `blobs/` only by rename after its sha256 matched, followed by an fsync of the
@@ -188,7 +190,8 @@ class BlobStore:
         # (`<hex>.from` files, the sources an earlier version took from a byte sample, which a
         # registry could fake, go here too: their registries are confirmed again)
         for meta in self.meta_dir.iterdir():
-            name = meta.name.removesuffix(".torrent").removesuffix(".sig").removesuffix(".sources")
+            name = meta.name.removesuffix(".torrent").removesuffix(".sig").removesuffix(".sources") \
+                .removesuffix(".receipt")
             if not SHA256_HEX_RE.fullmatch(name) or Digest(name) not in self._entries:
                 meta.unlink(missing_ok=True)
 
@@ -390,6 +393,7 @@ class BlobStore:
             meta.with_suffix(".torrent").unlink(missing_ok=True)
             meta.with_suffix(".sig").unlink(missing_ok=True)
             meta.with_suffix(".sources").unlink(missing_ok=True)
+            meta.with_suffix(".receipt").unlink(missing_ok=True)
 
         await asyncio.to_thread(work)
         self._write_index(digest, None)
@@ -453,11 +457,13 @@ class BlobStore:
 
     # ----- metainfo -------------------------------------------------------------------------
 
-    async def save_metainfo(self, digest: Digest, metainfo: bytes, signature: str) -> None:
-        """Keep a blob's metainfo and the origin's signature of it (to seed it after a restart)."""
+    async def save_metainfo(self, digest: Digest, metainfo: bytes, signature: str, receipt: str | None = None) -> None:
+        """Keep a blob's metainfo and the origin's signature of it, and the receipt of this node's
+        admission to its swarm (to seed it again after a restart)."""
+        files = ((".receipt", (receipt or "").encode()),) if receipt is not None else ()
 
         def work() -> None:
-            for suffix, data in ((".sig", signature.encode()), (".torrent", metainfo)):
+            for suffix, data in (*files, (".sig", signature.encode()), (".torrent", metainfo)):
                 dest = self.meta_dir / f"{digest.hex}{suffix}"
                 tmp = self.meta_dir / f".{digest.hex}.tmp{secrets.token_hex(4)}"
                 tmp.write_bytes(data)
@@ -505,6 +511,17 @@ class BlobStore:
         def work() -> tuple[bytes, str] | None:
             try:
                 return base.with_suffix(".torrent").read_bytes(), base.with_suffix(".sig").read_text().strip()
+            except FileNotFoundError:
+                return None
+
+        return await asyncio.to_thread(work)
+
+    async def load_receipt(self, digest: Digest) -> str | None:
+        path = self.meta_dir / f"{digest.hex}.receipt"
+
+        def work() -> str | None:
+            try:
+                return path.read_text().strip() or None
             except FileNotFoundError:
                 return None
 

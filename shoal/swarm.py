@@ -9,8 +9,9 @@ Rules this module keeps (facts of libtorrent 2.1.1's Python bindings, checked he
   LSD, UPnP or NAT-PMP (peers come only from our tracker; torrents are private anyway), and
   rate limits apply to local peers too (libtorrent exempts them by default);
 - every torrent is an SSL torrent (shoal.peercerts): the session listens for TLS only, and each
-  torrent presents this node's certificate, set on every handle (libtorrent has no session-wide
-  one) when the torrent is added and again at every renewal.
+  torrent presents the certificate of its `Grant` (a node is admitted blob by blob; the origin
+  holds one grant for every torrent), set on its handle (libtorrent has no session-wide one)
+  when the torrent is added and again at every renewal; it announces with the grant's token.
 """
 
 from __future__ import annotations
@@ -129,6 +130,16 @@ class SwarmSettings:
         return settings
 
 
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a node needs in a blob's swarm (the origin: in every swarm): an origin-signed token to
+    announce with, and a certificate for the session's key to present to peers. Both name the
+    blob (or `*`) and expire together."""
+
+    token: str = field(repr=False)
+    certificate: str
+
+
 @dataclass(slots=True)
 class PeerBytes:
     """Payload bytes received per kind of peer (origin seeder vs other nodes)."""
@@ -144,6 +155,7 @@ class TorrentJob:
         self.swarm = swarm
         self.handle = handle
         self.meta = meta
+        self.grant: Grant | None = None  # its own, else the session's default (Swarm.set_default_grant)
         self.have = bytearray([1 if complete else 0]) * meta.num_pieces
         self.have_count = meta.num_pieces if complete else 0
         self.finished = asyncio.Event()
@@ -309,9 +321,9 @@ class Swarm:
 
     def __init__(self, settings: SwarmSettings, key: peercerts.NodeKey | None = None) -> None:
         self.settings = settings
-        # this node's key for the swarm's TLS; its certificate comes with the swarm token
+        # this node's key for the swarm's TLS; its certificates come with its grants
         self.key = key or peercerts.NodeKey.generate()
-        self._certificate: str | None = None
+        self._default: Grant | None = None
         self._session: lt.session | None = None
         self._jobs: dict[str, TorrentJob] = {}
         self._removals: dict[str, asyncio.Future[None]] = {}
@@ -326,8 +338,6 @@ class Swarm:
         self.on_tracker_error: Callable[[str, str], None] | None = None
         self._had_torrents = False
         self._last_disconnect = -TLS_CLOSE_GRACE
-        self._token: str | None = None
-        self._token_set = asyncio.Event()
         self._stats_waiters: list[asyncio.Future[None]] = []
 
     @property
@@ -409,8 +419,9 @@ class Swarm:
     def jobs(self) -> list[TorrentJob]:
         return list(self._jobs.values())
 
-    def add(self, meta: Metainfo, save_path: Path, *, seed: bool) -> TorrentJob:
+    def add(self, meta: Metainfo, save_path: Path, *, seed: bool, grant: Grant | None = None) -> TorrentJob:
         """Add a torrent: `seed` for a file at save_path/<hex> whose sha256 the caller verified.
+        It takes part with `grant` (else the default grant), and talks to no one without one.
 
         A seed is added with every piece marked had and verified, not in seed mode: seed mode
         hashes each piece again the first time a peer asks for it, which on loopback cost 40 %
@@ -425,16 +436,18 @@ class Swarm:
         atp = lt.add_torrent_params()
         atp.ti = lt.torrent_info(meta.raw)
         atp.save_path = str(save_path)
-        atp.trackers = [self._tracker_url(meta)]
+        used = grant or self._default
+        atp.trackers = [self._tracker_url(meta, used)]
         # Assigning flags replaces the defaults, dropping auto_managed|paused: start at once.
         atp.flags = lt.torrent_flags.override_trackers
         if seed:
             atp.have_pieces = [True] * meta.num_pieces
             atp.verified_pieces = [True] * meta.num_pieces
         handle = self.session.add_torrent(atp)
-        if self._certificate is not None:
-            self._present(handle, self._certificate)
+        if used is not None:
+            self._present(handle, used)
         job = TorrentJob(self, handle, meta, complete=seed)
+        job.grant = grant
         self._jobs[name] = job
         self._had_torrents = True
         return job
@@ -454,36 +467,39 @@ class Swarm:
         finally:
             self._removals.pop(name, None)
 
-    async def wait_token(self, within: float) -> bool:
-        """Whether this session has a swarm token, waiting up to `within` seconds for one."""
-        if self._token is None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._token_set.wait(), within)
-        return self._token is not None
+    def set_grant(self, name: str, grant: Grant) -> None:
+        """Take part in torrent `name` with `grant` from now on (a renewal, or the first grant of a
+        torrent added without one). Live connections stay up: libtorrent checks a certificate
+        only at the handshake."""
+        job = self._jobs.get(name)
+        if job is not None:
+            first = job.grant is None and self._default is None
+            job.grant = grant
+            self._use(job, grant, announce=first)
 
-    def set_token(self, token: str, certificate: str) -> None:
-        """Announce with this origin-signed swarm token, and present this certificate (issued
-        with it for `self.key`) to peers, from now on: the tracker refuses announces without a
-        valid token, peers refuse connections without a valid certificate. Live connections
-        stay up (libtorrent checks a certificate only at the handshake)."""
-        renewed = self._token is not None
-        self._token = token
-        self._certificate = certificate
-        self._token_set.set()
+    def set_default_grant(self, grant: Grant) -> None:
+        """The grant of every torrent that has none of its own (the origin's, for every blob)."""
+        first = self._default is None
+        self._default = grant
         for job in self._jobs.values():
-            self._present(job.handle, certificate)
-            job.handle.replace_trackers([lt.announce_entry(self._tracker_url(job.meta))])
-            if not renewed:
-                self.force_reannounce(job)
+            if job.grant is None:
+                self._use(job, grant, announce=first)
 
-    def _present(self, handle: lt.torrent_handle, certificate: str) -> None:
-        handle.set_ssl_certificate_buffer(certificate, self.key.private_pem, peercerts.DH_PARAMS)
+    def _use(self, job: TorrentJob, grant: Grant, *, announce: bool) -> None:
+        self._present(job.handle, grant)
+        job.handle.replace_trackers([lt.announce_entry(self._tracker_url(job.meta, grant))])
+        if announce:
+            self.force_reannounce(job)
 
-    def _tracker_url(self, meta: Metainfo) -> str:
-        if self._token is None:
+    def _present(self, handle: lt.torrent_handle, grant: Grant) -> None:
+        handle.set_ssl_certificate_buffer(grant.certificate, self.key.private_pem, peercerts.DH_PARAMS)
+
+    @staticmethod
+    def _tracker_url(meta: Metainfo, grant: Grant | None) -> str:
+        if grant is None:
             return meta.announce
         sep = "&" if "?" in meta.announce else "?"
-        return f"{meta.announce}{sep}token={quote(self._token, safe='')}"
+        return f"{meta.announce}{sep}token={quote(grant.token, safe='')}"
 
     def force_reannounce(self, job: TorrentJob) -> None:
         job.handle.force_reannounce(0, -1, lt.reannounce_flags_t.ignore_min_interval)

@@ -1,4 +1,4 @@
-"""The tracker's aiohttp application: announce, scrape, metainfo by digest, registration, ops."""
+"""The tracker's aiohttp application: announce, scrape, registration, ops."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shoal import errors, metainfo, protocol, signing
 from shoal.config import read_token
-from shoal.errors import ShoalError
 from shoal.oci import Digest
 from shoal.web import Guard, add_ops_routes, add_routes, error_middleware
 from shoal_tracker import announce as ann
@@ -33,8 +32,6 @@ class Metrics:
         self.announces = Counter("shoal_tracker_announces_total", "Announces by outcome",
                                  ["result"], registry=registry)
         self.scrapes = Counter("shoal_tracker_scrapes_total", "Scrape requests", registry=registry)
-        self.metainfo_requests = Counter("shoal_tracker_metainfo_requests_total",
-                                         "Metainfo lookups by digest", ["result"], registry=registry)
         self.registrations = Counter("shoal_tracker_registrations_total", "Metainfo registrations",
                                      ["result"], registry=registry)
         self.peers = Gauge("shoal_tracker_peers", "Peers currently tracked", registry=registry)
@@ -43,10 +40,8 @@ class Metrics:
         self.unseeded = Gauge("shoal_tracker_torrents_without_seeders",
                               "Registered torrents no live seeder announces (their pulls fall back to the "
                               "registry unless a leecher completes them)", registry=registry)
-        for result in ("ok", "bad_request", "bad_token", "unknown_torrent"):
+        for result in ("ok", "bad_request", "bad_token", "unknown_torrent", "not_admitted"):
             self.announces.labels(result)
-        for result in ("ok", "unknown", "unauthorized", "bad_request"):
-            self.metainfo_requests.labels(result)
         for result in ("ok", "unauthorized", "invalid", "bad_signature"):
             self.registrations.labels(result)
         self.announce_seconds = Histogram("shoal_tracker_announce_seconds", "Announce handling time",
@@ -79,10 +74,6 @@ class Tracker:
     def verify_metainfo(self, raw: bytes, signature: str) -> None:
         signing.verify_metainfo(self.origin_key, raw, signature)
 
-    def verify_sources(self, digest: Digest, sources: dict[str, str]) -> None:
-        for ns, signature in sources.items():
-            signing.verify_source(self.origin_key, str(digest), ns, signature)
-
     def _bencoded(self, body: bytes) -> web.Response:
         return web.Response(body=body, content_type=BENCODE, headers={"Cache-Control": "no-store"})
 
@@ -104,10 +95,15 @@ class Tracker:
         except signing.SignatureError as exc:
             self.metrics.announces.labels("bad_token").inc()
             return self._bencoded(ann.failure(f"not a swarm member: {exc}"))
-        if self.torrents.by_hash(a.info_hash) is None:
+        registered = self.torrents.by_hash(a.info_hash)
+        if registered is None:
             self.metrics.announces.labels("unknown_torrent").inc()
             return self._bencoded(ann.failure("unregistered torrent: this tracker only serves "
                                               "torrents its origin registered"))
+        if not member.admits(registered.digest.hex):
+            # a node learns who holds a blob only once the origin admitted it to that blob
+            self.metrics.announces.labels("not_admitted").inc()
+            return self._bencoded(ann.failure("not admitted to this torrent: the swarm token is for another blob"))
         source = _peer_address(request)
         if source is None:
             return self._bencoded(ann.failure("cannot determine peer address"))
@@ -143,21 +139,6 @@ class Tracker:
     def _digest(self, request: web.Request) -> Digest:
         return Digest.parse(request.match_info["digest"])
 
-    async def get_metainfo(self, request: web.Request) -> web.Response:
-        try:
-            digest = self._digest(request)
-        except ShoalError:
-            self.metrics.metainfo_requests.labels("bad_request").inc()
-            raise
-        meta = self.torrents.by_digest(digest)
-        if meta is None:
-            self.metrics.metainfo_requests.labels("unknown").inc()
-            raise errors.NotFound(errors.NOT_FOUND, "no torrent registered for this digest")
-        self.metrics.metainfo_requests.labels("ok").inc()
-        return web.Response(body=meta.raw, content_type=protocol.TORRENT_TYPE,
-                            headers={protocol.SIGNATURE_HEADER: self.torrents.signature(digest) or "",
-                                     protocol.SOURCES_HEADER: protocol.encode_sources(self.torrents.sources(digest))})
-
     async def put_metainfo(self, request: web.Request) -> web.Response:
         digest = self._digest(request)
         body = await request.read()  # all of it (client_max_size bounds it): a read(n) gave what had arrived
@@ -170,14 +151,12 @@ class Tracker:
             self.metrics.registrations.labels("invalid").inc()
             raise errors.BadRequest(errors.INVALID_REQUEST, "metainfo names a different digest")
         signature = request.headers.get(protocol.SIGNATURE_HEADER, "")
-        sources = protocol.parse_sources(request.headers.get(protocol.SOURCES_HEADER))
         try:
             self.verify_metainfo(body, signature)
-            self.verify_sources(digest, sources)
         except signing.SignatureError as exc:
             self.metrics.registrations.labels("bad_signature").inc()
             raise errors.BadRequest(errors.INVALID_REQUEST, f"metainfo not signed by the origin: {exc}") from None
-        await asyncio.to_thread(self.torrents.register, meta, signature, sources)
+        await asyncio.to_thread(self.torrents.register, meta, signature)
         self.metrics.registrations.labels("ok").inc()
         self.metrics.torrents.set(len(self.torrents))
         log.info("registered %s (info-hash %s, %d bytes)", digest, meta.tracker_hash.hex(), meta.size)
@@ -218,7 +197,7 @@ def build(config: TrackerConfig) -> web.Application:
     app = web.Application(client_max_size=metainfo.MAX_METAINFO_BYTES + 1024, middlewares=[error_middleware()])
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
-        await asyncio.to_thread(tracker.torrents.load, tracker.verify_metainfo, tracker.verify_sources)
+        await asyncio.to_thread(tracker.torrents.load, tracker.verify_metainfo)
         tracker.metrics.torrents.set(len(tracker.torrents))
         task = asyncio.create_task(tracker.expire_loop())
         yield
@@ -235,12 +214,10 @@ def build(config: TrackerConfig) -> web.Application:
         # BEP 3/48: peers prove membership with the swarm token in the query (checked inside)
         (protocol.ANNOUNCE, tracker.announce, "public"),
         (protocol.SCRAPE, tracker.scrape, "node"),  # seeder counts tell what is cached
-        (protocol.METAINFO, tracker.get_metainfo, "node"),
         (protocol.REGISTER_METAINFO, tracker.put_metainfo, "registration"),
         (protocol.UNREGISTER_METAINFO, tracker.delete_metainfo, "registration"),
         (protocol.STATUS, tracker.status, "public"),
     ], tracker.tokens_by_guard, refused={
-        protocol.METAINFO: tracker.metrics.metainfo_requests.labels("unauthorized").inc,
         protocol.REGISTER_METAINFO: refused, protocol.UNREGISTER_METAINFO: refused,
     })
     add_ops_routes(app, registry, ready)

@@ -1,8 +1,9 @@
-"""The torrents the origin registered: metainfo by digest, and the announce whitelist.
+"""The torrents the origin registered: the announce whitelist, by info-hash and by digest.
 
-Only info-hashes registered here are tracked; anything else gets a `failure reason`.
-With a `data_dir` the metainfo survives restarts (files written atomically), with the
-registries the origin vouched hold each blob (`<hex>.src`, protocol.SOURCES_HEADER's form).
+Only info-hashes registered here are tracked; anything else gets a `failure reason`. The tracker
+hands no metainfo out (a node gets a blob's from the origin, with its admission). With a
+`data_dir` the metainfo survives restarts (files written atomically; a registry of an earlier
+version also kept `<hex>.src` files, which are removed).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-from shoal import errors, metainfo, protocol
+from shoal import metainfo
 from shoal.metainfo import Metainfo
 from shoal.oci import SHA256_HEX_RE, Digest
 
@@ -25,17 +26,17 @@ class TorrentRegistry:
         self.dir = data_dir / "metainfo" if data_dir is not None else None
         self._by_digest: dict[Digest, Metainfo] = {}
         self._by_hash: dict[bytes, Metainfo] = {}
-        self._signatures: dict[Digest, str] = {}
-        self._sources: dict[Digest, dict[str, str]] = {}
 
-    def load(self, verify: Callable[[bytes, str], None],
-             verify_sources: Callable[[Digest, dict[str, str]], None] = lambda _d, _s: None) -> None:
+    def load(self, verify: Callable[[bytes, str], None]) -> None:
         """Blocking: read persisted metainfo at start (kept only if its signature verifies)."""
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         for path in self.dir.iterdir():
-            if path.suffix in (".sig", ".src"):
+            if path.suffix == ".src":
+                path.unlink(missing_ok=True)
+                continue
+            if path.suffix == ".sig":
                 continue
             name = path.name.removesuffix(".torrent")
             sig_path = path.with_suffix(".sig")
@@ -53,37 +54,21 @@ class TorrentRegistry:
                 sig_path.unlink(missing_ok=True)
                 continue
             if meta.digest.hex == name:
-                self._remember(meta, signature, self._load_sources(path.with_suffix(".src"), meta.digest,
-                                                                   verify_sources))
+                self._remember(meta)
         log.info("loaded %d registered torrents", len(self._by_digest))
 
-    @staticmethod
-    def _load_sources(path: Path, digest: Digest, verify: Callable[[Digest, dict[str, str]], None]) -> dict[str, str]:
-        try:
-            sources = protocol.parse_sources(path.read_text().strip())
-            verify(digest, sources)
-            return sources
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, errors.ShoalError) as exc:
-            log.warning("dropping the unusable sources of %s: %s", digest, exc)
-            return {}
-
-    def _remember(self, meta: Metainfo, signature: str, sources: dict[str, str]) -> None:
+    def _remember(self, meta: Metainfo) -> None:
         old = self._by_digest.get(meta.digest)
         if old is not None:
             self._by_hash.pop(old.tracker_hash, None)
         self._by_digest[meta.digest] = meta
         self._by_hash[meta.tracker_hash] = meta
-        self._signatures[meta.digest] = signature
-        self._sources[meta.digest] = sources
 
-    def register(self, meta: Metainfo, signature: str, sources: dict[str, str] | None = None) -> None:
+    def register(self, meta: Metainfo, signature: str) -> None:
         """Blocking when persistent (small file writes)."""
-        self._remember(meta, signature, sources or {})
+        self._remember(meta)
         if self.dir is not None:
-            for suffix, data in ((".src", protocol.encode_sources(sources or {}).encode()),
-                                 (".sig", signature.encode()), (".torrent", meta.raw)):
+            for suffix, data in ((".sig", signature.encode()), (".torrent", meta.raw)):
                 dest = self.dir / f"{meta.digest.hex}{suffix}"
                 tmp = self.dir / f".{meta.digest.hex}.{secrets.token_hex(4)}"
                 tmp.write_bytes(data)
@@ -91,8 +76,6 @@ class TorrentRegistry:
 
     def unregister(self, digest: Digest) -> Metainfo | None:
         meta = self._by_digest.pop(digest, None)
-        self._signatures.pop(digest, None)
-        self._sources.pop(digest, None)
         if meta is not None:
             self._by_hash.pop(meta.tracker_hash, None)
             if self.dir is not None:
@@ -102,12 +85,6 @@ class TorrentRegistry:
 
     def by_digest(self, digest: Digest) -> Metainfo | None:
         return self._by_digest.get(digest)
-
-    def signature(self, digest: Digest) -> str | None:
-        return self._signatures.get(digest)
-
-    def sources(self, digest: Digest) -> dict[str, str]:
-        return self._sources.get(digest, {})
 
     def by_hash(self, info_hash: bytes) -> Metainfo | None:
         return self._by_hash.get(info_hash)

@@ -55,7 +55,7 @@ def test_seeder_killed_after_registering(stack: Stack, registry: Registry, image
     stack.start(agents=0)
     assert stack.origin is not None and stack.tracker is not None
     for blob in image.large_blobs(THRESHOLD):
-        _seed(stack, registry.host, blob.digest)
+        _seed(stack, blob.digest)
     agent = stack.start_agent()
     wait_for(lambda: agent.metric("shoal_agent_swarm_token_expiry_timestamp_seconds") > 0)
     stack.origin.stop(kill=True)
@@ -65,9 +65,8 @@ def test_seeder_killed_after_registering(stack: Stack, registry: Registry, image
     assert api.status(stack.tracker.url)["torrents"] == len(image.large_blobs(THRESHOLD))
 
 
-def _seed(stack: Stack, ns: str, digest: str) -> None:
-    assert stack.origin is not None
-    api.seed_blob(stack.origin.url, stack.node_token, digest, ns, "private/app")  # ApiError unless seeded
+def _seed(stack: Stack, digest: str) -> None:
+    stack.admit(digest)  # ApiError unless admitted, and so seeded
 
 
 def test_failure_mid_response_cuts_the_connection(stack: Stack, registry: Registry, images: Images) -> None:
@@ -78,7 +77,7 @@ def test_failure_mid_response_cuts_the_connection(stack: Stack, registry: Regist
     proxy = CuttableProxy("127.0.0.1", registry.port)  # the agent's only way to the registry
     stack.start_tracker()
     origin = stack.start_origin(torrent={"upload_rate_limit": "4MiB"})
-    _seed(stack, registry.host, big.digest)
+    _seed(stack, big.digest)
     upstream = {**stack.upstream(stack.node_user, stack.node_password), "url": proxy.url}
     agent = stack.start_agent(upstreams=[upstream], swarm={"stall_timeout": "2s"})
     host, port = agent.config["listen"].rsplit(":", 1)
@@ -111,7 +110,7 @@ def test_seeder_killed_mid_transfer(stack: Stack, registry: Registry, images: Im
     big = max(image.blobs.values(), key=lambda b: b.size)
     stack.start_tracker()
     origin = stack.start_origin(torrent={"upload_rate_limit": "4MiB"})
-    _seed(stack, registry.host, big.digest)
+    _seed(stack, big.digest)
     agent = stack.start_agent(swarm={"stall_timeout": "2s"})
     host, port = agent.config["listen"].rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=BOUND)

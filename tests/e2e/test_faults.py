@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal import metainfo, peercerts
+from shoal import metainfo
 from shoal.store import FREE_SPACE_RESERVE
 from tests.e2e.conftest import Images
 from tests.support import api
@@ -56,17 +56,14 @@ def assert_blob(agent: Component, blob: Blob) -> None:
 
 
 def seed(stack: Stack, registry: Registry, blob: Blob) -> metainfo.Metainfo:
-    assert stack.origin is not None
-    return metainfo.parse(api.seed_blob(stack.origin.url, stack.node_token, blob.digest, registry.host,
-                                        "private/app").raw)
+    return metainfo.parse(stack.admit(blob.digest)[0].metainfo)
 
 
-def admitted(stack: Stack, node: str) -> tuple[str, Identity]:
-    """A swarm token and an identity (certificate and key) from the origin, as a node gets them."""
-    assert stack.origin is not None
-    key = peercerts.NodeKey.generate()
-    answer = api.swarm_token(stack.origin.url, stack.node_token, node, key.public_pem)
-    return answer.token, node_identity(key, answer.certificate)
+def admitted(stack: Stack, node: str, blob: Blob) -> tuple[str, Identity]:
+    """A swarm token and an identity (certificate and key) for a blob's swarm, as a node the
+    origin admitted to it gets them."""
+    admission, key = stack.admit(blob.digest, node=node)
+    return admission.grant.token, node_identity(key, admission.grant.certificate)
 
 
 def content_length(head: bytes) -> int | None:
@@ -87,7 +84,7 @@ def test_malicious_peer_is_detected_banned_and_the_blob_completes(stack: Stack, 
     stack.start_tracker()
     stack.start_origin(torrent={"upload_rate_limit": "8MiB"})  # the honest seeder is slow
     meta = seed(stack, registry, blob)
-    token, identity = admitted(stack, "evil")
+    token, identity = admitted(stack, "evil", blob)
     evil = EvilPeer(meta, ip="127.0.0.9", port=free_port("127.0.0.9"), identity=identity)
     try:
         answer = evil.announce(meta.announce, token)

@@ -117,7 +117,7 @@ def test_tracker_under_sustained_announce_load(stack: Stack, tmp_path: Path) -> 
     signature = signing.sign_metainfo(key, raw)
     token_value = stack.token_file.read_text()
     meta = metainfo.parse(raw)
-    swarm_token = signing.issue_token(key, "loadgen", 600)
+    swarm_token = signing.issue_token(key, "loadgen", 600, signing.EVERY_BLOB)
     seeders, leechers = 100, 400
 
     async def run() -> tuple[int, float, list[str]]:

@@ -49,9 +49,9 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
     bearer = {"Authorization": f"Bearer {stack.node_token}"}
     thief = peercerts.NodeKey.generate()
 
-    # 1. a swarm token (and a certificate) in node0's name, for another key: refused
-    status, doc = post(protocol.SWARM_TOKEN.url(origin.url),
-                       json.dumps(protocol.SwarmTokenRequest("node0", thief.public_pem).to_json()).encode(), bearer)
+    # 1. enrolling (grants) in node0's name with another key: refused
+    status, doc = post(protocol.GRANTS.url(origin.url),
+                       json.dumps(protocol.GrantsRequest("node0", thief.public_pem, []).to_json()).encode(), bearer)
     assert status == 403, doc
     assert "enrolled with another key" in doc["errors"][0]["message"]
 
@@ -68,7 +68,7 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
     assert status == 403
 
     # 3. the token holder may add a node of its own; its records are its own, never node0's
-    assert api.swarm_token(origin.url, stack.node_token, "intruder", thief.public_pem).certificate
+    assert api.grants(origin.url, stack.node_token, "intruder", thief.public_pem).ttl_seconds > 0  # enrolled
     mixed = protocol.JournalBatch("intruder", [record("node0", "alice"), record("intruder", "mallory")]).encode()
     status, doc = post(protocol.JOURNAL.url(origin.url), mixed,
                        {**bearer, protocol.NODE_SIGNATURE_HEADER: signing.sign_batch(thief.private_key, mixed)})
@@ -83,7 +83,7 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
     result = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "node0",
                              "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert api.swarm_token(origin.url, stack.node_token, "node0", thief.public_pem).certificate
+    assert api.grants(origin.url, stack.node_token, "node0", thief.public_pem).ttl_seconds > 0  # enrolled
     again = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "never-seen",
                             "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "no node named 'never-seen'" in again.stderr
@@ -93,12 +93,12 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
                              "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
     assert banned.returncode == 0, banned.stderr
     for name in ("node0", "intruder", "fresh-name"):
-        status, doc = post(protocol.SWARM_TOKEN.url(origin.url),
-                           json.dumps(protocol.SwarmTokenRequest(name, thief.public_pem).to_json()).encode(), bearer)
+        status, doc = post(protocol.GRANTS.url(origin.url),
+                           json.dumps(protocol.GrantsRequest(name, thief.public_pem, []).to_json()).encode(), bearer)
         assert status == 403 and "banned" in doc["errors"][0]["message"], (name, doc)
     # nor may the host come back under the name with a fresh key
-    status, doc = post(protocol.SWARM_TOKEN.url(origin.url), json.dumps(protocol.SwarmTokenRequest(
-        "node0", peercerts.NodeKey.generate().public_pem).to_json()).encode(), bearer)
+    status, doc = post(protocol.GRANTS.url(origin.url), json.dumps(protocol.GrantsRequest(
+        "node0", peercerts.NodeKey.generate().public_pem, []).to_json()).encode(), bearer)
     assert status == 403 and "enroll-node" in doc["errors"][0]["message"], doc
     assert origin.metric("shoal_origin_enrollment_refusals_total") >= 5
     # the operator admits the real node's new key explicitly
@@ -108,12 +108,12 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
                             str(stack.workdir / "node0.pub"), "--config", str(origin.config_path)],
                            capture_output=True, text=True, timeout=60)
     assert bound.returncode == 0, bound.stderr
-    assert api.swarm_token(origin.url, stack.node_token, "node0", renewed.public_pem).certificate
+    assert api.grants(origin.url, stack.node_token, "node0", renewed.public_pem).ttl_seconds > 0  # enrolled
     # 6. it was a mistake: the ban is lifted, the key may enroll a (free) name again
     lifted = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "node0", "--unban",
                              "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
     assert lifted.returncode == 0 and "lifted 1 ban" in lifted.stdout, lifted.stderr
-    assert api.swarm_token(origin.url, stack.node_token, "fresh-name", thief.public_pem).certificate
+    assert api.grants(origin.url, stack.node_token, "fresh-name", thief.public_pem).ttl_seconds > 0  # enrolled
     upper = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "Node0",
                             "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
     assert upper.returncode == 2 and "lowercase DNS name" in upper.stderr

@@ -1,8 +1,8 @@
-"""Only nodes the origin admitted exchange pieces (issue 12, part 1): an outsider that knows a
-private blob's info-hash dials the origin seeder and an agent seeding the blob, with no
-certificate, a self-signed one, an expired one from the cluster's CA, one from another
-cluster's CA, or in clear, and gets no byte; the same client with a certificate the origin
-issued gets the blob."""
+"""Only nodes the origin admitted to a blob exchange its pieces (issue 12, part 1; issue 13): an
+outsider that knows a private blob's info-hash dials the origin seeder and an agent seeding the
+blob, with no certificate, a self-signed one, an expired one from the cluster's CA, one from
+another cluster's CA, one the origin issued for another blob, or in clear, and gets no byte; the
+same client with the certificate of its admission to this blob gets the blob."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import hashlib
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shoal import metainfo, peercerts, signing
+from shoal import metainfo, signing
 from shoal.config import split_hostport
 from tests.e2e.conftest import Images
-from tests.support import api
 from tests.support.peerprobe import chained, forged, listening_ports, node_identity, probe
 from tests.support.procs import Component, http_get, wait_for
 from tests.support.registry import Registry
@@ -37,9 +36,10 @@ def test_outsiders_get_no_byte_from_any_seeder_and_admitted_nodes_get_the_blob(
     assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
     wait_for(lambda: agent.metric("shoal_agent_downloads_total", source="peers", result="ok") == 1,
              what="the agent to fetch the blob from the swarm (and seed it)")
-    found = api.metainfo(stack.tracker.url, stack.node_token, blob.digest)
-    assert found is not None
-    meta = metainfo.parse(found.raw)
+    admission, key = stack.admit(blob.digest, node="prober")
+    meta = metainfo.parse(admission.metainfo)
+    other = max(images.app().large_blobs(1 << 20), key=lambda b: b.size)
+    elsewhere = stack.admit(other.digest, node="prober", key=key)[0].grant.certificate
     ca = signing.load_private_key(str(stack.keys["signing_key"]), "signing_key")
     now = dt.datetime.now(dt.UTC)
     outsiders = {
@@ -50,10 +50,11 @@ def test_outsiders_get_no_byte_from_any_seeder_and_admitted_nodes_get_the_blob(
         "a certificate of another cluster's CA": {"identity": forged(Ed25519PrivateKey.generate())},
         "a plain BitTorrent connection": {"tls": False},
     }
-    key = peercerts.NodeKey.generate()
-    issued = api.swarm_token(origin.url, stack.node_token, "prober", key.public_pem).certificate
+    issued = admission.grant.certificate
     outsiders["a certificate signed by a node's key, the node's certificate as intermediate"] = {
         "identity": chained(node_identity(key, issued))}
+    outsiders["the origin's certificate for the same key, admitting it to another blob"] = {
+        "identity": node_identity(key, elsewhere)}
     for seeder in (origin, agent):
         address = swarm_address(seeder)
         # the TLS socket is the only way in: no plain BitTorrent listener on any port or family
@@ -62,7 +63,7 @@ def test_outsiders_get_no_byte_from_any_seeder_and_admitted_nodes_get_the_blob(
         for n, (who, how) in enumerate(outsiders.items()):
             got = probe(address, meta, source_ip=f"127.0.0.{60 + n}", enough=meta.size, **how)  # type: ignore[arg-type]
             assert got == b"", f"a peer with {who} got {len(got)} bytes from the {seeder.name}"
-        # the same client with a certificate the origin issued, or one the CA signed now: the blob
+        # the same client with the certificate of its admission, or one the CA signed now: the blob
         for n, identity in enumerate((node_identity(key, issued), forged(ca))):
             got = probe(address, meta, source_ip=f"127.0.0.{70 + n}", identity=identity, enough=meta.size,
                         within=30)

@@ -87,11 +87,18 @@ def test_a_lying_registry_gets_nothing_from_the_cache_or_the_swarm_and_an_honest
         # and the liar is still refused by the node that now caches the blob
         status, _ = http_get(f"{second.url}{path}?ns={liar.host}", timeout=60)
         assert status == 404
-        # with the origin away, its word on the alias still comes from the tracker: the first
-        # node serves its cached copy for the alias too
-        origin.stop()
+        # the first node asks the origin too (an admission, with the puller's credential) before
+        # it serves its cached copy for the alias, and keeps the answer with the blob
         status, body = http_get(f"{first.url}{path}?ns={ALIAS}", timeout=60)
         assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
         assert first.metric("shoal_agent_provenance_checks_total", result="confirmed") == 1
+        # with the origin away, what was confirmed is still served; what was not, nobody can
+        # confirm: a 503 (containerd goes on to the registry itself), never the cached bytes
+        origin.stop()
+        status, body = http_get(f"{first.url}{path}?ns={ALIAS}", timeout=60)
+        assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
+        status, body = http_get(f"{second.url}{path}?ns={registry.host}", timeout=60)
+        assert status == 503 and data[:4096] not in body
+        assert second.metric("shoal_agent_provenance_checks_total", result="unavailable") == 1
     finally:
         liar.close()

@@ -48,8 +48,8 @@ class Keys:
         assert isinstance(key, Ed25519PrivateKey)
         self.key = key
 
-    def token(self, node: str = "node-test", ttl: float = 600) -> str:
-        return signing.issue_token(self.key, node, ttl)
+    def token(self, node: str = "node-test", ttl: float = 600, blob: str = signing.EVERY_BLOB) -> str:
+        return signing.issue_token(self.key, node, ttl, blob)
 
     def sign(self, raw: bytes) -> str:
         return signing.sign_metainfo(self.key, raw)

@@ -15,10 +15,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from shoal import announcing, bencode, metainfo, peercerts, protocol
+from shoal import announcing, bencode, metainfo, peercerts, protocol, signing
 from shoal.oci import Digest
 from shoal.store import sha256_file
-from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Swarm, SwarmSettings
+from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Grant, Swarm, SwarmSettings
 from shoal_tracker import app as tracker_app
 from shoal_tracker import config as tracker_config
 from tests.integration.conftest import NODE_TOKEN, REGISTRATION_TOKEN, Keys, tracker_server
@@ -162,8 +162,8 @@ async def _ok_announces(port: int) -> float:
 async def test_an_expired_certificate_is_refused_and_a_renewed_one_used(tmp_path: Path, tracker: TestServer,
                                                                       keys: Keys) -> None:
     """A certificate is checked when a connection opens: once the seeder's has expired nobody
-    can connect to it, and the renewal (what set_token does at every swarm-token renewal) lets
-    new connections in again, on the same torrent handle."""
+    can connect to it, and the renewal (what the origin's grant renewal gives) lets new
+    connections in again, on the same torrent handle."""
     port = tracker.port
     assert port is not None
     meta, seed_dir = await _registered_blob(tmp_path, port, keys, 9)
@@ -172,8 +172,8 @@ async def test_an_expired_certificate_is_refused_and_a_renewed_one_used(tmp_path
                                  fingerprint=SEEDER_FINGERPRINT))
     await seeder.start()
     expires = time.time() + 2
-    seeder.set_token(keys.token("origin"),
-                     peercerts.issue_node_certificate(keys.key, "origin", seeder.key.public_key, expires))
+    seeder.set_default_grant(Grant(keys.token("origin"), peercerts.issue_node_certificate(
+        keys.key, "origin", seeder.key.public_key, expires, signing.EVERY_BLOB)))
     leecher = await start_swarm("127.0.0.3", AGENT_FINGERPRINT, keys, "node-a")
     try:
         seeder.add(meta, seed_dir, seed=True)
@@ -194,6 +194,58 @@ async def test_an_expired_certificate_is_refused_and_a_renewed_one_used(tmp_path
                 await job.wait_change(1.0)
         await job.flush()
         assert sha256_file(tmp_path / "leech" / meta.digest.hex) == meta.digest
+    finally:
+        await leecher.stop()
+        await seeder.stop()
+
+
+async def test_a_grant_admits_to_its_own_blob_only(tmp_path: Path, tracker: TestServer, keys: Keys) -> None:
+    """A node admitted to blob A (its certificate names A, its token is for A) that joins blob B's
+    swarm gets no peer from the tracker and is refused by the seeder at the handshake, even
+    dialing it directly; given a grant for B, the same handle completes. And a seeder admitted to
+    B only is no seeder of A: it serves nobody there."""
+    port = tracker.port
+    assert port is not None
+    meta_a, dir_a = await _registered_blob(tmp_path, port, keys, 10)
+    meta_b, dir_b = await _registered_blob(tmp_path, port, keys, 11)
+    (tmp_path / "leech").mkdir()
+    seeder = await start_swarm("127.0.0.2", SEEDER_FINGERPRINT, keys, "origin")
+    leecher = Swarm(SwarmSettings(listen_ip="127.0.0.3", listen_port=free_port("127.0.0.3"),
+                                  fingerprint=AGENT_FINGERPRINT))
+    await leecher.start()
+    try:
+        seeder.add(meta_b, dir_b, seed=True)
+        job = leecher.add(meta_b, tmp_path / "leech", seed=False,
+                          grant=pki.grant(leecher, keys.key, "node-a", torrent=meta_a.digest.hex))
+        refused_before = seeder.refused_handshakes
+        async with asyncio.timeout(20):
+            while seeder.refused_handshakes == refused_before:
+                leecher.force_reannounce(job)  # refused by the tracker: a token for A
+                job.handle.connect_peer(("127.0.0.2", seeder.listen_port))  # refused by the seeder
+                await job.wait_change(0.5)
+        assert job.have_count == 0 and leecher.tracker_errors >= 1
+        leecher.set_grant(meta_b.digest.hex, pki.grant(leecher, keys.key, "node-a", torrent=meta_b.digest.hex))
+        async with asyncio.timeout(30):
+            while not job.finished.is_set():
+                job.handle.connect_peer(("127.0.0.2", seeder.listen_port))
+                await job.wait_change(1.0)
+        await job.flush()
+        assert sha256_file(tmp_path / "leech" / meta_b.digest.hex) == meta_b.digest
+        # the other way round: a holder of A admitted to B only serves nobody in A's swarm
+        holder = leecher.add(meta_a, dir_a, seed=True,
+                             grant=pki.grant(leecher, keys.key, "node-a", torrent=meta_b.digest.hex))
+        (tmp_path / "other").mkdir()
+        other = await start_swarm("127.0.0.4", AGENT_FINGERPRINT, keys, "node-b")  # admitted to every blob
+        try:
+            fetch = other.add(meta_a, tmp_path / "other", seed=False)
+            refused_before = other.refused_handshakes + leecher.refused_handshakes
+            async with asyncio.timeout(20):
+                while other.refused_handshakes + leecher.refused_handshakes == refused_before:
+                    fetch.handle.connect_peer(("127.0.0.3", leecher.listen_port))
+                    await fetch.wait_change(0.5)
+            assert fetch.have_count == 0 and holder.finished.is_set()
+        finally:
+            await other.stop()
     finally:
         await leecher.stop()
         await seeder.stop()

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from shoal import clients, protocol
-from shoal.clients import OriginClient, SignedMetainfo, TrackerClient
+from shoal.clients import OriginClient
 from shoal.oci import Digest
 
 T = TypeVar("T")
@@ -31,19 +31,20 @@ def audit_events(origin: str, token: str, **filters: Any) -> list[dict[str, Any]
     return run(lambda http: OriginClient(http, origin, token).audit(query)).events
 
 
-def seed_blob(origin: str, token: str, digest: str, ns: str, repository: str) -> SignedMetainfo:
-    request = protocol.SeedRequest(ns, repository)
-    return run(lambda http: OriginClient(http, origin, token).seed(Digest.parse(digest), request, within=120))
+def admission(origin: str, token: str, digest: str, node: str, ns: str, repository: str,
+              credential: str | None = None) -> protocol.Admission:
+    """Node `node`'s admission to a blob's swarm for a puller whose credential is `credential`
+    (an Authorization value; None: anonymous). ApiError unless admitted (and the blob seeded)."""
+    request = protocol.AdmissionRequest(node, ns, repository)
+    return run(lambda http: OriginClient(http, origin, token).admission(Digest.parse(digest), request, credential,
+                                                                        within=120))
 
 
-def swarm_token(origin: str, token: str, node: str, public_key: str) -> protocol.SwarmToken:
-    """A swarm token and a certificate for `public_key` (PEM), as the origin gives a node."""
-    request = protocol.SwarmTokenRequest(node, public_key)
-    return run(lambda http: OriginClient(http, origin, token).swarm_token(request, within=10))
-
-
-def metainfo(tracker: str, token: str, digest: str) -> SignedMetainfo | None:
-    return run(lambda http: TrackerClient(http, tracker, token).metainfo(Digest.parse(digest), within=10))
+def grants(origin: str, token: str, node: str, public_key: str,
+           renew: list[protocol.Receipt] | None = None) -> protocol.Grants:
+    """Enroll `node` with `public_key` (PEM) and renew the grants of `renew`, as a node does."""
+    request = protocol.GrantsRequest(node, public_key, renew or [])
+    return run(lambda http: OriginClient(http, origin, token).grants(request, within=30))
 
 
 def seeded(origin: str, token: str) -> set[str]:

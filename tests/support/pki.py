@@ -6,16 +6,20 @@ from __future__ import annotations
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shoal import peercerts, signing
-from shoal.swarm import Swarm
+from shoal.swarm import Grant, Swarm
 
 # For torrents no swarm of the test trades (parsing, registering, fuzzing).
 SOME_CA = Ed25519PrivateKey.generate()
 SOME_ROOT = peercerts.ca_certificate(SOME_CA)
 
 
+def grant(swarm: Swarm, ca: Ed25519PrivateKey, node: str, ttl: float = 600, torrent: str = signing.EVERY_BLOB
+          ) -> Grant:
+    """What an origin's admission gives a node for a torrent (or every one): a token and a
+    certificate for the session's key."""
+    return Grant(*peercerts.issue_grant(ca, node, swarm.key.public_key, torrent, ttl))
+
+
 def admit(swarm: Swarm, ca: Ed25519PrivateKey, node: str, ttl: float = 600) -> None:
-    """What an origin's swarm-token answer gives a node: a token and a certificate for its key."""
-    token = signing.issue_token(ca, node, ttl)
-    cert = peercerts.issue_node_certificate(ca, node, swarm.key.public_key, signing.verify_token(
-        ca.public_key(), token).expires)
-    swarm.set_token(token, cert)
+    """Let `swarm` take part in every torrent of `ca` (as the origin does)."""
+    swarm.set_default_grant(grant(swarm, ca, node, ttl))

@@ -7,7 +7,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from shoal import peercerts, protocol
 from shoal.cluster import Cluster, make_keys, merged
+from shoal.registry import Credentials
+from tests.support import api
 from tests.support.procs import Component, free_port
 from tests.support.registry import Registry
 
@@ -83,6 +86,21 @@ class Stack:
         for _ in range(agents):
             self.start_agent(**agent_extra)
         return self
+
+    def admit(self, digest: str, *, node: str = "tester", key: peercerts.NodeKey | None = None,
+              credential: str | bool | None = True, repository: str = "private/app"
+              ) -> tuple[protocol.Admission, peercerts.NodeKey]:
+        """What a node gets when it is admitted to a blob's swarm (enrolling `node` with `key`,
+        a fresh one by default): the metainfo, and a grant for the key. `credential` is the
+        puller's (an Authorization value; None: anonymous; True: the node credentials)."""
+        assert self.origin is not None
+        key = key or peercerts.NodeKey.generate()
+        api.grants(self.origin.url, self.node_token, node, key.public_pem)
+        if credential is True:
+            credential = Credentials(self.node_user, self.node_password.read_text()).basic()
+        assert credential is None or isinstance(credential, str)
+        return api.admission(self.origin.url, self.node_token, digest, node, self.registry.host, repository,
+                             credential), key
 
     def close(self) -> None:
         # all at once: a component that had swarm connections takes up to 3 s to stop

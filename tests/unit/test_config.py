@@ -48,7 +48,7 @@ def test_durations(text: Any, value: float) -> None:
     (agent_doc(upstreams=UP * 2), "upstreams[1].name: 'registry.example.com:5000' is configured twice"),
     (agent_doc(listen="nowhere"), "listen: expected host:port"),
     (agent_doc(swarm={"stall_timeout": "soon"}), "swarm.stall_timeout: expected a duration"),
-    (agent_doc(tracker="http://t:1"), "tracker: set both tracker and origin"),
+    (agent_doc(origin="http://o:1"), "node_token: give file or env (required with origin)"),
     (agent_doc(torrent={"listen": "host:1"}), "torrent.listen: expected an IP address"),
     (agent_doc(torrent={"libtorrent": {"no_such_setting": 1}}), "torrent.libtorrent.no_such_setting: not a"),
     (agent_doc(log={"level": "loud"}), "log.level: expected one of"),
@@ -127,9 +127,9 @@ def test_a_node_name_is_one_spelling_of_a_dns_name(node: str) -> None:
     log lines; a lone surrogate was a 500 at the origin."""
     with pytest.raises(ConfigError, match="^node must be a lowercase DNS name"):
         agent_config.load(agent_doc(node=node))
-    for body in (protocol.SwarmTokenRequest, protocol.JournalBatch):
+    for body in (protocol.GrantsRequest, protocol.AdmissionRequest, protocol.JournalBatch):
         with pytest.raises(errors.BadRequest) as exc:
-            body.from_json({"node": node, "public_key": "k", "records": []})
+            body.from_json({"node": node, "public_key": "k", "records": [], "ns": "r", "repository": "a"})
         assert exc.value.oci.status == 400
         assert str(exc.value) == "node must be a lowercase DNS name (a-z, 0-9, '-', '.'; at most 253 characters)"
     assert agent_config.load(agent_doc(node="node-0.zone-a")).node == "node-0.zone-a"

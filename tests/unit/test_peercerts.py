@@ -25,26 +25,27 @@ def test_the_ca_certificate_is_a_function_of_the_key() -> None:
     assert "\r" not in first and first.endswith("-----END CERTIFICATE-----\n")
 
 
-def test_a_node_certificate_is_for_its_key_names_no_torrent_and_expires_with_the_token() -> None:
+def test_a_node_certificate_is_for_its_key_names_its_torrent_only_and_expires_with_the_token() -> None:
     ca, node = Ed25519PrivateKey.generate(), peercerts.NodeKey.generate()
     expires = time.time() + 600
-    pem = peercerts.issue_node_certificate(ca, "0" * 64, node.public_key, expires)
+    pem = peercerts.issue_node_certificate(ca, "0" * 64, node.public_key, expires, "a" * 64)
     peercerts.check_node_certificate(pem, ca.public_key(), node.public_key)
     cert = x509.load_pem_x509_certificate(pem.encode())
     assert abs(cert.not_valid_after_utc.timestamp() - expires) < 1
     assert cert.not_valid_before_utc.timestamp() <= time.time() - 299
-    # a node named like a digest must not be admitted to that torrent only (CN and DNS names are
-    # what libtorrent matches): the name goes in a URI
+    # the one torrent it admits to is its only DNS name; a node named like a digest must not be
+    # admitted to that torrent too (CN and DNS names are what libtorrent matches): the node's name
+    # goes in a URI
     assert not cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["*"]
+    assert san.get_values_for_type(x509.DNSName) == ["a" * 64]
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:shoal:node:" + "0" * 64]
 
 
 def test_an_agent_refuses_a_certificate_from_another_ca_or_for_another_key() -> None:
     ca, node = Ed25519PrivateKey.generate(), peercerts.NodeKey.generate()
     other = peercerts.NodeKey.generate()
-    pem = peercerts.issue_node_certificate(ca, "n", node.public_key, time.time() + 60)
+    pem = peercerts.issue_node_certificate(ca, "n", node.public_key, time.time() + 60, "*")
     with pytest.raises(errors.IntegrityError, match="not signed by the origin"):
         peercerts.check_node_certificate(pem, Ed25519PrivateKey.generate().public_key(), node.public_key)
     with pytest.raises(errors.IntegrityError, match="for another key"):

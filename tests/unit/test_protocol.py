@@ -16,9 +16,12 @@ from hypothesis import strategies as st
 from shoal import errors, protocol
 
 BODIES: list[Any] = [
-    protocol.SeedRequest("registry.example:5000", "private/app"),
-    protocol.SwarmTokenRequest("node-1", "-----BEGIN PUBLIC KEY-----\n"),
-    protocol.SwarmToken("v1.abc.def", 3600.0, "-----BEGIN CERTIFICATE-----\n"),
+    protocol.AdmissionRequest("node-1", "registry.example:5000", "private/app"),
+    protocol.GrantsRequest("node-1", "-----BEGIN PUBLIC KEY-----\n", [protocol.Receipt("sha256:" + "a" * 64, "r1")]),
+    protocol.GrantsRequest("node-1", "-----BEGIN PUBLIC KEY-----\n", []),
+    protocol.Grants(3600.0, [protocol.Grant("sha256:" + "a" * 64, "v1.abc", "-----BEGIN CERTIFICATE-----\n", "r1")],
+                    ["sha256:" + "b" * 64]),
+    protocol.Admission(b"d8:announce\x00e", "sig", "src", protocol.Grant("sha256:" + "a" * 64, "t", "c", "r"), 60.0),
     protocol.JournalBatch("node-1", [{"event_id": "e" * 32, "phase": "start"}]),
     protocol.JournalAck(3, 1, 0),
     protocol.PreseedRequest(["r/app:v1"], ["linux/amd64"]),
@@ -31,15 +34,24 @@ def test_bodies_round_trip(body: Any) -> None:
 
 
 @pytest.mark.parametrize(("cls", "doc", "field"), [
-    (protocol.SeedRequest, {"ns": "r"}, "repository"),
-    (protocol.SeedRequest, {"ns": 5, "repository": "a"}, "ns"),
-    (protocol.SeedRequest, ["ns", "repository"], "JSON object"),
-    (protocol.SwarmTokenRequest, {"node": "", "public_key": "k"}, "node"),
-    (protocol.SwarmTokenRequest, {"node": "n" * 254, "public_key": "k"}, "node"),
-    (protocol.SwarmTokenRequest, {"node": "n"}, "public_key"),
-    (protocol.SwarmToken, {"token": "t", "ttl_seconds": 0, "certificate": "c"}, "ttl_seconds"),
-    (protocol.SwarmToken, {"token": "t", "ttl_seconds": True, "certificate": "c"}, "ttl_seconds"),
-    (protocol.SwarmToken, {"token": "t", "ttl_seconds": 60}, "certificate"),
+    (protocol.AdmissionRequest, {"node": "n", "ns": "r"}, "repository"),
+    (protocol.AdmissionRequest, {"node": "n", "ns": 5, "repository": "a"}, "ns"),
+    (protocol.AdmissionRequest, ["ns", "repository"], "JSON object"),
+    (protocol.GrantsRequest, {"node": "", "public_key": "k"}, "node"),
+    (protocol.GrantsRequest, {"node": "n" * 254, "public_key": "k"}, "node"),
+    (protocol.GrantsRequest, {"node": "n"}, "public_key"),
+    (protocol.GrantsRequest, {"node": "n", "public_key": "k", "renew": {}}, "renew"),
+    (protocol.GrantsRequest, {"node": "n", "public_key": "k",
+                              "renew": [{"digest": "d", "receipt": "r"}] * (protocol.MAX_RENEWALS + 1)}, "renew"),
+    (protocol.GrantsRequest, {"node": "n", "public_key": "k", "renew": [{"digest": "d"}]}, "receipt"),
+    (protocol.Grants, {"ttl_seconds": 0, "grants": [], "refused": []}, "ttl_seconds"),
+    (protocol.Grants, {"ttl_seconds": True, "grants": [], "refused": []}, "ttl_seconds"),
+    (protocol.Grants, {"ttl_seconds": 60, "refused": []}, "grants"),
+    (protocol.Grants, {"ttl_seconds": 60, "grants": [{"digest": "d", "token": "t", "receipt": "r"}]}, "certificate"),
+    (protocol.Admission, {"metainfo": "not base64!", "signature": "s", "source": "s",
+                          "grant": {"digest": "d", "token": "t", "certificate": "c", "receipt": "r"},
+                          "ttl_seconds": 1}, "metainfo"),
+    (protocol.Admission, {"metainfo": "AA==", "signature": "s", "source": "s", "ttl_seconds": 1}, "JSON object"),
     (protocol.JournalBatch, {"node": "n", "records": {}}, "records"),
     (protocol.JournalAck, {"accepted": -1, "duplicates": 0, "rejected": 0}, "accepted"),
     (protocol.JournalAck, {"accepted": 1, "duplicates": 0}, "rejected"),
@@ -59,23 +71,25 @@ def test_refusals_are_the_error_body_a_client_reads() -> None:
             cls.from_json(doc)
         return str(exc.value)
 
-    assert message(protocol.SeedRequest, []) == "body must be a JSON object"
+    assert message(protocol.AdmissionRequest, []) == "body must be a JSON object"
     assert message(protocol.JournalBatch, {"node": "n"}) == "records must be a list"
-    assert message(protocol.SwarmToken, {"token": "t", "ttl_seconds": -1}) == "ttl_seconds must be a positive number"
+    assert message(protocol.Grants, {"grants": [], "ttl_seconds": -1}) == "ttl_seconds must be a positive number"
     assert message(protocol.PreseedRequest, {}) == "images must be a non-empty list of strings"
     assert message(protocol.PreseedRequest, {"images": ["a"], "platforms": [1]}) == \
         "platforms must be a list of strings"
-    assert message(protocol.SeedRequest, {"ns": "r", "repository": ""}) == \
+    assert message(protocol.AdmissionRequest, {"node": "n", "ns": "r", "repository": ""}) == \
         "repository must be a string of 1 to 255 characters"
 
 
 @pytest.mark.parametrize(("cls", "doc", "field", "limit"), [
-    (protocol.SeedRequest, {"ns": "r", "repository": "a"}, "ns", 255),
-    (protocol.SeedRequest, {"ns": "r", "repository": "a"}, "repository", 255),
-    (protocol.SwarmTokenRequest, {"public_key": "k"}, "node", 253),
-    (protocol.SwarmTokenRequest, {"node": "n"}, "public_key", 512),
-    (protocol.SwarmToken, {"ttl_seconds": 60, "certificate": "c"}, "token", 4096),
-    (protocol.SwarmToken, {"ttl_seconds": 60, "token": "t"}, "certificate", 8192),
+    (protocol.AdmissionRequest, {"node": "n", "ns": "r", "repository": "a"}, "ns", 255),
+    (protocol.AdmissionRequest, {"node": "n", "ns": "r", "repository": "a"}, "repository", 255),
+    (protocol.GrantsRequest, {"public_key": "k"}, "node", 253),
+    (protocol.GrantsRequest, {"node": "n"}, "public_key", 512),
+    (protocol.Grant, {"digest": "d", "certificate": "c", "receipt": "r"}, "token", 1024),
+    (protocol.Grant, {"digest": "d", "token": "t", "receipt": "r"}, "certificate", 4096),
+    (protocol.Grant, {"digest": "d", "token": "t", "certificate": "c"}, "receipt", 128),
+    (protocol.Receipt, {"digest": "d"}, "receipt", 128),
     (protocol.JournalBatch, {"records": []}, "node", 253),
 ])
 def test_text_fields_up_to_their_bound(cls: Any, doc: dict[str, Any], field: str, limit: int) -> None:
@@ -88,14 +102,17 @@ def test_text_fields_up_to_their_bound(cls: Any, doc: dict[str, Any], field: str
 
 def test_optional_fields_and_small_positive_numbers() -> None:
     assert protocol.PreseedRequest.from_json({"images": ["r/app:v1"]}).platforms == []  # platforms may be left out
+    assert protocol.GrantsRequest.from_json({"node": "n", "public_key": "k"}).renew == []  # enrollment alone
     for ttl in (0.5, 1):
-        assert protocol.SwarmToken.from_json({"token": "t", "ttl_seconds": ttl, "certificate": "c"}).ttl_seconds == ttl
+        assert protocol.Grants.from_json({"ttl_seconds": ttl, "grants": []}).ttl_seconds == ttl
 
 
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(
                         ["ns", "repository", "node", "token", "ttl_seconds", "certificate", "public_key", "records",
-                         "accepted", "duplicates", "rejected", "images", "platforms"]), c, max_size=6), max_leaves=10))
+                         "accepted", "duplicates", "rejected", "images", "platforms", "renew", "grants", "refused",
+                         "digest", "receipt", "metainfo", "signature", "source", "grant"]), c, max_size=6),
+                    max_leaves=10))
 def test_any_document_is_a_body_or_a_400(doc: Any) -> None:
     for cls in {type(b) for b in BODIES}:
         with contextlib.suppress(errors.BadRequest):  # anything else escapes and fails the test
@@ -105,7 +122,7 @@ def test_any_document_is_a_body_or_a_400(doc: Any) -> None:
 
 def test_routes_quote_their_parameters() -> None:
     assert protocol.PRESEED_JOB.path(job="a/../b") == protocol.PRESEED_JOB.pattern.format(job="a%2F..%2Fb")
-    assert protocol.METAINFO.path(digest="sha256:ab") == protocol.METAINFO.pattern.format(digest="sha256:ab")
+    assert protocol.ADMISSION.path(digest="sha256:ab") == protocol.ADMISSION.pattern.format(digest="sha256:ab")
     assert protocol.AUDIT.url("http://o:1/", {"node": "a&b"}) == f"http://o:1{protocol.AUDIT.pattern}?node=a%26b"
     assert protocol.HEALTHZ.url("http://BOX/") == "http://BOX/healthz"  # only the trailing slash goes
 
@@ -371,15 +388,3 @@ def test_audit_times_do_not_depend_on_the_servers_zone(monkeypatch: pytest.Monke
     finally:
         monkeypatch.undo()
         time.tzset()
-
-
-def test_sources_round_trip_and_malformed_ones_are_400() -> None:
-    sources = {"registry.a:5000": "c2ln", "[::1]:5000": "AbC-_9"}
-    assert protocol.parse_sources(protocol.encode_sources(sources)) == sources
-    assert protocol.parse_sources(None) == {} and protocol.parse_sources("") == {}
-    most = {f"r{i}": "s" for i in range(protocol.MAX_SOURCES)}
-    assert protocol.parse_sources(protocol.encode_sources(most)) == most
-    for bad in ("registry.a", "a=b=c", "a=sig;", "a b=sig", "a=sig!", ";".join(f"r{i}=s" for i in range(65))):
-        with pytest.raises(errors.BadRequest) as exc:
-            protocol.parse_sources(bad)
-        assert exc.value.oci.status == 400 and str(exc.value).startswith("Shoal-Sources: ")

@@ -28,12 +28,12 @@ def keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
 def test_swarm_tokens() -> None:
     key, pub = keypair()
     _, other = keypair()
-    token = signing.issue_token(key, "node-7", 60)
+    token = signing.issue_token(key, "node-7", 60, "*")
     assert signing.verify_token(pub, token).node == "node-7"
     with pytest.raises(signing.SignatureError, match="does not verify"):
         signing.verify_token(other, token)
     with pytest.raises(signing.SignatureError, match="expired"):
-        signing.verify_token(pub, signing.issue_token(key, "node-7", -1))
+        signing.verify_token(pub, signing.issue_token(key, "node-7", -1, "*"))
     _payload, sig = token.split(".")
     forged = base64.urlsafe_b64encode(b'{"node":"root","exp":9999999999}').rstrip(b"=").decode()
     with pytest.raises(signing.SignatureError):
@@ -41,6 +41,34 @@ def test_swarm_tokens() -> None:
     for bad in (None, "", "a.b.c", "x" * 600, "!!!.???"):
         with pytest.raises(signing.SignatureError):
             signing.verify_token(pub, bad)
+
+
+def test_a_swarm_token_admits_to_its_blob_only() -> None:
+    key, pub = keypair()
+    a, b = "a" * 64, "b" * 64
+    claims = signing.verify_token(pub, signing.issue_token(key, "node-7", 60, a))
+    assert claims.blob == a and claims.admits(a) and not claims.admits(b) and not claims.admits("*")
+    every = signing.verify_token(pub, signing.issue_token(key, "origin", 60, signing.EVERY_BLOB))
+    assert every.admits(a) and every.admits(b)
+
+
+def test_admission_receipts_are_for_one_node_key_and_one_blob() -> None:
+    key, pub = keypair()
+    node, other = keypair()[1], keypair()[1]
+    digest = "sha256:" + "a" * 64
+    receipt = signing.sign_receipt(key, node, digest)
+    signing.verify_receipt(pub, node, digest, receipt)
+    for who, what in ((other, digest), (node, "sha256:" + "b" * 64)):
+        with pytest.raises(signing.SignatureError, match="does not verify for this node and blob"):
+            signing.verify_receipt(pub, who, what, receipt)
+    with pytest.raises(signing.SignatureError, match="does not verify"):
+        signing.verify_receipt(keypair()[1], node, digest, receipt)  # another origin's
+    for bad in (None, ""):
+        with pytest.raises(signing.SignatureError, match="no admission receipt"):
+            signing.verify_receipt(pub, node, digest, bad)
+    # a receipt is no other signature of the origin's (separate contexts)
+    with pytest.raises(signing.SignatureError):
+        signing.verify_receipt(pub, node, digest, signing.sign_source(key, digest, "registry.a"))
 
 
 def test_verified_tokens_are_remembered_until_they_expire(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,12 +83,12 @@ def test_verified_tokens_are_remembered_until_they_expire(monkeypatch: pytest.Mo
         return real(k, token)  # type: ignore[arg-type]
 
     monkeypatch.setattr(signing, "verify_token", counting)
-    a = signing.issue_token(key, "node-a", 60)
+    a = signing.issue_token(key, "node-a", 60, "*")
     assert tokens.verify(a).node == "node-a"
     assert tokens.verify(a).node == "node-a"
     assert checks == [a]  # the signature was checked once
     # what did not verify is never remembered: it is checked (and refused) every time
-    forged = signing.issue_token(keypair()[0], "node-x", 60)
+    forged = signing.issue_token(keypair()[0], "node-x", 60, "*")
     for _ in range(2):
         with pytest.raises(signing.SignatureError):
             tokens.verify(forged)
@@ -75,7 +103,7 @@ def test_verified_tokens_are_remembered_until_they_expire(monkeypatch: pytest.Mo
         tokens.verify(a)
     monkeypatch.setattr("shoal.signing.time.time", lambda: now)
     # bounded: the oldest goes first
-    b, c = signing.issue_token(key, "node-b", 60), signing.issue_token(key, "node-c", 60)
+    b, c = signing.issue_token(key, "node-b", 60, "*"), signing.issue_token(key, "node-c", 60, "*")
     for t in (a, b, c):
         tokens.verify(t)
     checks.clear()
@@ -99,10 +127,10 @@ def test_swarm_token_refusals_say_why() -> None:
     """The reason is the tracker's `failure reason` ("not a swarm member: ...") and the agent's log."""
     key, pub = keypair()
     _, other = keypair()
-    token = signing.issue_token(key, "node-7", 60)
+    token = signing.issue_token(key, "node-7", 60, "*")
     payload, sig = token.split(".")
     assert refusal(pub, None) == refusal(pub, "") == "announce carries no swarm token"
-    for malformed in ("a.b.c", payload, "x" * 513):
+    for malformed in ("a.b.c", payload, "x" * 1025):
         assert refusal(pub, malformed) == "malformed swarm token"
     # "AA!" is two data characters and junk: lenient padding would read it as b"\x00"
     assert refusal(pub, f"AA!.{sig}") == "not base64url"
@@ -113,9 +141,10 @@ def test_swarm_token_refusals_say_why() -> None:
                  f"{payload}.{sig[:-1]}{chr(ord(sig[-1]) + 1)}"):
         assert refusal(pub, junk) == "not base64url", junk
     assert refusal(other, token) == "swarm token signature does not verify"
-    assert refusal(pub, signing.issue_token(key, "node-7", -1)) == "swarm token expired"
+    assert refusal(pub, signing.issue_token(key, "node-7", -1, "*")) == "swarm token expired"
     # signed by the origin but not claims: still refused, as malformed
-    for claims in (b"not json", b"[1]", b'{"node":"n"}', b'{"node":"n","exp":"soon"}'):
+    for claims in (b"not json", b"[1]", b'{"node":"n"}', b'{"node":"n","exp":"soon","blob":"*"}',
+                   b'{"node":"n","exp":9999999999}', b'{"node":"n","exp":9999999999,"blob":1}'):
         signed = f"{b64(claims)}.{b64(key.sign(b'shoal swarm token v1' + bytes(1) + claims))}"
         assert refusal(pub, signed) == "malformed swarm token", claims
 
@@ -124,11 +153,11 @@ def test_swarm_token_wire_format(monkeypatch: pytest.MonkeyPatch) -> None:
     """Compact JSON claims and an Ed25519 signature, each unpadded base64url, joined by a dot."""
     key, pub = keypair()
     monkeypatch.setattr("shoal.signing.time.time", lambda: NOW)
-    token = signing.issue_token(key, "node-7", 60)
+    token = signing.issue_token(key, "node-7", 60, "*")
     payload, sig = token.split(".")
-    assert base64.urlsafe_b64decode(payload + "==") == b'{"node":"node-7","exp":1795755660}'
+    assert base64.urlsafe_b64decode(payload + "==") == b'{"node":"node-7","exp":1795755660,"blob":"*"}'
     assert len(sig) == 86 and "=" not in token  # 64 bytes, no padding
-    assert signing.verify_token(pub, token) == signing.SwarmToken("node-7", 1795755660)
+    assert signing.verify_token(pub, token) == signing.SwarmToken("node-7", 1795755660, "*")
     # the encoding round-trips any bytes (b"\x00\x00\x17" encodes as "AAAX": nothing but "=" is stripped)
     for data in (b"", b"\x00", b"\xff\xfe", b"\x00\x00\x17", bytes(range(64))):
         assert "=" not in signing._b64(data)
@@ -138,24 +167,24 @@ def test_swarm_token_wire_format(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_swarm_token_length_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     key, pub = keypair()
     monkeypatch.setattr("shoal.signing.time.time", lambda: NOW)
-    # the longest token under MAX_TOKEN_LENGTH (512) is read: unpadded base64url has no length
-    # of 1 mod 4, so a 425-character payload (and a 512-character token) cannot be spelled
-    node = "n" * 290
-    token = signing.issue_token(key, node, 60)
+    # the longest token under MAX_TOKEN_LENGTH (1024) is read: unpadded base64url has no length
+    # of 1 mod 4, so a 937-character payload (and a 1024-character token) cannot be spelled
+    node = "n" * 663
+    token = signing.issue_token(key, node, 60, "*")
     assert len(token) == signing.MAX_TOKEN_LENGTH - 1
     assert signing.verify_token(pub, token).node == node
-    longer = signing.issue_token(key, node + "n", 60)
+    longer = signing.issue_token(key, node + "n", 60, "*")
     assert len(longer) == signing.MAX_TOKEN_LENGTH + 1
     assert refusal(pub, longer) == "malformed swarm token"
-    # exactly 512 characters is still read (and refused for what it is, not for its length)
+    # exactly 1024 characters is still read (and refused for what it is, not for its length)
     _, sig = token.split(".")
-    assert refusal(pub, "A" * 425 + "." + sig) == "not base64url"
+    assert refusal(pub, "A" * 937 + "." + sig) == "not base64url"
 
 
 def test_a_token_expires_at_its_exp_second(monkeypatch: pytest.MonkeyPatch) -> None:
     key, pub = keypair()
     monkeypatch.setattr("shoal.signing.time.time", lambda: NOW)
-    token = signing.issue_token(key, "node-7", 60)  # exp = NOW + 60
+    token = signing.issue_token(key, "node-7", 60, "*")  # exp = NOW + 60
     remembered = signing.VerifiedTokens(pub)
     remembered.verify(token)
     monkeypatch.setattr("shoal.signing.time.time", lambda: NOW + 59.5)
@@ -174,7 +203,7 @@ def test_verified_tokens_remember_ten_thousand_by_default(monkeypatch: pytest.Mo
 
     def stub(k: object, token: str | None) -> signing.SwarmToken:
         checks.append(token)
-        return signing.SwarmToken(str(token), int(time.time()) + 3600)
+        return signing.SwarmToken(str(token), int(time.time()) + 3600, "*")
 
     monkeypatch.setattr(signing, "verify_token", stub)
     tokens = signing.VerifiedTokens(pub)
@@ -197,7 +226,7 @@ def test_metainfo_signatures() -> None:
     with pytest.raises(signing.SignatureError, match="not signed"):
         signing.verify_metainfo(pub, b"metainfo bytes", None)
     # a swarm token's signature is no metainfo signature (separate contexts)
-    token_sig = signing.issue_token(key, "n", 60).split(".")[1]
+    token_sig = signing.issue_token(key, "n", 60, "*").split(".")[1]
     with pytest.raises(signing.SignatureError):
         signing.verify_metainfo(pub, b"metainfo bytes", token_sig)
     assert len(sig) == 86 and "=" not in sig  # unpadded base64url of 64 bytes
