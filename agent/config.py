@@ -65,7 +65,9 @@ class JournalSettings:
 class SwarmPolicy:
     # Blobs below this size go straight to the registry.
     threshold: Annotated[int, SIZE] = 1 << 20
-    # Right after start, how long a download waits for this node's enrollment at the origin.
+    # Budget for the admission of a blob below `threshold` (the origin answers at once: it seeds
+    # the blob already, or not), and how long a download waits for this node's enrollment right
+    # after start.
     metainfo_timeout: Annotated[float, DURATION] = 2.0
     # Budget for an admission: the origin asks the registry, and fetches, verifies and hashes a
     # blob it does not have yet.

@@ -3,9 +3,10 @@
 A `Download` runs in the background (a client hanging up does not stop it) and every local
 client reading the blob attaches to it:
 
-1. blobs worth a swarm (at least `threshold`): admission at the origin, for the credential the
-   registry accepted for the client (agent/membership.py), which answers with the metainfo and
-   this node's grant for the blob's swarm; smaller blobs go straight to the registry;
+1. admission at the origin, for the credential the registry accepted for the client
+   (agent/membership.py), which answers with the metainfo and this node's grant for the blob's
+   swarm (seeding the blob first if needed); a blob smaller than `threshold` is not worth that:
+   it comes from the swarm only if the origin seeds it already, else from the registry;
 2. join the swarm, with deadlines: a first verified piece within `first_piece_timeout`, then
    no gap longer than `stall_timeout`;
 3. once complete: flush, sha256 the file from disk, let libtorrent rename it into `blobs/`
@@ -183,14 +184,16 @@ class Download:
                 await store.make_room()
                 await store.ensure_free(self.size)
                 admitted: Admitted | None = None
-                if self.deps.membership is not None and self.size >= self.deps.policy.threshold:
+                if self.deps.membership is not None:
                     try:
-                        admitted = await self.deps.membership.admit(self.upstream, self.repo, self.digest,
-                                                                    self.authorization)
-                        self.sources.add(self.upstream.name)  # the origin vouched for it
-                        await self._from_swarm(admitted)
-                        self._finish("peers", started)
-                        return
+                        admitted = await self.deps.membership.admit(
+                            self.upstream, self.repo, self.digest, self.authorization,
+                            seeded_only=self.size < self.deps.policy.threshold)
+                        if admitted is not None:
+                            self.sources.add(self.upstream.name)  # the origin vouched for it
+                            await self._from_swarm(admitted)
+                            self._finish("peers", started)
+                            return
                     except (errors.SwarmUnavailable, errors.IntegrityError) as exc:
                         reason = exc.reason if isinstance(exc, SwarmFailure) else \
                             "integrity" if isinstance(exc, errors.IntegrityError) else "swarm_error"
@@ -247,6 +250,10 @@ class Download:
             while not job.finished.is_set():
                 if job.failed is not None:
                     raise SwarmFailure("torrent_error", job.failed)
+                if job.have_count == 0 and job.tracker_unreachable:
+                    # no tracker, no peers (private torrents learn of peers from it alone): the
+                    # registry now beats waiting for first_piece_timeout
+                    raise SwarmFailure("tracker_unreachable", "the tracker cannot be reached to find peers")
                 now = time.monotonic()
                 if job.have_count == 0 and now - joined > policy.first_piece_timeout:
                     raise SwarmFailure("no_first_piece",

@@ -150,20 +150,24 @@ class Membership:
 
     # ----- admission -----------------------------------------------------------------------------
 
-    async def admit(self, upstream: Upstream, repo: str, digest: Digest, authorization: Authorization) -> Admitted:
+    async def admit(self, upstream: Upstream, repo: str, digest: Digest, authorization: Authorization, *,
+                    seeded_only: bool = False) -> Admitted | None:
         """The blob's metainfo and this node's grant for its swarm, once the origin had the
         registry accept `authorization` (as the agent authenticates to the registry for the
-        puller) for this blob; with the origin's word that `upstream` holds the blob."""
+        puller) for this blob; with the origin's word that `upstream` holds the blob. With
+        `seeded_only`, None if the origin does not seed the blob already."""
         if not self.enrolled.is_set():
             # right after start the enrollment is usually a few milliseconds away: wait for it
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.enrolled.wait(), self.policy.metainfo_timeout)
             if not self.enrolled.is_set():
                 raise SwarmFailure("not_enrolled", "this node is not enrolled with the origin yet")
-        request = protocol.AdmissionRequest(self.access.node, upstream.name, repo)
+        request = protocol.AdmissionRequest(self.access.node, upstream.name, repo, seeded_only)
         try:
-            answer = await self.origin.admission(digest, request, self._credential(upstream, authorization),
-                                                 within=self.policy.seed_timeout)
+            # (the origin fetches nothing for a seeded_only request: a short budget will do)
+            answer = await self.origin.admission(
+                digest, request, self._credential(upstream, authorization),
+                within=self.policy.metainfo_timeout if seeded_only else self.policy.seed_timeout)
         except ApiError as exc:
             if exc.status in (401, 403):
                 raise SwarmFailure("not_admitted", f"the origin did not admit this node to the blob's swarm: "
@@ -174,6 +178,8 @@ class Membership:
             raise SwarmFailure("origin_error", f"origin answered {exc.status} to the admission") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SwarmFailure("origin_unreachable", f"origin unreachable: {type(exc).__name__}") from None
+        if answer is None:
+            return None
         key = self.access.origin_key
         try:
             signing.verify_metainfo(key, answer.metainfo, answer.signature)

@@ -15,6 +15,7 @@ FALLBACK_REASONS = (
     "not_admitted",  # the registry did not let the origin admit this puller's credential to the blob
     "origin_unreachable", "origin_error",  # the origin could not admit the node or seed the blob
     "origin_refused",  # the origin does not vouch that the registry holds the blob
+    "tracker_unreachable",  # the announce could not reach the tracker, so no peers are known
     "unsigned_metainfo", "bad_metainfo",  # metainfo that does not verify or describe the blob
     "no_first_piece", "stalled",  # no seeder answered, or every peer stopped sending
     "torrent_error",  # libtorrent failed the torrent (disk, storage)

@@ -49,7 +49,7 @@ class Provenance:
             raise errors.UpstreamError(f"this blob came from another registry than {upstream.name}, and there is no "
                                        "origin to confirm that it holds the blob too")
         try:
-            await self.membership.admit(upstream, repo, digest, authorization)
+            await self.membership.admit(upstream, repo, digest, authorization)  # (an Admission, or it raises)
         except SwarmFailure as exc:
             if exc.reason == "origin_refused":
                 self.metrics.provenance_checks.labels("refused").inc()

@@ -67,6 +67,8 @@ async def admission(request: web.Request) -> web.Response:
     principal = await admissions.check(body.ns, body.repository, digest,
                                        request.headers.get(protocol.PULLER_AUTHORIZATION_HEADER))
     seeder = request.app[SEEDER_KEY]
+    if body.seeded_only and not seeder.is_seeded(digest):
+        return web.Response(status=204)
     published = await seeder.ensure_seeded(body.ns, body.repository, digest)
     grant = await asyncio.to_thread(admissions.grant, body.node, public_key, digest)
     log.info("admitted node %s to %s (%s/%s) for %s", body.node, digest, body.ns, body.repository, principal)

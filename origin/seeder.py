@@ -135,6 +135,9 @@ class Seeder:
     def seeded(self) -> list[Published]:
         return list(self._metas.values())
 
+    def is_seeded(self, digest: Digest) -> bool:
+        return digest in self._metas and self.store.has(digest)
+
     async def ensure_seeded(self, ns: str, repo: str, digest: Digest) -> Published:
         """The signed metainfo of `digest`, fetching and seeding it first if needed, once the
         registry `ns` is known to hold it (the blob came from there, or was fetched from there

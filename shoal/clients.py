@@ -60,14 +60,17 @@ class OriginClient:
             return protocol.Grants.from_json(await r.json())
 
     async def admission(self, digest: Digest, request: protocol.AdmissionRequest, credential: str | None, *,
-                        within: float) -> protocol.Admission:
+                        within: float) -> protocol.Admission | None:
         """Ask to join `digest`'s swarm for a puller whose credential is `credential` (None:
-        anonymous). ApiError 403 if the registry does not let that credential pull the blob."""
+        anonymous). ApiError 403 if the registry does not let that credential pull the blob;
+        None if the request was `seeded_only` and the origin does not seed the blob."""
         headers = dict(self._auth)
         if credential is not None:
             headers[protocol.PULLER_AUTHORIZATION_HEADER] = credential
         async with self.http.post(protocol.ADMISSION.url(self.base, digest=str(digest)), json=request.to_json(),
                                   headers=headers, timeout=aiohttp.ClientTimeout(total=within)) as r:
+            if r.status == 204 and request.seeded_only:
+                return None
             if r.status != 200:
                 raise ApiError("the origin did not admit this node to the blob's swarm", r.status)
             return protocol.Admission.from_json(await r.json())

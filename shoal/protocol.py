@@ -129,11 +129,14 @@ def _b64(doc: dict[str, Any], key: str, *, max_length: int) -> bytes:
 @dataclass(frozen=True, slots=True)
 class AdmissionRequest:
     """POST ADMISSION: node `node` asks to join the swarm of a blob of `repository` at registry
-    `ns`, on behalf of a puller whose credential is in PULLER_AUTHORIZATION_HEADER."""
+    `ns`, on behalf of a puller whose credential is in PULLER_AUTHORIZATION_HEADER. With
+    `seeded_only` (small blobs, which are not worth a fetch by the origin) an admitted node gets
+    204 rather than an Admission when the origin does not seed the blob already."""
 
     node: str
     ns: str
     repository: str
+    seeded_only: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,8 +144,11 @@ class AdmissionRequest:
     @classmethod
     def from_json(cls, doc: Any) -> AdmissionRequest:
         d = _doc(doc)
+        seeded_only = d.get("seeded_only", False)
+        if not isinstance(seeded_only, bool):
+            raise errors.BadRequest(errors.INVALID_REQUEST, "seeded_only must be true or false")
         return cls(node_name(_text(d, "node", max_length=253)), _text(d, "ns", max_length=255),
-                   _text(d, "repository", max_length=255))
+                   _text(d, "repository", max_length=255), seeded_only)
 
 
 @dataclass(frozen=True, slots=True)

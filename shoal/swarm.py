@@ -156,6 +156,8 @@ class TorrentJob:
         self.handle = handle
         self.meta = meta
         self.grant: Grant | None = None  # its own, else the session's default (Swarm.set_default_grant)
+        # The last announce could not reach the tracker (no answer at all; a refusal is not this)
+        self.tracker_unreachable = False
         self.have = bytearray([1 if complete else 0]) * meta.num_pieces
         self.have_count = meta.num_pieces if complete else 0
         self.finished = asyncio.Event()
@@ -548,6 +550,8 @@ class Swarm:
             log.debug("tracker error: %s", alert.message())
             job = self._jobs.get(alert.torrent_name)
             if job is not None:
+                job.tracker_unreachable = not alert.failure_reason()
+                job._notify()
                 # libtorrent's own backoff grows to an hour (5 s + 12.5 s x failures squared):
                 # a seeder would stay unlisted long after the tracker is back. Retry on
                 # shoal's schedule instead (at most announcing.RETRY_MAX apart).
@@ -555,6 +559,11 @@ class Swarm:
                                             lt.reannounce_flags_t.ignore_min_interval)
             if self.on_tracker_error is not None:
                 self.on_tracker_error(alert.torrent_name, alert.failure_reason())
+            return
+        if isinstance(alert, lt.tracker_reply_alert):
+            job = self._jobs.get(alert.torrent_name)
+            if job is not None:
+                job.tracker_unreachable = False
             return
         if not isinstance(alert, lt.torrent_alert):
             if isinstance(alert, (lt.listen_failed_alert,)):

@@ -14,6 +14,8 @@ from tests.support.clients import Containerd
 from tests.support.images import Image, build_image, push
 from tests.support.registry import Registry
 from tests.support.stack import Stack
+from tests.support.tokenworld import USERS as TOKEN_USERS
+from tests.support.tokenworld import TokenWorld, open_world
 
 # Users of the origin registry: `alice` pushes test images; the origin seeder and the agents
 # use their own identities, so the registry's audit tells who fetched what.
@@ -78,6 +80,24 @@ def images(e2e_root: Path, registry: Registry) -> Images:
 def stack(tmp_path: Path, registry: Registry) -> Iterator[Stack]:
     s = Stack(tmp_path / "stack", registry, node_user=("node", USERS["node"]),
               seeder_user=("seeder", USERS["seeder"]))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def world(e2e_root: Path) -> Iterator[TokenWorld]:
+    """The registry with token auth (tests/support/tokenworld.py); a test that changes its ACL
+    puts it back."""
+    w = open_world(e2e_root / "tokenworld")
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def tstack(tmp_path: Path, world: TokenWorld) -> Iterator[Stack]:
+    """A stack on the token-auth registry, with no node credentials the registry knows."""
+    s = Stack(tmp_path / "stack", world.registry, node_user=("nobody", "unused"),
+              seeder_user=("seeder", TOKEN_USERS["seeder"]))
     yield s
     s.close()
 

@@ -210,6 +210,8 @@ def test_stalled_peer(two_nodes: tuple[Component, Component, Blob]) -> None:
 
 
 def test_restart_while_seeding(stack: Stack, registry: Registry, images: Images) -> None:
+    """A node seeds its cache again after a restart, once the origin renewed its grants; a new
+    node (admitted by the origin, whose own seeder is all but silent) gets the blob from it."""
     blob = big_blob(images)
     stack.start_tracker()
     origin = stack.start_origin()
@@ -217,11 +219,13 @@ def test_restart_while_seeding(stack: Stack, registry: Registry, images: Images)
     assert_blob(a, blob)
     wait_for(lambda: a.metric("shoal_agent_downloads_total", result="ok") == 1)
     a.stop()
-    a.start()  # seeds its cache again, with a fresh swarm token
+    origin.stop()
+    origin.config["torrent"]["upload_rate_limit"] = "1KiB"  # from now on, A is the swarm's seeder
+    origin.start()
+    a.start()  # seeds its cache again, with renewed grants
     b = stack.start_agent()
     for node in (a, b):
         wait_for(functools.partial(has_token, node))
-    origin.stop(kill=True)  # now only A has the blob
     assert_blob(b, blob)
     wait_for(lambda: b.metric("shoal_agent_downloads_total", source="peers", result="ok") == 1)
     assert b.metric("shoal_agent_swarm_download_bytes_total", peer="agent") >= blob.size * 0.95

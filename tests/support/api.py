@@ -32,7 +32,7 @@ def audit_events(origin: str, token: str, **filters: Any) -> list[dict[str, Any]
 
 
 def admission(origin: str, token: str, digest: str, node: str, ns: str, repository: str,
-              credential: str | None = None) -> protocol.Admission:
+              credential: str | None = None) -> protocol.Admission | None:
     """Node `node`'s admission to a blob's swarm for a puller whose credential is `credential`
     (an Authorization value; None: anonymous). ApiError unless admitted (and the blob seeded)."""
     request = protocol.AdmissionRequest(node, ns, repository)

@@ -38,6 +38,7 @@ class Stack:
         self.tracker: Component | None = None
         self.origin: Component | None = None
         self.agents: list[Component] = []
+        self._keys: dict[str, peercerts.NodeKey] = {}  # of the nodes admit() enrolled
 
     def upstream(self, user: str, password_file: Path) -> dict[str, Any]:
         return {"name": self.registry.host, "url": self.registry.url, "username": user,
@@ -94,13 +95,15 @@ class Stack:
         a fresh one by default): the metainfo, and a grant for the key. `credential` is the
         puller's (an Authorization value; None: anonymous; True: the node credentials)."""
         assert self.origin is not None
-        key = key or peercerts.NodeKey.generate()
+        key = key or self._keys.setdefault(node, peercerts.NodeKey.generate())
         api.grants(self.origin.url, self.node_token, node, key.public_pem)
         if credential is True:
             credential = Credentials(self.node_user, self.node_password.read_text()).basic()
         assert credential is None or isinstance(credential, str)
-        return api.admission(self.origin.url, self.node_token, digest, node, self.registry.host, repository,
-                             credential), key
+        admission = api.admission(self.origin.url, self.node_token, digest, node, self.registry.host, repository,
+                                  credential)
+        assert admission is not None
+        return admission, key
 
     def close(self) -> None:
         # all at once: a component that had swarm connections takes up to 3 s to stop
