@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # A registry confirms it holds a blob within this long, plus the blob's size at this rate.
 CONFIRM_DEADLINE = 60.0
 CONFIRM_RATE = 1 << 20
+# An admission for a seeded blob registers it at the tracker again at most this often.
+REGISTER_AGAIN = 10.0
 
 
 class SeederMetrics:
@@ -65,6 +67,7 @@ class Seeder:
         self._flights: SingleFlight[Digest, Published] = SingleFlight()
         self._confirmations: SingleFlight[tuple[str, Digest], None] = SingleFlight()
         self._metas: dict[Digest, Published] = {}
+        self._registered_at: dict[Digest, float] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -127,6 +130,7 @@ class Seeder:
                 self._spawn(self._register([published]))
 
     async def _on_evict(self, digest: Digest) -> None:
+        self._registered_at.pop(digest, None)
         published = self._metas.pop(digest, None)
         await self.swarm.remove(digest.hex)
         if published is not None:
@@ -146,12 +150,17 @@ class Seeder:
         if published is not None and self.store.has(digest):
             await self._confirm_source(ns, repo, digest, published.meta.size)
             self.store.touch(digest)
-            # An agent asks here only after the tracker did not know the blob (e.g. it restarted
-            # without persistence): register again, and announce so the seeder is listed at once.
-            if await self.registration.register(published.meta, published.signature):
-                job = self.swarm.job(digest.hex)
-                if job is not None:
-                    self.swarm.force_reannounce(job)
+            # A tracker that restarted without persistence has forgotten the torrent, and the
+            # seeder hears of it only at its next announce: register again (at most every
+            # REGISTER_AGAIN per blob, not at every admission) and announce, so the seeder is
+            # listed by the time the admitted node announces.
+            now = time.monotonic()
+            if now - self._registered_at.get(digest, -REGISTER_AGAIN) >= REGISTER_AGAIN:
+                self._registered_at[digest] = now
+                if await self.registration.register(published.meta, published.signature):
+                    job = self.swarm.job(digest.hex)
+                    if job is not None:
+                        self.swarm.force_reannounce(job)
             self.metrics.requests.labels("cached").inc()
             return published
         upstream = self.upstreams.get(ns)
@@ -238,6 +247,7 @@ class Seeder:
         # Register first: the seeder's first announce must find the torrent known, or libtorrent
         # backs off and agents see no seeder for a whole announce interval.
         await self.registration.register(meta, published.signature)
+        self._registered_at[digest] = time.monotonic()
         self._metas[digest] = published
         self.swarm.add(meta, self.store.blob_dir(digest), seed=True)
         self.metrics.fetch_seconds.observe(time.monotonic() - started)
