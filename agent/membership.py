@@ -114,6 +114,9 @@ class Membership:
 
     async def _renew(self) -> float:
         """Enroll and renew every grant, MAX_RENEWALS at a time; the grants' lifetime."""
+        # (receipts of blobs this node no longer takes part in, e.g. an admission whose download
+        # failed, or one only asked to confirm a registry, are dropped)
+        self._receipts = {h: r for h, r in self._receipts.items() if h in self._waiting or self.swarm.job(h)}
         receipts = [protocol.Receipt(f"sha256:{h}", r) for h, r in self._receipts.items()]
         ttl = None
         for start in range(0, max(len(receipts), 1), protocol.MAX_RENEWALS):

@@ -32,6 +32,10 @@ from shoal_origin.seeder import Upstream
 log = logging.getLogger(__name__)
 
 MAX_DECISIONS = 100_000
+# Questions to the registry one node may cause per minute (answers from the cache are free): a
+# rollout asks once per blob and credential; a node guessing passwords through the origin, so
+# that the registry sees the origin's address rather than its own, is cut off.
+MAX_ASKS_PER_NODE = 600
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +55,10 @@ class Admissions:
         self._fingerprint_key = secrets.token_bytes(32)
         self._decisions: OrderedDict[str, _Decision] = OrderedDict()
         self._flights: SingleFlight[str, _Decision] = SingleFlight()
-        self.checks = {"allowed": 0, "denied": 0, "cached": 0}
+        self.checks = {"allowed": 0, "denied": 0, "cached": 0, "rate_limited": 0}
+        self._asks: dict[str, tuple[float, int]] = {}  # node -> (start of its minute, questions in it)
 
-    async def check(self, ns: str, repo: str, digest: Digest, credential: str | None) -> str:
+    async def check(self, node: str, ns: str, repo: str, digest: Digest, credential: str | None) -> str:
         """The principal the registry accepted `credential` as, for pulling `digest` through `repo`
         at `ns`. Denied (403) when it does not, whatever it said (401, 403 or 404: the answer
         does not tell whether the blob exists); UpstreamError (503) when it cannot say now."""
@@ -67,6 +72,7 @@ class Admissions:
         if decision is not None and time.monotonic() - decision.at < self.ttl:
             self.checks["cached"] += 1
         else:
+            self._count_ask(node)
             decision = await self._flights.run(key, lambda: self._ask(upstream, repo, digest, credential))
             self._decisions[key] = decision
             while len(self._decisions) > MAX_DECISIONS:
@@ -75,6 +81,18 @@ class Admissions:
         if not decision.allowed:
             raise errors.Denied("the registry does not let this puller's credential pull this blob")
         return decision.principal
+
+    def _count_ask(self, node: str) -> None:
+        now = time.monotonic()
+        start, count = self._asks.get(node, (now, 0))
+        if now - start >= 60:
+            start, count = now, 0
+        if count >= MAX_ASKS_PER_NODE:
+            self.checks["rate_limited"] += 1
+            raise errors.RateLimited(f"more than {MAX_ASKS_PER_NODE} admission checks a minute from this node")
+        self._asks[node] = (start, count + 1)
+        if len(self._asks) > MAX_DECISIONS:  # (bounded by max_nodes anyway: only enrolled nodes get here)
+            self._asks.pop(next(iter(self._asks)))
 
     async def _ask(self, upstream: Upstream, repo: str, digest: Digest, credential: str | None) -> _Decision:
         client, authorization = presented.acting_for(upstream.client, credential)

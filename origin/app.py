@@ -64,14 +64,14 @@ async def admission(request: web.Request) -> web.Response:
     public_key = await request.app[COLLECTOR_KEY].node_key(body.node)
     if public_key is None:
         raise errors.Denied(f"node {body.node!r} has not enrolled (it asks for its grants first)")
-    principal = await admissions.check(body.ns, body.repository, digest,
+    principal = await admissions.check(body.node, body.ns, body.repository, digest,
                                        request.headers.get(protocol.PULLER_AUTHORIZATION_HEADER))
     seeder = request.app[SEEDER_KEY]
     if body.seeded_only and not seeder.is_seeded(digest):
         return web.Response(status=204)
     published = await seeder.ensure_seeded(body.ns, body.repository, digest)
     grant = await asyncio.to_thread(admissions.grant, body.node, public_key, digest)
-    log.info("admitted node %s to %s (%s/%s) for %s", body.node, digest, body.ns, body.repository, principal)
+    log.debug("admitted node %s to %s (%s/%s) for %s", body.node, digest, body.ns, body.repository, principal)
     return web.json_response(protocol.Admission(published.meta.raw, published.signature,
                                                 seeder.source_signature(digest, body.ns), grant,
                                                 admissions.grant_ttl).to_json())
