@@ -39,7 +39,7 @@ def call(origin: Component, route: protocol.Route, authorization: str | None, bo
     if authorization:
         headers["Authorization"] = authorization
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(route.url(origin.url, **params), data=data, headers=headers, method=route.method)
+    req = urllib.request.Request(origin.url + route.path(**params), data=data, headers=headers, method=route.method)
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
