@@ -14,6 +14,7 @@ writes into the collector's store before it answers (shoal.audit.operator_record
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import hashlib
 import hmac
@@ -68,10 +69,6 @@ class _TokenFile:
         self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._looked < RELOAD_EVERY:
-            return
-        self._looked = now
         try:
             st = os.stat(self.path)
             if (st.st_mtime_ns, st.st_size, st.st_ino) == self._stamp:
@@ -84,8 +81,11 @@ class _TokenFile:
             log.error("operators file %s is unusable, no operator token is accepted until it is fixed: %s",
                       self.path, exc.strerror if isinstance(exc, OSError) else exc)
 
-    def find(self, token: str) -> operator_tokens.StaticOperator | None:
-        self._refresh()
+    async def find(self, token: str) -> operator_tokens.StaticOperator | None:
+        now = time.monotonic()
+        if now - self._looked >= RELOAD_EVERY:  # a stat, and a read when it changed: off the loop
+            self._looked = now
+            await asyncio.to_thread(self._refresh)
         # A dict lookup by hash: timing tells at most how a hash compares, nothing about a token.
         return self._by_hash.get(operator_tokens.token_hash(token))
 
@@ -142,7 +142,7 @@ class Operators:
         scheme, _, value = header.partition(" ")
         value = value.strip()
         if scheme.lower() == "bearer" and value.startswith(operator_tokens.TOKEN_PREFIX):
-            op = self._static(value)
+            op = await self._static(value)
         elif scheme.lower() in ("basic", "bearer") and self.upstream is not None:
             op = await self._from_registry(request, header, role)
         else:
@@ -156,8 +156,8 @@ class Operators:
         self.requests.labels(op.method).inc()
         return op
 
-    def _static(self, token: str) -> Operator:
-        found = self.tokens.find(token) if self.tokens is not None else None
+    async def _static(self, token: str) -> Operator:
+        found = await self.tokens.find(token) if self.tokens is not None else None
         if found is None:
             self.requests.labels("unauthenticated").inc()
             raise errors.Unauthorized("unknown or revoked operator token")

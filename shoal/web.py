@@ -74,15 +74,15 @@ class OperatorAuth(Protocol):
         ...
 
 
-_OPERATOR = "shoal.operator"
+_OPERATOR = web.RequestKey("operator", Operator)
 
 
 def operator_of(request: web.Request) -> Operator:
     """The operator an operator route's guard admitted (only such routes may call this)."""
-    op = request.get(_OPERATOR)
-    if not isinstance(op, Operator):
-        raise AssertionError("operator_of() called on a route without an operator guard")
-    return op
+    try:
+        return request[_OPERATOR]
+    except KeyError:
+        raise AssertionError("operator_of() called on a route without an operator guard") from None
 
 
 def error_response(exc: BaseException, headers: Mapping[str, str] | None = None) -> web.Response:
