@@ -357,3 +357,25 @@ def test_registry_operators_seed_only_what_they_may_pull(tstack: Stack, world: T
     assert tstack.tracker is not None
     logs_secrets = [*TOKEN_USERS.values(), token, narrow, tstack.operator_token]
     assert_no_secrets([origin, tstack.tracker], logs_secrets)
+
+
+def test_a_registry_that_checks_nobody_vouches_for_nobody(tmp_path: Path) -> None:
+    """A registry that answers anonymous callers would "accept" any credential: a forged token's
+    `sub` would become an admin. The origin refuses registry logins there."""
+    open_registry = Registry(tmp_path / "open", users={})  # no auth at all
+    open_registry.start()
+    stack = Stack(tmp_path / "stack", open_registry, node_user=("node", "x"), seeder_user=("seeder", "x"))
+    try:
+        stack.start_tracker()
+        origin = stack.start_origin(operators={"registry": {"upstream": open_registry.host,
+                                                            "roles": {"alice": ["admin"]}}})
+        claims = base64.urlsafe_b64encode(json.dumps({"sub": "alice"}).encode()).decode().rstrip("=")
+        for forged in (bearer(f"eyJhbGciOiJub25lIn0.{claims}.x"), basic("alice", "anything")):
+            status, doc = call(origin, protocol.SEEDED, forged)
+            assert (status, error_of(doc)) == (503, ("UNAVAILABLE", "the operators' registry answers without "
+                                                                    "credentials, so it cannot vouch for an operator"))
+        assert call(origin, protocol.SEEDED, bearer(stack.operator_token))[0] == 200  # tokens still work
+        assert "answers GET /v2/ without credentials; registry logins are refused" in origin.log()
+    finally:
+        stack.close()
+        open_registry.close()
