@@ -183,7 +183,8 @@ def build(config: OriginConfig) -> web.Application:
 
     registry = CollectorRegistry()
     metrics = SeederMetrics(registry)
-    operators = Operators(config.operators, node_secrets=[node_token, token], registry=registry)
+    operators = Operators(config.operators, cluster_secrets={"node token": node_token, "registration token": token},
+                          registry=registry)
     app = web.Application(client_max_size=protocol.JOURNAL_MAX_BODY, middlewares=[error_middleware()])
     app[OPERATORS_KEY] = operators
 

@@ -23,7 +23,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,13 +99,15 @@ class _Verdict:
 class Operators:
     """The origin's operator authentication (shoal.web.OperatorAuth) and what operators may do."""
 
-    def __init__(self, settings: OperatorSettings, *, node_secrets: list[str], registry: CollectorRegistry) -> None:
+    def __init__(self, settings: OperatorSettings, *, cluster_secrets: Mapping[str, str],
+                 registry: CollectorRegistry) -> None:
+        """`cluster_secrets`: what nodes and components hold ("node token": ..., ...); presented
+        here, each is refused by name and never forwarded to the registry."""
         self.settings = settings
         self.tokens = _TokenFile(Path(settings.tokens.file)) if settings.tokens.file else None
         self.roles = dict(settings.registry.roles) if settings.registry else {}
         self.upstream = settings.registry.upstream if settings.registry else None
-        # Presenting these is never forwarded anywhere, and never makes an operator.
-        self._refused_secrets = [f"Bearer {s}".encode() for s in node_secrets if s]
+        self._cluster_secrets = [(name, secret.encode()) for name, secret in cluster_secrets.items() if secret]
         self._key = secrets.token_bytes(32)  # the cache's fingerprints live as long as the cache
         self._verdicts: OrderedDict[str, _Verdict] = OrderedDict()
         self._flights: SingleFlight[str, _Verdict] = SingleFlight()
@@ -132,15 +134,17 @@ class Operators:
         if not header:
             self.requests.labels("unauthenticated").inc()
             raise errors.Unauthorized(_NOT_OPERATOR)
-        raw = header.encode("utf-8", "surrogateescape")
-        if any(hmac.compare_digest(raw, s) for s in self._refused_secrets):
-            self.requests.labels("node_token").inc()
-            await self._refusal(request, principal="node-token", authz_method="node-token", role=role,
-                                error="the node token is not an operator credential")
-            raise errors.Denied("the node token is not an operator credential: " + _NOT_OPERATOR)
         header = presented.check(header, "operator credential") or ""
         scheme, _, value = header.partition(" ")
         value = value.strip()
+        # Compared whatever the spelling of the scheme, so that no spelling of a cluster secret
+        # is taken for a registry token and sent to the registry.
+        for name, secret in self._cluster_secrets:
+            if hmac.compare_digest(value.encode(), secret):
+                self.requests.labels(name.replace(" ", "_")).inc()
+                await self._refusal(request, principal=name.replace(" ", "-"), authz_method=name.replace(" ", "-"),
+                                    role=role, error=f"the {name} is not an operator credential")
+                raise errors.Denied(f"the {name} is not an operator credential: {_NOT_OPERATOR}")
         if scheme.lower() == "bearer" and value.startswith(operator_tokens.TOKEN_PREFIX):
             op = await self._static(value)
         elif scheme.lower() in ("basic", "bearer") and self.upstream is not None:

@@ -31,7 +31,7 @@ async def start(tmp_path: Path, aiohttp_client: Callable[..., Any]) -> tuple[Cli
     path = tmp_path / "operators.json"
     operator_tokens.save(path, [])
     settings = origin_config.load({**ORIGIN, "operators": {"tokens": {"file": str(path)}}}).operators
-    ops = Operators(settings, node_secrets=[NODE_TOKEN], registry=CollectorRegistry())
+    ops = Operators(settings, cluster_secrets={"node token": NODE_TOKEN}, registry=CollectorRegistry())
     recorded: list[dict[str, Any]] = []
 
     async def recorder(start: dict[str, Any], _end: dict[str, Any]) -> None:
@@ -71,6 +71,11 @@ async def test_roles_the_node_token_and_a_changing_file(tmp_path: Path, aiohttp_
     # the node token: 403, and audited as such; refusals of the auditor too
     r = await client.get(protocol.AUDIT.path(), headers={"Authorization": f"Bearer {NODE_TOKEN}"})
     assert r.status == 403 and "node token" in json.loads(await r.read())["errors"][0]["message"]
+    # whatever its spelling: never taken for a registry token
+    for spelling in (f"bearer {NODE_TOKEN}", f"Bearer  {NODE_TOKEN} ", f"BEARER {NODE_TOKEN}"):
+        r = await client.get(protocol.AUDIT.path(), headers={"Authorization": spelling})
+        assert r.status == 403, spelling
+    recorded[3:] = []
     assert [(e["principal"], e["action"], e["error"]) for e in recorded] == [
         ("token:auditor", "refused", "no seed role"), ("token:auditor", "refused", "no admin role"),
         ("node-token", "refused", "the node token is not an operator credential")]

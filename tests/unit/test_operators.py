@@ -75,7 +75,7 @@ def test_origin_reads_the_file_at_start_and_names_the_key(tmp_path: Path) -> Non
 
     settings = origin_config.load({**ORIGIN, "operators": {"tokens": {"file": str(tmp_path / "missing.json")}}})
     with pytest.raises(ConfigError, match=r"^operators.tokens.file: cannot use '.*missing.json': No such file"):
-        Operators(settings.operators, node_secrets=["n" * 20], registry=CollectorRegistry())
+        Operators(settings.operators, cluster_secrets={"node token": "n" * 20}, registry=CollectorRegistry())
 
 
 @pytest.mark.parametrize(("operators", "message"), [
