@@ -121,10 +121,7 @@ async def receive_journal(request: web.Request) -> web.Response:
 async def query_audit(request: web.Request) -> web.StreamResponse:
     """GET AUDIT (protocol.AuditQuery). The query itself is an audit event, with its filters."""
     query = protocol.AuditQuery.from_query(request.rel_url.query)
-    op = operator_of(request)
-    operators = request.app[OPERATORS_KEY]
-    await operators.record(request, principal=op.principal, authz_method=operators.method_of(op), action="audit",
-                           status=200, outcome="complete", detail=query.to_query())
+    asked = query.to_query()
     if query.image:  # registry/name[:tag][@digest]; a tag or digest narrows to pulls that named it
         ref = ImageReference.parse(query.image)
         narrowed: dict[str, Any] = {"ns": ref.registry, "repository": ref.name}
@@ -133,6 +130,10 @@ async def query_audit(request: web.Request) -> web.StreamResponse:
         elif ":" in query.image.partition("@")[0].rsplit("/", 1)[-1] and ref.tag:
             narrowed["reference"] = ref.tag
         query = replace(query, image=None, **narrowed)
+    op = operator_of(request)
+    operators = request.app[OPERATORS_KEY]
+    await operators.record(request, principal=op.principal, authz_method=operators.method_of(op), action="audit",
+                           status=200, outcome="complete", detail=asked)
     events = await request.app[COLLECTOR_KEY].query(query)
     if query.format == "jsonl":
         return web.Response(text=audit.to_jsonl(events), content_type="application/x-ndjson")
