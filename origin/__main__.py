@@ -1,5 +1,6 @@
 """`python -m shoal_origin --config FILE` (console script `shoal-origin`), and, run on the origin
-host (see README, Trust): `shoal-origin forget-node NAME --config FILE [--ban | --unban]` releases
+host (see README, Trust and Operators): `shoal-origin add-operator NAME --roles ROLES --operators FILE`
+and `remove-operator` manage operator tokens; `shoal-origin forget-node NAME --config FILE [--ban | --unban]` releases
 (or bans) an enrolled node's name; `shoal-origin enroll-node NAME --public-key FILE --config FILE`
 binds a name to a node's key ahead of its start, or again after a ban."""
 
@@ -11,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from shoal import errors, protocol
+from shoal import errors, operator_tokens, protocol
 from shoal.config import read_yaml
 from shoal.entry import run_component
 from shoal.errors import ConfigError
@@ -101,16 +102,73 @@ def enroll_node(argv: Sequence[str]) -> int:
     return 0
 
 
+def _operator_parser(command: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"shoal-origin {command}", description=description)
+    parser.add_argument("name", help="the operator's name (a-z, 0-9, '.', '_', '-'); audited as token:NAME")
+    parser.add_argument("--operators", required=True, metavar="FILE",
+                        help="the operators file (the origin's operators.tokens.file)")
+    return parser
+
+
+def add_operator(argv: Sequence[str]) -> int:
+    parser = _operator_parser("add-operator", "Add an operator with a new random token, printed once on standard "
+                                              "output; the file keeps only its SHA-256. The origin reads the file "
+                                              "again within a second.")
+    parser.add_argument("--roles", required=True, help="comma-separated: seed, audit, admin")
+    parser.add_argument("--repositories", nargs="+", default=[], metavar="GLOB",
+                        help="registry/name globs a seed operator may pre-seed, e.g. 'registry:5000/team/*' "
+                             "(default: none; admin may seed anything)")
+    args = parser.parse_args(argv)
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    try:
+        token = operator_tokens.add(Path(args.operators), args.name, roles, args.repositories)
+    except operator_tokens.TokenFileError as exc:
+        print(f"shoal-origin: {args.operators}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"shoal-origin: cannot write {args.operators!r}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(token)
+    if "seed" in roles and "admin" not in roles and not args.repositories:
+        print(f"shoal-origin: note: {args.name!r} may pre-seed nothing until given --repositories", file=sys.stderr)
+    print(f"operator {args.name!r} added with roles {', '.join(roles)}; the token above is shown only now",
+          file=sys.stderr)
+    return 0
+
+
+def remove_operator(argv: Sequence[str]) -> int:
+    parser = _operator_parser("remove-operator", "Remove an operator: its token is refused from the origin's next "
+                                                 "look at the file (within a second).")
+    args = parser.parse_args(argv)
+    try:
+        removed = operator_tokens.remove(Path(args.operators), args.name)
+    except operator_tokens.TokenFileError as exc:
+        print(f"shoal-origin: {args.operators}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"shoal-origin: cannot update {args.operators!r}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if not removed:
+        print(f"shoal-origin: no operator named {args.name!r}", file=sys.stderr)
+        return 1
+    print(f"operator {args.name!r} removed")
+    return 0
+
+
+COMMANDS = {"forget-node": forget_node, "enroll-node": enroll_node, "add-operator": add_operator,
+            "remove-operator": remove_operator}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["forget-node"]:
-        return forget_node(args[1:])
-    if args[:1] == ["enroll-node"]:
-        return enroll_node(args[1:])
+    if args[:1] and args[0] in COMMANDS:
+        return COMMANDS[args[0]](args[1:])
     return run_component("origin", args, flags=FLAGS, load=config.load, build=app.build,
                          epilog="shoal-origin forget-node NAME --config FILE [--ban | --unban]: release or ban an "
                                 "enrolled node's name; shoal-origin enroll-node NAME --public-key FILE --config FILE: "
-                                "bind a name to a node's key (see each one's --help)")
+                                "bind a name to a node's key; shoal-origin add-operator NAME --roles ROLES "
+                                "--operators FILE / remove-operator NAME --operators FILE: operator tokens "
+                                "(see each one's --help)")
 
 
 if __name__ == "__main__":

@@ -24,11 +24,12 @@ from shoal.oci import Digest, ImageReference, validate_name
 from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import SEEDER_FINGERPRINT, Swarm, SwarmSettings
-from shoal.web import add_ops_routes, add_routes, error_middleware
+from shoal.web import add_ops_routes, add_routes, error_middleware, operator_of
 from shoal_origin.admission import Admissions
 from shoal_origin.collector import AUDIT_DB, Collector
 from shoal_origin.config import OriginConfig
-from shoal_origin.preseed import Preseeder
+from shoal_origin.operators import Operators
+from shoal_origin.preseed import Job, Preseeder
 from shoal_origin.registration import TrackerRegistration
 from shoal_origin.seeder import Seeder, SeederMetrics, Upstream
 
@@ -39,6 +40,7 @@ SWARM_KEY = web.AppKey("swarm", Swarm)
 COLLECTOR_KEY = web.AppKey("collector", Collector)
 PRESEEDER_KEY = web.AppKey("preseeder", Preseeder)
 ADMISSIONS_KEY = web.AppKey("admissions", Admissions)
+OPERATORS_KEY = web.AppKey("operators", Operators)
 USER_AGENT = "shoal-origin/0.1"
 
 
@@ -88,9 +90,27 @@ async def grants(request: web.Request) -> web.Response:
 
 
 async def submit_preseed(request: web.Request) -> web.Response:
-    """POST /v1/preseed {"images": [...], "platforms": [...]} -> 202 with the job."""
+    """POST /v1/preseed {"images": [...], "platforms": [...]} -> 202 with the job. Every image is
+    checked against what the operator may seed before anything is fetched; the submission (or
+    its refusal) is an audit event stored before the answer."""
+    op = operator_of(request)
+    operators = request.app[OPERATORS_KEY]
     body = protocol.PreseedRequest.from_json(await _json(request))
-    job = request.app[PRESEEDER_KEY].submit(body.images, body.platforms)
+    preseeder = request.app[PRESEEDER_KEY]
+    detail: dict[str, Any] = {"images": body.images[:100], "platforms": body.platforms[:20]}
+    try:
+        refs = preseeder.check(body.images)
+        await operators.check_seed(op, refs)
+    except errors.ShoalError as exc:
+        if not isinstance(exc, errors.UpstreamError):
+            await operators.record(request, principal=op.principal, authz_method=operators.method_of(op),
+                                   action="preseed", status=exc.oci.status, outcome="refused", detail=detail,
+                                   error=str(exc))
+        raise
+    job_id = preseeder.new_id()
+    await operators.record(request, principal=op.principal, authz_method=operators.method_of(op), action="preseed",
+                           status=202, outcome="accepted", detail={**detail, "job": job_id})
+    job = preseeder.start(refs, body.platforms, owner=op.principal, job_id=job_id)
     return web.json_response(job.summary().to_json(), status=202)
 
 
@@ -114,8 +134,9 @@ async def receive_journal(request: web.Request) -> web.Response:
 
 
 async def query_audit(request: web.Request) -> web.StreamResponse:
-    """GET AUDIT (protocol.AuditQuery)."""
+    """GET AUDIT (protocol.AuditQuery). The query itself is an audit event, with its filters."""
     query = protocol.AuditQuery.from_query(request.rel_url.query)
+    asked = query.to_query()
     if query.image:  # registry/name[:tag][@digest]; a tag or digest narrows to pulls that named it
         ref = ImageReference.parse(query.image)
         narrowed: dict[str, Any] = {"ns": ref.registry, "repository": ref.name}
@@ -124,6 +145,10 @@ async def query_audit(request: web.Request) -> web.StreamResponse:
         elif ":" in query.image.partition("@")[0].rsplit("/", 1)[-1] and ref.tag:
             narrowed["reference"] = ref.tag
         query = replace(query, image=None, **narrowed)
+    op = operator_of(request)
+    operators = request.app[OPERATORS_KEY]
+    await operators.record(request, principal=op.principal, authz_method=operators.method_of(op), action="audit",
+                           status=200, outcome="complete", detail=asked)
     events = await request.app[COLLECTOR_KEY].query(query)
     if query.format == "jsonl":
         return web.Response(text=audit.to_jsonl(events), content_type="application/x-ndjson")
@@ -133,8 +158,11 @@ async def query_audit(request: web.Request) -> web.StreamResponse:
 
 
 async def get_preseed(request: web.Request) -> web.Response:
+    """A job's progress: a seed operator sees its own jobs only (another's answers as a job that
+    does not exist), an admin every job. Polled twice a second by `shoal seed`: not audited."""
+    op = operator_of(request)
     job = request.app[PRESEEDER_KEY].jobs.get(request.match_info["job"])
-    if job is None:
+    if job is None or ("admin" not in op.roles and job.owner != op.principal):
         raise errors.NotFound(errors.NOT_FOUND, "no such pre-seed job")
     return web.json_response(job.summary().to_json())
 
@@ -151,6 +179,11 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def seeded(request: web.Request) -> web.Response:
+    """GET SEEDED (admin): which blobs the origin seeds tells what the cluster pulls."""
+    op = operator_of(request)
+    operators = request.app[OPERATORS_KEY]
+    await operators.record(request, principal=op.principal, authz_method=operators.method_of(op), action="seeded",
+                           status=200, outcome="complete", detail={})
     blobs = [protocol.SeededBlob(str(p.meta.digest), p.meta.size, p.meta.info_hash.hex())
              for p in request.app[SEEDER_KEY].seeded()]
     return web.json_response(protocol.Seeded(blobs).to_json())
@@ -166,7 +199,10 @@ def build(config: OriginConfig) -> web.Application:
 
     registry = CollectorRegistry()
     metrics = SeederMetrics(registry)
+    operators = Operators(config.operators, cluster_secrets={"node token": node_token, "registration token": token},
+                          registry=registry)
     app = web.Application(client_max_size=protocol.JOURNAL_MAX_BODY, middlewares=[error_middleware()])
+    app[OPERATORS_KEY] = operators
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, limit_per_host=64))
@@ -181,10 +217,17 @@ def build(config: OriginConfig) -> web.Application:
         seeder = Seeder(store=store, swarm=swarm, registration=registration, upstreams=upstreams,
                         announce=config.announce, max_blob_size=config.max_blob_size, metrics=metrics,
                         key=key, token_ttl=config.swarm_token_ttl)
-        preseeder = Preseeder(seeder, concurrency=config.preseed_concurrency)
         app[ADMISSIONS_KEY] = Admissions(key=key, upstreams=upstreams, ttl=config.admission_ttl,
                                          grant_ttl=config.swarm_token_ttl)
         collector = Collector(Path(config.data_dir) / AUDIT_DB, max_nodes=config.max_nodes)
+
+        async def preseed_finished(job: Job) -> None:
+            await operators.record_job(job)
+
+        preseeder = Preseeder(seeder, concurrency=config.preseed_concurrency, finished=preseed_finished)
+        operator_registry = config.operators.registry
+        operators.attach(upstreams[operator_registry.upstream].client if operator_registry else None,
+                         collector.record_operator)
         # Whatever interrupts start-up or shutdown (a failure, a second signal), everything that
         # was opened is closed, in reverse order.
         async with contextlib.AsyncExitStack() as stack:
@@ -217,12 +260,12 @@ def build(config: OriginConfig) -> web.Application:
         (protocol.ADMISSION, admission, "node"),
         (protocol.GRANTS, grants, "node"),
         (protocol.JOURNAL, receive_journal, "node"),
-        (protocol.AUDIT, query_audit, "node"),
-        (protocol.PRESEED, submit_preseed, "node"),
-        (protocol.PRESEED_JOB, get_preseed, "node"),
+        (protocol.AUDIT, query_audit, "audit"),
+        (protocol.PRESEED, submit_preseed, "seed"),
+        (protocol.PRESEED_JOB, get_preseed, "seed"),
         (protocol.STATUS, status, "public"),
-        (protocol.SEEDED, seeded, "node"),
-    ], {"node": f"Bearer {node_token}"})
+        (protocol.SEEDED, seeded, "admin"),
+    ], {"node": f"Bearer {node_token}"}, operators=operators)
     async def fresh_stats() -> None:
         swarm = app.get(SWARM_KEY)
         if swarm is not None:

@@ -57,8 +57,9 @@ CREATE TABLE IF NOT EXISTS banned_keys (
     banned     REAL NOT NULL
 );
 """
-# The origin's own seeder is admitted without enrolling; no node may take its name.
-RESERVED_NODES = frozenset({"origin"})
+# The origin's own seeder is admitted without enrolling, and the origin files its operator
+# events under this name (shoal.audit.OPERATOR_NODE): no node may take it.
+RESERVED_NODES = frozenset({"origin", audit.OPERATOR_NODE})
 # The key of a name banned with `forget-node --ban`: matches no key, so the name stays taken.
 BLOCKED = ""
 _REFUSALS = {
@@ -201,6 +202,26 @@ class Collector:
         self.duplicates += kept - inserted
         self.rejected += rejected
         return Stored(inserted, kept - inserted, rejected)
+
+    async def record_operator(self, start: dict[str, Any], end: dict[str, Any]) -> None:
+        """Store an operator event (shoal.audit.operator_records), durably, before the origin
+        answers the operator: under the reserved node name, which no node can ship records as."""
+        rows = [(rec["event_id"], rec["phase"], rec["ts"], audit.OPERATOR_NODE, rec.get("principal"), None, None,
+                 None, None, json.dumps({**rec, "node": audit.OPERATOR_NODE}, separators=(",", ":")), time.time())
+                for rec in (start, end)]
+
+        def work() -> None:
+            assert self._db is not None
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        await asyncio.get_running_loop().run_in_executor(self._io, work)
 
     async def query(self, q: protocol.AuditQuery) -> list[dict[str, Any]]:
         """Merged events whose start matches the filters, oldest first (`image` must have been

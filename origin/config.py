@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from shoal import protocol
 from shoal.config import (
@@ -26,6 +26,50 @@ class CacheSettings:
     max_bytes: Annotated[int, SIZE] = 100 << 30
 
 
+Role = Literal["seed", "audit", "admin"]
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorTokenSettings:
+    # The operators file (shoal-origin add-operator writes it): names, roles, token hashes.
+    file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryOperatorSettings:
+    """Operators who sign in with their registry login, checked by that registry."""
+
+    # The upstream (its `name`) that checks the credentials; its identities are the principals.
+    upstream: str
+    # principal (the registry's user name, or a token's `sub`) -> roles
+    roles: dict[str, list[Role]] = field(default_factory=dict)
+
+    def validate(self, prefix: str) -> None:
+        for principal, roles in self.roles.items():
+            if not roles:
+                raise ConfigError(f"{prefix}.roles.{principal}: give at least one of seed, audit, admin")
+            if principal in ("", "anonymous"):
+                raise ConfigError(f"{prefix}.roles.{principal}: anonymous callers cannot hold a role")
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorSettings:
+    """Who may pre-seed, query the audit trail, or list what is seeded (not the node token)."""
+
+    tokens: OperatorTokenSettings = field(default_factory=OperatorTokenSettings)
+    registry: RegistryOperatorSettings | None = None
+    # How long a registry's verdict on an operator credential is reused (keyed by an HMAC of it).
+    cache_ttl: Annotated[float, DURATION] = 60.0
+    # Credentials remembered at most (a flood of wrong ones cannot grow the origin's memory).
+    cache_size: int = 10_000
+
+    def validate(self, prefix: str) -> None:
+        if self.cache_ttl > 3600:
+            raise ConfigError(f"{prefix}.cache_ttl: at most 1h (a revoked login stays valid this long)")
+        if self.cache_size < 1:
+            raise ConfigError(f"{prefix}.cache_size: must be at least 1")
+
+
 @dataclass(frozen=True, slots=True)
 class OriginConfig:
     data_dir: str
@@ -38,7 +82,7 @@ class OriginConfig:
     registration_token: SecretSource = field(default_factory=SecretSource)
     # The origin's Ed25519 private key (PEM file): signs metainfo and swarm tokens.
     signing_key: str | None = None
-    # The cluster's node secret (file or env): agents and `shoal seed`/`shoal audit` present it.
+    # The cluster's node secret (file or env): agents present it (never valid for operator routes).
     node_token: SecretSource = field(default_factory=SecretSource)
     # How long a node's grants (a swarm token and a certificate per blob) are valid; nodes renew
     # them at half-life. A banned node drops out of every swarm within this.
@@ -57,6 +101,7 @@ class OriginConfig:
     max_connections: int = 2048
     # Node names the origin enrolls (each bound to its key); past it, new names are refused.
     max_nodes: int = 10_000
+    operators: OperatorSettings = field(default_factory=OperatorSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def validate(self, prefix: str) -> None:
@@ -77,6 +122,10 @@ class OriginConfig:
             raise ConfigError("admission_ttl: must be between 0s and 1h")
         if not 1 <= self.preseed_concurrency <= 64:
             raise ConfigError("preseed_concurrency: must be between 1 and 64")
+        names = [u.name for u in self.upstreams]
+        if self.operators.registry is not None and self.operators.registry.upstream not in names:
+            raise ConfigError(f"operators.registry.upstream: {self.operators.registry.upstream!r} is not one of "
+                              f"upstreams ({', '.join(names)})")
 
     @property
     def announce(self) -> str:

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from shoal import errors, protocol
@@ -36,6 +37,7 @@ class Job:
     id: str
     images: list[str]
     platforms: list[str]
+    owner: str | None = None  # the operator who submitted it (a seed operator sees only its own)
     state: str = "resolving"  # resolving, seeding, done, failed
     created: float = field(default_factory=time.time)
     finished: float | None = None
@@ -54,20 +56,38 @@ class Job:
             blobs=[protocol.PreseedBlob(b.digest, b.size, b.state, b.error) for b in blobs])
 
 
+JobFinished = Callable[[Job], Awaitable[None]]
+
+
 class Preseeder:
-    def __init__(self, seeder: Seeder, *, concurrency: int) -> None:
+    def __init__(self, seeder: Seeder, *, concurrency: int, finished: JobFinished | None = None) -> None:
         self.seeder = seeder
         self.concurrency = concurrency
+        self.finished = finished  # told when a job ends (the origin audits it)
         self.jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def submit(self, images: list[str], platforms: list[str]) -> Job:
+    def check(self, images: list[str]) -> list[ImageReference]:
+        """The images as references of this origin's upstreams; BadRequest or NotFound if not."""
         refs = [ImageReference.parse(i) for i in images]  # BadRequest on a malformed reference
         for ref in refs:
             if ref.registry not in self.seeder.upstreams:
                 raise errors.NotFound(errors.NAME_UNKNOWN,
                                       f"{ref.registry!r} is not an upstream of this origin")
-        job = Job(id=secrets.token_hex(8), images=[str(r) for r in refs], platforms=platforms)
+        return refs
+
+    @staticmethod
+    def new_id() -> str:
+        return secrets.token_hex(8)
+
+    def submit(self, images: list[str], platforms: list[str], *, owner: str | None = None,
+               job_id: str | None = None) -> Job:
+        return self.start(self.check(images), platforms, owner=owner, job_id=job_id)
+
+    def start(self, refs: list[ImageReference], platforms: list[str], *, owner: str | None = None,
+              job_id: str | None = None) -> Job:
+        """Start seeding `refs` (as `check` returned them) now."""
+        job = Job(id=job_id or self.new_id(), images=[str(r) for r in refs], platforms=platforms, owner=owner)
         self.jobs[job.id] = job
         while len(self.jobs) > MAX_JOBS_KEPT:
             self.jobs.pop(next(iter(self.jobs)))
@@ -103,6 +123,11 @@ class Preseeder:
             job.finished = time.time()
             log.info("pre-seed job %s %s: %d blobs, %d errors", job.id, job.state, len(job.blobs),
                      len(job.errors))
+            if self.finished is not None:
+                try:
+                    await self.finished(job)
+                except Exception:
+                    log.exception("pre-seed job %s: recording its end failed", job.id)
 
     async def _resolve(self, job: Job, ref: ImageReference) -> list[Descriptor]:
         client = self.seeder.upstreams[ref.registry].client

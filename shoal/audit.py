@@ -25,14 +25,22 @@ EVENT_FIELDS = (
     "event_id", "ts", "node", "client_addr", "user_agent", "principal", "principal_confirmed", "cred_fpr",
     "credential",
     "ns", "repository", "kind", "method", "reference", "digest", "range", "status", "bytes", "source",
-    "verified", "duration_ms", "outcome", "authz_method", "registry_status", "error",
+    "verified", "duration_ms", "outcome", "authz_method", "registry_status", "error", "action", "detail",
 )
-_START_FIELDS = frozenset(EVENT_FIELDS) - {"bytes", "duration_ms", "outcome"}
+# Operator events: what an operator did at the origin (pre-seed, audit query, ...), recorded by
+# the origin itself under the reserved node name "origin", kind "operator", with `action` and a
+# JSON `detail`. No node can write one: the collector files a node's records under the node
+# that signed the batch (never "origin", a reserved name), and refuses these fields and this
+# kind in them.
+OPERATOR_NODE = "origin"
+OPERATOR_KIND = "operator"
+_OPERATOR_ONLY = frozenset({"action", "detail"})
+_START_FIELDS = frozenset(EVENT_FIELDS) - {"bytes", "duration_ms", "outcome"} - _OPERATOR_ONLY
 _END_FIELDS = frozenset({"event_id", "ts", "node", "bytes", "duration_ms", "outcome", "source", "verified",
                          "error"})
 _STRINGS = frozenset({"event_id", "ts", "node", "client_addr", "user_agent", "principal", "cred_fpr",
                       "credential", "ns", "repository", "kind", "method", "reference", "digest", "range",
-                      "source", "outcome", "authz_method", "registry_status", "error"})
+                      "source", "outcome", "authz_method", "registry_status", "error", "action", "detail"})
 _INTS = frozenset({"status", "bytes"})
 MAX_FIELD = 2048
 MAX_RECORD_BYTES = 16 * 1024
@@ -85,6 +93,8 @@ def validate(record: Any) -> dict[str, Any]:
             raise RecordError("duration_ms must be a number")
         if key in ("verified", "principal_confirmed") and not isinstance(value, bool):
             raise RecordError(f"{key} must be true or false")
+    if doc.get("kind") == OPERATOR_KIND:
+        raise RecordError(f"kind {OPERATOR_KIND!r} is the origin's own (operator events)")
     event_id = doc.get("event_id")
     if not isinstance(event_id, str) or not 8 <= len(event_id) <= 64:
         raise RecordError("event_id must be a string of 8 to 64 characters")
@@ -93,6 +103,22 @@ def validate(record: Any) -> dict[str, Any]:
     if len(json.dumps(doc)) > MAX_RECORD_BYTES:
         raise RecordError("record too large")
     return doc
+
+
+def operator_records(*, principal: str, method: str, action: str, status: int, outcome: str,
+                     detail: dict[str, Any], client_addr: str | None, user_agent: str | None,
+                     authz_method: str, error: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The start and end records of one operator event (the collector stores both at once, so
+    the event is never incomplete). `detail` (images, filters, job) is kept as compact JSON."""
+    event_id, ts = new_event_id(), now()
+    start = fit({"phase": "start", "event_id": event_id, "ts": ts, "node": OPERATOR_NODE, "kind": OPERATOR_KIND,
+                 "principal": principal, "principal_confirmed": True, "method": method, "action": action,
+                 "status": status, "authz_method": authz_method, "client_addr": client_addr,
+                 "user_agent": user_agent, "error": error,
+                 "detail": json.dumps(detail, separators=(",", ":"), sort_keys=True)})
+    end = {"phase": "end", "event_id": event_id, "ts": ts, "node": OPERATOR_NODE, "outcome": outcome,
+           "duration_ms": 0}
+    return start, end
 
 
 CUT_MARK = "…[cut]"

@@ -47,7 +47,8 @@ def _bearer(token: str) -> dict[str, str]:
 
 
 class OriginClient:
-    """The origin's API as a cluster node uses it (with the node token)."""
+    """The origin's API as a cluster node uses it (with the node token); operators use
+    OperatorClient."""
 
     def __init__(self, http: aiohttp.ClientSession, base: str, node_token: str) -> None:
         self.http, self.base, self._auth = http, base, _bearer(node_token)
@@ -88,14 +89,22 @@ class OriginClient:
                 raise ApiError("collector refused a journal batch", r.status)
             return protocol.JournalAck.from_json(await r.json())
 
+
+class OperatorClient:
+    """The origin's operator API (pre-seed, jobs, audit, seeded blobs), with an operator's own
+    Authorization: "Bearer shoal_op_..." (a static operator token), a registry login ("Basic
+    ...") or a registry token ("Bearer ..."). Never the node token: the origin refuses it here."""
+
+    def __init__(self, http: aiohttp.ClientSession, base: str, authorization: str) -> None:
+        self.http, self.base = http, base
+        self._auth = {"Authorization": authorization} if authorization else {}
+
     async def seeded(self, *, within: float = 30) -> protocol.Seeded:
         async with self.http.get(protocol.SEEDED.url(self.base), headers=self._auth,
                                  timeout=aiohttp.ClientTimeout(total=within)) as r:
             if r.status != 200:
                 raise await _refused(r, "origin refused the list of seeded blobs")
             return protocol.Seeded.from_json(await r.json())
-
-    # What operators do (with the node token until operators have their own credentials)
 
     async def preseed(self, request: protocol.PreseedRequest, *, within: float = 30) -> protocol.PreseedJob:
         async with self.http.post(protocol.PRESEED.url(self.base), json=request.to_json(), headers=self._auth,

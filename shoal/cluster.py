@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shoal import signing
+from shoal import operator_tokens, signing
 
 # The components' import names (their folders are agent/, origin/ and tracker/; pyproject.toml
 # maps them so that an installed shoal does not claim site-packages/agent).
 MODULES = {"tracker": "shoal_tracker", "origin": "shoal_origin", "agent": "shoal_agent"}
+LOCAL_ADMIN = "local-admin"  # the operator make_keys creates (audited as token:local-admin)
 
 
 def command(component: str, config: Path) -> list[str]:
@@ -61,6 +62,7 @@ class Cluster:
             "listen": listen, "data_dir": str(data_dir), "upstreams": self.upstreams, "tracker": self.tracker_url,
             "registration_token": self._file("registration_token"), "signing_key": str(self.keys["signing_key"]),
             "node_token": self._file("node_token"), "torrent": {"listen": torrent_listen}, "log": self.log,
+            "operators": {"tokens": {"file": str(self.keys["operators"])}},
         }, extra)
 
     def agent(self, *, listen: str, data_dir: Path, torrent_listen: str, with_swarm: bool = True,
@@ -76,11 +78,14 @@ class Cluster:
 
 def make_keys(directory: Path) -> dict[str, Path]:
     """The cluster's secrets, created once (0600): the origin's signing key and its public key,
-    the node token (agents and operator CLI) and the registration token (origin -> tracker)."""
+    the node token (agents), the registration token (origin -> tracker), and the operators file
+    with one local admin operator, whose token (`operator_token`) `shoal seed` and `shoal audit`
+    present on this host."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {name: directory / file for name, file in (
         ("signing_key", "origin-signing.pem"), ("origin_public_key", "origin-public.pem"),
-        ("node_token", "node.token"), ("registration_token", "registration.token"))}
+        ("node_token", "node.token"), ("registration_token", "registration.token"),
+        ("operators", "operators.json"), ("operator_token", "operator.token"))}
     if not paths["signing_key"].exists():
         _write_secret(paths["signing_key"], signing.generate_private_key().decode())
     if not paths["origin_public_key"].exists():
@@ -88,6 +93,10 @@ def make_keys(directory: Path) -> dict[str, Path]:
     for name in ("node_token", "registration_token"):
         if not paths[name].exists():
             _write_secret(paths[name], secrets.token_urlsafe(32))
+    if not paths["operator_token"].exists():
+        if paths["operators"].exists():
+            operator_tokens.remove(paths["operators"], LOCAL_ADMIN)  # its token was lost: a new one
+        _write_secret(paths["operator_token"], operator_tokens.add(paths["operators"], LOCAL_ADMIN, ["admin"]))
     return paths
 
 

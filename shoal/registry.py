@@ -188,7 +188,7 @@ class RegistryClient:
             # A realm elsewhere would receive this client's credentials: only configured ones.
             raise errors.UpstreamError(f"registry named a token realm on {realm_url.host!r}, which is neither "
                                        "the registry's host nor in token_realms")
-        query: dict[str, str] = {"scope": scope}
+        query: dict[str, str] = {"scope": scope} if scope else {}  # "": a login, no repository
         if service:
             query["service"] = service
         headers = {"User-Agent": self.user_agent}
@@ -265,12 +265,13 @@ class RegistryClient:
 
     async def _send(
         self, method: str, path: str, *, repo: str | None, headers: Mapping[str, str] | None = None,
-        query: Mapping[str, str] | None = None, authorization: Authorization = OWN,
+        query: Mapping[str, str] | None = None, authorization: Authorization = OWN, login: bool = False,
     ) -> aiohttp.ClientResponse:
         """Send a request. With `authorization=OWN` (this client's own credentials) one auth
         challenge is answered; otherwise the given Authorization value (None: anonymous) is sent
-        exactly once, as the puller's own. The caller must release the response."""
-        scope = f"repository:{repo}:pull" if repo else None
+        exactly once, as the puller's own. `login`: a Bearer challenge without a repository is
+        answered with a token for no scope. The caller must release the response."""
+        scope = f"repository:{repo}:pull" if repo else ("" if login else None)
         hdrs = {"User-Agent": self.user_agent, **(headers or {})}
         url = self._url(path, query)
         if not isinstance(authorization, _Own):
@@ -314,6 +315,14 @@ class RegistryClient:
                 if len(body) > limit:
                     raise errors.UpstreamError(f"registry response exceeds {limit} bytes")
             return Response(resp.status, dict(resp.headers), body)
+
+    async def ping(self, *, authorization: Authorization = OWN) -> int:
+        """GET /v2/ as this identity: the registry's status (200: it accepted the credential).
+        With OWN credentials a Bearer challenge is answered with a token for no repository, as
+        `docker login` does, so a login is checked without naming a repository."""
+        resp = await self._send("GET", "/v2/", repo=None, authorization=authorization, login=True)
+        async with resp:
+            return resp.status
 
     async def get_manifest(self, repo: str, reference: str, *, method: str = "GET",
                            accept: str | None = None, authorization: Authorization = OWN) -> Response:

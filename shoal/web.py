@@ -10,8 +10,9 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import suppress
+from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
@@ -33,15 +34,55 @@ ReadyCheck = Callable[[], Awaitable[str | None]]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Who may call a route: anyone ("public"), a cluster node with the node token ("node"), or the
-# origin registering torrents at the tracker ("registration"). Declared once per route, in the
-# route table; checked before the handler runs, so a handler cannot forget it.
-Guard = Literal["public", "node", "registration"]
+# Who may call a route: anyone ("public"), a cluster node with the node token ("node"), the
+# origin registering torrents at the tracker ("registration"), or an operator holding a role
+# ("seed", "audit", "admin"; admin holds every role). Declared once per route, in the route table;
+# checked before the handler runs, so a handler cannot forget it.
+Guard = Literal["public", "node", "registration", "seed", "audit", "admin"]
+Role = Literal["seed", "audit", "admin"]
+OPERATOR_GUARDS: tuple[Role, ...] = ("seed", "audit", "admin")
 GUARDS_KEY = web.AppKey("guards", dict)
 _REFUSALS: dict[str, str] = {
     "node": "this API is for cluster nodes (the node token)",
     "registration": "this API is for the origin (the registration token)",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    """Who an operator route is serving, as its guard authenticated them."""
+
+    principal: str  # "token:NAME" for a static token, else the registry's user
+    roles: frozenset[str]
+    method: Literal["token", "registry"]
+    # static tokens: the registry/name globs it may pre-seed
+    repositories: tuple[str, ...] = ()
+    # registry operators: the Authorization they presented, to ask the registry as them (never
+    # logged, never stored)
+    credential: str | None = field(default=None, repr=False)
+
+    def has(self, role: Role) -> bool:
+        return "admin" in self.roles or role in self.roles
+
+
+class OperatorAuth(Protocol):
+    """How a component authenticates its operators (the origin's origin/operators.py)."""
+
+    async def authenticate(self, request: web.Request, role: Role) -> Operator:
+        """The operator presenting the request's credential, if it holds `role`; else raises
+        errors.Unauthorized (no usable credential) or errors.Denied (a credential without it)."""
+        ...
+
+
+_OPERATOR = web.RequestKey("operator", Operator)
+
+
+def operator_of(request: web.Request) -> Operator:
+    """The operator an operator route's guard admitted (only such routes may call this)."""
+    try:
+        return request[_OPERATOR]
+    except KeyError:
+        raise AssertionError("operator_of() called on a route without an operator guard") from None
 
 
 def error_response(exc: BaseException, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -83,11 +124,24 @@ def error_middleware() -> Middleware:
 
 
 def guarded(handler: Handler, guard: Guard, expected: str | None,
-            refused: Callable[[], None] | None = None) -> Handler:
-    """`handler` behind `guard`: the request's Authorization must be exactly `expected`
-    ("Bearer <token>"), compared in constant time. `refused` counts a refusal, if given."""
+            refused: Callable[[], None] | None = None, operators: OperatorAuth | None = None) -> Handler:
+    """`handler` behind `guard`: for a token guard the request's Authorization must be exactly
+    `expected` ("Bearer <token>"), compared in constant time; for an operator guard `operators`
+    must authenticate an operator holding that role (the handler reads it with `operator_of`).
+    `refused` counts a refusal of a token guard, if given."""
     if guard == "public":
         return handler
+    if guard in OPERATOR_GUARDS:
+        if operators is None:
+            raise ValueError(f"a {guard!r} route needs an operator authenticator")
+        role: Role = guard  # (narrowed by the test above)
+        auth = operators
+
+        async def operator(request: web.Request) -> web.StreamResponse:
+            request[_OPERATOR] = await auth.authenticate(request, role)
+            return await handler(request)
+
+        return operator
     if not expected:
         raise ValueError(f"a {guard!r} route needs its token")
     want = expected.encode()
@@ -107,13 +161,15 @@ def guarded(handler: Handler, guard: Guard, expected: str | None,
 
 def add_routes(app: web.Application, table: Iterable[tuple[protocol.Route, Handler, Guard]],
                tokens: Mapping[Guard, str],
-               refused: Mapping[protocol.Route, Callable[[], None]] | None = None) -> None:
+               refused: Mapping[protocol.Route, Callable[[], None]] | None = None,
+               operators: OperatorAuth | None = None) -> None:
     """Register a component's API: each route with its handler and its guard. The guards are kept
     in app[GUARDS_KEY] so that a test can walk every route and prove each is declared."""
     guards: dict[tuple[str, str], Guard] = app.setdefault(GUARDS_KEY, {})
     for route, handler, guard in table:
         hook = (refused or {}).get(route)
-        added = app.router.add_route(route.method, route.pattern, guarded(handler, guard, tokens.get(guard), hook))
+        added = app.router.add_route(route.method, route.pattern,
+                                     guarded(handler, guard, tokens.get(guard), hook, operators))
         assert added.resource is not None
         guards[(route.method, added.resource.canonical)] = guard
 

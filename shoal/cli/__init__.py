@@ -1,5 +1,6 @@
 """`shoal`, the operator CLI: `up` (single node, embedded default), `seed` (pre-seed images),
-`status` (cache and swarm state).
+`audit` (query the journal), `status` (cache and swarm state). `seed` and `audit` present an
+operator credential (shoal.cli.login), never the node token.
 
 `shoal up` runs the tracker, origin and agent as three child processes (components never import
 each other; the CLI only writes their configuration and supervises them).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from shoal.cli import login
 from shoal.cli.audit import cmd_audit
 from shoal.cli.common import DEFAULT_ORIGIN
 from shoal.cli.seed import cmd_seed
@@ -48,8 +50,7 @@ def parser() -> argparse.ArgumentParser:
                       help="only this platform of an index, e.g. linux/amd64 (repeatable; default all)")
     seed.add_argument("--no-wait", action="store_true", help="submit and return without following progress")
     seed.add_argument("--timeout", type=float, default=3600.0, help="seconds to follow the job")
-    seed.add_argument("--node-token-file", help="file holding the cluster's node token "
-                      "(default: $SHOAL_NODE_TOKEN_FILE)")
+    login.add_options(seed)
     seed.set_defaults(func=cmd_seed)
 
     aud = sub.add_parser("audit", help="query the pull journal at the origin's collector")
@@ -57,14 +58,13 @@ def parser() -> argparse.ArgumentParser:
     aud.add_argument("--image", help="registry/name[:tag][@digest]")
     aud.add_argument("--repository", help="repository name, e.g. team/app")
     aud.add_argument("--digest", help="blob or manifest digest")
-    aud.add_argument("--principal", help="user the registry confirmed")
+    aud.add_argument("--principal", help="user the registry confirmed, or an operator (token:NAME for a token)")
     aud.add_argument("--node", help="agent node name")
     aud.add_argument("--since", help="RFC 3339 UTC time, e.g. 2026-11-27T00:00:00Z")
     aud.add_argument("--until", help="RFC 3339 UTC time (exclusive)")
     aud.add_argument("--limit", type=int, default=1000)
     aud.add_argument("--format", choices=["table", "jsonl", "csv", "json"], default="table")
-    aud.add_argument("--node-token-file", help="file holding the cluster's node token "
-                     "(default: $SHOAL_NODE_TOKEN_FILE)")
+    login.add_options(aud)
     aud.set_defaults(func=cmd_audit)
 
     keygen = sub.add_parser("keygen", help="create the cluster's keys and tokens in a directory (kept if present)")

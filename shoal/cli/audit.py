@@ -10,11 +10,12 @@ from typing import Any
 import aiohttp
 
 from shoal import protocol
-from shoal.cli.common import CALL_ERRORS, check_url, node_token, origin_failed
-from shoal.clients import OriginClient
+from shoal.cli import login
+from shoal.cli.common import CALL_ERRORS, check_url, origin_failed
+from shoal.clients import OperatorClient
 
 AUDIT_COLUMNS = ("ts", "node", "principal", "method", "kind", "repository", "reference", "digest", "status",
-                 "bytes", "source", "authz_method", "outcome")
+                 "bytes", "source", "authz_method", "outcome", "action")
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -26,8 +27,9 @@ async def _audit(args: argparse.Namespace) -> int:
     query = protocol.AuditQuery(image=args.image, repository=args.repository, digest=args.digest,
                                 principal=args.principal, node=args.node, since=args.since, until=args.until,
                                 limit=args.limit, format="json" if args.format == "table" else args.format)
+    authorization = login.authorization(args, args.image.partition("/")[0] if args.image else None)
     async with aiohttp.ClientSession() as http:
-        origin = OriginClient(http, origin_url, node_token(args))
+        origin = OperatorClient(http, origin_url, authorization)
         try:
             if args.format != "table":
                 sys.stdout.write(await origin.audit_text(query))

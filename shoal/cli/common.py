@@ -1,13 +1,9 @@
-"""What the subcommands share: the origin client with the node token, how a failed call reads,
-sizes for people."""
+"""What the subcommands share: how a failed call reads, sizes for people."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import sys
-from pathlib import Path
 
 import aiohttp
 
@@ -52,13 +48,3 @@ def size_text(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     raise AssertionError("unreachable")
-
-
-def node_token(args: argparse.Namespace) -> str:
-    path = args.node_token_file or os.environ.get("SHOAL_NODE_TOKEN_FILE")
-    if not path:
-        return ""
-    try:
-        return Path(path).read_text().strip()
-    except OSError as exc:
-        raise SystemExit(f"shoal: cannot read the node token file {path!r}: {exc.strerror}") from None

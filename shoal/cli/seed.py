@@ -10,8 +10,9 @@ import time
 import aiohttp
 
 from shoal import protocol
-from shoal.cli.common import CALL_ERRORS, check_url, failure, node_token, origin_failed, size_text
-from shoal.clients import OriginClient
+from shoal.cli import login
+from shoal.cli.common import CALL_ERRORS, check_url, failure, origin_failed, size_text
+from shoal.clients import OperatorClient
 
 POLL_SECONDS = 0.5
 
@@ -22,8 +23,10 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 async def _seed(args: argparse.Namespace) -> int:
     origin_url = check_url(args.origin, "--origin")
+    registries = {image.partition("/")[0] for image in args.images}
+    authorization = login.authorization(args, registries.pop() if len(registries) == 1 else None)
     async with aiohttp.ClientSession() as http:
-        origin = OriginClient(http, origin_url, node_token(args))
+        origin = OperatorClient(http, origin_url, authorization)
         try:
             job = await origin.preseed(protocol.PreseedRequest(args.images, args.platform))
         except CALL_ERRORS as exc:

@@ -116,6 +116,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 print(f"shoal up: {name} failed to start (see its messages above)", file=sys.stderr)
                 return 1
         upstream = configs["agent"]["upstreams"][0]
+        operator_token = data / "keys" / "operator.token"
         anonymous = ("use the node credentials" if args.unauthenticated == "node"
                      else "get the registry's challenge (ctr --user, podman login)")
         print(f"\nshoal is up for {upstream['url']} (clients call it {upstream['name']})\n"
@@ -126,7 +127,10 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"  server = \"{upstream['url']}\"\n"
               f"  [host.\"http://{args.listen}\"]\n    capabilities = [\"pull\", \"resolve\"]\n\n"
               f"pre-seed:  shoal seed --origin http://{args.origin_listen} "
-              f"--node-token-file {data / 'keys' / 'node.token'} {upstream['name']}/REPO:TAG\n"
+              f"--token-file {operator_token} {upstream['name']}/REPO:TAG\n"
+              f"audit:     shoal audit --origin http://{args.origin_listen} --token-file {operator_token}\n"
+              f"           (a local admin operator; add others: shoal-origin add-operator NAME --roles seed "
+              f"--operators {data / 'keys' / 'operators.json'})\n"
               f"auth: pulls without credentials {anonymous}\n"
               "Ctrl-C stops all three.", flush=True)
         while not stopping:

@@ -175,7 +175,7 @@ def wait_for_journal(stack: Stack, *, minimum: int, timeout: float = 30) -> list
     deadline = time.monotonic() + timeout
     events: list[dict[str, object]] = []
     while time.monotonic() < deadline:
-        events = api.audit_events(stack.origin.url, stack.node_token)
+        events = api.audit_events(stack.origin.url, stack.operator_token)
         if len(events) >= minimum and all(e["outcome"] != "incomplete" for e in events):
             return events
         time.sleep(0.2)

@@ -131,7 +131,7 @@ def journal(stack: Stack, *, node: str, minimum: int = 1, timeout: float = 30) -
     assert stack.origin is not None
     deadline = time.monotonic() + timeout
     while True:
-        events = api.audit_events(stack.origin.url, stack.node_token, node=node)
+        events = api.audit_events(stack.origin.url, stack.operator_token, node=node)
         if len(events) >= minimum and all(e["outcome"] != "incomplete" for e in events):
             return events
         if time.monotonic() > deadline:

@@ -430,7 +430,7 @@ def test_sigkill_at_random_points(stack: Stack, images: Images) -> None:
     deadline = time.monotonic() + BOUND
     while time.monotonic() < deadline:
         assert stack.origin is not None
-        events = api.audit_events(stack.origin.url, stack.node_token)
+        events = api.audit_events(stack.origin.url, stack.operator_token)
         if started_requests <= {e["user_agent"] for e in events}:
             break
         time.sleep(0.5)

@@ -35,7 +35,7 @@ def request(agent: Component, path: str, accept: str | None = None) -> tuple[int
 
 def collected(stack: Stack) -> list[dict[str, object]]:
     assert stack.origin is not None
-    return api.audit_events(stack.origin.url, stack.node_token)
+    return api.audit_events(stack.origin.url, stack.operator_token)
 
 
 def wait_collected(stack: Stack, count: int, timeout: float = 60) -> list[dict[str, object]]:
@@ -121,7 +121,7 @@ def test_shoal_audit_queries_and_exports(stack: Stack, images: Images) -> None:
     def shoal_audit(*args: str) -> str:
         assert stack.origin is not None
         result = subprocess.run([sys.executable, "-m", "shoal.cli", "audit", "--origin", stack.origin.url,
-                                 "--node-token-file", str(stack.keys["node_token"]), *args],
+                                 "--token-file", str(stack.keys["operator_token"]), *args],
                                 capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert result.returncode == 0, result.stderr
         return result.stdout
@@ -137,22 +137,33 @@ def test_shoal_audit_queries_and_exports(stack: Stack, images: Images) -> None:
     digest = small[0].digest
     assert len(shoal_audit("--digest", digest, "--format", "jsonl").splitlines()) == 2
     assert len(shoal_audit("--image", f"{stack.registry.host}/private/nosuch", "--format", "jsonl").splitlines()) == 1
-    assert shoal_audit("--since", audit_now(), "--format", "jsonl") == ""
-    assert len(shoal_audit("--since", start, "--format", "jsonl").splitlines()) == 2 * len(small) + 1
+    # each query is itself an event (the operator's), so the pulls are told apart by their kind
+    assert [json.loads(line)["kind"] for line in shoal_audit("--since", audit_now(), "--format", "jsonl").splitlines()
+            ] == ["operator"]
+    since = [json.loads(line) for line in shoal_audit("--since", start, "--format", "jsonl").splitlines()]
+    assert len([e for e in since if e["kind"] != "operator"]) == 2 * len(small) + 1
+    queries = [e for e in since if e["kind"] == "operator"]
+    # (the five queries above, this one, and wait_collected's)
+    assert len(queries) >= 6 and {(e["principal"], e["action"], e["node"]) for e in queries} == {
+        ("token:local-admin", "audit", "origin")}
+    assert [json.loads(e["detail"]).get("node") for e in queries].count("node1") == 1  # the filters it ran with
     table = shoal_audit("--principal", "node", "--digest", digest)
     assert table.splitlines()[0].split()[:3] == ["TS", "NODE", "PRINCIPAL"]
     assert len(table.splitlines()) == 3
-    # the collector needs the node token
+    # the collector needs an operator credential; the node token is not one
     assert stack.origin is not None
     status, _ = http_get(protocol.AUDIT.url(stack.origin.url))
     assert status == 401
+    status, body = http_get(protocol.AUDIT.url(stack.origin.url),
+                            headers={"Authorization": f"Bearer {stack.node_token}"})
+    assert status == 403 and json.loads(body)["errors"][0]["code"] == "DENIED"
     # a limit that str.isdigit() accepts and int() does not was a 500 with a traceback
     status, body = http_get(protocol.AUDIT.url(stack.origin.url, {"limit": "²"}),
-                            headers={"Authorization": f"Bearer {stack.node_token}"})
+                            headers={"Authorization": f"Bearer {stack.operator_token}"})
     assert status == 400 and "limit must be a whole number" in json.loads(body)["errors"][0]["message"]
     # an operator sees the origin's reason, not only its status
     refused = subprocess.run([sys.executable, "-m", "shoal.cli", "audit", "--origin", stack.origin.url,
-                              "--node-token-file", str(stack.keys["node_token"]), "--limit", "-1"],
+                              "--token-file", str(stack.keys["operator_token"]), "--limit", "-1"],
                              capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert refused.returncode == 1
     assert refused.stderr.strip() == "shoal audit: the origin refused: HTTP 400: limit must be a whole number"

@@ -73,7 +73,7 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
     status, doc = post(protocol.JOURNAL.url(origin.url), mixed,
                        {**bearer, protocol.NODE_SIGNATURE_HEADER: signing.sign_batch(thief.private_key, mixed)})
     assert status == 200 and doc == {"accepted": 1, "duplicates": 0, "rejected": 1}
-    events = api.audit_events(origin.url, stack.node_token, limit=1000)
+    events = api.audit_events(origin.url, stack.operator_token, limit=1000)
     assert {e["node"] for e in events} == {"node0", "intruder"}
     assert not any(e["principal"] == "alice" for e in events)  # nothing forged reached the audit
     assert [e["principal"] for e in events if e["node"] == "intruder"] == ["mallory"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -142,11 +143,20 @@ def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Co
                                 capture_output=True, text=True, timeout=30, cwd=ROOT)
         assert status.returncode == 0, status.stdout
         assert "cached_blobs=" in status.stdout and "seeding=" in status.stdout
+        # the local admin operator token shoal up made opens the audit (the banner's command)
+        audit = subprocess.run([sys.executable, "-m", "shoal.cli", "audit", "--origin", f"http://{origin_listen}",
+                                "--token-file", str(tmp_path / "data" / "keys" / "operator.token"),
+                                "--format", "jsonl"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert audit.returncode == 0, audit.stderr
+        assert [(e["principal"], e["action"]) for e in map(json.loads, audit.stdout.splitlines())
+                if e["kind"] == "operator"] == [("token:local-admin", "audit")]
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole job
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "shoal is up for" in out and f'[host."http://{listen}"]' in out
+    operator_token = tmp_path / "data" / "keys" / "operator.token"
+    assert f"shoal audit --origin http://{origin_listen} --token-file {operator_token}" in out
     # a clean stop: no component logs an ERROR (a second signal once cut the origin's cleanup short)
     assert " ERROR " not in out and "Traceback" not in out, out[-3000:]
     for hostport in (listen, tracker_listen, origin_listen):  # `shoal up` returns after its children

@@ -20,7 +20,7 @@ from tests.support.stack import Stack
 
 def shoal_seed(stack: Stack, origin: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "shoal.cli", "seed", "--origin", origin,
-                           "--node-token-file", str(stack.keys["node_token"]), *args],
+                           "--token-file", str(stack.keys["operator_token"]), *args],
                           capture_output=True, text=True, timeout=180, cwd=ROOT)
 
 
@@ -38,7 +38,7 @@ def test_seed_then_pull_fetches_only_manifests(stack: Stack, registry: Registry,
     assert result.returncode == 0, result.stderr
     assert f"done: {len(image.blobs)} blobs" in result.stdout
     assert "blobs," in result.stdout  # the progress display
-    assert api.seeded(stack.origin.url, stack.node_token) == set(image.blobs)
+    assert api.seeded(stack.origin.url, stack.operator_token) == set(image.blobs)
     # without a credential: counts, and nothing that names a blob
     status, body = http_get(protocol.STATUS.url(stack.origin.url))
     assert status == 200 and json.loads(body)["seeding"] == len(image.blobs)
@@ -65,7 +65,7 @@ def test_seed_one_platform_by_digest(stack: Stack, registry: Registry, images: I
     result = shoal_seed(stack, stack.origin.url, "--platform", "linux/arm64",
                         f"{registry.host}/private/multi@{image.digest}")
     assert result.returncode == 0, result.stderr
-    assert api.seeded(stack.origin.url, stack.node_token) == platform_blobs(image, "linux/arm64")
+    assert api.seeded(stack.origin.url, stack.operator_token) == platform_blobs(image, "linux/arm64")
     assert platform_blobs(image, "linux/arm64") != set(image.blobs)
 
 

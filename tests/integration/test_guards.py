@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from shoal import protocol
 from shoal.cluster import make_keys
-from shoal.web import GUARDS_KEY, add_routes
+from shoal.web import GUARDS_KEY, OPERATOR_GUARDS, add_routes
 from shoal_agent import app as agent_app
 from shoal_agent import config as agent_config
 from shoal_origin import app as origin_app
@@ -33,16 +33,18 @@ def build_all(tmp_path: Path) -> dict[str, tuple[web.Application, dict[str, str]
     keys = make_keys(tmp_path / "keys")
     node = f"Bearer {keys['node_token'].read_text()}"
     registration = f"Bearer {keys['registration_token'].read_text()}"
+    operator = f"Bearer {keys['operator_token'].read_text()}"  # the local admin
     tokens = {"node_token": {"file": str(keys["node_token"])},
               "registration_token": {"file": str(keys["registration_token"])}}
     tracker = tracker_app.build(tracker_config.load({**tokens, "origin_public_key": str(keys["origin_public_key"])}))
     origin = origin_app.build(origin_config.load({
         **tokens, "data_dir": str(tmp_path / "origin"), "upstreams": [UPSTREAM], "tracker": "http://127.0.0.1:9",
-        "signing_key": str(keys["signing_key"])}))
+        "signing_key": str(keys["signing_key"]), "operators": {"tokens": {"file": str(keys["operators"])}}}))
     agent = agent_app.build(agent_config.load({
         "data_dir": str(tmp_path / "agent"), "upstreams": [UPSTREAM], "node": "n1"}))
     return {"tracker": (tracker, {"node": node, "registration": registration}),
-            "origin": (origin, {"node": node}), "agent": (agent, {})}
+            "origin": (origin, {"node": node, "seed": operator, "audit": operator, "admin": operator}),
+            "agent": (agent, {})}
 
 
 def undeclared(app: web.Application) -> list[str]:
@@ -63,6 +65,12 @@ def test_every_route_declares_its_guard(tmp_path: Path) -> None:
     assert {route for route, g in guards["origin"].items() if g == "public"} == public
     assert {route for route, g in guards["tracker"].items() if g == "registration"} == {
         (r.method, r.pattern) for r in (protocol.REGISTER_METAINFO, protocol.UNREGISTER_METAINFO)}
+    # operators' routes: none of them opens to the node token
+    assert {route: g for route, g in guards["origin"].items() if g in OPERATOR_GUARDS} == {
+        (protocol.PRESEED.method, protocol.PRESEED.pattern): "seed",
+        (protocol.PRESEED_JOB.method, protocol.PRESEED_JOB.pattern): "seed",
+        (protocol.AUDIT.method, protocol.AUDIT.pattern): "audit",
+        (protocol.SEEDED.method, protocol.SEEDED.pattern): "admin"}
 
 
 def test_the_walk_finds_a_route_added_without_a_guard() -> None:
@@ -89,13 +97,19 @@ async def test_guards_refuse_missing_and_wrong_tokens(tmp_path: Path, component:
     assert guarded
     client: Client = await aiohttp_client(app)
     for method, pattern, guard in guarded:  # (canonical patterns: "{name}" segments)
-        other = next((v for k, v in expected.items() if k != guard), None)
+        other = next((v for k, v in expected.items() if v != expected[guard]), None)
         for auth in (None, "Bearer wrong", expected[guard] + "x", expected[guard].lower(), other):
             headers = {"Authorization": auth} if auth else {}
             r = await client.request(method, concrete(pattern), headers=headers, data=b"{}")
-            assert r.status == 401, (method, pattern, auth)
             error = json.loads(await r.read())["errors"][0]
-            assert error["code"] == "UNAUTHORIZED" and guard in error["message"]
+            if guard in OPERATOR_GUARDS and auth == expected["node"]:
+                # the node token is known, and refused: 403, and never sent to the registry
+                assert r.status == 403 and error["code"] == "DENIED", (method, pattern)
+                assert "the node token is not an operator credential" in error["message"]
+                continue
+            assert r.status == 401, (method, pattern, auth)
+            assert error["code"] == "UNAUTHORIZED"
+            assert ("operator" if guard in OPERATOR_GUARDS else guard) in error["message"]
     assert client.server is not None
 
 

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from shoal import clients, protocol
-from shoal.clients import OriginClient
+from shoal import audit, clients, protocol
+from shoal.clients import OperatorClient, OriginClient
 from shoal.oci import Digest
 
 T = TypeVar("T")
@@ -25,10 +25,18 @@ def run(call: Callable[[aiohttp.ClientSession], Awaitable[T]]) -> T:
     return asyncio.run(go())
 
 
-def audit_events(origin: str, token: str, **filters: Any) -> list[dict[str, Any]]:
-    """The collector's events matching `filters` (protocol.AuditQuery's fields)."""
+def operator(token: str) -> str:
+    """The Authorization of an operator token (a registry login is passed as it is sent)."""
+    return token if token.startswith(("Basic ", "Bearer ")) else f"Bearer {token}"
+
+
+def audit_events(origin: str, token: str, *, operator_events: bool = False, **filters: Any) -> list[dict[str, Any]]:
+    """The collector's events matching `filters` (protocol.AuditQuery's fields), as the operator
+    holding `token` (an operator token, or an Authorization value); the operators' own events
+    (this very query is one) only with `operator_events`."""
     query = protocol.AuditQuery(**{"limit": 100_000, **filters})
-    return run(lambda http: OriginClient(http, origin, token).audit(query)).events
+    events = run(lambda http: OperatorClient(http, origin, operator(token)).audit(query)).events
+    return events if operator_events else [e for e in events if e.get("kind") != audit.OPERATOR_KIND]
 
 
 def admission(origin: str, token: str, digest: str, node: str, ns: str, repository: str,
@@ -48,8 +56,17 @@ def grants(origin: str, token: str, node: str, public_key: str,
 
 
 def seeded(origin: str, token: str) -> set[str]:
-    """The digests the origin seeds."""
-    return {b.digest for b in run(lambda http: OriginClient(http, origin, token).seeded()).blobs}
+    """The digests the origin seeds (as an admin operator)."""
+    return {b.digest for b in run(lambda http: OperatorClient(http, origin, operator(token)).seeded()).blobs}
+
+
+def preseed(origin: str, token: str, *images: str, platforms: list[str] | None = None) -> protocol.PreseedJob:
+    request = protocol.PreseedRequest(list(images), platforms or [])
+    return run(lambda http: OperatorClient(http, origin, operator(token)).preseed(request))
+
+
+def preseed_job(origin: str, token: str, job: str) -> protocol.PreseedJob:
+    return run(lambda http: OperatorClient(http, origin, operator(token)).preseed_job(job))
 
 
 def status(url: str) -> dict[str, Any]:

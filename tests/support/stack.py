@@ -24,6 +24,8 @@ class Stack:
         self.keys = make_keys(workdir / "keys")
         self.token_file = self.keys["registration_token"]
         self.node_token = self.keys["node_token"].read_text()
+        # the local admin operator make_keys creates (audit queries, pre-seeding, seeded blobs)
+        self.operator_token = self.keys["operator_token"].read_text()
         self.node_password = workdir / "node.password"
         self.node_password.write_text(node_user[1])
         self.seeder_password = workdir / "seeder.password"
