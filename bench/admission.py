@@ -33,6 +33,7 @@ import yaml
 
 from shoal.cluster import Cluster, make_keys
 from shoal.config import parse_size
+from shoal.protocol import READYZ
 from shoal.registry import Credentials
 from tests.support.images import build_image, push
 from tests.support.procs import free_port, wait_http
@@ -62,7 +63,7 @@ def start(tree: Path, name: str, config: dict[str, object], work: Path) -> subpr
     log.close()
     listen = config["listen"]
     assert isinstance(listen, str)
-    wait_http(f"http://{listen}/readyz", ok=(200,), timeout=60, proc=proc)
+    wait_http(READYZ.url(f"http://{listen}"), ok=(200,), timeout=60, proc=proc)
     return proc
 
 

@@ -13,6 +13,7 @@ import pytest
 from shoal import metainfo
 from shoal.clients import ApiError, TrackerClient
 from shoal.oci import Digest
+from shoal.protocol import REGISTER_METAINFO
 from tests.integration.conftest import NODE_TOKEN, REGISTRATION_TOKEN, Keys, tracker_server
 from tests.support.procs import free_port
 
@@ -39,7 +40,9 @@ async def test_tracker_client(tracker: str, keys: Keys, tmp_path: Path) -> None:
             await origin.register(digest, raw, "not-a-signature", within=5)
         assert bad.value.status == 400
         await origin.register(digest, raw, keys.sign(raw), within=5)
-        async with http.get(f"{tracker}/v1/metainfo/{digest}", headers={"Authorization": f"Bearer {NODE}"}) as r:
+        # (a GET on the registration path: what earlier versions answered nodes with metainfo)
+        async with http.get(REGISTER_METAINFO.url(tracker, digest=str(digest)),
+                            headers={"Authorization": f"Bearer {NODE}"}) as r:
             assert r.status == 405  # the tracker hands no metainfo out (nodes get it with an admission)
         with pytest.raises(ApiError) as unauthorized:
             await node.unregister(digest, within=5)

@@ -100,7 +100,7 @@ async def test_the_tracker_hands_no_metainfo_out(client: Client, meta: metainfo.
     """Nodes get a blob's metainfo only from the origin, with an admission: the node token reads
     nothing here (the route of earlier versions is gone)."""
     assert await register(client, meta, keys) == 201
-    r = await client.get(f"/v1/metainfo/{meta.digest}", headers=NODE_AUTH)
+    r = await client.get(protocol.REGISTER_METAINFO.path(digest=str(meta.digest)), headers=NODE_AUTH)
     assert r.status == 405 and meta.raw not in await r.read()
 
 
