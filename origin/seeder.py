@@ -247,7 +247,6 @@ class Seeder:
         # Register first: the seeder's first announce must find the torrent known, or libtorrent
         # backs off and agents see no seeder for a whole announce interval.
         await self.registration.register(meta, published.signature)
-        self._registered_at[digest] = time.monotonic()
         self._metas[digest] = published
         self.swarm.add(meta, self.store.blob_dir(digest), seed=True)
         self.metrics.fetch_seconds.observe(time.monotonic() - started)
