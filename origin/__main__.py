@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from shoal import errors, operator_tokens, protocol
 from shoal.config import read_yaml
 from shoal.entry import run_component
 from shoal.errors import ConfigError
 from shoal_origin import app, collector, config
+
+T = TypeVar("T")
 
 FLAGS = {
     "--listen": ("listen", "address of the seed and pre-seed API"),
@@ -110,6 +113,17 @@ def _operator_parser(command: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _edit_operators(operators: str, change: Callable[[Path], T]) -> T | None:
+    """`change` applied to the operators file; None (and one line on stderr) if it cannot be."""
+    try:
+        return change(Path(operators))
+    except operator_tokens.TokenFileError as exc:
+        print(f"shoal-origin: {operators}: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"shoal-origin: cannot update {operators!r}: {exc.strerror}", file=sys.stderr)
+    return None
+
+
 def add_operator(argv: Sequence[str]) -> int:
     parser = _operator_parser("add-operator", "Add an operator with a new random token, printed once on standard "
                                               "output; the file keeps only its SHA-256. The origin reads the file "
@@ -120,13 +134,8 @@ def add_operator(argv: Sequence[str]) -> int:
                              "(default: none; admin may seed anything)")
     args = parser.parse_args(argv)
     roles = [r.strip() for r in args.roles.split(",") if r.strip()]
-    try:
-        token = operator_tokens.add(Path(args.operators), args.name, roles, args.repositories)
-    except operator_tokens.TokenFileError as exc:
-        print(f"shoal-origin: {args.operators}: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"shoal-origin: cannot write {args.operators!r}: {exc.strerror}", file=sys.stderr)
+    token = _edit_operators(args.operators, lambda path: operator_tokens.add(path, args.name, roles, args.repositories))
+    if token is None:
         return 2
     print(token)
     if "seed" in roles and "admin" not in roles and not args.repositories:
@@ -140,13 +149,8 @@ def remove_operator(argv: Sequence[str]) -> int:
     parser = _operator_parser("remove-operator", "Remove an operator: its token is refused from the origin's next "
                                                  "look at the file (within a second).")
     args = parser.parse_args(argv)
-    try:
-        removed = operator_tokens.remove(Path(args.operators), args.name)
-    except operator_tokens.TokenFileError as exc:
-        print(f"shoal-origin: {args.operators}: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"shoal-origin: cannot update {args.operators!r}: {exc.strerror}", file=sys.stderr)
+    removed = _edit_operators(args.operators, lambda path: operator_tokens.remove(path, args.name))
+    if removed is None:
         return 2
     if not removed:
         print(f"shoal-origin: no operator named {args.name!r}", file=sys.stderr)

@@ -28,6 +28,7 @@ from tests.support.procs import ROOT, Component, wait_for
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 from tests.support.tokenserver import TokenServer
+from tests.support.tokenworld import USERS as WORLD_USERS
 
 MIB = 1 << 20
 REGISTRY_BYTES = "shoal_origin_registry_bytes_total"
@@ -265,8 +266,9 @@ def test_registry_logins_with_htpasswd_and_the_cli(stack: Stack, registry: Regis
 
 # ----- a registry with a token server: per-repository access ------------------------------------
 
+# (the seeder's password is the one conftest's `tstack` gives the origin)
 TOKEN_USERS = {"alice": "alice-op-1", "bob": "bob-op-2", "carol": "carol-op-3", "pusher": "pusher-op-4",
-               "seeder": "seeder-op-5"}
+               "seeder": WORLD_USERS["seeder"]}
 
 
 @dataclass
@@ -292,14 +294,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenWorld]:
     yield TokenWorld(ts, reg, private)
     reg.close()
     ts.close()
-
-
-@pytest.fixture
-def tstack(tmp_path: Path, world: TokenWorld) -> Iterator[Stack]:
-    s = Stack(tmp_path / "stack", world.registry, node_user=("nobody", "unused"),
-              seeder_user=("seeder", TOKEN_USERS["seeder"]))
-    yield s
-    s.close()
 
 
 def test_registry_operators_seed_only_what_they_may_pull(tstack: Stack, world: TokenWorld) -> None:
