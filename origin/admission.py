@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from shoal import errors, peercerts, presented, protocol, signing
 from shoal.flights import SingleFlight
 from shoal.oci import Digest
+from shoal_origin.budget import MinuteBudget
 from shoal_origin.seeder import Upstream
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Admissions:
         self._decisions: OrderedDict[str, _Decision] = OrderedDict()
         self._flights: SingleFlight[str, _Decision] = SingleFlight()
         self.checks = {"allowed": 0, "denied": 0, "cached": 0, "rate_limited": 0}
-        self._asks: dict[str, tuple[float, int]] = {}  # node -> (start of its minute, questions in it)
+        self._asks = MinuteBudget()  # registry questions per node
 
     async def check(self, node: str, ns: str, repo: str, digest: Digest, credential: str | None) -> str:
         """The principal the registry accepted `credential` as, for pulling `digest` through `repo`
@@ -83,16 +84,9 @@ class Admissions:
         return decision.principal
 
     def _count_ask(self, node: str) -> None:
-        now = time.monotonic()
-        start, count = self._asks.get(node, (now, 0))
-        if now - start >= 60:
-            start, count = now, 0
-        if count >= MAX_ASKS_PER_NODE:
+        if not self._asks.take(node, MAX_ASKS_PER_NODE):
             self.checks["rate_limited"] += 1
             raise errors.RateLimited(f"more than {MAX_ASKS_PER_NODE} admission checks a minute from this node")
-        self._asks[node] = (start, count + 1)
-        if len(self._asks) > MAX_DECISIONS:  # (bounded by max_nodes anyway: only enrolled nodes get here)
-            self._asks.pop(next(iter(self._asks)))
 
     async def _ask(self, upstream: Upstream, repo: str, digest: Digest, credential: str | None) -> _Decision:
         client, authorization = presented.acting_for(upstream.client, credential)

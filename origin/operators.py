@@ -37,6 +37,7 @@ from shoal.flights import SingleFlight
 from shoal.oci import ImageReference
 from shoal.registry import RegistryClient
 from shoal.web import Operator, Role
+from shoal_origin.budget import MinuteBudget
 from shoal_origin.config import OperatorSettings
 from shoal_origin.preseed import Job
 
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 
 Recorder = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
 RELOAD_EVERY = 1.0  # seconds between looks at the operators file
+# Registry logins the origin checks for one client address per minute (a login it checked
+# recently is free): anyone may present one, so without a bound the origin would guess passwords
+# at the registry for anyone, under its own address.
+MAX_LOGINS_PER_ADDRESS = 60
 _NOT_OPERATOR = "this API is for operators (an operator token, or a registry login with a role)"
 
 
@@ -111,6 +116,7 @@ class Operators:
         self._key = secrets.token_bytes(32)  # the cache's fingerprints live as long as the cache
         self._verdicts: OrderedDict[str, _Verdict] = OrderedDict()
         self._flights: SingleFlight[str, _Verdict] = SingleFlight()
+        self._logins = MinuteBudget()  # registry checks per client address
         self._challenges: tuple[bool, float] | None = None
         self.client: RegistryClient | None = None  # set when the origin starts (attach)
         self.recorder: Recorder | None = None
@@ -171,6 +177,10 @@ class Operators:
         fingerprint = hmac.new(self._key, header.encode(), hashlib.sha256).hexdigest()
         verdict = self._verdicts.get(fingerprint)
         if verdict is None or verdict.until <= time.monotonic():
+            if not self._logins.take(request.remote or "", MAX_LOGINS_PER_ADDRESS):
+                self.requests.labels("rate_limited").inc()
+                raise errors.RateLimited(f"more than {MAX_LOGINS_PER_ADDRESS} registry logins a minute from this "
+                                         "address")
             verdict = await self._flights.run(fingerprint, lambda: self._verify(fingerprint, header))
         if verdict.principal is None:
             self.requests.labels("unauthenticated").inc()

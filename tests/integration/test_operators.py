@@ -4,21 +4,25 @@ breaks)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
 from shoal import operator_tokens, protocol
+from shoal.registry import Credentials, RegistryClient
 from shoal.web import add_routes, error_middleware, operator_of
 from shoal_origin import config as origin_config
 from shoal_origin import operators as operators_module
 from shoal_origin.operators import Operators
+from tests.support.fakeregistry import Canned, FakeServer
 
 Client = TestClient[web.Request, web.Application]
 NODE_TOKEN = "node-token-" + "n" * 20
@@ -94,3 +98,45 @@ async def test_roles_the_node_token_and_a_changing_file(tmp_path: Path, aiohttp_
     r = await client.get(protocol.AUDIT.path(), headers={"Authorization": "Basic YWxpY2U6cHc="})
     assert r.status == 401
     assert await status(client, protocol.AUDIT, "eyJhbGciOi.e30.sig") == 401
+
+
+async def test_registry_logins_are_checked_at_a_bounded_rate_per_address(
+        aiohttp_client: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone may present a registry login: past MAX_LOGINS_PER_ADDRESS fresh ones a minute from
+    one address, 429 without asking the registry (a login checked recently is still answered)."""
+    monkeypatch.setattr(operators_module, "MAX_LOGINS_PER_ADDRESS", 2)
+    fake = FakeServer("127.0.0.48")
+    fake.require_basic = True  # anonymous: a challenge; any Basic login: 200
+    fake.routes[("GET", "/v2/")] = Canned(200, {"Content-Type": "application/json"}, b"{}")
+    try:
+        doc = {**ORIGIN, "upstreams": [{"name": fake.host, "url": fake.url}],
+               "operators": {"registry": {"upstream": fake.host, "roles": {"alice": ["audit"]}}}}
+        ops = Operators(origin_config.load(doc).operators, cluster_secrets={"node token": NODE_TOKEN},
+                        registry=CollectorRegistry())
+
+        async def recorder(start: dict[str, Any], _end: dict[str, Any]) -> None:
+            pass
+
+        async with aiohttp.ClientSession() as http:
+            ops.attach(RegistryClient(http, fake.url, credentials=None, user_agent="t", retry_budget=0), recorder)
+
+            async def who(request: web.Request) -> web.Response:
+                return web.json_response({"principal": operator_of(request).principal})
+
+            app = web.Application(middlewares=[error_middleware()])
+            add_routes(app, [(protocol.AUDIT, who, "audit")], {}, operators=ops)
+            client = await aiohttp_client(app)
+
+            async def login(user: str) -> int:
+                r = await client.get(protocol.AUDIT.path(),
+                                     headers={"Authorization": Credentials(user, "pw").basic()})
+                await r.read()
+                return int(r.status)
+
+            assert [await login("alice"), await login("mallory")] == [200, 403]  # no role for mallory
+            logins = sum(1 for s in fake.seen if s.headers.get("Authorization", "").startswith("Basic "))
+            assert await login("eve") == 429
+            assert await login("alice") == 200  # checked a moment ago: no new question
+            assert sum(1 for s in fake.seen if s.headers.get("Authorization", "").startswith("Basic ")) == logins
+    finally:
+        await asyncio.to_thread(fake.close)
