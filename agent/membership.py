@@ -122,7 +122,8 @@ class Membership:
         for start in range(0, max(len(receipts), 1), protocol.MAX_RENEWALS):
             answer = await self.origin.grants(
                 protocol.GrantsRequest(self.access.node, self.swarm.key.public_pem,
-                                       receipts[start : start + protocol.MAX_RENEWALS]), within=30)
+                                       receipts[start : start + protocol.MAX_RENEWALS]),
+                self.swarm.key.private_key, within=30)
             ttl = answer.ttl_seconds
             for grant in answer.grants:
                 try:
@@ -169,7 +170,7 @@ class Membership:
         try:
             # (the origin fetches nothing for a seeded_only request: a short budget will do)
             answer = await self.origin.admission(
-                digest, request, self._credential(upstream, authorization),
+                digest, request, self._credential(upstream, authorization), self.swarm.key.private_key,
                 within=self.policy.metainfo_timeout if seeded_only else self.policy.seed_timeout)
         except ApiError as exc:
             if exc.status in (401, 403):

@@ -87,8 +87,9 @@ def run(work: Path, *, registry_host: str, repo: str, blob: tuple[str, int], age
         # the origin has the blob already (pre-seeded), so this measures the swarm itself
         # (an admission for a node of the bench's own: the registry is open, so anonymous will do)
         origin_url, node_token = f"http://127.0.0.1:{oport}", cluster.keys["node_token"].read_text()
-        api.grants(origin_url, node_token, "bench", peercerts.NodeKey.generate().public_pem)
-        api.admission(origin_url, node_token, str(digest), "bench", registry_host, repo)
+        key = peercerts.NodeKey.generate()
+        api.grants(origin_url, node_token, "bench", key)
+        api.admission(origin_url, node_token, str(digest), "bench", key, registry_host, repo)
         time.sleep(2)  # swarm tokens, announces
         cpu_before = sum(proc_stats(s.pid)[1] for s, _ in nodes)
         with PeakRss([s.pid for s, _ in nodes]) as peak:

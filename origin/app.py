@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector as PromCollector
@@ -55,17 +57,35 @@ def _parse_json(raw: bytes) -> Any:
         raise errors.BadRequest(errors.INVALID_REQUEST, "body must be a JSON object") from None
 
 
+# A node's signed request is taken this long after (or before: clocks drift) the time it says
+# it was made; an older copy seen on the wire is worth nothing.
+REQUEST_SKEW = 300.0
+
+
+def _check_signed(request: web.Request, raw: bytes, kind: str, key: Ed25519PublicKey, node: str, at: int) -> None:
+    try:
+        signing.verify_request(key, kind, raw, request.headers.get(protocol.NODE_SIGNATURE_HEADER))
+    except signing.SignatureError as exc:
+        log.warning("refused a %s request from node %s: %s", kind, node, exc)
+        raise errors.Denied(f"{exc} with the key of node {node!r}") from None
+    if abs(time.time() - at) > REQUEST_SKEW:
+        raise errors.Denied(f"the {kind} request is dated {at}, more than {REQUEST_SKEW:.0f}s from the origin's "
+                            "clock (is the node's clock right?)")
+
+
 async def admission(request: web.Request) -> web.Response:
     """POST ADMISSION {"node", "ns", "repository"} with the puller's credential: once the registry
     lets that credential pull the blob, the blob is seeded and the node gets its metainfo and a
     grant for its swarm (origin/admission.py)."""
     digest = Digest.parse(request.match_info["digest"])
-    body = protocol.AdmissionRequest.from_json(await _json(request))
+    raw = await request.read()
+    body = protocol.AdmissionRequest.from_json(_parse_json(raw))
     validate_name(body.repository)
     admissions = request.app[ADMISSIONS_KEY]
     public_key = await request.app[COLLECTOR_KEY].node_key(body.node)
     if public_key is None:
         raise errors.Denied(f"node {body.node!r} has not enrolled (it asks for its grants first)")
+    _check_signed(request, raw, "admission", public_key, body.node, body.at)
     principal = await admissions.check(body.node, body.ns, body.repository, digest,
                                        request.headers.get(protocol.PULLER_AUTHORIZATION_HEADER))
     seeder = request.app[SEEDER_KEY]
@@ -82,8 +102,10 @@ async def admission(request: web.Request) -> web.Response:
 async def grants(request: web.Request) -> web.Response:
     """POST GRANTS {"node", "public_key", "renew"}: enroll the node (its name bound to its key the
     first time) and renew the grants its receipts show it was admitted to."""
-    body = protocol.GrantsRequest.from_json(await _json(request))
+    raw = await request.read()
+    body = protocol.GrantsRequest.from_json(_parse_json(raw))
     public_key = peercerts.parse_public_key(body.public_key)
+    _check_signed(request, raw, "grants", public_key, body.node, body.at)  # it holds the key it shows
     await request.app[COLLECTOR_KEY].enroll(body.node, peercerts.canonical_public_pem(public_key))
     renewed = await asyncio.to_thread(request.app[ADMISSIONS_KEY].renew, body.node, public_key, body.renew)
     return web.json_response(renewed.to_json())

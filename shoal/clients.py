@@ -53,22 +53,30 @@ class OriginClient:
     def __init__(self, http: aiohttp.ClientSession, base: str, node_token: str) -> None:
         self.http, self.base, self._auth = http, base, _bearer(node_token)
 
-    async def grants(self, request: protocol.GrantsRequest, *, within: float) -> protocol.Grants:
-        async with self.http.post(protocol.GRANTS.url(self.base), json=request.to_json(),
-                                  headers=self._auth, timeout=aiohttp.ClientTimeout(total=within)) as r:
+    def _signed(self, kind: str, body: bytes, key: Ed25519PrivateKey) -> dict[str, str]:
+        return {**self._auth, "Content-Type": "application/json",
+                protocol.NODE_SIGNATURE_HEADER: signing.sign_request(key, kind, body)}
+
+    async def grants(self, request: protocol.GrantsRequest, key: Ed25519PrivateKey, *,
+                     within: float) -> protocol.Grants:
+        """Enroll and renew, signed with the node's key (the one in the request)."""
+        body = request.encode()
+        async with self.http.post(protocol.GRANTS.url(self.base), data=body, headers=self._signed("grants", body, key),
+                                  timeout=aiohttp.ClientTimeout(total=within)) as r:
             if r.status != 200:
                 raise ApiError("the origin refused this node's enrollment", r.status)
             return protocol.Grants.from_json(await r.json())
 
-    async def admission(self, digest: Digest, request: protocol.AdmissionRequest, credential: str | None, *,
-                        within: float) -> protocol.Admission | None:
+    async def admission(self, digest: Digest, request: protocol.AdmissionRequest, credential: str | None,
+                        key: Ed25519PrivateKey, *, within: float) -> protocol.Admission | None:
         """Ask to join `digest`'s swarm for a puller whose credential is `credential` (None:
         anonymous). ApiError 403 if the registry does not let that credential pull the blob;
         None if the request was `seeded_only` and the origin does not seed the blob."""
-        headers = dict(self._auth)
+        body = request.encode()
+        headers = self._signed("admission", body, key)
         if credential is not None:
             headers[protocol.PULLER_AUTHORIZATION_HEADER] = credential
-        async with self.http.post(protocol.ADMISSION.url(self.base, digest=str(digest)), json=request.to_json(),
+        async with self.http.post(protocol.ADMISSION.url(self.base, digest=str(digest)), data=body,
                                   headers=headers, timeout=aiohttp.ClientTimeout(total=within)) as r:
             if r.status == 204 and request.seeded_only:
                 return None

@@ -13,7 +13,8 @@ import base64
 import binascii
 import json
 import re
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -119,6 +120,11 @@ def _count(doc: dict[str, Any], key: str) -> int:
     return value
 
 
+def _compact(doc: dict[str, Any]) -> bytes:
+    """A body as signed and sent: compact JSON, UTF-8."""
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def _b64(doc: dict[str, Any], key: str, *, max_length: int) -> bytes:
     try:
         return base64.b64decode(_text(doc, key, max_length=max_length), validate=True)
@@ -131,15 +137,20 @@ class AdmissionRequest:
     """POST ADMISSION: node `node` asks to join the swarm of a blob of `repository` at registry
     `ns`, on behalf of a puller whose credential is in PULLER_AUTHORIZATION_HEADER. With
     `seeded_only` (small blobs, which are not worth a fetch by the origin) an admitted node gets
-    204 rather than an Admission when the origin does not seed the blob already."""
+    204 rather than an Admission when the origin does not seed the blob already. Signed by the
+    node's key (NODE_SIGNATURE_HEADER over `encode()`), and dated (`at`, unix seconds)."""
 
     node: str
     ns: str
     repository: str
     seeded_only: bool = False
+    at: int = field(default_factory=lambda: int(time.time()))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def encode(self) -> bytes:
+        return _compact(self.to_json())
 
     @classmethod
     def from_json(cls, doc: Any) -> AdmissionRequest:
@@ -148,7 +159,7 @@ class AdmissionRequest:
         if not isinstance(seeded_only, bool):
             raise errors.BadRequest(errors.INVALID_REQUEST, "seeded_only must be true or false")
         return cls(node_name(_text(d, "node", max_length=253)), _text(d, "ns", max_length=255),
-                   _text(d, "repository", max_length=255), seeded_only)
+                   _text(d, "repository", max_length=255), seeded_only, _count(d, "at"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,14 +232,21 @@ MAX_RENEWALS = 500  # receipts in one GRANTS request (a node with more asks seve
 @dataclass(frozen=True, slots=True)
 class GrantsRequest:
     """POST GRANTS: node `node` enrolls with `public_key` (PEM; the origin binds the name to it the
-    first time) and has the grants of the blobs it was admitted to renewed, by their receipts."""
+    first time) and has the grants of the blobs it was admitted to renewed, by their receipts.
+    Signed with that key (NODE_SIGNATURE_HEADER over `encode()`: the caller holds it), and dated
+    (`at`, unix seconds)."""
 
     node: str
     public_key: str
     renew: list[Receipt]
+    at: int = field(default_factory=lambda: int(time.time()))
 
     def to_json(self) -> dict[str, Any]:
-        return {"node": self.node, "public_key": self.public_key, "renew": [r.to_json() for r in self.renew]}
+        return {"node": self.node, "public_key": self.public_key, "renew": [r.to_json() for r in self.renew],
+                "at": self.at}
+
+    def encode(self) -> bytes:
+        return _compact(self.to_json())
 
     @classmethod
     def from_json(cls, doc: Any) -> GrantsRequest:
@@ -237,7 +255,7 @@ class GrantsRequest:
         if not isinstance(renew, list) or len(renew) > MAX_RENEWALS:
             raise errors.BadRequest(errors.INVALID_REQUEST, f"renew must be a list of at most {MAX_RENEWALS} receipts")
         return cls(node_name(_text(d, "node", max_length=253)), _text(d, "public_key", max_length=512),
-                   [Receipt.from_json(r) for r in renew])
+                   [Receipt.from_json(r) for r in renew], _count(d, "at"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,9 +30,12 @@ from shoal.errors import ConfigError
 
 _METAINFO_CONTEXT = b"shoal metainfo v1\x00"
 _TOKEN_CONTEXT = b"shoal swarm token v1\x00"
-_BATCH_CONTEXT = b"shoal journal batch v1\x00"
 _SOURCE_CONTEXT = b"shoal blob source v1\x00"
 _RECEIPT_CONTEXT = b"shoal admission receipt v1\x00"
+# What a node signs with its own key, by kind of request (a signature for one kind is no
+# signature for another)
+NODE_REQUESTS = {"journal": b"shoal journal batch v1\x00", "grants": b"shoal grants request v1\x00",
+                 "admission": b"shoal admission request v1\x00"}
 MAX_TOKEN_LENGTH = 1024
 # HTTP header carrying the origin's signature of a metainfo (origin -> tracker -> agents).
 
@@ -139,24 +142,35 @@ def verify_source(key: Ed25519PublicKey, digest: str, ns: str, signature: str | 
         raise SignatureError("the origin's word on the blob's registry does not verify") from None
 
 
-# ----- journal batches -----------------------------------------------------------------------------
-# A node signs each batch it ships with its own key (shoal.peercerts.NodeKey), which the origin
-# bound to the node's name when it enrolled: the collector attributes the records to that node,
-# and no other holder of the cluster's node token can write records in its name. (A replayed
-# batch stores nothing: records are kept once per event and phase.)
+# ----- what nodes send the origin ------------------------------------------------------------------
+# A node signs its requests with its own key (shoal.peercerts.NodeKey), which the origin bound to
+# the node's name when it enrolled: journal batches (the collector attributes the records to that
+# node; a replayed batch stores nothing, records are kept once per event and phase), grant
+# requests (proof that the caller holds the key it enrolls with and shows receipts for) and
+# admissions (counted and logged for the node that really asked). No other holder of the
+# cluster's node token can act in its name.
+
+
+def sign_request(key: Ed25519PrivateKey, kind: str, body: bytes) -> str:
+    return _b64(key.sign(NODE_REQUESTS[kind] + hashlib.sha256(body).digest()))
+
+
+def verify_request(key: Ed25519PublicKey, kind: str, body: bytes, signature: str | None) -> None:
+    what = "the journal batch" if kind == "journal" else f"the {kind} request"
+    if not signature:
+        raise SignatureError(f"{what} is not signed")
+    try:
+        key.verify(_unb64(signature), NODE_REQUESTS[kind] + hashlib.sha256(body).digest())
+    except InvalidSignature:
+        raise SignatureError(f"{what} signature does not verify") from None
 
 
 def sign_batch(key: Ed25519PrivateKey, body: bytes) -> str:
-    return _b64(key.sign(_BATCH_CONTEXT + hashlib.sha256(body).digest()))
+    return sign_request(key, "journal", body)
 
 
 def verify_batch(key: Ed25519PublicKey, body: bytes, signature: str | None) -> None:
-    if not signature:
-        raise SignatureError("the journal batch is not signed")
-    try:
-        key.verify(_unb64(signature), _BATCH_CONTEXT + hashlib.sha256(body).digest())
-    except InvalidSignature:
-        raise SignatureError("the journal batch signature does not verify") from None
+    verify_request(key, "journal", body, signature)
 
 
 # ----- admission receipts --------------------------------------------------------------------------

@@ -42,10 +42,12 @@ def node_key(agent: Component) -> peercerts.NodeKey:
     return peercerts.NodeKey.load_or_create(Path(agent.config["data_dir"]) / "node.key", "data_dir")
 
 
-def refused(stack: Stack, digest: str, node: str, credential: str | None, repository: str = "private/app") -> int:
+def refused(stack: Stack, digest: str, node: str, key: peercerts.NodeKey, credential: str | None,
+            repository: str = "private/app") -> int:
     assert stack.origin is not None
     with pytest.raises(ApiError) as exc:
-        api.admission(stack.origin.url, stack.node_token, digest, node, stack.registry.host, repository, credential)
+        api.admission(stack.origin.url, stack.node_token, digest, node, key, stack.registry.host, repository,
+                      credential)
     return exc.value.status
 
 
@@ -85,9 +87,9 @@ def test_a_node_reaches_only_what_its_pullers_could_pull(tstack: Stack, world: T
                             ("no credential", None),
                             ("a wrong password for alice", basic("alice", "guess")),
                             ("something that is not a credential", "Basic !!!")):
-        assert refused(stack, blob.digest, "node1", credential) in (401, 403), who
+        assert refused(stack, blob.digest, "node1", bob_key, credential) in (401, 403), who
     # under another repository the blob is not alice's to give either (bob may pull public/app)
-    assert refused(stack, blob.digest, "node1", basic("bob", TOKEN_USERS["bob"]), "public/app") == 403
+    assert refused(stack, blob.digest, "node1", bob_key, basic("bob", TOKEN_USERS["bob"]), "public/app") == 403
     # ... and the origin fetched nothing for those refusals
     assert not [p for p in world.registry.settle()[before:] if p.digest == blob.digest and p.method == "GET"]
     assert origin.metric("shoal_origin_admission_checks_total", result="denied") >= 5
@@ -113,13 +115,13 @@ def test_a_node_reaches_only_what_its_pullers_could_pull(tstack: Stack, world: T
         assert got == b"", f"bob's node got {len(got)} bytes of the private blob from the {holder.name}"
     # nor can it have grants renewed for alice's node's admission, or for one it makes up
     assert stack.origin is not None
-    renewed = api.grants(origin.url, stack.node_token, "node1", bob_key.public_pem,
+    renewed = api.grants(origin.url, stack.node_token, "node1", bob_key,
                          [protocol.Receipt(blob.digest, alice_receipt),
                           protocol.Receipt(blob.digest, base64.urlsafe_b64encode(os.urandom(64)).decode().rstrip("="))])
     assert renewed.grants == [] and renewed.refused == [blob.digest, blob.digest]
     # alice's node renews its own
     alice_key = node_key(served_alice)
-    mine = api.grants(origin.url, stack.node_token, "node0", alice_key.public_pem,
+    mine = api.grants(origin.url, stack.node_token, "node0", alice_key,
                       [protocol.Receipt(blob.digest, alice_receipt)])
     assert [g.digest for g in mine.grants] == [blob.digest] and mine.refused == []
 
@@ -133,8 +135,8 @@ def test_a_node_reaches_only_what_its_pullers_could_pull(tstack: Stack, world: T
 
     def admission_status() -> int:
         try:
-            api.admission(origin.url, stack.node_token, blob.digest, "node1", world.registry.host, "private/app",
-                          alice_login)
+            api.admission(origin.url, stack.node_token, blob.digest, "node1", bob_key, world.registry.host,
+                          "private/app", alice_login)
         except ApiError as exc:
             return exc.status
         return 200
@@ -165,9 +167,9 @@ def test_admission_against_htpasswd(stack: Stack, registry: Registry, images: Im
     before = len(registry.settle())
     key = peercerts.NodeKey.generate()
     assert stack.origin is not None
-    api.grants(stack.origin.url, stack.node_token, "probe", key.public_pem)
+    api.grants(stack.origin.url, stack.node_token, "probe", key)
     for credential in (None, basic("node", "not-the-password"), basic("mallory", "x"), "Bearer not-a-token"):
-        assert refused(stack, blob.digest, "probe", credential, "private/admission") == 403, credential
+        assert refused(stack, blob.digest, "probe", key, credential, "private/admission") == 403, credential
     assert not [p for p in registry.settle()[before:] if p.digest == blob.digest and p.method == "GET"]
     admission, _ = stack.admit(blob.digest, node="probe", key=key, credential=basic("node", USERS["node"]),
                                repository="private/admission")

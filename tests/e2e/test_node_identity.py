@@ -9,6 +9,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -17,7 +18,7 @@ from typing import Any
 from shoal import audit, peercerts, protocol, signing
 from tests.e2e.conftest import Images
 from tests.support import api
-from tests.support.procs import http_get, wait_for
+from tests.support.procs import Component, http_get, wait_for
 from tests.support.stack import Stack
 
 
@@ -28,6 +29,14 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str,
             return int(resp.status), json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return int(exc.code), json.loads(exc.read())
+
+
+def enroll(origin: Component, bearer: dict[str, str], node: str, key: peercerts.NodeKey | None,
+           request: protocol.GrantsRequest | None = None) -> tuple[int, Any]:
+    """A grants request for `node` (its key's public half in it), signed by `key` (None: unsigned)."""
+    body = (request or protocol.GrantsRequest(node, key.public_pem if key else "", [])).encode()
+    signed = {protocol.NODE_SIGNATURE_HEADER: signing.sign_request(key.private_key, "grants", body)} if key else {}
+    return post(protocol.GRANTS.url(origin.url), body, {**bearer, **signed})
 
 
 def record(node: str, principal: str) -> dict[str, Any]:
@@ -50,10 +59,19 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
     thief = peercerts.NodeKey.generate()
 
     # 1. enrolling (grants) in node0's name with another key: refused
-    status, doc = post(protocol.GRANTS.url(origin.url),
-                       json.dumps(protocol.GrantsRequest("node0", thief.public_pem, []).to_json()).encode(), bearer)
+    status, doc = enroll(origin, bearer, "node0", thief)
     assert status == 403, doc
     assert "enrolled with another key" in doc["errors"][0]["message"]
+    # ... and with node0's own public key (anyone in its swarms sees it) but not its private key:
+    # unsigned, signed by another key, or an old signed request seen on the wire
+    real = peercerts.NodeKey.load_or_create(key_file, "data_dir")
+    stale = protocol.GrantsRequest("node0", real.public_pem, [], at=int(time.time()) - 3600)
+    for req, signer in ((protocol.GrantsRequest("node0", real.public_pem, []), None),
+                        (protocol.GrantsRequest("node0", real.public_pem, []), thief),
+                        (protocol.GrantsRequest("decoy", real.public_pem, []), thief),
+                        (stale, real)):
+        status, doc = enroll(origin, bearer, req.node, signer, req)
+        assert status == 403, doc
 
     # 2. journal records in node0's name: unsigned, or signed by another key, are refused whole
     forged = protocol.JournalBatch("node0", [record("node0", "alice")]).encode()
@@ -68,7 +86,7 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
     assert status == 403
 
     # 3. the token holder may add a node of its own; its records are its own, never node0's
-    assert api.grants(origin.url, stack.node_token, "intruder", thief.public_pem).ttl_seconds > 0  # enrolled
+    assert api.grants(origin.url, stack.node_token, "intruder", thief).ttl_seconds > 0  # enrolled
     mixed = protocol.JournalBatch("intruder", [record("node0", "alice"), record("intruder", "mallory")]).encode()
     status, doc = post(protocol.JOURNAL.url(origin.url), mixed,
                        {**bearer, protocol.NODE_SIGNATURE_HEADER: signing.sign_batch(thief.private_key, mixed)})
@@ -83,7 +101,7 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
     result = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "node0",
                              "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert api.grants(origin.url, stack.node_token, "node0", thief.public_pem).ttl_seconds > 0  # enrolled
+    assert api.grants(origin.url, stack.node_token, "node0", thief).ttl_seconds > 0  # enrolled
     again = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "never-seen",
                             "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "no node named 'never-seen'" in again.stderr
@@ -93,12 +111,10 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
                              "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
     assert banned.returncode == 0, banned.stderr
     for name in ("node0", "intruder", "fresh-name"):
-        status, doc = post(protocol.GRANTS.url(origin.url),
-                           json.dumps(protocol.GrantsRequest(name, thief.public_pem, []).to_json()).encode(), bearer)
+        status, doc = enroll(origin, bearer, name, thief)
         assert status == 403 and "banned" in doc["errors"][0]["message"], (name, doc)
     # nor may the host come back under the name with a fresh key
-    status, doc = post(protocol.GRANTS.url(origin.url), json.dumps(protocol.GrantsRequest(
-        "node0", peercerts.NodeKey.generate().public_pem, []).to_json()).encode(), bearer)
+    status, doc = enroll(origin, bearer, "node0", peercerts.NodeKey.generate())
     assert status == 403 and "enroll-node" in doc["errors"][0]["message"], doc
     assert origin.metric("shoal_origin_enrollment_refusals_total") >= 5
     # the operator admits the real node's new key explicitly
@@ -108,12 +124,12 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
                             str(stack.workdir / "node0.pub"), "--config", str(origin.config_path)],
                            capture_output=True, text=True, timeout=60)
     assert bound.returncode == 0, bound.stderr
-    assert api.grants(origin.url, stack.node_token, "node0", renewed.public_pem).ttl_seconds > 0  # enrolled
+    assert api.grants(origin.url, stack.node_token, "node0", renewed).ttl_seconds > 0  # enrolled
     # 6. it was a mistake: the ban is lifted, the key may enroll a (free) name again
     lifted = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "node0", "--unban",
                              "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
     assert lifted.returncode == 0 and "lifted 1 ban" in lifted.stdout, lifted.stderr
-    assert api.grants(origin.url, stack.node_token, "fresh-name", thief.public_pem).ttl_seconds > 0  # enrolled
+    assert api.grants(origin.url, stack.node_token, "fresh-name", thief).ttl_seconds > 0  # enrolled
     upper = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "Node0",
                             "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
     assert upper.returncode == 2 and "lowercase DNS name" in upper.stderr

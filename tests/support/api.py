@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from shoal import audit, clients, protocol
+from shoal import audit, clients, peercerts, protocol
 from shoal.clients import OperatorClient, OriginClient
 from shoal.oci import Digest
 
@@ -39,20 +39,21 @@ def audit_events(origin: str, token: str, *, operator_events: bool = False, **fi
     return events if operator_events else [e for e in events if e.get("kind") != audit.OPERATOR_KIND]
 
 
-def admission(origin: str, token: str, digest: str, node: str, ns: str, repository: str,
+def admission(origin: str, token: str, digest: str, node: str, key: peercerts.NodeKey, ns: str, repository: str,
               credential: str | None = None) -> protocol.Admission | None:
-    """Node `node`'s admission to a blob's swarm for a puller whose credential is `credential`
-    (an Authorization value; None: anonymous). ApiError unless admitted (and the blob seeded)."""
+    """Node `node`'s admission (signed with `key`, the one it enrolled with) to a blob's swarm
+    for a puller whose credential is `credential` (an Authorization value; None: anonymous).
+    ApiError unless admitted (and the blob seeded)."""
     request = protocol.AdmissionRequest(node, ns, repository)
-    return run(lambda http: OriginClient(http, origin, token).admission(Digest.parse(digest), request, credential,
-                                                                        within=120))
+    return run(lambda http: OriginClient(http, origin, token).admission(
+        Digest.parse(digest), request, credential, key.private_key, within=120))
 
 
-def grants(origin: str, token: str, node: str, public_key: str,
+def grants(origin: str, token: str, node: str, key: peercerts.NodeKey,
            renew: list[protocol.Receipt] | None = None) -> protocol.Grants:
-    """Enroll `node` with `public_key` (PEM) and renew the grants of `renew`, as a node does."""
-    request = protocol.GrantsRequest(node, public_key, renew or [])
-    return run(lambda http: OriginClient(http, origin, token).grants(request, within=30))
+    """Enroll `node` with `key` and renew the grants of `renew`, as a node does."""
+    request = protocol.GrantsRequest(node, key.public_pem, renew or [])
+    return run(lambda http: OriginClient(http, origin, token).grants(request, key.private_key, within=30))
 
 
 def seeded(origin: str, token: str) -> set[str]:

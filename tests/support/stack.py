@@ -98,12 +98,12 @@ class Stack:
         puller's (an Authorization value; None: anonymous; True: the node credentials)."""
         assert self.origin is not None
         key = key or self._keys.setdefault(node, peercerts.NodeKey.generate())
-        api.grants(self.origin.url, self.node_token, node, key.public_pem)
+        api.grants(self.origin.url, self.node_token, node, key)
         if credential is True:
             credential = Credentials(self.node_user, self.node_password.read_text()).basic()
         assert credential is None or isinstance(credential, str)
-        admission = api.admission(self.origin.url, self.node_token, digest, node, self.registry.host, repository,
-                                  credential)
+        admission = api.admission(self.origin.url, self.node_token, digest, node, key, self.registry.host,
+                                  repository, credential)
         assert admission is not None
         return admission, key
 

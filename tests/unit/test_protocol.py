@@ -44,6 +44,12 @@ def test_bodies_round_trip(body: Any) -> None:
     (protocol.GrantsRequest, {"node": "n", "public_key": "k",
                               "renew": [{"digest": "d", "receipt": "r"}] * (protocol.MAX_RENEWALS + 1)}, "renew"),
     (protocol.GrantsRequest, {"node": "n", "public_key": "k", "renew": [{"digest": "d"}]}, "receipt"),
+    (protocol.GrantsRequest, {"node": "n", "public_key": "k"}, "at"),
+    (protocol.GrantsRequest, {"node": "n", "public_key": "k", "at": True}, "at"),
+    (protocol.AdmissionRequest, {"node": "n", "ns": "r", "repository": "a"}, "at"),
+    (protocol.AdmissionRequest, {"node": "n", "ns": "r", "repository": "a", "at": -5}, "at"),
+    (protocol.AdmissionRequest, {"node": "n", "ns": "r", "repository": "a", "at": 1, "seeded_only": 1},
+     "seeded_only"),
     (protocol.Grants, {"ttl_seconds": 0, "grants": [], "refused": []}, "ttl_seconds"),
     (protocol.Grants, {"ttl_seconds": True, "grants": [], "refused": []}, "ttl_seconds"),
     (protocol.Grants, {"ttl_seconds": 60, "refused": []}, "grants"),
@@ -82,10 +88,10 @@ def test_refusals_are_the_error_body_a_client_reads() -> None:
 
 
 @pytest.mark.parametrize(("cls", "doc", "field", "limit"), [
-    (protocol.AdmissionRequest, {"node": "n", "ns": "r", "repository": "a"}, "ns", 255),
-    (protocol.AdmissionRequest, {"node": "n", "ns": "r", "repository": "a"}, "repository", 255),
-    (protocol.GrantsRequest, {"public_key": "k"}, "node", 253),
-    (protocol.GrantsRequest, {"node": "n"}, "public_key", 512),
+    (protocol.AdmissionRequest, {"node": "n", "ns": "r", "repository": "a", "at": 1}, "ns", 255),
+    (protocol.AdmissionRequest, {"node": "n", "ns": "r", "repository": "a", "at": 1}, "repository", 255),
+    (protocol.GrantsRequest, {"public_key": "k", "at": 1}, "node", 253),
+    (protocol.GrantsRequest, {"node": "n", "at": 1}, "public_key", 512),
     (protocol.Grant, {"digest": "d", "certificate": "c", "receipt": "r"}, "token", 1024),
     (protocol.Grant, {"digest": "d", "token": "t", "receipt": "r"}, "certificate", 4096),
     (protocol.Grant, {"digest": "d", "token": "t", "certificate": "c"}, "receipt", 128),
@@ -102,7 +108,7 @@ def test_text_fields_up_to_their_bound(cls: Any, doc: dict[str, Any], field: str
 
 def test_optional_fields_and_small_positive_numbers() -> None:
     assert protocol.PreseedRequest.from_json({"images": ["r/app:v1"]}).platforms == []  # platforms may be left out
-    assert protocol.GrantsRequest.from_json({"node": "n", "public_key": "k"}).renew == []  # enrollment alone
+    assert protocol.GrantsRequest.from_json({"node": "n", "public_key": "k", "at": 1}).renew == []  # enrollment alone
     for ttl in (0.5, 1):
         assert protocol.Grants.from_json({"ttl_seconds": ttl, "grants": []}).ttl_seconds == ttl
 
@@ -111,7 +117,8 @@ def test_optional_fields_and_small_positive_numbers() -> None:
                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(
                         ["ns", "repository", "node", "token", "ttl_seconds", "certificate", "public_key", "records",
                          "accepted", "duplicates", "rejected", "images", "platforms", "renew", "grants", "refused",
-                         "digest", "receipt", "metainfo", "signature", "source", "grant"]), c, max_size=6),
+                         "digest", "receipt", "metainfo", "signature", "source", "grant", "at", "seeded_only"]), c,
+                        max_size=6),
                     max_leaves=10))
 def test_any_document_is_a_body_or_a_400(doc: Any) -> None:
     for cls in {type(b) for b in BODIES}:
