@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from shoal.cluster import Cluster, make_keys
+from shoal.cluster import Cluster, make_keys, source_path
 from shoal.config import parse_size
 from shoal.protocol import READYZ
 from shoal.registry import Credentials
@@ -56,7 +56,7 @@ class Fetch:
 def start(tree: Path, name: str, config: dict[str, object], work: Path) -> subprocess.Popen[bytes]:
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": f"{tree}:{tree / '.mypy-path'}"}
+    env = {**os.environ, "PYTHONPATH": source_path(tree)}
     log = open(work / f"{name}.log", "ab")  # noqa: SIM115 (the child's)
     proc = subprocess.Popen([sys.executable, "-m", MODULES[name.rstrip("0123456789")], "--config", str(path)],
                             stdout=log, stderr=log, env=env, cwd=tree)

@@ -17,7 +17,7 @@ from bench import services
 from bench.footprint import PeakRss
 from bench.loadgen import WrkResult, wrk
 from shoal import protocol
-from shoal.cluster import command
+from shoal.cluster import command, source_path
 from tests.support.clients import sha256_path
 from tests.support.procs import free_port, proc_stats
 
@@ -63,7 +63,8 @@ def run(work: Path, *, registry_url: str, repo: str, manifest_digest: str, large
 
     def spawn(args: list[str], name: str) -> subprocess.Popen[bytes]:
         log = open(work / f"{name}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(args, stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(services.ROOT)})
+        proc = subprocess.Popen(args, stdout=log, stderr=log,
+                                env={**os.environ, "PYTHONPATH": source_path(services.ROOT)})
         procs.append(proc)
         return proc
 

@@ -22,7 +22,7 @@ from typing import Any
 from bench import services
 from bench.netns import SUBNET, Host, Topology
 from shoal import protocol
-from shoal.cluster import Cluster, make_keys, merged
+from shoal.cluster import Cluster, make_keys, merged, source_path
 
 REGISTRY_IP, CACHE_IP = f"{SUBNET}.0.2", f"{SUBNET}.0.3"
 
@@ -103,7 +103,7 @@ class Rollout:
                 clients.append((out, node.popen([sys.executable, "-m", "bench.client", "--endpoint", endpoint,
                                                  "--image", image, "--go-at", str(go_at), "--out", str(out)],
                                                 log=str(run_dir / f"client-{node.name}.log"),
-                                                env={"PYTHONPATH": str(services.ROOT)})))
+                                                env={"PYTHONPATH": source_path(services.ROOT)})))
             for _, proc in clients:
                 proc.wait(7200)
             time.sleep(1.5)  # the registry logs a response after it is sent

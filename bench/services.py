@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from bench.netns import Host
-from shoal.cluster import command
+from shoal.cluster import command, source_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ class Service:
 
     def start(self, ready_url: str | None = None, ok: tuple[int, ...] = (200,)) -> Service:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {"PYTHONPATH": str(ROOT)}
+        env = {"PYTHONPATH": source_path(ROOT)}
         if self.host is not None:
             self.proc = self.host.popen(self.args, log=str(self.log), env=env)
         else:

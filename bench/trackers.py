@@ -16,7 +16,7 @@ import yaml
 from bench import services
 from bench.loadgen import WrkResult, wrk
 from shoal import metainfo, peercerts, protocol, signing
-from shoal.cluster import Cluster, command, make_keys
+from shoal.cluster import Cluster, command, make_keys, source_path
 from shoal.oci import Digest
 from tests.support.procs import free_port
 
@@ -62,7 +62,7 @@ def run(work: Path, *, seconds: int, connections: int = 32) -> TrackerResult:
     whitelist.write_text(meta.tracker_hash.hex() + "\n")
     logs = [open(work / f"{n}.log", "ab") for n in ("tracker", "opentracker")]  # noqa: SIM115
     shoal = subprocess.Popen(command("tracker", config), stdout=logs[0],
-                             stderr=logs[0], env={"PYTHONPATH": str(services.ROOT)})
+                             stderr=logs[0], env={"PYTHONPATH": source_path(services.ROOT)})
     ot = subprocess.Popen(["opentracker", "-i", "127.0.0.1", "-p", str(ot_port), "-P", str(ot_port),
                            "-w", str(whitelist)], stdout=logs[1], stderr=logs[1])
     try:

@@ -28,6 +28,14 @@ def command(component: str, config: Path) -> list[str]:
     return [sys.executable, "-m", MODULES[component], "--config", str(config)]
 
 
+def source_path(root: Path) -> str:
+    """A PYTHONPATH that runs every component from the source tree at `root` (shoal/, and agent/,
+    origin/, tracker/ under their import names through the links in .mypy-path), whichever tree
+    the virtualenv was installed from: tests and benchmarks of a clone or worktree that shares
+    another tree's venv run their own code."""
+    return f"{root}:{root / '.mypy-path'}"
+
+
 def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """`base` with `extra` merged in, nested mappings key by key."""
     out = dict(base)

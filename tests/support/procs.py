@@ -88,7 +88,7 @@ class Component:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
         log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": cluster.source_path(ROOT)}
         self.proc = subprocess.Popen(cluster.command(self.component, self.config_path),
                                      stdout=log, stderr=log, env=env, cwd=ROOT)
         log.close()
