@@ -37,6 +37,9 @@ MAX_DECISIONS = 100_000
 # rollout asks once per blob and credential; a node guessing passwords through the origin, so
 # that the registry sees the origin's address rather than its own, is cut off.
 MAX_ASKS_PER_NODE = 600
+# Refusals of one registry user's login (any node, any blob) per minute before that user's
+# logins are no longer tried: nodes enrolled under many names cannot guess one password faster.
+MAX_FAILED_LOGINS_PER_USER = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,7 @@ class Admissions:
         self._flights: SingleFlight[str, _Decision] = SingleFlight()
         self.checks = {"allowed": 0, "denied": 0, "cached": 0, "rate_limited": 0}
         self._asks = MinuteBudget()  # registry questions per node
+        self._failures = MinuteBudget()  # refused Basic logins per registry and user
 
     async def check(self, node: str, ns: str, repo: str, digest: Digest, credential: str | None) -> str:
         """The principal the registry accepted `credential` as, for pulling `digest` through `repo`
@@ -74,7 +78,13 @@ class Admissions:
             self.checks["cached"] += 1
         else:
             self._count_ask(node)
+            user = _login_of(ns, credential)
+            if user is not None and self._failures.used(user) >= MAX_FAILED_LOGINS_PER_USER:
+                self.checks["rate_limited"] += 1
+                raise errors.RateLimited("too many refused logins for this registry user in the last minute")
             decision = await self._flights.run(key, lambda: self._ask(upstream, repo, digest, credential))
+            if user is not None and not decision.allowed:
+                self._failures.add(user)
             self._decisions[key] = decision
             while len(self._decisions) > MAX_DECISIONS:
                 self._decisions.popitem(last=False)
@@ -83,7 +93,7 @@ class Admissions:
             raise errors.Denied("the registry does not let this puller's credential pull this blob")
         return decision.principal
 
-    def _count_ask(self, node: str) -> None:
+    def _count_ask(self, node: str) -> None:  # (nodes sign admissions: `node` is the one that asked)
         if not self._asks.take(node, MAX_ASKS_PER_NODE):
             self.checks["rate_limited"] += 1
             raise errors.RateLimited(f"more than {MAX_ASKS_PER_NODE} admission checks a minute from this node")
@@ -124,3 +134,14 @@ class Admissions:
         if refused:
             log.warning("node %s showed %d admission receipts that are not for its key", node, len(refused))
         return protocol.Grants(self.grant_ttl, grants, refused)
+
+
+def _login_of(ns: str, credential: str | None) -> str | None:
+    """"ns|user" for a Basic login (what a password guess is), else None."""
+    if credential is None:
+        return None
+    try:
+        login = presented.basic_credentials(credential)
+    except errors.Unauthorized:
+        return None
+    return f"{ns}|{login.username}" if login is not None else None

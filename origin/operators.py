@@ -49,6 +49,14 @@ RELOAD_EVERY = 1.0  # seconds between looks at the operators file
 # recently is free): anyone may present one, so without a bound the origin would guess passwords
 # at the registry for anyone, under its own address.
 MAX_LOGINS_PER_ADDRESS = 60
+# Refused logins of one user name per minute (from any address) before that name's logins are no
+# longer tried; and refusals of one caller (principal and address) audited per minute, the rest
+# only counted: an authenticated caller cannot fill the audit.
+MAX_FAILED_LOGINS_PER_USER = 30
+MAX_REFUSALS_AUDITED = 10
+# One answer for a login the registry refuses and for one it accepts but that holds no role, so
+# that the origin tells nobody whether a password is right.
+_NOT_ACCEPTED = "not an operator: the registry did not accept this login, or it holds no operator role"
 _NOT_OPERATOR = "this API is for operators (an operator token, or a registry login with a role)"
 
 
@@ -117,6 +125,8 @@ class Operators:
         self._verdicts: OrderedDict[str, _Verdict] = OrderedDict()
         self._flights: SingleFlight[str, _Verdict] = SingleFlight()
         self._logins = MinuteBudget()  # registry checks per client address
+        self._failures = MinuteBudget()  # refused logins per user name
+        self._refusals = MinuteBudget()  # audited refusals per principal and address
         self._challenges: tuple[bool, float] | None = None
         self.client: RegistryClient | None = None  # set when the origin starts (attach)
         self.recorder: Recorder | None = None
@@ -177,21 +187,25 @@ class Operators:
         fingerprint = hmac.new(self._key, header.encode(), hashlib.sha256).hexdigest()
         verdict = self._verdicts.get(fingerprint)
         if verdict is None or verdict.until <= time.monotonic():
-            if not self._logins.take(request.remote or "", MAX_LOGINS_PER_ADDRESS):
+            login = presented.basic_credentials(header)
+            user = login.username if login is not None else None
+            if not self._logins.take(request.remote or "", MAX_LOGINS_PER_ADDRESS) or (
+                    user is not None and self._failures.used(user) >= MAX_FAILED_LOGINS_PER_USER):
                 self.requests.labels("rate_limited").inc()
-                raise errors.RateLimited(f"more than {MAX_LOGINS_PER_ADDRESS} registry logins a minute from this "
-                                         "address")
+                raise errors.RateLimited("too many registry logins from this address, or refused for this user, in "
+                                         "the last minute")
             verdict = await self._flights.run(fingerprint, lambda: self._verify(fingerprint, header))
+            if user is not None and verdict.principal is None:
+                self._failures.add(user)
         if verdict.principal is None:
             self.requests.labels("unauthenticated").inc()
-            raise errors.Unauthorized("the registry did not accept this credential")
+            raise errors.Unauthorized(_NOT_ACCEPTED)
         roles = self.roles.get(verdict.principal)
         if not roles:
             self.requests.labels("denied").inc()
             await self._refusal(request, principal=verdict.principal, authz_method="operator-registry", role=role,
                                 error="no role")
-            raise errors.Denied(f"no role: {verdict.principal!r} is known to the registry but holds no operator "
-                                "role (operators.registry.roles)")
+            raise errors.Unauthorized(_NOT_ACCEPTED)
         return Operator(verdict.principal, frozenset(roles), "registry", credential=header)
 
     async def _verify(self, fingerprint: str, header: str) -> _Verdict:
@@ -285,10 +299,16 @@ class Operators:
 
     async def _refusal(self, request: web.Request, *, principal: str, authz_method: str, role: Role,
                        error: str) -> None:
-        """Audit a refused (authenticated) caller; the refusal stands even if it cannot be stored."""
+        """Audit a refused (authenticated) caller, at most MAX_REFUSALS_AUDITED a minute per caller
+        and address (the rest are counted); the refusal stands even if it cannot be stored."""
+        if not self._refusals.take(f"{principal}|{request.remote}", MAX_REFUSALS_AUDITED):
+            self.requests.labels("refusals_not_audited").inc()
+            return
+        resource = request.match_info.route.resource
+        path = resource.canonical if resource is not None else "?"  # the route, not what the caller wrote
         try:
             await self.record(request, principal=principal, authz_method=authz_method, action="refused", status=403,
-                              outcome="refused", detail={"role": role, "path": request.rel_url.path}, error=error)
+                              outcome="refused", detail={"role": role, "path": path}, error=error)
         except Exception as exc:  # (sqlite3 errors too)
             log.error("could not audit a refused operator request: %s", type(exc).__name__)
 

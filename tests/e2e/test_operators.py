@@ -33,6 +33,8 @@ from tests.support.tokenworld import USERS as WORLD_USERS
 MIB = 1 << 20
 REGISTRY_BYTES = "shoal_origin_registry_bytes_total"
 
+NOT_AN_OPERATOR = "not an operator: the registry did not accept this login, or it holds no operator role"
+
 
 def call(origin: Component, route: protocol.Route, authorization: str | None, body: Any = None,
          **params: str) -> tuple[int, dict[str, Any]]:
@@ -218,11 +220,12 @@ def test_registry_logins_with_htpasswd_and_the_cli(stack: Stack, registry: Regis
     origin = stack.start_origin(operators={"registry": {"upstream": host, "roles": {"alice": ["seed", "audit"]}},
                                            "cache_ttl": "2s"})
     image = f"{host}/team/small:v1"
-    # a wrong password, and a valid login without a role
+    # a wrong password, and a valid login without a role: the same answer (the origin tells
+    # nobody whether a password is right)
     status, doc = call(origin, protocol.AUDIT, basic("alice", "wrong"))
-    assert (status, error_of(doc)) == (401, ("UNAUTHORIZED", "the registry did not accept this credential"))
+    assert (status, error_of(doc)) == (401, ("UNAUTHORIZED", NOT_AN_OPERATOR))
     status, doc = call(origin, protocol.AUDIT, basic("node", USERS["node"]))
-    assert status == 403 and error_of(doc)[1].startswith("no role: 'node' is known to the registry")
+    assert (status, error_of(doc)) == (401, ("UNAUTHORIZED", NOT_AN_OPERATOR))
     assert call(origin, protocol.AUDIT, bearer("not-a-registry-token"))[0] == 401
 
     # the CLI: --user with the password, with --password-stdin, then an auth file
@@ -317,7 +320,7 @@ def test_registry_operators_seed_only_what_they_may_pull(tstack: Stack, world: T
 
     # carol may pull it, but holds no role
     status, doc = call(origin, protocol.PRESEED, basic("carol", TOKEN_USERS["carol"]), preseed_body(image))
-    assert status == 403 and error_of(doc)[1].startswith("no role: 'carol'")
+    assert (status, error_of(doc)) == (401, ("UNAUTHORIZED", NOT_AN_OPERATOR))
 
     # alice may: with her login (Basic), and with a token from the token server (Bearer)
     status, doc = call(origin, protocol.PRESEED, basic("alice", TOKEN_USERS["alice"]), preseed_body(image))

@@ -134,3 +134,22 @@ async def test_grants_name_their_blob_and_renew_only_on_the_nodes_own_receipts(
     stolen = admissions.renew("node-b", other.public_key, [protocol.Receipt(str(DIGEST), granted.receipt),
                                                            protocol.Receipt("sha256:nothex", granted.receipt)])
     assert stolen.grants == [] and stolen.refused == [str(DIGEST), "sha256:nothex"]
+
+
+async def test_a_users_refused_logins_stop_being_tried_whichever_nodes_ask(world: tuple[Admissions, FakeServer],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guesses at one user's password, spread over many nodes: after MAX_FAILED_LOGINS_PER_USER
+    refusals a minute that user's logins get 429 without a question to the registry; another
+    user's are tried as before."""
+    admissions, fake = world
+    monkeypatch.setattr(admission, "MAX_FAILED_LOGINS_PER_USER", 2)
+    fake.routes[("HEAD", PATH)] = Canned(401)
+    for n in range(2):
+        with pytest.raises(errors.Denied):
+            await admissions.check(f"node-{n}", fake.host, "private/app", DIGEST, Credentials("alice", f"g{n}").basic())
+    with pytest.raises(errors.RateLimited):
+        await admissions.check("node-9", fake.host, "private/app", DIGEST, Credentials("alice", "g9").basic())
+    assert len(heads(fake)) == 2
+    with pytest.raises(errors.Denied):
+        await admissions.check("node-9", fake.host, "private/app", DIGEST, Credentials("bob", "g").basic())
+    assert len(heads(fake)) == 3

@@ -133,10 +133,23 @@ async def test_registry_logins_are_checked_at_a_bounded_rate_per_address(
                 await r.read()
                 return int(r.status)
 
-            assert [await login("alice"), await login("mallory")] == [200, 403]  # no role for mallory
+            assert [await login("alice"), await login("mallory")] == [200, 401]  # no role for mallory
             logins = sum(1 for s in fake.seen if s.headers.get("Authorization", "").startswith("Basic "))
             assert await login("eve") == 429
             assert await login("alice") == 200  # checked a moment ago: no new question
             assert sum(1 for s in fake.seen if s.headers.get("Authorization", "").startswith("Basic ")) == logins
     finally:
         await asyncio.to_thread(fake.close)
+
+
+async def test_refusals_fill_the_audit_at_a_bounded_rate(tmp_path: Path, aiohttp_client: Callable[..., Any]) -> None:
+    """A caller refused again and again (here: the node token) is audited ten times a minute at
+    most, each with the route it asked for, never the path it wrote."""
+    client, _, recorded = await start(tmp_path, aiohttp_client)
+    for n in range(operators_module.MAX_REFUSALS_AUDITED + 5):
+        r = await client.post(protocol.PRESEED.path() + f"?junk={'x' * 500}{n}",
+                              headers={"Authorization": f"Bearer {NODE_TOKEN}"})
+        assert r.status == 403
+    assert len(recorded) == operators_module.MAX_REFUSALS_AUDITED
+    details = [e["detail"] if isinstance(e["detail"], dict) else json.loads(e["detail"]) for e in recorded]
+    assert {d["path"] for d in details} == {protocol.PRESEED.pattern}
