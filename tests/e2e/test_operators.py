@@ -260,8 +260,7 @@ def test_registry_logins_with_htpasswd_and_the_cli(stack: Stack, registry: Regis
         "(shoal_op_...; shoal-origin add-operator issues them)"]
     wrong = shoal_cli("audit", "--origin", origin.url, "--user", "alice:wrong")
     assert wrong.returncode == 1
-    assert wrong.stderr.strip() == ("shoal audit: the origin refused: HTTP 401: the registry did not accept this "
-                                    "credential")
+    assert wrong.stderr.strip() == f"shoal audit: the origin refused: HTTP 401: {NOT_AN_OPERATOR}"
     assert stack.tracker is not None
     assert_no_secrets([origin, stack.tracker], [USERS["alice"], basic("alice", USERS["alice"]).split()[1],
                                                  stack.operator_token])
