@@ -40,6 +40,10 @@ def parser() -> argparse.ArgumentParser:
                     help="pulls without credentials: relay the registry's challenge (default) or use the "
                          "node credentials (--username) for them")
     up.add_argument("--origin-cache", default="50GiB", help="origin cache budget")
+    up.add_argument("--operator", action="append", default=[], metavar="USER=ROLES",
+                    help="a registry user who may sign in as an operator with their registry login, and their "
+                         "roles, e.g. alice=seed,audit (repeatable; seed, audit, admin); the local admin token "
+                         "works without it")
     up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     up.set_defaults(func=cmd_up)
 

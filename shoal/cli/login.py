@@ -63,12 +63,14 @@ def authorization(args: argparse.Namespace, registry: str | None = None) -> str:
     env = os.environ.get(TOKEN_ENV)
     if env:
         return _operator_token(env, f"${TOKEN_ENV}")
-    for path in _default_authfiles():
+    searched = _default_authfiles()
+    for path in searched:
         if path.is_file():
             found = _from_authfile(path, host, required=False)
             if found:
                 return found
-    raise SystemExit(f"shoal: {NO_CREDENTIAL}")
+    raise SystemExit(f"shoal: {NO_CREDENTIAL} (no login for {host or 'the registry'} in "
+                     f"{', '.join(str(p) for p in searched)})")
 
 
 def _read(path: str, what: str) -> str:
@@ -116,6 +118,8 @@ def _default_authfiles() -> list[Path]:
         paths.append(Path(os.environ["REGISTRY_AUTH_FILE"]))
     if os.environ.get("XDG_RUNTIME_DIR"):
         paths.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    else:  # podman's own fallback without a runtime directory (root on a plain server: /run/containers/0)
+        paths.append(Path("/run/containers") / str(os.getuid()) / "auth.json")
     home = Path.home()
     paths += [home / ".config" / "containers" / "auth.json", home / ".docker" / "config.json"]
     return paths

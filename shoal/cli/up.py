@@ -41,17 +41,31 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
             raise SystemExit("shoal up: --username needs --password-file")
         upstream["username"] = args.username
         upstream["password"] = {"file": str(Path(args.password_file).resolve())}
+    operators: dict[str, list[str]] = {}
+    for spec in args.operator:
+        user, sep, roles = spec.partition("=")
+        listed = [r.strip() for r in roles.split(",") if r.strip()]
+        if not sep or not user or not listed or not set(listed) <= {"seed", "audit", "admin"}:
+            raise SystemExit(f"shoal up: --operator must be USER=ROLES with roles among seed, audit, admin, "
+                             f"got {spec!r}")
+        operators[user] = listed
+    # The agent gets the registry login only when it uses it for pulls without credentials: in
+    # challenge mode every pull is the puller's own (least privilege: the node holds no password).
+    agent_upstream = upstream if args.unauthenticated == "node" else {"name": name, "url": args.upstream}
     ip = args.torrent_ip
     cluster = Cluster(keys, [upstream], tracker_url=f"http://{args.tracker_listen}",
                       origin_url=f"http://{args.origin_listen}", log={"level": args.log_level, "format": "text"})
+    origin_extra: dict[str, Any] = {"operators": {"registry": {"upstream": name, "roles": operators}}} if operators \
+        else {}
     return {
         "tracker": cluster.tracker(listen=args.tracker_listen, data_dir=str(data / "tracker")),
         "origin": cluster.origin(listen=args.origin_listen, data_dir=data / "origin",
                                  torrent_listen=f"{ip}:{args.origin_torrent_port}",
-                                 cache={"max_bytes": args.origin_cache}),
+                                 cache={"max_bytes": args.origin_cache}, **origin_extra),
         "agent": cluster.agent(listen=args.listen, data_dir=data / "agent",
                                torrent_listen=f"{ip}:{args.agent_torrent_port}",
-                               auth={"unauthenticated": args.unauthenticated}, cache={"max_bytes": args.cache}),
+                               auth={"unauthenticated": args.unauthenticated}, cache={"max_bytes": args.cache},
+                               upstreams=[agent_upstream]),
     }
 
 
@@ -130,7 +144,9 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"--token-file {operator_token} {upstream['name']}/REPO:TAG\n"
               f"audit:     shoal audit --origin http://{args.origin_listen} --token-file {operator_token}\n"
               f"           (a local admin operator; add others: shoal-origin add-operator NAME --roles seed "
-              f"--operators {data / 'keys' / 'operators.json'})\n"
+              f"--operators {data / 'keys' / 'operators.json'}"
+              + (f", or sign in as {', '.join(args.operator)}: shoal seed --user USER ..." if args.operator else
+                 "; or let registry users sign in: --operator USER=ROLES") + ")\n"
               f"auth: pulls without credentials {anonymous}\n"
               "Ctrl-C stops all three.", flush=True)
         while not stopping:

@@ -140,6 +140,8 @@ def no_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for var in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", login.TOKEN_ENV):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
+    # (podman's fallback, /run/containers/<uid>/auth.json, may hold this machine's own login)
+    monkeypatch.setattr(login.os, "getuid", lambda: 4_000_000)
     return tmp_path
 
 
@@ -204,3 +206,15 @@ def test_cli_refuses_the_node_token_and_mixed_options(no_home: Path) -> None:
         login.authorization(args(password_stdin=True))
     with pytest.raises(SystemExit, match="no operator credential"):
         login.authorization(args())
+
+
+def test_podmans_own_default_is_searched_and_a_miss_says_where(no_home: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """As root without XDG_RUNTIME_DIR, `podman login` writes /run/containers/0/auth.json."""
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    searched = login._default_authfiles()
+    assert Path("/run/containers/4000000/auth.json") in searched
+    with pytest.raises(SystemExit) as exc:
+        login.authorization(args())
+    assert all(str(p) in str(exc.value.code) for p in searched)

@@ -1,0 +1,42 @@
+"""`shoal up`'s configurations: what each component gets from its flags, and what it does not."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from shoal.cli import parser, up
+from shoal_agent import config as agent_config
+from shoal_origin import config as origin_config
+
+
+def args(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    password = tmp_path / "pw"
+    password.write_text("secret")
+    return parser().parse_args(["up", "--upstream", "http://registry.test:5000", "--username", "shoal",
+                                      "--password-file", str(password), *extra])
+
+
+def test_the_agent_holds_the_registry_login_only_when_it_uses_it(tmp_path: Path) -> None:
+    challenge = up.up_configs(args(tmp_path), tmp_path / "d")
+    assert challenge["agent"]["upstreams"] == [{"name": "registry.test:5000", "url": "http://registry.test:5000"}]
+    assert challenge["origin"]["upstreams"][0]["username"] == "shoal"  # the seeder's
+    node = up.up_configs(args(tmp_path, "--unauthenticated", "node"), tmp_path / "d")
+    assert node["agent"]["upstreams"][0]["username"] == "shoal"
+    for configs in (challenge, node):  # and both load as their components read them
+        agent_config.load(configs["agent"])
+        origin_config.load(configs["origin"])
+
+
+def test_registry_users_become_operators_with_their_roles(tmp_path: Path) -> None:
+    configs = up.up_configs(args(tmp_path, "--operator", "alice=seed,audit", "--operator", "carol=admin"),
+                            tmp_path / "d")
+    operators = origin_config.load(configs["origin"]).operators
+    assert operators.registry is not None and operators.registry.upstream == "registry.test:5000"
+    assert {u: list(r) for u, r in operators.registry.roles.items()} == {"alice": ["seed", "audit"], "carol": ["admin"]}
+    assert operators.tokens.file  # the local admin token works as well
+    for bad in ("alice", "alice=", "=seed", "alice=root"):
+        with pytest.raises(SystemExit, match="--operator must be USER=ROLES"):
+            up.up_configs(args(tmp_path, "--operator", bad), tmp_path / "d")
