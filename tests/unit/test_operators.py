@@ -141,7 +141,7 @@ def no_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     # (podman's fallback, /run/containers/<uid>/auth.json, may hold this machine's own login)
-    monkeypatch.setattr(login.os, "getuid", lambda: 4_000_000)
+    monkeypatch.setattr("shoal.cli.login.os.getuid", lambda: 4_000_000)
     return tmp_path
 
 
