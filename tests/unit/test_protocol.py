@@ -96,6 +96,9 @@ def test_refusals_are_the_error_body_a_client_reads() -> None:
     (protocol.Grant, {"digest": "d", "token": "t", "receipt": "r"}, "certificate", 4096),
     (protocol.Grant, {"digest": "d", "token": "t", "certificate": "c"}, "receipt", 128),
     (protocol.Receipt, {"digest": "d"}, "receipt", 128),
+    (protocol.Receipt, {"receipt": "r"}, "digest", 71),
+    (protocol.Grant, {"token": "t", "certificate": "c", "receipt": "r"}, "digest", 71),
+    (protocol.AdmissionRequest, {"ns": "r", "repository": "a", "at": 1}, "node", 253),
     (protocol.JournalBatch, {"records": []}, "node", 253),
 ])
 def test_text_fields_up_to_their_bound(cls: Any, doc: dict[str, Any], field: str, limit: int) -> None:
@@ -395,3 +398,41 @@ def test_audit_times_do_not_depend_on_the_servers_zone(monkeypatch: pytest.Monke
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_signed_bodies_are_compact_json_and_read_back() -> None:
+    """What a node signs is exactly what it sends: compact JSON (protocol.AdmissionRequest.encode),
+    whose every field reads back; seeded_only is false unless said."""
+    request = protocol.AdmissionRequest("node-1", "registry.example:5000", "team/app", at=5)
+    assert request.encode() == (b'{"node":"node-1","ns":"registry.example:5000","repository":"team/app",'
+                                b'"seeded_only":false,"at":5}')
+    assert protocol.AdmissionRequest.from_json(json.loads(request.encode())) == request
+    plain = protocol.AdmissionRequest.from_json({"node": "n", "ns": "r", "repository": "a", "at": 1})
+    assert plain.seeded_only is False
+    grants = protocol.GrantsRequest("node-1", "pem é", [protocol.Receipt("sha256:ab", "r1")], at=7)
+    assert grants.encode() == ('{"node":"node-1","public_key":"pem é","renew":[{"digest":"sha256:ab","receipt":"r1"}],'
+                               '"at":7}').encode()
+    assert protocol.GrantsRequest.from_json(json.loads(grants.encode())) == grants
+    most = {"node": "n", "public_key": "k", "at": 1, "renew": [{"digest": "d", "receipt": "r"}] * protocol.MAX_RENEWALS}
+    assert len(protocol.GrantsRequest.from_json(most).renew) == protocol.MAX_RENEWALS
+    assert protocol.Grants.from_json({"ttl_seconds": 1, "grants": []}).refused == []
+
+
+def test_admission_fields_and_their_refusals_read_as_documented() -> None:
+    grant = {"digest": "d", "token": "t", "certificate": "c", "receipt": "r"}
+    doc = {"metainfo": "AAEC", "signature": "s" * 128, "source": "s" * 128, "grant": grant, "ttl_seconds": 1}
+    assert protocol.Admission.from_json(doc).metainfo == b"\x00\x01\x02"
+    for key, value, message in (("signature", "s" * 129, "signature must be a string of 1 to 128 characters"),
+                                ("source", "s" * 129, "source must be a string of 1 to 128 characters"),
+                                ("metainfo", "AA\nEC", "metainfo must be base64"),
+                                ("metainfo", "A" * ((4 << 20) + 4), f"metainfo must be a string of 1 to {4 << 20} "
+                                                                    "characters")):
+        with pytest.raises(errors.BadRequest) as exc:
+            protocol.Admission.from_json({**doc, key: value})
+        assert str(exc.value) == message, key
+    with pytest.raises(errors.BadRequest) as exc:
+        protocol.AdmissionRequest.from_json({"node": "n", "ns": "r", "repository": "a", "at": 1, "seeded_only": "yes"})
+    assert str(exc.value) == "seeded_only must be true or false"
+    with pytest.raises(errors.BadRequest) as exc:
+        protocol.Grants.from_json({"ttl_seconds": 1, "grants": {}})
+    assert str(exc.value) == "grants must be a list"

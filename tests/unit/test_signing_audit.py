@@ -522,3 +522,43 @@ def test_principal_confirmed_is_true_or_false() -> None:
     for wrong in ("yes", 1, 0, "true"):
         with pytest.raises(audit.RecordError, match="principal_confirmed must be true or false"):
             audit.validate({**START, "principal_confirmed": wrong})
+
+
+def test_node_request_refusals_say_what_was_refused() -> None:
+    """The origin's 403 names the kind of request whose signature failed (grants, admission,
+    journal batch), and a receipt's refusal says whether it was missing or wrong."""
+    key, pub = keypair()
+    body = b'{"node":"n"}'
+    for kind, what in (("grants", "the grants request"), ("admission", "the admission request"),
+                       ("journal", "the journal batch")):
+        signing.verify_request(pub, kind, body, signing.sign_request(key, kind, body))
+        with pytest.raises(signing.SignatureError) as exc:
+            signing.verify_request(pub, kind, body, None)
+        assert str(exc.value) == f"{what} is not signed"
+        other = "admission" if kind == "grants" else "grants"
+        with pytest.raises(signing.SignatureError) as exc:  # signed, but as another kind of request
+            signing.verify_request(pub, kind, body, signing.sign_request(key, other, body))
+        assert str(exc.value) == f"{what} signature does not verify"
+    node = keypair()[1]
+    with pytest.raises(signing.SignatureError) as exc:
+        signing.verify_receipt(pub, node, "sha256:" + "a" * 64, None)
+    assert str(exc.value) == "no admission receipt"
+    with pytest.raises(signing.SignatureError) as exc:
+        signing.verify_receipt(pub, node, "sha256:" + "a" * 64, signing.sign_receipt(key, keypair()[1], "x"))
+    assert str(exc.value) == "the admission receipt does not verify for this node and blob"
+
+
+def test_an_operator_event_is_a_start_and_an_end_record_of_the_origins() -> None:
+    start, end = audit.operator_records(principal="token:ci", method="POST", action="preseed", status=202,
+                                        outcome="accepted", detail={"images": ["r/a:v1"], "job": "j1"},
+                                        client_addr="10.0.0.9:4000", user_agent="shoal/0.1",
+                                        authz_method="operator-token")
+    assert start["event_id"] == end["event_id"] and start["ts"] == end["ts"]
+    assert start["phase"] == "start" and start["node"] == audit.OPERATOR_NODE and start["kind"] == audit.OPERATOR_KIND
+    assert start["principal_confirmed"] is True  # the origin authenticated it itself
+    assert start["detail"] == '{"images":["r/a:v1"],"job":"j1"}'  # compact, keys sorted: one spelling
+    assert end == {"phase": "end", "event_id": start["event_id"], "ts": start["ts"], "node": audit.OPERATOR_NODE,
+                   "outcome": "accepted", "duration_ms": 0}
+    b, _ = audit.operator_records(principal="p", method="GET", action="a", status=200, outcome="ok",
+                                  detail={"b": 1, "a": 2}, client_addr=None, user_agent=None, authz_method="m")
+    assert b["detail"] == '{"a":2,"b":1}'

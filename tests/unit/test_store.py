@@ -770,3 +770,32 @@ async def test_a_blobs_sources_are_kept_across_restarts_and_go_with_it(tmp_path:
     await put(reopened, data, d)  # cached again: it starts with no source
     assert await reopened.sources(d) == frozenset()
     await reopened.close()
+
+
+async def test_a_blobs_admission_receipt_is_kept_across_restarts_and_goes_with_it(tmp_path: Path) -> None:
+    """The receipt of this node's admission to a blob's swarm (agent/membership.py), kept beside
+    its metainfo so that a restart can have the grant renewed; none when none was given."""
+    store = BlobStore(tmp_path, max_bytes=1 << 20)
+    await store.open()
+    d, data = blob(1000, 8)
+    other, other_data = blob(900, 9)
+    await put(store, data, d)
+    await put(store, other_data, other)
+    await store.save_metainfo(d, b"metainfo", "signature", "receipt-1")
+    await store.save_metainfo(other, b"metainfo", "signature")  # an earlier version's: no receipt
+    assert await store.load_receipt(d) == "receipt-1"
+    assert await store.load_receipt(other) is None and not (tmp_path / "meta" / f"{other.hex}.receipt").exists()
+    assert await store.load_metainfo(d) == (b"metainfo", "signature")
+    assert not [p for p in (tmp_path / "meta").iterdir() if p.name.startswith(".")]  # no temporary file left
+    await store.close()
+    stray = tmp_path / "meta" / f"{'0' * 64}.receipt"  # of a blob not in the cache
+    stray.write_text("receipt-0")
+    reopened = BlobStore(tmp_path, max_bytes=1 << 20)
+    await reopened.open()
+    assert await reopened.load_receipt(d) == "receipt-1" and not stray.exists()
+    (tmp_path / "meta" / f"{other.hex}.receipt").write_text("  \n")
+    assert await reopened.load_receipt(other) is None  # empty: none
+    await reopened.remove(d, reason="test")
+    assert await reopened.load_receipt(d) is None
+    assert not any(p.name.startswith(d.hex) for p in (tmp_path / "meta").iterdir())
+    await reopened.close()
