@@ -159,7 +159,9 @@ def test_swarm_token_wire_format(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(sig) == 86 and "=" not in token  # 64 bytes, no padding
     assert signing.verify_token(pub, token) == signing.SwarmToken("node-7", 1795755660, "*")
     # the encoding round-trips any bytes (b"\x00\x00\x17" encodes as "AAAX": nothing but "=" is stripped)
-    for data in (b"", b"\x00", b"\xff\xfe", b"\x00\x00\x17", bytes(range(64))):
+    # (and every length's padding: 4 to 23 bytes)
+    for data in (b"", b"\x00", b"\xff\xfe", b"\x00\x00\x17", bytes(range(64)),
+                 *(bytes(range(n)) for n in range(4, 24))):
         assert "=" not in signing._b64(data)
         assert signing._unb64(signing._b64(data)) == data
 

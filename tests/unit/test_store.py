@@ -795,6 +795,8 @@ async def test_a_blobs_admission_receipt_is_kept_across_restarts_and_goes_with_i
     assert await reopened.load_receipt(d) == "receipt-1" and not stray.exists()
     (tmp_path / "meta" / f"{other.hex}.receipt").write_text("  \n")
     assert await reopened.load_receipt(other) is None  # empty: none
+    await reopened.save_metainfo(other, b"metainfo", "signature", "")
+    assert await reopened.load_receipt(other) is None
     await reopened.remove(d, reason="test")
     assert await reopened.load_receipt(d) is None
     assert not any(p.name.startswith(d.hex) for p in (tmp_path / "meta").iterdir())
