@@ -170,6 +170,10 @@ def test_admission_against_htpasswd(stack: Stack, registry: Registry, images: Im
     api.grants(stack.origin.url, stack.node_token, "probe", key)
     for credential in (None, basic("node", "not-the-password"), basic("mallory", "x"), "Bearer not-a-token"):
         assert refused(stack, blob.digest, "probe", key, credential, "private/admission") == 403, credential
+    # a valid login, in the name of node "probe" but signed by another key (another enrolled node
+    # spending probe's budget, or a copy of its public key): refused before the registry is asked
+    assert refused(stack, blob.digest, "probe", peercerts.NodeKey.generate(), basic("node", USERS["node"]),
+                   "private/admission") == 403
     assert not [p for p in registry.settle()[before:] if p.digest == blob.digest and p.method == "GET"]
     admission, _ = stack.admit(blob.digest, node="probe", key=key, credential=basic("node", USERS["node"]),
                                repository="private/admission")
