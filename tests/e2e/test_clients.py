@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tests.e2e.conftest import Images
-from tests.support.clients import Containerd, Podman, skopeo_copy, verify_dir
+from tests.support.clients import Containerd, Podman, run, skopeo_copy, verify_dir
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 
@@ -66,3 +66,26 @@ def test_skopeo_copies_through_the_agent(stack: Stack, images: Images, workdir: 
     skopeo_copy(f"{agent.config['listen']}/private/multi:v1", dest)
     assert verify_dir(dest, image) == len(image.blobs)
     assert (dest / "manifest.json").read_bytes() == image.manifests[image.digest]
+
+
+def test_skopeo_takes_the_mirror_from_registries_conf_only_as_a_flag(stack: Stack, registry: Registry,
+                                                                     images: Images, workdir: Path) -> None:
+    """skopeo 1.9 reads the mirror from `--registries-conf FILE` (a global flag it does not list
+    in --help), not from $CONTAINERS_REGISTRIES_CONF as podman does: with the variable alone it
+    pulls from the registry and the agent sees nothing (README: "Pointing clients at an agent")."""
+    image = images.app()
+    stack.start(agents=1)
+    agent = stack.agents[0]
+    conf = workdir / "registries.conf"
+    conf.write_text(f'[[registry]]\nlocation = "{registry.host}"\ninsecure = true\n\n'
+                    f'[[registry.mirror]]\nlocation = "{agent.config["listen"]}"\ninsecure = true\n')
+    ref = f"docker://{registry.host}/private/app:v1"
+    creds = f"{stack.node_user}:{stack.node_password.read_text()}"
+    run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", "--src-creds", creds, ref, f"dir:{workdir / 'env'}"],
+        env={"CONTAINERS_REGISTRIES_CONF": str(conf)})
+    assert verify_dir(workdir / "env", image) == len(image.blobs)
+    assert agent.metric("shoal_agent_requests_total", kind="blobs", method="GET", status="200") == 0
+    run(["skopeo", "--registries-conf", str(conf), "copy", "--quiet", "--src-creds", creds, ref,
+         f"dir:{workdir / 'flag'}"])
+    assert verify_dir(workdir / "flag", image) == len(image.blobs)
+    assert agent.metric("shoal_agent_requests_total", kind="blobs", method="GET", status="200") == len(image.blobs)
