@@ -91,8 +91,9 @@ class _TokenFile:
         except (OSError, operator_tokens.TokenFileError) as exc:
             # fail closed: a removed operator must not stay valid because the file broke
             self._by_hash, self._stamp = {}, None
-            log.error("operators file %s is unusable, no operator token is accepted until it is fixed: %s",
-                      self.path, exc.strerror if isinstance(exc, OSError) else exc)
+            # (TokenFileError texts name fields, operator names and roles, never a token or its hash)
+            reason = exc.strerror if isinstance(exc, OSError) else exc
+            log.error("operators file %s unusable, no token accepted until fixed: %s", self.path, reason)  # log-safe
 
     async def find(self, token: str) -> operator_tokens.StaticOperator | None:
         now = time.monotonic()
@@ -134,8 +135,8 @@ class Operators:
                                 "Operator requests by how they were authenticated or refused", ["result"],
                                 registry=registry)
         if self.tokens is None and self.upstream is None:
-            log.warning("no operators are configured (operators.tokens.file, operators.registry): pre-seeding "
-                        "and audit queries are refused to everyone")
+            log.warning("no operators configured (operators.tokens.file, operators.registry): "  # log-safe
+                        "pre-seeding and audit queries are refused to everyone")
 
     def attach(self, client: RegistryClient | None, recorder: Recorder) -> None:
         """The registry that checks operator logins (a client without credentials of its own)
