@@ -14,8 +14,6 @@ node identity reaches what that node's pullers could.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import secrets
 import time
@@ -26,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from shoal import errors, peercerts, presented, protocol, signing
 from shoal.flights import SingleFlight
+from shoal.logs import fingerprint
 from shoal.oci import Digest
 from shoal_origin.budget import MinuteBudget
 from shoal_origin.seeder import Upstream
@@ -71,8 +70,7 @@ class Admissions:
         if upstream is None:
             raise errors.NotFound(errors.NAME_UNKNOWN, f"no upstream registry named {ns!r}")
         credential = presented.check(credential, "puller credential")
-        fingerprint = hmac.new(self._fingerprint_key, (credential or "").encode(), hashlib.sha256).hexdigest()
-        key = f"{fingerprint}|{ns}|{repo}|{digest.hex}"
+        key = f"{fingerprint(credential or '', self._fingerprint_key)}|{ns}|{repo}|{digest.hex}"
         decision = self._decisions.get(key)
         if decision is not None and time.monotonic() - decision.at < self.ttl:
             self.checks["cached"] += 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import hashlib
 import hmac
 import logging
 import os
@@ -31,7 +30,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
-from shoal import audit, errors, operator_tokens, presented
+from shoal import audit, errors, logs, operator_tokens, presented
 from shoal.errors import ConfigError
 from shoal.flights import SingleFlight
 from shoal.oci import ImageReference
@@ -185,7 +184,7 @@ class Operators:
         return Operator(f"token:{found.name}", frozenset(found.roles), "token", found.repositories)
 
     async def _from_registry(self, request: web.Request, header: str, role: Role) -> Operator:
-        fingerprint = hmac.new(self._key, header.encode(), hashlib.sha256).hexdigest()
+        fingerprint = logs.fingerprint(header, self._key)
         verdict = self._verdicts.get(fingerprint)
         if verdict is None or verdict.until <= time.monotonic():
             login = presented.basic_credentials(header)
