@@ -146,6 +146,12 @@ class AgentConfig:
         if self.max_connections < 1:
             raise ConfigError("max_connections: must be at least 1")
         check_upstream_names(self.upstreams, "upstreams")
+        if self.containerd.config_path is not None:
+            for i, upstream in enumerate(self.upstreams):
+                # each name is a directory under config_path
+                if upstream.name.strip(".") == "":
+                    raise ConfigError(f"upstreams[{i}].name: {upstream.name!r} cannot name a directory of "
+                                      "containerd.config_path")
         if self.origin is not None:
             if self.node_token.file is None and self.node_token.env is None:
                 raise ConfigError("node_token: give file or env (required with origin)")

@@ -77,7 +77,7 @@ def test_a_file_the_operator_writes_while_the_agent_runs_becomes_the_original(tm
     apply(plan(tmp_path), REGISTRY, State.MIRROR)
     hosts(tmp_path).write_text(OPERATORS)  # e.g. a configuration tool rewrote it
     apply(plan(tmp_path), REGISTRY, State.MIRROR)
-    assert list(tomllib.loads(hosts(tmp_path).read_text())["host"])[0] == AGENT
+    assert next(iter(tomllib.loads(hosts(tmp_path).read_text())["host"])) == AGENT
     assert (hosts(tmp_path).parent / BACKUP).read_text() == OPERATORS
     apply(plan(tmp_path), REGISTRY, State.REMOVED)
     assert hosts(tmp_path).read_text() == OPERATORS
@@ -119,3 +119,22 @@ def test_default_directory_has_no_server_and_goes_away_when_not_ready(tmp_path: 
 def test_plan_round_trips_through_json(tmp_path: Path) -> None:
     p = plan(tmp_path, REGISTRY, Registry(DEFAULT_DIR, None))
     assert Plan.from_json(p.to_json()) == p
+
+
+def test_the_watchdogs_job_follows_the_agents_configuration() -> None:
+    from shoal_agent import config as agent_config
+    from shoal_agent.configurator import job_for, local_url
+
+    assert local_url("0.0.0.0:5050") == "http://127.0.0.1:5050"
+    assert local_url("[::]:5050") == "http://[::1]:5050"
+    assert local_url("127.0.0.3:80") == "http://127.0.0.3:80"
+    doc = {"data_dir": "/tmp/x", "listen": "0.0.0.0:5050",
+           "upstreams": [{"name": "registry.example.com:5000", "url": "https://registry.example.com:5000"}],
+           "containerd": {"config_path": "/etc/containerd/certs.d", "default_host": True, "dial_timeout": "200ms"}}
+    job = job_for(agent_config.load(doc))
+    assert job.health == "http://127.0.0.1:5050/readyz"
+    assert job.plan.mirror == "http://127.0.0.1:5050"
+    assert job.plan.registries == (REGISTRY, Registry(DEFAULT_DIR, None))
+    assert job.plan.dial_timeout == 0.2
+    doc["containerd"] = {"config_path": "/c", "mirror": "http://node-a.local:5050"}
+    assert job_for(agent_config.load(doc)).plan.mirror == "http://node-a.local:5050"
