@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import sys
 
+from shoal import protocol
 from shoal.config import split_hostport
 from shoal_agent.config import AgentConfig
 from shoal_agent.hostsconf import DEFAULT_DIR, Plan, Registry
@@ -37,7 +38,7 @@ def job_for(config: AgentConfig) -> Job:
     url = local_url(config.listen)
     plan = Plan(config_path=settings.config_path, mirror=settings.mirror or url,
                 dial_timeout=settings.dial_timeout, registries=tuple(registries))
-    return Job(plan=plan, health=f"{url}/readyz", interval=settings.check_interval, failures=FAILURES,
+    return Job(plan=plan, health=protocol.READYZ.url(url), interval=settings.check_interval, failures=FAILURES,
                log_level=config.log.level, log_format=config.log.format)
 
 
