@@ -22,7 +22,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "shoal-metrics-proxy"
     timeout = TIMEOUT  # a client that sends nothing does not hold a thread
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         if self.path.split("?", 1)[0] != "/metrics":
             self.send_error(404)
             return
@@ -42,7 +42,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's name)
+    def log_message(self, format: str, *args: object) -> None:
         pass  # one line per scrape is noise; failures show as 502 in Prometheus
 
 
@@ -54,10 +54,7 @@ def main(argv: list[str]) -> int:
     Handler.target = argv[1].rstrip("/")
     server = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
     server.daemon_threads = True
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    server.serve_forever()  # until SIGTERM (the kubelet's stop)
     return 0
 
 
