@@ -282,6 +282,15 @@ def test_agent_pod_runs_as_the_brief_says(rendered: dict[str, list[Doc]]) -> Non
                                     "/host/certs.d/docker.io", "/host/certs.d/_default"]
 
 
+def test_agents_can_be_held_back_during_an_upgrade(tmp_path: Path) -> None:
+    """README's two-step upgrade: OnDelete first (the origin and the tracker roll alone)."""
+    (ds,) = template(None, tmp_path, "--show-only", "templates/agent-daemonset.yaml",
+                     "--set", "agent.updateStrategy.type=OnDelete")
+    assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(ds, version, strict=True)
+
+
 def test_agent_daemonset_renders_alone(tmp_path: Path) -> None:
     """The rendered agent pod is what `podman kube play` runs (the lead's check)."""
     docs = template(None, tmp_path, "--show-only", "templates/agent-daemonset.yaml",
