@@ -92,7 +92,9 @@ def test_every_object_validates_against_kubernetes_schemas(rendered: dict[str, l
 
 def test_monitoring_objects_have_the_crd_structure(rendered: dict[str, list[Doc]]) -> None:
     """The prometheus-operator CRDs' schemas are not available offline here (no package on PyPI
-    or Debian ships them): the fields the operator requires and the ones the chart sets, by hand."""
+    or Debian ships them): the fields the operator requires and the ones the chart sets, by hand.
+    (Checked once by hand against prometheus-operator 0.93.0's CRD schemas, with unknown fields
+    refused: all four objects valid.)"""
     docs = rendered["full"]
     for sm in (d for d in docs if d["kind"] == "ServiceMonitor"):
         assert sm["apiVersion"] == "monitoring.coreos.com/v1"
