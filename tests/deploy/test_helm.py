@@ -467,3 +467,26 @@ def test_config_error_names_the_key_for_a_bad_override(rendered: dict[str, list[
     doc["not_a_key"] = 1
     with pytest.raises(ConfigError, match="not_a_key: unknown key"):
         tracker_config.load(doc)
+
+
+@pytest.mark.parametrize("values", [
+    {"agent": {"containerd": {"enabled": False}}},
+    {"agent": {"metrics": {"enabled": False}}, "metrics": {"serviceMonitor": {"enabled": True}}},
+    {"agent": {"containerd": {"enabled": False}, "cache": {"type": "ephemeral"}}},
+], ids=["no-containerd", "no-agent-metrics", "no-host-dirs"])
+def test_optional_agent_parts_switch_off_cleanly(values: Doc, tmp_path: Path) -> None:
+    docs = template(values, tmp_path)
+    for doc in docs:
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSIONS[-1], strict=True)
+    pod = find(docs, "DaemonSet")["spec"]["template"]["spec"]
+    volumes = {v["name"] for v in pod["volumes"]}
+    agent = config(docs, "agent")
+    if not values["agent"].get("containerd", {}).get("enabled", True):
+        assert "certs-d" not in volumes and "containerd" not in agent
+    if values["agent"].get("cache", {}).get("type") == "ephemeral":
+        assert "initContainers" not in pod  # no host directory to prepare: no root step at all
+    if values["agent"].get("metrics", {}).get("enabled") is False:
+        assert [c["name"] for c in pod["containers"]] == ["agent"]
+        assert {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceMonitor"} == {name("tracker"),
+                                                                                          name("origin")}
