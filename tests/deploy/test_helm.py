@@ -490,3 +490,23 @@ def test_optional_agent_parts_switch_off_cleanly(values: Doc, tmp_path: Path) ->
         assert [c["name"] for c in pod["containers"]] == ["agent"]
         assert {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceMonitor"} == {name("tracker"),
                                                                                           name("origin")}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root (CI runs as root)")
+def test_init_step_prepares_the_host_directories(rendered: dict[str, list[Doc]], tmp_path: Path) -> None:
+    """The rendered init container's own program, on directories like the node's: containerd's
+    certs.d exists (root's, with another registry's directory in it), the registry's directory
+    and the cache do not yet."""
+    (init,) = find(rendered["default"], "DaemonSet")["spec"]["template"]["spec"]["initContainers"]
+    assert init["command"][:2] == ["python3", "-c"]
+    certs = tmp_path / "certs.d"
+    (certs / "other.example").mkdir(parents=True)
+    dirs = [certs / "registry.example.com", tmp_path / "var" / "lib" / "shoal" / "agent"]
+    subprocess.run([shutil.which("python3") or "python3", "-c", init["command"][2], *map(str, dirs)], check=True,
+                   timeout=60)
+    for d in dirs:
+        assert (d.stat().st_uid, d.stat().st_gid, d.stat().st_mode & 0o7777) == (65532, 65532, 0o755), d
+    assert certs.stat().st_uid == 0 and (certs / "other.example").stat().st_uid == 0  # nothing else changes
+    # a second start finds them in place
+    subprocess.run([shutil.which("python3") or "python3", "-c", init["command"][2], *map(str, dirs)], check=True,
+                   timeout=60)
