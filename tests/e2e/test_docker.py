@@ -173,3 +173,30 @@ def test_docker_gives_a_mirror_only_docker_hub_credentials(stack: Stack, registr
     assert served_blobs(agent) == len(image.blobs)
     events = journal(stack, agent, len(image.blobs))
     assert {e["principal"] for e in events if e["digest"] in image.blobs and e["status"] == 200} == {"alice"}
+
+
+def test_docker_login_to_the_agent_address_passes_through(stack: Stack, registry: Registry, images: Images,
+                                                          docker: Dockerd) -> None:
+    """With the image named by the agent's address, `docker login <agent address>` gives docker
+    credentials for that address: an agent in pass-through mode relays the registry's challenge
+    and forwards them, so a private registry needs no node credentials. Wrong ones are refused."""
+    image = images.app()
+    stack.start_tracker()
+    stack.start_origin()
+    agent = stack.start_agent(upstreams=[{"name": registry.host, "url": registry.url}],
+                              auth={"unauthenticated": "challenge"})
+    address = str(agent.config["listen"])
+    docker.reconfigure({"insecure-registries": [address]})
+    ref = f"{address}/private/app:v1"
+    refused = docker.docker("pull", ref, check=False, timeout=60)
+    assert refused.returncode != 0 and "no basic auth credentials" in refused.stderr
+    bad = docker.docker("login", "--username", "alice", "--password-stdin", address, stdin="wrong",
+                        check=False, timeout=60)
+    assert bad.returncode != 0 and "401" in bad.stderr
+    assert served_blobs(agent) == 0
+    docker.login(address, "alice", USERS["alice"])
+    docker.docker("pull", ref)
+    docker.verify_image(ref, image)
+    assert served_blobs(agent) == len(image.blobs)
+    events = journal(stack, agent, len(image.blobs))
+    assert {e["principal"] for e in events if e["digest"] in image.blobs and e["status"] == 200} == {"alice"}
