@@ -43,7 +43,7 @@ class Dockerd:
     def start(self, config: dict[str, Any] | None = None) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.client_config.mkdir(exist_ok=True)
-        self.daemon_json.write_text(json.dumps(config or {}))
+        self._write_config(config or {})
         log = open(self.log_path, "ab")  # noqa: SIM115 (child keeps it)
         env = {**os.environ, "HTTPS_PROXY": self.refused, "HTTP_PROXY": self.refused, "NO_PROXY": ""}
         self.proc = subprocess.Popen(
@@ -68,7 +68,7 @@ class Dockerd:
         a reload keeps the old value of a key the file leaves out."""
         assert self.proc is not None
         config = {"registry-mirrors": [], "insecure-registries": [], **config}
-        self.daemon_json.write_text(json.dumps(config))
+        self._write_config(config)
         self.proc.send_signal(signal.SIGHUP)
         mirrors = [m.rstrip("/") + "/" for m in config["registry-mirrors"]]
         deadline = time.monotonic() + 30
@@ -78,6 +78,11 @@ class Dockerd:
                 return
             time.sleep(0.1)
         raise TimeoutError(f"dockerd did not reload its registry settings: {self.registry_config()}")
+
+    def _write_config(self, config: dict[str, Any]) -> None:
+        # dockerd 20.10 writes a (deprecated) trust key to /etc/docker/key.json unless told
+        # where; it has no flag for that, only this key
+        self.daemon_json.write_text(json.dumps({"deprecated-key-path": str(self.workdir / "key.json"), **config}))
 
     def registry_config(self) -> dict[str, Any]:
         out = self.docker("info", "--format", "{{json .RegistryConfig}}").stdout
