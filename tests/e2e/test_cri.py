@@ -131,7 +131,8 @@ def test_kubelet_credentials_bound_to_the_registry_skip_the_agent(stack: Stack, 
     """containerd gives the CRI request's credentials only to the host named in
     AuthConfig.server_address when it is set (ParseAuth): the agent's challenge goes unanswered,
     containerd tries the next host, and the pull comes straight from the registry. Kubelet's
-    keyring leaves server_address empty; a client that sets it bypasses the agent."""
+    keyring leaves server_address empty (credentialprovider's BasicDockerKeyring.Add copies a pull
+    secret's username, password and email only); a client that sets it bypasses the agent."""
     ctd, service = cri
     image = images.app()
     agent = passthrough_agent(stack)

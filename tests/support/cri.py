@@ -97,7 +97,9 @@ def _strings(fields: dict[int, list[bytes | int]], number: int) -> list[str]:
 @dataclass(frozen=True)
 class Auth:
     """AuthConfig as kubelet fills it from a pull secret: username and password, and
-    `server_address` left empty unless the test sets it (kubelet's keyring leaves it empty)."""
+    `server_address` left empty unless the test sets it (kubelet's keyring leaves it empty:
+    containerd then answers any host's challenge with these credentials, see ParseAuth in
+    containerd's pkg/cri/server/image_pull.go)."""
 
     username: str = ""
     password: str = ""
