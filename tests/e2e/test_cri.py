@@ -3,6 +3,7 @@ pass-through mode with the pull secret's credentials in the CRI request, as kube
 
 from __future__ import annotations
 
+import signal
 import statistics
 import tempfile
 import time
@@ -13,11 +14,12 @@ import grpc
 import pytest
 
 from tests.e2e.conftest import USERS, Images
+from tests.e2e.test_hosts_toml import WAIT, registry_alone, through
 from tests.support import api
 from tests.support.clients import Containerd
 from tests.support.cri import Auth, ImageService
-from tests.support.procs import Component
-from tests.support.registry import Registry
+from tests.support.procs import Component, wait_for
+from tests.support.registry import Registry, pulls_since
 from tests.support.stack import Stack
 
 K8S = "k8s.io"  # the containerd namespace the CRI plugin keeps its images in
@@ -175,3 +177,33 @@ def test_cri_pull_time_through_the_agent_and_straight(stack: Stack, registry: Re
     size = image.total_blob_bytes / (1 << 20)
     print("\n" + "\n".join(f"CRI pull of {size:.0f} MiB, {name}: median {statistics.median(t):.2f}s "
                             f"({', '.join(f'{x:.2f}' for x in t)})" for name, t in times.items()))
+
+
+def test_kubelet_pulls_through_the_hosts_toml_the_agent_keeps(stack: Stack, registry: Registry, images: Images,
+                                                              cri: tuple[Containerd, ImageService]) -> None:
+    """The CRI plugin's config_path is the directory the agent manages (containerd.config_path):
+    kubelet's pulls go through the agent while it is ready, and straight to the registry, without
+    waiting, once it hangs (the watchdog reduces the file)."""
+    ctd, service = cri
+    image = images.app()
+    stack.start_tracker()
+    stack.start_origin()
+    agent = stack.start_agent(upstreams=[{"name": registry.host, "url": registry.url}],
+                              auth={"unauthenticated": "challenge"},
+                              containerd={"config_path": str(ctd.certs_dir), "check_interval": "200ms"})
+    wait_for(lambda: through(agent, ctd.certs_dir, registry), timeout=WAIT, what="hosts.toml through the agent")
+    ref = f"{registry.host}/private/app:v1"
+    service.pull(ref, Auth("alice", USERS["alice"]))
+    ctd.verify_content([image.digest, *image.blobs], namespace=K8S)
+    assert agent.metric("shoal_agent_requests_total", kind="blobs", method="GET", status="200") == len(image.blobs)
+    forget(ctd)
+    agent.signal(signal.SIGSTOP)
+    wait_for(lambda: registry_alone(ctd.certs_dir, registry), timeout=WAIT, what="hosts.toml reduced")
+    before = registry.settle()
+    started = time.monotonic()
+    service.pull(ref, Auth("alice", USERS["alice"]))
+    took = time.monotonic() - started
+    ctd.verify_content([image.digest, *image.blobs], namespace=K8S)
+    assert registry.blob_gets(list(pulls_since(before, registry.settle()))) == dict.fromkeys(image.blobs, 1)
+    assert took < 10, took
+    print(f"\nCRI pull with the agent hung (hosts.toml reduced): {took:.2f}s")
