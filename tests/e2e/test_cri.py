@@ -179,11 +179,12 @@ def test_cri_pull_time_through_the_agent_and_straight(stack: Stack, registry: Re
                             f"({', '.join(f'{x:.2f}' for x in t)})" for name, t in times.items()))
 
 
-def test_kubelet_pulls_through_the_hosts_toml_the_agent_keeps(stack: Stack, registry: Registry, images: Images,
-                                                              cri: tuple[Containerd, ImageService]) -> None:
+def test_kubelet_pulls_through_the_hosts_toml_the_agent_keeps(cri: tuple[Containerd, ImageService], stack: Stack,
+                                                              registry: Registry, images: Images) -> None:
     """The CRI plugin's config_path is the directory the agent manages (containerd.config_path):
     kubelet's pulls go through the agent while it is ready, and straight to the registry, without
-    waiting, once it hangs (the watchdog reduces the file)."""
+    waiting, once it hangs (the watchdog reduces the file). (`cri` comes first so that it is torn
+    down last: the stopping agent's watchdog writes into its certs.d.)"""
     ctd, service = cri
     image = images.app()
     stack.start_tracker()
