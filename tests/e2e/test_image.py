@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
+import sys
 import tomllib
 import uuid
 from collections.abc import Iterator
@@ -62,8 +63,9 @@ def image() -> Iterator[str]:
         return
     tag = "localhost/shoal-e2e:test"
     existed = podman("image", "exists", tag, check=False).returncode == 0
+    # PYTHON: this interpreter has pip (Debian's python3 may not)
     result = subprocess.run([str(ROOT / "bin" / "image"), tag], capture_output=True, text=True,
-                            timeout=BUILD_TIMEOUT, cwd=ROOT)
+                            timeout=BUILD_TIMEOUT, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, f"bin/image failed: {result.stderr.strip()[-3000:]}"
     yield tag
     if not existed:
