@@ -91,11 +91,11 @@ class Contained:
         return f"http://{self.config['listen']}"
 
     def start(self) -> Contained:
+        self.started = True  # from here on close() removes the container, even if `run` fails half-way
         podman("run", "--detach", "--name", self.container, "--network", "host",
                "--read-only", "--read-only-tmpfs=false", "--cap-drop", "all", "--security-opt", "no-new-privileges",
                *ulimits(), "--volume", f"{self.etc}:{ETC}:ro", "--volume", f"{self.data}:{DATA}:rw",
                self.image, f"shoal-{self.component}", "--config", str(self.config_path))
-        self.started = True
         wait_for(self._ready_or_exited, timeout=60, what=f"{self.container} ready")
         assert self.running(), f"{self.container} exited before it was ready:\n{self.logs()[-3000:]}"
         return self
@@ -212,6 +212,7 @@ def test_image_runs_tracker_origin_and_agent_read_only_as_non_root(
         assert agent.metric("shoal_agent_downloads_total", source="peers", result="ok") >= len(large)
         assert agent.metric("shoal_agent_swarm_download_bytes_total", peer="seeder") >= sum(b.size for b in large)
         # the cache lives in the data directory, on the host's side of the volume
+        print(f"agent RSS after the pull: {int(proc_status(agent.pid())['VmRSS'].split()[0]) / 1024:.1f} MiB")
         cached = {p.name for p in (tmp_path / "agent").rglob("*") if p.is_file()}
         assert {b.hex for b in large} <= cached
     except BaseException:
