@@ -274,7 +274,7 @@ def test_agent_pod_runs_as_the_brief_says(rendered: dict[str, list[Doc]]) -> Non
         if label == "default":
             assert volumes["cache"]["hostPath"] == {"path": "/var/lib/shoal/agent", "type": "DirectoryOrCreate"}
             (init,) = pod["initContainers"]
-            assert init["args"] == ["/host/certs.d/registry.example.com", "/var/lib/shoal/agent"]
+            assert init["args"] == ["/host/certs.d/registry.example.com", "/host/cache"]
         else:
             assert volumes["cache"]["ephemeral"]["volumeClaimTemplate"]["spec"]["storageClassName"] == "local-path"
             (init,) = pod["initContainers"]

@@ -3,6 +3,7 @@ containerd, podman, skopeo and docker as clients."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import podman
 from tests.support.clients import Containerd
 from tests.support.images import Image, build_image, push
 from tests.support.registry import Registry
@@ -116,3 +118,17 @@ def workdir(tmp_path: Path) -> Path:
 
 
 ImageFactory = Callable[..., Image]
+
+
+@pytest.fixture(scope="session")
+def shoal_image() -> Iterator[str]:
+    """The container image (bin/image), built once per run and removed at the end if this run
+    built it; SHOAL_TEST_IMAGE=TAG uses an image built beforehand (and keeps it). Slow tests only
+    (about a minute to build)."""
+    if tag := os.environ.get("SHOAL_TEST_IMAGE"):
+        yield tag
+        return
+    existed = podman.build_image(podman.TEST_TAG)
+    yield podman.TEST_TAG
+    if not existed:
+        podman.podman("rmi", "--force", podman.TEST_TAG, check=False)

@@ -11,12 +11,9 @@ SHOAL_PODMAN_FLAGS (as for bin/image) selects podman's storage.
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
-import sys
 import tomllib
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ from shoal import protocol
 from shoal.cluster import Cluster, make_keys
 from tests.e2e.conftest import USERS, Images
 from tests.support.clients import Containerd
+from tests.support.podman import podman, ulimits
 from tests.support.procs import ROOT, Sample, free_port, http_get, metric_sum, parse_metrics, wait_for
 from tests.support.registry import Registry
 
@@ -34,42 +32,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 UID = 65532  # the image's user (bin/image)
 ETC, DATA = Path("/etc/shoal"), Path("/var/lib/shoal")  # where the containers see config and data
-BUILD_TIMEOUT = 900
-
-
-def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    cmd = ["podman", *os.environ.get("SHOAL_PODMAN_FLAGS", "").split(), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
-    return result
-
-
-def ulimits() -> list[str]:
-    """podman (as root) raises a container's open-files and processes limits to the kernel's
-    maximum, which a host without CAP_SYS_RESOURCE (this CI runs in a container) refuses: "error
-    setting rlimit ... operation not permitted". Ask for what the test itself has instead
-    (processes at most kernel.pid_max, the highest value such a host accepted)."""
-    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    nproc = min(resource.getrlimit(resource.RLIMIT_NPROC)[1],
-                int(Path("/proc/sys/kernel/pid_max").read_text()))
-    return ["--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", f"nproc={nproc}:{nproc}"]
-
-
-@pytest.fixture(scope="module")
-def image() -> Iterator[str]:
-    if tag := os.environ.get("SHOAL_TEST_IMAGE"):
-        yield tag
-        return
-    tag = "localhost/shoal-e2e:test"
-    existed = podman("image", "exists", tag, check=False).returncode == 0
-    # PYTHON: this interpreter has pip (Debian's python3 may not)
-    result = subprocess.run([str(ROOT / "bin" / "image"), tag], capture_output=True, text=True,
-                            timeout=BUILD_TIMEOUT, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable})
-    assert result.returncode == 0, f"bin/image failed: {result.stderr.strip()[-3000:]}"
-    yield tag
-    if not existed:
-        podman("rmi", "--force", tag, check=False)
 
 
 class Contained:
@@ -138,7 +100,8 @@ def proc_status(pid: int) -> dict[str, str]:
 
 
 def test_image_runs_tracker_origin_and_agent_read_only_as_non_root(
-        image: str, tmp_path: Path, registry: Registry, images: Images, containerd: Containerd) -> None:
+        shoal_image: str, tmp_path: Path, registry: Registry, images: Images, containerd: Containerd) -> None:
+    image = shoal_image
     labels = podman("image", "inspect", "--format", "{{json .Config.Labels}}", image).stdout
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert f'"org.opencontainers.image.version":"{version}"' in labels
