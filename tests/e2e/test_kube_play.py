@@ -4,16 +4,18 @@ It becomes ready, writes hosts.toml into a host directory, a host containerd pul
 through it; when the pod stops the file is gone and the next pull goes straight to the registry.
 
 What kubelet would do and podman cannot is done here: the ConfigMap and the Secret become host
-directories (hostPath volumes with the same contents), and the downward API's node name and host
-IP become values, and the containers' `ports` (informational with the host network) are dropped,
-as podman refuses them there. Everything else (init step, security context, hostPath cache and certs.d,
-emptyDir, command, ports) is the chart's. Slow (the image build): run with --slow.
+directories (hostPath volumes with the same contents); the downward API's node name and host IP
+become values, expanded in the arguments as kubelet does; the containers' `ports` (informational
+with the host network) are dropped, as podman refuses them there. Everything else (init step,
+security contexts, hostPath cache and certs.d, emptyDir, command, probes) is the chart's. Slow
+(the image build): run with --slow.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import time
 import tomllib
@@ -62,8 +64,22 @@ def as_pod(docs: list[dict[str, Any]], host: Path, stack: Stack) -> dict[str, An
         container.pop("ports", None)
         container["env"] = [{"name": e["name"], "value": downward[e["valueFrom"]["fieldRef"]["fieldPath"]]}
                             if "valueFrom" in e else e for e in container.get("env", [])]
+        # kubelet expands $(VAR) in command and args; podman does not
+        values = {e["name"]: e["value"] for e in container["env"]}
+        for key in ("command", "args"):
+            if key in container:
+                container[key] = [expand(arg, values) for arg in container[key]]
+    # podman 4.3 here fails to remove a finished "once" init container ("cannot remove container
+    # ... as it is running", about 20 s after starting it); "always" keeps it, which kubelet's
+    # init containers never are anyway (they run once per pod start either way)
+    annotations = {"io.podman.annotations.init.container.type": "always"}
     return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "shoal-agent-kube-node-1", "labels": template["metadata"]["labels"]}, "spec": spec}
+            "metadata": {"name": "shoal-agent-kube-node-1", "labels": template["metadata"]["labels"],
+                         "annotations": annotations}, "spec": spec}
+
+
+def expand(arg: str, values: dict[str, str]) -> str:
+    return re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], arg)
 
 
 def pull(containerd: Containerd, certs: Path, ref: str, digests: list[str]) -> float:
@@ -112,14 +128,18 @@ def test_the_charts_agent_pod_runs_keeps_hosts_toml_and_leaves_nothing(
 
     try:
         podman("kube", "play", "--replace", str(pod), env=env, timeout=180)
-        wait_for(mirroring, timeout=60, what="the pod's agent writing hosts.toml")
+        try:
+            wait_for(mirroring, timeout=60, what="the pod's agent writing hosts.toml")
+        except TimeoutError:
+            print(podman("logs", "shoal-agent-kube-node-1-agent", check=False).stderr[-3000:])
+            raise
         # the init step made the host directories the agent's; the agent runs as its image's user
         assert cache.stat().st_uid == UID
         assert (certs / registry.host).stat().st_uid == UID
         assert hosts.stat().st_uid == UID
         inspect = podman("inspect", "--format", "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}}",
                          "shoal-agent-kube-node-1-agent").stdout.split()
-        assert inspect == [str(UID), "true"]
+        assert inspect == [f"{UID}:{UID}", "true"]
 
         through = pull(containerd, certs, f"{registry.host}/private/kube1:v1", [first.digest, *first.blobs])
         status, body = http_get(f"{mirror}/metrics")
@@ -128,11 +148,16 @@ def test_the_charts_agent_pod_runs_keeps_hosts_toml_and_leaves_nothing(
         assert metric_sum(samples, "shoal_agent_requests_total", kind="blobs", method="GET",
                           status="200") == len(first.blobs)
         assert metric_sum(samples, "shoal_agent_containerd_mirroring") == 1
-        assert any(p.name == "sha256" or p.is_dir() for p in cache.iterdir())  # the cache is on the host path
+        for digest in first.blobs:  # the cache is on the node's host path, every blob whole
+            hexd = digest.split(":")[1]
+            cached = cache / "cache" / "blobs" / "sha256" / hexd[:2] / hexd
+            assert hashlib.sha256(cached.read_bytes()).hexdigest() == hexd
+        # the pod stops as kubelet stops it (SIGTERM, then a grace period): the file is gone
+        podman("pod", "stop", "--time", "30", "shoal-agent-kube-node-1", env=env, timeout=60)
+        assert not hosts.exists()
     finally:
         podman("kube", "down", str(pod), env=env, check=False, timeout=120)
-    # the pod stopped cleanly: the file is gone, and the next pull goes to the registry at once
-    assert not hosts.exists()
+    # and the next pull goes to the registry at once
     before = registry.settle()
     direct = pull(containerd, certs, f"{registry.host}/private/kube2:v1", [second.digest, *second.blobs])
     assert registry.blob_gets(list(pulls_since(before, registry.settle()))) == dict.fromkeys(second.blobs, 1)
