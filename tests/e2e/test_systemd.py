@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -109,8 +110,10 @@ def test_install_lays_out_files_with_their_modes(sysroot: Path) -> None:
         assert state.stat().st_uid == owner(sysroot, f"shoal-{c}") != 0
     assert mode("etc/shoal") == 0o755
     assert mode("etc/shoal/secrets") == 0o700 and (sysroot / "etc/shoal/secrets").stat().st_uid == 0
-    # the venv's scripts run as /opt/shoal/... once the temporary root is the root
+    # the venv's scripts run as /opt/shoal/... once the temporary root is the root, with the
+    # system's Python (not one under /root or /home, which ProtectHome=yes hides)
     assert (sysroot / "opt/shoal/bin/shoal-agent").read_text().splitlines()[0] == "#!/opt/shoal/bin/python"
+    assert os.path.realpath(sysroot / "opt/shoal/bin/python").startswith("/usr/")
     # containerd's hosts directory: group shoal-agent may write it, and directories made in it later
     certs = sysroot / "etc/containerd/certs.d"
     gid = owner(sysroot, "shoal-agent")  # sysusers gives the group the user's number
@@ -334,3 +337,136 @@ def test_cluster_pulls_through_the_swarm_under_the_units_restrictions(
              timeout=10, what="a download from peers")
     for c in stack.components:
         assert "Operation not permitted" not in c.log(), c.name
+
+
+# The units under a real systemd: a Debian 12 root booted by systemd in a podman container
+
+class Booted:
+    """systemd as PID 1 of a privileged podman container whose root is `rootfs`, with no network
+    but loopback."""
+
+    def __init__(self, rootfs: Path) -> None:
+        self.name = f"shoal-systemd-test-{os.getpid()}"
+        self.rootfs = rootfs
+
+    def start(self) -> None:
+        # podman (as root) raises the container's limits to the kernel's maximum, which a host
+        # without CAP_SYS_RESOURCE refuses: ask for what this process has (as tests/e2e/test_image.py)
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        nproc = min(resource.getrlimit(resource.RLIMIT_NPROC)[1], int(Path("/proc/sys/kernel/pid_max").read_text()))
+        subprocess.run(["podman", "run", "-d", "--name", self.name, "--privileged", "--network", "none",
+                        "--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", f"nproc={nproc}:{nproc}",
+                        "--systemd=always", "--rootfs", str(self.rootfs), "/sbin/init"],
+                       check=True, capture_output=True, timeout=120)
+
+    def sh(self, script: str, *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(["podman", "exec", self.name, "bash", "-c", script], capture_output=True, text=True,
+                              timeout=timeout)
+        if check:
+            assert done.returncode == 0, (script, done.stdout[-2000:], done.stderr[-2000:])
+        return done
+
+    def value(self, unit: str, prop: str) -> str:
+        return self.sh(f"systemctl show -p {prop} --value {unit}").stdout.strip()
+
+    def close(self) -> None:
+        subprocess.run(["podman", "rm", "-f", "-t", "0", self.name], capture_output=True, timeout=120)
+
+
+# test only: what the agent's configurator does in containerd's directory (a new registry
+# directory; a root-owned one, whose file it keeps as a backup), under the unit's user and sandbox
+PROBE = """[Service]
+ExecStartPost=/bin/sh -c 'set -e; d=/etc/containerd/certs.d; mkdir -p $d/new.example; \\
+  echo new > $d/new.example/hosts.toml.tmp; mv $d/new.example/hosts.toml.tmp $d/new.example/hosts.toml; \\
+  [ -e $d/pre.example/hosts.toml.shoal-orig ] || mv $d/pre.example/hosts.toml $d/pre.example/hosts.toml.shoal-orig; \\
+  echo mirror > $d/pre.example/hosts.toml.tmp; mv $d/pre.example/hosts.toml.tmp $d/pre.example/hosts.toml; \\
+  id -un > /var/lib/shoal-agent/probe-user; \\
+  if touch /etc/shoal/x 2>/dev/null || touch /opt/shoal/x 2>/dev/null || ls /etc/shoal/secrets >/dev/null 2>&1; \\
+  then echo escaped; else echo confined; fi > /var/lib/shoal-agent/probe-sandbox'
+"""
+
+
+def prepare_root(rootfs: Path) -> None:
+    """A cluster's host as README's "Deploying with systemd" makes it: installed, keys, configs."""
+    done = subprocess.run([str(ROOT / "scripts" / "install-systemd"), "--root", str(rootfs)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    subprocess.run(["chroot", str(rootfs), "/opt/shoal/bin/shoal", "keygen", "/etc/shoal/secrets"], check=True,
+                   capture_output=True, timeout=60)
+    secrets = rootfs / "etc/shoal/secrets"
+    (secrets / "registry.password").write_text("seederpw")
+    (secrets / "registry.password").chmod(0o600)
+    origin_state = rootfs / "var/lib/shoal-origin"
+    shutil.copy(secrets / "operators.json", origin_state / "operators.json")
+    uid = owner(rootfs, "shoal-origin")
+    os.chown(origin_state / "operators.json", uid, uid)
+    # the example configurations, on loopback
+    edits = {"10.0.0.5:6969": "127.0.0.1:6969", "10.0.0.5:6970": "127.0.0.1:6970", "10.0.0.5:6881": "127.0.0.1:6882",
+             "10.0.1.17:6881": "127.0.0.1:6881", "https://registry.example.com": "http://127.0.0.1:5000",
+             "registry.example.com": "127.0.0.1:5000"}
+    for c in COMPONENTS:
+        path = rootfs / f"etc/shoal/{c}.yaml"
+        text = path.read_text()
+        for old, new in edits.items():
+            text = text.replace(old, new)
+        path.write_text(text)
+    (rootfs / "etc/containerd/certs.d/pre.example").mkdir()
+    (rootfs / "etc/containerd/certs.d/pre.example/hosts.toml").write_text("# the operator's\n")
+    (rootfs / "etc/systemd/system/shoal-agent.service.d").mkdir()
+    (rootfs / "etc/systemd/system/shoal-agent.service.d/probe.conf").write_text(PROBE)
+
+
+@pytest.mark.slow
+def test_units_run_under_systemd(tmp_path: Path) -> None:
+    """Started in order, each is active only once ready; the agent writes containerd's directory
+    and nothing else; a SIGSTOPped agent is killed by the watchdog and restarted; the
+    exposure systemd reports is the offline one. About 90 s (a Debian root from mmdebstrap)."""
+    for tool in ("mmdebstrap", "podman", "chroot"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is not installed: run scripts/install-debian-packages")
+    if os.geteuid() != 0:
+        pytest.skip("booting systemd in a container needs root")
+    rootfs = tmp_path / "rootfs"
+    subprocess.run(["mmdebstrap", "--variant=minbase", "--include=systemd,systemd-sysv,python3,python3-venv,dbus",
+                    "bookworm", str(rootfs)], check=True, capture_output=True, timeout=900)
+    prepare_root(rootfs)
+    box = Booted(rootfs)
+    try:
+        box.start()
+        box.sh("for i in $(seq 600); do s=$(systemctl is-system-running); "
+               "[ \"$s\" = running ] || [ \"$s\" = degraded ] && exit 0; sleep 0.1; done; exit 1")
+        # Inside a container systemd leaves / private; on a host it makes it shared at boot, which
+        # LoadCredential= needs (the credentials are mounted from a child namespace).
+        box.sh("mount --make-rshared /")
+
+        box.sh("systemctl start shoal-tracker.service shoal-origin.service")
+        box.sh("systemctl start shoal-agent.service")
+        # Type=notify: "started" means ready, so /readyz answers 200 at once
+        for port in (6969, 6970, 5050):
+            got = box.sh(f"python3 -c 'import urllib.request as u; print(u.urlopen(\"http://127.0.0.1:{port}/readyz\", "
+                         f"timeout=5).status)'")
+            assert got.stdout.strip() == "200", port
+        assert box.sh("cat /var/lib/shoal-agent/probe-user").stdout.strip() == "shoal-agent"
+        assert box.sh("cat /var/lib/shoal-agent/probe-sandbox").stdout.strip() == "confined"
+        assert box.sh("cat /etc/containerd/certs.d/pre.example/hosts.toml.shoal-orig").stdout == "# the operator's\n"
+        for unit in UNITS:
+            found = re.search(r"Overall exposure level for \S+: ([0-9.]+) OK",
+                              box.sh(f"systemd-analyze security --no-pager {unit}").stdout)
+            assert found and float(found[1]) <= EXPOSURE_MAX[unit], unit
+
+        # hung: the watchdog (10 s) kills it, systemd starts it again
+        pid = box.value("shoal-agent", "MainPID")
+        box.sh(f"kill -STOP {pid}")
+        box.sh("for i in $(seq 300); do [ \"$(systemctl show -p NRestarts --value shoal-agent)\" != 0 ] && "
+               "systemctl is-active -q shoal-agent && exit 0; sleep 0.1; done; exit 1", timeout=60)
+        assert box.value("shoal-agent", "MainPID") != pid
+        assert "Watchdog timeout" in box.sh("journalctl -u shoal-agent --no-pager").stdout
+
+        for unit in ("shoal-agent", "shoal-origin", "shoal-tracker"):
+            box.sh(f"systemctl stop {unit}")
+            assert box.value(unit, "Result") == "success" and box.value(unit, "ExecMainStatus") == "0", unit
+        logs = box.sh("journalctl -u shoal-agent -u shoal-origin -u shoal-tracker --no-pager").stdout
+        assert "Traceback" not in logs and "not permitted" not in logs
+    finally:
+        box.close()
+        subprocess.run(["rm", "-rf", "--one-file-system", str(rootfs)], check=False, timeout=300)
