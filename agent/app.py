@@ -27,6 +27,7 @@ from shoal.web import add_ops_routes, add_routes
 from shoal_agent.api import MirrorApi
 from shoal_agent.authz import Authorizer, Decisions, fingerprint_key
 from shoal_agent.config import AgentConfig
+from shoal_agent.configurator import Configurator, job_for
 from shoal_agent.fetcher import Fetcher
 from shoal_agent.journal import DEFAULT_MAX_DISK_BYTES, Journal
 from shoal_agent.manifests import ManifestKeeper
@@ -148,6 +149,13 @@ def build(config: AgentConfig) -> web.Application:
             stack.push_async_callback(keeper.close)
             await journal.open()
             stack.push_async_callback(journal.close)
+            configurator = None
+            if config.containerd.config_path is not None:
+                # Started first, so that files a killed agent left are reduced to the registry
+                # while this one starts; stopped first (last callback), before the rest closes.
+                configurator = Configurator(job_for(config))
+                await configurator.start()
+                registry.register(MirroringCollector(configurator))
             swarm = None
             if access is not None:
                 swarm = Swarm(SwarmSettings.from_config(config.torrent, AGENT_FINGERPRINT), node_key)
@@ -185,6 +193,8 @@ def build(config: AgentConfig) -> web.Application:
             app[API_KEY] = MirrorApi(upstreams=upstreams, store=store, fetcher=fetcher,
                                      authorizer=authorizer, keeper=keeper, auth=config.auth,
                                      metrics=metrics, max_blob_size=config.max_blob_size)
+            if configurator is not None:
+                stack.push_async_callback(configurator.stop)
             log.info("agent %s ready: %d upstream(s), swarm %s, auth %s/%s", config.node, len(config.upstreams),
                      "on" if swarm is not None else "off", config.auth.unauthenticated, config.auth.mode)
             yield
@@ -238,6 +248,17 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+class MirroringCollector(Collector):
+    def __init__(self, configurator: Configurator) -> None:
+        self.configurator = configurator
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily("shoal_agent_containerd_mirroring",
+                              "1 while containerd's hosts.toml files point at this agent (containerd.config_path)")
+        g.add_metric([], 1.0 if self.configurator.mirroring.is_set() else 0.0)
+        yield g
 
 
 class RegistryRetries(Collector):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from shoal import errors, protocol
 from shoal.config import (
@@ -78,6 +80,39 @@ class SwarmPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ContainerdSettings:
+    # containerd's hosts directory (its `config_path`, e.g. /etc/containerd/certs.d). Set, the
+    # agent keeps <config_path>/<upstream name>/hosts.toml pointing at itself while it is ready
+    # and at the registry alone otherwise (agent/hostsconf.py, agent/watchdog.py). Unset: the
+    # agent never touches containerd's files.
+    config_path: str | None = None
+    # How containerd reaches this agent (scheme://host:port, no path). Default: http://<listen>,
+    # with 127.0.0.1 (or ::1) for an unspecified listen address.
+    mirror: Annotated[str | None, URL] = None
+    # Also <config_path>/_default/hosts.toml: every registry without its own directory tries the
+    # agent first; the agent answers 404 for registries it does not serve, and containerd goes
+    # to the registry.
+    default_host: bool = False
+    # containerd >= 2.1 stops connecting to a dead agent after this; 1.6 and 1.7 ignore it.
+    dial_timeout: Annotated[float, DURATION] = 1.0
+    # How often the watchdog asks the agent's /readyz (each ask waits at most this long); two
+    # failures in a row point containerd at the registry.
+    check_interval: Annotated[float, DURATION] = 1.0
+
+    def validate(self, prefix: str) -> None:
+        if self.config_path is not None and not os.path.isabs(self.config_path):
+            raise ConfigError(f"{prefix}.config_path: must be an absolute path")
+        if self.mirror is not None:
+            parts = urlsplit(self.mirror)
+            if parts.scheme not in ("http", "https") or parts.path not in ("", "/") or parts.query:
+                raise ConfigError(f"{prefix}.mirror: expected http(s)://host:port without a path")
+        if self.dial_timeout <= 0:
+            raise ConfigError(f"{prefix}.dial_timeout: must be positive")
+        if not 0.1 <= self.check_interval <= 60:
+            raise ConfigError(f"{prefix}.check_interval: must be between 100ms and 60s")
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     data_dir: str
     upstreams: list[UpstreamSettings]
@@ -97,6 +132,7 @@ class AgentConfig:
     auth: AuthSettings = field(default_factory=AuthSettings)
     journal: JournalSettings = field(default_factory=JournalSettings)
     swarm: SwarmPolicy = field(default_factory=SwarmPolicy)
+    containerd: ContainerdSettings = field(default_factory=ContainerdSettings)
     # Blobs larger than this are refused before download.
     max_blob_size: Annotated[int, SIZE] = 64 << 30
     # Longest silence tolerated on a registry connection.
@@ -110,6 +146,12 @@ class AgentConfig:
         if self.max_connections < 1:
             raise ConfigError("max_connections: must be at least 1")
         check_upstream_names(self.upstreams, "upstreams")
+        if self.containerd.config_path is not None:
+            for i, upstream in enumerate(self.upstreams):
+                # each name is a directory under config_path
+                if upstream.name.strip(".") == "":
+                    raise ConfigError(f"upstreams[{i}].name: {upstream.name!r} cannot name a directory of "
+                                      "containerd.config_path")
         if self.origin is not None:
             if self.node_token.file is None and self.node_token.env is None:
                 raise ConfigError("node_token: give file or env (required with origin)")

@@ -44,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
                     help="a registry user who may sign in as an operator with their registry login, and their "
                          "roles, e.g. alice=seed,audit (repeatable; seed, audit, admin); the local admin token "
                          "works without it")
+    up.add_argument("--containerd-hosts-dir", metavar="DIR",
+                    help="containerd's hosts directory (its config_path, e.g. /etc/containerd/certs.d): the agent "
+                         "keeps DIR/<name>/hosts.toml pointing at itself while it is ready")
     up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     up.set_defaults(func=cmd_up)
 

@@ -57,6 +57,9 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
                       origin_url=f"http://{args.origin_listen}", log={"level": args.log_level, "format": "text"})
     origin_extra: dict[str, Any] = {"operators": {"registry": {"upstream": name, "roles": operators}}} if operators \
         else {}
+    agent_extra: dict[str, Any] = {}
+    if args.containerd_hosts_dir:
+        agent_extra["containerd"] = {"config_path": str(Path(args.containerd_hosts_dir).resolve())}
     return {
         "tracker": cluster.tracker(listen=args.tracker_listen, data_dir=str(data / "tracker")),
         "origin": cluster.origin(listen=args.origin_listen, data_dir=data / "origin",
@@ -65,7 +68,7 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
         "agent": cluster.agent(listen=args.listen, data_dir=data / "agent",
                                torrent_listen=f"{ip}:{args.agent_torrent_port}",
                                auth={"unauthenticated": args.unauthenticated}, cache={"max_bytes": args.cache},
-                               upstreams=[agent_upstream]),
+                               upstreams=[agent_upstream], **agent_extra),
     }
 
 
@@ -137,9 +140,12 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"  mirror  http://{args.listen}   tracker http://{args.tracker_listen}   "
               f"origin http://{args.origin_listen}\n"
               f"  data    {data}\n\n"
-              f"containerd: /etc/containerd/certs.d/{upstream['name']}/hosts.toml\n"
-              f"  server = \"{upstream['url']}\"\n"
-              f"  [host.\"http://{args.listen}\"]\n    capabilities = [\"pull\", \"resolve\"]\n\n"
+              + (f"containerd: the agent keeps {args.containerd_hosts_dir}/{upstream['name']}/hosts.toml "
+                 "(through the agent while it is ready)\n\n" if args.containerd_hosts_dir else
+                 f"containerd: /etc/containerd/certs.d/{upstream['name']}/hosts.toml "
+                 "(or let the agent keep it: --containerd-hosts-dir)\n"
+                 f"  server = \"{upstream['url']}\"\n"
+                 f"  [host.\"http://{args.listen}\"]\n    capabilities = [\"pull\", \"resolve\"]\n\n") +
               f"pre-seed:  shoal seed --origin http://{args.origin_listen} "
               f"--token-file {operator_token} {upstream['name']}/REPO:TAG\n"
               f"audit:     shoal audit --origin http://{args.origin_listen} --token-file {operator_token}\n"

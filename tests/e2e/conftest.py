@@ -1,5 +1,5 @@
 """Real processes: Debian's docker-registry with htpasswd, shoal components on 127.0.0.x,
-containerd, podman and skopeo as clients."""
+containerd, podman, skopeo and docker as clients."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tests.support.tokenworld import TokenWorld, open_world
 USERS = {"alice": "alicepw", "seeder": "seederpw", "node": "nodepw"}
 MIB = 1 << 20
 
-for tool in ("docker-registry", "skopeo", "containerd", "ctr", "podman", "htpasswd"):
+for tool in ("docker-registry", "skopeo", "containerd", "ctr", "podman", "htpasswd", "dockerd"):
     if shutil.which(tool) is None:
         raise RuntimeError(f"{tool} is not installed: run ./bin/test, which installs the Debian packages")
 

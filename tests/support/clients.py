@@ -39,21 +39,39 @@ def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = C
 
 
 class Containerd:
-    """containerd 1.6 as root with a private root/state/socket; pulls through hosts.toml."""
+    """containerd 1.6 as root with a private root/state/socket; pulls through hosts.toml.
 
-    def __init__(self, workdir: Path) -> None:
+    With `cri`, its CRI plugin (kubelet's image service, tests/support/cri.py) runs too, reading
+    hosts.toml from `certs_dir` (`registry.config_path`), with the native snapshotter (overlayfs
+    needs more than a temp dir may offer) and CNI, opt and streaming kept inside the work dir or
+    on loopback. CRI's images live in containerd's `k8s.io` namespace."""
+
+    def __init__(self, workdir: Path, *, cri: bool = False) -> None:
         self.workdir = workdir
         self.sock = workdir / "ctd.sock"
+        self.cri = cri
+        self.certs_dir = workdir / "certs.d"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         config = self.workdir / "config.toml"
+        top, tables = 'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n', ""
+        if self.cri:
+            cri = 'plugins."io.containerd.grpc.v1.cri"'
+            top = ""
+            tables = (
+                f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{self.workdir / "opt"}"\n'
+                f'[{cri}]\n  disable_tcp_service = true\n  stream_server_address = "127.0.0.1"\n'
+                '  stream_server_port = "0"\n'
+                f'[{cri}.containerd]\n  snapshotter = "native"\n'
+                f'[{cri}.cni]\n  bin_dir = "{self.workdir / "cni"}"\n  conf_dir = "{self.workdir / "cni"}"\n'
+                f'[{cri}.registry]\n  config_path = "{self.certs_dir}"\n'
+            )
         config.write_text(
             "version = 2\n"
-            f'root = "{self.workdir / "root"}"\nstate = "{self.workdir / "state"}"\n'
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+            f'root = "{self.workdir / "root"}"\nstate = "{self.workdir / "state"}"\n{top}'
             f'[grpc]\n  address = "{self.sock}"\n[ttrpc]\n  address = "{self.sock}.ttrpc"\n'
-            '[debug]\n  address = ""\n'
+            f'[debug]\n  address = ""\n{tables}'
         )
         log = open(self.workdir / "containerd.log", "ab")  # noqa: SIM115 (child keeps it)
         self.proc = subprocess.Popen(["containerd", "-c", str(config)], stdout=log, stderr=log)
@@ -72,12 +90,12 @@ class Containerd:
 
     def hosts_dir(self, registry_host: str, registry_url: str, mirror: Component) -> Path:
         """hosts.toml: the registry as `server`, the agent as the (only) mirror host."""
-        d = self.workdir / "certs.d" / registry_host
+        d = self.certs_dir / registry_host
         d.mkdir(parents=True, exist_ok=True)
         (d / "hosts.toml").write_text(
             f'server = "{registry_url}"\n\n[host."{mirror.url}"]\n  capabilities = ["pull", "resolve"]\n'
         )
-        return self.workdir / "certs.d"
+        return self.certs_dir
 
     def pull(self, ref: str, hosts_dir: Path, *, user: str | None = None) -> subprocess.CompletedProcess[str]:
         args = ["images", "pull", "--plain-http", "--hosts-dir", str(hosts_dir), "--snapshotter", "native"]
@@ -85,10 +103,10 @@ class Containerd:
             args += ["--user", user]
         return self.ctr(*args, ref)
 
-    def verify_content(self, digests: list[str]) -> None:
+    def verify_content(self, digests: list[str], *, namespace: str = "shoal") -> None:
         """Each blob in containerd's content store hashes to its digest."""
         for digest in digests:
-            out = subprocess.run(["ctr", "-a", str(self.sock), "-n", "shoal", "content", "get", digest],
+            out = subprocess.run(["ctr", "-a", str(self.sock), "-n", namespace, "content", "get", digest],
                                  capture_output=True, timeout=60, check=True).stdout
             assert "sha256:" + hashlib.sha256(out).hexdigest() == digest, digest
 

@@ -53,6 +53,13 @@ def test_durations(text: Any, value: float) -> None:
     (agent_doc(torrent={"libtorrent": {"no_such_setting": 1}}), "torrent.libtorrent.no_such_setting: not a"),
     (agent_doc(log={"level": "loud"}), "log.level: expected one of"),
     (agent_doc(cache={"max_bytes": True}), "cache.max_bytes: expected a size"),
+    (agent_doc(containerd={"config_path": "certs.d"}), "containerd.config_path: must be an absolute path"),
+    (agent_doc(containerd={"config_path": "/c", "mirror": "http://a:1/v2"}), "containerd.mirror: expected http"),
+    (agent_doc(containerd={"mirror": "unix:///a"}), "containerd.mirror: expected an http"),
+    (agent_doc(containerd={"dial_timeout": 0}), "containerd.dial_timeout: must be positive"),
+    (agent_doc(containerd={"check_interval": "10ms"}), "containerd.check_interval: must be between"),
+    (agent_doc(containerd={"config_path": "/c"}, upstreams=[{"name": "..", "url": "http://r"}]),
+     "upstreams[0].name: '..' cannot name a directory"),
 ])
 def test_agent_errors_name_the_key(doc: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as exc:

@@ -40,3 +40,10 @@ def test_registry_users_become_operators_with_their_roles(tmp_path: Path) -> Non
     for bad in ("alice", "alice=", "=seed", "alice=root"):
         with pytest.raises(SystemExit, match="--operator must be USER=ROLES"):
             up.up_configs(args(tmp_path, "--operator", bad), tmp_path / "d")
+
+
+def test_the_agent_keeps_containerds_hosts_directory_only_when_asked(tmp_path: Path) -> None:
+    assert "containerd" not in up.up_configs(args(tmp_path), tmp_path / "d")["agent"]
+    configs = up.up_configs(args(tmp_path, "--containerd-hosts-dir", "certs.d"), tmp_path / "d")
+    loaded = agent_config.load(configs["agent"])
+    assert loaded.containerd.config_path == str((Path.cwd() / "certs.d").resolve())

@@ -1,0 +1,102 @@
+"""Starts and stops the hosts.toml watchdog (agent/watchdog.py) beside the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import sys
+
+from shoal import protocol
+from shoal.config import split_hostport
+from shoal_agent.config import AgentConfig
+from shoal_agent.hostsconf import DEFAULT_DIR, Plan, Registry
+from shoal_agent.watchdog import Job
+
+log = logging.getLogger(__name__)
+
+FAILURES = 2  # /readyz failures in a row before containerd is pointed away from the agent
+STOP_TIMEOUT = 10.0
+
+
+def local_url(listen: str) -> str:
+    """http://host:port on which this host reaches the agent's `listen` address."""
+    host, port = split_hostport(listen)
+    ip = ipaddress.ip_address(host)
+    if ip.is_unspecified:
+        ip = ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")
+    return f"http://[{ip}]:{port}" if ip.version == 6 else f"http://{ip}:{port}"
+
+
+def job_for(config: AgentConfig) -> Job:
+    settings = config.containerd
+    assert settings.config_path is not None
+    registries = [Registry(u.name, u.url) for u in config.upstreams]
+    if settings.default_host:
+        registries.append(Registry(DEFAULT_DIR, None))
+    url = local_url(config.listen)
+    plan = Plan(config_path=settings.config_path, mirror=settings.mirror or url,
+                dial_timeout=settings.dial_timeout, registries=tuple(registries))
+    return Job(plan=plan, health=protocol.READYZ.url(url), interval=settings.check_interval, failures=FAILURES,
+               log_level=config.log.level, log_format=config.log.format)
+
+
+class Configurator:
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.mirroring = asyncio.Event()  # containerd's files point at this agent
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _spawn(self) -> None:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shoal_agent.watchdog",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(self.job.to_json().encode() + b"\n")
+        await self._proc.stdin.drain()
+
+    async def _read(self) -> None:
+        while True:
+            assert self._proc is not None
+            assert self._proc.stdout is not None
+            async for line in self._proc.stdout:
+                if line.strip() == b"mirror":
+                    self.mirroring.set()
+                elif line.strip() == b"reduced":
+                    self.mirroring.clear()
+            self.mirroring.clear()
+            code = await self._proc.wait()
+            if self._stopping:
+                return
+            # Killed or crashed: a new one takes the files over (it starts from "reduced").
+            log.error("the hosts.toml watchdog exited with %d; starting it again", code)
+            await asyncio.sleep(1.0)
+            await self._spawn()
+
+    async def stop(self) -> None:
+        """Clean stop: the watchdog removes the files (restores the operator's) and exits."""
+        self._stopping = True
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.returncode is None and proc.stdin is not None:
+            with contextlib.suppress(ConnectionError):
+                proc.stdin.write(b"stop\n")
+                await proc.stdin.drain()
+                proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+        except TimeoutError:
+            log.error("the hosts.toml watchdog did not stop within %.0f s; killed", STOP_TIMEOUT)
+            proc.kill()
+            await proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader

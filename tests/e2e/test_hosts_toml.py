@@ -1,0 +1,158 @@
+"""The agent keeps containerd's hosts.toml in step with its health (containerd.config_path): a real
+containerd 1.6 pulls through the agent while it is ready, and straight from the registry when the
+agent is not started, hung (SIGSTOP), killed or stopped, without waiting on it. containerd is never
+restarted: it reads the file on every pull."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from shoal_agent.hostsconf import BACKUP, MARKER
+from tests.e2e.conftest import MIB, USERS, Images
+from tests.support.clients import Containerd
+from tests.support.images import Image
+from tests.support.procs import Component, wait_for
+from tests.support.registry import Registry, pulls_since
+from tests.support.stack import Stack
+
+WAIT = 15.0  # the watchdog checks every 0.2 s here; two failures point containerd away
+
+
+def small(images: Images, n: int) -> tuple[str, Image]:
+    """Image n (its own blobs: containerd shares content between namespaces, so a pull of an
+    image it has fetched before would not reach any registry)."""
+    return f"private/hosts{n}:v1", images.get(f"private/hosts{n}", layers=[2 * MIB, 100_000], seed=310 + n)
+
+
+def hosts_file(certs: Path, registry: Registry, name: str | None = None) -> Path:
+    return certs / (name or registry.host) / "hosts.toml"
+
+
+def read(path: Path) -> dict[str, Any] | None:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def through(agent: Component, certs: Path, registry: Registry, name: str | None = None) -> bool:
+    doc = read(hosts_file(certs, registry, name))
+    return doc is not None and list(doc.get("host", {}))[:1] == [agent.url]
+
+
+def registry_alone(certs: Path, registry: Registry) -> bool:
+    return read(hosts_file(certs, registry)) == {"server": registry.url}
+
+
+def managed_agent(stack: Stack, certs: Path, **containerd: Any) -> Component:
+    return stack.start_agent(auth={"unauthenticated": "challenge"},
+                             containerd={"config_path": str(certs), "check_interval": "200ms", **containerd})
+
+
+def pull(containerd: Containerd, certs: Path, host: str, images: Images, n: int) -> Image:
+    """Pull image n (every blob new to containerd), checked blob by blob."""
+    name, image = small(images, n)
+    containerd.ctr("images", "pull", "--hosts-dir", str(certs), "--snapshotter", "native",
+                   "--user", f"alice:{USERS['alice']}", f"{host}/{name}")
+    for digest in [image.digest, *image.blobs]:
+        out = subprocess.run(["ctr", "-a", str(containerd.sock), "-n", "shoal", "content", "get", digest],
+                             capture_output=True, timeout=60, check=True).stdout
+        assert "sha256:" + hashlib.sha256(out).hexdigest() == digest
+    return image
+
+
+def blobs_from_agent(agent: Component) -> float:
+    return agent.metric("shoal_agent_requests_total", kind="blobs", method="GET", status="200")
+
+
+def test_hosts_toml_follows_the_agent_through_start_hang_kill_and_stop(
+        stack: Stack, registry: Registry, images: Images, containerd: Containerd, tmp_path: Path) -> None:
+    for n in range(6):
+        small(images, n)  # pushed before any pull is counted
+    certs = tmp_path / "certs.d"
+    certs.mkdir()
+    # not started: no file, containerd goes to the registry
+    before = registry.settle()
+    image = pull(containerd, certs, registry.host, images, 0)
+    assert registry.blob_gets(list(pulls_since(before, registry.settle()))) == dict.fromkeys(image.blobs, 1)
+
+    agent = managed_agent(stack, certs)
+    wait_for(lambda: through(agent, certs, registry), timeout=WAIT, what="hosts.toml through the agent")
+    text = hosts_file(certs, registry).read_text()
+    assert text.startswith(MARKER)
+    assert tomllib.loads(text)["server"] == registry.url
+    image = pull(containerd, certs, registry.host, images, 1)
+    assert blobs_from_agent(agent) == len(image.blobs)
+    assert agent.metric("shoal_agent_containerd_mirroring") == 1
+
+    # hung: the watchdog points containerd at the registry; the agent never sees the pull
+    agent.signal(signal.SIGSTOP)
+    wait_for(lambda: registry_alone(certs, registry), timeout=WAIT, what="hosts.toml reduced for a hung agent")
+    before = registry.settle()
+    image = pull(containerd, certs, registry.host, images, 2)
+    assert registry.blob_gets(list(pulls_since(before, registry.settle()))) == dict.fromkeys(image.blobs, 1)
+    agent.signal(signal.SIGCONT)
+    wait_for(lambda: through(agent, certs, registry), timeout=WAIT, what="hosts.toml back when the agent answers")
+    served = blobs_from_agent(agent)
+    image = pull(containerd, certs, registry.host, images, 3)
+    assert blobs_from_agent(agent) == served + len(image.blobs)
+
+    # killed: the watchdog sees its pipe close and reduces the file at once
+    assert agent.proc is not None
+    agent.proc.kill()
+    agent.proc.wait()
+    wait_for(lambda: registry_alone(certs, registry), timeout=WAIT, what="hosts.toml reduced for a killed agent")
+    pull(containerd, certs, registry.host, images, 4)
+
+    # started again on the same address: through the agent again; a clean stop removes the file
+    agent.start()
+    wait_for(lambda: through(agent, certs, registry), timeout=WAIT, what="hosts.toml after the restart")
+    agent.stop()
+    assert not hosts_file(certs, registry).exists()
+    assert not hosts_file(certs, registry).parent.exists()
+    pull(containerd, certs, registry.host, images, 5)
+
+
+def test_an_operators_hosts_toml_is_merged_and_restored(
+        stack: Stack, registry: Registry, images: Images, containerd: Containerd, tmp_path: Path) -> None:
+    certs = tmp_path / "certs.d"
+    original = (f"# ours, with a mirror that is down\nserver = \"{registry.url}\"\n\n"
+                '[host."http://127.0.0.1:9"]\n  capabilities = ["pull", "resolve"]\n')
+    hosts_file(certs, registry).parent.mkdir(parents=True)
+    hosts_file(certs, registry).write_text(original)
+    agent = managed_agent(stack, certs)
+    wait_for(lambda: through(agent, certs, registry), timeout=WAIT, what="hosts.toml through the agent")
+    assert (hosts_file(certs, registry).parent / BACKUP).read_text() == original
+    doc = read(hosts_file(certs, registry))
+    assert doc is not None
+    assert list(doc["host"]) == [agent.url, "http://127.0.0.1:9"]
+    image = pull(containerd, certs, registry.host, images, 6)
+    assert blobs_from_agent(agent) == len(image.blobs)
+    agent.stop()
+    assert hosts_file(certs, registry).read_text() == original
+    assert not (hosts_file(certs, registry).parent / BACKUP).exists()
+
+
+def test_default_sends_other_registries_on_to_their_own_host(
+        stack: Stack, registry: Registry, images: Images, containerd: Containerd, tmp_path: Path) -> None:
+    """With default_host, every registry tries the agent first; one it does not serve gets a 404
+    from the agent and containerd pulls it from the registry itself."""
+    small(images, 7)
+    certs = tmp_path / "certs.d"
+    agent = managed_agent(stack, certs, default_host=True)
+    wait_for(lambda: through(agent, certs, registry, "_default"), timeout=WAIT, what="_default/hosts.toml")
+    assert "server" not in (read(hosts_file(certs, registry, "_default")) or {})
+    # the same registry under a name the agent does not serve: _default applies
+    other = registry.host.replace("127.0.0.1", "localhost")
+    before = registry.settle()
+    image = pull(containerd, certs, other, images, 7)
+    assert registry.blob_gets(list(pulls_since(before, registry.settle()))) == dict.fromkeys(image.blobs, 1)
+    assert agent.metric("shoal_agent_requests_total", kind="manifests", status="404") >= 1
+    assert blobs_from_agent(agent) == 0
+    agent.stop()
+    assert not hosts_file(certs, registry, "_default").exists()
