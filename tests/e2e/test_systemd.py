@@ -373,17 +373,16 @@ class Booted:
         subprocess.run(["podman", "rm", "-f", "-t", "0", self.name], capture_output=True, timeout=120)
 
 
-# test only: what the agent's configurator does in containerd's directory (a new registry
-# directory; a root-owned one, whose file it keeps as a backup), under the unit's user and sandbox
+# test only: what the agent's user may touch under the unit's sandbox (a new registry directory
+# in containerd's hosts directory, nothing of /etc/shoal or /opt/shoal)
 PROBE = """[Service]
-ExecStartPost=/bin/sh -c 'set -e; d=/etc/containerd/certs.d; mkdir -p $d/new.example; \\
-  echo new > $d/new.example/hosts.toml.tmp; mv $d/new.example/hosts.toml.tmp $d/new.example/hosts.toml; \\
-  [ -e $d/pre.example/hosts.toml.shoal-orig ] || mv $d/pre.example/hosts.toml $d/pre.example/hosts.toml.shoal-orig; \\
-  echo mirror > $d/pre.example/hosts.toml.tmp; mv $d/pre.example/hosts.toml.tmp $d/pre.example/hosts.toml; \\
-  id -un > /var/lib/shoal-agent/probe-user; \\
+ExecStartPost=/bin/sh -c 'mkdir -p /etc/containerd/certs.d/new.example && \\
+  touch /etc/containerd/certs.d/new.example/probe && id -un > /var/lib/shoal-agent/probe-user && \\
   if touch /etc/shoal/x 2>/dev/null || touch /opt/shoal/x 2>/dev/null || ls /etc/shoal/secrets >/dev/null 2>&1; \\
   then echo escaped; else echo confined; fi > /var/lib/shoal-agent/probe-sandbox'
 """
+OPERATORS_HOSTS = 'server = "http://127.0.0.1:5000"\n'  # the operator's own hosts.toml for the upstream
+HOSTS = "/etc/containerd/certs.d/127.0.0.1:5000"  # a root-owned directory the agent did not make
 
 
 def prepare_root(rootfs: Path) -> None:
@@ -410,8 +409,8 @@ def prepare_root(rootfs: Path) -> None:
         for old, new in edits.items():
             text = text.replace(old, new)
         path.write_text(text)
-    (rootfs / "etc/containerd/certs.d/pre.example").mkdir()
-    (rootfs / "etc/containerd/certs.d/pre.example/hosts.toml").write_text("# the operator's\n")
+    (rootfs / HOSTS[1:]).mkdir()
+    (rootfs / HOSTS[1:] / "hosts.toml").write_text(OPERATORS_HOSTS)
     (rootfs / "etc/systemd/system/shoal-agent.service.d").mkdir()
     (rootfs / "etc/systemd/system/shoal-agent.service.d/probe.conf").write_text(PROBE)
 
@@ -448,23 +447,38 @@ def test_units_run_under_systemd(tmp_path: Path) -> None:
             assert got.stdout.strip() == "200", port
         assert box.sh("cat /var/lib/shoal-agent/probe-user").stdout.strip() == "shoal-agent"
         assert box.sh("cat /var/lib/shoal-agent/probe-sandbox").stdout.strip() == "confined"
-        assert box.sh("cat /etc/containerd/certs.d/pre.example/hosts.toml.shoal-orig").stdout == "# the operator's\n"
+        assert box.sh("ls /etc/containerd/certs.d/new.example").stdout.split() == ["probe"]
+        # the agent's watchdog process keeps containerd's file (agent/hostsconf.py) from inside the sandbox
+        box.sh(f"for i in $(seq 100); do grep -q 127.0.0.1:5050 {HOSTS}/hosts.toml && exit 0; sleep 0.1; done; "
+               "exit 1")
+        assert box.sh(f"cat {HOSTS}/hosts.toml.shoal-orig").stdout == OPERATORS_HOSTS
         for unit in UNITS:
             found = re.search(r"Overall exposure level for \S+: ([0-9.]+) OK",
                               box.sh(f"systemd-analyze security --no-pager {unit}").stdout)
             assert found and float(found[1]) <= EXPOSURE_MAX[unit], unit
 
-        # hung: the watchdog (10 s) kills it, systemd starts it again
+        # hung: containerd is pointed at the registry within seconds (the agent's watchdog
+        # process); systemd's watchdog (10 s) kills the agent and starts it again
         pid = box.value("shoal-agent", "MainPID")
         box.sh(f"kill -STOP {pid}")
+        hung = time.monotonic()
+        box.sh(f"for i in $(seq 100); do [ \"$(cat {HOSTS}/hosts.toml)\" = '{OPERATORS_HOSTS.strip()}' ] && exit 0; "
+               "sleep 0.1; done; exit 1")
+        print(f"hosts.toml back to the operator's {time.monotonic() - hung:.1f} s after the hang")
         box.sh("for i in $(seq 300); do [ \"$(systemctl show -p NRestarts --value shoal-agent)\" != 0 ] && "
                "systemctl is-active -q shoal-agent && exit 0; sleep 0.1; done; exit 1", timeout=60)
         assert box.value("shoal-agent", "MainPID") != pid
+        print(f"the agent ready again {time.monotonic() - hung:.1f} s after the hang")
         assert "Watchdog timeout" in box.sh("journalctl -u shoal-agent --no-pager").stdout
+        box.sh(f"for i in $(seq 100); do grep -q 127.0.0.1:5050 {HOSTS}/hosts.toml && exit 0; sleep 0.1; done; "
+               "exit 1")
 
         for unit in ("shoal-agent", "shoal-origin", "shoal-tracker"):
             box.sh(f"systemctl stop {unit}")
             assert box.value(unit, "Result") == "success" and box.value(unit, "ExecMainStatus") == "0", unit
+        # stopped: the operator's file is back, byte for byte, and no backup is left
+        assert box.sh(f"cat {HOSTS}/hosts.toml").stdout == OPERATORS_HOSTS
+        assert box.sh(f"ls {HOSTS}").stdout.split() == ["hosts.toml"]
         logs = box.sh("journalctl -u shoal-agent -u shoal-origin -u shoal-tracker --no-pager").stdout
         assert "Traceback" not in logs and "not permitted" not in logs
     finally:
