@@ -481,6 +481,12 @@ def test_units_run_under_systemd(tmp_path: Path) -> None:
         assert box.sh(f"ls {HOSTS}").stdout.split() == ["hosts.toml"]
         logs = box.sh("journalctl -u shoal-agent -u shoal-origin -u shoal-tracker --no-pager").stdout
         assert "Traceback" not in logs and "not permitted" not in logs
+
+        # a configuration error (exit status 2) is reported, not restarted in a loop
+        box.sh("sed -i 's/^cache:/kache:/' /etc/shoal/agent.yaml")
+        assert box.sh("systemctl start shoal-agent", check=False).returncode != 0
+        assert box.value("shoal-agent", "ActiveState") == "failed"  # not "activating" (auto-restart)
+        assert "config error: kache" in box.sh("journalctl -u shoal-agent --no-pager").stdout
     finally:
         box.close()
         subprocess.run(["rm", "-rf", "--one-file-system", str(rootfs)], check=False, timeout=300)
