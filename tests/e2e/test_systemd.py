@@ -442,8 +442,8 @@ def test_units_run_under_systemd(tmp_path: Path) -> None:
         box.sh("systemctl start shoal-agent.service")
         # Type=notify: "started" means ready, so /readyz answers 200 at once
         for port in (6969, 6970, 5050):
-            got = box.sh(f"python3 -c 'import urllib.request as u; print(u.urlopen(\"http://127.0.0.1:{port}/readyz\", "
-                         f"timeout=5).status)'")
+            url = protocol.READYZ.url(f"http://127.0.0.1:{port}")
+            got = box.sh(f"python3 -c 'import urllib.request as u; print(u.urlopen(\"{url}\", timeout=5).status)'")
             assert got.stdout.strip() == "200", port
         assert box.sh("cat /var/lib/shoal-agent/probe-user").stdout.strip() == "shoal-agent"
         assert box.sh("cat /var/lib/shoal-agent/probe-sandbox").stdout.strip() == "confined"
