@@ -508,3 +508,15 @@ def test_init_step_prepares_the_host_directories(rendered: dict[str, list[Doc]],
     # a second start finds them in place
     subprocess.run([shutil.which("python3") or "python3", "-c", init["command"][2], *map(str, dirs)], check=True,
                    timeout=60)
+
+
+@pytest.mark.parametrize("part", sorted(WORKLOADS))
+def test_temporary_files_go_to_a_writable_volume(rendered: dict[str, list[Doc]], part: str) -> None:
+    """The image points TMPDIR at /var/lib/shoal, which the chart does not mount (each part's data
+    is below it): with a read-only root, SQLite's spill files need TMPDIR on a volume."""
+    spec = find(rendered["default"], WORKLOADS[part])["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    tmpdir = {e["name"]: e.get("value") for e in container["env"]}["TMPDIR"]
+    volume = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}[tmpdir]
+    assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}[volume]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
