@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
-from shoal import logs
+from shoal import logs, sdnotify
 from shoal import web as shoal_web
 from shoal.config import LogSettings, read_yaml, set_dotted, split_hostport
 from shoal.errors import ConfigError, ShoalError
@@ -116,7 +116,10 @@ def run_component(
     try:
         app = build(config)
         host, port = split_hostport(config.listen)
-        shoal_web.run(app, host, port, max_connections=config.max_connections)
+        # systemd (Type=notify): READY=1 when shoal_web.service_ready() says so, watchdog pings,
+        # STOPPING=1; nothing when not started by systemd
+        shoal_web.run(app, host, port, max_connections=config.max_connections,
+                      serving=lambda: sdnotify.service(lambda: shoal_web.service_ready(app)))
     except ConfigError as exc:
         print(f"shoal-{name}: config error: {exc}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ import hmac
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from contextlib import suppress
+from contextlib import AbstractAsyncContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Literal, Protocol
@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], Awaitable[str | None]]
 """Returns None when ready, else a short reason shown by /readyz."""
+
+READY_CHECK_KEY = web.AppKey[ReadyCheck]("ready_check")
+"""The app's /readyz check (add_ops_routes keeps it here)."""
+SERVICE_READY_KEY = web.AppKey("service_ready", asyncio.Event)
+"""Optional: an Event the app sets when it may be called started, beyond /readyz. The agent's
+node configurator writes containerd's hosts.toml only once /readyz says ready, and systemd must
+not call the agent started (so kubelet, ordered after it, must not start pulling) before those
+files exist: the configurator delays READY=1 with this Event. /readyz cannot be that gate (the
+configurator waits on it). See service_ready()."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -194,6 +203,18 @@ def add_ops_routes(app: web.Application, registry: CollectorRegistry, ready: Rea
 
     add_routes(app, ((protocol.HEALTHZ, healthz, "public"), (protocol.READYZ, readyz, "public"),
                      (protocol.METRICS, metrics, "public")), {})
+    app[READY_CHECK_KEY] = ready
+
+
+async def service_ready(app: web.Application) -> bool:
+    """Whether the component may tell its service manager it is started (systemd's READY=1,
+    shoal/sdnotify.py): the one place that decision is made. Its /readyz check passes, and the
+    Event under SERVICE_READY_KEY, if the app put one there, is set."""
+    check = app.get(READY_CHECK_KEY)
+    if check is not None and await check() is not None:
+        return False
+    gate = app.get(SERVICE_READY_KEY)
+    return gate is None or gate.is_set()
 
 
 # What one client may hold of a server (every component's; README "Operations" lists them). A real
@@ -447,24 +468,32 @@ async def start(app: web.Application, sock: socket.socket, *, max_connections: i
     return runner
 
 
+Serving = Callable[[], AbstractAsyncContextManager[None]]
+"""What runs around a started server until it stops (shoal/sdnotify.py's service())."""
+
+
 async def _serve(app: web.Application, sock: socket.socket, *, max_connections: int,
-                 shutdown_timeout: float) -> None:
+                 shutdown_timeout: float, serving: Serving | None) -> None:
     runner = await start(app, sock, max_connections=max_connections, shutdown_timeout=shutdown_timeout,
                          handle_signals=True)
     try:
-        await asyncio.Event().wait()  # until SIGINT/SIGTERM (GracefulExit) or cancelled
+        # left (cancelled) on SIGINT/SIGTERM before the cleanup, which may wait for connections
+        async with serving() if serving is not None else nullcontext():
+            await asyncio.Event().wait()  # until SIGINT/SIGTERM (GracefulExit) or cancelled
     finally:
         await runner.cleanup()
 
 
 def run(app: web.Application, host: str, port: int, *, max_connections: int,
-        shutdown_timeout: float = 10.0) -> None:
+        shutdown_timeout: float = 10.0, serving: Serving | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully (cleanup contexts run), within the
     limits above and at most `max_connections` connections at once (as aiohttp's run_app, whose
-    loop handling this follows, with the guarded connections)."""
+    loop handling this follows, with the guarded connections). `serving` runs from when the
+    socket listens (and the app's startup is done) until the shutdown starts."""
     sock = _bind(host, port)
     loop = asyncio.new_event_loop()
-    main = loop.create_task(_serve(app, sock, max_connections=max_connections, shutdown_timeout=shutdown_timeout))
+    main = loop.create_task(_serve(app, sock, max_connections=max_connections, shutdown_timeout=shutdown_timeout,
+                                   serving=serving))
     try:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(main)
