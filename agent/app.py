@@ -23,7 +23,7 @@ from shoal.metrics import StoreCollector, SwarmCollector
 from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import AGENT_FINGERPRINT, Swarm, SwarmSettings
-from shoal.web import add_ops_routes, add_routes
+from shoal.web import SERVICE_READY_KEY, add_ops_routes, add_routes
 from shoal_agent.api import MirrorApi
 from shoal_agent.authz import Authorizer, Decisions, fingerprint_key
 from shoal_agent.config import AgentConfig
@@ -156,6 +156,8 @@ def build(config: AgentConfig) -> web.Application:
                 configurator = Configurator(job_for(config))
                 await configurator.start()
                 registry.register(MirroringCollector(configurator))
+                # systemd's READY=1 (Type=notify, so kubelet's start) waits for containerd's files
+                app[SERVICE_READY_KEY] = configurator.settled
             swarm = None
             if access is not None:
                 swarm = Swarm(SwarmSettings.from_config(config.torrent, AGENT_FINGERPRINT), node_key)

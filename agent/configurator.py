@@ -46,6 +46,11 @@ class Configurator:
     def __init__(self, job: Job) -> None:
         self.job = job
         self.mirroring = asyncio.Event()  # containerd's files point at this agent
+        # Set once the files first point at the agent, or the watchdog could not write them: the
+        # agent tells systemd it is started only then (shoal/web.py service_ready), so kubelet's
+        # first pulls already go through it, and an unwritable directory does not hold the node's
+        # start (the watchdog's error is in the log).
+        self.settled = asyncio.Event()
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._stopping = False
@@ -69,8 +74,11 @@ class Configurator:
             async for line in self._proc.stdout:
                 if line.strip() == b"mirror":
                     self.mirroring.set()
+                    self.settled.set()
                 elif line.strip() == b"reduced":
                     self.mirroring.clear()
+                elif line.strip() == b"failed":
+                    self.settled.set()
             self.mirroring.clear()
             code = await self._proc.wait()
             if self._stopping:

@@ -8,7 +8,8 @@ without a deadline (`dial_timeout` exists only from 2.1, and covers connecting o
 Protocol with the agent (agent/app.py): the first line on stdin is the job (JSON); then "stop"
 means the agent is stopping cleanly (files removed, the operator's restored) and end of file
 means the agent is gone without stopping (files reduced to the registry alone, for the agent's
-restart to take over). On stdout it reports "mirror" or "reduced" when that changes.
+restart to take over). On stdout it reports "mirror" or "reduced" when that changes, and
+"failed" when it cannot write the files.
 
 Run as `python -m shoal_agent.watchdog`; never by hand.
 """
@@ -83,6 +84,7 @@ class Keeper:
         error = "; ".join(errors)
         if error and error != self._last_error:
             log.error("cannot write containerd's hosts.toml under %s: %s", self.plan.config_path, error)
+            print("failed", flush=True)
         self._last_error = error
         if state is not self.state and not error:
             self.state = state

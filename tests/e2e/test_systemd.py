@@ -301,6 +301,62 @@ def test_watchdog_for_another_process_is_not_pinged(tmp_path: Path, notify_socke
         proc.wait(30)
 
 
+def test_agent_tells_systemd_it_is_ready_only_with_containerds_files(tmp_path: Path,
+                                                                    notify_socket: NotifySocket) -> None:
+    """With containerd.config_path, READY=1 (so kubelet's start, ordered after the agent) waits
+    until the agent's watchdog process has pointed containerd at the agent."""
+    certs = tmp_path / "certs.d"
+    certs.mkdir()
+    listen = f"127.0.0.1:{free_port()}"
+    doc = {"listen": listen, "data_dir": str(tmp_path / "state"),
+           "upstreams": [{"name": "registry.test:5000", "url": "http://127.0.0.1:9"}],
+           "containerd": {"config_path": str(certs)}}
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "PYTHONPATH": cluster.source_path(ROOT), "NOTIFY_SOCKET": notify_socket.env}
+    proc = subprocess.Popen(cluster.command("agent", tmp_path / "agent.yaml"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    hosts = certs / "registry.test:5000" / "hosts.toml"
+    try:
+        notify_socket.until("READY=1", timeout=30)
+        assert hosts.exists() and f"http://{listen}" in hosts.read_text()  # at once, no wait
+        proc.send_signal(signal.SIGTERM)
+        notify_socket.until("STOPPING=1", timeout=10)
+        assert proc.wait(30) == 0
+        assert not hosts.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_an_agent_that_cannot_write_containerds_files_still_starts(tmp_path: Path,
+                                                                   notify_socket: NotifySocket) -> None:
+    """READY=1 waits for containerd's files only until the watchdog has tried: a config_path the
+    agent cannot write (here a file, not a directory) is logged, and the node is not held up."""
+    certs = tmp_path / "certs.d"
+    certs.write_text("not a directory")
+    listen = f"127.0.0.1:{free_port()}"
+    doc = {"listen": listen, "data_dir": str(tmp_path / "state"),
+           "upstreams": [{"name": "registry.test:5000", "url": "http://127.0.0.1:9"}],
+           "containerd": {"config_path": str(certs)}}
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "PYTHONPATH": cluster.source_path(ROOT), "NOTIFY_SOCKET": notify_socket.env}
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cluster.command("agent", tmp_path / "agent.yaml"), env=env,
+                                stdout=out, stderr=out)
+    try:
+        notify_socket.until("READY=1", timeout=30)
+        assert "cannot write containerd's hosts.toml" in log.read_text()
+        assert certs.read_text() == "not a directory"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # The whole cluster under the units' kernel restrictions
 
 COMMAND = cluster.command  # the plain one (the test below wraps it)
@@ -448,9 +504,9 @@ def test_units_run_under_systemd(tmp_path: Path) -> None:
         assert box.sh("cat /var/lib/shoal-agent/probe-user").stdout.strip() == "shoal-agent"
         assert box.sh("cat /var/lib/shoal-agent/probe-sandbox").stdout.strip() == "confined"
         assert box.sh("ls /etc/containerd/certs.d/new.example").stdout.split() == ["probe"]
-        # the agent's watchdog process keeps containerd's file (agent/hostsconf.py) from inside the sandbox
-        box.sh(f"for i in $(seq 100); do grep -q 127.0.0.1:5050 {HOSTS}/hosts.toml && exit 0; sleep 0.1; done; "
-               "exit 1")
+        # the agent's watchdog process keeps containerd's file (agent/hostsconf.py) from inside the
+        # sandbox, and the agent was "started" only once it was written (no wait here)
+        box.sh(f"grep -q 127.0.0.1:5050 {HOSTS}/hosts.toml")
         assert box.sh(f"cat {HOSTS}/hosts.toml.shoal-orig").stdout == OPERATORS_HOSTS
         for unit in UNITS:
             found = re.search(r"Overall exposure level for \S+: ([0-9.]+) OK",
