@@ -301,24 +301,31 @@ def test_watchdog_for_another_process_is_not_pinged(tmp_path: Path, notify_socke
         proc.wait(30)
 
 
-def test_agent_tells_systemd_it_is_ready_only_with_containerds_files(tmp_path: Path,
-                                                                    notify_socket: NotifySocket) -> None:
-    """With containerd.config_path, READY=1 (so kubelet's start, ordered after the agent) waits
-    until the agent's watchdog process has pointed containerd at the agent."""
-    certs = tmp_path / "certs.d"
-    certs.mkdir()
+def notified_agent(tmp_path: Path, notify_socket: NotifySocket, certs: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """An agent keeping containerd's files under `certs`, telling `notify_socket` its state; its
+    log in tmp_path/agent.log. Returns the process and its mirror URL."""
     listen = f"127.0.0.1:{free_port()}"
     doc = {"listen": listen, "data_dir": str(tmp_path / "state"),
            "upstreams": [{"name": "registry.test:5000", "url": "http://127.0.0.1:9"}],
            "containerd": {"config_path": str(certs)}}
     (tmp_path / "agent.yaml").write_text(yaml.safe_dump(doc))
     env = {**os.environ, "PYTHONPATH": cluster.source_path(ROOT), "NOTIFY_SOCKET": notify_socket.env}
-    proc = subprocess.Popen(cluster.command("agent", tmp_path / "agent.yaml"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "agent.log", "wb") as out:
+        proc = subprocess.Popen(cluster.command("agent", tmp_path / "agent.yaml"), env=env, stdout=out, stderr=out)
+    return proc, f"http://{listen}"
+
+
+def test_agent_tells_systemd_it_is_ready_only_with_containerds_files(tmp_path: Path,
+                                                                    notify_socket: NotifySocket) -> None:
+    """With containerd.config_path, READY=1 (so kubelet's start, ordered after the agent) waits
+    until the agent's watchdog process has pointed containerd at the agent."""
+    certs = tmp_path / "certs.d"
+    certs.mkdir()
+    proc, mirror = notified_agent(tmp_path, notify_socket, certs)
     hosts = certs / "registry.test:5000" / "hosts.toml"
     try:
         notify_socket.until("READY=1", timeout=30)
-        assert hosts.exists() and f"http://{listen}" in hosts.read_text()  # at once, no wait
+        assert hosts.exists() and mirror in hosts.read_text()  # at once, no wait
         proc.send_signal(signal.SIGTERM)
         notify_socket.until("STOPPING=1", timeout=10)
         assert proc.wait(30) == 0
@@ -335,19 +342,10 @@ def test_an_agent_that_cannot_write_containerds_files_still_starts(tmp_path: Pat
     agent cannot write (here a file, not a directory) is logged, and the node is not held up."""
     certs = tmp_path / "certs.d"
     certs.write_text("not a directory")
-    listen = f"127.0.0.1:{free_port()}"
-    doc = {"listen": listen, "data_dir": str(tmp_path / "state"),
-           "upstreams": [{"name": "registry.test:5000", "url": "http://127.0.0.1:9"}],
-           "containerd": {"config_path": str(certs)}}
-    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(doc))
-    env = {**os.environ, "PYTHONPATH": cluster.source_path(ROOT), "NOTIFY_SOCKET": notify_socket.env}
-    log = tmp_path / "agent.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cluster.command("agent", tmp_path / "agent.yaml"), env=env,
-                                stdout=out, stderr=out)
+    proc, _mirror = notified_agent(tmp_path, notify_socket, certs)
     try:
         notify_socket.until("READY=1", timeout=30)
-        assert "cannot write containerd's hosts.toml" in log.read_text()
+        assert "cannot write containerd's hosts.toml" in (tmp_path / "agent.log").read_text()
         assert certs.read_text() == "not a directory"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
