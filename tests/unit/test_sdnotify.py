@@ -82,26 +82,23 @@ async def test_ready_waits_for_readyz_and_for_the_apps_event(systemd: socket.soc
     shoal_web.add_ops_routes(app, CollectorRegistry(), ready)
     gate = app[shoal_web.SERVICE_READY_KEY] = asyncio.Event()
 
-    async def window(seconds: float) -> list[str]:
-        """Everything that arrives within `seconds`."""
+    async def window(seconds: float, stop: str | None = None) -> list[str]:
+        """Everything that arrives within `seconds` (up to `stop`, if it comes)."""
         deadline = asyncio.get_running_loop().time() + seconds
         got: list[str] = []
         while (left := deadline - asyncio.get_running_loop().time()) > 0:
             m = await received(systemd, left)
             if m is not None:
                 got.append(m)
+                if m == stop:
+                    break
         return got
 
     async def until(message: str, seconds: float) -> list[str]:
-        deadline = asyncio.get_running_loop().time() + seconds
-        got: list[str] = []
-        while (left := deadline - asyncio.get_running_loop().time()) > 0:
-            m = await received(systemd, left)
-            if m is not None:
-                got.append(m)
-                if m == message:
-                    return got
-        raise AssertionError(f"no {message} within {seconds}s: {got}")
+        got = await window(seconds, stop=message)
+        if message not in got:
+            raise AssertionError(f"no {message} within {seconds}s: {got}")
+        return got
 
     async with sdnotify.service(lambda: shoal_web.service_ready(app)):
         first = await window(0.4)  # /readyz not ready: pings only
