@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from shoal import signing
+from shoal import protocol, signing
 from shoal.config import LogSettings, SecretSource, read_token, set_dotted
 from shoal.errors import ConfigError
 from shoal_agent import config as agent_config
@@ -254,7 +254,8 @@ def test_agent_pod_runs_as_the_brief_says(rendered: dict[str, list[Doc]]) -> Non
         assert agent["command"] == ["shoal-agent"]
         assert agent["args"][agent["args"].index("--node") + 1] == "$(NODE_NAME)"
         assert agent["args"][agent["args"].index("--torrent-listen") + 1] == "$(HOST_IP):6881"
-        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")):
+        for probe, path in (("livenessProbe", protocol.HEALTHZ.path()), ("readinessProbe", protocol.READYZ.path()),
+                            ("startupProbe", protocol.HEALTHZ.path())):
             assert agent[probe]["httpGet"] == {"host": "127.0.0.1", "port": 5050, "path": path}
             assert 1 <= agent[probe]["timeoutSeconds"] <= 2
         assert agent["livenessProbe"]["periodSeconds"] * agent["livenessProbe"]["failureThreshold"] <= 15
@@ -372,7 +373,7 @@ def test_lookup_keeps_the_keys_across_upgrades(tmp_path: Path) -> None:
     ({"upstreams": [{"name": "https://registry.example.com", "url": "https://registry.example.com"}]},
      "/upstreams/0/name"),
     ({"upstreams": []}, "/upstreams"),
-    ({"metrics": {"prometheusRule": {"enabled": "yes"}}}, "/metrics/prometheusRule/enabled"),
+    ({"metrics": {"prometheusRule": {"enabled": "yes"}}}, "/".join(("", "metrics", "prometheusRule", "enabled"))),
 ])
 def test_values_schema_rejects_bad_values_naming_the_key(values: Doc, named: str, tmp_path: Path) -> None:
     out = template_raw(values, tmp_path)

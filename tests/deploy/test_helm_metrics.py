@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from shoal import protocol
 from tests.deploy.chart import CHART, FULL, metric_names, template
 from tests.e2e.conftest import Images
 from tests.support.procs import Component, free_port, http_get, parse_metrics, proc_stats, wait_http
@@ -48,7 +49,7 @@ def test_every_metric_in_rules_and_dashboard_exists(stack: Stack, images: Images
     stack.start(agents=1)
     agent = stack.agents[0]
     with sidecar(agent.url) as (url, proc):
-        wait_http(f"{url}/metrics", proc=proc)
+        wait_http(protocol.METRICS.url(url), proc=proc)
         _check(stack, agent, url, proc, used, digests)
 
 
@@ -56,7 +57,7 @@ def _check(stack: Stack, agent: Component, url: str, proc: subprocess.Popen[byte
            digests: list[str]) -> None:
     _pull(agent, "private/helm-metrics", digests)  # the 3 MiB layer through the swarm
     _pull(agent, "private/helm-metrics", digests)  # then from the cache
-    status, body = http_get(f"{url}/metrics")
+    status, body = http_get(protocol.METRICS.url(url))
     assert status == 200
     agent_samples = parse_metrics(body.decode())
     assert sum(s.value for s in agent_samples
@@ -68,11 +69,11 @@ def _check(stack: Stack, agent: Component, url: str, proc: subprocess.Popen[byte
     assert used - exported == set()
     # the sidecar serves nothing but /metrics: the mirror API stays on the loopback
     assert http_get(f"{url}/v2/private/helm-metrics/blobs/{digests[0]}")[0] == 404
-    assert http_get(f"{url}/healthz")[0] == 404
+    assert http_get(protocol.HEALTHZ.url(url))[0] == 404
     print(f"\nmetrics sidecar RSS {proc_stats(proc.pid)[0] / MIB:.1f} MiB; {len(used)} metric names checked")
 
 
 def test_metrics_sidecar_answers_502_without_the_agent() -> None:
     with sidecar(f"http://127.0.0.10:{free_port('127.0.0.10')}") as (url, proc):
-        wait_http(f"{url}/metrics", ok=(502,), proc=proc)
-        assert http_get(f"{url}/metrics")[0] == 502
+        wait_http(protocol.METRICS.url(url), ok=(502,), proc=proc)
+        assert http_get(protocol.METRICS.url(url))[0] == 502

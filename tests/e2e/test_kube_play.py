@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
+from shoal import protocol
 from tests.deploy import chart
 from tests.e2e.conftest import MIB, USERS, Images
 from tests.support.clients import Containerd
@@ -142,7 +143,7 @@ def test_the_charts_agent_pod_runs_keeps_hosts_toml_and_leaves_nothing(
         assert inspect == [f"{UID}:{UID}", "true"]
 
         through = pull(containerd, certs, f"{registry.host}/private/kube1:v1", [first.digest, *first.blobs])
-        status, body = http_get(f"{mirror}/metrics")
+        status, body = http_get(protocol.METRICS.url(mirror))
         assert status == 200
         samples = parse_metrics(body.decode())
         assert metric_sum(samples, "shoal_agent_requests_total", kind="blobs", method="GET",
