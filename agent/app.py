@@ -23,12 +23,13 @@ from shoal.metrics import StoreCollector, SwarmCollector
 from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import AGENT_FINGERPRINT, Swarm, SwarmSettings
-from shoal.web import SERVICE_READY_KEY, add_ops_routes, add_routes
+from shoal.web import BEFORE_STOP_KEY, SERVICE_READY_KEY, WATCHDOG_SECRET_KEY, add_ops_routes, add_routes
 from shoal_agent.api import MirrorApi
 from shoal_agent.authz import Authorizer, Decisions, fingerprint_key
 from shoal_agent.config import AgentConfig
 from shoal_agent.configurator import Configurator, job_for
 from shoal_agent.fetcher import Fetcher
+from shoal_agent.hostsconf import Plan, State, apply
 from shoal_agent.journal import DEFAULT_MAX_DISK_BYTES, Journal
 from shoal_agent.manifests import ManifestKeeper
 from shoal_agent.membership import SwarmAccess
@@ -149,15 +150,11 @@ def build(config: AgentConfig) -> web.Application:
             stack.push_async_callback(keeper.close)
             await journal.open()
             stack.push_async_callback(journal.close)
-            configurator = None
-            if config.containerd.config_path is not None:
-                # Started first, so that files a killed agent left are reduced to the registry
-                # while this one starts; stopped first (last callback), before the rest closes.
-                configurator = Configurator(job_for(config))
+            if configurator is not None:
+                # stopped first (last callback; and before the listening socket closes,
+                # BEFORE_STOP_KEY), before the rest closes
                 await configurator.start()
                 registry.register(MirroringCollector(configurator))
-                # systemd's READY=1 (Type=notify, so kubelet's start) waits for containerd's files
-                app[SERVICE_READY_KEY] = configurator.settled
             swarm = None
             if access is not None:
                 swarm = Swarm(SwarmSettings.from_config(config.torrent, AGENT_FINGERPRINT), node_key)
@@ -222,6 +219,17 @@ def build(config: AgentConfig) -> web.Application:
             "journal_records": journal.records_written,
         })
 
+    configurator = None
+    if config.containerd.config_path is not None:
+        configurator = Configurator(job_for(config))
+        # Before the mirror's port is bound: files a killed agent left still name that port, which
+        # another process could hold now (and so get containerd's pulls and credentials).
+        reduce_files(configurator.job.plan)
+        app[WATCHDOG_SECRET_KEY] = configurator.job.secret
+        # containerd's files leave the agent's address while it still holds it (a clean stop)
+        app[BEFORE_STOP_KEY] = [configurator.stop]
+        # systemd's READY=1 (Type=notify, so kubelet's start) waits for containerd's files
+        app[SERVICE_READY_KEY] = configurator.settled
     app.cleanup_ctx.append(lifecycle)
     add_routes(app, [
         # who may pull what is the registry's decision, asked for every request (authz.py)
@@ -237,6 +245,15 @@ def build(config: AgentConfig) -> web.Application:
 
     add_ops_routes(app, registry, ready, refresh=fresh_stats)
     return app
+
+
+def reduce_files(plan: Plan) -> None:
+    for registry in plan.registries:
+        try:
+            apply(plan, registry, State.REDUCED)
+        except OSError as exc:
+            log.error("cannot write containerd's hosts.toml for %s under %s: %s", registry.name, plan.config_path,
+                      exc.strerror or exc)
 
 
 async def _scrub(store: BlobStore, interval: float) -> None:

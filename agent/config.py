@@ -21,6 +21,7 @@ from shoal.config import (
     UpstreamSettings,
     check_upstream_names,
     load_section,
+    split_hostport,
 )
 from shoal.errors import ConfigError
 
@@ -104,7 +105,8 @@ class ContainerdSettings:
             raise ConfigError(f"{prefix}.config_path: must be an absolute path")
         if self.mirror is not None:
             parts = urlsplit(self.mirror)
-            if parts.scheme not in ("http", "https") or parts.path not in ("", "/") or parts.query:
+            if (parts.scheme not in ("http", "https") or parts.path not in ("", "/") or parts.query
+                    or parts.fragment or "#" in self.mirror or parts.port is None):
                 raise ConfigError(f"{prefix}.mirror: expected http(s)://host:port without a path")
         if self.dial_timeout <= 0:
             raise ConfigError(f"{prefix}.dial_timeout: must be positive")
@@ -146,6 +148,10 @@ class AgentConfig:
         if self.max_connections < 1:
             raise ConfigError("max_connections: must be at least 1")
         check_upstream_names(self.upstreams, "upstreams")
+        mirror = self.containerd.mirror
+        if mirror is not None and urlsplit(mirror).port != split_hostport(self.listen)[1]:
+            # the watchdog checks the agent on its listen port: containerd must go to that one
+            raise ConfigError("containerd.mirror: must use listen's port")
         if self.containerd.config_path is not None:
             for i, upstream in enumerate(self.upstreams):
                 # each name is a directory under config_path

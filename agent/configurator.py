@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
+import secrets
 import sys
 
 from shoal import protocol
-from shoal.config import split_hostport
 from shoal_agent.config import AgentConfig
-from shoal_agent.hostsconf import DEFAULT_DIR, Plan, Registry
+from shoal_agent.hostsconf import local_url, plan_for
 from shoal_agent.watchdog import Job
 
 log = logging.getLogger(__name__)
@@ -20,26 +19,11 @@ FAILURES = 2  # /readyz failures in a row before containerd is pointed away from
 STOP_TIMEOUT = 10.0
 
 
-def local_url(listen: str) -> str:
-    """http://host:port on which this host reaches the agent's `listen` address."""
-    host, port = split_hostport(listen)
-    ip = ipaddress.ip_address(host)
-    if ip.is_unspecified:
-        ip = ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")
-    return f"http://[{ip}]:{port}" if ip.version == 6 else f"http://{ip}:{port}"
-
-
 def job_for(config: AgentConfig) -> Job:
     settings = config.containerd
-    assert settings.config_path is not None
-    registries = [Registry(u.name, u.url) for u in config.upstreams]
-    if settings.default_host:
-        registries.append(Registry(DEFAULT_DIR, None))
-    url = local_url(config.listen)
-    plan = Plan(config_path=settings.config_path, mirror=settings.mirror or url,
-                dial_timeout=settings.dial_timeout, registries=tuple(registries))
-    return Job(plan=plan, health=protocol.READYZ.url(url), interval=settings.check_interval, failures=FAILURES,
-               log_level=config.log.level, log_format=config.log.format)
+    return Job(plan=plan_for(config), health=protocol.READYZ.url(local_url(config.listen)),
+               interval=settings.check_interval, failures=FAILURES, log_level=config.log.level,
+               log_format=config.log.format, secret=secrets.token_bytes(32))
 
 
 class Configurator:
@@ -60,8 +44,9 @@ class Configurator:
         self._reader = asyncio.create_task(self._read())
 
     async def _spawn(self) -> None:
+        # -P and cwd "/": the watchdog imports nothing from the directory the agent runs in
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "shoal_agent.watchdog",
+            sys.executable, "-P", "-m", "shoal_agent.watchdog", cwd="/",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         assert self._proc.stdin is not None
         self._proc.stdin.write(self.job.to_json().encode() + b"\n")

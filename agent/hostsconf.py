@@ -11,21 +11,31 @@ Three states per registry directory (agent/watchdog.py picks one):
 - REMOVED (the agent stopped cleanly): the operator's file again, or no file at all (and the
   directory, if the agent made it and it is empty).
 
-Every write is atomic (a temporary file, fsync, rename): containerd never reads half a file.
-A file is ours when its first line is MARKER; anything else in `hosts.toml` is the operator's.
+Every write is atomic (a temporary file made with O_EXCL, fsync, rename): containerd never reads
+half a file. A file is ours when its first line is MARKER; anything else in `hosts.toml` is the
+operator's. Nothing here follows a symbolic link: a registry directory, `hosts.toml` or its backup
+that is one is left alone (an error the watchdog logs), so that whoever can write in a registry
+directory cannot make the agent write or copy files elsewhere.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import errno
+import ipaddress
 import json
 import os
 import re
+import stat
+import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from shoal.config import split_hostport
+from shoal_agent.config import AgentConfig
 
 MARKER = "# written by shoal-agent"
 BACKUP = "hosts.toml.shoal-orig"
@@ -66,8 +76,28 @@ class Plan:
                    registries=tuple(Registry(name, server) for name, server in doc["registries"]))
 
 
+def local_url(listen: str) -> str:
+    """http://host:port on which this host reaches the agent's `listen` address."""
+    host, port = split_hostport(listen)
+    ip = ipaddress.ip_address(host)
+    if ip.is_unspecified:
+        ip = ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")
+    return f"http://[{ip}]:{port}" if ip.version == 6 else f"http://{ip}:{port}"
+
+
+def plan_for(config: AgentConfig) -> Plan:
+    settings = config.containerd
+    assert settings.config_path is not None
+    registries = [Registry(u.name, u.url) for u in config.upstreams]
+    if settings.default_host:
+        registries.append(Registry(DEFAULT_DIR, None))
+    return Plan(config_path=settings.config_path, mirror=settings.mirror or local_url(config.listen),
+                dial_timeout=settings.dial_timeout, registries=tuple(registries))
+
+
 def _quote(value: str) -> str:
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
+    """A TOML basic string: quote, backslash and control characters escaped, the rest as is."""
+    return '"' + re.sub(r'["\\\x00-\x1f\x7f]', lambda m: f"\\u{ord(m.group()):04x}", value) + '"'
 
 
 def _duration(seconds: float) -> str:
@@ -91,7 +121,7 @@ def render(plan: Plan, registry: Registry, state: State, original: str | None) -
             return None
         return (f"{MARKER} (agent not ready: the registry alone)\n"
                 f"server = {_quote(registry.server)}\n")
-    head = f"{MARKER} (mirror: {plan.mirror})\n"
+    head = f"{MARKER}: the agent first, then the registry\n"
     if original is not None:
         merged = merge(original, mirror_host(plan))
         if merged is not None:
@@ -145,9 +175,26 @@ def is_ours(text: str | None) -> bool:
     return text is not None and text.startswith(MARKER)
 
 
+def release(plan: Plan, registry: Registry) -> bool:
+    """After the agent ended without stopping cleanly (its watchdog too: SIGKILL of the whole
+    service, an OOM kill): a file of ours that still names the agent goes to the registry alone.
+    Files a clean stop removed or restored are left as they are."""
+    current = _read(Path(plan.config_path) / registry.name / "hosts.toml")
+    if not is_ours(current):
+        return False
+    assert current is not None
+    try:
+        hosts = tomllib.loads(current).get("host", {})
+    except tomllib.TOMLDecodeError:
+        hosts = {}
+    return plan.mirror in hosts and apply(plan, registry, State.REDUCED)
+
+
 def apply(plan: Plan, registry: Registry, state: State) -> bool:
     """Bring one registry's directory to `state`; True if a file changed."""
     directory = Path(plan.config_path) / registry.name
+    if directory.is_symlink():
+        raise OSError(errno.ELOOP, f"{directory} is a symbolic link: left as it is")
     target = directory / "hosts.toml"
     backup = directory / BACKUP
     current = _read(target)
@@ -177,23 +224,37 @@ def apply(plan: Plan, registry: Registry, state: State) -> bool:
 
 def _read(path: Path) -> str | None:
     try:
-        return path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{path} is a symbolic link: left as it is") from None
+        raise
+    with os.fdopen(fd) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file: left as it is")
+        return f.read()
 
 
 def _write(path: Path, text: str) -> None:
     if not path.parent.is_dir():
         path.parent.mkdir(parents=True)
         os.chmod(path.parent, 0o755)  # noqa: S103 like the directories around it (the agent's umask is 077)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    # containerd runs as root and reads the file whatever its mode; 0644 like the files around it
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            # containerd runs as root and reads the file whatever its mode; 0644 like the files
+            # around it
+            os.fchmod(f.fileno(), 0o644)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     with contextlib.suppress(OSError):
         dirfd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -11,23 +11,37 @@ means the agent is gone without stopping (files reduced to the registry alone, f
 restart to take over). On stdout it reports "mirror" or "reduced" when that changes, and
 "failed" when it cannot write the files.
 
-Run as `python -m shoal_agent.watchdog`; never by hand.
+Run as `python -m shoal_agent.watchdog` by the agent. Two more uses, for service managers:
+`--release --config AGENT.yaml` (after the agent's process ended, whatever the way: systemd's
+ExecStopPost=) points files that still name the agent at the registry; `--prepare USER --config
+AGENT.yaml` (as root, before the agent starts: systemd's ExecStartPre=+) makes each registry's
+directory under config_path and gives it to USER, so that the agent can write there and nowhere
+else in containerd's directory.
 """
 
 from __future__ import annotations
 
+import argparse
+import hmac
 import http.client
 import json
 import logging
+import os
+import pwd
+import secrets
 import select
 import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from shoal import logs
-from shoal_agent.hostsconf import Plan, State, apply
+from shoal import logs, protocol
+from shoal.config import read_yaml
+from shoal.errors import ConfigError
+from shoal_agent import config as agent_config
+from shoal_agent.hostsconf import Plan, State, apply, plan_for, release
 
 log = logging.getLogger("shoal_agent.watchdog")
 
@@ -40,26 +54,34 @@ class Job:
     failures: int  # failed checks in a row before containerd is pointed away from the agent
     log_level: str
     log_format: str
+    # Shared with the agent only (through the pipe): its /readyz proves it, so that another
+    # process on the agent's port is never taken for the agent.
+    secret: bytes
 
     def to_json(self) -> str:
         return json.dumps({"plan": json.loads(self.plan.to_json()), "health": self.health,
                            "interval": self.interval, "failures": self.failures,
-                           "log_level": self.log_level, "log_format": self.log_format})
+                           "log_level": self.log_level, "log_format": self.log_format,
+                           "secret": self.secret.hex()})
 
     @classmethod
     def from_json(cls, text: str) -> Job:
         doc = json.loads(text)
         return cls(plan=Plan.from_json(json.dumps(doc["plan"])), health=doc["health"],
                    interval=float(doc["interval"]), failures=int(doc["failures"]),
-                   log_level=doc["log_level"], log_format=doc["log_format"])
+                   log_level=doc["log_level"], log_format=doc["log_format"], secret=bytes.fromhex(doc["secret"]))
 
 
-def healthy(url: str, timeout: float) -> bool:
+def healthy(url: str, timeout: float, secret: bytes) -> bool:
+    """/readyz answers 200, with the proof of `secret` for a fresh challenge."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
+    challenge = secrets.token_hex(16)
     try:
-        conn.request("GET", parts.path or "/")
-        return conn.getresponse().status == 200
+        conn.request("GET", parts.path or "/", headers={protocol.WATCHDOG_CHALLENGE_HEADER: challenge})
+        resp = conn.getresponse()
+        proof = resp.getheader(protocol.WATCHDOG_PROOF_HEADER) or ""
+        return resp.status == 200 and hmac.compare_digest(proof, protocol.watchdog_proof(secret, challenge))
     except (OSError, http.client.HTTPException):
         return False
     finally:
@@ -103,7 +125,7 @@ def run(job: Job) -> int:
     failed = 0
     while True:
         started = time.monotonic()
-        failed = 0 if healthy(job.health, job.interval) else failed + 1
+        failed = 0 if healthy(job.health, job.interval, job.secret) else failed + 1
         if failed == 0:
             keeper.bring(State.MIRROR)
         elif failed >= job.failures or keeper.state is not State.MIRROR:
@@ -121,7 +143,55 @@ def run(job: Job) -> int:
                 return 0
 
 
-def main() -> int:
+def _plan(config_file: str) -> Plan:
+    config = agent_config.load(read_yaml(config_file))
+    if config.containerd.config_path is None:
+        raise ConfigError("containerd.config_path: not set (nothing to do)")
+    return plan_for(config)
+
+
+def release_files(config_file: str) -> int:
+    plan = _plan(config_file)
+    for registry in plan.registries:
+        if release(plan, registry):
+            print(f"shoal-agent: {registry.name}/hosts.toml: the agent ended without stopping; "
+                  "containerd goes to the registry")
+    return 0
+
+
+def prepare(owner: str, config_file: str) -> int:
+    plan = _plan(config_file)
+    user = pwd.getpwnam(owner)
+    for registry in plan.registries:
+        directory = Path(plan.config_path) / registry.name
+        if directory.is_symlink():
+            raise ConfigError(f"{directory}: a symbolic link, not prepared")
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chown(directory, user.pw_uid, user.pw_gid)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv:
+        parser = argparse.ArgumentParser(prog="python -m shoal_agent.watchdog")
+        parser.add_argument("--config", required=True, help="the agent's configuration")
+        mode = parser.add_mutually_exclusive_group(required=True)
+        mode.add_argument("--release", action="store_true",
+                          help="point files that still name the agent at the registry (after it ended)")
+        mode.add_argument("--prepare", metavar="USER",
+                          help="make each registry's directory under config_path and give it to USER")
+        args = parser.parse_args(argv)
+        try:
+            return prepare(args.prepare, args.config) if args.prepare else release_files(args.config)
+        except (ConfigError, OSError, KeyError) as exc:
+            print(f"shoal-agent watchdog: {exc}", file=sys.stderr)
+            return 2
+    return watch()
+
+
+def watch() -> int:
     # Ctrl-C in a terminal and systemd's stop reach every process of the agent: the agent
     # stops cleanly and then says "stop" (or, killed, closes stdin). Until then containerd
     # keeps the agent, which is still serving.

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import re
 import time
@@ -74,6 +76,15 @@ NODE_SIGNATURE_HEADER = "Shoal-Node-Signature"  # a node's signature of its jour
 # it, or the node's own registry login as Basic (absent: anonymous). The origin asks the registry
 # with it and forgets it.
 PULLER_AUTHORIZATION_HEADER = "Shoal-Puller-Authorization"
+# The agent's hosts.toml watchdog asks /readyz with a fresh challenge and trusts only an answer
+# that proves the secret it shares with its own agent (HMAC-SHA256 of the challenge, hex): another
+# process on the mirror's port is not the agent.
+WATCHDOG_CHALLENGE_HEADER = "Shoal-Watchdog-Challenge"
+WATCHDOG_PROOF_HEADER = "Shoal-Watchdog-Proof"
+
+
+def watchdog_proof(secret: bytes, challenge: str) -> str:
+    return hmac.new(secret, challenge.encode(), hashlib.sha256).hexdigest()
 TORRENT_TYPE = "application/x-bittorrent"
 
 

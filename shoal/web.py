@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 ReadyCheck = Callable[[], Awaitable[str | None]]
 """Returns None when ready, else a short reason shown by /readyz."""
 
+WATCHDOG_SECRET_KEY = web.AppKey("watchdog_secret", bytes)
+"""Optional: the secret /readyz proves to a watchdog's challenge (protocol.WATCHDOG_*)."""
+BEFORE_STOP_KEY = web.AppKey("before_stop", list)
+"""Optional: coroutine functions run when the server is told to stop, before its listening
+socket closes (the agent takes containerd's files off its address while it still holds it)."""
 READY_CHECK_KEY = web.AppKey[ReadyCheck]("ready_check")
 """The app's /readyz check (add_ops_routes keeps it here)."""
 SERVICE_READY_KEY = web.AppKey("service_ready", asyncio.Event)
@@ -189,11 +194,16 @@ def add_ops_routes(app: web.Application, registry: CollectorRegistry, ready: Rea
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def readyz(_: web.Request) -> web.Response:
+    async def readyz(request: web.Request) -> web.Response:
         reason = await ready()
+        headers = {}
+        secret = request.app.get(WATCHDOG_SECRET_KEY)
+        challenge = request.headers.get(protocol.WATCHDOG_CHALLENGE_HEADER)
+        if secret is not None and challenge is not None and len(challenge) <= 128:
+            headers[protocol.WATCHDOG_PROOF_HEADER] = protocol.watchdog_proof(secret, challenge)
         if reason is None:
-            return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not ready", "reason": reason}, status=503)
+            return web.json_response({"status": "ready"}, headers=headers)
+        return web.json_response({"status": "not ready", "reason": reason}, status=503, headers=headers)
 
     async def metrics(_: web.Request) -> web.Response:
         if refresh is not None:
@@ -481,6 +491,11 @@ async def _serve(app: web.Application, sock: socket.socket, *, max_connections: 
         async with serving() if serving is not None else nullcontext():
             await asyncio.Event().wait()  # until SIGINT/SIGTERM (GracefulExit) or cancelled
     finally:
+        for callback in app.get(BEFORE_STOP_KEY, []):
+            try:
+                await callback()
+            except Exception:
+                log.exception("while stopping")
         await runner.cleanup()
 
 

@@ -5,18 +5,29 @@ restarted: it reads the file on every pull."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
+import secrets
 import signal
+import socket
 import subprocess
+import threading
+import time
 import tomllib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from shoal_agent.hostsconf import BACKUP, MARKER
+from shoal import protocol
+from shoal_agent.configurator import Configurator
+from shoal_agent.hostsconf import BACKUP, MARKER, Plan
+from shoal_agent.hostsconf import Registry as Registry_
+from shoal_agent.watchdog import Job, healthy
 from tests.e2e.conftest import MIB, USERS, Images
 from tests.support.clients import Containerd
 from tests.support.images import Image
-from tests.support.procs import Component, wait_for
+from tests.support.procs import Component, free_port, wait_for
 from tests.support.registry import Registry, pulls_since
 from tests.support.stack import Stack
 
@@ -156,3 +167,108 @@ def test_default_sends_other_registries_on_to_their_own_host(
     assert blobs_from_agent(agent) == 0
     agent.stop()
     assert not hosts_file(certs, registry, "_default").exists()
+
+
+# Another process on the mirror's port (any local user, any hostNetwork pod, once the agent does
+# not hold it) would get containerd's pulls and, after a 401, the pullers' credentials
+# (attack14, F1): containerd's files never name a port the agent does not hold.
+
+def test_a_restarted_agent_takes_the_files_off_a_port_someone_else_holds(
+        stack: Stack, registry: Registry, tmp_path: Path) -> None:
+    certs = tmp_path / "certs.d"
+    agent = managed_agent(stack, certs)
+    wait_for(lambda: through(agent, certs, registry), timeout=WAIT, what="hosts.toml through the agent")
+    assert agent.proc is not None
+    # killed with its watchdog (an OOM kill of the whole cgroup, systemctl kill -s KILL, power loss)
+    watchdog = subprocess.run(["pgrep", "-P", str(agent.proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(watchdog) == 1
+    os.kill(int(watchdog[0]), signal.SIGKILL)
+    agent.proc.kill()
+    agent.proc.wait()
+    assert through(agent, certs, registry)  # the file still names the port
+    host, port = agent.config["listen"].rsplit(":", 1)
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind((host, int(port)))
+        squatter.listen()
+        agent.start(wait=False)
+        assert agent.proc is not None
+        assert agent.proc.wait(60) != 0  # cannot bind
+        assert registry_alone(certs, registry)  # but containerd no longer goes to that port
+
+
+def test_a_clean_stop_takes_the_files_off_the_port_before_letting_it_go(
+        stack: Stack, registry: Registry, tmp_path: Path) -> None:
+    certs = tmp_path / "certs.d"
+    agent = managed_agent(stack, certs)
+    wait_for(lambda: through(agent, certs, registry), timeout=WAIT, what="hosts.toml through the agent")
+    host, port = agent.config["listen"].rsplit(":", 1)
+    agent.signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        while True:  # the first moment another process can hold the port
+            try:
+                squatter.bind((host, int(port)))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the agent never let its port go"
+        assert not hosts_file(certs, registry).exists()
+    assert agent.proc is not None
+    assert agent.proc.wait(30) == 0
+
+
+async def test_the_watchdog_trusts_only_its_own_agent_and_imports_nothing_from_its_directory(
+        tmp_path: Path) -> None:
+    """/readyz answered by another process (200, without the proof of the shared secret) is not
+    the agent; and the watchdog, started from a directory holding a json.py, does not run it."""
+    ip = "127.0.0.90"
+    impostor = ThreadingHTTPServer((ip, free_port(ip)), Ready)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    marker = tmp_path / "ran"
+    (tmp_path / "json.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    certs = tmp_path / "certs.d"
+    registry = Registry_("registry.example.com", "https://registry.example.com")
+    url = f"http://{ip}:{impostor.server_address[1]}"
+    job = Job(plan=Plan(str(certs), url, 1.0, (registry,)), health=protocol.READYZ.url(url), interval=0.2,
+              failures=2, log_level="info", log_format="text", secret=secrets.token_bytes(32))
+    assert not healthy(job.health, 1.0, job.secret)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        configurator = Configurator(job)
+        await configurator.start()
+    finally:
+        os.chdir(cwd)
+    try:
+        hosts = certs / registry.name / "hosts.toml"
+        deadline = time.monotonic() + 30
+        while not hosts.exists():  # the watchdog's first step: the registry alone
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        asked = len(IMPOSTOR_ASKED)
+        while len(IMPOSTOR_ASKED) < asked + 3:  # three more checks, all answered 200 by the impostor
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert read(hosts) == {"server": registry.server}
+        assert not configurator.mirroring.is_set()
+    finally:
+        await configurator.stop()
+        impostor.shutdown()
+    assert not marker.exists()
+
+
+IMPOSTOR_ASKED: list[float] = []
+
+
+class Ready(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        IMPOSTOR_ASKED.append(time.monotonic())
+        body = b'{"status": "ready"}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

@@ -3,10 +3,13 @@ state, and that an operator's file survives byte for byte."""
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
-from shoal_agent.hostsconf import BACKUP, DEFAULT_DIR, MARKER, Plan, Registry, State, apply, merge
+import pytest
+
+from shoal_agent.hostsconf import BACKUP, DEFAULT_DIR, MARKER, Plan, Registry, State, apply, merge, release, render
 
 REGISTRY = Registry("registry.example.com:5000", "https://registry.example.com:5000")
 AGENT = "http://127.0.0.1:5050"
@@ -123,7 +126,8 @@ def test_plan_round_trips_through_json(tmp_path: Path) -> None:
 
 def test_the_watchdogs_job_follows_the_agents_configuration() -> None:
     from shoal_agent import config as agent_config
-    from shoal_agent.configurator import job_for, local_url
+    from shoal_agent.configurator import job_for
+    from shoal_agent.hostsconf import local_url
 
     assert local_url("0.0.0.0:5050") == "http://127.0.0.1:5050"
     assert local_url("[::]:5050") == "http://[::1]:5050"
@@ -138,3 +142,76 @@ def test_the_watchdogs_job_follows_the_agents_configuration() -> None:
     assert job.plan.dial_timeout == 0.2
     doc["containerd"] = {"config_path": "/c", "mirror": "http://node-a.local:5050"}
     assert job_for(agent_config.load(doc)).plan.mirror == "http://node-a.local:5050"
+
+
+# Whoever can write in a registry directory (the agent's user, or a group given write access)
+# must not make the agent write, copy or expose files elsewhere (attack14, F4/F5).
+
+def test_a_symlinked_hosts_toml_is_left_alone(tmp_path: Path) -> None:
+    managed = tmp_path / "managed.toml"
+    managed.write_text('server = "https://registry.example.com:5000"\n')
+    hosts(tmp_path).parent.mkdir()
+    hosts(tmp_path).symlink_to(managed)
+    for state in State:
+        with pytest.raises(OSError, match="symbolic link"):
+            apply(plan(tmp_path), REGISTRY, state)
+    assert hosts(tmp_path).is_symlink()
+    assert os.readlink(hosts(tmp_path)) == str(managed)
+    assert managed.read_text() == 'server = "https://registry.example.com:5000"\n'
+    assert not (hosts(tmp_path).parent / BACKUP).exists()
+
+
+def test_a_symlinked_backup_or_directory_is_not_followed(tmp_path: Path) -> None:
+    secret = tmp_path / "node.token"
+    secret.write_text("s3cr3t")
+    secret.chmod(0o600)
+    hosts(tmp_path).parent.mkdir()
+    (hosts(tmp_path).parent / BACKUP).symlink_to(secret)
+    with pytest.raises(OSError, match="symbolic link"):
+        apply(plan(tmp_path), REGISTRY, State.MIRROR)
+    assert secret.read_text() == "s3cr3t"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    other = Registry("other.example.com", "https://other.example.com")
+    (tmp_path / other.name).symlink_to(elsewhere)
+    with pytest.raises(OSError, match="symbolic link"):
+        apply(plan(tmp_path, other), other, State.MIRROR)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_planted_temporary_name_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "key.pem"
+    victim.write_text("PRIVATE KEY")
+    victim.chmod(0o600)
+    hosts(tmp_path).parent.mkdir()
+    for name in (f".hosts.toml.{os.getpid()}.tmp", ".hosts.toml.tmp"):
+        (hosts(tmp_path).parent / name).symlink_to(victim)
+    apply(plan(tmp_path), REGISTRY, State.MIRROR)
+    assert victim.read_text() == "PRIVATE KEY"
+    assert victim.stat().st_mode & 0o777 == 0o600
+    assert not hosts(tmp_path).is_symlink()
+
+
+def test_any_url_renders_valid_toml_and_no_value_lands_in_a_comment(tmp_path: Path) -> None:
+    odd = Registry("registry.example.com:5000", "https://registry.example.com:5000/\U0001F600\"\\\x7f")
+    for state in (State.MIRROR, State.REDUCED):
+        text = render(plan(tmp_path, odd), odd, state, None)
+        assert text is not None
+        assert tomllib.loads(text)["server"] == odd.server
+        assert all(AGENT not in line and "\U0001F600" not in line for line in text.splitlines()
+                   if line.startswith("#"))
+
+
+def test_release_reduces_only_files_that_still_name_the_agent(tmp_path: Path) -> None:
+    apply(plan(tmp_path), REGISTRY, State.MIRROR)
+    assert release(plan(tmp_path), REGISTRY)  # killed with its watchdog: the file still names it
+    assert tomllib.loads(hosts(tmp_path).read_text()) == {"server": REGISTRY.server}
+    assert not release(plan(tmp_path), REGISTRY)
+    apply(plan(tmp_path), REGISTRY, State.REMOVED)  # a clean stop: nothing comes back
+    assert not release(plan(tmp_path), REGISTRY)
+    assert not hosts(tmp_path).exists()
+    hosts(tmp_path).parent.mkdir()
+    hosts(tmp_path).write_text(OPERATORS)
+    assert not release(plan(tmp_path), REGISTRY)  # the operator's own file
+    assert hosts(tmp_path).read_text() == OPERATORS
