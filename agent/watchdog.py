@@ -11,12 +11,12 @@ means the agent is gone without stopping (files reduced to the registry alone, f
 restart to take over). On stdout it reports "mirror" or "reduced" when that changes, and
 "failed" when it cannot write the files.
 
-Run as `python -m shoal_agent.watchdog` by the agent. Two more uses, for service managers:
-`--release --config AGENT.yaml` (after the agent's process ended, whatever the way: systemd's
-ExecStopPost=) points files that still name the agent at the registry; `--prepare USER --config
-AGENT.yaml` (as root, before the agent starts: systemd's ExecStartPre=+) makes each registry's
-directory under config_path and gives it to USER, so that the agent can write there and nowhere
-else in containerd's directory.
+Run as `python -m shoal_agent.watchdog` by the agent. Two more uses, for service managers, as
+`shoal-agent-hosts` (or `python -P -m shoal_agent.watchdog`): `--release --config AGENT.yaml`
+(after the agent's process ended, whatever the way: systemd's ExecStopPost=) points files that
+still name the agent at the registry; `--prepare USER --config AGENT.yaml` (as root, before the
+agent starts: systemd's ExecStartPre=+) makes each registry's directory under config_path and
+gives it to USER, so that the agent can write there and nowhere else in containerd's directory.
 """
 
 from __future__ import annotations
@@ -106,16 +106,25 @@ class Keeper:
         error = "; ".join(errors)
         if error and error != self._last_error:
             log.error("cannot write containerd's hosts.toml under %s: %s", self.plan.config_path, error)
-            print("failed", flush=True)
+            report("failed")
         self._last_error = error
         if state is not self.state and not error:
             self.state = state
             log.info("containerd's hosts.toml for %s: %s", ", ".join(r.name for r in self.plan.registries),
                      {State.MIRROR: f"through this agent ({self.plan.mirror})",
                       State.REDUCED: "straight to the registry (agent not ready)",
-                      State.REMOVED: "removed (the operator's files restored)"}[state])
+                      State.REMOVED: "removed (or the operator's own put back)"}[state])
             if state is not State.REMOVED:
-                print(state.value, flush=True)
+                report(state.value)
+
+
+def report(line: str) -> None:
+    """A line to the agent. The agent may be gone (killed: this process is reducing the files
+    because of it): then nothing more is said, and nothing is left for Python to flush at exit."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def run(job: Job) -> int:
@@ -143,15 +152,15 @@ def run(job: Job) -> int:
                 return 0
 
 
-def _plan(config_file: str) -> Plan:
+def _plan(config_file: str) -> Plan | None:
     config = agent_config.load(read_yaml(config_file))
-    if config.containerd.config_path is None:
-        raise ConfigError("containerd.config_path: not set (nothing to do)")
-    return plan_for(config)
+    return plan_for(config) if config.containerd.config_path is not None else None
 
 
 def release_files(config_file: str) -> int:
     plan = _plan(config_file)
+    if plan is None:
+        return 0
     for registry in plan.registries:
         if release(plan, registry):
             print(f"shoal-agent: {registry.name}/hosts.toml: the agent ended without stopping; "
@@ -162,6 +171,8 @@ def release_files(config_file: str) -> int:
 def prepare(owner: str, config_file: str) -> int:
     plan = _plan(config_file)
     user = pwd.getpwnam(owner)
+    if plan is None:
+        return 0
     for registry in plan.registries:
         directory = Path(plan.config_path) / registry.name
         if directory.is_symlink():

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import pwd
 import secrets
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -19,15 +21,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from shoal import protocol
+from shoal.cluster import source_path
 from shoal_agent.configurator import Configurator
-from shoal_agent.hostsconf import BACKUP, MARKER, Plan
+from shoal_agent.hostsconf import BACKUP, MARKER, Plan, State, apply
 from shoal_agent.hostsconf import Registry as Registry_
 from shoal_agent.watchdog import Job, healthy
 from tests.e2e.conftest import MIB, USERS, Images
 from tests.support.clients import Containerd
 from tests.support.images import Image
-from tests.support.procs import Component, free_port, wait_for
+from tests.support.procs import ROOT, Component, free_port, wait_for
 from tests.support.registry import Registry, pulls_since
 from tests.support.stack import Stack
 
@@ -77,6 +82,13 @@ def pull(containerd: Containerd, certs: Path, host: str, images: Images, n: int)
     return image
 
 
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def blobs_from_agent(agent: Component) -> float:
     return agent.metric("shoal_agent_requests_total", kind="blobs", method="GET", status="200")
 
@@ -115,10 +127,14 @@ def test_hosts_toml_follows_the_agent_through_start_hang_kill_and_stop(
 
     # killed: the watchdog sees its pipe close and reduces the file at once
     assert agent.proc is not None
+    (watchdog,) = subprocess.run(["pgrep", "-P", str(agent.proc.pid)], capture_output=True, text=True).stdout.split()
     agent.proc.kill()
     agent.proc.wait()
     wait_for(lambda: registry_alone(certs, registry), timeout=WAIT, what="hosts.toml reduced for a killed agent")
     pull(containerd, certs, registry.host, images, 4)
+    # the watchdog had nobody left to tell, and says nothing about it (no BrokenPipeError)
+    wait_for(lambda: gone(int(watchdog)), timeout=WAIT, what="the watchdog gone")
+    assert "Traceback" not in agent.log()
 
     # started again on the same address: through the agent again; a clean stop removes the file
     agent.start()
@@ -272,3 +288,41 @@ class Ready(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+def test_service_managers_prepare_and_release_the_directories(tmp_path: Path) -> None:
+    """systemd's ExecStartPre=+ (`--prepare USER`: each upstream's directory, and only those,
+    made and given to USER) and ExecStopPost= (`--release`: files that still name the agent go to
+    the registry, after any end)."""
+    certs = tmp_path / "certs.d"
+    (certs / "b.example").mkdir(parents=True)  # the operator's, root's
+    config = tmp_path / "agent.yaml"
+    doc: dict[str, Any] = {"data_dir": str(tmp_path / "data"), "listen": "127.0.0.1:5050",
+                           "upstreams": [{"name": "a.example", "url": "https://a.example"},
+                                         {"name": "b.example", "url": "https://b.example"}],
+                           "containerd": {"config_path": str(certs)}}
+    config.write_text(yaml.safe_dump(doc))
+    command = [sys.executable, "-P", "-m", "shoal_agent.watchdog", "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": source_path(ROOT)}
+    done = subprocess.run([*command, "--prepare", "nobody"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert sorted(p.name for p in certs.iterdir()) == ["a.example", "b.example"]
+    assert all(p.stat().st_uid == nobody for p in certs.iterdir())
+    assert certs.stat().st_uid == os.getuid()  # containerd's directory itself keeps its owner
+
+    a, b = Registry_("a.example", "https://a.example"), Registry_("b.example", "https://b.example")
+    plan = Plan(str(certs), "http://127.0.0.1:5050", 1.0, (a, b))
+    apply(plan, a, State.MIRROR)  # as the agent left it when killed with its watchdog
+    done = subprocess.run([*command, "--release"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert read(certs / "a.example" / "hosts.toml") == {"server": "https://a.example"}
+    assert not (certs / "b.example" / "hosts.toml").exists()
+
+    (certs / "c.example").symlink_to(tmp_path)
+    doc["upstreams"].append({"name": "c.example", "url": "https://c.example"})
+    config.write_text(yaml.safe_dump(doc))
+    done = subprocess.run([*command, "--prepare", "nobody"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2
+    assert "symbolic link" in done.stderr
+    assert tmp_path.stat().st_uid == os.getuid()

@@ -12,7 +12,6 @@ import resource
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -40,7 +39,6 @@ LOADERS = {"agent": agent_config.load, "tracker": tracker_config.load, "origin":
 # three (what is left: network access, the host's root, the clock read). A unit that loses a
 # hardening setting goes above.
 EXPOSURE_MAX = {"shoal-agent.service": 1.1, "shoal-tracker.service": 1.1, "shoal-origin.service": 1.1}
-ACL_GROUP, ACL_RWX = 0x08, 7
 
 
 def unit_settings(name: str) -> dict[str, list[str]]:
@@ -88,13 +86,6 @@ def owner(root: Path, user: str) -> int:
     raise AssertionError(f"no user {user} in {root}/etc/passwd")
 
 
-def acl_groups(path: Path, attr: str) -> dict[int, int]:
-    """gid -> permission bits of the named-group entries of a POSIX ACL xattr."""
-    raw = os.getxattr(path, attr)
-    entries = [struct.unpack_from("<HHI", raw, 4 + 8 * i) for i in range((len(raw) - 4) // 8)]
-    return {gid: perm for tag, perm, gid in entries if tag == ACL_GROUP}
-
-
 def test_install_lays_out_files_with_their_modes(sysroot: Path) -> None:
     def mode(p: str) -> int:
         return (sysroot / p).stat().st_mode & 0o7777
@@ -114,12 +105,14 @@ def test_install_lays_out_files_with_their_modes(sysroot: Path) -> None:
     # system's Python (not one under /root or /home, which ProtectHome=yes hides)
     assert (sysroot / "opt/shoal/bin/shoal-agent").read_text().splitlines()[0] == "#!/opt/shoal/bin/python"
     assert os.path.realpath(sysroot / "opt/shoal/bin/python").startswith("/usr/")
-    # containerd's hosts directory: group shoal-agent may write it, and directories made in it later
+    # containerd's hosts directory stays root's, with no ACL (attack14 F2): the agent gets its
+    # upstreams' directories from ExecStartPre= only
     certs = sysroot / "etc/containerd/certs.d"
-    gid = owner(sysroot, "shoal-agent")  # sysusers gives the group the user's number
-    assert acl_groups(certs, "system.posix_acl_access").get(gid) == ACL_RWX
-    assert acl_groups(certs, "system.posix_acl_default").get(gid) == ACL_RWX
     assert certs.stat().st_uid == 0
+    assert certs.stat().st_mode & 0o022 == 0
+    for attr in ("system.posix_acl_access", "system.posix_acl_default"):
+        with pytest.raises(OSError, match="No data available"):
+            os.getxattr(certs, attr)
 
 
 def test_install_again_keeps_the_operators_files_and_touches_no_service(sysroot: Path) -> None:
@@ -430,13 +423,13 @@ class Booted:
 # test only: what the agent's user may touch under the unit's sandbox (a new registry directory
 # in containerd's hosts directory, nothing of /etc/shoal or /opt/shoal)
 PROBE = """[Service]
-ExecStartPost=/bin/sh -c 'mkdir -p /etc/containerd/certs.d/new.example && \\
-  touch /etc/containerd/certs.d/new.example/probe && id -un > /var/lib/shoal-agent/probe-user && \\
+ExecStartPost=/bin/sh -c 'if mkdir /etc/containerd/certs.d/new.example 2>/dev/null; then echo made; \\
+  else echo refused; fi > /var/lib/shoal-agent/probe-new && id -un > /var/lib/shoal-agent/probe-user && \\
   if touch /etc/shoal/x 2>/dev/null || touch /opt/shoal/x 2>/dev/null || ls /etc/shoal/secrets >/dev/null 2>&1; \\
   then echo escaped; else echo confined; fi > /var/lib/shoal-agent/probe-sandbox'
 """
 OPERATORS_HOSTS = 'server = "http://127.0.0.1:5000"\n'  # the operator's own hosts.toml for the upstream
-HOSTS = "/etc/containerd/certs.d/127.0.0.1:5000"  # a root-owned directory the agent did not make
+HOSTS = "/etc/containerd/certs.d/127.0.0.1:5000"  # made by the operator (root's); ExecStartPre= gives it the agent
 
 
 def prepare_root(rootfs: Path) -> None:
@@ -501,7 +494,8 @@ def test_units_run_under_systemd(tmp_path: Path) -> None:
             assert got.stdout.strip() == "200", port
         assert box.sh("cat /var/lib/shoal-agent/probe-user").stdout.strip() == "shoal-agent"
         assert box.sh("cat /var/lib/shoal-agent/probe-sandbox").stdout.strip() == "confined"
-        assert box.sh("ls /etc/containerd/certs.d/new.example").stdout.split() == ["probe"]
+        # no directory of its own making in containerd's (only its upstreams', from ExecStartPre=)
+        assert box.sh("cat /var/lib/shoal-agent/probe-new").stdout.strip() == "refused"
         # the agent's watchdog process keeps containerd's file (agent/hostsconf.py) from inside the
         # sandbox, and the agent was "started" only once it was written (no wait here)
         box.sh(f"grep -q 127.0.0.1:5050 {HOSTS}/hosts.toml")
