@@ -450,7 +450,8 @@ def test_notes_say_how_to_check_the_install(tmp_path: Path) -> None:
                      "curl -s http://127.0.0.1:5050/readyz",
                      "cat /etc/containerd/certs.d/registry.example.com/hosts.toml",
                      "cat /etc/containerd/certs.d/_default/hosts.toml",
-                     "crictl pull registry.example.com/", "upstreams still names the example registry"):
+                     "crictl pull --creds USER:PASSWORD registry.example.com/",
+                     "upstreams still names the example registry"):
         assert expected in notes, expected
 
 
