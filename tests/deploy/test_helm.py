@@ -522,3 +522,11 @@ def test_temporary_files_go_to_a_writable_volume(rendered: dict[str, list[Doc]],
     volume = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}[tmpdir]
     assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}[volume]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize("bad", [".", "..", "..:5000"])
+def test_an_upstream_name_that_is_no_directory_is_refused(bad: str, tmp_path: Path) -> None:
+    """The init step would otherwise give containerd's certs.d (or its parent) to the agent."""
+    out = template_raw({"upstreams": [{"name": bad, "url": "https://registry.example.com"}]}, tmp_path)
+    assert out.returncode != 0
+    assert "upstreams[0].name" in out.stderr and "cannot name a directory" in out.stderr

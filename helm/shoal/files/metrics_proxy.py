@@ -8,10 +8,10 @@ shoal image with python3): python3 metrics_proxy.py LISTEN_HOST:PORT http://127.
 
 from __future__ import annotations
 
+import http.client
 import sys
-import urllib.error
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 TIMEOUT = 10.0  # seconds; Prometheus' own scrape timeout is shorter by default
 MAX_BYTES = 64 << 20  # a metrics page is tens of KiB; never buffer an unbounded answer
@@ -26,13 +26,21 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] != "/metrics":
             self.send_error(404)
             return
+        # http.client to the one address: no proxy from the environment, no redirect followed
+        target = urlsplit(self.target)
+        conn = http.client.HTTPConnection(target.hostname or "127.0.0.1", target.port or 80, timeout=TIMEOUT)
         try:
-            with urllib.request.urlopen(self.target + "/metrics", timeout=TIMEOUT) as resp:  # noqa: S310
-                body = resp.read(MAX_BYTES + 1)
-                ctype = resp.headers.get("Content-Type", "text/plain")
-        except (urllib.error.URLError, OSError):
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            body = resp.read(MAX_BYTES + 1)
+            ctype = resp.getheader("Content-Type", "text/plain")
+            if resp.status != 200:
+                raise OSError(f"agent answered {resp.status}")
+        except (OSError, http.client.HTTPException):
             self.send_error(502, "agent unreachable")
             return
+        finally:
+            conn.close()
         if len(body) > MAX_BYTES:
             self.send_error(502, "agent answer too large")
             return
