@@ -28,12 +28,12 @@ import json
 import os
 import re
 import stat
-import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shoal import atomic
 from shoal.config import split_hostport
 from shoal_agent.config import AgentConfig
 
@@ -241,23 +241,5 @@ def _write(path: Path, text: str) -> None:
     if not path.parent.is_dir():
         path.parent.mkdir(parents=True)
         os.chmod(path.parent, 0o755)  # noqa: S103 like the directories around it (the agent's umask is 077)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            # containerd runs as root and reads the file whatever its mode; 0644 like the files
-            # around it
-            os.fchmod(f.fileno(), 0o644)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dirfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+    # containerd runs as root and reads the file whatever its mode; 0644 like the files around it
+    atomic.write_text(path, text, mode=0o644)

@@ -12,16 +12,16 @@ whose preimages cannot be guessed or looked up; a slow hash would only slow ever
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from shoal import atomic
 
 ROLES = ("seed", "audit", "admin")
 TOKEN_PREFIX = "shoal_op_"  # noqa: S105 (a prefix, not a secret)
@@ -135,23 +135,7 @@ def save(path: Path, operators: list[StaticOperator]) -> None:
     readable by its owner only, and durably (fsync of the file, then of its directory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"operators": [op.to_json() for op in operators]}, indent=2) + "\n"
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    atomic.write_text(path, body, mode=0o600)
 
 
 def add(path: Path, name: str, roles: list[str], repositories: list[str] | tuple[str, ...] = ()) -> str:

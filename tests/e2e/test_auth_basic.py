@@ -17,7 +17,6 @@ import pytest
 
 from shoal import protocol
 from tests.e2e.conftest import USERS, Images
-from tests.support import api
 from tests.support.clients import Containerd
 from tests.support.faults import CuttableProxy
 from tests.support.images import build_image, push
@@ -121,22 +120,11 @@ def test_registry_unreachable_strict_and_availability(stack: Stack, registry: Re
     assert get(available, f"/v2/private/app/blobs/{blob.digest}",
                {"Authorization": basic("seeder", USERS["seeder"])})[0] == 503
     assert get(available, "/v2/private/app/manifests/v1")[0] == 503  # anonymous
-    events = journal(stack, node=str(available.config["node"]))
+    events = stack.journal(available)
     stale = [e for e in events if e["authz_method"] == "stale_decision"]
     assert len(stale) == 2
     assert all(e["registry_status"] == "unreachable" and e["principal"] == "alice" for e in stale)
 
-
-def journal(stack: Stack, *, node: str, minimum: int = 1, timeout: float = 30) -> list[dict[str, object]]:
-    assert stack.origin is not None
-    deadline = time.monotonic() + timeout
-    while True:
-        events = api.audit_events(stack.origin.url, stack.operator_token, node=node)
-        if len(events) >= minimum and all(e["outcome"] != "incomplete" for e in events):
-            return events
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{node}'s journal has {len(events)} complete events, expected {minimum}")
-        time.sleep(0.2)
 
 
 def test_x_forwarded_for_is_not_trusted(stack: Stack, registry: Registry, images: Images) -> None:
@@ -154,7 +142,7 @@ def test_x_forwarded_for_is_not_trusted(stack: Stack, registry: Registry, images
     assert events
     assert all("203.0.113.7" not in e.addr for e in events)
     assert all(e.addr.startswith("127.0.0.1:") for e in events if e.digest == blob.digest)  # the agent
-    recorded = [e for e in journal(stack, node=str(agent.config["node"])) if e["digest"] == blob.digest]
+    recorded = [e for e in stack.journal(agent) if e["digest"] == blob.digest]
     assert [e["status"] for e in recorded] == [200]
     assert str(recorded[0]["client_addr"]).startswith("127.0.0.1:")  # the socket's peer, not the header
 
@@ -171,7 +159,7 @@ def test_no_secret_in_logs_journals_or_metrics(stack: Stack, registry: Registry,
     # failed attempts put secrets in play too
     get(agent, "/v2/private/app/manifests/v1", {"Authorization": basic("alice", "a-wrong-password-77")})
     get(agent, "/v2/private/app/manifests/v1", {"Authorization": "Bearer not.a.token-xyz-secret"})
-    journal(stack, node=str(agent.config["node"]), minimum=len(image.blobs) + 3)
+    stack.journal(agent, minimum=len(image.blobs) + 3)
     secrets = {
         USERS["alice"], USERS["seeder"], "a-wrong-password-77", "not.a.token-xyz-secret",
         base64.b64encode(f"alice:{USERS['alice']}".encode()).decode(),

@@ -15,7 +15,6 @@ import pytest
 
 from tests.e2e.conftest import USERS, Images
 from tests.e2e.test_hosts_toml import WAIT, registry_alone, through
-from tests.support import api
 from tests.support.clients import Containerd
 from tests.support.cri import Auth, ImageService
 from tests.support.procs import Component, wait_for
@@ -43,17 +42,6 @@ def passthrough_agent(stack: Stack) -> Component:
     return stack.start_agent(upstreams=[{"name": stack.registry.host, "url": stack.registry.url}],
                              auth={"unauthenticated": "challenge"})
 
-
-def journal(stack: Stack, node: str, minimum: int, timeout: float = 30) -> list[dict[str, object]]:
-    assert stack.origin is not None
-    deadline = time.monotonic() + timeout
-    while True:
-        events = api.audit_events(stack.origin.url, stack.operator_token, node=node)
-        if len(events) >= minimum and all(e["outcome"] != "incomplete" for e in events):
-            return events
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{node}'s journal has {len(events)} complete events, expected {minimum}")
-        time.sleep(0.2)
 
 
 def forget(ctd: Containerd) -> None:
@@ -90,7 +78,7 @@ def test_kubelet_pull_secret_through_a_passthrough_agent(stack: Stack, registry:
     assert config in {i.id for i in service.list()}
     # the journal names the puller (the pull secret's user), and so does the registry's own
     # audit for the manifest the agent asked for with alice's credentials
-    events = journal(stack, str(agent.config["node"]), len(image.blobs) + 1)
+    events = stack.journal(agent, len(image.blobs) + 1)
     served = [e for e in events if e["status"] == 200 and e["digest"] in image.blobs]
     assert {str(e["digest"]) for e in served} == set(image.blobs)
     assert {e["principal"] for e in served} == {"alice"}

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import MIB, USERS, Images
-from tests.support import api
 from tests.support.docker import Dockerd
 from tests.support.images import Image
 from tests.support.procs import Component
@@ -62,17 +61,6 @@ def hub_agent(stack: Stack, unauthenticated: str) -> Component:
     return stack.start_agent(upstreams=[upstream], auth={"unauthenticated": unauthenticated})
 
 
-def journal(stack: Stack, agent: Component, minimum: int, timeout: float = 30) -> list[dict[str, object]]:
-    assert stack.origin is not None
-    deadline = time.monotonic() + timeout
-    while True:
-        events = api.audit_events(stack.origin.url, stack.operator_token, node=str(agent.config["node"]))
-        if len(events) >= minimum and all(e["outcome"] != "incomplete" for e in events):
-            return events
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the journal has {len(events)} complete events, expected {minimum}")
-        time.sleep(0.2)
-
 
 def served_blobs(agent: Component) -> float:
     return agent.metric("shoal_agent_requests_total", kind="blobs", method="GET", status="200")
@@ -90,7 +78,7 @@ def test_docker_hub_mirror_with_node_credentials(stack: Stack, images: Images, d
     docker.docker("pull", "app:v1")
     docker.verify_image("app:v1", image)
     assert served_blobs(agent) == len(image.blobs)
-    events = journal(stack, agent, len(image.blobs))
+    events = stack.journal(agent, len(image.blobs))
     assert {e["principal"] for e in events if e["digest"] in image.blobs and e["status"] == 200} == {"node"}
     assert {e["ns"] for e in events} == {"docker.io"}
 
@@ -135,7 +123,7 @@ def test_docker_pulls_a_private_registry_through_the_agent_address(stack: Stack,
     docker.docker("pull", ref)
     docker.verify_image(ref, image)
     assert served_blobs(agent) == len(image.blobs)
-    events = journal(stack, agent, len(image.blobs))
+    events = stack.journal(agent, len(image.blobs))
     assert {e["principal"] for e in events if e["digest"] in image.blobs and e["status"] == 200} == {"node"}
     # the registry saw the manifest asked for with the node's login (the agent's), not docker's
     assert {p.actor for p in registry.settle()[before:] if p.digest == image.digest} == {"node"}
@@ -171,7 +159,7 @@ def test_docker_gives_a_mirror_only_docker_hub_credentials(stack: Stack, registr
     docker.verify_image("app:v1", image)
     assert hub_attempts(docker, since) == 0
     assert served_blobs(agent) == len(image.blobs)
-    events = journal(stack, agent, len(image.blobs))
+    events = stack.journal(agent, len(image.blobs))
     assert {e["principal"] for e in events if e["digest"] in image.blobs and e["status"] == 200} == {"alice"}
 
 
@@ -198,5 +186,5 @@ def test_docker_login_to_the_agent_address_passes_through(stack: Stack, registry
     docker.docker("pull", ref)
     docker.verify_image(ref, image)
     assert served_blobs(agent) == len(image.blobs)
-    events = journal(stack, agent, len(image.blobs))
+    events = stack.journal(agent, len(image.blobs))
     assert {e["principal"] for e in events if e["digest"] in image.blobs and e["status"] == 200} == {"alice"}

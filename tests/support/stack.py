@@ -4,6 +4,7 @@ on its own loopback address (127.0.0.2, .3, ...) like separate nodes."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,19 @@ class Stack:
                                   repository, credential)
         assert admission is not None
         return admission, key
+
+    def journal(self, agent: Component, minimum: int = 1, timeout: float = 30) -> list[dict[str, object]]:
+        """The agent's pull journal as the origin's collector has it, once it holds at least
+        `minimum` complete events (an event's end arrives after its start)."""
+        assert self.origin is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            events = api.audit_events(self.origin.url, self.operator_token, node=str(agent.config["node"]))
+            if len(events) >= minimum and all(e["outcome"] != "incomplete" for e in events):
+                return events
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{agent.name}'s journal has {len(events)} complete events, expected {minimum}")
+            time.sleep(0.2)
 
     def close(self) -> None:
         # all at once: a component that had swarm connections takes up to 3 s to stop
