@@ -46,7 +46,7 @@ class Configurator:
     async def _spawn(self) -> None:
         # -P and cwd "/": the watchdog imports nothing from the directory the agent runs in
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-P", "-m", "shoal_agent.watchdog", cwd="/",
+            sys.executable, "-P", "-m", "shoal_agent.watchdog", "--watch", cwd="/",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         assert self._proc.stdin is not None
         self._proc.stdin.write(self.job.to_json().encode() + b"\n")

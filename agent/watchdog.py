@@ -185,21 +185,22 @@ def prepare(owner: str, config_file: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if argv:
-        parser = argparse.ArgumentParser(prog="python -m shoal_agent.watchdog")
-        parser.add_argument("--config", required=True, help="the agent's configuration")
-        mode = parser.add_mutually_exclusive_group(required=True)
-        mode.add_argument("--release", action="store_true",
-                          help="point files that still name the agent at the registry (after it ended)")
-        mode.add_argument("--prepare", metavar="USER",
-                          help="make each registry's directory under config_path and give it to USER")
-        args = parser.parse_args(argv)
-        try:
-            return prepare(args.prepare, args.config) if args.prepare else release_files(args.config)
-        except (ConfigError, OSError, KeyError) as exc:
-            print(f"shoal-agent watchdog: {exc}", file=sys.stderr)
-            return 2
-    return watch()
+    if argv == ["--watch"]:  # the agent's own child (agent/configurator.py)
+        return watch()
+    parser = argparse.ArgumentParser(prog="shoal-agent-hosts",
+                                     description="containerd's hosts.toml, for service managers")
+    parser.add_argument("--config", required=True, help="the agent's configuration")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--release", action="store_true",
+                      help="point files that still name the agent at the registry (after it ended)")
+    mode.add_argument("--prepare", metavar="USER",
+                      help="make each registry's directory under config_path and give it to USER")
+    args = parser.parse_args(argv)
+    try:
+        return prepare(args.prepare, args.config) if args.prepare else release_files(args.config)
+    except (ConfigError, OSError, KeyError) as exc:
+        print(f"shoal-agent watchdog: {exc}", file=sys.stderr)
+        return 2
 
 
 def watch() -> int:
