@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -148,10 +149,8 @@ class AgentConfig:
         if self.max_connections < 1:
             raise ConfigError("max_connections: must be at least 1")
         check_upstream_names(self.upstreams, "upstreams")
-        mirror = self.containerd.mirror
-        if mirror is not None and urlsplit(mirror).port != split_hostport(self.listen)[1]:
-            # the watchdog checks the agent on its listen port: containerd must go to that one
-            raise ConfigError("containerd.mirror: must use listen's port")
+        if self.containerd.mirror is not None:
+            check_mirror(self.containerd.mirror, self.listen)
         if self.containerd.config_path is not None:
             for i, upstream in enumerate(self.upstreams):
                 # each name is a directory under config_path
@@ -167,6 +166,22 @@ class AgentConfig:
             protocol.node_name(self.node)
         except errors.BadRequest as exc:
             raise ConfigError(str(exc)) from None
+
+
+def check_mirror(mirror: str, listen: str) -> None:
+    """containerd must go where the watchdog checks the agent: an address the agent's socket
+    holds (listen's IP, or a loopback IP of its family when listen is unspecified) and listen's
+    port. A name (localhost) or another address could be held by another process, which would
+    get containerd's pulls and credentials while the real agent passes every check."""
+    parts = urlsplit(mirror)
+    host, port = split_hostport(listen)
+    try:
+        want, got = ipaddress.ip_address(host), ipaddress.ip_address(parts.hostname or "")
+    except ValueError:
+        raise ConfigError("containerd.mirror: must be an IP address (the one listen holds), not a name") from None
+    held = got == want or (want.is_unspecified and got.is_loopback and got.version == want.version)
+    if not held or parts.port != port:
+        raise ConfigError(f"containerd.mirror: must name an address and port listen holds ({listen})")
 
 
 def default_node_name(hostname: str) -> str:

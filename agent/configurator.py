@@ -10,7 +10,7 @@ import sys
 
 from shoal import protocol
 from shoal_agent.config import AgentConfig
-from shoal_agent.hostsconf import local_url, plan_for
+from shoal_agent.hostsconf import Plan, State, apply, local_url, plan_for
 from shoal_agent.watchdog import Job
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,14 @@ def job_for(config: AgentConfig) -> Job:
                log_format=config.log.format, secret=secrets.token_bytes(32))
 
 
+def remove_files(plan: Plan) -> None:
+    for registry in plan.registries:
+        try:
+            apply(plan, registry, State.REMOVED)
+        except OSError as exc:
+            log.error("cannot remove containerd's hosts.toml for %s: %s", registry.name, exc.strerror or exc)
+
+
 class Configurator:
     def __init__(self, job: Job) -> None:
         self.job = job
@@ -38,19 +46,26 @@ class Configurator:
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._stopping = False
+        self._lock = asyncio.Lock()
 
     async def start(self) -> None:
         await self._spawn()
         self._reader = asyncio.create_task(self._read())
 
-    async def _spawn(self) -> None:
-        # -P and cwd "/": the watchdog imports nothing from the directory the agent runs in
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-P", "-m", "shoal_agent.watchdog", "--watch", cwd="/",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        assert self._proc.stdin is not None
-        self._proc.stdin.write(self.job.to_json().encode() + b"\n")
-        await self._proc.stdin.drain()
+    async def _spawn(self) -> bool:
+        """A watchdog process, unless the agent is stopping (decided under the lock, so that
+        stop() never misses one being started)."""
+        async with self._lock:
+            if self._stopping:
+                return False
+            # -P and cwd "/": the watchdog imports nothing from the directory the agent runs in
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-P", "-m", "shoal_agent.watchdog", "--watch", cwd="/",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(self.job.to_json().encode() + b"\n")
+            await self._proc.stdin.drain()
+            return True
 
     async def _read(self) -> None:
         while True:
@@ -71,25 +86,35 @@ class Configurator:
             # Killed or crashed: a new one takes the files over (it starts from "reduced").
             log.error("the hosts.toml watchdog exited with %d; starting it again", code)
             await asyncio.sleep(1.0)
-            await self._spawn()
+            if not await self._spawn():
+                return
 
     async def stop(self) -> None:
-        """Clean stop: the watchdog removes the files (restores the operator's) and exits."""
-        self._stopping = True
-        proc = self._proc
-        if proc is None:
+        """Clean stop: the watchdog removes the files (restores the operator's) and exits. If no
+        live watchdog did (it had died, or did not stop in time), the agent does it here: the
+        files must never outlive the agent's hold on its port."""
+        if self._stopping:
             return
-        if proc.returncode is None and proc.stdin is not None:
+        async with self._lock:  # after a watchdog being started, and no other after it
+            self._stopping = True
+        done = False
+        proc = self._proc
+        if proc is not None and proc.returncode is None and proc.stdin is not None:
             with contextlib.suppress(ConnectionError):
                 proc.stdin.write(b"stop\n")
                 await proc.stdin.drain()
                 proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-        except TimeoutError:
-            log.error("the hosts.toml watchdog did not stop within %.0f s; killed", STOP_TIMEOUT)
+                try:
+                    done = await asyncio.wait_for(proc.wait(), STOP_TIMEOUT) == 0
+                except TimeoutError:
+                    log.error("the hosts.toml watchdog did not stop within %.0f s; killed", STOP_TIMEOUT)
+        if proc is not None and proc.returncode is None:
             proc.kill()
             await proc.wait()
         if self._reader is not None:
+            self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+        if not done:
+            remove_files(self.job.plan)
+

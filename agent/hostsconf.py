@@ -224,17 +224,21 @@ def apply(plan: Plan, registry: Registry, state: State) -> bool:
 
 def _read(path: Path) -> str | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO planted there must not hold the watchdog
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OSError(errno.ELOOP, f"{path} is a symbolic link: left as it is") from None
         raise
-    with os.fdopen(fd) as f:
+    with os.fdopen(fd, encoding="utf-8") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise OSError(errno.EINVAL, f"{path} is not a regular file: left as it is")
-        return f.read()
+        try:
+            return f.read()
+        except UnicodeDecodeError:
+            raise OSError(errno.EINVAL, f"{path} is not UTF-8 (TOML is): left as it is") from None
 
 
 def _write(path: Path, text: str) -> None:

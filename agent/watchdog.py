@@ -22,6 +22,8 @@ gives it to USER, so that the agent can write there and nowhere else in containe
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hmac
 import http.client
 import json
@@ -159,27 +161,47 @@ def _plan(config_file: str) -> Plan | None:
 
 def release_files(config_file: str) -> int:
     plan = _plan(config_file)
-    if plan is None:
-        return 0
-    for registry in plan.registries:
-        if release(plan, registry):
-            print(f"shoal-agent: {registry.name}/hosts.toml: the agent ended without stopping; "
-                  "containerd goes to the registry")
-    return 0
+    failed = 0
+    for registry in plan.registries if plan is not None else ():
+        assert plan is not None
+        try:  # each registry on its own: one that fails does not keep the others naming the agent
+            if release(plan, registry):
+                print(f"shoal-agent: {registry.name}/hosts.toml: the agent ended without stopping; "
+                      "containerd goes to the registry")
+        except OSError as exc:
+            print(f"shoal-agent-hosts: {registry.name}: {exc.strerror or exc}", file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
 
 
 def prepare(owner: str, config_file: str) -> int:
+    """As root: each registry's directory made (if missing) and given to `owner`. Through file
+    descriptors opened without following links, relative to config_path, so that a link swapped
+    in meanwhile cannot turn the chown onto another directory."""
     plan = _plan(config_file)
     user = pwd.getpwnam(owner)
     if plan is None:
         return 0
-    for registry in plan.registries:
-        directory = Path(plan.config_path) / registry.name
-        if directory.is_symlink():
-            raise ConfigError(f"{directory}: a symbolic link, not prepared")
-        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        os.chown(directory, user.pw_uid, user.pw_gid)
-    return 0
+    Path(plan.config_path).mkdir(mode=0o755, parents=True, exist_ok=True)
+    top = os.open(plan.config_path, os.O_RDONLY | os.O_DIRECTORY)
+    failed = 0
+    try:
+        for registry in plan.registries:
+            try:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(registry.name, 0o755, dir_fd=top)
+                fd = os.open(registry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
+                try:
+                    os.fchown(fd, user.pw_uid, user.pw_gid)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                reason = "a symbolic link, not prepared" if exc.errno in (errno.ELOOP, errno.ENOTDIR) else exc.strerror
+                print(f"shoal-agent-hosts: {plan.config_path}/{registry.name}: {reason}", file=sys.stderr)
+                failed += 1
+    finally:
+        os.close(top)
+    return 2 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

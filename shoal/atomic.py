@@ -14,7 +14,7 @@ def write_text(path: Path, text: str, *, mode: int) -> None:
     `path`, and the directory fsync'd (durable)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), mode)
             f.write(text)
             f.flush()
@@ -24,9 +24,11 @@ def write_text(path: Path, text: str, *, mode: int) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    with contextlib.suppress(OSError):  # a directory that cannot be opened for reading
+    try:
         dirfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+    except OSError:
+        return  # a directory that cannot be opened for reading: the rename is all there is
+    try:
+        os.fsync(dirfd)  # a failure here is the caller's to know (the write is not durable)
+    finally:
+        os.close(dirfd)

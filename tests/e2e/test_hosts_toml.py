@@ -318,6 +318,14 @@ def test_service_managers_prepare_and_release_the_directories(tmp_path: Path) ->
     assert done.returncode == 0, done.stderr
     assert read(certs / "a.example" / "hosts.toml") == {"server": "https://a.example"}
     assert not (certs / "b.example" / "hosts.toml").exists()
+    # one registry that cannot be released does not keep the others naming the agent
+    apply(plan, b, State.MIRROR)
+    (certs / "a.example" / "hosts.toml").unlink()
+    (certs / "a.example" / "hosts.toml").symlink_to(tmp_path / "elsewhere.toml")
+    done = subprocess.run([*command, "--release"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2
+    assert read(certs / "b.example" / "hosts.toml") == {"server": "https://b.example"}
+    (certs / "a.example" / "hosts.toml").unlink()
 
     (certs / "c.example").symlink_to(tmp_path)
     doc["upstreams"].append({"name": "c.example", "url": "https://c.example"})
@@ -326,3 +334,27 @@ def test_service_managers_prepare_and_release_the_directories(tmp_path: Path) ->
     assert done.returncode == 2
     assert "symbolic link" in done.stderr
     assert tmp_path.stat().st_uid == os.getuid()
+
+
+async def test_a_stop_right_after_the_watchdog_died_still_takes_the_files_away(tmp_path: Path) -> None:
+    """The watchdog killed, and the agent told to stop before it has started another: the agent
+    removes the files itself, and starts no new watchdog."""
+    certs = tmp_path / "certs.d"
+    registry = Registry_("registry.example.com", "https://registry.example.com")
+    url = f"http://127.0.0.91:{free_port('127.0.0.91')}"  # nobody answers: the files are reduced
+    job = Job(plan=Plan(str(certs), url, 1.0, (registry,)), health=protocol.READYZ.url(url), interval=0.2,
+              failures=2, log_level="info", log_format="text", secret=secrets.token_bytes(32))
+    configurator = Configurator(job)
+    await configurator.start()
+    hosts = certs / registry.name / "hosts.toml"
+    deadline = time.monotonic() + 30
+    while not hosts.exists():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    first = configurator._proc
+    assert first is not None
+    first.kill()
+    await first.wait()
+    await asyncio.wait_for(configurator.stop(), 30)
+    assert not hosts.exists()
+    assert configurator._proc is first  # no watchdog started after the stop

@@ -140,8 +140,8 @@ def test_the_watchdogs_job_follows_the_agents_configuration() -> None:
     assert job.plan.mirror == "http://127.0.0.1:5050"
     assert job.plan.registries == (REGISTRY, Registry(DEFAULT_DIR, None))
     assert job.plan.dial_timeout == 0.2
-    doc["containerd"] = {"config_path": "/c", "mirror": "http://node-a.local:5050"}
-    assert job_for(agent_config.load(doc)).plan.mirror == "http://node-a.local:5050"
+    doc["containerd"] = {"config_path": "/c", "mirror": "http://127.0.0.5:5050"}
+    assert job_for(agent_config.load(doc)).plan.mirror == "http://127.0.0.5:5050"
 
 
 # Whoever can write in a registry directory (the agent's user, or a group given write access)
