@@ -27,9 +27,9 @@ from shoal.web import BEFORE_STOP_KEY, SERVICE_READY_KEY, WATCHDOG_SECRET_KEY, a
 from shoal_agent.api import MirrorApi
 from shoal_agent.authz import Authorizer, Decisions, fingerprint_key
 from shoal_agent.config import AgentConfig
-from shoal_agent.configurator import Configurator, job_for
+from shoal_agent.configurator import Configurator, bring_files, job_for
 from shoal_agent.fetcher import Fetcher
-from shoal_agent.hostsconf import Plan, State, apply
+from shoal_agent.hostsconf import State
 from shoal_agent.journal import DEFAULT_MAX_DISK_BYTES, Journal
 from shoal_agent.manifests import ManifestKeeper
 from shoal_agent.membership import SwarmAccess
@@ -224,7 +224,7 @@ def build(config: AgentConfig) -> web.Application:
         configurator = Configurator(job_for(config))
         # Before the mirror's port is bound: files a killed agent left still name that port, which
         # another process could hold now (and so get containerd's pulls and credentials).
-        reduce_files(configurator.job.plan)
+        bring_files(configurator.job.plan, State.REDUCED)
         app[WATCHDOG_SECRET_KEY] = configurator.job.secret
         # containerd's files leave the agent's address while it still holds it (a clean stop)
         app[BEFORE_STOP_KEY] = [configurator.stop]
@@ -245,15 +245,6 @@ def build(config: AgentConfig) -> web.Application:
 
     add_ops_routes(app, registry, ready, refresh=fresh_stats)
     return app
-
-
-def reduce_files(plan: Plan) -> None:
-    for registry in plan.registries:
-        try:
-            apply(plan, registry, State.REDUCED)
-        except OSError as exc:
-            log.error("cannot write containerd's hosts.toml for %s under %s: %s", registry.name, plan.config_path,
-                      exc.strerror or exc)
 
 
 async def _scrub(store: BlobStore, interval: float) -> None:

@@ -26,12 +26,15 @@ def job_for(config: AgentConfig) -> Job:
                log_format=config.log.format, secret=secrets.token_bytes(32))
 
 
-def remove_files(plan: Plan) -> None:
+def bring_files(plan: Plan, state: State) -> None:
+    """Every registry's file to `state` from the agent's own process (when no watchdog can: before
+    the port is bound, after the watchdog died), each registry on its own."""
     for registry in plan.registries:
         try:
-            apply(plan, registry, State.REMOVED)
+            apply(plan, registry, state)
         except OSError as exc:
-            log.error("cannot remove containerd's hosts.toml for %s: %s", registry.name, exc.strerror or exc)
+            log.error("cannot write containerd's hosts.toml for %s under %s: %s", registry.name, plan.config_path,
+                      exc.strerror or exc)
 
 
 class Configurator:
@@ -116,5 +119,5 @@ class Configurator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         if not done:
-            remove_files(self.job.plan)
+            bring_files(self.job.plan, State.REMOVED)
 
