@@ -157,7 +157,8 @@ def build(config: AgentConfig) -> web.Application:
                 registry.register(MirroringCollector(configurator))
             swarm = None
             if access is not None:
-                swarm = Swarm(SwarmSettings.from_config(config.torrent, AGENT_FINGERPRINT), node_key)
+                swarm = Swarm(SwarmSettings.from_config(config.torrent, AGENT_FINGERPRINT, zone=config.zone,
+                                                       tracker_order=config.node), node_key)
                 await swarm.start()
                 stack.push_async_callback(swarm.stop)
                 app[SWARM_KEY] = swarm

@@ -123,6 +123,9 @@ class AgentConfig:
     node: str = field(default_factory=lambda: default_node_name(socket.gethostname()))
     # Without an origin the agent is a plain verifying pull-through cache.
     origin: Annotated[str | None, URL] = None
+    # The zone this node is in (the chart sets it from topology.kubernetes.io/zone): trackers
+    # hand it its zone's peers first, others' only to fill what the zone lacks. "" for none.
+    zone: str = ""
     # No longer used: announces go to the tracker the origin names in each torrent. Accepted (with
     # a warning at start) so that configurations written for earlier versions still load.
     tracker: Annotated[str | None, URL] = None
@@ -166,6 +169,9 @@ class AgentConfig:
             protocol.node_name(self.node)
         except errors.BadRequest as exc:
             raise ConfigError(str(exc)) from None
+        if self.zone and not protocol.ZONE_RE.fullmatch(self.zone):
+            raise ConfigError("zone: must be a label value (letters, digits, '-', '_', '.'; at most 63, "
+                              "starting and ending with a letter or digit)")
 
 
 def check_mirror(mirror: str, listen: str) -> None:

@@ -229,13 +229,13 @@ def build(config: OriginConfig) -> web.Application:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, limit_per_host=64))
         store = BlobStore(Path(config.data_dir), max_bytes=config.cache.max_bytes)
-        swarm = Swarm(SwarmSettings.from_config(config.torrent, SEEDER_FINGERPRINT))
+        swarm = Swarm(SwarmSettings.from_config(config.torrent, SEEDER_FINGERPRINT, tracker_order=config.listen))
         upstreams = {
             u.name: Upstream(u.name, RegistryClient(http, u.url, credentials=creds[u.name], user_agent=USER_AGENT,
                                                     token_realms=u.token_realms, redirect_hosts=u.redirect_hosts))
             for u in config.upstreams
         }
-        registration = TrackerRegistration(http, config.tracker, token)
+        registration = TrackerRegistration(http, config.tracker_urls, token)
         seeder = Seeder(store=store, swarm=swarm, registration=registration, upstreams=upstreams,
                         announce=config.announce, max_blob_size=config.max_blob_size, metrics=metrics,
                         key=key, token_ttl=config.swarm_token_ttl)

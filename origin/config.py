@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from shoal import protocol
+from shoal import metainfo, protocol
 from shoal.config import (
     DURATION,
     HOSTPORT,
@@ -75,10 +75,15 @@ class OriginConfig:
     data_dir: str
     upstreams: list[UpstreamSettings]
     # Base URL of the tracker (registration API and, unless announce_url is set, announces).
-    tracker: Annotated[str, URL]
+    tracker: Annotated[str | None, URL] = None
     listen: Annotated[str, HOSTPORT] = "127.0.0.1:6970"
     # The announce URL written into every torrent, as agents reach the tracker.
     announce_url: Annotated[str | None, URL] = None
+    # Instead of `tracker`: the base URLs of tracker replicas sharing one Redis. Every torrent
+    # names them all (announce_urls, if set, as agents reach them); nodes move to the next when
+    # one fails, and the origin registers at the first that answers.
+    trackers: list[Annotated[str, URL]] = field(default_factory=list)
+    announce_urls: list[Annotated[str, URL]] = field(default_factory=list)
     registration_token: SecretSource = field(default_factory=SecretSource)
     # The origin's Ed25519 private key (PEM file): signs metainfo and swarm tokens.
     signing_key: str | None = None
@@ -109,6 +114,14 @@ class OriginConfig:
             raise ConfigError("max_connections: must be at least 1")
         if self.max_nodes < 1:
             raise ConfigError("max_nodes: must be at least 1")
+        if (self.tracker is None) == (not self.trackers):
+            raise ConfigError("tracker: give either tracker (one URL) or trackers (a list of replicas)")
+        if self.trackers and self.announce_url is not None:
+            raise ConfigError("announce_url: with trackers, give announce_urls (one per replica)")
+        if self.announce_urls and len(self.announce_urls) != len(self.trackers):
+            raise ConfigError("announce_urls: give one per entry of trackers, in the same order")
+        if len(self.trackers) > metainfo.MAX_TRACKERS:
+            raise ConfigError(f"trackers: at most {metainfo.MAX_TRACKERS}")
         check_upstream_names(self.upstreams, "upstreams")
         if self.registration_token.file is None and self.registration_token.env is None:
             raise ConfigError("registration_token: give file or env (shared with the tracker)")
@@ -128,8 +141,15 @@ class OriginConfig:
                               f"upstreams ({', '.join(names)})")
 
     @property
-    def announce(self) -> str:
-        return self.announce_url or protocol.ANNOUNCE.url(self.tracker)
+    def tracker_urls(self) -> list[str]:
+        return [self.tracker] if self.tracker is not None else list(self.trackers)
+
+    @property
+    def announce(self) -> list[str]:
+        """The announce URLs every torrent names."""
+        if self.announce_url is not None:
+            return [self.announce_url]
+        return list(self.announce_urls) or [protocol.ANNOUNCE.url(t) for t in self.tracker_urls]
 
 
 def load(doc: dict[str, Any]) -> OriginConfig:

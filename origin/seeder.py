@@ -51,7 +51,7 @@ class Upstream:
 class Seeder:
     def __init__(
         self, *, store: BlobStore, swarm: Swarm, registration: TrackerRegistration,
-        upstreams: dict[str, Upstream], announce: str, max_blob_size: int, metrics: SeederMetrics,
+        upstreams: dict[str, Upstream], announce: list[str], max_blob_size: int, metrics: SeederMetrics,
         key: Ed25519PrivateKey, token_ttl: float,
     ) -> None:
         self.store = store

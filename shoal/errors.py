@@ -110,6 +110,12 @@ class SwarmUnavailable(ShoalError):
     oci = UNAVAILABLE
 
 
+class Unavailable(ShoalError):
+    """A store the service depends on (Redis, PostgreSQL) does not answer; retry later."""
+
+    oci = UNAVAILABLE
+
+
 class RateLimited(UpstreamError):
     """The registry keeps answering 429 beyond what the agent waits for."""
 

@@ -26,6 +26,7 @@ refused everywhere (a plain torrent would serve any peer that knows its info-has
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,9 @@ KIB = 1 << 10
 MIB = 1 << 20
 GIB = 1 << 30
 MAX_METAINFO_BYTES = 4 * MIB
+# Tracker replicas a torrent may name, and the longest URL of one.
+MAX_TRACKERS = 16
+MAX_TRACKER_URL = 2048
 
 
 def piece_size_for(size: int) -> int:
@@ -64,6 +68,8 @@ class Metainfo:
     info_hash: bytes  # the full 32-byte v2 info-hash
     announce: str
     root_cert: str  # the swarm CA certificate (PEM) peers must chain to
+    # Every tracker (BEP 12 announce-list, one tier: replicas of one tracker), `announce` first.
+    trackers: tuple[str, ...] = ()
 
     @property
     def tracker_hash(self) -> bytes:
@@ -115,12 +121,33 @@ def parse(raw: bytes) -> Metainfo:
         raise MetainfoError("torrent has no http(s) announce URL")
     info_hash = hashlib.sha256(bencode.encode(info)).digest()
     return Metainfo(raw, Digest(name.decode()), length, piece_length, info_hash, announce.decode("ascii"),
-                    root_cert.decode("ascii"))
+                    root_cert.decode("ascii"), _trackers(announce.decode("ascii"), doc.get(b"announce-list")))
 
 
-def create(blob: Path, digest: Digest, *, announce: str, root_cert: str) -> bytes:
+def _trackers(announce: str, announce_list: object) -> tuple[str, ...]:
+    if announce_list is None:
+        return (announce,)
+    if not isinstance(announce_list, list) or not all(isinstance(tier, list) for tier in announce_list):
+        raise MetainfoError("announce-list must be a list of tiers")
+    urls: list[str] = []
+    for tier in announce_list:
+        for url in tier:
+            if (not isinstance(url, bytes) or not url.startswith((b"http://", b"https://")) or not url.isascii()
+                    or len(url) > MAX_TRACKER_URL):
+                raise MetainfoError("announce-list holds something other than http(s) URLs")
+            if url.decode("ascii") not in urls:
+                urls.append(url.decode("ascii"))
+    if len(urls) > MAX_TRACKERS:
+        raise MetainfoError(f"more than {MAX_TRACKERS} trackers")
+    if announce not in urls:
+        urls.insert(0, announce)
+    return tuple(urls)
+
+
+def create(blob: Path, digest: Digest, *, announce: str | Sequence[str], root_cert: str) -> bytes:
     """Build the metainfo for the verified blob at `blob` (named by its hex), for peers holding
-    a certificate of the CA `root_cert` (PEM, used byte for byte: it is part of the info-hash).
+    a certificate of the CA `root_cert` (PEM, used byte for byte: it is part of the info-hash),
+    announcing to `announce` (one URL, or the replicas of one tracker, as one BEP 12 tier).
     Blocking: it hashes the whole file, so call it in a thread."""
     import libtorrent as lt  # imported here: the tracker parses metainfo without libtorrent
 
@@ -135,7 +162,8 @@ def create(blob: Path, digest: Digest, *, announce: str, root_cert: str) -> byte
     ct.set_priv(True)
     ct.set_root_cert(root_cert)
     ct.set_creator("shoal")
-    ct.add_tracker(announce)
+    for url in [announce] if isinstance(announce, str) else announce:
+        ct.add_tracker(url, 0)
     lt.set_piece_hashes(ct, str(blob.parent))
     raw: bytes = lt.bencode(ct.generate())
     return raw

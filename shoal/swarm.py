@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import socket
 import time
@@ -71,14 +72,32 @@ class SwarmSettings:
     allow_multiple_connections_per_ip: bool = False
     # Any libtorrent settings_pack names; libtorrent rejects unknown names (KeyError).
     extra: dict[str, Any] = field(default_factory=dict)
+    # The zone this node states in its announces (tracker/zones.py); "" for none.
+    zone: str = ""
+    # Spreads nodes over a torrent's tracker replicas: each node starts at its own place in the
+    # list (a hash of this, e.g. its name) and moves on from there when one fails.
+    tracker_order: str = ""
 
     @classmethod
-    def from_config(cls, torrent: TorrentSettings, fingerprint: str) -> SwarmSettings:
+    def from_config(cls, torrent: TorrentSettings, fingerprint: str, *, zone: str = "",
+                    tracker_order: str = "") -> SwarmSettings:
         host, port = split_hostport(torrent.listen)
         return cls(listen_ip=host, listen_port=port, fingerprint=fingerprint,
                    upload_rate_limit=torrent.upload_rate_limit, download_rate_limit=torrent.download_rate_limit,
                    allow_multiple_connections_per_ip=torrent.allow_multiple_connections_per_ip,
-                   extra=torrent.libtorrent)
+                   extra=torrent.libtorrent, zone=zone, tracker_order=tracker_order)
+
+    def trackers(self, meta: Metainfo, token: str | None) -> list[str]:
+        """The torrent's tracker URLs as this node announces to them: with its swarm token and
+        zone, starting at this node's place in the list."""
+        extra = ([f"token={quote(token, safe='')}"] if token is not None else []) + \
+            ([f"zone={quote(self.zone, safe='')}"] if self.zone else [])
+        urls = list(meta.trackers or (meta.announce,))
+        start = int.from_bytes(hashlib.sha256(self.tracker_order.encode()).digest()[:4], "big") % len(urls)
+        urls = urls[start:] + urls[:start]
+        if not extra:
+            return urls
+        return [f"{u}{'&' if '?' in u else '?'}{'&'.join(extra)}" for u in urls]
 
     def pack(self) -> dict[str, Any]:
         host = f"[{self.listen_ip}]" if ":" in self.listen_ip else self.listen_ip
@@ -97,7 +116,9 @@ class SwarmSettings:
             "enable_outgoing_utp": False,
             "alert_mask": int(_ALERT_MASK),
             "alert_queue_size": 20000,
-            "announce_to_all_trackers": True,
+            # A torrent's trackers are replicas sharing one store (one tier): announce to the
+            # first that answers, and move to the next when it fails.
+            "announce_to_all_trackers": False,
             "announce_to_all_tiers": True,
             "allow_multiple_connections_per_ip": self.allow_multiple_connections_per_ip,
             "connections_limit": 1000,
@@ -439,7 +460,8 @@ class Swarm:
         atp.ti = lt.torrent_info(meta.raw)
         atp.save_path = str(save_path)
         used = grant or self._default
-        atp.trackers = [self._tracker_url(meta, used)]
+        atp.trackers = self.settings.trackers(meta, used.token if used is not None else None)
+        atp.tracker_tiers = [0] * len(atp.trackers)
         # Assigning flags replaces the defaults, dropping auto_managed|paused: start at once.
         atp.flags = lt.torrent_flags.override_trackers
         if seed:
@@ -489,7 +511,12 @@ class Swarm:
 
     def _use(self, job: TorrentJob, grant: Grant, *, announce: bool) -> None:
         self._present(job.handle, grant)
-        job.handle.replace_trackers([lt.announce_entry(self._tracker_url(job.meta, grant))])
+        entries = []
+        for url in self.settings.trackers(job.meta, grant.token):
+            entry = lt.announce_entry(url)
+            entry.tier = 0
+            entries.append(entry)
+        job.handle.replace_trackers(entries)
         if announce:
             self.force_reannounce(job)
 
@@ -497,11 +524,11 @@ class Swarm:
         handle.set_ssl_certificate_buffer(grant.certificate, self.key.private_pem, peercerts.DH_PARAMS)
 
     @staticmethod
-    def _tracker_url(meta: Metainfo, grant: Grant | None) -> str:
-        if grant is None:
-            return meta.announce
-        sep = "&" if "?" in meta.announce else "?"
-        return f"{meta.announce}{sep}token={quote(grant.token, safe='')}"
+    def _tracker_index(job: TorrentJob, url: str) -> int:
+        for i, entry in enumerate(job.handle.trackers()):
+            if entry["url"] == url:
+                return i
+        return -1
 
     def force_reannounce(self, job: TorrentJob) -> None:
         job.handle.force_reannounce(0, -1, lt.reannounce_flags_t.ignore_min_interval)
@@ -554,8 +581,10 @@ class Swarm:
                 job._notify()
                 # libtorrent's own backoff grows to an hour (5 s + 12.5 s x failures squared):
                 # a seeder would stay unlisted long after the tracker is back. Retry on
-                # shoal's schedule instead (at most announcing.RETRY_MAX apart).
-                job.handle.force_reannounce(announcing.retry_delay(alert.times_in_row), -1,
+                # shoal's schedule instead (at most announcing.RETRY_MAX apart) - that tracker
+                # only: libtorrent goes on to the torrent's next one now.
+                job.handle.force_reannounce(announcing.retry_delay(alert.times_in_row),
+                                            self._tracker_index(job, alert.tracker_url()),
                                             lt.reannounce_flags_t.ignore_min_interval)
             if self.on_tracker_error is not None:
                 self.on_tracker_error(alert.torrent_name, alert.failure_reason())

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 from shoal import bencode
+from shoal_tracker import zones
 
 EVENTS = frozenset({"", "started", "completed", "stopped", "paused"})
 MAX_QUERY = 4096
@@ -74,6 +75,7 @@ class Announce:
     compact: bool
     no_peer_id: bool
     token: str | None  # the origin-signed swarm token
+    zone: str  # the zone the node states ("" for none; tracker/zones.py)
 
 
 def parse_announce(raw_query: str) -> Announce:
@@ -105,7 +107,15 @@ def parse_announce(raw_query: str) -> Announce:
         compact=(_one(params, "compact", required=False) or b"1") != b"0",
         no_peer_id=(_one(params, "no_peer_id", required=False) or b"0") == b"1",
         token=_text(_one(params, "token", required=False)),
+        zone=_zone(_one(params, "zone", required=False)),
     )
+
+
+def _zone(raw: bytes | None) -> str:
+    zone = (raw or b"").decode("latin-1")
+    if not zones.valid(zone):
+        raise AnnounceError("zone must be a label value (letters, digits, '-', '_', '.'; at most 63)")
+    return zone
 
 
 def _text(raw: bytes | None) -> str | None:

@@ -14,12 +14,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shoal import errors, metainfo, protocol, signing
-from shoal.config import read_token
+from shoal.config import read_token, split_hostport
 from shoal.oci import Digest
 from shoal.web import Guard, add_ops_routes, add_routes, error_middleware
 from shoal_tracker import announce as ann
+from shoal_tracker import redisstore
 from shoal_tracker.config import TrackerConfig
 from shoal_tracker.peers import Peer, PeerStore
+from shoal_tracker.store import MemorySwarms, MemoryTorrents, StoreUnavailable, Swarms, Torrents
 from shoal_tracker.torrents import TorrentRegistry
 
 log = logging.getLogger(__name__)
@@ -40,9 +42,9 @@ class Metrics:
         self.unseeded = Gauge("shoal_tracker_torrents_without_seeders",
                               "Registered torrents no live seeder announces (their pulls fall back to the "
                               "registry unless a leecher completes them)", registry=registry)
-        for result in ("ok", "bad_request", "bad_token", "unknown_torrent", "not_admitted"):
+        for result in ("ok", "bad_request", "bad_token", "unknown_torrent", "not_admitted", "store_unavailable"):
             self.announces.labels(result)
-        for result in ("ok", "unauthorized", "invalid", "bad_signature"):
+        for result in ("ok", "unauthorized", "invalid", "bad_signature", "store_unavailable"):
             self.registrations.labels(result)
         self.announce_seconds = Histogram("shoal_tracker_announce_seconds", "Announce handling time",
                                           registry=registry,
@@ -58,14 +60,30 @@ def _peer_address(request: web.Request) -> tuple[str, int] | None:
     return ann.normalize_ip(str(peer[0])), int(peer[1])
 
 
+def _stores(config: TrackerConfig) -> tuple[Swarms, Torrents]:
+    if config.redis is None:
+        peers = PeerStore(ttl=config.ttl, max_peers=config.max_peers_per_torrent,
+                          max_per_address=config.max_peers_per_address, cross_zone_peers=config.cross_zone_peers)
+        return (MemorySwarms(peers),
+                MemoryTorrents(TorrentRegistry(Path(config.data_dir) if config.data_dir else None)))
+    r = config.redis
+    host, port = split_hostport(r.address)
+    client = redisstore.client(host=host, port=port, db=r.db, username=r.username,
+                               password=r.password.read("redis.password"), timeout=r.timeout,
+                               max_connections=r.max_connections)
+    return (redisstore.RedisSwarms(client, prefix=r.prefix, ttl=config.ttl, max_peers=config.max_peers_per_torrent,
+                                   max_per_address=config.max_peers_per_address,
+                                   cross_zone_peers=config.cross_zone_peers),
+            redisstore.RedisTorrents(client, prefix=r.prefix))
+
+
 class Tracker:
     def __init__(self, config: TrackerConfig, registry: CollectorRegistry, *, registration_token: str,
                  node_token: str, origin_key: Ed25519PublicKey) -> None:
         self.config = config
         self.metrics = Metrics(registry)
-        self.peers = PeerStore(ttl=config.ttl, max_peers=config.max_peers_per_torrent,
-                               max_per_address=config.max_peers_per_address)
-        self.torrents = TorrentRegistry(Path(config.data_dir) if config.data_dir else None)
+        self.peers, self.torrents = _stores(config)
+        self.counts = {"torrents": 0, "swarms": 0, "peers": 0}
         self.tokens_by_guard: dict[Guard, str] = {"registration": f"Bearer {registration_token}",
                                                   "node": f"Bearer {node_token}"}
         self.origin_key = origin_key
@@ -80,11 +98,17 @@ class Tracker:
     async def announce(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         try:
-            return self._announce(request)
+            return await self._announce(request)
+        except StoreUnavailable as exc:
+            # a failure reason, at once: libtorrent moves to the next tracker and retries on
+            # shoal's schedule; the peers a node already has keep serving it
+            self.metrics.announces.labels("store_unavailable").inc()
+            log.warning("announce not answered: %s", exc)
+            return self._bencoded(ann.failure("tracker store unavailable; retry later"))
         finally:
             self.metrics.announce_seconds.observe(time.perf_counter() - started)
 
-    def _announce(self, request: web.Request) -> web.Response:
+    async def _announce(self, request: web.Request) -> web.Response:
         try:
             a = ann.parse_announce(request.rel_url.raw_query_string)
         except ann.AnnounceError as exc:
@@ -95,12 +119,10 @@ class Tracker:
         except signing.SignatureError as exc:
             self.metrics.announces.labels("bad_token").inc()
             return self._bencoded(ann.failure(f"not a swarm member: {exc}"))
-        registered = self.torrents.by_hash(a.info_hash)
-        if registered is None:
-            self.metrics.announces.labels("unknown_torrent").inc()
-            return self._bencoded(ann.failure("unregistered torrent: this tracker only serves "
-                                              "torrents its origin registered"))
-        if not member.admits(registered.digest.hex):
+        digest_hex = await self.torrents.digest_hex(a.info_hash)
+        if digest_hex is None:
+            return self._unknown()
+        if not member.admits(digest_hex):
             # a node learns who holds a blob only once the origin admitted it to that blob
             self.metrics.announces.labels("not_admitted").inc()
             return self._bencoded(ann.failure("not admitted to this torrent: the swarm token is for another blob"))
@@ -108,22 +130,26 @@ class Tracker:
         if source is None:
             return self._bencoded(ann.failure("cannot determine peer address"))
         ip = source[0]
-        peer = Peer(ip=ip, port=a.port, peer_id=a.peer_id, left=a.left, last_seen=time.monotonic())
-        self.peers.announce(a.info_hash, peer, a.event)
+        peer = Peer(ip=ip, port=a.port, peer_id=a.peer_id, left=a.left, last_seen=time.monotonic(), zone=a.zone)
         want = min(a.numwant if a.numwant is not None else self.config.numwant_default,
                    self.config.numwant_max)
-        chosen = [] if a.event == "stopped" else self.peers.select(
-            a.info_hash, (ip, a.port), want=want, seeder=a.left == 0)
-        complete, incomplete, _ = self.peers.stats(a.info_hash)
+        answer = await self.peers.announce(a.info_hash, peer, a.event, want=want)
+        if answer is None:
+            return self._unknown()
         self.metrics.announces.labels("ok").inc()
-        log.debug("announce %s from %s (%s:%d) event=%s left=%d -> %d peers", a.info_hash.hex()[:12],
-                  member.node, ip, a.port, a.event or "-", a.left, len(chosen))
+        log.debug("announce %s from %s (%s:%d) event=%s left=%d zone=%s -> %d peers", a.info_hash.hex()[:12],
+                  member.node, ip, a.port, a.event or "-", a.left, a.zone or "-", len(answer.peers))
         return self._bencoded(ann.announce_response(
-            [(p.ip, p.port, p.peer_id) for p in chosen], compact=a.compact, no_peer_id=a.no_peer_id,
+            answer.peers, compact=a.compact, no_peer_id=a.no_peer_id,
             interval=int(self.config.interval),
             min_interval=int(min(self.config.min_interval, self.config.interval)),
-            complete=complete, incomplete=incomplete,
+            complete=answer.complete, incomplete=answer.incomplete,
         ))
+
+    def _unknown(self) -> web.Response:
+        self.metrics.announces.labels("unknown_torrent").inc()
+        return self._bencoded(ann.failure("unregistered torrent: this tracker only serves "
+                                          "torrents its origin registered"))
 
     async def scrape(self, request: web.Request) -> web.Response:
         self.metrics.scrapes.inc()
@@ -133,7 +159,12 @@ class Tracker:
             return self._bencoded(ann.failure(str(exc)))
         if not hashes:
             return self._bencoded(ann.failure("full scrape is not supported; name info_hash values"))
-        files = {h: self.peers.stats(h) for h in hashes if self.torrents.by_hash(h) is not None}
+        try:
+            known = [h for h in hashes if await self.torrents.digest_hex(h) is not None]
+            files = await self.peers.stats(known)
+        except StoreUnavailable as exc:
+            log.warning("scrape not answered: %s", exc)
+            return self._bencoded(ann.failure("tracker store unavailable; retry later"))
         return self._bencoded(ann.scrape_response(files))
 
     def _digest(self, request: web.Request) -> Digest:
@@ -156,35 +187,56 @@ class Tracker:
         except signing.SignatureError as exc:
             self.metrics.registrations.labels("bad_signature").inc()
             raise errors.BadRequest(errors.INVALID_REQUEST, f"metainfo not signed by the origin: {exc}") from None
-        await asyncio.to_thread(self.torrents.register, meta, signature)
+        try:
+            await self.torrents.register(meta, signature)
+            count = await self.torrents.count()
+        except StoreUnavailable as exc:
+            self.metrics.registrations.labels("store_unavailable").inc()
+            log.warning("registration of %s not stored: %s", digest, exc)
+            raise errors.Unavailable("the tracker's store is unavailable") from None
         self.metrics.registrations.labels("ok").inc()
-        self.metrics.torrents.set(len(self.torrents))
+        self.metrics.torrents.set(count)
         log.info("registered %s (info-hash %s, %d bytes)", digest, meta.tracker_hash.hex(), meta.size)
         return web.json_response({"digest": str(digest), "info_hash": meta.info_hash.hex()}, status=201)
 
     async def delete_metainfo(self, request: web.Request) -> web.Response:
         digest = self._digest(request)
-        meta = await asyncio.to_thread(self.torrents.unregister, digest)
-        if meta is None:
+        try:
+            info_hash = await self.torrents.unregister(digest)
+            if info_hash is not None:
+                await self.peers.forget(info_hash)
+            count = await self.torrents.count()
+        except StoreUnavailable as exc:
+            log.warning("unregistration of %s not stored: %s", digest, exc)
+            raise errors.Unavailable("the tracker's store is unavailable") from None
+        if info_hash is None:
             raise errors.NotFound(errors.NOT_FOUND, "not registered")
-        self.peers.forget(meta.tracker_hash)
-        self.metrics.torrents.set(len(self.torrents))
+        self.metrics.torrents.set(count)
         return web.Response(status=204)
 
     async def status(self, _: web.Request) -> web.Response:
-        return web.json_response({
-            "torrents": len(self.torrents), "swarms": self.peers.swarm_count, "peers": self.peers.peer_count,
-        })
+        # as of the last sweep (every interval / 2): with Redis, counting is a walk of every swarm
+        return web.json_response(self.counts)
+
+    async def sweep(self) -> None:
+        """Expired peers out, gauges in step (every replica; the work is idempotent)."""
+        registered = await self.torrents.hashes()
+        totals = await self.peers.sweep(registered)
+        if totals.expired:
+            log.debug("expired %d peers", totals.expired)
+        self.counts = {"torrents": len(registered), "swarms": totals.swarms, "peers": totals.peers}
+        self.metrics.torrents.set(len(registered))
+        self.metrics.peers.set(totals.peers)
+        self.metrics.swarms.set(totals.swarms)
+        self.metrics.unseeded.set(totals.unseeded)
 
     async def expire_loop(self) -> None:
         while True:
             await asyncio.sleep(max(self.config.interval / 2, 1.0))
-            removed = self.peers.expire()
-            if removed:
-                log.debug("expired %d peers", removed)
-            self.metrics.peers.set(self.peers.peer_count)
-            self.metrics.swarms.set(self.peers.swarm_count)
-            self.metrics.unseeded.set(sum(1 for h in self.torrents.hashes() if not self.peers.stats(h)[0]))
+            try:
+                await self.sweep()
+            except StoreUnavailable as exc:
+                log.warning("peer sweep skipped: %s", exc)
 
 
 def build(config: TrackerConfig) -> web.Application:
@@ -197,15 +249,21 @@ def build(config: TrackerConfig) -> web.Application:
     app = web.Application(client_max_size=metainfo.MAX_METAINFO_BYTES + 1024, middlewares=[error_middleware()])
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
-        await asyncio.to_thread(tracker.torrents.load, tracker.verify_metainfo)
-        tracker.metrics.torrents.set(len(tracker.torrents))
+        await tracker.torrents.load(tracker.verify_metainfo)
+        with contextlib.suppress(StoreUnavailable):  # not ready until it answers (ready() below)
+            await tracker.sweep()
         task = asyncio.create_task(tracker.expire_loop())
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await tracker.peers.close()
 
     async def ready() -> str | None:
+        try:
+            await tracker.torrents.ping()
+        except StoreUnavailable as exc:
+            return str(exc)
         return None
 
     app.cleanup_ctx.append(lifecycle)

@@ -8,6 +8,33 @@ from typing import Annotated, Any
 from shoal import announcing
 from shoal.config import DURATION, HOSTPORT, LogSettings, SecretSource, load_section
 from shoal.errors import ConfigError
+from shoal_tracker import zones
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """Where tracker replicas keep peers and registered metainfo (tracker/redisstore.py)."""
+
+    address: Annotated[str, HOSTPORT] = "127.0.0.1:6379"
+    db: int = 0
+    username: str | None = None
+    password: SecretSource = field(default_factory=SecretSource)
+    # Keys are named under this (several clusters may share one Redis).
+    prefix: str = "shoal:"
+    # Longest wait for Redis per command; an announce it fails gets a `failure reason` at once.
+    timeout: Annotated[float, DURATION] = 2.0
+    # Connections to Redis per tracker process (announces past it wait up to `timeout`).
+    max_connections: int = 32
+
+    def validate(self, prefix: str) -> None:
+        if not 0 <= self.db <= 15:
+            raise ConfigError(f"{prefix}.db: must be between 0 and 15")
+        if not 0 < self.timeout <= 30:
+            raise ConfigError(f"{prefix}.timeout: must be more than 0s and at most 30s")
+        if not 1 <= self.max_connections <= 1024:
+            raise ConfigError(f"{prefix}.max_connections: must be between 1 and 1024")
+        if not self.prefix or any(c.isspace() for c in self.prefix):
+            raise ConfigError(f"{prefix}.prefix: must be non-empty, without spaces")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +55,11 @@ class TrackerConfig:
     # Entries one source address may hold in a swarm (a node has one; an agent and the origin on
     # one host two; a restart's new port replaces the address's oldest entry).
     max_peers_per_address: int = 8
+    # Other zones' peers handed to a node whose own zone has live peers (tracker/zones.py).
+    cross_zone_peers: int = zones.CROSS_ZONE_PEERS
+    # Peers and registered metainfo in Redis, shared by every tracker replica; None: in this
+    # process (with data_dir for the metainfo), the one-tracker default.
+    redis: RedisSettings | None = None
     # Connections served at once (announces from thousands of nodes, kept alive or not);
     # past it the oldest idle or slow one is closed (shoal/web.py).
     max_connections: int = 4096
@@ -54,6 +86,10 @@ class TrackerConfig:
                 f"least interval + {announcing.ANNOUNCE_TIMEOUT}s (the announce timeout) = "
                 f"{announcing.min_peer_ttl(self.interval):g}s, default 3 x interval + "
                 f"{announcing.ANNOUNCE_TIMEOUT}s")
+        if not 0 <= self.cross_zone_peers <= self.numwant_max:
+            raise ConfigError("cross_zone_peers: must be between 0 and numwant_max")
+        if self.redis is not None and self.data_dir is not None:
+            raise ConfigError("data_dir: not used with redis (registered metainfo is kept in Redis); remove one")
         if self.max_peers_per_address < 1:
             raise ConfigError("max_peers_per_address: must be at least 1")
         if not 1 <= self.numwant_default <= self.numwant_max:

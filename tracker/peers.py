@@ -1,10 +1,14 @@
-"""In-memory peer store with expiry: who is in which swarm, seeders first."""
+"""In-memory peer store with expiry: who is in which swarm, seeders first, the requester's zone
+first (tracker/zones.py states the policy; tracker/redisstore.py keeps the same one in Redis)."""
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from shoal_tracker import zones
 
 
 @dataclass(slots=True)
@@ -14,6 +18,7 @@ class Peer:
     peer_id: bytes
     left: int
     last_seen: float
+    zone: str = ""  # the zone the peer announced ("" for none: the origin's seeders)
 
     @property
     def is_seeder(self) -> bool:
@@ -64,10 +69,12 @@ class PeerStore:
     `max_per_address` entries of a swarm (5,000 announces from one host with as many ports filled
     a swarm with fake peers, and a fresh agent fell back to the registry)."""
 
-    def __init__(self, *, ttl: float, max_peers: int, max_per_address: int = 8) -> None:
+    def __init__(self, *, ttl: float, max_peers: int, max_per_address: int = 8,
+                 cross_zone_peers: int = zones.CROSS_ZONE_PEERS) -> None:
         self.ttl = ttl
         self.max_peers = max_peers
         self.max_per_address = max_per_address
+        self.cross_zone_peers = cross_zone_peers
         self._swarms: dict[bytes, SwarmPeers] = {}
 
     def announce(self, info_hash: bytes, peer: Peer, event: str) -> SwarmPeers:
@@ -89,19 +96,38 @@ class PeerStore:
         swarm.put(key, peer)
         return swarm
 
-    def select(self, info_hash: bytes, requester: tuple[str, int], *, want: int, seeder: bool) -> list[Peer]:
+    def select(self, info_hash: bytes, requester: tuple[str, int], *, want: int, seeder: bool,
+               zone: str = "") -> list[Peer]:
         """Up to `want` peers other than the requester: seeders first (a seeder gets only
-        leechers, it needs nothing from other seeders); random order within each group."""
+        leechers, it needs nothing from other seeders); random order within each group; with a
+        zone, that zone's peers first and others' only as tracker/zones.py allows."""
         swarm = self._swarms.get(info_hash)
         if swarm is None:
             return []
         now = time.monotonic()
-        chosen = [] if seeder else self._sample(swarm.seeders, requester, want, now)
-        return chosen + self._sample(swarm.leechers, requester, want - len(chosen), now)
+        groups = [swarm.leechers] if seeder else [swarm.seeders, swarm.leechers]
+        if not zone:
+            return self._fill(groups, requester, want, now, None)
+        local = self._fill(groups, requester, want, now, lambda p: p.zone == zone)
+        room = zones.cross_zone_room(want, len(local), self.cross_zone_peers)
+        return local + self._fill(groups, requester, room, now, lambda p: p.zone != zone)
 
-    def _sample(self, group: dict[Key, Peer], requester: Key, want: int, now: float) -> list[Peer]:
+    def _fill(self, groups: list[dict[Key, Peer]], requester: Key, want: int, now: float,
+              keep: Callable[[Peer], bool] | None) -> list[Peer]:
+        chosen: list[Peer] = []
+        for group in groups:
+            chosen += self._sample(group, requester, want - len(chosen), now, keep)
+        return chosen
+
+    def _sample(self, group: dict[Key, Peer], requester: Key, want: int, now: float,
+                keep: Callable[[Peer], bool] | None = None) -> list[Peer]:
         if want <= 0 or not group:
             return []
+        if keep is not None:
+            # a zone's share: filtered by a scan (the sampling shortcut below cannot filter)
+            live = [p for p in group.values()
+                    if keep(p) and (p.ip, p.port) != requester and now - p.last_seen <= self.ttl]
+            return random.sample(live, min(len(live), want))
         values = list(group.values())
         sample = random.sample(values, min(len(values), want + 1))  # +1: the requester may be in it
         live = [p for p in sample if (p.ip, p.port) != requester and now - p.last_seen <= self.ttl]

@@ -83,9 +83,9 @@ async def seeder(tmp_path: Path, registry: FakeServer, tracker: TestServer, keys
     await swarm.start()
     tracker_url = str(tracker.make_url("")).rstrip("/")
     client = RegistryClient(http, registry.url, credentials=None, user_agent="t", retry_budget=0)
-    seeder = Seeder(store=store, swarm=swarm, registration=TrackerRegistration(http, tracker_url, TOKEN),
+    seeder = Seeder(store=store, swarm=swarm, registration=TrackerRegistration(http, [tracker_url], TOKEN),
                     upstreams={registry.host: Upstream(registry.host, client)},
-                    announce=protocol.ANNOUNCE.url(tracker_url),
+                    announce=[protocol.ANNOUNCE.url(tracker_url)],
                     max_blob_size=1 << 30, metrics=SeederMetrics(CollectorRegistry()), key=keys.key,
                     token_ttl=600)
     await seeder.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_from_bytes
@@ -18,6 +19,7 @@ from shoal_tracker import app as tracker_app
 from shoal_tracker import config as tracker_config
 from tests.integration.conftest import Keys
 from tests.support.pki import SOME_ROOT
+from tests.support.redis import RedisServer
 
 TOKEN = "registration-secret-0123456789"
 NODE_TOKEN = "node-secret-0123456789abcdef"
@@ -45,10 +47,15 @@ def tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHOAL_TEST_NODE_TOKEN", NODE_TOKEN)
 
 
-@pytest.fixture
-async def client(aiohttp_client: Any, tmp_path: Path, keys: Keys) -> Client:
-    cfg = tracker_config.load(tracker_doc(keys, data_dir=str(tmp_path / "t")))
-    c: Client = await aiohttp_client(tracker_app.build(cfg))
+@pytest.fixture(params=["memory", "redis"])
+async def client(request: pytest.FixtureRequest, aiohttp_client: Any, tmp_path: Path, keys: Keys) -> Client:
+    """The tracker with each of its stores: in this process, and in a real Redis."""
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        doc = tracker_doc(keys, redis=server.settings(prefix=f"t{secrets.token_hex(6)}:"))
+    else:
+        doc = tracker_doc(keys, data_dir=str(tmp_path / "t"))
+    c: Client = await aiohttp_client(tracker_app.build(tracker_config.load(doc)))
     return c
 
 

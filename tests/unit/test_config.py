@@ -164,7 +164,22 @@ def test_origin_announce_default() -> None:
     cfg = origin_config.load({"data_dir": "/d", "upstreams": UP, "tracker": "http://t:6969",
                               "registration_token": {"file": "/x"}, "signing_key": "/k.pem",
                               "node_token": {"file": "/n"}})
-    assert cfg.announce == "http://t:6969/announce"
+    assert cfg.announce == ["http://t:6969/announce"]
+    base = {"data_dir": "/d", "upstreams": UP, "registration_token": {"file": "/x"}, "signing_key": "/k.pem",
+            "node_token": {"file": "/n"}}
+    replicas = origin_config.load({**base, "trackers": ["http://t1:6969", "http://t2:6969"]})
+    assert replicas.announce == ["http://t1:6969/announce", "http://t2:6969/announce"]
+    assert replicas.tracker_urls == ["http://t1:6969", "http://t2:6969"]
+    for extra, message in (({}, "^tracker: give either"),
+                           ({"tracker": "http://t", "trackers": ["http://u"]}, "^tracker: give either"),
+                           ({"trackers": ["http://u"], "announce_urls": []}, None),
+                           ({"trackers": ["http://u"], "announce_urls": ["http://a", "http://b"]}, "^announce_urls:"),
+                           ({"trackers": ["http://u"], "announce_url": "http://a"}, "^announce_url:")):
+        if message is None:
+            origin_config.load({**base, **extra})
+            continue
+        with pytest.raises(ConfigError, match=message):
+            origin_config.load({**base, **extra})
 
 
 def test_secret_file_errors_name_the_key(tmp_path: Path) -> None:

@@ -1,0 +1,203 @@
+"""Tracker replicas on a real Redis: shared swarms, exact expiry, zones, restarts and outages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal import metainfo, protocol
+from shoal_tracker import app as tracker_app
+from shoal_tracker import config as tracker_config
+from shoal_tracker import redisstore
+from shoal_tracker.peers import Peer
+from tests.integration import test_tracker_app as app_tests
+from tests.integration.conftest import Keys
+from tests.integration.test_tracker_app import Client, announce, register, registered, tracker_doc
+from tests.support.redis import RedisServer
+
+meta = app_tests.meta  # the fixtures of the tracker's other tests
+tokens = app_tests.tokens
+
+PID = b"-SA0100-" + bytes(12)
+
+
+def compact_ports(doc: dict[bytes, object]) -> list[int]:
+    peers = doc[b"peers"]
+    assert isinstance(peers, bytes)
+    return [int.from_bytes(peers[i + 4:i + 6], "big") for i in range(0, len(peers), 6)]
+
+
+async def replica(aiohttp_client: Any, keys: Keys, redis: RedisServer, prefix: str, **extra: Any) -> Client:
+    doc = tracker_doc(keys, redis=redis.settings(prefix), max_peers_per_address=100, **extra)
+    c: Client = await aiohttp_client(tracker_app.build(tracker_config.load(doc)))
+    return c
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{secrets.token_hex(6)}:"
+
+
+async def test_replicas_share_swarms_and_registrations(aiohttp_client: Any, keys: Keys, redis_server: RedisServer,
+                                                       prefix: str, meta: metainfo.Metainfo) -> None:
+    a = await replica(aiohttp_client, keys, redis_server, prefix)
+    b = await replica(aiohttp_client, keys, redis_server, prefix)
+    assert await register(a, meta, keys) == 201
+    assert await registered(b, meta, keys)  # registered at one replica, known at the other
+    token = keys.token()
+    await announce(a, meta.tracker_hash, 7001, 0, token=token, event="started")
+    await announce(b, meta.tracker_hash, 7002, 5, token=token, event="started")
+    doc = await announce(b, meta.tracker_hash, 7003, 5, token=token, event="started")
+    assert sorted(compact_ports(doc)) == [7001, 7002] and compact_ports(doc)[0] == 7001  # seeder first
+    assert doc[b"complete"] == 1 and doc[b"incomplete"] == 2
+    await a.close()  # a replica lost loses nothing
+    doc = await announce(b, meta.tracker_hash, 7004, 5, token=token)
+    assert sorted(compact_ports(doc)) == [7001, 7002, 7003]
+    # "stopped" at one replica removes the entry the other recorded
+    await announce(b, meta.tracker_hash, 7001, 0, token=token, event="stopped")
+    doc = await announce(b, meta.tracker_hash, 7004, 5, token=token)
+    assert sorted(compact_ports(doc)) == [7002, 7003] and doc[b"complete"] == 0
+
+
+async def test_unregistered_at_one_replica_is_refused_at_the_other(
+        aiohttp_client: Any, keys: Keys, redis_server: RedisServer, prefix: str, meta: metainfo.Metainfo) -> None:
+    a = await replica(aiohttp_client, keys, redis_server, prefix)
+    b = await replica(aiohttp_client, keys, redis_server, prefix)
+    assert await register(a, meta, keys) == 201
+    token = keys.token()
+    await announce(b, meta.tracker_hash, 7001, 0, token=token, event="started")  # b now knows the hash
+    r = await a.delete(protocol.UNREGISTER_METAINFO.path(digest=str(meta.digest)),
+                       headers={"Authorization": "Bearer registration-secret-0123456789"})
+    assert r.status == 204
+    doc = await announce(b, meta.tracker_hash, 7002, 5, token=token, event="started")
+    assert b"unregistered torrent" in doc[b"failure reason"]  # type: ignore[operator]
+    assert redis_server.command("EXISTS", f"{prefix}swarm:{meta.tracker_hash.hex()}:s") == b":0"
+
+
+async def test_peer_expiry_is_exact(redis_server: RedisServer, prefix: str) -> None:
+    """A peer is handed out until its TTL has passed by Redis's clock, and never after, whether or
+    not a sweep ran; a peer that announces again stays."""
+    client = redisstore.client(host="127.0.0.1", port=redis_server.port, db=0, username=None,
+                               password=redis_server.password, timeout=2, max_connections=4)
+    swarms = redisstore.RedisSwarms(client, prefix=prefix, ttl=1.0, max_peers=100, max_per_address=8,
+                                    cross_zone_peers=2)
+    ih = secrets.token_bytes(20)
+    await redisstore._command(client.hset(f"{prefix}torrents", ih.hex(), "a" * 64))
+    try:
+        async def listed() -> set[int]:
+            answer = await swarms.announce(ih, Peer("127.0.0.9", 9, PID, 5, 0.0), "", want=50)
+            assert answer is not None
+            return {port for _, port, _ in answer.peers}
+
+        started = time.monotonic()
+        await swarms.announce(ih, Peer("127.0.0.2", 1, PID, 0, 0.0), "started", want=50)
+        await swarms.announce(ih, Peer("127.0.0.3", 2, PID, 5, 0.0), "started", want=50)
+        assert await listed() == {1, 2}
+        deadline = started + 10
+        while time.monotonic() < deadline:  # keep peer 2 alive; wait for peer 1 to lapse
+            await swarms.announce(ih, Peer("127.0.0.3", 2, PID, 5, 0.0), "", want=50)
+            seen = await listed()
+            if seen == {2}:
+                break
+            assert seen == {1, 2}
+            await asyncio.sleep(0.05)
+        assert await listed() == {2}
+        assert time.monotonic() - started >= 0.99  # not before its TTL (1 s) had passed
+        totals = await swarms.sweep([ih])
+        assert (totals.peers, totals.unseeded) == (2, 1)  # peer 2 and the requester; no seeder left
+    finally:
+        await client.aclose()
+
+
+async def test_zones_first(aiohttp_client: Any, keys: Keys, redis_server: RedisServer, prefix: str,
+                           meta: metainfo.Metainfo, tmp_path: Path) -> None:
+    """Same-zone peers first; other zones' (and the zone-less origin's) only to fill what the zone
+    lacks: all while it has none, `cross_zone_peers` once it has some. Both stores."""
+    memory: Client = await aiohttp_client(tracker_app.build(tracker_config.load(
+        tracker_doc(keys, max_peers_per_address=100))))
+    shared = await replica(aiohttp_client, keys, redis_server, prefix)
+    for c in (memory, shared):
+        assert await register(c, meta, keys) == 201
+        token = keys.token()
+        ih = meta.tracker_hash
+        await announce(c, ih, 7000, 0, token=token, event="started")  # the origin: no zone
+        for port in (7101, 7102, 7103):
+            await announce(c, ih, port, 5, token=token, event="started", zone="b")
+        # the first node of zone a gets everyone: its zone has nobody yet
+        doc = await announce(c, ih, 7201, 5, token=token, event="started", zone="a")
+        assert sorted(compact_ports(doc)) == [7000, 7101, 7102, 7103]
+        for port in (7202, 7203):
+            await announce(c, ih, port, 5, token=token, event="started", zone="a")
+        for _ in range(5):  # random picks: the rule holds every time
+            doc = await announce(c, ih, 7204, 5, token=token, event="started", zone="a")
+            ports = compact_ports(doc)
+            assert set(ports[:3]) == {7201, 7202, 7203}  # its zone first
+            assert len(ports) == 5 and ports[3] == 7000  # then 2 others, the seeder first
+            assert ports[4] in (7101, 7102, 7103)
+        # a node without a zone is handed everyone
+        doc = await announce(c, ih, 7301, 5, token=token, event="started")
+        assert len(compact_ports(doc)) == 8
+        # a zone moves with its node
+        doc = await announce(c, ih, 7204, 5, token=token, zone="b")
+        assert set(compact_ports(doc)[:3]) == {7101, 7102, 7103}
+    bad = await announce(memory, meta.tracker_hash, 7400, 5, token=keys.token(), zone="no/slash")
+    assert b"zone must be" in bad[b"failure reason"]  # type: ignore[operator]
+
+
+async def test_a_redis_restart_loses_nothing(aiohttp_client: Any, keys: Keys, tmp_path: Path,
+                                             meta: metainfo.Metainfo) -> None:
+    """With persistence, registrations and swarms survive a Redis restart; while Redis is down an
+    announce gets a `failure reason` at once, registration 503 and /readyz says why (no secret)."""
+    server = RedisServer(tmp_path / "own").start()
+    try:
+        c = await replica(aiohttp_client, keys, server, "r:")
+        assert await register(c, meta, keys) == 201
+        token = keys.token()
+        await announce(c, meta.tracker_hash, 7001, 0, token=token, event="started")
+        server.stop(kill=True)
+        started = time.monotonic()
+        doc = await announce(c, meta.tracker_hash, 7002, 5, token=token, event="started")
+        assert doc[b"failure reason"] == b"tracker store unavailable; retry later"
+        assert time.monotonic() - started < 5
+        assert await register(c, meta, keys) == 503
+        r = await c.get(protocol.READYZ.path())
+        body = await r.text()
+        assert r.status == 503 and "redis" in body and server.password not in body
+        server.start()
+        doc = await announce(c, meta.tracker_hash, 7002, 5, token=token, event="started")
+        assert compact_ports(doc) == [7001]  # the seeder announced before the restart is still there
+        r = await c.get(protocol.READYZ.path())
+        assert r.status == 200
+    finally:
+        server.stop()
+
+
+async def test_a_wrong_password_is_named_without_the_secret(aiohttp_client: Any, keys: Keys, tmp_path: Path,
+                                                             redis_server: RedisServer,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password-" + secrets.token_hex(8))
+    settings = {**redis_server.settings("w:"), "password": {"file": str(wrong)}}
+    c: Client = await aiohttp_client(tracker_app.build(tracker_config.load(tracker_doc(keys, redis=settings))))
+    with caplog.at_level(logging.DEBUG):
+        r = await c.get(protocol.READYZ.path())
+        body = await r.text()
+    assert r.status == 503 and "redis" in body
+    assert wrong.read_text() not in body + caplog.text and redis_server.password not in body + caplog.text
+
+
+def test_redis_config_errors_name_the_key(keys: Keys) -> None:
+    from shoal.errors import ConfigError
+
+    for redis, key in (({"db": 99}, "redis.db"), ({"timeout": "0s"}, "redis.timeout"),
+                       ({"prefix": "a b"}, "redis.prefix"), ({"colour": 1}, "redis.colour")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            tracker_config.load(tracker_doc(keys, redis=redis))
+    with pytest.raises(ConfigError, match="data_dir"):
+        tracker_config.load(tracker_doc(keys, redis={}, data_dir="/tmp/x"))

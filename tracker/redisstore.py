@@ -1,0 +1,364 @@
+"""Swarms and registered torrents in Redis: any number of tracker replicas share them.
+
+Each announce is one Lua script (one round trip, atomic): it checks the torrent is registered,
+drops the swarm's expired peers, records the peer and picks the answer, all against Redis's own
+clock (`TIME`), so expiry is exact whichever replica answers and however their clocks differ.
+Keys (under `prefix`):
+
+    torrents            hash  tracker hash hex -> digest hex      (the announce whitelist)
+    digests             hash  digest hex -> tracker hash hex
+    metainfo/signatures hash  digest hex -> torrent bytes / the origin's signature
+    swarm:<ih>:s / :l   zset  "ip|port" -> last seen (us; ties would make "oldest" arbitrary), seeders / leechers
+    swarm:<ih>:zs:<z>   zset  the same, for zone z only (tracker/zones.py)
+    swarm:<ih>:p        hash  "ip|port" -> "<peer id hex>|<zone>"
+    swarm:<ih>:a        zset  "ip|port" at score 0 (by address, for max_peers_per_address)
+    swarm:<ih>:d        int   completed downloads
+
+A swarm's keys expire two peer TTLs after its last announce, so abandoned swarms leave nothing.
+One Redis (a primary, with a replica and Sentinel if wanted), not Redis Cluster: the scripts
+touch the torrents hash and a swarm's keys together.
+"""
+
+from __future__ import annotations
+
+import binascii
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shoal.metainfo import Metainfo
+from shoal.oci import Digest
+from shoal_tracker.peers import Peer
+from shoal_tracker.store import Answer, StoreUnavailable, Totals
+
+# Expired peers an announce removes itself (the periodic sweep takes any more; answers skip them).
+EXPIRE_PER_ANNOUNCE = 64
+# Tracker hashes a replica remembers resolving (a torrent's tracker hash names its digest for good).
+KNOWN_HASHES = 100_000
+
+_COMMON = r"""
+local base = KEYS[2]
+local S, L, P, A, D = base .. 's', base .. 'l', base .. 'p', base .. 'a', base .. 'd'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- numbers as exact integers: redis.call would format them with 14 digits (microseconds have 16)
+local function int(x) return string.format('%d', x) end
+
+local function zone_of(m)
+  local v = redis.call('HGET', P, m)
+  if not v then return nil end
+  local bar = string.find(v, '|', 1, true)
+  return string.sub(v, bar + 1)
+end
+
+local function remove(m)
+  local z = zone_of(m)
+  if z and z ~= '' then
+    redis.call('ZREM', base .. 'zs:' .. z, m)
+    redis.call('ZREM', base .. 'zl:' .. z, m)
+  end
+  redis.call('ZREM', S, m)
+  redis.call('ZREM', L, m)
+  redis.call('ZREM', A, m)
+  redis.call('HDEL', P, m)
+end
+
+local function expire(cutoff, limit)
+  local n = 0
+  for _, key in ipairs({S, L}) do
+    local stale
+    if limit then
+      stale = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. int(cutoff), 'LIMIT', 0, limit)
+    else
+      stale = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. int(cutoff))
+    end
+    for _, m in ipairs(stale) do remove(m); n = n + 1 end
+  end
+  return n
+end
+"""
+
+# KEYS: torrents, swarm base. ARGV: ih hex, "ip|port", ip, peer id hex, seeder 0/1, event, zone,
+# ttl us, max peers, max per address, want, cross-zone peers, expire per announce.
+_ANNOUNCE = _COMMON + r"""
+local ih, me, ip, pid = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local seeder, event, zone = ARGV[5] == '1', ARGV[6], ARGV[7]
+local ttl, max_peers, max_addr = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local want, cross = tonumber(ARGV[11]), tonumber(ARGV[12])
+if redis.call('HEXISTS', KEYS[1], ih) == 0 then return false end
+local cutoff = now - ttl
+expire(cutoff, tonumber(ARGV[13]))
+
+if event == 'stopped' then
+  remove(me)
+else
+  local prev = redis.call('HGET', P, me)
+  if event == 'completed' and not redis.call('ZSCORE', S, me) then redis.call('INCR', D) end
+  local listed = true
+  if not prev then
+    local same = redis.call('ZRANGEBYLEX', A, '[' .. ip .. '|', '[' .. ip .. '|\255')
+    if #same >= max_addr then
+      -- the address's oldest entry makes room (a restart's new port)
+      local oldest, oldest_t = nil, nil
+      for _, m in ipairs(same) do
+        local sc = tonumber(redis.call('ZSCORE', S, m) or redis.call('ZSCORE', L, m) or '0')
+        if not oldest_t or sc < oldest_t then oldest, oldest_t = m, sc end
+      end
+      remove(oldest)
+    end
+    if redis.call('ZCARD', S) + redis.call('ZCARD', L) >= max_peers then listed = false end
+  elseif zone_of(me) ~= zone then
+    remove(me)
+  end
+  if listed then
+    local mine, other, zmine, zother = L, S, 'zl:', 'zs:'
+    if seeder then mine, other, zmine, zother = S, L, 'zs:', 'zl:' end
+    redis.call('ZREM', other, me)
+    redis.call('ZADD', mine, int(now), me)
+    redis.call('ZADD', A, 0, me)
+    redis.call('HSET', P, me, pid .. '|' .. zone)
+    if zone ~= '' then
+      redis.call('ZREM', base .. zother .. zone, me)
+      redis.call('ZADD', base .. zmine .. zone, int(now), me)
+      redis.call('PEXPIRE', base .. zmine .. zone, math.floor(ttl / 500))
+    end
+  end
+end
+
+local chosen, seen = {}, {}
+seen[me] = true
+-- up to n live members of zset `key` at random, none already chosen, none of zone `skip`
+local function take(key, n, skip)
+  if n <= 0 or redis.call('ZCARD', key) == 0 then return 0 end
+  local ask = n + 1
+  if skip then
+    ask = ask + redis.call('ZCARD', base .. 'zs:' .. skip) + redis.call('ZCARD', base .. 'zl:' .. skip)
+  end
+  local got = redis.call('ZRANDMEMBER', key, ask, 'WITHSCORES')
+  local added = 0
+  for i = 1, #got, 2 do
+    if added >= n then break end
+    local m = got[i]
+    if not seen[m] and tonumber(got[i + 1]) >= cutoff and (not skip or zone_of(m) ~= skip) then
+      seen[m] = true
+      chosen[#chosen + 1] = m
+      added = added + 1
+    end
+  end
+  return added
+end
+
+if event ~= 'stopped' then
+  if zone == '' then
+    if not seeder then take(S, want, nil) end
+    take(L, want - #chosen, nil)
+  else
+    if not seeder then take(base .. 'zs:' .. zone, want, nil) end
+    take(base .. 'zl:' .. zone, want - #chosen, nil)
+    -- other zones' peers only to fill what the zone lacks (tracker/zones.py)
+    local room = want - #chosen
+    if #chosen > 0 and room > cross then room = cross end
+    local got = 0
+    if not seeder then got = take(S, room, zone) end
+    take(L, room - got, zone)
+  end
+end
+
+for _, key in ipairs({S, L, P, A, D}) do redis.call('PEXPIRE', key, math.floor(ttl / 500)) end
+local out = {redis.call('ZCOUNT', S, int(cutoff), '+inf'), redis.call('ZCOUNT', L, int(cutoff), '+inf')}
+for _, m in ipairs(chosen) do
+  out[#out + 1] = m
+  out[#out + 1] = redis.call('HGET', P, m)
+end
+return out
+"""
+
+# KEYS: torrents, prefix .. 'swarm:'. ARGV: ttl us, tracker hashes (hex) to count.
+_STATS = r"""
+local t = redis.call('TIME')
+local cutoff = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]) - tonumber(ARGV[1]))
+local out = {}
+for i = 2, #ARGV do
+  local base = KEYS[2] .. ARGV[i] .. ':'
+  out[#out + 1] = redis.call('ZCOUNT', base .. 's', cutoff, '+inf')
+  out[#out + 1] = redis.call('ZCOUNT', base .. 'l', cutoff, '+inf')
+  out[#out + 1] = tonumber(redis.call('GET', base .. 'd') or '0')
+end
+return out
+"""
+
+# KEYS: torrents, the swarm base. ARGV: ttl us. Drops the swarm's expired peers; counts the rest.
+_SWEEP = _COMMON + r"""
+local removed = expire(now - tonumber(ARGV[1]), nil)
+return {redis.call('ZCARD', S), redis.call('ZCARD', L), removed}
+"""
+
+# KEYS: torrents, digests, metainfo, signatures. ARGV: digest hex, tracker hash hex, torrent, signature.
+_REGISTER = r"""
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+if old and old ~= ARGV[2] then redis.call('HDEL', KEYS[1], old) end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[4])
+return 1
+"""
+
+# KEYS: torrents, digests, metainfo, signatures, prefix .. 'swarm:'. ARGV: digest hex.
+_UNREGISTER = r"""
+local ih = redis.call('HGET', KEYS[2], ARGV[1])
+if not ih then return false end
+for i = 1, 4 do redis.call('HDEL', KEYS[i], i == 1 and ih or ARGV[1]) end
+local base = KEYS[5] .. ih .. ':'
+for _, v in ipairs(redis.call('HVALS', base .. 'p')) do
+  local z = string.sub(v, string.find(v, '|', 1, true) + 1)
+  if z ~= '' then redis.call('DEL', base .. 'zs:' .. z, base .. 'zl:' .. z) end
+end
+redis.call('DEL', base .. 's', base .. 'l', base .. 'p', base .. 'a', base .. 'd')
+return ih
+"""
+
+
+def client(*, host: str, port: int, db: int, username: str | None, password: str | None,
+           timeout: float, max_connections: int) -> aioredis.Redis:
+    pool = aioredis.BlockingConnectionPool(
+        max_connections=max_connections, timeout=int(max(timeout, 1)), host=host, port=port, db=db,
+        username=username, password=password, socket_timeout=timeout, socket_connect_timeout=timeout,
+        health_check_interval=30)
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def _call(what: str, script: Any, keys: list[str], args: list[Any]) -> Any:
+    try:
+        return await script(keys=keys, args=args)
+    except (RedisError, OSError) as exc:
+        # the class only: a Redis error message can echo the AUTH line's arguments
+        raise StoreUnavailable(f"redis {what} failed: {type(exc).__name__}") from None
+
+
+async def _command(pending: Any) -> Any:
+    """redis-py types its commands for both its clients (a value or an awaitable): this one's
+    are awaitables."""
+    return await pending
+
+
+class RedisSwarms:
+    def __init__(self, redis: aioredis.Redis, *, prefix: str, ttl: float, max_peers: int,
+                 max_per_address: int, cross_zone_peers: int) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.ttl_us = int(ttl * 1_000_000)
+        self.max_peers = max_peers
+        self.max_per_address = max_per_address
+        self.cross_zone_peers = cross_zone_peers
+        self._announce = redis.register_script(_ANNOUNCE)
+        self._stats = redis.register_script(_STATS)
+        self._sweep = redis.register_script(_SWEEP)
+
+    def _base(self, info_hash: bytes) -> str:
+        return f"{self.prefix}swarm:{info_hash.hex()}:"
+
+    async def announce(self, info_hash: bytes, peer: Peer, event: str, *, want: int) -> Answer | None:
+        out = await _call("announce", self._announce, [f"{self.prefix}torrents", self._base(info_hash)], [
+            info_hash.hex(), f"{peer.ip}|{peer.port}", peer.ip, peer.peer_id.hex(), int(peer.is_seeder), event,
+            peer.zone, self.ttl_us, self.max_peers, self.max_per_address, want, self.cross_zone_peers,
+            EXPIRE_PER_ANNOUNCE])
+        if out is None:
+            return None
+        peers: list[tuple[str, int, bytes]] = []
+        for member, value in zip(out[2::2], out[3::2], strict=True):
+            ip, _, port = member.decode().rpartition("|")
+            pid_hex = value.decode().partition("|")[0] if value is not None else ""
+            try:
+                peers.append((ip, int(port), binascii.unhexlify(pid_hex)))
+            except (ValueError, binascii.Error):
+                continue  # written by something else than this script: never handed out
+        return Answer(peers, int(out[0]), int(out[1]))
+
+    async def stats(self, hashes: list[bytes]) -> dict[bytes, tuple[int, int, int]]:
+        if not hashes:
+            return {}
+        out = await _call("scrape", self._stats, [f"{self.prefix}torrents", f"{self.prefix}swarm:"],
+                          [self.ttl_us, *(h.hex() for h in hashes)])
+        return {h: (int(out[3 * i]), int(out[3 * i + 1]), int(out[3 * i + 2])) for i, h in enumerate(hashes)}
+
+    async def forget(self, info_hash: bytes) -> None:
+        return None  # unregistering removes the swarm's keys in the same script
+
+    async def sweep(self, registered: list[bytes]) -> Totals:
+        swarms = peers = unseeded = expired = 0
+        for info_hash in registered:  # one short script per swarm: Redis serves others in between
+            seeders, leechers, removed = await _call(
+                "sweep", self._sweep, [f"{self.prefix}torrents", self._base(info_hash)], [self.ttl_us])
+            swarms += 1 if seeders + leechers else 0
+            peers += seeders + leechers
+            unseeded += 0 if seeders else 1
+            expired += removed
+        return Totals(swarms, peers, unseeded, expired)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+class RedisTorrents:
+    def __init__(self, redis: aioredis.Redis, *, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self._keys = [f"{prefix}{name}" for name in ("torrents", "digests", "metainfo", "signatures")]
+        self._register = redis.register_script(_REGISTER)
+        self._unregister = redis.register_script(_UNREGISTER)
+        self._known: OrderedDict[bytes, str] = OrderedDict()
+
+    async def load(self, verify: Callable[[bytes, str], None]) -> None:
+        return None  # nothing to load: every replica reads Redis
+
+    async def register(self, meta: Metainfo, signature: str) -> None:
+        await _call("register", self._register, self._keys,
+                    [meta.digest.hex, meta.tracker_hash.hex(), meta.raw, signature])
+
+    async def unregister(self, digest: Digest) -> bytes | None:
+        out = await _call("unregister", self._unregister, [*self._keys, f"{self.prefix}swarm:"], [digest.hex])
+        if out is None:
+            return None
+        info_hash = binascii.unhexlify(out)
+        self._known.pop(info_hash, None)
+        return info_hash
+
+    async def digest_hex(self, info_hash: bytes) -> str | None:
+        known = self._known.get(info_hash)
+        if known is not None:
+            # the announce script checks the registration again (an unregistration elsewhere)
+            return known
+        try:
+            raw = await _command(self.redis.hget(self._keys[0], info_hash.hex()))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis lookup failed: {type(exc).__name__}") from None
+        if raw is None:
+            return None
+        digest_hex: str = raw.decode()
+        self._known[info_hash] = digest_hex
+        if len(self._known) > KNOWN_HASHES:
+            self._known.popitem(last=False)
+        return digest_hex
+
+    async def hashes(self) -> list[bytes]:
+        try:
+            keys = await _command(self.redis.hkeys(self._keys[0]))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis lookup failed: {type(exc).__name__}") from None
+        return [binascii.unhexlify(k) for k in keys]
+
+    async def count(self) -> int:
+        try:
+            return int(await _command(self.redis.hlen(self._keys[0])))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis lookup failed: {type(exc).__name__}") from None
+
+    async def ping(self) -> None:
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis unreachable: {type(exc).__name__}") from None
