@@ -137,6 +137,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
         base, *meta = typing.get_args(tp)
+        if value is None and typing.get_origin(base) in (typing.Union, types.UnionType) \
+                and type(None) in typing.get_args(base):
+            return None  # `key: null` for an optional value: none, as when the key is absent
         for m in meta:
             if isinstance(m, Marker):
                 return m.convert(value, key)

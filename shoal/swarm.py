@@ -177,8 +177,9 @@ class TorrentJob:
         self.handle = handle
         self.meta = meta
         self.grant: Grant | None = None  # its own, else the session's default (Swarm.set_default_grant)
-        # The last announce could not reach the tracker (no answer at all; a refusal is not this)
-        self.tracker_unreachable = False
+        # Trackers whose last announce got no answer at all (a refusal is not this)
+        self.unreachable_trackers: set[str] = set()
+        self.tracker_count = 1
         self.have = bytearray([1 if complete else 0]) * meta.num_pieces
         self.have_count = meta.num_pieces if complete else 0
         self.finished = asyncio.Event()
@@ -324,6 +325,11 @@ class TorrentJob:
                 fut.set_exception(errors.SwarmUnavailable(message))
         self._reads.clear()
         self._notify()
+
+    @property
+    def tracker_unreachable(self) -> bool:
+        """No tracker of the torrent could be reached at its last try: no peers can be found."""
+        return len(self.unreachable_trackers) >= self.tracker_count
 
     def _on_flushed(self) -> None:
         waiter = self._flush_waiter
@@ -524,8 +530,8 @@ class Swarm:
         handle.set_ssl_certificate_buffer(grant.certificate, self.key.private_pem, peercerts.DH_PARAMS)
 
     @staticmethod
-    def _tracker_index(job: TorrentJob, url: str) -> int:
-        for i, entry in enumerate(job.handle.trackers()):
+    def _tracker_index(trackers: list[Any], url: str) -> int:
+        for i, entry in enumerate(trackers):
             if entry["url"] == url:
                 return i
         return -1
@@ -577,14 +583,20 @@ class Swarm:
             log.debug("tracker error: %s", alert.message())
             job = self._jobs.get(alert.torrent_name)
             if job is not None:
-                job.tracker_unreachable = not alert.failure_reason()
+                url = alert.tracker_url()
+                trackers = job.handle.trackers()
+                job.tracker_count = max(len(trackers), 1)
+                if alert.failure_reason():
+                    job.unreachable_trackers.discard(url)
+                else:
+                    job.unreachable_trackers.add(url)
                 job._notify()
                 # libtorrent's own backoff grows to an hour (5 s + 12.5 s x failures squared):
                 # a seeder would stay unlisted long after the tracker is back. Retry on
                 # shoal's schedule instead (at most announcing.RETRY_MAX apart) - that tracker
                 # only: libtorrent goes on to the torrent's next one now.
                 job.handle.force_reannounce(announcing.retry_delay(alert.times_in_row),
-                                            self._tracker_index(job, alert.tracker_url()),
+                                            self._tracker_index(trackers, url),
                                             lt.reannounce_flags_t.ignore_min_interval)
             if self.on_tracker_error is not None:
                 self.on_tracker_error(alert.torrent_name, alert.failure_reason())
@@ -592,7 +604,7 @@ class Swarm:
         if isinstance(alert, lt.tracker_reply_alert):
             job = self._jobs.get(alert.torrent_name)
             if job is not None:
-                job.tracker_unreachable = False
+                job.unreachable_trackers.discard(alert.tracker_url())
             return
         if not isinstance(alert, lt.torrent_alert):
             if isinstance(alert, (lt.listen_failed_alert,)):

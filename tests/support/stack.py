@@ -47,12 +47,15 @@ class Stack:
         return {"name": self.registry.host, "url": self.registry.url, "username": user,
                 "password": {"file": str(password_file)}}
 
-    def start_tracker(self, **extra: Any) -> Component:
-        cfg = self.cluster.tracker(listen=self._listen["tracker"], **merged({"interval": "5s", "min_interval": "1s"},
-                                                                             extra))
-        self.tracker = Component("tracker", self.workdir, cfg).start()
-        self.components.append(self.tracker)
-        return self.tracker
+    def start_tracker(self, *, listen: str | None = None, name: str = "tracker", **extra: Any) -> Component:
+        """The tracker (a replica of it on another port with `listen`)."""
+        cfg = self.cluster.tracker(listen=listen or self._listen["tracker"],
+                                   **merged({"interval": "5s", "min_interval": "1s"}, extra))
+        tracker = Component("tracker", self.workdir, cfg, name=name).start()
+        self.components.append(tracker)
+        if listen is None:
+            self.tracker = tracker
+        return tracker
 
     def start_origin(self, **extra: Any) -> Component:
         assert self.tracker is not None
