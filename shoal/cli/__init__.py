@@ -23,11 +23,16 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shoal", description="shoal: P2P pull-through cache for registries")
     sub = p.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run tracker, origin and agent for one upstream on this node")
-    up.add_argument("--upstream", required=True, help="the registry URL, e.g. https://registry.example.com")
-    up.add_argument("--name", help="how clients name the registry (host[:port]); default: the URL's host")
-    up.add_argument("--username", help="registry user for the node and the origin seeder")
-    up.add_argument("--password-file", help="file holding that user's password")
+    up = sub.add_parser("up", help="run tracker, origin and agent for one or more registries on this node")
+    up.add_argument("--upstream", required=True, action="append", metavar="[NAME=]URL",
+                    help="a registry URL, e.g. https://registry.example.com (repeatable: one per registry); "
+                         "NAME= sets how clients name it (default: the URL's host[:port])")
+    up.add_argument("--name", help="how clients name the registry, with one --upstream (or use NAME=URL)")
+    up.add_argument("--username", action="append", default=[],
+                    help="registry user for the node and the origin seeder: once for every --upstream, or once "
+                         "per --upstream in the same order")
+    up.add_argument("--password-file", action="append", default=[],
+                    help="file holding that user's password (as often as --username)")
     up.add_argument("--data-dir", help="state directory (default: $XDG_DATA_HOME/shoal)")
     up.add_argument("--listen", default="127.0.0.1:5050", help="mirror address for containerd/podman")
     up.add_argument("--tracker-listen", default="127.0.0.1:6969")

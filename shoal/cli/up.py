@@ -28,19 +28,42 @@ def _default_data_dir() -> Path:
     return Path(base) / "shoal"
 
 
+def _upstreams(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The `upstreams` entries (with the registry login where given), one per --upstream."""
+    specs: list[str] = args.upstream
+    if args.name and len(specs) > 1:
+        raise SystemExit("shoal up: --name names one registry; with several --upstream, write NAME=URL")
+    n = len(specs)
+    for flag, values in (("--username", args.username), ("--password-file", args.password_file)):
+        if len(values) not in (0, 1, n):
+            raise SystemExit(f"shoal up: {flag}: give it once (for every registry) or once per --upstream ({n})")
+    if len(args.username) != len(args.password_file):
+        missing = "--password-file" if len(args.username) > len(args.password_file) else "--username"
+        raise SystemExit(f"shoal up: {missing}: give it as often as "
+                         f"{'--username' if missing == '--password-file' else '--password-file'}")
+    upstreams: list[dict[str, Any]] = []
+    for i, spec in enumerate(specs):
+        name, sep, url = spec.partition("=") if "=" in spec.split("://", 1)[0] else ("", "", spec)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SystemExit(f"shoal up: --upstream must be an http(s) URL (or NAME=URL), got {spec!r}")
+        upstream: dict[str, Any] = {"name": (name if sep else args.name) or parts.netloc, "url": url}
+        if args.username:
+            j = i if len(args.username) == n else 0
+            upstream["username"] = args.username[j]
+            upstream["password"] = {"file": str(Path(args.password_file[j]).resolve())}
+        upstreams.append(upstream)
+    names = [u["name"] for u in upstreams]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"shoal up: --upstream: two registries are named alike ({', '.join(names)}); "
+                         "give them names with NAME=URL")
+    return upstreams
+
+
 def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]]:
     """The three components' configurations for a single node."""
-    parts = urlsplit(args.upstream)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SystemExit(f"shoal up: --upstream must be an http(s) URL, got {args.upstream!r}")
-    name = args.name or parts.netloc
+    upstreams = _upstreams(args)
     keys = make_keys(data / "keys")
-    upstream: dict[str, Any] = {"name": name, "url": args.upstream}
-    if args.username:
-        if not args.password_file:
-            raise SystemExit("shoal up: --username needs --password-file")
-        upstream["username"] = args.username
-        upstream["password"] = {"file": str(Path(args.password_file).resolve())}
     operators: dict[str, list[str]] = {}
     for spec in args.operator:
         user, sep, roles = spec.partition("=")
@@ -51,12 +74,14 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
         operators[user] = listed
     # The agent gets the registry login only when it uses it for pulls without credentials: in
     # challenge mode every pull is the puller's own (least privilege: the node holds no password).
-    agent_upstream = upstream if args.unauthenticated == "node" else {"name": name, "url": args.upstream}
+    agent_upstreams = upstreams if args.unauthenticated == "node" else \
+        [{"name": u["name"], "url": u["url"]} for u in upstreams]
     ip = args.torrent_ip
-    cluster = Cluster(keys, [upstream], tracker_url=f"http://{args.tracker_listen}",
+    cluster = Cluster(keys, upstreams, tracker_url=f"http://{args.tracker_listen}",
                       origin_url=f"http://{args.origin_listen}", log={"level": args.log_level, "format": "text"})
-    origin_extra: dict[str, Any] = {"operators": {"registry": {"upstream": name, "roles": operators}}} if operators \
-        else {}
+    # operators sign in with their login at the first registry
+    origin_extra: dict[str, Any] = {"operators": {"registry": {"upstream": upstreams[0]["name"],
+                                                               "roles": operators}}} if operators else {}
     agent_extra: dict[str, Any] = {}
     if args.containerd_hosts_dir:
         agent_extra["containerd"] = {"config_path": str(Path(args.containerd_hosts_dir).resolve())}
@@ -68,7 +93,7 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
         "agent": cluster.agent(listen=args.listen, data_dir=data / "agent",
                                torrent_listen=f"{ip}:{args.agent_torrent_port}",
                                auth={"unauthenticated": args.unauthenticated}, cache={"max_bytes": args.cache},
-                               upstreams=[agent_upstream], **agent_extra),
+                               upstreams=agent_upstreams, **agent_extra),
     }
 
 
@@ -132,22 +157,26 @@ def cmd_up(args: argparse.Namespace) -> int:
             if not _wait_ready(f"http://{configs[name]['listen']}", procs[name]):
                 print(f"shoal up: {name} failed to start (see its messages above)", file=sys.stderr)
                 return 1
-        upstream = configs["agent"]["upstreams"][0]
+        upstreams = configs["agent"]["upstreams"]
         operator_token = data / "keys" / "operator.token"
         anonymous = ("use the node credentials" if args.unauthenticated == "node"
                      else "get the registry's challenge (ctr --user, podman login)")
-        print(f"\nshoal is up for {upstream['url']} (clients call it {upstream['name']})\n"
+        served = "\n".join(f"  {u['url']} (clients call it {u['name']})" for u in upstreams)
+        if args.containerd_hosts_dir:
+            containerd = "".join(f"containerd: the agent keeps {args.containerd_hosts_dir}/{u['name']}/hosts.toml "
+                                 "(through the agent while it is ready)\n" for u in upstreams) + "\n"
+        else:
+            containerd = "".join(f"containerd: /etc/containerd/certs.d/{u['name']}/hosts.toml "
+                                 "(or let the agent keep it: --containerd-hosts-dir)\n"
+                                 f"  server = \"{u['url']}\"\n"
+                                 f"  [host.\"http://{args.listen}\"]\n    capabilities = [\"pull\", \"resolve\"]\n\n"
+                                 for u in upstreams)
+        print(f"\nshoal is up for\n{served}\n"
               f"  mirror  http://{args.listen}   tracker http://{args.tracker_listen}   "
               f"origin http://{args.origin_listen}\n"
-              f"  data    {data}\n\n"
-              + (f"containerd: the agent keeps {args.containerd_hosts_dir}/{upstream['name']}/hosts.toml "
-                 "(through the agent while it is ready)\n\n" if args.containerd_hosts_dir else
-                 f"containerd: /etc/containerd/certs.d/{upstream['name']}/hosts.toml "
-                 "(or let the agent keep it: --containerd-hosts-dir)\n"
-                 f"  server = \"{upstream['url']}\"\n"
-                 f"  [host.\"http://{args.listen}\"]\n    capabilities = [\"pull\", \"resolve\"]\n\n") +
+              f"  data    {data}\n\n" + containerd +
               f"pre-seed:  shoal seed --origin http://{args.origin_listen} "
-              f"--token-file {operator_token} {upstream['name']}/REPO:TAG\n"
+              f"--token-file {operator_token} {upstreams[0]['name']}/REPO:TAG\n"
               f"audit:     shoal audit --origin http://{args.origin_listen} --token-file {operator_token}\n"
               f"           (a local admin operator; add others: shoal-origin add-operator NAME --roles seed "
               f"--operators {data / 'keys' / 'operators.json'}"

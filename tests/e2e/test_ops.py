@@ -17,6 +17,7 @@ from shoal import cluster, protocol
 from shoal_agent.metrics import FALLBACK_REASONS
 from tests.e2e.conftest import USERS, Images
 from tests.support.clients import Containerd, skopeo_copy, verify_dir
+from tests.support.images import build_image, push
 from tests.support.procs import ROOT, Component, free_port, http_get, series, wait_http
 from tests.support.registry import Registry
 from tests.support.stack import Stack
@@ -118,13 +119,19 @@ def test_health_readiness_and_metrics(stack: Stack, images: Images, workdir: Pat
 
 
 def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Containerd, tmp_path: Path) -> None:
+    """One command, one node, two registries (--upstream twice; one login for both)."""
     image = images.app()
     password = tmp_path / "node.password"
     password.write_text(USERS["node"])
+    second = Registry(tmp_path / "registry2", users=USERS)
+    second.start()
+    small = build_image(tmp_path / "small", tag="v1", layer_sizes=[3 << 20, 40_000], seed=41)
+    push(small, registry=second.host, repo="private/small", user="alice", password=USERS["alice"])
     listen = f"127.0.0.2:{free_port('127.0.0.2')}"
     tracker_listen, origin_listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shoal.cli", "up", "--upstream", registry.url, "--username", "node",
+        [sys.executable, "-m", "shoal.cli", "up", "--upstream", registry.url, "--upstream", second.url,
+         "--username", "node",
          "--password-file", str(password), "--data-dir", str(tmp_path / "data"), "--listen", listen,
          "--tracker-listen", tracker_listen, "--origin-listen", origin_listen,
          "--agent-torrent-port", str(free_port()), "--origin-torrent-port", str(free_port())],
@@ -138,6 +145,11 @@ def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Co
         containerd.pull(f"{registry.host}/private/app:v1", hosts, user=f"alice:{USERS['alice']}")
         containerd.verify_content(list(image.blobs))
         assert agent.metric("shoal_agent_requests_total", kind="blobs", status="200") == len(image.blobs)
+        hosts = containerd.hosts_dir(second.host, second.url, agent)
+        containerd.pull(f"{second.host}/private/small:v1", hosts, user=f"alice:{USERS['alice']}")
+        containerd.verify_content(list(small.blobs))
+        assert agent.metric("shoal_agent_requests_total", kind="blobs", status="200") == \
+            len(image.blobs) + len(small.blobs)
         status = subprocess.run([sys.executable, "-m", "shoal.cli", "status", "--agent", f"http://{listen}",
                                  "--origin", f"http://{origin_listen}", "--tracker", f"http://{tracker_listen}"],
                                 capture_output=True, text=True, timeout=30, cwd=ROOT)
@@ -153,8 +165,10 @@ def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Co
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole job
         out, _ = proc.communicate(timeout=60)
+        second.close()
     assert proc.returncode == 0, out
     assert "shoal is up for" in out and f'[host."http://{listen}"]' in out
+    assert f"{second.url} (clients call it {second.host})" in out and f'server = "{second.url}"' in out
     operator_token = tmp_path / "data" / "keys" / "operator.token"
     assert f"shoal audit --origin http://{origin_listen} --token-file {operator_token}" in out
     # a clean stop: no component logs an ERROR (a second signal once cut the origin's cleanup short)

@@ -47,3 +47,31 @@ def test_the_agent_keeps_containerds_hosts_directory_only_when_asked(tmp_path: P
     configs = up.up_configs(args(tmp_path, "--containerd-hosts-dir", "certs.d"), tmp_path / "d")
     loaded = agent_config.load(configs["agent"])
     assert loaded.containerd.config_path == str((Path.cwd() / "certs.d").resolve())
+
+
+def test_several_registries(tmp_path: Path) -> None:
+    """--upstream more than once: every registry in every component; one login for all, or one each."""
+    pw_a, pw_b = tmp_path / "a", tmp_path / "b"
+    pw_a.write_text("a")
+    pw_b.write_text("b")
+    two = ["up", "--upstream", "http://one.test:5000", "--upstream", "mirror=https://two.test"]
+    shared = up.up_configs(parser().parse_args([*two, "--username", "u", "--password-file", str(pw_a),
+                                                "--unauthenticated", "node"]), tmp_path / "d")
+    for component in ("agent", "origin"):
+        assert [(u["name"], u["url"], u["username"]) for u in shared[component]["upstreams"]] == [
+            ("one.test:5000", "http://one.test:5000", "u"), ("mirror", "https://two.test", "u")]
+    assert [u.name for u in agent_config.load(shared["agent"]).upstreams] == ["one.test:5000", "mirror"]
+    own = up.up_configs(parser().parse_args([*two, "--username", "u", "--password-file", str(pw_a),
+                                             "--username", "v", "--password-file", str(pw_b)]), tmp_path / "d")
+    assert [(u["username"], u["password"]["file"]) for u in own["origin"]["upstreams"]] == [
+        ("u", str(pw_a)), ("v", str(pw_b))]
+    assert origin_config.load(own["origin"]).upstreams[1].username == "v"
+    for extra, message in (
+            (["--username", "u"], "--password-file: give it as often as --username"),
+            (["--password-file", str(pw_a)], "--username: give it as often as --password-file"),
+            (["--name", "x"], "--name names one registry"),
+            (["--upstream", "http://one.test:5000"], "named alike"),
+            (["--upstream", "ftp://x"], "must be an http"),
+            (["--username", "u", "--username", "v", "--username", "w"], "--username: give it once")):
+        with pytest.raises(SystemExit, match=message):
+            up.up_configs(parser().parse_args([*two, *extra]), tmp_path / "d")
