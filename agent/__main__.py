@@ -14,6 +14,7 @@ FLAGS = {
     "--data-dir": ("data_dir", "cache and state directory"),
     "--origin": ("origin", "origin base URL"),
     "--torrent-listen": ("torrent.listen", "BitTorrent listen address (ip:port)"),
+    "--zone": ("zone", "the node's zone (trackers hand out same-zone peers first; empty: none)"),
     "--cache-max-bytes": ("cache.max_bytes", "cache size budget, e.g. 50GiB"),
     "--log-level": ("log.level", "debug, info, warning or error"),
 }

@@ -45,7 +45,9 @@ FULL: Doc = {
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "podAnnotations": {"example.com/team": "platform"},
     },
-    "tracker": {"interval": "60s", "config": {"numwant_default": 30}},
+    "tracker": {"interval": "60s", "config": {"numwant_default": 30}, "replicas": 3,
+                "redis": {"address": "redis.redis.svc.cluster.local:6379", "existingSecret": "shoal-redis",
+                          "passwordKey": "redis-password"}},
     "origin": {
         "operators": {"registry": {"upstream": "registry.example.com", "roles": {"alice": ["seed", "audit"]}},
                       "existingSecret": "shoal-operators"},

@@ -171,7 +171,8 @@ def test_configurations_load_with_the_components_loaders(rendered: dict[str, lis
     args = workload["spec"]["template"]["spec"]["containers"][0]
     command = [*args.get("command", []), *args.get("args", [])]
     # the pod's flags, with what the downward API would put in their place
-    flags = {"--node": ("node", "worker-7.example"), "--torrent-listen": ("torrent.listen", "10.0.3.7:6881")}
+    flags = {"--node": ("node", "worker-7.example"), "--torrent-listen": ("torrent.listen", "10.0.3.7:6881"),
+             "--zone": ("zone", "eu-west-1a")}
     for flag, (key, value) in flags.items():
         if flag in command:
             set_dotted(doc, key, value)
@@ -193,6 +194,20 @@ def test_configurations_follow_the_values(rendered: dict[str, list[Doc]]) -> Non
     assert agent["listen"] == "127.0.0.1:5050"
     assert agent["origin"] == f"http://{name('origin')}.{NAMESPACE}.svc.cluster.local:6970"
     assert origin["tracker"] == f"http://{name('tracker')}.{NAMESPACE}.svc.cluster.local:6969"
+    # tracker replicas behind the one Service, sharing their swarms in the operator's Redis
+    tracker = config(full, "tracker")
+    assert tracker["redis"] == {"address": "redis.redis.svc.cluster.local:6379", "db": 0, "prefix": "shoal:",
+                                "password": {"file": "/etc/shoal/redis/password"}}
+    assert "data_dir" not in tracker
+    deployment = find(full, "Deployment")
+    assert deployment["spec"]["replicas"] == 3 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert find(rendered["default"], "Deployment")["spec"]["replicas"] == 1
+    assert "redis" not in config(rendered["default"], "tracker")
+    # each agent states its node's zone, from the label Kubernetes copies onto its pod
+    agent_container = find(full, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+    assert agent_container["args"][-2:] == ["--zone", "$(SHOAL_ZONE)"]
+    zone_env = next(e for e in agent_container["env"] if e["name"] == "SHOAL_ZONE")
+    assert zone_env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['topology.kubernetes.io/zone']"
     assert agent["containerd"] == {"config_path": "/etc/containerd/certs.d", "mirror": "http://127.0.0.1:5050",
                                    "default_host": True, "dial_timeout": "500ms"}
     assert agent["swarm"] == {"stall_timeout": "5s"}  # agent.config merged in
@@ -383,6 +398,7 @@ def test_values_schema_rejects_bad_values_naming_the_key(values: Doc, named: str
 
 @pytest.mark.parametrize(("values", "message"), [
     ({"networkPolicy": {"enabled": True}}, "networkPolicy.nodeCIDRs"),
+    ({"tracker": {"replicas": 2}}, "tracker.replicas: more than one tracker needs tracker.redis.address"),
     ({"upstreams": [{"name": "r.example", "url": "https://r.example", "origin": {"username": "u"}}]},
      "upstreams[0].origin: username \"u\" needs password or existingSecret"),
 ])
@@ -473,7 +489,8 @@ def test_config_error_names_the_key_for_a_bad_override(rendered: dict[str, list[
     {"agent": {"containerd": {"enabled": False}}},
     {"agent": {"metrics": {"enabled": False}}, "metrics": {"serviceMonitor": {"enabled": True}}},
     {"agent": {"containerd": {"enabled": False}, "cache": {"type": "ephemeral"}}},
-], ids=["no-containerd", "no-agent-metrics", "no-host-dirs"])
+    {"agent": {"zoneLabel": ""}},
+], ids=["no-containerd", "no-agent-metrics", "no-host-dirs", "no-zone"])
 def test_optional_agent_parts_switch_off_cleanly(values: Doc, tmp_path: Path) -> None:
     docs = template(values, tmp_path)
     for doc in docs:
@@ -486,6 +503,9 @@ def test_optional_agent_parts_switch_off_cleanly(values: Doc, tmp_path: Path) ->
         assert "certs-d" not in volumes and "containerd" not in agent
     if values["agent"].get("cache", {}).get("type") == "ephemeral":
         assert "initContainers" not in pod  # no host directory to prepare: no root step at all
+    if values["agent"].get("zoneLabel") == "":
+        assert "--zone" not in pod["containers"][0]["args"]
+        assert "SHOAL_ZONE" not in {e["name"] for e in pod["containers"][0]["env"]}
     if values["agent"].get("metrics", {}).get("enabled") is False:
         assert [c["name"] for c in pod["containers"]] == ["agent"]
         assert {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceMonitor"} == {name("tracker"),

@@ -58,7 +58,8 @@ def as_pod(docs: list[dict[str, Any]], host: Path, stack: Stack) -> dict[str, An
     replaced = {"config": config, "keys": keys}
     spec["volumes"] = [{"name": v["name"], "hostPath": {"path": str(replaced[v["name"]]), "type": "Directory"}}
                        if v["name"] in replaced else v for v in spec["volumes"]]
-    downward = {"spec.nodeName": "kube-node-1", "status.hostIP": HOST_IP}
+    downward = {"spec.nodeName": "kube-node-1", "status.hostIP": HOST_IP,
+                "metadata.labels['topology.kubernetes.io/zone']": "zone-a"}  # the label Kubernetes copies
     for container in spec["containers"] + spec.get("initContainers", []):
         # with the host network, ports only document what the pod binds (kubelet maps nothing);
         # podman 4.3 refuses port mappings without a bridge
