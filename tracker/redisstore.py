@@ -10,7 +10,8 @@ Keys (under `prefix`):
     metainfo/signatures hash  digest hex -> torrent bytes / the origin's signature
     swarm:<ih>:s / :l   zset  "ip|port" -> last seen (us; ties would make "oldest" arbitrary), seeders / leechers
     swarm:<ih>:zs:<z>   zset  the same, for zone z only (tracker/zones.py)
-    swarm:<ih>:p        hash  "ip|port" -> "<peer id hex>|<zone>"
+    swarm:<ih>:p        hash  "ip|port" -> the peer as answers carry it (see _record)
+    swarm:<ih>:z        hash  "ip|port" -> its zone (peers with one)
     swarm:<ih>:a        zset  "ip|port" at score 0 (by address, for max_peers_per_address)
     swarm:<ih>:d        int   completed downloads
 
@@ -22,6 +23,8 @@ touch the torrents hash and a swarm's keys together.
 from __future__ import annotations
 
 import binascii
+import ipaddress
+import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -34,31 +37,23 @@ from shoal.oci import Digest
 from shoal_tracker.peers import Peer
 from shoal_tracker.store import Answer, StoreUnavailable, Totals
 
-# Expired peers an announce removes itself (the periodic sweep takes any more; answers skip them).
-EXPIRE_PER_ANNOUNCE = 64
 # Tracker hashes a replica remembers resolving (a torrent's tracker hash names its digest for good).
 KNOWN_HASHES = 100_000
 
 _COMMON = r"""
 local base = KEYS[2]
-local S, L, P, A, D = base .. 's', base .. 'l', base .. 'p', base .. 'a', base .. 'd'
+local S, L, P, Z, A, D = base .. 's', base .. 'l', base .. 'p', base .. 'z', base .. 'a', base .. 'd'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 -- numbers as exact integers: redis.call would format them with 14 digits (microseconds have 16)
 local function int(x) return string.format('%d', x) end
 
-local function zone_of(m)
-  local v = redis.call('HGET', P, m)
-  if not v then return nil end
-  local bar = string.find(v, '|', 1, true)
-  return string.sub(v, bar + 1)
-end
-
 local function remove(m)
-  local z = zone_of(m)
-  if z and z ~= '' then
+  local z = redis.call('HGET', Z, m)
+  if z then
     redis.call('ZREM', base .. 'zs:' .. z, m)
     redis.call('ZREM', base .. 'zl:' .. z, m)
+    redis.call('HDEL', Z, m)
   end
   redis.call('ZREM', S, m)
   redis.call('ZREM', L, m)
@@ -66,39 +61,35 @@ local function remove(m)
   redis.call('HDEL', P, m)
 end
 
-local function expire(cutoff, limit)
+-- every peer not seen for ttl leaves before anything is read: what is left is live, so answers
+-- need no scores (usually nothing is stale, and the range read is O(log n))
+local function expire(cutoff)
   local n = 0
   for _, key in ipairs({S, L}) do
-    local stale
-    if limit then
-      stale = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. int(cutoff), 'LIMIT', 0, limit)
-    else
-      stale = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. int(cutoff))
-    end
-    for _, m in ipairs(stale) do remove(m); n = n + 1 end
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. int(cutoff))) do remove(m); n = n + 1 end
   end
   return n
 end
 """
 
-# KEYS: torrents, swarm base. ARGV: ih hex, "ip|port", ip, peer id hex, seeder 0/1, event, zone,
-# ttl us, max peers, max per address, want, cross-zone peers, expire per announce.
+# KEYS: torrents, swarm base. ARGV: ih hex, "ip|port", ip, record, seeder 0/1, event, zone,
+# ttl us, max peers, max per address, want, cross-zone peers.
 _ANNOUNCE = _COMMON + r"""
-local ih, me, ip, pid = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local ih, me, ip, record = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local seeder, event, zone = ARGV[5] == '1', ARGV[6], ARGV[7]
 local ttl, max_peers, max_addr = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local want, cross = tonumber(ARGV[11]), tonumber(ARGV[12])
 if redis.call('HEXISTS', KEYS[1], ih) == 0 then return false end
 local cutoff = now - ttl
-expire(cutoff, tonumber(ARGV[13]))
+expire(cutoff)
 
 if event == 'stopped' then
   remove(me)
 else
-  local prev = redis.call('HGET', P, me)
+  local known = redis.call('HEXISTS', P, me) == 1
   if event == 'completed' and not redis.call('ZSCORE', S, me) then redis.call('INCR', D) end
   local listed = true
-  if not prev then
+  if not known then
     local same = redis.call('ZRANGEBYLEX', A, '[' .. ip .. '|', '[' .. ip .. '|\255')
     if #same >= max_addr then
       -- the address's oldest entry makes room (a restart's new port)
@@ -110,7 +101,7 @@ else
       remove(oldest)
     end
     if redis.call('ZCARD', S) + redis.call('ZCARD', L) >= max_peers then listed = false end
-  elseif zone_of(me) ~= zone then
+  elseif (redis.call('HGET', Z, me) or '') ~= zone then
     remove(me)
   end
   if listed then
@@ -118,9 +109,12 @@ else
     if seeder then mine, other, zmine, zother = S, L, 'zs:', 'zl:' end
     redis.call('ZREM', other, me)
     redis.call('ZADD', mine, int(now), me)
-    redis.call('ZADD', A, 0, me)
-    redis.call('HSET', P, me, pid .. '|' .. zone)
+    if not known then
+      redis.call('ZADD', A, 0, me)
+      redis.call('HSET', P, me, record)
+    end
     if zone ~= '' then
+      redis.call('HSET', Z, me, zone)
       redis.call('ZREM', base .. zother .. zone, me)
       redis.call('ZADD', base .. zmine .. zone, int(now), me)
       redis.call('PEXPIRE', base .. zmine .. zone, math.floor(ttl / 500))
@@ -130,19 +124,17 @@ end
 
 local chosen, seen = {}, {}
 seen[me] = true
--- up to n live members of zset `key` at random, none already chosen, none of zone `skip`
+-- up to n members of zset `key` at random, none already chosen, none of zone `skip`
 local function take(key, n, skip)
-  if n <= 0 or redis.call('ZCARD', key) == 0 then return 0 end
+  if n <= 0 then return 0 end
   local ask = n + 1
   if skip then
     ask = ask + redis.call('ZCARD', base .. 'zs:' .. skip) + redis.call('ZCARD', base .. 'zl:' .. skip)
   end
-  local got = redis.call('ZRANDMEMBER', key, ask, 'WITHSCORES')
   local added = 0
-  for i = 1, #got, 2 do
+  for _, m in ipairs(redis.call('ZRANDMEMBER', key, ask)) do
     if added >= n then break end
-    local m = got[i]
-    if not seen[m] and tonumber(got[i + 1]) >= cutoff and (not skip or zone_of(m) ~= skip) then
+    if not seen[m] and (not skip or redis.call('HGET', Z, m) ~= skip) then
       seen[m] = true
       chosen[#chosen + 1] = m
       added = added + 1
@@ -167,13 +159,14 @@ if event ~= 'stopped' then
   end
 end
 
-for _, key in ipairs({S, L, P, A, D}) do redis.call('PEXPIRE', key, math.floor(ttl / 500)) end
-local out = {redis.call('ZCOUNT', S, int(cutoff), '+inf'), redis.call('ZCOUNT', L, int(cutoff), '+inf')}
-for _, m in ipairs(chosen) do
-  out[#out + 1] = m
-  out[#out + 1] = redis.call('HGET', P, m)
+-- the swarm's keys outlive its last announce by two peer TTLs (renewed once per TTL, not each time)
+if redis.call('PTTL', P) < ttl / 1000 then
+  for _, key in ipairs({S, L, P, Z, A, D}) do redis.call('PEXPIRE', key, math.floor(ttl / 500)) end
 end
-return out
+-- the chosen peers' records in one string: one reply element to parse
+local records = ''
+if #chosen > 0 then records = table.concat(redis.call('HMGET', P, unpack(chosen))) end
+return {redis.call('ZCARD', S), redis.call('ZCARD', L), records}
 """
 
 # KEYS: torrents, prefix .. 'swarm:'. ARGV: ttl us, tracker hashes (hex) to count.
@@ -192,7 +185,7 @@ return out
 
 # KEYS: torrents, the swarm base. ARGV: ttl us. Drops the swarm's expired peers; counts the rest.
 _SWEEP = _COMMON + r"""
-local removed = expire(now - tonumber(ARGV[1]), nil)
+local removed = expire(now - tonumber(ARGV[1]))
 return {redis.call('ZCARD', S), redis.call('ZCARD', L), removed}
 """
 
@@ -213,13 +206,34 @@ local ih = redis.call('HGET', KEYS[2], ARGV[1])
 if not ih then return false end
 for i = 1, 4 do redis.call('HDEL', KEYS[i], i == 1 and ih or ARGV[1]) end
 local base = KEYS[5] .. ih .. ':'
-for _, v in ipairs(redis.call('HVALS', base .. 'p')) do
-  local z = string.sub(v, string.find(v, '|', 1, true) + 1)
-  if z ~= '' then redis.call('DEL', base .. 'zs:' .. z, base .. 'zl:' .. z) end
+for _, z in ipairs(redis.call('HVALS', base .. 'z')) do
+  redis.call('DEL', base .. 'zs:' .. z, base .. 'zl:' .. z)
 end
-redis.call('DEL', base .. 's', base .. 'l', base .. 'p', base .. 'a', base .. 'd')
+redis.call('DEL', base .. 's', base .. 'l', base .. 'p', base .. 'z', base .. 'a', base .. 'd')
 return ih
 """
+
+
+def _record(peer: Peer) -> bytes:
+    """A peer as the announce script keeps and returns it: '4' or '6', the compact address and
+    port (BEP 23 / BEP 7), the peer id. Answers are these records end to end, parsed here once."""
+    packed = ipaddress.ip_address(peer.ip).packed
+    return (b"4" if len(packed) == 4 else b"6") + packed + struct.pack("!H", peer.port) + peer.peer_id
+
+
+def _peers(records: bytes) -> list[tuple[str, int, bytes]]:
+    peers = []
+    i = 0
+    while i < len(records):
+        size = 4 if records[i:i + 1] == b"4" else 16
+        end = i + 1 + size + 2 + 20
+        if end > len(records):
+            break  # cut short: nothing this script wrote
+        address = str(ipaddress.ip_address(records[i + 1:i + 1 + size]))
+        (port,) = struct.unpack("!H", records[i + 1 + size:i + 3 + size])
+        peers.append((address, port, records[i + 3 + size:end]))
+        i = end
+    return peers
 
 
 def client(*, host: str, port: int, db: int, username: str | None, password: str | None,
@@ -263,20 +277,11 @@ class RedisSwarms:
 
     async def announce(self, info_hash: bytes, peer: Peer, event: str, *, want: int) -> Answer | None:
         out = await _call("announce", self._announce, [f"{self.prefix}torrents", self._base(info_hash)], [
-            info_hash.hex(), f"{peer.ip}|{peer.port}", peer.ip, peer.peer_id.hex(), int(peer.is_seeder), event,
-            peer.zone, self.ttl_us, self.max_peers, self.max_per_address, want, self.cross_zone_peers,
-            EXPIRE_PER_ANNOUNCE])
+            info_hash.hex(), f"{peer.ip}|{peer.port}", peer.ip, _record(peer), int(peer.is_seeder), event,
+            peer.zone, self.ttl_us, self.max_peers, self.max_per_address, want, self.cross_zone_peers])
         if out is None:
             return None
-        peers: list[tuple[str, int, bytes]] = []
-        for member, value in zip(out[2::2], out[3::2], strict=True):
-            ip, _, port = member.decode().rpartition("|")
-            pid_hex = value.decode().partition("|")[0] if value is not None else ""
-            try:
-                peers.append((ip, int(port), binascii.unhexlify(pid_hex)))
-            except (ValueError, binascii.Error):
-                continue  # written by something else than this script: never handed out
-        return Answer(peers, int(out[0]), int(out[1]))
+        return Answer(_peers(out[2]), int(out[0]), int(out[1]))
 
     async def stats(self, hashes: list[bytes]) -> dict[bytes, tuple[int, int, int]]:
         if not hashes:

@@ -201,3 +201,10 @@ def test_redis_config_errors_name_the_key(keys: Keys) -> None:
             tracker_config.load(tracker_doc(keys, redis=redis))
     with pytest.raises(ConfigError, match="data_dir"):
         tracker_config.load(tracker_doc(keys, redis={}, data_dir="/tmp/x"))
+
+
+def test_peer_records_round_trip_both_families() -> None:
+    peers = [Peer("10.1.2.3", 6881, b"A" * 20, 0, 0.0), Peer("fd00::7", 51413, b"B" * 20, 5, 0.0)]
+    records = b"".join(redisstore._record(p) for p in peers)
+    assert redisstore._peers(records) == [("10.1.2.3", 6881, b"A" * 20), ("fd00::7", 51413, b"B" * 20)]
+    assert redisstore._peers(records[:-1]) == [("10.1.2.3", 6881, b"A" * 20)]  # a cut record is dropped
