@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 BRIDGE = "shb0"
 PREFIX = "shb-"
-SUBNET = "10.88"
+# Not 10.88: podman's default network (cni-podman0) takes 10.88.0.0/16, and its route won.
+SUBNET = "10.199"
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

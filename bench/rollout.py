@@ -1,7 +1,7 @@
 """Cold rollout: N capped hosts pull one image at once, through each system.
 
 Hosts are network namespaces whose NICs are capped at B (tc tbf, both directions). The registry
-host (10.88.0.2) is capped at B too; shoal's origin and tracker run on it, beside the registry.
+host (10.199.0.2) is capped at B too; shoal's origin and tracker run on it, beside the registry.
 The central cache (docker-registry in proxy mode) has a host of its own, capped at B.
 Systems: "direct" (every host pulls from the registry), "central" (every host pulls from the
 cache, which pulls from the registry once), "shoal" (every host pulls from its own agent).
@@ -65,6 +65,7 @@ class Rollout:
         self.origin_config = origin_config or {}
         self.agent_config = agent_config or {}
         self.log_level = log_level
+        self.zones = 0  # agents in this many zones (bench/zones.py), host i in zone_of(i)
         self.registry_host = topo.add("registry", REGISTRY_IP, cap)
         self.cache_host = topo.add("cache", CACHE_IP, cap)
         self.nodes = [topo.add(f"h{i}", f"{SUBNET}.1.{i}", cap) for i in range(1, max_hosts + 1)]
@@ -131,6 +132,10 @@ class Rollout:
                              round(statistics.median(durations), 2), round(percentile(durations, 0.99), 2),
                              egress, errors, *peer_bytes)
 
+    def zone_of(self, i: int, hosts: int) -> str:
+        """The zone of the i-th of `hosts` hosts: the hosts split into `zones` equal runs."""
+        return f"z{i * self.zones // hosts}"
+
     def _peer_bytes(self, nodes: list[Host]) -> tuple[int, int]:
         agents = seeder = 0
         for node in nodes:
@@ -156,11 +161,12 @@ class Rollout:
             listen=f"{REGISTRY_IP}:6970", data_dir=run_dir / "origin", torrent_listen=f"{REGISTRY_IP}:6881",
             **self.origin_config)).start(protocol.READYZ.url(origin_url))
         agents = []
-        for node in nodes:
+        for i, node in enumerate(nodes):
+            zone = {"zone": self.zone_of(i, len(nodes))} if self.zones else {}
             agents.append(services.shoal(node, "agent", f"agent-{node.name}", run_dir, cluster.agent(
                 listen="127.0.0.1:5050", data_dir=run_dir / node.name, torrent_listen=f"{node.ip}:6881",
-                **merged({"node": node.name, "swarm": {"first_piece_timeout": "30s", "stall_timeout": "30s"}},
-                         self.agent_config))))
+                **merged({"node": node.name, "swarm": {"first_piece_timeout": "30s", "stall_timeout": "30s"},
+                          **zone}, self.agent_config))))
         for agent in agents:
             agent.start()
         for agent in agents:
