@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+# the session's PostgreSQL cluster (fixtures `postgres`, `pg_database`), started only if a test asks
+pytest_plugins = ["tests.support.postgres"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--slow", action="store_true", help="also run the slow checks (soak); CI does")
