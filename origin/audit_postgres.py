@@ -60,6 +60,9 @@ CREATE TABLE IF NOT EXISTS banned_keys (
 );
 """
 # One statement for a whole batch (up to collector.MAX_BATCH rows): the columns as arrays.
+# Every table and index SCHEMA makes (the primary keys' indexes included).
+_RELATIONS = ("records", "records_pkey", "records_ts", "records_repository", "records_digest", "records_principal",
+              "records_node", "nodes", "nodes_pkey", "banned_keys", "banned_keys_pkey")
 _INSERT_OPERATOR = (
     "INSERT INTO records (event_id, phase, ts, node, principal, ns, repository, reference, digest, doc, received) "
     "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
@@ -125,6 +128,14 @@ class PostgresStore:
             return work(conn)
 
     def _create_schema(self, conn: psycopg.Connection[Any]) -> None:
+        # Present already (the usual start): no DDL at all. CREATE INDEX IF NOT EXISTS locks its
+        # table before it finds the index, so an origin restarting beside a long transaction
+        # would wait for it.
+        found = conn.execute("SELECT count(*) FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
+                             "AND relname = ANY(%s)", (list(_RELATIONS),)).fetchone()
+        if found is not None and found[0] == len(_RELATIONS):
+            self._schema_ready = True
+            return
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for statement in SCHEMA.split(";"):
