@@ -10,6 +10,7 @@ import http.client
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,10 @@ def shoal_audit(origin: Component, token_file: Path, *args: str) -> list[dict[st
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
+def wait_metric(c: Component, name: str, ok: Callable[[float], bool], what: str, timeout: float = 30) -> None:
+    wait_for(lambda: ok(c.metric(name)), timeout=timeout, what=f"{c.name}: {what}")
+
+
 def insert_waiting(db: Database, application: str) -> bool:
     """The origin's INSERT of a journal batch is in progress in PostgreSQL (waiting on the lock)."""
     with db.connect(autocommit=True) as conn:
@@ -86,8 +91,7 @@ def test_two_origins_one_postgresql_a_collector_killed_mid_batch(stack: Stack, i
             assert request(agent, f"/v2/private/app/blobs/{blob.digest}") == 200
     assert request(agents[0], "/v2/private/app/blobs/sha256:" + "0" * 64) == 404
     for agent in agents[:2]:
-        wait_for(lambda agent=agent: agent.metric("shoal_agent_journal_ship_failures_total") > 0,
-                 what=f"{agent.name}'s shipment failed")
+        wait_metric(agent, "shoal_agent_journal_ship_failures_total", lambda v: v > 0, "a shipment failed")
     # 2. a transaction holds the records table: origin A restarts and its INSERT of the agents'
     # whole backlog waits inside PostgreSQL; it is killed there, mid-batch, then the lock goes
     with pg_database.connect() as blocker:
@@ -102,8 +106,7 @@ def test_two_origins_one_postgresql_a_collector_killed_mid_batch(stack: Stack, i
     # 3. origin A again: the agents send the batch again, the store keeps each record once
     origin_a.start()
     for agent in agents:
-        wait_for(lambda agent=agent: agent.metric("shoal_agent_journal_unshipped_bytes") == 0, timeout=90,
-                 what=f"{agent.name}'s journal shipped")
+        wait_metric(agent, "shoal_agent_journal_unshipped_bytes", lambda v: v == 0, "its journal shipped", 90)
     assert origin_a.metric("shoal_origin_journal_stored_records_total") > 0
 
     expected = {agent.name: journal_records(agent) for agent in agents}
