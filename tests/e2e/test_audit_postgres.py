@@ -152,6 +152,6 @@ def test_postgresql_down_answers_503_and_readyz_says_so(stack: Stack, images: Im
     finally:
         postgres.start()
     # back: ready again, and the journal arrives (nothing lost)
-    wait_for(lambda: http_get(protocol.READYZ.url(origin.url))[0] == 200, what="/readyz ready again")
+    wait_for(lambda: http_get(protocol.READYZ.url(origin.url))[0] == 200, what="ready again")
     events = stack.journal(agent, minimum=1, timeout=60)
     assert [e["digest"] for e in events] == [blob.digest]
