@@ -111,9 +111,9 @@ class PostgresStore:
         self._pool.close()
 
     @contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
+    def _conn(self, timeout: float | None = None) -> Iterator[psycopg.Connection[Any]]:
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection(timeout=timeout) as conn:
                 if not self._schema_ready:
                     self._create_schema(conn)
                 yield conn
@@ -145,7 +145,9 @@ class PostgresStore:
 
     def check(self) -> str | None:
         try:
-            self._call(lambda conn: conn.execute("SELECT 1"))
+            # within a readiness probe's usual 1 s (a connection made meanwhile serves the next)
+            with self._conn(timeout=min(1.0, self.settings.connect_timeout)) as conn:
+                conn.execute("SELECT 1")
         except StoreUnavailable:
             return "the audit store (PostgreSQL) is unreachable"
         return None

@@ -198,6 +198,20 @@ async def test_origins_starting_at_once_create_the_schema_once(pg_database: Data
                 return {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
 
         assert await asyncio.to_thread(tables) == {"records", "nodes", "banned_keys"}
+
+        # a later start finds the schema and runs no DDL: it does not wait for a transaction
+        # holding the table (CREATE INDEX IF NOT EXISTS would)
+        def start_beside_a_lock() -> str | None:
+            with pg_database.connect() as blocker:
+                blocker.execute("LOCK TABLE records IN SHARE ROW EXCLUSIVE MODE")
+                late = store(pg_database, connect_timeout="2s")
+                try:
+                    late.open()
+                    return late.node_key("node-a") or late.check()
+                finally:
+                    late.close()
+
+        assert await asyncio.to_thread(start_beside_a_lock) is None
     finally:
         for s in stores:
             await asyncio.to_thread(s.close)
@@ -226,6 +240,21 @@ async def test_postgresql_down_is_unavailable_and_a_restart_loses_nothing(postgr
         await collector.close()
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "unavailable" in str(refused.value) and pg_database.password not in logged
+
+
+async def test_an_origin_started_while_postgresql_is_down_creates_the_schema_later(
+        postgres: Postgres, pg_database: Database) -> None:
+    await asyncio.to_thread(postgres.stop, "fast")
+    collector = Collector(store(pg_database, connect_timeout="1s"))
+    await collector.open()  # not fatal: the origin starts
+    try:
+        with pytest.raises(StoreUnavailable):
+            await collector.node_key("node-a")
+        await asyncio.to_thread(postgres.start)
+        assert (await collector.store("node-a", records(3))).accepted == 6
+        assert await asyncio.to_thread(count, pg_database) == 6
+    finally:
+        await collector.close()
 
 
 def test_the_password_is_never_shown(pg_database: Database, caplog: pytest.LogCaptureFixture) -> None:
