@@ -12,6 +12,8 @@ the agent keeps the batch and sends it again)."""
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -60,6 +62,10 @@ CREATE TABLE IF NOT EXISTS banned_keys (
 );
 """
 # One statement for a whole batch (up to collector.MAX_BATCH rows): the columns as arrays.
+# After a failure to reach PostgreSQL, calls for this long are refused at once rather than each
+# waiting connect_timeout in one of pool_size threads: a fleet's retries would otherwise queue
+# behind one another and be answered later than the agents wait.
+FAIL_FAST = 1.0
 # Every table and index SCHEMA makes (the primary keys' indexes included).
 _RELATIONS = ("records", "records_pkey", "records_ts", "records_repository", "records_digest", "records_principal",
               "records_node", "nodes", "nodes_pkey", "banned_keys", "banned_keys_pkey")
@@ -68,6 +74,7 @@ _INSERT_OPERATOR = (
     "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
     "%s::text[], %s::text[], %s::text[], %s::float8[])")
 _INSERT = _INSERT_OPERATOR + " ON CONFLICT (event_id, phase) DO NOTHING"
+_UNAVAILABLE = "the audit store (PostgreSQL) is unavailable; retry later"
 # What a failure to reach the server (or a connection lost mid-call) raises.
 _UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
@@ -89,6 +96,7 @@ class PostgresStore:
                                     timeout=settings.connect_timeout, check=ConnectionPool.check_connection,
                                     name="audit", open=False)
         self._schema_ready = False
+        self._failed_at = -math.inf  # time.monotonic() of the last failure to reach PostgreSQL
 
     def __repr__(self) -> str:  # never the password
         s = self.settings
@@ -112,6 +120,8 @@ class PostgresStore:
 
     @contextmanager
     def _conn(self, timeout: float | None = None) -> Iterator[psycopg.Connection[Any]]:
+        if time.monotonic() - self._failed_at < FAIL_FAST:
+            raise StoreUnavailable(_UNAVAILABLE)
         try:
             with self._pool.connection(timeout=timeout) as conn:
                 if not self._schema_ready:
@@ -120,8 +130,9 @@ class PostgresStore:
         except _UNREACHABLE as exc:
             # the server's or libpq's words name host, port, user and database, never the password
             reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            self._failed_at = time.monotonic()
             log.warning("%s: %s", self._where(), reason)
-            raise StoreUnavailable("the audit store (PostgreSQL) is unavailable; retry later") from None
+            raise StoreUnavailable(_UNAVAILABLE) from None
 
     def _call(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
         with self._conn() as conn:

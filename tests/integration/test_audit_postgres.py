@@ -46,6 +46,14 @@ def records(n: int, *, prefix: str = "") -> list[dict[str, Any]]:
     return out
 
 
+async def reachable(collector: Collector, timeout: float = 30) -> None:
+    """Once PostgreSQL is back (within FAIL_FAST of a failure, calls are still refused)."""
+    deadline = time.monotonic() + timeout
+    while (reason := await collector.check()) is not None:
+        assert time.monotonic() < deadline, reason
+        await asyncio.sleep(0.1)
+
+
 def count(db: Database) -> int:
     with db.connect() as conn:
         row = conn.execute("SELECT count(*) FROM records").fetchone()
@@ -228,9 +236,15 @@ async def test_postgresql_down_is_unavailable_and_a_restart_loses_nothing(postgr
         with pytest.raises(StoreUnavailable) as refused:
             await collector.store("node-a", batch)
         assert refused.value.oci.status == 503
+        # right after a failure, calls are refused at once (none waits connect_timeout again)
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await collector.node_key("node-a")
+        assert time.monotonic() - began < 0.5
         assert await collector.check() == "the audit store (PostgreSQL) is unreachable"
-        assert collector.unavailable == 1
+        assert collector.unavailable == 2
         await asyncio.to_thread(postgres.start)
+        await reachable(collector)
         # the pool drops its dead connections and connects again; the re-sent batch lands once
         stored = await collector.store("node-a", batch)
         assert (stored.accepted, stored.duplicates) == (100, 100)
@@ -251,6 +265,7 @@ async def test_an_origin_started_while_postgresql_is_down_creates_the_schema_lat
         with pytest.raises(StoreUnavailable):
             await collector.node_key("node-a")
         await asyncio.to_thread(postgres.start)
+        await reachable(collector)
         assert (await collector.store("node-a", records(3))).accepted == 6
         assert await asyncio.to_thread(count, pg_database) == 6
     finally:
