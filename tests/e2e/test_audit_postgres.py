@@ -59,6 +59,13 @@ def wait_metric(c: Component, name: str, ok: Callable[[float], bool], what: str,
     wait_for(lambda: ok(c.metric(name)), timeout=timeout, what=f"{c.name}: {what}")
 
 
+def sessions(db: Database, application: str) -> int:
+    with db.connect(autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                           (application,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+
 def insert_waiting(db: Database, application: str) -> bool:
     """The origin's INSERT of a journal batch is in progress in PostgreSQL (waiting on the lock)."""
     with db.connect(autocommit=True) as conn:
@@ -101,8 +108,12 @@ def test_two_origins_one_postgresql_a_collector_killed_mid_batch(stack: Stack, i
                  what="origin A's INSERT of a batch in progress")
         origin_a.stop(kill=True)
         blocker.commit()
-    # what origin A had in flight was not acknowledged: its agents still hold it
+    # what origin A had in flight was not acknowledged (its agents still hold it), nor committed:
+    # its backend, cut off before COMMIT, rolls back once it sees the connection gone
     assert all(agent.metric("shoal_agent_journal_unshipped_bytes") > 0 for agent in agents[:2])
+    wait_for(lambda: not sessions(pg_database, "origin-a"), what="origin A's sessions gone")
+    with pg_database.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM records WHERE node IN ('node0', 'node1')").fetchone() == (0,)
     # 3. origin A again: the agents send the batch again, the store keeps each record once
     origin_a.start()
     for agent in agents:
