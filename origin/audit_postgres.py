@@ -61,7 +61,6 @@ CREATE TABLE IF NOT EXISTS banned_keys (
     banned     DOUBLE PRECISION NOT NULL
 );
 """
-# One statement for a whole batch (up to collector.MAX_BATCH rows): the columns as arrays.
 # After a failure to reach PostgreSQL, calls for this long are refused at once rather than each
 # waiting connect_timeout in one of pool_size threads: a fleet's retries would otherwise queue
 # behind one another and be answered later than the agents wait.
@@ -69,6 +68,7 @@ FAIL_FAST = 1.0
 # Every table and index SCHEMA makes (the primary keys' indexes included).
 _RELATIONS = ("records", "records_pkey", "records_ts", "records_repository", "records_digest", "records_principal",
               "records_node", "nodes", "nodes_pkey", "banned_keys", "banned_keys_pkey")
+# One statement for a whole batch (up to collector.MAX_BATCH rows): the columns as arrays.
 _INSERT_OPERATOR = (
     "INSERT INTO records (event_id, phase, ts, node, principal, ns, repository, reference, digest, doc, received) "
     "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
