@@ -69,7 +69,7 @@ def forget_node(argv: Sequence[str]) -> int:
     except ValueError as exc:
         print(f"shoal-origin: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, sqlite3.Error) as exc:
+    except (FileNotFoundError, sqlite3.Error, collector.StoreUnavailable) as exc:
         print(f"shoal-origin: cannot open {str(database)!r}: {exc}", file=sys.stderr)
         return 2
     if released:
@@ -80,8 +80,12 @@ def forget_node(argv: Sequence[str]) -> int:
     return 1
 
 
-def _database(config_file: str) -> Path:
-    return Path(config.load(read_yaml(config_file)).data_dir) / collector.AUDIT_DB
+def _database(config_file: str) -> collector.Target:
+    """The origin's audit store: its audit.db, or the PostgreSQL it is configured with."""
+    cfg = config.load(read_yaml(config_file))
+    if cfg.audit.postgresql is None:
+        return Path(cfg.data_dir) / collector.AUDIT_DB
+    return collector.store_for(cfg, create=False)
 
 
 def enroll_node(argv: Sequence[str]) -> int:
@@ -98,7 +102,7 @@ def enroll_node(argv: Sequence[str]) -> int:
     except (errors.BadRequest, ConfigError, ValueError) as exc:
         print(f"shoal-origin: {exc}", file=sys.stderr)
         return 2
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, collector.StoreUnavailable) as exc:
         print(f"shoal-origin: {exc}", file=sys.stderr)
         return 2
     print(f"node {args.node!r} is bound to that key")

@@ -28,7 +28,7 @@ from shoal.store import BlobStore
 from shoal.swarm import SEEDER_FINGERPRINT, Swarm, SwarmSettings
 from shoal.web import add_ops_routes, add_routes, error_middleware, operator_of
 from shoal_origin.admission import Admissions
-from shoal_origin.collector import AUDIT_DB, Collector
+from shoal_origin.collector import Collector, store_for
 from shoal_origin.config import OriginConfig
 from shoal_origin.operators import Operators
 from shoal_origin.preseed import Job, Preseeder
@@ -218,6 +218,7 @@ def build(config: OriginConfig) -> web.Application:
     assert config.signing_key is not None  # validate() requires it
     key = signing.load_private_key(config.signing_key, "signing_key")
     creds = {u.name: u.credentials(f"upstreams[{i}]") for i, u in enumerate(config.upstreams)}
+    audit_store = store_for(config)  # (reads the PostgreSQL password now)
 
     registry = CollectorRegistry()
     metrics = SeederMetrics(registry)
@@ -241,7 +242,7 @@ def build(config: OriginConfig) -> web.Application:
                         key=key, token_ttl=config.swarm_token_ttl)
         app[ADMISSIONS_KEY] = Admissions(key=key, upstreams=upstreams, ttl=config.admission_ttl,
                                          grant_ttl=config.swarm_token_ttl)
-        collector = Collector(Path(config.data_dir) / AUDIT_DB, max_nodes=config.max_nodes)
+        collector = Collector(audit_store, max_nodes=config.max_nodes)
 
         async def preseed_finished(job: Job) -> None:
             await operators.record_job(job)
@@ -275,7 +276,10 @@ def build(config: OriginConfig) -> web.Application:
 
     async def ready() -> str | None:
         seeder = app.get(SEEDER_KEY)
-        return None if seeder is not None else "starting"
+        if seeder is None:
+            return "starting"
+        # PostgreSQL down: nodes can neither enroll, be admitted nor ship their journal here
+        return await app[COLLECTOR_KEY].check()
 
     app.cleanup_ctx.append(lifecycle)
     add_routes(app, [
@@ -314,6 +318,11 @@ class CollectorMetrics(PromCollector):
                                 "Swarm tokens refused for a node name bound to another key, a banned key, or "
                                 "past max_nodes")
         c.add_metric([], float(self.collector.enrollment_refusals))
+        yield c
+        c = CounterMetricFamily("shoal_origin_audit_store_unavailable",
+                                "Collector calls (journal, enrollment, admission, audit) answered 503: the audit "
+                                "store (PostgreSQL) was unreachable")
+        c.add_metric([], float(self.collector.unavailable))
         yield c
 
 

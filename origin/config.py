@@ -70,6 +70,53 @@ class OperatorSettings:
             raise ConfigError(f"{prefix}.cache_size: must be at least 1")
 
 
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresSettings:
+    """A PostgreSQL database that holds the audit trail, enrolled nodes and banned keys: every
+    origin given the same one shares them (origin/audit_postgres.py)."""
+
+    host: str
+    dbname: str
+    user: str
+    # The role's password (file or env; never inline). None: the server's other methods (a
+    # client certificate, trust on a private socket).
+    password: SecretSource = field(default_factory=SecretSource)
+    port: int = 5432
+    # libpq's sslmode; verify-full checks the server's certificate against sslrootcert and its name.
+    sslmode: SslMode = "prefer"
+    sslrootcert: str | None = None
+    # Connections to PostgreSQL at most (and so store calls at once).
+    pool_size: int = 4
+    # How long a call waits for a connection (PostgreSQL down: the collector answers 503 after it).
+    connect_timeout: Annotated[float, DURATION] = 5.0
+    # Shown in pg_stat_activity (tell the origins apart).
+    application_name: str = "shoal-origin"
+
+    def validate(self, prefix: str) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"{prefix}.port: expected 1 to 65535, got {self.port}")
+        if not 1 <= self.pool_size <= 100:
+            raise ConfigError(f"{prefix}.pool_size: must be between 1 and 100")
+        if not 1 <= self.connect_timeout <= 300:
+            raise ConfigError(f"{prefix}.connect_timeout: must be between 1s and 5m")
+        if self.sslmode in ("verify-ca", "verify-full") and self.sslrootcert is None:
+            raise ConfigError(f"{prefix}.sslrootcert: required with sslmode {self.sslmode} (the CA's PEM file)")
+        for key in ("host", "dbname", "user", "application_name"):
+            value = getattr(self, key)
+            if not value or any(c in value for c in "\x00\r\n"):
+                raise ConfigError(f"{prefix}.{key}: must be a non-empty single line")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """Where the collector keeps the audit trail: SQLite in data_dir unless postgresql is set."""
+
+    postgresql: PostgresSettings | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class OriginConfig:
     data_dir: str
@@ -107,6 +154,7 @@ class OriginConfig:
     # Node names the origin enrolls (each bound to its key); past it, new names are refused.
     max_nodes: int = 10_000
     operators: OperatorSettings = field(default_factory=OperatorSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def validate(self, prefix: str) -> None:

@@ -8,6 +8,9 @@ import pytest
 
 from tests.support.redis import RedisServer
 
+# the session's PostgreSQL cluster (fixtures `postgres`, `pg_database`), started only if a test asks
+pytest_plugins = ["tests.support.postgres"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--slow", action="store_true", help="also run the slow checks (soak); CI does")
