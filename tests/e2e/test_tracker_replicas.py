@@ -8,6 +8,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
+from shoal import protocol
 from shoal.metainfo import Metainfo
 from shoal.swarm import SwarmSettings
 from tests.e2e.conftest import Images
@@ -67,7 +68,7 @@ def test_a_replica_lost_and_redis_restarted_mid_rollout(stack: Stack, registry: 
         replicas = [stack.start_tracker(redis=redis.settings("e2e:")),
                     stack.start_tracker(listen=second, name="tracker1", redis=redis.settings("e2e:"))]
         urls = [stack.cluster.tracker_url, f"http://{second}"]
-        announces = [f"{u}/announce" for u in urls]
+        announces = [protocol.ANNOUNCE.url(u) for u in urls]
         # every node announces to replica 0 first: the one that will be lost
         names = [n for n in (f"node-{i}" for i in range(64)) if first_tracker(n, announces) == announces[0]][:5]
         # the seeder is slow enough (16 MiB/s) for the loss to fall in the middle of the pulls
