@@ -63,7 +63,7 @@ def _peer_address(request: web.Request) -> tuple[str, int] | None:
 def _stores(config: TrackerConfig) -> tuple[Swarms, Torrents]:
     if config.redis is None:
         peers = PeerStore(ttl=config.ttl, max_peers=config.max_peers_per_torrent,
-                          max_per_address=config.max_peers_per_address, cross_zone_peers=config.cross_zone_peers)
+                          max_per_address=config.max_peers_per_address, zone_gateways=config.zone_gateways)
         return (MemorySwarms(peers),
                 MemoryTorrents(TorrentRegistry(Path(config.data_dir) if config.data_dir else None)))
     r = config.redis
@@ -73,7 +73,7 @@ def _stores(config: TrackerConfig) -> tuple[Swarms, Torrents]:
                                max_connections=r.max_connections)
     return (redisstore.RedisSwarms(client, prefix=r.prefix, ttl=config.ttl, max_peers=config.max_peers_per_torrent,
                                    max_per_address=config.max_peers_per_address,
-                                   cross_zone_peers=config.cross_zone_peers),
+                                   zone_gateways=config.zone_gateways),
             redisstore.RedisTorrents(client, prefix=r.prefix))
 
 

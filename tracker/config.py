@@ -55,8 +55,8 @@ class TrackerConfig:
     # Entries one source address may hold in a swarm (a node has one; an agent and the origin on
     # one host two; a restart's new port replaces the address's oldest entry).
     max_peers_per_address: int = 8
-    # Other zones' peers handed to a node whose own zone has live peers (tracker/zones.py).
-    cross_zone_peers: int = zones.CROSS_ZONE_PEERS
+    # Leechers of a zone that are handed other zones' peers (tracker/zones.py).
+    zone_gateways: int = zones.ZONE_GATEWAYS
     # Peers and registered metainfo in Redis, shared by every tracker replica; None: in this
     # process (with data_dir for the metainfo), the one-tracker default.
     redis: RedisSettings | None = None
@@ -86,8 +86,8 @@ class TrackerConfig:
                 f"least interval + {announcing.ANNOUNCE_TIMEOUT}s (the announce timeout) = "
                 f"{announcing.min_peer_ttl(self.interval):g}s, default 3 x interval + "
                 f"{announcing.ANNOUNCE_TIMEOUT}s")
-        if not 0 <= self.cross_zone_peers <= self.numwant_max:
-            raise ConfigError("cross_zone_peers: must be between 0 and numwant_max")
+        if not 1 <= self.zone_gateways <= 64:
+            raise ConfigError("zone_gateways: must be between 1 and 64")
         if self.redis is not None and self.data_dir is not None:
             raise ConfigError("data_dir: not used with redis (registered metainfo is kept in Redis); remove one")
         if self.max_peers_per_address < 1:

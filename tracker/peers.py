@@ -37,6 +37,8 @@ class SwarmPeers:
     leechers: dict[Key, Peer] = field(default_factory=dict)
     downloaded: int = 0
     by_address: dict[str, dict[Key, None]] = field(default_factory=dict)  # each address's keys, oldest first
+    gateways: dict[str, dict[Key, None]] = field(default_factory=dict)  # each zone's (tracker/zones.py)
+    zoned: int = 0  # peers with a zone (none: every answer takes the sampling shortcut)
 
     def __len__(self) -> int:
         return len(self.seeders) + len(self.leechers)
@@ -45,12 +47,30 @@ class SwarmPeers:
         return self.seeders.get(key) or self.leechers.get(key)
 
     def put(self, key: Key, peer: Peer) -> None:
+        previous = self.get(key)
+        if previous is not None and previous.zone != peer.zone:
+            self.remove(key)  # a node that moved zones is no gateway of its old one
+            previous = None
         mine, other = (self.seeders, self.leechers) if peer.is_seeder else (self.leechers, self.seeders)
         other.pop(key, None)
         mine[key] = peer
         self.by_address.setdefault(key[0], {})[key] = None
+        if previous is None and peer.zone:
+            self.zoned += 1
+
+    def on_boundary(self, key: Key, peer: Peer) -> bool:
+        """A peer other zones may reach: one without a zone, or a gateway of its zone."""
+        return not peer.zone or key in self.gateways.get(peer.zone, {})
 
     def remove(self, key: Key) -> None:
+        gone = self.get(key)
+        if gone is not None and gone.zone:
+            self.zoned -= 1
+            gateways = self.gateways.get(gone.zone)
+            if gateways is not None:
+                gateways.pop(key, None)
+                if not gateways:
+                    del self.gateways[gone.zone]
         self.seeders.pop(key, None)
         self.leechers.pop(key, None)
         keys = self.by_address.get(key[0])
@@ -70,11 +90,11 @@ class PeerStore:
     a swarm with fake peers, and a fresh agent fell back to the registry)."""
 
     def __init__(self, *, ttl: float, max_peers: int, max_per_address: int = 8,
-                 cross_zone_peers: int = zones.CROSS_ZONE_PEERS) -> None:
+                 zone_gateways: int = zones.ZONE_GATEWAYS) -> None:
         self.ttl = ttl
         self.max_peers = max_peers
         self.max_per_address = max_per_address
-        self.cross_zone_peers = cross_zone_peers
+        self.zone_gateways = zone_gateways
         self._swarms: dict[bytes, SwarmPeers] = {}
 
     def announce(self, info_hash: bytes, peer: Peer, event: str) -> SwarmPeers:
@@ -94,39 +114,58 @@ class PeerStore:
             if len(swarm) >= self.max_peers:
                 return swarm  # full: the announcer still gets peers, but is not listed
         swarm.put(key, peer)
+        if peer.zone and not peer.is_seeder:
+            self._elect(swarm, key, peer.zone, time.monotonic())
         return swarm
+
+    def _elect(self, swarm: SwarmPeers, key: Key, zone: str, now: float) -> None:
+        """A leecher becomes a gateway of its zone while the zone has fewer live ones than
+        `zone_gateways` (tracker/zones.py)."""
+        gateways = swarm.gateways.setdefault(zone, {})
+        if key in gateways:
+            return
+        live = 0
+        for k in gateways:
+            p = swarm.get(k)
+            live += p is not None and now - p.last_seen <= self.ttl
+        if live < self.zone_gateways:
+            gateways[key] = None
 
     def select(self, info_hash: bytes, requester: tuple[str, int], *, want: int, seeder: bool,
                zone: str = "") -> list[Peer]:
         """Up to `want` peers other than the requester: seeders first (a seeder gets only
-        leechers, it needs nothing from other seeders); random order within each group; with a
-        zone, that zone's peers first and others' only as tracker/zones.py allows."""
+        leechers, it needs nothing from other seeders); random order within each group; zones
+        as tracker/zones.py says."""
         swarm = self._swarms.get(info_hash)
         if swarm is None:
             return []
         now = time.monotonic()
         groups = [swarm.leechers] if seeder else [swarm.seeders, swarm.leechers]
         if not zone:
-            return self._fill(groups, requester, want, now, None)
-        local = self._fill(groups, requester, want, now, lambda p: p.zone == zone)
-        room = zones.cross_zone_room(want, len(local), self.cross_zone_peers)
-        return local + self._fill(groups, requester, room, now, lambda p: p.zone != zone)
+            if not swarm.zoned:
+                return self._fill(groups, requester, want, now, None)
+            return self._fill(groups, requester, want, now, lambda k, p: swarm.on_boundary(k, p))
+        local = self._fill(groups, requester, want, now, lambda k, p: p.zone == zone)
+        if local and requester not in swarm.gateways.get(zone, {}):
+            return local
+        return local + self._fill(groups, requester, want - len(local), now,
+                                  lambda k, p: p.zone != zone and swarm.on_boundary(k, p))
 
     def _fill(self, groups: list[dict[Key, Peer]], requester: Key, want: int, now: float,
-              keep: Callable[[Peer], bool] | None) -> list[Peer]:
+              keep: Callable[[Key, Peer], bool] | None) -> list[Peer]:
         chosen: list[Peer] = []
         for group in groups:
             chosen += self._sample(group, requester, want - len(chosen), now, keep)
         return chosen
 
     def _sample(self, group: dict[Key, Peer], requester: Key, want: int, now: float,
-                keep: Callable[[Peer], bool] | None = None) -> list[Peer]:
+                keep: Callable[[Key, Peer], bool] | None = None) -> list[Peer]:
         if want <= 0 or not group:
             return []
         if keep is not None:
             # a zone's share: filtered by a scan (the sampling shortcut below cannot filter)
-            live = [p for p in group.values()
-                    if keep(p) and (p.ip, p.port) != requester and now - p.last_seen <= self.ttl]
+            live = [p for k, p in group.items()
+                    if keep(k, p) and k != requester and now - p.last_seen <= self.ttl]
             return random.sample(live, min(len(live), want))
         values = list(group.values())
         sample = random.sample(values, min(len(values), want + 1))  # +1: the requester may be in it

@@ -9,7 +9,9 @@ Keys (under `prefix`):
     digests             hash  digest hex -> tracker hash hex
     metainfo/signatures hash  digest hex -> torrent bytes / the origin's signature
     swarm:<ih>:s / :l   zset  "ip|port" -> last seen (us; ties would make "oldest" arbitrary), seeders / leechers
-    swarm:<ih>:zs:<z>   zset  the same, for zone z only (tracker/zones.py)
+    swarm:<ih>:zs:<z>   zset  the same, for zone z only (tracker/zones.py); :zl:<z> its leechers
+    swarm:<ih>:g:<z>    zset  zone z's gateways
+    swarm:<ih>:bs / :bl zset  the boundary: peers without a zone and gateways, seeders / leechers
     swarm:<ih>:p        hash  "ip|port" -> the peer as answers carry it (see _record)
     swarm:<ih>:z        hash  "ip|port" -> its zone (peers with one)
     swarm:<ih>:a        zset  "ip|port" at score 0 (by address, for max_peers_per_address)
@@ -43,6 +45,7 @@ KNOWN_HASHES = 100_000
 _COMMON = r"""
 local base = KEYS[2]
 local S, L, P, Z, A, D = base .. 's', base .. 'l', base .. 'p', base .. 'z', base .. 'a', base .. 'd'
+local BS, BL = base .. 'bs', base .. 'bl'  -- the boundary: peers without a zone, and gateways
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 -- numbers as exact integers: redis.call would format them with 14 digits (microseconds have 16)
@@ -53,10 +56,13 @@ local function remove(m)
   if z then
     redis.call('ZREM', base .. 'zs:' .. z, m)
     redis.call('ZREM', base .. 'zl:' .. z, m)
+    redis.call('ZREM', base .. 'g:' .. z, m)
     redis.call('HDEL', Z, m)
   end
   redis.call('ZREM', S, m)
   redis.call('ZREM', L, m)
+  redis.call('ZREM', BS, m)
+  redis.call('ZREM', BL, m)
   redis.call('ZREM', A, m)
   redis.call('HDEL', P, m)
 end
@@ -73,12 +79,14 @@ end
 """
 
 # KEYS: torrents, swarm base. ARGV: ih hex, "ip|port", ip, record, seeder 0/1, event, zone,
-# ttl us, max peers, max per address, want, cross-zone peers.
+# ttl us, max peers, max per address, want, zone gateways.
 _ANNOUNCE = _COMMON + r"""
 local ih, me, ip, record = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local seeder, event, zone = ARGV[5] == '1', ARGV[6], ARGV[7]
 local ttl, max_peers, max_addr = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local want, cross = tonumber(ARGV[11]), tonumber(ARGV[12])
+local want, gateways = tonumber(ARGV[11]), tonumber(ARGV[12])
+local G = base .. 'g:' .. zone
+local gateway = false
 if redis.call('HEXISTS', KEYS[1], ih) == 0 then return false end
 local cutoff = now - ttl
 expire(cutoff)
@@ -102,7 +110,8 @@ else
     end
     if redis.call('ZCARD', S) + redis.call('ZCARD', L) >= max_peers then listed = false end
   elseif (redis.call('HGET', Z, me) or '') ~= zone then
-    remove(me)
+    remove(me)  -- a node that moved zones is no gateway of its old one
+    known = false
   end
   if listed then
     local mine, other, zmine, zother = L, S, 'zl:', 'zs:'
@@ -118,7 +127,19 @@ else
       redis.call('ZREM', base .. zother .. zone, me)
       redis.call('ZADD', base .. zmine .. zone, int(now), me)
       redis.call('PEXPIRE', base .. zmine .. zone, math.floor(ttl / 500))
+      gateway = redis.call('ZSCORE', G, me) ~= false
+      if not gateway and not seeder and redis.call('ZCARD', G) < gateways then
+        gateway = true  -- the zone lacks a gateway (tracker/zones.py); expired ones left already
+      end
+      if gateway then
+        redis.call('ZADD', G, int(now), me)
+        redis.call('PEXPIRE', G, math.floor(ttl / 500))
+      end
     end
+    local bmine, bother = BL, BS
+    if seeder then bmine, bother = BS, BL end
+    redis.call('ZREM', bother, me)
+    if zone == '' or gateway then redis.call('ZADD', bmine, int(now), me) end
   end
 end
 
@@ -128,9 +149,7 @@ seen[me] = true
 local function take(key, n, skip)
   if n <= 0 then return 0 end
   local ask = n + 1
-  if skip then
-    ask = ask + redis.call('ZCARD', base .. 'zs:' .. skip) + redis.call('ZCARD', base .. 'zl:' .. skip)
-  end
+  if skip then ask = ask + redis.call('ZCARD', G) end  -- the zone's own gateways are on the boundary
   local added = 0
   for _, m in ipairs(redis.call('ZRANDMEMBER', key, ask)) do
     if added >= n then break end
@@ -145,23 +164,23 @@ end
 
 if event ~= 'stopped' then
   if zone == '' then
-    if not seeder then take(S, want, nil) end
-    take(L, want - #chosen, nil)
+    -- the boundary (every peer, where no node states a zone)
+    if not seeder then take(BS, want, nil) end
+    take(BL, want - #chosen, nil)
   else
     if not seeder then take(base .. 'zs:' .. zone, want, nil) end
     take(base .. 'zl:' .. zone, want - #chosen, nil)
-    -- other zones' peers only to fill what the zone lacks (tracker/zones.py)
-    local room = want - #chosen
-    if #chosen > 0 and room > cross then room = cross end
-    local got = 0
-    if not seeder then got = take(S, room, zone) end
-    take(L, room - got, zone)
+    if #chosen == 0 or gateway then
+      -- other zones' boundary: for a gateway, or a node alone in its zone
+      if not seeder then take(BS, want - #chosen, zone) end
+      take(BL, want - #chosen, zone)
+    end
   end
 end
 
 -- the swarm's keys outlive its last announce by two peer TTLs (renewed once per TTL, not each time)
 if redis.call('PTTL', P) < ttl / 1000 then
-  for _, key in ipairs({S, L, P, Z, A, D}) do redis.call('PEXPIRE', key, math.floor(ttl / 500)) end
+  for _, key in ipairs({S, L, P, Z, A, D, BS, BL}) do redis.call('PEXPIRE', key, math.floor(ttl / 500)) end
 end
 -- the chosen peers' records in one string: one reply element to parse
 local records = ''
@@ -207,9 +226,10 @@ if not ih then return false end
 for i = 1, 4 do redis.call('HDEL', KEYS[i], i == 1 and ih or ARGV[1]) end
 local base = KEYS[5] .. ih .. ':'
 for _, z in ipairs(redis.call('HVALS', base .. 'z')) do
-  redis.call('DEL', base .. 'zs:' .. z, base .. 'zl:' .. z)
+  redis.call('DEL', base .. 'zs:' .. z, base .. 'zl:' .. z, base .. 'g:' .. z)
 end
-redis.call('DEL', base .. 's', base .. 'l', base .. 'p', base .. 'z', base .. 'a', base .. 'd')
+redis.call('DEL', base .. 's', base .. 'l', base .. 'p', base .. 'z', base .. 'a', base .. 'd', base .. 'bs',
+           base .. 'bl')
 return ih
 """
 
@@ -261,13 +281,13 @@ async def _command(pending: Any) -> Any:
 
 class RedisSwarms:
     def __init__(self, redis: aioredis.Redis, *, prefix: str, ttl: float, max_peers: int,
-                 max_per_address: int, cross_zone_peers: int) -> None:
+                 max_per_address: int, zone_gateways: int) -> None:
         self.redis = redis
         self.prefix = prefix
         self.ttl_us = int(ttl * 1_000_000)
         self.max_peers = max_peers
         self.max_per_address = max_per_address
-        self.cross_zone_peers = cross_zone_peers
+        self.zone_gateways = zone_gateways
         self._announce = redis.register_script(_ANNOUNCE)
         self._stats = redis.register_script(_STATS)
         self._sweep = redis.register_script(_SWEEP)
@@ -278,7 +298,7 @@ class RedisSwarms:
     async def announce(self, info_hash: bytes, peer: Peer, event: str, *, want: int) -> Answer | None:
         out = await _call("announce", self._announce, [f"{self.prefix}torrents", self._base(info_hash)], [
             info_hash.hex(), f"{peer.ip}|{peer.port}", peer.ip, _record(peer), int(peer.is_seeder), event,
-            peer.zone, self.ttl_us, self.max_peers, self.max_per_address, want, self.cross_zone_peers])
+            peer.zone, self.ttl_us, self.max_peers, self.max_per_address, want, self.zone_gateways])
         if out is None:
             return None
         return Answer(_peers(out[2]), int(out[0]), int(out[1]))

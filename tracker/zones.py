@@ -1,26 +1,29 @@
-"""Zones: which peers a node in a zone is handed (one policy for both peer stores).
+"""Zones: which peers a node is handed when nodes state their zones (one policy, both stores).
 
-A node states its zone (the agent's `zone`, a node label in the chart) in its announces. It gets
-its own zone's peers first (seeders, then leechers), and other zones' peers (the origin's seeders
-have no zone) only to fill what its zone lacks: all of them while its zone has no live peer yet,
-at most `cross_zone_peers` once it has one. A zone thus takes a blob across its boundary through a
-few connections (about once), and its nodes pass the pieces on among themselves; a node with no
-zone is handed peers from everywhere, as before zones existed.
+A node states its zone (the agent's `zone`, a node label in the chart) in its announces. The
+goal: a zone takes each blob across its boundary about once, and its nodes pass the pieces on
+among themselves (cross-zone links are the slow and the billed ones). So:
+
+- A node is handed its own zone's peers (seeders, then leechers).
+- A few of a zone's leechers - at most `zone_gateways`, the first to ask while the zone has
+  fewer live ones - are its gateways: they are also handed peers on the boundary of other zones.
+  So is a node whose zone has no other live peer yet (it then becomes a gateway).
+- On the boundary are the peers without a zone (the origin's seeders) and every zone's
+  gateways; a node without a zone is handed only these, so the origin's seeder serves the
+  gateways, not every node of every zone.
+- Where no node states a zone, every peer is on the boundary: answers are as without zones.
+
+A gateway stays one while it announces (a seeder by then, it serves other zones' gateways); one
+that stops or expires is replaced by the next leecher of its zone to announce.
 """
 
 from __future__ import annotations
 
 from shoal import protocol
 
-# Other zones' peers a node is handed while its own zone has live peers: one is the origin's
-# seeder in practice, the other a second way in if that one is slow.
-CROSS_ZONE_PEERS = 2
-
-
-def cross_zone_room(want: int, local: int, cross_zone_peers: int) -> int:
-    """How many other zones' peers go into an answer that holds `local` of the zone's own."""
-    room = want - local
-    return min(room, cross_zone_peers) if local else room
+# Leechers per zone that take pieces across its boundary: two, so that one slow or lost gateway
+# does not hold its zone back; each fetches about what the other has not (bench/zones.py).
+ZONE_GATEWAYS = 2
 
 
 def valid(zone: str) -> bool:

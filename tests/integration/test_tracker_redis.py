@@ -86,7 +86,7 @@ async def test_peer_expiry_is_exact(redis_server: RedisServer, prefix: str) -> N
     client = redisstore.client(host="127.0.0.1", port=redis_server.port, db=0, username=None,
                                password=redis_server.password, timeout=2, max_connections=4)
     swarms = redisstore.RedisSwarms(client, prefix=prefix, ttl=1.0, max_peers=100, max_per_address=8,
-                                    cross_zone_peers=2)
+                                    zone_gateways=2)
     ih = secrets.token_bytes(20)
     await redisstore._command(client.hset(f"{prefix}torrents", ih.hex(), "a" * 64))
     try:
@@ -115,10 +115,11 @@ async def test_peer_expiry_is_exact(redis_server: RedisServer, prefix: str) -> N
         await client.aclose()
 
 
-async def test_zones_first(aiohttp_client: Any, keys: Keys, redis_server: RedisServer, prefix: str,
-                           meta: metainfo.Metainfo, tmp_path: Path) -> None:
-    """Same-zone peers first; other zones' (and the zone-less origin's) only to fill what the zone
-    lacks: all while it has none, `cross_zone_peers` once it has some. Both stores."""
+async def test_zones_keep_blobs_inside_them(aiohttp_client: Any, keys: Keys, redis_server: RedisServer,
+                                            prefix: str, meta: metainfo.Metainfo, tmp_path: Path) -> None:
+    """tracker/zones.py, in both stores: a node gets its zone's peers; only its zone's gateways
+    (the first two leechers) and a node alone in its zone also get the boundary (the zone-less
+    origin and other zones' gateways); the origin gets only the boundary."""
     memory: Client = await aiohttp_client(tracker_app.build(tracker_config.load(
         tracker_doc(keys, max_peers_per_address=100))))
     shared = await replica(aiohttp_client, keys, redis_server, prefix)
@@ -127,27 +128,53 @@ async def test_zones_first(aiohttp_client: Any, keys: Keys, redis_server: RedisS
         token = keys.token()
         ih = meta.tracker_hash
         await announce(c, ih, 7000, 0, token=token, event="started")  # the origin: no zone
-        for port in (7101, 7102, 7103):
-            await announce(c, ih, port, 5, token=token, event="started", zone="b")
-        # the first node of zone a gets everyone: its zone has nobody yet
+        # zone b: its first node is alone and gets the origin; it and the next are gateways
+        doc = await announce(c, ih, 7101, 5, token=token, event="started", zone="b")
+        assert compact_ports(doc) == [7000]
+        doc = await announce(c, ih, 7102, 5, token=token, event="started", zone="b")
+        assert sorted(compact_ports(doc)) == [7000, 7101]
+        doc = await announce(c, ih, 7103, 5, token=token, event="started", zone="b")
+        assert sorted(compact_ports(doc)) == [7101, 7102]  # not a gateway: its zone only
+        # zone a's first node: alone, it is handed the boundary: the origin and b's gateways
         doc = await announce(c, ih, 7201, 5, token=token, event="started", zone="a")
-        assert sorted(compact_ports(doc)) == [7000, 7101, 7102, 7103]
-        for port in (7202, 7203):
-            await announce(c, ih, port, 5, token=token, event="started", zone="a")
-        for _ in range(5):  # random picks: the rule holds every time
-            doc = await announce(c, ih, 7204, 5, token=token, event="started", zone="a")
+        assert sorted(compact_ports(doc)) == [7000, 7101, 7102]
+        await announce(c, ih, 7202, 5, token=token, event="started", zone="a")  # a's second gateway
+        for _ in range(3):  # random picks: the rule holds every time
+            doc = await announce(c, ih, 7203, 5, token=token, event="started", zone="a")
+            assert sorted(compact_ports(doc)) == [7201, 7202]
+            doc = await announce(c, ih, 7201, 5, token=token, zone="a")  # a gateway: its zone, then the rest
             ports = compact_ports(doc)
-            assert set(ports[:3]) == {7201, 7202, 7203}  # its zone first
-            assert len(ports) == 5 and ports[3] == 7000  # then 2 others, the seeder first
-            assert ports[4] in (7101, 7102, 7103)
-        # a node without a zone is handed everyone
-        doc = await announce(c, ih, 7301, 5, token=token, event="started")
-        assert len(compact_ports(doc)) == 8
-        # a zone moves with its node
-        doc = await announce(c, ih, 7204, 5, token=token, zone="b")
-        assert set(compact_ports(doc)[:3]) == {7101, 7102, 7103}
+            assert set(ports[:2]) == {7202, 7203} and sorted(ports[2:]) == [7000, 7101, 7102]
+            # the origin (no zone) is handed the boundary: every zone's gateways, no other node
+            doc = await announce(c, ih, 7000, 0, token=token)
+            assert sorted(compact_ports(doc)) == [7101, 7102, 7201, 7202]
+        # a gateway that stops is replaced by the next leecher of its zone to announce
+        await announce(c, ih, 7201, 5, token=token, event="stopped", zone="a")
+        doc = await announce(c, ih, 7203, 5, token=token, zone="a")
+        assert 7000 in compact_ports(doc)
+        # a node that moves zones leaves its old zone's gateways
+        doc = await announce(c, ih, 7202, 5, token=token, zone="b")
+        assert sorted(compact_ports(doc)) == [7101, 7102, 7103]
+        doc = await announce(c, ih, 7000, 0, token=token)
+        assert sorted(compact_ports(doc)) == [7101, 7102, 7203]
     bad = await announce(memory, meta.tracker_hash, 7400, 5, token=keys.token(), zone="no/slash")
     assert b"zone must be" in bad[b"failure reason"]  # type: ignore[operator]
+
+
+async def test_without_zones_every_peer_is_handed_out(aiohttp_client: Any, keys: Keys, redis_server: RedisServer,
+                                                      prefix: str, meta: metainfo.Metainfo) -> None:
+    shared = await replica(aiohttp_client, keys, redis_server, prefix)
+    memory: Client = await aiohttp_client(tracker_app.build(tracker_config.load(
+        tracker_doc(keys, max_peers_per_address=100))))
+    for c in (memory, shared):
+        assert await register(c, meta, keys) == 201
+        token = keys.token()
+        for port in range(7001, 7011):
+            await announce(c, meta.tracker_hash, port, 5 if port % 2 else 0, token=token, event="started")
+        doc = await announce(c, meta.tracker_hash, 7100, 5, token=token, event="started")
+        ports = compact_ports(doc)
+        assert sorted(ports) == list(range(7001, 7011))
+        assert all(p % 2 == 0 for p in ports[:5])  # seeders first
 
 
 async def test_a_redis_restart_loses_nothing(aiohttp_client: Any, keys: Keys, tmp_path: Path,
