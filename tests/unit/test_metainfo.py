@@ -143,3 +143,26 @@ def test_parse_refuses_every_malformed_shape(tmp_path: Path) -> None:
         with pytest.raises(metainfo.MetainfoError) as exc:
             metainfo.parse(bad)
         assert str(exc.value) == why
+
+
+def test_announce_list(tmp_path: Path) -> None:
+    """Tracker replicas: one BEP 12 tier, `announce` first; the info-hash does not depend on them."""
+    data = b"replicas" * 1000
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    path = tmp_path / digest.hex
+    path.write_bytes(data)
+    one = metainfo.parse(metainfo.create(path, digest, announce="http://a:1/announce", root_cert=SOME_ROOT))
+    two_raw = metainfo.create(path, digest, announce=["http://a:1/announce", "http://b:1/announce"],
+                              root_cert=SOME_ROOT)
+    two = metainfo.parse(two_raw)
+    assert one.trackers == ("http://a:1/announce",)
+    assert two.announce == "http://a:1/announce" and two.trackers == ("http://a:1/announce", "http://b:1/announce")
+    assert one.info_hash == two.info_hash
+    doc = bencode.decode(two_raw)
+    assert isinstance(doc, dict)
+    bads: list[bencode.Value] = [[[b"ftp://x/announce"]], [b"http://x/announce"],
+                                 [[b"http://x/%d" % i for i in range(17)]], [[1]]]
+    for bad in bads:
+        doc[b"announce-list"] = bad
+        with pytest.raises(metainfo.MetainfoError):
+            metainfo.parse(bencode.encode(doc))
