@@ -84,6 +84,13 @@ _ANNOUNCE = _COMMON + r"""
 local ih, me, ip, record = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local seeder, event, zone = ARGV[5] == '1', ARGV[6], ARGV[7]
 local ttl, max_peers, max_addr = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+-- every key this announce writes outlives it by two peer TTLs, so an abandoned swarm leaves nothing
+-- (each key its own: one created after another's renewal would otherwise never expire)
+local keep_ms = math.floor(ttl / 500)
+local function write(command, key, ...)
+  redis.call(command, key, ...)
+  redis.call('PEXPIRE', key, keep_ms)
+end
 local want, gateways = tonumber(ARGV[11]), tonumber(ARGV[12])
 local G = base .. 'g:' .. zone
 local gateway = false
@@ -95,7 +102,7 @@ if event == 'stopped' then
   remove(me)
 else
   local known = redis.call('HEXISTS', P, me) == 1
-  if event == 'completed' and not redis.call('ZSCORE', S, me) then redis.call('INCR', D) end
+  if event == 'completed' and not redis.call('ZSCORE', S, me) then write('INCR', D) end
   local listed = true
   if not known then
     local same = redis.call('ZRANGEBYLEX', A, '[' .. ip .. '|', '[' .. ip .. '|\255')
@@ -117,29 +124,27 @@ else
     local mine, other, zmine, zother = L, S, 'zl:', 'zs:'
     if seeder then mine, other, zmine, zother = S, L, 'zs:', 'zl:' end
     redis.call('ZREM', other, me)
-    redis.call('ZADD', mine, int(now), me)
+    write('ZADD', mine, int(now), me)
     if not known then
-      redis.call('ZADD', A, 0, me)
-      redis.call('HSET', P, me, record)
+      write('ZADD', A, 0, me)
+      write('HSET', P, me, record)
     end
     if zone ~= '' then
-      redis.call('HSET', Z, me, zone)
+      write('HSET', Z, me, zone)
       redis.call('ZREM', base .. zother .. zone, me)
-      redis.call('ZADD', base .. zmine .. zone, int(now), me)
-      redis.call('PEXPIRE', base .. zmine .. zone, math.floor(ttl / 500))
+      write('ZADD', base .. zmine .. zone, int(now), me)
       gateway = redis.call('ZSCORE', G, me) ~= false
       if not gateway and not seeder and redis.call('ZCARD', G) < gateways then
         gateway = true  -- the zone lacks a gateway (tracker/zones.py); expired ones left already
       end
       if gateway then
-        redis.call('ZADD', G, int(now), me)
-        redis.call('PEXPIRE', G, math.floor(ttl / 500))
+        write('ZADD', G, int(now), me)
       end
     end
     local bmine, bother = BL, BS
     if seeder then bmine, bother = BS, BL end
     redis.call('ZREM', bother, me)
-    if zone == '' or gateway then redis.call('ZADD', bmine, int(now), me) end
+    if zone == '' or gateway then write('ZADD', bmine, int(now), me) end
   end
 end
 
@@ -178,9 +183,9 @@ if event ~= 'stopped' then
   end
 end
 
--- the swarm's keys outlive its last announce by two peer TTLs (renewed once per TTL, not each time)
-if redis.call('PTTL', P) < ttl / 1000 then
-  for _, key in ipairs({S, L, P, Z, A, D, BS, BL}) do redis.call('PEXPIRE', key, math.floor(ttl / 500)) end
+if event ~= 'stopped' then
+  -- the records, the address index and the download count live as long as any peer announces
+  for _, key in ipairs({P, A, D}) do redis.call('PEXPIRE', key, keep_ms) end
 end
 -- the chosen peers' records in one string: one reply element to parse
 local records = ''

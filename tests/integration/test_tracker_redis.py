@@ -115,6 +115,40 @@ async def test_peer_expiry_is_exact(redis_server: RedisServer, prefix: str) -> N
         await client.aclose()
 
 
+async def test_a_swarm_lives_while_announced_and_leaves_nothing_after(redis_server: RedisServer,
+                                                                       prefix: str) -> None:
+    """Every key a swarm has outlives its last announce by two TTLs, and no longer: records of
+    peers that keep announcing are never lost (written once, kept by every announce), and an
+    abandoned swarm - zones, gateways and boundary included - leaves no key behind."""
+    client = redisstore.client(host="127.0.0.1", port=redis_server.port, db=0, username=None,
+                               password=redis_server.password, timeout=2, max_connections=4)
+    swarms = redisstore.RedisSwarms(client, prefix=prefix, ttl=0.4, max_peers=100, max_per_address=8,
+                                    zone_gateways=2)
+    ih = secrets.token_bytes(20)
+    await redisstore._command(client.hset(f"{prefix}torrents", ih.hex(), "a" * 64))
+    x, y = Peer("127.0.0.2", 1, PID, 5, 0.0, "z1"), Peer("127.0.0.3", 2, PID, 5, 0.0)
+    try:
+        await swarms.announce(ih, Peer("127.0.0.4", 3, PID, 0, 0.0), "completed", want=50)
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:  # nearly four TTLs of announcing
+            answer = await swarms.announce(ih, x, "", want=50)
+            assert answer is not None
+            assert ("127.0.0.3", 2, PID) in answer.peers or time.monotonic() - started < 0.1
+            await swarms.announce(ih, y, "", want=50)
+            await asyncio.sleep(0.05)
+
+        async def left() -> list[bytes]:
+            return list(await redisstore._command(client.keys(f"{prefix}swarm:*")))
+
+        assert await left()
+        deadline = time.monotonic() + 10
+        while await left() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert await left() == []
+    finally:
+        await client.aclose()
+
+
 async def test_zones_keep_blobs_inside_them(aiohttp_client: Any, keys: Keys, redis_server: RedisServer,
                                             prefix: str, meta: metainfo.Metainfo, tmp_path: Path) -> None:
     """tracker/zones.py, in both stores: a node gets its zone's peers; only its zone's gateways
