@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from tests.support import soakdata
-from tests.support.procs import Component, metric_sum, proc_stats, series
+from tests.support.procs import Component, free_port, metric_sum, proc_stats, series
 from tests.support.registry import Registry
 from tests.support.soakdata import SoakImage
 from tests.support.stack import Stack
@@ -94,16 +94,26 @@ class Run:
 
 
 def start(plan: Plan, workdir: Path, registry: Registry, *, pusher: tuple[str, str], node_user: tuple[str, str],
-          seeder_user: tuple[str, str]) -> Run:
-    """Build and push the images, start tracker, origin and agents (the caller closes run.stack)."""
+          seeder_user: tuple[str, str], redis: dict[str, object] | None = None) -> Run:
+    """Build and push the images, start tracker, origin and agents (the caller closes run.stack).
+    With `redis` (a tracker's `redis` section): two tracker replicas on it, the agents spread
+    over both."""
     images = soakdata.build(workdir / "content", images=plan.images, layers=plan.layers,
                             min_size=plan.min_layer, max_size=plan.max_layer, seed=plan.seed)
     asyncio.run(soakdata.push_all(registry.url, pusher[0], pusher[1], images))
     stack = Stack(workdir / "stack", registry, node_user=node_user, seeder_user=seeder_user)
     run = Run(plan, images, stack, registry)
     log = {"level": plan.log_level}
-    stack.start_tracker(interval=f"{plan.tracker_interval}s", log=log)
-    stack.start_origin(log=log, swarm_token_ttl=f"{plan.swarm_token_ttl}s")
+    if redis is None:
+        stack.start_tracker(interval=f"{plan.tracker_interval}s", log=log)
+        stack.start_origin(log=log, swarm_token_ttl=f"{plan.swarm_token_ttl}s")
+    else:
+        second = f"127.0.0.1:{free_port()}"
+        stack.start_tracker(interval=f"{plan.tracker_interval}s", log=log, redis=redis)
+        stack.start_tracker(listen=second, name="tracker1", interval=f"{plan.tracker_interval}s", log=log,
+                            redis=redis)
+        stack.start_origin(log=log, swarm_token_ttl=f"{plan.swarm_token_ttl}s", tracker=None,
+                           trackers=[stack.cluster.tracker_url, f"http://{second}"])
     for _ in range(plan.agents):
         # production deadlines (the test stack's are shorter)
         stack.start_agent(cache={"max_bytes": plan.cache_budget}, log=log,
