@@ -7,6 +7,12 @@ A segment is deleted once it is fully shipped and the writer has moved on from i
 shipper has caught up and the active segment holds `roll_bytes` or more, it asks the writer to
 move on. So the journal on disk is what the collector has not acknowledged plus less than
 `roll_bytes` (and, while the collector is away, grows with the load: records are never dropped).
+
+With several origins each batch goes to the first collector, in the given order (the rendezvous
+order of the node's name), that takes it: one that cannot be reached or refuses is passed over
+for the next, and the next batch starts again from the first, so a node's journal returns to
+its own collector when that is back. (Deduplication across collectors needs them to share one
+audit store; each keeps its own otherwise, and a batch acknowledged by one is never re-sent.)
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -48,10 +55,14 @@ class Batch:
 
 
 class Shipper:
-    def __init__(self, journal: Journal, collector: OriginClient, *, node: str, key: Ed25519PrivateKey,
-                 roll_bytes: int = ROLL_BYTES) -> None:
+    def __init__(self, journal: Journal, collector: OriginClient | Sequence[tuple[str, OriginClient]], *, node: str,
+                 key: Ed25519PrivateKey, roll_bytes: int = ROLL_BYTES,
+                 before: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """`collector`: one origin, or several as (name, client) in the order to try them;
+        `before(name)` runs before a batch goes to that origin (the node enrolls there)."""
         self.journal = journal
-        self.collector = collector
+        self.collectors = [("origin", collector)] if isinstance(collector, OriginClient) else list(collector)
+        self.before = before
         self.node = node
         self._key = key
         self.state_path = journal.directory / "shipped.json"
@@ -59,6 +70,7 @@ class Shipper:
         self.shipped_records = 0
         self.rejected_records = 0
         self.failures = 0
+        self.failovers = 0  # batches a collector did not take and the next one was asked
         self.rolls = 0
         self.cursor = (0, 0)  # (segment, offset) acknowledged so far
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shipper")
@@ -94,13 +106,18 @@ class Shipper:
                 await asyncio.sleep(backoff.next())
 
     async def _send(self, batch: Batch) -> protocol.JournalAck | None:
-        try:
-            return await self.collector.ship_journal(protocol.JournalBatch(self.node, batch.records), self._key,
-                                                   within=30)
-        except ApiError as exc:
-            log.warning("%s", exc)  # shoal's own text: what was refused, and the status
-        except (aiohttp.ClientError, TimeoutError, errors.ShoalError) as exc:
-            log.info("collector unreachable (%s); journal kept for retry", type(exc).__name__)
+        for name, collector in self.collectors:
+            where = f" at origin {name}" if len(self.collectors) > 1 else ""
+            try:
+                if self.before is not None:
+                    await self.before(name)
+                return await collector.ship_journal(protocol.JournalBatch(self.node, batch.records), self._key,
+                                                    within=30)
+            except ApiError as exc:
+                log.warning("%s%s", exc, where)  # shoal's own text: what was refused, and the status
+            except (aiohttp.ClientError, TimeoutError, errors.ShoalError) as exc:
+                log.info("collector unreachable%s (%s); journal kept for retry", where, type(exc).__name__)
+            self.failovers += len(self.collectors) > 1
         return None
 
     # ----- files (blocking, in the shipper's thread) --------------------------------------------

@@ -1,0 +1,166 @@
+"""Three origins, replication 2 (shoal/rendezvous.py, origin/replicas.py): the owner of a layer
+killed before or during a rollout, the layer still arrives from the swarm (the other owner seeds
+it), the registry sends it at most twice, and pre-seeded images stay seeded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from shoal import rendezvous
+from tests.e2e.conftest import USERS, Images
+from tests.support import api
+from tests.support.clients import skopeo_copy, verify_dir
+from tests.support.images import Blob, Image
+from tests.support.procs import Component, wait_for
+from tests.support.registry import Pull, Registry
+from tests.support.stack import Stack
+
+MIB = 1 << 20
+THRESHOLD = 1 << 20
+
+
+@pytest.fixture
+def trio(tmp_path: Path, registry: Registry) -> Iterator[Stack]:
+    s = Stack(tmp_path / "stack", registry, node_user=("node", USERS["node"]), seeder_user=("seeder", USERS["seeder"]),
+              origins=3, origin_replication=2)
+    s.start_tracker()
+    for i in range(3):
+        # capped as a real origin's NIC is: a rollout takes long enough to kill an owner during it
+        s.start_origin(i, torrent={"upload_rate_limit": "8MiB"})
+    yield s
+    s.close()
+
+
+def biggest(image: Image) -> Blob:
+    return max(image.blobs.values(), key=lambda b: b.size)
+
+
+def owners(stack: Stack, blob: Blob) -> list[Component]:
+    return [stack.origins[name] for name in rendezvous.owners(stack.origin_names, blob.hex, 2)]
+
+
+def pull_all(agents: list[Component], repo: str, image: Image, workdir: Path, tag: str) -> None:
+    def pull(agent: Component) -> int:
+        dest = workdir / f"{tag}-{agent.name}"
+        skopeo_copy(f"{agent.config['listen']}/{repo}:v1", dest)
+        return verify_dir(dest, image)  # every blob hashed against its digest
+
+    with ThreadPoolExecutor(len(agents)) as pool:
+        assert list(pool.map(pull, agents)) == [len(image.blobs)] * len(agents)
+
+
+def assert_from_the_swarm(stack: Stack, agents: list[Component], image: Image) -> None:
+    """Every large blob came from peers, none from the registry; the journal (at whichever origin
+    each node shipped it: the killed one, started again, holds what it took before it died) says
+    `peers` for the biggest layer."""
+    large = len(image.large_blobs(THRESHOLD))
+    for origin in stack.origins.values():
+        if not origin.running():
+            origin.start()
+    live = list(stack.origins.values())
+    for agent in agents:
+        assert agent.metric("shoal_agent_fallbacks_total") == 0, agent.log()[-3000:]
+        assert agent.metric("shoal_agent_downloads_total", source="peers", result="ok") == large
+
+        def shipped(agent: Component = agent) -> bool:
+            # (a record's start and end phases may reach different collectors when the node's
+            # own one dies in between; with separate audit stores each keeps what it got)
+            events = [e for o in live for e in api.audit_events(o.url, stack.operator_token,
+                                                                node=str(agent.config["node"]))]
+            layer = [e for e in events if e.get("digest") == biggest(image).digest and e.get("kind") == "blobs"]
+            assert all(e["source"] == "peers" for e in layer), layer
+            return bool(layer)
+
+        wait_for(shipped, timeout=30, what=f"{agent.name}'s journal")
+
+
+def egress(pulls: list[Pull], registry: Registry) -> dict[str, int]:
+    return registry.blob_gets(pulls)
+
+
+def test_owner_killed_before_the_rollout(trio: Stack, registry: Registry, images: Images, workdir: Path) -> None:
+    repo = "private/owners-before"
+    image = images.get(repo, layers=[24 * MIB + 11, 6 * MIB, 200_000], seed=151)
+    layer = biggest(image)
+    first, second = owners(trio, layer)
+    first.stop(kill=True)
+    agents = [trio.start_agent() for _ in range(3)]
+    before = registry.settle()
+    pull_all(agents, repo, image, workdir, "before")
+    pulls = registry.settle()[len(before):]
+    gets = egress(pulls, registry)
+    # the second owner fetched the layer once; the dead first owner could not be asked to
+    assert gets.get(layer.digest) == 1, gets
+    for blob in image.large_blobs(THRESHOLD):
+        assert gets.get(blob.digest, 0) <= 2, (blob.digest, gets)
+    assert layer.digest in api.seeded(second.url, trio.operator_token)
+    assert_from_the_swarm(trio, agents, image)
+    assert sum(a.metric("shoal_agent_origin_failovers_total") for a in agents) >= len(agents)
+
+
+def test_owner_killed_during_the_rollout(trio: Stack, registry: Registry, images: Images, workdir: Path) -> None:
+    repo = "private/owners-during"
+    image = images.get(repo, layers=[24 * MIB + 13, 200_000], seed=152)
+    layer = biggest(image)
+    first, second = owners(trio, layer)
+    before = registry.settle()
+    # the first node: the first owner admits it and has the second owner seed the layer too
+    pioneer = trio.start_agent()
+    pull_all([pioneer], repo, image, workdir, "pioneer")
+    wait_for(lambda: layer.digest in api.seeded(second.url, trio.operator_token), timeout=60,
+             what="the second owner seeds the layer")
+    pioneer.stop()  # the owners are the only seeders left
+    agents = [trio.start_agent(extra_n) for extra_n in range(1, 4)]
+    with ThreadPoolExecutor(1) as pool:
+        rollout = pool.submit(pull_all, agents, repo, image, workdir, "during")
+        # kill the first owner once the layer is on its way to the nodes
+        wait_for(lambda: rollout.done() or sum(a.metric("shoal_agent_swarm_download_bytes_total")
+                                               for a in agents) > 0, timeout=60, what="the rollout under way")
+        first.stop(kill=True)
+        rollout.result(timeout=180)
+    # a node that joins after the owner died is admitted by the other owner, to its swarm
+    latecomer = trio.start_agent(4)
+    pull_all([latecomer], repo, image, workdir, "late")
+    assert latecomer.metric("shoal_agent_origin_failovers_total") >= 1
+    agents.append(latecomer)
+    pulls = registry.settle()[len(before):]
+    gets = egress(pulls, registry)
+    assert gets.get(layer.digest, 0) <= 2, gets  # one fetch per owner, never by a node
+    assert {p.actor for p in pulls if p.digest == layer.digest and p.method == "GET"} == {"seeder"}
+    assert_from_the_swarm(trio, agents, image)
+
+
+def test_preseeded_images_stay_seeded_when_an_owner_dies(trio: Stack, registry: Registry, images: Images,
+                                                         workdir: Path) -> None:
+    repo = "private/owners-seeded"
+    image = images.get(repo, layers=[12 * MIB + 17, 3 * MIB, 200_000], seed=153)
+    layer = biggest(image)
+    first, second = owners(trio, layer)
+    # submitted at the origin that owns the layer least (a job is carried out by each blob's owners)
+    elsewhere = next(o for o in trio.origins.values() if o not in (first, second))
+    before = registry.settle()
+    job = api.preseed(elsewhere.url, trio.operator_token, f"{registry.host}/{repo}:v1")
+    wait_for(lambda: api.preseed_job(elsewhere.url, trio.operator_token, job.id).state in ("done", "failed"),
+             timeout=120, what="the pre-seed job")
+    done = api.preseed_job(elsewhere.url, trio.operator_token, job.id)
+    assert done.state == "done" and done.blobs_done == len(image.blobs), done
+    for digest in image.blobs:
+        names = rendezvous.owners(trio.origin_names, digest.split(":")[1], 2)
+        for name, origin in trio.origins.items():
+            assert (digest in api.seeded(origin.url, trio.operator_token)) == (name in names), (digest, name)
+    gets = egress(registry.settle()[len(before):], registry)
+    assert gets == dict.fromkeys(image.blobs, 2), gets  # each owner fetched each of its blobs once
+
+    first.stop(kill=True)
+    agent = trio.start_agent()
+    before = registry.settle()
+    skopeo_copy(f"{agent.config['listen']}/{repo}:v1", workdir / "copy")
+    assert verify_dir(workdir / "copy", image) == len(image.blobs)
+    pulls = registry.settle()[len(before):]
+    assert registry.blob_gets(pulls) == {}  # manifests and authorization HEADs only
+    assert agent.metric("shoal_agent_downloads_total", source="peers", result="ok") == len(image.blobs)
+    assert agent.metric("shoal_agent_fallbacks_total") == 0
