@@ -4,6 +4,8 @@ it), the registry sends it at most twice, and pre-seeded images stay seeded."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +17,7 @@ from tests.e2e.conftest import USERS, Images
 from tests.support import api
 from tests.support.clients import skopeo_copy, verify_dir
 from tests.support.images import Blob, Image
-from tests.support.procs import Component, wait_for
+from tests.support.procs import ROOT, Component, wait_for
 from tests.support.registry import Pull, Registry
 from tests.support.stack import Stack
 
@@ -143,11 +145,13 @@ def test_preseeded_images_stay_seeded_when_an_owner_dies(trio: Stack, registry: 
     # submitted at the origin that owns the layer least (a job is carried out by each blob's owners)
     elsewhere = next(o for o in trio.origins.values() if o not in (first, second))
     before = registry.settle()
-    job = api.preseed(elsewhere.url, trio.operator_token, f"{registry.host}/{repo}:v1")
-    wait_for(lambda: api.preseed_job(elsewhere.url, trio.operator_token, job.id).state in ("done", "failed"),
-             timeout=120, what="the pre-seed job")
-    done = api.preseed_job(elsewhere.url, trio.operator_token, job.id)
-    assert done.state == "done" and done.blobs_done == len(image.blobs), done
+    # `shoal seed` given an origin that is down first: the next one takes the job and reports it
+    seeded = subprocess.run([sys.executable, "-m", "shoal.cli", "seed", "--origin", "http://127.0.0.1:9",
+                             "--origin", elsewhere.url, "--token-file", str(trio.keys["operator_token"]),
+                             f"{registry.host}/{repo}:v1"], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert seeded.returncode == 0, seeded.stderr
+    assert "http://127.0.0.1:9: " in seeded.stderr and f"trying {elsewhere.url}" in seeded.stderr
+    assert f"done: {len(image.blobs)} blobs" in seeded.stdout
     for digest in image.blobs:
         names = rendezvous.owners(trio.origin_names, digest.split(":")[1], 2)
         for name, origin in trio.origins.items():
