@@ -158,7 +158,7 @@ async def test_the_journal_goes_to_the_first_collector_that_takes_it(tmp_path: P
 
     async with aiohttp.ClientSession() as http:
         shipper = Shipper(journal, [(n, OriginClient(http, o.entry_url, "t")) for n, o in origins.items()],
-                          node="n1", key=Ed25519PrivateKey.generate(), before=before)
+                          node="n1", key=Ed25519PrivateKey.generate(), before=before, cooldown=3600)
         task = asyncio.create_task(shipper.run())
         try:
             await asyncio.gather(*(journal.record(record(i)) for i in range(20)))
@@ -166,12 +166,19 @@ async def test_the_journal_goes_to_the_first_collector_that_takes_it(tmp_path: P
             assert "journal" in origins["a"].seen and "journal" in origins["b"].seen
             assert origins["c"].seen == []
             assert prepared[:2] == ["a", "b"]  # the node enrolls where it ships
-            # the first collector is back: the next batch goes there again
+            # a collector that failed is asked last for a while: the next batch goes to b directly
+            asked_a = origins["a"].seen.count("journal")
             origins["a"].status = 200
+            await journal.record(record(98))
+            await until(lambda: shipper.shipped_records >= 21)
+            assert origins["a"].seen.count("journal") == asked_a
+            # once that while is over, the first collector is back first
+            shipper.cooldown = 0
             taken_by_b = origins["b"].seen.count("journal")
             await journal.record(record(99))
-            await until(lambda: shipper.shipped_records >= 21)
+            await until(lambda: shipper.shipped_records >= 22)
             assert origins["b"].seen.count("journal") == taken_by_b
+            assert origins["a"].seen.count("journal") == asked_a + 1
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
