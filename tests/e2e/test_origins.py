@@ -9,15 +9,16 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote_from_bytes
 
 import pytest
 
-from shoal import rendezvous
+from shoal import bencode, metainfo, protocol, rendezvous
 from tests.e2e.conftest import USERS, Images
 from tests.support import api
 from tests.support.clients import skopeo_copy, verify_dir
 from tests.support.images import Blob, Image
-from tests.support.procs import ROOT, Component, wait_for
+from tests.support.procs import ROOT, Component, http_get, wait_for
 from tests.support.registry import Pull, Registry
 from tests.support.stack import Stack
 
@@ -78,6 +79,27 @@ def assert_from_the_swarm(stack: Stack, agents: list[Component], image: Image) -
             return bool(layer)
 
         wait_for(shipped, timeout=30, what=f"{agent.name}'s journal")
+
+
+def info_hash(stack: Stack, origin: Component, blob: Blob) -> bytes:
+    return metainfo.parse((stack.workdir / origin.name / "meta" / f"{blob.hex}.torrent").read_bytes()).info_hash
+
+
+def seeders(stack: Stack, info_hash: bytes) -> int:
+    """How many seeders the tracker lists for a torrent (BEP 48 scrape, with the node token)."""
+    assert stack.tracker is not None
+    tracker_hash = info_hash[:20]
+    status, body = http_get(protocol.SCRAPE.url(stack.tracker.url) + f"?info_hash={quote_from_bytes(tracker_hash)}",
+                            headers={"Authorization": f"Bearer {stack.node_token}"})
+    doc = bencode.decode(body)
+    assert status == 200 and isinstance(doc, dict)
+    files = doc[b"files"]
+    assert isinstance(files, dict)
+    entry = files.get(tracker_hash, {})
+    assert isinstance(entry, dict)
+    complete = entry.get(b"complete", 0)
+    assert isinstance(complete, int)
+    return complete
 
 
 def egress(pulls: list[Pull], registry: Registry) -> dict[str, int]:
@@ -158,6 +180,12 @@ def test_preseeded_images_stay_seeded_when_an_owner_dies(trio: Stack, registry: 
             assert (digest in api.seeded(origin.url, trio.operator_token)) == (name in names), (digest, name)
     gets = egress(registry.settle()[len(before):], registry)
     assert gets == dict.fromkeys(image.blobs, 2), gets  # each owner fetched each of its blobs once
+    # both owners registered each blob's torrent (the same one: registered once at the tracker)
+    # and seed it in one swarm
+    assert trio.tracker is not None
+    assert trio.tracker.metric("shoal_tracker_torrents") == len(image.blobs)
+    assert info_hash(trio, first, layer) == info_hash(trio, second, layer)
+    wait_for(lambda: seeders(trio, info_hash(trio, first, layer)) == 2, timeout=30, what="both owners listed")
 
     first.stop(kill=True)
     agent = trio.start_agent()
