@@ -237,7 +237,9 @@ class Membership:
             if left <= 0:
                 break
             if failure is not None:
-                log.info("admission to %s: moving on to origin %s (%s)", digest, name, failure)
+                owner = "an owner" if order.index(name) < self.access.replication else "not an owner"
+                log.info("admission to %s: moving on to origin %s, %s of the blob (%s)", digest, name, owner,
+                         failure)
             try:
                 await self.enroll_at(name, within=min(left, ENROLL_TIMEOUT))
                 answer = await self.origins[name].admission(
