@@ -308,6 +308,10 @@ class JournalCollector(Collector):
             c = CounterMetricFamily("shoal_agent_journal_ship_failures", "Failed attempts to ship a journal batch")
             c.add_metric([], float(self.shipper.failures))
             yield c
+            c = CounterMetricFamily("shoal_agent_journal_collector_failovers",
+                                    "Several origins: batches one collector did not take, offered to the next")
+            c.add_metric([], float(self.shipper.failovers))
+            yield c
             c = CounterMetricFamily("shoal_agent_journal_rejected_records",
                                     "Journal records the collector refused (a bug: records are made to fit)")
             c.add_metric([], float(self.shipper.rejected_records))

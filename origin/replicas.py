@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 REPLICA_RETRY = 30.0
 # How long another owner may take to fetch, verify and hash a blob it is asked to seed.
 REPLICA_TIMEOUT = 3600.0
+# Blobs whose spreading is remembered at most (oldest forgotten first: asked again at worst).
+MAX_REMEMBERED = 100_000
 
 
 class Replicas:
@@ -93,7 +95,10 @@ class Replicas:
         now = time.monotonic()
         if last is not None and (last == 0 or now - last < REPLICA_RETRY):
             return
-        self._spread[digest] = now
+        self._spread.pop(digest, None)
+        self._spread[digest] = now  # (re-inserted: the dict's order is the order of last use)
+        while len(self._spread) > MAX_REMEMBERED:
+            self._spread.pop(next(iter(self._spread)))
         self._spawn(self._spread_to_owners(ns, repo, digest))
 
     async def _spread_to_owners(self, ns: str, repo: str, digest: Digest) -> None:
