@@ -17,7 +17,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from shoal import errors, peercerts, protocol, signing
-from shoal.clients import OriginClient
 from shoal.config import read_token
 from shoal.metrics import StoreCollector, SwarmCollector
 from shoal.registry import RegistryClient
@@ -120,10 +119,11 @@ def build(config: AgentConfig) -> web.Application:
     if config.tracker is not None:
         log.warning("tracker: no longer used by agents (announces go to the tracker the origin names in each "
                     "torrent); remove it from the configuration")
-    if config.origin is not None and config.origin_public_key is not None:
-        access = SwarmAccess(origin=config.origin, node=config.node,
+    if config.origin_entries and config.origin_public_key is not None:
+        access = SwarmAccess(origins=tuple(config.origin_entries), node=config.node,
                              node_token=read_token(config.node_token, "node_token"),
-                             origin_key=signing.load_public_key(config.origin_public_key, "origin_public_key"))
+                             origin_key=signing.load_public_key(config.origin_public_key, "origin_public_key"),
+                             replication=config.origin_replication)
     shipped = access is not None and config.journal.ship
     # this node's identity in the cluster (its swarm certificate, its journal signatures)
     node_key = peercerts.NodeKey.load_or_create(data / NODE_KEY_FILE, "data_dir") if access is not None else None
@@ -170,8 +170,11 @@ def build(config: AgentConfig) -> web.Application:
             if shipped:
                 assert access is not None
                 assert node_key is not None
-                shipper = Shipper(journal, OriginClient(http, access.origin, access.node_token), node=config.node,
-                                  key=node_key.private_key)
+                # several origins: the first live one in the rendezvous order of this node's name
+                membership = fetcher.membership
+                assert membership is not None
+                shipper = Shipper(journal, [(name, membership.origins[name]) for name in membership.ranked_for_node()],
+                                  node=config.node, key=node_key.private_key, before=membership.enroll_at)
                 task = asyncio.create_task(shipper.run())
                 stack.push_async_callback(_cancel, task)
                 registry.register(JournalCollector(journal, shipper))
@@ -305,6 +308,10 @@ class JournalCollector(Collector):
             yield c
             c = CounterMetricFamily("shoal_agent_journal_ship_failures", "Failed attempts to ship a journal batch")
             c.add_metric([], float(self.shipper.failures))
+            yield c
+            c = CounterMetricFamily("shoal_agent_journal_collector_failovers",
+                                    "Several origins: batches one collector did not take, offered to the next")
+            c.add_metric([], float(self.shipper.failovers))
             yield c
             c = CounterMetricFamily("shoal_agent_journal_rejected_records",
                                     "Journal records the collector refused (a bug: records are made to fit)")

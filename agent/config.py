@@ -10,16 +10,18 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from shoal import errors, protocol
+from shoal import errors, protocol, rendezvous
 from shoal.config import (
     DURATION,
     HOSTPORT,
     SIZE,
     URL,
     LogSettings,
+    OriginEntry,
     SecretSource,
     TorrentSettings,
     UpstreamSettings,
+    check_origins,
     check_upstream_names,
     load_section,
     split_hostport,
@@ -126,6 +128,12 @@ class AgentConfig:
     # The zone this node is in (the chart sets it from topology.kubernetes.io/zone): trackers
     # hand it its zone's peers first, others' only to fill what the zone lacks. "" for none.
     zone: str = ""
+    # Several origins (instead of `origin`), each {name, url}, the same list (same names) as the
+    # origins have: a blob's admission goes to its owners by rendezvous hashing, then to the
+    # others in the same order; the journal to the first live one in the order of this node's name.
+    origins: list[OriginEntry] = field(default_factory=list)
+    # How many origins own (seed) each blob: the same number as the origins' own.
+    origin_replication: int = rendezvous.DEFAULT_REPLICATION
     # No longer used: announces go to the tracker the origin names in each torrent. Accepted (with
     # a warning at start) so that configurations written for earlier versions still load.
     tracker: Annotated[str | None, URL] = None
@@ -160,7 +168,10 @@ class AgentConfig:
                 if upstream.name.strip(".") == "":
                     raise ConfigError(f"upstreams[{i}].name: {upstream.name!r} cannot name a directory of "
                                       "containerd.config_path")
-        if self.origin is not None:
+        if self.origin is not None and self.origins:
+            raise ConfigError("origins: give either origin (one) or origins (several), not both")
+        check_origins(self.origins, self.origin_replication, "origins", "origin_replication")
+        if self.origin_entries:
             if self.node_token.file is None and self.node_token.env is None:
                 raise ConfigError("node_token: give file or env (required with origin)")
             if self.origin_public_key is None:
@@ -172,6 +183,14 @@ class AgentConfig:
         if self.zone and not protocol.ZONE_RE.fullmatch(self.zone):
             raise ConfigError("zone: must be a label value (letters, digits, '-', '_', '.'; at most 63, "
                               "starting and ending with a letter or digit)")
+
+
+    @property
+    def origin_entries(self) -> list[OriginEntry]:
+        """The origins as one list: `origin` alone is one origin (its name matters to nobody)."""
+        if self.origins:
+            return list(self.origins)
+        return [OriginEntry("origin", self.origin)] if self.origin is not None else []
 
 
 def check_mirror(mirror: str, listen: str) -> None:

@@ -8,6 +8,12 @@
   word that the registry holds the blob, and a grant for that swarm only (origin/admission.py).
 
 A failure says why, as one of the fixed fallback reasons.
+
+With several origins (shoal/rendezvous.py) a blob's admission is asked of its owners in
+rendezvous order, then of the other origins in the same order, moving on when one cannot be
+reached or answers 5xx, all within the one admission budget; a refusal (401/403/400/404) is
+the cluster's answer and final. The node enrolls at every origin it talks to (each origin keeps
+its own enrollments unless they share an audit store), before the first request it sends there.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from pathlib import Path
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from shoal import errors, metainfo, peercerts, protocol, signing
+from shoal import errors, metainfo, peercerts, protocol, rendezvous, signing
 from shoal.clients import ApiError, OriginClient
+from shoal.config import OriginEntry
 from shoal.flights import Backoff
 from shoal.metainfo import Metainfo, Published
 from shoal.oci import Digest
@@ -37,6 +44,11 @@ log = logging.getLogger(__name__)
 
 # Backoff while the origin does not enroll this node or renew its grants.
 RETRY_MIN, RETRY_MAX = 1.0, 30.0
+# An origin that does not take the connection within this long is passed over for the next one
+# (a dead host behind a firewall that drops packets would otherwise hold the whole budget).
+CONNECT_TIMEOUT = 2.0
+# Budget of the enrollment at another origin made right before a request to it.
+ENROLL_TIMEOUT = 5.0
 
 
 class SwarmFailure(errors.SwarmUnavailable):
@@ -50,10 +62,15 @@ class SwarmFailure(errors.SwarmUnavailable):
 class SwarmAccess:
     """What an agent needs to take part in the swarm."""
 
-    origin: str
+    origins: tuple[OriginEntry, ...]
     node: str
     node_token: str = field(repr=False)
     origin_key: Ed25519PublicKey
+    replication: int = rendezvous.DEFAULT_REPLICATION
+
+    @property
+    def names(self) -> list[str]:
+        return [o.name for o in self.origins]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +85,10 @@ class Admitted:
 class Membership:
     def __init__(self, *, http: aiohttp.ClientSession, access: SwarmAccess, swarm: Swarm, policy: SwarmPolicy,
                  metrics: AgentMetrics) -> None:
-        self.origin = OriginClient(http, access.origin, access.node_token)
+        self.origins = {o.name: OriginClient(http, o.url, access.node_token) for o in access.origins}
         self.access = access
+        # the origins this node enrolled at since it started (an origin keeps an enrollment)
+        self._enrolled_at: set[str] = set()
         self.swarm = swarm
         self.policy = policy
         self.metrics = metrics
@@ -112,15 +131,53 @@ class Membership:
             self.enrolled.set()
             await asyncio.sleep(max(ttl / 2, 1.0))
 
+    def ranked_for_node(self) -> list[str]:
+        """The origins in the rendezvous order of this node's name (renewal, the journal)."""
+        return rendezvous.ranked(self.access.names, self.access.node)
+
+    async def enroll_at(self, name: str, *, within: float = ENROLL_TIMEOUT) -> None:
+        """Enroll at origin `name` unless this node did since it started (its grants are renewed
+        at one origin: any of them verifies the receipts, as they share the signing key)."""
+        if name in self._enrolled_at:
+            return
+        await self.origins[name].grants(protocol.GrantsRequest(self.access.node, self.swarm.key.public_pem, []),
+                                        self.swarm.key.private_key, within=within)
+        self._enrolled_at.add(name)
+
     async def _renew(self) -> float:
-        """Enroll and renew every grant, MAX_RENEWALS at a time; the grants' lifetime."""
+        """Enroll and renew every grant at the first origin (in the order of this node's name)
+        that answers, then enroll at the others; the grants' lifetime."""
+        failure: BaseException | None = None
+        for name in self.ranked_for_node():
+            try:
+                ttl = await self._renew_at(name)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                failure = exc
+                continue
+            except ApiError as exc:
+                if exc.status < 500:
+                    raise
+                failure = exc
+                continue
+            for other in self.ranked_for_node():
+                if other != name and other not in self._enrolled_at:
+                    # (best effort: an admission there enrolls first anyway)
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError,
+                                             errors.ShoalError):
+                        await self.enroll_at(other)
+            return ttl
+        assert failure is not None
+        raise failure
+
+    async def _renew_at(self, name: str) -> float:
+        """Enroll and renew every grant at origin `name`, MAX_RENEWALS at a time; the grants' lifetime."""
         # (receipts of blobs this node no longer takes part in, e.g. an admission whose download
         # failed, or one only asked to confirm a registry, are dropped)
         self._receipts = {h: r for h, r in self._receipts.items() if h in self._waiting or self.swarm.job(h)}
         receipts = [protocol.Receipt(f"sha256:{h}", r) for h, r in self._receipts.items()]
         ttl = None
         for start in range(0, max(len(receipts), 1), protocol.MAX_RENEWALS):
-            answer = await self.origin.grants(
+            answer = await self.origins[name].grants(
                 protocol.GrantsRequest(self.access.node, self.swarm.key.public_pem,
                                        receipts[start : start + protocol.MAX_RENEWALS]),
                 self.swarm.key.private_key, within=30)
@@ -134,6 +191,7 @@ class Membership:
             for refused in answer.refused:
                 await self._drop(refused.removeprefix("sha256:"), "the origin does not renew its grant")
         assert ttl is not None
+        self._enrolled_at.add(name)
         self.metrics.swarm_token_expiry.set(time.time() + ttl)
         return ttl
 
@@ -167,21 +225,44 @@ class Membership:
             if not self.enrolled.is_set():
                 raise SwarmFailure("not_enrolled", "this node is not enrolled with the origin yet")
         request = protocol.AdmissionRequest(self.access.node, upstream.name, repo, seeded_only)
-        try:
-            # (the origin fetches nothing for a seeded_only request: a short budget will do)
-            answer = await self.origin.admission(
-                digest, request, self._credential(upstream, authorization), self.swarm.key.private_key,
-                within=self.policy.metainfo_timeout if seeded_only else self.policy.seed_timeout)
-        except ApiError as exc:
-            if exc.status in (401, 403):
-                raise SwarmFailure("not_admitted", f"the origin did not admit this node to the blob's swarm: "
-                                                   f"HTTP {exc.status}") from None
-            if exc.status in (400, 404):
-                raise SwarmFailure("origin_refused", f"the origin does not vouch for {upstream.name}: "
-                                                     f"HTTP {exc.status}") from None
-            raise SwarmFailure("origin_error", f"origin answered {exc.status} to the admission") from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise SwarmFailure("origin_unreachable", f"origin unreachable: {type(exc).__name__}") from None
+        # (the origin fetches nothing for a seeded_only request: a short budget will do)
+        budget = self.policy.metainfo_timeout if seeded_only else self.policy.seed_timeout
+        deadline = time.monotonic() + budget
+        credential = self._credential(upstream, authorization)
+        failure: SwarmFailure | None = None
+        order = rendezvous.ranked(self.access.names, digest.hex)
+        answered, answer = False, None
+        for name in order:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if failure is not None:
+                owner = "an owner" if order.index(name) < self.access.replication else "not an owner"
+                log.info("admission to %s: moving on to origin %s, %s of the blob (%s)", digest, name, owner,
+                         failure)
+            try:
+                await self.enroll_at(name, within=min(left, ENROLL_TIMEOUT))
+                answer = await self.origins[name].admission(
+                    digest, request, credential, self.swarm.key.private_key,
+                    within=max(deadline - time.monotonic(), 0.001), connect=min(left, CONNECT_TIMEOUT))
+            except ApiError as exc:
+                if exc.status in (401, 403):
+                    raise SwarmFailure("not_admitted", f"the origin did not admit this node to the blob's swarm: "
+                                                       f"HTTP {exc.status}") from None
+                if exc.status in (400, 404):
+                    raise SwarmFailure("origin_refused", f"the origin does not vouch for {upstream.name}: "
+                                                         f"HTTP {exc.status}") from None
+                failure = SwarmFailure("origin_error", f"origin answered {exc.status} to the admission")
+                continue
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                failure = SwarmFailure("origin_unreachable", f"origin unreachable: {type(exc).__name__}")
+                continue
+            answered = True
+            if name != order[0]:
+                self.metrics.origin_failovers.inc()
+            break
+        if not answered:
+            raise failure or SwarmFailure("origin_unreachable", "origin unreachable: no time left")
         if answer is None:
             return None
         key = self.access.origin_key

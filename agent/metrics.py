@@ -58,6 +58,10 @@ class AgentMetrics:
                                         "When this node's swarm grants (tokens and certificates, renewed "
                                         "together) expire (0: none yet)",
                                         registry=registry)
+        self.origin_failovers = Counter("shoal_agent_origin_failovers_total",
+                                        "Admissions answered by an origin other than the blob's first owner "
+                                        "(several origins: the ones before it were unreachable or failed)",
+                                        registry=registry)
         self.registry_requests = Counter("shoal_agent_registry_requests_total",
                                          "Requests the agent sent to the origin registry",
                                          ["kind", "status"], registry=registry)

@@ -7,6 +7,14 @@ A segment is deleted once it is fully shipped and the writer has moved on from i
 shipper has caught up and the active segment holds `roll_bytes` or more, it asks the writer to
 move on. So the journal on disk is what the collector has not acknowledged plus less than
 `roll_bytes` (and, while the collector is away, grows with the load: records are never dropped).
+
+With several origins each batch goes to the first collector, in the given order (the rendezvous
+order of the node's name), that takes it: one that cannot be reached or refuses is passed over
+for the next, and the next batch starts again from the first, so a node's journal returns to
+its own collector when that is back. A collector that failed is tried last for `cooldown`
+seconds, so that a dead one (or one that hangs until the 30 s timeout) does not delay every
+batch. (Deduplication across collectors needs them to share one
+audit store; each keeps its own otherwise, and a batch acknowledged by one is never re-sent.)
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ import contextlib
 import json
 import logging
 import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -48,10 +58,16 @@ class Batch:
 
 
 class Shipper:
-    def __init__(self, journal: Journal, collector: OriginClient, *, node: str, key: Ed25519PrivateKey,
-                 roll_bytes: int = ROLL_BYTES) -> None:
+    def __init__(self, journal: Journal, collector: OriginClient | Sequence[tuple[str, OriginClient]], *, node: str,
+                 key: Ed25519PrivateKey, roll_bytes: int = ROLL_BYTES,
+                 before: Callable[[str], Awaitable[None]] | None = None, cooldown: float = RETRY_MAX) -> None:
+        """`collector`: one origin, or several as (name, client) in the order to try them;
+        `before(name)` runs before a batch goes to that origin (the node enrolls there)."""
         self.journal = journal
-        self.collector = collector
+        self.collectors = [("origin", collector)] if isinstance(collector, OriginClient) else list(collector)
+        self.before = before
+        self.cooldown = cooldown
+        self._failed_at: dict[str, float] = {}  # collector -> when it last failed a batch
         self.node = node
         self._key = key
         self.state_path = journal.directory / "shipped.json"
@@ -59,6 +75,7 @@ class Shipper:
         self.shipped_records = 0
         self.rejected_records = 0
         self.failures = 0
+        self.failovers = 0  # batches a collector did not take and the next one was asked
         self.rolls = 0
         self.cursor = (0, 0)  # (segment, offset) acknowledged so far
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shipper")
@@ -93,14 +110,28 @@ class Shipper:
                 self.failures += 1
                 await asyncio.sleep(backoff.next())
 
+    def _order(self) -> list[tuple[str, OriginClient]]:
+        """The collectors in their order, those that failed within `cooldown` last."""
+        now = time.monotonic()
+        cooling = {n for n, t in self._failed_at.items() if now - t < self.cooldown}
+        return sorted(self.collectors, key=lambda c: c[0] in cooling)  # (stable: the order otherwise)
+
     async def _send(self, batch: Batch) -> protocol.JournalAck | None:
-        try:
-            return await self.collector.ship_journal(protocol.JournalBatch(self.node, batch.records), self._key,
+        for name, collector in self._order():
+            where = f" at origin {name}" if len(self.collectors) > 1 else ""
+            try:
+                if self.before is not None:
+                    await self.before(name)
+                ack = await collector.ship_journal(protocol.JournalBatch(self.node, batch.records), self._key,
                                                    within=30)
-        except ApiError as exc:
-            log.warning("%s", exc)  # shoal's own text: what was refused, and the status
-        except (aiohttp.ClientError, TimeoutError, errors.ShoalError) as exc:
-            log.info("collector unreachable (%s); journal kept for retry", type(exc).__name__)
+                self._failed_at.pop(name, None)
+                return ack
+            except ApiError as exc:
+                log.warning("%s%s", exc, where)  # shoal's own text: what was refused, and the status
+            except (aiohttp.ClientError, TimeoutError, errors.ShoalError) as exc:
+                log.info("collector unreachable%s (%s); journal kept for retry", where, type(exc).__name__)
+            self.failovers += len(self.collectors) > 1
+            self._failed_at[name] = time.monotonic()
         return None
 
     # ----- files (blocking, in the shipper's thread) --------------------------------------------

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector as PromCollector
 
 from shoal import audit, errors, peercerts, protocol, signing
 from shoal.config import read_token
+from shoal.errors import ConfigError
 from shoal.metrics import StoreCollector, SwarmCollector
 from shoal.oci import Digest, ImageReference, validate_name
 from shoal.registry import RegistryClient
@@ -33,6 +34,7 @@ from shoal_origin.config import OriginConfig
 from shoal_origin.operators import Operators
 from shoal_origin.preseed import Job, Preseeder
 from shoal_origin.registration import TrackerRegistration
+from shoal_origin.replicas import Replicas
 from shoal_origin.seeder import Seeder, SeederMetrics, Upstream
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ COLLECTOR_KEY = web.AppKey("collector", Collector)
 PRESEEDER_KEY = web.AppKey("preseeder", Preseeder)
 ADMISSIONS_KEY = web.AppKey("admissions", Admissions)
 OPERATORS_KEY = web.AppKey("operators", Operators)
+REPLICAS_KEY = web.AppKey("replicas", Replicas)
 USER_AGENT = "shoal-origin/0.1"
 
 
@@ -92,11 +95,24 @@ async def admission(request: web.Request) -> web.Response:
     if body.seeded_only and not seeder.is_seeded(digest):
         return web.Response(status=204)
     published = await seeder.ensure_seeded(body.ns, body.repository, digest)
+    replicas = request.app.get(REPLICAS_KEY)
+    if replicas is not None:  # the blob's other owners seed it too (origin/replicas.py)
+        replicas.spread(body.ns, body.repository, digest)
     grant = await asyncio.to_thread(admissions.grant, body.node, public_key, digest)
     log.debug("admitted node %s to %s (%s/%s) for %s", body.node, digest, body.ns, body.repository, principal)
     return web.json_response(protocol.Admission(published.meta.raw, published.signature,
                                                 seeder.source_signature(digest, body.ns), grant,
                                                 admissions.grant_ttl).to_json())
+
+
+async def replica(request: web.Request) -> web.Response:
+    """POST REPLICA (another origin, the peer token): seed the blob too, fetched with this
+    origin's own service credentials; answered once it is seeded."""
+    digest = Digest.parse(request.match_info["digest"])
+    body = protocol.ReplicaRequest.from_json(await _json(request))
+    validate_name(body.repository)
+    published = await request.app[REPLICAS_KEY].serve(body.ns, body.repository, digest)
+    return web.json_response(protocol.Replica(str(digest), published.meta.info_hash.hex()).to_json())
 
 
 async def grants(request: web.Request) -> web.Response:
@@ -219,10 +235,15 @@ def build(config: OriginConfig) -> web.Application:
     key = signing.load_private_key(config.signing_key, "signing_key")
     creds = {u.name: u.credentials(f"upstreams[{i}]") for i, u in enumerate(config.upstreams)}
     audit_store = store_for(config)  # (reads the PostgreSQL password now)
+    peer_token = read_token(config.peer_token, "peer_token") if config.origins else None
+    if peer_token is not None and peer_token in (token, node_token):
+        raise ConfigError("peer_token: must differ from node_token and registration_token (nodes and the "
+                          "tracker hold those)")
 
     registry = CollectorRegistry()
     metrics = SeederMetrics(registry)
-    operators = Operators(config.operators, cluster_secrets={"node token": node_token, "registration token": token},
+    operators = Operators(config.operators, cluster_secrets={"node token": node_token, "registration token": token,
+                                                           **({"peer token": peer_token} if peer_token else {})},
                           registry=registry)
     app = web.Application(client_max_size=protocol.JOURNAL_MAX_BODY, middlewares=[error_middleware()])
     app[OPERATORS_KEY] = operators
@@ -247,7 +268,17 @@ def build(config: OriginConfig) -> web.Application:
         async def preseed_finished(job: Job) -> None:
             await operators.record_job(job)
 
-        preseeder = Preseeder(seeder, concurrency=config.preseed_concurrency, finished=preseed_finished)
+        replicas = None
+        if config.origins:
+            # (validate() and build() checked both)
+            assert config.name is not None
+            assert peer_token is not None
+            replicas = Replicas(http=http, name=config.name, origins=config.origins,
+                                replication=config.origin_replication, peer_token=peer_token, seeder=seeder,
+                                registry=registry)
+            seeder.unregister_on_evict = len(config.origins) == 1
+        preseeder = Preseeder(seeder, concurrency=config.preseed_concurrency, finished=preseed_finished,
+                              replicas=replicas)
         operator_registry = config.operators.registry
         operators.attach(upstreams[operator_registry.upstream].client if operator_registry else None,
                          collector.record_operator)
@@ -265,6 +296,9 @@ def build(config: OriginConfig) -> web.Application:
             await seeder.start()
             stack.push_async_callback(seeder.stop)
             stack.push_async_callback(preseeder.stop)
+            if replicas is not None:
+                stack.push_async_callback(replicas.stop)
+                app[REPLICAS_KEY] = replicas
             registry.register(SwarmCollector("shoal_origin", swarm))
             registry.register(StoreCollector("shoal_origin", store))
             app[SEEDER_KEY] = seeder
@@ -292,6 +326,8 @@ def build(config: OriginConfig) -> web.Application:
         (protocol.STATUS, status, "public"),
         (protocol.SEEDED, seeded, "admin"),
     ], {"node": f"Bearer {node_token}"}, operators=operators)
+    if peer_token is not None:  # several origins: only they reach this route
+        add_routes(app, [(protocol.REPLICA, replica, "origin")], {"origin": f"Bearer {peer_token}"})
     async def fresh_stats() -> None:
         swarm = app.get(SWARM_KEY)
         if swarm is not None:

@@ -5,16 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from shoal import metainfo, protocol
+from shoal import metainfo, protocol, rendezvous
 from shoal.config import (
     DURATION,
     HOSTPORT,
     SIZE,
     URL,
     LogSettings,
+    OriginEntry,
     SecretSource,
     TorrentSettings,
     UpstreamSettings,
+    check_origins,
     check_upstream_names,
     load_section,
 )
@@ -156,6 +158,15 @@ class OriginConfig:
     operators: OperatorSettings = field(default_factory=OperatorSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    # Several origins (shoal/rendezvous.py): every origin of the cluster as {name, url}, the same
+    # list the agents have, and this origin's own `name` in it. Each blob is owned (fetched and
+    # seeded) by `origin_replication` of them; they share signing_key, node_token,
+    # registration_token and `peer_token` (README "Several origins"). Empty: this origin alone.
+    name: str | None = None
+    origins: list[OriginEntry] = field(default_factory=list)
+    origin_replication: int = rendezvous.DEFAULT_REPLICATION
+    # The secret the origins share to ask each other to seed a blob (never the node token).
+    peer_token: SecretSource = field(default_factory=SecretSource)
 
     def validate(self, prefix: str) -> None:
         if self.max_connections < 1:
@@ -183,6 +194,14 @@ class OriginConfig:
             raise ConfigError("admission_ttl: must be between 0s and 1h")
         if not 1 <= self.preseed_concurrency <= 64:
             raise ConfigError("preseed_concurrency: must be between 1 and 64")
+        check_origins(self.origins, self.origin_replication, "origins", "origin_replication")
+        if self.origins:
+            if self.name is None:
+                raise ConfigError("name: required with origins (this origin's name in that list)")
+            if self.name not in [o.name for o in self.origins]:
+                raise ConfigError(f"name: {self.name!r} is not one of origins' names")
+            if self.peer_token.file is None and self.peer_token.env is None:
+                raise ConfigError("peer_token: give file or env with origins (a secret the origins share)")
         names = [u.name for u in self.upstreams]
         if self.operators.registry is not None and self.operators.registry.upstream not in names:
             raise ConfigError(f"operators.registry.upstream: {self.operators.registry.upstream!r} is not one of "

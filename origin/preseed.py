@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from shoal import errors, protocol
 from shoal.oci import Descriptor, Digest, ImageReference, parse_manifest
+from shoal_origin.replicas import Replicas
 from shoal_origin.seeder import Seeder
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,11 @@ JobFinished = Callable[[Job], Awaitable[None]]
 
 
 class Preseeder:
-    def __init__(self, seeder: Seeder, *, concurrency: int, finished: JobFinished | None = None) -> None:
+    def __init__(self, seeder: Seeder, *, concurrency: int, finished: JobFinished | None = None,
+                 replicas: Replicas | None = None) -> None:
         self.seeder = seeder
+        # several origins: each blob is seeded by its owners, wherever the job was submitted
+        self.replicas = replicas
         self.concurrency = concurrency
         self.finished = finished  # told when a job ends (the origin audits it)
         self.jobs: dict[str, Job] = {}
@@ -165,7 +169,12 @@ class Preseeder:
         async with sem:
             blob.state = "seeding"
             try:
-                await self.seeder.ensure_seeded(registry, repo, Digest.parse(blob.digest))
+                if self.replicas is None:
+                    await self.seeder.ensure_seeded(registry, repo, Digest.parse(blob.digest))
+                else:
+                    missed = await self.replicas.preseed(registry, repo, Digest.parse(blob.digest))
+                    if missed:  # seeded, by fewer owners than it has: said in the job's progress
+                        blob.error = "; ".join(missed)
             except errors.ShoalError as exc:
                 blob.state = "failed"
                 blob.error = str(exc)

@@ -69,6 +69,9 @@ class Seeder:
         self._metas: dict[Digest, Published] = {}
         self._registered_at: dict[Digest, float] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # With several origins another owner may still seed an evicted blob: its torrent stays
+        # registered at the tracker (registering it again is idempotent).
+        self.unregister_on_evict = True
 
     async def start(self) -> None:
         """Seed every blob the store kept across a restart and register it again."""
@@ -134,7 +137,10 @@ class Seeder:
         published = self._metas.pop(digest, None)
         await self.swarm.remove(digest.hex)
         if published is not None:
-            await self.registration.unregister(published.meta)
+            if self.unregister_on_evict:
+                await self.registration.unregister(published.meta)
+            else:
+                self.registration.registered.discard(published.meta.digest.hex)
 
     def seeded(self) -> list[Published]:
         return list(self._metas.values())

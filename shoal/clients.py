@@ -68,7 +68,8 @@ class OriginClient:
             return protocol.Grants.from_json(await r.json())
 
     async def admission(self, digest: Digest, request: protocol.AdmissionRequest, credential: str | None,
-                        key: Ed25519PrivateKey, *, within: float) -> protocol.Admission | None:
+                        key: Ed25519PrivateKey, *, within: float,
+                        connect: float | None = None) -> protocol.Admission | None:
         """Ask to join `digest`'s swarm for a puller whose credential is `credential` (None:
         anonymous). ApiError 403 if the registry does not let that credential pull the blob;
         None if the request was `seeded_only` and the origin does not seed the blob."""
@@ -76,8 +77,11 @@ class OriginClient:
         headers = self._signed("admission", body, key)
         if credential is not None:
             headers[protocol.PULLER_AUTHORIZATION_HEADER] = credential
+        # (`connect`: an origin that does not even take the connection in this long is passed over
+        # for the next one, without spending the whole budget on it)
         async with self.http.post(protocol.ADMISSION.url(self.base, digest=str(digest)), data=body,
-                                  headers=headers, timeout=aiohttp.ClientTimeout(total=within)) as r:
+                                  headers=headers,
+                                  timeout=aiohttp.ClientTimeout(total=within, sock_connect=connect)) as r:
             if r.status == 204 and request.seeded_only:
                 return None
             if r.status != 200:
@@ -96,6 +100,23 @@ class OriginClient:
             if not 200 <= r.status < 300:
                 raise ApiError("collector refused a journal batch", r.status)
             return protocol.JournalAck.from_json(await r.json())
+
+
+class PeerOriginClient:
+    """Another origin's API as an origin uses it (several origins): with the peer token the
+    origins share, which no node and no operator holds."""
+
+    def __init__(self, http: aiohttp.ClientSession, base: str, peer_token: str) -> None:
+        self.http, self.base, self._auth = http, base, _bearer(peer_token)
+
+    async def replica(self, digest: Digest, request: protocol.ReplicaRequest, *,
+                      within: float) -> protocol.Replica:
+        """Have that origin seed `digest` too; answered once it does."""
+        async with self.http.post(protocol.REPLICA.url(self.base, digest=str(digest)), json=request.to_json(),
+                                  headers=self._auth, timeout=aiohttp.ClientTimeout(total=within)) as r:
+            if r.status != 200:
+                raise await _refused(r, "the other origin did not seed the blob")
+            return protocol.Replica.from_json(await r.json())
 
 
 class OperatorClient:

@@ -54,6 +54,8 @@ class Cluster:
     tracker_url: str
     origin_url: str
     log: dict[str, Any] = field(default_factory=lambda: {"level": "info"})
+    # Several origins: [{"name", "url"}, ...] (origin_url is then unused); origin() takes `name`.
+    origins: list[dict[str, str]] = field(default_factory=list)
 
     def _file(self, name: str) -> dict[str, str]:
         return {"file": str(self.keys[name])}
@@ -65,7 +67,12 @@ class Cluster:
             "log": self.log,
         }, extra)
 
-    def origin(self, *, listen: str, data_dir: Path, torrent_listen: str, **extra: Any) -> dict[str, Any]:
+    def origin(self, *, listen: str, data_dir: Path, torrent_listen: str, name: str | None = None,
+               **extra: Any) -> dict[str, Any]:
+        """`name`: which of `origins` this one is (with several origins)."""
+        if self.origins:
+            assert name is not None, "several origins: name the one to configure"
+            extra = merged({"name": name, "origins": self.origins, "peer_token": self._file("peer_token")}, extra)
         return merged({
             "listen": listen, "data_dir": str(data_dir), "upstreams": self.upstreams, "tracker": self.tracker_url,
             "registration_token": self._file("registration_token"), "signing_key": str(self.keys["signing_key"]),
@@ -79,26 +86,31 @@ class Cluster:
         doc: dict[str, Any] = {"listen": listen, "data_dir": str(data_dir), "upstreams": self.upstreams,
                                "torrent": {"listen": torrent_listen}, "log": self.log}
         if with_swarm:
-            doc.update(origin=self.origin_url, node_token=self._file("node_token"),
-                       origin_public_key=str(self.keys["origin_public_key"]))
+            doc.update(node_token=self._file("node_token"), origin_public_key=str(self.keys["origin_public_key"]))
+            if self.origins:
+                doc.update(origins=self.origins)
+            else:
+                doc.update(origin=self.origin_url)
         return merged(doc, extra)
 
 
 def make_keys(directory: Path) -> dict[str, Path]:
     """The cluster's secrets, created once (0600): the origin's signing key and its public key,
-    the node token (agents), the registration token (origin -> tracker), and the operators file
+    the node token (agents), the registration token (origin -> tracker), the peer token (origin
+    <-> origin, several origins), and the operators file
     with one local admin operator, whose token (`operator_token`) `shoal seed` and `shoal audit`
     present on this host."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {name: directory / file for name, file in (
         ("signing_key", "origin-signing.pem"), ("origin_public_key", "origin-public.pem"),
         ("node_token", "node.token"), ("registration_token", "registration.token"),
-        ("operators", "operators.json"), ("operator_token", "operator.token"))}
+        ("operators", "operators.json"), ("operator_token", "operator.token"),
+        ("peer_token", "origin-peer.token"))}
     if not paths["signing_key"].exists():
         _write_secret(paths["signing_key"], signing.generate_private_key().decode())
     if not paths["origin_public_key"].exists():
         paths["origin_public_key"].write_bytes(signing.public_pem(paths["signing_key"].read_bytes()))
-    for name in ("node_token", "registration_token"):
+    for name in ("node_token", "registration_token", "peer_token"):
         if not paths[name].exists():
             _write_secret(paths[name], secrets.token_urlsafe(32))
     if not paths["operator_token"].exists():

@@ -353,3 +353,36 @@ def read_token(source: SecretSource, key: str) -> str:
     if len(value) < 16:
         raise ConfigError(f"{key}: the secret must be at least 16 characters")
     return value
+
+
+_ORIGIN_NAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,62})")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OriginEntry:
+    """One of several origins (shoal/rendezvous.py). `name` is its stable identity: blobs are
+    owned by name, so it must be spelled the same in every agent's and origin's list; `url` is
+    where it answers (it may change without moving any blob)."""
+
+    name: str
+    url: Annotated[str, URL]
+
+    def validate(self, prefix: str) -> None:
+        if not _ORIGIN_NAME_RE.fullmatch(self.name):
+            raise ConfigError(f"{prefix}.name: expected letters, digits, '.', '_' or '-' (at most 63), "
+                              f"got {self.name!r}")
+
+
+def check_origins(origins: list[OriginEntry], replication: int, key: str, replication_key: str) -> None:
+    """Names and URLs each once; a replication factor the list can hold."""
+    names: set[str] = set()
+    urls: set[str] = set()
+    for i, entry in enumerate(origins):
+        if entry.name in names:
+            raise ConfigError(f"{key}[{i}].name: {entry.name!r} is configured twice")
+        if entry.url in urls:
+            raise ConfigError(f"{key}[{i}].url: {entry.url!r} is configured twice")
+        names.add(entry.name)
+        urls.add(entry.url)
+    if replication < 1:
+        raise ConfigError(f"{replication_key}: must be at least 1")

@@ -165,7 +165,14 @@ def create(blob: Path, digest: Digest, *, announce: str | Sequence[str], root_ce
     for url in [announce] if isinstance(announce, str) else announce:
         ct.add_tracker(url, 0)
     lt.set_piece_hashes(ct, str(blob.parent))
-    raw: bytes = lt.bencode(ct.generate())
+    doc = ct.generate()
+    # Several origins seed a blob (shoal/rendezvous.py): they must build the same torrent. The
+    # info dict (and so the info-hash) depends only on the blob, the piece size and the CA
+    # certificate; the creation date, outside it, is dropped too, so that origins with the same
+    # announce URL publish byte-identical metainfo (the tracker's registration is then the same
+    # whichever owner registers it).
+    doc.pop(b"creation date", None)
+    raw: bytes = lt.bencode(doc)
     return raw
 
 

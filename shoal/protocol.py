@@ -59,6 +59,9 @@ AUDIT = Route("GET", "/v1/audit")
 PRESEED = Route("POST", "/v1/preseed")
 PRESEED_JOB = Route("GET", "/v1/preseed/{job}")
 SEEDED = Route("GET", "/v1/seeded")  # what the origin seeds (STATUS, which is public, has counts only)
+# Origin to origin (several origins, shoal/rendezvous.py): "seed this blob too", with the token
+# the origins share (never the node token)
+REPLICA = Route("POST", "/v1/blobs/{digest}/replica")
 
 # Tracker: BEP 3 announce and BEP 48 scrape (for nodes: seeder counts tell what is cached),
 # and the metainfo the origin registers (which torrents exist; nodes get metainfo only from the
@@ -531,3 +534,38 @@ class Seeded:
         if not isinstance(blobs, list):
             raise errors.BadRequest(errors.INVALID_REQUEST, "blobs must be a list")
         return cls([SeededBlob.from_json(b) for b in blobs])
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRequest:
+    """POST REPLICA (origin to origin, the peer token): seed the blob from registry `ns`, repository
+    `repository` (fetched with the asked origin's own service credentials; the asking origin
+    already had the registry accept the puller for it). Answered once the blob is seeded."""
+
+    ns: str
+    repository: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> ReplicaRequest:
+        d = _doc(doc)
+        return cls(_text(d, "ns", max_length=255), _text(d, "repository", max_length=255))
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """The answer of REPLICA: the blob is seeded by the asked origin, under this v2 info-hash
+    (hex; every owner builds the same torrent, so the asking origin can check it is the same)."""
+
+    digest: str
+    info_hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Replica:
+        d = _doc(doc)
+        return cls(_text(d, "digest", max_length=71), _text(d, "info_hash", max_length=64))

@@ -52,13 +52,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # origin registering torrents at the tracker ("registration"), or an operator holding a role
 # ("seed", "audit", "admin"; admin holds every role). Declared once per route, in the route table;
 # checked before the handler runs, so a handler cannot forget it.
-Guard = Literal["public", "node", "registration", "seed", "audit", "admin"]
+Guard = Literal["public", "node", "registration", "origin", "seed", "audit", "admin"]
 Role = Literal["seed", "audit", "admin"]
 OPERATOR_GUARDS: tuple[Role, ...] = ("seed", "audit", "admin")
 GUARDS_KEY = web.AppKey("guards", dict)
 _REFUSALS: dict[str, str] = {
     "node": "this API is for cluster nodes (the node token)",
     "registration": "this API is for the origin (the registration token)",
+    "origin": "this API is for the cluster's other origins (the peer token)",
 }
 
 

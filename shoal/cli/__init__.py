@@ -57,7 +57,9 @@ def parser() -> argparse.ArgumentParser:
 
     seed = sub.add_parser("seed", help="pre-seed images (tags or digests) at the origin")
     seed.add_argument("images", nargs="+", metavar="IMAGE", help="registry/name:tag or registry/name@digest")
-    seed.add_argument("--origin", default=DEFAULT_ORIGIN, help=f"origin URL (default {DEFAULT_ORIGIN})")
+    seed.add_argument("--origin", action="append", default=None,
+                      help=f"origin URL (default {DEFAULT_ORIGIN}); repeat it for several origins: the first "
+                           "that can be reached takes the job, and has each blob seeded by its owners")
     seed.add_argument("--platform", action="append", default=[],
                       help="only this platform of an index, e.g. linux/amd64 (repeatable; default all)")
     seed.add_argument("--no-wait", action="store_true", help="submit and return without following progress")

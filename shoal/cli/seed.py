@@ -11,8 +11,8 @@ import aiohttp
 
 from shoal import protocol
 from shoal.cli import login
-from shoal.cli.common import CALL_ERRORS, check_url, failure, origin_failed, size_text
-from shoal.clients import OperatorClient
+from shoal.cli.common import CALL_ERRORS, DEFAULT_ORIGIN, check_url, failure, origin_failed, size_text
+from shoal.clients import ApiError, OperatorClient
 
 POLL_SECONDS = 0.5
 
@@ -22,15 +22,22 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 async def _seed(args: argparse.Namespace) -> int:
-    origin_url = check_url(args.origin, "--origin")
+    urls = [check_url(url, "--origin") for url in (args.origin or [DEFAULT_ORIGIN])]
     registries = {image.partition("/")[0] for image in args.images}
     authorization = login.authorization(args, registries.pop() if len(registries) == 1 else None)
     async with aiohttp.ClientSession() as http:
-        origin = OperatorClient(http, origin_url, authorization)
-        try:
-            job = await origin.preseed(protocol.PreseedRequest(args.images, args.platform))
-        except CALL_ERRORS as exc:
-            return origin_failed("seed", origin_url, exc)
+        # Several origins: any of them takes the job (each blob is seeded by its owners), so one
+        # that cannot be reached or fails (5xx) is passed over; a refusal is the cluster's answer.
+        for i, origin_url in enumerate(urls):
+            origin = OperatorClient(http, origin_url, authorization)
+            try:
+                job = await origin.preseed(protocol.PreseedRequest(args.images, args.platform))
+                break
+            except CALL_ERRORS as exc:
+                last = i == len(urls) - 1
+                if last or (isinstance(exc, ApiError) and exc.status < 500) or isinstance(exc, ValueError):
+                    return origin_failed("seed", origin_url, exc)
+                print(f"shoal seed: {origin_url}: {failure(exc)}; trying {urls[i + 1]}", file=sys.stderr)
         print(f"pre-seed job {job.id}: {', '.join(job.images)}")
         if args.no_wait:
             return 0

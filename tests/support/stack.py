@@ -18,7 +18,9 @@ from tests.support.registry import Registry
 
 class Stack:
     def __init__(self, workdir: Path, registry: Registry, *, node_user: tuple[str, str],
-                 seeder_user: tuple[str, str]) -> None:
+                 seeder_user: tuple[str, str], origins: int = 1, origin_replication: int | None = None) -> None:
+        """`origins` > 1: that many origins (origin0, origin1, ...) by rendezvous hashing, each
+        with its own data_dir (workdir/origin0, ...), started by start_origin(i)."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.registry = registry
@@ -33,13 +35,20 @@ class Stack:
         self.seeder_password.write_text(seeder_user[1])
         self.node_user, self.seeder_user = node_user[0], seeder_user[0]
         tracker_port, origin_port = free_port(), free_port()
+        self.origin_ports = [origin_port] + [free_port() for _ in range(origins - 1)]
+        self.origin_names = [f"origin{i}" for i in range(origins)] if origins > 1 else []
         self.cluster = Cluster(self.keys, [self.upstream(self.node_user, self.node_password)],
                                tracker_url=f"http://127.0.0.1:{tracker_port}",
-                               origin_url=f"http://127.0.0.1:{origin_port}", log={"level": "debug"})
+                               origin_url=f"http://127.0.0.1:{origin_port}", log={"level": "debug"},
+                               origins=[{"name": n, "url": f"http://127.0.0.1:{p}"}
+                                        for n, p in zip(self.origin_names, self.origin_ports, strict=False)])
+        self.origin_replication = origin_replication
         self._listen = {"tracker": f"127.0.0.1:{tracker_port}", "origin": f"127.0.0.1:{origin_port}"}
         self.components: list[Component] = []
         self.tracker: Component | None = None
         self.origin: Component | None = None
+        # several origins: by name (self.origin is the first one started)
+        self.origins: dict[str, Component] = {}
         self.agents: list[Component] = []
         self._keys: dict[str, peercerts.NodeKey] = {}  # of the nodes admit() enrolled
 
@@ -57,15 +66,25 @@ class Stack:
             self.tracker = tracker
         return tracker
 
-    def start_origin(self, **extra: Any) -> Component:
+    def start_origin(self, i: int = 0, **extra: Any) -> Component:
+        """The origin (or, with several, origin `i`)."""
         assert self.tracker is not None
-        cfg = self.cluster.origin(listen=self._listen["origin"], data_dir=self.workdir / "origin",
-                                  torrent_listen=f"127.0.0.1:{free_port()}",
-                                  **merged({"upstreams": [self.upstream(self.seeder_user, self.seeder_password)]},
-                                           extra))
-        self.origin = Component("origin", self.workdir, cfg).start()
-        self.components.append(self.origin)
-        return self.origin
+        base: dict[str, Any] = {"upstreams": [self.upstream(self.seeder_user, self.seeder_password)]}
+        name = None
+        if self.origin_names:
+            name = self.origin_names[i]
+            if self.origin_replication is not None:
+                base["origin_replication"] = self.origin_replication
+        cfg = self.cluster.origin(listen=f"127.0.0.1:{self.origin_ports[i]}",
+                                  data_dir=self.workdir / (name or "origin"),
+                                  torrent_listen=f"127.0.0.1:{free_port()}", name=name, **merged(base, extra))
+        origin = Component("origin", self.workdir, cfg, name=name).start()
+        self.components.append(origin)
+        if name is not None:
+            self.origins[name] = origin
+        if self.origin is None or name is None:
+            self.origin = origin
+        return origin
 
     def agent_config(self, n: int, **extra: Any) -> dict[str, Any]:
         ip = f"127.0.0.{n + 2}"
@@ -73,6 +92,8 @@ class Stack:
             listen=f"{ip}:{free_port(ip)}", data_dir=self.workdir / f"agent{n}", torrent_listen=f"{ip}:{free_port(ip)}",
             with_swarm=self.tracker is not None and self.origin is not None,
             **merged({
+                **({"origin_replication": self.origin_replication}
+                   if self.origin_names and self.origin_replication is not None else {}),
                 "node": f"node{n}",
                 "swarm": {"first_piece_timeout": "5s", "stall_timeout": "5s", "seed_timeout": "60s"},
                 # Most tests pull without client credentials, as podman/skopeo do; the pass-through
@@ -89,7 +110,8 @@ class Stack:
 
     def start(self, agents: int = 1, **agent_extra: Any) -> Stack:
         self.start_tracker()
-        self.start_origin()
+        for i in range(len(self.origin_ports)):
+            self.start_origin(i)
         for _ in range(agents):
             self.start_agent(**agent_extra)
         return self
