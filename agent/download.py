@@ -281,10 +281,12 @@ class Download:
                 raise
             await job.move_to(store.blob_dir(self.digest))
             moved = True
-            await store.adopt_in_place(self.digest)
-            await store.save_metainfo(self.digest, meta.raw, published.signature, admitted.receipt)
+            # its sources first: a request between adoption and them would find the blob
+            # cached with no known source and ask the origin to vouch again (503 if it is away)
             for name in self.sources:
                 await store.add_source(self.digest, name)
+            await store.adopt_in_place(self.digest)
+            await store.save_metainfo(self.digest, meta.raw, published.signature, admitted.receipt)
             m = self.deps.metrics
             m.swarm_bytes.labels("seeder").inc(job.peer_bytes.from_seeders)
             m.swarm_bytes.labels("agent").inc(job.peer_bytes.from_agents)
@@ -320,9 +322,12 @@ class Download:
         finally:
             self.partial = None
         m.registry_requests.labels("blob", "200").inc()
-        await store.commit_file(self.digest, tmp, verified=True)
-        for name in self.sources:  # these bytes came from the registry (and any the origin vouched for)
+        # These bytes came from the registry, checked against the digest (and any the origin
+        # vouched for): known before the blob is visible, or a request in between would find it
+        # cached with no source and ask the origin to vouch (503 while the origin is away).
+        for name in self.sources:
             await store.add_source(self.digest, name)
+        await store.commit_file(self.digest, tmp, verified=True)
         if admitted is not None and self.deps.swarm is not None:
             published = admitted.published
             await store.save_metainfo(self.digest, published.meta.raw, published.signature, admitted.receipt)
