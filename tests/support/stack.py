@@ -1,5 +1,6 @@
 """A shoal deployment for one test: tracker, origin and agents as separate processes, each agent
-on its own loopback address (127.0.0.2, .3, ...) like separate nodes."""
+on its own loopback address (127.0.0.2, .3, ...) like separate nodes; or, with `ip="::1"`,
+everything on IPv6's one loopback address with a port of its own."""
 
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ from tests.support.registry import Registry
 
 class Stack:
     def __init__(self, workdir: Path, registry: Registry, *, node_user: tuple[str, str],
-                 seeder_user: tuple[str, str]) -> None:
+                 seeder_user: tuple[str, str], ip: str | None = None) -> None:
         self.workdir = workdir
+        # None: 127.0.0.1 for tracker and origin, 127.0.0.(n+2) for agent n. An IPv6 address:
+        # every component on it (IPv6 has one loopback address, so nodes share it and libtorrent
+        # must accept several connections from one address).
+        self.ip = ip
         workdir.mkdir(parents=True, exist_ok=True)
         self.registry = registry
         self.keys = make_keys(workdir / "keys")
@@ -32,44 +37,60 @@ class Stack:
         self.seeder_password = workdir / "seeder.password"
         self.seeder_password.write_text(seeder_user[1])
         self.node_user, self.seeder_user = node_user[0], seeder_user[0]
-        tracker_port, origin_port = free_port(), free_port()
+        tracker_port, origin_port = free_port(ip or "127.0.0.1"), free_port(ip or "127.0.0.1")
+        self._listen = {"tracker": self.hostport(ip or "127.0.0.1", tracker_port),
+                        "origin": self.hostport(ip or "127.0.0.1", origin_port)}
         self.cluster = Cluster(self.keys, [self.upstream(self.node_user, self.node_password)],
-                               tracker_url=f"http://127.0.0.1:{tracker_port}",
-                               origin_url=f"http://127.0.0.1:{origin_port}", log={"level": "debug"})
-        self._listen = {"tracker": f"127.0.0.1:{tracker_port}", "origin": f"127.0.0.1:{origin_port}"}
+                               tracker_url=f"http://{self._listen['tracker']}",
+                               origin_url=f"http://{self._listen['origin']}", log={"level": "debug"})
         self.components: list[Component] = []
         self.tracker: Component | None = None
         self.origin: Component | None = None
         self.agents: list[Component] = []
         self._keys: dict[str, peercerts.NodeKey] = {}  # of the nodes admit() enrolled
 
+    @staticmethod
+    def hostport(ip: str, port: int) -> str:
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+    def _torrent(self, ip: str) -> dict[str, Any]:
+        torrent: dict[str, Any] = {"listen": self.hostport(ip, free_port(ip))}
+        if self.ip is not None:
+            torrent["allow_multiple_connections_per_ip"] = True
+        return torrent
+
     def upstream(self, user: str, password_file: Path) -> dict[str, Any]:
         return {"name": self.registry.host, "url": self.registry.url, "username": user,
                 "password": {"file": str(password_file)}}
 
     def start_tracker(self, **extra: Any) -> Component:
-        cfg = self.cluster.tracker(listen=self._listen["tracker"], **merged({"interval": "5s", "min_interval": "1s"},
-                                                                             extra))
+        # `listen` may differ from the tracker URL the others use (e.g. [::] for a dual-stack test)
+        listen = extra.pop("listen", self._listen["tracker"])
+        cfg = self.cluster.tracker(listen=listen, **merged({"interval": "5s", "min_interval": "1s"}, extra))
         self.tracker = Component("tracker", self.workdir, cfg).start()
         self.components.append(self.tracker)
         return self.tracker
 
     def start_origin(self, **extra: Any) -> Component:
         assert self.tracker is not None
+        torrent = self._torrent(self.ip or "127.0.0.1")
         cfg = self.cluster.origin(listen=self._listen["origin"], data_dir=self.workdir / "origin",
-                                  torrent_listen=f"127.0.0.1:{free_port()}",
-                                  **merged({"upstreams": [self.upstream(self.seeder_user, self.seeder_password)]},
-                                           extra))
+                                  torrent_listen=torrent.pop("listen"),
+                                  **merged({"upstreams": [self.upstream(self.seeder_user, self.seeder_password)],
+                                            "torrent": torrent}, extra))
         self.origin = Component("origin", self.workdir, cfg).start()
         self.components.append(self.origin)
         return self.origin
 
     def agent_config(self, n: int, **extra: Any) -> dict[str, Any]:
-        ip = f"127.0.0.{n + 2}"
+        ip = self.ip or f"127.0.0.{n + 2}"
+        torrent = self._torrent(ip)
         return self.cluster.agent(
-            listen=f"{ip}:{free_port(ip)}", data_dir=self.workdir / f"agent{n}", torrent_listen=f"{ip}:{free_port(ip)}",
+            listen=self.hostport(ip, free_port(ip)), data_dir=self.workdir / f"agent{n}",
+            torrent_listen=torrent.pop("listen"),
             with_swarm=self.tracker is not None and self.origin is not None,
             **merged({
+                "torrent": torrent,
                 "node": f"node{n}",
                 "swarm": {"first_piece_timeout": "5s", "stall_timeout": "5s", "seed_timeout": "60s"},
                 # Most tests pull without client credentials, as podman/skopeo do; the pass-through
