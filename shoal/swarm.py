@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import time
@@ -80,13 +81,25 @@ class SwarmSettings:
                    allow_multiple_connections_per_ip=torrent.allow_multiple_connections_per_ip,
                    extra=torrent.libtorrent)
 
-    def pack(self) -> dict[str, Any]:
+    def _unspecified(self) -> bool:
+        return ipaddress.ip_address(self.listen_ip).is_unspecified
+
+    def listen_interfaces(self) -> str:
+        """libtorrent's listen_interfaces: the one address; for [::] both families (dual stack, as
+        the HTTP listeners: libtorrent itself would take [::] as every IPv6 address only)."""
+        port = self.listen_port
+        if self._unspecified() and ":" in self.listen_ip:
+            return f"0.0.0.0:{port}s,[::]:{port}s"
         host = f"[{self.listen_ip}]" if ":" in self.listen_ip else self.listen_ip
+        return f"{host}:{port}s"
+
+    def pack(self) -> dict[str, Any]:
         settings: dict[str, Any] = {
             # "s": a TLS socket. Only SSL torrents exist, so there is no plain one: a BitTorrent
             # handshake in clear gets a TLS alert, never a piece.
-            "listen_interfaces": f"{host}:{self.listen_port}s",
-            "outgoing_interfaces": self.listen_ip,
+            "listen_interfaces": self.listen_interfaces(),
+            # a specific address: peers see the node there; unspecified: the route decides
+            "outgoing_interfaces": "" if self._unspecified() else self.listen_ip,
             "peer_fingerprint": self.fingerprint,
             "user_agent": "shoal/0.1",
             "enable_dht": False,

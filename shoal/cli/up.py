@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from shoal import protocol
+from shoal import netaddr, protocol
 from shoal.cluster import Cluster, command, make_keys
 
 
@@ -52,7 +52,7 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
     # The agent gets the registry login only when it uses it for pulls without credentials: in
     # challenge mode every pull is the puller's own (least privilege: the node holds no password).
     agent_upstream = upstream if args.unauthenticated == "node" else {"name": name, "url": args.upstream}
-    ip = args.torrent_ip
+    ip = args.torrent_ip.strip("[]")  # ::1 or [::1]: written as [::1]:PORT below
     cluster = Cluster(keys, [upstream], tracker_url=f"http://{args.tracker_listen}",
                       origin_url=f"http://{args.origin_listen}", log={"level": args.log_level, "format": "text"})
     origin_extra: dict[str, Any] = {"operators": {"registry": {"upstream": name, "roles": operators}}} if operators \
@@ -63,10 +63,10 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
     return {
         "tracker": cluster.tracker(listen=args.tracker_listen, data_dir=str(data / "tracker")),
         "origin": cluster.origin(listen=args.origin_listen, data_dir=data / "origin",
-                                 torrent_listen=f"{ip}:{args.origin_torrent_port}",
+                                 torrent_listen=netaddr.hostport(ip, args.origin_torrent_port),
                                  cache={"max_bytes": args.origin_cache}, **origin_extra),
         "agent": cluster.agent(listen=args.listen, data_dir=data / "agent",
-                               torrent_listen=f"{ip}:{args.agent_torrent_port}",
+                               torrent_listen=netaddr.hostport(ip, args.agent_torrent_port),
                                auth={"unauthenticated": args.unauthenticated}, cache={"max_bytes": args.cache},
                                upstreams=[agent_upstream], **agent_extra),
     }
