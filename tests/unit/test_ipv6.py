@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,17 @@ def test_hosts_toml_names_an_ipv6_mirror_in_brackets() -> None:
     assert hostsconf.local_url("[::]:5050") == "http://[::1]:5050"
     text = hostsconf.render(plan, plan.registries[0], hostsconf.State.MIRROR, None)
     assert text is not None
-    assert 'server = "http://[fd00::5]:5000"' in text and '[host."http://[::1]:5050"]' in text
+    assert 'server = "http://[fd00::5]:5000"' in text
+    # never a [host."http://[::1]:5050"] header: containerd 1.6 cannot parse it and drops the file
+    assert '[host."' not in text and '"http://[::1]:5050" = { capabilities' in text
+    assert tomllib.loads(text)["host"] == {"http://[::1]:5050": {"capabilities": ["pull", "resolve"],
+                                                                 "dial_timeout": "1000ms"}}
+    # merged with the operator's own file: the agent first, the operator's hosts after
+    original = 'server = "https://mirror.example"\n\n[host."https://cache.example"]\n  capabilities = ["pull"]\n'
+    merged = hostsconf.render(plan, plan.registries[0], hostsconf.State.MIRROR, original)
+    assert merged is not None
+    assert list(tomllib.loads(merged)["host"]) == ["http://[::1]:5050", "https://cache.example"]
+    assert tomllib.loads(merged)["server"] == "https://mirror.example"
 
 
 def test_libtorrent_listens_on_the_address_given_and_on_both_families_for_unspecified() -> None:
