@@ -12,6 +12,7 @@ and the bridge fd00:88::1, so a rollout can run over IPv6 through the same caps 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import subprocess
 from collections.abc import Sequence
@@ -66,7 +67,7 @@ def _tbf(dev: str, rate: int, ns: str | None = None) -> None:
 def ip6_of(ip: str) -> str:
     """The ULA address beside an IPv4 one: 10.88.1.4 -> fd00:88::1:4 (the last two octets)."""
     a, b = ip.split(".")[2:]
-    return f"{SUBNET6}{int(a):x}:{int(b):x}"
+    return str(ipaddress.ip_address(f"{SUBNET6}{int(a):x}:{int(b):x}"))  # compressed: fd00:88::2
 
 
 class Topology:
