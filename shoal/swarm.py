@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 AGENT_FINGERPRINT = "-SA0100-"
 SEEDER_FINGERPRINT = "-SO0100-"
 
+# libtorrent's errors::announce_skipped ("skipping tracker announce (unreachable)"): with a
+# listen address per interface (torrent.listen [::] or 0.0.0.0) libtorrent announces only from
+# those that can reach the tracker (its family, not loopback or link-local to a global address)
+# and reports each of the others with this error. Not a tracker that cannot be reached.
+ANNOUNCE_SKIPPED = 180
+
 _ALERT_MASK = (
     lt.alert_category.error
     | lt.alert_category.status
@@ -171,6 +177,8 @@ class TorrentJob:
         self.grant: Grant | None = None  # its own, else the session's default (Swarm.set_default_grant)
         # The last announce could not reach the tracker (no answer at all; a refusal is not this)
         self.tracker_unreachable = False
+        # Listen addresses libtorrent would not announce from (ANNOUNCE_SKIPPED)
+        self.skipped_endpoints: set[tuple[str, int]] = set()
         self.have = bytearray([1 if complete else 0]) * meta.num_pieces
         self.have_count = meta.num_pieces if complete else 0
         self.finished = asyncio.Event()
@@ -351,6 +359,7 @@ class Swarm:
         self.hash_failures = 0
         self.tracker_errors = 0
         self.on_tracker_error: Callable[[str, str], None] | None = None
+        self._tcp_listeners: set[tuple[str, int]] = set()  # libtorrent's TLS listen sockets
         self._had_torrents = False
         self._last_disconnect = -TLS_CLOSE_GRACE
         self._stats_waiters: list[asyncio.Future[None]] = []
@@ -382,6 +391,20 @@ class Swarm:
         ses.set_alert_fd(w.fileno())
         self._stats_task = asyncio.create_task(self._poll_stats())
         log.info("swarm listening on %s:%d", self.settings.listen_ip, self.settings.listen_port)
+
+    def _skipped_only(self, alert: lt.tracker_error_alert) -> bool:
+        """An announce libtorrent skipped from one listen address while others remain that may
+        reach the tracker: nothing failed. Once every listen address was skipped, the tracker
+        is out of reach (another address family only, say) and this is an error like any other."""
+        if alert.error.value() != ANNOUNCE_SKIPPED or alert.error.category().name() != "libtorrent":
+            return False
+        job = self._jobs.get(alert.torrent_name)
+        if job is None:
+            return len(self._tcp_listeners) > 1
+        endpoint = alert.local_endpoint
+        job.skipped_endpoints.add((str(endpoint[0]), int(endpoint[1])))
+        log.debug("announce skipped: %s", alert.message())
+        return len(job.skipped_endpoints) < len(self._tcp_listeners)
 
     async def stop(self) -> None:
         if self._stats_task is not None:
@@ -557,6 +580,12 @@ class Swarm:
         if isinstance(alert, lt.peer_ban_alert):
             self.banned_peers += 1
             log.warning("banned peer: %s", alert.message())
+            return
+        if isinstance(alert, lt.listen_succeeded_alert):
+            if alert.socket_type in (lt.socket_type_t.tcp, lt.socket_type_t.tcp_ssl):
+                self._tcp_listeners.add((str(alert.address), int(alert.port)))
+            return
+        if isinstance(alert, lt.tracker_error_alert) and self._skipped_only(alert):
             return
         if isinstance(alert, lt.tracker_error_alert):
             self.tracker_errors += 1
