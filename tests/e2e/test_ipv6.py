@@ -153,7 +153,7 @@ def test_a_dual_stack_tracker_answers_ipv4_and_ipv6_peers(stack6: Stack, image6:
     one as 127.0.0.2, not ::ffff:127.0.0.2; the claimed ip=/ipv6= nowhere), v4 peers come back
     in `peers` and v6 peers in `peers6`, and the non-compact list holds both."""
     stack = stack6
-    port = int(stack._listen["tracker"].rsplit(":", 1)[1])
+    port = urlsplit(stack.cluster.tracker_url).port  # where the others reach the tracker: [::1]
     tracker = stack.start_tracker(listen=f"[::]:{port}")
     stack.start_origin()
     digest = image6.large_blobs(THRESHOLD)[0].digest
