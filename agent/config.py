@@ -204,7 +204,10 @@ def check_mirror(mirror: str, listen: str) -> None:
         want, got = ipaddress.ip_address(host), ipaddress.ip_address(parts.hostname or "")
     except ValueError:
         raise ConfigError("containerd.mirror: must be an IP address (the one listen holds), not a name") from None
-    held = got == want or (want.is_unspecified and got.is_loopback and got.version == want.version)
+    # An unspecified listen holds its family's loopback; [::] is dual stack (shoal/web.py), so
+    # it holds 127.0.0.1 too.
+    held = got == want or (want.is_unspecified and got.is_loopback and (got.version == want.version
+                                                                         or want.version == 6))
     if not held or parts.port != port:
         raise ConfigError(f"containerd.mirror: must name an address and port listen holds ({listen})")
 

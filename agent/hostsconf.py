@@ -107,6 +107,14 @@ def _duration(seconds: float) -> str:
 def mirror_host(plan: Plan) -> str:
     # dial_timeout: containerd >= 2.1 gives up connecting to a dead agent after it (the default
     # is 30 s); 1.6 and 1.7 ignore the key (a refused connection fails at once there anyway).
+    if "[" in plan.mirror:
+        # An IPv6 mirror (http://[::1]:5050): containerd 1.6's TOML parser refuses a table
+        # header whose quoted key holds "]" ("table key cannot contain ']'") and then ignores
+        # the whole file, so the host goes in as a key of [host] with an inline table, which it
+        # reads (and orders before the operator's [host."..."] tables, as the header would be).
+        return (f"[host]\n"
+                f"{_quote(plan.mirror)} = {{ capabilities = [\"pull\", \"resolve\"], "
+                f"dial_timeout = {_quote(_duration(plan.dial_timeout))} }}\n")
     return (f"[host.{_quote(plan.mirror)}]\n"
             f"  capabilities = [\"pull\", \"resolve\"]\n"
             f"  dial_timeout = {_quote(_duration(plan.dial_timeout))}\n")

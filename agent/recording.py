@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from shoal import audit as records
+from shoal import netaddr
 from shoal_agent.journal import Journal, JournalError
 from shoal_agent.responses import error_response
 from shoal_agent.state import audit_of, state_of
@@ -21,9 +22,9 @@ MAX_USER_AGENT = 512
 
 def _client_addr(request: web.Request) -> str | None:
     # The TCP peer, never X-Forwarded-For: a client cannot write someone else into the audit.
+    # IPv6 in brackets ([::1]:40000), a v4 client of a dual-stack listener as its IPv4 address.
     transport = request.transport
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    return f"{peer[0]}:{peer[1]}" if peer else None
+    return netaddr.peer_address(transport.get_extra_info("peername") if transport is not None else None)
 
 
 def journal_middleware(journal: Journal, node: str) -> Middleware:

@@ -70,6 +70,8 @@ def main() -> int:
                         help="JSON libtorrent settings for the uncapped swarm's agents and origin")
     parser.add_argument("--repeat", type=int, default=1, help="cold rollouts per (system, N, size); all reported")
     parser.add_argument("--log-level", default="warning", help="log level of shoal's services")
+    parser.add_argument("--ipv6", action="store_true",
+                        help="give the emulated hosts ULA addresses (fd00:88::/64) and run shoal's rollouts over IPv6")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("python -m bench: needs root (network namespaces and tc)", file=sys.stderr)
@@ -88,7 +90,7 @@ def main() -> int:
                                "cap_bytes": cap}
     print(f"machine: {results['machine']}", flush=True)
 
-    with Topology() as topo:
+    with Topology(ipv6=args.ipv6) as topo:
         rollout = Rollout(work / "rollout", topo, cap, max(hosts), origin_config=args.origin_config,
                           agent_config=args.agent_config, log_level=args.log_level)
         try:

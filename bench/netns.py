@@ -4,11 +4,15 @@ Every host gets a veth pair: `eth0` inside its namespace, the other end on the b
 the root namespace. A token bucket (tbf) on both ends caps the host's upload (eth0 egress) and
 download (bridge-side egress) at B, as a physical NIC of B would. Loopback inside a namespace is
 not capped, so a client and the agent on the same host talk at memory speed, as on a real node.
+
+With `ipv6=True` every host also gets a ULA address (fd00:88::/64, `Host.ip6`) on the same NIC
+and the bridge fd00:88::1, so a rollout can run over IPv6 through the same caps (issue 15).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import subprocess
 from collections.abc import Sequence
@@ -16,8 +20,10 @@ from dataclasses import dataclass
 
 BRIDGE = "shb0"
 PREFIX = "shb-"
-# Not 10.88: podman's default network (cni-podman0) takes 10.88.0.0/16, and its route won.
-SUBNET = "10.199"
+# Not 10.88: podman's default network is 10.88.0.0/16, and where a cni-podman0 bridge holds that
+# route (even link-down) the root namespace cannot reach the hosts. SHOAL_BENCH_SUBNET moves them.
+SUBNET = os.environ.get("SHOAL_BENCH_SUBNET", "10.199")
+SUBNET6 = "fd00:88::"  # a ULA /64 (fd00::/8): never routed off the machine
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -29,6 +35,7 @@ class Host:
     name: str
     ip: str
     cap_bytes: int | None  # bytes per second each way, None: uncapped
+    ip6: str | None = None  # the host's ULA address when the topology has IPv6
 
     @property
     def netns(self) -> str:
@@ -57,14 +64,24 @@ def _tbf(dev: str, rate: int, ns: str | None = None) -> None:
        "burst", str(burst), "latency", "100ms")
 
 
+def ip6_of(ip: str) -> str:
+    """The ULA address beside an IPv4 one: 10.88.1.4 -> fd00:88::1:4 (the last two octets)."""
+    a, b = ip.split(".")[2:]
+    return str(ipaddress.ip_address(f"{SUBNET6}{int(a):x}:{int(b):x}"))  # compressed: fd00:88::2
+
+
 class Topology:
-    def __init__(self) -> None:
+    def __init__(self, *, ipv6: bool = False) -> None:
         self.hosts: dict[str, Host] = {}
+        self.ipv6 = ipv6
 
     def __enter__(self) -> Topology:
         self.teardown()
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
         sh("ip", "addr", "add", f"{SUBNET}.0.1/16", "dev", BRIDGE)
+        if self.ipv6:
+            # nodad: usable at once (duplicate address detection would hold it a second or two)
+            sh("ip", "-6", "addr", "add", f"{ip6_of(f'{SUBNET}.0.1')}/64", "dev", BRIDGE, "nodad")
         sh("ip", "link", "set", BRIDGE, "up")
         return self
 
@@ -72,13 +89,15 @@ class Topology:
         self.teardown()
 
     def add(self, name: str, ip: str, cap_bytes: int | None) -> Host:
-        host = Host(name, ip, cap_bytes)
+        host = Host(name, ip, cap_bytes, ip6_of(ip) if self.ipv6 else None)
         outer = (PREFIX + name)[:15]
         sh("ip", "netns", "add", host.netns)
         sh("ip", "link", "add", outer, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
         sh("ip", "link", "set", outer, "master", BRIDGE)
         sh("ip", "link", "set", outer, "up")
         sh(*host.cmd("ip", "addr", "add", f"{ip}/16", "dev", "eth0"))
+        if host.ip6:
+            sh(*host.cmd("ip", "-6", "addr", "add", f"{host.ip6}/64", "dev", "eth0", "nodad"))
         sh(*host.cmd("ip", "link", "set", "eth0", "up"))
         sh(*host.cmd("ip", "link", "set", "lo", "up"))
         if cap_bytes:

@@ -30,12 +30,15 @@ def table(results: dict[str, Any]) -> str:
         cap = results["cap_bytes"]
         lines += [f"### Cold rollout (per-host NIC cap B = {cap / 1e6:g} MB/s, tc tbf, both directions)", "",
                   "| image | N | system | run | all done (s) | p50 (s) | p99 (s) | ideal S/B (s) | x ideal | "
-                  "registry egress (x image) | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "registry egress (x image) | errors | IP | CPU idle |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["rollout"]:
+            idle = r.get("cpu_idle_percent", -1)
             lines.append(f"| {r['image_bytes'] >> 20} MiB | {r['hosts']} | {r['system']} | {r.get('run', 1)} | "
                          f"{r['total_seconds']} | "
                          f"{r['p50_seconds']} | {r['p99_seconds']} | {r['ideal_seconds']} | {r['ratio_to_ideal']} | "
-                         f"{r['egress_ratio']} | {len(r['errors'])} |")
+                         f"{r['egress_ratio']} | {len(r['errors'])} | v{r.get('ip_version', 4)} | "
+                         f"{f'{idle:g} %' if idle >= 0 else '-'} |")
         lines.append("")
         summary = []
         medians = _medians(results["rollout"])

@@ -5,6 +5,10 @@ host (10.199.0.2) is capped at B too; shoal's origin and tracker run on it, besi
 The central cache (docker-registry in proxy mode) has a host of its own, capped at B.
 Systems: "direct" (every host pulls from the registry), "central" (every host pulls from the
 cache, which pulls from the registry once), "shoal" (every host pulls from its own agent).
+
+On a topology with IPv6 (`--ipv6`), shoal runs on the hosts' ULA addresses only: the origin
+fetches from the registry over IPv6, tracker, origin and BitTorrent listen on IPv6, and each
+client pulls from its agent at [::1]. The machine's CPU idle over each run is recorded beside it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 from bench import services
 from bench.netns import SUBNET, Host, Topology
-from shoal import protocol
+from shoal import netaddr, protocol
 from shoal.cluster import Cluster, make_keys, merged, source_path
 
 REGISTRY_IP, CACHE_IP = f"{SUBNET}.0.2", f"{SUBNET}.0.3"
@@ -40,6 +44,8 @@ class RolloutResult:
     errors: list[str]
     from_agents_bytes: int = 0  # shoal only: payload the agents got from each other
     from_seeder_bytes: int = 0  # ... and from the origin seeder
+    ip_version: int = 4  # the addresses shoal ran on
+    cpu_idle_percent: float = -1.0  # the machine's, from the common start to the last host done
 
     @property
     def ideal_seconds(self) -> float:
@@ -49,6 +55,12 @@ class RolloutResult:
         return {**asdict(self), "ideal_seconds": round(self.ideal_seconds, 2),
                 "ratio_to_ideal": round(self.total_seconds / self.ideal_seconds, 2),
                 "egress_ratio": round(self.registry_egress_bytes / self.image_bytes, 3)}
+
+
+def cpu_times() -> tuple[float, float]:
+    """(idle + iowait, total) jiffies of the whole machine so far."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -80,6 +92,19 @@ class Rollout:
     def registry_url(self) -> str:
         return f"http://{REGISTRY_IP}:5000"
 
+    @property
+    def ipv6(self) -> bool:
+        return self.topo.ipv6
+
+    def addr(self, host: Host) -> str:
+        """The address shoal uses on `host`: its ULA address on an IPv6 topology."""
+        return host.ip6 or host.ip
+
+    @property
+    def agent_url(self) -> str:
+        """Where each host's client reaches its agent (the host's own loopback)."""
+        return "http://[::1]:5050" if self.ipv6 else "http://127.0.0.1:5050"
+
     def run(self, system: str, hosts: int, image: str, image_bytes: int) -> RolloutResult:
         run_dir = self.work / f"{system}-{hosts}-{image.replace('/', '_').replace(':', '_')}"
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -95,7 +120,7 @@ class Rollout:
                 endpoints = [f"http://{CACHE_IP}:5000"] * hosts
             else:
                 started += self._shoal(run_dir, nodes)
-                endpoints = ["http://127.0.0.1:5050"] * hosts
+                endpoints = [self.agent_url] * hosts
             egress_before = services.registry_bytes_sent(self.registry.log)
             go_at = time.time() + 3
             clients = []
@@ -105,8 +130,12 @@ class Rollout:
                                                  "--image", image, "--go-at", str(go_at), "--out", str(out)],
                                                 log=str(run_dir / f"client-{node.name}.log"),
                                                 env={"PYTHONPATH": source_path(services.ROOT)})))
+            while time.time() < go_at:
+                time.sleep(0.01)
+            idle0, total0 = cpu_times()
             for _, proc in clients:
                 proc.wait(7200)
+            idle1, total1 = cpu_times()
             time.sleep(1.5)  # the registry logs a response after it is sent
             egress = services.registry_bytes_sent(self.registry.log) - egress_before
             peer_bytes = self._peer_bytes(nodes) if system == "shoal" else (0, 0)
@@ -130,7 +159,8 @@ class Rollout:
             finished.append(float(doc["finished"]))
         return RolloutResult(system, hosts, image_bytes, self.cap, round(max(finished) - go_at, 2),
                              round(statistics.median(durations), 2), round(percentile(durations, 0.99), 2),
-                             egress, errors, *peer_bytes)
+                             egress, errors, *peer_bytes, ip_version=6 if self.ipv6 and system == "shoal" else 4,
+                             cpu_idle_percent=round(100 * (idle1 - idle0) / max(total1 - total0, 1), 1))
 
     def zone_of(self, i: int, hosts: int) -> str:
         """The zone of the i-th of `hosts` hosts: the hosts split into `zones` equal runs."""
@@ -139,8 +169,8 @@ class Rollout:
     def _peer_bytes(self, nodes: list[Host]) -> tuple[int, int]:
         agents = seeder = 0
         for node in nodes:
-            metrics = protocol.METRICS.url("http://127.0.0.1:5050")
-            text = subprocess.run(node.cmd("curl", "-s", metrics), capture_output=True,
+            metrics = protocol.METRICS.url(self.agent_url)
+            text = subprocess.run(node.cmd("curl", "-g", "-s", metrics), capture_output=True,
                                   text=True, timeout=10).stdout
             for line in text.splitlines():
                 if line.startswith('shoal_agent_swarm_download_bytes_total{peer="agent"}'):
@@ -150,26 +180,28 @@ class Rollout:
         return agents, seeder
 
     def _shoal(self, run_dir: Path, nodes: list[Host]) -> list[services.Service]:
-        upstream = {"name": f"{REGISTRY_IP}:5000", "url": self.registry_url}
-        tracker_url, origin_url = f"http://{REGISTRY_IP}:6969", f"http://{REGISTRY_IP}:6970"
+        reg = self.addr(self.registry_host)
+        upstream = {"name": f"{REGISTRY_IP}:5000", "url": f"http://{netaddr.hostport(reg, 5000)}"}
+        tracker_url, origin_url = f"http://{netaddr.hostport(reg, 6969)}", f"http://{netaddr.hostport(reg, 6970)}"
         cluster = Cluster(self.keys, [upstream], tracker_url=tracker_url, origin_url=origin_url,
                           log={"level": self.log_level})
         tracker = services.shoal(self.registry_host, "tracker", "tracker", run_dir, cluster.tracker(
-            listen=f"{REGISTRY_IP}:6969", interval="10s", min_interval="1s", log={"level": "warning"},
+            listen=netaddr.hostport(reg, 6969), interval="10s", min_interval="1s", log={"level": "warning"},
         )).start(protocol.READYZ.url(tracker_url))
         origin = services.shoal(self.registry_host, "origin", "origin", run_dir, cluster.origin(
-            listen=f"{REGISTRY_IP}:6970", data_dir=run_dir / "origin", torrent_listen=f"{REGISTRY_IP}:6881",
-            **self.origin_config)).start(protocol.READYZ.url(origin_url))
+            listen=netaddr.hostport(reg, 6970), data_dir=run_dir / "origin",
+            torrent_listen=netaddr.hostport(reg, 6881), **self.origin_config)).start(protocol.READYZ.url(origin_url))
         agents = []
         for i, node in enumerate(nodes):
             zone = {"zone": self.zone_of(i, len(nodes))} if self.zones else {}
             agents.append(services.shoal(node, "agent", f"agent-{node.name}", run_dir, cluster.agent(
-                listen="127.0.0.1:5050", data_dir=run_dir / node.name, torrent_listen=f"{node.ip}:6881",
+                listen=self.agent_url.removeprefix("http://"), data_dir=run_dir / node.name,
+                torrent_listen=netaddr.hostport(self.addr(node), 6881),
                 **merged({"node": node.name, "swarm": {"first_piece_timeout": "30s", "stall_timeout": "30s"},
                           **zone}, self.agent_config))))
         for agent in agents:
             agent.start()
         for agent in agents:
-            agent.wait(protocol.READYZ.url("http://127.0.0.1:5050"), (200,))
+            agent.wait(protocol.READYZ.url(self.agent_url), (200,))
         time.sleep(1.0)  # swarm tokens
         return [tracker, origin, *agents]

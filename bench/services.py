@@ -44,8 +44,9 @@ class Service:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: see {self.log}")
             try:
-                cmd = self.host.cmd("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url) if self.host else \
-                    ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url]
+                # -g: an IPv6 literal's brackets are the URL's, not a curl glob
+                cmd = self.host.cmd("curl", "-g", "-s", "-o", "/dev/null", "-w", "%{http_code}", url) if self.host \
+                    else ["curl", "-g", "-s", "-o", "/dev/null", "-w", "%{http_code}", url]
                 code = subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout
                 if code.isdigit() and int(code) in ok:
                     return
@@ -71,13 +72,15 @@ class Service:
 
 
 def registry(host: Host, workdir: Path, *, proxy_of: str | None = None, port: int = 5000) -> Service:
-    """docker-registry without auth (so it can be a proxy's upstream), or its pull-through mode."""
+    """docker-registry without auth (so it can be a proxy's upstream), or its pull-through mode.
+    On a host with an IPv6 address it listens on both (inside its namespace): images are pushed
+    from the root namespace over IPv4 (skopeo takes no IPv6 literal), shoal pulls over IPv6."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = {
         "version": 0.1,
         "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": True}},
         "storage": {"filesystem": {"rootdirectory": str(workdir / "data")}, "delete": {"enabled": True}},
-        "http": {"addr": f"{host.ip}:{port}"},
+        "http": {"addr": f"[::]:{port}" if host.ip6 else f"{host.ip}:{port}"},
     }
     if proxy_of:
         config["proxy"] = {"remoteurl": proxy_of}

@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
-from shoal import audit, errors, logs, operator_tokens, presented
+from shoal import audit, errors, logs, netaddr, operator_tokens, presented
 from shoal.errors import ConfigError
 from shoal.flights import SingleFlight
 from shoal.oci import ImageReference
@@ -189,7 +189,8 @@ class Operators:
         if verdict is None or verdict.until <= time.monotonic():
             login = presented.basic_credentials(header)
             user = login.username if login is not None else None
-            if not self._logins.take(request.remote or "", MAX_LOGINS_PER_ADDRESS) or (
+            # per IPv4 address or IPv6 /64: a v6 host changing addresses in its prefix gets no more tries
+            if not self._logins.take(netaddr.limit_key(request.remote), MAX_LOGINS_PER_ADDRESS) or (
                     user is not None and self._failures.used(user) >= MAX_FAILED_LOGINS_PER_USER):
                 self.requests.labels("rate_limited").inc()
                 raise errors.RateLimited("too many registry logins from this address, or refused for this user, in "
@@ -301,7 +302,7 @@ class Operators:
                        error: str) -> None:
         """Audit a refused (authenticated) caller, at most MAX_REFUSALS_AUDITED a minute per caller
         and address (the rest are counted); the refusal stands even if it cannot be stored."""
-        if not self._refusals.take(f"{principal}|{request.remote}", MAX_REFUSALS_AUDITED):
+        if not self._refusals.take(f"{principal}|{netaddr.limit_key(request.remote)}", MAX_REFUSALS_AUDITED):
             self.requests.labels("refusals_not_audited").inc()
             return
         resource = request.match_info.route.resource
@@ -328,7 +329,5 @@ class Operators:
 
 
 def _peer(request: web.Request) -> str | None:
-    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
-    return None
+    return netaddr.peer_address(request.transport.get_extra_info("peername") if request.transport is not None
+                                else None)

@@ -77,19 +77,37 @@ def parse_duration(value: Any, key: str) -> float:
 
 def parse_url(value: Any, key: str) -> str:
     if isinstance(value, str):
-        parts = urlsplit(value)
-        if parts.scheme in ("http", "https") and parts.hostname and not parts.username:
+        try:
+            # urlsplit raises on an unclosed or invalid IPv6 literal (http://[::1:6969), .port on
+            # a port out of range: either is a bad value, not a traceback
+            parts = urlsplit(value)
+            _port = parts.port
+        except ValueError:
+            parts = None
+        if parts is not None and parts.scheme in ("http", "https") and parts.hostname and not parts.username:
             return value.rstrip("/")
     raise ConfigError(f"{key}: expected an http:// or https:// URL without credentials, got {value!r}")
 
 
 def parse_hostport(value: Any, key: str) -> str:
-    """`host:port` or `[v6]:port`, returned unchanged after checking."""
+    """`host:port`, `[v6]:port` (`[::1]:5050`, `[::]:5050`), or `[v4]:port` (so that one template
+    such as `[$(HOST_IP)]:6881` serves IPv4 and IPv6 nodes), returned unchanged after checking.
+    An IPv6 address without brackets (`::1:5050`) is refused: its last group and the port
+    cannot be told apart."""
     if isinstance(value, str):
         host, _, port = value.rpartition(":")
         if host and port.isdigit() and 0 <= int(port) <= 65535:
-            return value
-    raise ConfigError(f"{key}: expected host:port (e.g. 127.0.0.1:5050), got {value!r}")
+            if host.startswith("[") and host.endswith("]"):
+                try:
+                    ipaddress.ip_address(host[1:-1])
+                    return value
+                except ValueError:
+                    pass
+            elif "[" not in host and "]" not in host:
+                if ":" in host:
+                    raise ConfigError(f"{key}: an IPv6 address goes in brackets, as [::1]:5050, got {value!r}")
+                return value
+    raise ConfigError(f"{key}: expected host:port (e.g. 127.0.0.1:5050 or [::1]:5050), got {value!r}")
 
 
 def parse_ip(value: Any, key: str) -> str:
@@ -107,6 +125,7 @@ IP = Marker("ip address", parse_ip)
 
 
 def split_hostport(value: str) -> tuple[str, int]:
+    """(host without brackets, port) of a value parse_hostport accepted."""
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)
 

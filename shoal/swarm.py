@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import socket
 import time
@@ -40,6 +41,12 @@ log = logging.getLogger(__name__)
 # from the seeder from bytes that came from other nodes.
 AGENT_FINGERPRINT = "-SA0100-"
 SEEDER_FINGERPRINT = "-SO0100-"
+
+# libtorrent's errors::announce_skipped ("skipping tracker announce (unreachable)"): with a
+# listen address per interface (torrent.listen [::] or 0.0.0.0) libtorrent announces only from
+# those that can reach the tracker (its family, not loopback or link-local to a global address)
+# and reports each of the others with this error. Not a tracker that cannot be reached.
+ANNOUNCE_SKIPPED = 180
 
 _ALERT_MASK = (
     lt.alert_category.error
@@ -99,13 +106,25 @@ class SwarmSettings:
             return urls
         return [f"{u}{'&' if '?' in u else '?'}{'&'.join(extra)}" for u in urls]
 
-    def pack(self) -> dict[str, Any]:
+    def _unspecified(self) -> bool:
+        return ipaddress.ip_address(self.listen_ip).is_unspecified
+
+    def listen_interfaces(self) -> str:
+        """libtorrent's listen_interfaces: the one address; for [::] both families (dual stack, as
+        the HTTP listeners: libtorrent itself would take [::] as every IPv6 address only)."""
+        port = self.listen_port
+        if self._unspecified() and ":" in self.listen_ip:
+            return f"0.0.0.0:{port}s,[::]:{port}s"
         host = f"[{self.listen_ip}]" if ":" in self.listen_ip else self.listen_ip
+        return f"{host}:{port}s"
+
+    def pack(self) -> dict[str, Any]:
         settings: dict[str, Any] = {
             # "s": a TLS socket. Only SSL torrents exist, so there is no plain one: a BitTorrent
             # handshake in clear gets a TLS alert, never a piece.
-            "listen_interfaces": f"{host}:{self.listen_port}s",
-            "outgoing_interfaces": self.listen_ip,
+            "listen_interfaces": self.listen_interfaces(),
+            # a specific address: peers see the node there; unspecified: the route decides
+            "outgoing_interfaces": "" if self._unspecified() else self.listen_ip,
             "peer_fingerprint": self.fingerprint,
             "user_agent": "shoal/0.1",
             "enable_dht": False,
@@ -177,9 +196,12 @@ class TorrentJob:
         self.handle = handle
         self.meta = meta
         self.grant: Grant | None = None  # its own, else the session's default (Swarm.set_default_grant)
-        # Trackers whose last announce got no answer at all (a refusal is not this)
+        # Trackers (their URLs without the query: the token changes at renewals) whose last
+        # announce got no answer at all (a refusal is not this)
         self.unreachable_trackers: set[str] = set()
         self.tracker_count = 1
+        # Listen addresses libtorrent would not announce from (ANNOUNCE_SKIPPED)
+        self.skipped_endpoints: set[tuple[str, int]] = set()
         self.have = bytearray([1 if complete else 0]) * meta.num_pieces
         self.have_count = meta.num_pieces if complete else 0
         self.finished = asyncio.Event()
@@ -365,6 +387,7 @@ class Swarm:
         self.hash_failures = 0
         self.tracker_errors = 0
         self.on_tracker_error: Callable[[str, str], None] | None = None
+        self._tcp_listeners: set[tuple[str, int]] = set()  # libtorrent's TLS listen sockets
         self._had_torrents = False
         self._last_disconnect = -TLS_CLOSE_GRACE
         self._stats_waiters: list[asyncio.Future[None]] = []
@@ -396,6 +419,20 @@ class Swarm:
         ses.set_alert_fd(w.fileno())
         self._stats_task = asyncio.create_task(self._poll_stats())
         log.info("swarm listening on %s:%d", self.settings.listen_ip, self.settings.listen_port)
+
+    def _skipped_only(self, alert: lt.tracker_error_alert) -> bool:
+        """An announce libtorrent skipped from one listen address while others remain that may
+        reach the tracker: nothing failed. Once every listen address was skipped, the tracker
+        is out of reach (another address family only, say) and this is an error like any other."""
+        if alert.error.value() != ANNOUNCE_SKIPPED or alert.error.category().name() != "libtorrent":
+            return False
+        job = self._jobs.get(alert.torrent_name)
+        if job is None:
+            return len(self._tcp_listeners) > 1
+        endpoint = alert.local_endpoint
+        job.skipped_endpoints.add((str(endpoint[0]), int(endpoint[1])))
+        log.debug("announce skipped: %s", alert.message())
+        return len(job.skipped_endpoints) < len(self._tcp_listeners)
 
     async def stop(self) -> None:
         if self._stats_task is not None:
@@ -578,6 +615,12 @@ class Swarm:
             self.banned_peers += 1
             log.warning("banned peer: %s", alert.message())
             return
+        if isinstance(alert, lt.listen_succeeded_alert):
+            if alert.socket_type in (lt.socket_type_t.tcp, lt.socket_type_t.tcp_ssl):
+                self._tcp_listeners.add((str(alert.address), int(alert.port)))
+            return
+        if isinstance(alert, lt.tracker_error_alert) and self._skipped_only(alert):
+            return
         if isinstance(alert, lt.tracker_error_alert):
             self.tracker_errors += 1
             log.debug("tracker error: %s", alert.message())
@@ -587,9 +630,9 @@ class Swarm:
                 trackers = job.handle.trackers()
                 job.tracker_count = max(len(trackers), 1)
                 if alert.failure_reason():
-                    job.unreachable_trackers.discard(url)
+                    job.unreachable_trackers.discard(url.split("?", 1)[0])
                 else:
-                    job.unreachable_trackers.add(url)
+                    job.unreachable_trackers.add(url.split("?", 1)[0])
                 job._notify()
                 # libtorrent's own backoff grows to an hour (5 s + 12.5 s x failures squared):
                 # a seeder would stay unlisted long after the tracker is back. Retry on
@@ -604,7 +647,7 @@ class Swarm:
         if isinstance(alert, lt.tracker_reply_alert):
             job = self._jobs.get(alert.torrent_name)
             if job is not None:
-                job.unreachable_trackers.discard(alert.tracker_url())
+                job.unreachable_trackers.discard(alert.tracker_url().split("?", 1)[0])
             return
         if not isinstance(alert, lt.torrent_alert):
             if isinstance(alert, (lt.listen_failed_alert,)):

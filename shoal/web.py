@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import hmac
+import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -447,14 +448,19 @@ class _GuardedSite(web.SockSite):
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6 and ipaddress.ip_address(host.split("%", 1)[0]).is_unspecified:
+        # [::] is dual stack: IPv4 clients arrive v4-mapped on the same socket, whatever the
+        # host's net.ipv6.bindv6only default says (a specific IPv6 address is IPv6 only anyway)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ShoalError(f"listen: cannot bind {host}:{port}: {exc.strerror}") from None
-    log.info("listening on http://%s:%d", host if family == socket.AF_INET else f"[{host}]", port)
+        raise ShoalError(f"listen: cannot bind {where}: {exc.strerror}") from None
+    log.info("listening on http://%s", where)
     return sock
 
 

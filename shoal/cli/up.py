@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from shoal import protocol
+from shoal import netaddr, protocol
 from shoal.cluster import Cluster, command, make_keys
 
 
@@ -76,7 +76,7 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
     # challenge mode every pull is the puller's own (least privilege: the node holds no password).
     agent_upstreams = upstreams if args.unauthenticated == "node" else \
         [{"name": u["name"], "url": u["url"]} for u in upstreams]
-    ip = args.torrent_ip
+    ip = args.torrent_ip.strip("[]")  # ::1 or [::1]: written as [::1]:PORT below
     cluster = Cluster(keys, upstreams, tracker_url=f"http://{args.tracker_listen}",
                       origin_url=f"http://{args.origin_listen}", log={"level": args.log_level, "format": "text"})
     # operators sign in with their login at the first registry
@@ -88,10 +88,10 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
     return {
         "tracker": cluster.tracker(listen=args.tracker_listen, data_dir=str(data / "tracker")),
         "origin": cluster.origin(listen=args.origin_listen, data_dir=data / "origin",
-                                 torrent_listen=f"{ip}:{args.origin_torrent_port}",
+                                 torrent_listen=netaddr.hostport(ip, args.origin_torrent_port),
                                  cache={"max_bytes": args.origin_cache}, **origin_extra),
         "agent": cluster.agent(listen=args.listen, data_dir=data / "agent",
-                               torrent_listen=f"{ip}:{args.agent_torrent_port}",
+                               torrent_listen=netaddr.hostport(ip, args.agent_torrent_port),
                                auth={"unauthenticated": args.unauthenticated}, cache={"max_bytes": args.cache},
                                upstreams=agent_upstreams, **agent_extra),
     }
@@ -166,10 +166,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             containerd = "".join(f"containerd: the agent keeps {args.containerd_hosts_dir}/{u['name']}/hosts.toml "
                                  "(through the agent while it is ready)\n" for u in upstreams) + "\n"
         else:
+            mirror = f"http://{args.listen}"
+            # containerd 1.6 cannot read a table header with "]" in its key (an IPv6 mirror)
+            host = (f"  [host]\n    \"{mirror}\" = {{ capabilities = [\"pull\", \"resolve\"] }}\n" if "[" in mirror
+                    else f"  [host.\"{mirror}\"]\n    capabilities = [\"pull\", \"resolve\"]\n")
             containerd = "".join(f"containerd: /etc/containerd/certs.d/{u['name']}/hosts.toml "
                                  "(or let the agent keep it: --containerd-hosts-dir)\n"
-                                 f"  server = \"{u['url']}\"\n"
-                                 f"  [host.\"http://{args.listen}\"]\n    capabilities = [\"pull\", \"resolve\"]\n\n"
+                                 f"  server = \"{u['url']}\"\n{host}\n"
                                  for u in upstreams)
         print(f"\nshoal is up for\n{served}\n"
               f"  mirror  http://{args.listen}   tracker http://{args.tracker_listen}   "

@@ -170,13 +170,20 @@ def test_configurations_load_with_the_components_loaders(rendered: dict[str, lis
     workload = find(docs, WORKLOADS[part])
     args = workload["spec"]["template"]["spec"]["containers"][0]
     command = [*args.get("command", []), *args.get("args", [])]
-    # the pod's flags, with what the downward API would put in their place
-    flags = {"--node": ("node", "worker-7.example"), "--torrent-listen": ("torrent.listen", "10.0.3.7:6881"),
-             "--zone": ("zone", "eu-west-1a")}
-    for flag, (key, value) in flags.items():
-        if flag in command:
-            set_dotted(doc, key, value)
-    loaded = LOADERS[part](doc)
+    # the pod's flags, with what the downward API would put in their place: an IPv4 node's
+    # address and an IPv6 one's (issue 15) both give a valid torrent.listen
+    for address in ("fd00:10::7", "10.0.3.7"):
+        for flag, key in (("--node", "node"), ("--torrent-listen", "torrent.listen"), ("--zone", "zone")):
+            if flag in command:
+                value = command[command.index(flag) + 1]
+                for var, instead in (("$(NODE_NAME)", "worker-7.example"), ("$(HOST_IP)", address),
+                                     ("$(POD_IP)", address), ("$(SHOAL_ZONE)", "eu-west-1a")):
+                    value = value.replace(var, instead)
+                set_dotted(doc, key, value)
+        loaded = LOADERS[part](doc)
+        if "--torrent-listen" in command:
+            assert not isinstance(loaded, tracker_config.TrackerConfig)
+            assert loaded.torrent.listen == f"[{address}]:6881", loaded.torrent.listen
     if isinstance(loaded, agent_config.AgentConfig):
         assert loaded.containerd.config_path == "/etc/containerd/certs.d"
     assert loaded.log == LogSettings(level="info", format="json")
@@ -268,7 +275,7 @@ def test_agent_pod_runs_as_the_brief_says(rendered: dict[str, list[Doc]]) -> Non
         (agent,) = [c for c in pod["containers"] if c["name"] == "agent"]
         assert agent["command"] == ["shoal-agent"]
         assert agent["args"][agent["args"].index("--node") + 1] == "$(NODE_NAME)"
-        assert agent["args"][agent["args"].index("--torrent-listen") + 1] == "$(HOST_IP):6881"
+        assert agent["args"][agent["args"].index("--torrent-listen") + 1] == "[$(HOST_IP)]:6881"
         for probe, path in (("livenessProbe", protocol.HEALTHZ.path()), ("readinessProbe", protocol.READYZ.path()),
                             ("startupProbe", protocol.HEALTHZ.path())):
             assert agent[probe]["httpGet"] == {"host": "127.0.0.1", "port": 5050, "path": path}

@@ -22,13 +22,13 @@ PROXY_IP = "127.0.0.9"  # another "host address" than the agent's 127.0.0.2
 
 
 @contextlib.contextmanager
-def sidecar(agent_url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """The sidecar as the chart runs it: python3 FILE HOST_IP:PORT AGENT_URL."""
-    port = free_port(PROXY_IP)
-    proc = subprocess.Popen([sys.executable, str(CHART / "files" / "metrics_proxy.py"), f"{PROXY_IP}:{port}",
-                             agent_url])
+def sidecar(agent_url: str, ip: str = PROXY_IP) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The sidecar as the chart runs it: python3 FILE [HOST_IP]:PORT AGENT_URL."""
+    port = free_port(ip)
+    where = f"[{ip}]:{port}"
+    proc = subprocess.Popen([sys.executable, str(CHART / "files" / "metrics_proxy.py"), where, agent_url])
     try:
-        yield f"http://{PROXY_IP}:{port}", proc
+        yield f"http://{where if ':' in ip else f'{ip}:{port}'}", proc
     finally:
         proc.terminate()
         proc.wait(10)
@@ -77,3 +77,12 @@ def test_metrics_sidecar_answers_502_without_the_agent() -> None:
     with sidecar(f"http://127.0.0.10:{free_port('127.0.0.10')}") as (url, proc):
         wait_http(protocol.METRICS.url(url), ok=(502,), proc=proc)
         assert http_get(protocol.METRICS.url(url))[0] == 502
+
+
+def test_metrics_sidecar_on_an_ipv6_node_address() -> None:
+    """An IPv6 node: the chart passes [fd00::7]:9150; here [::1] (and the same 502 without an agent)."""
+    with sidecar(f"http://[::1]:{free_port('::1')}", ip="::1") as (url, proc):
+        assert url.startswith("http://[::1]:")
+        wait_http(protocol.METRICS.url(url), ok=(502,), proc=proc)
+        assert http_get(protocol.METRICS.url(url))[0] == 502
+        assert http_get(protocol.HEALTHZ.url(url))[0] == 404

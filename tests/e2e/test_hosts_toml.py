@@ -358,3 +358,46 @@ async def test_a_stop_right_after_the_watchdog_died_still_takes_the_files_away(t
     await asyncio.wait_for(configurator.stop(), 30)
     assert not hosts.exists()
     assert configurator._proc is first  # no watchdog started after the stop
+
+
+def test_containerd_pulls_through_an_agent_on_ipv6(registry: Registry, images: Images, containerd: Containerd,
+                                                    tmp_path: Path) -> None:
+    """Issue 15: the agent (and tracker and origin) on [::1]: the hosts.toml it writes names the
+    mirror as http://[::1]:PORT, containerd pulls through it, and the watchdog checks it over
+    IPv6 (a hung agent is stepped around). The registry stays on 127.0.0.1: containerd 1.6 takes
+    no image reference with an IPv6 literal, and the upstream being IPv4 is the mixed case."""
+    for n in (60, 61):
+        small(images, n)
+    certs = tmp_path / "certs.d"
+    certs.mkdir()
+    stack = Stack(tmp_path / "stack6", registry, node_user=("node", USERS["node"]),
+                  seeder_user=("seeder", USERS["seeder"]), ip="::1")
+    try:
+        stack.start_tracker()
+        stack.start_origin()
+        agent = managed_agent(stack, certs)
+        assert agent.url.startswith("http://[::1]:")
+        wait_for(lambda: through(agent, certs, registry), timeout=WAIT, what="hosts.toml through the agent on ::1")
+        # (not as a [host."http://[::1]:..."] header, which containerd 1.6 cannot parse)
+        assert f'"{agent.url}" = {{ capabilities' in hosts_file(certs, registry).read_text()
+        before = registry.settle()
+        image = pull(containerd, certs, registry.host, images, 60)
+        assert blobs_from_agent(agent) == len(image.blobs)
+        assert agent.metric("shoal_agent_downloads_total", source="peers", result="ok") == 1  # the 2 MiB layer
+        large = [d for d, b in image.blobs.items() if b.size >= MIB]
+        gets = registry.blob_gets(list(pulls_since(before, registry.settle())))
+        assert [gets.get(d, 0) for d in large] == [1]  # once, to the origin seeder
+        events = stack.journal(agent, minimum=len(image.blobs))
+        assert all(str(e["client_addr"]).startswith("[::1]:") for e in events), [e["client_addr"] for e in events]
+
+        agent.signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: registry_alone(certs, registry), timeout=WAIT, what="hosts.toml reduced (hung agent)")
+            before = registry.settle()
+            image = pull(containerd, certs, registry.host, images, 61)
+            assert registry.blob_gets(list(pulls_since(before, registry.settle()))) == dict.fromkeys(image.blobs, 1)
+        finally:
+            agent.signal(signal.SIGCONT)
+        wait_for(lambda: through(agent, certs, registry), timeout=WAIT, what="hosts.toml back through the agent")
+    finally:
+        stack.close()

@@ -71,19 +71,22 @@ class Pull:
 
 
 class Registry:
-    def __init__(self, workdir: Path, *, users: dict[str, str] | None = None, auth_yaml: str | None = None) -> None:
-        """htpasswd auth for `users`, or the given `auth:` block (e.g. a token server's)."""
+    def __init__(self, workdir: Path, *, users: dict[str, str] | None = None, auth_yaml: str | None = None,
+                 ip: str = "127.0.0.1") -> None:
+        """htpasswd auth for `users`, or the given `auth:` block (e.g. a token server's); `ip`
+        is the listen address (`::1` for the IPv6 tests)."""
         self.workdir = workdir
         self.users = users if users is not None else {"alice": "alicepw"}
         self.auth_yaml = auth_yaml
-        self.port = free_port("127.0.0.1")
+        self.ip = ip
+        self.port = free_port(ip)
         self.sink = EventSink()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "registry.log"
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -100,7 +103,7 @@ class Registry:
             "version: 0.1\n"
             "log: {level: info, formatter: text}\n"
             f"storage:\n  filesystem: {{rootdirectory: {self.workdir / 'data'}}}\n  delete: {{enabled: true}}\n"
-            f"http: {{addr: '127.0.0.1:{self.port}'}}\n"
+            f"http: {{addr: '{self.host}'}}\n"
             f"{auth}"
             "notifications:\n  endpoints:\n"
             f"    - {{name: audit, url: '{self.sink.url}', timeout: 2s, threshold: 3, backoff: 200ms}}\n"

@@ -1,5 +1,6 @@
 """A shoal deployment for one test: tracker, origin and agents as separate processes, each agent
-on its own loopback address (127.0.0.2, .3, ...) like separate nodes."""
+on its own loopback address (127.0.0.2, .3, ...) like separate nodes; or, with `ip="::1"`,
+everything on IPv6's one loopback address with a port of its own."""
 
 from __future__ import annotations
 
@@ -18,10 +19,15 @@ from tests.support.registry import Registry
 
 class Stack:
     def __init__(self, workdir: Path, registry: Registry, *, node_user: tuple[str, str],
-                 seeder_user: tuple[str, str], origins: int = 1, origin_replication: int | None = None) -> None:
+                 seeder_user: tuple[str, str], origins: int = 1, origin_replication: int | None = None,
+                 ip: str | None = None) -> None:
         """`origins` > 1: that many origins (origin0, origin1, ...) by rendezvous hashing, each
         with its own data_dir (workdir/origin0, ...), started by start_origin(i)."""
         self.workdir = workdir
+        # None: 127.0.0.1 for tracker and origin, 127.0.0.(n+2) for agent n. An IPv6 address:
+        # every component on it (IPv6 has one loopback address, so nodes share it and libtorrent
+        # must accept several connections from one address).
+        self.ip = ip
         workdir.mkdir(parents=True, exist_ok=True)
         self.registry = registry
         self.keys = make_keys(workdir / "keys")
@@ -34,16 +40,18 @@ class Stack:
         self.seeder_password = workdir / "seeder.password"
         self.seeder_password.write_text(seeder_user[1])
         self.node_user, self.seeder_user = node_user[0], seeder_user[0]
-        tracker_port, origin_port = free_port(), free_port()
-        self.origin_ports = [origin_port] + [free_port() for _ in range(origins - 1)]
+        base_ip = ip or "127.0.0.1"
+        tracker_port, origin_port = free_port(base_ip), free_port(base_ip)
+        self.origin_ports = [origin_port] + [free_port(base_ip) for _ in range(origins - 1)]
         self.origin_names = [f"origin{i}" for i in range(origins)] if origins > 1 else []
+        self._listen = {"tracker": self.hostport(base_ip, tracker_port),
+                        "origin": self.hostport(base_ip, origin_port)}
         self.cluster = Cluster(self.keys, [self.upstream(self.node_user, self.node_password)],
-                               tracker_url=f"http://127.0.0.1:{tracker_port}",
-                               origin_url=f"http://127.0.0.1:{origin_port}", log={"level": "debug"},
-                               origins=[{"name": n, "url": f"http://127.0.0.1:{p}"}
+                               tracker_url=f"http://{self._listen['tracker']}",
+                               origin_url=f"http://{self._listen['origin']}", log={"level": "debug"},
+                               origins=[{"name": n, "url": f"http://{self.hostport(base_ip, p)}"}
                                         for n, p in zip(self.origin_names, self.origin_ports, strict=False)])
         self.origin_replication = origin_replication
-        self._listen = {"tracker": f"127.0.0.1:{tracker_port}", "origin": f"127.0.0.1:{origin_port}"}
         self.components: list[Component] = []
         self.tracker: Component | None = None
         self.origin: Component | None = None
@@ -52,17 +60,28 @@ class Stack:
         self.agents: list[Component] = []
         self._keys: dict[str, peercerts.NodeKey] = {}  # of the nodes admit() enrolled
 
+    @staticmethod
+    def hostport(ip: str, port: int) -> str:
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+    def _torrent(self, ip: str) -> dict[str, Any]:
+        torrent: dict[str, Any] = {"listen": self.hostport(ip, free_port(ip))}
+        if self.ip is not None:
+            torrent["allow_multiple_connections_per_ip"] = True
+        return torrent
+
     def upstream(self, user: str, password_file: Path) -> dict[str, Any]:
         return {"name": self.registry.host, "url": self.registry.url, "username": user,
                 "password": {"file": str(password_file)}}
 
     def start_tracker(self, *, listen: str | None = None, name: str = "tracker", **extra: Any) -> Component:
-        """The tracker (a replica of it on another port with `listen`)."""
+        """The tracker; `listen` may differ from the tracker URL the others use (e.g. [::] for a
+        dual-stack test). A replica on another port: another `name` too."""
         cfg = self.cluster.tracker(listen=listen or self._listen["tracker"],
                                    **merged({"interval": "5s", "min_interval": "1s"}, extra))
         tracker = Component("tracker", self.workdir, cfg, name=name).start()
         self.components.append(tracker)
-        if listen is None:
+        if name == "tracker":
             self.tracker = tracker
         return tracker
 
@@ -75,9 +94,11 @@ class Stack:
             name = self.origin_names[i]
             if self.origin_replication is not None:
                 base["origin_replication"] = self.origin_replication
-        cfg = self.cluster.origin(listen=f"127.0.0.1:{self.origin_ports[i]}",
+        torrent = self._torrent(self.ip or "127.0.0.1")
+        base["torrent"] = torrent
+        cfg = self.cluster.origin(listen=self.hostport(self.ip or "127.0.0.1", self.origin_ports[i]),
                                   data_dir=self.workdir / (name or "origin"),
-                                  torrent_listen=f"127.0.0.1:{free_port()}", name=name, **merged(base, extra))
+                                  torrent_listen=torrent.pop("listen"), name=name, **merged(base, extra))
         origin = Component("origin", self.workdir, cfg, name=name).start()
         self.components.append(origin)
         if name is not None:
@@ -87,13 +108,16 @@ class Stack:
         return origin
 
     def agent_config(self, n: int, **extra: Any) -> dict[str, Any]:
-        ip = f"127.0.0.{n + 2}"
+        ip = self.ip or f"127.0.0.{n + 2}"
+        torrent = self._torrent(ip)
         return self.cluster.agent(
-            listen=f"{ip}:{free_port(ip)}", data_dir=self.workdir / f"agent{n}", torrent_listen=f"{ip}:{free_port(ip)}",
+            listen=self.hostport(ip, free_port(ip)), data_dir=self.workdir / f"agent{n}",
+            torrent_listen=torrent.pop("listen"),
             with_swarm=self.tracker is not None and self.origin is not None,
             **merged({
                 **({"origin_replication": self.origin_replication}
                    if self.origin_names and self.origin_replication is not None else {}),
+                "torrent": torrent,
                 "node": f"node{n}",
                 "swarm": {"first_piece_timeout": "5s", "stall_timeout": "5s", "seed_timeout": "60s"},
                 # Most tests pull without client credentials, as podman/skopeo do; the pass-through

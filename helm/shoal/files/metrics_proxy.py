@@ -9,6 +9,7 @@ shoal image with python3): python3 metrics_proxy.py LISTEN_HOST:PORT http://127.
 from __future__ import annotations
 
 import http.client
+import socket
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -54,13 +55,19 @@ class Handler(BaseHTTPRequestHandler):
         pass  # one line per scrape is noise; failures show as 502 in Prometheus
 
 
+class V6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6  # a node whose address is IPv6
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: metrics_proxy.py LISTEN_HOST:PORT AGENT_URL", file=sys.stderr)
         return 2
     host, _, port = argv[0].rpartition(":")
+    host = host.strip("[]")  # the chart passes [$(HOST_IP)]:PORT, for IPv4 and IPv6 nodes alike
     Handler.target = argv[1].rstrip("/")
-    server = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
+    server_class = V6Server if ":" in host else ThreadingHTTPServer
+    server = server_class((host, int(port)), Handler)
     server.daemon_threads = True
     server.serve_forever()  # until SIGTERM (the kubelet's stop)
     return 0
