@@ -50,9 +50,9 @@ def test_every_listener_takes_ipv6(listen: str) -> None:
     origin = origin_config.load(origin_doc(listen=listen, torrent={"listen": listen.replace("5050", "6882")}))
     assert origin.listen == listen
     # the announce URL written into every torrent keeps the brackets
-    assert origin.announce == "http://[::1]:6969/announce"
+    assert origin.announce == ["http://[::1]:6969/announce"]
     assert origin_config.load(origin_doc(announce_url="http://[fd00::9]:6969/announce")).announce == \
-        "http://[fd00::9]:6969/announce"
+        ["http://[fd00::9]:6969/announce"]
     assert tracker_config.load(tracker_doc(listen=listen)).listen == listen
     assert split_hostport(listen) == (listen.rpartition(":")[0].strip("[]"), 5050)
 
