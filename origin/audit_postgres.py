@@ -79,6 +79,17 @@ _UNAVAILABLE = "the audit store (PostgreSQL) is unavailable; retry later"
 _UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 
+def _text(value: str) -> str:
+    """What PostgreSQL's text takes: no NUL, valid UTF-8. A NUL in one field (a Basic user name a
+    client made up, on a registry that lets anyone pull) failed the whole batch, every time it was
+    sent again, and wedged that node's journal; SQLite had stored it. Marked, never dropped."""
+    return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
+def _storable(row: Row) -> Row:
+    return tuple(_text(v) if isinstance(v, str) else v for v in row)  # type: ignore[return-value]
+
+
 class PostgresStore:
     def __init__(self, settings: PostgresSettings, password: str | None) -> None:
         self.settings = settings
@@ -92,6 +103,9 @@ class PostgresStore:
             params["sslrootcert"] = settings.sslrootcert
         if password is not None:
             params["password"] = password  # kept in the pool's kwargs only, never in a DSN string
+            # Only through SCRAM: whoever answers at `host` (a spoofed name, a man in the middle
+            # refusing TLS under sslmode prefer) could otherwise ask for it in clear, and get it.
+            params["require_auth"] = "scram-sha-256"
         self._pool = ConnectionPool("", kwargs=params, min_size=1, max_size=settings.pool_size,
                                     timeout=settings.connect_timeout, check=ConnectionPool.check_connection,
                                     name="audit", open=False)
@@ -191,7 +205,7 @@ class PostgresStore:
     def insert(self, node: str, rows: list[Row]) -> tuple[int, int]:
         # In one order, so two transactions storing overlapping batches wait on each other's
         # index entries in the same order (never a deadlock).
-        rows = sorted(rows, key=lambda r: (r[0], r[1]))
+        rows = sorted((_storable(row) for row in rows), key=lambda r: (r[0], r[1]))
 
         def work(conn: psycopg.Connection[Any]) -> tuple[int, int]:
             with conn.transaction():
@@ -208,6 +222,8 @@ class PostgresStore:
         return self._call(work)
 
     def insert_operator(self, rows: list[Row]) -> None:
+        rows = [_storable(row) for row in rows]
+
         def work(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
                 conn.execute(_INSERT_OPERATOR,
@@ -219,13 +235,13 @@ class PostgresStore:
         where, args = ["phase = 'start'"], []
         for column, value in filters.equals.items():
             where.append(f"{column} = %s")  # (a name from FILTER_COLUMNS)
-            args.append(value)
+            args.append(_text(value))
         if filters.since is not None:
             where.append("ts >= %s")
-            args.append(filters.since)
+            args.append(_text(filters.since))
         if filters.until is not None:
             where.append("ts < %s")
-            args.append(filters.until)
+            args.append(_text(filters.until))
         sql = (f"SELECT event_id, node, doc FROM records WHERE {' AND '.join(where)} "  # noqa: S608
                "ORDER BY ts, event_id LIMIT %s")  # (built from fixed column names only)
 

@@ -83,6 +83,26 @@ async def test_a_batch_sent_again_is_stored_once_and_queried_merged(pg_database:
         await collector.close()
 
 
+async def test_a_nul_or_a_lone_surrogate_in_a_field_is_stored_marked(pg_database: Database) -> None:
+    """PostgreSQL's text takes no NUL and no invalid UTF-8: a client-made Basic user name such as
+    "ali\x00ce" (an anonymous registry says yes to any) failed the whole batch, and the agent sent
+    it again forever (its journal wedged, then every pull got 503). Stored, marked; and a query
+    with one answers instead of failing."""
+    collector = await opened(pg_database)
+    try:
+        batch = records(2)
+        batch[0]["principal"] = "ali\x00ce"
+        batch[2]["repository"] = "team/\ud800app"
+        stored = await collector.store("node-a", batch)
+        assert (stored.accepted, stored.rejected) == (4, 0)
+        events = {e["event_id"]: e for e in await collector.query(protocol.AuditQuery(limit=10))}
+        assert len(events) == 2
+        assert await collector.query(protocol.AuditQuery(principal="ali\ufffdce", limit=10)) != []
+        assert await collector.query(protocol.AuditQuery(principal="ali\x00ce", limit=10)) != []
+    finally:
+        await collector.close()
+
+
 async def test_the_same_batch_from_two_origins_at_once_is_stored_once(pg_database: Database) -> None:
     """Both INSERTs are held in flight together (a table lock taken first), then run at once:
     each record lands once, and the two acknowledgements add up to the batch."""
@@ -302,3 +322,48 @@ def test_config_errors_name_the_key(section: dict[str, Any], message: str) -> No
         load_section(origin_config.AuditSettings, {"postgresql": section}, "audit")
     assert str(exc.value).startswith(message)
     assert "\n" not in str(exc.value) and "inline" not in str(exc.value)
+
+
+def test_the_password_never_goes_to_a_server_that_asks_for_it_in_clear() -> None:
+    """Under the default sslmode (prefer), whoever answers at `host` (a spoofed name, a man in the
+    middle refusing TLS) could ask for the password in clear, and got it: only SCRAM now."""
+    import socket
+    import struct
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    got: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                try:
+                    n = struct.unpack("!I", c.recv(4))[0]
+                    body = c.recv(n - 4)
+                    if struct.unpack("!I", body[:4])[0] in (80877103, 80877104):  # SSL/GSS request: no
+                        c.sendall(b"N")
+                        n = struct.unpack("!I", c.recv(4))[0]
+                        c.recv(n - 4)
+                    c.sendall(b"R" + struct.pack("!II", 8, 3))  # AuthenticationCleartextPassword
+                    if c.recv(1) == b"p":
+                        n = struct.unpack("!I", c.recv(4))[0]
+                        got.append(c.recv(n - 4).rstrip(b"\0"))
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    settings = origin_config.PostgresSettings(host="127.0.0.1", port=srv.getsockname()[1], dbname="shoal", user="shoal",
+                                connect_timeout=1)
+    store = PostgresStore(settings, "s3cret-pg-password")
+    try:
+        store.open()
+    finally:
+        store.close()
+        srv.close()
+    assert b"s3cret-pg-password" not in got
