@@ -19,6 +19,7 @@ class Peer:
     left: int
     last_seen: float
     zone: str = ""  # the zone the peer announced ("" for none: the origin's seeders)
+    node: str = ""  # the node its swarm token names (a zone's gateway slots are per node)
 
     @property
     def is_seeder(self) -> bool:
@@ -37,7 +38,8 @@ class SwarmPeers:
     leechers: dict[Key, Peer] = field(default_factory=dict)
     downloaded: int = 0
     by_address: dict[str, dict[Key, None]] = field(default_factory=dict)  # each address's keys, oldest first
-    gateways: dict[str, dict[Key, None]] = field(default_factory=dict)  # each zone's (tracker/zones.py)
+    # each zone's gateways (tracker/zones.py): node name -> the key it last announced from
+    gateways: dict[str, dict[str, Key]] = field(default_factory=dict)
     zoned: int = 0  # peers with a zone (none: every answer takes the sampling shortcut)
 
     def __len__(self) -> int:
@@ -58,17 +60,20 @@ class SwarmPeers:
         if previous is None and peer.zone:
             self.zoned += 1
 
+    def is_gateway(self, peer: Peer) -> bool:
+        return peer.node in self.gateways.get(peer.zone, {})
+
     def on_boundary(self, key: Key, peer: Peer) -> bool:
         """A peer other zones may reach: one without a zone, or a gateway of its zone."""
-        return not peer.zone or key in self.gateways.get(peer.zone, {})
+        return not peer.zone or self.is_gateway(peer)
 
     def remove(self, key: Key) -> None:
         gone = self.get(key)
         if gone is not None and gone.zone:
             self.zoned -= 1
             gateways = self.gateways.get(gone.zone)
-            if gateways is not None:
-                gateways.pop(key, None)
+            if gateways is not None and gateways.get(gone.node) == key:
+                del gateways[gone.node]
                 if not gateways:
                     del self.gateways[gone.zone]
         self.seeders.pop(key, None)
@@ -114,25 +119,28 @@ class PeerStore:
             if len(swarm) >= self.max_peers:
                 return swarm  # full: the announcer still gets peers, but is not listed
         swarm.put(key, peer)
-        if peer.zone and not peer.is_seeder:
-            self._elect(swarm, key, peer.zone, time.monotonic())
+        if peer.zone:
+            self._elect(swarm, key, peer, time.monotonic())
         return swarm
 
-    def _elect(self, swarm: SwarmPeers, key: Key, zone: str, now: float) -> None:
-        """A leecher becomes a gateway of its zone while the zone has fewer live ones than
-        `zone_gateways` (tracker/zones.py)."""
-        gateways = swarm.gateways.setdefault(zone, {})
-        if key in gateways:
+    def _elect(self, swarm: SwarmPeers, key: Key, peer: Peer, now: float) -> None:
+        """A gateway stays one while it announces; a leecher becomes one while its zone has
+        fewer live ones than `zone_gateways`, one slot per node (tracker/zones.py)."""
+        gateways = swarm.gateways.setdefault(peer.zone, {})
+        if peer.node in gateways:
+            gateways[peer.node] = key
+            return
+        if peer.is_seeder:
             return
         live = 0
-        for k in gateways:
+        for k in gateways.values():
             p = swarm.get(k)
             live += p is not None and now - p.last_seen <= self.ttl
         if live < self.zone_gateways:
-            gateways[key] = None
+            gateways[peer.node] = key
 
     def select(self, info_hash: bytes, requester: tuple[str, int], *, want: int, seeder: bool,
-               zone: str = "") -> list[Peer]:
+               zone: str = "", node: str = "") -> list[Peer]:
         """Up to `want` peers other than the requester: seeders first (a seeder gets only
         leechers, it needs nothing from other seeders); random order within each group; zones
         as tracker/zones.py says."""
@@ -145,11 +153,21 @@ class PeerStore:
             if not swarm.zoned:
                 return self._fill(groups, requester, want, now, None)
             return self._fill(groups, requester, want, now, lambda k, p: swarm.on_boundary(k, p))
-        local = self._fill(groups, requester, want, now, lambda k, p: p.zone == zone)
-        if local and requester not in swarm.gateways.get(zone, {}):
+        chosen: set[Key] = set()
+
+        def across(k: Key, p: Peer) -> bool:
+            return p.zone != zone and swarm.on_boundary(k, p) and k not in chosen
+
+        gateway = node in swarm.gateways.get(zone, {})
+        # a gateway's first places go to the boundary's seeders: its zone's own peers could fill
+        # the answer and leave it no way across
+        first = self._fill([swarm.seeders], requester, zones.reserved(want), now, across) \
+            if gateway and not seeder else []
+        chosen.update((p.ip, p.port) for p in first)
+        local = self._fill(groups, requester, want - len(first), now, lambda k, p: p.zone == zone)
+        if local and not gateway:
             return local
-        return local + self._fill(groups, requester, want - len(local), now,
-                                  lambda k, p: p.zone != zone and swarm.on_boundary(k, p))
+        return first + local + self._fill(groups, requester, want - len(first) - len(local), now, across)
 
     def _fill(self, groups: list[dict[Key, Peer]], requester: Key, want: int, now: float,
               keep: Callable[[Key, Peer], bool] | None) -> list[Peer]:

@@ -10,10 +10,10 @@ Keys (under `prefix`):
     metainfo/signatures hash  digest hex -> torrent bytes / the origin's signature
     swarm:<ih>:s / :l   zset  "ip|port" -> last seen (us; ties would make "oldest" arbitrary), seeders / leechers
     swarm:<ih>:zs:<z>   zset  the same, for zone z only (tracker/zones.py); :zl:<z> its leechers
-    swarm:<ih>:g:<z>    zset  zone z's gateways
+    swarm:<ih>:g:<z>    zset  zone z's gateways: node names; :gm:<z> hash node -> its "ip|port"
     swarm:<ih>:bs / :bl zset  the boundary: peers without a zone and gateways, seeders / leechers
     swarm:<ih>:p        hash  "ip|port" -> the peer as answers carry it (see _record)
-    swarm:<ih>:z        hash  "ip|port" -> its zone (peers with one)
+    swarm:<ih>:z        hash  "ip|port" -> "zone|node" (peers with a zone)
     swarm:<ih>:a        zset  "ip|port" at score 0 (by address, for max_peers_per_address)
     swarm:<ih>:d        int   completed downloads
 
@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 
 from shoal.metainfo import Metainfo
 from shoal.oci import Digest
+from shoal_tracker import zones
 from shoal_tracker.peers import Peer
 from shoal_tracker.store import Answer, StoreUnavailable, Totals
 
@@ -51,12 +52,23 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 -- numbers as exact integers: redis.call would format them with 14 digits (microseconds have 16)
 local function int(x) return string.format('%d', x) end
 
+-- a zoned peer's "zone|node" (its node: the one its swarm token names)
+local function zone_node(m)
+  local v = redis.call('HGET', Z, m)
+  if not v then return nil, nil end
+  local bar = string.find(v, '|', 1, true)
+  return string.sub(v, 1, bar - 1), string.sub(v, bar + 1)
+end
+
 local function remove(m)
-  local z = redis.call('HGET', Z, m)
+  local z, n = zone_node(m)
   if z then
     redis.call('ZREM', base .. 'zs:' .. z, m)
     redis.call('ZREM', base .. 'zl:' .. z, m)
-    redis.call('ZREM', base .. 'g:' .. z, m)
+    if redis.call('HGET', base .. 'gm:' .. z, n) == m then  -- the node's gateway slot goes with it
+      redis.call('ZREM', base .. 'g:' .. z, n)
+      redis.call('HDEL', base .. 'gm:' .. z, n)
+    end
     redis.call('HDEL', Z, m)
   end
   redis.call('ZREM', S, m)
@@ -79,7 +91,7 @@ end
 """
 
 # KEYS: torrents, swarm base. ARGV: ih hex, "ip|port", ip, record, seeder 0/1, event, zone,
-# ttl us, max peers, max per address, want, zone gateways.
+# ttl us, max peers, max per address, want, zone gateways, reserved places, node.
 _ANNOUNCE = _COMMON + r"""
 local ih, me, ip, record = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local seeder, event, zone = ARGV[5] == '1', ARGV[6], ARGV[7]
@@ -91,8 +103,10 @@ local function write(command, key, ...)
   redis.call(command, key, ...)
   redis.call('PEXPIRE', key, keep_ms)
 end
-local want, gateways = tonumber(ARGV[11]), tonumber(ARGV[12])
-local G = base .. 'g:' .. zone
+local want, gateways, reserved = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
+local node = ARGV[14]
+-- zone z's gateways: node names (one slot per node) by last announce, and the key each used last
+local G, GM = base .. 'g:' .. zone, base .. 'gm:' .. zone
 local gateway = false
 if redis.call('HEXISTS', KEYS[1], ih) == 0 then return false end
 local cutoff = now - ttl
@@ -116,9 +130,12 @@ else
       remove(oldest)
     end
     if redis.call('ZCARD', S) + redis.call('ZCARD', L) >= max_peers then listed = false end
-  elseif (redis.call('HGET', Z, me) or '') ~= zone then
-    remove(me)  -- a node that moved zones is no gateway of its old one
-    known = false
+  else
+    local z, n = zone_node(me)
+    if (z or '') ~= zone or (n or '') ~= node then
+      remove(me)  -- a node that moved zones is no gateway of its old one
+      known = false
+    end
   end
   if listed then
     local mine, other, zmine, zother = L, S, 'zl:', 'zs:'
@@ -130,21 +147,26 @@ else
       write('HSET', P, me, record)
     end
     if zone ~= '' then
-      write('HSET', Z, me, zone)
+      write('HSET', Z, me, zone .. '|' .. node)
       redis.call('ZREM', base .. zother .. zone, me)
       write('ZADD', base .. zmine .. zone, int(now), me)
-      gateway = redis.call('ZSCORE', G, me) ~= false
-      if not gateway and not seeder and redis.call('ZCARD', G) < gateways then
-        gateway = true  -- the zone lacks a gateway (tracker/zones.py); expired ones left already
+      gateway = redis.call('ZSCORE', G, node) ~= false
+      if not gateway and not seeder and redis.call('ZCOUNT', G, int(cutoff), '+inf') < gateways then
+        gateway = true  -- the zone lacks a gateway (tracker/zones.py)
       end
       if gateway then
-        write('ZADD', G, int(now), me)
+        write('ZADD', G, int(now), node)
+        write('HSET', GM, node, me)
       end
     end
     local bmine, bother = BL, BS
     if seeder then bmine, bother = BS, BL end
     redis.call('ZREM', bother, me)
-    if zone == '' or gateway then write('ZADD', bmine, int(now), me) end
+    if zone == '' or gateway then
+      write('ZADD', bmine, int(now), me)
+    else
+      redis.call('ZREM', bmine, me)
+    end
   end
 end
 
@@ -154,11 +176,13 @@ seen[me] = true
 local function take(key, n, skip)
   if n <= 0 then return 0 end
   local ask = n + 1
-  if skip then ask = ask + redis.call('ZCARD', G) end  -- the zone's own gateways are on the boundary
+  if skip then  -- the boundary holds the zone's own gateways (their ports), and what is chosen
+    ask = ask + #chosen + redis.call('ZCARD', G) * max_addr
+  end
   local added = 0
   for _, m in ipairs(redis.call('ZRANDMEMBER', key, ask)) do
     if added >= n then break end
-    if not seen[m] and (not skip or redis.call('HGET', Z, m) ~= skip) then
+    if not seen[m] and (not skip or zone_node(m) ~= skip) then
       seen[m] = true
       chosen[#chosen + 1] = m
       added = added + 1
@@ -173,10 +197,13 @@ if event ~= 'stopped' then
     if not seeder then take(BS, want, nil) end
     take(BL, want - #chosen, nil)
   else
-    if not seeder then take(base .. 'zs:' .. zone, want, nil) end
+    -- tracker/zones.py: a gateway's first places go to the boundary's seeders, then its zone,
+    -- then the rest of the boundary; another node gets its zone (the boundary if it is alone)
+    if gateway and not seeder then take(BS, reserved, zone) end
+    local before = #chosen
+    if not seeder then take(base .. 'zs:' .. zone, want - #chosen, nil) end
     take(base .. 'zl:' .. zone, want - #chosen, nil)
-    if #chosen == 0 or gateway then
-      -- other zones' boundary: for a gateway, or a node alone in its zone
+    if gateway or #chosen == before then
       if not seeder then take(BS, want - #chosen, zone) end
       take(BL, want - #chosen, zone)
     end
@@ -230,8 +257,9 @@ local ih = redis.call('HGET', KEYS[2], ARGV[1])
 if not ih then return false end
 for i = 1, 4 do redis.call('HDEL', KEYS[i], i == 1 and ih or ARGV[1]) end
 local base = KEYS[5] .. ih .. ':'
-for _, z in ipairs(redis.call('HVALS', base .. 'z')) do
-  redis.call('DEL', base .. 'zs:' .. z, base .. 'zl:' .. z, base .. 'g:' .. z)
+for _, v in ipairs(redis.call('HVALS', base .. 'z')) do
+  local z = string.sub(v, 1, string.find(v, '|', 1, true) - 1)
+  redis.call('DEL', base .. 'zs:' .. z, base .. 'zl:' .. z, base .. 'g:' .. z, base .. 'gm:' .. z)
 end
 redis.call('DEL', base .. 's', base .. 'l', base .. 'p', base .. 'z', base .. 'a', base .. 'd', base .. 'bs',
            base .. 'bl')
@@ -303,7 +331,8 @@ class RedisSwarms:
     async def announce(self, info_hash: bytes, peer: Peer, event: str, *, want: int) -> Answer | None:
         out = await _call("announce", self._announce, [f"{self.prefix}torrents", self._base(info_hash)], [
             info_hash.hex(), f"{peer.ip}|{peer.port}", peer.ip, _record(peer), int(peer.is_seeder), event,
-            peer.zone, self.ttl_us, self.max_peers, self.max_per_address, want, self.zone_gateways])
+            peer.zone, self.ttl_us, self.max_peers, self.max_per_address, want, self.zone_gateways,
+            zones.reserved(want), peer.node])
         if out is None:
             return None
         return Answer(_peers(out[2]), int(out[0]), int(out[1]))

@@ -80,7 +80,8 @@ class MemorySwarms:
     async def announce(self, info_hash: bytes, peer: Peer, event: str, *, want: int) -> Answer:
         self.store.announce(info_hash, peer, event)
         chosen = [] if event == "stopped" else self.store.select(
-            info_hash, (peer.ip, peer.port), want=want, seeder=peer.is_seeder, zone=peer.zone)
+            info_hash, (peer.ip, peer.port), want=want, seeder=peer.is_seeder, zone=peer.zone,
+            node=peer.node)
         complete, incomplete, _ = self.store.stats(info_hash)
         return Answer([(p.ip, p.port, p.peer_id) for p in chosen], complete, incomplete)
 

@@ -5,9 +5,12 @@ goal: a zone takes each blob across its boundary about once, and its nodes pass 
 among themselves (cross-zone links are the slow and the billed ones). So:
 
 - A node is handed its own zone's peers (seeders, then leechers).
-- A few of a zone's leechers - at most `zone_gateways`, the first to ask while the zone has
-  fewer live ones - are its gateways: they are also handed peers on the boundary of other zones.
-  So is a node whose zone has no other live peer yet (it then becomes a gateway).
+- A few of a zone's nodes - at most `zone_gateways`, one slot per node (the node its swarm token
+  names: one node cannot take every slot of a zone with several ports), the first leechers to
+  ask while the zone has fewer live ones - are its gateways: they are also handed peers on the
+  boundary of other zones, the boundary's seeders first (`reserved` places), so that a busy zone
+  cannot fill a gateway's answer and leave it no way across. So is a node whose zone has no
+  other live peer yet (it then becomes a gateway).
 - On the boundary are the peers without a zone (the origin's seeders) and every zone's
   gateways; a node without a zone is handed only these, so the origin's seeder serves the
   gateways, not every node of every zone.
@@ -24,6 +27,11 @@ from shoal import protocol
 # Leechers per zone that take pieces across its boundary: two, so that one slow or lost gateway
 # does not hold its zone back; each fetches about what the other has not (bench/zones.py).
 ZONE_GATEWAYS = 2
+
+
+def reserved(want: int) -> int:
+    """Places of a gateway's answer kept for the boundary's seeders."""
+    return min(want, max(4, want // 4))
 
 
 def valid(zone: str) -> bool:

@@ -159,40 +159,70 @@ async def test_zones_keep_blobs_inside_them(aiohttp_client: Any, keys: Keys, red
     shared = await replica(aiohttp_client, keys, redis_server, prefix)
     for c in (memory, shared):
         assert await register(c, meta, keys) == 201
-        token = keys.token()
         ih = meta.tracker_hash
-        await announce(c, ih, 7000, 0, token=token, event="started")  # the origin: no zone
+
+        def token(port: int) -> str:  # every port another node (gateway slots are per node)
+            return keys.token(f"node-{port}")
+        await announce(c, ih, 7000, 0, token=token(7000), event="started")  # the origin: no zone
         # zone b: its first node is alone and gets the origin; it and the next are gateways
-        doc = await announce(c, ih, 7101, 5, token=token, event="started", zone="b")
+        doc = await announce(c, ih, 7101, 5, token=token(7101), event="started", zone="b")
         assert compact_ports(doc) == [7000]
-        doc = await announce(c, ih, 7102, 5, token=token, event="started", zone="b")
+        doc = await announce(c, ih, 7102, 5, token=token(7102), event="started", zone="b")
         assert sorted(compact_ports(doc)) == [7000, 7101]
-        doc = await announce(c, ih, 7103, 5, token=token, event="started", zone="b")
+        doc = await announce(c, ih, 7103, 5, token=token(7103), event="started", zone="b")
         assert sorted(compact_ports(doc)) == [7101, 7102]  # not a gateway: its zone only
         # zone a's first node: alone, it is handed the boundary: the origin and b's gateways
-        doc = await announce(c, ih, 7201, 5, token=token, event="started", zone="a")
+        doc = await announce(c, ih, 7201, 5, token=token(7201), event="started", zone="a")
         assert sorted(compact_ports(doc)) == [7000, 7101, 7102]
-        await announce(c, ih, 7202, 5, token=token, event="started", zone="a")  # a's second gateway
+        await announce(c, ih, 7202, 5, token=token(7202), event="started", zone="a")  # a's second gateway
         for _ in range(3):  # random picks: the rule holds every time
-            doc = await announce(c, ih, 7203, 5, token=token, event="started", zone="a")
+            doc = await announce(c, ih, 7203, 5, token=token(7203), event="started", zone="a")
             assert sorted(compact_ports(doc)) == [7201, 7202]
-            doc = await announce(c, ih, 7201, 5, token=token, zone="a")  # a gateway: its zone, then the rest
+            # a gateway: the boundary's seeders first, its zone, then the rest of the boundary
+            doc = await announce(c, ih, 7201, 5, token=token(7201), zone="a")
             ports = compact_ports(doc)
-            assert set(ports[:2]) == {7202, 7203} and sorted(ports[2:]) == [7000, 7101, 7102]
+            assert ports[0] == 7000 and set(ports[1:3]) == {7202, 7203} and sorted(ports[3:]) == [7101, 7102]
             # the origin (no zone) is handed the boundary: every zone's gateways, no other node
-            doc = await announce(c, ih, 7000, 0, token=token)
+            doc = await announce(c, ih, 7000, 0, token=token(7000))
             assert sorted(compact_ports(doc)) == [7101, 7102, 7201, 7202]
         # a gateway that stops is replaced by the next leecher of its zone to announce
-        await announce(c, ih, 7201, 5, token=token, event="stopped", zone="a")
-        doc = await announce(c, ih, 7203, 5, token=token, zone="a")
+        await announce(c, ih, 7201, 5, token=token(7201), event="stopped", zone="a")
+        doc = await announce(c, ih, 7203, 5, token=token(7203), zone="a")
         assert 7000 in compact_ports(doc)
         # a node that moves zones leaves its old zone's gateways
-        doc = await announce(c, ih, 7202, 5, token=token, zone="b")
+        doc = await announce(c, ih, 7202, 5, token=token(7202), zone="b")
         assert sorted(compact_ports(doc)) == [7101, 7102, 7103]
-        doc = await announce(c, ih, 7000, 0, token=token)
+        doc = await announce(c, ih, 7000, 0, token=token(7000))
         assert sorted(compact_ports(doc)) == [7101, 7102, 7203]
     bad = await announce(memory, meta.tracker_hash, 7400, 5, token=keys.token(), zone="no/slash")
     assert b"zone must be" in bad[b"failure reason"]  # type: ignore[operator]
+
+
+async def test_one_node_takes_one_gateway_slot_and_a_gateway_always_sees_across(
+        aiohttp_client: Any, keys: Keys, redis_server: RedisServer, prefix: str, meta: metainfo.Metainfo) -> None:
+    """attack15: an admitted node announcing a zone from several ports took every gateway slot of
+    it, and the zone's real nodes never saw the origin; and a gateway in a zone with numwant or
+    more peers was handed only its zone. Both stores."""
+    memory: Client = await aiohttp_client(tracker_app.build(tracker_config.load(
+        tracker_doc(keys, max_peers_per_address=100))))
+    shared = await replica(aiohttp_client, keys, redis_server, prefix)
+    for c in (memory, shared):
+        assert await register(c, meta, keys) == 201
+        ih = meta.tracker_hash
+        await announce(c, ih, 7000, 0, token=keys.token("origin"), event="started")
+        fake = keys.token("mallory")
+        for port in (9001, 9002, 9003):  # one node, three ports: one slot
+            await announce(c, ih, port, 5, token=fake, event="started", zone="b")
+        doc = await announce(c, ih, 7101, 5, token=keys.token("real-1"), event="started", zone="b")
+        assert 7000 in compact_ports(doc)  # the second slot is a real node's: it sees the origin
+        doc = await announce(c, ih, 7000, 0, token=keys.token("origin"))
+        assert 7101 in compact_ports(doc)
+        # a zone with more peers than an answer holds: the gateway still gets the origin
+        for port in range(7200, 7230):
+            await announce(c, ih, port, 5, token=keys.token(f"busy-{port}"), event="started", zone="b")
+        doc = await announce(c, ih, 7101, 5, token=keys.token("real-1"), zone="b", numwant="10")
+        ports = compact_ports(doc)
+        assert len(ports) == 10 and 7000 in ports[:4]
 
 
 async def test_without_zones_every_peer_is_handed_out(aiohttp_client: Any, keys: Keys, redis_server: RedisServer,
