@@ -84,7 +84,9 @@ def parse_url(value: Any, key: str) -> str:
             _port = parts.port
         except ValueError:
             parts = None
-        if parts is not None and parts.scheme in ("http", "https") and parts.hostname and not parts.username:
+        # no user and no password: "http://:secret@host" has an empty user but still a password
+        if parts is not None and parts.scheme in ("http", "https") and parts.hostname and \
+                parts.username is None and parts.password is None:
             return value.rstrip("/")
     raise ConfigError(f"{key}: expected an http:// or https:// URL without credentials, got {value!r}")
 

@@ -129,19 +129,16 @@ def _trackers(announce: str, announce_list: object) -> tuple[str, ...]:
         return (announce,)
     if not isinstance(announce_list, list) or not all(isinstance(tier, list) for tier in announce_list):
         raise MetainfoError("announce-list must be a list of tiers")
-    urls: list[str] = []
+    urls: dict[str, None] = {}  # in order, once each
     for tier in announce_list:
         for url in tier:
             if (not isinstance(url, bytes) or not url.startswith((b"http://", b"https://")) or not url.isascii()
                     or len(url) > MAX_TRACKER_URL):
                 raise MetainfoError("announce-list holds something other than http(s) URLs")
-            if url.decode("ascii") not in urls:
-                urls.append(url.decode("ascii"))
-    if len(urls) > MAX_TRACKERS:
-        raise MetainfoError(f"more than {MAX_TRACKERS} trackers")
-    if announce not in urls:
-        urls.insert(0, announce)
-    return tuple(urls)
+            urls[url.decode("ascii")] = None
+            if len(urls) > MAX_TRACKERS:  # at once: a registration of 40,000 URLs took 14 s
+                raise MetainfoError(f"more than {MAX_TRACKERS} trackers")
+    return tuple(urls) if announce in urls else (announce, *urls)
 
 
 def create(blob: Path, digest: Digest, *, announce: str | Sequence[str], root_cert: str) -> bytes:

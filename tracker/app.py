@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -74,7 +75,12 @@ def _stores(config: TrackerConfig) -> tuple[Swarms, Torrents]:
     return (redisstore.RedisSwarms(client, prefix=r.prefix, ttl=config.ttl, max_peers=config.max_peers_per_torrent,
                                    max_per_address=config.max_peers_per_address,
                                    zone_gateways=config.zone_gateways),
-            redisstore.RedisTorrents(client, prefix=r.prefix))
+            redisstore.RedisTorrents(client, prefix=r.prefix, owner=_fingerprint(config)))
+
+
+def _fingerprint(config: TrackerConfig) -> str:
+    assert config.origin_public_key is not None  # validate() requires it
+    return hashlib.sha256(Path(config.origin_public_key).read_bytes().strip()).hexdigest()[:32]
 
 
 class Tracker:
@@ -195,6 +201,10 @@ class Tracker:
             self.metrics.registrations.labels("store_unavailable").inc()
             log.warning("registration of %s not stored: %s", digest, exc)
             raise errors.Unavailable("the tracker's store is unavailable") from None
+        except redisstore.OtherCluster as exc:
+            self.metrics.registrations.labels("store_unavailable").inc()
+            log.error("registration of %s refused: %s", digest, exc)
+            raise errors.Unavailable(str(exc)) from None
         self.metrics.registrations.labels("ok").inc()
         self.metrics.torrents.set(count)
         log.info("registered %s (info-hash %s, %d bytes)", digest, meta.tracker_hash.hex(), meta.size)

@@ -5,9 +5,8 @@ drops the swarm's expired peers, records the peer and picks the answer, all agai
 clock (`TIME`), so expiry is exact whichever replica answers and however their clocks differ.
 Keys (under `prefix`):
 
-    torrents            hash  tracker hash hex -> digest hex      (the announce whitelist)
-    digests             hash  digest hex -> tracker hash hex
-    metainfo/signatures hash  digest hex -> torrent bytes / the origin's signature
+    torrents            hash  tracker hash hex -> digest hex      (the announce whitelist; the
+    digests             hash  digest hex -> tracker hash hex       metainfo itself is not needed)
     swarm:<ih>:s / :l   zset  "ip|port" -> last seen (us; ties would make "oldest" arbitrary), seeders / leechers
     swarm:<ih>:zs:<z>   zset  the same, for zone z only (tracker/zones.py); :zl:<z> its leechers
     swarm:<ih>:g:<z>    zset  zone z's gateways: node names; :gm:<z> hash node -> its "ip|port"
@@ -212,7 +211,9 @@ end
 
 if event ~= 'stopped' then
   -- the records, the address index and the download count live as long as any peer announces
-  for _, key in ipairs({P, A, D}) do redis.call('PEXPIRE', key, keep_ms) end
+  -- (and the peer sets: a set nobody wrote to for two TTLs would take its members' expiry with it,
+  -- leaving their records behind for good)
+  for _, key in ipairs({P, A, D, S, L, BS, BL}) do redis.call('PEXPIRE', key, keep_ms) end
 end
 -- the chosen peers' records in one string: one reply element to parse
 local records = ''
@@ -240,23 +241,25 @@ local removed = expire(now - tonumber(ARGV[1]))
 return {redis.call('ZCARD', S), redis.call('ZCARD', L), removed}
 """
 
-# KEYS: torrents, digests, metainfo, signatures. ARGV: digest hex, tracker hash hex, torrent, signature.
+# KEYS: torrents, digests, cluster. ARGV: digest hex, tracker hash hex, the origin key's fingerprint.
 _REGISTER = r"""
+-- one cluster per prefix: two (two origin keys) would replace each other's registrations
+local owner = redis.call('GET', KEYS[3])
+if not owner then redis.call('SET', KEYS[3], ARGV[3]) elseif owner ~= ARGV[3] then return 0 end
 local old = redis.call('HGET', KEYS[2], ARGV[1])
 if old and old ~= ARGV[2] then redis.call('HDEL', KEYS[1], old) end
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[4])
 return 1
 """
 
-# KEYS: torrents, digests, metainfo, signatures, prefix .. 'swarm:'. ARGV: digest hex.
+# KEYS: torrents, digests, prefix .. 'swarm:'. ARGV: digest hex.
 _UNREGISTER = r"""
 local ih = redis.call('HGET', KEYS[2], ARGV[1])
 if not ih then return false end
-for i = 1, 4 do redis.call('HDEL', KEYS[i], i == 1 and ih or ARGV[1]) end
-local base = KEYS[5] .. ih .. ':'
+redis.call('HDEL', KEYS[1], ih)
+redis.call('HDEL', KEYS[2], ARGV[1])
+local base = KEYS[3] .. ih .. ':'
 for _, v in ipairs(redis.call('HVALS', base .. 'z')) do
   local z = string.sub(v, 1, string.find(v, '|', 1, true) - 1)
   redis.call('DEL', base .. 'zs:' .. z, base .. 'zl:' .. z, base .. 'g:' .. z, base .. 'gm:' .. z)
@@ -362,11 +365,17 @@ class RedisSwarms:
         await self.redis.aclose()
 
 
+class OtherCluster(Exception):
+    """The prefix holds another cluster's registrations (another origin key)."""
+
+
 class RedisTorrents:
-    def __init__(self, redis: aioredis.Redis, *, prefix: str) -> None:
+    def __init__(self, redis: aioredis.Redis, *, prefix: str, owner: str) -> None:
         self.redis = redis
         self.prefix = prefix
-        self._keys = [f"{prefix}{name}" for name in ("torrents", "digests", "metainfo", "signatures")]
+        self.owner = owner  # the fingerprint of the origin key this cluster's metainfo is signed with
+        # (the metainfo itself is not kept: the announce script needs only which torrents exist)
+        self._keys = [f"{prefix}{name}" for name in ("torrents", "digests")]
         self._register = redis.register_script(_REGISTER)
         self._unregister = redis.register_script(_UNREGISTER)
         self._known: OrderedDict[bytes, str] = OrderedDict()
@@ -375,8 +384,11 @@ class RedisTorrents:
         return None  # nothing to load: every replica reads Redis
 
     async def register(self, meta: Metainfo, signature: str) -> None:
-        await _call("register", self._register, self._keys,
-                    [meta.digest.hex, meta.tracker_hash.hex(), meta.raw, signature])
+        taken = await _call("register", self._register, [*self._keys, f"{self.prefix}cluster"],
+                            [meta.digest.hex, meta.tracker_hash.hex(), self.owner])
+        if not taken:
+            raise OtherCluster(f"redis.prefix {self.prefix!r} holds another cluster's torrents (another origin "
+                               "key): give each cluster its own prefix")
 
     async def unregister(self, digest: Digest) -> bytes | None:
         out = await _call("unregister", self._unregister, [*self._keys, f"{self.prefix}swarm:"], [digest.hex])

@@ -29,8 +29,8 @@ def parser() -> argparse.ArgumentParser:
                          "NAME= sets how clients name it (default: the URL's host[:port])")
     up.add_argument("--name", help="how clients name the registry, with one --upstream (or use NAME=URL)")
     up.add_argument("--username", action="append", default=[],
-                    help="registry user for the node and the origin seeder: once for every --upstream, or once "
-                         "per --upstream in the same order")
+                    help="registry user for the node and the origin seeder: once per --upstream, in the same "
+                         "order (each registry gets only its own login)")
     up.add_argument("--password-file", action="append", default=[],
                     help="file holding that user's password (as often as --username)")
     up.add_argument("--data-dir", help="state directory (default: $XDG_DATA_HOME/shoal)")

@@ -35,8 +35,10 @@ def _upstreams(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise SystemExit("shoal up: --name names one registry; with several --upstream, write NAME=URL")
     n = len(specs)
     for flag, values in (("--username", args.username), ("--password-file", args.password_file)):
-        if len(values) not in (0, 1, n):
-            raise SystemExit(f"shoal up: {flag}: give it once (for every registry) or once per --upstream ({n})")
+        # one per registry, never one for all: a login goes only to the registry it is for
+        if len(values) not in (0, n):
+            raise SystemExit(f"shoal up: {flag}: give it once per --upstream ({n}), in the same order "
+                             "(each registry gets only its own login)")
     if len(args.username) != len(args.password_file):
         missing = "--password-file" if len(args.username) > len(args.password_file) else "--username"
         raise SystemExit(f"shoal up: {missing}: give it as often as "
@@ -44,14 +46,19 @@ def _upstreams(args: argparse.Namespace) -> list[dict[str, Any]]:
     upstreams: list[dict[str, Any]] = []
     for i, spec in enumerate(specs):
         name, sep, url = spec.partition("=") if "=" in spec.split("://", 1)[0] else ("", "", spec)
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            parts = urlsplit("")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SystemExit(f"shoal up: --upstream must be an http(s) URL (or NAME=URL), got {spec!r}")
+        if parts.username is not None or parts.password is not None:
+            raise SystemExit("shoal up: --upstream: no login in the URL (it would be printed and logged); "
+                             "use --username and --password-file")
         upstream: dict[str, Any] = {"name": (name if sep else args.name) or parts.netloc, "url": url}
         if args.username:
-            j = i if len(args.username) == n else 0
-            upstream["username"] = args.username[j]
-            upstream["password"] = {"file": str(Path(args.password_file[j]).resolve())}
+            upstream["username"] = args.username[i]
+            upstream["password"] = {"file": str(Path(args.password_file[i]).resolve())}
         upstreams.append(upstream)
     names = [u["name"] for u in upstreams]
     if len(set(names)) != len(names):

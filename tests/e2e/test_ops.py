@@ -119,7 +119,7 @@ def test_health_readiness_and_metrics(stack: Stack, images: Images, workdir: Pat
 
 
 def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Containerd, tmp_path: Path) -> None:
-    """One command, one node, two registries (--upstream twice; one login for both)."""
+    """One command, one node, two registries (--upstream twice, a login for each)."""
     image = images.app()
     password = tmp_path / "node.password"
     password.write_text(USERS["node"])
@@ -131,8 +131,8 @@ def test_shoal_up_single_node(registry: Registry, images: Images, containerd: Co
     tracker_listen, origin_listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "shoal.cli", "up", "--upstream", registry.url, "--upstream", second.url,
-         "--username", "node",
-         "--password-file", str(password), "--data-dir", str(tmp_path / "data"), "--listen", listen,
+         "--username", "node", "--password-file", str(password), "--username", "node", "--password-file",
+         str(password), "--data-dir", str(tmp_path / "data"), "--listen", listen,
          "--tracker-listen", tracker_listen, "--origin-listen", origin_listen,
          "--agent-torrent-port", str(free_port()), "--origin-torrent-port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,

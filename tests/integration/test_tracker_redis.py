@@ -299,3 +299,18 @@ def test_peer_records_round_trip_both_families() -> None:
     records = b"".join(redisstore._record(p) for p in peers)
     assert redisstore._peers(records) == [("10.1.2.3", 6881, b"A" * 20), ("fd00::7", 51413, b"B" * 20)]
     assert redisstore._peers(records[:-1]) == [("10.1.2.3", 6881, b"A" * 20)]  # a cut record is dropped
+
+
+async def test_two_clusters_cannot_share_a_prefix(aiohttp_client: Any, keys: Keys, redis_server: RedisServer,
+                                                  prefix: str, meta: metainfo.Metainfo, tmp_path: Path) -> None:
+    """attack15: two clusters (two origin keys) on one prefix replaced each other's registrations
+    of a shared layer. The first to register owns the prefix; the other's are refused, saying why."""
+    ours = await replica(aiohttp_client, keys, redis_server, prefix)
+    other_keys = Keys(tmp_path / "other")
+    theirs = await replica(aiohttp_client, other_keys, redis_server, prefix)
+    assert await register(ours, meta, keys) == 201
+    r = await theirs.put(protocol.REGISTER_METAINFO.path(digest=str(meta.digest)), data=meta.raw,
+                         headers={"Authorization": "Bearer registration-secret-0123456789",
+                                  protocol.SIGNATURE_HEADER: other_keys.sign(meta.raw)})
+    assert r.status == 503 and "another cluster" in await r.text()
+    assert await registered(ours, meta, keys)

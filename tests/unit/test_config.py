@@ -43,6 +43,7 @@ def test_durations(text: Any, value: float) -> None:
     (agent_doc(upstreams=[]), "upstreams: configure at least one upstream"),
     (agent_doc(upstreams=[{"name": "r", "url": "ftp://r"}]), "upstreams[0].url: expected an http"),
     (agent_doc(upstreams=[{"name": "r", "url": "http://u:p@r"}]), "upstreams[0].url: expected an http"),
+    (agent_doc(upstreams=[{"name": "r", "url": "http://:p@r"}]), "upstreams[0].url: expected an http"),
     (agent_doc(upstreams=[{"name": "a/b", "url": "http://r"}]), "upstreams[0].name: expected a registry host"),
     (agent_doc(upstreams=[{"name": "r", "url": "http://r", "username": "u"}]), "upstreams[0].password: give file"),
     (agent_doc(upstreams=UP * 2), "upstreams[1].name: 'registry.example.com:5000' is configured twice"),

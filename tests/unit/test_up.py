@@ -50,28 +50,31 @@ def test_the_agent_keeps_containerds_hosts_directory_only_when_asked(tmp_path: P
 
 
 def test_several_registries(tmp_path: Path) -> None:
-    """--upstream more than once: every registry in every component; one login for all, or one each."""
+    """--upstream more than once: every registry in every component, each with only its own login."""
     pw_a, pw_b = tmp_path / "a", tmp_path / "b"
     pw_a.write_text("a")
     pw_b.write_text("b")
     two = ["up", "--upstream", "http://one.test:5000", "--upstream", "mirror=https://two.test"]
-    shared = up.up_configs(parser().parse_args([*two, "--username", "u", "--password-file", str(pw_a),
-                                                "--unauthenticated", "node"]), tmp_path / "d")
-    for component in ("agent", "origin"):
-        assert [(u["name"], u["url"], u["username"]) for u in shared[component]["upstreams"]] == [
-            ("one.test:5000", "http://one.test:5000", "u"), ("mirror", "https://two.test", "u")]
-    assert [u.name for u in agent_config.load(shared["agent"]).upstreams] == ["one.test:5000", "mirror"]
     own = up.up_configs(parser().parse_args([*two, "--username", "u", "--password-file", str(pw_a),
-                                             "--username", "v", "--password-file", str(pw_b)]), tmp_path / "d")
-    assert [(u["username"], u["password"]["file"]) for u in own["origin"]["upstreams"]] == [
-        ("u", str(pw_a)), ("v", str(pw_b))]
+                                             "--username", "v", "--password-file", str(pw_b),
+                                             "--unauthenticated", "node"]), tmp_path / "d")
+    for component in ("agent", "origin"):
+        got = [(u["name"], u["url"], u["username"], u["password"]["file"]) for u in own[component]["upstreams"]]
+        assert got == [("one.test:5000", "http://one.test:5000", "u", str(pw_a)),
+                       ("mirror", "https://two.test", "v", str(pw_b))]
+    assert [u.name for u in agent_config.load(own["agent"]).upstreams] == ["one.test:5000", "mirror"]
     assert origin_config.load(own["origin"]).upstreams[1].username == "v"
+    anonymous = up.up_configs(parser().parse_args(two), tmp_path / "d")
+    assert all("username" not in u for u in anonymous["origin"]["upstreams"])
     for extra, message in (
-            (["--username", "u"], "--password-file: give it as often as --username"),
-            (["--password-file", str(pw_a)], "--username: give it as often as --password-file"),
+            # one login for two registries would send one's password to the other (attack15)
+            (["--username", "u", "--password-file", str(pw_a)], "--username: give it once per --upstream"),
+            (["--username", "u", "--username", "v", "--password-file", str(pw_a)],
+             "--password-file: give it once per --upstream"),
             (["--name", "x"], "--name names one registry"),
             (["--upstream", "http://one.test:5000"], "named alike"),
             (["--upstream", "ftp://x"], "must be an http"),
-            (["--username", "u", "--username", "v", "--username", "w"], "--username: give it once")):
+            (["--upstream", "http://user:secret@three.test"], "no login in the URL"),
+            (["--upstream", "http://[::1"], "must be an http")):
         with pytest.raises(SystemExit, match=message):
             up.up_configs(parser().parse_args([*two, *extra]), tmp_path / "d")
