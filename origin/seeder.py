@@ -84,6 +84,16 @@ class Seeder:
             raw, signature = kept
             try:
                 meta = metainfo.parse(raw)
+                if meta.trackers != tuple(self.announce):
+                    # the trackers changed since it was made: a torrent kept as it was would go
+                    # on sending this origin's every-blob token (and the agents' tokens) to the
+                    # old address, and name no replica to fail over to
+                    raw = metainfo.with_trackers(raw, self.announce)
+                    fresh = metainfo.parse(raw)
+                    if fresh.info_hash != meta.info_hash:
+                        continue
+                    meta, signature = fresh, signing.sign_metainfo(self.key, raw)
+                    await self.store.save_metainfo(digest, raw, signature)
             except metainfo.MetainfoError:
                 continue
             self._metas[digest] = Published(meta, signature)

@@ -173,6 +173,17 @@ def create(blob: Path, digest: Digest, *, announce: str | Sequence[str], root_ce
     return raw
 
 
+def with_trackers(raw: bytes, announce: Sequence[str]) -> bytes:
+    """The same torrent announcing to `announce` (one tier): the tracker keys are outside `info`,
+    so the info-hash, and the swarm, stay the same."""
+    doc = bencode.decode(raw)
+    if not isinstance(doc, dict) or not announce:
+        raise MetainfoError("not a torrent, or no tracker")
+    doc[b"announce"] = announce[0].encode("ascii")
+    doc[b"announce-list"] = [[url.encode("ascii") for url in announce]]
+    return bencode.encode(doc)
+
+
 @dataclass(frozen=True, slots=True)
 class Published:
     """Metainfo with the origin's signature of it, as the origin publishes it."""

@@ -199,3 +199,36 @@ async def test_a_second_registry_is_vouched_for_only_once_it_sent_the_whole_blob
             assert await seeder.store.sources(DIGEST) == {registry.host, other.host}
     finally:
         await asyncio.to_thread(other.close)  # (its shutdown waits out a poll interval)
+
+
+async def test_a_restart_with_other_trackers_rewrites_the_kept_torrents(seeder: Seeder, registry: FakeServer,
+                                                                       keys: Keys) -> None:
+    """attack15: an origin restarted with new tracker URLs kept announcing - its every-blob token
+    included - to the URLs in the metainfo it had stored, and named no replica to fail over to.
+    The kept torrent now names the configured trackers, with the same info-hash (the same swarm),
+    signed again."""
+    await seeder.ensure_seeded(registry.host, "private/app", DIGEST)
+    before = seeder.swarm.job(DIGEST.hex)
+    assert before is not None
+    info_hash = before.meta.info_hash
+    new = ["https://tracker-a.example/announce", "https://tracker-b.example/announce"]
+    swarm = Swarm(SwarmSettings(listen_ip="127.0.0.3", listen_port=free_port("127.0.0.3"),
+                                fingerprint=SEEDER_FINGERPRINT))
+    await swarm.start()
+    async with aiohttp.ClientSession() as http:
+        again = Seeder(store=seeder.store, swarm=swarm,
+                       registration=TrackerRegistration(http, ["http://127.0.0.1:9"], TOKEN), upstreams={},
+                       announce=new, max_blob_size=1 << 30, metrics=SeederMetrics(CollectorRegistry()),
+                       key=keys.key, token_ttl=600)
+        try:
+            await again.start()
+            job = swarm.job(DIGEST.hex)
+            assert job is not None and job.meta.info_hash == info_hash
+            assert job.meta.trackers == tuple(new)
+            assert sorted(e["url"].split("?")[0] for e in job.handle.trackers()) == new
+            kept = await seeder.store.load_metainfo(DIGEST)
+            assert kept is not None and metainfo.parse(kept[0]).trackers == tuple(new)
+            signing.verify_metainfo(keys.key.public_key(), kept[0], kept[1])
+        finally:
+            await again.stop()
+            await swarm.stop()
