@@ -135,10 +135,12 @@ class SwarmSettings:
             "enable_outgoing_utp": False,
             "alert_mask": int(_ALERT_MASK),
             "alert_queue_size": 20000,
-            # A torrent's trackers are replicas sharing one store (one tier): announce to the
-            # first that answers, and move to the next when it fails.
+            # A torrent's trackers are replicas sharing one store, each in a tier of its own (in
+            # this node's order): announce to the first tier that answers, and to the next only
+            # when it fails. (With them in one tier and announce_to_all_trackers off, every
+            # announce still reached every replica: no replica took load off another.)
             "announce_to_all_trackers": False,
-            "announce_to_all_tiers": True,
+            "announce_to_all_tiers": False,
             "allow_multiple_connections_per_ip": self.allow_multiple_connections_per_ip,
             "connections_limit": 1000,
             # Every node uploads to every interested peer: there is no one to free-ride on.
@@ -504,7 +506,7 @@ class Swarm:
         atp.save_path = str(save_path)
         used = grant or self._default
         atp.trackers = self.settings.trackers(meta, used.token if used is not None else None)
-        atp.tracker_tiers = [0] * len(atp.trackers)
+        atp.tracker_tiers = list(range(len(atp.trackers)))
         # Assigning flags replaces the defaults, dropping auto_managed|paused: start at once.
         atp.flags = lt.torrent_flags.override_trackers
         if seed:
@@ -555,9 +557,9 @@ class Swarm:
     def _use(self, job: TorrentJob, grant: Grant, *, announce: bool) -> None:
         self._present(job.handle, grant)
         entries = []
-        for url in self.settings.trackers(job.meta, grant.token):
+        for tier, url in enumerate(self.settings.trackers(job.meta, grant.token)):
             entry = lt.announce_entry(url)
-            entry.tier = 0
+            entry.tier = tier
             entries.append(entry)
         job.handle.replace_trackers(entries)
         if announce:
