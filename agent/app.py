@@ -174,7 +174,8 @@ def build(config: AgentConfig) -> web.Application:
                 membership = fetcher.membership
                 assert membership is not None
                 shipper = Shipper(journal, [(name, membership.origins[name]) for name in membership.ranked_for_node()],
-                                  node=config.node, key=node_key.private_key, before=membership.enroll_at)
+                                  node=config.node, key=node_key.private_key, before=membership.enroll_at,
+                                  not_enrolled=membership.forget_enrollment)
                 task = asyncio.create_task(shipper.run())
                 stack.push_async_callback(_cancel, task)
                 registry.register(JournalCollector(journal, shipper))

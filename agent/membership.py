@@ -135,6 +135,10 @@ class Membership:
         """The origins in the rendezvous order of this node's name (renewal, the journal)."""
         return rendezvous.ranked(self.access.names, self.access.node)
 
+    def forget_enrollment(self, name: str) -> None:
+        """Origin `name` no longer holds this node's enrollment: the next request enrolls first."""
+        self._enrolled_at.discard(name)
+
     async def enroll_at(self, name: str, *, within: float = ENROLL_TIMEOUT) -> None:
         """Enroll at origin `name` unless this node did since it started (its grants are renewed
         at one origin: any of them verifies the receipts, as they share the signing key)."""
@@ -241,10 +245,22 @@ class Membership:
                 log.info("admission to %s: moving on to origin %s, %s of the blob (%s)", digest, name, owner,
                          failure)
             try:
-                await self.enroll_at(name, within=min(left, ENROLL_TIMEOUT))
-                answer = await self.origins[name].admission(
-                    digest, request, credential, self.swarm.key.private_key,
-                    within=max(deadline - time.monotonic(), 0.001), connect=min(left, CONNECT_TIMEOUT))
+                try:
+                    await self.enroll_at(name, within=min(left, ENROLL_TIMEOUT))
+                    answer = await self.origins[name].admission(
+                        digest, request, credential, self.swarm.key.private_key,
+                        within=max(deadline - time.monotonic(), 0.001), connect=min(left, CONNECT_TIMEOUT))
+                except ApiError as exc:
+                    if not exc.not_enrolled:
+                        raise
+                    # the origin lost this node's enrollment (its audit store moved to
+                    # PostgreSQL, say): enroll again and ask once more
+                    log.info("origin %s holds no enrollment of this node: enrolling again", name)
+                    self.forget_enrollment(name)
+                    await self.enroll_at(name, within=max(min(deadline - time.monotonic(), ENROLL_TIMEOUT), 0.001))
+                    answer = await self.origins[name].admission(
+                        digest, request, credential, self.swarm.key.private_key,
+                        within=max(deadline - time.monotonic(), 0.001), connect=min(left, CONNECT_TIMEOUT))
             except ApiError as exc:
                 if exc.status in (401, 403):
                     raise SwarmFailure("not_admitted", f"the origin did not admit this node to the blob's swarm: "

@@ -60,12 +60,16 @@ class Batch:
 class Shipper:
     def __init__(self, journal: Journal, collector: OriginClient | Sequence[tuple[str, OriginClient]], *, node: str,
                  key: Ed25519PrivateKey, roll_bytes: int = ROLL_BYTES,
-                 before: Callable[[str], Awaitable[None]] | None = None, cooldown: float = RETRY_MAX) -> None:
+                 before: Callable[[str], Awaitable[None]] | None = None,
+                 not_enrolled: Callable[[str], None] | None = None, cooldown: float = RETRY_MAX) -> None:
         """`collector`: one origin, or several as (name, client) in the order to try them;
-        `before(name)` runs before a batch goes to that origin (the node enrolls there)."""
+        `before(name)` runs before a batch goes to that origin (the node enrolls there), and
+        `not_enrolled(name)` when that origin says it holds no enrollment of the node (the next
+        `before` enrolls again)."""
         self.journal = journal
         self.collectors = [("origin", collector)] if isinstance(collector, OriginClient) else list(collector)
         self.before = before
+        self.not_enrolled = not_enrolled
         self.cooldown = cooldown
         self._failed_at: dict[str, float] = {}  # collector -> when it last failed a batch
         self.node = node
@@ -128,6 +132,8 @@ class Shipper:
                 return ack
             except ApiError as exc:
                 log.warning("%s%s", exc, where)  # shoal's own text: what was refused, and the status
+                if exc.not_enrolled and self.not_enrolled is not None:
+                    self.not_enrolled(name)
             except (aiohttp.ClientError, TimeoutError, errors.ShoalError) as exc:
                 log.info("collector unreachable%s (%s); journal kept for retry", where, type(exc).__name__)
             self.failovers += len(self.collectors) > 1

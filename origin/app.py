@@ -87,7 +87,8 @@ async def admission(request: web.Request) -> web.Response:
     admissions = request.app[ADMISSIONS_KEY]
     public_key = await request.app[COLLECTOR_KEY].node_key(body.node)
     if public_key is None:
-        raise errors.Denied(f"node {body.node!r} has not enrolled (it asks for its grants first)")
+        raise errors.Denied(f"node {body.node!r} has not enrolled (it asks for its grants first)",
+                            detail=protocol.NOT_ENROLLED)
     _check_signed(request, raw, "admission", public_key, body.node, body.at)
     principal = await admissions.check(body.node, body.ns, body.repository, digest,
                                        request.headers.get(protocol.PULLER_AUTHORIZATION_HEADER))
@@ -161,7 +162,8 @@ async def receive_journal(request: web.Request) -> web.Response:
     key = await collector.node_key(batch.node)
     if key is None:
         log.warning("refused a journal batch from node %s: not enrolled (or released)", batch.node)
-        raise errors.Denied(f"node {batch.node!r} has not enrolled (it asks for a swarm token first)")
+        raise errors.Denied(f"node {batch.node!r} has not enrolled (it asks for a swarm token first)",
+                            detail=protocol.NOT_ENROLLED)
     try:
         signing.verify_batch(key, raw, request.headers.get(protocol.NODE_SIGNATURE_HEADER))
     except signing.SignatureError as exc:

@@ -22,24 +22,31 @@ from shoal.oci import Digest
 
 
 class ApiError(errors.ShoalError):
-    def __init__(self, what: str, status: int, detail: str | None = None) -> None:
+    def __init__(self, what: str, status: int, detail: str | None = None, *, code: str | None = None) -> None:
         super().__init__(f"{what}: HTTP {status}")
         self.status = status
         self.detail = detail  # the error document's message, printable and short; never logged
+        self.code = code  # the error document's `detail` when it is one of shoal's (protocol.NOT_ENROLLED)
+
+    @property
+    def not_enrolled(self) -> bool:
+        return self.status == 403 and self.code == protocol.NOT_ENROLLED
 
 
 async def _refused(r: aiohttp.ClientResponse, what: str) -> ApiError:
     """An ApiError for an answer with an unexpected status, with the message of shoal's error
     document (web.error_response) as its detail when there is one."""
-    detail = None
+    detail = code = None
     try:
         doc = await r.json(content_type=None)
         message = doc["errors"][0]["message"]
         if isinstance(message, str):
             detail = "".join(c if c.isprintable() else "?" for c in message[:300])
-    except (ValueError, KeyError, IndexError, TypeError, aiohttp.ClientError):
+        if doc["errors"][0].get("detail") == protocol.NOT_ENROLLED:
+            code = protocol.NOT_ENROLLED
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, aiohttp.ClientError):
         pass
-    return ApiError(what, r.status, detail)
+    return ApiError(what, r.status, detail, code=code)
 
 
 def _bearer(token: str) -> dict[str, str]:
@@ -85,7 +92,7 @@ class OriginClient:
             if r.status == 204 and request.seeded_only:
                 return None
             if r.status != 200:
-                raise ApiError("the origin did not admit this node to the blob's swarm", r.status)
+                raise await _refused(r, "the origin did not admit this node to the blob's swarm")
             return protocol.Admission.from_json(await r.json())
 
     async def ship_journal(self, batch: protocol.JournalBatch, key: Ed25519PrivateKey, *,
@@ -98,7 +105,7 @@ class OriginClient:
                                            protocol.NODE_SIGNATURE_HEADER: signing.sign_batch(key, body)},
                                   timeout=aiohttp.ClientTimeout(total=within)) as r:
             if not 200 <= r.status < 300:
-                raise ApiError("collector refused a journal batch", r.status)
+                raise await _refused(r, "collector refused a journal batch")
             return protocol.JournalAck.from_json(await r.json())
 
 

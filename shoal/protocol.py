@@ -110,6 +110,9 @@ def _text(doc: dict[str, Any], key: str, *, max_length: int) -> str:
 # that only look alike (spaces, zero-width or look-alike letters) or carry control characters
 # would pass for another node in the audit, or forge log lines.
 NODE_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+# The `detail` of the origin's 403 to a node it holds no enrollment for (its audit store was moved
+# to PostgreSQL, or lost): the node enrolls again and asks once more.
+NOT_ENROLLED = "node-not-enrolled"
 # A node's zone, as agents send it in announces (`zone=`) and trackers group peers by it: a
 # Kubernetes label value (topology.kubernetes.io/zone), "" for none.
 ZONE_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")

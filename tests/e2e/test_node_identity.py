@@ -133,3 +133,32 @@ def test_the_node_token_cannot_act_as_an_enrolled_node(stack: Stack, images: Ima
     upper = subprocess.run([sys.executable, "-m", "shoal_origin", "forget-node", "Node0",
                             "--config", str(origin.config_path)], capture_output=True, text=True, timeout=60)
     assert upper.returncode == 2 and "lowercase DNS name" in upper.stderr
+
+
+def test_an_origin_that_lost_its_enrollments_takes_the_node_back(stack: Stack, images: Images) -> None:
+    """newcomer15: origins moved to a fresh audit store (PostgreSQL) held no enrollment of the
+    running agents, which got 403 on every admission - every layer from the registry - and on
+    every journal batch, until restarted. The origin's 403 says "not enrolled"; the node enrolls
+    again and asks once more."""
+    blobs = sorted((b for b in images.app().blobs.values() if b.size >= 1 << 20), key=lambda b: b.size)
+    stack.start_tracker()
+    origin = stack.start_origin()
+    agent = stack.start_agent()
+
+    def pull(digest: str) -> None:
+        url = f"http://{agent.config['listen']}/v2/private/app/blobs/{digest}"
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            assert "sha256:" + hashlib.sha256(resp.read()).hexdigest() == digest
+
+    pull(blobs[0].digest)
+    stack.journal(agent, minimum=1)
+    origin.stop()
+    for path in (stack.workdir / "origin").glob("audit.db*"):
+        path.unlink()  # the enrollments (and the journal) are gone, as with a new audit store
+    origin.start()
+    pull(blobs[1].digest)
+    wait_for(lambda: agent.metric("shoal_agent_downloads_total", source="peers", result="ok") == 2,
+             what="the second blob from the swarm")
+    assert agent.metric("shoal_agent_fallbacks_total") == 0
+    events = stack.journal(agent, minimum=1)  # shipped again: the new store holds the node's records
+    assert blobs[1].digest in {e.get("digest") for e in events}
