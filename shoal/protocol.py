@@ -113,6 +113,9 @@ NODE_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 # The `detail` of the origin's 403 to a node it holds no enrollment for (its audit store was moved
 # to PostgreSQL, or lost): the node enrolls again and asks once more.
 NOT_ENROLLED = "node-not-enrolled"
+# The tracker's `failure reason` while its store (Redis) does not answer: no tracker can name
+# peers now, so a node counts that tracker as out of reach (and falls back without waiting).
+TRACKER_STORE_UNAVAILABLE = "tracker store unavailable; retry later"
 # A node's zone, as agents send it in announces (`zone=`) and trackers group peers by it: a
 # Kubernetes label value (topology.kubernetes.io/zone), "" for none.
 ZONE_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")

@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 import libtorrent as lt
 
-from shoal import announcing, errors, peercerts
+from shoal import announcing, errors, peercerts, protocol
 from shoal.config import TorrentSettings, split_hostport
 from shoal.metainfo import Metainfo
 
@@ -631,7 +631,9 @@ class Swarm:
                 url = alert.tracker_url()
                 trackers = job.handle.trackers()
                 job.tracker_count = max(len(trackers), 1)
-                if alert.failure_reason():
+                reason = alert.failure_reason()
+                # no answer at all, or a tracker whose store is away: neither can name a peer
+                if reason and reason != protocol.TRACKER_STORE_UNAVAILABLE:
                     job.unreachable_trackers.discard(url.split("?", 1)[0])
                 else:
                     job.unreachable_trackers.add(url.split("?", 1)[0])

@@ -110,7 +110,7 @@ class Tracker:
             # shoal's schedule; the peers a node already has keep serving it
             self.metrics.announces.labels("store_unavailable").inc()
             log.warning("announce not answered: %s", exc)
-            return self._bencoded(ann.failure("tracker store unavailable; retry later"))
+            return self._bencoded(ann.failure(protocol.TRACKER_STORE_UNAVAILABLE))
         finally:
             self.metrics.announce_seconds.observe(time.perf_counter() - started)
 
@@ -171,7 +171,7 @@ class Tracker:
             files = await self.peers.stats(known)
         except StoreUnavailable as exc:
             log.warning("scrape not answered: %s", exc)
-            return self._bencoded(ann.failure("tracker store unavailable; retry later"))
+            return self._bencoded(ann.failure(protocol.TRACKER_STORE_UNAVAILABLE))
         return self._bencoded(ann.scrape_response(files))
 
     def _digest(self, request: web.Request) -> Digest:

@@ -106,6 +106,17 @@ def test_a_replica_lost_and_redis_restarted_mid_rollout(stack: Stack, registry: 
         pull.check()
         from_the_swarm(fifth)
         assert registry.blob_gets(list(pulls_since(before, registry.settle())))[blob.digest] == 1
+
+        # Redis down: every replica answers "tracker store unavailable", which names no peer; the
+        # node falls back to the registry for that reason at once, not after first_piece_timeout
+        redis.stop()
+        other = sorted(images.app().blobs.values(), key=lambda b: b.size)[-2]
+        pull = Pull(fifth, other)
+        pull.start()
+        pull.check()
+        wait_for(lambda: fifth.metric("shoal_agent_fallbacks_total", reason="tracker_unreachable") == 1,
+                 what="a fallback for want of a tracker")
+        assert fifth.metric("shoal_agent_fallbacks_total", reason="no_first_piece") == 0
     finally:
         stack.close()
         redis.stop()
