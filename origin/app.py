@@ -237,6 +237,12 @@ def build(config: OriginConfig) -> web.Application:
     key = signing.load_private_key(config.signing_key, "signing_key")
     creds = {u.name: u.credentials(f"upstreams[{i}]") for i, u in enumerate(config.upstreams)}
     audit_store = store_for(config)  # (reads the PostgreSQL password now)
+    pg = config.audit.postgresql
+    log.info("audit trail, enrollments and bans in %s", "SQLite in the data directory" if pg is None else
+             f"PostgreSQL {pg.dbname} at {pg.host}:{pg.port} as {pg.user}")
+    if config.origins:
+        log.info("origin %s of %s, %d owners per blob", config.name, ", ".join(o.name for o in config.origins),
+                 config.origin_replication)
     peer_token = read_token(config.peer_token, "peer_token") if config.origins else None
     if peer_token is not None and peer_token in (token, node_token):
         raise ConfigError("peer_token: must differ from node_token and registration_token (nodes and the "

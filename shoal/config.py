@@ -407,3 +407,5 @@ def check_origins(origins: list[OriginEntry], replication: int, key: str, replic
         urls.add(entry.url)
     if replication < 1:
         raise ConfigError(f"{replication_key}: must be at least 1")
+    if origins and replication > len(origins):
+        raise ConfigError(f"{replication_key}: {replication} owners per blob, but {key} lists {len(origins)} origins")

@@ -69,6 +69,7 @@ def _stores(config: TrackerConfig) -> tuple[Swarms, Torrents]:
                 MemoryTorrents(TorrentRegistry(Path(config.data_dir) if config.data_dir else None)))
     r = config.redis
     host, port = split_hostport(r.address)
+    log.info("peers and registrations in Redis at %s, db %d, keys %s*", r.address, r.db, r.prefix)
     client = redisstore.client(host=host, port=port, db=r.db, username=r.username,
                                password=r.password.read("redis.password"), timeout=r.timeout,
                                max_connections=r.max_connections)

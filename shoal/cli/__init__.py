@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--name", help="how clients name the registry, with one --upstream (or use NAME=URL)")
     up.add_argument("--username", action="append", default=[],
                     help="registry user for the node and the origin seeder: once per --upstream, in the same "
-                         "order (each registry gets only its own login)")
+                         "order (each registry gets only its own login; '-' for one that needs none)")
     up.add_argument("--password-file", action="append", default=[],
                     help="file holding that user's password (as often as --username)")
     up.add_argument("--data-dir", help="state directory (default: $XDG_DATA_HOME/shoal)")

@@ -57,8 +57,13 @@ def _upstreams(args: argparse.Namespace) -> list[dict[str, Any]]:
                              "use --username and --password-file")
         upstream: dict[str, Any] = {"name": (name if sep else args.name) or parts.netloc, "url": url}
         if args.username:
-            upstream["username"] = args.username[i]
-            upstream["password"] = {"file": str(Path(args.password_file[i]).resolve())}
+            user, password_file = args.username[i], args.password_file[i]
+            if not user:
+                raise SystemExit("shoal up: --username: empty; for a registry that needs no login give "
+                                 "--username - --password-file - in its place")
+            if user != "-":  # "-": this registry takes pulls without a login
+                upstream["username"] = user
+                upstream["password"] = {"file": str(Path(password_file).resolve())}
         upstreams.append(upstream)
     names = [u["name"] for u in upstreams]
     if len(set(names)) != len(names):
@@ -188,6 +193,8 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"pre-seed:  shoal seed --origin http://{args.origin_listen} "
               f"--token-file {operator_token} {upstreams[0]['name']}/REPO:TAG\n"
               f"audit:     shoal audit --origin http://{args.origin_listen} --token-file {operator_token}\n"
+              f"status:    shoal status --agent http://{args.listen} --origin http://{args.origin_listen} "
+              f"--tracker http://{args.tracker_listen}\n"
               f"           (a local admin operator; add others: shoal-origin add-operator NAME --roles seed "
               f"--operators {data / 'keys' / 'operators.json'}"
               + (f", or sign in as {', '.join(args.operator)}: shoal seed --user USER ..." if args.operator else

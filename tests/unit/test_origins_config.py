@@ -44,6 +44,7 @@ def test_one_origin_is_a_list_of_one() -> None:
     (agent(origins=[{"name": "a", "url": "ftp://x"}], **SWARM), "origins[0].url: expected an http"),
     (agent(origins=[{"name": "a"}], **SWARM), "origins[0].url: required key is missing"),
     (agent(origins=ORIGINS, origin_replication=0, **SWARM), "origin_replication: must be at least 1"),
+    (agent(origins=ORIGINS, origin_replication=5, **SWARM), "origin_replication: 5 owners per blob, but origins"),
     (agent(origins=ORIGINS), "node_token: give file or env"),
     (origin(origins=ORIGINS, peer_token={"file": "/p"}), "name: required with origins"),
     (origin(origins=ORIGINS, name="o9", peer_token={"file": "/p"}), "name: 'o9' is not one of origins"),

@@ -66,6 +66,11 @@ def test_several_registries(tmp_path: Path) -> None:
     assert origin_config.load(own["origin"]).upstreams[1].username == "v"
     anonymous = up.up_configs(parser().parse_args(two), tmp_path / "d")
     assert all("username" not in u for u in anonymous["origin"]["upstreams"])
+    # a private registry beside one that needs no login ("-")
+    mixed = up.up_configs(parser().parse_args([*two, "--username", "u", "--password-file", str(pw_a),
+                                               "--username", "-", "--password-file", "-"]), tmp_path / "d")
+    assert [u.get("username") for u in mixed["origin"]["upstreams"]] == ["u", None]
+    assert "password" not in mixed["origin"]["upstreams"][1]
     for extra, message in (
             # one login for two registries would send one's password to the other (attack15)
             (["--username", "u", "--password-file", str(pw_a)], "--username: give it once per --upstream"),
@@ -75,6 +80,8 @@ def test_several_registries(tmp_path: Path) -> None:
             (["--upstream", "http://one.test:5000"], "named alike"),
             (["--upstream", "ftp://x"], "must be an http"),
             (["--upstream", "http://user:secret@three.test"], "no login in the URL"),
-            (["--upstream", "http://[::1"], "must be an http")):
+            (["--upstream", "http://[::1"], "must be an http"),
+            (["--username", "", "--password-file", str(pw_a), "--username", "v", "--password-file", str(pw_b)],
+             "--username: empty")):
         with pytest.raises(SystemExit, match=message):
             up.up_configs(parser().parse_args([*two, *extra]), tmp_path / "d")
