@@ -78,6 +78,7 @@ class Rollout:
         self.agent_config = agent_config or {}
         self.log_level = log_level
         self.zones = 0  # agents in this many zones (bench/zones.py), host i in zone_of(i)
+        self.tracker_config: dict[str, Any] = {}  # merged into the tracker's (bench/zones.py)
         self.registry_host = topo.add("registry", REGISTRY_IP, cap)
         self.cache_host = topo.add("cache", CACHE_IP, cap)
         self.nodes = [topo.add(f"h{i}", f"{SUBNET}.1.{i}", cap) for i in range(1, max_hosts + 1)]
@@ -186,7 +187,8 @@ class Rollout:
         cluster = Cluster(self.keys, [upstream], tracker_url=tracker_url, origin_url=origin_url,
                           log={"level": self.log_level})
         tracker = services.shoal(self.registry_host, "tracker", "tracker", run_dir, cluster.tracker(
-            listen=netaddr.hostport(reg, 6969), interval="10s", min_interval="1s", log={"level": "warning"},
+            listen=netaddr.hostport(reg, 6969), **merged({"interval": "10s", "min_interval": "1s",
+                                                          "log": {"level": "warning"}}, self.tracker_config),
         )).start(protocol.READYZ.url(tracker_url))
         origin = services.shoal(self.registry_host, "origin", "origin", run_dir, cluster.origin(
             listen=netaddr.hostport(reg, 6970), data_dir=run_dir / "origin",

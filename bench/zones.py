@@ -44,15 +44,17 @@ def counted(host: Host) -> int:
     return sum(int(line.split()[1]) for line in out.splitlines()[2:] if line.strip())
 
 
-def run(work: Path, topo: Topology, *, hosts: int, size: int, cap: int, rounds: int) -> list[dict[str, object]]:
+def run(work: Path, topo: Topology, *, hosts: int, size: int, cap: int, rounds: int, gateways: int,
+        modes: tuple[bool, ...]) -> list[dict[str, object]]:
     rollout = Rollout(work / "rollout", topo, cap, hosts)
+    rollout.tracker_config = {"zone_gateways": gateways}
     rows: list[dict[str, object]] = []
     try:
         image = build_image(work / "image", tag="v1", layer_sizes=[size // 4] * 4, seed=151)
         push(image, registry=f"{REGISTRY_IP}:5000", repo="bench/zones")
         nodes = rollout.nodes[:hosts]
         for round_ in range(rounds):
-            for zoned in (True, False):
+            for zoned in modes:
                 rollout.zones = 2 if zoned else 0
                 zone = {n.name: f"z{i * 2 // hosts}" for i, n in enumerate(nodes)}
                 for node in nodes:
@@ -63,7 +65,8 @@ def run(work: Path, topo: Topology, *, hosts: int, size: int, cap: int, rounds: 
                 idle1, total1 = cpu_times()
                 cross = {z: sum(counted(n) for n in nodes if zone[n.name] == z) for z in ("z0", "z1")}
                 rows.append({
-                    "zones": zoned, "round": round_ + 1, "hosts": hosts, "image_bytes": image.total_blob_bytes,
+                    "zones": zoned, "zone_gateways": gateways if zoned else None, "round": round_ + 1,
+                    "hosts": hosts, "image_bytes": image.total_blob_bytes,
                     "cap_bytes": cap, "total_seconds": result.total_seconds,
                     "ratio_to_ideal": round(result.total_seconds / result.ideal_seconds, 2),
                     "registry_egress_ratio": round(result.registry_egress_bytes / image.total_blob_bytes, 3),
@@ -86,6 +89,8 @@ def main() -> int:
     parser.add_argument("--size", default="128MiB")
     parser.add_argument("--cap", default="8MB")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--gateways", type=int, default=2, help="the tracker's zone_gateways")
+    parser.add_argument("--zoned-only", action="store_true", help="skip the runs without zones")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "zones.json"))
     args = parser.parse_args()
     if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
@@ -93,7 +98,8 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="shoal-bench-zones-") as tmp, Topology() as topo:
         rows = run(Path(tmp), topo, hosts=args.hosts, size=parse_size(args.size, "--size"),
-                   cap=parse_size(args.cap, "--cap"), rounds=args.rounds)
+                   cap=parse_size(args.cap, "--cap"), rounds=args.rounds, gateways=args.gateways,
+                   modes=(True,) if args.zoned_only else (True, False))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
