@@ -19,16 +19,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.request
 from pathlib import Path
-from urllib.parse import quote_from_bytes
 
 import yaml
 
 from bench import services
 from bench.loadgen import WrkResult, wrk
-from bench.trackers import LUA
+from bench.trackers import register_and_script
 from shoal import metainfo, peercerts, protocol, signing
 from shoal.cluster import Cluster, command, make_keys, source_path
 from shoal.oci import Digest
@@ -82,18 +79,7 @@ def run_case(work: Path, name: str, *, seconds: int, connections: int) -> dict[s
             logs.append(open(work / f"tracker{i}.log", "ab"))  # noqa: SIM115
             procs.append(subprocess.Popen(command("tracker", config), stdout=logs[-1], stderr=logs[-1],
                                           env={"PYTHONPATH": source_path(services.ROOT)}))
-        for port in ports:
-            for _ in range(300):
-                if services.http_ok(protocol.READYZ.url(f"http://127.0.0.1:{port}")):
-                    break
-                time.sleep(0.1)
-        url = protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{ports[0]}", digest=str(digest))
-        req = urllib.request.Request(url, data=raw, method="PUT",  # noqa: S310 (http, built here)
-                                     headers={"Authorization": f"Bearer {keys['registration_token'].read_text()}",
-                                              protocol.SIGNATURE_HEADER: signing.sign_metainfo(key, raw)})
-        urllib.request.urlopen(req, timeout=10).close()  # noqa: S310
-        script = work / "announce.lua"
-        script.write_text(LUA % (protocol.ANNOUNCE.path(), quote_from_bytes(meta.tracker_hash), token))
+        script = register_and_script(work, ports, keys, key, raw, token)
         # warm up: fill the swarm with its 5,000 peers before measuring
         wrk(f"http://127.0.0.1:{ports[0]}", threads=1, connections=8, seconds=2, script=script)
         pids = [p.pid for p in procs] + ([redis.proc.pid] if redis is not None and redis.proc is not None else [])

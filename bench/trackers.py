@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import quote_from_bytes
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench import services
 from bench.loadgen import WrkResult, wrk
@@ -32,6 +33,26 @@ request = function()
   return wrk.format("GET", path)
 end
 """
+
+
+def register_and_script(work: Path, ports: list[int], keys: dict[str, Path], key: Ed25519PrivateKey, raw: bytes,
+                        token: str) -> Path:
+    """Wait for the trackers on `ports`, register the torrent at the first, and write the wrk
+    announce script for it."""
+    for port in ports:
+        for _ in range(300):
+            if services.http_ok(protocol.READYZ.url(f"http://127.0.0.1:{port}")):
+                break
+            time.sleep(0.1)
+    meta = metainfo.parse(raw)
+    url = protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{ports[0]}", digest=str(meta.digest))
+    req = urllib.request.Request(url, data=raw, method="PUT",  # noqa: S310 (http, built here)
+                                 headers={"Authorization": f"Bearer {keys['registration_token'].read_text()}",
+                                          protocol.SIGNATURE_HEADER: signing.sign_metainfo(key, raw)})
+    urllib.request.urlopen(req, timeout=10).close()  # noqa: S310
+    script = work / "announce.lua"
+    script.write_text(LUA % (protocol.ANNOUNCE.path(), quote_from_bytes(meta.tracker_hash), token))
+    return script
 
 
 @dataclass
@@ -66,17 +87,7 @@ def run(work: Path, *, seconds: int, connections: int = 32) -> TrackerResult:
     ot = subprocess.Popen(["opentracker", "-i", "127.0.0.1", "-p", str(ot_port), "-P", str(ot_port),
                            "-w", str(whitelist)], stdout=logs[1], stderr=logs[1])
     try:
-        for _ in range(300):
-            if services.http_ok(protocol.READYZ.url(f"http://127.0.0.1:{port}")):
-                break
-            time.sleep(0.1)
-        url = protocol.REGISTER_METAINFO.url(f"http://127.0.0.1:{port}", digest=str(digest))
-        req = urllib.request.Request(url, data=raw, method="PUT",  # noqa: S310 (http, built here)
-                                     headers={"Authorization": f"Bearer {keys['registration_token'].read_text()}",
-                                              protocol.SIGNATURE_HEADER: signing.sign_metainfo(key, raw)})
-        urllib.request.urlopen(req, timeout=10).close()  # noqa: S310
-        script = work / "announce.lua"
-        script.write_text(LUA % (protocol.ANNOUNCE.path(), quote_from_bytes(meta.tracker_hash), token))
+        script = register_and_script(work, [port], keys, key, raw, token)
         results = {}
         for name, p in (("shoal", port), ("opentracker", ot_port)):
             results[name] = wrk(f"http://127.0.0.1:{p}", threads=1, connections=connections, seconds=seconds,

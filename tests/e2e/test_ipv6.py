@@ -23,23 +23,14 @@ from shoal import bencode, metainfo
 from tests.e2e.conftest import MIB, USERS
 from tests.support import ocihttp
 from tests.support.images import Image, build_image
-from tests.support.procs import free_port
+from tests.support.procs import free_port, has_ipv6_loopback
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 
 THRESHOLD = 1 << 20
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+pytestmark = pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
 
 
 @pytest.fixture(scope="module")

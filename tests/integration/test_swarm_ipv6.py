@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +29,9 @@ from shoal_tracker import app as tracker_app
 from shoal_tracker import config as tracker_config
 from tests.integration.conftest import NODE_TOKEN, REGISTRATION_TOKEN, Keys
 from tests.support import pki
-from tests.support.procs import free_port
+from tests.support.procs import free_port, has_ipv6_loopback
 
-
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+pytestmark = pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
 
 
 @dataclass(frozen=True, slots=True)

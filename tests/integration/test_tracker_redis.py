@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from shoal import metainfo, protocol
 from shoal_tracker import app as tracker_app
@@ -37,6 +38,18 @@ async def replica(aiohttp_client: Any, keys: Keys, redis: RedisServer, prefix: s
     doc = tracker_doc(keys, redis=redis.settings(prefix), max_peers_per_address=100, **extra)
     c: Client = await aiohttp_client(tracker_app.build(tracker_config.load(doc)))
     return c
+
+
+async def one_swarm(redis: RedisServer, prefix: str, *, ttl: float
+                    ) -> tuple[aioredis.Redis, redisstore.RedisSwarms, bytes]:
+    """A Redis peer store of its own and one registered torrent (its tracker hash)."""
+    client = redisstore.client(host="127.0.0.1", port=redis.port, db=0, username=None,
+                               password=redis.password, timeout=2, max_connections=4)
+    swarms = redisstore.RedisSwarms(client, prefix=prefix, ttl=ttl, max_peers=100, max_per_address=8,
+                                    zone_gateways=2)
+    ih = secrets.token_bytes(20)
+    await redisstore._command(client.hset(f"{prefix}torrents", ih.hex(), "a" * 64))
+    return client, swarms, ih
 
 
 @pytest.fixture
@@ -83,12 +96,7 @@ async def test_unregistered_at_one_replica_is_refused_at_the_other(
 async def test_peer_expiry_is_exact(redis_server: RedisServer, prefix: str) -> None:
     """A peer is handed out until its TTL has passed by Redis's clock, and never after, whether or
     not a sweep ran; a peer that announces again stays."""
-    client = redisstore.client(host="127.0.0.1", port=redis_server.port, db=0, username=None,
-                               password=redis_server.password, timeout=2, max_connections=4)
-    swarms = redisstore.RedisSwarms(client, prefix=prefix, ttl=1.0, max_peers=100, max_per_address=8,
-                                    zone_gateways=2)
-    ih = secrets.token_bytes(20)
-    await redisstore._command(client.hset(f"{prefix}torrents", ih.hex(), "a" * 64))
+    client, swarms, ih = await one_swarm(redis_server, prefix, ttl=1.0)
     try:
         async def listed() -> set[int]:
             answer = await swarms.announce(ih, Peer("127.0.0.9", 9, PID, 5, 0.0), "", want=50)
@@ -120,12 +128,7 @@ async def test_a_swarm_lives_while_announced_and_leaves_nothing_after(redis_serv
     """Every key a swarm has outlives its last announce by two TTLs, and no longer: records of
     peers that keep announcing are never lost (written once, kept by every announce), and an
     abandoned swarm - zones, gateways and boundary included - leaves no key behind."""
-    client = redisstore.client(host="127.0.0.1", port=redis_server.port, db=0, username=None,
-                               password=redis_server.password, timeout=2, max_connections=4)
-    swarms = redisstore.RedisSwarms(client, prefix=prefix, ttl=0.4, max_peers=100, max_per_address=8,
-                                    zone_gateways=2)
-    ih = secrets.token_bytes(20)
-    await redisstore._command(client.hset(f"{prefix}torrents", ih.hex(), "a" * 64))
+    client, swarms, ih = await one_swarm(redis_server, prefix, ttl=0.4)
     x, y = Peer("127.0.0.2", 1, PID, 5, 0.0, "z1"), Peer("127.0.0.3", 2, PID, 5, 0.0)
     try:
         await swarms.announce(ih, Peer("127.0.0.4", 3, PID, 0, 0.0), "completed", want=50)

@@ -35,6 +35,16 @@ def proc_stats(pid: int) -> tuple[int, float]:
     return rss, (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def has_ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (tests on IPv6 skip, saying so, where it cannot)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 def free_port(ip: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((ip, 0))
