@@ -52,6 +52,13 @@ async def one_swarm(redis: RedisServer, prefix: str, *, ttl: float
     return client, swarms, ih
 
 
+async def both_stores(aiohttp_client: Any, keys: Keys, redis: RedisServer, prefix: str) -> tuple[Client, Client]:
+    """The tracker in memory, and a replica on Redis: a policy test runs against both."""
+    memory: Client = await aiohttp_client(tracker_app.build(tracker_config.load(
+        tracker_doc(keys, max_peers_per_address=100))))
+    return memory, await replica(aiohttp_client, keys, redis, prefix)
+
+
 @pytest.fixture
 def prefix() -> str:
     return f"t{secrets.token_hex(6)}:"
@@ -157,9 +164,7 @@ async def test_zones_keep_blobs_inside_them(aiohttp_client: Any, keys: Keys, red
     """tracker/zones.py, in both stores: a node gets its zone's peers; only its zone's gateways
     (the first two leechers) and a node alone in its zone also get the boundary (the zone-less
     origin and other zones' gateways); the origin gets only the boundary."""
-    memory: Client = await aiohttp_client(tracker_app.build(tracker_config.load(
-        tracker_doc(keys, max_peers_per_address=100))))
-    shared = await replica(aiohttp_client, keys, redis_server, prefix)
+    memory, shared = await both_stores(aiohttp_client, keys, redis_server, prefix)
     for c in (memory, shared):
         assert await register(c, meta, keys) == 201
         ih = meta.tracker_hash
@@ -206,9 +211,7 @@ async def test_one_node_takes_one_gateway_slot_and_a_gateway_always_sees_across(
     """attack15: an admitted node announcing a zone from several ports took every gateway slot of
     it, and the zone's real nodes never saw the origin; and a gateway in a zone with numwant or
     more peers was handed only its zone. Both stores."""
-    memory: Client = await aiohttp_client(tracker_app.build(tracker_config.load(
-        tracker_doc(keys, max_peers_per_address=100))))
-    shared = await replica(aiohttp_client, keys, redis_server, prefix)
+    memory, shared = await both_stores(aiohttp_client, keys, redis_server, prefix)
     for c in (memory, shared):
         assert await register(c, meta, keys) == 201
         ih = meta.tracker_hash
@@ -230,9 +233,7 @@ async def test_one_node_takes_one_gateway_slot_and_a_gateway_always_sees_across(
 
 async def test_without_zones_every_peer_is_handed_out(aiohttp_client: Any, keys: Keys, redis_server: RedisServer,
                                                       prefix: str, meta: metainfo.Metainfo) -> None:
-    shared = await replica(aiohttp_client, keys, redis_server, prefix)
-    memory: Client = await aiohttp_client(tracker_app.build(tracker_config.load(
-        tracker_doc(keys, max_peers_per_address=100))))
+    memory, shared = await both_stores(aiohttp_client, keys, redis_server, prefix)
     for c in (memory, shared):
         assert await register(c, meta, keys) == 201
         token = keys.token()
