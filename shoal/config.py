@@ -407,5 +407,6 @@ def check_origins(origins: list[OriginEntry], replication: int, key: str, replic
         urls.add(entry.url)
     if replication < 1:
         raise ConfigError(f"{replication_key}: must be at least 1")
-    if origins and replication > len(origins):
+    # (a list of one is one origin, whatever the default replication says)
+    if len(origins) > 1 and replication > len(origins):
         raise ConfigError(f"{replication_key}: {replication} owners per blob, but {key} lists {len(origins)} origins")

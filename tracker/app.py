@@ -28,6 +28,7 @@ from shoal_tracker.torrents import TorrentRegistry
 log = logging.getLogger(__name__)
 
 BENCODE = "text/plain"  # what opentracker and most trackers send
+STATUS_SWEEP_EVERY = 1.0  # seconds: the status route counts afresh at most this often
 
 
 class Metrics:
@@ -91,6 +92,7 @@ class Tracker:
         self.metrics = Metrics(registry)
         self.peers, self.torrents = _stores(config)
         self.counts = {"torrents": 0, "swarms": 0, "peers": 0}
+        self.swept_at = -float("inf")
         self.tokens_by_guard: dict[Guard, str] = {"registration": f"Bearer {registration_token}",
                                                   "node": f"Bearer {node_token}"}
         self.origin_key = origin_key
@@ -227,7 +229,11 @@ class Tracker:
         return web.Response(status=204)
 
     async def status(self, _: web.Request) -> web.Response:
-        # as of the last sweep (every interval / 2): with Redis, counting is a walk of every swarm
+        # Counting is a sweep (with Redis, a walk of every swarm): at most one a second for this
+        # unauthenticated route; between them, the last sweep's counts.
+        if time.monotonic() - self.swept_at >= STATUS_SWEEP_EVERY:
+            with contextlib.suppress(StoreUnavailable):
+                await self.sweep()
         return web.json_response(self.counts)
 
     async def sweep(self) -> None:
@@ -237,6 +243,7 @@ class Tracker:
         if totals.expired:
             log.debug("expired %d peers", totals.expired)
         self.counts = {"torrents": len(registered), "swarms": totals.swarms, "peers": totals.peers}
+        self.swept_at = time.monotonic()
         self.metrics.torrents.set(len(registered))
         self.metrics.peers.set(totals.peers)
         self.metrics.swarms.set(totals.swarms)
