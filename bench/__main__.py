@@ -110,7 +110,9 @@ def main() -> int:
                             results["rollout"].append({**r.row(), "run": run + 1})
                             print(f"{r.total_seconds}s (ideal {r.ideal_seconds:.1f}s), egress "
                                   f"{r.registry_egress_bytes >> 20} MiB, errors {len(r.errors)}, from agents "
-                                  f"{r.from_agents_bytes >> 20} MiB, from seeder {r.from_seeder_bytes >> 20} MiB",
+                                  f"{r.from_agents_bytes >> 20} MiB, from seeder {r.from_seeder_bytes >> 20} MiB, "
+                                  f"seeder upload {r.row()['seeder_ratio']}x, host p99 {r.row()['p99_x']}x, "
+                                  f"CPU idle {r.cpu_idle_percent} %{' (CPU-bound)' if r.cpu_bound else ''}",
                                   flush=True)
                             (out / "results.json").write_text(json.dumps(results, indent=2))
             image, ref = images[sizes[0]]

@@ -58,7 +58,11 @@ class Host:
 
 
 def _tbf(dev: str, rate: int, ns: str | None = None) -> None:
-    burst = max(256 << 10, rate // 100)  # 10 ms worth: enough for the kernel timer at these rates
+    # 10 ms worth, at least 256 KiB: enough for the kernel timer at 20 MB/s and above. At the low
+    # caps that keep 64 hosts link-bound (1.25 MB/s) 256 KiB would be 200 ms of free line rate,
+    # 40 % of the smallest scaled image (bench/matrix.py); there the bucket holds 50 ms, at least
+    # 64 KiB (one GSO segment; tbf splits larger ones).
+    burst = max(min(256 << 10, rate // 20), rate // 100, 64 << 10)
     base = ["ip", "netns", "exec", ns] if ns else []
     sh(*base, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate * 8}bit",
        "burst", str(burst), "latency", "100ms")
@@ -110,6 +114,13 @@ class Topology:
         host = self.hosts[name]
         sh(*host.cmd("tc", "qdisc", "del", "dev", "eth0", "root"), check=False)
         sh("tc", "qdisc", "del", "dev", (PREFIX + name)[:15], "root", check=False)
+
+    def recap(self, name: str) -> None:
+        """Cap `name` again at the rate it was added with (after `uncap`)."""
+        host = self.hosts[name]
+        if host.cap_bytes:
+            _tbf("eth0", host.cap_bytes, host.netns)
+            _tbf((PREFIX + name)[:15], host.cap_bytes)
 
     def teardown(self) -> None:
         for ns in sh("ip", "netns", "list", check=False).stdout.split("\n"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,7 @@ def table(results: dict[str, Any]) -> str:
     if "rollout" in results:
         cap = results["cap_bytes"]
         lines += [f"### Cold rollout (per-host NIC cap B = {cap / 1e6:g} MB/s, tc tbf, both directions)", "",
-                  "| image | N | system | run | all done (s) | p50 (s) | p99 (s) | ideal S/B (s) | x ideal | "
-                  "registry egress (x image) | errors | IP | CPU idle |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in results["rollout"]:
-            idle = r.get("cpu_idle_percent", -1)
-            lines.append(f"| {r['image_bytes'] >> 20} MiB | {r['hosts']} | {r['system']} | {r.get('run', 1)} | "
-                         f"{r['total_seconds']} | "
-                         f"{r['p50_seconds']} | {r['p99_seconds']} | {r['ideal_seconds']} | {r['ratio_to_ideal']} | "
-                         f"{r['egress_ratio']} | {len(r['errors'])} | v{r.get('ip_version', 4)} | "
-                         f"{f'{idle:g} %' if idle >= 0 else '-'} |")
-        lines.append("")
+                  *rollout_table(results["rollout"])]
         summary = []
         medians = _medians(results["rollout"])
         for (system, size, hosts), total in sorted(medians.items()):
@@ -51,7 +42,7 @@ def table(results: dict[str, Any]) -> str:
                 if other:
                     line += f"; {other / total:.1f}x faster than {base}"
             summary.append(line)
-        lines += [f"- {s}" for s in summary] + [""]
+        lines += [f"- {s}" for s in summary] + targets(results["rollout"]) + [""]
     if "hits" in results:
         h = results["hits"]
         lines += ["### Cache hits (loopback, wrk)", "",
@@ -93,6 +84,131 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _x(v: Any) -> str:
+    return "-" if v is None else f"{v:g}x"
+
+
+def _size(r: dict[str, Any]) -> str:
+    """The image's size: its nominal size and what it was scaled to, where it was scaled."""
+    actual = f"{r['image_bytes'] / 1e6:.3g} MB"
+    return f"{r['nominal_bytes'] / 1e6:g} MB ({actual})" if r.get("nominal_bytes") else actual
+
+
+def rollout_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per run: the time until every host is done (from the common start), Kraken's
+    per-host percentiles (first request to last byte) as multiples of S/B, Dragonfly's bytes by
+    source as multiples of what one host fetches, and the CPU idle that says whether it counts."""
+    lines = ["| scenario | image | layers | N | B (MB/s) | system | run | all done (s) | x S/B | host p50 / p99 / "
+             "p99.9 / max (s) | x S/B | registry | seeder | peers | errors | CPU idle (s <20 %) | counts |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        idle = r.get("cpu_idle_percent", -1)
+        bound = r.get("cpu_bound", 0 <= idle < 20)
+        ideal = r["ideal_seconds"]
+        quants = [r.get(f"{q}_seconds", 0.0) for q in ("p50", "p99", "p999", "max")]
+        lines.append(
+            f"| {r.get('scenario', 'create')} | {_size(r)} | {r.get('layers', 4)} | {r['hosts']} | "
+            f"{r['cap_bytes'] / 1e6:g} | {r['system']} | {r.get('run', 1)} | {r['total_seconds']} | "
+            f"{r['ratio_to_ideal']}x of {r.get('all_ideal_seconds', ideal):g} s | "
+            f"{' / '.join(f'{q:g}' for q in quants)} | "
+            f"{' / '.join(f'{q / ideal:.2f}' for q in quants)} | {_x(r.get('egress_ratio'))} | "
+            f"{_x(r.get('seeder_ratio')) if r['system'] == 'shoal' else '-'} | "
+            f"{_x(r.get('peers_ratio')) if r['system'] == 'shoal' else '-'} | {len(r['errors'])} | "
+            f"{f'{idle:g} %' if idle >= 0 else '-'} ({100 * r.get('cpu_low_share', 0):.0f} %) | "
+            f"{'no: CPU-bound' if bound else 'yes'} |")
+    lines += ["", "x S/B: of what one host fetches (the image; in a rolling update the new version's new "
+              "blobs); \"all done\" of that times the waves (one after the other). registry / seeder / "
+              "peers: bytes each source sent, as multiples of that. "
+              "CPU idle over the run, and the share of one-second samples under 20 % idle; a run under "
+              "20 % idle is CPU-bound and does not count toward a target.", ""]
+    return lines
+
+
+TARGETS: list[tuple[str, str, str, float]] = [
+    # (what, scenario, row key, limit) from issue 16
+    ("create, last host done", "create", "ratio_to_ideal", 1.3),
+    ("create, host p50", "create", "p50_x", 1.1),
+    ("rolling update, a host joining a swarm that has the blob (slowest after the first wave)", "rolling",
+     "joined_max_x", 1.1),
+    ("origin seeder upload per image", "", "seeder_ratio", 1.2),
+    ("registry egress per image", "", "egress_ratio", 1.0),
+]
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """A line per target of issue 16: how many of shoal's link-bound runs meet it."""
+    lines = []
+    for what, scenario, key, limit in TARGETS:
+        mine = [r for r in rows if r["system"] == "shoal" and (not scenario or r.get("scenario", "create") == scenario)
+                and r.get(key) is not None]
+        if not mine:
+            continue
+        counted = [r for r in mine if not r.get("cpu_bound", False)]
+        met = [r for r in counted if r[key] <= limit]
+        worst = max((r[key] for r in counted), default=None)
+        lines.append(f"- target {what} <= {limit}x: {len(met)} of {len(counted)} link-bound shoal runs meet it"
+                     f"{f' (worst {worst:g}x)' if worst is not None else ''}"
+                     f"{f'; {len(mine) - len(counted)} CPU-bound not counted' if len(mine) > len(counted) else ''}")
+    return lines
+
+
+def plot_timeline(row: dict[str, Any], path: Path, registry: str = "registry") -> None:
+    """Bytes per second into and out of every host over one run, the registry/seeder host in red,
+    the machine's CPU idle on the right axis: idle phases of the swarm show as gaps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl = row["timeline"]
+    t = tl["t"]
+    if len(t) < 2:
+        return
+    mid = [(a + b) / 2 for a, b in itertools.pairwise(t)]
+
+    def rate(series: list[int]) -> list[float]:
+        return [(b - a) / max(t1 - t0, 1e-3) / 1e6 for a, b, t0, t1 in zip(series, series[1:], t, t[1:], strict=False)]
+
+    # the last sample closes a window that may be a few ms long: too few jiffies for a percentage
+    cpu_t, idle = [], []
+    for m, i0, i1, c0, c1, t0, t1 in zip(mid, tl["cpu_idle"], tl["cpu_idle"][1:], tl["cpu_total"], tl["cpu_total"][1:],
+                                          t, t[1:], strict=False):
+        if t1 - t0 >= tl["interval"] / 2:
+            cpu_t.append(m)
+            idle.append(100 * (i1 - i0) / max(c1 - c0, 1))
+    fig, axes = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
+    for ax, key, title in ((axes[0], "received", "in (received)"), (axes[1], "sent", "out (sent)")):
+        for host, series in tl[key].items():
+            if host == registry:
+                continue
+            if series and series[-1] > series[0]:
+                ax.plot(mid, rate(series), linewidth=0.6, alpha=0.5, color="tab:blue")
+        ax.plot(mid, rate(tl[key][registry]), linewidth=1.8, color="tab:red", label="registry + seeder host")
+        ax.plot([], [], linewidth=0.6, color="tab:blue", label="other hosts (one line each)")
+        ax.axhline(row["cap_bytes"] / 1e6, linestyle="--", color="grey", linewidth=0.8, label="cap B")
+        ax.set_ylabel(f"MB/s {title}")
+        cpu = ax.twinx()
+        cpu.plot(cpu_t, idle, color="tab:green", linewidth=1.0, alpha=0.8)
+        for n, start in enumerate(row.get("wave_starts", [])[1:]):
+            ax.axvline(start, color="black", linewidth=0.6, linestyle="-.", label=None if n else "next wave")
+        cpu.axhline(20, linestyle=":", color="tab:green", linewidth=0.8)
+        cpu.set_ylim(0, 100)
+        cpu.set_ylabel("CPU idle % (green)")
+        ax.legend(loc="upper left", fontsize=7)
+    axes[1].set_xlabel("seconds since the sampler started")
+    axes[0].set_title(f"{row['system']} {row.get('scenario', 'create')}: N={row['hosts']}, "
+                      f"{row['image_bytes'] / 1e6:g} MB in {row.get('layers', 4)} layers, B={row['cap_bytes'] / 1e6:g}"
+                      f" MB/s, all done {row['total_seconds']} s ({row['ratio_to_ideal']}x S/B)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def timeline_name(row: dict[str, Any]) -> str:
+    return (f"timeline-{row['system']}-{row.get('scenario', 'create')}-n{row['hosts']}-"
+            f"{round(row['image_bytes'] / 1e6)}mb-l{row.get('layers', 4)}-run{row.get('run', 1)}.png")
+
+
 def plot(results: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -118,6 +234,9 @@ def plot(results: dict[str, Any], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "rollout.png", dpi=100)
         plt.close(fig)
+        for row in results["rollout"]:
+            if row.get("timeline"):
+                plot_timeline(row, out / timeline_name(row))
     if "hits" in results:
         h = results["hits"]
         fig, ax = plt.subplots(figsize=(5, 3.5))

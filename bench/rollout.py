@@ -13,18 +13,23 @@ client pulls from its agent at [::1]. The machine's CPU idle over each run is re
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import select
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import services
 from bench.netns import SUBNET, Host, Topology
+from bench.sampler import LOW_IDLE, Sampler
 from shoal import netaddr, protocol
 from shoal.cluster import Cluster, make_keys, merged, source_path
 
@@ -37,46 +42,87 @@ class RolloutResult:
     hosts: int
     image_bytes: int
     cap_bytes: int
-    total_seconds: float  # from the common start to the last host done
-    p50_seconds: float
+    total_seconds: float  # from the common start (the first wave's) to the last host done
+    p50_seconds: float  # per-host times: from the client's first request to its last byte
     p99_seconds: float
     registry_egress_bytes: int
     errors: list[str]
     from_agents_bytes: int = 0  # shoal only: payload the agents got from each other
-    from_seeder_bytes: int = 0  # ... and from the origin seeder
+    from_seeder_bytes: int = 0  # ... and from the origin seeder (the agents' own split, an estimate)
     ip_version: int = 4  # the addresses shoal ran on
     cpu_idle_percent: float = -1.0  # the machine's, from the common start to the last host done
+    scenario: str = "create"  # or "rolling" (bench/matrix.py)
+    layers: int = 4
+    fetch_bytes: int = 0  # what each host had to fetch (the image, or a new version's new blobs)
+    p999_seconds: float = 0.0
+    max_seconds: float = 0.0
+    cpu_low_share: float = 0.0  # share of one-second samples with under 20 % idle
+    registry_remote_bytes: int = 0  # registry egress that left its host (not to the origin beside it)
+    registry_host_sent_bytes: int = 0  # the registry host's NIC, bytes sent (headers included)
+    seeder_upload_bytes: int = 0  # shoal: registry host sent - registry_remote_bytes
+    waves: int = 1
+    wave_hosts: int = 0  # hosts per wave
+    wave_starts: list[float] = field(default_factory=list)  # seconds into the timeline
+    host_seconds: list[float] = field(default_factory=list)
+    timeline: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unit_bytes(self) -> int:
+        """What one host needs: the multiples (x S/B, x image) are of this."""
+        return self.fetch_bytes or self.image_bytes
 
     @property
     def ideal_seconds(self) -> float:
-        return self.image_bytes / self.cap_bytes
+        return self.unit_bytes / self.cap_bytes
+
+    @property
+    def cpu_bound(self) -> bool:
+        return 0 <= self.cpu_idle_percent < LOW_IDLE
 
     def row(self) -> dict[str, Any]:
-        return {**asdict(self), "ideal_seconds": round(self.ideal_seconds, 2),
-                "ratio_to_ideal": round(self.total_seconds / self.ideal_seconds, 2),
-                "egress_ratio": round(self.registry_egress_bytes / self.image_bytes, 3)}
+        ideal, unit = self.ideal_seconds, self.unit_bytes
+        # waves one after the other: at best each takes one host's ideal
+        return {**asdict(self), "ideal_seconds": round(ideal, 2), "cpu_bound": self.cpu_bound,
+                "all_ideal_seconds": round(self.waves * ideal, 2),
+                "ratio_to_ideal": round(self.total_seconds / (self.waves * ideal), 2),
+                **{f"{q}_x": round(getattr(self, f"{q}_seconds") / ideal, 2) for q in ("p50", "p99", "p999", "max")},
+                "egress_ratio": round(self.registry_egress_bytes / unit, 3),
+                "seeder_ratio": round(self.seeder_upload_bytes / unit, 3),
+                "peers_ratio": round(self.from_agents_bytes / unit, 3),
+                # rolling update: the hosts after the first wave join a swarm that has the blob
+                "joined_max_x": round(max(self.host_seconds[self.wave_hosts:] or [0.0]) / ideal, 2)
+                if self.waves > 1 else None}
 
 
-def cpu_times() -> tuple[float, float]:
-    """(idle + iowait, total) jiffies of the whole machine so far."""
-    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[3] + fields[4], sum(fields)
+@dataclass(frozen=True)
+class Pull:
+    """One measured pull of `ref` by every host of a session, `wave` hosts at a time (0: all at once)."""
+
+    ref: str
+    image_bytes: int
+    fetch_bytes: int  # what each host fetches (image_bytes less the blobs in `skip`)
+    skip: tuple[str, ...] = ()  # digests every host already has
+    wave: int = 0
+    scenario: str = "create"
+    layers: int = 4
 
 
 def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile: with 64 hosts p99 and p99.9 are the slowest host, as they are."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 class Rollout:
     def __init__(self, work: Path, topo: Topology, cap: int, max_hosts: int, *,
                  origin_config: dict[str, Any] | None = None, agent_config: dict[str, Any] | None = None,
-                 log_level: str = "warning") -> None:
+                 log_level: str = "warning", sample_interval: float = 0.5) -> None:
         self.work, self.topo, self.cap = work, topo, cap
         # Overrides merged into the generated configs, for tuning experiments.
         self.origin_config = origin_config or {}
         self.agent_config = agent_config or {}
         self.log_level = log_level
+        self.sample_interval = sample_interval
         self.zones = 0  # agents in this many zones (bench/zones.py), host i in zone_of(i)
         self.tracker_config: dict[str, Any] = {}  # merged into the tracker's (bench/zones.py)
         self.registry_host = topo.add("registry", REGISTRY_IP, cap)
@@ -107,11 +153,19 @@ class Rollout:
         return "http://[::1]:5050" if self.ipv6 else "http://127.0.0.1:5050"
 
     def run(self, system: str, hosts: int, image: str, image_bytes: int) -> RolloutResult:
-        run_dir = self.work / f"{system}-{hosts}-{image.replace('/', '_').replace(':', '_')}"
+        """A cold rollout: every host pulls `image` at once."""
+        return self.session(system, hosts, [Pull(image, image_bytes, image_bytes)])[0]
+
+    def session(self, system: str, hosts: int, pulls: list[Pull], label: str = "") -> list[RolloutResult]:
+        """Start `system` fresh (empty caches), measure each of `pulls` in turn on the same hosts
+        (a rolling update follows the create it updates), stop it and delete its caches."""
+        name = label or pulls[0].ref.replace("/", "_").replace(":", "_")
+        run_dir = self.work / f"{system}-{hosts}-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         nodes = self.nodes[:hosts]
         started: list[services.Service] = []
+        results = []
         try:
             if system == "direct":
                 endpoints = [self.registry_url] * hosts
@@ -122,24 +176,8 @@ class Rollout:
             else:
                 started += self._shoal(run_dir, nodes)
                 endpoints = [self.agent_url] * hosts
-            egress_before = services.registry_bytes_sent(self.registry.log)
-            go_at = time.time() + 3
-            clients = []
-            for node, endpoint in zip(nodes, endpoints, strict=True):
-                out = run_dir / f"client-{node.name}.json"
-                clients.append((out, node.popen([sys.executable, "-m", "bench.client", "--endpoint", endpoint,
-                                                 "--image", image, "--go-at", str(go_at), "--out", str(out)],
-                                                log=str(run_dir / f"client-{node.name}.log"),
-                                                env={"PYTHONPATH": source_path(services.ROOT)})))
-            while time.time() < go_at:
-                time.sleep(0.01)
-            idle0, total0 = cpu_times()
-            for _, proc in clients:
-                proc.wait(7200)
-            idle1, total1 = cpu_times()
-            time.sleep(1.5)  # the registry logs a response after it is sent
-            egress = services.registry_bytes_sent(self.registry.log) - egress_before
-            peer_bytes = self._peer_bytes(nodes) if system == "shoal" else (0, 0)
+            for n, pull in enumerate(pulls):
+                results.append(self._pull(system, run_dir / f"pull{n}", nodes, endpoints, pull))
         finally:
             for service in reversed(started):
                 service.stop()
@@ -147,21 +185,93 @@ class Rollout:
             # would otherwise keep N copies of every image on disk, about 40 GiB, and a full disk
             # turns later runs into fallbacks and errors.
             for data in run_dir.iterdir():
-                if data.is_dir():
+                if data.is_dir() and not data.name.startswith("pull"):
                     shutil.rmtree(data, ignore_errors=True)
+        return results
+
+    def _clients(self, pull_dir: Path, nodes: list[Host], endpoints: list[str],
+                 pull: Pull) -> list[tuple[Path, subprocess.Popen[bytes]]]:
+        """One client per host, loaded and waiting for its start time on stdin."""
+        clients = []
+        skip = ["--skip", ",".join(pull.skip)] if pull.skip else []
+        for node, endpoint in zip(nodes, endpoints, strict=True):
+            out = pull_dir / f"client-{node.name}.json"
+            with open(pull_dir / f"client-{node.name}.log", "ab") as log:
+                clients.append((out, subprocess.Popen(
+                    node.cmd(sys.executable, "-m", "bench.client", "--endpoint", endpoint, "--image", pull.ref,
+                             "--go-stdin", "--out", str(out), *skip),
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                    env={**os.environ, "PYTHONPATH": source_path(services.ROOT)})))
+        # 64 Pythons loading aiohttp take seconds on two cores: start when the last is ready,
+        # not at a guessed instant some would miss
+        deadline = time.monotonic() + 120 + 2 * len(nodes)
+        waiting = {proc.stdout.fileno(): proc for _, proc in clients if proc.stdout}
+        while waiting and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(waiting), [], [], 1.0)
+            for fd in ready:
+                waiting.pop(fd).stdout.readline()  # type: ignore[union-attr]  # "ready" or EOF
+        if waiting:
+            for _, proc in clients:
+                proc.kill()
+                proc.wait()
+            raise TimeoutError(f"{len(waiting)} clients not ready")
+        return clients
+
+    def _pull(self, system: str, pull_dir: Path, nodes: list[Host], endpoints: list[str],
+              pull: Pull) -> RolloutResult:
+        pull_dir.mkdir(parents=True)
+        local = {REGISTRY_IP, *([self.registry_host.ip6] if self.registry_host.ip6 else []), "127.0.0.1", "::1"}
+        egress_before = services.registry_bytes(self.registry.log, local)
+        peers_before = self._peer_bytes(nodes) if system == "shoal" else (0, 0)
+        clients = self._clients(pull_dir, nodes, endpoints, pull)
+        size = pull.wave or len(nodes)
+        waves = [clients[i:i + size] for i in range(0, len(clients), size)]
+        watched = [self.registry_host.name, self.cache_host.name, *(n.name for n in nodes)]
+        go_at = 0.0
+        wave_starts: list[float] = []
+        with Sampler(watched, self.sample_interval) as sampler:
+            for wave in waves:
+                start = time.time() + 0.2
+                go_at = go_at or start
+                wave_starts.append(round(start - sampler.timeline.t0, 3))
+                for _, proc in wave:
+                    assert proc.stdin is not None
+                    with contextlib.suppress(OSError):  # a client that died reports "no result"
+                        proc.stdin.write(f"{start}\n".encode())
+                        proc.stdin.close()
+                for _, proc in wave:  # the next wave starts when this one is done
+                    proc.wait(7200)
+        time.sleep(1.5)  # the registry logs a response after it is sent
+        egress = [a - b for a, b in zip(services.registry_bytes(self.registry.log, local), egress_before,
+                                        strict=True)]
+        agents, seeder = 0, 0
+        if system == "shoal":
+            after = self._peer_bytes(nodes)
+            agents, seeder = after[0] - peers_before[0], after[1] - peers_before[1]
+        timeline = sampler.timeline
+        host_sent = timeline.delta(self.registry_host.name)[0]
         durations: list[float] = []
         errors: list[str] = []
         finished: list[float] = []
-        for out, _ in clients:
+        for out, proc in clients:
+            if proc.stdout:
+                proc.stdout.close()
             doc: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {
                 "errors": ["no result"], "started": go_at, "finished": time.time()}
             errors += [str(e) for e in doc["errors"]]
-            durations.append(float(doc["finished"]) - go_at)
+            durations.append(round(float(doc["finished"]) - float(doc["started"]), 3))
             finished.append(float(doc["finished"]))
-        return RolloutResult(system, hosts, image_bytes, self.cap, round(max(finished) - go_at, 2),
-                             round(statistics.median(durations), 2), round(percentile(durations, 0.99), 2),
-                             egress, errors, *peer_bytes, ip_version=6 if self.ipv6 and system == "shoal" else 4,
-                             cpu_idle_percent=round(100 * (idle1 - idle0) / max(total1 - total0, 1), 1))
+        return RolloutResult(
+            system, len(nodes), pull.image_bytes, self.cap, round(max(finished) - go_at, 2),
+            round(statistics.median(durations), 2), round(percentile(durations, 0.99), 2),
+            egress[0], errors, agents, seeder, ip_version=6 if self.ipv6 and system == "shoal" else 4,
+            cpu_idle_percent=timeline.idle_percent(), scenario=pull.scenario, layers=pull.layers,
+            fetch_bytes=pull.fetch_bytes, p999_seconds=round(percentile(durations, 0.999), 2),
+            max_seconds=round(max(durations), 2), cpu_low_share=timeline.low_idle_share(),
+            registry_remote_bytes=egress[1], registry_host_sent_bytes=host_sent,
+            seeder_upload_bytes=max(0, host_sent - egress[1]) if system == "shoal" else 0,
+            waves=len(waves), wave_hosts=size, wave_starts=wave_starts, host_seconds=durations,
+            timeline=timeline.to_json())
 
     def zone_of(self, i: int, hosts: int) -> str:
         """The zone of the i-th of `hosts` hosts: the hosts split into `zones` equal runs."""
@@ -203,7 +313,7 @@ class Rollout:
                           **zone}, self.agent_config))))
         for agent in agents:
             agent.start()
-        for agent in agents:
-            agent.wait(protocol.READYZ.url(self.agent_url), (200,))
+        for agent in agents:  # 64 agents loading libtorrent at once take a while on two cores
+            agent.wait(protocol.READYZ.url(self.agent_url), (200,), timeout=60 + 3 * len(agents))
         time.sleep(1.0)  # swarm tokens
         return [tracker, origin, *agents]

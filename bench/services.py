@@ -3,6 +3,7 @@ cache), shoal's tracker, origin and agents, and nginx."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 import urllib.error
@@ -107,6 +108,29 @@ def registry_bytes_sent(log: Path) -> int:
             if value.isdigit():
                 total += int(value)
     return total
+
+
+_REMOTE = re.compile(r'http\.request\.remoteaddr="?([^"\s]+)')
+
+
+def registry_bytes(log: Path, local: set[str]) -> tuple[int, int]:
+    """(all, remote) bytes of response bodies the registry wrote, from its own log: `remote` counts
+    only responses to clients whose address is not in `local` (the registry's own host), i.e. the
+    bytes that left the registry's host on its NIC."""
+    total = remote = 0
+    if not log.exists():
+        return 0, 0
+    for line in log.read_text(errors="replace").splitlines():
+        if "response completed" in line and "http.response.written=" in line:
+            value = line.split("http.response.written=", 1)[1].split()[0]
+            if not value.isdigit():
+                continue
+            total += int(value)
+            peer = _REMOTE.search(line)
+            addr = peer.group(1).rsplit(":", 1)[0].strip("[]") if peer else ""
+            if addr not in local:
+                remote += int(value)
+    return total, remote
 
 
 def http_ok(url: str) -> bool:

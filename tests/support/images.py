@@ -103,14 +103,15 @@ def _manifest(layout: Path, image: Image, layer_sizes: list[int], layer_seeds: l
 
 
 def build_image(layout: Path, *, tag: str, layer_sizes: list[int], seed: int,
-                platforms: list[str] | None = None) -> Image:
+                platforms: list[str] | None = None, layer_seeds: list[int] | None = None) -> Image:
     """One manifest (or, with `platforms`, an index of one manifest per platform; platforms
-    share the first layer, the rest differ)."""
+    share the first layer, the rest differ). `layer_seeds` picks each layer's content (a layer
+    seed gives the same bytes in any image: a new version sharing its base layers)."""
     (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
     image = Image(layout, tag, "", OCI_MANIFEST)
     if not platforms:
-        seeds = [seed * 1000 + i for i in range(len(layer_sizes))]
+        seeds = layer_seeds or [seed * 1000 + i for i in range(len(layer_sizes))]
         digest, size = _manifest(layout, image, layer_sizes, seeds, seed, "amd64")
         media, top_size = OCI_MANIFEST, size
     else:
