@@ -7,6 +7,9 @@ layer and in 4 equal layers. N = 16, 32, 64 hosts, each N with its own cap (defa
 aggregate: 5, 2.5 and 1.25 MB/s), low enough that two cores keep up with the emulated links
 (each row says whether they did: CPU idle, and "CPU-bound" under 20 %).
 
+The agents' small-blob threshold (1 MiB: smaller blobs come from the registry, not the swarm)
+is scaled the same way, so the same layers go through the swarm at every N.
+
 Scenarios: "create" — every host pulls v1 at once, cold. "rolling" — after that create, v2 (for 4
 layers the bottom 3 are v1's and the top one is new; for 1 layer nothing is shared) rolls out to
 20 % of the hosts at a time (rounded up), each wave starting when the previous one is done; a host
@@ -33,11 +36,13 @@ from bench.__main__ import machine
 from bench.netns import Topology
 from bench.report import plot_timeline, rollout_table, targets, timeline_name
 from bench.rollout import REGISTRY_IP, Pull, Rollout
+from shoal.cluster import merged
 from shoal.config import parse_size
 from tests.support.images import Image, build_image, push
 
 REFERENCE_CAP = 20_000_000  # the cap at which an image has its nominal size
 AGGREGATE = 80_000_000  # N x B that two cores keep link-bound (checked by the CPU idle column)
+SMALL_BLOB = 1 << 20  # the agents' default swarm threshold
 NOMINAL = {"10MB": 10_000_000, "100MB": 100_000_000, "1GB": 1_000_000_000}
 
 
@@ -73,6 +78,8 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between NIC/CPU samples")
     parser.add_argument("--origin-config", type=json.loads, default={}, help="JSON merged into the origin's config")
     parser.add_argument("--agent-config", type=json.loads, default={}, help="JSON merged into every agent's config")
+    parser.add_argument("--no-scale-threshold", dest="scale_threshold", action="store_false",
+                        help="keep the agents' 1 MiB small-blob threshold (default: scaled with the images)")
     parser.add_argument("--log-level", default="warning", help="log level of shoal's services")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     args = parser.parse_args()
@@ -92,15 +99,19 @@ def main() -> int:
     work = out / "work"
     work.mkdir(parents=True)
     results: dict[str, Any] = {"machine": machine(), "command": " ".join(["python -m bench.matrix", *sys.argv[1:]]),
-                               "caps": caps, "rollout": []}
+                               "caps": caps, "scale_threshold": args.scale_threshold, "rollout": []}
     print(f"machine: {results['machine']}", flush=True)
     started = time.monotonic()
     for n in hosts:
         cap = caps[n]
         # a topology per N: every NIC at that N's cap
         with Topology() as topo:
+            # The swarm's small-blob threshold scales with the image: unscaled, the 10 MB image's
+            # 2.5 MB layers go through the swarm; scaled to 1.25 MB/s they are 156 KB, and under
+            # the default 1 MiB they would all come from the registry (N x the image)
+            threshold = {"swarm": {"threshold": SMALL_BLOB * cap // REFERENCE_CAP}} if args.scale_threshold else {}
             rollout = Rollout(work / f"n{n}", topo, cap, n, origin_config=args.origin_config,
-                              agent_config=args.agent_config, log_level=args.log_level,
+                              agent_config=merged(threshold, args.agent_config), log_level=args.log_level,
                               sample_interval=args.interval)
             try:
                 for nominal in sizes:

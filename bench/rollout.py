@@ -60,11 +60,14 @@ class RolloutResult:
     registry_remote_bytes: int = 0  # registry egress that left its host (not to the origin beside it)
     registry_host_sent_bytes: int = 0  # the registry host's NIC, bytes sent (headers included)
     seeder_upload_bytes: int = 0  # shoal: registry host sent - registry_remote_bytes
+    hosts_sent_bytes: int = 0  # the client hosts' NICs together (shoal: what the peers uploaded)
+    hosts_received_bytes: int = 0
     waves: int = 1
     wave_hosts: int = 0  # hosts per wave
     wave_starts: list[float] = field(default_factory=list)  # seconds into the timeline
     host_seconds: list[float] = field(default_factory=list)
     timeline: dict[str, Any] = field(default_factory=dict)
+    startup_seconds: float = 0.0  # the system's start-up before this session's first pull (all agents ready)
 
     @property
     def unit_bytes(self) -> int:
@@ -88,7 +91,9 @@ class RolloutResult:
                 **{f"{q}_x": round(getattr(self, f"{q}_seconds") / ideal, 2) for q in ("p50", "p99", "p999", "max")},
                 "egress_ratio": round(self.registry_egress_bytes / unit, 3),
                 "seeder_ratio": round(self.seeder_upload_bytes / unit, 3),
-                "peers_ratio": round(self.from_agents_bytes / unit, 3),
+                "peers_ratio": round(self.hosts_sent_bytes / unit, 3),
+                # what crossed the hosts' NICs against what they needed: above 1, bytes sent twice
+                "received_ratio": round(self.hosts_received_bytes / (self.hosts * unit), 3),
                 # rolling update: the hosts after the first wave join a swarm that has the blob
                 "joined_max_x": round(max(self.host_seconds[self.wave_hosts:] or [0.0]) / ideal, 2)
                 if self.waves > 1 else None}
@@ -166,6 +171,7 @@ class Rollout:
         nodes = self.nodes[:hosts]
         started: list[services.Service] = []
         results = []
+        t0 = time.monotonic()
         try:
             if system == "direct":
                 endpoints = [self.registry_url] * hosts
@@ -176,8 +182,10 @@ class Rollout:
             else:
                 started += self._shoal(run_dir, nodes)
                 endpoints = [self.agent_url] * hosts
+            startup = round(time.monotonic() - t0, 1)
             for n, pull in enumerate(pulls):
                 results.append(self._pull(system, run_dir / f"pull{n}", nodes, endpoints, pull))
+                results[-1].startup_seconds = startup
         finally:
             for service in reversed(started):
                 service.stop()
@@ -250,6 +258,8 @@ class Rollout:
             agents, seeder = after[0] - peers_before[0], after[1] - peers_before[1]
         timeline = sampler.timeline
         host_sent = timeline.delta(self.registry_host.name)[0]
+        hosts_sent = sum(timeline.delta(n.name)[0] for n in nodes)
+        hosts_received = sum(timeline.delta(n.name)[1] for n in nodes)
         durations: list[float] = []
         errors: list[str] = []
         finished: list[float] = []
@@ -270,6 +280,7 @@ class Rollout:
             max_seconds=round(max(durations), 2), cpu_low_share=timeline.low_idle_share(),
             registry_remote_bytes=egress[1], registry_host_sent_bytes=host_sent,
             seeder_upload_bytes=max(0, host_sent - egress[1]) if system == "shoal" else 0,
+            hosts_sent_bytes=hosts_sent, hosts_received_bytes=hosts_received,
             waves=len(waves), wave_hosts=size, wave_starts=wave_starts, host_seconds=durations,
             timeline=timeline.to_json())
 
