@@ -34,7 +34,10 @@ async def pull(endpoint: str, image: str, concurrency: int, skip: frozenset[str]
     errors: list[str] = []
     async with aiohttp.ClientSession(timeout=timeout) as http:
         async with http.get(f"{endpoint}/v2/{repo}/manifests/{tag}", headers={"Accept": ACCEPT}) as r:
-            manifest = json.loads(await r.read())
+            body = await r.read()
+            if r.status != 200:  # reported as such, not as the KeyError a body of errors would give
+                return {"bytes": 0, "errors": [f"manifest {tag}: status {r.status}: {body[:200]!r}"]}
+            manifest = json.loads(body)
         if "manifests" in manifest:
             child = manifest["manifests"][0]["digest"]
             async with http.get(f"{endpoint}/v2/{repo}/manifests/{child}", headers={"Accept": ACCEPT}) as r:

@@ -29,7 +29,7 @@ from typing import Any
 
 from bench import services
 from bench.netns import SUBNET, Host, Topology
-from bench.sampler import LOW_IDLE, Sampler
+from bench.sampler import LOW_IDLE, Sampler, cpu_jiffies
 from shoal import netaddr, protocol
 from shoal.cluster import Cluster, make_keys, merged, source_path
 
@@ -67,6 +67,7 @@ class RolloutResult:
     wave_starts: list[float] = field(default_factory=list)  # seconds into the timeline
     host_seconds: list[float] = field(default_factory=list)
     timeline: dict[str, Any] = field(default_factory=dict)
+    cpu_idle_before_percent: float = -1.0  # over 2 s with everything started and no pull: the idle cost
     startup_seconds: float = 0.0  # the system's start-up before this session's first pull (all agents ready)
 
     @property
@@ -183,9 +184,14 @@ class Rollout:
                 started += self._shoal(run_dir, nodes)
                 endpoints = [self.agent_url] * hosts
             startup = round(time.monotonic() - t0, 1)
+            # a measurement window, not a wait: what N idle agents cost the machine before any pull
+            idle0, total0 = cpu_jiffies()
+            time.sleep(2.0)
+            idle1, total1 = cpu_jiffies()
+            before = round(100 * (idle1 - idle0) / max(total1 - total0, 1), 1)
             for n, pull in enumerate(pulls):
                 results.append(self._pull(system, run_dir / f"pull{n}", nodes, endpoints, pull))
-                results[-1].startup_seconds = startup
+                results[-1].startup_seconds, results[-1].cpu_idle_before_percent = startup, before
         finally:
             for service in reversed(started):
                 service.stop()
