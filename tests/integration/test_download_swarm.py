@@ -42,7 +42,7 @@ class Node:
     deps: Collaborators
 
     def hashed(self, by: str) -> float:
-        return self.deps.metrics.blob_hash_bytes.labels(by)._value.get()
+        return float(self.deps.metrics.blob_hash_bytes.labels(by)._value.get())
 
     @property
     def partial(self) -> Path:
@@ -114,7 +114,7 @@ async def finish(node: Node) -> None:
 
 async def test_two_clients_share_one_hash(node: Node) -> None:
     bodies = await asyncio.gather(read_all(node.download), read_all(node.download))
-    assert bodies == [DATA, DATA]
+    assert list(bodies) == [DATA, DATA]
     await finish(node)
     await node.download.confirm(node.job, node.partial)
     # one pass over the blob for the node, none of the readers' own, none more for the cache
