@@ -65,10 +65,16 @@ async def start(tmp_path: Path, digest: Digest) -> AsyncIterator[Node]:
     store = BlobStore(tmp_path / "cache", max_bytes=64 << 20)
     await store.open()
     try:
+        # each of these blocks the loop for a while (a libtorrent session, TLS keys); the yields
+        # between them keep any one step short on a busy machine (the loop guard counts steps)
         await seeder.start()
+        await asyncio.sleep(0)
         await leecher.start()
+        await asyncio.sleep(0)
         pki.admit(seeder, ca, "origin")
+        await asyncio.sleep(0)
         pki.admit(leecher, ca, "node-a")
+        await asyncio.sleep(0)
         seeder.add(meta, seed_dir, seed=True)
         deps = Collaborators(store=store, metrics=AgentMetrics(CollectorRegistry()), policy=SwarmPolicy(),
                              swarm=leecher)
