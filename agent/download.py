@@ -65,9 +65,10 @@ READ_CHUNK = FILE_CHUNK  # bytes per read of a partial registry download (see FI
 # While no piece has arrived, re-announce this often to pick up peers that joined after us.
 ANNOUNCE_RETRY = 1.5
 # Pieces the whole-blob hash took are kept this long (bytes, at least two pieces) for readers
-# just behind the first: clients pulling at once stay within a piece or two of each other, and
-# every kept byte is memory per download in flight.
-SHARED_WINDOW = 4 << 20
+# just behind the first: clients pulling at once stay within a piece or two of each other (a
+# reader further behind hashes on its own, as every reader used to), and every kept byte no
+# reader holds any more is memory per download in flight (a node pulls several layers at once).
+SHARED_WINDOW = 1 << 20
 
 
 class WholeHash:
