@@ -86,6 +86,28 @@ class WholeHash:
         self._kept_bytes = 0
         self._window = window
         self._on_hashed = on_hashed
+        # Whole-blob readers in step with the hash (see _Sent): while one is, it feeds the hash
+        # as it goes, and the download waits for it rather than hash ahead of it from the file
+        # (the reader would then have to hash what it sends on its own: two passes again).
+        self.followers = 0
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def leave(self) -> None:
+        """A follower fell out of step or stopped reading."""
+        self.followers -= 1
+        self._notify()
+
+    async def wait_change(self, within: float) -> bool:
+        """Whether a piece was fed or a follower left within `within` seconds."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), within)
+        except TimeoutError:
+            return False
+        return True
 
     def get(self, index: int) -> tuple[bytes, Hash] | None:
         return self._kept.get(index)
@@ -97,6 +119,7 @@ class WholeHash:
         self._sha.update(data)
         self._on_hashed(len(data))
         self.next += 1
+        self._notify()
         entry = (data, self._sha.copy())
         self._kept[index] = entry
         self._kept_bytes += len(data)
@@ -193,18 +216,28 @@ class Download:
         store, metrics = self.deps.store, self.deps.metrics
         sent = _Sent(metrics.blob_hash_bytes.labels("reader").inc) if whole else None
         pos, end = offset, offset + length
-        with store.pinned(self.digest):  # what is being served is never evicted under the client
-            async with contextlib.aclosing(self._stream(pos, end, whole=whole)) as chunks:
-                async for chunk, shared in chunks:
-                    # Hash before releasing: the chunk that completes the blob goes out only if
-                    # the whole blob matches its digest.
-                    if sent is not None:
-                        sent.take(chunk, shared)
-                        if pos + len(chunk) == end and sent.state.hexdigest() != self.digest.hex:
-                            metrics.integrity_failures.labels(self.source).inc()
-                            raise errors.IntegrityError(f"streamed bytes of {self.digest} do not match it")
-                    pos += len(chunk)
-                    yield chunk
+        follows = self.whole if whole else None
+        if follows is not None:
+            follows.followers += 1
+        try:
+            with store.pinned(self.digest):  # what is being served is never evicted under the client
+                async with contextlib.aclosing(self._stream(pos, end, whole=whole)) as chunks:
+                    async for chunk, shared in chunks:
+                        # Hash before releasing: the chunk that completes the blob goes out only if
+                        # the whole blob matches its digest.
+                        if sent is not None:
+                            sent.take(chunk, shared)
+                            if follows is not None and not sent.in_step:
+                                follows.leave()
+                                follows = None
+                            if pos + len(chunk) == end and sent.state.hexdigest() != self.digest.hex:
+                                metrics.integrity_failures.labels(self.source).inc()
+                                raise errors.IntegrityError(f"streamed bytes of {self.digest} do not match it")
+                        pos += len(chunk)
+                        yield chunk
+        finally:
+            if follows is not None:
+                follows.leave()
 
     async def _stream(self, pos: int, end: int, *, whole: bool) -> AsyncGenerator[tuple[bytes, Hash | None], None]:
         """(chunk, the WholeHash state after it if the chunk is a piece that hash took, else None)"""
@@ -390,12 +423,19 @@ class Download:
 
     async def confirm(self, job: TorrentJob, partial: Path) -> None:
         """The whole blob's sha256 matches the digest, or IntegrityError. The pieces clients read
-        were hashed as they went out (WholeHash); the rest are hashed now from the file, which
-        the flush made whole: one pass over the blob in all, not one more after the readers'."""
+        were hashed as they went out (WholeHash), and a client still reading in step with the
+        hash goes on feeding it; the rest are hashed now from the file, which the flush made
+        whole: one pass over the blob in all, not one more after the readers'."""
         whole = self.whole
         assert whole is not None
         length = job.meta.piece_length
+        following = True
         while not whole.complete:
+            if following and whole.followers:
+                # a client in step with the hash feeds it as it reads; bounded: one that stops
+                # reading for stall_timeout is left behind (it then hashes on its own)
+                following = await whole.wait_change(self.deps.policy.stall_timeout)
+                continue
             index = whole.next
             data = await asyncio.to_thread(_pread_exact, partial, index * length,
                                            min(length, self.size - index * length))

@@ -8,6 +8,8 @@ act between them (corrupt the flushed file) and count hashing without the cache 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import random
 from collections.abc import AsyncIterator
@@ -182,3 +184,38 @@ async def test_a_piece_corrupted_on_disk_is_caught(node: Node, clients: int) -> 
         assert len(got) < len(DATA)
     with pytest.raises(errors.IntegrityError):
         await node.download.confirm(node.job, node.partial)
+
+
+async def test_the_cache_waits_for_a_client_in_step_rather_than_hash_ahead_of_it(node: Node) -> None:
+    """A client part-way through when the last piece lands: the download lets it go on feeding
+    the one hash instead of hashing the rest from the file (which would leave the client to
+    hash it again on its own)."""
+    got = bytearray()
+    async with contextlib.aclosing(node.download.stream(0, len(DATA), whole=True)) as chunks:
+        for _ in range(3):
+            got += await anext(chunks)
+        await finish(node)
+        confirm = asyncio.create_task(node.download.confirm(node.job, node.partial))
+        async for chunk in chunks:
+            got += chunk
+        await confirm
+    assert bytes(got) == DATA
+    assert node.hashed("download") == len(DATA) and node.hashed("reader") == 0
+
+
+async def test_a_client_that_stops_reading_is_left_behind(node: Node) -> None:
+    """Waiting for a client in step is bounded: one that reads nothing for stall_timeout no
+    longer holds the blob out of the cache; when it reads again it hashes the rest itself."""
+    node.download.deps = dataclasses.replace(node.deps, policy=SwarmPolicy(stall_timeout=0.5))
+    got = bytearray()
+    async with contextlib.aclosing(node.download.stream(0, len(DATA), whole=True)) as chunks:
+        for _ in range(2):
+            got += await anext(chunks)
+        await finish(node)
+        async with asyncio.timeout(30):
+            await node.download.confirm(node.job, node.partial)
+        async for chunk in chunks:
+            got += chunk
+    assert bytes(got) == DATA
+    assert node.hashed("download") == len(DATA)
+    assert node.hashed("reader") == len(DATA) - 2 * node.job.meta.piece_length
