@@ -16,8 +16,16 @@ client reading the blob attaches to it:
    seeds it if it was admitted.
 
 Readers get verified pieces in order as they land (and the cached file once it exists); a
-reader of the whole blob also hashes what it sends and holds back the last chunk until the
-digest matches, so no client ever receives a complete body that is wrong.
+reader of the whole blob holds back the last chunk until the sha256 of what it sent matches the
+digest, so no client ever receives a complete body that is wrong.
+
+On the swarm path that sha256 is computed once per node (`WholeHash`), not once per reader and
+again before the cache: the download hashes each verified piece, in order, the first time it is
+read for a client; a whole-blob reader that sends exactly those pieces (the same bytes objects)
+borrows the hash's state instead of hashing them again, and the cache takes the file on the
+strength of that one hash. What no client read is hashed from the flushed file before the blob
+is committed (as the whole file was before). A reader that falls behind the few pieces kept
+for it hashes the rest on its own, from the state it had.
 """
 
 from __future__ import annotations
@@ -31,17 +39,21 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shoal import errors
 from shoal.oci import Digest
 from shoal.registry import Authorization
-from shoal.store import BlobStore, fsync_file, sha256_file
+from shoal.store import BlobStore, fsync_file
 from shoal.swarm import Swarm, TorrentJob
 from shoal_agent.config import SwarmPolicy
 from shoal_agent.files import FILE_CHUNK, read_file
 from shoal_agent.membership import Admitted, Membership, SwarmFailure
 from shoal_agent.metrics import AgentMetrics
 from shoal_agent.upstreams import Upstream
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +64,98 @@ READER_SAFETY_TIMEOUT = 600.0
 READ_CHUNK = FILE_CHUNK  # bytes per read of a partial registry download (see FILE_CHUNK)
 # While no piece has arrived, re-announce this often to pick up peers that joined after us.
 ANNOUNCE_RETRY = 1.5
+# Pieces the whole-blob hash took are kept this long (bytes, at least two pieces) for readers
+# just behind the first: clients pulling at once stay within a piece or two of each other (a
+# reader further behind hashes on its own, as every reader used to), and every kept byte no
+# reader holds any more is memory per download in flight (a node pulls several layers at once).
+SHARED_WINDOW = 1 << 20
+
+
+class WholeHash:
+    """The blob's sha256, once per node, over whole verified pieces fed in order.
+
+    Each piece fed is kept a while (SHARED_WINDOW) with a copy of the hash's state after it: a
+    reader that sends exactly that bytes object right after the previous kept one borrows the
+    state instead of hashing the piece itself (see _Sent)."""
+
+    def __init__(self, num_pieces: int, on_hashed: Callable[[int], None], window: int = SHARED_WINDOW) -> None:
+        self.num_pieces = num_pieces
+        self.next = 0  # the piece the hash takes next
+        self._sha = hashlib.sha256()
+        self._kept: dict[int, tuple[bytes, Hash]] = {}  # piece -> (its bytes, the state after it)
+        self._kept_bytes = 0
+        self._window = window
+        self._on_hashed = on_hashed
+        # Whole-blob readers in step with the hash (see _Sent): while one is, it feeds the hash
+        # as it goes, and the download waits for it rather than hash ahead of it from the file
+        # (the reader would then have to hash what it sends on its own: two passes again).
+        self.followers = 0
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def leave(self) -> None:
+        """A follower fell out of step or stopped reading."""
+        self.followers -= 1
+        self._notify()
+
+    async def wait_change(self, within: float) -> bool:
+        """Whether a piece was fed or a follower left within `within` seconds."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), within)
+        except TimeoutError:
+            return False
+        return True
+
+    def get(self, index: int) -> tuple[bytes, Hash] | None:
+        return self._kept.get(index)
+
+    def feed(self, index: int, data: bytes) -> tuple[bytes, Hash] | None:
+        """Take piece `index` if it is the next one; its entry (or None: not the next one)."""
+        if index != self.next or index >= self.num_pieces:
+            return None
+        self._sha.update(data)
+        self._on_hashed(len(data))
+        self.next += 1
+        self._notify()
+        entry = (data, self._sha.copy())
+        self._kept[index] = entry
+        self._kept_bytes += len(data)
+        while self._kept_bytes > self._window and len(self._kept) > 2:
+            oldest = next(iter(self._kept))
+            self._kept_bytes -= len(self._kept.pop(oldest)[0])
+        return entry
+
+    @property
+    def complete(self) -> bool:
+        return self.next == self.num_pieces
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+class _Sent:
+    """The sha256 of what one whole-blob reader has sent. While every chunk it sent was a piece
+    the download's WholeHash took, in order (the same objects), it holds that hash's state after
+    the last one; from its first other chunk on, it hashes on its own from there."""
+
+    def __init__(self, on_hashed: Callable[[int], None]) -> None:
+        self.state = hashlib.sha256()
+        self.borrowed = False  # `state` is a WholeHash entry's: never updated in place
+        self.in_step = True
+        self._on_hashed = on_hashed
+
+    def take(self, chunk: bytes, shared: Hash | None) -> None:
+        if shared is not None and self.in_step:
+            self.state, self.borrowed = shared, True
+            return
+        self.in_step = False
+        if self.borrowed:
+            self.state, self.borrowed = self.state.copy(), False
+        self.state.update(chunk)
+        self._on_hashed(len(chunk))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +185,8 @@ class Download:
         self.partial: Path | None = None
         self.written = 0
         self.job: TorrentJob | None = None
+        # With `job`: the blob's one sha256 (see WholeHash)
+        self.whole: WholeHash | None = None
         self.source = "peers"
         # The registries known to hold these bytes (agent/provenance.py), kept with the blob: the
         # one it is fetched from, or those the origin vouched for.
@@ -107,64 +213,77 @@ class Download:
         return store.path(self.digest) if store.has(self.digest) else None
 
     async def stream(self, offset: int, length: int, *, whole: bool) -> AsyncGenerator[bytes, None]:
-        store = self.deps.store
-        h = hashlib.sha256() if whole else None
+        store, metrics = self.deps.store, self.deps.metrics
+        sent = _Sent(metrics.blob_hash_bytes.labels("reader").inc) if whole else None
         pos, end = offset, offset + length
+        follows = self.whole if whole else None
+        if follows is not None:
+            follows.followers += 1
+        try:
+            with store.pinned(self.digest):  # what is being served is never evicted under the client
+                async with contextlib.aclosing(self._stream(pos, end, whole=whole)) as chunks:
+                    async for chunk, shared in chunks:
+                        # Hash before releasing: the chunk that completes the blob goes out only if
+                        # the whole blob matches its digest.
+                        if sent is not None:
+                            sent.take(chunk, shared)
+                            if follows is not None and not sent.in_step:
+                                follows.leave()
+                                follows = None
+                            if pos + len(chunk) == end and sent.state.hexdigest() != self.digest.hex:
+                                metrics.integrity_failures.labels(self.source).inc()
+                                raise errors.IntegrityError(f"streamed bytes of {self.digest} do not match it")
+                        pos += len(chunk)
+                        yield chunk
+        finally:
+            if follows is not None:
+                follows.leave()
 
-        def check(chunk: bytes) -> bytes:
-            nonlocal pos
-            # Hash before releasing: the chunk that completes the blob goes out only if the
-            # whole blob matches its digest.
-            if h is not None:
-                h.update(chunk)
-                if pos + len(chunk) == end and h.hexdigest() != self.digest.hex:
-                    self.deps.metrics.integrity_failures.labels(self.source).inc()
-                    raise errors.IntegrityError(f"streamed bytes of {self.digest} do not match it")
-            pos += len(chunk)
-            return chunk
-
-        with store.pinned(self.digest):  # what is being served is never evicted under the client
-            async with contextlib.aclosing(self._stream(pos, end, check, whole=whole)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-
-    async def _stream(self, pos: int, end: int, check: Callable[[bytes], bytes], *,
-                      whole: bool) -> AsyncGenerator[bytes, None]:
+    async def _stream(self, pos: int, end: int, *, whole: bool) -> AsyncGenerator[tuple[bytes, Hash | None], None]:
+        """(chunk, the WholeHash state after it if the chunk is a piece that hash took, else None)"""
         store = self.deps.store
         last_progress = time.monotonic()
         while pos < end:
             if store.has(self.digest):
                 async with contextlib.aclosing(read_file(store.path(self.digest), pos, end - pos)) as chunks:
                     async for chunk in chunks:
-                        yield check(chunk)
+                        yield chunk, None
                         pos += len(chunk)
                 return
-            job = self.job
+            job, shared = self.job, self.whole
             if job is not None and job.failed is None:
                 index = pos // job.meta.piece_length
                 if job.has_piece(index):
-                    try:
-                        data = await job.read_piece(index)
-                    except errors.SwarmUnavailable:
-                        continue  # the torrent went away (fallback): the file will come
                     start = pos - index * job.meta.piece_length
+                    entry = shared.get(index) if shared is not None and start == 0 else None
+                    if entry is None:
+                        try:
+                            data = await job.read_piece(index)
+                        except errors.SwarmUnavailable:
+                            continue  # the torrent went away (fallback): the file will come
+                        if shared is not None and start == 0:
+                            # another reader may have fed it meanwhile: then theirs is the one hashed
+                            entry = shared.get(index) or shared.feed(index, data)
+                    state = None
+                    if entry is not None:
+                        data, state = entry
                     chunk = data[start : start + (end - pos)]
                     if not chunk:
                         raise errors.IntegrityError(f"piece {index} of {self.digest} is short")
-                    yield check(chunk)
+                    yield chunk, state if len(chunk) == len(data) else None
                     pos += len(chunk)
                     last_progress = time.monotonic()
                     continue
                 job.want(index)
             if whole and self.partial is not None and pos < self.written:
                 # From the registry: not verified piece by piece, so only a whole-blob reader takes
-                # it, and its last chunk waits for the digest (see check).
+                # it, and its last chunk waits for the digest (see stream).
                 try:
                     chunk = await asyncio.to_thread(_pread, self.partial, pos, min(self.written, end) - pos)
                 except FileNotFoundError:
                     continue  # renamed into the cache (or dropped): look again
                 if chunk:
-                    yield check(chunk)
+                    yield chunk, None
                     pos += len(chunk)
                     last_progress = time.monotonic()
                     continue
@@ -240,10 +359,7 @@ class Download:
             raise SwarmFailure("bad_metainfo", "metainfo does not describe this blob")
         store, policy = self.deps.store, self.deps.policy
         job = swarm.add(meta, store.downloads_dir, seed=False, grant=admitted.grant)
-        self.job = job
-        self.chosen.set()
-        job.listeners.append(self._notify)
-        self._notify()
+        self.attach(job)
         moved = False
         try:
             joined = last_announce = time.monotonic()
@@ -268,17 +384,17 @@ class Download:
                 await job.wait_change(0.5)
             await job.flush()
             partial = store.downloads_dir / self.digest.hex
-
-            def verify() -> None:
-                sha256_file(partial, self.digest)
-                fsync_file(partial)
-                store.blob_dir(self.digest).mkdir(parents=True, exist_ok=True)
-
             try:
-                await asyncio.to_thread(verify)
+                await self.confirm(job, partial)
             except errors.IntegrityError:
                 self.deps.metrics.integrity_failures.labels("peers").inc()
                 raise
+
+            def settle() -> None:
+                fsync_file(partial)
+                store.blob_dir(self.digest).mkdir(parents=True, exist_ok=True)
+
+            await asyncio.to_thread(settle)
             await job.move_to(store.blob_dir(self.digest))
             moved = True
             # its sources first: a request between adoption and them would find the blob
@@ -293,9 +409,40 @@ class Download:
         except BaseException:
             if job.listeners and self._notify in job.listeners:
                 job.listeners.remove(self._notify)
-            self.job = None
+            self.job = self.whole = None
             await swarm.remove(self.digest.hex, delete_files=not moved)
             raise
+
+    def attach(self, job: TorrentJob) -> None:
+        """Readers take the blob from `job`'s verified pieces from now on."""
+        self.whole = WholeHash(job.meta.num_pieces, self.deps.metrics.blob_hash_bytes.labels("download").inc)
+        self.job = job
+        self.chosen.set()
+        job.listeners.append(self._notify)
+        self._notify()
+
+    async def confirm(self, job: TorrentJob, partial: Path) -> None:
+        """The whole blob's sha256 matches the digest, or IntegrityError. The pieces clients read
+        were hashed as they went out (WholeHash), and a client still reading in step with the
+        hash goes on feeding it; the rest are hashed now from the file, which the flush made
+        whole: one pass over the blob in all, not one more after the readers'."""
+        whole = self.whole
+        assert whole is not None
+        length = job.meta.piece_length
+        following = True
+        while not whole.complete:
+            if following and whole.followers:
+                # a client in step with the hash feeds it as it reads; bounded: one that stops
+                # reading for stall_timeout is left behind (it then hashes on its own)
+                following = await whole.wait_change(self.deps.policy.stall_timeout)
+                continue
+            index = whole.next
+            data = await asyncio.to_thread(_pread_exact, partial, index * length,
+                                           min(length, self.size - index * length))
+            whole.feed(index, data)  # unless a reader fed it meanwhile (then `next` moved on)
+            self._notify()
+        if whole.hexdigest() != self.digest.hex:
+            raise errors.IntegrityError(f"the swarm's bytes of {self.digest} do not match it")
 
     async def _from_registry(self, admitted: Admitted | None) -> None:
         self.source = "registry"
@@ -339,3 +486,9 @@ def _pread(path: Path, offset: int, length: int) -> bytes:
         return os.pread(f.fileno(), min(length, READ_CHUNK), offset)
 
 
+def _pread_exact(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        data = os.pread(f.fileno(), length, offset)
+    if len(data) != length:
+        raise errors.IntegrityError(f"{path.name} is short at {offset}")
+    return data

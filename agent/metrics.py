@@ -54,6 +54,13 @@ class AgentMetrics:
         self.integrity_failures = Counter("shoal_agent_integrity_failures_total",
                                           "Blobs whose bytes did not hash to their digest", ["source"],
                                           registry=registry)
+        # A blob from the swarm is hashed once per node ("download": pieces as they are first read
+        # for a client, and what no client read from the file before it enters the cache); "reader":
+        # bytes a whole-blob reader hashed on its own (the registry path, a cached tail, a reader
+        # behind the others). Both over the bytes delivered tell how many passes a blob took.
+        self.blob_hash_bytes = Counter("shoal_agent_blob_hash_bytes_total",
+                                       "Bytes of in-flight blobs hashed against their digest, by who hashed them",
+                                       ["by"], registry=registry)
         self.swarm_token_expiry = Gauge("shoal_agent_swarm_token_expiry_timestamp_seconds",
                                         "When this node's swarm grants (tokens and certificates, renewed "
                                         "together) expire (0: none yet)",
@@ -82,3 +89,5 @@ class AgentMetrics:
                 self.downloads.labels(source, result)
         for peer in ("seeder", "agent"):
             self.swarm_bytes.labels(peer)
+        for by in ("download", "reader"):
+            self.blob_hash_bytes.labels(by)

@@ -131,3 +131,5 @@ def test_concurrent_clients_share_one_download(stack: Stack, registry: Registry,
     assert agent.metric("shoal_agent_cache_misses_total") + agent.metric("shoal_agent_cache_hits_total") == 6
     gets = registry.blob_gets(registry.settle()[len(before):])
     assert gets.get(big.digest) == 1  # once, to the origin seeder
+    # one whole-blob hash for the node, whoever read what (not one per client plus the cache's)
+    assert agent.metric("shoal_agent_blob_hash_bytes_total", by="download") == big.size
