@@ -5,6 +5,7 @@ a manifest request over asking the registry directly. All on loopback, one load 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -100,7 +101,9 @@ def run(work: Path, *, registry_url: str, repo: str, manifest_digest: str, large
         for f, name in ((large_file, "large"), (small_file, "small")):
             target = work / "www" / name
             target.unlink(missing_ok=True)
-            target.symlink_to(f)
+            # a copy, not a link: the agent's data directory is its user's only (0700), and
+            # nginx's worker runs as another user
+            shutil.copyfile(f, target)
         nginx_conf = work / "nginx.conf"
         nginx_conf.write_text(f"""
 worker_processes 1;
