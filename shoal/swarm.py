@@ -59,6 +59,19 @@ _ALERT_MASK = (
 )
 # Per-peer byte accounting is refreshed at most this often while pieces arrive.
 PEER_POLL_INTERVAL = 0.5
+# The origin seeder uploads to a few peers at a time, in turn (round robin, a turn of 4 pieces
+# or 3 s), instead of to every interested peer at once. Each piece it sends should leave it about
+# once: every peer asks it for the rarest pieces, and the rarest are the ones only the seeder has
+# (including those on their way to another peer), so 16 peers served at once got 2.2-2.9 copies
+# of every piece through its link, and its link is what a cold rollout waits on. Four in turn:
+# 1.5-1.7 copies and 27 s instead of 43 s for 16 nodes at 5 MB/s (bench/RESULTS.md §17).
+# Operators can still override these with torrent.libtorrent.
+SEEDER_CHOKING: dict[str, int] = {
+    "unchoke_slots_limit": 4,
+    "seed_choking_algorithm": 0,  # round_robin
+    "unchoke_interval": 3,
+    "seeding_piece_quota": 4,
+}
 # libtorrent's top piece priority, for the one piece a local client is blocked on (TorrentJob.want).
 HEAD_PIECE_PRIORITY = 7
 # Time given at shutdown for "stopped" announces to reach the tracker.
@@ -167,6 +180,8 @@ class SwarmSettings:
             "max_queued_disk_bytes": 16 << 20,
             "file_pool_size": 500,
         }
+        if self.fingerprint == SEEDER_FINGERPRINT:
+            settings.update(SEEDER_CHOKING)
         settings.update({k: v for k, v in self.extra.items()
                          if k not in announcing.RESERVED_SETTINGS and k not in peercerts.RESERVED_SETTINGS})
         return settings
