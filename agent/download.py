@@ -429,12 +429,20 @@ class Download:
         whole = self.whole
         assert whole is not None
         length = job.meta.piece_length
+        stall = self.deps.policy.stall_timeout
         following = True
+        fed, deadline = whole.next, time.monotonic() + stall
         while not whole.complete:
             if following and whole.followers:
                 # a client in step with the hash feeds it as it reads; bounded: one that stops
-                # reading for stall_timeout is left behind (it then hashes on its own)
-                following = await whole.wait_change(self.deps.policy.stall_timeout)
+                # reading for stall_timeout is left behind (it then hashes on its own). Only a
+                # piece fed is progress: a client leaving wakes us to count again, but late
+                # joiners (each a follower until its first piece shows it is behind) must not
+                # keep a stalled one holding the blob out of the cache.
+                if whole.next != fed:
+                    fed, deadline = whole.next, time.monotonic() + stall
+                left = deadline - time.monotonic()
+                following = left > 0 and await whole.wait_change(left)
                 continue
             index = whole.next
             data = await asyncio.to_thread(_pread_exact, partial, index * length,
