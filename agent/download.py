@@ -406,12 +406,20 @@ class Download:
             m = self.deps.metrics
             m.swarm_bytes.labels("seeder").inc(job.peer_bytes.from_seeders)
             m.swarm_bytes.labels("agent").inc(job.peer_bytes.from_agents)
+            # The torrent seeds on for as long as the blob is cached: it must not hold this
+            # Download, nor the pieces its hash kept (up to SHARED_WINDOW, at least two pieces,
+            # per blob). Readers still here take the cached file from now on.
+            self._detach(job)
+            self.whole = None
         except BaseException:
-            if job.listeners and self._notify in job.listeners:
-                job.listeners.remove(self._notify)
+            self._detach(job)
             self.job = self.whole = None
             await swarm.remove(self.digest.hex, delete_files=not moved)
             raise
+
+    def _detach(self, job: TorrentJob) -> None:
+        while self._notify in job.listeners:
+            job.listeners.remove(self._notify)
 
     def attach(self, job: TorrentJob) -> None:
         """Readers take the blob from `job`'s verified pieces from now on."""

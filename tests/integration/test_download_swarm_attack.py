@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from shoal import errors
+from shoal import errors, metainfo
+from shoal.swarm import Grant
 from shoal_agent.config import SwarmPolicy
+from shoal_agent.membership import Admitted
 from tests.integration.test_download_swarm import DATA, DIGEST, Node, finish, read_all, start, window
 
 
@@ -148,3 +150,23 @@ async def test_a_piece_changed_on_disk_after_a_client_read_it_never_enters_the_c
         f.write(bytes([DATA[bad] ^ 0xFF]))
     with pytest.raises(errors.IntegrityError):
         await node.download.confirm(node.job, node.partial)
+
+
+async def test_a_blob_taken_from_the_swarm_leaves_no_pieces_in_memory(node: Node) -> None:
+    """The torrent goes on seeding after the blob enters the cache, for as long as it is cached,
+    and its listeners held the Download, whose one hash kept the last pieces it took (up to
+    SHARED_WINDOW, at least two pieces: 8 MiB at 4 MiB pieces): memory for every blob this node
+    took from the swarm, never given back while it seeds."""
+    await finish(node)
+    assert await read_all(node.download) == DATA
+    published = metainfo.Published(node.job.meta, "signature")
+    admitted = Admitted(published, Grant("token", "certificate"), "receipt")
+    async with asyncio.timeout(60):
+        await node.download._from_swarm(admitted)  # the torrent is this node's already: the same job
+    assert node.deps.store.has(DIGEST)
+    assert node.deps.swarm is not None and node.deps.swarm.job(DIGEST.hex) is node.job  # seeding
+    held = [listener for listener in node.job.listeners if getattr(listener, "__self__", None) is node.download]
+    kept = node.download.whole._kept if node.download.whole is not None else {}
+    assert not held or not kept, f"the seeding torrent holds {sum(len(d) for d, _ in kept.values())} bytes"
+    # and the cached file is the blob
+    assert node.deps.store.path(DIGEST).read_bytes() == DATA
