@@ -437,18 +437,16 @@ class Download:
         whole = self.whole
         assert whole is not None
         length = job.meta.piece_length
-        stall = self.deps.policy.stall_timeout
+        # A client in step with the hash feeds it as it reads: waited for, stall_timeout in all.
+        # Not per piece fed (a client reading one piece per stall_timeout held the blob out of
+        # the cache for as long as it read), nor per client leaving (late joiners, each a
+        # follower until its first piece shows it is behind, kept a stalled one holding it).
+        # A client still reading after that hashes the rest on its own, as every client did
+        # before there was one hash per node.
+        deadline = time.monotonic() + self.deps.policy.stall_timeout
         following = True
-        fed, deadline = whole.next, time.monotonic() + stall
         while not whole.complete:
             if following and whole.followers:
-                # a client in step with the hash feeds it as it reads; bounded: one that stops
-                # reading for stall_timeout is left behind (it then hashes on its own). Only a
-                # piece fed is progress: a client leaving wakes us to count again, but late
-                # joiners (each a follower until its first piece shows it is behind) must not
-                # keep a stalled one holding the blob out of the cache.
-                if whole.next != fed:
-                    fed, deadline = whole.next, time.monotonic() + stall
                 left = deadline - time.monotonic()
                 following = left > 0 and await whole.wait_change(left)
                 continue

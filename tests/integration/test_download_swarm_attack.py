@@ -67,6 +67,30 @@ async def test_clients_joining_late_do_not_hold_the_cache_for_a_stalled_one(node
     assert rest == DATA[6 * piece:]
 
 
+async def test_a_slow_client_in_step_holds_the_cache_no_longer_than_stall_timeout(node: Node) -> None:
+    """A client that reads a piece a bit faster than one per stall_timeout (a slow consumer, or
+    one that means to) stayed in step and fed the hash, each piece restarting the commit's wait:
+    the blob stayed out of the cache for as long as the client read (up to pieces x
+    stall_timeout), not stall_timeout."""
+    node.download.deps = dataclasses.replace(node.deps, policy=SwarmPolicy(stall_timeout=0.5))
+    piece = node.job.meta.piece_length
+    got = bytearray()
+    async with contextlib.aclosing(node.download.stream(0, len(DATA), whole=True)) as slow:
+        for _ in range(6):
+            got += await anext(slow)
+        await finish(node)
+        confirm = asyncio.create_task(node.download.confirm(node.job, node.partial))
+        async for chunk in slow:
+            got += chunk
+            if len(got) < len(DATA):
+                # a piece per 0.4 s (bounded; sooner once the commit is done)
+                await asyncio.wait({confirm}, timeout=0.4)
+            else:
+                assert confirm.done(), "the commit waited for the slow client to the end of the blob"
+        await confirm
+    assert bytes(got) == DATA and len(DATA) > 10 * piece
+
+
 async def test_range_readers_and_hang_ups_beside_a_whole_reader(node: Node) -> None:
     """Range readers at and off piece boundaries, whole readers hanging up after some pieces, one
     whole reader to the end, all at once: every byte is the blob's, the followers count comes
