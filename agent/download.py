@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from shoal import errors
 from shoal.oci import Digest
 from shoal.registry import Authorization
-from shoal.store import BlobStore, fsync_file
+from shoal.store import BlobStore, fsync_file, sha256_file, stamp_of
 from shoal.swarm import Swarm, TorrentJob
 from shoal_agent.config import SwarmPolicy
 from shoal_agent.files import FILE_CHUNK, read_file
@@ -384,17 +384,24 @@ class Download:
                 await job.wait_change(0.5)
             await job.flush()
             partial = store.downloads_dir / self.digest.hex
-            try:
-                await self.confirm(job, partial)
-            except errors.IntegrityError:
-                self.deps.metrics.integrity_failures.labels("peers").inc()
-                raise
+            # The one hash covers what libtorrent handed out, not a re-read of the file: a file
+            # written to after the flush (nothing of ours writes to it then; a stray writer, a
+            # restore) is hashed again whole before it is adopted, as every file was before.
+            flushed = stamp_of(await asyncio.to_thread(os.stat, partial))
 
             def settle() -> None:
+                if stamp_of(os.stat(partial)) != flushed:
+                    log.warning("%s changed on disk after the flush: hashing it again", partial.name)
+                    sha256_file(partial, self.digest)
                 fsync_file(partial)
                 store.blob_dir(self.digest).mkdir(parents=True, exist_ok=True)
 
-            await asyncio.to_thread(settle)
+            try:
+                await self.confirm(job, partial)
+                await asyncio.to_thread(settle)
+            except errors.IntegrityError:
+                self.deps.metrics.integrity_failures.labels("peers").inc()
+                raise
             await job.move_to(store.blob_dir(self.digest))
             moved = True
             # its sources first: a request between adoption and them would find the blob

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from shoal import errors, metainfo
-from shoal.swarm import Grant
+from shoal.swarm import Grant, TorrentJob
 from shoal_agent.config import SwarmPolicy
 from shoal_agent.membership import Admitted
 from tests.integration.test_download_swarm import DATA, DIGEST, Node, finish, read_all, start, window
@@ -38,6 +38,19 @@ async def collect(node: Node, offset: int, length: int, *, whole: bool, chunks: 
                 if chunks == 0:
                     break
     return bytes(out)
+
+
+async def commit(node: Node) -> None:
+    """_from_swarm's steps after the download, on the torrent and the hash the node's readers
+    used (it attaches once, before any client reads: here the fixture did)."""
+    admitted = Admitted(metainfo.Published(node.job.meta, "signature"), Grant("token", "certificate"), "receipt")
+    attach = node.download.attach
+    node.download.attach = lambda job: None  # type: ignore[method-assign]
+    try:
+        async with asyncio.timeout(60):
+            await node.download._from_swarm(admitted)
+    finally:
+        node.download.attach = attach  # type: ignore[method-assign]
 
 
 async def test_clients_joining_late_do_not_hold_the_cache_for_a_stalled_one(node: Node) -> None:
@@ -158,22 +171,48 @@ async def test_a_fallback_while_a_client_holds_the_hash_state(node: Node, tmp_pa
         assert len(got) < len(DATA)
 
 
-@pytest.mark.xfail(strict=True, reason="attack16 finding 2: pieces hashed as clients read them are not "
-                                       "read back from the file the cache adopts")
+@pytest.mark.xfail(strict=True, reason="attack16 finding 2, the rest of it: a change to the file before the "
+                                       "flush (libtorrent still writing) after a client read that piece is "
+                                       "not seen: the commit does not re-read pieces clients were given")
 async def test_a_piece_changed_on_disk_after_a_client_read_it_never_enters_the_cache(node: Node) -> None:
-    """A client read every piece (libtorrent's read of each, hashed once); then, after the
-    flush, a byte of the file changes (a disk fault, a stray writer). Before issue 16 the commit
-    re-read the whole file (sha256_file) and refused it; now the commit trusts the hash of what
-    the client was given, so the changed file would be adopted, and the cache serves a cached
-    blob with sendfile, unhashed: a complete wrong body for every later client."""
+    """A client read every piece (libtorrent's read of each, hashed once); then, before the
+    commit's flush (in production: while the download still runs), a byte of the file changes (a
+    disk fault, a stray writer). Before issue 16 the commit re-read the whole file (sha256_file)
+    and refused it; the commit trusts the hash of what the client was given, and the stamp it
+    compares is taken after its flush, so the changed file is adopted; a cached blob is then
+    served with sendfile, unhashed (its stat stamp, too, is taken after the change): a complete
+    wrong body for later clients, until the deep scrub."""
     assert await read_all(node.download) == DATA
-    await finish(node)
+    await finish(node)  # (libtorrent has every piece: it writes none of them again)
     bad = 2 * node.job.meta.piece_length + 7
     with open(node.partial, "r+b") as f:
         f.seek(bad)
         f.write(bytes([DATA[bad] ^ 0xFF]))
     with pytest.raises(errors.IntegrityError):
-        await node.download.confirm(node.job, node.partial)
+        await commit(node)  # its flush comes after the change
+
+
+async def test_a_file_changed_after_the_flush_is_hashed_again_before_the_cache(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The part of that the commit can see at the cost of two stats: the file changed between
+    the flush and the adoption (its stamp moved). A client read every piece first, so the one
+    hash alone would have taken it."""
+    assert await read_all(node.download) == DATA
+    await finish(node)
+    confirm = node.download.confirm
+    bad = 2 * node.job.meta.piece_length + 7
+
+    async def changed_then_confirm(job: TorrentJob, partial: Path) -> None:
+        with open(partial, "r+b") as f:
+            f.seek(bad)
+            f.write(bytes([DATA[bad] ^ 0xFF]))
+        await confirm(job, partial)
+
+    monkeypatch.setattr(node.download, "confirm", changed_then_confirm)
+    with pytest.raises(errors.IntegrityError):
+        await commit(node)
+    assert not node.deps.store.has(DIGEST)
+    assert node.deps.metrics.integrity_failures.labels("peers")._value.get() == 1
 
 
 async def test_a_blob_taken_from_the_swarm_leaves_no_pieces_in_memory(node: Node) -> None:
@@ -183,10 +222,7 @@ async def test_a_blob_taken_from_the_swarm_leaves_no_pieces_in_memory(node: Node
     took from the swarm, never given back while it seeds."""
     await finish(node)
     assert await read_all(node.download) == DATA
-    published = metainfo.Published(node.job.meta, "signature")
-    admitted = Admitted(published, Grant("token", "certificate"), "receipt")
-    async with asyncio.timeout(60):
-        await node.download._from_swarm(admitted)  # the torrent is this node's already: the same job
+    await commit(node)
     assert node.deps.store.has(DIGEST)
     assert node.deps.swarm is not None and node.deps.swarm.job(DIGEST.hex) is node.job  # seeding
     held = [listener for listener in node.job.listeners if getattr(listener, "__self__", None) is node.download]
