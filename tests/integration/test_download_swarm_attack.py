@@ -12,13 +12,23 @@ import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client import CollectorRegistry
 
-from shoal import errors, metainfo
-from shoal.swarm import Grant, TorrentJob
+from shoal import errors, metainfo, peercerts
+from shoal.registry import RegistryClient
+from shoal.store import BlobStore
+from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Grant, Swarm, SwarmSettings, TorrentJob
 from shoal_agent.config import SwarmPolicy
+from shoal_agent.download import Collaborators, Download
 from shoal_agent.membership import Admitted
+from shoal_agent.metrics import AgentMetrics
+from shoal_agent.upstreams import Upstream
 from tests.integration.test_download_swarm import DATA, DIGEST, Node, finish, read_all, start, window
+from tests.support import pki
+from tests.support.procs import free_port
 
 
 @pytest.fixture
@@ -230,3 +240,76 @@ async def test_a_blob_taken_from_the_swarm_leaves_no_pieces_in_memory(node: Node
     assert not held or not kept, f"the seeding torrent holds {sum(len(d) for d, _ in kept.values())} bytes"
     # and the cached file is the blob
     assert node.deps.store.path(DIGEST).read_bytes() == DATA
+
+
+
+@pytest.fixture
+async def lied_to(tmp_path: Path) -> AsyncIterator[tuple[Node, Swarm, Swarm]]:
+    """As test_download_swarm.start, but the node's torrent is connected to no one yet, and a
+    third session (the liar) seeds the same torrent from a file with a byte of every piece
+    flipped: added as a seed, it never checks what it sends. (node, honest seeder, liar)"""
+    ca = Ed25519PrivateKey.generate()
+    good, bad = tmp_path / "seed", tmp_path / "liar"
+    good.mkdir()
+    bad.mkdir()
+    (good / DIGEST.hex).write_bytes(DATA)
+    raw = await asyncio.to_thread(metainfo.create, good / DIGEST.hex, DIGEST,
+                                  announce="http://127.0.0.1:9/announce", root_cert=peercerts.ca_certificate(ca))
+    meta = metainfo.parse(raw)
+    wrong = bytearray(DATA)
+    for at in range(0, len(wrong), meta.piece_length):
+        wrong[at + 5] ^= 0xFF
+    (bad / DIGEST.hex).write_bytes(bytes(wrong))
+    seeder = Swarm(SwarmSettings("127.0.0.20", free_port("127.0.0.20"), SEEDER_FINGERPRINT))
+    liar = Swarm(SwarmSettings("127.0.0.22", free_port("127.0.0.22"), AGENT_FINGERPRINT))
+    leecher = Swarm(SwarmSettings("127.0.0.21", free_port("127.0.0.21"), AGENT_FINGERPRINT))
+    http = aiohttp.ClientSession()
+    store = BlobStore(tmp_path / "cache", max_bytes=64 << 20)
+    await store.open()
+    try:
+        for swarm, name in ((seeder, "origin"), (liar, "node-b"), (leecher, "node-a")):
+            await swarm.start()
+            await asyncio.sleep(0)  # (each blocks the loop a while: see test_download_swarm.start)
+            pki.admit(swarm, ca, name)
+            await asyncio.sleep(0)
+        seeder.add(meta, good, seed=True)
+        liar.add(meta, bad, seed=True)
+        deps = Collaborators(store=store, metrics=AgentMetrics(CollectorRegistry()), policy=SwarmPolicy(),
+                             swarm=leecher)
+        up = Upstream("reg", RegistryClient(http, "http://127.0.0.1:9", credentials=None, user_agent="t"))
+        download = Download(deps, up, "app", DIGEST, len(DATA), None)
+        job = leecher.add(meta, store.downloads_dir, seed=False)
+        download.attach(job)
+        yield Node(download, job, deps), seeder, liar
+    finally:
+        await leecher.stop()
+        await liar.stop()
+        await seeder.stop()
+        await store.close()
+        await http.close()
+
+
+async def test_a_peer_sending_pieces_that_fail_their_hash(lied_to: tuple[Node, Swarm, Swarm]) -> None:
+    """The node talks to the liar alone first, then to the honest seeder: whole and range readers
+    (at and off piece boundaries) reading all along get the blob's bytes only, and the one hash
+    over what they were given confirms the blob."""
+    node, seeder, liar = lied_to
+    piece, size = node.job.meta.piece_length, len(DATA)
+    readers = asyncio.gather(
+        read_all(node.download),
+        read_all(node.download),
+        collect(node, 0, size, whole=False),
+        collect(node, 2 * piece + 1, 3 * piece, whole=False),
+    )
+    node.job.handle.connect_peer(("127.0.0.22", liar.listen_port))
+    async with asyncio.timeout(60):
+        while node.job.hash_failures == 0:
+            await node.job.wait_change(0.5)
+    assert node.job.have_count == 0  # nothing the liar sent verified
+    node.job.handle.connect_peer(("127.0.0.20", seeder.listen_port))
+    got = await readers
+    assert list(got) == [DATA, DATA, DATA, DATA[2 * piece + 1: 5 * piece + 1]]
+    await finish(node)
+    async with asyncio.timeout(30):
+        await node.download.confirm(node.job, node.partial)
+    assert node.hashed("download") == size
