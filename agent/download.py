@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from shoal import errors
 from shoal.oci import Digest
 from shoal.registry import Authorization
-from shoal.store import BlobStore, fsync_file
+from shoal.store import BlobStore, fsync_file, sha256_file, stamp_of
 from shoal.swarm import Swarm, TorrentJob
 from shoal_agent.config import SwarmPolicy
 from shoal_agent.files import FILE_CHUNK, read_file
@@ -384,17 +384,24 @@ class Download:
                 await job.wait_change(0.5)
             await job.flush()
             partial = store.downloads_dir / self.digest.hex
-            try:
-                await self.confirm(job, partial)
-            except errors.IntegrityError:
-                self.deps.metrics.integrity_failures.labels("peers").inc()
-                raise
+            # The one hash covers what libtorrent handed out, not a re-read of the file: a file
+            # written to after the flush (nothing of ours writes to it then; a stray writer, a
+            # restore) is hashed again whole before it is adopted, as every file was before.
+            flushed = stamp_of(await asyncio.to_thread(os.stat, partial))
 
             def settle() -> None:
+                if stamp_of(os.stat(partial)) != flushed:
+                    log.warning("%s changed on disk after the flush: hashing it again", partial.name)
+                    sha256_file(partial, self.digest)
                 fsync_file(partial)
                 store.blob_dir(self.digest).mkdir(parents=True, exist_ok=True)
 
-            await asyncio.to_thread(settle)
+            try:
+                await self.confirm(job, partial)
+                await asyncio.to_thread(settle)
+            except errors.IntegrityError:
+                self.deps.metrics.integrity_failures.labels("peers").inc()
+                raise
             await job.move_to(store.blob_dir(self.digest))
             moved = True
             # its sources first: a request between adoption and them would find the blob
@@ -406,12 +413,20 @@ class Download:
             m = self.deps.metrics
             m.swarm_bytes.labels("seeder").inc(job.peer_bytes.from_seeders)
             m.swarm_bytes.labels("agent").inc(job.peer_bytes.from_agents)
+            # The torrent seeds on for as long as the blob is cached: it must not hold this
+            # Download, nor the pieces its hash kept (up to SHARED_WINDOW, at least two pieces,
+            # per blob). Readers still here take the cached file from now on.
+            self._detach(job)
+            self.whole = None
         except BaseException:
-            if job.listeners and self._notify in job.listeners:
-                job.listeners.remove(self._notify)
+            self._detach(job)
             self.job = self.whole = None
             await swarm.remove(self.digest.hex, delete_files=not moved)
             raise
+
+    def _detach(self, job: TorrentJob) -> None:
+        while self._notify in job.listeners:
+            job.listeners.remove(self._notify)
 
     def attach(self, job: TorrentJob) -> None:
         """Readers take the blob from `job`'s verified pieces from now on."""
@@ -429,12 +444,18 @@ class Download:
         whole = self.whole
         assert whole is not None
         length = job.meta.piece_length
+        # A client in step with the hash feeds it as it reads: waited for, stall_timeout in all.
+        # Not per piece fed (a client reading one piece per stall_timeout held the blob out of
+        # the cache for as long as it read), nor per client leaving (late joiners, each a
+        # follower until its first piece shows it is behind, kept a stalled one holding it).
+        # A client still reading after that hashes the rest on its own, as every client did
+        # before there was one hash per node.
+        deadline = time.monotonic() + self.deps.policy.stall_timeout
         following = True
         while not whole.complete:
             if following and whole.followers:
-                # a client in step with the hash feeds it as it reads; bounded: one that stops
-                # reading for stall_timeout is left behind (it then hashes on its own)
-                following = await whole.wait_change(self.deps.policy.stall_timeout)
+                left = deadline - time.monotonic()
+                following = left > 0 and await whole.wait_change(left)
                 continue
             index = whole.next
             data = await asyncio.to_thread(_pread_exact, partial, index * length,
