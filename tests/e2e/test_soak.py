@@ -43,7 +43,10 @@ def test_soak(registry: Registry, workdir: Path, store: str, tmp_path: Path) -> 
             redis.stop()
     assert run.requests and verdict.summary["distinct_bytes"] > 2 * plan.cache_budget  # eviction never stops
     assert verdict.summary["evictions"] > 0
-    # the journal's roll ran too: each agent wrote several MiB of records
-    assert all(verdict.summary[f"agent{n}.journal_rolls"] >= 1 for n in range(plan.agents)), verdict.summary
+    if redis is None:
+        # the journal's roll ran too: in 4 minutes each agent writes over a MiB of records (the
+        # roll size). The Redis run's 2.5 minutes wrote 0.7-0.8 MiB per agent on a busy day:
+        # whether it rolls depends on the machine's speed, not on shoal, so it is not asked there.
+        assert all(verdict.summary[f"agent{n}.journal_rolls"] >= 1 for n in range(plan.agents)), verdict.summary
     assert verdict.met, "\n".join(f"{t.name}: {t.measured}" for t in verdict.failures()) + "\n" + \
         json.dumps(verdict.summary, indent=1, default=str)[:6000]
