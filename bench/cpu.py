@@ -19,14 +19,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench import ltpair, uncapped
+from bench.sampler import cpu_jiffies
 from shoal.config import parse_size
 from tests.support.images import build_image, push
 from tests.support.registry import Registry
-
-
-def _cpu_times() -> tuple[int, int]:
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return fields[3] + fields[4], sum(fields)  # idle + iowait, all
 
 
 def main() -> int:
@@ -50,18 +46,18 @@ def main() -> int:
             for name, tree in trees:
                 if tree:
                     os.environ["PYTHONPATH"] = f"{tree}:{tree}/.mypy-path"  # the services' code
-                idle0, all0 = _cpu_times()
+                idle0, all0 = cpu_jiffies()
                 u = uncapped.run(work / f"uncapped-{run}", registry_host=registry.host, repo="bench/cpu",
                                  blob=(blob.digest, blob.size), agents=args.agents)
-                idle1, all1 = _cpu_times()
+                idle1, all1 = cpu_jiffies()
                 row = {"run": run + 1, "tree": name, "uncapped": asdict(u),
                        "uncapped_cpu_idle_pct": round(100 * (idle1 - idle0) / max(all1 - all0, 1), 1)}
                 print(json.dumps(row), flush=True)
                 shutil.rmtree(work / f"uncapped-{run}", ignore_errors=True)
             if not args.skip_pair:
-                idle1, all1 = _cpu_times()
+                idle1, all1 = cpu_jiffies()
                 pair = ltpair.run(work / "ltpair", blob=blob.path, digest=blob.digest)
-                idle2, all2 = _cpu_times()
+                idle2, all2 = cpu_jiffies()
                 print(json.dumps({"run": run + 1, "pair": asdict(pair),
                                   "pair_cpu_idle_pct": round(100 * (idle2 - idle1) / max(all2 - all1, 1), 1)}),
                       flush=True)

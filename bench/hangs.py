@@ -33,6 +33,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from bench.sampler import cpu_jiffies
 from shoal.config import parse_size
 from tests.support.clients import Containerd
 from tests.support.images import build_image, push
@@ -41,11 +42,6 @@ from tests.support.registry import Registry
 
 USERS = {"alice": "alice-bench-pw"}
 CASES = ("registry", "agent", "killed", "killed-both", "hung-after", "hung-at-once")
-
-
-def cpu_times() -> tuple[float, float]:
-    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[3] + fields[4], sum(fields)  # idle + iowait, total
 
 
 class Bench:
@@ -143,9 +139,9 @@ class Bench:
         try:
             for r in range(rounds):
                 for name in CASES:
-                    idle0, total0 = cpu_times()
+                    idle0, total0 = cpu_jiffies()
                     result = self.case(name, kill_after)
-                    idle1, total1 = cpu_times()
+                    idle1, total1 = cpu_jiffies()
                     rows.append({"round": r, "case": name, **{k: round(v, 3) for k, v in result.items()},
                                  "cpu_idle_percent": round(100 * (idle1 - idle0) / max(total1 - total0, 1), 1)})
                     print(json.dumps(rows[-1]), flush=True)

@@ -25,6 +25,7 @@ import yaml
 
 from bench import services
 from bench.loadgen import WrkResult, wrk
+from bench.sampler import cpu_jiffies
 from bench.trackers import register_and_script
 from shoal import metainfo, peercerts, protocol, signing
 from shoal.cluster import Cluster, command, make_keys, source_path
@@ -33,11 +34,6 @@ from tests.support.procs import free_port, proc_stats
 from tests.support.redis import RedisServer
 
 CASES = {"memory-1": (None, 1), "redis-1": ("redis", 1), "redis-2": ("redis", 2)}
-
-
-def cpu_times() -> tuple[int, int]:
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[3] + fields[4], sum(fields)  # idle + iowait, total
 
 
 def evalsha_usec(redis: RedisServer) -> float:
@@ -84,7 +80,7 @@ def run_case(work: Path, name: str, *, seconds: int, connections: int) -> dict[s
         wrk(f"http://127.0.0.1:{ports[0]}", threads=1, connections=8, seconds=2, script=script)
         pids = [p.pid for p in procs] + ([redis.proc.pid] if redis is not None and redis.proc is not None else [])
         cpu0 = {pid: proc_stats(pid)[1] for pid in pids}
-        idle0, total0 = cpu_times()
+        idle0, total0 = cpu_jiffies()
         results: list[WrkResult] = []
         lock = threading.Lock()
 
@@ -99,7 +95,7 @@ def run_case(work: Path, name: str, *, seconds: int, connections: int) -> dict[s
             t.start()
         for t in threads:
             t.join()
-        idle1, total1 = cpu_times()
+        idle1, total1 = cpu_jiffies()
         cpu1 = {pid: proc_stats(pid)[1] for pid in pids}
         script_usec = evalsha_usec(redis) if redis is not None else 0.0
         announces = sum(r.requests_per_second for r in results) * seconds

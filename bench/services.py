@@ -97,19 +97,6 @@ def shoal(host: Host, component: str, name: str, workdir: Path, config: dict[str
     return Service(host, name, command(component, path), workdir)
 
 
-def registry_bytes_sent(log: Path) -> int:
-    """Bytes of response bodies the registry wrote, from its own log."""
-    total = 0
-    if not log.exists():
-        return 0
-    for line in log.read_text(errors="replace").splitlines():
-        if "response completed" in line and "http.response.written=" in line:
-            value = line.split("http.response.written=", 1)[1].split()[0]
-            if value.isdigit():
-                total += int(value)
-    return total
-
-
 _REMOTE = re.compile(r'http\.request\.remoteaddr="?([^"\s]+)')
 
 

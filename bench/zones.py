@@ -23,13 +23,9 @@ from pathlib import Path
 
 from bench.netns import Host, Topology, sh
 from bench.rollout import REGISTRY_IP, Rollout
+from bench.sampler import cpu_jiffies
 from shoal.config import parse_size
 from tests.support.images import build_image, push
-
-
-def cpu_times() -> tuple[int, int]:
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[3] + fields[4], sum(fields)  # idle + iowait, total
 
 
 def count_from(host: Host, sources: list[str]) -> None:
@@ -60,9 +56,9 @@ def run(work: Path, topo: Topology, *, hosts: int, size: int, cap: int, rounds: 
                 for node in nodes:
                     others = [m.ip for m in nodes if zone[m.name] != zone[node.name]]
                     count_from(node, others + ([REGISTRY_IP] if zone[node.name] != "z0" else []))
-                idle0, total0 = cpu_times()
+                idle0, total0 = cpu_jiffies()
                 result = rollout.run("shoal", hosts, "bench/zones:v1", image.total_blob_bytes)
-                idle1, total1 = cpu_times()
+                idle1, total1 = cpu_jiffies()
                 cross = {z: sum(counted(n) for n in nodes if zone[n.name] == z) for z in ("z0", "z1")}
                 rows.append({
                     "zones": zoned, "zone_gateways": gateways if zoned else None, "round": round_ + 1,
