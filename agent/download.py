@@ -7,6 +7,10 @@ client reading the blob attaches to it:
    (agent/membership.py), which answers with the metainfo and this node's grant for the blob's
    swarm (seeding the blob first if needed); a blob smaller than `threshold` is not worth that:
    it comes from the swarm only if the origin seeds it already, else from the registry;
+   1a. a blob the origin is still to fetch: it answers at once with a relay ticket, and the
+   bytes of its fetch stream into the file libtorrent will use (whole-blob readers take them
+   as they come, unverified, as from the registry) until the next admission brings the
+   metainfo; libtorrent then checks the file and keeps every whole piece that matches;
 2. join the swarm, with deadlines: a first verified piece within `first_piece_timeout`, then
    no gap longer than `stall_timeout`;
 3. once complete: flush, sha256 the file from disk, let libtorrent rename it into `blobs/`
@@ -41,14 +45,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import aiohttp
+
 from shoal import errors
+from shoal.clients import ApiError
 from shoal.oci import Digest
 from shoal.registry import Authorization
 from shoal.store import BlobStore, fsync_file, sha256_file, stamp_of
 from shoal.swarm import Swarm, TorrentJob
 from shoal_agent.config import SwarmPolicy
 from shoal_agent.files import FILE_CHUNK, read_file
-from shoal_agent.membership import Admitted, Membership, SwarmFailure
+from shoal_agent.membership import Admitted, Membership, Relayed, SwarmFailure
 from shoal_agent.metrics import AgentMetrics
 from shoal_agent.upstreams import Upstream
 
@@ -62,6 +69,8 @@ EMPTY_DIGEST = Digest(hashlib.sha256(b"").hexdigest())
 # normally end a dead path much sooner.
 READER_SAFETY_TIMEOUT = 600.0
 READ_CHUNK = FILE_CHUNK  # bytes per read of a partial registry download (see FILE_CHUNK)
+# An origin that does not take the relay's connection in this long is not worth a head start.
+RELAY_CONNECT_TIMEOUT = 5.0
 # While no piece has arrived, re-announce this often to pick up peers that joined after us.
 ANNOUNCE_RETRY = 1.5
 # Pieces the whole-blob hash took are kept this long (bytes, at least two pieces) for readers
@@ -305,9 +314,11 @@ class Download:
                 admitted: Admitted | None = None
                 if self.deps.membership is not None:
                     try:
-                        admitted = await self.deps.membership.admit(
+                        small = self.size < self.deps.policy.threshold
+                        answer = await self.deps.membership.admit(
                             self.upstream, self.repo, self.digest, self.authorization,
-                            seeded_only=self.size < self.deps.policy.threshold)
+                            seeded_only=small, relay=not small)
+                        admitted = await self._relayed(answer) if isinstance(answer, Relayed) else answer
                         if admitted is not None:
                             self.sources.add(self.upstream.name)  # the origin vouched for it
                             await self._from_swarm(admitted)
@@ -341,6 +352,53 @@ class Download:
             self.chosen.set()
             self._notify()
         await store.make_room()
+
+    async def _relayed(self, relayed: Relayed) -> Admitted:
+        """The admission once the origin seeds the blob; meanwhile the bytes of its fetch, into
+        the file libtorrent will check when it joins the swarm (see the module's 1a)."""
+        membership = self.deps.membership
+        assert membership is not None
+        partial = self.deps.store.downloads_dir / self.digest.hex
+        self.partial, self.written = partial, 0
+        # The relay sends the bytes the origin fetches from this registry (it sends nothing if
+        # it fetches from another): this registry's bytes, as on the registry path.
+        self.sources.add(self.upstream.name)
+        self.chosen.set()
+        self._notify()
+        relay = asyncio.create_task(self._take_relay(relayed, partial))
+        try:
+            answer = await membership.admit(self.upstream, self.repo, self.digest, self.authorization)
+            if not isinstance(answer, Admitted):
+                raise SwarmFailure("origin_error", "the origin did not answer the admission with the metainfo")
+            return answer
+        except BaseException:
+            self.partial = None  # (readers must not spin on a file that is going away)
+            await asyncio.to_thread(partial.unlink, missing_ok=True)
+            raise
+        finally:
+            relay.cancel()
+            await asyncio.gather(relay, return_exceptions=True)
+
+    async def _take_relay(self, relayed: Relayed, partial: Path) -> None:
+        fd = await asyncio.to_thread(os.open, partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            chunks = relayed.origin.relay(self.digest, relayed.ticket, connect=RELAY_CONNECT_TIMEOUT,
+                                          idle=self.deps.policy.stall_timeout)
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    if self.written + len(chunk) > self.size:
+                        log.warning("the origin relayed more than the %d bytes of %s: relay dropped", self.size,
+                                    self.digest)
+                        return
+                    await asyncio.to_thread(os.pwrite, fd, chunk, self.written)
+                    self.written += len(chunk)
+                    self.deps.metrics.relay_bytes.inc(len(chunk))
+                    self._notify()
+        except (aiohttp.ClientError, TimeoutError, ApiError) as exc:
+            # a head start lost, nothing more: the swarm brings the blob
+            log.info("relay of %s ended after %d bytes: %s", self.digest, self.written, exc)
+        finally:
+            os.close(fd)
 
     def _finish(self, source: str, started: float) -> None:
         self.source = source
@@ -382,6 +440,7 @@ class Download:
                     swarm.force_reannounce(job)
                     last_announce = now
                 await job.wait_change(0.5)
+            self.partial = None  # a relayed prefix (1a): every piece is the torrent's now
             await job.flush()
             partial = store.downloads_dir / self.digest.hex
             # The one hash covers what libtorrent handed out, not a re-read of the file: a file
@@ -420,7 +479,7 @@ class Download:
             self.whole = None
         except BaseException:
             self._detach(job)
-            self.job = self.whole = None
+            self.job = self.whole = self.partial = None
             await swarm.remove(self.digest.hex, delete_files=not moved)
             raise
 

@@ -82,6 +82,16 @@ class Admitted:
     receipt: str
 
 
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    """The origin is still to fetch the blob: its bytes can be streamed from `origin` meanwhile,
+    with `ticket` (unverified: see protocol.RelayTicket); the metainfo comes with the next
+    admission, once the blob is seeded."""
+
+    origin: OriginClient
+    ticket: protocol.RelayTicket
+
+
 class Membership:
     def __init__(self, *, http: aiohttp.ClientSession, access: SwarmAccess, swarm: Swarm, policy: SwarmPolicy,
                  metrics: AgentMetrics) -> None:
@@ -217,18 +227,19 @@ class Membership:
     # ----- admission -----------------------------------------------------------------------------
 
     async def admit(self, upstream: Upstream, repo: str, digest: Digest, authorization: Authorization, *,
-                    seeded_only: bool = False) -> Admitted | None:
+                    seeded_only: bool = False, relay: bool = False) -> Admitted | Relayed | None:
         """The blob's metainfo and this node's grant for its swarm, once the origin had the
         registry accept `authorization` (as the agent authenticates to the registry for the
         puller) for this blob; with the origin's word that `upstream` holds the blob. With
-        `seeded_only`, None if the origin does not seed the blob already."""
+        `seeded_only`, None if the origin does not seed the blob already; with `relay`, perhaps
+        Relayed (at once) if the origin is still to fetch it."""
         if not self.enrolled.is_set():
             # right after start the enrollment is usually a few milliseconds away: wait for it
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.enrolled.wait(), self.policy.metainfo_timeout)
             if not self.enrolled.is_set():
                 raise SwarmFailure("not_enrolled", "this node is not enrolled with the origin yet")
-        request = protocol.AdmissionRequest(self.access.node, upstream.name, repo, seeded_only)
+        request = protocol.AdmissionRequest(self.access.node, upstream.name, repo, seeded_only, relay)
         # (the origin fetches nothing for a seeded_only request: a short budget will do)
         budget = self.policy.metainfo_timeout if seeded_only else self.policy.seed_timeout
         deadline = time.monotonic() + budget
@@ -281,6 +292,8 @@ class Membership:
             raise failure or SwarmFailure("origin_unreachable", "origin unreachable: no time left")
         if answer is None:
             return None
+        if isinstance(answer, protocol.RelayTicket):
+            return Relayed(self.origins[name], answer)
         key = self.access.origin_key
         try:
             signing.verify_metainfo(key, answer.metainfo, answer.signature)

@@ -46,6 +46,10 @@ class AgentMetrics:
                                    registry=registry)
         self.registry_bytes = Counter("shoal_agent_registry_bytes_total",
                                       "Blob bytes fetched from the origin registry", registry=registry)
+        self.relay_bytes = Counter("shoal_agent_relay_bytes_total",
+                                   "Bytes of cold blobs relayed by the origin while it fetched them (a head "
+                                   "start: libtorrent keeps the whole pieces of it, the swarm sends the rest)",
+                                   registry=registry)
         self.fallbacks = Counter("shoal_agent_fallbacks_total",
                                  "Swarm downloads abandoned for the registry, by reason", ["reason"],
                                  registry=registry)

@@ -34,6 +34,7 @@ from shoal_origin.config import OriginConfig
 from shoal_origin.operators import Operators
 from shoal_origin.preseed import Job, Preseeder
 from shoal_origin.registration import TrackerRegistration
+from shoal_origin.relay import Relays
 from shoal_origin.replicas import Replicas
 from shoal_origin.seeder import Seeder, SeederMetrics, Upstream
 
@@ -46,6 +47,7 @@ PRESEEDER_KEY = web.AppKey("preseeder", Preseeder)
 ADMISSIONS_KEY = web.AppKey("admissions", Admissions)
 OPERATORS_KEY = web.AppKey("operators", Operators)
 REPLICAS_KEY = web.AppKey("replicas", Replicas)
+RELAYS_KEY = web.AppKey("relays", Relays)
 USER_AGENT = "shoal-origin/0.1"
 
 
@@ -95,6 +97,13 @@ async def admission(request: web.Request) -> web.Response:
     seeder = request.app[SEEDER_KEY]
     if body.seeded_only and not seeder.is_seeded(digest):
         return web.Response(status=204)
+    if body.relay and not seeder.is_seeded(digest):
+        # A head start while the origin fetches (origin/relay.py): answered now, the node asks
+        # again (without `relay`) for the metainfo, which comes once the blob is seeded.
+        ticket = request.app[RELAYS_KEY].issue(body.node, body.ns, digest)
+        if ticket is not None:
+            seeder.seed_soon(body.ns, body.repository, digest)
+            return web.json_response(protocol.RelayTicket(ticket).to_json(), status=202)
     published = await seeder.ensure_seeded(body.ns, body.repository, digest)
     replicas = request.app.get(REPLICAS_KEY)
     if replicas is not None:  # the blob's other owners seed it too (origin/replicas.py)
@@ -104,6 +113,31 @@ async def admission(request: web.Request) -> web.Response:
     return web.json_response(protocol.Admission(published.meta.raw, published.signature,
                                                 seeder.source_signature(digest, body.ns), grant,
                                                 admissions.grant_ttl).to_json())
+
+
+async def relay(request: web.Request) -> web.StreamResponse:
+    """GET RELAY with a ticket from this node's admission: the blob's bytes as the origin fetches
+    them, until it is seeded (origin/relay.py). 204 when there is nothing to relay (the blob was
+    seeded, or its fetch failed, first): the node's admission tells it what next."""
+    digest = Digest.parse(request.match_info["digest"])
+    relays = request.app[RELAYS_KEY]
+    ns = relays.redeem(request.headers.get(protocol.RELAY_TICKET_HEADER, ""), digest)
+    if ns is None:
+        raise errors.Denied("no live relay ticket for this blob")
+    progress = await relays.progress(ns, digest)
+    if progress is None:
+        return web.Response(status=204)
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    try:
+        await response.prepare(request)
+        sent = await relays.stream(progress, response.write)
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError, TimeoutError):
+        # the node hung up (it had the metainfo, or gave up) or stopped reading: nothing lost
+        log.debug("relay of %s to a node ended early", digest)
+        return response
+    log.debug("relayed %d of %d bytes of %s", sent, progress.size, digest)
+    return response
 
 
 async def replica(request: web.Request) -> web.Response:
@@ -310,6 +344,7 @@ def build(config: OriginConfig) -> web.Application:
             registry.register(SwarmCollector("shoal_origin", swarm))
             registry.register(StoreCollector("shoal_origin", store))
             app[SEEDER_KEY] = seeder
+            app[RELAYS_KEY] = Relays(seeder.fetching.get, seeder.is_seeding, registry)
             app[PRESEEDER_KEY] = preseeder
             app[COLLECTOR_KEY] = collector
             registry.register(CollectorMetrics(collector))
@@ -326,6 +361,7 @@ def build(config: OriginConfig) -> web.Application:
     app.cleanup_ctx.append(lifecycle)
     add_routes(app, [
         (protocol.ADMISSION, admission, "node"),
+        (protocol.RELAY, relay, "node"),
         (protocol.GRANTS, grants, "node"),
         (protocol.JOURNAL, receive_journal, "node"),
         (protocol.AUDIT, query_audit, "audit"),

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import Grant, Swarm
 from shoal_origin.registration import TrackerRegistration
+from shoal_origin.relay import FetchProgress
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ class Seeder:
         self._metas: dict[Digest, Published] = {}
         self._registered_at: dict[Digest, float] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # The blobs being fetched now, for relays to follow (origin/relay.py)
+        self.fetching: dict[Digest, FetchProgress] = {}
         # With several origins another owner may still seed an evicted blob: its torrent stays
         # registered at the tracker (registering it again is idempotent).
         self.unregister_on_evict = True
@@ -195,6 +199,19 @@ class Seeder:
             await self._confirm_source(ns, repo, digest, published.meta.size)
         return published
 
+    def is_seeding(self, digest: Digest) -> bool:
+        """Whether a fetch-and-seed of `digest` runs now."""
+        return digest in self._flights
+
+    def seed_soon(self, ns: str, repo: str, digest: Digest) -> None:
+        """ensure_seeded in the background (an admission that answered with a relay ticket); a
+        failure is logged there, and the node's next admission runs it again."""
+        async def seed() -> None:
+            with contextlib.suppress(errors.ShoalError):
+                await self.ensure_seeded(ns, repo, digest)
+
+        self._spawn(seed())
+
     def source_signature(self, digest: Digest, ns: str) -> str:
         return signing.sign_source(self.key, str(digest), ns)
 
@@ -235,6 +252,19 @@ class Seeder:
 
         await self._confirmations.run((ns, digest), confirm)
 
+    @contextlib.contextmanager
+    def _followed(self, ns: str, digest: Digest, size: int) -> Iterator[FetchProgress]:
+        """The fetch of `digest` from `ns`, visible to relays until the blob is seeded (or the
+        fetch failed)."""
+        progress = FetchProgress(ns, self.store.path(digest), size)
+        self.fetching[digest] = progress
+        try:
+            yield progress
+        finally:
+            progress.end()
+            if self.fetching.get(digest) is progress:
+                del self.fetching[digest]
+
     async def _seed(self, upstream: Upstream, repo: str, digest: Digest) -> Published:
         started = time.monotonic()
         size = await upstream.client.blob_size(repo, digest)
@@ -244,27 +274,35 @@ class Seeder:
             raise errors.BadRequest(errors.SIZE_INVALID, f"blob of {size} bytes exceeds max_blob_size")
         if size == 0:
             raise errors.BadRequest(errors.SIZE_INVALID, "empty blobs are not seeded (nothing to share)")
-        with self.store.pinned(digest), self.store.reservation(size):
+        followed = self._followed(upstream.name, digest, size)
+        with self.store.pinned(digest), self.store.reservation(size), followed as progress:
             await self.store.make_room()
             if not self.store.has(digest):
                 tmp = self.store.download_path(digest)
-                got = await upstream.client.download_blob(repo, digest, tmp, max_size=size,
-                                                          progress=self.metrics.registry_bytes.inc)
+                progress.moved(tmp)
+
+                def arrived(n: int) -> None:
+                    self.metrics.registry_bytes.inc(n)
+                    progress.advance(n)
+
+                got = await upstream.client.download_blob(repo, digest, tmp, max_size=size, progress=arrived)
                 if got != size:
                     await asyncio.to_thread(tmp.unlink, missing_ok=True)
                     raise errors.IntegrityError(f"registry sent {got} bytes for a {size}-byte blob")
                 await self.store.commit_file(digest, tmp)
                 await self.store.add_source(digest, upstream.name)
+            else:
+                progress.advance(size)
             raw = await asyncio.to_thread(metainfo.create, self.store.path(digest), digest,
                                           announce=self.announce, root_cert=self.root_cert)
             meta = metainfo.parse(raw)
             published = Published(meta, signing.sign_metainfo(self.key, raw))
             await self.store.save_metainfo(digest, raw, published.signature)
-        # Register first: the seeder's first announce must find the torrent known, or libtorrent
-        # backs off and agents see no seeder for a whole announce interval.
-        await self.registration.register(meta, published.signature)
-        self._metas[digest] = published
-        self.swarm.add(meta, self.store.blob_dir(digest), seed=True)
+            # Register first: the seeder's first announce must find the torrent known, or
+            # libtorrent backs off and agents see no seeder for a whole announce interval.
+            await self.registration.register(meta, published.signature)
+            self._metas[digest] = published
+            self.swarm.add(meta, self.store.blob_dir(digest), seed=True)
         self.metrics.fetch_seconds.observe(time.monotonic() - started)
         log.info("seeding %s from %s/%s (%d bytes, %d pieces) after %.2fs", digest, upstream.name, repo,
                  size, meta.num_pieces, time.monotonic() - started)

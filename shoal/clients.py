@@ -12,6 +12,7 @@ A call returns the answer's typed body, or raises:
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -76,10 +77,11 @@ class OriginClient:
 
     async def admission(self, digest: Digest, request: protocol.AdmissionRequest, credential: str | None,
                         key: Ed25519PrivateKey, *, within: float,
-                        connect: float | None = None) -> protocol.Admission | None:
+                        connect: float | None = None) -> protocol.Admission | protocol.RelayTicket | None:
         """Ask to join `digest`'s swarm for a puller whose credential is `credential` (None:
         anonymous). ApiError 403 if the registry does not let that credential pull the blob;
-        None if the request was `seeded_only` and the origin does not seed the blob."""
+        None if the request was `seeded_only` and the origin does not seed the blob; a
+        RelayTicket if it asked for `relay` and the origin is still to fetch the blob."""
         body = request.encode()
         headers = self._signed("admission", body, key)
         if credential is not None:
@@ -91,9 +93,25 @@ class OriginClient:
                                   timeout=aiohttp.ClientTimeout(total=within, sock_connect=connect)) as r:
             if r.status == 204 and request.seeded_only:
                 return None
+            if r.status == 202 and request.relay:
+                return protocol.RelayTicket.from_json(await r.json())
             if r.status != 200:
                 raise await _refused(r, "the origin did not admit this node to the blob's swarm")
             return protocol.Admission.from_json(await r.json())
+
+    async def relay(self, digest: Digest, ticket: protocol.RelayTicket, *, connect: float,
+                    idle: float) -> AsyncGenerator[bytes, None]:
+        """The blob's bytes as the origin fetches it, until it is seeded (nothing if it already
+        is): unverified, see protocol.RelayTicket. `idle`: the longest wait for the next bytes."""
+        async with self.http.get(protocol.RELAY.url(self.base, digest=str(digest)),
+                                 headers={**self._auth, protocol.RELAY_TICKET_HEADER: ticket.ticket},
+                                 timeout=aiohttp.ClientTimeout(sock_connect=connect, sock_read=idle)) as r:
+            if r.status == 204:
+                return
+            if r.status != 200:
+                raise await _refused(r, "the origin did not relay the blob")
+            async for chunk in r.content.iter_any():
+                yield chunk
 
     async def ship_journal(self, batch: protocol.JournalBatch, key: Ed25519PrivateKey, *,
                            within: float) -> protocol.JournalAck:

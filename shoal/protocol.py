@@ -53,6 +53,9 @@ STATUS = Route("GET", "/v1/status")
 # Origin: admissions to blobs' swarms, a node's enrollment and grants, the journal collector,
 # audit queries, pre-seed jobs
 ADMISSION = Route("POST", "/v1/blobs/{digest}/admission")
+# A cold blob's bytes as the origin fetches them from the registry, for a node it admitted with a
+# RelayTicket (node token and the ticket in RELAY_TICKET_HEADER)
+RELAY = Route("GET", "/v1/blobs/{digest}/relay")
 GRANTS = Route("POST", "/v1/swarm/grants")
 JOURNAL = Route("POST", "/v1/journal")
 AUDIT = Route("GET", "/v1/audit")
@@ -160,13 +163,17 @@ class AdmissionRequest:
     """POST ADMISSION: node `node` asks to join the swarm of a blob of `repository` at registry
     `ns`, on behalf of a puller whose credential is in PULLER_AUTHORIZATION_HEADER. With
     `seeded_only` (small blobs, which are not worth a fetch by the origin) an admitted node gets
-    204 rather than an Admission when the origin does not seed the blob already. Signed by the
-    node's key (NODE_SIGNATURE_HEADER over `encode()`), and dated (`at`, unix seconds)."""
+    204 rather than an Admission when the origin does not seed the blob already. With `relay` an
+    admitted node gets 202 and a RelayTicket, at once, when the origin is still to fetch the blob
+    (the node streams the fetch's bytes from RELAY and asks again, without `relay`, for the
+    Admission, which comes once the blob is seeded). Signed by the node's key
+    (NODE_SIGNATURE_HEADER over `encode()`), and dated (`at`, unix seconds)."""
 
     node: str
     ns: str
     repository: str
     seeded_only: bool = False
+    relay: bool = False
     at: int = field(default_factory=lambda: int(time.time()))
 
     def to_json(self) -> dict[str, Any]:
@@ -178,11 +185,32 @@ class AdmissionRequest:
     @classmethod
     def from_json(cls, doc: Any) -> AdmissionRequest:
         d = _doc(doc)
-        seeded_only = d.get("seeded_only", False)
+        seeded_only, relay = d.get("seeded_only", False), d.get("relay", False)
         if not isinstance(seeded_only, bool):
             raise errors.BadRequest(errors.INVALID_REQUEST, "seeded_only must be true or false")
+        if not isinstance(relay, bool):
+            raise errors.BadRequest(errors.INVALID_REQUEST, "relay must be true or false")
         return cls(node_name(_text(d, "node", max_length=253)), _text(d, "ns", max_length=255),
-                   _text(d, "repository", max_length=255), seeded_only, _count(d, "at"))
+                   _text(d, "repository", max_length=255), seeded_only, relay, _count(d, "at"))
+
+
+RELAY_TICKET_HEADER = "Shoal-Relay-Ticket"
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTicket:
+    """The 202 answer of ADMISSION with `relay`: GET RELAY with `ticket` (for this node and blob
+    only, good while the origin fetches it) streams the blob's bytes as they come from the
+    registry, unverified: the node holds them to the blob's digest and its torrent's pieces."""
+
+    ticket: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> RelayTicket:
+        return cls(_text(_doc(doc), "ticket", max_length=128))
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,8 +45,10 @@ def admission(origin: str, token: str, digest: str, node: str, key: peercerts.No
     for a puller whose credential is `credential` (an Authorization value; None: anonymous).
     ApiError unless admitted (and the blob seeded)."""
     request = protocol.AdmissionRequest(node, ns, repository)
-    return run(lambda http: OriginClient(http, origin, token).admission(
+    answer = run(lambda http: OriginClient(http, origin, token).admission(
         Digest.parse(digest), request, credential, key.private_key, within=120))
+    assert not isinstance(answer, protocol.RelayTicket)  # (asked without `relay`)
+    return answer
 
 
 def grants(origin: str, token: str, node: str, key: peercerts.NodeKey,

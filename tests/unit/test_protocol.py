@@ -402,13 +402,21 @@ def test_audit_times_do_not_depend_on_the_servers_zone(monkeypatch: pytest.Monke
 
 def test_signed_bodies_are_compact_json_and_read_back() -> None:
     """What a node signs is exactly what it sends: compact JSON (protocol.AdmissionRequest.encode),
-    whose every field reads back; seeded_only is false unless said."""
+    whose every field reads back; seeded_only and relay are false unless said (an agent older
+    than relays sends neither)."""
     request = protocol.AdmissionRequest("node-1", "registry.example:5000", "team/app", at=5)
     assert request.encode() == (b'{"node":"node-1","ns":"registry.example:5000","repository":"team/app",'
-                                b'"seeded_only":false,"at":5}')
+                                b'"seeded_only":false,"relay":false,"at":5}')
     assert protocol.AdmissionRequest.from_json(json.loads(request.encode())) == request
+    relayed = protocol.AdmissionRequest("node-1", "r", "a", relay=True, at=5)
+    assert protocol.AdmissionRequest.from_json(json.loads(relayed.encode())) == relayed
     plain = protocol.AdmissionRequest.from_json({"node": "n", "ns": "r", "repository": "a", "at": 1})
-    assert plain.seeded_only is False
+    assert plain.seeded_only is False and plain.relay is False
+    with pytest.raises(errors.BadRequest, match="relay"):
+        protocol.AdmissionRequest.from_json({"node": "n", "ns": "r", "repository": "a", "at": 1, "relay": "yes"})
+    assert protocol.RelayTicket.from_json({"ticket": "t"}) == protocol.RelayTicket("t")
+    with pytest.raises(errors.BadRequest, match="ticket"):
+        protocol.RelayTicket.from_json({"ticket": "x" * 129})
     grants = protocol.GrantsRequest("node-1", "pem é", [protocol.Receipt("sha256:ab", "r1")], at=7)
     assert grants.encode() == ('{"node":"node-1","public_key":"pem é","renew":[{"digest":"sha256:ab","receipt":"r1"}],'
                                '"at":7}').encode()
