@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 SEGMENT_RE = re.compile(r"segment-(\d{10})\.jsonl")
 
 
+def _lines(docs: tuple[dict[str, Any], ...]) -> bytes:
+    return b"".join(json.dumps(audit.fit(doc), separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+                    for doc in docs)
+
+
 def segment_name(seq: int) -> str:
     return f"segment-{seq:010d}.jsonl"
 
@@ -102,19 +107,30 @@ class Journal:
     async def record(self, *docs: dict[str, Any]) -> None:
         """Append records (one line each, in one write); returns once they are on disk.
         JournalError if they cannot be."""
-        line = b"".join(json.dumps(audit.fit(doc), separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-                        for doc in docs)
+        line = _lines(docs)
         # The budget gates new responses (start records); a started one always gets its end.
         if self.max_disk_bytes is not None and self._disk + len(line) > self.max_disk_bytes and \
                 any(doc.get("phase") == "start" for doc in docs):
             # (a client sending 8 KB references wrote 13 MB/s of journal while shipping was down)
             raise JournalError(f"the pull journal is full ({self._disk} bytes not yet shipped to the collector); "
                                "nothing is served unrecorded")
+        await self._queue(line)
+
+    def record_later(self, *docs: dict[str, Any]) -> None:
+        """Append records without waiting for the disk: for a response's end record, whose
+        client has had every byte (its start record went to disk before the first one), and
+        whose connection would otherwise wait for one more fsync before its next request.
+        They are written in order with the next group commit; a failure to write is logged
+        there (the response is over: nothing to refuse)."""
+        fut = self._queue(_lines(docs))
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def _queue(self, line: bytes) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((line, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        await fut
+        return fut
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()

@@ -63,15 +63,15 @@ def journal_middleware(journal: Journal, node: str) -> Middleware:
             await journal.record(start_doc(status))
             state["started"] = True
 
-        async def end(outcome: str, error: str | None = None, size: int | None = None) -> None:
-            await journal.record(end_doc(outcome, error, size))
+        def end(outcome: str, error: str | None = None, size: int | None = None) -> None:
+            journal.record_later(end_doc(outcome, error, size))
 
         state_of(request).before_start = before_start
         try:
             resp = await handler(request)
         except BaseException as exc:
             if state["started"]:
-                await end("aborted", type(exc).__name__)
+                end("aborted", type(exc).__name__)
             raise
         body = getattr(resp, "body", None)
         size = len(body) if isinstance(body, bytes) and not audit.bytes else None
@@ -84,7 +84,7 @@ def journal_middleware(journal: Journal, node: str) -> Middleware:
                 return error_response(exc)
             state["started"] = True
             return resp
-        await end("complete", size=size)
+        end("complete", size=size)
         return resp
 
     return record
