@@ -53,14 +53,16 @@ _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-# A key whose last part holds one of these words carries a secret: its value is never shown.
-_SECRET_WORDS = frozenset({"password", "passwd", "token", "secret", "credential", "credentials", "key"})
+# A key, or a key above it, named like these carries a secret (`password`, `node_token`,
+# `signing_key`, `redis.password.env`): its value is never shown. (`token_realms` is not one.)
+_SECRET_NAMES = frozenset({"password", "passwd", "secret", "token", "credential", "credentials", "key"})
+_SECRET_SUFFIXES = tuple(f"_{name}" for name in _SECRET_NAMES)
 
 
 def secret_key(key: str) -> bool:
-    """Whether the dotted key names a secret (`upstreams[0].password`, `redis.password.env`...)."""
-    parts = re.split(r"[._\[\]\s-]+", key.lower())
-    return any(part in _SECRET_WORDS for part in parts)
+    """Whether the dotted key names a secret or a part of one."""
+    parts = re.split(r"[.\[\]\s]+", key.lower())
+    return any(part in _SECRET_NAMES or part.endswith(_SECRET_SUFFIXES) for part in parts)
 
 
 def shown(value: Any, key: str) -> str:

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from shoal import announcing, errors, protocol
+from shoal import announcing, config, errors, protocol
 from shoal.config import parse_duration, parse_size, read_yaml
 from shoal.errors import ConfigError
 from shoal.swarm import SwarmSettings
@@ -320,3 +320,13 @@ def test_component_configs_never_echo_a_secret(load: Any, text: str, key: str, t
         load(read_yaml(str(path)))
     assert str(exc.value).startswith(key)
     assert "hunter2secret" not in str(exc.value)
+
+
+@pytest.mark.parametrize(("key", "secret"), [
+    ("upstreams[0].password.file", True), ("redis.password.env", True), ("node_token", True),
+    ("signing_key", True), ("peer_token.env", True),
+    ("upstreams[0].token_realms[0]", False), ("upstreams[0].url", False), ("cache.max_bytes", False),
+])
+def test_which_keys_hold_secrets(key: str, secret: bool) -> None:
+    assert config.secret_key(key) is secret
+    assert ("hunter2" in config.shown("hunter2", key)) is not secret
