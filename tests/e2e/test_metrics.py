@@ -53,6 +53,7 @@ def test_metrics_before_any_traffic(stack: Stack) -> None:
         out = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
                              timeout=60)
         assert (out.returncode, out.stdout.strip(), out.stderr.strip()) == (0, "", ""), (kind, out)
+        print(f"\n{kind}: {len(samples)} samples before any pull")
 
     a = scraped["agent"]
     _zero_for_each(a, "shoal_agent_fallbacks_total", "reason", agent_metrics.FALLBACK_REASONS)
