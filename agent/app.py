@@ -12,13 +12,12 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from shoal import errors, peercerts, protocol, signing
 from shoal.config import read_token
-from shoal.metrics import StoreCollector, SwarmCollector
+from shoal.metrics import StoreCollector, SwarmCollector, component_registry
 from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import AGENT_FINGERPRINT, Swarm, SwarmSettings
@@ -112,7 +111,7 @@ def _error_for(request: web.Request, exc: Exception) -> web.StreamResponse:
 
 def build(config: AgentConfig) -> web.Application:
     creds = {u.name: u.credentials(f"upstreams[{i}]") for i, u in enumerate(config.upstreams)}
-    registry = CollectorRegistry()
+    registry = component_registry("agent")
     metrics = AgentMetrics(registry)
     data = Path(config.data_dir)
     access = None

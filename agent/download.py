@@ -56,7 +56,7 @@ from shoal.swarm import Swarm, TorrentJob
 from shoal_agent.config import SwarmPolicy
 from shoal_agent.files import FILE_CHUNK, read_file
 from shoal_agent.membership import Admitted, Membership, Relayed, SwarmFailure
-from shoal_agent.metrics import AgentMetrics
+from shoal_agent.metrics import AgentMetrics, DownloadSource, FallbackReason
 from shoal_agent.upstreams import Upstream
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ class Download:
         self.job: TorrentJob | None = None
         # With `job`: the blob's one sha256 (see WholeHash)
         self.whole: WholeHash | None = None
-        self.source = "peers"
+        self.source: DownloadSource = "peers"
         # The registries known to hold these bytes (agent/provenance.py), kept with the blob: the
         # one it is fetched from, or those the origin vouched for.
         self.sources: set[str] = set()
@@ -325,7 +325,7 @@ class Download:
                             self._finish("peers", started)
                             return
                     except (errors.SwarmUnavailable, errors.IntegrityError) as exc:
-                        reason = exc.reason if isinstance(exc, SwarmFailure) else \
+                        reason: FallbackReason = exc.reason if isinstance(exc, SwarmFailure) else \
                             "integrity" if isinstance(exc, errors.IntegrityError) else "swarm_error"
                         self.deps.metrics.fallbacks.labels(reason).inc()
                         log.warning("swarm could not deliver %s (%s); fetching from the registry",
@@ -400,7 +400,7 @@ class Download:
         finally:
             os.close(fd)
 
-    def _finish(self, source: str, started: float) -> None:
+    def _finish(self, source: DownloadSource, started: float) -> None:
         self.source = source
         elapsed = time.monotonic() - started
         m = self.deps.metrics

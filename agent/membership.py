@@ -37,7 +37,7 @@ from shoal.oci import Digest
 from shoal.registry import OWN, Authorization
 from shoal.swarm import Grant, Swarm
 from shoal_agent.config import SwarmPolicy
-from shoal_agent.metrics import FALLBACK_REASONS, AgentMetrics
+from shoal_agent.metrics import FALLBACK_REASONS, AgentMetrics, FallbackReason
 from shoal_agent.upstreams import Upstream
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ ENROLL_TIMEOUT = 5.0
 
 
 class SwarmFailure(errors.SwarmUnavailable):
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: FallbackReason, message: str) -> None:
         assert reason in FALLBACK_REASONS, reason
         super().__init__(message)
         self.reason = reason

@@ -15,14 +15,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector as PromCollector
 
 from shoal import audit, errors, peercerts, protocol, signing
 from shoal.config import read_token
 from shoal.errors import ConfigError
-from shoal.metrics import StoreCollector, SwarmCollector
+from shoal.metrics import StoreCollector, SwarmCollector, component_registry
 from shoal.oci import Digest, ImageReference, validate_name
 from shoal.registry import RegistryClient
 from shoal.store import BlobStore
@@ -282,7 +281,7 @@ def build(config: OriginConfig) -> web.Application:
         raise ConfigError("peer_token: must differ from node_token and registration_token (nodes and the "
                           "tracker hold those)")
 
-    registry = CollectorRegistry()
+    registry = component_registry("origin")
     metrics = SeederMetrics(registry)
     operators = Operators(config.operators, cluster_secrets={"node token": node_token, "registration token": token,
                                                            **({"peer token": peer_token} if peer_token else {})},

@@ -21,11 +21,12 @@ import logging
 import os
 import secrets
 import time
+import typing
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
@@ -33,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter
 from shoal import audit, errors, logs, netaddr, operator_tokens, presented
 from shoal.errors import ConfigError
 from shoal.flights import SingleFlight
+from shoal.metrics import Known
 from shoal.oci import ImageReference
 from shoal.registry import RegistryClient
 from shoal.web import Operator, Role
@@ -55,6 +57,19 @@ MAX_FAILED_LOGINS_PER_USER = 30
 MAX_REFUSALS_AUDITED = 10
 # One answer for a login the registry refuses and for one it accepts but that holds no role, so
 # that the origin tells nobody whether a password is right.
+# Operator requests by how they were authenticated (token, registry) or refused; a cluster secret
+# presented as an operator credential is counted under its name. Each exported from the start at 0.
+OperatorResult = Literal["token", "registry", "unauthenticated", "denied", "rate_limited", "refusals_not_audited",
+                         "node_token", "registration_token", "peer_token"]
+OPERATOR_RESULTS: tuple[OperatorResult, ...] = typing.get_args(OperatorResult)
+
+
+def _secret_result(name: str) -> OperatorResult:
+    """The result a cluster secret ("node token", ...) presented by an operator is counted under."""
+    label = name.replace(" ", "_")
+    return label if label in OPERATOR_RESULTS else "denied"
+
+
 _NOT_ACCEPTED = "not an operator: the registry did not accept this login, or it holds no operator role"
 _NOT_OPERATOR = "this API is for operators (an operator token, or a registry login with a role)"
 
@@ -130,9 +145,9 @@ class Operators:
         self._challenges: tuple[bool, float] | None = None
         self.client: RegistryClient | None = None  # set when the origin starts (attach)
         self.recorder: Recorder | None = None
-        self.requests = Counter("shoal_origin_operator_requests_total",
-                                "Operator requests by how they were authenticated or refused", ["result"],
-                                registry=registry)
+        self.requests = Known(Counter("shoal_origin_operator_requests_total",
+                                      "Operator requests by how they were authenticated or refused", ["result"],
+                                      registry=registry), OPERATOR_RESULTS)
         if self.tokens is None and self.upstream is None:
             log.warning("no operators configured (operators.tokens.file, operators.registry): "  # log-safe
                         "pre-seeding and audit queries are refused to everyone")
@@ -157,7 +172,7 @@ class Operators:
         # is taken for a registry token and sent to the registry.
         for name, secret in self._cluster_secrets:
             if hmac.compare_digest(value.encode(), secret):
-                self.requests.labels(name.replace(" ", "_")).inc()
+                self.requests.labels(_secret_result(name)).inc()
                 await self._refusal(request, principal=name.replace(" ", "-"), authz_method=name.replace(" ", "-"),
                                     role=role, error=f"the {name} is not an operator credential")
                 raise errors.Denied(f"the {name} is not an operator credential: {_NOT_OPERATOR}")

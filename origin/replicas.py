@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import typing
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter
@@ -32,6 +33,7 @@ from shoal.clients import ApiError, PeerOriginClient
 from shoal.config import OriginEntry
 from shoal.flights import SingleFlight
 from shoal.metainfo import Published
+from shoal.metrics import Known
 from shoal.oci import Digest
 from shoal_origin.seeder import Seeder
 
@@ -42,6 +44,9 @@ log = logging.getLogger(__name__)
 REPLICA_RETRY = 30.0
 # How long another owner may take to fetch, verify and hash a blob it is asked to seed.
 REPLICA_TIMEOUT = 3600.0
+# Replica requests' results, sent and received: each exported from the start at 0.
+ReplicaResult = Literal["ok", "failed"]
+REPLICA_RESULTS: tuple[ReplicaResult, ...] = typing.get_args(ReplicaResult)
 # Blobs whose spreading is remembered at most (oldest forgotten first: asked again at worst).
 MAX_REMEMBERED = 100_000
 
@@ -57,15 +62,12 @@ class Replicas:
         self._spread: dict[Digest, float] = {}  # blob -> when its other owners were last asked (0: they seed it)
         self._asks: SingleFlight[tuple[str, Digest], protocol.Replica] = SingleFlight()
         self._background: set[asyncio.Task[None]] = set()
-        self.sent = Counter("shoal_origin_replica_requests_total",
-                            "Requests to another owner of a blob to seed it too, by result", ["result"],
-                            registry=registry)
-        self.received = Counter("shoal_origin_replica_requests_received_total",
-                                "Requests from another origin to seed a blob this origin owns too, by result",
-                                ["result"], registry=registry)
-        for result in ("ok", "failed"):
-            self.sent.labels(result)
-            self.received.labels(result)
+        self.sent = Known(Counter("shoal_origin_replica_requests_total",
+                                  "Requests to another owner of a blob to seed it too, by result", ["result"],
+                                  registry=registry), REPLICA_RESULTS)
+        self.received = Known(Counter("shoal_origin_replica_requests_received_total",
+                                      "Requests from another origin to seed a blob this origin owns too, by result",
+                                      ["result"], registry=registry), REPLICA_RESULTS)
 
     def owners(self, digest: Digest) -> list[str]:
         return rendezvous.owners(self.names, digest.hex, self.replication)

@@ -7,9 +7,10 @@ import contextlib
 import hashlib
 import logging
 import time
+import typing
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from shoal import errors, metainfo, peercerts, signing
 from shoal.flights import SingleFlight
 from shoal.metainfo import Published
+from shoal.metrics import Known
 from shoal.oci import Digest
 from shoal.registry import RegistryClient
 from shoal.store import BlobStore
@@ -33,10 +35,28 @@ CONFIRM_RATE = 1 << 20
 REGISTER_AGAIN = 10.0
 
 
+# Seed requests' results, each exported from the start at 0: how a blob was had, or the class of
+# the error that failed it (one of shoal/errors.py's fixed hierarchy; see error_result).
+SeedOutcome = Literal["cached", "fetched", "source_refused"]
+SEED_ERRORS: tuple[str, ...] = tuple(
+    name for name, cls in vars(errors).items()
+    if isinstance(cls, type) and issubclass(cls, errors.ShoalError) and cls is not errors.ConfigError)
+SEED_RESULTS: tuple[str, ...] = (*typing.get_args(SeedOutcome), *SEED_ERRORS)
+
+
+def error_result(exc: errors.ShoalError) -> str:
+    """The seed result for a failure: its class, or the nearest one shoal/errors.py defines
+    (a subclass from elsewhere is not a new series)."""
+    for cls in type(exc).__mro__:
+        if cls.__module__ == errors.__name__ and cls.__name__ in SEED_ERRORS:
+            return cls.__name__
+    return errors.ShoalError.__name__
+
+
 class SeederMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("shoal_origin_seed_requests_total", "Seed requests by outcome",
-                                ["result"], registry=registry)
+        self.requests = Known(Counter("shoal_origin_seed_requests_total", "Seed requests by outcome",
+                                      ["result"], registry=registry), SEED_RESULTS)
         self.registry_bytes = Counter("shoal_origin_registry_bytes_total",
                                       "Blob bytes fetched from the origin registry", registry=registry)
         self.fetch_seconds = Histogram("shoal_origin_fetch_seconds",
@@ -191,7 +211,7 @@ class Seeder:
             # requester's registry and repository: each was authorized for it the same way)
             published = await self._flights.run(digest, lambda: self._seed(upstream, repo, digest))
         except errors.ShoalError as exc:
-            self.metrics.requests.labels(type(exc).__name__).inc()
+            self.metrics.requests.labels(error_result(exc)).inc()
             log.warning("cannot seed %s from %s/%s: %s", digest, ns, repo, exc)
             raise
         self.metrics.requests.labels("fetched").inc()

@@ -12,6 +12,7 @@ plain integer; `Annotated[float, DURATION]` accepts `500ms`, `30s`, `5m`, `1h` o
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import re
@@ -26,6 +27,7 @@ import yaml
 
 from shoal import announcing, peercerts
 from shoal.errors import ConfigError
+from shoal.redaction import redact
 from shoal.registry import Credentials
 
 T = TypeVar("T")
@@ -51,6 +53,27 @@ _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
+# A key, or a key above it, named like these carries a secret (`password`, `node_token`,
+# `signing_key`, `redis.password.env`): its value is never shown. (`token_realms` is not one.)
+_SECRET_NAMES = frozenset({"password", "passwd", "secret", "token", "credential", "credentials", "key"})
+_SECRET_SUFFIXES = tuple(f"_{name}" for name in _SECRET_NAMES)
+
+
+def secret_key(key: str) -> bool:
+    """Whether the dotted key names a secret or a part of one."""
+    parts = re.split(r"[.\[\]\s]+", key.lower())
+    return any(part in _SECRET_NAMES or part.endswith(_SECRET_SUFFIXES) for part in parts)
+
+
+def shown(value: Any, key: str) -> str:
+    """How a configuration error shows the bad `value` of `key`: its repr, with URL credentials
+    redacted, or nothing of it at all when the key carries a secret (an error message ends up in
+    terminals, logs and CI output)."""
+    if secret_key(key):
+        return "a value (not shown: the key holds a secret)"
+    return redact(repr(value))
+
+
 def parse_size(value: Any, key: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
@@ -60,7 +83,7 @@ def parse_size(value: Any, key: str) -> int:
         m = _SIZE_RE.fullmatch(value)
         if m:
             return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
-    raise ConfigError(f"{key}: expected a size such as 512MiB, 20GB or a number of bytes, got {value!r}")
+    raise ConfigError(f"{key}: expected a size such as 512MiB, 20GB or a number of bytes, got {shown(value, key)}")
 
 
 def parse_duration(value: Any, key: str) -> float:
@@ -72,7 +95,7 @@ def parse_duration(value: Any, key: str) -> float:
         m = _DURATION_RE.fullmatch(value)
         if m:
             return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ConfigError(f"{key}: expected a duration such as 500ms, 30s, 5m, 1h or 7d, got {value!r}")
+    raise ConfigError(f"{key}: expected a duration such as 500ms, 30s, 5m, 1h or 7d, got {shown(value, key)}")
 
 
 def parse_url(value: Any, key: str) -> str:
@@ -88,7 +111,7 @@ def parse_url(value: Any, key: str) -> str:
         if parts is not None and parts.scheme in ("http", "https") and parts.hostname and \
                 parts.username is None and parts.password is None:
             return value.rstrip("/")
-    raise ConfigError(f"{key}: expected an http:// or https:// URL without credentials, got {value!r}")
+    raise ConfigError(f"{key}: expected an http:// or https:// URL without credentials, got {shown(value, key)}")
 
 
 def parse_hostport(value: Any, key: str) -> str:
@@ -107,16 +130,17 @@ def parse_hostport(value: Any, key: str) -> str:
                     pass
             elif "[" not in host and "]" not in host:
                 if ":" in host:
-                    raise ConfigError(f"{key}: an IPv6 address goes in brackets, as [::1]:5050, got {value!r}")
+                    raise ConfigError(f"{key}: an IPv6 address goes in brackets, as [::1]:5050, "
+                                      f"got {shown(value, key)}")
                 return value
-    raise ConfigError(f"{key}: expected host:port (e.g. 127.0.0.1:5050 or [::1]:5050), got {value!r}")
+    raise ConfigError(f"{key}: expected host:port (e.g. 127.0.0.1:5050 or [::1]:5050), got {shown(value, key)}")
 
 
 def parse_ip(value: Any, key: str) -> str:
     try:
         return str(ipaddress.ip_address(str(value)))
     except ValueError:
-        raise ConfigError(f"{key}: expected an IP address, got {value!r}") from None
+        raise ConfigError(f"{key}: expected an IP address, got {shown(value, key)}") from None
 
 
 SIZE = Marker("size", parse_size)
@@ -176,7 +200,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {shown(value, key)}")
         return value
     if origin is list or origin is tuple:
         (item_tp, *_rest) = typing.get_args(tp)
@@ -195,21 +219,30 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {shown(value, key)}")
         return value
     if tp is int:
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {shown(value, key)}")
         return value
     if tp is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {shown(value, key)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {shown(value, key)}")
         return value
     raise TypeError(f"unsupported config type {_type_name(tp)} at {key}")
+
+
+def did_you_mean(name: str, known: typing.Iterable[str], prefix: str = "") -> str:
+    """`; did you mean `cache.max_bytes`?` for the closest known key at that level, or ''."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    if not close:
+        return ""
+    dotted = f"{prefix}.{close[0]}" if prefix else close[0]
+    return f"; did you mean `{dotted}`?"
 
 
 def load_section(cls: type[T], data: Any, prefix: str = "") -> T:
@@ -225,7 +258,7 @@ def load_section(cls: type[T], data: Any, prefix: str = "") -> T:
     for name in data:
         if name not in fields:
             dotted = f"{prefix}.{name}" if prefix else str(name)
-            raise ConfigError(f"{dotted}: unknown key")
+            raise ConfigError(f"{dotted}: unknown key{did_you_mean(str(name), fields, prefix)}")
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():
         dotted = f"{prefix}.{name}" if prefix else name
@@ -255,7 +288,7 @@ def read_yaml(path: str | None) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {path!r}: {exc.strerror}") from None
     try:
-        doc = yaml.safe_load(text)
+        doc = _load_unique(text, path)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -265,6 +298,60 @@ def read_yaml(path: str | None) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ConfigError(f"--config: {path} must hold a mapping at the top level")
     return doc
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML keeps the
+    last silently, so a setting an operator believes in could be overridden further down."""
+
+    def __init__(self, text: str, path: str) -> None:
+        super().__init__(text)
+        self.path = path
+        self.where: dict[int, str] = {}  # id(mapping node) -> its dotted key
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._name(node, "")
+        return super().construct_document(node)
+
+    def _name(self, node: yaml.Node, dotted: str) -> None:
+        """Record every mapping's dotted key (before construction, which has no notion of it)."""
+        if id(node) in self.where:  # an alias of a mapping already named (or a recursive one)
+            return
+        if isinstance(node, yaml.MappingNode):
+            self.where[id(node)] = dotted
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                self._name(value_node, f"{dotted}.{key}" if dotted else str(key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._name(item, f"{dotted}[{i}]")
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` overrides on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                seen = first_line.get(key)
+            except TypeError:  # an unhashable key: construction refuses it with its own error
+                break
+            if seen is not None:
+                parent = self.where.get(id(node), "")
+                dotted = f"{parent}.{key}" if parent else str(key)
+                raise ConfigError(f"{dotted}: given twice in {self.path} (lines {seen} and {line}); "
+                                  "keep one")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_unique(text: str, path: str) -> Any:
+    loader = _UniqueKeyLoader(text, path)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def set_dotted(doc: dict[str, Any], dotted: str, value: Any) -> None:
@@ -316,7 +403,7 @@ class UpstreamSettings:
 
     def validate(self, prefix: str) -> None:
         if not _UPSTREAM_NAME_RE.fullmatch(self.name):
-            raise ConfigError(f"{prefix}.name: expected a registry host[:port], got {self.name!r}")
+            raise ConfigError(f"{prefix}.name: expected a registry host[:port], got {shown(self.name, prefix)}")
         if self.username is not None and self.password.file is None and self.password.env is None:
             raise ConfigError(f"{prefix}.password: give file or env when username is set")
 
@@ -344,7 +431,8 @@ class TorrentSettings:
         parse_ip(host, f"{prefix}.listen")
         for name in self.libtorrent:
             if name not in _libtorrent_setting_names():
-                raise ConfigError(f"{prefix}.libtorrent.{name}: not a libtorrent setting")
+                hint = did_you_mean(name, _libtorrent_setting_names(), f"{prefix}.libtorrent")
+                raise ConfigError(f"{prefix}.libtorrent.{name}: not a libtorrent setting{hint}")
             reserved = announcing.RESERVED_SETTINGS.get(name) or peercerts.RESERVED_SETTINGS.get(name)
             if reserved:
                 raise ConfigError(f"{prefix}.libtorrent.{name}: {reserved}")
@@ -391,7 +479,7 @@ class OriginEntry:
     def validate(self, prefix: str) -> None:
         if not _ORIGIN_NAME_RE.fullmatch(self.name):
             raise ConfigError(f"{prefix}.name: expected letters, digits, '.', '_' or '-' (at most 63), "
-                              f"got {self.name!r}")
+                              f"got {shown(self.name, prefix)}")
 
 
 def check_origins(origins: list[OriginEntry], replication: int, key: str, replication_key: str) -> None:

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from shoal.redaction import redact
+
 
 @dataclass(frozen=True, slots=True)
 class OciCode:
@@ -57,7 +59,13 @@ class ShoalError(Exception):
 
 
 class ConfigError(ShoalError):
-    """A configuration key is missing, unknown or has a bad value. The message names the key."""
+    """A configuration key is missing, unknown or has a bad value. The message names the key.
+
+    Its message never carries a URL's credentials (shoal/redaction.py), whatever value a check
+    put in it: config errors are printed to terminals and logs."""
+
+    def __init__(self, message: str = "", *, detail: Any = None) -> None:
+        super().__init__(redact(message), detail=detail)
 
 
 class BadRequest(ShoalError):

@@ -1,14 +1,98 @@
-"""Prometheus helpers shared by components: libtorrent session counters and store state."""
+"""Prometheus helpers shared by components: each component's registry (process, Python and
+build information), metrics whose label values are all known in advance, libtorrent session
+counters and store state."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import itertools
+import platform
 from collections.abc import Iterator
+from typing import Generic, TypeVar
 
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from shoal.store import BlobStore
 from shoal.swarm import Swarm
+
+M = TypeVar("M", bound=MetricWrapperBase)
+L = TypeVar("L", bound=str)
+L2 = TypeVar("L2", bound=str)
+
+
+def component_registry(component: str) -> CollectorRegistry:
+    """A component's own registry, with what the default registry would have carried (process,
+    platform and garbage-collector collectors) plus `shoal_build_info`.
+
+    `_created` series are turned off for the whole process here, before the component creates a
+    metric: they doubled the sample count (a timestamp per labelled child) and no dashboard or
+    alert of shoal reads them. (prometheus_client keeps this switch process-wide; it is read
+    at each scrape, so every registry in the process is covered.)"""
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    registry = CollectorRegistry()
+    # (the library's own instances of these are bound to its default registry, which no
+    # component serves)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    info = Gauge("shoal_build_info", "Always 1; the labels say which shoal, Python and libtorrent this is",
+                 ["version", "component", "python_version", "libtorrent_version"], registry=registry)
+    info.labels(*build_labels(component)).set(1)
+    return registry
+
+
+def build_labels(component: str) -> tuple[str, str, str, str]:
+    """(shoal's version from the installed package's metadata, component, Python, libtorrent)."""
+    try:
+        version = importlib.metadata.version("shoal")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        version = "unknown"
+    try:
+        import libtorrent as lt  # the tracker does not otherwise load it; reported for all alike
+
+        libtorrent_version = str(lt.__version__)
+    except ImportError:
+        libtorrent_version = "none"
+    return version, component, platform.python_version(), libtorrent_version
+
+
+class Known(Generic[M, L]):
+    """A metric with one label whose values are all known in advance (`values`, built from a
+    Literal next to the metric). Every value is exported from the start, at 0, so a dashboard or
+    an alert tells zero from absent; `labels` takes only those values (mypy checks the Literal),
+    so the code that counts and the list of series cannot drift apart."""
+
+    def __init__(self, metric: M, values: tuple[L, ...]) -> None:
+        self.metric = metric
+        self.values = values
+        for value in values:
+            metric.labels(value)
+
+    def labels(self, value: L) -> M:
+        return self.metric.labels(value)
+
+
+class Known2(Generic[M, L, L2]):
+    """`Known` for a metric with two labels: every pair exported from the start, at 0."""
+
+    def __init__(self, metric: M, first: tuple[L, ...], second: tuple[L2, ...]) -> None:
+        self.metric = metric
+        for a, b in itertools.product(first, second):
+            metric.labels(a, b)
+
+    def labels(self, first: L, second: L2) -> M:
+        return self.metric.labels(first, second)
+
 
 # libtorrent session_stats counters exported as-is (they are monotonic in the session).
 _SWARM_COUNTERS = {

@@ -7,8 +7,10 @@ import contextlib
 import hashlib
 import logging
 import time
+import typing
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -16,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shoal import errors, metainfo, protocol, signing
 from shoal.config import read_token, split_hostport
+from shoal.metrics import Known, component_registry
 from shoal.oci import Digest
 from shoal.web import Guard, add_ops_routes, add_routes, error_middleware
 from shoal_tracker import announce as ann
@@ -31,23 +34,26 @@ BENCODE = "text/plain"  # what opentracker and most trackers send
 STATUS_SWEEP_EVERY = 1.0  # seconds: the status route counts afresh at most this often
 
 
+# Every value exported from the start at 0 (shoal.metrics.Known); only these may be counted.
+AnnounceResult = Literal["ok", "bad_request", "bad_token", "unknown_torrent", "not_admitted", "store_unavailable"]
+ANNOUNCE_RESULTS: tuple[AnnounceResult, ...] = typing.get_args(AnnounceResult)
+RegistrationResult = Literal["ok", "unauthorized", "invalid", "bad_signature", "store_unavailable"]
+REGISTRATION_RESULTS: tuple[RegistrationResult, ...] = typing.get_args(RegistrationResult)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.announces = Counter("shoal_tracker_announces_total", "Announces by outcome",
-                                 ["result"], registry=registry)
+        self.announces = Known(Counter("shoal_tracker_announces_total", "Announces by outcome",
+                                       ["result"], registry=registry), ANNOUNCE_RESULTS)
         self.scrapes = Counter("shoal_tracker_scrapes_total", "Scrape requests", registry=registry)
-        self.registrations = Counter("shoal_tracker_registrations_total", "Metainfo registrations",
-                                     ["result"], registry=registry)
+        self.registrations = Known(Counter("shoal_tracker_registrations_total", "Metainfo registrations",
+                                           ["result"], registry=registry), REGISTRATION_RESULTS)
         self.peers = Gauge("shoal_tracker_peers", "Peers currently tracked", registry=registry)
         self.swarms = Gauge("shoal_tracker_swarms", "Swarms with at least one peer", registry=registry)
         self.torrents = Gauge("shoal_tracker_torrents", "Registered torrents", registry=registry)
         self.unseeded = Gauge("shoal_tracker_torrents_without_seeders",
                               "Registered torrents no live seeder announces (their pulls fall back to the "
                               "registry unless a leecher completes them)", registry=registry)
-        for result in ("ok", "bad_request", "bad_token", "unknown_torrent", "not_admitted", "store_unavailable"):
-            self.announces.labels(result)
-        for result in ("ok", "unauthorized", "invalid", "bad_signature", "store_unavailable"):
-            self.registrations.labels(result)
         self.announce_seconds = Histogram("shoal_tracker_announce_seconds", "Announce handling time",
                                           registry=registry,
                                           buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1))
@@ -263,7 +269,7 @@ def build(config: TrackerConfig) -> web.Application:
     node = read_token(config.node_token, "node_token")
     assert config.origin_public_key is not None  # validate() requires it
     origin_key = signing.load_public_key(config.origin_public_key, "origin_public_key")
-    registry = CollectorRegistry()
+    registry = component_registry("tracker")
     tracker = Tracker(config, registry, registration_token=registration, node_token=node, origin_key=origin_key)
     app = web.Application(client_max_size=metainfo.MAX_METAINFO_BYTES + 1024, middlewares=[error_middleware()])
 

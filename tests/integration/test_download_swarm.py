@@ -28,7 +28,7 @@ from shoal.store import BlobStore
 from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Swarm, SwarmSettings, TorrentJob
 from shoal_agent.config import SwarmPolicy
 from shoal_agent.download import Collaborators, Download, WholeHash
-from shoal_agent.metrics import AgentMetrics
+from shoal_agent.metrics import AgentMetrics, HashedBy
 from shoal_agent.upstreams import Upstream
 from tests.support import pki
 from tests.support.procs import free_port
@@ -43,7 +43,7 @@ class Node:
     job: TorrentJob
     deps: Collaborators
 
-    def hashed(self, by: str) -> float:
+    def hashed(self, by: HashedBy) -> float:
         return float(self.deps.metrics.blob_hash_bytes.labels(by)._value.get())
 
     @property

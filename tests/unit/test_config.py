@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from shoal import announcing, errors, protocol
+from shoal import announcing, config, errors, protocol
 from shoal.config import parse_duration, parse_size, read_yaml
 from shoal.errors import ConfigError
 from shoal.swarm import SwarmSettings
@@ -232,3 +232,101 @@ def test_components_raise_their_open_file_limit() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# ----- did you mean, duplicate keys, secrets (issue 17) ---------------------------------------
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    (agent_doc(cache={"max_byte": 1}), "cache.max_byte: unknown key; did you mean `cache.max_bytes`?"),
+    (agent_doc(data_dri="/x"), "data_dri: unknown key; did you mean `data_dir`?"),
+    (agent_doc(upstreams=[{**UP[0], "usernme": "u"}]), "upstreams[0].usernme: unknown key; did you mean "
+                                                        "`upstreams[0].username`?"),
+    (agent_doc(torrent={"libtorrent": {"connections_limt": 5}}),
+     "torrent.libtorrent.connections_limt: not a libtorrent setting; "
+     "did you mean `torrent.libtorrent.connections_limit`?"),
+])
+def test_unknown_key_suggests_the_closest(doc: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        agent_config.load(doc)
+    assert str(exc.value) == message
+
+
+def test_unknown_key_without_a_close_one_suggests_nothing() -> None:
+    with pytest.raises(ConfigError) as exc:
+        agent_config.load(agent_doc(zzzzzz=1))
+    assert str(exc.value) == "zzzzzz: unknown key"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("data_dir: /a\nupstreams: []\ndata_dir: /b\n", "data_dir: given twice in {path} (lines 1 and 3); keep one"),
+    ("cache:\n  max_bytes: 1GiB\n  max_bytes: 2GiB\n", "cache.max_bytes: given twice in {path} (lines 2 and 3)"),
+    ("upstreams:\n  - name: a\n    url: http://a\n  - name: b\n    url: http://b\n    url: http://c\n",
+     "upstreams[1].url: given twice in {path} (lines 5 and 6)"),
+    ("torrent:\n  libtorrent:\n    a: 1\n    b: 2\n    a: 3\n",
+     "torrent.libtorrent.a: given twice in {path} (lines 3 and 5)"),
+])
+def test_duplicate_yaml_keys_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        read_yaml(str(path))
+    assert str(exc.value).startswith(message.format(path=path))
+    assert "\n" not in str(exc.value)
+
+
+def test_yaml_merge_keys_still_override(tmp_path: Path) -> None:
+    """`<<: *anchor` followed by a key of the anchor is an intended override, not a duplicate."""
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b\n  x: 1\n  y: 2\nother:\n  <<: *b\n  y: 3\n")
+    assert read_yaml(str(path)) == {"base": {"x": 1, "y": 2}, "other": {"x": 1, "y": 3}}
+
+
+@pytest.mark.parametrize("doc", [
+    agent_doc(upstreams=[{"name": "r", "url": "https://alice:hunter2secret@r"}]),
+    agent_doc(upstreams=[{"name": "alice:hunter2secret@r", "url": "https://r"}]),
+    agent_doc(origin="http://alice:hunter2secret@o:1"),
+    agent_doc(upstreams=[{**UP[0], "token_realms": ["https://alice:hunter2secret@auth"]}]),
+    agent_doc(listen="https://alice:hunter2secret@h"),
+    agent_doc(cache={"max_bytes": "https://alice:hunter2secret@h"}),
+    agent_doc(upstreams=[{**UP[0], "username": "u", "password": {"env": ["hunter2secret"]}}]),
+    agent_doc(node_token={"file": {"hunter2secret": 1}}),
+    agent_doc(**{"https://alice:hunter2secret@h": 1}),
+])
+def test_config_errors_never_echo_a_secret(doc: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as exc:
+        agent_config.load(doc)
+    assert "hunter2secret" not in str(exc.value)
+
+
+def test_a_url_in_an_error_keeps_the_user_and_the_host() -> None:
+    with pytest.raises(ConfigError) as exc:
+        agent_config.load(agent_doc(upstreams=[{"name": "r", "url": "ftp://alice:pw@r.example"}]))
+    assert "ftp://alice:***@r.example" in str(exc.value)
+
+
+@pytest.mark.parametrize(("load", "text", "key"), [
+    # a secret-bearing key: its value is not shown, whatever it is
+    (tracker_config.load, "registration_token: {env: [hunter2secret]}\n", "registration_token.env: expected a string"),
+    (tracker_config.load, "redis: {password: {file: [hunter2secret]}}\n", "redis.password.file: expected a string"),
+    (tracker_config.load, "redis: {address: 'https://alice:hunter2secret@h:1'}\n", "redis.address: "),
+    (origin_config.load, "data_dir: /d\nupstreams: [{name: r, url: 'https://alice:hunter2secret@r'}]\n",
+     "upstreams[0].url: expected an http"),
+])
+def test_component_configs_never_echo_a_secret(load: Any, text: str, key: str, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load(read_yaml(str(path)))
+    assert str(exc.value).startswith(key)
+    assert "hunter2secret" not in str(exc.value)
+
+
+@pytest.mark.parametrize(("key", "secret"), [
+    ("upstreams[0].password.file", True), ("redis.password.env", True), ("node_token", True),
+    ("signing_key", True), ("peer_token.env", True),
+    ("upstreams[0].token_realms[0]", False), ("upstreams[0].url", False), ("cache.max_bytes", False),
+])
+def test_which_keys_hold_secrets(key: str, secret: bool) -> None:
+    assert config.secret_key(key) is secret
+    assert ("hunter2" in config.shown("hunter2", key)) is not secret
