@@ -105,12 +105,12 @@ def make_keys(directory: Path) -> dict[str, Path]:
         ("signing_key", "origin-signing.pem"), ("origin_public_key", "origin-public.pem"),
         ("node_token", "node.token"), ("registration_token", "registration.token"),
         ("operators", "operators.json"), ("operator_token", "operator.token"),
-        ("peer_token", "origin-peer.token"))}
+        ("peer_token", "origin-peer.token"), ("notification_token", "notification.token"))}
     if not paths["signing_key"].exists():
         _write_secret(paths["signing_key"], signing.generate_private_key().decode())
     if not paths["origin_public_key"].exists():
         paths["origin_public_key"].write_bytes(signing.public_pem(paths["signing_key"].read_bytes()))
-    for name in ("node_token", "registration_token", "peer_token"):
+    for name in ("node_token", "registration_token", "peer_token", "notification_token"):
         if not paths[name].exists():
             _write_secret(paths[name], secrets.token_urlsafe(32))
     if not paths["operator_token"].exists():
