@@ -92,6 +92,8 @@ def test_push_is_seeded_and_a_pull_takes_no_registry_blob_bytes(world: tuple[Reg
     assert push_events(origin, "no_rule") == 2
     assert push_events(origin, "untagged") == 2  # the index's children, pushed by digest
     assert push_events(origin, "unauthorized") == 0
+    # the endpoint's `ignore` (README's snippet) keeps pulls and blob pushes at the registry
+    assert push_events(origin, "not_push") == 0 and push_events(origin, "not_manifest") == 0
 
     # audited as an operator's pre-seed: the submission and the job's end, by the registry's principal
     def audited() -> list[dict[str, Any]]:
