@@ -5,6 +5,10 @@ route answers only the registry's token."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +22,7 @@ from tests.e2e.conftest import MIB, USERS
 from tests.support import api
 from tests.support.clients import run, verify_dir
 from tests.support.images import Image, build_image, push
-from tests.support.procs import Component, wait_for
+from tests.support.procs import ROOT, Component, free_port, wait_for, wait_http
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 
@@ -165,3 +169,41 @@ def test_only_the_registrys_token_triggers_a_preseed(world: tuple[Registry, Stac
     assert post(url, body, f"Bearer {token}") == (200, {"events": {"duplicate": 1}})
     wait_for(lambda: api.seeded(origin.url, stack.operator_token) == set(img.blobs), timeout=60,
              what="the notified image seeded")
+
+
+def test_shoal_up_seed_on_push(tmp_path: Path) -> None:
+    """`shoal up --seed-on-push`: the registry, given the endpoint and the token file the banner
+    names, has a push seeded."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "shoal.cli", "keygen", str(data / "keys")], check=True, cwd=ROOT,
+                   capture_output=True, timeout=60)  # (shoal up keeps keys it finds)
+    origin_listen = f"127.0.0.1:{free_port()}"
+    registry = Registry(tmp_path / "registry", users=USERS)
+    registry.endpoints.append(endpoint(protocol.NOTIFICATIONS.url(f"http://{origin_listen}"),
+                                       (data / "keys" / "notification.token").read_text()))
+    registry.start()
+    password = tmp_path / "seeder.password"
+    password.write_text(USERS["seeder"])
+    listen = f"127.0.0.2:{free_port('127.0.0.2')}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", "up", "--upstream", registry.url, "--username", "seeder",
+         "--password-file", str(password), "--data-dir", str(data), "--listen", listen,
+         "--tracker-listen", f"127.0.0.1:{free_port()}", "--origin-listen", origin_listen,
+         "--agent-torrent-port", str(free_port()), "--origin-torrent-port", str(free_port()),
+         "--seed-on-push", "team/*:v*"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    try:
+        wait_http(protocol.READYZ.url(f"http://{listen}"), timeout=60)
+        img = image(tmp_path, "app", seed=45, layers=[2 * MIB, 100_000])
+        push(img, registry=registry.host, repo="team/app", user="alice", password=USERS["alice"])
+        operator_token = (data / "keys" / "operator.token").read_text()
+        wait_for(lambda: api.seeded(f"http://{origin_listen}", operator_token) == set(img.blobs), timeout=60,
+                 what="the pushed image seeded")
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        registry.close()
+    assert proc.returncode == 0, out
+    assert (f"on push:   the registry's notifications endpoint: url http://{origin_listen}/v1/notifications, "
+            f"headers Authorization: [Bearer <{data / 'keys'}/notification.token>]") in out
