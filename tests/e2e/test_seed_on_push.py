@@ -37,19 +37,21 @@ def endpoint(url: str, token: str) -> str:
             "threshold: 3, backoff: 200ms, ignore: {actions: [pull], mediatypes: [application/octet-stream]}}")
 
 
-def open_world(tmp_path: Path, *, notify: bool) -> tuple[Registry, Stack]:
+def open_world(tmp_path: Path, *, notify: str) -> tuple[Registry, Stack]:
+    """`notify`: "token" (the registry notifies the origin with its token), "wrong-token", or
+    "none" (no endpoint: the test posts itself)."""
     registry = Registry(tmp_path / "registry", users=USERS)
     stack = Stack(tmp_path / "stack", registry, node_user=("node", USERS["node"]),
                   seeder_user=("seeder", USERS["seeder"]))
-    if notify:
-        registry.endpoints.append(endpoint(protocol.NOTIFICATIONS.url(stack.cluster.origin_url),
-                                           stack.keys["notification_token"].read_text()))
+    if notify != "none":
+        token = stack.keys["notification_token"].read_text() if notify == "token" else "x" * 43
+        registry.endpoints.append(endpoint(protocol.NOTIFICATIONS.url(stack.cluster.origin_url), token))
     return registry, stack
 
 
 @pytest.fixture
 def world(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Registry, Stack]]:
-    registry, stack = open_world(tmp_path, notify=getattr(request, "param", True))
+    registry, stack = open_world(tmp_path, notify=getattr(request, "param", "token"))
     registry.start()
     stack.start_tracker()
     stack.start_origin(notifications={"token": {"file": str(stack.keys["notification_token"])}, "rules": RULES})
@@ -124,6 +126,19 @@ def test_push_is_seeded_and_a_pull_takes_no_registry_blob_bytes(world: tuple[Reg
     assert agent.metric("shoal_agent_downloads_total", source="origin") == 0
 
 
+@pytest.mark.parametrize("world", ["wrong-token"], indirect=True)
+def test_the_registry_with_a_wrong_token_seeds_nothing(world: tuple[Registry, Stack], tmp_path: Path) -> None:
+    registry, stack = world
+    origin = stack.origin
+    assert origin is not None
+    img = image(tmp_path, "app", seed=46, layers=[2 * MIB, 100_000])
+    push(img, registry=registry.host, repo="team/app", user="alice", password=USERS["alice"])
+    # the registry is refused, and retries the same envelope (README: it holds the endpoint's queue)
+    wait_for(lambda: push_events(origin, "unauthorized") >= 2, timeout=30, what="the registry refused, twice")
+    assert api.seeded(origin.url, stack.operator_token) == set()
+    assert push_events(origin, "queued") == 0
+
+
 def post(url: str, body: bytes, authorization: str | None) -> tuple[int, Any]:
     headers = {"Content-Type": EVENTS, **({"Authorization": authorization} if authorization else {})}
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
@@ -141,7 +156,7 @@ def envelope(registry: Registry, img: Image, *, host: str | None = None) -> byte
                                    "actor": {"name": "mallory"}}]}).encode()
 
 
-@pytest.mark.parametrize("world", [False], indirect=True)  # no endpoint at the registry: the test posts
+@pytest.mark.parametrize("world", ["none"], indirect=True)  # no endpoint at the registry: the test posts
 def test_only_the_registrys_token_triggers_a_preseed(world: tuple[Registry, Stack], tmp_path: Path) -> None:
     registry, stack = world
     origin = stack.origin
