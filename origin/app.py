@@ -274,7 +274,9 @@ def build(config: OriginConfig) -> web.Application:
     metrics = SeederMetrics(registry)
     notify_metrics = push_notifications.NotificationMetrics(registry) if notify_token is not None else None
     operators = Operators(config.operators, cluster_secrets={"node token": node_token, "registration token": token,
-                                                           **({"peer token": peer_token} if peer_token else {})},
+                                                           **({"peer token": peer_token} if peer_token else {}),
+                                                           **({"notification token": notify_token}
+                                                              if notify_token else {})},
                           registry=registry)
     app = web.Application(client_max_size=protocol.JOURNAL_MAX_BODY, middlewares=[error_middleware()])
     app[OPERATORS_KEY] = operators

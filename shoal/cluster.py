@@ -97,7 +97,8 @@ class Cluster:
 def make_keys(directory: Path) -> dict[str, Path]:
     """The cluster's secrets, created once (0600): the origin's signing key and its public key,
     the node token (agents), the registration token (origin -> tracker), the peer token (origin
-    <-> origin, several origins), and the operators file
+    <-> origin, several origins), the notification token (registry -> origin, pre-seed on push),
+    and the operators file
     with one local admin operator, whose token (`operator_token`) `shoal seed` and `shoal audit`
     present on this host."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -43,3 +43,19 @@ def test_the_notification_token_is_not_a_cluster_secret(tmp_path: Path, secret: 
     doc["notifications"] = {"token": doc[secret]}
     with pytest.raises(ConfigError, match="notifications.token: must differ"):
         origin_app.build(origin_config.load(doc))
+
+
+async def test_the_notification_token_opens_no_operator_route(tmp_path: Path,
+                                                              aiohttp_client: Callable[..., Any]) -> None:
+    doc = origin_doc(tmp_path, notifications={"token": {"file": str(tmp_path / "keys" / "notification.token")}},
+                     operators={"registry": {"upstream": "registry.test", "roles": {"alice": ["admin"]}}})
+    app = origin_app.build(origin_config.load(doc))
+    app.cleanup_ctx.clear()
+    client: Client = await aiohttp_client(app)
+    token = (tmp_path / "keys" / "notification.token").read_text()
+    r = await client.post(protocol.PRESEED.path(), json={"images": ["registry.test/team/app:v1"]},
+                          headers={"Authorization": f"Bearer {token}"})
+    # refused by name, and never sent to the registry as someone's login (it is not reachable here:
+    # a forwarded credential would have been a 503)
+    assert r.status == 403
+    assert "the notification token is not an operator credential" in (await r.json())["errors"][0]["message"]
