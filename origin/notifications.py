@@ -23,6 +23,7 @@ import asyncio
 import fnmatch
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -55,6 +56,9 @@ RESULTS = ("queued", "duplicate", "no_rule", "untagged", "not_manifest", "not_pu
            "dropped", "unauthorized")
 DROP_LOG_EVERY = 10.0  # seconds between log lines about dropped pushes (each is counted)
 TRIGGERING_TYPES = MANIFEST_MEDIA_TYPES | INDEX_MEDIA_TYPES
+# A registry host as events name it (host[:port], IPv6 in brackets): compared and logged, so
+# nothing else (control characters would forge log lines).
+HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +118,8 @@ def _push(repository: str | None, digest: str | None, tag: str | None, host: str
         parsed.skip("untagged")
         return
     try:
-        if repository is None or digest is None or host is None or not TAG_RE.fullmatch(tag):
+        if (repository is None or digest is None or host is None or not HOST_RE.fullmatch(host)
+                or not TAG_RE.fullmatch(tag)):
             raise _bad("incomplete")
         parsed.pushes.append(Push(validate_name(repository), Digest.parse(digest), tag, host.lower(), actor))
     except errors.BadRequest:
@@ -136,7 +141,10 @@ def _distribution_event(event: Any, parsed: Parsed) -> None:
         parsed.skip("not_manifest")  # a blob (its manifest's push follows), or an old schema
         return
     url = _str(target, "url")
-    host = urlsplit(url).netloc if url else None
+    try:
+        host = urlsplit(url).netloc if url else None
+    except ValueError:  # (an unclosed "[")
+        host = None
     _push(_str(target, "repository"), _str(target, "digest"), _str(target, "tag"), host or None,
           _str(event.get("actor"), "name"), parsed)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from shoal import errors
@@ -51,9 +53,12 @@ def test_only_a_tagged_manifest_push_triggers() -> None:
         {"action": "push", "target": "nonsense"},
         event(repository="Team/App"),  # not a repository name
         event(digest="md5:abc"),
+        event(host="evil\x1b[2J.example.com"),  # would forge log lines
+        event(host="[::1]:5000", tag="v3"),
     ))
-    assert parsed.pushes == [n.Push("team/app", Digest.parse(DIGEST), "v2", HOST, "alice")]
-    assert parsed.skipped == {"not_manifest": 1, "untagged": 1, "not_push": 1, "invalid": 3}
+    assert parsed.pushes == [n.Push("team/app", Digest.parse(DIGEST), "v2", HOST, "alice"),
+                             n.Push("team/app", Digest.parse(DIGEST), "v3", "[::1]:5000", "alice")]
+    assert parsed.skipped == {"not_manifest": 1, "untagged": 1, "not_push": 1, "invalid": 4}
 
 
 @pytest.mark.parametrize("body", [b"not json", b"[]", b'{"events": "x"}', b'{"something": 1}', b"\xff\xfe",
@@ -61,6 +66,24 @@ def test_only_a_tagged_manifest_push_triggers() -> None:
 def test_a_malformed_body_is_a_bad_request(body: bytes) -> None:
     with pytest.raises(errors.BadRequest):
         n.parse(body)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+                        st.sampled_from(["events", "action", "target", "mediaType", "tag", "digest", "url",
+                                         "repository", "type", "event_data", "resources", "resource_url",
+                                         "repo_full_name", "actor", "name"]) | st.text(max_size=5),
+                        inner, max_size=5), max_leaves=20)
+
+
+@given(st.one_of(JSON.map(lambda doc: json.dumps(doc).encode()), st.binary(max_size=200)))
+def test_any_body_is_pushes_skips_or_a_bad_request(body: bytes) -> None:
+    try:
+        parsed = n.parse(body)
+    except errors.BadRequest:
+        return
+    assert all(isinstance(p, n.Push) for p in parsed.pushes)
+    assert set(parsed.skipped) <= set(n.RESULTS)
 
 
 def test_harbor_webhook() -> None:
