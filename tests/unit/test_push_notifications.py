@@ -19,7 +19,7 @@ from shoal.oci import Digest
 from shoal_origin import config as origin_config
 from shoal_origin import notifications as n
 from shoal_origin.config import NotificationSettings, PushRule
-from shoal_origin.preseed import Preseeder
+from shoal_origin.preseed import Job, Preseeder
 from tests.unit.test_up import args as up_args
 
 DIGEST = "sha256:" + "ab" * 32
@@ -196,3 +196,58 @@ def test_shoal_up_seed_on_push(tmp_path: Path) -> None:
     assert "notifications" not in up.up_configs(up_args(tmp_path), tmp_path / "e")["origin"]
     with pytest.raises(SystemExit, match="--seed-on-push"):
         up.up_configs(up_args(tmp_path, "--seed-on-push", "team/*:"), tmp_path / "f")
+
+
+class FakePreseeder:
+    """Preseeder's surface the workers use; every job ends at once in `state`."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+        self.started: list[tuple[str, list[str], str | None]] = []
+
+    @staticmethod
+    def new_id() -> str:
+        return f"job{id(object())}"
+
+    def start(self, refs: list[Any], platforms: list[str], *, owner: str | None = None,
+              job_id: str | None = None) -> Job:
+        job = Job(id=job_id or "x", images=[str(r) for r in refs], platforms=platforms, owner=owner, state=self.state)
+        self.started.append((str(refs[0]), platforms, owner))
+        job.ended.set()
+        return job
+
+
+async def run_one(state: str, *, audit_fails: bool = False) -> tuple[FakePreseeder, list[str], n.Notifications]:
+    fake = FakePreseeder(state)
+    recorded: list[str] = []
+
+    async def record(item: n.Queued, job_id: str) -> None:
+        if audit_fails:
+            raise OSError("audit store unwritable")
+        recorded.append(f"{item.ref} {job_id}")
+
+    notify = n.Notifications(NotificationSettings(rules=[PushRule(["team/*"], platforms=["linux/amd64"])]),
+                             upstream=HOST, upstream_url=f"http://{HOST}", preseeder=cast(Preseeder, fake),
+                             metrics=n.NotificationMetrics(CollectorRegistry()), record=record)
+    notify.start()
+    try:
+        assert notify.accept(n.parse(envelope(event())), client_addr=None, user_agent=None) == {"queued": 1}
+        await asyncio.wait_for(notify.queue.join(), 5)
+    finally:
+        await notify.stop()
+    return fake, recorded, notify
+
+
+async def test_a_worker_audits_then_starts_the_job_as_the_registry() -> None:
+    fake, recorded, notify = await run_one("done")
+    assert fake.started == [(f"{HOST}/team/app:v1@{DIGEST}", ["linux/amd64"], n.PRINCIPAL)]
+    assert len(recorded) == 1 and recorded[0].startswith(f"{HOST}/team/app:v1@{DIGEST} ")
+    assert notify.accept(n.parse(envelope(event())), client_addr=None, user_agent=None) == {"duplicate": 1}
+
+
+async def test_a_failed_job_or_audit_lets_the_next_push_try_again() -> None:
+    _, _, notify = await run_one("failed")
+    assert notify.accept(n.parse(envelope(event())), client_addr=None, user_agent=None) == {"queued": 1}
+    fake, recorded, notify = await run_one("done", audit_fails=True)
+    assert fake.started == [] and recorded == []  # not audited: not done
+    assert notify.accept(n.parse(envelope(event())), client_addr=None, user_agent=None) == {"queued": 1}
