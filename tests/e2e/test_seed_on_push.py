@@ -220,5 +220,6 @@ def test_shoal_up_seed_on_push(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=60)
         registry.close()
     assert proc.returncode == 0, out
-    assert (f"on push:   the registry's notifications endpoint: url http://{origin_listen}/v1/notifications, "
+    assert (f"on push:   the registry's notifications endpoint: url "
+            f"{protocol.NOTIFICATIONS.url(f'http://{origin_listen}')}, "
             f"headers Authorization: [Bearer <{data / 'keys'}/notification.token>]") in out
