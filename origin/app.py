@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector as PromCollector
 
-from shoal import audit, errors, peercerts, protocol, signing
+from shoal import audit, errors, netaddr, peercerts, protocol, signing
 from shoal.config import read_token
 from shoal.errors import ConfigError
 from shoal.metrics import StoreCollector, SwarmCollector, component_registry
@@ -27,6 +27,7 @@ from shoal.registry import RegistryClient
 from shoal.store import BlobStore
 from shoal.swarm import SEEDER_FINGERPRINT, Swarm, SwarmSettings
 from shoal.web import add_ops_routes, add_routes, error_middleware, operator_of
+from shoal_origin import notifications as push_notifications
 from shoal_origin.admission import Admissions
 from shoal_origin.collector import Collector, store_for
 from shoal_origin.config import OriginConfig
@@ -47,6 +48,7 @@ ADMISSIONS_KEY = web.AppKey("admissions", Admissions)
 OPERATORS_KEY = web.AppKey("operators", Operators)
 REPLICAS_KEY = web.AppKey("replicas", Replicas)
 RELAYS_KEY = web.AppKey("relays", Relays)
+NOTIFICATIONS_KEY = web.AppKey("notifications", push_notifications.Notifications)
 USER_AGENT = "shoal-origin/0.1"
 
 
@@ -186,6 +188,20 @@ async def submit_preseed(request: web.Request) -> web.Response:
     return web.json_response(job.summary().to_json(), status=202)
 
 
+async def receive_notification(request: web.Request) -> web.Response:
+    """POST NOTIFICATIONS (the registry, with the notification token): the pushes its rules
+    select are queued for pre-seeding; answered at once, with what became of each event
+    (origin/notifications.py)."""
+    notifications = request.app.get(NOTIFICATIONS_KEY)
+    if notifications is None:
+        raise errors.Unavailable("the origin is starting")
+    parsed = push_notifications.parse(await request.read())
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    results = notifications.accept(parsed, client_addr=netaddr.peer_address(peer),
+                                   user_agent=request.headers.get("User-Agent"))
+    return web.json_response({"events": results})
+
+
 async def receive_journal(request: web.Request) -> web.Response:
     """POST /v1/journal {"node": name, "records": [...]}, signed by the node's own key: store,
     deduplicated, then acknowledge. The records are the node's that signed, whatever they say."""
@@ -280,11 +296,20 @@ def build(config: OriginConfig) -> web.Application:
     if peer_token is not None and peer_token in (token, node_token):
         raise ConfigError("peer_token: must differ from node_token and registration_token (nodes and the "
                           "tracker hold those)")
+    notify_token = None
+    if config.notifications is not None:
+        notify_token = read_token(config.notifications.token, "notifications.token")
+        if notify_token in (token, node_token, peer_token):
+            raise ConfigError("notifications.token: must differ from node_token, registration_token and "
+                              "peer_token (the registry would hold a cluster secret)")
 
     registry = component_registry("origin")
     metrics = SeederMetrics(registry)
+    notify_metrics = push_notifications.NotificationMetrics(registry) if notify_token is not None else None
     operators = Operators(config.operators, cluster_secrets={"node token": node_token, "registration token": token,
-                                                           **({"peer token": peer_token} if peer_token else {})},
+                                                           **({"peer token": peer_token} if peer_token else {}),
+                                                           **({"notification token": notify_token}
+                                                              if notify_token else {})},
                           registry=registry)
     app = web.Application(client_max_size=protocol.JOURNAL_MAX_BODY, middlewares=[error_middleware()])
     app[OPERATORS_KEY] = operators
@@ -320,6 +345,14 @@ def build(config: OriginConfig) -> web.Application:
             seeder.unregister_on_evict = len(config.origins) == 1
         preseeder = Preseeder(seeder, concurrency=config.preseed_concurrency, finished=preseed_finished,
                               replicas=replicas)
+        notifications = None
+        if config.notifications is not None:
+            assert notify_metrics is not None
+            notify_upstream = config.notifications.upstream or config.upstreams[0].name  # (validate() checked)
+            notifications = push_notifications.Notifications(
+                config.notifications, upstream=notify_upstream,
+                upstream_url=next(u.url for u in config.upstreams if u.name == notify_upstream),
+                preseeder=preseeder, metrics=notify_metrics, record=_push_recorder(operators))
         operator_registry = config.operators.registry
         operators.attach(upstreams[operator_registry.upstream].client if operator_registry else None,
                          collector.record_operator)
@@ -337,6 +370,10 @@ def build(config: OriginConfig) -> web.Application:
             await seeder.start()
             stack.push_async_callback(seeder.stop)
             stack.push_async_callback(preseeder.stop)
+            if notifications is not None:
+                notifications.start()
+                stack.push_async_callback(notifications.stop)
+                app[NOTIFICATIONS_KEY] = notifications
             if replicas is not None:
                 stack.push_async_callback(replicas.stop)
                 app[REPLICAS_KEY] = replicas
@@ -371,6 +408,11 @@ def build(config: OriginConfig) -> web.Application:
     ], {"node": f"Bearer {node_token}"}, operators=operators)
     if peer_token is not None:  # several origins: only they reach this route
         add_routes(app, [(protocol.REPLICA, replica, "origin")], {"origin": f"Bearer {peer_token}"})
+    if notify_token is not None:  # pre-seed on push: only the registry (its token) reaches this route
+        assert notify_metrics is not None
+        unauthorized = notify_metrics.events.labels("unauthorized")
+        add_routes(app, [(protocol.NOTIFICATIONS, receive_notification, "registry")],
+                   {"registry": f"Bearer {notify_token}"}, refused={protocol.NOTIFICATIONS: unauthorized.inc})
     async def fresh_stats() -> None:
         swarm = app.get(SWARM_KEY)
         if swarm is not None:
@@ -378,6 +420,16 @@ def build(config: OriginConfig) -> web.Application:
 
     add_ops_routes(app, registry, ready, refresh=fresh_stats)
     return app
+
+
+def _push_recorder(operators: Operators) -> push_notifications.Recorder:
+    async def record(item: push_notifications.Queued, job_id: str) -> None:
+        await operators.record_automatic(
+            principal=push_notifications.PRINCIPAL, action="preseed", authz_method="notification-token",
+            client_addr=item.client_addr, user_agent=item.user_agent,
+            detail={"images": [str(item.ref)], "platforms": item.platforms, "job": job_id,
+                    "pushed_by": item.push.actor})
+    return record
 
 
 class CollectorMetrics(PromCollector):

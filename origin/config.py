@@ -120,6 +120,58 @@ class AuditSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PushRule:
+    """Which pushed images the origin pre-seeds (origin/notifications.py): globs (fnmatch; `*`
+    also crosses `/`) over the repository name without the registry and over the tag."""
+
+    repositories: list[str]
+    tags: list[str] = field(default_factory=lambda: ["*"])
+    # For an index: only these platforms' manifests ("linux/amd64", "linux/arm/v7"); empty: all.
+    platforms: list[str] = field(default_factory=list)
+
+    def validate(self, prefix: str) -> None:
+        if not self.repositories or not all(self.repositories):
+            raise ConfigError(f"{prefix}.repositories: give at least one glob, e.g. 'team/*'")
+        if not self.tags or not all(self.tags):
+            raise ConfigError(f"{prefix}.tags: give at least one glob, e.g. 'v*' (or leave it out: every tag)")
+        for platform in self.platforms:
+            if not 2 <= len(platform.split("/")) <= 3 or not all(platform.split("/")):
+                raise ConfigError(f"{prefix}.platforms: expected os/architecture[/variant], got {platform!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationSettings:
+    """The registry's push notifications (distribution's `notifications.endpoints`, Harbor's
+    webhooks) pre-seed what `rules` select. No rule: nothing is seeded."""
+
+    # The secret the registry sends as `Authorization: Bearer <token>` (file or env).
+    token: SecretSource = field(default_factory=SecretSource)
+    # The upstream (its `name`) whose pushes these are; the only one if there is one.
+    upstream: str | None = None
+    # Registry host names events may name besides the upstream's name and URL host (the address
+    # clients push to, if neither); an event naming another registry is ignored.
+    hosts: list[str] = field(default_factory=list)
+    rules: list[PushRule] = field(default_factory=list)
+    # Pushed images waiting for a pre-seed job at most; past it new ones are dropped (counted, logged).
+    queue_size: int = 100
+    # Pre-seed jobs running at once for pushes (each fetches preseed_concurrency blobs at once).
+    jobs: int = 2
+    # A push of the same image again within this window is not seeded again (the registry may
+    # deliver an event twice; several tags may name one digest).
+    dedupe_window: Annotated[float, DURATION] = 600.0
+
+    def validate(self, prefix: str) -> None:
+        if self.token.file is None and self.token.env is None:
+            raise ConfigError(f"{prefix}.token: give file or env (the registry sends it as a Bearer token)")
+        if not 1 <= self.queue_size <= 100_000:
+            raise ConfigError(f"{prefix}.queue_size: must be between 1 and 100000")
+        if not 1 <= self.jobs <= 16:
+            raise ConfigError(f"{prefix}.jobs: must be between 1 and 16")
+        if not 0 <= self.dedupe_window <= 86400:
+            raise ConfigError(f"{prefix}.dedupe_window: must be between 0s and 24h")
+
+
+@dataclass(frozen=True, slots=True)
 class OriginConfig:
     data_dir: str
     upstreams: list[UpstreamSettings]
@@ -167,6 +219,8 @@ class OriginConfig:
     origin_replication: int = rendezvous.DEFAULT_REPLICATION
     # The secret the origins share to ask each other to seed a blob (never the node token).
     peer_token: SecretSource = field(default_factory=SecretSource)
+    # Pre-seed on push: the registry's notifications (README "Pre-seed on push"). None: off.
+    notifications: NotificationSettings | None = None
 
     def validate(self, prefix: str) -> None:
         if self.max_connections < 1:
@@ -206,6 +260,12 @@ class OriginConfig:
         if self.operators.registry is not None and self.operators.registry.upstream not in names:
             raise ConfigError(f"operators.registry.upstream: {self.operators.registry.upstream!r} is not one of "
                               f"upstreams ({', '.join(names)})")
+        if self.notifications is not None:
+            notify = self.notifications.upstream
+            if notify is None and len(names) > 1:
+                raise ConfigError(f"notifications.upstream: name the upstream that sends them ({', '.join(names)})")
+            if notify is not None and notify not in names:
+                raise ConfigError(f"notifications.upstream: {notify!r} is not one of upstreams ({', '.join(names)})")
 
     @property
     def tracker_urls(self) -> list[str]:

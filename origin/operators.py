@@ -337,6 +337,14 @@ class Operators:
             error="; ".join(job.errors[:3]) or None,
             detail={"job": job.id, "images": job.images[:100], "blobs": len(job.blobs), "blobs_failed": failed}))
 
+    async def record_automatic(self, *, principal: str, action: str, detail: dict[str, Any],
+                               client_addr: str | None, user_agent: str | None, authz_method: str) -> None:
+        """An action the origin takes on its own (a pre-seed a registry push triggered), stored
+        before it is done, as an operator's is."""
+        await self._store(audit.operator_records(
+            principal=principal, method="POST", action=action, status=202, outcome="accepted", detail=detail,
+            client_addr=client_addr, user_agent=user_agent, authz_method=authz_method))
+
     async def _store(self, records: tuple[dict[str, Any], dict[str, Any]]) -> None:
         if self.recorder is None:
             raise errors.UpstreamError("the origin is starting")

@@ -45,6 +45,8 @@ class Job:
     manifests: list[str] = field(default_factory=list)
     blobs: dict[str, BlobState] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    # set when the job has ended (whoever started it may wait for that: origin/notifications.py)
+    ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     def summary(self) -> protocol.PreseedJob:
         blobs = list(self.blobs.values())
@@ -125,6 +127,7 @@ class Preseeder:
             job.state = "failed"
         finally:
             job.finished = time.time()
+            job.ended.set()
             log.info("pre-seed job %s %s: %d blobs, %d errors", job.id, job.state, len(job.blobs),
                      len(job.errors))
             if self.finished is not None:

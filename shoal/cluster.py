@@ -97,7 +97,8 @@ class Cluster:
 def make_keys(directory: Path) -> dict[str, Path]:
     """The cluster's secrets, created once (0600): the origin's signing key and its public key,
     the node token (agents), the registration token (origin -> tracker), the peer token (origin
-    <-> origin, several origins), and the operators file
+    <-> origin, several origins), the notification token (registry -> origin, pre-seed on push),
+    and the operators file
     with one local admin operator, whose token (`operator_token`) `shoal seed` and `shoal audit`
     present on this host."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -105,12 +106,12 @@ def make_keys(directory: Path) -> dict[str, Path]:
         ("signing_key", "origin-signing.pem"), ("origin_public_key", "origin-public.pem"),
         ("node_token", "node.token"), ("registration_token", "registration.token"),
         ("operators", "operators.json"), ("operator_token", "operator.token"),
-        ("peer_token", "origin-peer.token"))}
+        ("peer_token", "origin-peer.token"), ("notification_token", "notification.token"))}
     if not paths["signing_key"].exists():
         _write_secret(paths["signing_key"], signing.generate_private_key().decode())
     if not paths["origin_public_key"].exists():
         paths["origin_public_key"].write_bytes(signing.public_pem(paths["signing_key"].read_bytes()))
-    for name in ("node_token", "registration_token", "peer_token"):
+    for name in ("node_token", "registration_token", "peer_token", "notification_token"):
         if not paths[name].exists():
             _write_secret(paths[name], secrets.token_urlsafe(32))
     if not paths["operator_token"].exists():

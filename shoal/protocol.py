@@ -62,6 +62,9 @@ AUDIT = Route("GET", "/v1/audit")
 PRESEED = Route("POST", "/v1/preseed")
 PRESEED_JOB = Route("GET", "/v1/preseed/{job}")
 SEEDED = Route("GET", "/v1/seeded")  # what the origin seeds (STATUS, which is public, has counts only)
+# Registry to origin: push notifications (distribution's notifications endpoint, Harbor's webhook),
+# with the notification token; the route exists only when `notifications` is configured
+NOTIFICATIONS = Route("POST", "/v1/notifications")
 # Origin to origin (several origins, shoal/rendezvous.py): "seed this blob too", with the token
 # the origins share (never the node token)
 REPLICA = Route("POST", "/v1/blobs/{digest}/replica")

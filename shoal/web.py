@@ -50,10 +50,11 @@ configurator waits on it). See service_ready()."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Who may call a route: anyone ("public"), a cluster node with the node token ("node"), the
-# origin registering torrents at the tracker ("registration"), or an operator holding a role
+# origin registering torrents at the tracker ("registration"), the registry's push notifications
+# ("registry", the notification token), or an operator holding a role
 # ("seed", "audit", "admin"; admin holds every role). Declared once per route, in the route table;
 # checked before the handler runs, so a handler cannot forget it.
-Guard = Literal["public", "node", "registration", "origin", "seed", "audit", "admin"]
+Guard = Literal["public", "node", "registration", "origin", "registry", "seed", "audit", "admin"]
 Role = Literal["seed", "audit", "admin"]
 OPERATOR_GUARDS: tuple[Role, ...] = ("seed", "audit", "admin")
 GUARDS_KEY = web.AppKey("guards", dict)
@@ -61,6 +62,7 @@ _REFUSALS: dict[str, str] = {
     "node": "this API is for cluster nodes (the node token)",
     "registration": "this API is for the origin (the registration token)",
     "origin": "this API is for the cluster's other origins (the peer token)",
+    "registry": "this API is for the registry's push notifications (the notification token)",
 }
 
 

@@ -52,6 +52,10 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--containerd-hosts-dir", metavar="DIR",
                     help="containerd's hosts directory (its config_path, e.g. /etc/containerd/certs.d): the agent "
                          "keeps DIR/<name>/hosts.toml pointing at itself while it is ready")
+    up.add_argument("--seed-on-push", action="append", default=[], metavar="REPO[:TAG]",
+                    help="pre-seed what the registry reports pushed to repositories matching REPO and tags "
+                         "matching TAG (globs, e.g. 'team/*:v*'; TAG default '*'; repeatable): the origin takes "
+                         "the registry's notifications (README \"Pre-seed on push\")")
     up.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     up.set_defaults(func=cmd_up)
 

@@ -94,6 +94,9 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
     # operators sign in with their login at the first registry
     origin_extra: dict[str, Any] = {"operators": {"registry": {"upstream": upstreams[0]["name"],
                                                                "roles": operators}}} if operators else {}
+    if args.seed_on_push:
+        origin_extra["notifications"] = {"token": {"file": str(keys["notification_token"])},
+                                         "upstream": upstreams[0]["name"], "rules": _push_rules(args.seed_on_push)}
     agent_extra: dict[str, Any] = {}
     if args.containerd_hosts_dir:
         agent_extra["containerd"] = {"config_path": str(Path(args.containerd_hosts_dir).resolve())}
@@ -107,6 +110,18 @@ def up_configs(args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]
                                auth={"unauthenticated": args.unauthenticated}, cache={"max_bytes": args.cache},
                                upstreams=agent_upstreams, **agent_extra),
     }
+
+
+def _push_rules(specs: list[str]) -> list[dict[str, Any]]:
+    """--seed-on-push REPO[:TAG] as the origin's notifications.rules (a tag never holds "/")."""
+    rules = []
+    for spec in specs:
+        repo, tag = (spec.rpartition(":")[0], spec.rpartition(":")[2]) if ":" in spec.rsplit("/", 1)[-1] \
+            else (spec, "*")
+        if not repo or not tag:
+            raise SystemExit(f"shoal up: --seed-on-push must be REPO[:TAG] globs, e.g. 'team/*:v*', got {spec!r}")
+        rules.append({"repositories": [repo], "tags": [tag]})
+    return rules
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -192,6 +207,9 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"  data    {data}\n\n" + containerd +
               f"pre-seed:  shoal seed --origin http://{args.origin_listen} "
               f"--token-file {operator_token} {upstreams[0]['name']}/REPO:TAG\n"
+              + (f"on push:   the registry's notifications endpoint: url http://{args.origin_listen}"
+                 f"{protocol.NOTIFICATIONS.path()}, headers Authorization: [Bearer <{data / 'keys'}"
+                 "/notification.token>] (README \"Pre-seed on push\")\n" if args.seed_on_push else "") +
               f"audit:     shoal audit --origin http://{args.origin_listen} --token-file {operator_token}\n"
               f"status:    shoal status --agent http://{args.listen} --origin http://{args.origin_listen} "
               f"--tracker http://{args.tracker_listen}\n"

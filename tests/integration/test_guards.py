@@ -34,16 +34,19 @@ def build_all(tmp_path: Path) -> dict[str, tuple[web.Application, dict[str, str]
     node = f"Bearer {keys['node_token'].read_text()}"
     registration = f"Bearer {keys['registration_token'].read_text()}"
     operator = f"Bearer {keys['operator_token'].read_text()}"  # the local admin
+    notification = f"Bearer {keys['notification_token'].read_text()}"  # the registry's push notifications
     tokens = {"node_token": {"file": str(keys["node_token"])},
               "registration_token": {"file": str(keys["registration_token"])}}
     tracker = tracker_app.build(tracker_config.load({**tokens, "origin_public_key": str(keys["origin_public_key"])}))
     origin = origin_app.build(origin_config.load({
         **tokens, "data_dir": str(tmp_path / "origin"), "upstreams": [UPSTREAM], "tracker": "http://127.0.0.1:9",
-        "signing_key": str(keys["signing_key"]), "operators": {"tokens": {"file": str(keys["operators"])}}}))
+        "signing_key": str(keys["signing_key"]), "operators": {"tokens": {"file": str(keys["operators"])}},
+        "notifications": {"token": {"file": str(keys["notification_token"])}}}))
     agent = agent_app.build(agent_config.load({
         "data_dir": str(tmp_path / "agent"), "upstreams": [UPSTREAM], "node": "n1"}))
     return {"tracker": (tracker, {"node": node, "registration": registration}),
-            "origin": (origin, {"node": node, "seed": operator, "audit": operator, "admin": operator}),
+            "origin": (origin, {"node": node, "seed": operator, "audit": operator, "admin": operator,
+                                "registry": notification}),
             "agent": (agent, {})}
 
 
@@ -71,6 +74,8 @@ def test_every_route_declares_its_guard(tmp_path: Path) -> None:
         (protocol.PRESEED_JOB.method, protocol.PRESEED_JOB.pattern): "seed",
         (protocol.AUDIT.method, protocol.AUDIT.pattern): "audit",
         (protocol.SEEDED.method, protocol.SEEDED.pattern): "admin"}
+    # the registry's push notifications: its own token, nobody else's
+    assert guards["origin"][(protocol.NOTIFICATIONS.method, protocol.NOTIFICATIONS.pattern)] == "registry"
 
 
 def test_the_walk_finds_a_route_added_without_a_guard() -> None:

@@ -72,9 +72,10 @@ class Pull:
 
 class Registry:
     def __init__(self, workdir: Path, *, users: dict[str, str] | None = None, auth_yaml: str | None = None,
-                 ip: str = "127.0.0.1") -> None:
+                 ip: str = "127.0.0.1", endpoints: list[str] | None = None) -> None:
         """htpasswd auth for `users`, or the given `auth:` block (e.g. a token server's); `ip`
-        is the listen address (`::1` for the IPv6 tests)."""
+        is the listen address (`::1` for the IPv6 tests); `endpoints`: more notification
+        endpoints, each one YAML flow mapping (set before start())."""
         self.workdir = workdir
         self.users = users if users is not None else {"alice": "alicepw"}
         self.auth_yaml = auth_yaml
@@ -83,6 +84,7 @@ class Registry:
         self.sink = EventSink()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "registry.log"
+        self.endpoints = list(endpoints or [])
 
     @property
     def host(self) -> str:
@@ -107,6 +109,7 @@ class Registry:
             f"{auth}"
             "notifications:\n  endpoints:\n"
             f"    - {{name: audit, url: '{self.sink.url}', timeout: 2s, threshold: 3, backoff: 200ms}}\n"
+            + "".join(f"    - {e}\n" for e in self.endpoints)
         )
         self._spawn(config)
 
