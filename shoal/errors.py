@@ -176,6 +176,17 @@ def connection_problem(exc: BaseException, where: str, *, what: str = "the regis
     return f"cannot connect to {where}: {exc or type(exc).__name__}"
 
 
+def read_problem(exc: BaseException, where: str) -> str:
+    """One line for an answer from `where` that broke off after it started."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"{where} stopped sending mid-answer (no data in time)"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return f"{where} closed the connection mid-answer"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"{where}'s answer broke off (shorter than it said, or a broken encoding)"
+    return f"{where}'s answer broke off ({connection_problem(exc, where)})"
+
+
 def login_refused(user: str, realm: str | None, *, fix: str = "") -> str:
     """A registry's (or its token server's) 401 for a configured login, named by user and realm."""
     at = f" at realm {realm!r}" if realm else ""

@@ -315,7 +315,8 @@ class RegistryClient:
                 try:
                     body = await resp.content.read(limit + 1)
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise errors.UpstreamError(f"registry read failed: {type(exc).__name__}") from None
+                    where = f"registry {self.base.host}:{self.base.port}"
+                    raise errors.UpstreamError(errors.read_problem(exc, where)) from None
                 if len(body) > limit:
                     raise errors.UpstreamError(f"registry response exceeds {limit} bytes")
             return Response(resp.status, dict(resp.headers), body)
@@ -375,7 +376,8 @@ class RegistryClient:
                 async for chunk in resp.content.iter_chunked(BLOB_CHUNK):
                     yield chunk
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise errors.UpstreamError(f"registry blob read failed: {type(exc).__name__}") from None
+                where = f"registry {self.base.host}:{self.base.port}"
+                raise errors.UpstreamError(errors.read_problem(exc, where)) from None
 
     async def download_blob(
         self, repo: str, digest: Digest, dest: Path, *, max_size: int,

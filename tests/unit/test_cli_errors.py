@@ -133,3 +133,22 @@ def test_seed_against_an_origin_that_is_not_running(capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"shoal seed: cannot reach the origin: connection refused at 127.0.0.1:{port}: is the origin "
                    "running there, on that port?"]
+
+
+async def test_an_answer_that_breaks_off() -> None:
+    async def short(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(short, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/") as resp:
+            with pytest.raises(aiohttp.ClientPayloadError) as broke:
+                await resp.read()
+    finally:
+        server.close()
+    assert errors.read_problem(broke.value, f"registry 127.0.0.1:{port}") == \
+        f"registry 127.0.0.1:{port}'s answer broke off (shorter than it said, or a broken encoding)"
