@@ -15,12 +15,14 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
 from shoal import protocol
 from shoal.cli.common import size_text
@@ -98,6 +100,14 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+class _Rate(ProgressColumn):
+    """The rate in the binary units the sizes use (rich's own column counts in MB)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{size_text(speed)}/s", style="progress.data.speed")
+
+
 class SeedProgress:
     """Follows a job: `update(job)` after every poll, `close()` at the end (also on Ctrl-C)."""
 
@@ -112,8 +122,8 @@ class SeedProgress:
         self._first: tuple[float, int] | None = None  # (when, bytes done) at the first poll with blobs
 
     def update(self, job: protocol.PreseedJob) -> None:
-        if job.blobs_total == 0 and not job.finished:
-            # still resolving manifests: nothing to count yet (no "0/0 blobs" line)
+        if job.blobs_total == 0:
+            # resolving manifests (or failed to): nothing to count (no "0/0 blobs" line)
             if job.state != self._last_state:
                 self._say(f"[{job.state}] {', '.join(job.images)}")
                 self._last_state = job.state
@@ -149,8 +159,9 @@ class SeedProgress:
     def _draw(self, job: protocol.PreseedJob) -> None:
         if self._progress is None:
             self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                TransferSpeedColumn(), TimeRemainingColumn(),
+                # a long image name gives way (cut with an ellipsis) before the numbers do
+                TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+                BarColumn(bar_width=24), DownloadColumn(binary_units=True), _Rate(), TimeRemainingColumn(),
                 console=Console(file=self.stream, highlight=False), transient=False)
             self._progress.start()
         progress = self._progress

@@ -57,6 +57,14 @@ def test_plain_lines_with_rate_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()  # no cursor moves in a log
 
 
+def test_a_job_that_fails_resolving_counts_nothing() -> None:
+    out = io.StringIO()
+    progress = display.SeedProgress(out)
+    progress.update(job("resolving", [], []))
+    progress.update(job("failed", [], []))
+    assert out.getvalue().splitlines() == ["[resolving] r.test/a:v1", "[failed] r.test/a:v1"]
+
+
 def test_bars_per_image_on_a_terminal() -> None:
     out = Terminal()
     progress = display.SeedProgress(out)
