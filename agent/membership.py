@@ -282,7 +282,8 @@ class Membership:
                 failure = SwarmFailure("origin_error", f"origin answered {exc.status} to the admission")
                 continue
             except (aiohttp.ClientError, TimeoutError) as exc:
-                failure = SwarmFailure("origin_unreachable", f"origin unreachable: {type(exc).__name__}")
+                failure = SwarmFailure("origin_unreachable",
+                                       errors.connection_problem(exc, self.origins[name].base, what="the origin"))
                 continue
             answered = True
             if name != order[0]:

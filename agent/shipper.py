@@ -135,7 +135,9 @@ class Shipper:
                 if exc.not_enrolled and self.not_enrolled is not None:
                     self.not_enrolled(name)
             except (aiohttp.ClientError, TimeoutError, errors.ShoalError) as exc:
-                log.info("collector unreachable%s (%s); journal kept for retry", where, type(exc).__name__)
+                reason = str(exc) if isinstance(exc, errors.ShoalError) else \
+                    errors.connection_problem(exc, collector.base, what="the origin's collector")
+                log.info("journal not shipped%s: %s; kept for retry", where, reason)
             self.failovers += len(self.collectors) > 1
             self._failed_at[name] = time.monotonic()
         return None

@@ -31,6 +31,7 @@ class BlobState:
     repository: str
     state: str = "pending"  # pending, seeding, done, skipped, failed
     error: str | None = None
+    image: str | None = None  # the job's image that first named it
 
 
 @dataclass(slots=True)
@@ -56,7 +57,7 @@ class Job:
             blobs_total=len(blobs), blobs_done=len(done), blobs_failed=sum(1 for b in blobs if b.state == "failed"),
             bytes_total=sum(b.size for b in blobs), bytes_done=sum(b.size for b in done), errors=self.errors,
             elapsed_seconds=round((self.finished or time.time()) - self.created, 3),
-            blobs=[protocol.PreseedBlob(b.digest, b.size, b.state, b.error) for b in blobs])
+            blobs=[protocol.PreseedBlob(b.digest, b.size, b.state, b.error, b.image) for b in blobs])
 
 
 JobFinished = Callable[[Job], Awaitable[None]]
@@ -113,7 +114,7 @@ class Preseeder:
                 for desc in await self._resolve(job, ref):
                     key = str(desc.digest)
                     if key not in job.blobs:
-                        job.blobs[key] = BlobState(key, desc.size, f"{ref.registry}/{ref.name}")
+                        job.blobs[key] = BlobState(key, desc.size, f"{ref.registry}/{ref.name}", image=str(ref))
             job.state = "seeding"
             sem = asyncio.Semaphore(self.concurrency)
             await asyncio.gather(*(self._seed(job, b, sem) for b in job.blobs.values()))

@@ -11,6 +11,7 @@ import logging
 
 import aiohttp
 
+from shoal import errors
 from shoal.clients import ApiError, TrackerClient
 from shoal.metainfo import Metainfo
 
@@ -35,7 +36,8 @@ class TrackerRegistration:
             except ApiError as exc:
                 log.warning("tracker %d refused registration of %s: HTTP %d", n, meta.digest, exc.status)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("tracker %d unreachable registering %s: %s", n, meta.digest, type(exc).__name__)
+                log.warning("tracker %d could not register %s: %s", n, meta.digest,
+                            errors.connection_problem(exc, tracker.base, what="the tracker"))
         self.registered.discard(meta.digest.hex)
         return False
 

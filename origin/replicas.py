@@ -121,7 +121,7 @@ class Replicas:
                 raise
             except (aiohttp.ClientError, TimeoutError, errors.ShoalError) as exc:
                 self.sent.labels("failed").inc()
-                log.warning("origin %s unreachable to seed %s: %s", name, digest, type(exc).__name__)
+                log.warning("origin %s did not seed %s: %s", name, digest, _why(exc))
                 raise
             self.sent.labels("ok").inc()
             mine = next((p for p in self.seeder.seeded() if p.meta.digest == digest), None)
@@ -178,4 +178,4 @@ class Replicas:
 def _why(exc: BaseException) -> str:
     if isinstance(exc, errors.ShoalError):
         return str(exc)  # shoal's own text
-    return type(exc).__name__
+    return errors.connection_problem(exc, "the owner", what="that origin")

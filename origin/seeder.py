@@ -260,8 +260,8 @@ class Seeder:
             except errors.NotFound:
                 got = -1
             except (TimeoutError, errors.ShoalError) as exc:
-                raise errors.UpstreamError(f"cannot confirm that {ns} holds the blob now "
-                                           f"({type(exc).__name__})") from None
+                why = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
+                raise errors.UpstreamError(f"cannot confirm that {ns} holds the blob now ({why})") from None
             if got != size or h.hexdigest() != digest.hex:
                 self.metrics.requests.labels("source_refused").inc()
                 log.warning("registry %s says it has %s in %s but does not send it: not vouched for", ns, digest,

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from shoal import logs, sdnotify
 from shoal import web as shoal_web
+from shoal.cliargs import HelpFormatter, VersionAction
 from shoal.config import LogSettings, read_yaml, set_dotted, split_hostport
 from shoal.errors import ConfigError, ShoalError
 
@@ -90,7 +91,9 @@ def run_component(
     build: Callable[[C], web.Application],
     epilog: str | None = None,
 ) -> int:
-    parser = argparse.ArgumentParser(prog=f"shoal-{name}", description=f"shoal {name}", epilog=epilog)
+    parser = argparse.ArgumentParser(prog=f"shoal-{name}", description=f"shoal {name}", epilog=epilog,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument("--config", help="YAML configuration file")
     parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     for flag, (key, text) in flags.items():

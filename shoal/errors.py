@@ -6,9 +6,15 @@ that calls them; handlers only ever see `ShoalError` subclasses.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any
+
+import aiohttp
 
 from shoal.redaction import redact
 
@@ -100,6 +106,11 @@ class Denied(ShoalError):
     oci = DENIED
 
 
+class LoginRefused(ShoalError):
+    """The registry, or its token server, refused a login shoal was configured with (a node's or
+    the seeder's; not a puller's). The message names the user and the realm, never the secret."""
+
+
 class UpstreamError(ShoalError):
     """The registry could not be reached or answered with a server error."""
 
@@ -140,3 +151,51 @@ def error_body(oci: OciCode, message: str | None = None, detail: Any = None) -> 
     """The OCI error JSON document, as distribution writes it."""
     doc = {"errors": [{"code": oci.code, "message": message or oci.message, "detail": detail}]}
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+# Where a registry's (or the origin's) CA comes from when the system store lacks it: the
+# components verify with Python's default context, which reads this variable.
+CA_HINT = "add its CA to the system trust store or point SSL_CERT_FILE at a PEM bundle that holds it"
+
+
+def connection_problem(exc: BaseException, where: str, *, what: str = "the registry") -> str:
+    """One line, in plain words and with the fix, for a call to `where` (host:port or a URL)
+    that could not connect: refused, name not found, TLS verification, timeout. Never the
+    exception's class name alone (`unreachable: ClientConnectorError` told nobody anything)."""
+    cause: BaseException | None = exc
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        cause = exc.os_error
+    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, ssl.SSLCertVerificationError)):
+        reason = getattr(getattr(exc, "certificate_error", exc), "verify_message", None) or "untrusted certificate"
+        return f"TLS verification of {where} failed ({reason}): {CA_HINT}"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError) or isinstance(cause, socket.gaierror):
+        name = exc.host if isinstance(exc, aiohttp.ClientConnectorError) else where
+        return f"name not found: {name} (DNS has no address for it): check the host name in the URL"
+    if isinstance(exc, (aiohttp.ClientSSLError, ssl.SSLError)) or isinstance(cause, ssl.SSLError):
+        return f"TLS with {where} failed ({getattr(cause, 'reason', None) or cause}): is it an https:// server?"
+    if isinstance(cause, ConnectionRefusedError) or getattr(cause, "errno", None) == errno.ECONNREFUSED:
+        return f"connection refused at {where}: is {what} running there, on that port?"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or isinstance(cause, TimeoutError):
+        return f"no answer from {where} in time: is {what} up, and is the address reachable from here?"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return f"{where} closed the connection without an answer: is that {what}'s address?"
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"cannot connect to {where}: {cause.strerror.lower()}"
+    return f"cannot connect to {where}: {exc or type(exc).__name__}"
+
+
+def read_problem(exc: BaseException, where: str) -> str:
+    """One line for an answer from `where` that broke off after it started."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"{where} stopped sending mid-answer (no data in time)"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return f"{where} closed the connection mid-answer"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"{where}'s answer broke off (shorter than it said, or a broken encoding)"
+    return f"{where}'s answer broke off ({connection_problem(exc, where)})"
+
+
+def login_refused(user: str, realm: str | None, *, fix: str = "") -> str:
+    """A registry's (or its token server's) 401 for a configured login, named by user and realm."""
+    at = f" at realm {realm!r}" if realm else ""
+    return f"the registry refused the login of user {user!r}{at} (HTTP 401){': ' + fix if fix else ''}"

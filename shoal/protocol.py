@@ -415,6 +415,9 @@ class PreseedBlob:
     size: int
     state: str  # pending, seeding, done, skipped, failed
     error: str | None
+    # the job's image that first named this blob (`shoal seed` draws a bar per image); absent
+    # from older origins
+    image: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -423,7 +426,7 @@ class PreseedBlob:
     def from_json(cls, doc: Any) -> PreseedBlob:
         d = _doc(doc)
         return cls(_text(d, "digest", max_length=255), _count(d, "size"), _text(d, "state", max_length=32),
-                   _optional_text(d, "error"))
+                   _optional_text(d, "error"), _optional_text(d, "image"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -201,12 +201,16 @@ class RegistryClient:
                 allow_redirects=False,
             ) as resp:
                 if resp.status in (401, 403):
-                    raise errors.ShoalError("token server refused the configured credentials")
+                    user = self.credentials.username if self.credentials is not None else "(none)"
+                    raise errors.LoginRefused(errors.login_refused(user, realm))
                 if resp.status != 200:
                     raise errors.UpstreamError(f"token server answered {resp.status}")
                 doc = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise errors.UpstreamError(f"token server unreachable: {type(exc).__name__}") from None
+            if isinstance(exc, ValueError):
+                raise errors.UpstreamError("token server answered with a body that is not JSON") from None
+            where = f"token server {realm_url.host}:{realm_url.port}"
+            raise errors.UpstreamError(errors.connection_problem(exc, where, what="the token server")) from None
         token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:
             raise errors.UpstreamError("token server answered without a token")
@@ -227,8 +231,8 @@ class RegistryClient:
                 resp = await self.http.request(method, url, headers=headers, allow_redirects=False,
                                                timeout=_timeout(self.read_timeout))
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                raise errors.UpstreamError(f"registry {self.base.host}:{self.base.port} unreachable: "
-                                           f"{type(exc).__name__}") from None
+                raise errors.UpstreamError(errors.connection_problem(exc, f"{self.base.host}:{self.base.port}")) \
+                    from None
             if resp.status not in (301, 302, 303, 307, 308):
                 return resp
             location = resp.headers.get("Location", "")
@@ -311,7 +315,8 @@ class RegistryClient:
                 try:
                     body = await resp.content.read(limit + 1)
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise errors.UpstreamError(f"registry read failed: {type(exc).__name__}") from None
+                    where = f"registry {self.base.host}:{self.base.port}"
+                    raise errors.UpstreamError(errors.read_problem(exc, where)) from None
                 if len(body) > limit:
                     raise errors.UpstreamError(f"registry response exceeds {limit} bytes")
             return Response(resp.status, dict(resp.headers), body)
@@ -323,6 +328,21 @@ class RegistryClient:
         resp = await self._send("GET", "/v2/", repo=None, authorization=authorization, login=True)
         async with resp:
             return resp.status
+
+    async def check_login(self) -> None:
+        """That the registry answers and takes this client's login (GET /v2/, as `docker login`):
+        errors.LoginRefused naming the user and the realm if it refuses it, UpstreamError in
+        plain words if it cannot be reached. Without a login, a 401 is fine: pullers bring theirs."""
+        resp = await self._send("GET", "/v2/", repo=None, login=True)
+        async with resp:
+            if resp.status == 200 or (resp.status == 401 and self.credentials is None):
+                return
+            if resp.status == 401 and self.credentials is not None:
+                challenge = Challenge.parse(resp.headers.get("WWW-Authenticate", ""))
+                realm = challenge.params.get("realm") if challenge is not None else None
+                raise errors.LoginRefused(errors.login_refused(self.credentials.username, realm))
+            raise errors.UpstreamError(f"{self.base.host}:{self.base.port} answered HTTP {resp.status} to GET /v2/: "
+                                       "is it a registry (distribution API v2)?")
 
     async def get_manifest(self, repo: str, reference: str, *, method: str = "GET",
                            accept: str | None = None, authorization: Authorization = OWN) -> Response:
@@ -356,7 +376,8 @@ class RegistryClient:
                 async for chunk in resp.content.iter_chunked(BLOB_CHUNK):
                     yield chunk
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise errors.UpstreamError(f"registry blob read failed: {type(exc).__name__}") from None
+                where = f"registry {self.base.host}:{self.base.port}"
+                raise errors.UpstreamError(errors.read_problem(exc, where)) from None
 
     async def download_blob(
         self, repo: str, digest: Digest, dest: Path, *, max_size: int,

@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 import libtorrent as lt
 
-from shoal import announcing, errors, peercerts, protocol
+from shoal import announcing, errors, netaddr, peercerts, protocol
 from shoal.config import TorrentSettings, split_hostport
 from shoal.metainfo import Metainfo
 
@@ -76,6 +76,8 @@ SEEDER_CHOKING: dict[str, int] = {
 HEAD_PIECE_PRIORITY = 7
 # Time given at shutdown for "stopped" announces to reach the tracker.
 STOP_GRACE = 0.3
+# How long libtorrent may take to open its listen sockets at start (it takes milliseconds).
+LISTEN_WAIT = 10.0
 # A TLS connection closed in the last seconds may still be closing (libtorrent waits about 2.7 s
 # for a peer's close_notify); the session's destructor would wait for it holding the GIL, so
 # the event loop stood still at shutdown. Stop waits for those instead, with the loop running.
@@ -136,6 +138,11 @@ class SwarmSettings:
             # "s": a TLS socket. Only SSL torrents exist, so there is no plain one: a BitTorrent
             # handshake in clear gets a TLS alert, never a piece.
             "listen_interfaces": self.listen_interfaces(),
+            # libtorrent tries the next 10 ports when the configured one is taken, then one the
+            # system picks: the node would run on a port its configuration does not name (and
+            # firewalls would not open). Fail instead (Swarm.start).
+            "max_retry_port_bind": 0,
+            "listen_system_port_fallback": False,
             # a specific address: peers see the node there; unspecified: the route decides
             "outgoing_interfaces": "" if self._unspecified() else self.listen_ip,
             "peer_fingerprint": self.fingerprint,
@@ -405,6 +412,7 @@ class Swarm:
         self.tracker_errors = 0
         self.on_tracker_error: Callable[[str, str], None] | None = None
         self._tcp_listeners: set[tuple[str, int]] = set()  # libtorrent's TLS listen sockets
+        self._listen_failures: list[str] = []  # why a configured listen socket could not be opened
         self._had_torrents = False
         self._last_disconnect = -TLS_CLOSE_GRACE
         self._stats_waiters: list[asyncio.Future[None]] = []
@@ -434,8 +442,26 @@ class Swarm:
         self._rsock, self._wsock = r, w
         asyncio.get_running_loop().add_reader(r.fileno(), self._drain)
         ses.set_alert_fd(w.fileno())
+        await self._listening()
         self._stats_task = asyncio.create_task(self._poll_stats())
         log.info("swarm listening on %s:%d", self.settings.listen_ip, self.settings.listen_port)
+
+    async def _listening(self) -> None:
+        """Wait until libtorrent opened (or failed to open) each configured TCP listen socket;
+        ConfigError naming torrent.listen when one failed, so a node never runs on a port other
+        than its configuration's, or on none."""
+        expected = self.settings.listen_interfaces().count(",") + 1
+        deadline = time.monotonic() + LISTEN_WAIT
+        while len(self._tcp_listeners) + len(self._listen_failures) < expected and time.monotonic() < deadline:
+            self._drain()  # (alerts posted before set_alert_fd would not wake the reader)
+            await asyncio.sleep(0.02)
+        if self._listen_failures:
+            await self.stop()
+            raise errors.ConfigError(f"torrent.listen: {self._listen_failures[0]}: choose a free port")
+        if not self._tcp_listeners:
+            await self.stop()
+            raise errors.ConfigError(f"torrent.listen: libtorrent did not listen on {self.settings.listen_ip}:"
+                                     f"{self.settings.listen_port} within {LISTEN_WAIT:g}s")
 
     def _skipped_only(self, alert: lt.tracker_error_alert) -> bool:
         """An announce libtorrent skipped from one listen address while others remain that may
@@ -669,7 +695,11 @@ class Swarm:
                 job.unreachable_trackers.discard(alert.tracker_url().split("?", 1)[0])
             return
         if not isinstance(alert, lt.torrent_alert):
-            if isinstance(alert, (lt.listen_failed_alert,)):
+            if isinstance(alert, lt.listen_failed_alert):
+                if self._stats_task is None and alert.socket_type in (lt.socket_type_t.tcp, lt.socket_type_t.tcp_ssl):
+                    where = netaddr.hostport(str(alert.address), int(alert.port))
+                    self._listen_failures.append(f"cannot listen on {where} ({alert.error.message().lower()})")
+                    return  # start() fails with it, in one line
                 log.error("libtorrent: %s", alert.message())
             return
         job = self._jobs.get(alert.torrent_name)

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 
 from shoal import protocol
-from shoal.cli import login
+from shoal.cli import display, login
 from shoal.cli.common import CALL_ERRORS, check_url, origin_failed
 from shoal.clients import OperatorClient
 
@@ -38,10 +38,7 @@ async def _audit(args: argparse.Namespace) -> int:
         except CALL_ERRORS as exc:
             return origin_failed("audit", origin_url, exc)
     rows = [[_short(e.get(c)) for c in AUDIT_COLUMNS] for e in events]
-    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(AUDIT_COLUMNS)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(AUDIT_COLUMNS, widths, strict=True)))
-    for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    display.table([c.upper() for c in AUDIT_COLUMNS], rows, right=("STATUS", "BYTES"))
     print(f"{len(events)} event(s)", file=sys.stderr)
     return 0
 

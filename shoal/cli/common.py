@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -25,21 +26,26 @@ def check_url(url: str, flag: str) -> str:
 def origin_failed(command: str, origin: str, exc: BaseException) -> int:
     """Say on stderr, in one line, why a call to the origin failed; the exit status."""
     if isinstance(exc, ApiError):
-        print(f"shoal {command}: the origin refused: {failure(exc)}", file=sys.stderr)
+        print(f"shoal {command}: the origin refused: {failure(exc, origin)}", file=sys.stderr)
     else:
-        print(f"shoal {command}: cannot reach the origin at {origin}: {failure(exc)}", file=sys.stderr)
+        print(f"shoal {command}: cannot reach the origin: {failure(exc, origin)}", file=sys.stderr)
     return 1
 
 
-def failure(exc: BaseException) -> str:
-    """One line for a failed call: the server's own message when it refused, else what went wrong."""
+def failure(exc: BaseException, url: str, *, what: str = "the origin") -> str:
+    """One line for a failed call to `url`: the server's own message when it refused, else what
+    went wrong in plain words (refused, name not found, TLS, timeout) and what to check."""
     if isinstance(exc, ApiError):
         return f"HTTP {exc.status}: {exc.detail}" if exc.detail else f"HTTP {exc.status}"
-    if isinstance(exc, asyncio.TimeoutError):
-        return "no answer in time"
     if isinstance(exc, errors.BadRequest):
         return f"a malformed answer ({exc})"
-    return str(exc) or type(exc).__name__
+    if isinstance(exc, ValueError):
+        return f"an answer that is not JSON ({url}: is that {what}'s address?)"
+    if isinstance(exc, errors.ShoalError):
+        return str(exc)
+    parts = urlsplit(url)
+    where = parts.netloc or url
+    return errors.connection_problem(exc, where, what=what)
 
 
 def size_text(n: float) -> str:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -20,7 +22,9 @@ from urllib.parse import urlsplit
 import yaml
 
 from shoal import netaddr, protocol
+from shoal.cli import preflight
 from shoal.cluster import Cluster, command, make_keys
+from shoal.config import split_hostport
 
 
 def _default_data_dir() -> Path:
@@ -40,9 +44,11 @@ def _upstreams(args: argparse.Namespace) -> list[dict[str, Any]]:
             raise SystemExit(f"shoal up: {flag}: give it once per --upstream ({n}), in the same order "
                              "(each registry gets only its own login)")
     if len(args.username) != len(args.password_file):
-        missing = "--password-file" if len(args.username) > len(args.password_file) else "--username"
-        raise SystemExit(f"shoal up: {missing}: give it as often as "
-                         f"{'--username' if missing == '--password-file' else '--password-file'}")
+        # a password file without its user (or the other way round) would be silently unused
+        given, missing = (("--username", "--password-file") if len(args.username) > len(args.password_file)
+                          else ("--password-file", "--username"))
+        raise SystemExit(f"shoal up: {given} needs {missing}: give --username and --password-file together, "
+                         "once per --upstream")
     upstreams: list[dict[str, Any]] = []
     for i, spec in enumerate(specs):
         name, sep, url = spec.partition("=") if "=" in spec.split("://", 1)[0] else ("", "", spec)
@@ -131,19 +137,45 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> bool:
+def _wait_ready(listen: str, proc: subprocess.Popen[bytes], stopping: Callable[[], bool],
+                timeout: float = 60.0) -> bool:
+    """Until the child answers /readyz on `listen`. The answer counts only while the child is
+    alive and holds the listening socket itself: another shoal on that port answers too."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stopping():
         if proc.poll() is not None:
             return False
         try:
-            with urllib.request.urlopen(protocol.READYZ.url(url), timeout=1.0) as resp:  # noqa: S310 (http, ours)
-                if resp.status == 200:
+            with urllib.request.urlopen(protocol.READYZ.url(f"http://{listen}"),  # noqa: S310 (http, ours)
+                                        timeout=1.0) as resp:
+                if resp.status == 200 and proc.poll() is None and preflight.owns_listener(proc.pid, listen):
                     return True
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.1)
     return False
+
+
+def _preflight(args: argparse.Namespace, configs: dict[str, dict[str, Any]]) -> None:
+    """SystemExit (status 2 for flags, 1 for the registry), a line per problem, before anything starts."""
+    ip = args.torrent_ip.strip("[]")
+    ports = [preflight.Port(flag, *split_hostport(value)) for flag, value in (
+        ("--listen", args.listen), ("--tracker-listen", args.tracker_listen), ("--origin-listen", args.origin_listen))]
+    ports += [preflight.Port("--agent-torrent-port", ip, args.agent_torrent_port),
+              preflight.Port("--origin-torrent-port", ip, args.origin_torrent_port)]
+    problems = preflight.busy_ports(ports)
+    if problems:
+        for line in problems:
+            print(f"shoal up: {line}", file=sys.stderr)
+        raise SystemExit(2)
+    # the origin's upstreams hold the seeder's logins (the agent's only in node mode)
+    logins = [preflight.Login(u["url"], u.get("username"), (u.get("password") or {}).get("file"))
+              for u in configs["origin"]["upstreams"]]
+    problems = asyncio.run(preflight.registry_problems(logins))
+    if problems:
+        for line in problems:
+            print(f"shoal up: {line}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -161,6 +193,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     data = Path(args.data_dir).expanduser().resolve() if args.data_dir else _default_data_dir()
     data.mkdir(parents=True, exist_ok=True)
     configs = up_configs(args, data)
+    _preflight(args, configs)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 
@@ -181,7 +214,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             # still go with the supervisor if it is killed outright.
             procs[name] = subprocess.Popen(command(name, path),
                                            start_new_session=True, preexec_fn=_die_with_parent)
-            if not _wait_ready(f"http://{configs[name]['listen']}", procs[name]):
+            if not _wait_ready(configs[name]["listen"], procs[name], lambda: stopping):
+                if stopping:
+                    return 0
                 print(f"shoal up: {name} failed to start (see its messages above)", file=sys.stderr)
                 return 1
         upstreams = configs["agent"]["upstreams"]
@@ -226,6 +261,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                     stopping, rc = True, 1
             time.sleep(0.2)
     finally:
+        # Ctrl-C (or SIGTERM) from here on stops the children in order; another one is not a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for proc in reversed(list(procs.values())):
             if proc.poll() is None:
                 proc.terminate()
@@ -235,6 +272,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()  # gone (and its ports closed) before `shoal up` returns
+        if procs:
+            names = list(procs)
+            stopped = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+            print(f"shoal up: stopped {stopped} (their data stays in {data})", flush=True)
     return rc
 
 

@@ -282,8 +282,12 @@ def test_a_job_is_exact_on_the_wire() -> None:
         "id": "j1", "state": "seeding", "images": ["r/app:v1"], "platforms": [], "manifests": JOB.manifests,
         "blobs_total": 2, "blobs_done": 1, "blobs_failed": 0, "bytes_total": 30, "bytes_done": 10, "errors": [],
         "elapsed_seconds": 1.5,
-        "blobs": [{"digest": "sha256:" + "b" * 64, "size": 10, "state": "done", "error": None},
-                  {"digest": "sha256:" + "c" * 64, "size": 20, "state": "failed", "error": "registry answered 500"}]}
+        "blobs": [{"digest": "sha256:" + "b" * 64, "size": 10, "state": "done", "error": None, "image": None},
+                  {"digest": "sha256:" + "c" * 64, "size": 20, "state": "failed", "error": "registry answered 500",
+                   "image": None}]}
+    # the image that named a blob (`shoal seed` draws a bar per image) travels when the origin says it
+    named = protocol.PreseedBlob("d", 1, "done", None, "r/app:v1")
+    assert protocol.PreseedBlob.from_json(named.to_json()) == named
     # the optional lists may be left out; a blob's error may be left out; whole seconds are read as seconds
     lean = {k: v for k, v in doc.items() if k not in ("platforms", "manifests", "errors")}
     lean["blobs"] = [{"digest": "d", "size": 0, "state": "pending"}]
