@@ -300,7 +300,7 @@ def _same_origin(request: web.Request) -> None:
 def _signin(message: str | None, *, status: int = 200) -> web.Response:
     note = f'<p class="error" id="signin-error">{html.escape(message)}</p>' if message else ""
     body = (f'<section class="signin"><h2>Sign in</h2>{note}'
-            '<form method="post" action="/ui/signin" id="signin">'
+            f'<form method="post" action="{protocol.PAGE_SIGNIN.pattern}" id="signin">'
             '<fieldset><legend>Operator token</legend>'
             '<input name="token" type="password" autocomplete="off" placeholder="shoal-op-..."></fieldset>'
             '<fieldset><legend>or a registry login</legend>'
@@ -336,7 +336,7 @@ _ORIGIN_BODY = """
 <label>since <input name="since" type="datetime-local" step="1"></label>
 <label>until <input name="until" type="datetime-local" step="1"></label>
 <button type="submit">Search</button>
-<a id="audit-csv" download="shoal-audit.csv" href="/ui/api/audit?format=csv">CSV</a>
+<a id="audit-csv" download="shoal-audit.csv" href="">CSV</a>
 </form>
 <p id="audit-count"></p>
 <table id="audit"><thead><tr><th>time</th><th>node</th><th>principal</th><th>image</th><th>reference</th>

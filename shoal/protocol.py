@@ -67,6 +67,7 @@ REPLICA = Route("POST", "/v1/blobs/{digest}/replica")
 # style, and the JSON it draws from; on the origin also the operator's sign-in and sign-out (a
 # session cookie), and the audit search (GET AUDIT's query and answers, for the session's holder)
 PAGE = Route("GET", "/")
+PAGE_PREFIX = "/ui/"  # every page route but PAGE is under it (their security headers: shoal/statuspage)
 PAGE_ASSET = Route("GET", "/ui/static/{name}")
 PAGE_OVERVIEW = Route("GET", "/ui/api/overview")
 PAGE_SIGNIN_FORM = Route("GET", "/ui/signin")

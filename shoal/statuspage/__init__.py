@@ -22,6 +22,8 @@ from importlib import resources
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from shoal import protocol
+
 log = logging.getLogger(__name__)
 
 SAMPLE_EVERY = 5.0  # seconds between samples
@@ -41,14 +43,13 @@ SECURITY_HEADERS: Mapping[str, str] = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
-PAGE_PREFIX = "/ui/"
 
 _TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
 ASSETS = frozenset({"plot.js", "origin.js", "agent.js", "page.css", "favicon.svg"})
 
 
 def is_page_path(path: str) -> bool:
-    return path == "/" or path.startswith(PAGE_PREFIX)
+    return path == protocol.PAGE.pattern or path.startswith(protocol.PAGE_PREFIX)
 
 
 async def _secure(request: web.Request, response: web.StreamResponse) -> None:
@@ -71,22 +72,32 @@ async def serve_asset(request: web.Request) -> web.StreamResponse:
     return web.Response(body=body, headers={"Content-Type": _TYPES[name[name.rindex("."):]]})
 
 
+def _asset(name: str) -> str:
+    return html.escape(protocol.PAGE_ASSET.path(name=name))
+
+
 def shell(*, title: str, script: str | None, body: str = "", principal: str | None = None,
           csrf: str | None = None) -> str:
-    """The HTML of a page: `body` is already-escaped HTML; everything else is escaped here."""
+    """The HTML of a page: `body` is already-escaped HTML; everything else is escaped here. The
+    routes the scripts call are given them on <body> (data-overview, ...): paths live in
+    shoal/protocol.py only."""
     who = ""
     if principal is not None:
         who = f'<span id="principal">{html.escape(principal)}</span>'
         if csrf:  # a session's page: its sign-out, which needs the session's CSRF token
-            who = (f'<form class="who" method="post" action="/ui/signout">{who}<input type="hidden" name="csrf" '
-                   f'value="{html.escape(csrf)}"><button type="submit">Sign out</button></form>')
+            who = (f'<form class="who" method="post" action="{protocol.PAGE_SIGNOUT.pattern}">{who}'
+                   f'<input type="hidden" name="csrf" value="{html.escape(csrf)}">'
+                   '<button type="submit">Sign out</button></form>')
+    routes = {"overview": protocol.PAGE_OVERVIEW.pattern, "audit": protocol.PAGE_AUDIT.pattern,
+              "signin": protocol.PAGE_SIGNIN_FORM.pattern}
+    data = " ".join(f'data-{k}="{html.escape(v)}"' for k, v in routes.items())
+    scripts = "".join(f'<script src="{_asset(name)}" defer></script>' for name in ("plot.js", script or "")
+                      if script)
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{html.escape(title)}</title><link rel=\"stylesheet\" href=\"/ui/static/page.css\">"
-            "<link rel=\"icon\" href=\"/ui/static/favicon.svg\" type=\"image/svg+xml\">"
-            + (f"<script src=\"/ui/static/plot.js\" defer></script><script src=\"/ui/static/{html.escape(script)}\" "
-               "defer></script>" if script else "") + "</head>"
-            f"<body><header><h1>{html.escape(title)}</h1>{who}</header><main>{body}</main></body></html>\n")
+            f"<title>{html.escape(title)}</title><link rel=\"stylesheet\" href=\"{_asset('page.css')}\">"
+            f"<link rel=\"icon\" href=\"{_asset('favicon.svg')}\" type=\"image/svg+xml\">{scripts}</head>"
+            f"<body {data}><header><h1>{html.escape(title)}</h1>{who}</header><main>{body}</main></body></html>\n")
 
 
 def html_response(text: str, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:

@@ -16,6 +16,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ from shoal import protocol
 from tests.e2e.conftest import USERS
 from tests.support import api
 from tests.support.images import Image, build_image, push
-from tests.support.procs import Component, wait_for
+from tests.support.procs import ROOT, Component, wait_for
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 
@@ -319,3 +321,47 @@ def screenshot(page: Page, path: Path) -> None:
     page.screenshot(path=str(path), full_page=True)
     if os.environ.get("SHOAL_SCREENSHOT_DIR"):
         shutil.copy(path, Path(os.environ["SHOAL_SCREENSHOT_DIR"]) / path.name)
+
+
+def shoal_origin(stack: Stack, *args: str) -> str:
+    """`shoal-origin add-operator` / `remove-operator`, as an administrator runs them."""
+    done = subprocess.run([sys.executable, "-m", "shoal_origin", *args, "--operators", str(stack.keys["operators"])],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_only_audit_operators_sign_in_and_a_removed_token_ends_its_session(page_stack: Stack) -> None:
+    stack = page_stack
+    stack.start_tracker()
+    origin = stack.start_origin()
+    auditor = shoal_origin(stack, "add-operator", "auditor", "--roles", "audit")
+    seeder = shoal_origin(stack, "add-operator", "ci", "--roles", "seed", "--repositories", "x/*")
+    with chromium() as browser:
+        context = browser.new_context()
+        page = context.new_page()
+        console = Console(page)
+        signin = origin.url + protocol.PAGE_SIGNIN_FORM.pattern
+        # a seed operator holds no audit role: not signed in, no cookie
+        page.goto(signin)
+        page.fill("input[name=token]", seeder)
+        page.click("#signin button[type=submit]")
+        assert "not an operator" in page.inner_text("#signin-error")
+        assert not context.cookies()
+        console.errors.clear()  # (the refused sign-in's 401)
+
+        page.goto(signin)
+        page.fill("input[name=token]", auditor)
+        with page.expect_response(lambda r: r.url.endswith(protocol.PAGE_OVERVIEW.pattern) and r.ok):
+            page.click("#signin button[type=submit]")
+        assert page.inner_text("#principal") == "token:auditor"
+        assert page.request.get(origin.url + protocol.PAGE_OVERVIEW.pattern).status == 200
+        assert console.errors == [], console.messages
+
+        # the operator is removed: the session's next request is refused, and the session is gone
+        shoal_origin(stack, "remove-operator", "auditor")
+        wait_for(lambda: page.request.get(origin.url + protocol.PAGE_OVERVIEW.pattern).status == 401, timeout=10,
+                 what="the session refused")
+        page.goto(origin.url + "/")
+        assert page.url == signin
+        context.close()

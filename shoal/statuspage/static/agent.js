@@ -34,7 +34,7 @@
 
   async function refresh() {
     try {
-      render(await P.getJSON("/ui/api/overview"));
+      render(await P.getJSON(document.body.dataset.overview));
     } catch (err) {
       $("updated").textContent = "could not update: " + err.message;
     }

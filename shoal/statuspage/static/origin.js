@@ -60,7 +60,7 @@
 
   async function refresh() {
     try {
-      render(await P.getJSON("/ui/api/overview"));
+      render(await P.getJSON(document.body.dataset.overview));
     } catch (err) {
       $("updated").textContent = "could not update: " + err.message;
     }
@@ -79,7 +79,7 @@
     }
     q.set("limit", "500");
     q.set("format", format);
-    return "/ui/api/audit?" + q.toString();
+    return document.body.dataset.audit + "?" + q.toString();
   }
 
   async function search(event) {
@@ -106,6 +106,7 @@
   }
 
   document.addEventListener("DOMContentLoaded", () => {
+    $("audit-csv").setAttribute("href", auditQuery("csv"));
     $("audit-form").addEventListener("submit", search);
     $("audit-form").addEventListener("input", () => $("audit-csv").setAttribute("href", auditQuery("csv")));
     refresh();

@@ -118,7 +118,7 @@
 
   async function getJSON(url) {
     const resp = await fetch(url, {credentials: "same-origin", headers: {Accept: "application/json"}});
-    if (resp.status === 401) { window.location.assign("/ui/signin"); throw new Error("signed out"); }
+    if (resp.status === 401) { window.location.assign(document.body.dataset.signin); throw new Error("signed out"); }
     const doc = await resp.json();
     if (!resp.ok) {
       const first = (doc.errors || [])[0] || {};
