@@ -180,9 +180,14 @@ class StatusPage:
         fetched = int(m.one("shoal_origin_registry_bytes_total"))
         served = dict(self.tally.served)
         used, budget, blobs = self.sources.seeder_cache() if self.sources.seeder_cache else (0, 0, 0)
-        jobs = []
-        if self.sources.preseeder is not None:
+        # pre-seed jobs as GET PRESEED_JOB shows them: an admin sees every job, a seed operator
+        # its own, an audit operator none (None: the page says its role does not show them)
+        jobs: list[dict[str, Any]] | None = None
+        if self.sources.preseeder is not None and op.has("seed"):
+            jobs = []
             for job in reversed(self.sources.preseeder.jobs.values()):  # newest first
+                if "admin" not in op.roles and job.owner != op.principal:
+                    continue
                 summary = job.summary().to_json()
                 summary.pop("blobs")
                 jobs.append({**summary, "owner": job.owner})
@@ -200,7 +205,7 @@ class StatusPage:
             "registry_by_node": dict(self.tally.registry_by_node.most_common(20)),
             "admissions": m.by("shoal_origin_admission_checks_total", "result"),
             "seeds": m.by("shoal_origin_seed_requests_total", "result"),
-            "jobs": jobs[:50],
+            "jobs": None if jobs is None else jobs[:50],
             "history": self.ring.to_json(),
         }
 

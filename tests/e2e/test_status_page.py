@@ -355,7 +355,10 @@ def test_only_audit_operators_sign_in_and_a_removed_token_ends_its_session(page_
         with page.expect_response(lambda r: r.url.endswith(protocol.PAGE_OVERVIEW.pattern) and r.ok):
             page.click("#signin button[type=submit]")
         assert page.inner_text("#principal") == "token:auditor"
-        assert page.request.get(origin.url + protocol.PAGE_OVERVIEW.pattern).status == 200
+        overview = page.request.get(origin.url + protocol.PAGE_OVERVIEW.pattern)
+        assert overview.status == 200
+        assert overview.json()["jobs"] is None  # as GET /v1/preseed/{job}: not for the audit role
+        assert "seed role" in page.inner_text("#jobs")
         assert console.errors == [], console.messages
 
         # the operator is removed: the session's next request is refused, and the session is gone

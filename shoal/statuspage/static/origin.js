@@ -36,11 +36,13 @@
 
     const jobs = $("jobs").tBodies[0];
     P.clear(jobs);
-    if (!doc.jobs.length) {
+    if (doc.jobs === null || !doc.jobs.length) {
       const row = jobs.insertRow();
-      row.appendChild(P.el("td", {colspan: 6, class: "empty"}, "no pre-seed job since the origin started"));
+      row.appendChild(P.el("td", {colspan: 6, class: "empty"}, doc.jobs === null
+          ? "pre-seed jobs are shown to operators with the seed role (their own) or admin"
+          : "no pre-seed job since the origin started"));
     }
-    for (const job of doc.jobs) {
+    for (const job of doc.jobs || []) {
       const row = jobs.insertRow();
       row.setAttribute("data-job", job.id);
       row.appendChild(P.el("td", {}, job.id));
