@@ -331,10 +331,12 @@ def shoal_origin(stack: Stack, *args: str) -> str:
     return done.stdout.strip()
 
 
-def test_only_audit_operators_sign_in_and_a_removed_token_ends_its_session(page_stack: Stack) -> None:
+def test_sign_in_by_role_by_registry_login_and_a_removed_token_ends_its_session(page_stack: Stack,
+                                                                          page_registry: Registry) -> None:
     stack = page_stack
     stack.start_tracker()
-    origin = stack.start_origin()
+    origin = stack.start_origin(operators={"registry": {"upstream": page_registry.host,
+                                                        "roles": {"alice": ["audit"]}}})
     auditor = shoal_origin(stack, "add-operator", "auditor", "--roles", "audit")
     seeder = shoal_origin(stack, "add-operator", "ci", "--roles", "seed", "--repositories", "x/*")
     with chromium() as browser:
@@ -367,4 +369,17 @@ def test_only_audit_operators_sign_in_and_a_removed_token_ends_its_session(page_
                  what="the session refused")
         page.goto(origin.url + "/")
         assert page.url == signin
+
+        # a registry login: a wrong password refused as any other credential, alice's taken
+        page.fill("input[name=username]", "alice")
+        page.fill("input[name=password]", "wrong")
+        page.click("#signin button[type=submit]")
+        assert "not an operator" in page.inner_text("#signin-error")
+        console.errors.clear()
+        page.fill("input[name=username]", "alice")
+        page.fill("input[name=password]", USERS["alice"])
+        with page.expect_response(lambda r: r.url.endswith(protocol.PAGE_OVERVIEW.pattern) and r.ok):
+            page.click("#signin button[type=submit]")
+        assert page.inner_text("#principal") == "alice"
+        assert console.errors == [], console.messages
         context.close()
