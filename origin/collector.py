@@ -149,7 +149,10 @@ class Collector:
                         first_reason)
         kept = len(rows) - foreign
         if self.on_stored is not None and inserted and not foreign:
-            self.on_stored(node, valid)
+            try:
+                self.on_stored(node, valid)
+            except Exception:  # the batch is stored: a page's counting bug must not fail it
+                log.exception("counting a stored journal batch failed")
         self.stored += inserted
         self.duplicates += kept - inserted
         self.rejected += rejected
