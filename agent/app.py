@@ -32,6 +32,7 @@ from shoal_agent.journal import DEFAULT_MAX_DISK_BYTES, Journal
 from shoal_agent.manifests import ManifestKeeper
 from shoal_agent.membership import SwarmAccess
 from shoal_agent.metrics import AgentMetrics
+from shoal_agent.page import StatusPage
 from shoal_agent.recording import journal_middleware
 from shoal_agent.responses import abort, error_response
 from shoal_agent.shipper import Shipper
@@ -248,6 +249,9 @@ def build(config: AgentConfig) -> web.Application:
             await swarm.fresh_stats()
 
     add_ops_routes(app, registry, ready, refresh=fresh_stats)
+    # the node's status page at / (agent/page.py): counts only, public as /metrics is
+    StatusPage(config.node, registry, refresh=fresh_stats,
+               in_flight=lambda: app[API_KEY].fetcher.in_flight() if API_KEY in app else 0).add_routes(app)
     return app
 
 

@@ -32,6 +32,7 @@ from shoal_origin.admission import Admissions
 from shoal_origin.collector import Collector, store_for
 from shoal_origin.config import OriginConfig
 from shoal_origin.operators import Operators
+from shoal_origin.page import StatusPage
 from shoal_origin.preseed import Job, Preseeder
 from shoal_origin.registration import TrackerRegistration
 from shoal_origin.relay import Relays
@@ -419,6 +420,19 @@ def build(config: OriginConfig) -> web.Application:
             await swarm.fresh_stats()
 
     add_ops_routes(app, registry, ready, refresh=fresh_stats)
+    # the status page at / (origin/page.py): wired to the seeder, jobs and collector once they run
+    page = StatusPage(operators, registry, refresh=fresh_stats)
+
+    async def page_sources(app: web.Application) -> AsyncIterator[None]:
+        seeder, collector = app[SEEDER_KEY], app[COLLECTOR_KEY]
+        page.attach(app[PRESEEDER_KEY],
+                    lambda: (seeder.store.used_bytes, seeder.store.max_bytes, len(seeder.store.digests())))
+        collector.on_stored = page.tally.add
+        yield
+        collector.on_stored = None
+
+    app.cleanup_ctx.append(page_sources)  # (after lifecycle, before the page's sampling)
+    page.add_routes(app, query_audit)
     return app
 
 

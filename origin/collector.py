@@ -75,6 +75,9 @@ class Collector:
         self.duplicates = 0
         self.rejected = 0
         self.unavailable = 0  # calls answered 503: the store could not be reached
+        # told of each stored batch's records (node, validated records; a re-sent batch again):
+        # the status page counts bytes served by source from them (origin/page.py)
+        self.on_stored: Callable[[str, list[dict[str, Any]]], None] | None = None
 
     async def _run(self, work: Callable[[], T]) -> T:
         try:
@@ -118,6 +121,7 @@ class Collector:
 
     async def store(self, node: str, raw_records: list[Any]) -> Stored:
         rows: list[Row] = []
+        valid: list[dict[str, Any]] = []
         rejected = max(0, len(raw_records) - MAX_BATCH)  # counted, not silently dropped
         first_reason = f"more than {MAX_BATCH} records in a batch" if rejected else ""
         for raw in raw_records[:MAX_BATCH]:
@@ -131,6 +135,7 @@ class Collector:
                 rejected += 1
                 first_reason = first_reason or f"a record claims node {str(rec.get('node'))[:64]!r}"
                 continue
+            valid.append(rec)
             rows.append((rec["event_id"], rec["phase"], rec["ts"], node, rec.get("principal"), rec.get("ns"),
                          rec.get("repository"), rec.get("reference"), rec.get("digest"),
                          json.dumps({**rec, "node": node}, separators=(",", ":")), time.time()))
@@ -143,6 +148,11 @@ class Collector:
             log.warning("refused %d of %d journal records from %s (first: %s)", rejected, len(raw_records), node,
                         first_reason)
         kept = len(rows) - foreign
+        if self.on_stored is not None and inserted and not foreign:
+            try:
+                self.on_stored(node, valid)
+            except Exception:  # the batch is stored: a page's counting bug must not fail it
+                log.exception("counting a stored journal batch failed")
         self.stored += inserted
         self.duplicates += kept - inserted
         self.rejected += rejected

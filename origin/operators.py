@@ -161,7 +161,11 @@ class Operators:
     # ----- authentication ---------------------------------------------------------------------
 
     async def authenticate(self, request: web.Request, role: Role) -> Operator:
-        header = request.headers.get("Authorization", "")
+        return await self.authenticate_with(request, request.headers.get("Authorization", ""), role)
+
+    async def authenticate_with(self, request: web.Request, header: str, role: Role) -> Operator:
+        """As authenticate, with `header` as the request's Authorization (the status page's
+        sign-in form and session, origin/page.py, hold the credential elsewhere)."""
         if not header:
             self.requests.labels("unauthenticated").inc()
             raise errors.Unauthorized(_NOT_OPERATOR)

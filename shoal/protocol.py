@@ -69,6 +69,18 @@ NOTIFICATIONS = Route("POST", "/v1/notifications")
 # the origins share (never the node token)
 REPLICA = Route("POST", "/v1/blobs/{digest}/replica")
 
+# Status pages (shoal/statuspage/, origin/page.py, agent/page.py): the page, its own script and
+# style, and the JSON it draws from; on the origin also the operator's sign-in and sign-out (a
+# session cookie), and the audit search (GET AUDIT's query and answers, for the session's holder)
+PAGE = Route("GET", "/")
+PAGE_PREFIX = "/ui/"  # every page route but PAGE is under it (their security headers: shoal/statuspage)
+PAGE_ASSET = Route("GET", "/ui/static/{name}")
+PAGE_OVERVIEW = Route("GET", "/ui/api/overview")
+PAGE_SIGNIN_FORM = Route("GET", "/ui/signin")
+PAGE_SIGNIN = Route("POST", "/ui/signin")
+PAGE_SIGNOUT = Route("POST", "/ui/signout")
+PAGE_AUDIT = Route("GET", "/ui/api/audit")
+
 # Tracker: BEP 3 announce and BEP 48 scrape (for nodes: seeder counts tell what is cached),
 # and the metainfo the origin registers (which torrents exist; nodes get metainfo only from the
 # origin, with an admission)
