@@ -311,8 +311,12 @@ class Seeder:
                     raise errors.IntegrityError(f"registry sent {got} bytes for a {size}-byte blob")
                 await self.store.commit_file(digest, tmp)
                 await self.store.add_source(digest, upstream.name)
-            else:
+            elif upstream.name in await self.store.sources(digest):
                 progress.advance(size)
+            else:
+                # Kept from another registry (this one is confirmed only after the seeding, in
+                # ensure_seeded): its bytes must not be relayed to a node admitted for this one.
+                progress.end()
             raw = await asyncio.to_thread(metainfo.create, self.store.path(digest), digest,
                                           announce=self.announce, root_cert=self.root_cert)
             meta = metainfo.parse(raw)

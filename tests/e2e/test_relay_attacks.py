@@ -1,0 +1,99 @@
+"""Attacks on the cold-blob relay (issue 16 part 4, origin/relay.py): what a lying registry, or a
+node asking again and again, can get out of it. Real processes: tracker, origin, agents, the
+Debian registry, a scripted liar (tests/support/fakeregistry.py), proxies that hold traffic
+at a known point (tests/support/faults.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.conftest import Images
+from tests.support.fakeregistry import Canned, FakeServer
+from tests.support.faults import CuttableProxy
+from tests.support.procs import wait_for
+from tests.support.registry import Registry
+from tests.support.stack import Stack
+
+MIB = 1 << 20
+BOUND = 60.0
+
+
+def _get(url: str, path: str, result: list[tuple[int, bytes]]) -> None:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=BOUND)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        try:
+            body = r.read()
+        except http.client.IncompleteRead as exc:  # cut when the bytes failed the digest
+            body = exc.partial
+        result.append((r.status, body))
+    finally:
+        conn.close()
+
+
+def test_a_lying_registry_is_not_relayed_a_blob_the_origin_keeps_from_another(
+        stack: Stack, registry: Registry, images: Images) -> None:
+    """The origin keeps a blob it fetched from the real registry, but not its metainfo (it went
+    down while hashing it, or its trackers changed): the blob is in its store, not seeded. A
+    registry that says yes to the digest it does not hold must not be relayed those bytes (the
+    origin has not vouched that it holds them: agent/provenance.py), here while the seeder's
+    registration at the tracker is held (the window the relay would stream the file in)."""
+    image = images.get("private/relay", layers=[12 * MIB + 77], seed=41)
+    blob = max(image.blobs.values(), key=lambda b: b.size)
+    data = blob.path.read_bytes()
+    liar = FakeServer("127.0.0.40")
+    tracker_proxy: CuttableProxy | None = None
+    path = f"/v2/private/relay/blobs/{blob.digest}"
+    try:
+        liar.routes[("HEAD", path)] = Canned(200, {"Docker-Content-Digest": blob.digest}, b"",
+                                             declared_length=blob.size)
+        liar.routes[("GET", path)] = Canned(200, {}, os.urandom(blob.size))
+        liar.routes[("GET", "/v2/")] = Canned(200, {"Content-Type": "application/json"}, b"{}")
+
+        def upstreams(user: str, password: Path) -> list[dict[str, Any]]:
+            return [stack.upstream(user, password), {"name": liar.host, "url": liar.url}]
+
+        tracker = stack.start_tracker()
+        host, port = tracker.config["listen"].rsplit(":", 1)
+        tracker_proxy = CuttableProxy(host, int(port))
+        origin = stack.start_origin(upstreams=upstreams(stack.seeder_user, stack.seeder_password),
+                                    tracker=tracker_proxy.url)
+        stack.admit(blob.digest, repository="private/relay")  # fetched from the real registry, seeded
+        origin.stop()
+        meta = Path(origin.config["data_dir"]) / "meta"
+        for suffix in (".torrent", ".sig"):
+            (meta / f"{hex_of(blob.digest)}{suffix}").unlink()
+        origin.start()
+        tracker_proxy.hold_after(0)
+        agent = stack.start_agent(upstreams=upstreams(stack.node_user, stack.node_password))
+        result: list[tuple[int, bytes]] = []
+        pull = threading.Thread(target=_get, args=(agent.url, f"{path}?ns={liar.host}", result), daemon=True)
+        pull.start()
+        # the relay asked for by the agent's admission is over (whatever it sent)
+        relayed = re.compile(rf"relayed \d+ of \d+ bytes of {re.escape(blob.digest)}")
+        wait_for(lambda: relayed.search(origin.log()) is not None, timeout=BOUND, what="the relay to end")
+        tracker_proxy.release()
+        pull.join(BOUND)
+        assert not pull.is_alive()
+        _status, body = result[0]
+        assert hashlib.sha256(body).hexdigest() != hex_of(blob.digest)
+        assert data[:4096] not in body and data[-4096:] not in body
+        assert agent.metric("shoal_agent_relay_bytes_total") == 0
+        assert agent.metric("shoal_agent_downloads_total", source="peers", result="ok") == 0
+    finally:
+        liar.close()
+        if tracker_proxy is not None:
+            tracker_proxy.release()
+            tracker_proxy.cut()
+
+
+def hex_of(digest: str) -> str:
+    return digest.removeprefix("sha256:")
