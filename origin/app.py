@@ -123,9 +123,17 @@ async def relay(request: web.Request) -> web.StreamResponse:
     seeded, or its fetch failed, first): the node's admission tells it what next."""
     digest = Digest.parse(request.match_info["digest"])
     relays = request.app[RELAYS_KEY]
-    ns = relays.redeem(request.headers.get(protocol.RELAY_TICKET_HEADER, ""), digest)
+    ticket = request.headers.get(protocol.RELAY_TICKET_HEADER, "")
+    ns = relays.redeem(ticket, digest)
     if ns is None:
         raise errors.Denied("no live relay ticket for this blob")
+    try:
+        return await _relay(request, relays, ns, digest)
+    finally:
+        relays.release(ticket)
+
+
+async def _relay(request: web.Request, relays: Relays, ns: str, digest: Digest) -> web.StreamResponse:
     progress = await relays.progress(ns, digest)
     if progress is None:
         return web.Response(status=204)

@@ -30,7 +30,8 @@ from shoal.oci import Digest
 READ_CHUNK = 1 << 20
 # A ticket is good for this long (a node uses it at once; the relay ends with the fetch anyway).
 TICKET_TTL = 60.0
-# Tickets for one blob: a rollout's nodes asking while it is fetched, each relayed a prefix.
+# Tickets for one blob (unused, or relaying now): a rollout's nodes asking while it is fetched, each
+# relayed a prefix; one per node.
 # Beyond this they wait for the admission as before (the relay is a head start, not the path).
 MAX_TICKETS_PER_BLOB = 128
 MAX_TICKETS = 10_000
@@ -89,6 +90,10 @@ class Relays:
         self._fetching = fetching  # the seeder's fetch of a blob now, if any
         self._running = running  # whether the seeder's flight for a blob still runs
         self._tickets: dict[str, _Ticket] = {}
+        # Redeemed tickets whose relay has not ended yet: they count against the bounds as
+        # unused ones do (else a node redeeming each ticket at once had as many streams as it
+        # asked for, each holding a socket, a file and up to READ_CHUNK of the origin's memory).
+        self._live: dict[str, _Ticket] = {}
         self.tickets = Counter("shoal_origin_relay_tickets_total",
                                "Admissions answered with a relay ticket (issued), or without one because the "
                                "blob had enough relays (declined)", ["result"], registry=registry)
@@ -105,8 +110,11 @@ class Relays:
         for t, held in list(self._tickets.items()):
             if held.expires < now:
                 del self._tickets[t]
-        same = sum(1 for held in self._tickets.values() if held.digest == digest)
-        if same >= MAX_TICKETS_PER_BLOB or len(self._tickets) >= MAX_TICKETS:
+        taken = [*self._tickets.values(), *self._live.values()]
+        same = sum(1 for t in taken if t.digest == digest)
+        # one relay per node and blob: a node needs no second head start on the same bytes
+        mine = any(t.digest == digest and t.node == node for t in taken)
+        if mine or same >= MAX_TICKETS_PER_BLOB or len(taken) >= MAX_TICKETS:
             self.tickets.labels("declined").inc()
             return None
         ticket = secrets.token_urlsafe(32)
@@ -115,11 +123,17 @@ class Relays:
         return ticket
 
     def redeem(self, ticket: str, digest: Digest) -> str | None:
-        """The registry of a live `ticket` for `digest`, else None (it is used up either way)."""
+        """The registry of a live `ticket` for `digest`, else None (it is used up either way).
+        A ticket redeemed counts as live until `release`."""
         held = self._tickets.pop(ticket, None)
         if held is None or held.digest != digest or held.expires < time.monotonic():
             return None
+        self._live[ticket] = held
         return held.ns
+
+    def release(self, ticket: str) -> None:
+        """The relay of a redeemed `ticket` ended."""
+        self._live.pop(ticket, None)
 
     async def progress(self, ns: str, digest: Digest) -> FetchProgress | None:
         """The blob's fetch from registry `ns` once it has begun; None if it ended (seeded, or

@@ -42,7 +42,7 @@ def test_tickets_expire(monkeypatch: pytest.MonkeyPatch) -> None:
     ticket = r.issue("node-1", "registry:5000", A)
     assert ticket is not None
     monkeypatch.setattr(relay, "TICKET_TTL", -1.0)
-    late = r.issue("node-1", "registry:5000", A)
+    late = r.issue("node-2", "registry:5000", A)
     assert late is not None
     assert r.redeem(late, A) is None  # issued already expired
     assert r.redeem(ticket, A) == "registry:5000"  # (the first one was still good)
@@ -56,6 +56,33 @@ def test_tickets_are_bounded_per_blob_and_in_all(monkeypatch: pytest.MonkeyPatch
     assert r.issue("node-x", "registry:5000", B) is not None  # another blob has its own share
     monkeypatch.setattr(relay, "MAX_TICKETS", relay.MAX_TICKETS_PER_BLOB + 1)
     assert r.issue("node-y", "registry:5000", Digest(hashlib.sha256(b"c").hexdigest())) is None
+
+
+def test_a_redeemed_ticket_counts_against_the_bound_until_its_relay_ends() -> None:
+    """(attack16b) The bound is on relays, not on unused tickets: a node that redeemed each
+    ticket at once had as many streams of the blob as it asked for."""
+    r = relays()
+    issued = [r.issue(f"node-{i}", "registry:5000", A) for i in range(relay.MAX_TICKETS_PER_BLOB)]
+    for ticket in issued:
+        assert ticket is not None and r.redeem(ticket, A) == "registry:5000"
+    assert r.issue("node-x", "registry:5000", A) is None
+    assert r.tickets.labels("declined")._value.get() == 1
+    assert issued[0] is not None
+    r.release(issued[0])
+    assert r.issue("node-x", "registry:5000", A) is not None
+
+
+def test_one_relay_per_node_and_blob() -> None:
+    r = relays()
+    ticket = r.issue("node-1", "registry:5000", A)
+    assert ticket is not None
+    assert r.issue("node-1", "registry:5000", A) is None  # an unused ticket already
+    assert r.redeem(ticket, A) == "registry:5000"
+    assert r.issue("node-1", "registry:5000", A) is None  # its relay still runs
+    assert r.issue("node-1", "registry:5000", B) is not None  # another blob
+    assert r.issue("node-2", "registry:5000", A) is not None  # another node
+    r.release(ticket)
+    assert r.issue("node-1", "registry:5000", A) is not None
 
 
 async def test_a_relay_sends_only_the_fetch_of_the_tickets_registry(tmp_path: Path) -> None:
