@@ -328,6 +328,11 @@ class Download:
                         reason: FallbackReason = exc.reason if isinstance(exc, SwarmFailure) else \
                             "integrity" if isinstance(exc, errors.IntegrityError) else "swarm_error"
                         self.deps.metrics.fallbacks.labels(reason).inc()
+                        # A relayed prefix (1a) the swarm did not take (a metainfo that does not
+                        # describe the blob is refused before libtorrent has the file): nothing
+                        # else removes it before the next start, and the store does not count it.
+                        self.partial = None
+                        await asyncio.to_thread((store.downloads_dir / self.digest.hex).unlink, missing_ok=True)
                         log.warning("swarm could not deliver %s (%s); fetching from the registry",
                                     self.digest, exc)
                 await self._from_registry(admitted)

@@ -97,3 +97,57 @@ def test_a_lying_registry_is_not_relayed_a_blob_the_origin_keeps_from_another(
 
 def hex_of(digest: str) -> str:
     return digest.removeprefix("sha256:")
+
+
+class TwoFaced(FakeServer):
+    """Answers the origin (by its User-Agent) from `routes`, the agents from `to_agents`."""
+
+    def __init__(self, ip: str) -> None:
+        super().__init__(ip)
+        self.to_agents: dict[tuple[str, str], Canned] = {}
+
+    def _answer(self, h: Any) -> None:
+        if "shoal-origin" not in h.headers.get("User-Agent", ""):
+            canned = self.to_agents.get((h.command, h.path.split("?", 1)[0]))
+            if canned is not None:
+                h.send_response(canned.status)
+                h.send_header("Content-Length", str(canned.declared_length))
+                for key, value in canned.headers.items():
+                    h.send_header(key, value)
+                h.end_headers()
+                return
+        super()._answer(h)
+
+
+def test_a_relayed_file_the_swarm_does_not_take_is_not_left_in_downloads(
+        stack: Stack, registry: Registry, images: Images) -> None:
+    """A registry that tells the agent another size than it told the origin: the origin relays
+    and seeds the blob, the agent finds the metainfo does not describe the blob it was asked for
+    and falls back to the registry. The relayed file in downloads/ (outside the store's disk
+    budget, and only wiped at the next start) must go with the swarm attempt."""
+    image = images.get("private/relay", layers=[12 * MIB + 77], seed=41)
+    blob = max(image.blobs.values(), key=lambda b: b.size)
+    liar = TwoFaced("127.0.0.41")
+    path = f"/v2/private/relay/blobs/{blob.digest}"
+    try:
+        liar.routes[("HEAD", path)] = Canned(200, {"Docker-Content-Digest": blob.digest}, b"",
+                                             declared_length=blob.size)
+        liar.routes[("GET", path)] = Canned(200, {}, blob.path.read_bytes())
+        liar.routes[("GET", "/v2/")] = Canned(200, {"Content-Type": "application/json"}, b"{}")
+        liar.to_agents[("HEAD", path)] = Canned(200, {"Docker-Content-Digest": blob.digest}, b"",
+                                                declared_length=blob.size + 1000)
+        upstreams = [{"name": liar.host, "url": liar.url}]
+        stack.start_tracker()
+        stack.start_origin(upstreams=upstreams)
+        agent = stack.start_agent(upstreams=upstreams)
+        result: list[tuple[int, bytes]] = []
+        _get(agent.url, f"{path}?ns={liar.host}", result)
+        assert result and len(result[0][1]) < blob.size + 1000  # (no complete body of the size it was told)
+        wait_for(lambda: agent.metric("shoal_agent_fallbacks_total", reason="bad_metainfo") == 1,
+                 what="the swarm attempt to end on the metainfo")
+        wait_for(lambda: agent.metric("shoal_agent_downloads_total") == 1,
+                 what="the download to end")
+        downloads = Path(agent.config["data_dir"]) / "cache" / "downloads"
+        assert sorted(p.name for p in downloads.iterdir()) == []
+    finally:
+        liar.close()
