@@ -13,7 +13,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from shoal import peercerts, protocol
+from shoal.clients import OriginClient
+from shoal.oci import Digest
+from shoal.registry import Credentials
 from tests.e2e.conftest import Images
+from tests.e2e.test_relay import ask_relay, cold_stack, relay_status
+from tests.support import api
 from tests.support.fakeregistry import Canned, FakeServer
 from tests.support.faults import CuttableProxy
 from tests.support.procs import wait_for
@@ -151,3 +157,51 @@ def test_a_relayed_file_the_swarm_does_not_take_is_not_left_in_downloads(
         assert sorted(p.name for p in downloads.iterdir()) == []
     finally:
         liar.close()
+
+
+def ask(stack: Stack, digest: str, node: str, key: peercerts.NodeKey, credential: str) -> Any:
+    """Enrolled node `node`'s admission, asked with `relay`."""
+    assert stack.origin is not None
+    request = protocol.AdmissionRequest(node, stack.registry.host, "private/relay", relay=True)
+    url = stack.origin.url
+    return api.run(lambda http: OriginClient(http, url, stack.node_token).admission(
+        Digest.parse(digest), request, credential, key.private_key, within=BOUND))
+
+
+def test_a_node_gets_one_relay_of_a_blob_at_a_time(stack: Stack, registry: Registry, images: Images) -> None:
+    """A node that redeems each ticket at once and asks again: one relay of the blob for it at a
+    time (each one a socket, a file and up to a chunk of the origin's memory, and the blob's
+    bytes again through its uplink); the next admission waits for the metainfo as before."""
+    image = images.get("private/relay", layers=[12 * MIB + 77], seed=41)
+    blob = max(image.blobs.values(), key=lambda b: b.size)
+    proxy, origin, _agent = cold_stack(stack, registry)
+    node_login = Credentials(stack.node_user, stack.node_password.read_text()).basic()
+    relays: list[tuple[int, bytes]] = []
+    again: list[object] = []
+    try:
+        proxy.hold_after(3 * MIB)
+        key = peercerts.NodeKey.generate()
+        api.grants(origin.url, stack.node_token, "node-a", key)
+        ticket = ask(stack, blob.digest, "node-a", key, node_login)
+        assert isinstance(ticket, protocol.RelayTicket)
+        reader = threading.Thread(target=lambda: relays.append(
+            relay_status(origin, stack.node_token, blob.digest, ticket.ticket)), daemon=True)
+        reader.start()
+        wait_for(lambda: origin.metric("shoal_origin_relay_streams") == 1, what="the relay to start")
+        asking = threading.Thread(target=lambda: again.append(
+            ask(stack, blob.digest, "node-a", key, node_login)), daemon=True)
+        asking.start()
+        wait_for(lambda: bool(again) or origin.metric("shoal_origin_relay_tickets_total", result="declined") == 1,
+                 timeout=BOUND, what="the second admission to be answered or declined a ticket")
+        assert not any(isinstance(a, protocol.RelayTicket) for a in again)
+        # another node is relayed the blob too
+        assert isinstance(ask_relay(stack, blob.digest, "node-b", node_login), protocol.RelayTicket)
+        proxy.release()
+        asking.join(BOUND)
+        reader.join(BOUND)
+        assert not asking.is_alive() and not reader.is_alive()
+        assert isinstance(again[0], protocol.Admission)  # the metainfo, once the blob was seeded
+        assert relays[0][0] == 200
+    finally:
+        proxy.release()
+        proxy.cut()
