@@ -145,6 +145,10 @@ async def _relay(request: web.Request, relays: Relays, ns: str, digest: Digest) 
     except (ConnectionResetError, aiohttp.ClientConnectionResetError, TimeoutError):
         # the node hung up (it had the metainfo, or gave up) or stopped reading: nothing lost
         log.debug("relay of %s to a node ended early", digest)
+        if request.transport is not None:
+            # Dropped, and what was buffered for it with it: left open, aiohttp's end of the
+            # response waits for the node to read for as long as it keeps the connection.
+            request.transport.abort()
         return response
     log.debug("relayed %d of %d bytes of %s", sent, progress.size, digest)
     return response

@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import os
 import re
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -203,5 +204,51 @@ def test_a_node_gets_one_relay_of_a_blob_at_a_time(stack: Stack, registry: Regis
         assert isinstance(again[0], protocol.Admission)  # the metainfo, once the blob was seeded
         assert relays[0][0] == 200
     finally:
+        proxy.release()
+        proxy.cut()
+
+
+def _established(local_port: int, remote_port: int) -> bool:
+    """Whether this host has an established TCP connection from `local_port` to `remote_port`."""
+    want = (f":{local_port:04X}", f":{remote_port:04X}")
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(want[0]) and fields[2].endswith(want[1]) and fields[3] == "01":
+                return True
+    return False
+
+
+def test_a_node_that_stops_reading_a_relay_is_dropped(stack: Stack, registry: Registry, images: Images) -> None:
+    """A node that takes a relay and never reads it: once the relay's write times out the origin
+    drops the connection, and what it had buffered for it. (Left open, aiohttp's end of the
+    response waited for the node to drain it for as long as the node kept the connection: up to
+    a chunk of the origin's memory per ticket, every WRITE_TIMEOUT, for as long as a fetch lasts,
+    with the ticket's slot freed for the next one.)"""
+    image = images.get("private/relay", layers=[12 * MIB + 77], seed=41)
+    blob = max(image.blobs.values(), key=lambda b: b.size)
+    proxy, origin, _agent = cold_stack(stack, registry)
+    node_login = Credentials(stack.node_user, stack.node_password.read_text()).basic()
+    conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        proxy.hold_after(3 * MIB)
+        key = peercerts.NodeKey.generate()
+        api.grants(origin.url, stack.node_token, "node-a", key)
+        ticket = ask(stack, blob.digest, "node-a", key, node_login)
+        assert isinstance(ticket, protocol.RelayTicket)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (it reads nothing anyway)
+        host, port = origin.config["listen"].rsplit(":", 1)
+        conn.connect((host, int(port)))
+        conn.sendall((f"GET {protocol.RELAY.path(digest=blob.digest)} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                      f"Authorization: Bearer {stack.node_token}\r\n"
+                      f"{protocol.RELAY_TICKET_HEADER}: {ticket.ticket}\r\n\r\n").encode())
+        wait_for(lambda: origin.metric("shoal_origin_relay_streams") == 1, what="the relay to start")
+        # relay.WRITE_TIMEOUT (30 s), or the held fetch's own read timeout, ends the relay
+        wait_for(lambda: origin.metric("shoal_origin_relay_streams") == 0, timeout=BOUND, what="the relay to end")
+        client_port = conn.getsockname()[1]
+        wait_for(lambda: not _established(int(port), client_port), timeout=15,
+                 what="the origin to drop the connection of a node that stopped reading")
+    finally:
+        conn.close()
         proxy.release()
         proxy.cut()
