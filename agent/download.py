@@ -453,16 +453,17 @@ class Download:
             # restore) is hashed again whole before it is adopted, as every file was before.
             flushed = stamp_of(await asyncio.to_thread(os.stat, partial))
 
-            def settle() -> None:
+            def settle() -> os.stat_result:
                 if stamp_of(os.stat(partial)) != flushed:
                     log.warning("%s changed on disk after the flush: hashing it again", partial.name)
                     sha256_file(partial, self.digest)
                 fsync_file(partial)
                 store.blob_dir(self.digest).mkdir(parents=True, exist_ok=True)
+                return os.stat(partial)
 
             try:
                 await self.confirm(job, partial)
-                await asyncio.to_thread(settle)
+                settled = await asyncio.to_thread(settle)
             except errors.IntegrityError:
                 self.deps.metrics.integrity_failures.labels("peers").inc()
                 raise
@@ -472,7 +473,11 @@ class Download:
             # cached with no known source and ask the origin to vouch again (503 if it is away)
             for name in self.sources:
                 await store.add_source(self.digest, name)
-            await store.adopt_in_place(self.digest)
+            try:
+                await store.adopt_in_place(self.digest, settled)
+            except errors.IntegrityError:
+                self.deps.metrics.integrity_failures.labels("peers").inc()
+                raise
             await store.save_metainfo(self.digest, meta.raw, published.signature, admitted.receipt)
             m = self.deps.metrics
             m.swarm_bytes.labels("seeder").inc(job.peer_bytes.from_seeders)

@@ -27,14 +27,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from shoal.oci import Digest
 
-READ_CHUNK = 1 << 20
+# Bytes read and written per step: a relay holds about two (this, and the transport's unsent rest).
+READ_CHUNK = 256 << 10
 # A ticket is good for this long (a node uses it at once; the relay ends with the fetch anyway).
 TICKET_TTL = 60.0
-# Tickets for one blob (unused, or relaying now): a rollout's nodes asking while it is fetched, each
-# relayed a prefix; one per node.
-# Beyond this they wait for the admission as before (the relay is a head start, not the path).
-MAX_TICKETS_PER_BLOB = 128
-MAX_TICKETS = 10_000
+# Relays of one blob (tickets unused, or relaying now). One: the node that asked first gets the
+# head start, and joins the swarm with it, a peer that has what the others need first; the others
+# wait for the torrent as before. A relay per node made the origin send the whole blob to every
+# node whose link outran its fetch and hashing (on loopback, four nodes pulling a 64 MiB layer at
+# once each got all of it from the origin and nothing moved between them): the seeder's upload,
+# which a rollout waits on, grew with the number of nodes.
+MAX_TICKETS_PER_BLOB = 1
+# Relays in all (blobs fetched at once): each holds a socket, a file and about 2 x READ_CHUNK.
+MAX_TICKETS = 512
 # How long a relay waits for the fetch to begin (the seeder first asks the registry its size).
 START_TIMEOUT = 30.0
 # A node that stops reading is dropped after this long: the relay holds nothing for it.

@@ -358,15 +358,23 @@ class BlobStore:
             raise
         self._add(digest, st)
 
-    async def adopt_in_place(self, digest: Digest) -> None:
+    async def adopt_in_place(self, digest: Digest, verified: os.stat_result | None = None) -> None:
         """Register a blob that was verified and then moved to `path(digest)` by someone else
-        (libtorrent's move_storage)."""
+        (libtorrent's move_storage). `verified`: the file's stat when it was verified; a file
+        that changed between that and its adoption (a write to it after the move, before its
+        stamp is taken here) is hashed again, IntegrityError if it no longer matches. (The move
+        changes the ctime only: size, mtime and inode say whether it is the same file.)"""
         path = self.path(digest)
 
         def work() -> os.stat_result:
             fsync_file(path)
             fsync_dir(path.parent)
-            return path.stat()
+            st = path.stat()
+            if verified is not None and (st.st_size, st.st_mtime_ns, st.st_ino) != (
+                    verified.st_size, verified.st_mtime_ns, verified.st_ino):
+                log.warning("%s changed on disk after it was verified: hashing it again", digest)
+                sha256_file(path, digest)
+            return st
 
         self._add(digest, await asyncio.to_thread(work))
 

@@ -42,9 +42,9 @@ def test_tickets_expire(monkeypatch: pytest.MonkeyPatch) -> None:
     ticket = r.issue("node-1", "registry:5000", A)
     assert ticket is not None
     monkeypatch.setattr(relay, "TICKET_TTL", -1.0)
-    late = r.issue("node-2", "registry:5000", A)
+    late = r.issue("node-2", "registry:5000", B)
     assert late is not None
-    assert r.redeem(late, A) is None  # issued already expired
+    assert r.redeem(late, B) is None  # issued already expired
     assert r.redeem(ticket, A) == "registry:5000"  # (the first one was still good)
 
 
@@ -72,7 +72,8 @@ def test_a_redeemed_ticket_counts_against_the_bound_until_its_relay_ends() -> No
     assert r.issue("node-x", "registry:5000", A) is not None
 
 
-def test_one_relay_per_node_and_blob() -> None:
+def test_one_relay_per_node_and_blob(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay, "MAX_TICKETS_PER_BLOB", 2)  # (one in all by default)
     r = relays()
     ticket = r.issue("node-1", "registry:5000", A)
     assert ticket is not None
@@ -103,7 +104,8 @@ async def test_a_relay_follows_the_fetch_and_stops_when_it_ends(tmp_path: Path) 
 
     async def write(chunk: bytes) -> None:
         sent.append(chunk)
-        first.set()
+        if sum(map(len, sent)) >= 1 << 20:
+            first.set()
 
     streaming = asyncio.create_task(r.stream(progress, write))
     with open(tmp, "wb") as f:

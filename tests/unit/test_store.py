@@ -801,3 +801,30 @@ async def test_a_blobs_admission_receipt_is_kept_across_restarts_and_goes_with_i
     assert await reopened.load_receipt(d) is None
     assert not any(p.name.startswith(d.hex) for p in (tmp_path / "meta").iterdir())
     await reopened.close()
+
+
+async def test_adopt_in_place_hashes_a_file_changed_after_it_was_verified(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write between the verification (before libtorrent's move) and the adoption (after it):
+    the stamp taken at the adoption would have vouched for the changed bytes."""
+    store = BlobStore(tmp_path, max_bytes=1 << 20)
+    await store.open()
+    d, data = blob(700, 2)
+    store.blob_dir(d).mkdir(parents=True, exist_ok=True)
+    moved = store.path(d)
+    moved.write_bytes(data)
+    verified = os.stat(moved)
+    hashed = count_hashes(monkeypatch)
+    await store.adopt_in_place(d, verified)  # unchanged: taken without a second hash
+    assert store.has(d) and hashed == []
+    await store.remove(d, reason="test")
+    moved.write_bytes(data)
+    verified = os.stat(moved)
+    with open(moved, "r+b") as f:
+        f.seek(350)
+        f.write(bytes([data[350] ^ 1]))
+    os.utime(moved, ns=(verified.st_atime_ns, verified.st_mtime_ns + 1_000_000))  # (coarse clocks)
+    with pytest.raises(errors.IntegrityError):
+        await store.adopt_in_place(d, verified)
+    assert not store.has(d)
+    await store.close()
