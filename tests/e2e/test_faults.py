@@ -263,7 +263,7 @@ def test_scrubber_finds_silent_corruption(stack: Stack, images: Images) -> None:
     agent = stack.agents[0]
     assert_blob(agent, blob)
     path = stack.workdir / "agent0" / "cache" / "blobs" / "sha256" / blob.hex[:2] / blob.hex
-    wait_for(path.exists)
+    wait_for(lambda: agent.metric("shoal_agent_downloads_total", result="ok") == 1)  # (adopted: see above)
     with open(path, "r+b") as f:
         f.write(b"\x00" * 16)
     wait_for(lambda: agent.metric("shoal_agent_cache_corrupt_blobs_total") == 1, what="the scrubber")

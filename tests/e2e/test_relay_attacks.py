@@ -195,13 +195,18 @@ def test_a_node_gets_one_relay_of_a_blob_at_a_time(stack: Stack, registry: Regis
         wait_for(lambda: bool(again) or origin.metric("shoal_origin_relay_tickets_total", result="declined") == 1,
                  timeout=BOUND, what="the second admission to be answered or declined a ticket")
         assert not any(isinstance(a, protocol.RelayTicket) for a in again)
-        # another node is relayed the blob too
-        assert isinstance(ask_relay(stack, blob.digest, "node-b", node_login), protocol.RelayTicket)
+        # ... and no other node either: one relay per blob (origin/relay.py MAX_TICKETS_PER_BLOB)
+        other = threading.Thread(target=lambda: again.append(ask_relay(stack, blob.digest, "node-b", node_login)),
+                                 daemon=True)
+        other.start()
+        wait_for(lambda: origin.metric("shoal_origin_relay_tickets_total", result="declined") == 2,
+                 timeout=BOUND, what="node-b declined a ticket")
         proxy.release()
+        other.join(BOUND)
         asking.join(BOUND)
         reader.join(BOUND)
         assert not asking.is_alive() and not reader.is_alive()
-        assert isinstance(again[0], protocol.Admission)  # the metainfo, once the blob was seeded
+        assert len(again) == 2 and all(isinstance(a, protocol.Admission) for a in again)  # once seeded
         assert relays[0][0] == 200
     finally:
         proxy.release()

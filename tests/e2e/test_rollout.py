@@ -50,8 +50,10 @@ def test_four_agents_pull_at_once(stack: Stack, registry: Registry, images: Imag
     from_seeder = sum(a.metric("shoal_agent_swarm_download_bytes_total", peer="seeder") for a in agents)
     large = sum(b.size for b in image.large_blobs(THRESHOLD))
     assert from_agents > 0, "no bytes moved between agents"
-    # per-peer accounting is sampled at each piece, so allow a little slack
-    assert from_agents + from_seeder >= 4 * large * 0.95
+    # per-peer accounting is sampled at each piece, so allow a little slack; the first node to ask
+    # for a blob has a head start relayed by the origin while it fetches it (origin/relay.py)
+    relayed = sum(a.metric("shoal_agent_relay_bytes_total") for a in agents)
+    assert from_agents + from_seeder + relayed >= 4 * large * 0.95
     for a in agents:
         assert a.metric("shoal_agent_downloads_total", source="peers", result="ok") == len(image.large_blobs(THRESHOLD))
         assert a.metric("shoal_agent_fallbacks_total") == 0
