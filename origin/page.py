@@ -307,7 +307,7 @@ def _signin(message: str | None, *, status: int = 200) -> web.Response:
     body = (f'<section class="signin"><h2>Sign in</h2>{note}'
             f'<form method="post" action="{protocol.PAGE_SIGNIN.pattern}" id="signin">'
             '<fieldset><legend>Operator token</legend>'
-            '<input name="token" type="password" autocomplete="off" placeholder="shoal-op-..."></fieldset>'
+            '<input name="token" type="password" autocomplete="off" placeholder="shoal_op_..."></fieldset>'
             '<fieldset><legend>or a registry login</legend>'
             '<input name="username" autocomplete="username" placeholder="user name">'
             '<input name="password" type="password" autocomplete="current-password" placeholder="password">'

@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
                          "needs --password-file")
     up.add_argument("--password-file", action="append", default=[],
                     help="file holding that user's password (as often as --username, which it needs)")
-    up.add_argument("--data-dir", help="state directory (without it: $XDG_DATA_HOME/shoal)")
+    up.add_argument("--data-dir", help="state directory (without it: $XDG_DATA_HOME/shoal, else "
+                    "~/.local/share/shoal)")
     up.add_argument("--listen", default="127.0.0.1:5050", help="mirror address for containerd/podman")
     up.add_argument("--tracker-listen", default="127.0.0.1:6969", help="the tracker's HTTP address")
     up.add_argument("--origin-listen", default="127.0.0.1:6970", help="the origin's HTTP address (shoal seed, "

@@ -18,7 +18,7 @@ import aiohttp
 
 from shoal import errors
 from shoal.config import split_hostport
-from shoal.registry import Credentials, RegistryClient
+from shoal.registry import Challenge, Credentials, RegistryClient
 
 USER_AGENT = "shoal-up/0.1"
 REGISTRY_TIMEOUT = 10.0
@@ -106,6 +106,23 @@ async def _check_registry(http: aiohttp.ClientSession, login: Login) -> str | No
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         return errors.connection_problem(exc, login.url) + f" (--upstream {login.url})"
     return None
+
+
+async def basic_login_wanted(url: str) -> str | None:
+    """The realm of a registry that refuses anonymous pulls with a Basic challenge (htpasswd):
+    without a login the origin can fetch nothing from it. None when it takes anonymous pulls,
+    asks for a Bearer token (whose server may give anonymous ones), or cannot be asked (the
+    login check says why)."""
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.get(url.rstrip("/") + "/v2/", headers={"User-Agent": USER_AGENT},
+                                timeout=aiohttp.ClientTimeout(total=REGISTRY_TIMEOUT)) as r:
+                challenge = Challenge.parse(r.headers.get("WWW-Authenticate", "")) if r.status == 401 else None
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return None
+    if challenge is None or challenge.scheme != "basic":
+        return None
+    return challenge.params.get("realm", "")
 
 
 async def registry_problems(logins: list[Login]) -> list[str]:

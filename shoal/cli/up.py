@@ -172,6 +172,13 @@ def _preflight(args: argparse.Namespace, configs: dict[str, dict[str, Any]]) -> 
     logins = [preflight.Login(u["url"], u.get("username"), (u.get("password") or {}).get("file"))
               for u in configs["origin"]["upstreams"]]
     problems = asyncio.run(preflight.registry_problems(logins))
+    if not args.username:  # (`--username -` says a registry needs no login: not asked again)
+        for login in logins:
+            realm = asyncio.run(preflight.basic_login_wanted(login.url))
+            if realm is not None:
+                problems.append(f"the registry asks for a login (realm {realm!r}) and none is given: the origin "
+                                "could fetch and pre-seed nothing; give --username and --password-file "
+                                f"(--upstream {login.url})")
     if problems:
         for line in problems:
             print(f"shoal up: {line}", file=sys.stderr)
@@ -243,8 +250,8 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"pre-seed:  shoal seed --origin http://{args.origin_listen} "
               f"--token-file {operator_token} {upstreams[0]['name']}/REPO:TAG\n"
               + (f"on push:   the registry's notifications endpoint: url http://{args.origin_listen}"
-                 f"{protocol.NOTIFICATIONS.path()}, headers Authorization: [Bearer <{data / 'keys'}"
-                 "/notification.token>] (README \"Pre-seed on push\")\n" if args.seed_on_push else "") +
+                 f"{protocol.NOTIFICATIONS.path()}, headers Authorization: [\"Bearer <the content of {data / 'keys'}"
+                 "/notification.token>\"] (README \"Pre-seed on push\")\n" if args.seed_on_push else "") +
               f"audit:     shoal audit --origin http://{args.origin_listen} --token-file {operator_token}\n"
               f"status:    shoal status --agent http://{args.listen} --origin http://{args.origin_listen} "
               f"--tracker http://{args.tracker_listen}\n"
@@ -263,10 +270,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         # Ctrl-C (or SIGTERM) from here on stops the children in order; another one is not a traceback
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # One at a time, the agent first: its pulls in flight finish from the swarm while the
+        # origin and the tracker still run (stopped together, a pull's swarm stalled with the
+        # origin and the agent fetched the rest from the registry, 13-20 s, before it exited).
         for proc in reversed(list(procs.values())):
             if proc.poll() is None:
                 proc.terminate()
-        for proc in procs.values():
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:

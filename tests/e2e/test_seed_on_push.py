@@ -222,4 +222,4 @@ def test_shoal_up_seed_on_push(tmp_path: Path) -> None:
     assert proc.returncode == 0, out
     assert (f"on push:   the registry's notifications endpoint: url "
             f"{protocol.NOTIFICATIONS.url(f'http://{origin_listen}')}, "
-            f"headers Authorization: [Bearer <{data / 'keys'}/notification.token>]") in out
+            f"headers Authorization: [\"Bearer <the content of {data / 'keys'}/notification.token>\"]") in out

@@ -79,6 +79,18 @@ def test_a_wrong_seeder_password_names_user_and_realm(registry: Registry, tmp_pa
     assert "not-" + USERS["seeder"] not in result.stderr
 
 
+def test_no_login_for_a_registry_that_wants_one_names_the_flags(registry: Registry, tmp_path: Path) -> None:
+    """htpasswd refuses anonymous pulls: without --username the origin could fetch nothing, and the
+    first `shoal seed` would fail with a bare 401. `--username -` (a registry without logins) is
+    taken at its word."""
+    result = run_up(tmp_path, registry.url)
+    assert result.returncode == 1 and BANNER not in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "the registry asks for a login (realm 'basic-realm')" in lines[0]
+    assert "--username" in lines[0] and "--password-file" in lines[0] and registry.url in lines[0]
+
+
 def test_a_wrong_password_at_a_token_server_names_user_and_realm(world: TokenWorld, tmp_path: Path) -> None:
     result = run_up(tmp_path, world.registry.url, "--username", "seeder", "--password-file",
                     password_file(tmp_path, "not-" + TOKEN_USERS["seeder"]))
