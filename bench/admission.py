@@ -17,6 +17,7 @@ code (PYTHONPATH = the tree and its .mypy-path); configurations come from this t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import json
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -85,32 +87,49 @@ def get(listen: str, path: str, authorization: str | None, digest: str) -> tuple
     return first_byte, total
 
 
-def run_tree(tree: Path, round_no: int, registry: Registry, layers: list[str], work: Path) -> list[Fetch]:
+@contextlib.contextmanager
+def cluster(tree: Path, registry: Registry, work: Path, auths: tuple[str, ...]) -> Iterator[list[str]]:
+    """A fresh tracker, origin and one agent per `auths` entry (its `unauthenticated` mode) of
+    `tree`, for `registry` (the origin as "seeder", node-mode agents as "node"): the agents'
+    addresses, ready and enrolled; all stopped on leaving."""
     work.mkdir(parents=True)
     (work / "node.pw").write_text(USERS["node"])
     (work / "seeder.pw").write_text(USERS["seeder"])
     up = {"name": registry.host, "url": registry.url}
     tport, oport = free_port(), free_port()
     node_up = {**up, "username": "node", "password": {"file": str(work / "node.pw")}}
-    cluster = Cluster(make_keys(work / "keys"), [node_up],
-                      tracker_url=f"http://127.0.0.1:{tport}", origin_url=f"http://127.0.0.1:{oport}",
-                      log={"level": "warning"})
+    keys = make_keys(work / "keys")
+    cfg = Cluster(keys, [node_up], tracker_url=f"http://127.0.0.1:{tport}", origin_url=f"http://127.0.0.1:{oport}",
+                  log={"level": "warning"})
     procs = []
     try:
-        procs.append(start(tree, "tracker", cluster.tracker(listen=f"127.0.0.1:{tport}", interval="5s",
-                                                           min_interval="1s"), work))
-        procs.append(start(tree, "origin", cluster.origin(
+        procs.append(start(tree, "tracker", cfg.tracker(listen=f"127.0.0.1:{tport}", interval="5s",
+                                                       min_interval="1s"), work))
+        procs.append(start(tree, "origin", cfg.origin(
             listen=f"127.0.0.1:{oport}", data_dir=work / "origin", torrent_listen=f"127.0.0.1:{free_port()}",
             upstreams=[{**up, "username": "seeder", "password": {"file": str(work / "seeder.pw")}}]), work))
         agents = []
-        for n, auth in enumerate(("node", "challenge", "challenge")):
+        for n, auth in enumerate(auths):
             ip = f"127.0.0.{n + 2}"
             listen = f"{ip}:{free_port(ip)}"
-            config = cluster.agent(listen=listen, data_dir=work / f"agent{n}", torrent_listen=f"{ip}:{free_port(ip)}",
-                                   node=f"node{n}", tracker=cluster.tracker_url, auth={"unauthenticated": auth})
+            config = cfg.agent(listen=listen, data_dir=work / f"agent{n}", torrent_listen=f"{ip}:{free_port(ip)}",
+                               node=f"node{n}", tracker=cfg.tracker_url, auth={"unauthenticated": auth})
             procs.append(start(tree, f"agent{n}", config, work))
             agents.append(listen)
         time.sleep(1)  # enrollment (the first download also waits for it, up to metainfo_timeout)
+        yield agents
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def run_tree(tree: Path, round_no: int, registry: Registry, layers: list[str], work: Path) -> list[Fetch]:
+    with cluster(tree, registry, work, ("node", "challenge", "challenge")) as agents:
         for digest in layers:
             get(agents[0], f"/v2/bench/app/blobs/{digest}", None, digest)
         alice = Credentials("alice", USERS["alice"]).basic()
@@ -120,14 +139,6 @@ def run_tree(tree: Path, round_no: int, registry: Registry, layers: list[str], w
                 first, total = get(listen, f"/v2/bench/app/blobs/{digest}", alice, digest)
                 fetches.append(Fetch(str(tree), round_no, label, digest, round(first, 4), round(total, 4)))
         return fetches
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def main() -> int:

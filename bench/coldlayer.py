@@ -17,20 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.admission import USERS, get, start
+from bench.admission import USERS, cluster, get
 from bench.sampler import cpu_jiffies
-from shoal.cluster import Cluster, make_keys
 from shoal.config import parse_size
 from shoal.registry import Credentials
 from tests.support.images import build_image, push
-from tests.support.procs import free_port
 from tests.support.registry import Registry
 
 
@@ -52,48 +48,15 @@ def timed(listen: str, path: str, authorization: str | None, digest: str) -> tup
 
 
 def run_tree(tree: Path, round_no: int, registry: Registry, digest: str, work: Path) -> list[Fetch]:
-    work.mkdir(parents=True)
-    (work / "node.pw").write_text(USERS["node"])
-    (work / "seeder.pw").write_text(USERS["seeder"])
-    up = {"name": registry.host, "url": registry.url}
-    tport, oport = free_port(), free_port()
-    node_up = {**up, "username": "node", "password": {"file": str(work / "node.pw")}}
-    cluster = Cluster(make_keys(work / "keys"), [node_up],
-                      tracker_url=f"http://127.0.0.1:{tport}", origin_url=f"http://127.0.0.1:{oport}",
-                      log={"level": "warning"})
-    fetches = []
     alice = Credentials("alice", USERS["alice"]).basic()
     path = f"/v2/bench/app/blobs/{digest}"
     first, total, idle = timed(registry.host, path, alice, digest)
-    fetches.append(Fetch(str(tree), round_no, "registry", round(first, 4), round(total, 4), round(idle, 3)))
-    procs = []
-    try:
-        procs.append(start(tree, "tracker", cluster.tracker(listen=f"127.0.0.1:{tport}", interval="5s",
-                                                           min_interval="1s"), work))
-        procs.append(start(tree, "origin", cluster.origin(
-            listen=f"127.0.0.1:{oport}", data_dir=work / "origin", torrent_listen=f"127.0.0.1:{free_port()}",
-            upstreams=[{**up, "username": "seeder", "password": {"file": str(work / "seeder.pw")}}]), work))
-        agents = []
-        for n in range(2):
-            ip = f"127.0.0.{n + 2}"
-            listen = f"{ip}:{free_port(ip)}"
-            config = cluster.agent(listen=listen, data_dir=work / f"agent{n}", torrent_listen=f"{ip}:{free_port(ip)}",
-                                   node=f"node{n}", tracker=cluster.tracker_url, auth={"unauthenticated": "node"})
-            procs.append(start(tree, f"agent{n}", config, work))
-            agents.append(listen)
-        time.sleep(1)  # enrollment (a download waits for it too, but that is not what is measured)
+    fetches = [Fetch(str(tree), round_no, "registry", round(first, 4), round(total, 4), round(idle, 3))]
+    with cluster(tree, registry, work, ("node", "node")) as agents:
         for label, listen in (("cold agent", agents[0]), ("second agent", agents[1])):
             first, total, idle = timed(listen, path, None, digest)
             fetches.append(Fetch(str(tree), round_no, label, round(first, 4), round(total, 4), round(idle, 3)))
-        return fetches
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    return fetches
 
 
 def main() -> int:
