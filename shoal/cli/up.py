@@ -25,6 +25,7 @@ from shoal import netaddr, protocol
 from shoal.cli import preflight
 from shoal.cluster import Cluster, command, make_keys
 from shoal.config import split_hostport
+from shoal.redaction import redact
 
 
 def _default_data_dir() -> Path:
@@ -57,7 +58,7 @@ def _upstreams(args: argparse.Namespace) -> list[dict[str, Any]]:
         except ValueError:
             parts = urlsplit("")
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SystemExit(f"shoal up: --upstream must be an http(s) URL (or NAME=URL), got {spec!r}")
+            raise SystemExit(f"shoal up: --upstream must be an http(s) URL (or NAME=URL), got {redact(spec)!r}")
         if parts.username is not None or parts.password is not None:
             raise SystemExit("shoal up: --upstream: no login in the URL (it would be printed and logged); "
                              "use --username and --password-file")

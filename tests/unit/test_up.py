@@ -85,3 +85,11 @@ def test_several_registries(tmp_path: Path) -> None:
              "--username: empty")):
         with pytest.raises(SystemExit, match=message):
             up.up_configs(parser().parse_args([*two, *extra]), tmp_path / "d")
+
+
+def test_a_bad_upstream_with_a_login_in_it_is_not_echoed(tmp_path: Path) -> None:
+    bad = parser().parse_args(["up", "--upstream", "ftp://shoal:s3cret-pw@registry.test", "--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        up.up_configs(bad, tmp_path / "d")
+    assert "--upstream must be an http(s) URL" in str(exc.value)
+    assert "s3cret-pw" not in str(exc.value)
