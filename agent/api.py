@@ -329,11 +329,11 @@ class MirrorApi:
             download.sources.add(up.name)
 
         def count(n: int) -> None:
-            audit.source = download.source
+            audit.source, audit.fallback = download.source, download.fallback
             self.metrics.served_bytes.labels(download.source).inc(n)
 
         response = await send_blob(request, digest, size, _InFlight(download), self._counter(audit, count))
-        audit.source, audit.verified = download.source, True
+        audit.source, audit.fallback, audit.verified = download.source, download.fallback, True
         return response
 
     @staticmethod

@@ -204,6 +204,8 @@ class Download:
         # one it is fetched from, or those the origin vouched for.
         self.sources: set[str] = set()
         self.error: errors.ShoalError | None = None
+        # Why the swarm path was given up for the registry, if it was (the journal records it)
+        self.fallback: FallbackReason | None = None
         self.done = asyncio.Event()
         # Set once the bytes' path is known (the swarm, or the registry) or the download ended.
         self.chosen = asyncio.Event()
@@ -331,6 +333,7 @@ class Download:
                         reason: FallbackReason = exc.reason if isinstance(exc, SwarmFailure) else \
                             "integrity" if isinstance(exc, errors.IntegrityError) else "swarm_error"
                         self.deps.metrics.fallbacks.labels(reason).inc()
+                        self.fallback = reason
                         # A relayed prefix (1a) the swarm did not take (a metainfo that does not
                         # describe the blob is refused before libtorrent has the file): nothing
                         # else removes it before the next start, and the store does not count it.

@@ -50,12 +50,15 @@ def journal_middleware(journal: Journal, node: str) -> Middleware:
             }
 
         def end_doc(outcome: str, error: str | None = None, size: int | None = None) -> dict[str, Any]:
-            return {
+            doc = {
                 "event_id": event_id, "phase": "end", "ts": records.now(), "node": node,
                 "bytes": audit.bytes if size is None else size,
                 "duration_ms": round((time.monotonic() - started) * 1000, 3), "outcome": outcome,
                 "source": audit.source, "verified": audit.verified, "error": error,
             }
+            if audit.fallback is not None:  # (only then: a collector older than the field refuses it)
+                doc["fallback"] = audit.fallback
+            return doc
 
         async def before_start(status: int) -> None:
             if state["started"]:

@@ -27,6 +27,7 @@ class Audit:
     authz_method: str | None = None
     registry_status: str | None = None
     source: str | None = None
+    fallback: str | None = None  # why the blob came from the registry after all (its download's reason)
     verified: bool | None = None
     bytes: int = 0
     extra: dict[str, str] = field(default_factory=dict)

@@ -125,6 +125,9 @@ class Tally:
     def __init__(self) -> None:
         self.served: dict[str, int] = dict.fromkeys(SOURCES, 0)
         self.registry_by_node: Counter[str] = Counter()
+        # responses whose blob came from the registry after its swarm download was given up, by
+        # the agent's reason (the end record's `fallback`)
+        self.fallbacks: Counter[str] = Counter()
         self._seen: OrderedDict[str, None] = OrderedDict()
 
     def add(self, node: str, records: Iterable[Mapping[str, Any]]) -> None:
@@ -137,6 +140,9 @@ class Tally:
             self._seen[event] = None
             if len(self._seen) > MAX_EVENTS_REMEMBERED:
                 self._seen.popitem(last=False)
+            reason = rec.get("fallback")
+            if isinstance(reason, str):
+                self.fallbacks[reason] += 1
             size = rec.get("bytes")
             if isinstance(size, int) and size > 0:
                 self.served[rec["source"]] += size
@@ -203,6 +209,7 @@ class StatusPage:
                          "saved_bytes": max(0, served["cache"] + served["peers"] - fetched)},
             "served": served,
             "registry_by_node": dict(self.tally.registry_by_node.most_common(20)),
+            "fallbacks": dict(self.tally.fallbacks.most_common(20)),
             "admissions": m.by("shoal_origin_admission_checks_total", "result"),
             "seeds": m.by("shoal_origin_seed_requests_total", "result"),
             "jobs": None if jobs is None else jobs[:50],
@@ -330,6 +337,8 @@ _ORIGIN_BODY = """
 <div><h2>Seeds by result</h2><div class="bars" id="seeds"></div></div>
 <div><h2>Bytes nodes fetched from the registry (fallbacks and small blobs)</h2>
 <div class="bars" id="fallbacks"></div></div>
+<div><h2>Fallbacks to the registry, by reason (responses)</h2>
+<div class="bars" id="fallback-reasons"></div></div>
 </section>
 <section><h2>Pre-seed jobs</h2><table id="jobs"><thead><tr><th>job</th><th>owner</th><th>images</th><th>state</th>
 <th>progress</th><th>blobs</th></tr></thead><tbody></tbody></table></section>

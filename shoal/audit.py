@@ -25,7 +25,8 @@ EVENT_FIELDS = (
     "event_id", "ts", "node", "client_addr", "user_agent", "principal", "principal_confirmed", "cred_fpr",
     "credential",
     "ns", "repository", "kind", "method", "reference", "digest", "range", "status", "bytes", "source",
-    "verified", "duration_ms", "outcome", "authz_method", "registry_status", "error", "action", "detail",
+    "verified", "duration_ms", "outcome", "authz_method", "registry_status", "error", "fallback", "action",
+    "detail",
 )
 # Operator events: what an operator did at the origin (pre-seed, audit query, ...), recorded by
 # the origin itself under the reserved node name "origin", kind "operator", with `action` and a
@@ -36,11 +37,15 @@ OPERATOR_NODE = "origin"
 OPERATOR_KIND = "operator"
 _OPERATOR_ONLY = frozenset({"action", "detail"})
 _START_FIELDS = frozenset(EVENT_FIELDS) - {"bytes", "duration_ms", "outcome"} - _OPERATOR_ONLY
+# `fallback` (end): why a blob that was to come from the swarm came from the registry (the agent's
+# fallback reasons). New in 0.1's issue 17: a collector older than it refuses an end record that
+# has one (the event is then incomplete), so origins are upgraded before agents.
 _END_FIELDS = frozenset({"event_id", "ts", "node", "bytes", "duration_ms", "outcome", "source", "verified",
-                         "error"})
+                         "error", "fallback"})
 _STRINGS = frozenset({"event_id", "ts", "node", "client_addr", "user_agent", "principal", "cred_fpr",
                       "credential", "ns", "repository", "kind", "method", "reference", "digest", "range",
-                      "source", "outcome", "authz_method", "registry_status", "error", "action", "detail"})
+                      "source", "outcome", "authz_method", "registry_status", "error", "fallback", "action",
+                      "detail"})
 _INTS = frozenset({"status", "bytes"})
 MAX_FIELD = 2048
 MAX_RECORD_BYTES = 16 * 1024

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import socket
 from pathlib import Path
 
+from shoal import protocol
 from tests.e2e.conftest import Images
 from tests.support import api
 from tests.support.clients import skopeo_copy, verify_dir
 from tests.support.faults import CuttableProxy
+from tests.support.procs import http_get
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 
@@ -41,6 +44,18 @@ def test_tracker_stopped(stack: Stack, registry: Registry, images: Images, workd
         image.large_blobs(THRESHOLD))
     assert agent.metric("shoal_agent_fallbacks_total", reason="no_first_piece") == 0
     assert agent.metric("shoal_agent_downloads_total", source="registry", result="ok") == len(image.blobs)
+    # the journal says why, and the origin's status page counts it (one response per large blob)
+    large = {b.digest for b in image.large_blobs(THRESHOLD)}
+    events = stack.journal(agent, minimum=len(image.blobs))
+    assert {e["digest"]: e["fallback"] for e in events
+            if e["digest"] in large and e["kind"] == "blobs" and e["method"] == "GET"} == \
+        dict.fromkeys(large, "tracker_unreachable")
+    assert all(e["fallback"] is None for e in events if e["digest"] not in large)
+    assert stack.origin is not None
+    status, body = http_get(stack.origin.url + protocol.PAGE_OVERVIEW.path(),
+                            headers={"Authorization": f"Bearer {stack.operator_token}"})
+    assert status == 200
+    assert json.loads(body)["fallbacks"] == {"tracker_unreachable": len(large)}
 
 
 def test_origin_stopped_before_seeding(stack: Stack, registry: Registry, images: Images, workdir: Path) -> None:

@@ -64,6 +64,19 @@ def test_the_tally_counts_each_event_once() -> None:
     assert tally.registry_by_node == {"n1": 100}
 
 
+def test_the_tally_counts_fallbacks_by_reason_once_per_event() -> None:
+    tally = Tally()
+    records: list[dict[str, Any]] = [
+        {"event_id": "f1", "phase": "end", "source": "registry", "bytes": 10, "fallback": "stalled"},
+        {"event_id": "f2", "phase": "end", "source": "registry", "bytes": 10, "fallback": "stalled"},
+        {"event_id": "f3", "phase": "end", "source": "registry", "bytes": 10, "fallback": "tracker_unreachable"},
+        {"event_id": "f4", "phase": "end", "source": "registry", "bytes": 10},  # a small blob: no swarm tried
+    ]
+    tally.add("n1", records)
+    tally.add("n1", records[:1])  # re-sent
+    assert tally.fallbacks == {"stalled": 2, "tracker_unreachable": 1}
+
+
 def posted(headers: dict[str, str]) -> web.Request:
     return make_mocked_request("POST", "/ui/signin", headers={"Host": "origin.test:8080", **headers})
 

@@ -33,6 +33,7 @@
     P.bars($("admissions"), doc.admissions);
     P.bars($("seeds"), doc.seeds);
     P.bars($("fallbacks"), doc.registry_by_node, {unit: "bytes", empty: "no node fetched from the registry"});
+    P.bars($("fallback-reasons"), doc.fallbacks, {empty: "no swarm download given up"});
 
     const jobs = $("jobs").tBodies[0];
     P.clear(jobs);
