@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import secrets
 import time
@@ -22,6 +23,9 @@ from shoal_origin.seeder import Seeder
 log = logging.getLogger(__name__)
 
 MAX_JOBS_KEPT = 100
+# An image config read to learn its platform (--platform on a single-platform image): configs are
+# a few KiB; a bigger one is not read.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -137,7 +141,26 @@ class Preseeder:
                 except Exception:
                     log.exception("pre-seed job %s: recording its end failed", job.id)
 
-    async def _resolve(self, job: Job, ref: ImageReference) -> list[Descriptor]:
+    async def _platform_of(self, ref: ImageReference, config: Descriptor) -> str | None:
+        """os/architecture[/variant] from an image's config blob (read from the registry and
+        checked against its digest), None if it says none."""
+        if config.size > MAX_CONFIG_BYTES:
+            return None
+        client = self.seeder.upstreams[ref.registry].client
+        body = b"".join([chunk async for chunk in client.stream_blob(ref.name, config.digest)])
+        if hashlib.sha256(body).hexdigest() != config.digest.hex:
+            raise errors.IntegrityError(f"{ref}: the config blob does not match its digest")
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(doc, dict) or not isinstance(doc.get("os"), str) or \
+                not isinstance(doc.get("architecture"), str):
+            return None
+        variant = doc.get("variant")
+        return f"{doc['os']}/{doc['architecture']}" + (f"/{variant}" if isinstance(variant, str) and variant else "")
+
+    async def _resolve(self, job: Job, ref: ImageReference, *, top: bool = True) -> list[Descriptor]:
         client = self.seeder.upstreams[ref.registry].client
         resp = await client.get_manifest(ref.name, ref.reference)
         if resp.status == 404:
@@ -148,6 +171,14 @@ class Preseeder:
         job.manifests.append(f"{ref.registry}/{ref.name}@sha256:{hashlib.sha256(resp.body).hexdigest()}")
         parsed = parse_manifest(resp.body, resp.headers.get("Content-Type", ""))
         if not parsed.is_index:
+            if top and job.platforms:
+                # --platform names what to seed: a single-platform image of another one is not
+                # seeded whole without a word (its platform is in its config)
+                platform = await self._platform_of(ref, parsed.blobs[0]) if parsed.blobs else None
+                if platform not in job.platforms:
+                    raise errors.NotFound(errors.MANIFEST_UNKNOWN,
+                                          f"{ref}: a single-platform image ({platform or 'platform unknown'}), "
+                                          f"not {', '.join(job.platforms)}")
             return list(parsed.blobs)
         children = [c for c in parsed.children
                     if not job.platforms or c.platform in job.platforms]
@@ -157,7 +188,7 @@ class Preseeder:
         blobs: list[Descriptor] = []
         for child in children:
             child_ref = ImageReference(ref.registry, ref.name, None, child.digest)
-            blobs.extend(await self._resolve(job, child_ref))
+            blobs.extend(await self._resolve(job, child_ref, top=False))
         return blobs
 
     @staticmethod

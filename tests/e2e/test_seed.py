@@ -69,6 +69,23 @@ def test_seed_one_platform_by_digest(stack: Stack, registry: Registry, images: I
     assert platform_blobs(image, "linux/arm64") != set(image.blobs)
 
 
+def test_a_platform_that_a_single_platform_image_is_not_is_refused(stack: Stack, registry: Registry,
+                                                                    images: Images) -> None:
+    """--platform on an image that is no index: its config says its platform; another one is an
+    error naming both, and nothing is seeded (it was seeded whole without a word)."""
+    image = images.app()  # linux/amd64 (tests/support/images.py)
+    stack.start(agents=0)
+    assert stack.origin is not None
+    ref = f"{registry.host}/private/app:v1"
+    refused = shoal_seed(stack, stack.origin.url, "--platform", "linux/arm64", ref)
+    assert refused.returncode != 0
+    assert "a single-platform image (linux/amd64), not linux/arm64" in refused.stdout + refused.stderr
+    assert api.seeded(stack.origin.url, stack.operator_token) == set()
+    taken = shoal_seed(stack, stack.origin.url, "--platform", "linux/amd64", ref)
+    assert taken.returncode == 0, taken.stderr
+    assert api.seeded(stack.origin.url, stack.operator_token) == {b for b in image.blobs if image.blobs[b].size}
+
+
 def test_seed_reports_errors(stack: Stack, registry: Registry, images: Images) -> None:
     images.multi()
     stack.start(agents=0)
