@@ -118,6 +118,10 @@ class PageAuth:
             raise
 
 
+# Distinct fallback reasons counted (the agents have about a dozen); more are "other".
+MAX_FALLBACK_REASONS = 32
+
+
 class Tally:
     """Bytes the agents served, by source, as their journals reach the collector (each event
     counted once, by its id), and blob bytes each node got from the registry itself."""
@@ -142,6 +146,9 @@ class Tally:
                 self._seen.popitem(last=False)
             reason = rec.get("fallback")
             if isinstance(reason, str):
+                # (a node writes the reason: a bounded set of them, whatever it sends)
+                if reason not in self.fallbacks and len(self.fallbacks) >= MAX_FALLBACK_REASONS:
+                    reason = "other"
                 self.fallbacks[reason] += 1
             size = rec.get("bytes")
             if isinstance(size, int) and size > 0:

@@ -75,6 +75,10 @@ def test_the_tally_counts_fallbacks_by_reason_once_per_event() -> None:
     tally.add("n1", records)
     tally.add("n1", records[:1])  # re-sent
     assert tally.fallbacks == {"stalled": 2, "tracker_unreachable": 1}
+    # a node making reasons up does not grow the origin's memory
+    tally.add("evil", [{"event_id": f"x{i}", "phase": "end", "source": "registry", "fallback": f"r{i}"}
+                       for i in range(1000)])
+    assert len(tally.fallbacks) <= 33 and tally.fallbacks["other"] >= 1000 - 32
 
 
 def posted(headers: dict[str, str]) -> web.Request:
