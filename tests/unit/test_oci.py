@@ -195,7 +195,7 @@ def test_parse_manifest_refusals(body: bytes, message: str) -> None:
 
 def test_a_manifest_nested_past_pythons_stack_is_invalid_not_a_500() -> None:
     # a registry (Go: 10,000 levels) stores what Python's parser cannot read: anyone who may push
-    # made every pull of the image a 500 with a traceback (attack17)
+    # ended the pre-seed of it (on push, too) with a RecursionError and its traceback (attack17)
     body = b'{"schemaVersion": 2, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     with pytest.raises(errors.BadRequest):
         parse_manifest(body, "application/vnd.oci.image.manifest.v1+json")
