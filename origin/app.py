@@ -60,7 +60,7 @@ async def _json(request: web.Request) -> Any:
 def _parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (nested past Python's stack)
         raise errors.BadRequest(errors.INVALID_REQUEST, "body must be a JSON object") from None
 
 

@@ -90,7 +90,7 @@ def parse(raw: bytes) -> Parsed:
     does not parse is skipped as "invalid": the registry would resend a refused envelope forever."""
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # (arrays nested past Python's stack)
         raise _bad("body must be a JSON notification envelope") from None
     if not isinstance(doc, dict):
         raise _bad("body must be a JSON object")

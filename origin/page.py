@@ -264,6 +264,9 @@ class StatusPage:
             # one answer whatever was wrong: it tells nobody whether a password is right
             return _signin(f"Not signed in: that credential is not an operator's holding the {PAGE_ROLE} role.",
                            status=401)
+        # a browser signing in again (another operator at a shared screen, or the same one) ends
+        # the session its old cookie named: that cookie, if it leaked, opens nothing any more
+        self.sessions.close(request.cookies.get(COOKIE))
         cookie, _ = self.sessions.open(authorization, op.principal)
         await self.operators.record(request, principal=op.principal, authz_method=self.operators.method_of(op),
                                     action="signin", status=303, outcome="accepted", detail={"page": "status"})

@@ -152,7 +152,7 @@ class Preseeder:
             raise errors.IntegrityError(f"{ref}: the config blob does not match its digest")
         try:
             doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # (a pusher's blob, nested past the stack)
             return None
         if not isinstance(doc, dict) or not isinstance(doc.get("os"), str) or \
                 not isinstance(doc.get("architecture"), str):

@@ -174,7 +174,9 @@ def parse_manifest(body: bytes, content_type: str) -> ParsedManifest:
     """
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # (RecursionError: arrays nested deeper than Python's stack, which the registry's Go
+        # parser accepts: a pusher's manifest ended a pre-seed, push-triggered too, with a traceback)
         raise errors.BadRequest(errors.MANIFEST_INVALID, "manifest is not JSON") from exc
     if not isinstance(doc, dict):
         raise errors.BadRequest(errors.MANIFEST_INVALID, "manifest is not a JSON object")

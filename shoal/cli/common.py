@@ -10,6 +10,7 @@ import aiohttp
 
 from shoal import errors
 from shoal.clients import ApiError
+from shoal.redaction import redact
 
 DEFAULT_ORIGIN = "http://127.0.0.1:6970"
 # What a call can fail with: the server could not be reached or did not answer in time, or it
@@ -19,7 +20,12 @@ CALL_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ApiError, err
 
 def check_url(url: str, flag: str) -> str:
     if not url.startswith(("http://", "https://")):
-        raise SystemExit(f"shoal: {flag} must be an http:// or https:// URL, not {url!r}")
+        raise SystemExit(f"shoal: {flag} must be an http:// or https:// URL, not {redact(url)!r}")
+    if "@" in url:
+        # a login in the URL was echoed whole in every failure line and in `shoal status`'s table
+        # (they end up in terminals and CI logs); the commands' own login options carry it
+        raise SystemExit(f"shoal: {flag}: no login in the URL (it would be printed): shoal seed and shoal audit "
+                         "take --token-file, --user or --authfile")
     return url.rstrip("/")
 
 

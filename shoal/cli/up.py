@@ -55,11 +55,14 @@ def _upstreams(args: argparse.Namespace) -> list[dict[str, Any]]:
         name, sep, url = spec.partition("=") if "=" in spec.split("://", 1)[0] else ("", "", spec)
         try:
             parts = urlsplit(url)
+            _port = parts.port  # (a port that is not a number: a bad URL, not a traceback)
         except ValueError:
             parts = urlsplit("")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SystemExit(f"shoal up: --upstream must be an http(s) URL (or NAME=URL), got {redact(spec)!r}")
-        if parts.username is not None or parts.password is not None:
+        # any "@": a password holding "/", "?" or "#" ("https://user:pa/ss@host") ends the URL's
+        # authority early, so urlsplit sees no login and the URL, password and all, went on
+        if parts.username is not None or parts.password is not None or "@" in url:
             raise SystemExit("shoal up: --upstream: no login in the URL (it would be printed and logged); "
                              "use --username and --password-file")
         upstream: dict[str, Any] = {"name": (name if sep else args.name) or parts.netloc, "url": url}

@@ -135,6 +135,32 @@ def test_seed_against_an_origin_that_is_not_running(capsys: pytest.CaptureFixtur
                    "running there, on that port?"]
 
 
+# (attack17) a login in a component's URL was printed whole: `shoal status` showed it in its table
+# and in "connection refused at op:PASSWORD@host:port", `shoal seed`/`audit` in their error lines,
+# and a URL of another scheme was echoed as given
+@pytest.mark.parametrize("argv", [
+    ["status", "--origin", "http://op:hunter2secret@127.0.0.1:{port}", "--agent", "", "--tracker", ""],
+    ["status", "--agent", "http://hunter2secret@127.0.0.1:{port}", "--origin", "", "--tracker", ""],
+    ["status", "--origin", "ftp://op:hunter2secret@127.0.0.1:{port}", "--agent", "", "--tracker", ""],
+    ["seed", "--origin", "http://op:hunter2secret@127.0.0.1:{port}", "--token-file", "{token}", "registry.test/a:1"],
+    ["audit", "--origin", "https://op:pa/hunter2secret@127.0.0.1:{port}", "--token-file", "{token}"],
+])
+def test_a_login_in_a_components_url_is_never_printed(argv: list[str], capsys: pytest.CaptureFixture[str],
+                                                      tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("shoal_op_" + "a" * 40)
+    args = [a.format(port=free_port(), token=token) for a in argv]
+    try:
+        status = main(args)
+        shown = capsys.readouterr()
+        text = shown.out + shown.err
+    except SystemExit as exc:  # (its message is what the shell prints)
+        status, text = 2, str(exc.code)
+    assert status != 0
+    assert "hunter2secret" not in text
+    assert "no login in the URL" in text or "***@" in text
+
+
 async def test_an_answer_that_breaks_off() -> None:
     async def short(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _reader.readuntil(b"\r\n\r\n")

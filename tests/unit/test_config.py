@@ -299,6 +299,27 @@ def test_config_errors_never_echo_a_secret(doc: dict[str, Any]) -> None:
     assert "hunter2secret" not in str(exc.value)
 
 
+# A password written unencoded with "@", "/", "?" or "#" in it (attack17): the part after its
+# first "@" was shown ("alice:***@hunter2secret@r"), or, with "/", "?" or "#" (urlsplit then finds
+# no login, only a bad port), the whole of it.
+@pytest.mark.parametrize("url", ["https://alice:x@hunter2secret@r.example", "https://alice:x/hunter2secret@r.example",
+                                 "https://alice:x?hunter2secret@r.example:5000", "https://alice:x#hunter2secret@r",
+                                 "ftp://tok@hunter2secret@r.example"])
+def test_a_url_whose_password_holds_url_punctuation_is_not_echoed(url: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        agent_config.load(agent_doc(upstreams=[{"name": "r", "url": url}]))
+    assert "hunter2secret" not in str(exc.value)
+    assert "***@r" in str(exc.value)  # (still names the host)
+
+
+def test_redaction_leaves_digests_and_plain_urls_alone() -> None:
+    from shoal.redaction import redact
+    for text in ("docker://reg.example/name@sha256:abcdef0123", "reg.example:5000/name@sha256:ab12",
+                 "https://reg.example/v2/name/manifests/latest"):
+        assert redact(text) == text
+    assert redact("https://user:pa/ss@[::1]:5000/v2/") == "https://user:***@[::1]:5000/v2/"
+
+
 def test_a_url_in_an_error_keeps_the_user_and_the_host() -> None:
     with pytest.raises(ConfigError) as exc:
         agent_config.load(agent_doc(upstreams=[{"name": "r", "url": "ftp://alice:pw@r.example"}]))

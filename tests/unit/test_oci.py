@@ -191,3 +191,11 @@ def test_parse_manifest_refusals(body: bytes, message: str) -> None:
     with pytest.raises(errors.BadRequest) as exc:
         parse_manifest(body, OCI_MANIFEST)
     assert exc.value.oci is errors.MANIFEST_INVALID and exc.value.message == message
+
+
+def test_a_manifest_nested_past_pythons_stack_is_invalid_not_a_500() -> None:
+    # a registry (Go: 10,000 levels) stores what Python's parser cannot read: anyone who may push
+    # ended the pre-seed of it (on push, too) with a RecursionError and its traceback (attack17)
+    body = b'{"schemaVersion": 2, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(errors.BadRequest):
+        parse_manifest(body, "application/vnd.oci.image.manifest.v1+json")

@@ -251,3 +251,11 @@ async def test_a_failed_job_or_audit_lets_the_next_push_try_again() -> None:
     fake, recorded, notify = await run_one("done", audit_fails=True)
     assert fake.started == [] and recorded == []  # not audited: not done
     assert notify.accept(n.parse(envelope(event())), client_addr=None, user_agent=None) == {"queued": 1}
+
+
+def test_a_body_nested_past_pythons_stack_is_a_bad_request_not_a_500() -> None:
+    # (json.loads raises RecursionError, which is no ValueError: the route answered 500 and
+    # logged a traceback per request; attack17)
+    for body in (b"[" * 100_000, b'{"events": [' + b"[" * 100_000 + b"]}"):
+        with pytest.raises(errors.BadRequest):
+            n.parse(body)

@@ -93,3 +93,16 @@ def test_a_bad_upstream_with_a_login_in_it_is_not_echoed(tmp_path: Path) -> None
         up.up_configs(bad, tmp_path / "d")
     assert "--upstream must be an http(s) URL" in str(exc.value)
     assert "s3cret-pw" not in str(exc.value)
+
+
+# A password holding "/", "?" or "#" ends urlsplit's authority before the "@" (attack17): the URL
+# passed the "no login in the URL" check ("https://user:1234/pw@host" is host "user", port 1234)
+# and went on with the password in it, or (a port that is not a number) ended in a traceback.
+@pytest.mark.parametrize("url", ["https://shoal:1234/s3cret-pw@registry.test", "https://shoal:x/s3cret-pw@registry.test",
+                                 "https://shoal:x#s3cret-pw@registry.test:5000"])
+def test_an_upstream_whose_password_holds_a_slash_is_refused_without_echoing_it(url: str, tmp_path: Path) -> None:
+    bad = parser().parse_args(["up", "--upstream", url, "--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        up.up_configs(bad, tmp_path / "d")
+    assert "s3cret-pw" not in str(exc.value)
+    assert "--upstream" in str(exc.value)
