@@ -41,8 +41,15 @@ from shoal_origin.preseed import Preseeder
 log = logging.getLogger(__name__)
 
 COOKIE = "shoal_session"
+# Over TLS the cookie is a "__Host-" one: a sibling subdomain cannot set it (cookie tossing: an
+# attacker's own valid session planted in an operator's browser, who then works, and is audited,
+# as the attacker). Browsers take that prefix only with Secure, Path=/ and no Domain.
+TLS_COOKIE = "__Host-shoal_session"
 SESSION_TTL = 8 * 3600.0
 MAX_SESSIONS = 1000  # the oldest is dropped past this: sign-ins cannot grow the origin's memory
+# Sessions one principal holds at once (its oldest goes): one operator signing in again and again
+# cannot push everyone else's sessions out of MAX_SESSIONS.
+MAX_SESSIONS_PER_PRINCIPAL = 20
 PAGE_ROLE: Role = "audit"  # who pulled what is what the page shows: the audit role (admin holds it)
 SOURCES = ("cache", "peers", "registry")
 SERIES = ("served_cache", "served_peers", "served_registry", "registry_fetched", "peers_connected", "torrents")
@@ -55,6 +62,10 @@ class Session:
     principal: str
     csrf: str
     expires: float
+
+
+def _cookie(request: web.Request) -> str:
+    return TLS_COOKIE if request.secure else COOKIE
 
 
 class Sessions:
@@ -72,6 +83,9 @@ class Sessions:
     def open(self, authorization: str, principal: str) -> tuple[str, Session]:
         cookie = secrets.token_urlsafe(32)
         session = Session(authorization, principal, secrets.token_urlsafe(24), time.monotonic() + self.ttl)
+        mine = [k for k, held in self._by_hash.items() if held.principal == principal]
+        for key in mine[:max(0, len(mine) - MAX_SESSIONS_PER_PRINCIPAL + 1)]:
+            del self._by_hash[key]
         self._by_hash[self._key(cookie)] = session
         while len(self._by_hash) > self.limit:
             self._by_hash.popitem(last=False)
@@ -106,7 +120,7 @@ class PageAuth:
             return await self.operators.authenticate(request, role)
         if request.method not in ("GET", "HEAD"):
             raise errors.Unauthorized("this is for operators: a session cookie opens the status page's GET routes only")
-        cookie = request.cookies.get(COOKIE)
+        cookie = request.cookies.get(_cookie(request))
         session = self.sessions.get(cookie)
         if session is None:
             raise errors.Unauthorized("the status page is for operators: sign in at "
@@ -231,7 +245,7 @@ class StatusPage:
             op = await self.auth.authenticate(request, PAGE_ROLE)
         except errors.Unauthorized:
             return web.Response(status=303, headers={"Location": protocol.PAGE_SIGNIN_FORM.pattern})
-        session = self.sessions.get(request.cookies.get(COOKIE))
+        session = self.sessions.get(request.cookies.get(_cookie(request)))
         return statuspage.html_response(statuspage.shell(
             title="shoal origin", script="origin.js", body=_ORIGIN_BODY, principal=op.principal,
             csrf=session.csrf if session is not None else None))
@@ -266,18 +280,18 @@ class StatusPage:
                            status=401)
         # a browser signing in again (another operator at a shared screen, or the same one) ends
         # the session its old cookie named: that cookie, if it leaked, opens nothing any more
-        self.sessions.close(request.cookies.get(COOKIE))
+        self.sessions.close(request.cookies.get(_cookie(request)))
         cookie, _ = self.sessions.open(authorization, op.principal)
         await self.operators.record(request, principal=op.principal, authz_method=self.operators.method_of(op),
                                     action="signin", status=303, outcome="accepted", detail={"page": "status"})
         response = web.Response(status=303, headers={"Location": protocol.PAGE.pattern})
-        response.set_cookie(COOKIE, cookie, max_age=int(self.sessions.ttl), path="/", httponly=True,
+        response.set_cookie(_cookie(request), cookie, max_age=int(self.sessions.ttl), path="/", httponly=True,
                             samesite="Strict", secure=request.secure)
         return response
 
     async def signout(self, request: web.Request) -> web.StreamResponse:
         _same_origin(request)
-        cookie = request.cookies.get(COOKIE)
+        cookie = request.cookies.get(_cookie(request))
         session = self.sessions.get(cookie)
         form = await request.post()
         if session is not None:
@@ -285,7 +299,7 @@ class StatusPage:
                 raise errors.Denied("sign-out needs the page's CSRF token")
             self.sessions.close(cookie)
         response = web.Response(status=303, headers={"Location": protocol.PAGE_SIGNIN_FORM.pattern})
-        response.del_cookie(COOKIE, path="/")
+        response.del_cookie(_cookie(request), path="/", secure=request.secure)
         return response
 
     def add_routes(self, app: web.Application, audit_handler: Handler) -> None:

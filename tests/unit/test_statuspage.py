@@ -13,6 +13,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from shoal import errors, protocol, statuspage
 from shoal.web import add_routes
+from shoal_origin import page
 from shoal_origin.page import Sessions, Tally, _same_origin
 
 
@@ -121,3 +122,21 @@ async def test_page_files_a_fixed_list_with_the_security_headers(aiohttp_client:
         r = await client.get(f"/ui/static/{name}")
         assert r.status == 404, name
         assert r.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_one_principal_cannot_push_everyone_elses_sessions_out() -> None:
+    """(attack17) Sessions are capped in all; one operator signing in again and again drops only
+    its own oldest sessions, not the others'."""
+    sessions = Sessions(limit=50)
+    others = [sessions.open("Bearer other", f"op{i}")[0] for i in range(10)]
+    mine = [sessions.open("Bearer mine", "looper")[0] for _ in range(1000)]
+    assert all(sessions.get(c) is not None for c in others)
+    assert sum(sessions.get(c) is not None for c in mine) == page.MAX_SESSIONS_PER_PRINCIPAL
+    assert sessions.get(mine[-1]) is not None
+
+
+def test_over_tls_the_session_cookie_is_a_host_cookie() -> None:
+    """(attack17) A sibling subdomain cannot plant a "__Host-" cookie (cookie tossing)."""
+    plain = make_mocked_request("GET", "/")
+    assert page._cookie(plain) == page.COOKIE
+    assert page._cookie(plain.clone(scheme="https")) == "__Host-shoal_session"
