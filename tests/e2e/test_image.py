@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 import yaml
 
-from shoal import protocol
+from shoal import peercerts, protocol
 from shoal.cluster import Cluster, make_keys
+from shoal.registry import Credentials
 from tests.e2e.conftest import USERS, Images
+from tests.support import api
 from tests.support.clients import Containerd
 from tests.support.podman import podman, ulimits
 from tests.support.procs import ROOT, Sample, free_port, http_get, metric_sum, parse_metrics, wait_for
@@ -159,6 +161,14 @@ def test_image_runs_tracker_origin_and_agent_read_only_as_non_root(
         print(f"idle RSS in the containers (MiB): { {k: round(v / 2**20, 1) for k, v in rss.items()} }")
 
         app = images.app()
+        # the large layers seeded first, so that they cross a BitTorrent connection between the
+        # containers (cold, the agent would have the origin's relay of its fetch: origin/relay.py)
+        tester = peercerts.NodeKey.generate()
+        api.grants(origin.url, keys["node_token"].read_text(), "tester", tester)
+        for blob in app.blobs.values():
+            if blob.size >= 1 << 20:
+                api.admission(origin.url, keys["node_token"].read_text(), blob.digest, "tester", tester,
+                              registry.host, "private/app", Credentials("node", USERS["node"]).basic())
         hosts = containerd.workdir / "certs.d"
         (hosts / registry.host).mkdir(parents=True)
         (hosts / registry.host / "hosts.toml").write_text(
