@@ -121,11 +121,14 @@ def relay_status(origin: Component, token: str, digest: str, ticket: str | None)
         conn.close()
 
 
-def ask_relay(stack: Stack, digest: str, node: str, credential: str | None) -> Any:
-    """Node `node`'s admission asked with `relay` (a RelayTicket while the origin is to fetch)."""
+def ask_relay(stack: Stack, digest: str, node: str, credential: str | None,
+              key: peercerts.NodeKey | None = None) -> Any:
+    """Node `node`'s admission asked with `relay` (a RelayTicket while the origin is to fetch):
+    enrolled now with a fresh key, or already with `key`."""
     assert stack.origin is not None
-    key = peercerts.NodeKey.generate()
-    api.grants(stack.origin.url, stack.node_token, node, key)
+    if key is None:
+        key = peercerts.NodeKey.generate()
+        api.grants(stack.origin.url, stack.node_token, node, key)
     request = protocol.AdmissionRequest(node, stack.registry.host, "private/relay", relay=True)
     origin_url = stack.origin.url
     return api.run(lambda http: OriginClient(http, origin_url, stack.node_token).admission(

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from shoal import peercerts, protocol
-from shoal.clients import OriginClient
-from shoal.oci import Digest
 from shoal.registry import Credentials
 from tests.e2e.conftest import Images
 from tests.e2e.test_relay import ask_relay, cold_stack, relay_status
@@ -160,15 +158,6 @@ def test_a_relayed_file_the_swarm_does_not_take_is_not_left_in_downloads(
         liar.close()
 
 
-def ask(stack: Stack, digest: str, node: str, key: peercerts.NodeKey, credential: str) -> Any:
-    """Enrolled node `node`'s admission, asked with `relay`."""
-    assert stack.origin is not None
-    request = protocol.AdmissionRequest(node, stack.registry.host, "private/relay", relay=True)
-    url = stack.origin.url
-    return api.run(lambda http: OriginClient(http, url, stack.node_token).admission(
-        Digest.parse(digest), request, credential, key.private_key, within=BOUND))
-
-
 def test_a_node_gets_one_relay_of_a_blob_at_a_time(stack: Stack, registry: Registry, images: Images) -> None:
     """A node that redeems each ticket at once and asks again: one relay of the blob for it at a
     time (each one a socket, a file and up to a chunk of the origin's memory, and the blob's
@@ -183,14 +172,14 @@ def test_a_node_gets_one_relay_of_a_blob_at_a_time(stack: Stack, registry: Regis
         proxy.hold_after(3 * MIB)
         key = peercerts.NodeKey.generate()
         api.grants(origin.url, stack.node_token, "node-a", key)
-        ticket = ask(stack, blob.digest, "node-a", key, node_login)
+        ticket = ask_relay(stack, blob.digest, "node-a", node_login, key)
         assert isinstance(ticket, protocol.RelayTicket)
         reader = threading.Thread(target=lambda: relays.append(
             relay_status(origin, stack.node_token, blob.digest, ticket.ticket)), daemon=True)
         reader.start()
         wait_for(lambda: origin.metric("shoal_origin_relay_streams") == 1, what="the relay to start")
         asking = threading.Thread(target=lambda: again.append(
-            ask(stack, blob.digest, "node-a", key, node_login)), daemon=True)
+            ask_relay(stack, blob.digest, "node-a", node_login, key)), daemon=True)
         asking.start()
         wait_for(lambda: bool(again) or origin.metric("shoal_origin_relay_tickets_total", result="declined") == 1,
                  timeout=BOUND, what="the second admission to be answered or declined a ticket")
@@ -239,7 +228,7 @@ def test_a_node_that_stops_reading_a_relay_is_dropped(stack: Stack, registry: Re
         proxy.hold_after(3 * MIB)
         key = peercerts.NodeKey.generate()
         api.grants(origin.url, stack.node_token, "node-a", key)
-        ticket = ask(stack, blob.digest, "node-a", key, node_login)
+        ticket = ask_relay(stack, blob.digest, "node-a", node_login, key)
         assert isinstance(ticket, protocol.RelayTicket)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (it reads nothing anyway)
         host, port = origin.config["listen"].rsplit(":", 1)
