@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import re
 import resource
 import sys
 from collections.abc import Callable, Sequence
@@ -82,6 +83,18 @@ def private_files(data_dir: str | None) -> None:
 Flags = dict[str, tuple[str, str]]
 
 
+def _missing_hint(message: str, config_file: str | None, flags: Flags) -> str:
+    """Where a required key is missing, say how to give it: a newcomer who ran the bare
+    command (no --config) was told only `data_dir: required key is missing`."""
+    m = re.fullmatch(r"(\S+): required key is missing", message)
+    if m is None:
+        return ""
+    flag = next((f for f, (key, _) in flags.items() if key == m.group(1)), None)
+    if config_file is None:
+        return f" (give --config FILE{f' or {flag}' if flag else ''})"
+    return f" (set it in {config_file}{f' or give {flag}' if flag else ''})"
+
+
 def run_component(
     name: str,
     argv: Sequence[str] | None,
@@ -107,7 +120,7 @@ def run_component(
                 set_dotted(doc, dotted, value)
         config = load(doc)
     except ConfigError as exc:
-        print(f"shoal-{name}: config error: {exc}", file=sys.stderr)
+        print(f"shoal-{name}: config error: {exc}{_missing_hint(str(exc), args.config, flags)}", file=sys.stderr)
         return 2
     if args.check_config:
         print(f"shoal-{name}: configuration is valid")

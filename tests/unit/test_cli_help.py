@@ -7,6 +7,7 @@ import argparse
 import importlib.metadata
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,19 @@ def test_component_version(component: str) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"shoal-{component} {importlib.metadata.version('shoal')}")
+
+
+@pytest.mark.parametrize(("argv", "hint"), [
+    ([], "data_dir: required key is missing (give --config FILE or --data-dir)"),
+    (["--config", "{config}"], "data_dir: required key is missing (set it in {config} or give --data-dir)"),
+])
+def test_a_component_missing_a_required_key_says_how_to_give_it(
+        argv: list[str], hint: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The bare `shoal-agent` told a newcomer only `data_dir: required key is missing`."""
+    from shoal_agent.__main__ import main as agent_main
+
+    config = tmp_path / "agent.yaml"
+    config.write_text("log:\n  level: info\n")
+    assert agent_main([a.format(config=config) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"shoal-agent: config error: {hint.format(config=config)}"]
