@@ -71,7 +71,8 @@ def _peer_address(request: web.Request) -> tuple[str, int] | None:
 def _stores(config: TrackerConfig) -> tuple[Swarms, Torrents]:
     if config.redis is None:
         peers = PeerStore(ttl=config.ttl, max_peers=config.max_peers_per_torrent,
-                          max_per_address=config.max_peers_per_address, zone_gateways=config.zone_gateways)
+                          max_per_address=config.max_peers_per_address, zone_gateways=config.zone_gateways,
+                          origin_spare=config.origin_spare)
         return (MemorySwarms(peers),
                 MemoryTorrents(TorrentRegistry(Path(config.data_dir) if config.data_dir else None)))
     r = config.redis
@@ -82,7 +83,7 @@ def _stores(config: TrackerConfig) -> tuple[Swarms, Torrents]:
                                max_connections=r.max_connections)
     return (redisstore.RedisSwarms(client, prefix=r.prefix, ttl=config.ttl, max_peers=config.max_peers_per_torrent,
                                    max_per_address=config.max_peers_per_address,
-                                   zone_gateways=config.zone_gateways),
+                                   zone_gateways=config.zone_gateways, origin_spare=config.origin_spare),
             redisstore.RedisTorrents(client, prefix=r.prefix, owner=_fingerprint(config)))
 
 
@@ -146,7 +147,7 @@ class Tracker:
             return self._bencoded(ann.failure("cannot determine peer address"))
         ip = source[0]
         peer = Peer(ip=ip, port=a.port, peer_id=a.peer_id, left=a.left, last_seen=time.monotonic(), zone=a.zone,
-                    node=member.node)
+                    node=member.node, origin=member.blob == signing.EVERY_BLOB)
         want = min(a.numwant if a.numwant is not None else self.config.numwant_default,
                    self.config.numwant_max)
         answer = await self.peers.announce(a.info_hash, peer, a.event, want=want)

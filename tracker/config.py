@@ -9,6 +9,7 @@ from shoal import announcing
 from shoal.config import DURATION, HOSTPORT, LogSettings, SecretSource, load_section
 from shoal.errors import ConfigError
 from shoal_tracker import zones
+from shoal_tracker.peers import ORIGIN_SPARE, SPARE_SCAN
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,9 @@ class TrackerConfig:
     max_peers_per_address: int = 8
     # Leechers of a zone that are handed other zones' peers (tracker/zones.py).
     zone_gateways: int = zones.ZONE_GATEWAYS
+    # Seeders of its own (on as many nodes) a swarm needs before leechers are no longer handed
+    # the origin's seeder (tracker/peers.py); 0: always handed.
+    origin_spare: int = ORIGIN_SPARE
     # Peers and registered metainfo in Redis, shared by every tracker replica; None: in this
     # process (with data_dir for the metainfo), the one-tracker default.
     redis: RedisSettings | None = None
@@ -88,6 +92,8 @@ class TrackerConfig:
                 f"{announcing.ANNOUNCE_TIMEOUT}s")
         if not 1 <= self.zone_gateways <= 64:
             raise ConfigError("zone_gateways: must be between 1 and 64")
+        if not 0 <= self.origin_spare <= SPARE_SCAN:
+            raise ConfigError(f"origin_spare: must be between 0 (always hand out the origin) and {SPARE_SCAN}")
         if self.redis is not None and self.data_dir is not None:
             raise ConfigError("data_dir: not used with redis (registered metainfo is kept in Redis); remove one")
         if self.max_peers_per_address < 1:

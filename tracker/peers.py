@@ -3,6 +3,7 @@ first (tracker/zones.py states the policy; tracker/redisstore.py keeps the same 
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ class Peer:
     last_seen: float
     zone: str = ""  # the zone the peer announced ("" for none: the origin's seeders)
     node: str = ""  # the node its swarm token names (a zone's gateway slots are per node)
+    origin: bool = False  # an origin's seeder (its swarm token admits it to every blob)
 
     @property
     def is_seeder(self) -> bool:
@@ -27,6 +29,19 @@ class Peer:
 
 
 Key = tuple[str, int]
+
+# A leecher is not handed the origins' seeders once its swarm has this many seeders of its own
+# that announced within the last third of the peer expiry (about one interval: a node that
+# missed an announce does not count). In a rolling update every wave got about a quarter of its
+# bytes from the origin's seeder (it is one more peer with a full link): 4.25 copies of the blob
+# over four waves of four hosts, where the first wave's hosts could serve the rest alone
+# (bench/RESULTS.md section 19). Two nodes (by their swarm tokens), so that one node gone without
+# a word (it stays listed until it expires), or one lying about having the blob, does not leave a
+# joiner without a source. The origin keeps seeding: the peers that
+# already have it keep it, a swarm whose own seeders leave is handed it again, and a seeder
+# asking for leechers is answered as before.
+ORIGIN_SPARE = 2
+SPARE_SCAN = 64
 
 
 @dataclass(slots=True)
@@ -41,6 +56,7 @@ class SwarmPeers:
     # each zone's gateways (tracker/zones.py): node name -> the key it last announced from
     gateways: dict[str, dict[str, Key]] = field(default_factory=dict)
     zoned: int = 0  # peers with a zone (none: every answer takes the sampling shortcut)
+    origins: dict[Key, None] = field(default_factory=dict)  # the origins' seeders among them
 
     def __len__(self) -> int:
         return len(self.seeders) + len(self.leechers)
@@ -57,6 +73,10 @@ class SwarmPeers:
         other.pop(key, None)
         mine[key] = peer
         self.by_address.setdefault(key[0], {})[key] = None
+        if peer.origin and peer.is_seeder:
+            self.origins[key] = None
+        else:
+            self.origins.pop(key, None)
         if previous is None and peer.zone:
             self.zoned += 1
 
@@ -78,6 +98,7 @@ class SwarmPeers:
                     del self.gateways[gone.zone]
         self.seeders.pop(key, None)
         self.leechers.pop(key, None)
+        self.origins.pop(key, None)
         keys = self.by_address.get(key[0])
         if keys is not None:
             keys.pop(key, None)
@@ -87,6 +108,24 @@ class SwarmPeers:
     def counts(self) -> tuple[int, int]:
         return len(self.seeders), len(self.leechers)
 
+    def spared(self, since: float, spare: int) -> bool:
+        """Whether the origins' seeders can be left out of a leecher's answer: the swarm has
+        seeders of its own on `spare` (ORIGIN_SPARE) nodes, on the boundary (every seeder where no node
+        states a zone; else those a gateway may be handed: a zone whose gateways left has seeders
+        no other zone can reach), heard from since `since`. Nodes, not entries: one node
+        announcing "seeder" from several ports must not hide the origin from a swarm. At most
+        the SPARE_SCAN longest-listed seeders are looked at (an announce stays O(1) in a swarm
+        of thousands); not finding enough hands the origin out, the safe side."""
+        if not self.origins or spare <= 0:
+            return False
+        nodes: set[str] = set()
+        for key, peer in itertools.islice(self.seeders.items(), SPARE_SCAN):
+            if key not in self.origins and peer.last_seen >= since and self.on_boundary(key, peer):
+                nodes.add(peer.node)
+                if len(nodes) >= spare:
+                    return True
+        return False
+
 
 class PeerStore:
     """Peers are keyed by the source address of their announce (never by a claimed `ip=`),
@@ -95,11 +134,12 @@ class PeerStore:
     a swarm with fake peers, and a fresh agent fell back to the registry)."""
 
     def __init__(self, *, ttl: float, max_peers: int, max_per_address: int = 8,
-                 zone_gateways: int = zones.ZONE_GATEWAYS) -> None:
+                 zone_gateways: int = zones.ZONE_GATEWAYS, origin_spare: int = ORIGIN_SPARE) -> None:
         self.ttl = ttl
         self.max_peers = max_peers
         self.max_per_address = max_per_address
         self.zone_gateways = zone_gateways
+        self.origin_spare = origin_spare
         self._swarms: dict[bytes, SwarmPeers] = {}
 
     def announce(self, info_hash: bytes, peer: Peer, event: str) -> SwarmPeers:
@@ -143,16 +183,18 @@ class PeerStore:
                zone: str = "", node: str = "") -> list[Peer]:
         """Up to `want` peers other than the requester: seeders first (a seeder gets only
         leechers, it needs nothing from other seeders); random order within each group; zones
-        as tracker/zones.py says."""
+        as tracker/zones.py says; the origins' seeders not to a leecher of a swarm that can
+        spare them (ORIGIN_SPARE)."""
         swarm = self._swarms.get(info_hash)
         if swarm is None:
             return []
         now = time.monotonic()
+        skip = swarm.origins if not seeder and swarm.spared(now - self.ttl / 3, self.origin_spare) else None
         groups = [swarm.leechers] if seeder else [swarm.seeders, swarm.leechers]
         if not zone:
             if not swarm.zoned:
-                return self._fill(groups, requester, want, now, None)
-            return self._fill(groups, requester, want, now, lambda k, p: swarm.on_boundary(k, p))
+                return self._fill(groups, requester, want, now, None, skip)
+            return self._fill(groups, requester, want, now, lambda k, p: swarm.on_boundary(k, p), skip)
         chosen: set[Key] = set()
 
         def across(k: Key, p: Peer) -> bool:
@@ -161,36 +203,42 @@ class PeerStore:
         gateway = node in swarm.gateways.get(zone, {})
         # a gateway's first places go to the boundary's seeders: its zone's own peers could fill
         # the answer and leave it no way across
-        first = self._fill([swarm.seeders], requester, zones.reserved(want), now, across) \
+        first = self._fill([swarm.seeders], requester, zones.reserved(want), now, across, skip) \
             if gateway and not seeder else []
         chosen.update((p.ip, p.port) for p in first)
-        local = self._fill(groups, requester, want - len(first), now, lambda k, p: p.zone == zone)
+        local = self._fill(groups, requester, want - len(first), now, lambda k, p: p.zone == zone, skip)
         if local and not gateway:
             return local
-        return first + local + self._fill(groups, requester, want - len(first) - len(local), now, across)
+        return first + local + self._fill(groups, requester, want - len(first) - len(local), now, across, skip)
 
     def _fill(self, groups: list[dict[Key, Peer]], requester: Key, want: int, now: float,
-              keep: Callable[[Key, Peer], bool] | None) -> list[Peer]:
+              keep: Callable[[Key, Peer], bool] | None, skip: dict[Key, None] | None) -> list[Peer]:
         chosen: list[Peer] = []
         for group in groups:
-            chosen += self._sample(group, requester, want - len(chosen), now, keep)
+            chosen += self._sample(group, requester, want - len(chosen), now, keep, skip)
         return chosen
 
     def _sample(self, group: dict[Key, Peer], requester: Key, want: int, now: float,
-                keep: Callable[[Key, Peer], bool] | None = None) -> list[Peer]:
+                keep: Callable[[Key, Peer], bool] | None = None, skip: dict[Key, None] | None = None) -> list[Peer]:
         if want <= 0 or not group:
             return []
+        skip = skip or {}
+
+        def usable(p: Peer) -> bool:
+            key = (p.ip, p.port)
+            return key != requester and key not in skip and now - p.last_seen <= self.ttl
+
         if keep is not None:
             # a zone's share: filtered by a scan (the sampling shortcut below cannot filter)
-            live = [p for k, p in group.items()
-                    if keep(k, p) and k != requester and now - p.last_seen <= self.ttl]
+            live = [p for k, p in group.items() if keep(k, p) and usable(p)]
             return random.sample(live, min(len(live), want))
         values = list(group.values())
-        sample = random.sample(values, min(len(values), want + 1))  # +1: the requester may be in it
-        live = [p for p in sample if (p.ip, p.port) != requester and now - p.last_seen <= self.ttl]
-        if len(live) < min(want, len(sample)) and len(values) > len(sample):
+        # +1: the requester may be in it; and the skipped (a few origins' seeders)
+        sample = random.sample(values, min(len(values), want + 1 + len(skip)))
+        live = [p for p in sample if usable(p)]
+        if len(live) < min(want, len(sample) - len(skip)) and len(values) > len(sample):
             # stale peers in the sample (the expiry loop has not run yet): scan this once
-            live = [p for p in values if (p.ip, p.port) != requester and now - p.last_seen <= self.ttl]
+            live = [p for p in values if usable(p)]
             random.shuffle(live)
         return live[:want]
 

@@ -11,6 +11,8 @@ Keys (under `prefix`):
     swarm:<ih>:zs:<z>   zset  the same, for zone z only (tracker/zones.py); :zl:<z> its leechers
     swarm:<ih>:g:<z>    zset  zone z's gateways: node names; :gm:<z> hash node -> its "ip|port"
     swarm:<ih>:bs / :bl zset  the boundary: peers without a zone and gateways, seeders / leechers
+    swarm:<ih>:o        zset  the origins' seeders among the seeders (tracker/peers.py ORIGIN_SPARE)
+    swarm:<ih>:n        hash  "ip|port" -> the node its swarm token names
     swarm:<ih>:p        hash  "ip|port" -> the peer as answers carry it (see _record)
     swarm:<ih>:z        hash  "ip|port" -> "zone|node" (peers with a zone)
     swarm:<ih>:a        zset  "ip|port" at score 0 (by address, for max_peers_per_address)
@@ -36,7 +38,7 @@ from redis.exceptions import RedisError
 from shoal.metainfo import Metainfo
 from shoal.oci import Digest
 from shoal_tracker import zones
-from shoal_tracker.peers import Peer
+from shoal_tracker.peers import ORIGIN_SPARE, SPARE_SCAN, Peer
 from shoal_tracker.store import Answer, StoreUnavailable, Totals
 
 # Tracker hashes a replica remembers resolving (a torrent's tracker hash names its digest for good).
@@ -46,6 +48,7 @@ _COMMON = r"""
 local base = KEYS[2]
 local S, L, P, Z, A, D = base .. 's', base .. 'l', base .. 'p', base .. 'z', base .. 'a', base .. 'd'
 local BS, BL = base .. 'bs', base .. 'bl'  -- the boundary: peers without a zone, and gateways
+local O, N = base .. 'o', base .. 'n'  -- the origins' seeders; each peer's node
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 -- numbers as exact integers: redis.call would format them with 14 digits (microseconds have 16)
@@ -74,6 +77,8 @@ local function remove(m)
   redis.call('ZREM', L, m)
   redis.call('ZREM', BS, m)
   redis.call('ZREM', BL, m)
+  redis.call('ZREM', O, m)
+  redis.call('HDEL', N, m)
   redis.call('ZREM', A, m)
   redis.call('HDEL', P, m)
 end
@@ -90,7 +95,8 @@ end
 """
 
 # KEYS: torrents, swarm base. ARGV: ih hex, "ip|port", ip, record, seeder 0/1, event, zone,
-# ttl us, max peers, max per address, want, zone gateways, reserved places, node.
+# ttl us, max peers, max per address, want, zone gateways, reserved places, node, origin 0/1,
+# origin spare, spare scan (tracker/peers.py ORIGIN_SPARE, SPARE_SCAN).
 _ANNOUNCE = _COMMON + r"""
 local ih, me, ip, record = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local seeder, event, zone = ARGV[5] == '1', ARGV[6], ARGV[7]
@@ -103,7 +109,7 @@ local function write(command, key, ...)
   redis.call('PEXPIRE', key, keep_ms)
 end
 local want, gateways, reserved = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
-local node = ARGV[14]
+local node, origin, spare, scan = ARGV[14], ARGV[15] == '1', tonumber(ARGV[16]), tonumber(ARGV[17])
 -- zone z's gateways: node names (one slot per node) by last announce, and the key each used last
 local G, GM = base .. 'g:' .. zone, base .. 'gm:' .. zone
 local gateway = false
@@ -141,6 +147,8 @@ else
     if seeder then mine, other, zmine, zother = S, L, 'zs:', 'zl:' end
     redis.call('ZREM', other, me)
     write('ZADD', mine, int(now), me)
+    if origin and seeder then write('ZADD', O, int(now), me) else redis.call('ZREM', O, me) end
+    write('HSET', N, me, node)
     if not known then
       write('ZADD', A, 0, me)
       write('HSET', P, me, record)
@@ -171,10 +179,30 @@ end
 
 local chosen, seen = {}, {}
 seen[me] = true
--- up to n members of zset `key` at random, none already chosen, none of zone `skip`
+-- a leecher is not handed the origins' seeders while the swarm has seeders of its own on `spare`
+-- nodes, on the boundary, heard from within a third of the ttl; the `scan` latest looked at
+-- (tracker/peers.py ORIGIN_SPARE)
+local skipped = 0
+if not seeder and event ~= 'stopped' and spare > 0 and redis.call('EXISTS', O) == 1 then
+  local fresh = int(math.floor(now - ttl / 3))
+  local nodes, count = {}, 0
+  for _, m in ipairs(redis.call('ZREVRANGEBYSCORE', BS, '+inf', fresh, 'LIMIT', 0, scan)) do
+    if count >= spare then break end
+    if not redis.call('ZSCORE', O, m) then
+      local n = redis.call('HGET', N, m)
+      if n and not nodes[n] then nodes[n] = true; count = count + 1 end
+    end
+  end
+  if count >= spare then
+    for _, m in ipairs(redis.call('ZRANGE', O, 0, -1)) do
+      if not seen[m] then seen[m] = true; skipped = skipped + 1 end
+    end
+  end
+end
+-- up to n members of zset `key` at random, none already chosen (or skipped), none of zone `skip`
 local function take(key, n, skip)
   if n <= 0 then return 0 end
-  local ask = n + 1
+  local ask = n + 1 + skipped
   if skip then  -- the boundary holds the zone's own gateways (their ports), and what is chosen
     ask = ask + #chosen + redis.call('ZCARD', G) * max_addr
   end
@@ -213,7 +241,7 @@ if event ~= 'stopped' then
   -- the records, the address index and the download count live as long as any peer announces
   -- (and the peer sets: a set nobody wrote to for two TTLs would take its members' expiry with it,
   -- leaving their records behind for good)
-  for _, key in ipairs({P, A, D, S, L, BS, BL}) do redis.call('PEXPIRE', key, keep_ms) end
+  for _, key in ipairs({P, A, D, S, L, BS, BL, O, N}) do redis.call('PEXPIRE', key, keep_ms) end
 end
 -- the chosen peers' records in one string: one reply element to parse
 local records = ''
@@ -265,7 +293,7 @@ for _, v in ipairs(redis.call('HVALS', base .. 'z')) do
   redis.call('DEL', base .. 'zs:' .. z, base .. 'zl:' .. z, base .. 'g:' .. z, base .. 'gm:' .. z)
 end
 redis.call('DEL', base .. 's', base .. 'l', base .. 'p', base .. 'z', base .. 'a', base .. 'd', base .. 'bs',
-           base .. 'bl')
+           base .. 'bl', base .. 'o', base .. 'n')
 return ih
 """
 
@@ -317,13 +345,14 @@ async def _command(pending: Any) -> Any:
 
 class RedisSwarms:
     def __init__(self, redis: aioredis.Redis, *, prefix: str, ttl: float, max_peers: int,
-                 max_per_address: int, zone_gateways: int) -> None:
+                 max_per_address: int, zone_gateways: int, origin_spare: int = ORIGIN_SPARE) -> None:
         self.redis = redis
         self.prefix = prefix
         self.ttl_us = int(ttl * 1_000_000)
         self.max_peers = max_peers
         self.max_per_address = max_per_address
         self.zone_gateways = zone_gateways
+        self.origin_spare = origin_spare
         self._announce = redis.register_script(_ANNOUNCE)
         self._stats = redis.register_script(_STATS)
         self._sweep = redis.register_script(_SWEEP)
@@ -335,7 +364,7 @@ class RedisSwarms:
         out = await _call("announce", self._announce, [f"{self.prefix}torrents", self._base(info_hash)], [
             info_hash.hex(), f"{peer.ip}|{peer.port}", peer.ip, _record(peer), int(peer.is_seeder), event,
             peer.zone, self.ttl_us, self.max_peers, self.max_per_address, want, self.zone_gateways,
-            zones.reserved(want), peer.node])
+            zones.reserved(want), peer.node, int(peer.origin), self.origin_spare, SPARE_SCAN])
         if out is None:
             return None
         return Answer(_peers(out[2]), int(out[0]), int(out[1]))

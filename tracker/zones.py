@@ -16,6 +16,9 @@ among themselves (cross-zone links are the slow and the billed ones). So:
   gateways, not every node of every zone.
 - Where no node states a zone, every peer is on the boundary: answers are as without zones.
 
+Beside zones, the origins' seeders are left out of a leecher's answer once the swarm has
+ORIGIN_SPARE seeders of its own on the boundary (tracker/peers.py).
+
 A gateway stays one while it announces (a seeder by then, it serves other zones' gateways); one
 that stops or expires is replaced by the next leecher of its zone to announce.
 """

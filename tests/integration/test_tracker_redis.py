@@ -245,6 +245,70 @@ async def test_without_zones_every_peer_is_handed_out(aiohttp_client: Any, keys:
         assert all(p % 2 == 0 for p in ports[:5])  # seeders first
 
 
+async def test_a_swarm_with_seeders_of_its_own_spares_the_origin_in_both_stores(
+        aiohttp_client: Any, keys: Keys, redis_server: RedisServer, prefix: str, meta: metainfo.Metainfo) -> None:
+    """tracker/peers.py ORIGIN_SPARE: a leecher is not handed the origin's seeder (known by its
+    token, which admits it to every blob) once two nodes seed the blob; a node's token cannot
+    claim to be the origin. Zones or none."""
+    memory, shared = await both_stores(aiohttp_client, keys, redis_server, prefix)
+    for c in (memory, shared):
+        assert await register(c, meta, keys) == 201
+        ih = meta.tracker_hash
+
+        def node(port: int) -> str:
+            return keys.token(f"node-{port}", blob=meta.digest.hex)
+
+        await announce(c, ih, 7000, 0, token=keys.token("origin"), event="started")
+        await announce(c, ih, 7001, 0, token=node(7001), event="completed")
+        doc = await announce(c, ih, 7002, 5, token=node(7002), event="started")
+        assert sorted(compact_ports(doc)) == [7000, 7001]  # one seeder of its own: not enough
+        await announce(c, ih, 7009, 0, token=node(7001), event="completed")  # that node, another port
+        doc = await announce(c, ih, 7002, 5, token=node(7002))
+        assert 7000 in compact_ports(doc)  # one node, however many ports, cannot hide the origin
+        await announce(c, ih, 7009, 0, token=node(7001), event="stopped")
+        await announce(c, ih, 7003, 0, token=node(7003), event="completed")
+        for _ in range(3):  # random picks: the rule holds every time
+            doc = await announce(c, ih, 7004, 5, token=node(7004), event="started")
+            ports = compact_ports(doc)
+            assert 7000 not in ports and {7001, 7002, 7003} <= set(ports) and ports[:2] in ([7001, 7003], [7003, 7001])
+            doc = await announce(c, ih, 7005, 5, token=node(7005), event="started", zone="z")
+            assert 7000 not in compact_ports(doc)  # alone in its zone: the boundary, less the origin
+        doc = await announce(c, ih, 7000, 0, token=keys.token("origin"))
+        assert sorted(compact_ports(doc)) == [7002, 7004, 7005]  # the origin still gets the leechers
+        doc = await announce(c, ih, 7003, 0, token=node(7003), event="stopped")
+        doc = await announce(c, ih, 7004, 5, token=node(7004))
+        assert 7000 in compact_ports(doc)  # a seeder left: one of its own is not enough
+
+
+async def test_seeders_no_other_zone_can_reach_do_not_spare_the_origin(
+        aiohttp_client: Any, keys: Keys, redis_server: RedisServer, prefix: str, meta: metainfo.Metainfo) -> None:
+    """Only seeders on the boundary count toward ORIGIN_SPARE: a zone whose gateways left has
+    seeders of its own no other zone is handed, and a new zone's gateway still gets the origin."""
+    memory, shared = await both_stores(aiohttp_client, keys, redis_server, prefix)
+    for c in (memory, shared):
+        assert await register(c, meta, keys) == 201
+        ih = meta.tracker_hash
+
+        def node(port: int) -> str:
+            return keys.token(f"node-{port}", blob=meta.digest.hex)
+
+        await announce(c, ih, 7000, 0, token=keys.token("origin"), event="started")
+        for port in (7101, 7102, 7103, 7104):  # the first two are zone a's gateways
+            await announce(c, ih, port, 5, token=node(port), event="started", zone="a")
+        for port in (7103, 7104):
+            await announce(c, ih, port, 0, token=node(port), event="completed", zone="a")
+        for port in (7101, 7102):
+            await announce(c, ih, port, 5, token=node(port), event="stopped", zone="a")
+        doc = await announce(c, ih, 7201, 5, token=node(7201), event="started", zone="b")
+        assert compact_ports(doc) == [7000]  # alone in b: the boundary, which is the origin alone
+        # zone a's seeders as its gateways (they were its first leechers): they spare the origin
+        for port in (7301, 7302):
+            await announce(c, ih, port, 5, token=node(port), event="started", zone="c")
+            await announce(c, ih, port, 0, token=node(port), event="completed", zone="c")
+        doc = await announce(c, ih, 7201, 5, token=node(7201), zone="b")
+        assert sorted(compact_ports(doc)) == [7301, 7302]
+
+
 async def test_a_redis_restart_loses_nothing(aiohttp_client: Any, keys: Keys, tmp_path: Path,
                                              meta: metainfo.Metainfo) -> None:
     """With persistence, registrations and swarms survive a Redis restart; while Redis is down an

@@ -94,6 +94,14 @@ def test_tracker_needs_a_token_source() -> None:
     assert cfg.interval == 10.0
 
 
+def test_tracker_origin_spare() -> None:
+    ok = {"registration_token": {"env": "X"}, "node_token": {"env": "Y"}, "origin_public_key": "/k.pem"}
+    assert tracker_config.load(ok).origin_spare == 2
+    assert tracker_config.load({**ok, "origin_spare": 0}).origin_spare == 0
+    with pytest.raises(ConfigError, match="^origin_spare: must be between 0 .* and 64$"):
+        tracker_config.load({**ok, "origin_spare": -1})
+
+
 def test_tracker_peer_ttl_follows_the_interval() -> None:
     """A peer that announces on time is never dropped: the TTL is derived from the interval by
     default, and a TTL under one interval plus the announce timeout is refused."""

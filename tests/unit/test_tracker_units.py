@@ -7,7 +7,7 @@ import pytest
 
 from shoal import bencode
 from shoal_tracker import announce as ann
-from shoal_tracker.peers import Peer, PeerStore
+from shoal_tracker.peers import ORIGIN_SPARE, Peer, PeerStore
 
 IH = bytes(range(0xE0, 0xF4))  # not valid UTF-8: must survive percent-decoding
 PID = b"-SA0100-" + b"\xff" * 12
@@ -386,3 +386,48 @@ def test_the_per_address_index_follows_removal_and_expiry(monkeypatch: pytest.Mo
     store.announce(IH, peer("127.0.0.66", 2, 3), "stopped")
     store.announce(IH, peer("127.0.0.66", 3, 3), "stopped")
     assert swarm.by_address == {} and store.peer_count == 0
+
+
+def test_a_swarm_with_seeders_of_its_own_spares_the_origin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a rolling update every wave took about a quarter of its bytes from the origin's seeder
+    though earlier waves' nodes had the blob: a leecher is not handed the origins' seeders while
+    ORIGIN_SPARE seeders of the swarm's own announced within a third of the ttl."""
+    clock = [1000.0]
+    monkeypatch.setattr("shoal_tracker.peers.time.monotonic", lambda: clock[0])
+    store = PeerStore(ttl=60, max_peers=50)
+
+    def at(ip: str, left: int, *, origin: bool = False, port: int = 1, node: str = "") -> Peer:
+        return Peer(ip, port, PID, left, clock[0], node=node or ip, origin=origin)
+
+    def handed(ip: str = "127.0.0.99", *, seeder: bool = False) -> set[str]:
+        return {p.ip for p in store.select(IH, (ip, 1), want=50, seeder=seeder)}
+
+    assert ORIGIN_SPARE == 2
+    store.announce(IH, at("127.0.0.1", 0, origin=True), "started")
+    store.announce(IH, at("127.0.0.2", 5), "started")
+    store.announce(IH, at("127.0.0.3", 0), "completed")
+    assert handed() == {"127.0.0.1", "127.0.0.2", "127.0.0.3"}  # one seeder of its own: not enough
+    store.announce(IH, at("127.0.0.3", 0, port=2), "completed")  # the same node from another port
+    assert "127.0.0.1" in handed()  # one node still: it cannot hide the origin
+    store.announce(IH, at("127.0.0.3", 0, port=2), "stopped")
+    store.announce(IH, at("127.0.0.4", 0), "completed")
+    for _ in range(5):  # random picks: the rule holds every time
+        assert handed() == {"127.0.0.2", "127.0.0.3", "127.0.0.4"}
+    assert handed("127.0.0.1", seeder=True) == {"127.0.0.2"}  # the origin is still given leechers
+    # a seeder that has not announced for a third of the ttl does not count: the origin is back
+    clock[0] += 21
+    store.announce(IH, at("127.0.0.3", 0), "")
+    assert "127.0.0.1" in handed()
+    store.announce(IH, at("127.0.0.4", 0), "")
+    assert "127.0.0.1" not in handed()
+    # nor does one that left
+    store.announce(IH, at("127.0.0.4", 0), "stopped")
+    assert "127.0.0.1" in handed()
+    # origin_spare 0: always handed out
+    store.announce(IH, at("127.0.0.4", 0), "completed")
+    assert "127.0.0.1" not in handed()
+    store.origin_spare = 0
+    assert "127.0.0.1" in handed()
+    # an origin's leecher entry is never skipped as a seeder (origins seed; the set holds seeders)
+    store.announce(IH, at("127.0.0.1", 7, origin=True), "")
+    assert not store._swarms[IH].origins
