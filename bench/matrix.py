@@ -78,6 +78,8 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between NIC/CPU samples")
     parser.add_argument("--origin-config", type=json.loads, default={}, help="JSON merged into the origin's config")
     parser.add_argument("--agent-config", type=json.loads, default={}, help="JSON merged into every agent's config")
+    parser.add_argument("--tracker-config", type=json.loads, default={},
+                        help='JSON merged into the tracker\'s config, e.g. {"origin_spare": 0}')
     parser.add_argument("--no-scale-threshold", dest="scale_threshold", action="store_false",
                         help="keep the agents' 1 MiB small-blob threshold (default: scaled with the images)")
     parser.add_argument("--log-level", default="warning", help="log level of shoal's services")
@@ -113,6 +115,7 @@ def main() -> int:
             rollout = Rollout(work / f"n{n}", topo, cap, n, origin_config=args.origin_config,
                               agent_config=merged(threshold, args.agent_config), log_level=args.log_level,
                               sample_interval=args.interval)
+            rollout.tracker_config = args.tracker_config
             try:
                 for nominal in sizes:
                     size = nominal * cap // REFERENCE_CAP
