@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import os
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,6 +67,13 @@ def _tbf(dev: str, rate: int, ns: str | None = None) -> None:
     base = ["ip", "netns", "exec", ns] if ns else []
     sh(*base, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate * 8}bit",
        "burst", str(burst), "latency", "100ms")
+
+
+def _outer_links() -> list[str]:
+    """The root namespace's links named like a host's outer veth end."""
+    lines = sh("ip", "-o", "link", "show", check=False).stdout.splitlines()
+    names = (line.split(": ")[1].split("@")[0] for line in lines if ": " in line)
+    return [n for n in names if n.startswith(PREFIX)]
 
 
 def ip6_of(ip: str) -> str:
@@ -131,4 +139,12 @@ class Topology:
                         os.kill(int(pid), 9)
                 sh("ip", "netns", "del", name, check=False)
         sh("ip", "link", "del", BRIDGE, check=False)
+        # A namespace goes only once the processes killed in it have exited, and its veth's
+        # outer end with it: a run started right after a killed one failed to add `shb-h2`
+        # ("File exists"). Deleting the outer ends removes both ends at once.
+        deadline = time.monotonic() + 30
+        while (left := _outer_links()) and time.monotonic() < deadline:
+            for link in left:
+                sh("ip", "link", "del", link, check=False)
+            time.sleep(0.1)  # (bounded: 30 s)
         self.hosts.clear()
