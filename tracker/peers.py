@@ -57,6 +57,9 @@ class SwarmPeers:
     gateways: dict[str, dict[str, Key]] = field(default_factory=dict)
     zoned: int = 0  # peers with a zone (none: every answer takes the sampling shortcut)
     origins: dict[Key, None] = field(default_factory=dict)  # the origins' seeders among them
+    # the seeders on the boundary as of their last announce, latest last (Redis's :bs, by score):
+    # ORIGIN_SPARE looks at the latest of these in both stores
+    boundary: dict[Key, None] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.seeders) + len(self.leechers)
@@ -99,6 +102,7 @@ class SwarmPeers:
         self.seeders.pop(key, None)
         self.leechers.pop(key, None)
         self.origins.pop(key, None)
+        self.boundary.pop(key, None)
         keys = self.by_address.get(key[0])
         if keys is not None:
             keys.pop(key, None)
@@ -114,13 +118,19 @@ class SwarmPeers:
         states a zone; else those a gateway may be handed: a zone whose gateways left has seeders
         no other zone can reach), heard from since `since`. Nodes, not entries: one node
         announcing "seeder" from several ports must not hide the origin from a swarm. At most
-        the SPARE_SCAN longest-listed seeders are looked at (an announce stays O(1) in a swarm
-        of thousands); not finding enough hands the origin out, the safe side."""
+        the SPARE_SCAN latest to announce of the boundary's fresh seeders are looked at, as in
+        Redis (an announce stays O(1) in a swarm of thousands); not finding enough hands the
+        origin out, the safe side."""
         if not self.origins or spare <= 0:
             return False
         nodes: set[str] = set()
-        for key, peer in itertools.islice(self.seeders.items(), SPARE_SCAN):
-            if key not in self.origins and peer.last_seen >= since and self.on_boundary(key, peer):
+        for key in itertools.islice(reversed(self.boundary), SPARE_SCAN):
+            peer = self.seeders.get(key)
+            if peer is None:
+                continue
+            if peer.last_seen < since:
+                break  # latest first: the rest are older still
+            if key not in self.origins:
                 nodes.add(peer.node)
                 if len(nodes) >= spare:
                     return True
@@ -161,6 +171,9 @@ class PeerStore:
         swarm.put(key, peer)
         if peer.zone:
             self._elect(swarm, key, peer, time.monotonic())
+        swarm.boundary.pop(key, None)  # to the end: latest last
+        if peer.is_seeder and swarm.on_boundary(key, peer):
+            swarm.boundary[key] = None
         return swarm
 
     def _elect(self, swarm: SwarmPeers, key: Key, peer: Peer, now: float) -> None:
