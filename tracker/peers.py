@@ -31,15 +31,15 @@ class Peer:
 Key = tuple[str, int]
 
 # A leecher is not handed the origins' seeders once its swarm has this many seeders of its own
-# that announced within the last third of the peer expiry (about one interval: a node that
-# missed an announce does not count). In a rolling update every wave got about a quarter of its
-# bytes from the origin's seeder (it is one more peer with a full link): 4.25 copies of the blob
-# over four waves of four hosts, where the first wave's hosts could serve the rest alone
-# (bench/RESULTS.md section 19). Two nodes (by their swarm tokens), so that one node gone without
-# a word (it stays listed until it expires), or one lying about having the blob, does not leave a
-# joiner without a source. The origin keeps seeding: the peers that
-# already have it keep it, a swarm whose own seeders leave is handed it again, and a seeder
-# asking for leechers is answered as before.
+# that announced within the last third of the default peer expiry (about one interval: a node
+# that missed an announce does not count; TrackerConfig.spare_window). In a rolling update every
+# wave got about a quarter of its bytes from the origin's seeder (it is one more peer with a
+# full link): 4.25 copies of the blob over four waves of four hosts, where the first wave's
+# hosts could serve the rest alone (bench/RESULTS.md section 19). Two nodes (by their swarm
+# tokens), so that one node gone without a word (it stays listed until it expires), or one
+# lying about having the blob, does not leave a joiner without a source. The origin keeps
+# seeding: the peers that already have it keep it, a swarm whose own seeders leave is handed it
+# again, and a seeder asking for leechers is answered as before.
 ORIGIN_SPARE = 2
 SPARE_SCAN = 64
 
@@ -144,8 +144,11 @@ class PeerStore:
     a swarm with fake peers, and a fresh agent fell back to the registry)."""
 
     def __init__(self, *, ttl: float, max_peers: int, max_per_address: int = 8,
-                 zone_gateways: int = zones.ZONE_GATEWAYS, origin_spare: int = ORIGIN_SPARE) -> None:
+                 zone_gateways: int = zones.ZONE_GATEWAYS, origin_spare: int = ORIGIN_SPARE,
+                 spare_window: float | None = None) -> None:
         self.ttl = ttl
+        # how recently a seeder announced to count toward origin_spare (TrackerConfig.spare_window)
+        self.spare_window = ttl / 3 if spare_window is None else spare_window
         self.max_peers = max_peers
         self.max_per_address = max_per_address
         self.zone_gateways = zone_gateways
@@ -202,7 +205,7 @@ class PeerStore:
         if swarm is None:
             return []
         now = time.monotonic()
-        skip = swarm.origins if not seeder and swarm.spared(now - self.ttl / 3, self.origin_spare) else None
+        skip = swarm.origins if not seeder and swarm.spared(now - self.spare_window, self.origin_spare) else None
         groups = [swarm.leechers] if seeder else [swarm.seeders, swarm.leechers]
         if not zone:
             if not swarm.zoned:

@@ -75,6 +75,8 @@ async def test_a_seeder_that_missed_its_announces_does_not_spare_the_origin_unde
     for 20 s, 19 missed announces: every joiner then stalled until its fallback. The window must
     follow the interval (at most the default ttl's third: interval + ANNOUNCE_TIMEOUT / 3)."""
     doc = tracker_doc(keys, interval=1, peer_ttl=60, max_peers_per_address=100)
+    assert tracker_config.load(doc).spare_window == 13 / 3  # (3 intervals + the announce timeout) / 3
+    assert tracker_config.load({**doc, "peer_ttl": 11}).spare_window == 11 / 3  # shorter: stays shorter
     memory: Client = await aiohttp_client(tracker_app.build(tracker_config.load(doc)))
     shared: Client = await aiohttp_client(tracker_app.build(tracker_config.load(
         {**doc, "redis": redis_server.settings(prefix)})))
