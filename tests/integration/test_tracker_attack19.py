@@ -93,3 +93,69 @@ async def test_a_seeder_that_missed_its_announces_does_not_spare_the_origin_unde
         await announce(c, ih, 7000, 0, token=keys.token("origin"))  # the origin keeps announcing
         d = await announce(c, ih, 7004, 5, token=keys.token("node-7004", blob=meta.digest.hex), event="started")
         assert 7000 in compact_ports(d), c  # the joiner must get the origin: its other sources are dead
+
+
+class Both:
+    """One swarm in each store, fed the same announces: each answer must be the same set."""
+
+    def __init__(self, client: Any, prefix: str, ih: bytes) -> None:
+        self.shared = redisstore.RedisSwarms(client, prefix=prefix, ttl=60, max_peers=1000, max_per_address=1000,
+                                             zone_gateways=2)
+        self.memory = PeerStore(ttl=60, max_peers=1000, max_per_address=1000)
+        self.ih = ih
+
+    async def put(self, ip: str, port: int, left: int, node: str, event: str = "", *,
+                  origin: bool = False) -> set[tuple[str, int]]:
+        peer = Peer(ip, port, PID, left, time.monotonic(), node=node, origin=origin)
+        self.memory.announce(self.ih, peer, event)
+        handed_memory = {(p.ip, p.port) for p in self.memory.select(
+            self.ih, (ip, port), want=200, seeder=peer.is_seeder, node=node)}
+        answer = await self.shared.announce(self.ih, peer, event, want=200)
+        assert answer is not None
+        assert handed_memory == {(a, p) for a, p, _ in answer.peers}, peer
+        return handed_memory
+
+
+async def both(redis_server: RedisServer, prefix: str) -> tuple[Any, Both]:
+    client = redisstore.client(host="127.0.0.1", port=redis_server.port, db=0, username=None,
+                               password=redis_server.password, timeout=2, max_connections=4)
+    ih = secrets.token_bytes(20)
+    await redisstore._command(client.hset(f"{prefix}torrents", ih.hex(), "a" * 64))
+    return client, Both(client, prefix, ih)
+
+
+async def test_the_joiners_own_node_does_not_spare_the_origin_for_it(redis_server: RedisServer,
+                                                                     prefix: str) -> None:
+    """Finding 3: a node's own seeder entry counted toward the two nodes that spare the origin for
+    that node's own download. An agent restarted with an empty cache (a new port; its old entry,
+    dead, stays fresh for the window) joins with one other seeder in the swarm: it was not handed
+    the origin, and its one real source was the other node (a liar there: no source at all)."""
+    client, stores = await both(redis_server, prefix)
+    try:
+        await stores.put("127.0.0.1", 1, 0, "origin", "started", origin=True)
+        await stores.put("127.0.0.2", 1, 0, "a", "completed")
+        await stores.put("127.0.0.3", 1, 0, "j", "completed")  # node j, before its restart
+        handed = await stores.put("127.0.0.3", 2, 5, "j", "started")  # node j again, cache lost
+        assert ("127.0.0.1", 1) in handed  # one other node only: the origin is handed out
+        handed = await stores.put("127.0.0.9", 1, 5, "k", "started")  # another node: a and j spare it
+        assert ("127.0.0.1", 1) not in handed
+    finally:
+        await client.aclose()
+
+
+async def test_seeders_of_the_other_address_family_do_not_spare_the_origin(redis_server: RedisServer,
+                                                                           prefix: str) -> None:
+    """Finding 4: seeders that announced over IPv6 spared the origin for a joiner that announced
+    over IPv4 (a dual-stack tracker, node pools of either family, a migration): it was handed
+    only peers it cannot reach, the origin left out."""
+    client, stores = await both(redis_server, prefix)
+    try:
+        await stores.put("127.0.0.1", 1, 0, "origin", "started", origin=True)
+        await stores.put("fd00::2", 1, 0, "a", "completed")
+        await stores.put("fd00::3", 1, 0, "b", "completed")
+        handed = await stores.put("127.0.0.9", 1, 5, "k", "started")
+        assert ("127.0.0.1", 1) in handed  # no seeder of its own it can reach: the origin
+        handed = await stores.put("fd00::9", 1, 5, "l", "started")
+        assert ("127.0.0.1", 1) not in handed  # two of its family: spared
+    finally:
+        await client.aclose()
