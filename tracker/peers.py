@@ -112,7 +112,7 @@ class SwarmPeers:
     def counts(self) -> tuple[int, int]:
         return len(self.seeders), len(self.leechers)
 
-    def spared(self, since: float, spare: int) -> bool:
+    def spared(self, since: float, spare: int, requester: Key, node: str) -> bool:
         """Whether the origins' seeders can be left out of a leecher's answer: the swarm has
         seeders of its own on `spare` (ORIGIN_SPARE) nodes, on the boundary (every seeder where no node
         states a zone; else those a gateway may be handed: a zone whose gateways left has seeders
@@ -120,7 +120,10 @@ class SwarmPeers:
         announcing "seeder" from several ports must not hide the origin from a swarm. At most
         the SPARE_SCAN latest to announce of the boundary's fresh seeders are looked at, as in
         Redis (an announce stays O(1) in a swarm of thousands); not finding enough hands the
-        origin out, the safe side."""
+        origin out, the safe side. Only seeders the requester can use count: not its own node's
+        (an agent restarted with an empty cache leaves its old entry listed), and only those of
+        its address family (it announced over IPv4: IPv6 seeders may be out of its reach)."""
+        v6 = ":" in requester[0]
         if not self.origins or spare <= 0:
             return False
         nodes: set[str] = set()
@@ -130,7 +133,7 @@ class SwarmPeers:
                 continue
             if peer.last_seen < since:
                 break  # latest first: the rest are older still
-            if key not in self.origins:
+            if key not in self.origins and peer.node != node and (":" in key[0]) == v6:
                 nodes.add(peer.node)
                 if len(nodes) >= spare:
                     return True
@@ -205,7 +208,8 @@ class PeerStore:
         if swarm is None:
             return []
         now = time.monotonic()
-        skip = swarm.origins if not seeder and swarm.spared(now - self.spare_window, self.origin_spare) else None
+        spared = not seeder and swarm.spared(now - self.spare_window, self.origin_spare, requester, node)
+        skip = swarm.origins if spared else None
         groups = [swarm.leechers] if seeder else [swarm.seeders, swarm.leechers]
         if not zone:
             if not swarm.zoned:

@@ -181,17 +181,20 @@ end
 local chosen, seen = {}, {}
 seen[me] = true
 -- a leecher is not handed the origins' seeders while the swarm has seeders of its own on `spare`
--- nodes, on the boundary, heard from within `window` (TrackerConfig.spare_window); the `scan` latest looked at
--- (tracker/peers.py ORIGIN_SPARE)
+-- nodes, on the boundary, heard from within `window` (TrackerConfig.spare_window), that it can use;
+-- the `scan` latest looked at (tracker/peers.py ORIGIN_SPARE)
 local skipped = 0
 if not seeder and event ~= 'stopped' and spare > 0 and redis.call('EXISTS', O) == 1 then
   local fresh = int(math.floor(now - window))
+  -- only seeders the requester can use: not its own node's, and of its address family
+  local v6 = string.find(ip, ':', 1, true) ~= nil
   local nodes, count = {}, 0
   for _, m in ipairs(redis.call('ZREVRANGEBYSCORE', BS, '+inf', fresh, 'LIMIT', 0, scan)) do
     if count >= spare then break end
-    if not redis.call('ZSCORE', O, m) then
+    local ip6 = string.find(m, ':', 1, true) ~= nil  -- "ip|port": only an IPv6 address has a colon
+    if ip6 == v6 and not redis.call('ZSCORE', O, m) then
       local n = redis.call('HGET', N, m)
-      if n and not nodes[n] then nodes[n] = true; count = count + 1 end
+      if n and n ~= node and not nodes[n] then nodes[n] = true; count = count + 1 end
     end
   end
   if count >= spare then
