@@ -7,7 +7,7 @@ import secrets
 import time
 from typing import Any
 
-from shoal import metainfo
+from shoal import metainfo, protocol
 from shoal_tracker import app as tracker_app
 from shoal_tracker import config as tracker_config
 from shoal_tracker import redisstore
@@ -15,7 +15,7 @@ from shoal_tracker.peers import SPARE_SCAN, Peer, PeerStore
 from tests.integration import test_tracker_app as app_tests
 from tests.integration.conftest import Keys
 from tests.integration.test_tracker_app import Client, announce, register, tracker_doc
-from tests.integration.test_tracker_redis import compact_ports, prefix
+from tests.integration.test_tracker_redis import compact_ports, prefix, replica
 from tests.support.redis import RedisServer
 
 meta = app_tests.meta
@@ -157,5 +157,32 @@ async def test_seeders_of_the_other_address_family_do_not_spare_the_origin(redis
         assert ("127.0.0.1", 1) in handed  # no seeder of its own it can reach: the origin
         handed = await stores.put("fd00::9", 1, 5, "l", "started")
         assert ("127.0.0.1", 1) not in handed  # two of its family: spared
+    finally:
+        await client.aclose()
+
+
+async def test_every_swarm_key_expires_and_unregistering_leaves_none(
+        aiohttp_client: Any, keys: Keys, redis_server: RedisServer, prefix: str, meta: metainfo.Metainfo) -> None:
+    """Checked sound: the keys ORIGIN_SPARE adds (:o, :n) expire with the swarm and go with it."""
+    c = await replica(aiohttp_client, keys, redis_server, prefix)
+    assert await register(c, meta, keys) == 201
+    ih = meta.tracker_hash
+    await announce(c, ih, 7000, 0, token=keys.token("origin"), event="started")
+    for port, zone in ((7001, ""), (7002, "a"), (7003, "b")):
+        token = keys.token(f"node-{port}", blob=meta.digest.hex)
+        await announce(c, ih, port, 5, token=token, event="started", zone=zone)
+        await announce(c, ih, port, 0, token=token, event="completed", zone=zone)
+    await announce(c, ih, 7004, 5, token=keys.token("node-7004", blob=meta.digest.hex), event="started")
+    client = redisstore.client(host="127.0.0.1", port=redis_server.port, db=0, username=None,
+                               password=redis_server.password, timeout=2, max_connections=2)
+    try:
+        swarm = [k.decode() for k in await client.keys(f"{prefix}swarm:*")]
+        assert {f"{prefix}swarm:{ih.hex()}:{s}" for s in ("o", "n")} <= set(swarm)
+        for key in swarm:
+            assert await client.pttl(key) > 0, key
+        r = await c.delete(protocol.UNREGISTER_METAINFO.path(digest=str(meta.digest)),
+                           headers={"Authorization": "Bearer registration-secret-0123456789"})
+        assert r.status == 204
+        assert await client.keys(f"{prefix}swarm:*") == []
     finally:
         await client.aclose()
