@@ -72,7 +72,7 @@ def _stores(config: TrackerConfig) -> tuple[Swarms, Torrents]:
     if config.redis is None:
         peers = PeerStore(ttl=config.ttl, max_peers=config.max_peers_per_torrent,
                           max_per_address=config.max_peers_per_address, zone_gateways=config.zone_gateways,
-                          origin_spare=config.origin_spare)
+                          origin_spare=config.origin_spare, spare_window=config.spare_window)
         return (MemorySwarms(peers),
                 MemoryTorrents(TorrentRegistry(Path(config.data_dir) if config.data_dir else None)))
     r = config.redis
@@ -83,7 +83,8 @@ def _stores(config: TrackerConfig) -> tuple[Swarms, Torrents]:
                                max_connections=r.max_connections)
     return (redisstore.RedisSwarms(client, prefix=r.prefix, ttl=config.ttl, max_peers=config.max_peers_per_torrent,
                                    max_per_address=config.max_peers_per_address,
-                                   zone_gateways=config.zone_gateways, origin_spare=config.origin_spare),
+                                   zone_gateways=config.zone_gateways, origin_spare=config.origin_spare,
+                                   spare_window=config.spare_window),
             redisstore.RedisTorrents(client, prefix=r.prefix, owner=_fingerprint(config)))
 
 

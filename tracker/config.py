@@ -79,6 +79,13 @@ class TrackerConfig:
     def ttl(self) -> float:
         return self.peer_ttl if self.peer_ttl is not None else announcing.default_peer_ttl(self.interval)
 
+    @property
+    def spare_window(self) -> float:
+        """How recently a seeder must have announced to count toward origin_spare: a third of the
+        default peer_ttl (one interval and a third of the announce timeout: a node that missed
+        an announce does not count), never more however long an operator makes peer_ttl."""
+        return min(self.ttl, announcing.default_peer_ttl(self.interval)) / 3
+
     def validate(self, prefix: str) -> None:
         if self.max_connections < 1:
             raise ConfigError("max_connections: must be at least 1")

@@ -31,15 +31,15 @@ class Peer:
 Key = tuple[str, int]
 
 # A leecher is not handed the origins' seeders once its swarm has this many seeders of its own
-# that announced within the last third of the peer expiry (about one interval: a node that
-# missed an announce does not count). In a rolling update every wave got about a quarter of its
-# bytes from the origin's seeder (it is one more peer with a full link): 4.25 copies of the blob
-# over four waves of four hosts, where the first wave's hosts could serve the rest alone
-# (bench/RESULTS.md section 19). Two nodes (by their swarm tokens), so that one node gone without
-# a word (it stays listed until it expires), or one lying about having the blob, does not leave a
-# joiner without a source. The origin keeps seeding: the peers that
-# already have it keep it, a swarm whose own seeders leave is handed it again, and a seeder
-# asking for leechers is answered as before.
+# that announced within the last third of the default peer expiry (about one interval: a node
+# that missed an announce does not count; TrackerConfig.spare_window). In a rolling update every
+# wave got about a quarter of its bytes from the origin's seeder (it is one more peer with a
+# full link): 4.25 copies of the blob over four waves of four hosts, where the first wave's
+# hosts could serve the rest alone (bench/RESULTS.md section 19). Two nodes (by their swarm
+# tokens), so that one node gone without a word (it stays listed until it expires), or one
+# lying about having the blob, does not leave a joiner without a source. The origin keeps
+# seeding: the peers that already have it keep it, a swarm whose own seeders leave is handed it
+# again, and a seeder asking for leechers is answered as before.
 ORIGIN_SPARE = 2
 SPARE_SCAN = 64
 
@@ -57,6 +57,9 @@ class SwarmPeers:
     gateways: dict[str, dict[str, Key]] = field(default_factory=dict)
     zoned: int = 0  # peers with a zone (none: every answer takes the sampling shortcut)
     origins: dict[Key, None] = field(default_factory=dict)  # the origins' seeders among them
+    # the seeders on the boundary as of their last announce, latest last (Redis's :bs, by score):
+    # ORIGIN_SPARE looks at the latest of these in both stores
+    boundary: dict[Key, None] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.seeders) + len(self.leechers)
@@ -99,6 +102,7 @@ class SwarmPeers:
         self.seeders.pop(key, None)
         self.leechers.pop(key, None)
         self.origins.pop(key, None)
+        self.boundary.pop(key, None)
         keys = self.by_address.get(key[0])
         if keys is not None:
             keys.pop(key, None)
@@ -108,19 +112,28 @@ class SwarmPeers:
     def counts(self) -> tuple[int, int]:
         return len(self.seeders), len(self.leechers)
 
-    def spared(self, since: float, spare: int) -> bool:
+    def spared(self, since: float, spare: int, requester: Key, node: str) -> bool:
         """Whether the origins' seeders can be left out of a leecher's answer: the swarm has
         seeders of its own on `spare` (ORIGIN_SPARE) nodes, on the boundary (every seeder where no node
         states a zone; else those a gateway may be handed: a zone whose gateways left has seeders
         no other zone can reach), heard from since `since`. Nodes, not entries: one node
         announcing "seeder" from several ports must not hide the origin from a swarm. At most
-        the SPARE_SCAN longest-listed seeders are looked at (an announce stays O(1) in a swarm
-        of thousands); not finding enough hands the origin out, the safe side."""
+        the SPARE_SCAN latest to announce of the boundary's fresh seeders are looked at, as in
+        Redis (an announce stays O(1) in a swarm of thousands); not finding enough hands the
+        origin out, the safe side. Only seeders the requester can use count: not its own node's
+        (an agent restarted with an empty cache leaves its old entry listed), and only those of
+        its address family (it announced over IPv4: IPv6 seeders may be out of its reach)."""
+        v6 = ":" in requester[0]
         if not self.origins or spare <= 0:
             return False
         nodes: set[str] = set()
-        for key, peer in itertools.islice(self.seeders.items(), SPARE_SCAN):
-            if key not in self.origins and peer.last_seen >= since and self.on_boundary(key, peer):
+        for key in itertools.islice(reversed(self.boundary), SPARE_SCAN):
+            peer = self.seeders.get(key)
+            if peer is None:
+                continue
+            if peer.last_seen < since:
+                break  # latest first: the rest are older still
+            if key not in self.origins and peer.node != node and (":" in key[0]) == v6:
                 nodes.add(peer.node)
                 if len(nodes) >= spare:
                     return True
@@ -134,8 +147,11 @@ class PeerStore:
     a swarm with fake peers, and a fresh agent fell back to the registry)."""
 
     def __init__(self, *, ttl: float, max_peers: int, max_per_address: int = 8,
-                 zone_gateways: int = zones.ZONE_GATEWAYS, origin_spare: int = ORIGIN_SPARE) -> None:
+                 zone_gateways: int = zones.ZONE_GATEWAYS, origin_spare: int = ORIGIN_SPARE,
+                 spare_window: float | None = None) -> None:
         self.ttl = ttl
+        # how recently a seeder announced to count toward origin_spare (TrackerConfig.spare_window)
+        self.spare_window = ttl / 3 if spare_window is None else spare_window
         self.max_peers = max_peers
         self.max_per_address = max_per_address
         self.zone_gateways = zone_gateways
@@ -161,6 +177,9 @@ class PeerStore:
         swarm.put(key, peer)
         if peer.zone:
             self._elect(swarm, key, peer, time.monotonic())
+        swarm.boundary.pop(key, None)  # to the end: latest last
+        if peer.is_seeder and swarm.on_boundary(key, peer):
+            swarm.boundary[key] = None
         return swarm
 
     def _elect(self, swarm: SwarmPeers, key: Key, peer: Peer, now: float) -> None:
@@ -189,7 +208,8 @@ class PeerStore:
         if swarm is None:
             return []
         now = time.monotonic()
-        skip = swarm.origins if not seeder and swarm.spared(now - self.ttl / 3, self.origin_spare) else None
+        spared = not seeder and swarm.spared(now - self.spare_window, self.origin_spare, requester, node)
+        skip = swarm.origins if spared else None
         groups = [swarm.leechers] if seeder else [swarm.seeders, swarm.leechers]
         if not zone:
             if not swarm.zoned:

@@ -96,7 +96,7 @@ end
 
 # KEYS: torrents, swarm base. ARGV: ih hex, "ip|port", ip, record, seeder 0/1, event, zone,
 # ttl us, max peers, max per address, want, zone gateways, reserved places, node, origin 0/1,
-# origin spare, spare scan (tracker/peers.py ORIGIN_SPARE, SPARE_SCAN).
+# origin spare, spare scan (tracker/peers.py ORIGIN_SPARE, SPARE_SCAN), spare window us.
 _ANNOUNCE = _COMMON + r"""
 local ih, me, ip, record = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local seeder, event, zone = ARGV[5] == '1', ARGV[6], ARGV[7]
@@ -110,6 +110,7 @@ local function write(command, key, ...)
 end
 local want, gateways, reserved = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 local node, origin, spare, scan = ARGV[14], ARGV[15] == '1', tonumber(ARGV[16]), tonumber(ARGV[17])
+local window = tonumber(ARGV[18])
 -- zone z's gateways: node names (one slot per node) by last announce, and the key each used last
 local G, GM = base .. 'g:' .. zone, base .. 'gm:' .. zone
 local gateway = false
@@ -180,17 +181,20 @@ end
 local chosen, seen = {}, {}
 seen[me] = true
 -- a leecher is not handed the origins' seeders while the swarm has seeders of its own on `spare`
--- nodes, on the boundary, heard from within a third of the ttl; the `scan` latest looked at
--- (tracker/peers.py ORIGIN_SPARE)
+-- nodes, on the boundary, heard from within `window` (TrackerConfig.spare_window), that it can use;
+-- the `scan` latest looked at (tracker/peers.py ORIGIN_SPARE)
 local skipped = 0
 if not seeder and event ~= 'stopped' and spare > 0 and redis.call('EXISTS', O) == 1 then
-  local fresh = int(math.floor(now - ttl / 3))
+  local fresh = int(math.floor(now - window))
+  -- only seeders the requester can use: not its own node's, and of its address family
+  local v6 = string.find(ip, ':', 1, true) ~= nil
   local nodes, count = {}, 0
   for _, m in ipairs(redis.call('ZREVRANGEBYSCORE', BS, '+inf', fresh, 'LIMIT', 0, scan)) do
     if count >= spare then break end
-    if not redis.call('ZSCORE', O, m) then
+    local ip6 = string.find(m, ':', 1, true) ~= nil  -- "ip|port": only an IPv6 address has a colon
+    if ip6 == v6 and not redis.call('ZSCORE', O, m) then
       local n = redis.call('HGET', N, m)
-      if n and not nodes[n] then nodes[n] = true; count = count + 1 end
+      if n and n ~= node and not nodes[n] then nodes[n] = true; count = count + 1 end
     end
   end
   if count >= spare then
@@ -345,7 +349,8 @@ async def _command(pending: Any) -> Any:
 
 class RedisSwarms:
     def __init__(self, redis: aioredis.Redis, *, prefix: str, ttl: float, max_peers: int,
-                 max_per_address: int, zone_gateways: int, origin_spare: int = ORIGIN_SPARE) -> None:
+                 max_per_address: int, zone_gateways: int, origin_spare: int = ORIGIN_SPARE,
+                 spare_window: float | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
         self.ttl_us = int(ttl * 1_000_000)
@@ -353,6 +358,7 @@ class RedisSwarms:
         self.max_per_address = max_per_address
         self.zone_gateways = zone_gateways
         self.origin_spare = origin_spare
+        self.spare_window_us = int((ttl / 3 if spare_window is None else spare_window) * 1_000_000)
         self._announce = redis.register_script(_ANNOUNCE)
         self._stats = redis.register_script(_STATS)
         self._sweep = redis.register_script(_SWEEP)
@@ -364,7 +370,8 @@ class RedisSwarms:
         out = await _call("announce", self._announce, [f"{self.prefix}torrents", self._base(info_hash)], [
             info_hash.hex(), f"{peer.ip}|{peer.port}", peer.ip, _record(peer), int(peer.is_seeder), event,
             peer.zone, self.ttl_us, self.max_peers, self.max_per_address, want, self.zone_gateways,
-            zones.reserved(want), peer.node, int(peer.origin), self.origin_spare, SPARE_SCAN])
+            zones.reserved(want), peer.node, int(peer.origin), self.origin_spare, SPARE_SCAN,
+            self.spare_window_us])
         if out is None:
             return None
         return Answer(_peers(out[2]), int(out[0]), int(out[1]))
