@@ -199,16 +199,20 @@ class PeerStore:
             gateways[peer.node] = key
 
     def select(self, info_hash: bytes, requester: tuple[str, int], *, want: int, seeder: bool,
-               zone: str = "", node: str = "") -> list[Peer]:
+               zone: str = "", node: str = "", origin: bool = False) -> list[Peer]:
         """Up to `want` peers other than the requester: seeders first (a seeder gets only
         leechers, it needs nothing from other seeders); random order within each group; zones
-        as tracker/zones.py says; the origins' seeders not to a leecher of a swarm that can
-        spare them (ORIGIN_SPARE)."""
+        as tracker/zones.py says; in a swarm that can spare the origins' seeders (ORIGIN_SPARE),
+        not those to a leecher, and no leecher to them (a seeder connects to the leechers it is
+        handed: in a rolling update the origin's periodic announce had it serve the second wave,
+        a half copy of the blob, though the tracker handed it to none of them)."""
         swarm = self._swarms.get(info_hash)
         if swarm is None:
             return []
         now = time.monotonic()
-        spared = not seeder and swarm.spared(now - self.spare_window, self.origin_spare, requester, node)
+        spared = (not seeder or origin) and swarm.spared(now - self.spare_window, self.origin_spare, requester, node)
+        if spared and origin:
+            return []
         skip = swarm.origins if spared else None
         groups = [swarm.leechers] if seeder else [swarm.seeders, swarm.leechers]
         if not zone:

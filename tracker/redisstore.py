@@ -182,9 +182,11 @@ local chosen, seen = {}, {}
 seen[me] = true
 -- a leecher is not handed the origins' seeders while the swarm has seeders of its own on `spare`
 -- nodes, on the boundary, heard from within `window` (TrackerConfig.spare_window), that it can use;
--- the `scan` latest looked at (tracker/peers.py ORIGIN_SPARE)
-local skipped = 0
-if not seeder and event ~= 'stopped' and spare > 0 and redis.call('EXISTS', O) == 1 then
+-- the `scan` latest looked at (tracker/peers.py ORIGIN_SPARE); and an origin's seeder is handed
+-- no leecher then
+local skipped, spared = 0, false
+local asker = origin and seeder
+if (not seeder or asker) and event ~= 'stopped' and spare > 0 and redis.call('EXISTS', O) == 1 then
   local fresh = int(math.floor(now - window))
   -- only seeders the requester can use: not its own node's, and of its address family
   local v6 = string.find(ip, ':', 1, true) ~= nil
@@ -197,7 +199,8 @@ if not seeder and event ~= 'stopped' and spare > 0 and redis.call('EXISTS', O) =
       if n and n ~= node and not nodes[n] then nodes[n] = true; count = count + 1 end
     end
   end
-  if count >= spare then
+  spared = count >= spare
+  if spared then
     for _, m in ipairs(redis.call('ZRANGE', O, 0, -1)) do
       if not seen[m] then seen[m] = true; skipped = skipped + 1 end
     end
@@ -222,7 +225,7 @@ local function take(key, n, skip)
   return added
 end
 
-if event ~= 'stopped' then
+if event ~= 'stopped' and not (spared and asker) then
   if zone == '' then
     -- the boundary (every peer, where no node states a zone)
     if not seeder then take(BS, want, nil) end

@@ -399,8 +399,8 @@ def test_a_swarm_with_seeders_of_its_own_spares_the_origin(monkeypatch: pytest.M
     def at(ip: str, left: int, *, origin: bool = False, port: int = 1, node: str = "") -> Peer:
         return Peer(ip, port, PID, left, clock[0], node=node or ip, origin=origin)
 
-    def handed(ip: str = "127.0.0.99", *, seeder: bool = False) -> set[str]:
-        return {p.ip for p in store.select(IH, (ip, 1), want=50, seeder=seeder)}
+    def handed(ip: str = "127.0.0.99", *, seeder: bool = False, origin: bool = False) -> set[str]:
+        return {p.ip for p in store.select(IH, (ip, 1), want=50, seeder=seeder, origin=origin)}
 
     assert ORIGIN_SPARE == 2
     store.announce(IH, at("127.0.0.1", 0, origin=True), "started")
@@ -413,7 +413,8 @@ def test_a_swarm_with_seeders_of_its_own_spares_the_origin(monkeypatch: pytest.M
     store.announce(IH, at("127.0.0.4", 0), "completed")
     for _ in range(5):  # random picks: the rule holds every time
         assert handed() == {"127.0.0.2", "127.0.0.3", "127.0.0.4"}
-    assert handed("127.0.0.1", seeder=True) == {"127.0.0.2"}  # the origin is still given leechers
+    assert handed("127.0.0.1", seeder=True, origin=True) == set()  # nor the origin leechers
+    assert handed("127.0.0.3", seeder=True) == {"127.0.0.2"}  # another seeder gets them
     # a seeder that has not announced for a third of the ttl does not count: the origin is back
     clock[0] += 21
     store.announce(IH, at("127.0.0.3", 0), "")
