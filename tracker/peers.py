@@ -39,7 +39,7 @@ Key = tuple[str, int]
 # tokens), so that one node gone without a word (it stays listed until it expires), or one
 # lying about having the blob, does not leave a joiner without a source. The origin keeps
 # seeding: the peers that already have it keep it, a swarm whose own seeders leave is handed it
-# again, and a seeder asking for leechers is answered as before.
+# again; while the swarm can spare it, it is handed no leechers either (it would connect to them).
 ORIGIN_SPARE = 2
 SPARE_SCAN = 64
 
@@ -123,9 +123,9 @@ class SwarmPeers:
         origin out, the safe side. Only seeders the requester can use count: not its own node's
         (an agent restarted with an empty cache leaves its old entry listed), and only those of
         its address family (it announced over IPv4: IPv6 seeders may be out of its reach)."""
-        v6 = ":" in requester[0]
         if not self.origins or spare <= 0:
             return False
+        v6 = ":" in requester[0]
         nodes: set[str] = set()
         for key in itertools.islice(reversed(self.boundary), SPARE_SCAN):
             peer = self.seeders.get(key)
