@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -57,6 +58,20 @@ async def both_stores(aiohttp_client: Any, keys: Keys, redis: RedisServer, prefi
     memory: Client = await aiohttp_client(tracker_app.build(tracker_config.load(
         tracker_doc(keys, max_peers_per_address=100))))
     return memory, await replica(aiohttp_client, keys, redis, prefix)
+
+
+async def registered_stores(aiohttp_client: Any, keys: Keys, redis: RedisServer, prefix: str,
+                            meta: metainfo.Metainfo) -> tuple[Client, Client]:
+    """both_stores, with `meta` registered at each."""
+    stores = await both_stores(aiohttp_client, keys, redis, prefix)
+    for c in stores:
+        assert await register(c, meta, keys) == 201
+    return stores
+
+
+def node_token(keys: Keys, meta: metainfo.Metainfo, port: int) -> str:
+    """A node's swarm token for `meta`'s blob alone (the origin's admits it to every blob)."""
+    return keys.token(f"node-{port}", blob=meta.digest.hex)
 
 
 @pytest.fixture
@@ -250,14 +265,9 @@ async def test_a_swarm_with_seeders_of_its_own_spares_the_origin_in_both_stores(
     """tracker/peers.py ORIGIN_SPARE: a leecher is not handed the origin's seeder (known by its
     token, which admits it to every blob) once two nodes seed the blob; a node's token cannot
     claim to be the origin. Zones or none."""
-    memory, shared = await both_stores(aiohttp_client, keys, redis_server, prefix)
-    for c in (memory, shared):
-        assert await register(c, meta, keys) == 201
+    node = functools.partial(node_token, keys, meta)
+    for c in await registered_stores(aiohttp_client, keys, redis_server, prefix, meta):
         ih = meta.tracker_hash
-
-        def node(port: int) -> str:
-            return keys.token(f"node-{port}", blob=meta.digest.hex)
-
         await announce(c, ih, 7000, 0, token=keys.token("origin"), event="started")
         await announce(c, ih, 7001, 0, token=node(7001), event="completed")
         doc = await announce(c, ih, 7002, 5, token=node(7002), event="started")
@@ -284,14 +294,9 @@ async def test_seeders_no_other_zone_can_reach_do_not_spare_the_origin(
         aiohttp_client: Any, keys: Keys, redis_server: RedisServer, prefix: str, meta: metainfo.Metainfo) -> None:
     """Only seeders on the boundary count toward ORIGIN_SPARE: a zone whose gateways left has
     seeders of its own no other zone is handed, and a new zone's gateway still gets the origin."""
-    memory, shared = await both_stores(aiohttp_client, keys, redis_server, prefix)
-    for c in (memory, shared):
-        assert await register(c, meta, keys) == 201
+    node = functools.partial(node_token, keys, meta)
+    for c in await registered_stores(aiohttp_client, keys, redis_server, prefix, meta):
         ih = meta.tracker_hash
-
-        def node(port: int) -> str:
-            return keys.token(f"node-{port}", blob=meta.digest.hex)
-
         await announce(c, ih, 7000, 0, token=keys.token("origin"), event="started")
         for port in (7101, 7102, 7103, 7104):  # the first two are zone a's gateways
             await announce(c, ih, port, 5, token=node(port), event="started", zone="a")
