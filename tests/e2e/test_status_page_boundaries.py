@@ -63,6 +63,15 @@ def form(origin: str | None) -> dict[str, str]:
     return headers
 
 
+def sign_in(url: str, body: bytes, *, headers: dict[str, str]) -> tuple[dict[str, str], SimpleCookie]:
+    """POST the sign-in form: it must answer 303 with a session cookie. The Cookie header that
+    presents the session, and the cookie as set (its attributes)."""
+    status, answer, text = request(url, "POST", protocol.PAGE_SIGNIN.pattern, headers=headers, body=body)
+    assert status == 303, text
+    jar: SimpleCookie = SimpleCookie(answer["Set-Cookie"])
+    return {"Cookie": f"shoal_session={jar['shoal_session'].value}"}, jar
+
+
 def admin_token(stack: Stack, name: str, roles: str) -> str:
     done = subprocess.run([sys.executable, "-m", "shoal_origin", "add-operator", name, "--roles", roles,
                            "--operators", str(stack.keys["operators"])],
@@ -87,12 +96,8 @@ def test_the_session_cookie_opens_the_page_only_and_forms_come_from_the_page(sta
         assert status == 403, headers
         assert answer.get("Set-Cookie") is None
 
-    status, answer, _ = request(url, "POST", protocol.PAGE_SIGNIN.pattern, headers=form(own), body=signin)
-    assert status == 303
-    set_cookie = answer["Set-Cookie"]
-    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
-    jar: SimpleCookie = SimpleCookie(set_cookie)
-    cookie = {"Cookie": f"shoal_session={jar['shoal_session'].value}"}
+    cookie, jar = sign_in(url, signin, headers=form(own))
+    assert jar["shoal_session"]["httponly"] and jar["shoal_session"]["samesite"] == "Strict"
     assert int(jar["shoal_session"]["max-age"]) <= 8 * 3600
 
     # the page's JSON opens with the cookie, not cached, under the page's CSP
@@ -126,10 +131,7 @@ def test_a_principal_that_is_a_formula_reaches_the_csv_as_text(stack: Stack) -> 
     url = origin.url
     own = f"http://{urlsplit(url).netloc}"
     login = urlencode({"username": FORMULA_USER, "password": FORMULA_PASSWORD}).encode()
-    status, answer, body = request(url, "POST", protocol.PAGE_SIGNIN.pattern, headers=form(own), body=login)
-    assert status == 303, body
-    jar: SimpleCookie = SimpleCookie(answer["Set-Cookie"])
-    cookie = {"Cookie": f"shoal_session={jar['shoal_session'].value}"}
+    cookie, _ = sign_in(url, login, headers=form(own))
     # the page's own CSV link, as the browser downloads it
     status, answer, body = request(url, "GET", protocol.PAGE_AUDIT.pattern + "?" + urlencode(
         {"principal": FORMULA_USER, "limit": "500", "format": "csv"}), headers=cookie)
@@ -152,13 +154,9 @@ def test_signing_in_again_ends_the_session_of_the_old_cookie(stack: Stack) -> No
     own = f"http://{urlsplit(url).netloc}"
     token = admin_token(stack, "auditor", "audit")
     signin = urlencode({"token": token}).encode()
-    status, answer, _ = request(url, "POST", protocol.PAGE_SIGNIN.pattern, headers=form(own), body=signin)
-    assert status == 303
-    old = {"Cookie": f"shoal_session={SimpleCookie(answer['Set-Cookie'])['shoal_session'].value}"}
+    old, _ = sign_in(url, signin, headers=form(own))
     assert request(url, "GET", protocol.PAGE_OVERVIEW.pattern, headers=old)[0] == 200
-    status, answer, _ = request(url, "POST", protocol.PAGE_SIGNIN.pattern, headers={**old, **form(own)}, body=signin)
-    assert status == 303
-    new = {"Cookie": f"shoal_session={SimpleCookie(answer['Set-Cookie'])['shoal_session'].value}"}
+    new, _ = sign_in(url, signin, headers={**old, **form(own)})
     assert new != old
     assert request(url, "GET", protocol.PAGE_OVERVIEW.pattern, headers=new)[0] == 200
     assert request(url, "GET", protocol.PAGE_OVERVIEW.pattern, headers=old)[0] == 401
