@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from bench import services
 from shoal.cluster import Cluster, make_keys, source_path
 from shoal.config import parse_size
 from shoal.protocol import READYZ
@@ -119,13 +120,7 @@ def cluster(tree: Path, registry: Registry, work: Path, auths: tuple[str, ...]) 
         time.sleep(1)  # enrollment (the first download also waits for it, up to metainfo_timeout)
         yield agents
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        services.stop_all(procs)
 
 
 def run_tree(tree: Path, round_no: int, registry: Registry, layers: list[str], work: Path) -> list[Fetch]:

@@ -149,10 +149,4 @@ http {{
                           {k: r.p50_ms for k, r in manifest.items()}, {k: r.p99_ms for k, r in manifest.items()},
                           errors, peak.bytes, round(cpu_per_gib, 3))
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        services.stop_all(procs)

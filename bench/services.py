@@ -8,6 +8,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,19 @@ class Service:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+
+def stop_all(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Stop processes started in order: all asked at once, the last started first (agents before
+    the origin they report to), each given 20 s, then killed."""
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def registry(host: Host, workdir: Path, *, proxy_of: str | None = None, port: int = 5000) -> Service:
