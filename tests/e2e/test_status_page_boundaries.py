@@ -72,6 +72,12 @@ def sign_in(url: str, body: bytes, *, headers: dict[str, str]) -> tuple[dict[str
     return {"Cookie": f"shoal_session={jar['shoal_session'].value}"}, jar
 
 
+def page(stack: Stack) -> tuple[str, str]:
+    """The origin's URL, and the Origin its own page's forms send."""
+    assert stack.origin is not None
+    return stack.origin.url, f"http://{urlsplit(stack.origin.url).netloc}"
+
+
 def admin_token(stack: Stack, name: str, roles: str) -> str:
     done = subprocess.run([sys.executable, "-m", "shoal_origin", "add-operator", name, "--roles", roles,
                            "--operators", str(stack.keys["operators"])],
@@ -81,10 +87,7 @@ def admin_token(stack: Stack, name: str, roles: str) -> str:
 
 
 def test_the_session_cookie_opens_the_page_only_and_forms_come_from_the_page(stack: Stack) -> None:
-    origin = stack.origin
-    assert origin is not None
-    url = origin.url
-    own = f"http://{urlsplit(url).netloc}"
+    url, own = page(stack)
     token = admin_token(stack, "auditor", "audit,seed")
     signin = urlencode({"token": token}).encode()
 
@@ -126,10 +129,7 @@ def test_the_session_cookie_opens_the_page_only_and_forms_come_from_the_page(sta
 
 
 def test_a_principal_that_is_a_formula_reaches_the_csv_as_text(stack: Stack) -> None:
-    origin = stack.origin
-    assert origin is not None
-    url = origin.url
-    own = f"http://{urlsplit(url).netloc}"
+    url, own = page(stack)
     login = urlencode({"username": FORMULA_USER, "password": FORMULA_PASSWORD}).encode()
     cookie, _ = sign_in(url, login, headers=form(own))
     # the page's own CSV link, as the browser downloads it
@@ -148,10 +148,7 @@ def test_a_principal_that_is_a_formula_reaches_the_csv_as_text(stack: Stack) -> 
 def test_signing_in_again_ends_the_session_of_the_old_cookie(stack: Stack) -> None:
     # (on main the old cookie kept opening the page for its 8 hours: a browser handed to another
     # operator, or a cookie that leaked, stayed signed in alongside the new session)
-    origin = stack.origin
-    assert origin is not None
-    url = origin.url
-    own = f"http://{urlsplit(url).netloc}"
+    url, own = page(stack)
     token = admin_token(stack, "auditor", "audit")
     signin = urlencode({"token": token}).encode()
     old, _ = sign_in(url, signin, headers=form(own))
