@@ -65,6 +65,13 @@ class JournalSettings:
     # when the journal is shipped, no limit when it is kept on the node only (then pruning it
     # is the operator's).
     max_disk_bytes: Annotated[int | None, SIZE] = None
+    # Shipped records kept on disk: once the collector has everything and the open segment holds
+    # this much, the segment is closed and deleted (about 2,000 requests at 1 MiB).
+    roll_bytes: Annotated[int, SIZE] = 1 << 20
+
+    def validate(self, prefix: str) -> None:
+        if not 64 << 10 <= self.roll_bytes <= self.max_segment_bytes:
+            raise ConfigError(f"{prefix}.roll_bytes: must be between 64KiB and max_segment_bytes")
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from shoal import errors, protocol
 from shoal.clients import ApiError, OriginClient
 from shoal.flights import Backoff
+from shoal_agent.config import JournalSettings
 from shoal_agent.journal import Journal, segments
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ BATCH_RECORDS = 500
 # protocol.JOURNAL_MAX_BODY (a line is at most audit.MAX_RECORD_BYTES of escaped JSON, so
 # it stays under the limit however many of them are non-ASCII).
 BATCH_BYTES = 512 << 10
-# Shipped records kept on disk before the segment is rolled and deleted (about 2,000 requests).
-ROLL_BYTES = 1 << 20
+# Shipped records kept on disk before the segment is rolled and deleted (journal.roll_bytes).
+ROLL_BYTES = JournalSettings().roll_bytes
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
 
 

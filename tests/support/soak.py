@@ -40,6 +40,7 @@ class Plan:
     min_layer: int = 1 * MIB
     max_layer: int = 40 * MIB
     cache_budget: int = 300 * MIB
+    journal_roll: int = 1 * MIB  # the agents' journal.roll_bytes (1 MiB is the default)
     agents: int = 2
     clients: tuple[int, int] = (4, 8)  # concurrent clients, redrawn every minute
     think: tuple[float, float] = (0.0, 4.0)  # a client's pause between two actions, seconds
@@ -116,7 +117,7 @@ def start(plan: Plan, workdir: Path, registry: Registry, *, pusher: tuple[str, s
                            trackers=[stack.cluster.tracker_url, f"http://{second}"])
     for _ in range(plan.agents):
         # production deadlines (the test stack's are shorter)
-        stack.start_agent(cache={"max_bytes": plan.cache_budget}, log=log,
+        stack.start_agent(cache={"max_bytes": plan.cache_budget}, journal={"roll_bytes": plan.journal_roll}, log=log,
                           swarm={"first_piece_timeout": "10s", "stall_timeout": "10s", "seed_timeout": "120s"})
     for image in images:
         for blob in image.blobs:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal_agent.shipper import ROLL_BYTES
 from tests.support.soak import Run
 
 MIB = 1 << 20
@@ -184,7 +183,7 @@ def judge(run: Run) -> Verdict:
         summary[f"{a}.journal_rolls"] = rolled = rolls(_series(run.samples, f"{a}.journal_disk_bytes"))
         targets.append(Target(
             f"{a} journal bounded and shipped",
-            peak <= ROLL_BYTES + JOURNAL_SLACK and unshipped == 0 and shipped == written,
+            peak <= plan.journal_roll + JOURNAL_SLACK and unshipped == 0 and shipped == written,
             f"shipped records kept on disk peaked at {peak / 1024:.0f} KiB ({rolled} rolls); {int(written)} "
             f"written, {int(shipped)} shipped, {int(unshipped)} bytes unshipped at the end"))
 

@@ -69,6 +69,8 @@ def test_durations(text: Any, value: float) -> None:
     (agent_doc(containerd={"check_interval": "10ms"}), "containerd.check_interval: must be between"),
     (agent_doc(containerd={"config_path": "/c"}, upstreams=[{"name": "..", "url": "http://r"}]),
      "upstreams[0].name: '..' cannot name a directory"),
+    (agent_doc(journal={"roll_bytes": "4KiB"}), "journal.roll_bytes: must be between 64KiB and max_segment_bytes"),
+    (agent_doc(journal={"roll_bytes": "2MiB", "max_segment_bytes": "1MiB"}), "journal.roll_bytes: must be between"),
 ])
 def test_agent_errors_name_the_key(doc: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -82,6 +84,8 @@ def test_agent_defaults() -> None:
     assert cfg.cache.max_bytes == 1 << 30
     assert cfg.swarm.threshold == 1 << 20
     assert cfg.tracker is None and cfg.listen == "127.0.0.1:5050"
+    assert cfg.journal.roll_bytes == 1 << 20 and agent_config.load(agent_doc(journal={"roll_bytes": "128KiB"})
+                                                                    ).journal.roll_bytes == 128 << 10
 
 
 def test_tracker_needs_a_token_source() -> None:
