@@ -65,13 +65,21 @@ PEER_POLL_INTERVAL = 0.5
 # (including those on their way to another peer), so 16 peers served at once got 2.2-2.9 copies
 # of every piece through its link, and its link is what a cold rollout waits on. Four in turn:
 # 1.5-1.7 copies and 27 s instead of 43 s for 16 nodes at 5 MB/s (bench/RESULTS.md §17).
-# Operators can still override these with torrent.libtorrent.
+# Four per swarm, not four in all: libtorrent's slots are the session's, and an origin serving
+# many swarms at once (a soak's two nodes pulling a dozen blobs each) had every peer wait turns of
+# 3 s behind peers of other swarms, with which it shares no piece (3 MB blobs took up to 11 s on
+# loopback; p99 7 s). So the session gets SEEDER_SLOTS_PER_SWARM for each swarm with that many
+# leechers connected (and one per leecher in smaller swarms), recounted every second
+# (Swarm._balance_slots); the round robin then shares them out across the peers of every swarm.
+# Operators can still override these with torrent.libtorrent (a fixed unchoke_slots_limit too).
+SEEDER_SLOTS_PER_SWARM = 4
 SEEDER_CHOKING: dict[str, int] = {
-    "unchoke_slots_limit": 4,
+    "unchoke_slots_limit": SEEDER_SLOTS_PER_SWARM,
     "seed_choking_algorithm": 0,  # round_robin
     "unchoke_interval": 3,
     "seeding_piece_quota": 4,
 }
+SLOTS_RECOUNT = 1.0  # seconds; the choker runs every unchoke_interval (3 s)
 # libtorrent's top piece priority, for the one piece a local client is blocked on (TorrentJob.want).
 HEAD_PIECE_PRIORITY = 7
 # Time given at shutdown for "stopped" announces to reach the tracker.
@@ -416,6 +424,11 @@ class Swarm:
         self._had_torrents = False
         self._last_disconnect = -TLS_CLOSE_GRACE
         self._stats_waiters: list[asyncio.Future[None]] = []
+        # the origin's seeder: leechers connected per swarm, and the upload slots they add up to
+        self._leechers: dict[lt.torrent_handle, int] = {}
+        self.unchoke_slots = SEEDER_SLOTS_PER_SWARM
+        self._slots_task: asyncio.Task[None] | None = None
+        self._balanced = settings.fingerprint == SEEDER_FINGERPRINT and "unchoke_slots_limit" not in settings.extra
 
     @property
     def session(self) -> lt.session:
@@ -444,6 +457,8 @@ class Swarm:
         ses.set_alert_fd(w.fileno())
         await self._listening()
         self._stats_task = asyncio.create_task(self._poll_stats())
+        if self._balanced:
+            self._slots_task = asyncio.create_task(self._balance_slots())
         log.info("swarm listening on %s:%d", self.settings.listen_ip, self.settings.listen_port)
 
     async def _listening(self) -> None:
@@ -478,10 +493,11 @@ class Swarm:
         return len(job.skipped_endpoints) < len(self._tcp_listeners)
 
     async def stop(self) -> None:
-        if self._stats_task is not None:
-            self._stats_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stats_task
+        for task in (self._stats_task, self._slots_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._session is None:
             return
         ses = self._session
@@ -550,6 +566,8 @@ class Swarm:
         atp.tracker_tiers = list(range(len(atp.trackers)))
         # Assigning flags replaces the defaults, dropping auto_managed|paused: start at once.
         atp.flags = lt.torrent_flags.override_trackers
+        if self._balanced:
+            atp.flags |= lt.torrent_flags.update_subscribe  # its state updates (_balance_slots)
         if seed:
             atp.have_pieces = [True] * meta.num_pieces
             atp.verified_pieces = [True] * meta.num_pieces
@@ -566,6 +584,7 @@ class Swarm:
         job = self._jobs.pop(name, None)
         if job is None or self._session is None:
             return
+        self._leechers.pop(job.handle, None)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._removals[name] = fut
         job._on_error("torrent removed")
@@ -641,6 +660,13 @@ class Swarm:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+            return
+        if isinstance(alert, lt.state_update_alert) and self._balanced:
+            # torrents whose status changed since the last post_torrent_updates (every second
+            # while they upload, and once more when they stop)
+            for status in alert.status:
+                self._leechers[status.handle] = max(int(status.num_peers) - int(status.num_seeds), 0)
+            self._set_unchoke_slots()
             return
         if isinstance(alert, lt.torrent_removed_alert):
             fut = self._removals.get(alert.torrent_name)
@@ -736,6 +762,21 @@ class Swarm:
         self._session.post_session_stats()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(fut, within)
+
+    def _set_unchoke_slots(self) -> None:
+        wanted = max(SEEDER_SLOTS_PER_SWARM,
+                     sum(min(n, SEEDER_SLOTS_PER_SWARM) for n in self._leechers.values()))
+        if wanted != self.unchoke_slots and self._session is not None:
+            self.unchoke_slots = wanted
+            self._session.apply_settings({"unchoke_slots_limit": wanted})
+
+    async def _balance_slots(self) -> None:
+        """The origin's seeder: SEEDER_SLOTS_PER_SWARM upload slots for each swarm being
+        downloaded (from the state updates this asks for: _dispatch)."""
+        while True:
+            await asyncio.sleep(SLOTS_RECOUNT)
+            if self._session is not None:
+                self._session.post_torrent_updates(0)  # the basic fields: handle, peers, seeds
 
     async def _poll_stats(self) -> None:
         while True:
