@@ -65,16 +65,19 @@ PEER_POLL_INTERVAL = 0.5
 # (including those on their way to another peer), so 16 peers served at once got 2.2-2.9 copies
 # of every piece through its link, and its link is what a cold rollout waits on. Four in turn:
 # 1.5-1.7 copies and 27 s instead of 43 s for 16 nodes at 5 MB/s (bench/RESULTS.md §17).
-# Four per swarm, not four in all: libtorrent's slots are the session's, and an origin serving
-# many swarms at once (a soak's two nodes pulling a dozen blobs each) had every peer wait turns of
-# 3 s behind peers of other swarms, with which it shares no piece (3 MB blobs took up to 11 s on
-# loopback; p99 7 s). So the session gets SEEDER_SLOTS_PER_SWARM for each swarm with that many
-# leechers connected (and one per leecher in smaller swarms), recounted every second
-# (Swarm._balance_slots); the round robin then shares them out across the peers of every swarm.
+# Four at least, and one per swarm being downloaded: libtorrent's slots are the session's, and an
+# origin serving many swarms at once (a soak's two nodes pulling a dozen blobs each) had every
+# peer wait 3 s turns behind peers of other swarms, with which it shares no piece (3 MB blobs took
+# up to 11 s on loopback, p99 7 s, and a download that got no piece for 10 s fell back to the
+# registry). So the session's slots are recounted every second from the swarms that have
+# leechers connected (Swarm._balance_slots), and no swarm takes more than four. Not four per
+# swarm: a 4-layer rollout's four swarms then shared 16 slots and the seeder sent 2.65 copies
+# instead of 2.45 (bench/RESULTS.md §20); one slot is enough to put each piece into a swarm
+# once, whose peers then trade it.
 # Operators can still override these with torrent.libtorrent (a fixed unchoke_slots_limit too).
-SEEDER_SLOTS_PER_SWARM = 4
+SEEDER_SLOTS = 4  # at least, and at most per swarm
 SEEDER_CHOKING: dict[str, int] = {
-    "unchoke_slots_limit": SEEDER_SLOTS_PER_SWARM,
+    "unchoke_slots_limit": SEEDER_SLOTS,
     "seed_choking_algorithm": 0,  # round_robin
     "unchoke_interval": 3,
     "seeding_piece_quota": 4,
@@ -426,7 +429,7 @@ class Swarm:
         self._stats_waiters: list[asyncio.Future[None]] = []
         # the origin's seeder: leechers connected per swarm, and the upload slots they add up to
         self._leechers: dict[lt.torrent_handle, int] = {}
-        self.unchoke_slots = SEEDER_SLOTS_PER_SWARM
+        self.unchoke_slots = SEEDER_SLOTS
         self._slots_task: asyncio.Task[None] | None = None
         self._balanced = settings.fingerprint == SEEDER_FINGERPRINT and "unchoke_slots_limit" not in settings.extra
 
@@ -568,6 +571,7 @@ class Swarm:
         atp.flags = lt.torrent_flags.override_trackers
         if self._balanced:
             atp.flags |= lt.torrent_flags.update_subscribe  # its state updates (_balance_slots)
+            atp.max_uploads = SEEDER_SLOTS  # and no swarm takes more than four
         if seed:
             atp.have_pieces = [True] * meta.num_pieces
             atp.verified_pieces = [True] * meta.num_pieces
@@ -764,15 +768,14 @@ class Swarm:
             await asyncio.wait_for(fut, within)
 
     def _set_unchoke_slots(self) -> None:
-        wanted = max(SEEDER_SLOTS_PER_SWARM,
-                     sum(min(n, SEEDER_SLOTS_PER_SWARM) for n in self._leechers.values()))
+        wanted = max(SEEDER_SLOTS, sum(1 for n in self._leechers.values() if n > 0))
         if wanted != self.unchoke_slots and self._session is not None:
             self.unchoke_slots = wanted
             self._session.apply_settings({"unchoke_slots_limit": wanted})
 
     async def _balance_slots(self) -> None:
-        """The origin's seeder: SEEDER_SLOTS_PER_SWARM upload slots for each swarm being
-        downloaded (from the state updates this asks for: _dispatch)."""
+        """The origin's seeder: an upload slot for each swarm being downloaded, SEEDER_SLOTS at
+        least (from the state updates this asks for: _dispatch)."""
         while True:
             await asyncio.sleep(SLOTS_RECOUNT)
             if self._session is not None:

@@ -1,4 +1,5 @@
-"""The origin's seeder has four upload slots per swarm being downloaded, not four in all.
+"""The origin's seeder has an upload slot for each swarm being downloaded (four at least), not
+four in all, and no swarm more than four.
 
 With the session's four slots shared by every swarm, peers of one swarm waited 3 s turns behind
 peers of others (the soak: 3 MB blobs up to 11 s on loopback, and a node's download that got no
@@ -18,12 +19,12 @@ from aiohttp.test_utils import TestServer
 
 from shoal import metainfo, protocol
 from shoal.oci import Digest
-from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, SEEDER_SLOTS_PER_SWARM, Swarm, SwarmSettings
+from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, SEEDER_SLOTS, Swarm, SwarmSettings
 from tests.integration.conftest import REGISTRATION_TOKEN, Keys, tracker_server
 from tests.support import pki
 from tests.support.procs import free_port
 
-BLOBS = 3
+BLOBS = 6  # swarms: more than the four slots of one
 LEECHERS = 2
 
 
@@ -34,7 +35,7 @@ async def tracker(monkeypatch: pytest.MonkeyPatch, keys: Keys) -> AsyncIterator[
 
 
 async def register(tracker: TestServer, keys: Keys, seed_dir: Path, n: int) -> metainfo.Metainfo:
-    data = random.Random(n).randbytes(8 << 20)
+    data = random.Random(n).randbytes(4 << 20)
     digest = Digest(hashlib.sha256(data).hexdigest())
     (seed_dir / digest.hex).write_bytes(data)
     base = f"http://127.0.0.1:{tracker.port}"
@@ -66,7 +67,7 @@ async def test_every_swarm_gets_its_own_slots(tmp_path: Path, tracker: TestServe
             seeder.add(meta, seed_dir, seed=True)
         for i in range(LEECHERS):
             ip = f"127.0.0.{3 + i}"
-            # slow enough (three 8 MiB blobs at 256 KB/s) to stay leechers throughout
+            # slow enough (six 4 MiB blobs at 256 KB/s) to stay leechers throughout
             leecher = Swarm(SwarmSettings(ip, free_port(ip), AGENT_FINGERPRINT, download_rate_limit=256_000))
             await leecher.start()
             leechers.append(leecher)
@@ -74,9 +75,9 @@ async def test_every_swarm_gets_its_own_slots(tmp_path: Path, tracker: TestServe
             (tmp_path / f"leech{i}").mkdir()
             for meta in metas:
                 leecher.add(meta, tmp_path / f"leech{i}", seed=False)
-        want = BLOBS * min(LEECHERS, SEEDER_SLOTS_PER_SWARM)  # 6: more than the 4 of one swarm
+        want = BLOBS  # a slot per swarm
         async with asyncio.timeout(45):
-            # every leecher of every swarm is uploaded to at once (the choker runs every 3 s)
+            # as many peers are uploaded to at once (the choker runs every 3 s)
             while await unchoked(seeder) < want:
                 for leecher in leechers:
                     for job in leecher.jobs():
@@ -84,15 +85,16 @@ async def test_every_swarm_gets_its_own_slots(tmp_path: Path, tracker: TestServe
                             leecher.force_reannounce(job)
                 await asyncio.sleep(0.5)
         assert seeder.unchoke_slots == want
+        assert all(job.handle.max_uploads() == SEEDER_SLOTS for job in seeder.jobs())  # no swarm more
         assert seeder.session.get_settings()["unchoke_slots_limit"] == want
         assert all(job.have_count < job.meta.num_pieces for leecher in leechers for job in leecher.jobs())
         for leecher in leechers:
             await leecher.stop()
         leechers.clear()
         async with asyncio.timeout(30):  # the leechers left: back to one swarm's four
-            while seeder.unchoke_slots != SEEDER_SLOTS_PER_SWARM:
+            while seeder.unchoke_slots != SEEDER_SLOTS:
                 await asyncio.sleep(0.2)
-        assert seeder.session.get_settings()["unchoke_slots_limit"] == SEEDER_SLOTS_PER_SWARM
+        assert seeder.session.get_settings()["unchoke_slots_limit"] == SEEDER_SLOTS
     finally:
         for leecher in leechers:
             await leecher.stop()
