@@ -23,7 +23,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -76,12 +76,16 @@ PEER_POLL_INTERVAL = 0.5
 # once, whose peers then trade it.
 # Operators can still override these with torrent.libtorrent (a fixed unchoke_slots_limit too).
 SEEDER_SLOTS = 4  # at least, and at most per swarm
+# At most this many in all: an unchoked peer that does not read holds up to send_buffer_watermark
+# (1 MiB) of the origin's memory, and a node can join as many swarms as it is admitted to.
+SEEDER_MAX_SLOTS = 64
 SEEDER_CHOKING: dict[str, int] = {
     "unchoke_slots_limit": SEEDER_SLOTS,
     "seed_choking_algorithm": 0,  # round_robin
     "unchoke_interval": 3,
     "seeding_piece_quota": 4,
 }
+
 SLOTS_RECOUNT = 1.0  # seconds; the choker runs every unchoke_interval (3 s)
 # libtorrent's top piece priority, for the one piece a local client is blocked on (TorrentJob.want).
 HEAD_PIECE_PRIORITY = 7
@@ -93,6 +97,12 @@ LISTEN_WAIT = 10.0
 # for a peer's close_notify); the session's destructor would wait for it holding the GIL, so
 # the event loop stood still at shutdown. Stop waits for those instead, with the loop running.
 TLS_CLOSE_GRACE = 3.0
+
+
+
+def seeder_slots(leechers: Iterable[int]) -> int:
+    """The origin's upload slots for swarms with these numbers of leechers connected."""
+    return min(max(SEEDER_SLOTS, sum(1 for n in leechers if n > 0)), SEEDER_MAX_SLOTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -768,7 +778,7 @@ class Swarm:
             await asyncio.wait_for(fut, within)
 
     def _set_unchoke_slots(self) -> None:
-        wanted = max(SEEDER_SLOTS, sum(1 for n in self._leechers.values() if n > 0))
+        wanted = seeder_slots(self._leechers.values())
         if wanted != self.unchoke_slots and self._session is not None:
             self.unchoke_slots = wanted
             self._session.apply_settings({"unchoke_slots_limit": wanted})

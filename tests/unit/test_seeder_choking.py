@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import asyncio
 
-from shoal.swarm import AGENT_FINGERPRINT, SEEDER_CHOKING, SEEDER_FINGERPRINT, Swarm, SwarmSettings
+from shoal.swarm import (
+    AGENT_FINGERPRINT,
+    SEEDER_CHOKING,
+    SEEDER_FINGERPRINT,
+    SEEDER_MAX_SLOTS,
+    Swarm,
+    SwarmSettings,
+    seeder_slots,
+)
 from tests.support.procs import free_port
 
 
@@ -41,3 +49,11 @@ def test_the_running_seeder_session_has_them() -> None:
 
     live = asyncio.run(run())
     assert live["unchoke_slots_limit"] == 4 and live["seeding_piece_quota"] == 4
+
+
+def test_the_seeders_slots_follow_the_swarms_being_downloaded() -> None:
+    """One per swarm with leechers, four at least (a rollout's single swarm, as measured in
+    bench/RESULTS.md §17), and a bound: a node can join every swarm it is admitted to."""
+    assert seeder_slots([]) == seeder_slots([0, 0, 9]) == seeder_slots([16, 16, 16, 16]) == 4
+    assert seeder_slots([1, 2, 0, 40, 1, 1, 3]) == 6
+    assert seeder_slots([1] * 1000) == SEEDER_MAX_SLOTS == 64
