@@ -175,7 +175,7 @@ def build(config: AgentConfig) -> web.Application:
                 assert membership is not None
                 shipper = Shipper(journal, [(name, membership.origins[name]) for name in membership.ranked_for_node()],
                                   node=config.node, key=node_key.private_key, before=membership.enroll_at,
-                                  not_enrolled=membership.forget_enrollment, roll_bytes=config.journal.roll_bytes)
+                                  not_enrolled=membership.forget_enrollment, roll_bytes=config.journal.roll_size)
                 task = asyncio.create_task(shipper.run())
                 stack.push_async_callback(_cancel, task)
                 registry.register(JournalCollector(journal, shipper))

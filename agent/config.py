@@ -54,6 +54,9 @@ class AuthSettings:
             raise ConfigError(f"{prefix}.stale_decision_max_age: must be at least decision_ttl")
 
 
+DEFAULT_ROLL_BYTES = 1 << 20
+
+
 @dataclass(frozen=True, slots=True)
 class JournalSettings:
     # A journal segment is closed and a new one started at this size.
@@ -66,12 +69,25 @@ class JournalSettings:
     # is the operator's).
     max_disk_bytes: Annotated[int | None, SIZE] = None
     # Shipped records kept on disk: once the collector has everything and the open segment holds
-    # this much, the segment is closed and deleted (about 2,000 requests at 1 MiB).
-    roll_bytes: Annotated[int, SIZE] = 1 << 20
+    # this much, the segment is closed and deleted (about 2,000 requests at 1 MiB). Unset: 1 MiB,
+    # or less to fit max_segment_bytes and half of max_disk_bytes.
+    roll_bytes: Annotated[int | None, SIZE] = None
 
     def validate(self, prefix: str) -> None:
+        if self.roll_bytes is None:
+            return
         if not 64 << 10 <= self.roll_bytes <= self.max_segment_bytes:
             raise ConfigError(f"{prefix}.roll_bytes: must be between 64KiB and max_segment_bytes")
+        if self.max_disk_bytes is not None and self.roll_bytes > self.max_disk_bytes // 2:
+            # the journal would reach its budget before the roll: every request refused for good
+            raise ConfigError(f"{prefix}.roll_bytes: must be at most half of max_disk_bytes")
+
+    @property
+    def roll_size(self) -> int:
+        if self.roll_bytes is not None:
+            return self.roll_bytes
+        fits = [DEFAULT_ROLL_BYTES, self.max_segment_bytes]
+        return min(fits if self.max_disk_bytes is None else [*fits, self.max_disk_bytes // 2])
 
 
 @dataclass(frozen=True, slots=True)

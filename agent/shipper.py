@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from shoal import errors, protocol
 from shoal.clients import ApiError, OriginClient
 from shoal.flights import Backoff
-from shoal_agent.config import JournalSettings
+from shoal_agent.config import DEFAULT_ROLL_BYTES
 from shoal_agent.journal import Journal, segments
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ BATCH_RECORDS = 500
 # it stays under the limit however many of them are non-ASCII).
 BATCH_BYTES = 512 << 10
 # Shipped records kept on disk before the segment is rolled and deleted (journal.roll_bytes).
-ROLL_BYTES = JournalSettings().roll_bytes
+ROLL_BYTES = DEFAULT_ROLL_BYTES
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
 
 

@@ -84,9 +84,13 @@ SEEDER_CHOKING: dict[str, int] = {
     "seed_choking_algorithm": 0,  # round_robin
     "unchoke_interval": 3,
     "seeding_piece_quota": 4,
+    # one, however many slots: libtorrent's default (a fifth of the slots) would let a rollout's
+    # swarm have 12 more peers on the seeder at 64 slots (optimistic unchokes skip max_uploads)
+    "num_optimistic_unchoke_slots": 1,
 }
 
 SLOTS_RECOUNT = 1.0  # seconds; the choker runs every unchoke_interval (3 s)
+SLOTS_RECHECK = 10  # every tenth recount asks the swarms counted directly
 # libtorrent's top piece priority, for the one piece a local client is blocked on (TorrentJob.want).
 HEAD_PIECE_PRIORITY = 7
 # Time given at shutdown for "stopped" announces to reach the tracker.
@@ -678,9 +682,7 @@ class Swarm:
         if isinstance(alert, lt.state_update_alert) and self._balanced:
             # torrents whose status changed since the last post_torrent_updates (every second
             # while they upload, and once more when they stop)
-            for status in alert.status:
-                self._leechers[status.handle] = max(int(status.num_peers) - int(status.num_seeds), 0)
-            self._set_unchoke_slots()
+            self._count_leechers(alert.status)
             return
         if isinstance(alert, lt.torrent_removed_alert):
             fut = self._removals.get(alert.torrent_name)
@@ -777,6 +779,21 @@ class Swarm:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(fut, within)
 
+    def _count_leechers(self, statuses: Iterable[lt.torrent_status]) -> None:
+        """Swarms' leechers from their torrents' status. Only torrents still seeded count: a
+        status taken just before a removal can arrive after it, and libtorrent never reports
+        that torrent again. Swarms without leechers are dropped, not kept at 0."""
+        live = {job.handle for job in self._jobs.values()}
+        for status in statuses:
+            leechers = int(status.num_peers) - int(status.num_seeds)
+            if leechers > 0 and status.handle in live:
+                self._leechers[status.handle] = leechers
+            else:
+                self._leechers.pop(status.handle, None)
+        for gone in [h for h in self._leechers if h not in live]:
+            del self._leechers[gone]
+        self._set_unchoke_slots()
+
     def _set_unchoke_slots(self) -> None:
         wanted = seeder_slots(self._leechers.values())
         if wanted != self.unchoke_slots and self._session is not None:
@@ -786,10 +803,17 @@ class Swarm:
     async def _balance_slots(self) -> None:
         """The origin's seeder: an upload slot for each swarm being downloaded, SEEDER_SLOTS at
         least (from the state updates this asks for: _dispatch)."""
+        ticks = 0
         while True:
             await asyncio.sleep(SLOTS_RECOUNT)
-            if self._session is not None:
-                self._session.post_torrent_updates(0)  # the basic fields: handle, peers, seeds
+            if self._session is None:
+                continue
+            self._session.post_torrent_updates(0)  # the basic fields: handle, peers, seeds
+            ticks += 1
+            if ticks % SLOTS_RECHECK == 0:
+                # libtorrent reports a torrent while it moves bytes: a peer that fell silent
+                # before it left would stay counted (at most connections_limit handles to ask)
+                self._count_leechers([h.status(0) for h in list(self._leechers) if h.is_valid()])
 
     async def _poll_stats(self) -> None:
         while True:

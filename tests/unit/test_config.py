@@ -71,6 +71,9 @@ def test_durations(text: Any, value: float) -> None:
      "upstreams[0].name: '..' cannot name a directory"),
     (agent_doc(journal={"roll_bytes": "4KiB"}), "journal.roll_bytes: must be between 64KiB and max_segment_bytes"),
     (agent_doc(journal={"roll_bytes": "2MiB", "max_segment_bytes": "1MiB"}), "journal.roll_bytes: must be between"),
+    # the journal would fill its budget before rolling, and refuse every request for good (attack20)
+    (agent_doc(journal={"roll_bytes": "512KiB", "max_disk_bytes": "256KiB"}),
+     "journal.roll_bytes: must be at most half of max_disk_bytes"),
 ])
 def test_agent_errors_name_the_key(doc: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -84,8 +87,17 @@ def test_agent_defaults() -> None:
     assert cfg.cache.max_bytes == 1 << 30
     assert cfg.swarm.threshold == 1 << 20
     assert cfg.tracker is None and cfg.listen == "127.0.0.1:5050"
-    assert cfg.journal.roll_bytes == 1 << 20 and agent_config.load(agent_doc(journal={"roll_bytes": "128KiB"})
-                                                                    ).journal.roll_bytes == 128 << 10
+    assert cfg.journal.roll_size == 1 << 20 and agent_config.load(agent_doc(journal={"roll_bytes": "128KiB"})
+                                                                   ).journal.roll_size == 128 << 10
+
+
+@pytest.mark.parametrize(("journal", "roll"), [
+    ({"max_segment_bytes": "512KiB"}, 512 << 10),  # loaded before roll_bytes was a key: still does
+    ({"max_disk_bytes": "256KiB"}, 128 << 10),  # rolls before the budget is reached
+    ({"roll_bytes": "128KiB", "max_disk_bytes": "256KiB"}, 128 << 10),
+])
+def test_the_journal_roll_fits_the_segment_and_the_disk_budget(journal: dict[str, str], roll: int) -> None:
+    assert agent_config.load(agent_doc(journal=journal)).journal.roll_size == roll
 
 
 def test_tracker_needs_a_token_source() -> None:

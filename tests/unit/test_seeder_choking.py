@@ -26,7 +26,8 @@ def settings(fingerprint: str, **extra: int) -> SwarmSettings:
 def test_the_seeder_unchokes_four_peers_in_turn() -> None:
     packed = settings(SEEDER_FINGERPRINT).pack()
     assert {k: packed[k] for k in SEEDER_CHOKING} == {"unchoke_slots_limit": 4, "seed_choking_algorithm": 0,
-                                                      "unchoke_interval": 3, "seeding_piece_quota": 4}
+                                                      "unchoke_interval": 3, "seeding_piece_quota": 4,
+                                                      "num_optimistic_unchoke_slots": 1}
 
 
 def test_agents_unchoke_every_peer() -> None:

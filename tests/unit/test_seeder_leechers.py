@@ -1,0 +1,81 @@
+"""The origin's per-swarm leecher counts (Swarm._leechers) do not outlive their torrents (attack20).
+
+A state_update_alert that libtorrent built before a removal (post_torrent_updates is posted every
+second, and the alert reaches _dispatch at the next _drain) still carries the removed handle with
+its peers; libtorrent never reports that torrent again. Counted, it kept an upload slot for good,
+and the seeder's slots grew with every eviction of a busy torrent."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any, cast
+
+import libtorrent as lt
+import pytest
+
+from shoal.swarm import SEEDER_FINGERPRINT, SEEDER_SLOTS, Swarm, SwarmSettings
+
+
+class FakeStateUpdate:
+    def __init__(self, status: list[Any]) -> None:
+        self.status = status
+
+
+class FakeRemoved:
+    def __init__(self, name: str) -> None:
+        self.torrent_name = name
+
+
+class StubSession:
+    """Only what remove() and _set_unchoke_slots() call. libtorrent handles its calls in order on its
+    network thread: the post_torrent_updates of the last recount is answered before the removal,
+    and both alerts arrive after remove() has already dropped the count."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        self.swarm = swarm
+        self.limit = SEEDER_SLOTS
+
+    def apply_settings(self, settings: dict[str, int]) -> None:
+        self.limit = settings.get("unchoke_slots_limit", self.limit)
+
+    def remove_torrent(self, handle: object, flags: int = 0) -> None:
+        loop = asyncio.get_running_loop()
+        name = next(n for n, h in self.swarm._test_handles.items() if h is handle)  # type: ignore[attr-defined]
+        # the state update taken at the last recount, while three leechers were connected
+        loop.call_soon(cast(Any, self.swarm._dispatch), FakeStateUpdate([SimpleNamespace(handle=handle, num_peers=3,
+                                                                                num_seeds=0)]))
+        loop.call_soon(cast(Any, self.swarm._dispatch), FakeRemoved(name))
+
+
+@pytest.fixture
+def fake_alerts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lt, "state_update_alert", FakeStateUpdate, raising=False)
+    monkeypatch.setattr(lt, "torrent_removed_alert", FakeRemoved, raising=False)
+
+
+def test_removed_torrents_do_not_keep_upload_slots(fake_alerts: None) -> None:
+    async def run() -> tuple[int, int, int]:
+        seeder = Swarm(SwarmSettings("127.0.0.1", 1, SEEDER_FINGERPRINT))
+        session = StubSession(seeder)
+        seeder._session = session  # type: ignore[assignment]
+        seeder._test_handles = {}  # type: ignore[attr-defined]
+        names = [f"{i:064x}" for i in range(8)]
+        for name in names:
+            handle = object()  # (torrent_handle hashes by its torrent: any distinct key will do)
+            seeder._test_handles[name] = handle  # type: ignore[attr-defined]
+            seeder._jobs[name] = SimpleNamespace(handle=handle, _on_error=lambda _m: None)  # type: ignore[assignment]
+        # every swarm being downloaded: eight slots
+        cast(Any, seeder._dispatch)(FakeStateUpdate([SimpleNamespace(handle=h, num_peers=3, num_seeds=0)
+                                          for h in seeder._test_handles.values()]))  # type: ignore[attr-defined]
+        assert seeder.unchoke_slots == 8
+        for name in names:  # the store evicts them all (Seeder._on_evict -> Swarm.remove)
+            await seeder.remove(name)
+        await asyncio.sleep(0)
+        seeder._session = None
+        return len(seeder._jobs), len(seeder._leechers), session.limit
+
+    jobs, counted, limit = asyncio.run(run())
+    assert jobs == 0
+    # no torrent left in the session: back to one swarm's four, and nothing counted
+    assert (counted, limit) == (0, SEEDER_SLOTS), f"{counted} removed torrents still counted, {limit} slots"
