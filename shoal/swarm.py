@@ -67,7 +67,7 @@ PEER_POLL_INTERVAL = 0.5
 # 1.5-1.7 copies and 27 s instead of 43 s for 16 nodes at 5 MB/s (bench/RESULTS.md §17).
 # Four at least, and one per swarm being downloaded: libtorrent's slots are the session's, and an
 # origin serving many swarms at once (a soak's two nodes pulling a dozen blobs each) had every
-# peer wait 3 s turns behind peers of other swarms, with which it shares no piece (3 MB blobs took
+# peer wait for turns behind peers of other swarms, with which it shares no piece (3 MB blobs took
 # up to 11 s on loopback, p99 7 s, and a download that got no piece for 10 s fell back to the
 # registry). So the session's slots are recounted every second from the swarms that have
 # leechers connected (Swarm._balance_slots), and no swarm takes more than four. Not four per
@@ -101,7 +101,6 @@ LISTEN_WAIT = 10.0
 # for a peer's close_notify); the session's destructor would wait for it holding the GIL, so
 # the event loop stood still at shutdown. Stop waits for those instead, with the loop running.
 TLS_CLOSE_GRACE = 3.0
-
 
 
 def seeder_slots(leechers: Iterable[int]) -> int:
