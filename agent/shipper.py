@@ -45,8 +45,6 @@ BATCH_RECORDS = 500
 # protocol.JOURNAL_MAX_BODY (a line is at most audit.MAX_RECORD_BYTES of escaped JSON, so
 # it stays under the limit however many of them are non-ASCII).
 BATCH_BYTES = 512 << 10
-# Shipped records kept on disk before the segment is rolled and deleted (journal.roll_bytes).
-ROLL_BYTES = DEFAULT_ROLL_BYTES
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
 
 
@@ -60,7 +58,7 @@ class Batch:
 
 class Shipper:
     def __init__(self, journal: Journal, collector: OriginClient | Sequence[tuple[str, OriginClient]], *, node: str,
-                 key: Ed25519PrivateKey, roll_bytes: int = ROLL_BYTES,
+                 key: Ed25519PrivateKey, roll_bytes: int = DEFAULT_ROLL_BYTES,
                  before: Callable[[str], Awaitable[None]] | None = None,
                  not_enrolled: Callable[[str], None] | None = None, cooldown: float = RETRY_MAX) -> None:
         """`collector`: one origin, or several as (name, client) in the order to try them;

@@ -1,7 +1,7 @@
 """The origin's seeder has an upload slot for each swarm being downloaded (four at least), not
 four in all, and no swarm more than four.
 
-With the session's four slots shared by every swarm, peers of one swarm waited 3 s turns behind
+With the session's four slots shared by every swarm, peers of one swarm waited for turns behind
 peers of others (the soak: 3 MB blobs up to 11 s on loopback, and a node's download that got no
 piece for 10 s fell back to the registry)."""
 

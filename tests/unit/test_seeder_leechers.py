@@ -35,17 +35,17 @@ class StubSession:
     def __init__(self, swarm: Swarm) -> None:
         self.swarm = swarm
         self.limit = SEEDER_SLOTS
+        self.names: dict[object, str] = {}  # handle -> torrent name
 
     def apply_settings(self, settings: dict[str, int]) -> None:
         self.limit = settings.get("unchoke_slots_limit", self.limit)
 
     def remove_torrent(self, handle: object, flags: int = 0) -> None:
+        dispatch = cast(Any, self.swarm._dispatch)
         loop = asyncio.get_running_loop()
-        name = next(n for n, h in self.swarm._test_handles.items() if h is handle)  # type: ignore[attr-defined]
         # the state update taken at the last recount, while three leechers were connected
-        loop.call_soon(cast(Any, self.swarm._dispatch), FakeStateUpdate([SimpleNamespace(handle=handle, num_peers=3,
-                                                                                num_seeds=0)]))
-        loop.call_soon(cast(Any, self.swarm._dispatch), FakeRemoved(name))
+        loop.call_soon(dispatch, FakeStateUpdate([SimpleNamespace(handle=handle, num_peers=3, num_seeds=0)]))
+        loop.call_soon(dispatch, FakeRemoved(self.names[handle]))
 
 
 @pytest.fixture
@@ -58,18 +58,16 @@ def test_removed_torrents_do_not_keep_upload_slots(fake_alerts: None) -> None:
     async def run() -> tuple[int, int, int]:
         seeder = Swarm(SwarmSettings("127.0.0.1", 1, SEEDER_FINGERPRINT))
         session = StubSession(seeder)
-        seeder._session = session  # type: ignore[assignment]
-        seeder._test_handles = {}  # type: ignore[attr-defined]
-        names = [f"{i:064x}" for i in range(8)]
-        for name in names:
+        seeder._session = cast(Any, session)
+        for i in range(8):
             handle = object()  # (torrent_handle hashes by its torrent: any distinct key will do)
-            seeder._test_handles[name] = handle  # type: ignore[attr-defined]
-            seeder._jobs[name] = SimpleNamespace(handle=handle, _on_error=lambda _m: None)  # type: ignore[assignment]
+            session.names[handle] = f"{i:064x}"
+            seeder._jobs[f"{i:064x}"] = cast(Any, SimpleNamespace(handle=handle, _on_error=lambda _m: None))
         # every swarm being downloaded: eight slots
         cast(Any, seeder._dispatch)(FakeStateUpdate([SimpleNamespace(handle=h, num_peers=3, num_seeds=0)
-                                          for h in seeder._test_handles.values()]))  # type: ignore[attr-defined]
+                                                     for h in session.names]))
         assert seeder.unchoke_slots == 8
-        for name in names:  # the store evicts them all (Seeder._on_evict -> Swarm.remove)
+        for name in list(session.names.values()):  # the store evicts them all (Seeder._on_evict -> Swarm.remove)
             await seeder.remove(name)
         await asyncio.sleep(0)
         seeder._session = None
