@@ -10,7 +10,8 @@ client reading the blob attaches to it:
    1a. a blob the origin is still to fetch: it answers at once with a relay ticket, and the
    bytes of its fetch stream into the file libtorrent will use (whole-blob readers take them
    as they come, unverified, as from the registry) until the next admission brings the
-   metainfo; libtorrent then checks the file and keeps every whole piece that matches;
+   metainfo; libtorrent then checks the file and keeps every whole piece that matches. The
+   relayed bytes start the node's one hash (below) as they are written;
 2. join the swarm, with deadlines: a first verified piece within `first_piece_timeout`, then
    no gap longer than `stall_timeout`;
 3. once complete: flush, sha256 the file from disk, let libtorrent rename it into `blobs/`
@@ -29,7 +30,9 @@ read for a client; a whole-blob reader that sends exactly those pieces (the same
 borrows the hash's state instead of hashing them again, and the cache takes the file on the
 strength of that one hash. What no client read is hashed from the flushed file before the blob
 is committed (as the whole file was before). A reader that falls behind the few pieces kept
-for it hashes the rest on its own, from the state it had.
+for it hashes the rest on its own, from the state it had. A relayed prefix (1a) is hashed as it
+is written, and whole-blob readers share it the same way; if libtorrent's check of the file
+replaced a relayed piece, the hash does not match and the file is hashed again whole.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
     from hashlib import _Hash as Hash
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EMPTY_DIGEST = Digest(hashlib.sha256(b"").hexdigest())
 # A reader gives up when nothing at all happens for this long; the download's own deadlines
@@ -84,17 +88,22 @@ SHARED_WINDOW = 1 << 20
 
 
 class WholeHash:
-    """The blob's sha256, once per node, over whole verified pieces fed in order.
+    """The blob's sha256, once per node, over its bytes fed in order: the relay's chunks as they
+    are written (1a), then verified pieces (or the rest of a piece after a relayed prefix).
 
-    Each piece fed is kept a while (SHARED_WINDOW) with a copy of the hash's state after it: a
+    Each chunk fed is kept a while (SHARED_WINDOW) with a copy of the hash's state after it: a
     reader that sends exactly that bytes object right after the previous kept one borrows the
-    state instead of hashing the piece itself (see _Sent)."""
+    state instead of hashing the chunk itself (see _Sent). A relayed chunk is kept marked
+    unverified: only a whole-blob reader, which holds back its end until the digest matches,
+    may send it."""
 
-    def __init__(self, num_pieces: int, on_hashed: Callable[[int], None], window: int = SHARED_WINDOW) -> None:
-        self.num_pieces = num_pieces
-        self.next = 0  # the piece the hash takes next
+    def __init__(self, size: int, on_hashed: Callable[[int], None], window: int = SHARED_WINDOW) -> None:
+        self.size = size
+        self.next = 0  # the offset the hash takes next
+        self.relayed = 0  # bytes of the hash that came from the relay (not read from the torrent)
         self._sha = hashlib.sha256()
-        self._kept: dict[int, tuple[bytes, Hash]] = {}  # piece -> (its bytes, the state after it)
+        # offset -> (the bytes fed there, the state after them, whether they are verified pieces)
+        self._kept: dict[int, tuple[bytes, Hash, bool]] = {}
         self._kept_bytes = 0
         self._window = window
         self._on_hashed = on_hashed
@@ -114,44 +123,50 @@ class WholeHash:
         self._notify()
 
     async def wait_change(self, within: float) -> bool:
-        """Whether a piece was fed or a follower left within `within` seconds."""
+        """Whether a chunk was fed or a follower left within `within` seconds."""
         try:
             await asyncio.wait_for(self._changed.wait(), within)
         except TimeoutError:
             return False
         return True
 
-    def get(self, index: int) -> tuple[bytes, Hash] | None:
-        return self._kept.get(index)
+    def get(self, offset: int, *, verified: bool) -> tuple[bytes, Hash] | None:
+        """The chunk kept at `offset` and the state after it (with `verified`: only a verified one)."""
+        kept = self._kept.get(offset)
+        if kept is None or (verified and not kept[2]):
+            return None
+        return kept[0], kept[1]
 
-    def feed(self, index: int, data: bytes) -> tuple[bytes, Hash] | None:
-        """Take piece `index` if it is the next one; its entry (or None: not the next one)."""
-        if index != self.next or index >= self.num_pieces:
+    def feed(self, offset: int, data: bytes, *, verified: bool = True) -> tuple[bytes, Hash] | None:
+        """Take `data` if it is the blob's next bytes; its entry (or None: not the next ones)."""
+        if offset != self.next or not data or offset + len(data) > self.size:
             return None
         self._sha.update(data)
         self._on_hashed(len(data))
-        self.next += 1
+        self.next += len(data)
+        if not verified:
+            self.relayed += len(data)
         self._notify()
-        entry = (data, self._sha.copy())
-        self._kept[index] = entry
+        state = self._sha.copy()
+        self._kept[offset] = (data, state, verified)
         self._kept_bytes += len(data)
         while self._kept_bytes > self._window and len(self._kept) > 2:
             oldest = next(iter(self._kept))
             self._kept_bytes -= len(self._kept.pop(oldest)[0])
-        return entry
+        return data, state
 
     @property
     def complete(self) -> bool:
-        return self.next == self.num_pieces
+        return self.next == self.size
 
     def hexdigest(self) -> str:
         return self._sha.hexdigest()
 
 
 class _Sent:
-    """The sha256 of what one whole-blob reader has sent. While every chunk it sent was a piece
-    the download's WholeHash took, in order (the same objects), it holds that hash's state after
-    the last one; from its first other chunk on, it hashes on its own from there."""
+    """The sha256 of what one whole-blob reader has sent. While every chunk it sent was one the
+    download's WholeHash took, in order (the same objects), it holds that hash's state after the
+    last one; from its first other chunk on, it hashes on its own from there."""
 
     def __init__(self, on_hashed: Callable[[int], None]) -> None:
         self.state = hashlib.sha256()
@@ -265,23 +280,32 @@ class Download:
                         pos += len(chunk)
                 return
             job, shared = self.job, self.whole
+            # A chunk the one hash took at `pos` (a verified one unless this reader checks the
+            # whole blob: a relayed chunk is unverified, see WholeHash).
+            entry = shared.get(pos, verified=not whole) if shared is not None else None
+            if entry is not None:
+                data, kept = entry
+                chunk = data[: end - pos]
+                yield chunk, kept if len(chunk) == len(data) else None
+                pos += len(chunk)
+                last_progress = time.monotonic()
+                continue
             if job is not None and job.failed is None:
                 index = pos // job.meta.piece_length
                 if job.has_piece(index):
                     start = pos - index * job.meta.piece_length
-                    entry = shared.get(index) if shared is not None and start == 0 else None
-                    if entry is None:
-                        try:
-                            data = await job.read_piece(index)
-                        except errors.SwarmUnavailable:
-                            continue  # the torrent went away (fallback): the file will come
-                        if shared is not None and start == 0:
-                            # another reader may have fed it meanwhile: then theirs is the one hashed
-                            entry = shared.get(index) or shared.feed(index, data)
+                    try:
+                        data = await job.read_piece(index)
+                    except errors.SwarmUnavailable:
+                        continue  # the torrent went away (fallback): the file will come
+                    data = data[start:] if start else data
                     state = None
-                    if entry is not None:
-                        data, state = entry
-                    chunk = data[start : start + (end - pos)]
+                    if shared is not None:
+                        # another reader may have fed it meanwhile: then theirs is the one hashed
+                        entry = shared.get(pos, verified=True) or shared.feed(pos, data)
+                        if entry is not None:
+                            data, state = entry
+                    chunk = data[: end - pos]
                     if not chunk:
                         raise errors.IntegrityError(f"piece {index} of {self.digest} is short")
                     yield chunk, state if len(chunk) == len(data) else None
@@ -290,8 +314,9 @@ class Download:
                     continue
                 job.want(index)
             if whole and self.partial is not None and pos < self.written:
-                # From the registry: not verified piece by piece, so only a whole-blob reader takes
-                # it, and its last chunk waits for the digest (see stream).
+                # From the registry, or relayed bytes the hash no longer keeps: not verified piece
+                # by piece, so only a whole-blob reader takes them, and its last chunk waits for
+                # the digest (see stream).
                 try:
                     chunk = await asyncio.to_thread(_pread, self.partial, pos, min(self.written, end) - pos)
                 except FileNotFoundError:
@@ -374,24 +399,27 @@ class Download:
         # The relay sends the bytes the origin fetches from this registry (it sends nothing if
         # it fetches from another): this registry's bytes, as on the registry path.
         self.sources.add(self.upstream.name)
+        # The relay's bytes start the one hash (readers share it as they share pieces, and the
+        # commit hashes from the file only what the relay did not bring).
+        whole = self.whole = self._new_hash()
         self.chosen.set()
         self._notify()
-        relay = asyncio.create_task(self._take_relay(relayed, partial))
+        relay = asyncio.create_task(self._take_relay(relayed, partial, whole))
         try:
             answer = await membership.admit(self.upstream, self.repo, self.digest, self.authorization)
             if not isinstance(answer, Admitted):
                 raise SwarmFailure("origin_error", "the origin did not answer the admission with the metainfo")
             return answer
         except BaseException:
-            self.partial = None  # (readers must not spin on a file that is going away)
+            self.partial = self.whole = None  # (readers must not spin on a file that is going away)
             await asyncio.to_thread(partial.unlink, missing_ok=True)
             raise
         finally:
             relay.cancel()
             await asyncio.gather(relay, return_exceptions=True)
 
-    async def _take_relay(self, relayed: Relayed, partial: Path) -> None:
-        fd = await asyncio.to_thread(os.open, partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    async def _take_relay(self, relayed: Relayed, partial: Path, whole: WholeHash) -> None:
+        fd = await _in_thread(os.open, partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, undo=os.close)
         try:
             chunks = relayed.origin.relay(self.digest, relayed.ticket, connect=RELAY_CONNECT_TIMEOUT,
                                           idle=self.deps.policy.stall_timeout)
@@ -401,7 +429,8 @@ class Download:
                         log.warning("the origin relayed more than the %d bytes of %s: relay dropped", self.size,
                                     self.digest)
                         return
-                    await asyncio.to_thread(os.pwrite, fd, chunk, self.written)
+                    await _in_thread(_pwrite_all, fd, chunk, self.written)
+                    whole.feed(self.written, chunk, verified=False)
                     self.written += len(chunk)
                     self.deps.metrics.relay_bytes.inc(len(chunk))
                     self._notify()
@@ -508,9 +537,14 @@ class Download:
         while self._notify in job.listeners:
             job.listeners.remove(self._notify)
 
+    def _new_hash(self) -> WholeHash:
+        return WholeHash(self.size, self.deps.metrics.blob_hash_bytes.labels("download").inc)
+
     def attach(self, job: TorrentJob) -> None:
-        """Readers take the blob from `job`'s verified pieces from now on."""
-        self.whole = WholeHash(job.meta.num_pieces, self.deps.metrics.blob_hash_bytes.labels("download").inc)
+        """Readers take the blob from `job`'s verified pieces from now on (after the relay's
+        bytes, if it brought some: the one hash goes on from them)."""
+        if self.whole is None:
+            self.whole = self._new_hash()
         self.job = job
         self.chosen.set()
         job.listeners.append(self._notify)
@@ -537,13 +571,19 @@ class Download:
                 left = deadline - time.monotonic()
                 following = left > 0 and await whole.wait_change(left)
                 continue
-            index = whole.next
-            data = await asyncio.to_thread(_pread_exact, partial, index * length,
-                                           min(length, self.size - index * length))
-            whole.feed(index, data)  # unless a reader fed it meanwhile (then `next` moved on)
+            at = whole.next  # to the end of its piece (a relay may have stopped within one)
+            data = await asyncio.to_thread(_pread_exact, partial, at, min(length - at % length, self.size - at))
+            whole.feed(at, data)  # unless a reader fed it meanwhile (then `next` moved on)
             self._notify()
-        if whole.hexdigest() != self.digest.hex:
+        if whole.hexdigest() == self.digest.hex:
+            return
+        if not whole.relayed:
             raise errors.IntegrityError(f"the swarm's bytes of {self.digest} do not match it")
+        # The relay is unverified: libtorrent's check of the file found a relayed piece wrong and
+        # the swarm replaced it, so the file is not what the hash took. The file decides.
+        log.warning("the relay's bytes of %s were not the blob's: hashing the file again", self.digest)
+        await asyncio.to_thread(sha256_file, partial, self.digest)
+        self.deps.metrics.blob_hash_bytes.labels("download").inc(self.size)
 
     async def _from_registry(self, admitted: Admitted | None) -> None:
         self.source = "registry"
@@ -585,6 +625,30 @@ class Download:
 def _pread(path: Path, offset: int, length: int) -> bytes:
     with open(path, "rb", buffering=0) as f:
         return os.pread(f.fileno(), min(length, READ_CHUNK), offset)
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any, undo: Callable[[T], object] | None = None) -> T:
+    """fn(*args) in a thread, awaited to its end even when the caller is cancelled meanwhile (the
+    cancellation follows, after `undo` of its result): asyncio cannot stop the thread, and the
+    relay's file descriptor, closed at once, could have been reused by another open() before a
+    write still to run in that thread."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait({work})
+        if undo is not None and not work.cancelled() and work.exception() is None:
+            undo(work.result())
+        raise
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:  # (a regular file's pwrite may write less than asked, on a nearly full disk)
+        n = os.pwrite(fd, view, offset)
+        if n == 0:
+            raise OSError(28, "no space left on device")
+        view, offset = view[n:], offset + n
 
 
 def _pread_exact(path: Path, offset: int, length: int) -> bytes:

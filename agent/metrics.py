@@ -75,8 +75,9 @@ class AgentMetrics:
         self.integrity_failures = Known(Counter("shoal_agent_integrity_failures_total",
                                                 "Blobs whose bytes did not hash to their digest", ["source"],
                                                 registry=registry), DOWNLOAD_SOURCES)
-        # A blob from the swarm is hashed once per node ("download": pieces as they are first read
-        # for a client, and what no client read from the file before it enters the cache); "reader":
+        # A blob from the swarm is hashed once per node ("download": a relayed prefix as it is
+        # written, pieces as they are first read for a client, and what neither brought from the
+        # file before it enters the cache; the whole file again if the relay was wrong); "reader":
         # bytes a whole-blob reader hashed on its own (the registry path, a cached tail, a reader
         # behind the others). Both over the bytes delivered tell how many passes a blob took.
         self.blob_hash_bytes = Known(Counter("shoal_agent_blob_hash_bytes_total",

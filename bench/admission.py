@@ -89,10 +89,12 @@ def get(listen: str, path: str, authorization: str | None, digest: str) -> tuple
 
 
 @contextlib.contextmanager
-def cluster(tree: Path, registry: Registry, work: Path, auths: tuple[str, ...]) -> Iterator[list[str]]:
+def cluster(tree: Path, registry: Registry, work: Path, auths: tuple[str, ...],
+            pids: dict[str, int] | None = None) -> Iterator[list[str]]:
     """A fresh tracker, origin and one agent per `auths` entry (its `unauthenticated` mode) of
     `tree`, for `registry` (the origin as "seeder", node-mode agents as "node"): the agents'
-    addresses, ready and enrolled; all stopped on leaving."""
+    addresses, ready and enrolled; all stopped on leaving. `pids` gets each process's pid by
+    name (tracker, origin, agent0, ...)."""
     work.mkdir(parents=True)
     (work / "node.pw").write_text(USERS["node"])
     (work / "seeder.pw").write_text(USERS["seeder"])
@@ -117,6 +119,9 @@ def cluster(tree: Path, registry: Registry, work: Path, auths: tuple[str, ...]) 
                                node=f"node{n}", tracker=cfg.tracker_url, auth={"unauthenticated": auth})
             procs.append(start(tree, f"agent{n}", config, work))
             agents.append(listen)
+        if pids is not None:
+            pids.update(zip(["tracker", "origin", *(f"agent{n}" for n in range(len(auths)))],
+                            (p.pid for p in procs), strict=True))
         time.sleep(1)  # enrollment (the first download also waits for it, up to metainfo_timeout)
         yield agents
     finally:

@@ -42,6 +42,7 @@ class Node:
     download: Download
     job: TorrentJob
     deps: Collaborators
+    seeder_port: int = 0  # the seeder's session (start's; 0: none of its own)
 
     def hashed(self, by: HashedBy) -> float:
         return float(self.deps.metrics.blob_hash_bytes.labels(by)._value.get())
@@ -85,7 +86,7 @@ async def start(tmp_path: Path, digest: Digest) -> AsyncIterator[Node]:
         job = leecher.add(meta, store.downloads_dir, seed=False)
         download.attach(job)
         job.handle.connect_peer(("127.0.0.20", seeder.listen_port))
-        yield Node(download, job, deps)
+        yield Node(download, job, deps, seeder.listen_port)
     finally:
         await leecher.stop()
         await seeder.stop()
@@ -123,7 +124,7 @@ async def finish(node: Node) -> None:
 def window(node: Node, size: int) -> None:
     """How many bytes of pieces the node's one hash keeps for readers behind the first."""
     assert node.download.whole is not None
-    node.download.whole = WholeHash(node.job.meta.num_pieces, node.download.whole._on_hashed, window=size)
+    node.download.whole = WholeHash(len(DATA), node.download.whole._on_hashed, window=size)
 
 
 async def test_two_clients_share_one_hash(node: Node) -> None:

@@ -237,7 +237,7 @@ async def test_a_blob_taken_from_the_swarm_leaves_no_pieces_in_memory(node: Node
     assert node.deps.swarm is not None and node.deps.swarm.job(DIGEST.hex) is node.job  # seeding
     held = [listener for listener in node.job.listeners if getattr(listener, "__self__", None) is node.download]
     kept = node.download.whole._kept if node.download.whole is not None else {}
-    assert not held or not kept, f"the seeding torrent holds {sum(len(d) for d, _ in kept.values())} bytes"
+    assert not held or not kept, f"the seeding torrent holds {sum(len(d) for d, _, _ in kept.values())} bytes"
     # and the cached file is the blob
     assert node.deps.store.path(DIGEST).read_bytes() == DATA
 
