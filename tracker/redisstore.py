@@ -138,8 +138,10 @@ else
     if redis.call('ZCARD', S) + redis.call('ZCARD', L) >= max_peers then listed = false end
   else
     local z, n = zone_node(me)
-    if (z or '') ~= zone or (n or '') ~= node then
-      remove(me)  -- a node that moved zones is no gateway of its old one
+    -- a node that moved zones is no gateway of its old one (a peer without a zone has no node
+    -- recorded here: comparing it would remove and re-add every such peer on every announce)
+    if (z and (z ~= zone or n ~= node)) or (not z and zone ~= '') then
+      remove(me)
       known = false
     end
   end

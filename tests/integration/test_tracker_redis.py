@@ -387,3 +387,33 @@ async def test_two_clusters_cannot_share_a_prefix(aiohttp_client: Any, keys: Key
                                   protocol.SIGNATURE_HEADER: other_keys.sign(meta.raw)})
     assert r.status == 503 and "another cluster" in await r.text()
     assert await registered(ours, meta, keys)
+
+
+async def test_a_peer_without_a_zone_is_not_removed_and_re_added_on_each_announce(redis_server: RedisServer,
+                                                                                   prefix: str) -> None:
+    """attack19 #7: the script compared a zone-less peer's recorded node (none) with its node, so
+    every announce of such a peer (the origin's seeder, every node where no zone is set) removed
+    it (8 ZREMs and 3 HDELs) and wrote it again. A peer that moves into a zone, or to another
+    zone, still leaves its old place."""
+    client, swarms, ih = await one_swarm(redis_server, prefix, ttl=60.0)
+    try:
+        async def hdels() -> int:
+            stats = await client.info("commandstats")
+            return int(stats.get("cmdstat_hdel", {}).get("calls", 0))
+
+        peer = Peer("127.0.0.2", 1, PID, 5, 0.0, node="node-a")
+        await swarms.announce(ih, peer, "started", want=50)
+        before = await hdels()
+        for _ in range(3):
+            assert await swarms.announce(ih, peer, "", want=50) is not None
+        assert await hdels() == before
+        # into a zone, then another: the old zone's entries go (a zoned answer sees only its zone)
+        other = Peer("127.0.0.3", 2, PID, 5, 0.0, zone="b", node="node-b")
+        await swarms.announce(ih, other, "started", want=50)
+        await swarms.announce(ih, Peer("127.0.0.2", 1, PID, 5, 0.0, zone="a", node="node-a"), "", want=50)
+        await swarms.announce(ih, Peer("127.0.0.2", 1, PID, 5, 0.0, zone="b", node="node-a"), "", want=50)
+        assert await client.zrange(f"{swarms._base(ih)}zl:a", 0, -1) == []
+        assert sorted(await client.zrange(f"{swarms._base(ih)}zl:b", 0, -1)) == [b"127.0.0.2|1", b"127.0.0.3|2"]
+        assert await hdels() > before
+    finally:
+        await client.aclose()
