@@ -112,8 +112,9 @@ class Journal:
         if self.max_disk_bytes is not None and self._disk + len(line) > self.max_disk_bytes and \
                 any(doc.get("phase") == "start" for doc in docs):
             # (a client sending 8 KB references wrote 13 MB/s of journal while shipping was down)
-            raise JournalError(f"the pull journal is full ({self._disk} bytes not yet shipped to the collector); "
-                               "nothing is served unrecorded")
+            # (on disk: records not yet shipped, and shipped ones the active segment still holds)
+            raise JournalError(f"the pull journal is full ({self._disk} bytes on disk, at journal.max_disk_bytes: "
+                               "shipping to the collector is behind); nothing is served unrecorded")
         await self._queue(line)
 
     def record_later(self, *docs: dict[str, Any]) -> None:

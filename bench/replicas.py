@@ -112,9 +112,7 @@ def run_case(work: Path, name: str, *, seconds: int, connections: int) -> dict[s
             "redis_script_usec": script_usec,
         }
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(20)
+        services.stop_all(procs)  # (killed after 20 s: a tracker that hangs must not stop the bench)
         for log in logs:
             log.close()
         if redis is not None:

@@ -94,8 +94,6 @@ def run(work: Path, *, seconds: int, connections: int = 32) -> TrackerResult:
                                 script=script)
         return TrackerResult(connections, results["shoal"], results["opentracker"])
     finally:
-        for proc in (shoal, ot):
-            proc.terminate()
-            proc.wait(20)
+        services.stop_all([shoal, ot])  # (killed after 20 s: a tracker that hangs must not stop the bench)
         for log in logs:
             log.close()

@@ -442,9 +442,10 @@ class Swarm:
         self._stats_waiters: list[asyncio.Future[None]] = []
         # the origin's seeder: leechers connected per swarm, and the upload slots they add up to
         self._leechers: dict[lt.torrent_handle, int] = {}
-        self.unchoke_slots = SEEDER_SLOTS
         self._slots_task: asyncio.Task[None] | None = None
         self._balanced = settings.fingerprint == SEEDER_FINGERPRINT and "unchoke_slots_limit" not in settings.extra
+        # None where they are not balanced (an agent's session, or a limit an operator fixed)
+        self.unchoke_slots: int | None = SEEDER_SLOTS if self._balanced else None
 
     @property
     def session(self) -> lt.session:

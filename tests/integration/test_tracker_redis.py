@@ -393,7 +393,7 @@ async def test_a_peer_without_a_zone_is_not_removed_and_re_added_on_each_announc
                                                                                    prefix: str) -> None:
     """attack19 #7: the script compared a zone-less peer's recorded node (none) with its node, so
     every announce of such a peer (the origin's seeder, every node where no zone is set) removed
-    it (8 ZREMs and 3 HDELs) and wrote it again. A peer that moves into a zone, or to another
+    it (six ZREMs and two HDELs) and wrote it again. A peer that moves into a zone, or to another
     zone, still leaves its old place."""
     client, swarms, ih = await one_swarm(redis_server, prefix, ttl=60.0)
     try:
