@@ -479,6 +479,14 @@ class Download:
                                         f"no verified piece within {policy.first_piece_timeout:g}s")
                 if job.have_count and now - job.last_progress > policy.stall_timeout:
                     raise SwarmFailure("stalled", f"no piece for {policy.stall_timeout:g}s")
+                if not job.stalled and (now - joined > policy.first_piece_timeout / 2 if job.have_count == 0
+                                        else now - job.last_progress > policy.stall_timeout / 2):
+                    # Halfway to the registry. The tracker leaves the origin's seeder out of a
+                    # swarm with seeders of its own (tracker/peers.py ORIGIN_SPARE), and those may
+                    # be unreachable (a blocked port) or lying: ask for it.
+                    log.info("no piece of %s for a while: asking the tracker for the origin's seeder", self.digest)
+                    swarm.ask_for_origin(job)
+                    self.deps.metrics.stall_escapes.inc()
                 if nothing_from_peers() and now - last_announce > ANNOUNCE_RETRY:
                     # Nothing yet: perhaps the seeder was not listed when we joined. Ask again
                     # now rather than after the tracker's interval.

@@ -69,6 +69,9 @@ class AgentMetrics:
                                    "Bytes of cold blobs relayed by the origin while it fetched them (a head "
                                    "start: libtorrent keeps the whole pieces of it, the swarm sends the rest)",
                                    registry=registry)
+        self.stall_escapes = Counter("shoal_agent_swarm_stall_escapes_total",
+                                     "Swarm downloads that got no piece for half of first_piece_timeout or "
+                                     "stall_timeout and asked the tracker for the origin's seeder", registry=registry)
         self.fallbacks = Known(Counter("shoal_agent_fallbacks_total",
                                        "Swarm downloads abandoned for the registry, by reason", ["reason"],
                                        registry=registry), FALLBACK_REASONS)

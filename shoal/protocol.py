@@ -88,6 +88,10 @@ ANNOUNCE = Route("GET", "/announce")
 SCRAPE = Route("GET", "/scrape")
 REGISTER_METAINFO = Route("PUT", "/v1/metainfo/{digest}")
 UNREGISTER_METAINFO = Route("DELETE", "/v1/metainfo/{digest}")
+# An announce parameter (`stalled=1`): a leecher whose download got no piece for a while asks for
+# the origins' seeders, which the tracker otherwise leaves out of a swarm that has seeders of its
+# own (tracker/peers.py ORIGIN_SPARE): those seeders may be unreachable, or lying.
+ANNOUNCE_STALLED = "stalled"
 
 
 # Headers

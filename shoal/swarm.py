@@ -59,9 +59,10 @@ _ALERT_MASK = (
 )
 # Per-peer byte accounting is refreshed at most this often while pieces arrive.
 PEER_POLL_INTERVAL = 0.5
-# The origin seeder uploads to a few peers at a time, in turn (round robin, a turn of 4 pieces
-# or 3 s), instead of to every interested peer at once. Each piece it sends should leave it about
-# once: every peer asks it for the rarest pieces, and the rarest are the ones only the seeder has
+# The origin seeder uploads to a few peers at a time, in turn (round robin: a turn ends once the
+# peer has had 4 pieces and a minute has passed), instead of to every interested peer at once.
+# Each piece it sends should leave it about once: every peer asks it for the rarest pieces, and
+# the rarest are the ones only the seeder has
 # (including those on their way to another peer), so 16 peers served at once got 2.2-2.9 copies
 # of every piece through its link, and its link is what a cold rollout waits on. Four in turn:
 # 1.5-1.7 copies and 27 s instead of 43 s for 16 nodes at 5 MB/s (bench/RESULTS.md §17).
@@ -133,11 +134,13 @@ class SwarmSettings:
                    allow_multiple_connections_per_ip=torrent.allow_multiple_connections_per_ip,
                    extra=torrent.libtorrent, zone=zone, tracker_order=tracker_order)
 
-    def trackers(self, meta: Metainfo, token: str | None) -> list[str]:
+    def trackers(self, meta: Metainfo, token: str | None, *, stalled: bool = False) -> list[str]:
         """The torrent's tracker URLs as this node announces to them: with its swarm token and
-        zone, starting at this node's place in the list."""
+        zone (and, for a stalled download, asking for the origins' seeders), starting at this
+        node's place in the list."""
         extra = ([f"token={quote(token, safe='')}"] if token is not None else []) + \
-            ([f"zone={quote(self.zone, safe='')}"] if self.zone else [])
+            ([f"zone={quote(self.zone, safe='')}"] if self.zone else []) + \
+            ([f"{protocol.ANNOUNCE_STALLED}=1"] if stalled else [])
         urls = list(meta.trackers or (meta.announce,))
         start = int.from_bytes(hashlib.sha256(self.tracker_order.encode()).digest()[:4], "big") % len(urls)
         urls = urls[start:] + urls[:start]
@@ -244,6 +247,7 @@ class TorrentJob:
         self.handle = handle
         self.meta = meta
         self.grant: Grant | None = None  # its own, else the session's default (Swarm.set_default_grant)
+        self.stalled = False  # its announces ask for the origins' seeders (Swarm.ask_for_origin)
         # Trackers (their URLs without the query: the token changes at renewals) whose last
         # announce got no answer at all (a refusal is not this)
         self.unreachable_trackers: set[str] = set()
@@ -632,16 +636,31 @@ class Swarm:
             if job.grant is None:
                 self._use(job, grant, announce=first)
 
+    def ask_for_origin(self, job: TorrentJob) -> None:
+        """A download that got no piece for a while: its announces ask for the origins' seeders
+        from now on (protocol.ANNOUNCE_STALLED; the seeders its swarm has may be unreachable, or
+        lying), and one goes out at once."""
+        if job.stalled:
+            return
+        job.stalled = True
+        grant = job.grant or self._default
+        if grant is not None:  # (without one it talks to no one; the grant's trackers will ask)
+            self._trackers(job, grant)
+            self.force_reannounce(job)
+
     def _use(self, job: TorrentJob, grant: Grant, *, announce: bool) -> None:
         self._present(job.handle, grant)
+        self._trackers(job, grant)
+        if announce:
+            self.force_reannounce(job)
+
+    def _trackers(self, job: TorrentJob, grant: Grant) -> None:
         entries = []
-        for tier, url in enumerate(self.settings.trackers(job.meta, grant.token)):
+        for tier, url in enumerate(self.settings.trackers(job.meta, grant.token, stalled=job.stalled)):
             entry = lt.announce_entry(url)
             entry.tier = tier
             entries.append(entry)
         job.handle.replace_trackers(entries)
-        if announce:
-            self.force_reannounce(job)
 
     def _present(self, handle: lt.torrent_handle, grant: Grant) -> None:
         handle.set_ssl_certificate_buffer(grant.certificate, self.key.private_pem, peercerts.DH_PARAMS)

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
-from shoal import bencode
+from shoal import bencode, protocol
 from shoal_tracker import zones
 
 EVENTS = frozenset({"", "started", "completed", "stopped", "paused"})
@@ -76,6 +76,7 @@ class Announce:
     no_peer_id: bool
     token: str | None  # the origin-signed swarm token
     zone: str  # the zone the node states ("" for none; tracker/zones.py)
+    stalled: bool = False  # a leecher asking for the origins' seeders (protocol.ANNOUNCE_STALLED)
 
 
 def parse_announce(raw_query: str) -> Announce:
@@ -108,6 +109,7 @@ def parse_announce(raw_query: str) -> Announce:
         no_peer_id=(_one(params, "no_peer_id", required=False) or b"0") == b"1",
         token=_text(_one(params, "token", required=False)),
         zone=_zone(_one(params, "zone", required=False)),
+        stalled=_one(params, protocol.ANNOUNCE_STALLED, required=False) == b"1",
     )
 
 

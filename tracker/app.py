@@ -46,6 +46,9 @@ class Metrics:
         self.announces = Known(Counter("shoal_tracker_announces_total", "Announces by outcome",
                                        ["result"], registry=registry), ANNOUNCE_RESULTS)
         self.scrapes = Counter("shoal_tracker_scrapes_total", "Scrape requests", registry=registry)
+        self.stalled = Counter("shoal_tracker_stalled_announces_total",
+                               "Announces of leechers whose download stalled, handed the origins' seeders "
+                               "whatever seeders their swarm has (protocol.ANNOUNCE_STALLED)", registry=registry)
         self.registrations = Known(Counter("shoal_tracker_registrations_total", "Metainfo registrations",
                                            ["result"], registry=registry), REGISTRATION_RESULTS)
         self.peers = Gauge("shoal_tracker_peers", "Peers currently tracked", registry=registry)
@@ -148,13 +151,15 @@ class Tracker:
             return self._bencoded(ann.failure("cannot determine peer address"))
         ip = source[0]
         peer = Peer(ip=ip, port=a.port, peer_id=a.peer_id, left=a.left, last_seen=time.monotonic(), zone=a.zone,
-                    node=member.node, origin=member.blob == signing.EVERY_BLOB)
+                    node=member.node, origin=member.blob == signing.EVERY_BLOB, stalled=a.stalled)
         want = min(a.numwant if a.numwant is not None else self.config.numwant_default,
                    self.config.numwant_max)
         answer = await self.peers.announce(a.info_hash, peer, a.event, want=want)
         if answer is None:
             return self._unknown()
         self.metrics.announces.labels("ok").inc()
+        if a.stalled and a.left:
+            self.metrics.stalled.inc()
         log.debug("announce %s from %s (%s:%d) event=%s left=%d zone=%s -> %d peers", a.info_hash.hex()[:12],
                   member.node, ip, a.port, a.event or "-", a.left, a.zone or "-", len(answer.peers))
         return self._bencoded(ann.announce_response(

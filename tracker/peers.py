@@ -22,6 +22,7 @@ class Peer:
     zone: str = ""  # the zone the peer announced ("" for none: the origin's seeders)
     node: str = ""  # the node its swarm token names (a zone's gateway slots are per node)
     origin: bool = False  # an origin's seeder (its swarm token admits it to every blob)
+    stalled: bool = False  # this announce asks for the origins' seeders (protocol.ANNOUNCE_STALLED)
 
     @property
     def is_seeder(self) -> bool:
@@ -199,18 +200,20 @@ class PeerStore:
             gateways[peer.node] = key
 
     def select(self, info_hash: bytes, requester: tuple[str, int], *, want: int, seeder: bool,
-               zone: str = "", node: str = "", origin: bool = False) -> list[Peer]:
+               zone: str = "", node: str = "", origin: bool = False, stalled: bool = False) -> list[Peer]:
         """Up to `want` peers other than the requester: seeders first (a seeder gets only
         leechers, it needs nothing from other seeders); random order within each group; zones
         as tracker/zones.py says; in a swarm that can spare the origins' seeders (ORIGIN_SPARE),
         not those to a leecher, and no leecher to them (a seeder connects to the leechers it is
         handed: in a rolling update the origin's periodic announce had it serve the second wave,
-        a half copy of the blob, though the tracker handed it to none of them)."""
+        a half copy of the blob, though the tracker handed it to none of them). A `stalled`
+        leecher gets them whatever the swarm has (protocol.ANNOUNCE_STALLED)."""
         swarm = self._swarms.get(info_hash)
         if swarm is None:
             return []
         now = time.monotonic()
-        spared = (not seeder or origin) and swarm.spared(now - self.spare_window, self.origin_spare, requester, node)
+        spare = 0 if stalled and not seeder else self.origin_spare
+        spared = (not seeder or origin) and swarm.spared(now - self.spare_window, spare, requester, node)
         if spared and origin:
             return []
         skip = swarm.origins if spared else None

@@ -375,7 +375,8 @@ class RedisSwarms:
         out = await _call("announce", self._announce, [f"{self.prefix}torrents", self._base(info_hash)], [
             info_hash.hex(), f"{peer.ip}|{peer.port}", peer.ip, _record(peer), int(peer.is_seeder), event,
             peer.zone, self.ttl_us, self.max_peers, self.max_per_address, want, self.zone_gateways,
-            zones.reserved(want), peer.node, int(peer.origin), self.origin_spare, SPARE_SCAN,
+            zones.reserved(want), peer.node, int(peer.origin),
+            0 if peer.stalled and not peer.is_seeder else self.origin_spare, SPARE_SCAN,
             self.spare_window_us])
         if out is None:
             return None

@@ -290,6 +290,31 @@ async def test_a_swarm_with_seeders_of_its_own_spares_the_origin_in_both_stores(
         assert 7000 in compact_ports(doc)  # a seeder left: one of its own is not enough
 
 
+async def test_a_stalled_leecher_is_handed_the_origin_in_both_stores(
+        aiohttp_client: Any, keys: Keys, redis_server: RedisServer, prefix: str, meta: metainfo.Metainfo) -> None:
+    """attack19 #5: two nodes that say they seed a blob (lying, gone without a word, or behind a
+    blocked port) hid the origin from every joiner, which fell back to the registry. A leecher
+    that announces `stalled=1` is handed the origin whatever the swarm has; its next plain
+    announce is spared again, and a seeder's `stalled` changes nothing."""
+    node = functools.partial(node_token, keys, meta)
+    for c in await registered_stores(aiohttp_client, keys, redis_server, prefix, meta):
+        ih = meta.tracker_hash
+        await announce(c, ih, 7000, 0, token=keys.token("origin"), event="started")
+        await announce(c, ih, 7001, 0, token=node(7001), event="completed")
+        await announce(c, ih, 7003, 0, token=node(7003), event="completed")
+        for _ in range(3):  # random picks: the rule holds every time
+            assert 7000 not in compact_ports(await announce(c, ih, 7004, 5, token=node(7004), event="started"))
+            assert 7000 in compact_ports(await announce(c, ih, 7004, 5, token=node(7004),
+                                                        **{protocol.ANNOUNCE_STALLED: "1"}))
+            assert 7000 in compact_ports(await announce(c, ih, 7005, 5, token=node(7005), zone="z",
+                                                        **{protocol.ANNOUNCE_STALLED: "1"}))
+        assert 7000 not in compact_ports(await announce(c, ih, 7004, 5, token=node(7004)))
+        # a seeder is handed leechers only, stalled or not; the origin still gets none
+        assert 7000 not in compact_ports(await announce(c, ih, 7001, 0, token=node(7001),
+                                                        **{protocol.ANNOUNCE_STALLED: "1"}))
+        assert compact_ports(await announce(c, ih, 7000, 0, token=keys.token("origin"))) == []
+
+
 async def test_seeders_no_other_zone_can_reach_do_not_spare_the_origin(
         aiohttp_client: Any, keys: Keys, redis_server: RedisServer, prefix: str, meta: metainfo.Metainfo) -> None:
     """Only seeders on the boundary count toward ORIGIN_SPARE: a zone whose gateways left has

@@ -1,0 +1,82 @@
+"""The stall escape (attack19 #5): the tracker leaves the origin's seeder out of a swarm that has
+seeders of its own on two nodes (tracker/peers.py ORIGIN_SPARE). When those cannot deliver (two
+colluding admitted nodes that only say they seed, seeders gone without a word, or a port a
+NetworkPolicy blocks), a joiner got no piece and fell back to the registry after
+first_piece_timeout. Now a download halfway there announces `stalled=1`, is handed the origin,
+and completes from the swarm."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import urllib.parse
+import urllib.request
+
+from shoal import bencode, metainfo, protocol
+from tests.e2e.conftest import Images
+from tests.support.procs import free_port
+from tests.support.registry import Registry
+from tests.support.stack import Stack
+
+MIB = 1 << 20
+BOUND = 60.0
+
+
+class Liars(threading.Thread):
+    """Two admitted nodes announcing that they seed the blob, from ports where nothing listens,
+    every half second (within the tracker's spare window) until stopped."""
+
+    def __init__(self, stack: Stack, digest: str) -> None:
+        super().__init__(daemon=True)
+        self.announces: list[str] = []
+        self.failures: list[bytes] = []
+        for node in ("liar-a", "liar-b"):
+            admission, _ = stack.admit(digest, node=node, repository="private/escape")
+            meta = metainfo.parse(admission.metainfo)
+            query = urllib.parse.urlencode({
+                "info_hash": meta.tracker_hash, "peer_id": b"-XX0100-" + node.encode().ljust(12, b"-"),
+                "port": free_port(), "uploaded": 0, "downloaded": meta.size, "left": 0, "event": "completed",
+                "compact": 1, "token": admission.grant.token})
+            assert stack.tracker is not None
+            self.announces.append(f"{protocol.ANNOUNCE.url(stack.tracker.url)}?{query}")
+        self.stop = threading.Event()
+        self.announce_all()
+
+    def announce_all(self) -> None:
+        for url in self.announces:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                doc = bencode.decode(r.read())
+            if not isinstance(doc, dict) or b"failure reason" in doc:
+                self.failures.append(repr(doc).encode())
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            self.announce_all()
+
+
+def test_a_joiner_whose_swarm_seeders_cannot_serve_it_gets_the_origin(stack: Stack, registry: Registry,
+                                                                        images: Images) -> None:
+    image = images.get("private/escape", layers=[6 * MIB + 11], seed=57)
+    blob = max(image.blobs.values(), key=lambda b: b.size)
+    stack.start(agents=1)
+    agent, tracker = stack.agents[0], stack.tracker
+    assert tracker is not None
+    before = registry.settle(quiet=0.5)
+    liars = Liars(stack, blob.digest)  # (their admissions had the origin fetch and seed the blob)
+    liars.start()
+    try:
+        url = f"http://{agent.config['listen']}/v2/private/escape/blobs/{blob.digest}"
+        with urllib.request.urlopen(url, timeout=BOUND) as r:
+            body = r.read()
+    finally:
+        liars.stop.set()
+        liars.join(BOUND)
+    assert not liars.failures
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
+    # from the swarm (the origin's seeder), after asking for it once; not from the registry
+    assert agent.metric("shoal_agent_fallbacks_total") == 0
+    assert agent.metric("shoal_agent_downloads_total", source="peers", result="ok") == 1
+    assert agent.metric("shoal_agent_swarm_stall_escapes_total") == 1
+    assert tracker.metric("shoal_tracker_stalled_announces_total") >= 1
+    gets = registry.blob_gets(registry.settle(quiet=0.5)[len(before):])
+    assert gets.get(blob.digest) == 1  # the origin's fetch, for the liars' admissions
