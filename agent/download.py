@@ -43,6 +43,7 @@ import hashlib
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,10 @@ READER_SAFETY_TIMEOUT = 600.0
 READ_CHUNK = 64 << 10
 # An origin that does not take the relay's connection in this long is not worth a head start.
 RELAY_CONNECT_TIMEOUT = 5.0
+# The relay's bytes are written and hashed in runs of at least this many (a BitTorrent block):
+# each run is one entry the one hash keeps for readers, and a relay that came a byte at a time
+# (a hostile origin, a registry trickling) kept a million entries, 436 MB, per download.
+RELAY_RUN = 16 << 10
 # While no piece has arrived, re-announce this often to pick up peers that joined after us.
 ANNOUNCE_RETRY = 1.5
 # Pieces the whole-blob hash took are kept this long (bytes, at least two pieces) for readers
@@ -85,6 +90,8 @@ ANNOUNCE_RETRY = 1.5
 # reader further behind hashes on its own, as every reader used to), and every kept byte no
 # reader holds any more is memory per download in flight (a node pulls several layers at once).
 SHARED_WINDOW = 1 << 20
+# and at most this many chunks (pieces are 16 KiB at least, and so are the relay's runs)
+SHARED_CHUNKS = 128
 
 
 class WholeHash:
@@ -103,7 +110,7 @@ class WholeHash:
         self.relayed = 0  # bytes of the hash that came from the relay (not read from the torrent)
         self._sha = hashlib.sha256()
         # offset -> (the bytes fed there, the state after them, whether they are verified pieces)
-        self._kept: dict[int, tuple[bytes, Hash, bool]] = {}
+        self._kept: OrderedDict[int, tuple[bytes, Hash, bool]] = OrderedDict()
         self._kept_bytes = 0
         self._window = window
         self._on_hashed = on_hashed
@@ -150,9 +157,8 @@ class WholeHash:
         state = self._sha.copy()
         self._kept[offset] = (data, state, verified)
         self._kept_bytes += len(data)
-        while self._kept_bytes > self._window and len(self._kept) > 2:
-            oldest = next(iter(self._kept))
-            self._kept_bytes -= len(self._kept.pop(oldest)[0])
+        while (self._kept_bytes > self._window or len(self._kept) > SHARED_CHUNKS) and len(self._kept) > 2:
+            self._kept_bytes -= len(self._kept.popitem(last=False)[1][0])
         return data, state
 
     @property
@@ -280,9 +286,12 @@ class Download:
                         pos += len(chunk)
                 return
             job, shared = self.job, self.whole
-            # A chunk the one hash took at `pos` (a verified one unless this reader checks the
-            # whole blob: a relayed chunk is unverified, see WholeHash).
-            entry = shared.get(pos, verified=not whole) if shared is not None else None
+            # A chunk the one hash took at `pos`: a verified one unless this reader checks the
+            # whole blob (a relayed chunk is unverified, see WholeHash), and once the torrent has
+            # every piece, verified ones only (libtorrent may have replaced a wrong relayed piece:
+            # a reader starting then must not fail on the relay's bytes).
+            verified = not whole or (job is not None and job.finished.is_set())
+            entry = shared.get(pos, verified=verified) if shared is not None else None
             if entry is not None:
                 data, kept = entry
                 chunk = data[: end - pos]
@@ -362,7 +371,7 @@ class Download:
                         # A relayed prefix (1a) the swarm did not take (a metainfo that does not
                         # describe the blob is refused before libtorrent has the file): nothing
                         # else removes it before the next start, and the store does not count it.
-                        self.partial = None
+                        self.partial = self.whole = None
                         await asyncio.to_thread((store.downloads_dir / self.digest.hex).unlink, missing_ok=True)
                         log.warning("swarm could not deliver %s (%s); fetching from the registry",
                                     self.digest, exc)
@@ -416,24 +425,40 @@ class Download:
             raise
         finally:
             relay.cancel()
-            await asyncio.gather(relay, return_exceptions=True)
+            # (wait, not gather: a cancellation of this download must not cancel the relay again
+            # while its last write runs, see _in_thread)
+            await asyncio.wait({relay})
 
     async def _take_relay(self, relayed: Relayed, partial: Path, whole: WholeHash) -> None:
         fd = await _in_thread(os.open, partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, undo=os.close)
+        run: list[bytes] = []
+        run_bytes = 0
+
+        async def write_run() -> None:
+            nonlocal run, run_bytes
+            data = run[0] if len(run) == 1 else b"".join(run)
+            run, run_bytes = [], 0
+            await _in_thread(_pwrite_all, fd, data, self.written)
+            whole.feed(self.written, data, verified=False)
+            self.written += len(data)
+            self.deps.metrics.relay_bytes.inc(len(data))
+            self._notify()
+
         try:
             chunks = relayed.origin.relay(self.digest, relayed.ticket, connect=RELAY_CONNECT_TIMEOUT,
                                           idle=self.deps.policy.stall_timeout)
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
-                    if self.written + len(chunk) > self.size:
+                    if self.written + run_bytes + len(chunk) > self.size:
                         log.warning("the origin relayed more than the %d bytes of %s: relay dropped", self.size,
                                     self.digest)
                         return
-                    await _in_thread(_pwrite_all, fd, chunk, self.written)
-                    whole.feed(self.written, chunk, verified=False)
-                    self.written += len(chunk)
-                    self.deps.metrics.relay_bytes.inc(len(chunk))
-                    self._notify()
+                    run.append(chunk)
+                    run_bytes += len(chunk)
+                    if run_bytes >= RELAY_RUN:
+                        await write_run()
+            if run:
+                await write_run()
         except (aiohttp.ClientError, TimeoutError, ApiError) as exc:
             # a head start lost, nothing more: the swarm brings the blob
             log.info("relay of %s ended after %d bytes: %s", self.digest, self.written, exc)
@@ -644,7 +669,9 @@ async def _in_thread(fn: Callable[..., T], *args: Any, undo: Callable[[T], objec
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
-        await asyncio.wait({work})
+        while not work.done():  # through further cancellations too (a shutdown's, say)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({work})
         if undo is not None and not work.cancelled() and work.exception() is None:
             undo(work.result())
         raise

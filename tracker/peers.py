@@ -207,16 +207,26 @@ class PeerStore:
         not those to a leecher, and no leecher to them (a seeder connects to the leechers it is
         handed: in a rolling update the origin's periodic announce had it serve the second wave,
         a half copy of the blob, though the tracker handed it to none of them). A `stalled`
-        leecher gets them whatever the swarm has (protocol.ANNOUNCE_STALLED)."""
+        leecher gets them first, whatever the swarm and its zone have (protocol.ANNOUNCE_STALLED:
+        they may be many, or all in its zone, and lying)."""
         swarm = self._swarms.get(info_hash)
         if swarm is None:
             return []
         now = time.monotonic()
-        spare = 0 if stalled and not seeder else self.origin_spare
-        spared = (not seeder or origin) and swarm.spared(now - self.spare_window, spare, requester, node)
+        if stalled and not seeder:
+            origins = {k: p for k in swarm.origins if (p := swarm.seeders.get(k)) is not None}
+            first = self._fill([origins], requester, want, now, None, None)
+            return first + self._select(swarm, requester, want - len(first), now, seeder=False, zone=zone,
+                                        node=node, skip=swarm.origins,
+                                        reserved=min(zones.reserved(want), want - len(first)))
+        spared = (not seeder or origin) and swarm.spared(now - self.spare_window, self.origin_spare, requester, node)
         if spared and origin:
             return []
-        skip = swarm.origins if spared else None
+        return self._select(swarm, requester, want, now, seeder=seeder, zone=zone, node=node,
+                            skip=swarm.origins if spared else None)
+
+    def _select(self, swarm: SwarmPeers, requester: Key, want: int, now: float, *, seeder: bool, zone: str,
+                node: str, skip: dict[Key, None] | None, reserved: int | None = None) -> list[Peer]:
         groups = [swarm.leechers] if seeder else [swarm.seeders, swarm.leechers]
         if not zone:
             if not swarm.zoned:
@@ -230,7 +240,8 @@ class PeerStore:
         gateway = node in swarm.gateways.get(zone, {})
         # a gateway's first places go to the boundary's seeders: its zone's own peers could fill
         # the answer and leave it no way across
-        first = self._fill([swarm.seeders], requester, zones.reserved(want), now, across, skip) \
+        places = zones.reserved(want) if reserved is None else reserved
+        first = self._fill([swarm.seeders], requester, places, now, across, skip) \
             if gateway and not seeder else []
         chosen.update((p.ip, p.port) for p in first)
         local = self._fill(groups, requester, want - len(first), now, lambda k, p: p.zone == zone, skip)

@@ -96,7 +96,7 @@ end
 
 # KEYS: torrents, swarm base. ARGV: ih hex, "ip|port", ip, record, seeder 0/1, event, zone,
 # ttl us, max peers, max per address, want, zone gateways, reserved places, node, origin 0/1,
-# origin spare, spare scan (tracker/peers.py ORIGIN_SPARE, SPARE_SCAN), spare window us.
+# origin spare, spare scan (tracker/peers.py ORIGIN_SPARE, SPARE_SCAN), spare window us, stalled 0/1.
 _ANNOUNCE = _COMMON + r"""
 local ih, me, ip, record = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local seeder, event, zone = ARGV[5] == '1', ARGV[6], ARGV[7]
@@ -111,6 +111,8 @@ end
 local want, gateways, reserved = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 local node, origin, spare, scan = ARGV[14], ARGV[15] == '1', tonumber(ARGV[16]), tonumber(ARGV[17])
 local window = tonumber(ARGV[18])
+-- a stalled leecher (protocol.ANNOUNCE_STALLED) is handed the origins' seeders first
+local stalled = ARGV[19] == '1' and not seeder
 -- zone z's gateways: node names (one slot per node) by last announce, and the key each used last
 local G, GM = base .. 'g:' .. zone, base .. 'gm:' .. zone
 local gateway = false
@@ -152,10 +154,8 @@ else
     write('ZADD', mine, int(now), me)
     if origin and seeder then write('ZADD', O, int(now), me) else redis.call('ZREM', O, me) end
     write('HSET', N, me, node)
-    if not known then
-      write('ZADD', A, 0, me)
-      write('HSET', P, me, record)
-    end
+    if not known then write('ZADD', A, 0, me) end
+    write('HSET', P, me, record)  -- (a restart on the same port brings a new peer id)
     if zone ~= '' then
       write('HSET', Z, me, zone .. '|' .. node)
       redis.call('ZREM', base .. zother .. zone, me)
@@ -228,14 +228,15 @@ local function take(key, n, skip)
 end
 
 if event ~= 'stopped' and not (spared and asker) then
+  if stalled then take(O, want, nil) end
   if zone == '' then
     -- the boundary (every peer, where no node states a zone)
-    if not seeder then take(BS, want, nil) end
+    if not seeder then take(BS, want - #chosen, nil) end
     take(BL, want - #chosen, nil)
   else
     -- tracker/zones.py: a gateway's first places go to the boundary's seeders, then its zone,
     -- then the rest of the boundary; another node gets its zone (the boundary if it is alone)
-    if gateway and not seeder then take(BS, reserved, zone) end
+    if gateway and not seeder then take(BS, math.min(reserved, want - #chosen), zone) end
     local before = #chosen
     if not seeder then take(base .. 'zs:' .. zone, want - #chosen, nil) end
     take(base .. 'zl:' .. zone, want - #chosen, nil)
@@ -377,7 +378,7 @@ class RedisSwarms:
             peer.zone, self.ttl_us, self.max_peers, self.max_per_address, want, self.zone_gateways,
             zones.reserved(want), peer.node, int(peer.origin),
             0 if peer.stalled and not peer.is_seeder else self.origin_spare, SPARE_SCAN,
-            self.spare_window_us])
+            self.spare_window_us, int(peer.stalled)])
         if out is None:
             return None
         return Answer(_peers(out[2]), int(out[0]), int(out[1]))

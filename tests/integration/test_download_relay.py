@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +27,26 @@ CHUNK = 64 << 10
 
 
 class Origin:
-    """The origin's side of a relay: `body` in CHUNK-sized chunks, then the admission."""
+    """The origin's side of a relay: `body` in `chunk`-sized chunks, then the admission."""
 
-    def __init__(self, body: bytes, meta: metainfo.Metainfo) -> None:
-        self.body, self.meta = body, meta
+    def __init__(self, body: bytes, meta: metainfo.Metainfo, chunk: int = CHUNK,
+                 taken: Callable[[], bool] | None = None) -> None:
+        self.body, self.meta, self.chunk = body, meta, chunk
         self.relayed = asyncio.Event()
+        self.taken = taken  # (the admission waits for the node to have written the relay)
 
     async def relay(self, *_: Any, **__: Any) -> AsyncGenerator[bytes, None]:
-        for at in range(0, len(self.body), CHUNK):
-            yield self.body[at: at + CHUNK]
-            await asyncio.sleep(0)  # (a reader gets its turn, as between network reads)
+        for at in range(0, len(self.body), self.chunk):
+            yield self.body[at: at + self.chunk]
+            if at % CHUNK == 0:
+                await asyncio.sleep(0)  # (a reader gets its turn, as between network reads)
         self.relayed.set()
 
     async def admit(self, *_: Any, **__: Any) -> Admitted:
-        await asyncio.wait_for(self.relayed.wait(), 60)
+        async with asyncio.timeout(60):
+            await self.relayed.wait()
+            while self.taken is not None and not self.taken():
+                await asyncio.sleep(0.01)
         return Admitted(metainfo.Published(self.meta, "signature"), Grant("token", "certificate"), "receipt")
 
 
@@ -59,7 +65,7 @@ async def relay_then_join(node: Node, body: bytes, *, window: int = len(DATA)) -
     """The relay of `body` (1a), then the swarm: the torrent checks the relayed file, takes the
     rest from the seeder, and the commit's hash runs (confirm)."""
     d = node.download
-    origin = Origin(body, node.job.meta)
+    origin = Origin(body, node.job.meta, taken=lambda: d.written == len(body))
     d.deps = Collaborators(store=d.deps.store, metrics=d.deps.metrics, policy=d.deps.policy,
                            swarm=d.deps.swarm, membership=origin)  # type: ignore[arg-type]
     # readers here are not held back by sockets: keep every chunk, as test_download_swarm does
@@ -135,6 +141,9 @@ async def test_a_wrong_relayed_byte_reaches_no_complete_body_no_range_reader_and
     assert got == DATA[2 * piece: 3 * piece]
     assert node.hashed("download") == 2 * len(DATA)  # the relay's pass, and the file's
     assert node.partial.read_bytes() == DATA
+    # attack21: a whole-blob reader that starts once the torrent has every piece gets the
+    # torrent's, not the relay's chunk still kept for that offset
+    assert node.job.finished.is_set() and await whole_body(node) == DATA
 
 
 async def test_a_cancelled_relay_closes_its_file_only_after_its_last_write(node: Node,
@@ -162,8 +171,33 @@ async def test_a_cancelled_relay_closes_its_file_only_after_its_last_write(node:
     task.cancel()
     for _ in range(20):  # loop turns, not time: the cancellation reaches the relay's `finally`
         await asyncio.sleep(0)
+    # attack21: a second cancellation (the download's own, at shutdown) while the first waits
+    task.cancel()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    closed_before_write = task.done()
     release.set()
     with contextlib.suppress(asyncio.CancelledError):
         async with asyncio.timeout(60):
             await task
-    assert outcome == ["written"]
+    assert not closed_before_write and outcome == ["written"]
+
+
+async def test_a_relay_that_comes_a_byte_at_a_time_is_kept_in_runs(node: Node) -> None:
+    """attack21: the one hash keeps what it took for readers, bounded in bytes (SHARED_WINDOW);
+    a relay fed to it a byte at a time (a hostile origin, a trickling registry) kept a million
+    entries (bytes and a sha256 state each: 436 MB) per download, and each took a scan to evict.
+    The relay is written and hashed in runs of RELAY_RUN bytes, and the entries are bounded too."""
+    size = 256 << 10
+    whole = WholeHash(len(DATA), lambda _: None)
+    relay = Relayed(Origin(DATA[:size], node.job.meta, chunk=1), protocol.RelayTicket("ticket"))  # type: ignore[arg-type]
+    async with asyncio.timeout(120):
+        await node.download._take_relay(relay, node.partial, whole)
+    assert node.download.written == whole.next == size
+    assert len(whole._kept) <= size // download_module.RELAY_RUN
+    assert node.partial.read_bytes() == DATA[:size]
+    # and the bound in entries holds whatever is fed
+    tiny = WholeHash(len(DATA), lambda _: None)
+    for at in range(4096):
+        tiny.feed(at, DATA[at:at + 1], verified=False)
+    assert len(tiny._kept) <= download_module.SHARED_CHUNKS

@@ -17,7 +17,8 @@ from shoal import metainfo, protocol
 from shoal_tracker import app as tracker_app
 from shoal_tracker import config as tracker_config
 from shoal_tracker import redisstore
-from shoal_tracker.peers import Peer
+from shoal_tracker import store as tracker_store
+from shoal_tracker.peers import Peer, PeerStore
 from tests.integration import test_tracker_app as app_tests
 from tests.integration.conftest import Keys
 from tests.integration.test_tracker_app import Client, announce, register, registered, tracker_doc
@@ -313,6 +314,52 @@ async def test_a_stalled_leecher_is_handed_the_origin_in_both_stores(
         assert 7000 not in compact_ports(await announce(c, ih, 7001, 0, token=node(7001),
                                                         **{protocol.ANNOUNCE_STALLED: "1"}))
         assert compact_ports(await announce(c, ih, 7000, 0, token=keys.token("origin"))) == []
+
+
+async def test_a_stalled_leecher_gets_the_origin_first_in_its_zone_and_among_many_seeders(
+        aiohttp_client: Any, keys: Keys, redis_server: RedisServer, prefix: str, meta: metainfo.Metainfo) -> None:
+    """attack21 #3: `stalled` only stopped skipping the origin. A node of a zone that is not one
+    of its gateways is handed its zone's peers alone, so two liars in the zone still sent it to
+    the registry; and among many listed seeders the origin was drawn at random (missing from
+    173 of 200 answers). A stalled leecher gets the origin's seeder first, in both stores."""
+    node = functools.partial(node_token, keys, meta)
+    for c in await registered_stores(aiohttp_client, keys, redis_server, prefix, meta):
+        ih = meta.tracker_hash
+        await announce(c, ih, 7000, 0, token=keys.token("origin"), event="started")
+        for port in (7001, 7002):  # the liars, in zone z
+            await announce(c, ih, port, 0, token=node(port), event="completed", zone="z")
+        for port in (7011, 7012, 7013):  # leechers of z that came first: its gateways
+            await announce(c, ih, port, 5, token=node(port), event="started", zone="z")
+        stalled = {protocol.ANNOUNCE_STALLED: "1"}
+        for _ in range(3):
+            assert 7000 not in compact_ports(await announce(c, ih, 7020, 5, token=node(7020), zone="z"))
+            ports = compact_ports(await announce(c, ih, 7020, 5, token=node(7020), zone="z", **stalled))
+            assert ports[0] == 7000 and ports.count(7000) == 1
+        for port in range(7100, 7180):  # 80 seeders listed (one compromised node's ports, say)
+            await announce(c, ih, port, 0, token=node(port), event="completed")
+        for _ in range(5):
+            ports = compact_ports(await announce(c, ih, 7030, 5, token=node(7030), numwant="20", **stalled))
+            assert ports[0] == 7000 and len(ports) == 20
+
+
+async def test_a_peer_restarted_on_its_port_is_listed_with_its_new_peer_id_in_both_stores(
+        redis_server: RedisServer, prefix: str) -> None:
+    """attack21 #5: Redis wrote a known zone-less peer's record (its peer id) only when it was new,
+    the memory store on every announce: answers without `compact` differed."""
+    client, swarms, ih = await one_swarm(redis_server, prefix, ttl=60.0)
+    memory = tracker_store.MemorySwarms(PeerStore(ttl=60.0, max_peers=100))
+    first, second = b"-SA0100-" + b"\x01" * 12, b"-SA0100-" + b"\x02" * 12
+    try:
+        def peer(ip: str, port: int, peer_id: bytes, left: int, node: str) -> Peer:
+            return Peer(ip, port, peer_id, left, time.monotonic(), node=node)
+
+        for store in (swarms, memory):
+            await store.announce(ih, peer("127.0.0.2", 1, first, 0, "node-a"), "started", want=50)
+            await store.announce(ih, peer("127.0.0.2", 1, second, 0, "node-a"), "started", want=50)
+            answer = await store.announce(ih, peer("127.0.0.3", 2, first, 5, "node-b"), "started", want=50)
+            assert answer is not None and [p[2] for p in answer.peers if p[1] == 1] == [second]
+    finally:
+        await client.aclose()
 
 
 async def test_seeders_no_other_zone_can_reach_do_not_spare_the_origin(
