@@ -414,6 +414,7 @@ class Download:
         self.chosen.set()
         self._notify()
         relay = asyncio.create_task(self._take_relay(relayed, partial, whole))
+        relay.add_done_callback(lambda t: t.cancelled() or t.exception())  # (its end is logged in it)
         try:
             answer = await membership.admit(self.upstream, self.repo, self.digest, self.authorization)
             if not isinstance(answer, Admitted):
@@ -459,8 +460,8 @@ class Download:
                         await write_run()
             if run:
                 await write_run()
-        except (aiohttp.ClientError, TimeoutError, ApiError) as exc:
-            # a head start lost, nothing more: the swarm brings the blob
+        except (aiohttp.ClientError, TimeoutError, ApiError, OSError) as exc:
+            # a head start lost, nothing more: the swarm brings the blob (a full disk fails it too)
             log.info("relay of %s ended after %d bytes: %s", self.digest, self.written, exc)
         finally:
             os.close(fd)

@@ -48,7 +48,7 @@ class Metrics:
         self.scrapes = Counter("shoal_tracker_scrapes_total", "Scrape requests", registry=registry)
         self.stalled = Counter("shoal_tracker_stalled_announces_total",
                                "Announces of leechers whose download stalled, handed the origins' seeders "
-                               "whatever seeders their swarm has (protocol.ANNOUNCE_STALLED)", registry=registry)
+                               "first whatever seeders their swarm has (protocol.ANNOUNCE_STALLED)", registry=registry)
         self.registrations = Known(Counter("shoal_tracker_registrations_total", "Metainfo registrations",
                                            ["result"], registry=registry), REGISTRATION_RESULTS)
         self.peers = Gauge("shoal_tracker_peers", "Peers currently tracked", registry=registry)

@@ -15,7 +15,7 @@ import urllib.request
 
 from shoal import bencode, metainfo, protocol
 from tests.e2e.conftest import Images
-from tests.support.procs import free_port
+from tests.support.procs import free_port, wait_for
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 
@@ -86,7 +86,10 @@ def test_a_joiner_whose_swarm_seeders_cannot_serve_it_gets_the_origin(stack: Sta
         liars.join(BOUND)
     assert not liars.failures
     assert "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
-    # from the swarm (the origin's seeder), after asking for it once; not from the registry
+    # from the swarm (the origin's seeder), after asking for it once; not from the registry (the
+    # client may have every byte before the download is committed)
+    wait_for(lambda: agent.metric("shoal_agent_downloads_total", result="ok") >= 1, timeout=BOUND,
+             what="the download committed")
     assert agent.metric("shoal_agent_fallbacks_total") == 0
     assert agent.metric("shoal_agent_downloads_total", source="peers", result="ok") == 1
     assert agent.metric("shoal_agent_swarm_stall_escapes_total") == 1
