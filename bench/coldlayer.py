@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from bench.sampler import cpu_jiffies
 from shoal.config import parse_size
 from shoal.registry import Credentials
 from tests.support.images import build_image, push
+from tests.support.procs import proc_stats, wait_for
 from tests.support.registry import Registry
 
 
@@ -55,17 +55,7 @@ def timed(listen: str, path: str, authorization: str | None, digest: str) -> tup
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_cached(blob: Path, within: float = 300.0) -> None:
-    deadline = time.monotonic() + within
-    while not blob.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{blob} not in the cache after {within:g} s")
-        time.sleep(0.01)
+    return proc_stats(pid)[1]
 
 
 def run_tree(tree: Path, round_no: int, registry: Registry, digest: str, work: Path) -> list[Fetch]:
@@ -80,7 +70,8 @@ def run_tree(tree: Path, round_no: int, registry: Registry, digest: str, work: P
             started = time.perf_counter()
             agent0, origin0 = cpu_seconds(pids[f"agent{n}"]), cpu_seconds(pids["origin"])
             first, total, idle = timed(listen, path, None, digest)
-            wait_cached(work / f"agent{n}" / "cache" / "blobs" / "sha256" / hexd[:2] / hexd)
+            cached_file = work / f"agent{n}" / "cache" / "blobs" / "sha256" / hexd[:2] / hexd
+            wait_for(cached_file.exists, timeout=300, what=f"{label}: the blob in the cache")
             cached = time.perf_counter() - started
             fetches.append(Fetch(str(tree), round_no, label, round(first, 4), round(total, 4), round(idle, 3),
                                  round(cached, 3), round(cpu_seconds(pids[f"agent{n}"]) - agent0, 2),

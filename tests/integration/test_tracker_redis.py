@@ -314,6 +314,10 @@ async def test_a_stalled_leecher_is_handed_the_origin_in_both_stores(
         assert 7000 not in compact_ports(await announce(c, ih, 7001, 0, token=node(7001),
                                                         **{protocol.ANNOUNCE_STALLED: "1"}))
         assert compact_ports(await announce(c, ih, 7000, 0, token=keys.token("origin"))) == []
+        # a node admitted to another blob learns nothing by saying it is stalled
+        doc = await announce(c, ih, 7006, 5, token=keys.token("node-7006", blob="0" * 64),
+                             **{protocol.ANNOUNCE_STALLED: "1"})
+        assert b"failure reason" in doc and b"peers" not in doc
 
 
 async def test_a_stalled_leecher_gets_the_origin_first_in_its_zone_and_among_many_seeders(
