@@ -12,7 +12,6 @@ where the shipper drops it (it was never acknowledged, so its response never sta
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -28,8 +27,7 @@ SEGMENT_RE = re.compile(r"segment-(\d{10})\.jsonl")
 
 
 def _lines(docs: tuple[dict[str, Any], ...]) -> bytes:
-    return b"".join(json.dumps(audit.fit(doc), separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-                    for doc in docs)
+    return b"".join(audit.line(doc) for doc in docs)
 
 
 def segment_name(seq: int) -> str:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import secrets
 import time
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -56,12 +57,19 @@ class RecordError(ValueError):
 
 
 def new_event_id() -> str:
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)  # 128 random bits, 32 hex digits (a uuid4's hex, minus its fixed bits)
+
+
+_second: tuple[int, str] = (-1, "")
 
 
 def now() -> str:
+    global _second
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+    whole = int(t)
+    if _second[0] != whole:  # (strftime once a second: the journal stamps two records per request)
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int(t % 1 * 1e6):06d}Z"
 
 
 def upgrade(record: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +151,27 @@ def fit(record: dict[str, Any]) -> dict[str, Any]:
         longest = max((k for k in out if k in _STRINGS and isinstance(out[k], str)), key=lambda k: len(out[k]))
         out[longest] = _cut(out[longest], len(out[longest]) // 2)
     return out
+
+
+# A compact line this short is within `fit`'s limits whatever it holds: no field is longer, and
+# `validate`'s measure (ASCII-escaped, with spaces) is at most 12 characters per character (a
+# character beyond the BMP as two \uXXXX escapes) plus 2 per field: under MAX_RECORD_BYTES.
+_SURELY_FITS = 1024
+# Lone surrogates: aiohttp decodes a header or path that is not UTF-8 with surrogateescape, and
+# they cannot be written as UTF-8 (a User-Agent with a byte 0xff made every request a 500).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def line(record: dict[str, Any]) -> bytes:
+    """One journal line: the record as compact JSON in UTF-8, fitted (`fit`), with each byte of a
+    client's text that was not UTF-8 as U+FFFD. One encode for the common short record."""
+    text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+    if len(text) > _SURELY_FITS:
+        text = json.dumps(fit(record), separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text).encode() + b"\n"
 
 
 def merge(start: dict[str, Any] | None, end: dict[str, Any] | None) -> dict[str, Any]:

@@ -110,6 +110,39 @@ async def test_credentials_that_are_not_ascii_are_refused_quietly(client: Client
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+async def raw_get(client: Client, head: bytes) -> bytes:
+    assert client.server.host is not None and client.server.port is not None
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(head + b"Host: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def test_text_that_is_not_utf8_is_served_and_journaled(client: Client, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp hands bytes that are not UTF-8 on as lone surrogates, which cannot be written as
+    UTF-8: a User-Agent or a Range with a byte 0xff made the journal's record fail, so every
+    such request was a 500 with a traceback. Each such byte is journaled as U+FFFD."""
+    blob = await raw_get(client, f"GET /v2/private/app/blobs/{DIGEST} HTTP/1.1\r\n".encode()
+                         + b"User-Agent: pull\xff\xfe\r\n")
+    head, _, body = blob.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and "sha256:" + hashlib.sha256(body).hexdigest() == DIGEST
+    bad_range = await raw_get(client, f"GET /v2/private/app/blobs/{DIGEST} HTTP/1.1\r\n".encode()
+                              + b"Range: bytes=0-9\xff\r\n")
+    head, _, body = bad_range.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    assert status in (200, 416)  # (Go's ServeContent: a Range it cannot parse)
+    assert status != 200 or "sha256:" + hashlib.sha256(body).hexdigest() == DIGEST
+    await client.close()
+    starts = journaled_starts(tmp_path / "agent")
+    assert [(d["user_agent"], d["range"], d["status"]) for d in starts] == [
+        ("pull\ufffd\ufffd", None, 200), (None, "bytes=0-9\ufffd", status)]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 @pytest.mark.parametrize("claimed", [0, 1000, len(BLOB) + 1])
 async def test_a_cached_blob_is_sent_whole_whatever_the_registry_head_claims(
         tmp_path: Path, registry: FakeServer, aiohttp_client: Callable[..., Any], claimed: int) -> None:

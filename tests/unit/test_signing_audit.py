@@ -487,6 +487,24 @@ def test_fit_cuts_long_fields_until_the_record_validates() -> None:
     assert all(many[f].endswith(audit.CUT_MARK) for f in ("user_agent", "principal", "error", "range"))
 
 
+def test_a_journal_line_is_the_fitted_record_in_utf8() -> None:
+    base = {"event_id": "e" * 32, "phase": "start", "ts": audit.now(), "status": 200, "user_agent": "pull/1 é"}
+    assert audit.line(base) == json.dumps(base, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    # a record past the fast path's bound is fitted as `fit` does it, whatever its characters
+    for filler in ("r", "\x00", "\U0001F600"):
+        for n in (1024, 1500, 5000):
+            long = {**base, "reference": filler * n, "error": filler * (n // 2)}
+            written = json.loads(audit.line(long))
+            assert written == audit.fit(long) and audit.validate(written) == written
+    edge = {**base, "reference": "\U0001F600" * 870}  # (the fast path, at 12 bytes each in `validate`'s measure)
+    assert len(json.dumps(edge, separators=(",", ":"), ensure_ascii=False)) <= 1024
+    assert audit.validate(json.loads(audit.line(edge))) == edge
+    # bytes a client sent that were not UTF-8 (aiohttp's surrogateescape) are U+FFFD, one each
+    odd = audit.line({**base, "user_agent": "pull\udcff\udcfe", "range": "bytes=0-\udc80"})
+    assert json.loads(odd)["user_agent"] == "pull\ufffd\ufffd" and json.loads(odd)["range"] == "bytes=0-\ufffd"
+    odd.decode("utf-8")  # (strict)
+
+
 def test_csv_cells_never_start_a_formula() -> None:
     """User agents, references and user names are the client's text; a spreadsheet opening the
     export would run `=HYPERLINK(...)` as a formula."""
