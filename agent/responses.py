@@ -95,7 +95,13 @@ async def send_blob(
         return oci_error(errors.RANGE_INVALID, "requested range not satisfiable",
                          headers={**headers, **extra})
 
-    resp = web.StreamResponse(headers={**headers, "Accept-Ranges": "bytes"})
+    headers["Accept-Ranges"] = "bytes"
+    path = body.path()
+    if path is not None and size and request.method != "HEAD" and (ranges is None or len(ranges) == 1):
+        part = ranges[0] if ranges is not None else ByteRange(0, size)
+        if part.length <= SMALL_BODY:
+            return _small_body(path, size, part, partial=ranges is not None, headers=headers, on_bytes=on_bytes)
+    resp = web.StreamResponse(headers=headers)
     if ranges is None:
         resp.set_status(200)
         resp.content_type = OCTET
@@ -128,20 +134,6 @@ async def send_blob(
         await resp.write_eof()
         return resp
     part = parts[0]
-    path = body.path()
-    if path is not None and part.length <= SMALL_BODY:
-        # A small cached blob (a config, a tiny layer) as one response with its body: one write,
-        # and the journal takes its start and end records in one fsync before it goes out, where
-        # sendfile needed a start record's fsync, several writes and an end record after it. The
-        # read is on the loop: microseconds from the page cache, less than a thread hop.
-        with open(path, "rb") as f:  # noqa: ASYNC230 (see above)
-            data = os.pread(f.fileno(), part.length, part.start)
-        if len(data) != part.length:
-            raise errors.IntegrityError(f"{path.name} is shorter than its index entry")
-        if on_bytes is not None:
-            on_bytes(len(data))
-        small = {k: v for k, v in resp.headers.items() if k not in ("Content-Length", "Content-Type")}
-        return web.Response(status=resp.status, body=data, content_type=OCTET, headers=small)
     if path is None:
         # In flight: wait for the first verified bytes before the status line, so a download that
         # fails early is a clean error (containerd then tries the next host), not a cut body.
@@ -167,6 +159,26 @@ async def send_blob(
             on_bytes(part.length)
         await resp.write_eof()
     return resp
+
+
+def _small_body(path: Path, size: int, part: ByteRange, *, partial: bool, headers: dict[str, str],
+                on_bytes: Callable[[int], None] | None) -> web.Response:
+    """A small cached blob (a config, a tiny layer) or range of one as one response with its
+    body: one write, and the journal takes its start and end records in one fsync before it goes
+    out, where sendfile needed a start record's fsync, several writes and an end record after
+    it. The read is on the loop: microseconds from the page cache, less than a thread hop."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.pread(fd, part.length, part.start)
+    finally:
+        os.close(fd)
+    if len(data) != part.length:
+        raise errors.IntegrityError(f"{path.name} is shorter than its index entry")
+    if on_bytes is not None:
+        on_bytes(len(data))
+    if partial:
+        headers["Content-Range"] = part.content_range(size)
+    return web.Response(status=206 if partial else 200, body=data, content_type=OCTET, headers=headers)
 
 
 async def _start(request: web.Request, resp: web.StreamResponse) -> None:

@@ -37,6 +37,8 @@ def peer_address(peername: Any) -> str | None:
     """A transport's `peername` (2-tuple for IPv4, 4-tuple for IPv6) as `host:port`, unmapped;
     None when there is none (a closed transport, a Unix socket)."""
     if isinstance(peername, tuple) and len(peername) >= 2:
+        if len(peername) == 2:  # AF_INET: the kernel's dotted quad, nothing to unmap (a parse per request)
+            return f"{peername[0]}:{peername[1]}"
         return hostport(unmapped(str(peername[0])), int(peername[1]))
     return None
 

@@ -72,6 +72,7 @@ class _Entry:
     atime: float
     stamp: Stamp | None  # None: not known to match the hash since start (checked before serving)
     indexed_atime: float = 0.0  # the atime the index on disk has
+    path: Path | None = None  # made on first use (pathlib's joins cost more than a small hit's stat)
 
 
 def sha256_file(path: Path, expected: Digest | None = None) -> Digest:
@@ -227,7 +228,12 @@ class BlobStore:
     # ----- queries -----------------------------------------------------------------------------
 
     def path(self, digest: Digest) -> Path:
-        return self.blobs_dir / digest.hex[:2] / digest.hex
+        entry = self._entries.get(digest)
+        if entry is None:
+            return self.blobs_dir / digest.hex[:2] / digest.hex
+        if entry.path is None:
+            entry.path = self.blobs_dir / digest.hex[:2] / digest.hex
+        return entry.path
 
     def blob_dir(self, digest: Digest) -> Path:
         return self.blobs_dir / digest.hex[:2]
