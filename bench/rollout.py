@@ -49,6 +49,7 @@ class RolloutResult:
     errors: list[str]
     from_agents_bytes: int = 0  # shoal only: payload the agents got from each other
     from_seeder_bytes: int = 0  # ... and from the origin seeder (the agents' own split, an estimate)
+    stall_escapes: int = 0  # shoal only: downloads that asked the tracker for the origin (no piece for a while)
     ip_version: int = 4  # the addresses shoal ran on
     cpu_idle_percent: float = -1.0  # the machine's, from the common start to the last host done
     scenario: str = "create"  # or "rolling" (bench/matrix.py)
@@ -236,7 +237,7 @@ class Rollout:
         pull_dir.mkdir(parents=True)
         local = {REGISTRY_IP, *([self.registry_host.ip6] if self.registry_host.ip6 else []), "127.0.0.1", "::1"}
         egress_before = services.registry_bytes(self.registry.log, local)
-        peers_before = self._peer_bytes(nodes) if system == "shoal" else (0, 0)
+        peers_before = self._agent_counts(nodes) if system == "shoal" else (0, 0, 0)
         clients = self._clients(pull_dir, nodes, endpoints, pull)
         size = pull.wave or len(nodes)
         waves = [clients[i:i + size] for i in range(0, len(clients), size)]
@@ -258,10 +259,9 @@ class Rollout:
         time.sleep(1.5)  # the registry logs a response after it is sent
         egress = [a - b for a, b in zip(services.registry_bytes(self.registry.log, local), egress_before,
                                         strict=True)]
-        agents, seeder = 0, 0
+        agents, seeder, escapes = 0, 0, 0
         if system == "shoal":
-            after = self._peer_bytes(nodes)
-            agents, seeder = after[0] - peers_before[0], after[1] - peers_before[1]
+            agents, seeder, escapes = (a - b for a, b in zip(self._agent_counts(nodes), peers_before, strict=True))
         timeline = sampler.timeline
         host_sent = timeline.delta(self.registry_host.name)[0]
         hosts_sent = sum(timeline.delta(n.name)[0] for n in nodes)
@@ -280,7 +280,8 @@ class Rollout:
         return RolloutResult(
             system, len(nodes), pull.image_bytes, self.cap, round(max(finished) - go_at, 2),
             round(statistics.median(durations), 2), round(percentile(durations, 0.99), 2),
-            egress[0], errors, agents, seeder, ip_version=6 if self.ipv6 and system == "shoal" else 4,
+            egress[0], errors, agents, seeder, stall_escapes=escapes,
+            ip_version=6 if self.ipv6 and system == "shoal" else 4,
             cpu_idle_percent=timeline.idle_percent(), scenario=pull.scenario, layers=pull.layers,
             fetch_bytes=pull.fetch_bytes, p999_seconds=round(percentile(durations, 0.999), 2),
             max_seconds=round(max(durations), 2), cpu_low_share=timeline.low_idle_share(),
@@ -294,8 +295,9 @@ class Rollout:
         """The zone of the i-th of `hosts` hosts: the hosts split into `zones` equal runs."""
         return f"z{i * self.zones // hosts}"
 
-    def _peer_bytes(self, nodes: list[Host]) -> tuple[int, int]:
-        agents = seeder = 0
+    def _agent_counts(self, nodes: list[Host]) -> tuple[int, int, int]:
+        """Summed over the agents: swarm payload from agents, from the seeder; stall escapes."""
+        agents = seeder = escapes = 0
         for node in nodes:
             metrics = protocol.METRICS.url(self.agent_url)
             text = subprocess.run(node.cmd("curl", "-g", "-s", metrics), capture_output=True,
@@ -305,7 +307,9 @@ class Rollout:
                     agents += int(float(line.split()[-1]))
                 if line.startswith('shoal_agent_swarm_download_bytes_total{peer="seeder"}'):
                     seeder += int(float(line.split()[-1]))
-        return agents, seeder
+                if line.startswith("shoal_agent_swarm_stall_escapes_total "):
+                    escapes += int(float(line.split()[-1]))
+        return agents, seeder, escapes
 
     def _shoal(self, run_dir: Path, nodes: list[Host]) -> list[services.Service]:
         reg = self.addr(self.registry_host)
