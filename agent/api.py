@@ -327,6 +327,10 @@ class MirrorApi:
             # `up` holds them before any goes out
             await self.provenance.confirm(up, name, digest, cred.upstream_auth)
             download.sources.add(up.name)
+        # The download's length (the digest fixes it), not this registry's HEAD: a download
+        # another registry started can finish meanwhile, and its verified file went out cut to a
+        # smaller claim as a complete 200.
+        size = download.size
 
         def count(n: int) -> None:
             audit.source, audit.fallback = download.source, download.fallback

@@ -143,6 +143,72 @@ async def test_text_that_is_not_utf8_is_served_and_journaled(client: Client, tmp
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+@pytest.fixture
+def two_registries() -> Iterator[tuple[FakeServer, FakeServer]]:
+    a, b = FakeServer(), FakeServer()
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize(("length", "claimed"), [(5000, 1000), (300_000, 1000), (300_000, 100_000),
+                                                 (5000, 6000)])
+async def test_a_download_another_registry_started_is_sent_whole_whatever_this_registry_claims(
+        tmp_path: Path, aiohttp_client: Callable[..., Any], two_registries: tuple[FakeServer, FakeServer],
+        length: int, claimed: int) -> None:
+    """(attack22 F1) Registry A's download of a blob is in flight; a client of registry B, whose
+    HEAD claims another size, joins it, and the download finishes while the origin confirms that
+    B holds the blob. The verified file went out cut to B's claim: a 200 of 1,000 bytes under the
+    blob's digest, journaled verified and complete (small-body and sendfile paths alike)."""
+    data = random.Random(length + claimed).randbytes(length)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    a, b = two_registries
+    for server, declared in ((a, length), (b, claimed)):
+        server.routes[("GET", "/v2/")] = Canned(200, {"Content-Type": "application/json"}, b"{}")
+        server.routes[("GET", f"/v2/private/app/blobs/{digest}")] = Canned(200, {}, data)
+        server.routes[("HEAD", f"/v2/private/app/blobs/{digest}")] = Canned(200, {}, declared_length=declared)
+    cfg = agent_config.load({"data_dir": str(tmp_path / "agent"), "node": "n1", "auth": {"unauthenticated": "node"},
+                             "upstreams": [{"name": a.host, "url": a.url}, {"name": b.host, "url": b.url}]})
+    client: Client = await aiohttp_client(agent_app.build(cfg))
+    api = client.app[agent_app.API_KEY]
+    joined = asyncio.Event()
+    real_get = api.fetcher.get
+
+    def get(*args: Any, **kwargs: Any) -> Any:
+        joined.set()
+        return real_get(*args, **kwargs)
+
+    async def known(up: Any, blob: Any) -> bool:
+        if up.name != b.host:
+            return True
+        for _ in range(500):  # the origin's round trip, during which A's download finishes
+            if api.store.has(blob):
+                break
+            await asyncio.sleep(0.01)
+        assert api.store.has(blob)
+        return False
+
+    async def confirm(*args: Any, **kwargs: Any) -> None:
+        return None  # the origin vouches that B holds the blob
+
+    api.fetcher.get = get  # type: ignore[method-assign]
+    api.provenance.known = known  # type: ignore[method-assign,assignment]
+    api.provenance.confirm = confirm  # type: ignore[method-assign]
+    first = asyncio.create_task(client.get(f"/v2/private/app/blobs/{digest}?ns={a.host}"))
+    await joined.wait()
+    r = await client.get(f"/v2/private/app/blobs/{digest}?ns={b.host}")
+    body = await r.read()
+    r1 = await first
+    assert r1.status == 200 and hashlib.sha256(await r1.read()).hexdigest() == digest.removeprefix("sha256:")
+    assert r.status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == digest
+    assert int(r.headers["Content-Length"]) == length
+    await client.close()
+    ends = [doc for doc in map(json.loads, b"".join(
+        p.read_bytes() for p in sorted((tmp_path / "agent" / "journal").glob("segment-*"))).splitlines())
+        if doc["phase"] == "end"]
+    assert sorted(doc["bytes"] for doc in ends) == [length, length]
+
+
 @pytest.mark.parametrize("claimed", [0, 1000, len(BLOB) + 1])
 async def test_a_cached_blob_is_sent_whole_whatever_the_registry_head_claims(
         tmp_path: Path, registry: FakeServer, aiohttp_client: Callable[..., Any], claimed: int) -> None:
