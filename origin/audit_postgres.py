@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from shoal_origin.audit_store import BLOCKED, Filters, Row, StoreUnavailable
+from shoal_origin.audit_store import BLOCKED, Filters, Row, StoreUnavailable, storable, storable_text
 from shoal_origin.config import PostgresSettings
 
 log = logging.getLogger(__name__)
@@ -77,17 +77,6 @@ _INSERT = _INSERT_OPERATOR + " ON CONFLICT (event_id, phase) DO NOTHING"
 _UNAVAILABLE = "the audit store (PostgreSQL) is unavailable; retry later"
 # What a failure to reach the server (or a connection lost mid-call) raises.
 _UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
-
-
-def _text(value: str) -> str:
-    """What PostgreSQL's text takes: no NUL, valid UTF-8. A NUL in one field (a Basic user name a
-    client made up, on a registry that lets anyone pull) failed the whole batch, every time it was
-    sent again, and wedged that node's journal; SQLite had stored it. Marked, never dropped."""
-    return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
-
-
-def _storable(row: Row) -> Row:
-    return tuple(_text(v) if isinstance(v, str) else v for v in row)  # type: ignore[return-value]
 
 
 class PostgresStore:
@@ -205,7 +194,7 @@ class PostgresStore:
     def insert(self, node: str, rows: list[Row]) -> tuple[int, int]:
         # In one order, so two transactions storing overlapping batches wait on each other's
         # index entries in the same order (never a deadlock).
-        rows = sorted((_storable(row) for row in rows), key=lambda r: (r[0], r[1]))
+        rows = sorted((storable(row) for row in rows), key=lambda r: (r[0], r[1]))
 
         def work(conn: psycopg.Connection[Any]) -> tuple[int, int]:
             with conn.transaction():
@@ -222,7 +211,7 @@ class PostgresStore:
         return self._call(work)
 
     def insert_operator(self, rows: list[Row]) -> None:
-        rows = [_storable(row) for row in rows]
+        rows = [storable(row) for row in rows]
 
         def work(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
@@ -235,13 +224,13 @@ class PostgresStore:
         where, args = ["phase = 'start'"], []
         for column, value in filters.equals.items():
             where.append(f"{column} = %s")  # (a name from FILTER_COLUMNS)
-            args.append(_text(value))
+            args.append(storable_text(value))
         if filters.since is not None:
             where.append("ts >= %s")
-            args.append(_text(filters.since))
+            args.append(storable_text(filters.since))
         if filters.until is not None:
             where.append("ts < %s")
-            args.append(_text(filters.until))
+            args.append(storable_text(filters.until))
         sql = (f"SELECT event_id, node, doc FROM records WHERE {' AND '.join(where)} "  # noqa: S608
                "ORDER BY ts, event_id LIMIT %s")  # (built from fixed column names only)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from shoal_origin.audit_store import BLOCKED, Filters, Row
+from shoal_origin.audit_store import BLOCKED, Filters, Row, storable, storable_text
 
 AUDIT_DB = "audit.db"  # in the data directory
 SCHEMA = """
@@ -101,6 +101,7 @@ class SqliteStore:
         return None if row is None else str(row[0])
 
     def insert(self, node: str, rows: list[Row]) -> tuple[int, int]:
+        rows = [storable(row) for row in rows]
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -124,6 +125,7 @@ class SqliteStore:
         return inserted, len(rows) - len(mine)
 
     def insert_operator(self, rows: list[Row]) -> None:
+        rows = [storable(row) for row in rows]
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -137,13 +139,13 @@ class SqliteStore:
         where, args = ["phase = 'start'"], []
         for column, value in filters.equals.items():
             where.append(f"{column} = ?")  # (a name from FILTER_COLUMNS)
-            args.append(value)
+            args.append(storable_text(value))
         if filters.since is not None:
             where.append("ts >= ?")
-            args.append(filters.since)
+            args.append(storable_text(filters.since))
         if filters.until is not None:
             where.append("ts < ?")
-            args.append(filters.until)
+            args.append(storable_text(filters.until))
         db = self.db
         starts = db.execute(
             f"SELECT event_id, node, doc FROM records WHERE {' AND '.join(where)} ORDER BY ts LIMIT ?",  # noqa: S608

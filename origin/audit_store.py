@@ -20,6 +20,18 @@ FILTER_COLUMNS = ("repository", "digest", "reference", "ns", "principal", "node"
 BLOCKED = ""
 
 
+def storable_text(value: str) -> str:
+    """What both stores take: no NUL (PostgreSQL's text), valid UTF-8 (both: a lone surrogate,
+    which a node's JSON escape `\\udcff` decodes to, failed SQLite's insert). A NUL in one field (a
+    Basic user name a client made up, on a registry that lets anyone pull) failed the whole batch,
+    every time it was sent again, and wedged that node's journal. Marked, never dropped."""
+    return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
+def storable(row: Row) -> Row:
+    return tuple(storable_text(v) if isinstance(v, str) else v for v in row)  # type: ignore[return-value]
+
+
 class StoreUnavailable(errors.ShoalError):
     """The store cannot be reached now (PostgreSQL down or restarting): 503, the agent keeps its
     journal and sends the batch again; nothing was acknowledged."""

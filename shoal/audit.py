@@ -56,6 +56,18 @@ class RecordError(ValueError):
     """A journal record that does not follow the format."""
 
 
+# Lone surrogates: aiohttp decodes a header that is not UTF-8 with surrogateescape, and JSON
+# escapes (\udcff) decode to them; they cannot be written as UTF-8 (a User-Agent with a byte 0xff
+# made every agent request a 500, and an origin's CSV export of such an event a 500).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean(text: str) -> str:
+    """`text` as valid Unicode: each lone surrogate (a byte a client sent that was not UTF-8) as
+    U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def new_event_id() -> str:
     return secrets.token_hex(16)  # 128 random bits, 32 hex digits (a uuid4's hex, minus its fixed bits)
 
@@ -67,9 +79,10 @@ def now() -> str:
     global _second
     t = time.time()
     whole = int(t)
-    if _second[0] != whole:  # (strftime once a second: the journal stamps two records per request)
-        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    return f"{_second[1]}.{int(t % 1 * 1e6):06d}Z"
+    second = _second  # (read once: another thread may move it on meanwhile)
+    if second[0] != whole:  # (strftime once a second: the journal stamps two records per request)
+        second = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{second[1]}.{int(t % 1 * 1e6):06d}Z"
 
 
 def upgrade(record: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +142,7 @@ def operator_records(*, principal: str, method: str, action: str, status: int, o
                  "status": status, "authz_method": authz_method, "client_addr": client_addr,
                  "user_agent": user_agent, "error": error,
                  "detail": json.dumps(detail, separators=(",", ":"), sort_keys=True)})
+    start = {k: clean(v) if isinstance(v, str) else v for k, v in start.items()}  # (a caller's User-Agent, name)
     end = {"phase": "end", "event_id": event_id, "ts": ts, "node": OPERATOR_NODE, "outcome": outcome,
            "duration_ms": 0}
     return start, end
@@ -157,9 +171,6 @@ def fit(record: dict[str, Any]) -> dict[str, Any]:
 # `validate`'s measure (ASCII-escaped, with spaces) is at most 12 characters per character (a
 # character beyond the BMP as two \uXXXX escapes) plus 2 per field: under MAX_RECORD_BYTES.
 _SURELY_FITS = 1024
-# Lone surrogates: aiohttp decodes a header or path that is not UTF-8 with surrogateescape, and
-# they cannot be written as UTF-8 (a User-Agent with a byte 0xff made every request a 500).
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def line(record: dict[str, Any]) -> bytes:
@@ -171,7 +182,7 @@ def line(record: dict[str, Any]) -> bytes:
     try:
         return text.encode() + b"\n"
     except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", text).encode() + b"\n"
+        return clean(text).encode() + b"\n"
 
 
 def merge(start: dict[str, Any] | None, end: dict[str, Any] | None) -> dict[str, Any]:
@@ -201,8 +212,10 @@ _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 def _cell(value: Any) -> Any:
     if value is None:
         return ""
-    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
-        return "'" + value
+    if isinstance(value, str):
+        value = clean(value)  # (a node's record may hold any JSON escape)
+        if value.startswith(_FORMULA_STARTS):
+            return "'" + value
     return value
 
 

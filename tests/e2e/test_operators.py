@@ -7,11 +7,14 @@ audit trail under its principal; no secret reaches a log."""
 from __future__ import annotations
 
 import base64
+import csv
+import io
 import json
 import os
 import stat
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -132,6 +135,13 @@ def test_static_operator_tokens_and_roles(stack: Stack, registry: Registry, imag
         assert status == 403, route
         assert error_of(doc) == ("DENIED", "the node token is not an operator credential: this API is for operators "
                                            "(an operator token, or a registry login with a role)")
+    # (attack22 F2) a refused caller whose User-Agent is not UTF-8: its refusal is audited, and the
+    # CSV export holding it answers (it was a 500 for every window holding such an event)
+    odd = urllib.request.Request(origin.url + protocol.AUDIT.path(),
+                                 headers={"Authorization": bearer(stack.node_token), "User-Agent": "probe\xff"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(odd, timeout=60)
+    assert refused.value.code == 403
     # nobody, and a token nobody was given: 401
     assert call(origin, protocol.AUDIT, None)[0] == 401
     assert call(origin, protocol.AUDIT, bearer("shoal_op_" + "A" * 43))[0] == 401
@@ -181,7 +191,12 @@ def test_static_operator_tokens_and_roles(stack: Stack, registry: Registry, imag
     audits = operator_events(origin, admin, principal="token:auditor")
     assert [e["action"] for e in audits][:1] == ["audit"]
     assert {e["principal"] for e in operator_events(origin, admin, principal="node-token")} == {"node-token"}
-    assert len(operator_events(origin, admin, principal="node-token")) == 4
+    assert len(operator_events(origin, admin, principal="node-token")) == 5
+    csv_export = urllib.request.Request(origin.url + protocol.AUDIT.path() + "?principal=node-token&format=csv",
+                                        headers={"Authorization": bearer(admin)})
+    with urllib.request.urlopen(csv_export, timeout=60) as resp:
+        rows = list(csv.DictReader(io.StringIO(resp.read().decode("utf-8"))))
+    assert "probe\ufffd" in {row["user_agent"] for row in rows} and len(rows) == 5
 
     # removed: refused from the origin's next look at the file
     done = subprocess.run([sys.executable, "-m", "shoal_origin", "remove-operator", "ci", "--operators",

@@ -200,3 +200,28 @@ async def test_a_full_journal_takes_records_again_once_shipped(tmp_path: Path) -
     await journal.record(record(written + 1))
     await journal.close()
     await collector.close()
+
+
+async def test_a_nul_or_a_lone_surrogate_is_stored_marked_in_sqlite_and_exported(tmp_path: Path) -> None:
+    """(attack22) A node's JSON escape `\\udcff` decodes to a lone surrogate, which SQLite's insert
+    refused: that batch failed every time it was sent again (the node's journal wedged), and an
+    operator event holding one (a caller's User-Agent) made every CSV export of its window a 500."""
+    collector = Collector(tmp_path / "audit.db")
+    await collector.open()
+    try:
+        start = {"event_id": "e" * 32, "phase": "start", "ts": audit.now(), "status": 200,
+                 "principal": "ali\x00ce", "repository": "team/\udcffapp", "user_agent": "pull\udcfe"}
+        end = {"event_id": "e" * 32, "phase": "end", "ts": audit.now(), "bytes": 1, "outcome": "complete"}
+        stored = await collector.store("node-a", [start, end])
+        assert (stored.accepted, stored.rejected) == (2, 0)
+        await collector.record_operator(*audit.operator_records(
+            principal="node-token", method="GET", action="refused", status=403, outcome="refused", detail={},
+            client_addr="127.0.0.1:1", user_agent="probe\udcff", authz_method="origin"))
+        events = await collector.query(protocol.AuditQuery(limit=10))
+        assert len(events) == 2
+        assert await collector.query(protocol.AuditQuery(principal="ali\ufffdce", limit=10)) != []
+        assert await collector.query(protocol.AuditQuery(repository="team/\udcffapp", limit=10)) != []
+        rows = audit.to_csv(events).encode("utf-8").decode("utf-8").splitlines()  # (strict, as the export's answer)
+        assert len(rows) == 3 and "probe\ufffd" in rows[2] and "pull\ufffd" in rows[1]
+    finally:
+        await collector.close()

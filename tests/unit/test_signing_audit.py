@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import base64
 import csv
+import inspect
 import io
 import json
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -503,6 +506,37 @@ def test_a_journal_line_is_the_fitted_record_in_utf8() -> None:
     odd = audit.line({**base, "user_agent": "pull\udcff\udcfe", "range": "bytes=0-\udc80"})
     assert json.loads(odd)["user_agent"] == "pull\ufffd\ufffd" and json.loads(odd)["range"] == "bytes=0-\ufffd"
     odd.decode("utf-8")  # (strict)
+
+
+def test_a_stamp_is_never_a_second_late_when_another_thread_moves_the_clock_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """(attack22 F3) `now()` keeps the formatted second in a module global. It read it twice, so
+    another thread moving it on between the check and the format stamped S.75 as S+1.75. A
+    line tracer runs that other `now()` right before the return, deterministically."""
+    clock, real = [NOW + 0.75, NOW + 1.25], time.time  # (fractions a float holds exactly)
+    monkeypatch.setattr(time, "time", lambda: clock.pop(0) if clock else real())
+    monkeypatch.setattr(audit, "_second", (int(NOW), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(NOW))))
+    lines, first = inspect.getsourcelines(audit.now)
+    ret = first + next(i for i, text in enumerate(lines) if text.strip().startswith("return "))
+    other: list[str] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not audit.now.__code__:
+            return None
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == ret and not other:
+                other.append(audit.now())
+            return local
+        return local
+
+    sys.settrace(tracer)
+    try:
+        stamp = audit.now()
+    finally:
+        sys.settrace(None)
+    assert other == ["2026-11-27T05:00:01.250000Z"]
+    assert stamp == "2026-11-27T05:00:00.750000Z"
 
 
 def test_csv_cells_never_start_a_formula() -> None:
