@@ -37,6 +37,7 @@ class HitsResult:
     errors: int
     agent_peak_rss_bytes: int  # while wrk loads it (cached large blob, small blob, manifests)
     agent_cpu_seconds_per_gib: float  # serving the cached large blob
+    agent_cpu_ms_per_small_request: float = 0.0  # the agent's CPU (all threads) per small-blob request
 
     def row(self) -> dict[str, Any]:
         return {**asdict(self),
@@ -137,8 +138,13 @@ http {{
             cpu_per_gib = (proc_stats(agent.pid)[1] - cpu_before) / (big["agent"].bytes_per_second * seconds / GIB)
             big |= {k: wrk(u, threads=2, connections=4, seconds=seconds) for k, u in large_urls.items()
                     if k != "agent"}
-            tiny: dict[str, WrkResult] = {k: wrk(u, threads=1, connections=8, seconds=seconds)
-                                          for k, u in small_urls.items()}
+            cpu_before = proc_stats(agent.pid)[1]
+            tiny: dict[str, WrkResult] = {"agent": wrk(small_urls["agent"], threads=1, connections=8,
+                                                       seconds=seconds)}
+            small_requests = max(tiny["agent"].requests_per_second * seconds, 1)
+            cpu_per_small = (proc_stats(agent.pid)[1] - cpu_before) / small_requests
+            tiny |= {k: wrk(u, threads=1, connections=8, seconds=seconds) for k, u in small_urls.items()
+                     if k != "agent"}
             manifest_urls = {"registry": f"{registry_url}/v2/{repo}/manifests/{manifest_digest}",
                              "agent": f"http://127.0.0.1:{agent_port}/v2/{repo}/manifests/{manifest_digest}"}
             manifest = {k: wrk(u, threads=1, connections=1, seconds=seconds, headers={"Accept": MANIFEST})
@@ -147,6 +153,6 @@ http {{
         return HitsResult(large[1], {k: r.bytes_per_second for k, r in big.items()},
                           {k: r.p50_ms for k, r in tiny.items()}, {k: r.p99_ms for k, r in tiny.items()},
                           {k: r.p50_ms for k, r in manifest.items()}, {k: r.p99_ms for k, r in manifest.items()},
-                          errors, peak.bytes, round(cpu_per_gib, 3))
+                          errors, peak.bytes, round(cpu_per_gib, 3), round(cpu_per_small * 1000, 3))
     finally:
         services.stop_all(procs)

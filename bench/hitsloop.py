@@ -4,8 +4,9 @@ cache as in bench.hits. Run from the tree to measure (its agent is the one start
 
     python -m bench.hitsloop --seconds 10 --rounds 3
 
-Prints, per round, small blob p50/p99 (agent, nginx, central) and the manifest latency the
-agent adds at p50/p99 over the registry's own, with the machine's CPU idle over the round.
+Prints, per round, small blob p50/p99 (agent, nginx, central), the agent's CPU per small-blob
+request, and the manifest latency the agent adds at p50/p99 over the registry's own, with the
+machine's CPU idle over the round.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def main() -> int:
                       f"{row['small_p99_ms']['agent']:.2f} ms, nginx {row['small_p50_ms']['nginx']:.2f}/"
                       f"{row['small_p99_ms']['nginx']:.2f} ms, central {row['small_p50_ms']['central']:.2f} ms; "
                       f"manifest added p50/p99 {row['manifest_added_p50_ms']:.2f}/{row['manifest_added_p99_ms']:.2f} "
-                      f"ms; errors {row['errors']}; CPU idle {row['cpu_idle']:.0%}", flush=True)
+                      f"ms; agent CPU per small request {row['agent_cpu_ms_per_small_request']:.3f} ms; "
+                      f"errors {row['errors']}; CPU idle {row['cpu_idle']:.0%}", flush=True)
         finally:
             registry.close()
     out = Path(args.out)
