@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from shoal import errors
+from shoal import audit, errors
 
 # A stored record: event_id, phase, ts, node, principal, ns, repository, reference, digest, doc
 # (the record as JSON text), received (epoch seconds).
@@ -24,8 +24,9 @@ def storable_text(value: str) -> str:
     """What both stores take: no NUL (PostgreSQL's text), valid UTF-8 (both: a lone surrogate,
     which a node's JSON escape `\\udcff` decodes to, failed SQLite's insert). A NUL in one field (a
     Basic user name a client made up, on a registry that lets anyone pull) failed the whole batch,
-    every time it was sent again, and wedged that node's journal. Marked, never dropped."""
-    return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    every time it was sent again, and wedged that node's journal. Marked U+FFFD (as the agent's
+    journal marks such bytes), never dropped."""
+    return audit.clean(value.replace("\x00", "\ufffd"))
 
 
 def storable(row: Row) -> Row:

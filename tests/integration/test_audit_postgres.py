@@ -99,6 +99,7 @@ async def test_a_nul_or_a_lone_surrogate_in_a_field_is_stored_marked(pg_database
         assert len(events) == 2
         assert await collector.query(protocol.AuditQuery(principal="ali\ufffdce", limit=10)) != []
         assert await collector.query(protocol.AuditQuery(principal="ali\x00ce", limit=10)) != []
+        assert await collector.query(protocol.AuditQuery(repository="team/\ufffdapp", limit=10)) != []
     finally:
         await collector.close()
 

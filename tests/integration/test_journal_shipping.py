@@ -221,6 +221,7 @@ async def test_a_nul_or_a_lone_surrogate_is_stored_marked_in_sqlite_and_exported
         assert len(events) == 2
         assert await collector.query(protocol.AuditQuery(principal="ali\ufffdce", limit=10)) != []
         assert await collector.query(protocol.AuditQuery(repository="team/\udcffapp", limit=10)) != []
+        assert await collector.query(protocol.AuditQuery(repository="team/\ufffdapp", limit=10)) != []
         rows = audit.to_csv(events).encode("utf-8").decode("utf-8").splitlines()  # (strict, as the export's answer)
         assert len(rows) == 3 and "probe\ufffd" in rows[2] and "pull\ufffd" in rows[1]
     finally:
