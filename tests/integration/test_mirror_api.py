@@ -53,6 +53,17 @@ async def client(tmp_path: Path, registry: FakeServer, aiohttp_client: Callable[
     return c
 
 
+async def raw_get(client: Client, head: bytes) -> bytes:
+    assert client.server.host is not None and client.server.port is not None
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(head + b"Host: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
 async def test_a_client_pulls_through_the_mirror(client: Client, registry: FakeServer) -> None:
     r = await client.get("/v2/")
     assert r.status == 200 and r.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
@@ -96,29 +107,11 @@ async def test_what_a_mirror_refuses(client: Client) -> None:
 
 async def test_credentials_that_are_not_ascii_are_refused_quietly(client: Client,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
-    assert client.server.host is not None and client.server.port is not None
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    try:
-        writer.write(f"GET /v2/private/app/blobs/{DIGEST} HTTP/1.1\r\nHost: x\r\n".encode()
-                     + b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n")
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
+    answer = await raw_get(client, f"GET /v2/private/app/blobs/{DIGEST} HTTP/1.1\r\n".encode()
+                           + b"Authorization: Bearer \xff\xfe\r\n")
     assert answer.startswith(b"HTTP/1.1 401 ")
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["errors"][0]["code"] == "UNAUTHORIZED"
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
-
-
-async def raw_get(client: Client, head: bytes) -> bytes:
-    assert client.server.host is not None and client.server.port is not None
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    try:
-        writer.write(head + b"Host: x\r\nConnection: close\r\n\r\n")
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
 
 
 async def test_text_that_is_not_utf8_is_served_and_journaled(client: Client, tmp_path: Path,
