@@ -1,0 +1,133 @@
+"""The seeder's guard against peers that hold an upload slot and do not read (shoal/slowpeers.py).
+
+The integration test (tests/integration/test_seeder_slots.py) shows the guard freeing real
+libtorrent slots; these pin its rules: who is dropped, when, for how long, and what it remembers."""
+
+from __future__ import annotations
+
+from shoal import slowpeers
+from shoal.slowpeers import PeerSample, SlowPeerGuard
+
+WINDOW, FLOOR, BAN, BAN_MAX = 10.0, 1000, 60.0, 400.0
+
+
+def guard() -> SlowPeerGuard:
+    return SlowPeerGuard(window=WINDOW, floor=FLOOR, ban=BAN, ban_max=BAN_MAX)
+
+
+def holder(uploaded: int, ip: str = "10.0.0.1", swarm: str = "a", holds: bool = True) -> PeerSample:
+    return PeerSample(swarm, (ip, 6881), holds_slot=holds, uploaded=uploaded)
+
+
+def test_a_holder_under_the_floor_is_banned_after_a_whole_window_while_others_wait() -> None:
+    g = guard()
+    assert g.observe([holder(0)], 0.0, contended=True) == []
+    # not yet a whole window
+    assert g.observe([holder(100)], WINDOW - 1, contended=True) == []
+    assert g.observe([holder(200)], WINDOW, contended=True) == ["10.0.0.1"]
+    assert g.dropped == 1
+    assert g.is_banned("10.0.0.1", WINDOW + BAN - 1)
+    assert not g.is_banned("10.0.0.1", WINDOW + BAN)
+    assert g.banned(WINDOW + 1) == ["10.0.0.1"]
+
+
+def test_a_slow_holder_nobody_waits_behind_keeps_its_slot() -> None:
+    g = guard()
+    g.observe([holder(0)], 0.0, contended=False)
+    assert g.observe([holder(10)], WINDOW, contended=False) == []
+    # and its window starts again: contention now needs a whole new window of slowness
+    assert g.observe([holder(20)], WINDOW + 1, contended=True) == []
+    assert g.observe([holder(30)], 2 * WINDOW, contended=True) == ["10.0.0.1"]
+
+
+def test_a_holder_reading_at_the_floor_is_never_banned() -> None:
+    g = guard()
+    for step in range(20):
+        t = step * WINDOW / 2
+        assert g.observe([holder(int(t * FLOOR))], t, contended=True) == []
+    assert g.dropped == 0 and g.banned(100.0) == []
+
+
+def test_being_choked_or_leaving_ends_the_watch() -> None:
+    g = guard()
+    g.observe([holder(0)], 0.0, contended=True)
+    g.observe([holder(0, holds=False)], WINDOW / 2, contended=True)  # choked: turn over
+    g.observe([holder(0)], WINDOW / 2 + 1, contended=True)  # unchoked again: a new window
+    assert g.observe([holder(0)], WINDOW, contended=True) == []
+    g.observe([], WINDOW + 1, contended=True)  # disconnected
+    g.observe([holder(0)], WINDOW + 2, contended=True)
+    assert g.observe([holder(0)], 2 * WINDOW + 1, contended=True) == []
+    assert g.observe([holder(0)], 2 * WINDOW + 2, contended=True) == ["10.0.0.1"]
+
+
+def test_a_counter_that_went_backwards_is_a_new_connection() -> None:
+    g = guard()
+    g.observe([holder(50_000)], 0.0, contended=True)
+    # the same address and port reconnected: its counter starts at 0, which is not slowness
+    assert g.observe([holder(10)], WINDOW, contended=True) == []
+    assert g.observe([holder(20)], 2 * WINDOW, contended=True) == ["10.0.0.1"]
+
+
+def test_an_upload_rate_limit_lowers_the_floor_to_a_quarter_of_a_slot_share() -> None:
+    g = guard()
+    share = 2000.0  # the operator's limit over the slots: FLOOR would drop peers reading 600/s
+    g.observe([holder(0)], 0.0, contended=True, slot_share=share)
+    assert g.observe([holder(int(WINDOW * 600))], WINDOW, contended=True, slot_share=share) == []
+    assert g.observe([holder(int(WINDOW * 600) + 100)], 2 * WINDOW, contended=True, slot_share=share) == ["10.0.0.1"]
+    assert g.floor_for(share) == share / slowpeers.SHARE
+    assert g.floor_for(1e9) == FLOOR  # a generous limit never raises it
+
+
+def drop(g: SlowPeerGuard, ip: str, at: float) -> None:
+    g.observe([holder(0, ip)], at, contended=True)
+    assert g.observe([holder(0, ip)], at + WINDOW, contended=True) == [ip]
+
+
+def test_each_repeat_doubles_the_ban_up_to_its_cap_and_a_long_good_spell_forgets() -> None:
+    g = guard()
+    t = 0.0
+    lengths = []
+    for _ in range(5):
+        drop(g, "10.0.0.1", t)
+        start = t + WINDOW
+        until = start
+        while g.is_banned("10.0.0.1", until):
+            until += 1.0
+        lengths.append(until - start)
+        t = until
+    assert lengths == [BAN, 2 * BAN, 4 * BAN, BAN_MAX, BAN_MAX]
+    # ban_max after its last ban ended, the address starts afresh
+    assert g.banned(t + BAN_MAX) == []
+    drop(g, "10.0.0.1", t + BAN_MAX)
+    assert g.is_banned("10.0.0.1", t + BAN_MAX + WINDOW + BAN - 1)
+    assert not g.is_banned("10.0.0.1", t + BAN_MAX + WINDOW + BAN)
+
+
+def test_one_ban_per_address_however_many_swarms_it_holds_slots_in() -> None:
+    g = guard()
+    samples = [holder(0, "10.0.0.1", swarm) for swarm in "abc"] + [holder(0, "10.0.0.2", "a")]
+    g.observe(samples, 0.0, contended=True)
+    assert sorted(g.observe(samples, WINDOW, contended=True)) == ["10.0.0.1", "10.0.0.2"]
+    assert g.dropped == 2
+    assert g.banned(WINDOW) == ["10.0.0.1", "10.0.0.2"]
+
+
+def test_ipv6_addresses_are_banned_as_written() -> None:
+    g = guard()
+    drop(g, "fd00::7", 0.0)
+    assert g.banned(WINDOW) == ["fd00::7"]
+
+
+def test_what_it_remembers_is_bounded() -> None:
+    g = guard()
+    n = slowpeers.MAX_REMEMBERED + 10
+    samples = [holder(0, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}") for i in range(n)]
+    g.observe(samples, 0.0, contended=True)
+    assert len(g.observe(samples, WINDOW, contended=True)) == n
+    assert len(g.banned(WINDOW)) == slowpeers.MAX_REMEMBERED
+    # the oldest were forgotten, the latest kept
+    assert not g.is_banned("10.0.0.0", WINDOW)
+    assert g.is_banned(samples[-1].address[0], WINDOW)
+    # and the connections it watches are the ones it was last shown
+    g.observe([], WINDOW + 1, contended=True)
+    assert g._watched == {}
