@@ -34,6 +34,7 @@ import libtorrent as lt
 from shoal import announcing, errors, netaddr, peercerts, protocol
 from shoal.config import TorrentSettings, split_hostport
 from shoal.metainfo import Metainfo
+from shoal.slowpeers import PeerSample, SlowPeerGuard
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ SEEDER_CHOKING: dict[str, int] = {
 
 SLOTS_RECOUNT = 1.0  # seconds; the choker runs every unchoke_interval (3 s)
 SLOTS_RECHECK = 10  # every tenth recount asks the swarms counted directly
+GUARD_EVERY = 5  # recounts between two looks at the seeder's unchoked peers (shoal/slowpeers.py)
 # libtorrent's top piece priority, for the one piece a local client is blocked on (TorrentJob.want).
 HEAD_PIECE_PRIORITY = 7
 # Time given at shutdown for "stopped" announces to reach the tracker.
@@ -216,6 +218,9 @@ class SwarmSettings:
         }
         if self.fingerprint == SEEDER_FINGERPRINT:
             settings.update(SEEDER_CHOKING)
+            # Its IP filter holds the peers it bans (shoal/slowpeers.py), which must not cut it
+            # off from a tracker at the same address (`shoal up` runs everything on one).
+            settings["apply_ip_filter_to_trackers"] = False
         settings.update({k: v for k, v in self.extra.items()
                          if k not in announcing.RESERVED_SETTINGS and k not in peercerts.RESERVED_SETTINGS})
         return settings
@@ -446,10 +451,21 @@ class Swarm:
         self._stats_waiters: list[asyncio.Future[None]] = []
         # the origin's seeder: leechers connected per swarm, and the upload slots they add up to
         self._leechers: dict[lt.torrent_handle, int] = {}
+        # and of those swarms, the ones with peers unchoked (where a peer can hold a slot)
+        self._unchoking: set[lt.torrent_handle] = set()
         self._slots_task: asyncio.Task[None] | None = None
-        self._balanced = settings.fingerprint == SEEDER_FINGERPRINT and "unchoke_slots_limit" not in settings.extra
+        self._seeder = settings.fingerprint == SEEDER_FINGERPRINT
+        self._balanced = self._seeder and "unchoke_slots_limit" not in settings.extra
+        # peers that hold a slot of the seeder and do not read are dropped (a fixed limit too)
+        self.slow_peers = SlowPeerGuard() if self._seeder else None
+        self._banned: list[str] = []
         # None where they are not balanced (an agent's session, or a limit an operator fixed)
         self.unchoke_slots: int | None = SEEDER_SLOTS if self._balanced else None
+
+    @property
+    def banned_addresses(self) -> list[str]:
+        """Addresses the seeder's session refuses now (shoal/slowpeers.py)."""
+        return self._banned
 
     @property
     def session(self) -> lt.session:
@@ -478,7 +494,7 @@ class Swarm:
         ses.set_alert_fd(w.fileno())
         await self._listening()
         self._stats_task = asyncio.create_task(self._poll_stats())
-        if self._balanced:
+        if self._seeder:
             self._slots_task = asyncio.create_task(self._balance_slots())
         log.info("swarm listening on %s:%d", self.settings.listen_ip, self.settings.listen_port)
 
@@ -587,8 +603,11 @@ class Swarm:
         atp.tracker_tiers = list(range(len(atp.trackers)))
         # Assigning flags replaces the defaults, dropping auto_managed|paused: start at once.
         atp.flags = lt.torrent_flags.override_trackers
+        if self._seeder:
+            # its state updates (_balance_slots), and the bans of peers that hold a slot and do
+            # not read (shoal/slowpeers.py)
+            atp.flags |= lt.torrent_flags.update_subscribe | lt.torrent_flags.apply_ip_filter
         if self._balanced:
-            atp.flags |= lt.torrent_flags.update_subscribe  # its state updates (_balance_slots)
             atp.max_uploads = SEEDER_SLOTS  # and no swarm takes more than four
         if seed:
             atp.have_pieces = [True] * meta.num_pieces
@@ -607,6 +626,7 @@ class Swarm:
         if job is None or self._session is None:
             return
         self._leechers.pop(job.handle, None)
+        self._unchoking.discard(job.handle)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._removals[name] = fut
         job._on_error("torrent removed")
@@ -698,7 +718,7 @@ class Swarm:
                 if not waiter.done():
                     waiter.set_result(None)
             return
-        if isinstance(alert, lt.state_update_alert) and self._balanced:
+        if isinstance(alert, lt.state_update_alert) and self._seeder:
             # torrents whose status changed since the last post_torrent_updates (every second
             # while they upload, and once more when they stop)
             self._count_leechers(alert.status)
@@ -809,11 +829,18 @@ class Swarm:
                 self._leechers[status.handle] = leechers
             else:
                 self._leechers.pop(status.handle, None)
+            if leechers > 0 and status.handle in live and int(status.num_uploads) > 0:
+                self._unchoking.add(status.handle)
+            else:
+                self._unchoking.discard(status.handle)
         for gone in [h for h in self._leechers if h not in live]:
             del self._leechers[gone]
+        self._unchoking &= self._leechers.keys()
         self._set_unchoke_slots()
 
     def _set_unchoke_slots(self) -> None:
+        if not self._balanced:
+            return
         wanted = seeder_slots(self._leechers.values())
         if wanted != self.unchoke_slots and self._session is not None:
             self.unchoke_slots = wanted
@@ -833,6 +860,42 @@ class Swarm:
                 # libtorrent reports a torrent while it moves bytes: a peer that fell silent
                 # before it left would stay counted (at most connections_limit handles to ask)
                 self._count_leechers([h.status(0) for h in list(self._leechers) if h.is_valid()])
+            if ticks % GUARD_EVERY == 0:
+                self._drop_slow_peers()
+
+    def _drop_slow_peers(self) -> None:
+        """Ban, for a while, the addresses of peers that hold a slot and do not read (see
+        shoal/slowpeers.py). Asks only swarms with peers unchoked: at most the session's slots
+        and the optimistic one, however many swarms a node holds idle connections in."""
+        guard = self.slow_peers
+        if guard is None or self._session is None:
+            return
+        samples = []
+        for handle in list(self._unchoking):
+            if not handle.is_valid():
+                continue
+            for p in handle.get_peer_info():
+                ip, port = p.ip
+                samples.append(PeerSample(
+                    handle, (str(ip), int(port)),
+                    holds_slot=not p.flags & lt.peer_info.choked and bool(p.flags & lt.peer_info.remote_interested),
+                    uploaded=int(p.total_upload)))
+        now = time.monotonic()
+        stats = self.stats
+        # someone who wants an upload is choked (waiting for a slot)
+        contended = stats.get("peer.num_peers_up_interested", 0) > stats.get("peer.num_peers_up_unchoked_all", 0)
+        limit, slots = self.settings.upload_rate_limit, stats.get("ses.num_unchoke_slots", 0)
+        share = limit / slots if limit > 0 and slots > 0 else None
+        for ip in guard.observe(samples, now, contended=contended, slot_share=share):
+            log.warning("peer %s held an upload slot of the seeder for %gs, reading under %d bytes/s while "
+                        "others waited: banned for a while", ip, guard.window, guard.floor_for(share))
+        banned = guard.banned(now)
+        if banned != self._banned:
+            self._banned = banned
+            rules = lt.ip_filter()
+            for ip in banned:
+                rules.add_rule(ip, ip, 1)  # blocked: libtorrent disconnects it from every swarm
+            self._session.set_ip_filter(rules)
 
     async def _poll_stats(self) -> None:
         while True:

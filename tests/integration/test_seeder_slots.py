@@ -17,11 +17,14 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from shoal import metainfo, protocol
+from shoal import metainfo, peercerts, protocol, signing
+from shoal import swarm as swarm_module
+from shoal.metrics import SwarmCollector
 from shoal.oci import Digest
+from shoal.slowpeers import SlowPeerGuard
 from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, SEEDER_SLOTS, Swarm, SwarmSettings
 from tests.integration.conftest import REGISTRATION_TOKEN, Keys, tracker_server
-from tests.support import pki
+from tests.support import peerprobe, pki
 from tests.support.procs import free_port
 
 BLOBS = 6  # swarms: more than the four slots of one
@@ -34,8 +37,9 @@ async def tracker(monkeypatch: pytest.MonkeyPatch, keys: Keys) -> AsyncIterator[
         yield server
 
 
-async def register(tracker: TestServer, keys: Keys, seed_dir: Path, n: int) -> metainfo.Metainfo:
-    data = random.Random(n).randbytes(4 << 20)
+async def register(tracker: TestServer, keys: Keys, seed_dir: Path, n: int, size: int = 4 << 20
+                   ) -> metainfo.Metainfo:
+    data = random.Random(n).randbytes(size)
     digest = Digest(hashlib.sha256(data).hexdigest())
     (seed_dir / digest.hex).write_bytes(data)
     base = f"http://127.0.0.1:{tracker.port}"
@@ -100,3 +104,78 @@ async def test_every_swarm_gets_its_own_slots(tmp_path: Path, tracker: TestServe
             await leecher.stop()
         await seeder.stop()
 
+
+async def test_peers_that_hold_slots_and_do_not_read_are_dropped_for_a_while(
+        tmp_path: Path, tracker: TestServer, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """attack20 #3: libtorrent's round robin keeps a peer unchoked while it took more in the last
+    round than the peers waiting (none: they are choked), until it has had four pieces and a
+    minute has passed. Two peers asking for a block every half second and reading a few bytes
+    held the seeder's two regular slots, and an honest peer got no piece for 22 s after its
+    optimistic turn (longer than an agent's stall timeout). While a peer waits, the seeder now
+    bans, for a while, the address of a holder that read under the floor for a whole window."""
+    monkeypatch.setattr(swarm_module, "SLOTS_RECOUNT", 0.2)
+    monkeypatch.setattr(swarm_module, "GUARD_EVERY", 2)
+    seed_dir = tmp_path / "seed"
+    seed_dir.mkdir()
+    meta = await register(tracker, keys, seed_dir, 0, 8 << 20)
+    port = free_port("127.0.0.2")
+    # three slots (an operator's fixed number: the guard holds for it too), one of them the
+    # optimistic unchoke
+    seeder = Swarm(SwarmSettings("127.0.0.2", port, SEEDER_FINGERPRINT, extra={"unchoke_slots_limit": 3}))
+    await seeder.start()
+    assert seeder.slow_peers is not None
+    # production: 30 s, 8 KiB/s, 60 s. The tricklers' blocks go into the seeder's socket buffers
+    # (1 MiB and more on loopback) and count as sent: 32 KiB/s each by libtorrent's count, which
+    # keeps them ahead of a waiting peer every round, and under this floor.
+    guard = seeder.slow_peers = SlowPeerGuard(window=4.0, floor=64 << 10, ban=12.0)
+    pki.admit(seeder, keys.key, "origin")
+    seeder.add(meta, seed_dir, seed=True)
+    tricklers: list[peerprobe.Trickler] = []
+    identities = []
+    leecher = None
+    try:
+        for i in range(2):  # first: they take the regular slots while no one else wants one
+            node_key = peercerts.NodeKey.generate()
+            identities.append(peerprobe.node_identity(node_key, peercerts.issue_grant(
+                keys.key, f"trickler-{i}", node_key.public_key, signing.EVERY_BLOB, 600)[1]))
+            tricklers.append(peerprobe.Trickler(("127.0.0.2", port), meta, source_ip=f"127.0.0.{9 + i}",
+                                                identity=identities[i], every=0.5, within=90))
+            async with asyncio.timeout(10):
+                while not tricklers[i].unchoked.is_set():
+                    await asyncio.sleep(0.05)
+        # an honest peer that reads, slowly (400 KB/s, six times the floor: 8 MiB take it 20 s)
+        leecher = Swarm(SwarmSettings("127.0.0.3", free_port("127.0.0.3"), AGENT_FINGERPRINT,
+                                      download_rate_limit=400_000))
+        await leecher.start()
+        pki.admit(leecher, keys.key, "honest-node")
+        (tmp_path / "leech").mkdir()
+        job = leecher.add(meta, tmp_path / "leech", seed=False)
+        async with asyncio.timeout(40):
+            while not all(t.hung_up.is_set() for t in tricklers):
+                await asyncio.sleep(0.1)
+        assert guard.dropped == 2
+        assert seeder.banned_addresses == ["127.0.0.10", "127.0.0.9"]
+        families = {f.name: f for f in SwarmCollector("shoal_origin", seeder).collect()}
+        assert families["shoal_origin_swarm_slow_peers_dropped"].samples[0].value == 2
+        assert families["shoal_origin_swarm_addresses_banned"].samples[0].value == 2
+        # while banned, the address gets nothing
+        assert await asyncio.to_thread(peerprobe.probe, ("127.0.0.2", port), meta, source_ip="127.0.0.9",
+                                       identity=identities[0], within=2) == b""
+        # the honest peer gets the whole blob from the seeder, and is never dropped
+        async with asyncio.timeout(40):
+            await job.finished.wait()
+        assert guard.dropped == 2
+        assert hashlib.sha256((tmp_path / "leech" / meta.digest.hex).read_bytes()).hexdigest() == meta.digest.hex
+        # the ban ends
+        async with asyncio.timeout(20):
+            while seeder.banned_addresses:
+                await asyncio.sleep(0.2)
+        first = (seed_dir / meta.digest.hex).read_bytes()[:4 * peerprobe.BLOCK]
+        assert await asyncio.to_thread(peerprobe.probe, ("127.0.0.2", port), meta, source_ip="127.0.0.9",
+                                       identity=identities[0], within=8) == first
+    finally:
+        for t in tricklers:
+            t.close()
+        if leecher is not None:
+            await leecher.stop()
+        await seeder.stop()

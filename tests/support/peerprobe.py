@@ -11,6 +11,7 @@ import socket
 import ssl
 import struct
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,3 +157,75 @@ def probe(address: tuple[str, int], meta: Metainfo, *, source_ip: str, identity:
                         got[index * meta.piece_length + begin] = body[9:]
                         sock.sendall(next(requests, b""))
     return b"".join(got[k] for k in sorted(got))
+
+
+class Trickler:
+    """A peer that holds an upload slot and hardly reads (attack20 #3). libtorrent's round robin
+    keeps a peer unchoked while it took more in the last round than the peers waiting (none, being
+    choked), until it has had four pieces and a minute has passed: so once unchoked this asks for
+    one block every `every` seconds, which the sender's socket buffers take (and libtorrent counts
+    as sent), and reads `rate` bytes a second through a small receive window. Runs in a thread
+    until closed (or `within` seconds); `hung_up` is set if the other side hung up first."""
+
+    def __init__(self, address: tuple[str, int], meta: Metainfo, *, source_ip: str, identity: Identity,
+                 every: float = 2.5, rate: int = 256, within: float = 60.0) -> None:
+        self.unchoked = threading.Event()
+        self.hung_up = threading.Event()
+        self.received = 0
+        self._stop = threading.Event()
+        self._args = (address, meta, source_ip, identity, every, rate, within)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        address, meta, source_ip, identity, every, rate, within = self._args
+        deadline = time.monotonic() + within
+        try:
+            raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+            raw.bind((source_ip, 0))
+            raw.settimeout(10)
+            raw.connect(address)
+            with _wrap(raw, meta, identity) as sock:
+                sock.sendall(PSTR + RESERVED + meta.tracker_hash + b"-TR0001-" + os.urandom(12))
+                sock.sendall(_message(2))  # interested
+                buf = b""
+                while not self.unchoked.is_set() and time.monotonic() < deadline and not self._stop.is_set():
+                    chunk = sock.recv(1 << 12)
+                    if not chunk:
+                        self.hung_up.set()
+                        return
+                    buf += chunk
+                    if buf.startswith(PSTR):
+                        if len(buf) < 68:
+                            continue
+                        buf = buf[68:]
+                    while len(buf) >= 4:
+                        (length,) = struct.unpack(">I", buf[:4])
+                        if len(buf) < 4 + length:
+                            break
+                        body, buf = buf[4:4 + length], buf[4 + length:]
+                        if length and body[0] == 1:
+                            self.unchoked.set()
+                blocks = -(-meta.size // BLOCK)
+                asked, next_ask = 0, 0.0
+                while time.monotonic() < deadline and not self._stop.wait(0.25):
+                    if time.monotonic() >= next_ask:
+                        offset = (asked % blocks) * BLOCK
+                        sock.sendall(_message(6, struct.pack(">III", *divmod(offset, meta.piece_length),
+                                                             min(BLOCK, meta.size - offset))))
+                        asked, next_ask = asked + 1, time.monotonic() + every
+                    sock.settimeout(0.2)
+                    with contextlib.suppress(TimeoutError, ssl.SSLWantReadError):
+                        chunk = sock.recv(max(1, rate // 4))
+                        if not chunk:
+                            self.hung_up.set()
+                            return
+                        self.received += len(chunk)
+        except (OSError, ssl.SSLError, struct.error):
+            if not self._stop.is_set():
+                self.hung_up.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(15)

@@ -44,7 +44,8 @@ class StubSession:
         dispatch = cast(Any, self.swarm._dispatch)
         loop = asyncio.get_running_loop()
         # the state update taken at the last recount, while three leechers were connected
-        loop.call_soon(dispatch, FakeStateUpdate([SimpleNamespace(handle=handle, num_peers=3, num_seeds=0)]))
+        status = SimpleNamespace(handle=handle, num_peers=3, num_seeds=0, num_uploads=1)
+        loop.call_soon(dispatch, FakeStateUpdate([status]))
         loop.call_soon(dispatch, FakeRemoved(self.names[handle]))
 
 
@@ -64,7 +65,7 @@ def test_removed_torrents_do_not_keep_upload_slots(fake_alerts: None) -> None:
             session.names[handle] = f"{i:064x}"
             seeder._jobs[f"{i:064x}"] = cast(Any, SimpleNamespace(handle=handle, _on_error=lambda _m: None))
         # every swarm being downloaded: eight slots
-        cast(Any, seeder._dispatch)(FakeStateUpdate([SimpleNamespace(handle=h, num_peers=3, num_seeds=0)
+        cast(Any, seeder._dispatch)(FakeStateUpdate([SimpleNamespace(handle=h, num_peers=3, num_seeds=0, num_uploads=1)
                                                      for h in session.names]))
         assert seeder.unchoke_slots == 8
         for name in list(session.names.values()):  # the store evicts them all (Seeder._on_evict -> Swarm.remove)
