@@ -12,33 +12,50 @@ Reproduced (tests/integration/test_seeder_slots.py): two peers asking for a bloc
 second (libtorrent counts the blocks its socket buffers take as sent) and reading a few bytes held
 the seeder's two regular slots, and an honest peer got no piece for 22 s after its optimistic turn.
 
-So every few seconds the seeder looks at the peers it uploads to. While a peer that wants an
-upload is choked, one that held a slot for a whole `window` and took less than `floor` bytes a
-second of it is dropped: its address is banned from the seeder's session (libtorrent's IP filter,
-the one way to disconnect a given peer from Python) for `ban` seconds, doubled for each repeat up
-to `ban_max`. The floor is lowered to a quarter of a slot's share of an upload rate limit the
-operator set, so that a limit shared by many slots does not drop every peer in turn; not to the
-holders' measured rates, which holders that do not read would lower. A slow peer that takes no
-one's turn (no one waits) is left where it is.
+So every few seconds the seeder looks at the peers it uploads to:
+
+- A peer that sent it piece data is banned at once, for `ban_max`. The seeder never asks for a
+  piece, so no honest agent sends one; and libtorrent's choker ranks first the peers that sent the
+  most in the last round, so one unasked 16 KiB block every round kept an attacker's slot ahead of
+  everyone else's, whatever it read (security review attack23 #1).
+- Where its slot is wanted, a peer that held one for a whole `window` and took less than `floor`
+  bytes a second of it is dropped. Its slot is wanted when a peer that wants an upload is choked
+  and either the session's regular slots are full, or the peer waits in the same swarm and that
+  swarm has all the slots one swarm may have (SEEDER_SLOTS): dropping a holder then lets someone
+  in. The first time, the drop is a kick: the address is refused for `kick` seconds, long enough
+  to close its connections, and the node comes back at the end of the queue (an honest node under
+  a tight download cap, split over many peers, can read a seeder slot this slowly). A repeat
+  within `ban_max` of the last ban's end bans it for `ban`, doubled for each further repeat up to
+  `ban_max`.
+
+The floor is far below what a slot is worth to anyone who reads it (the seeder's link shared by
+a few peers): a slot read this slowly is wasted while others wait. Under an upload rate limit the
+operator set, it is lowered to a quarter of a slot's share of that limit, so that a limit shared by
+many slots does not drop every peer in turn; never to the holders' measured rates, which holders
+that do not read would lower. Bans go through libtorrent's IP filter, the one way to disconnect a
+given peer from Python; the seeder's own address is never banned (`shoal up` runs an agent there).
 
 What this leaves: a peer that reads at the floor holds its slot, as any slow peer does; pinning
-the seeder's 63 regular slots that way costs a node about 0.5 MB/s of real reading.
+the seeder's 63 regular slots that way costs a node about 0.5 MB/s of real reading. A peer that
+reconnects before its window ends starts a new window, but queues behind the waiting peers for
+a slot again. Nodes behind one address (NAT) share its bans, and an IPv6 node that changes its
+address starts afresh.
 
-A node behind the banned address loses the seeder for a while, not the blob: its agent gets the
+A node behind a banned address loses the seeder for a while, not the blob: its agent gets the
 pieces from other peers or, past its stall timeout, from the registry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Collection, Hashable, Iterable
 from dataclasses import dataclass
 
-# A peer holding a slot must take at least FLOOR bytes a second over WINDOW seconds. An agent's
-# download falls back to the registry when a piece (256 KiB for most layers) takes longer than
-# its stall timeout (10 s): a peer reading 8 KiB/s could not use the seeder anyway.
+# A peer holding a slot must take at least FLOOR bytes a second over WINDOW seconds, where its
+# slot is wanted (see above).
 WINDOW = 30.0
 FLOOR = 8 << 10
 SHARE = 4  # with an upload rate limit: at most 1/SHARE of a slot's share of it
+KICK = 10.0  # a first drop: long enough for the next look (every 5 s) to find it gone
 BAN = 60.0
 BAN_MAX = 900.0
 # Addresses remembered for their repeats (banned or not): the oldest are forgotten beyond this.
@@ -51,8 +68,18 @@ class PeerSample:
 
     swarm: Hashable
     address: tuple[str, int]
-    holds_slot: bool  # unchoked by the seeder and interested in its pieces
+    unchoked: bool  # by the seeder
+    interested: bool  # in the seeder's pieces
     uploaded: int  # payload bytes sent to it so far
+    received: int = 0  # payload bytes it sent (the seeder never asks for any)
+
+    @property
+    def holds_slot(self) -> bool:
+        return self.unchoked and self.interested
+
+    @property
+    def waits(self) -> bool:
+        return self.interested and not self.unchoked
 
 
 @dataclass(slots=True)
@@ -68,23 +95,36 @@ class _Offender:
 
 
 class SlowPeerGuard:
-    def __init__(self, *, window: float = WINDOW, floor: int = FLOOR, ban: float = BAN,
-                 ban_max: float = BAN_MAX) -> None:
-        self.window, self.floor, self.ban, self.ban_max = window, floor, ban, ban_max
+    def __init__(self, *, window: float = WINDOW, floor: int = FLOOR, kick: float = KICK, ban: float = BAN,
+                 ban_max: float = BAN_MAX, spare: Collection[str] = ()) -> None:
+        self.window, self.floor, self.kick, self.ban, self.ban_max = window, floor, kick, ban, ban_max
+        self.spare = frozenset(spare)  # addresses never banned (the seeder's own)
         self._watched: dict[tuple[Hashable, tuple[str, int]], _Watch] = {}
         self._offenders: dict[str, _Offender] = {}
-        self.dropped = 0  # peers dropped so far
+        self.dropped = 0  # peers dropped so far, for either reason
 
     def observe(self, samples: Iterable[PeerSample], now: float, *, contended: bool,
-                slot_share: float | None = None) -> list[str]:
-        """The addresses to ban from now on (each once, while its ban lasts). `contended`: a
-        peer that wants an upload is choked. `slot_share`: a slot's share of the seeder's upload
-        rate limit, if it has one (bytes a second)."""
+                swarm_slots: int | None = None, slot_share: float | None = None) -> list[tuple[str, str]]:
+        """The addresses to ban from now on, each with why ("slow" or "sent pieces"), each once
+        while its ban lasts. `contended`: a peer that wants an upload is choked while the
+        session's regular slots are full. `swarm_slots`: the most slots one swarm may have, if
+        there is such a cap. `slot_share`: a slot's share of the seeder's upload rate limit, if it
+        has one (bytes a second)."""
+        samples = [s for s in samples if s.address[0] not in self.spare]
         seen: set[tuple[Hashable, tuple[str, int]]] = set()
         holders: list[tuple[tuple[Hashable, tuple[str, int]], PeerSample, _Watch]] = []
+        unchoked: dict[Hashable, int] = {}
+        waiting: set[Hashable] = set()
+        banned: list[tuple[str, str]] = []
         for s in samples:
             key = (s.swarm, s.address)
             seen.add(key)
+            if s.received > 0:
+                self._ban(s.address[0], now, banned, "sent pieces")
+                continue
+            unchoked[s.swarm] = unchoked.get(s.swarm, 0) + s.unchoked
+            if s.waits:
+                waiting.add(s.swarm)
             watch = self._watched.get(key)
             if not s.holds_slot:
                 self._watched.pop(key, None)
@@ -95,32 +135,47 @@ class SlowPeerGuard:
         for key in [k for k in self._watched if k not in seen]:
             del self._watched[key]
         floor = self.floor_for(slot_share)
-        banned: list[str] = []
         for key, s, watch in holders:
             elapsed = now - watch.since
             if elapsed < self.window:
                 continue
-            if (s.uploaded - watch.uploaded) / elapsed >= floor or not contended:
+            wanted = contended or (s.swarm in waiting and swarm_slots is not None
+                                   and unchoked[s.swarm] >= swarm_slots)
+            if (s.uploaded - watch.uploaded) / elapsed >= floor or not wanted:
                 self._watched[key] = _Watch(now, s.uploaded)  # a new window from here
                 continue
             del self._watched[key]
-            ip = s.address[0]
-            if not self.is_banned(ip, now):  # (its other swarms' connections go with it)
-                banned.append(ip)
-                self._strike(ip, now)
-                self.dropped += 1
+            self._ban(s.address[0], now, banned, "slow")
         return banned
 
     def floor_for(self, slot_share: float | None) -> float:
         """Bytes a second a holder must take (see observe)."""
         return self.floor if slot_share is None else min(self.floor, slot_share / SHARE)
 
-    def _strike(self, ip: str, now: float) -> None:
+    def _ban(self, ip: str, now: float, banned: list[tuple[str, str]], why: str) -> None:
+        if self.is_banned(ip, now) or any(ip == b for b, _ in banned):
+            return  # (its other swarms' connections go with it)
         offender = self._offenders.pop(ip, None)  # (re-inserted last: the dict is oldest first)
         strikes = 1 if offender is None else offender.strikes + 1
-        self._offenders[ip] = _Offender(now + min(self.ban * 2 ** (strikes - 1), self.ban_max), strikes)
+        if why != "slow":
+            length = self.ban_max
+        elif strikes == 1:
+            length = self.kick
+        else:
+            length = min(self.ban * 2 ** (strikes - 2), self.ban_max)
+        self._offenders[ip] = _Offender(now + length, strikes)
         while len(self._offenders) > MAX_REMEMBERED:
-            del self._offenders[next(iter(self._offenders))]
+            # the oldest whose ban has ended, else the oldest: an address is unbanned early only
+            # once MAX_REMEMBERED others are banned at once
+            oldest = next((a for a, o in self._offenders.items() if o.until <= now), next(iter(self._offenders)))
+            del self._offenders[oldest]
+        banned.append((ip, why))
+        self.dropped += 1
+
+    def ban_length(self, ip: str, now: float) -> float:
+        """Seconds left of the address's ban (0 if none)."""
+        offender = self._offenders.get(ip)
+        return max(0.0, offender.until - now) if offender is not None else 0.0
 
     def is_banned(self, ip: str, now: float) -> bool:
         offender = self._offenders.get(ip)

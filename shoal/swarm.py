@@ -457,7 +457,7 @@ class Swarm:
         self._seeder = settings.fingerprint == SEEDER_FINGERPRINT
         self._balanced = self._seeder and "unchoke_slots_limit" not in settings.extra
         # peers that hold a slot of the seeder and do not read are dropped (a fixed limit too)
-        self.slow_peers = SlowPeerGuard() if self._seeder else None
+        self.slow_peers = SlowPeerGuard(spare=[settings.listen_ip]) if self._seeder else None
         self._banned: list[str] = []
         # None where they are not balanced (an agent's session, or a limit an operator fixed)
         self.unchoke_slots: int | None = SEEDER_SLOTS if self._balanced else None
@@ -854,19 +854,23 @@ class Swarm:
             await asyncio.sleep(SLOTS_RECOUNT)
             if self._session is None:
                 continue
-            self._session.post_torrent_updates(0)  # the basic fields: handle, peers, seeds
             ticks += 1
-            if ticks % SLOTS_RECHECK == 0:
-                # libtorrent reports a torrent while it moves bytes: a peer that fell silent
-                # before it left would stay counted (at most connections_limit handles to ask)
-                self._count_leechers([h.status(0) for h in list(self._leechers) if h.is_valid()])
-            if ticks % GUARD_EVERY == 0:
-                self._drop_slow_peers()
+            try:
+                self._session.post_torrent_updates(0)  # the basic fields: handle, peers, seeds
+                if ticks % SLOTS_RECHECK == 0:
+                    # libtorrent reports a torrent while it moves bytes: a peer that fell silent
+                    # before it left would stay counted (at most connections_limit handles to ask)
+                    self._count_leechers([h.status(0) for h in list(self._leechers) if h.is_valid()])
+                if ticks % GUARD_EVERY == 0:
+                    self._drop_slow_peers()
+            except Exception:  # one bad tick must not end the balancing, nor keep bans for good
+                log.exception("seeder slot balancing failed; trying again")
 
     def _drop_slow_peers(self) -> None:
-        """Ban, for a while, the addresses of peers that hold a slot and do not read (see
-        shoal/slowpeers.py). Asks only swarms with peers unchoked: at most the session's slots
-        and the optimistic one, however many swarms a node holds idle connections in."""
+        """Ban, for a while, the addresses of peers that hold a slot and do not read, or that
+        send the seeder pieces (see shoal/slowpeers.py). Asks only swarms with peers unchoked:
+        at most the session's slots and the optimistic one, however many swarms a node holds
+        idle connections in."""
         guard = self.slow_peers
         if guard is None or self._session is None:
             return
@@ -877,18 +881,30 @@ class Swarm:
             for p in handle.get_peer_info():
                 ip, port = p.ip
                 samples.append(PeerSample(
-                    handle, (str(ip), int(port)),
-                    holds_slot=not p.flags & lt.peer_info.choked and bool(p.flags & lt.peer_info.remote_interested),
-                    uploaded=int(p.total_upload)))
+                    handle, (str(ip), int(port)), unchoked=not p.flags & lt.peer_info.choked,
+                    interested=bool(p.flags & lt.peer_info.remote_interested),
+                    uploaded=int(p.total_upload), received=int(p.total_download)))
         now = time.monotonic()
         stats = self.stats
-        # someone who wants an upload is choked (waiting for a slot)
-        contended = stats.get("peer.num_peers_up_interested", 0) > stats.get("peer.num_peers_up_unchoked_all", 0)
-        limit, slots = self.settings.upload_rate_limit, stats.get("ses.num_unchoke_slots", 0)
+        # someone who wants an upload is choked while the regular slots (libtorrent's
+        # recalculate_unchoke_slots: all but the optimistic ones) are full
+        slots = stats.get("ses.num_unchoke_slots", 0)
+        optimistic = stats.get("peer.num_peers_up_unchoked_optimistic", 0)
+        regular = stats.get("peer.num_peers_up_unchoked", 0) - optimistic
+        contended = (stats.get("peer.num_peers_up_interested", 0) > stats.get("peer.num_peers_up_unchoked_all", 0)
+                     and regular >= slots - (optimistic or max(1, slots // 5)))
+        # (torrent.libtorrent may set the limit past the settings' own field)
+        limit = int(self._session.get_settings().get("upload_rate_limit", 0))
         share = limit / slots if limit > 0 and slots > 0 else None
-        for ip in guard.observe(samples, now, contended=contended, slot_share=share):
-            log.warning("peer %s held an upload slot of the seeder for %gs, reading under %d bytes/s while "
-                        "others waited: banned for a while", ip, guard.window, guard.floor_for(share))
+        for ip, why in guard.observe(samples, now, contended=contended,
+                                     swarm_slots=SEEDER_SLOTS if self._balanced else None, slot_share=share):
+            if why == "slow":
+                log.warning("peer %s held an upload slot of the seeder for %gs, reading under %d bytes/s while "
+                            "others waited: refused for %gs", ip, guard.window, guard.floor_for(share),
+                            guard.ban_length(ip, now))
+            else:
+                log.warning("peer %s sent the seeder piece data it never asked for: refused for %gs",
+                            ip, guard.ban_length(ip, now))
         banned = guard.banned(now)
         if banned != self._banned:
             self._banned = banned

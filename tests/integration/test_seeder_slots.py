@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -124,10 +125,10 @@ async def test_peers_that_hold_slots_and_do_not_read_are_dropped_for_a_while(
     seeder = Swarm(SwarmSettings("127.0.0.2", port, SEEDER_FINGERPRINT, extra={"unchoke_slots_limit": 3}))
     await seeder.start()
     assert seeder.slow_peers is not None
-    # production: 30 s, 8 KiB/s, 60 s. The tricklers' blocks go into the seeder's socket buffers
-    # (1 MiB and more on loopback) and count as sent: 32 KiB/s each by libtorrent's count, which
-    # keeps them ahead of a waiting peer every round, and under this floor.
-    guard = seeder.slow_peers = SlowPeerGuard(window=4.0, floor=64 << 10, ban=12.0)
+    # production: 30 s, 8 KiB/s, a 10 s kick first. The tricklers' blocks go into the seeder's
+    # socket buffers (1 MiB and more on loopback) and count as sent: 32 KiB/s each by libtorrent's
+    # count, which keeps them ahead of a waiting peer every round, and under this floor.
+    guard = seeder.slow_peers = SlowPeerGuard(window=4.0, floor=64 << 10, kick=12.0, spare=["127.0.0.2"])
     pki.admit(seeder, keys.key, "origin")
     seeder.add(meta, seed_dir, seed=True)
     tricklers: list[peerprobe.Trickler] = []
@@ -150,32 +151,80 @@ async def test_peers_that_hold_slots_and_do_not_read_are_dropped_for_a_while(
         pki.admit(leecher, keys.key, "honest-node")
         (tmp_path / "leech").mkdir()
         job = leecher.add(meta, tmp_path / "leech", seed=False)
-        async with asyncio.timeout(40):
-            while not all(t.hung_up.is_set() for t in tricklers):
+        async with asyncio.timeout(60):
+            while not any(t.hung_up.is_set() for t in tricklers):
                 await asyncio.sleep(0.1)
-        assert guard.dropped == 2
-        assert seeder.banned_addresses == ["127.0.0.10", "127.0.0.9"]
+        # a holder whose window ends while the honest peer waits is dropped; once the honest peer
+        # has its slot, nobody waits behind the other one, which is then left alone
+        gone = [i for i, t in enumerate(tricklers) if t.hung_up.is_set()]
+        addresses = [f"127.0.0.{9 + i}" for i in gone]
+        assert guard.dropped == len(gone)
+        assert seeder.banned_addresses == sorted(addresses)
         families = {f.name: f for f in SwarmCollector("shoal_origin", seeder).collect()}
-        assert families["shoal_origin_swarm_slow_peers_dropped"].samples[0].value == 2
-        assert families["shoal_origin_swarm_addresses_banned"].samples[0].value == 2
-        # while banned, the address gets nothing
-        assert await asyncio.to_thread(peerprobe.probe, ("127.0.0.2", port), meta, source_ip="127.0.0.9",
-                                       identity=identities[0], within=2) == b""
-        # the honest peer gets the whole blob from the seeder, and is never dropped
-        async with asyncio.timeout(40):
+        assert families["shoal_origin_swarm_slow_peers_dropped"].samples[0].value == len(gone)
+        assert families["shoal_origin_swarm_addresses_banned"].samples[0].value == len(gone)
+        # while banned, the address is hung up on (another gets the BitTorrent handshake)
+        i, ip = gone[0], addresses[0]
+        seeder_address = ("127.0.0.2", port)
+        assert await asyncio.to_thread(peerprobe.refused, seeder_address, meta, source_ip=ip,
+                                       identity=identities[i])
+        assert not await asyncio.to_thread(peerprobe.refused, seeder_address, meta, source_ip="127.0.0.11",
+                                           identity=identities[i])
+        # the honest peer gets the whole blob, and every drop was a trickler's
+        async with asyncio.timeout(60):
             await job.finished.wait()
-        assert guard.dropped == 2
+        await job.flush()
         assert hashlib.sha256((tmp_path / "leech" / meta.digest.hex).read_bytes()).hexdigest() == meta.digest.hex
-        # the ban ends
-        async with asyncio.timeout(20):
-            while seeder.banned_addresses:
+        assert guard.dropped == sum(t.hung_up.is_set() for t in tricklers)
+        # the kick ends
+        async with asyncio.timeout(30):
+            while ip in seeder.banned_addresses:
                 await asyncio.sleep(0.2)
         first = (seed_dir / meta.digest.hex).read_bytes()[:4 * peerprobe.BLOCK]
-        assert await asyncio.to_thread(peerprobe.probe, ("127.0.0.2", port), meta, source_ip="127.0.0.9",
-                                       identity=identities[0], within=8) == first
+        assert await asyncio.to_thread(peerprobe.probe, seeder_address, meta, source_ip=ip,
+                                       identity=identities[i], within=8) == first
     finally:
         for t in tricklers:
             t.close()
         if leecher is not None:
             await leecher.stop()
+        await seeder.stop()
+
+
+async def test_a_peer_that_sends_the_seeder_pieces_is_banned_at_once(
+        tmp_path: Path, tracker: TestServer, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """attack23 #1: libtorrent's choker ranks first the peers that sent the most in the last
+    round, and a seed takes an unasked block without a word; so a peer sending one each round
+    kept a slot whatever it read, reconnecting before the slow-peer window ended. The seeder never
+    asks for a piece: a peer that sends one is banned at once, for the longest."""
+    monkeypatch.setattr(swarm_module, "SLOTS_RECOUNT", 0.2)
+    monkeypatch.setattr(swarm_module, "GUARD_EVERY", 2)
+    seed_dir = tmp_path / "seed"
+    seed_dir.mkdir()
+    meta = await register(tracker, keys, seed_dir, 0)
+    port = free_port("127.0.0.2")
+    seeder = Swarm(SwarmSettings("127.0.0.2", port, SEEDER_FINGERPRINT))
+    await seeder.start()
+    assert seeder.slow_peers is not None
+    # a window longer than the test: only the unasked pieces can get it dropped
+    guard = seeder.slow_peers = SlowPeerGuard(window=600.0, ban_max=600.0, spare=["127.0.0.2"])
+    pki.admit(seeder, keys.key, "origin")
+    seeder.add(meta, seed_dir, seed=True)
+    node_key = peercerts.NodeKey.generate()
+    identity = peerprobe.node_identity(node_key, peercerts.issue_grant(
+        keys.key, "junk", node_key.public_key, signing.EVERY_BLOB, 600)[1])
+    junk = peerprobe.Trickler(("127.0.0.2", port), meta, source_ip="127.0.0.9", identity=identity,
+                              every=0.5, rate=1 << 20, within=60, junk=True)
+    try:
+        async with asyncio.timeout(30):
+            while not junk.hung_up.is_set():
+                await asyncio.sleep(0.1)
+        assert junk.unchoked.is_set()  # it had a slot (nobody waited: no contention needed)
+        assert guard.dropped == 1
+        assert seeder.banned_addresses == ["127.0.0.9"]
+        assert guard.ban_length("127.0.0.9", time.monotonic()) > 500
+        assert await asyncio.to_thread(peerprobe.refused, ("127.0.0.2", port), meta, source_ip="127.0.0.9",
+                                       identity=identity)
+    finally:
+        junk.close()
         await seeder.stop()

@@ -159,21 +159,40 @@ def probe(address: tuple[str, int], meta: Metainfo, *, source_ip: str, identity:
     return b"".join(got[k] for k in sorted(got))
 
 
+def refused(address: tuple[str, int], meta: Metainfo, *, source_ip: str, identity: Identity,
+            within: float = 5.0) -> bool:
+    """Whether the peer hangs up on an admitted node's connection from `source_ip` instead of
+    answering its BitTorrent handshake (libtorrent checks its IP filter once the TLS handshake is
+    done)."""
+    try:
+        raw = socket.create_connection(address, timeout=within, source_address=(source_ip, 0))
+        with _wrap(raw, meta, identity) as sock:
+            sock.sendall(PSTR + RESERVED + meta.tracker_hash + b"-RF0001-" + os.urandom(12))
+            return not sock.recv(len(PSTR)).startswith(PSTR[:1])
+    except TimeoutError:
+        return False
+    except (OSError, ssl.SSLError):
+        return True
+
+
 class Trickler:
     """A peer that holds an upload slot and hardly reads (attack20 #3). libtorrent's round robin
     keeps a peer unchoked while it took more in the last round than the peers waiting (none, being
     choked), until it has had four pieces and a minute has passed: so once unchoked this asks for
     one block every `every` seconds, which the sender's socket buffers take (and libtorrent counts
     as sent), and reads `rate` bytes a second through a small receive window. Runs in a thread
-    until closed (or `within` seconds); `hung_up` is set if the other side hung up first."""
+    until closed (or `within` seconds); `hung_up` is set if the other side hung up first. With
+    `junk`, it also sends an unasked block of piece data every `every` seconds: libtorrent's
+    choker ranks first the peers that sent it the most in the last round."""
 
     def __init__(self, address: tuple[str, int], meta: Metainfo, *, source_ip: str, identity: Identity,
-                 every: float = 2.5, rate: int = 256, within: float = 60.0) -> None:
+                 every: float = 2.5, rate: int = 256, within: float = 60.0, junk: bool = False) -> None:
         self.unchoked = threading.Event()
         self.hung_up = threading.Event()
         self.received = 0
         self._stop = threading.Event()
         self._args = (address, meta, source_ip, identity, every, rate, within)
+        self._junk = junk
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -190,8 +209,15 @@ class Trickler:
                 sock.sendall(PSTR + RESERVED + meta.tracker_hash + b"-TR0001-" + os.urandom(12))
                 sock.sendall(_message(2))  # interested
                 buf = b""
+                junk = _message(7, struct.pack(">II", 0, 0) + bytes(BLOCK)) if self._junk else b""
+                sock.sendall(junk)
+                sock.settimeout(every)
                 while not self.unchoked.is_set() and time.monotonic() < deadline and not self._stop.is_set():
-                    chunk = sock.recv(1 << 12)
+                    try:
+                        chunk = sock.recv(1 << 12)
+                    except TimeoutError:
+                        sock.sendall(junk)
+                        continue
                     if not chunk:
                         self.hung_up.set()
                         return
@@ -213,7 +239,7 @@ class Trickler:
                     if time.monotonic() >= next_ask:
                         offset = (asked % blocks) * BLOCK
                         sock.sendall(_message(6, struct.pack(">III", *divmod(offset, meta.piece_length),
-                                                             min(BLOCK, meta.size - offset))))
+                                                             min(BLOCK, meta.size - offset))) + junk)
                         asked, next_ask = asked + 1, time.monotonic() + every
                     sock.settimeout(0.2)
                     with contextlib.suppress(TimeoutError, ssl.SSLWantReadError):

@@ -14,6 +14,7 @@ from typing import Any, cast
 import libtorrent as lt
 import pytest
 
+from shoal import swarm as swarm_module
 from shoal.swarm import SEEDER_FINGERPRINT, SEEDER_SLOTS, Swarm, SwarmSettings
 
 
@@ -78,3 +79,36 @@ def test_removed_torrents_do_not_keep_upload_slots(fake_alerts: None) -> None:
     assert jobs == 0
     # no torrent left in the session: back to one swarm's four, and nothing counted
     assert (counted, limit) == (0, SEEDER_SLOTS), f"{counted} removed torrents still counted, {limit} slots"
+
+
+def test_a_tick_that_fails_does_not_end_the_balancing(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """One exception in a tick (a libtorrent call on a torrent going away) ended the task for good:
+    the slots were no longer balanced, and the bans of the moment never lifted (attack23 #8)."""
+    monkeypatch.setattr(swarm_module, "SLOTS_RECOUNT", 0.001)
+    monkeypatch.setattr(swarm_module, "GUARD_EVERY", 1)
+    calls: list[int] = []
+
+    def drop_slow_peers(self: Swarm) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("invalid torrent handle used")
+
+    monkeypatch.setattr(Swarm, "_drop_slow_peers", drop_slow_peers)
+
+    async def run() -> None:
+        seeder = Swarm(SwarmSettings("127.0.0.1", 1, SEEDER_FINGERPRINT))
+        seeder._session = cast(Any, SimpleNamespace(post_torrent_updates=lambda _flags: None))
+        task = asyncio.create_task(seeder._balance_slots())
+        try:
+            async with asyncio.timeout(10):
+                while len(calls) < 3 and not task.done():
+                    await asyncio.sleep(0.01)
+            assert not task.done()
+        finally:
+            task.cancel()
+            seeder._session = None
+
+    asyncio.run(run())
+    assert len(calls) >= 3
+    assert "seeder slot balancing failed" in caplog.text

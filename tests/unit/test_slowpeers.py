@@ -8,15 +8,24 @@ from __future__ import annotations
 from shoal import slowpeers
 from shoal.slowpeers import PeerSample, SlowPeerGuard
 
-WINDOW, FLOOR, BAN, BAN_MAX = 10.0, 1000, 60.0, 400.0
+WINDOW, FLOOR, KICK, BAN, BAN_MAX = 10.0, 1000, 5.0, 60.0, 400.0
 
 
 def guard() -> SlowPeerGuard:
-    return SlowPeerGuard(window=WINDOW, floor=FLOOR, ban=BAN, ban_max=BAN_MAX)
+    return SlowPeerGuard(window=WINDOW, floor=FLOOR, kick=KICK, ban=BAN, ban_max=BAN_MAX, spare=["10.9.9.9"])
 
 
-def holder(uploaded: int, ip: str = "10.0.0.1", swarm: str = "a", holds: bool = True) -> PeerSample:
-    return PeerSample(swarm, (ip, 6881), holds_slot=holds, uploaded=uploaded)
+def holder(uploaded: int, ip: str = "10.0.0.1", swarm: str = "a", holds: bool = True, received: int = 0
+           ) -> PeerSample:
+    return PeerSample(swarm, (ip, 6881), unchoked=holds, interested=True, uploaded=uploaded, received=received)
+
+
+def waiter(ip: str, swarm: str = "a") -> PeerSample:
+    return PeerSample(swarm, (ip, 6881), unchoked=False, interested=True, uploaded=0)
+
+
+def slow(ip: str = "10.0.0.1") -> list[tuple[str, str]]:
+    return [(ip, "slow")]
 
 
 def test_a_holder_under_the_floor_is_banned_after_a_whole_window_while_others_wait() -> None:
@@ -24,11 +33,13 @@ def test_a_holder_under_the_floor_is_banned_after_a_whole_window_while_others_wa
     assert g.observe([holder(0)], 0.0, contended=True) == []
     # not yet a whole window
     assert g.observe([holder(100)], WINDOW - 1, contended=True) == []
-    assert g.observe([holder(200)], WINDOW, contended=True) == ["10.0.0.1"]
+    assert g.observe([holder(200)], WINDOW, contended=True) == slow()
     assert g.dropped == 1
-    assert g.is_banned("10.0.0.1", WINDOW + BAN - 1)
-    assert not g.is_banned("10.0.0.1", WINDOW + BAN)
+    # the first time, a kick: refused long enough to close its connections
+    assert g.is_banned("10.0.0.1", WINDOW + KICK - 1)
+    assert not g.is_banned("10.0.0.1", WINDOW + KICK)
     assert g.banned(WINDOW + 1) == ["10.0.0.1"]
+    assert g.ban_length("10.0.0.1", WINDOW + 1) == KICK - 1
 
 
 def test_a_slow_holder_nobody_waits_behind_keeps_its_slot() -> None:
@@ -37,7 +48,7 @@ def test_a_slow_holder_nobody_waits_behind_keeps_its_slot() -> None:
     assert g.observe([holder(10)], WINDOW, contended=False) == []
     # and its window starts again: contention now needs a whole new window of slowness
     assert g.observe([holder(20)], WINDOW + 1, contended=True) == []
-    assert g.observe([holder(30)], 2 * WINDOW, contended=True) == ["10.0.0.1"]
+    assert g.observe([holder(30)], 2 * WINDOW, contended=True) == slow()
 
 
 def test_a_holder_reading_at_the_floor_is_never_banned() -> None:
@@ -57,7 +68,7 @@ def test_being_choked_or_leaving_ends_the_watch() -> None:
     g.observe([], WINDOW + 1, contended=True)  # disconnected
     g.observe([holder(0)], WINDOW + 2, contended=True)
     assert g.observe([holder(0)], 2 * WINDOW + 1, contended=True) == []
-    assert g.observe([holder(0)], 2 * WINDOW + 2, contended=True) == ["10.0.0.1"]
+    assert g.observe([holder(0)], 2 * WINDOW + 2, contended=True) == slow()
 
 
 def test_a_counter_that_went_backwards_is_a_new_connection() -> None:
@@ -65,7 +76,7 @@ def test_a_counter_that_went_backwards_is_a_new_connection() -> None:
     g.observe([holder(50_000)], 0.0, contended=True)
     # the same address and port reconnected: its counter starts at 0, which is not slowness
     assert g.observe([holder(10)], WINDOW, contended=True) == []
-    assert g.observe([holder(20)], 2 * WINDOW, contended=True) == ["10.0.0.1"]
+    assert g.observe([holder(20)], 2 * WINDOW, contended=True) == slow()
 
 
 def test_an_upload_rate_limit_lowers_the_floor_to_a_quarter_of_a_slot_share() -> None:
@@ -73,14 +84,14 @@ def test_an_upload_rate_limit_lowers_the_floor_to_a_quarter_of_a_slot_share() ->
     share = 2000.0  # the operator's limit over the slots: FLOOR would drop peers reading 600/s
     g.observe([holder(0)], 0.0, contended=True, slot_share=share)
     assert g.observe([holder(int(WINDOW * 600))], WINDOW, contended=True, slot_share=share) == []
-    assert g.observe([holder(int(WINDOW * 600) + 100)], 2 * WINDOW, contended=True, slot_share=share) == ["10.0.0.1"]
+    assert g.observe([holder(int(WINDOW * 600) + 100)], 2 * WINDOW, contended=True, slot_share=share) == slow()
     assert g.floor_for(share) == share / slowpeers.SHARE
     assert g.floor_for(1e9) == FLOOR  # a generous limit never raises it
 
 
 def drop(g: SlowPeerGuard, ip: str, at: float) -> None:
     g.observe([holder(0, ip)], at, contended=True)
-    assert g.observe([holder(0, ip)], at + WINDOW, contended=True) == [ip]
+    assert g.observe([holder(0, ip)], at + WINDOW, contended=True) == slow(ip)
 
 
 def test_each_repeat_doubles_the_ban_up_to_its_cap_and_a_long_good_spell_forgets() -> None:
@@ -95,19 +106,19 @@ def test_each_repeat_doubles_the_ban_up_to_its_cap_and_a_long_good_spell_forgets
             until += 1.0
         lengths.append(until - start)
         t = until
-    assert lengths == [BAN, 2 * BAN, 4 * BAN, BAN_MAX, BAN_MAX]
-    # ban_max after its last ban ended, the address starts afresh
+    assert lengths == [KICK, BAN, 2 * BAN, 4 * BAN, BAN_MAX]
+    # ban_max after its last ban ended, the address starts afresh: a kick again
     assert g.banned(t + BAN_MAX) == []
     drop(g, "10.0.0.1", t + BAN_MAX)
-    assert g.is_banned("10.0.0.1", t + BAN_MAX + WINDOW + BAN - 1)
-    assert not g.is_banned("10.0.0.1", t + BAN_MAX + WINDOW + BAN)
+    assert g.is_banned("10.0.0.1", t + BAN_MAX + WINDOW + KICK - 1)
+    assert not g.is_banned("10.0.0.1", t + BAN_MAX + WINDOW + KICK)
 
 
 def test_one_ban_per_address_however_many_swarms_it_holds_slots_in() -> None:
     g = guard()
     samples = [holder(0, "10.0.0.1", swarm) for swarm in "abc"] + [holder(0, "10.0.0.2", "a")]
     g.observe(samples, 0.0, contended=True)
-    assert sorted(g.observe(samples, WINDOW, contended=True)) == ["10.0.0.1", "10.0.0.2"]
+    assert sorted(g.observe(samples, WINDOW, contended=True)) == slow("10.0.0.1") + slow("10.0.0.2")
     assert g.dropped == 2
     assert g.banned(WINDOW) == ["10.0.0.1", "10.0.0.2"]
 
@@ -131,3 +142,62 @@ def test_what_it_remembers_is_bounded() -> None:
     # and the connections it watches are the ones it was last shown
     g.observe([], WINDOW + 1, contended=True)
     assert g._watched == {}
+
+
+def test_past_the_bound_an_address_whose_ban_ended_is_forgotten_before_a_banned_one() -> None:
+    g = guard()
+    # the oldest: banned for the longest; then one kicked, whose kick ends first
+    assert g.observe([holder(0, "10.255.0.1", received=1)], 0.0, contended=False) == [("10.255.0.1", "sent pieces")]
+    drop(g, "10.255.0.2", 0.0)
+    t = WINDOW + KICK
+    samples = [holder(0, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}") for i in range(slowpeers.MAX_REMEMBERED - 1)]
+    g.observe(samples, t, contended=True)
+    assert len(g.observe(samples, t + WINDOW, contended=True)) == slowpeers.MAX_REMEMBERED - 1
+    # the kicked one was forgotten, not the one still banned
+    assert g.is_banned("10.255.0.1", t + WINDOW)
+    assert len(g.banned(t + WINDOW)) == slowpeers.MAX_REMEMBERED
+    drop(g, "10.255.0.2", t + WINDOW)  # its strike forgotten: a kick again
+    assert g.ban_length("10.255.0.2", t + 2 * WINDOW) == KICK
+
+
+def test_a_peer_that_sends_the_seeder_pieces_is_banned_at_once_for_the_longest() -> None:
+    """The seeder never asks for a piece; libtorrent's choker ranks first the peers that sent it
+    the most in the last round, so one unasked block a round kept a slot whatever the peer read."""
+    g = guard()
+    # no window, no contention needed, choked or not, once however many swarms
+    samples = [holder(10**9, "10.0.0.3", swarm, received=16384, holds=swarm == "a") for swarm in "ab"]
+    assert g.observe(samples, 0.0, contended=False) == [("10.0.0.3", "sent pieces")]
+    assert g.dropped == 1
+    assert g.is_banned("10.0.0.3", BAN_MAX - 1) and not g.is_banned("10.0.0.3", BAN_MAX)
+    # an honest reader beside it is not touched
+    assert g.observe([holder(0, "10.0.0.4"), holder(0, "10.0.0.4", "b")], 1.0, contended=False) == []
+
+
+def test_a_holder_is_dropped_for_a_waiter_of_its_own_swarm_once_that_swarm_has_all_its_slots() -> None:
+    """The session's slots may be free while a swarm has the most one swarm may have (four):
+    then only a holder of that swarm stands in its waiters' way."""
+    g = guard()
+    full = [holder(0, f"10.0.1.{i}") for i in range(4)]
+    for samples, dropped in [
+        # a full swarm, nobody waiting in it (someone waits elsewhere): kept
+        ([*full, waiter("10.0.2.1", "b")], 0),
+        # a swarm under its cap with a waiter: the next choker round lets the waiter in
+        ([*full[:3], waiter("10.0.2.1")], 0),
+        # a full swarm with a waiter: its slow holders go
+        ([*full, waiter("10.0.2.1")], 4),
+    ]:
+        g = guard()
+        g.observe(samples, 0.0, contended=False, swarm_slots=4)
+        assert len(g.observe(samples, WINDOW, contended=False, swarm_slots=4)) == dropped
+    # without a cap per swarm (an operator's fixed unchoke_slots_limit) only the session counts
+    g = guard()
+    g.observe([*full, waiter("10.0.2.1")], 0.0, contended=False)
+    assert g.observe([*full, waiter("10.0.2.1")], WINDOW, contended=False) == []
+
+
+def test_the_seeders_own_address_is_never_banned() -> None:
+    """`shoal up` runs an agent at the seeder's address."""
+    g = guard()
+    g.observe([holder(0, "10.9.9.9")], 0.0, contended=True)
+    assert g.observe([holder(0, "10.9.9.9", received=1)], WINDOW, contended=True) == []
+    assert g.dropped == 0 and g.banned(WINDOW) == []
