@@ -459,6 +459,7 @@ class Swarm:
         # peers that hold a slot of the seeder and do not read are dropped (a fixed limit too)
         self.slow_peers = SlowPeerGuard(spare=[settings.listen_ip]) if self._seeder else None
         self._banned: list[str] = []
+        self._waste_seen = 0  # the session's ses.waste_piece_seed at the last look
         # None where they are not balanced (an agent's session, or a limit an operator fixed)
         self.unchoke_slots: int | None = SEEDER_SLOTS if self._balanced else None
 
@@ -861,24 +862,32 @@ class Swarm:
                     # libtorrent reports a torrent while it moves bytes: a peer that fell silent
                     # before it left would stay counted (at most connections_limit handles to ask)
                     self._count_leechers([h.status(0) for h in list(self._leechers) if h.is_valid()])
-                if ticks % GUARD_EVERY == 0:
+                # a seed takes an unasked piece without a word (libtorrent counts it as waste):
+                # look at once, and at every swarm, for the peer that sent it
+                waste = self.stats.get("ses.waste_piece_seed", 0)
+                if waste > self._waste_seen:
+                    self._waste_seen = waste
+                    self._drop_slow_peers(everywhere=True)
+                elif ticks % GUARD_EVERY == 0:
                     self._drop_slow_peers()
             except Exception:  # one bad tick must not end the balancing, nor keep bans for good
                 log.exception("seeder slot balancing failed; trying again")
 
-    def _drop_slow_peers(self) -> None:
+    def _drop_slow_peers(self, everywhere: bool = False) -> None:
         """Ban, for a while, the addresses of peers that hold a slot and do not read, or that
-        send the seeder pieces (see shoal/slowpeers.py). Asks only swarms with peers unchoked:
-        at most the session's slots and the optimistic one, however many swarms a node holds
-        idle connections in."""
+        send the seeder pieces (see shoal/slowpeers.py). Asks only swarms with peers unchoked
+        (at most the session's slots and the optimistic one, however many swarms a node holds
+        idle connections in), or `everywhere` a peer is, once a piece came in."""
         guard = self.slow_peers
         if guard is None or self._session is None:
             return
         samples = []
-        for handle in list(self._unchoking):
-            if not handle.is_valid():
+        for handle in list(self._leechers if everywhere else self._unchoking):
+            try:
+                peers = handle.get_peer_info() if handle.is_valid() else []
+            except RuntimeError:  # removed since it was counted
                 continue
-            for p in handle.get_peer_info():
+            for p in peers:
                 ip, port = p.ip
                 samples.append(PeerSample(
                     handle, (str(ip), int(port)), unchoked=not p.flags & lt.peer_info.choked,
@@ -886,17 +895,17 @@ class Swarm:
                     uploaded=int(p.total_upload), received=int(p.total_download)))
         now = time.monotonic()
         stats = self.stats
-        # someone who wants an upload is choked while the regular slots (libtorrent's
+        # peers that want an upload are choked while the regular slots (libtorrent's
         # recalculate_unchoke_slots: all but the optimistic ones) are full
         slots = stats.get("ses.num_unchoke_slots", 0)
         optimistic = stats.get("peer.num_peers_up_unchoked_optimistic", 0)
         regular = stats.get("peer.num_peers_up_unchoked", 0) - optimistic
-        contended = (stats.get("peer.num_peers_up_interested", 0) > stats.get("peer.num_peers_up_unchoked_all", 0)
-                     and regular >= slots - (optimistic or max(1, slots // 5)))
+        full = regular >= slots - (optimistic or max(1, slots // 5))
+        waiting = stats.get("peer.num_peers_up_interested", 0) - stats.get("peer.num_peers_up_unchoked_all", 0)
         # (torrent.libtorrent may set the limit past the settings' own field)
         limit = int(self._session.get_settings().get("upload_rate_limit", 0))
         share = limit / slots if limit > 0 and slots > 0 else None
-        for ip, why in guard.observe(samples, now, contended=contended,
+        for ip, why in guard.observe(samples, now, waiting=waiting if full else 0,
                                      swarm_slots=SEEDER_SLOTS if self._balanced else None, slot_share=share):
             if why == "slow":
                 log.warning("peer %s held an upload slot of the seeder for %gs, reading under %d bytes/s while "
@@ -907,11 +916,11 @@ class Swarm:
                             ip, guard.ban_length(ip, now))
         banned = guard.banned(now)
         if banned != self._banned:
-            self._banned = banned
             rules = lt.ip_filter()
             for ip in banned:
                 rules.add_rule(ip, ip, 1)  # blocked: libtorrent disconnects it from every swarm
             self._session.set_ip_filter(rules)
+            self._banned = banned  # (once in force: a failure is tried again at the next look)
 
     async def _poll_stats(self) -> None:
         while True:
