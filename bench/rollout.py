@@ -50,6 +50,7 @@ class RolloutResult:
     from_agents_bytes: int = 0  # shoal only: payload the agents got from each other
     from_seeder_bytes: int = 0  # ... and from the origin seeder (the agents' own split, an estimate)
     stall_escapes: int = 0  # shoal only: downloads that asked the tracker for the origin (no piece for a while)
+    seeder_drops: int = 0  # shoal only: peers the origin's seeder dropped (shoal/slowpeers.py): 0 for honest hosts
     ip_version: int = 4  # the addresses shoal ran on
     cpu_idle_percent: float = -1.0  # the machine's, from the common start to the last host done
     scenario: str = "create"  # or "rolling" (bench/matrix.py)
@@ -238,6 +239,7 @@ class Rollout:
         local = {REGISTRY_IP, *([self.registry_host.ip6] if self.registry_host.ip6 else []), "127.0.0.1", "::1"}
         egress_before = services.registry_bytes(self.registry.log, local)
         peers_before = self._agent_counts(nodes) if system == "shoal" else (0, 0, 0)
+        drops_before = self._seeder_drops() if system == "shoal" else 0
         clients = self._clients(pull_dir, nodes, endpoints, pull)
         size = pull.wave or len(nodes)
         waves = [clients[i:i + size] for i in range(0, len(clients), size)]
@@ -259,9 +261,10 @@ class Rollout:
         time.sleep(1.5)  # the registry logs a response after it is sent
         egress = [a - b for a, b in zip(services.registry_bytes(self.registry.log, local), egress_before,
                                         strict=True)]
-        agents, seeder, escapes = 0, 0, 0
+        agents, seeder, escapes, drops = 0, 0, 0, 0
         if system == "shoal":
             agents, seeder, escapes = (a - b for a, b in zip(self._agent_counts(nodes), peers_before, strict=True))
+            drops = self._seeder_drops() - drops_before
         timeline = sampler.timeline
         host_sent = timeline.delta(self.registry_host.name)[0]
         hosts_sent = sum(timeline.delta(n.name)[0] for n in nodes)
@@ -280,7 +283,7 @@ class Rollout:
         return RolloutResult(
             system, len(nodes), pull.image_bytes, self.cap, round(max(finished) - go_at, 2),
             round(statistics.median(durations), 2), round(percentile(durations, 0.99), 2),
-            egress[0], errors, agents, seeder, stall_escapes=escapes,
+            egress[0], errors, agents, seeder, stall_escapes=escapes, seeder_drops=drops,
             ip_version=6 if self.ipv6 and system == "shoal" else 4,
             cpu_idle_percent=timeline.idle_percent(), scenario=pull.scenario, layers=pull.layers,
             fetch_bytes=pull.fetch_bytes, p999_seconds=round(percentile(durations, 0.999), 2),
@@ -310,6 +313,17 @@ class Rollout:
                 if line.startswith("shoal_agent_swarm_stall_escapes_total "):
                     escapes += int(float(line.split()[-1]))
         return agents, seeder, escapes
+
+    def _seeder_drops(self) -> int:
+        """Peers the origin's seeder dropped so far, for holding a slot without reading or for
+        sending it pieces."""
+        origin = f"http://{netaddr.hostport(self.addr(self.registry_host), 6970)}"
+        text = subprocess.run(self.registry_host.cmd("curl", "-g", "-s", protocol.METRICS.url(origin)),
+                              capture_output=True, text=True, timeout=10).stdout
+        for line in text.splitlines():
+            if line.startswith("shoal_origin_swarm_slow_peers_dropped_total "):
+                return int(float(line.split()[-1]))
+        raise RuntimeError(f"no seeder drop count in {origin}'s metrics")
 
     def _shoal(self, run_dir: Path, nodes: list[Host]) -> list[services.Service]:
         reg = self.addr(self.registry_host)
