@@ -100,6 +100,24 @@ def _message(msg_id: int, payload: bytes = b"") -> bytes:
     return struct.pack(">IB", len(payload) + 1, msg_id) + payload
 
 
+def _frames(buf: bytes) -> tuple[list[bytes], bytes]:
+    """The messages (id and payload; keep-alives left out) whole at the head of `buf`, past the
+    peer's handshake, and the rest (all of it while the handshake has not all come)."""
+    if buf.startswith(PSTR):
+        if len(buf) < 68:
+            return [], buf
+        buf = buf[68:]
+    bodies = []
+    while len(buf) >= 4:
+        (length,) = struct.unpack(">I", buf[:4])
+        if len(buf) < 4 + length:
+            break
+        body, buf = buf[4:4 + length], buf[4 + length:]
+        if length:
+            bodies.append(body)
+    return bodies, buf
+
+
 def _wrap(sock: socket.socket, meta: Metainfo, identity: Identity | None) -> socket.socket:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
@@ -137,18 +155,8 @@ def probe(address: tuple[str, int], meta: Metainfo, *, source_ip: str, identity:
                 chunk = sock.recv(1 << 16)
                 if not chunk:
                     break
-                buf += chunk
-                if buf.startswith(PSTR):
-                    if len(buf) < 68:
-                        continue
-                    buf = buf[68:]
-                while len(buf) >= 4:
-                    (length,) = struct.unpack(">I", buf[:4])
-                    if len(buf) < 4 + length:
-                        break
-                    body, buf = buf[4:4 + length], buf[4 + length:]
-                    if length == 0:
-                        continue
+                bodies, buf = _frames(buf + chunk)
+                for body in bodies:
                     if body[0] == 1 and not asked:  # unchoke: ask for blocks up to `want`
                         asked = True
                         sock.sendall(b"".join(next(requests, b"") for _ in range(WINDOW)))
@@ -221,18 +229,9 @@ class Trickler:
                     if not chunk:
                         self.hung_up.set()
                         return
-                    buf += chunk
-                    if buf.startswith(PSTR):
-                        if len(buf) < 68:
-                            continue
-                        buf = buf[68:]
-                    while len(buf) >= 4:
-                        (length,) = struct.unpack(">I", buf[:4])
-                        if len(buf) < 4 + length:
-                            break
-                        body, buf = buf[4:4 + length], buf[4 + length:]
-                        if length and body[0] == 1:
-                            self.unchoked.set()
+                    bodies, buf = _frames(buf + chunk)
+                    if any(body[0] == 1 for body in bodies):
+                        self.unchoked.set()
                 blocks = -(-meta.size // BLOCK)
                 asked, next_ask = 0, 0.0
                 while time.monotonic() < deadline and not self._stop.wait(0.25):
