@@ -197,15 +197,13 @@ class Trickler:
                  every: float = 2.5, rate: int = 256, within: float = 60.0, junk: bool = False) -> None:
         self.unchoked = threading.Event()
         self.hung_up = threading.Event()
-        self.received = 0
         self._stop = threading.Event()
-        self._args = (address, meta, source_ip, identity, every, rate, within)
-        self._junk = junk
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        args=(address, meta, source_ip, identity, every, rate, within, junk))
         self._thread.start()
 
-    def _run(self) -> None:
-        address, meta, source_ip, identity, every, rate, within = self._args
+    def _run(self, address: tuple[str, int], meta: Metainfo, source_ip: str, identity: Identity, every: float,
+             rate: int, within: float, send_junk: bool) -> None:
         deadline = time.monotonic() + within
         try:
             raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -217,7 +215,7 @@ class Trickler:
                 sock.sendall(PSTR + RESERVED + meta.tracker_hash + b"-TR0001-" + os.urandom(12))
                 sock.sendall(_message(2))  # interested
                 buf = b""
-                junk = _message(7, struct.pack(">II", 0, 0) + bytes(BLOCK)) if self._junk else b""
+                junk = _message(7, struct.pack(">II", 0, 0) + bytes(BLOCK)) if send_junk else b""
                 sock.sendall(junk)
                 sock.settimeout(every)
                 while not self.unchoked.is_set() and time.monotonic() < deadline and not self._stop.is_set():
@@ -242,11 +240,9 @@ class Trickler:
                         asked, next_ask = asked + 1, time.monotonic() + every
                     sock.settimeout(0.2)
                     with contextlib.suppress(TimeoutError, ssl.SSLWantReadError):
-                        chunk = sock.recv(max(1, rate // 4))
-                        if not chunk:
+                        if not sock.recv(max(1, rate // 4)):
                             self.hung_up.set()
                             return
-                        self.received += len(chunk)
         except (OSError, ssl.SSLError, struct.error):
             if not self._stop.is_set():
                 self.hung_up.set()
