@@ -141,11 +141,12 @@ class SwarmCollector(Collector):
         guard = self.swarm.slow_peers
         if guard is not None:  # the origin's seeder (shoal/slowpeers.py)
             c = CounterMetricFamily(f"{self.prefix}_swarm_slow_peers_dropped",
-                                    "Peers dropped for holding an upload slot without reading while others waited")
+                                    "Peers dropped for holding an upload slot without reading while others "
+                                    "waited, or for sending the seeder pieces")
             c.add_metric([], float(guard.dropped))
             yield c
             g = GaugeMetricFamily(f"{self.prefix}_swarm_addresses_banned",
-                                  "Peer addresses the seeder refuses for now (slow peers, each for a while)")
+                                  "Peer addresses the seeder refuses for now (dropped peers, each for a while)")
             g.add_metric([], float(len(self.swarm.banned_addresses)))
             yield g
 
