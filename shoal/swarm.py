@@ -460,6 +460,7 @@ class Swarm:
         self.slow_peers = SlowPeerGuard(spare=[settings.listen_ip]) if self._seeder else None
         self._banned: list[str] = []
         self._waste_seen = 0  # the session's ses.waste_piece_seed at the last look
+        self._upload_limit = 0  # bytes a second, 0 for none (set at start)
         # None where they are not balanced (an agent's session, or a limit an operator fixed)
         self.unchoke_slots: int | None = SEEDER_SLOTS if self._balanced else None
 
@@ -475,7 +476,10 @@ class Swarm:
         return self._session
 
     async def start(self) -> None:
-        params = lt.session_params(cast("lt.settings_pack", self.settings.pack()))
+        pack = self.settings.pack()
+        # the seeder's upload limit, torrent.libtorrent's included (nothing changes it later)
+        self._upload_limit = int(pack.get("upload_rate_limit", 0))
+        params = lt.session_params(cast("lt.settings_pack", pack))
         # pread/pwrite storage: page cache is not charged to the process as with mmap, and
         # reads of a flushed file see exactly what was verified.
         params.disk_io_constructor = "pread_disk_io_constructor"
@@ -902,8 +906,7 @@ class Swarm:
         regular = stats.get("peer.num_peers_up_unchoked", 0) - optimistic
         full = regular >= slots - (optimistic or max(1, slots // 5))
         waiting = stats.get("peer.num_peers_up_interested", 0) - stats.get("peer.num_peers_up_unchoked_all", 0)
-        # (torrent.libtorrent may set the limit past the settings' own field)
-        limit = int(self._session.get_settings().get("upload_rate_limit", 0))
+        limit = self._upload_limit
         share = limit / slots if limit > 0 and slots > 0 else None
         for ip, why in guard.observe(samples, now, waiting=waiting if full else 0,
                                      swarm_slots=SEEDER_SLOTS if self._balanced else None, slot_share=share):
