@@ -115,6 +115,12 @@ class Pull:
     layers: int = 4
 
 
+def _scrape(host: Host, base_url: str) -> list[str]:
+    """The lines of a shoal component's /metrics, fetched from inside `host`."""
+    return subprocess.run(host.cmd("curl", "-g", "-s", protocol.METRICS.url(base_url)), capture_output=True,
+                          text=True, timeout=10).stdout.splitlines()
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile: with 64 hosts p99 and p99.9 are the slowest host, as they are."""
     ordered = sorted(values)
@@ -302,10 +308,7 @@ class Rollout:
         """Summed over the agents: swarm payload from agents, from the seeder; stall escapes."""
         agents = seeder = escapes = 0
         for node in nodes:
-            metrics = protocol.METRICS.url(self.agent_url)
-            text = subprocess.run(node.cmd("curl", "-g", "-s", metrics), capture_output=True,
-                                  text=True, timeout=10).stdout
-            for line in text.splitlines():
+            for line in _scrape(node, self.agent_url):
                 if line.startswith('shoal_agent_swarm_download_bytes_total{peer="agent"}'):
                     agents += int(float(line.split()[-1]))
                 if line.startswith('shoal_agent_swarm_download_bytes_total{peer="seeder"}'):
@@ -318,9 +321,7 @@ class Rollout:
         """Peers the origin's seeder dropped so far, for holding a slot without reading or for
         sending it pieces."""
         origin = f"http://{netaddr.hostport(self.addr(self.registry_host), 6970)}"
-        text = subprocess.run(self.registry_host.cmd("curl", "-g", "-s", protocol.METRICS.url(origin)),
-                              capture_output=True, text=True, timeout=10).stdout
-        for line in text.splitlines():
+        for line in _scrape(self.registry_host, origin):
             if line.startswith("shoal_origin_swarm_slow_peers_dropped_total "):
                 return int(float(line.split()[-1]))
         raise RuntimeError(f"no seeder drop count in {origin}'s metrics")
