@@ -81,6 +81,10 @@ def test_a_lying_registry_gets_nothing_from_the_cache_or_the_swarm_and_an_honest
         for _ in range(2):
             status, body = http_get(f"{second.url}{path}?ns={ALIAS}", timeout=60)
             assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
+        # a client streaming the download has its last byte (checked against the digest) just
+        # before the download is counted: wait for the count, then check it is the one download
+        wait_for(lambda: second.metric("shoal_agent_downloads_total", source="peers", result="ok") >= 1,
+                 what="the second node to cache the blob")
         assert second.metric("shoal_agent_downloads_total", source="peers", result="ok") == 1
         gets = [p for p in registry.settle()[len(before):] if p.digest == blob.digest and p.method == "GET"]
         assert [p.actor for p in gets] == [stack.seeder_user]  # the origin's one check, no node's
