@@ -9,13 +9,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shoal import errors, peercerts, protocol, signing
+from shoal import errors, httpclient, peercerts, protocol, signing
 from shoal.config import read_token
 from shoal.metrics import StoreCollector, SwarmCollector, component_registry
 from shoal.registry import RegistryClient
@@ -137,7 +136,7 @@ def build(config: AgentConfig) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, limit_per_host=64))
+            http = httpclient.session(limit=256, limit_per_host=64)
             stack.push_async_callback(http.close)
             store = BlobStore(data / "cache", max_bytes=config.cache.max_bytes)
             await store.open()

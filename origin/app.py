@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector as PromCollector
 
-from shoal import audit, errors, netaddr, peercerts, protocol, signing
+from shoal import audit, errors, httpclient, netaddr, peercerts, protocol, signing
 from shoal.config import read_token
 from shoal.errors import ConfigError
 from shoal.metrics import StoreCollector, SwarmCollector, component_registry
@@ -328,7 +328,7 @@ def build(config: OriginConfig) -> web.Application:
     app[OPERATORS_KEY] = operators
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, limit_per_host=64))
+        http = httpclient.session(limit=200, limit_per_host=64)
         store = BlobStore(Path(config.data_dir), max_bytes=config.cache.max_bytes)
         swarm = Swarm(SwarmSettings.from_config(config.torrent, SEEDER_FINGERPRINT, tracker_order=config.listen))
         upstreams = {

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shoal import errors, peercerts, protocol, signing
+from shoal import errors, httpclient, peercerts, protocol, signing
 from shoal.oci import Digest
 from shoal.registry import Credentials, RegistryClient
 from shoal_origin import admission
@@ -153,3 +153,28 @@ async def test_a_users_refused_logins_stop_being_tried_whichever_nodes_ask(world
     with pytest.raises(errors.Denied):
         await admissions.check("node-9", fake.host, "private/app", DIGEST, Credentials("bob", "g").basic())
     assert len(heads(fake)) == 3
+
+
+async def test_a_cookie_set_on_one_users_question_goes_with_no_other() -> None:
+    """The origin asks the registry about every node's pullers through one session (as its app
+    makes it, shoal.httpclient): a session cookie the registry set while answering for alice must
+    not go out with the question about bob, who would then be asked about as alice. The registry
+    is named by name (aiohttp keeps no cookies of an IP address)."""
+    fake = FakeServer("127.0.0.1")
+    fake.routes[("HEAD", PATH)] = Canned(200, {"Content-Length": "10", "Set-Cookie": "session=alice; Path=/"})
+    fake.require_basic = True
+    named = f"localhost:{fake.port}"
+    try:
+        async with httpclient.session(limit=4, limit_per_host=4) as http:
+            client = RegistryClient(http, f"http://{named}", credentials=None, user_agent="t", retry_budget=0)
+            admissions = Admissions(key=Ed25519PrivateKey.generate(), upstreams={named: Upstream(named, client)},
+                                    ttl=60, grant_ttl=600)
+            for user in ("alice", "bob"):
+                credential = Credentials(user, f"{user}-pw").basic()
+                assert await admissions.check("node-a", named, "private/app", DIGEST, credential) == user
+        # each login answers a challenge first
+        assert [s.headers.get("Authorization") for s in fake.seen] == [None, ALICE, None,
+                                                                       Credentials("bob", "bob-pw").basic()]
+        assert [s.headers.get("Cookie") for s in fake.seen] == [None] * 4
+    finally:
+        await asyncio.to_thread(fake.close)

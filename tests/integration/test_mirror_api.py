@@ -295,3 +295,29 @@ async def test_a_principal_is_marked_claimed_when_the_registry_checks_no_credent
     starts = journaled_starts(tmp_path / "agent")
     assert [(d["principal"], d["principal_confirmed"]) for d in starts] == [("mallory", confirmed),
                                                                            ("anonymous", True)]
+
+
+async def test_a_cookie_the_registry_sets_for_one_client_is_never_sent_for_another(
+        tmp_path: Path, registry: FakeServer, aiohttp_client: Callable[..., Any]) -> None:
+    """A registry (or the load balancer or token server before it) that sets a session cookie
+    on one client's pull must not see it again on anyone's: the agent's one HTTP session serves
+    every client, so a kept cookie would speak for the first client on the pulls of the next.
+    (aiohttp keeps cookies of a host named by name, not of an IP address: the registry is named
+    "localhost" here, as a production registry is named.)"""
+    registry.routes[("*", "/v2/private/app/manifests/v1")] = Canned(
+        200, {"Content-Type": MANIFEST_TYPE, "Docker-Content-Digest": MANIFEST_DIGEST,
+              "Set-Cookie": "session=alice-only; Path=/"}, MANIFEST)
+    named = f"localhost:{registry.port}"
+    cfg = agent_config.load({"data_dir": str(tmp_path / "agent"), "node": "n1",
+                             "upstreams": [{"name": named, "url": f"http://{named}"}]})
+    client: Client = await aiohttp_client(agent_app.build(cfg))
+    for user in (b"alice", b"bob", b"alice"):
+        basic = "Basic " + base64.b64encode(user + b":secret").decode()
+        r = await client.get("/v2/private/app/manifests/v1",
+                             headers={"Accept": MANIFEST_TYPE, "Authorization": basic})
+        assert r.status == 200 and await r.read() == MANIFEST
+        assert "Set-Cookie" not in r.headers  # nor is the registry's cookie handed to the client
+    await client.close()
+    manifests = [s for s in registry.seen if s.path == "/v2/private/app/manifests/v1"]
+    assert len(manifests) == 3
+    assert [s.headers.get("Cookie") for s in manifests] == [None, None, None]
