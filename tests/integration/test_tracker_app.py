@@ -48,14 +48,20 @@ def tokens(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def client(request: pytest.FixtureRequest, aiohttp_client: Any, tmp_path: Path, keys: Keys) -> Client:
-    """The tracker with each of its stores: in this process, and in a real Redis."""
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """Each of the tracker's stores: in its process, and in a real Redis. (Not in the async
+    fixture: the first test to ask starts the session's Redis, which would block the event loop
+    under the loop guard.)"""
     if request.param == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
-        doc = tracker_doc(keys, redis=server.settings(prefix=f"t{secrets.token_hex(6)}:"))
-    else:
-        doc = tracker_doc(keys, data_dir=str(tmp_path / "t"))
-    c: Client = await aiohttp_client(tracker_app.build(tracker_config.load(doc)))
+        return {"redis": server.settings(prefix=f"t{secrets.token_hex(6)}:")}
+    return {"data_dir": str(tmp_path / "t")}
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, keys: Keys, store: dict[str, Any]) -> Client:
+    """The tracker with each of its stores."""
+    c: Client = await aiohttp_client(tracker_app.build(tracker_config.load(tracker_doc(keys, **store))))
     return c
 
 
