@@ -7,6 +7,11 @@ A call returns the answer's typed body, or raises:
   are logged. The server's own error message is in `detail`, for a person at a terminal;
 - aiohttp.ClientError / TimeoutError when the server could not be reached or did not answer in
   time, so callers can tell "down" from "refused".
+
+No call follows a redirect (components never redirect each other): aiohttp drops only
+Authorization and Cookie on a redirect to another host, and would send that host a puller's
+credential (PULLER_AUTHORIZATION_HEADER), a relay ticket or a journal batch. A redirect is an
+ApiError like any other status.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ class OriginClient:
         """Enroll and renew, signed with the node's key (the one in the request)."""
         body = request.encode()
         async with self.http.post(protocol.GRANTS.url(self.base), data=body, headers=self._signed("grants", body, key),
-                                  timeout=aiohttp.ClientTimeout(total=within)) as r:
+                                  timeout=aiohttp.ClientTimeout(total=within), allow_redirects=False) as r:
             if r.status != 200:
                 raise ApiError("the origin refused this node's enrollment", r.status)
             return protocol.Grants.from_json(await r.json())
@@ -90,7 +95,8 @@ class OriginClient:
         # for the next one, without spending the whole budget on it)
         async with self.http.post(protocol.ADMISSION.url(self.base, digest=str(digest)), data=body,
                                   headers=headers,
-                                  timeout=aiohttp.ClientTimeout(total=within, sock_connect=connect)) as r:
+                                  timeout=aiohttp.ClientTimeout(total=within, sock_connect=connect),
+                                  allow_redirects=False) as r:
             if r.status == 204 and request.seeded_only:
                 return None
             if r.status == 202 and request.relay:
@@ -105,7 +111,8 @@ class OriginClient:
         is): unverified, see protocol.RelayTicket. `idle`: the longest wait for the next bytes."""
         async with self.http.get(protocol.RELAY.url(self.base, digest=str(digest)),
                                  headers={**self._auth, protocol.RELAY_TICKET_HEADER: ticket.ticket},
-                                 timeout=aiohttp.ClientTimeout(sock_connect=connect, sock_read=idle)) as r:
+                                 timeout=aiohttp.ClientTimeout(sock_connect=connect, sock_read=idle),
+                                 allow_redirects=False) as r:
             if r.status == 204:
                 return
             if r.status != 200:
@@ -121,7 +128,7 @@ class OriginClient:
         async with self.http.post(protocol.JOURNAL.url(self.base), data=body,
                                   headers={**self._auth, "Content-Type": "application/json",
                                            protocol.NODE_SIGNATURE_HEADER: signing.sign_batch(key, body)},
-                                  timeout=aiohttp.ClientTimeout(total=within)) as r:
+                                  timeout=aiohttp.ClientTimeout(total=within), allow_redirects=False) as r:
             if not 200 <= r.status < 300:
                 raise await _refused(r, "collector refused a journal batch")
             return protocol.JournalAck.from_json(await r.json())
@@ -138,7 +145,8 @@ class PeerOriginClient:
                       within: float) -> protocol.Replica:
         """Have that origin seed `digest` too; answered once it does."""
         async with self.http.post(protocol.REPLICA.url(self.base, digest=str(digest)), json=request.to_json(),
-                                  headers=self._auth, timeout=aiohttp.ClientTimeout(total=within)) as r:
+                                  headers=self._auth, timeout=aiohttp.ClientTimeout(total=within),
+                                  allow_redirects=False) as r:
             if r.status != 200:
                 raise await _refused(r, "the other origin did not seed the blob")
             return protocol.Replica.from_json(await r.json())
@@ -155,21 +163,21 @@ class OperatorClient:
 
     async def seeded(self, *, within: float = 30) -> protocol.Seeded:
         async with self.http.get(protocol.SEEDED.url(self.base), headers=self._auth,
-                                 timeout=aiohttp.ClientTimeout(total=within)) as r:
+                                 timeout=aiohttp.ClientTimeout(total=within), allow_redirects=False) as r:
             if r.status != 200:
                 raise await _refused(r, "origin refused the list of seeded blobs")
             return protocol.Seeded.from_json(await r.json())
 
     async def preseed(self, request: protocol.PreseedRequest, *, within: float = 30) -> protocol.PreseedJob:
         async with self.http.post(protocol.PRESEED.url(self.base), json=request.to_json(), headers=self._auth,
-                                  timeout=aiohttp.ClientTimeout(total=within)) as r:
+                                  timeout=aiohttp.ClientTimeout(total=within), allow_redirects=False) as r:
             if r.status != 202:
                 raise await _refused(r, "origin refused the pre-seed")
             return protocol.PreseedJob.from_json(await r.json())
 
     async def preseed_job(self, job: str, *, within: float = 30) -> protocol.PreseedJob:
         async with self.http.get(protocol.PRESEED_JOB.url(self.base, job=job), headers=self._auth,
-                                 timeout=aiohttp.ClientTimeout(total=within)) as r:
+                                 timeout=aiohttp.ClientTimeout(total=within), allow_redirects=False) as r:
             if r.status != 200:
                 raise await _refused(r, "origin has no such pre-seed job")
             return protocol.PreseedJob.from_json(await r.json())
@@ -182,7 +190,7 @@ class OperatorClient:
     async def audit_text(self, query: protocol.AuditQuery, *, within: float = 60) -> str:
         """The answer as the server wrote it (json, jsonl or csv, as `query.format` asks)."""
         async with self.http.get(protocol.AUDIT.url(self.base, query.to_query()), headers=self._auth,
-                                 timeout=aiohttp.ClientTimeout(total=within)) as r:
+                                 timeout=aiohttp.ClientTimeout(total=within), allow_redirects=False) as r:
             if r.status != 200:
                 raise await _refused(r, "origin refused the audit query")
             return await r.text()
@@ -190,7 +198,8 @@ class OperatorClient:
 
 async def status(http: aiohttp.ClientSession, base: str, *, within: float = 10) -> dict[str, Any]:
     """Any component's public STATUS document (its fields differ by component)."""
-    async with http.get(protocol.STATUS.url(base), timeout=aiohttp.ClientTimeout(total=within)) as r:
+    async with http.get(protocol.STATUS.url(base), timeout=aiohttp.ClientTimeout(total=within),
+                        allow_redirects=False) as r:
         if r.status != 200:
             raise await _refused(r, "status")
         doc = await r.json(content_type=None)
@@ -209,12 +218,13 @@ class TrackerClient:
         async with self.http.put(protocol.REGISTER_METAINFO.url(self.base, digest=str(digest)), data=raw,
                                  headers={**self._auth, "Content-Type": protocol.TORRENT_TYPE,
                                           protocol.SIGNATURE_HEADER: signature},
-                                 timeout=aiohttp.ClientTimeout(total=within)) as r:
+                                 timeout=aiohttp.ClientTimeout(total=within), allow_redirects=False) as r:
             if r.status != 201:
                 raise ApiError("tracker refused the registration", r.status)
 
     async def unregister(self, digest: Digest, *, within: float) -> None:
         async with self.http.delete(protocol.UNREGISTER_METAINFO.url(self.base, digest=str(digest)),
-                                    headers=self._auth, timeout=aiohttp.ClientTimeout(total=within)) as r:
+                                    headers=self._auth, timeout=aiohttp.ClientTimeout(total=within),
+                                    allow_redirects=False) as r:
             if r.status not in (204, 404):
                 raise ApiError("tracker refused to unregister", r.status)
