@@ -3,7 +3,7 @@
 Piece-size policy (deterministic, so every origin builds the same torrent for a blob):
 
     blob size         piece size
-    < 256 KiB         the next power of two >= size, at least 16 KiB (a single piece)
+    < 16 MiB          the largest power of two that gives 64 pieces, at least 16 KiB
     < 1 GiB           256 KiB
     < 16 GiB          1 MiB
     >= 16 GiB         4 MiB    (keeps the piece count and the metainfo small)
@@ -40,19 +40,23 @@ MAX_METAINFO_BYTES = 4 * MIB
 # Tracker replicas a torrent may name, and the longest URL of one.
 MAX_TRACKERS = 16
 MAX_TRACKER_URL = 2048
+# A blob under 16 MiB gets pieces small enough for MIN_PIECES of them (down to MIN_PIECE, the
+# smallest v2 piece). When a swarm starts, every node asks the origin's seeder for the pieces no
+# other node has yet: with 24 pieces (a 6 MiB layer at 256 KiB) they ask for the same few, and
+# the seeder sends each several times (RESULTS.md section 26).
+MIN_PIECE = 16 * KIB
+MIN_PIECES = 64
 
 
 def piece_size_for(size: int) -> int:
-    if size < 256 * KIB:
-        piece = 16 * KIB
-        while piece < size:
-            piece *= 2
-        return piece
-    if size < GIB:
-        return 256 * KIB
-    if size < 16 * GIB:
+    if size >= 16 * GIB:
+        return 4 * MIB
+    if size >= GIB:
         return MIB
-    return 4 * MIB
+    piece = 256 * KIB
+    while piece > MIN_PIECE and size < piece * MIN_PIECES:
+        piece //= 2
+    return piece
 
 
 class MetainfoError(ValueError):

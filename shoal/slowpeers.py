@@ -38,7 +38,8 @@ that do not read would lower. Bans go through libtorrent's IP filter, the one wa
 given peer from Python; the seeder's own address is never banned (`shoal up` runs an agent there).
 
 What this leaves: a peer that reads at the floor holds its slot until libtorrent's round robin
-ends its turn (4 pieces and a minute: about 2 min with 256 KiB pieces, 34 min with 4 MiB ones);
+ends its turn (4 pieces and a minute: about 1 min for a blob under 16 MiB, whose 64 pieces are
+small, about 2 min with 256 KiB pieces, 34 min with 4 MiB ones);
 pinning the seeder's 63 regular slots that way costs a node about 0.5 MB/s of real reading. A
 node with many addresses gets, per new address, one choker round ahead of the waiters (an unasked
 block) before its ban, or a window of slow reading before its kick. Nodes behind one address (NAT)
