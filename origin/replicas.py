@@ -126,9 +126,11 @@ class Replicas:
             self.sent.labels("ok").inc()
             mine = next((p for p in self.seeder.seeded() if p.meta.digest == digest), None)
             if mine is not None and mine.meta.info_hash.hex() != answer.info_hash:
-                # the owners would be two swarms: they do not share the signing key (the CA)
+                # the owners would be two swarms: they do not share the signing key (the CA), or
+                # they build torrents by different piece rules (versions)
                 log.error("origin %s seeds %s under another torrent (info-hash %s, here %s): do the origins "
-                          "share one signing_key?", name, digest, answer.info_hash, mine.meta.info_hash.hex())
+                          "share one signing_key, and run one version?", name, digest, answer.info_hash,
+                          mine.meta.info_hash.hex())
             else:
                 log.info("origin %s seeds %s too", name, digest)
             return answer

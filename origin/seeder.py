@@ -108,6 +108,14 @@ class Seeder:
             raw, signature = kept
             try:
                 meta = metainfo.parse(raw)
+                if meta.piece_length != metainfo.piece_size_for(meta.size):
+                    # made by a version with another piece rule: every origin must build the
+                    # same torrent (the tracker keeps one per blob, and two owners with two
+                    # torrents would replace each other's registration). The next admission
+                    # builds it anew from the kept blob.
+                    log.info("%s: its kept torrent has %d-byte pieces, not %d: made again when asked",
+                             digest, meta.piece_length, metainfo.piece_size_for(meta.size))
+                    continue
                 if meta.trackers != tuple(self.announce):
                     # the trackers changed since it was made: a torrent kept as it was would go
                     # on sending this origin's every-blob token (and the agents' tokens) to the

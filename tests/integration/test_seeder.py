@@ -232,3 +232,43 @@ async def test_a_restart_with_other_trackers_rewrites_the_kept_torrents(seeder: 
         finally:
             await again.stop()
             await swarm.stop()
+
+
+async def test_a_kept_torrent_of_another_piece_rule_is_made_again(seeder: Seeder, registry: FakeServer, keys: Keys,
+                                                                  tracker: TestServer,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An origin upgraded across a change of piece_size_for keeps the torrents it made before,
+    whose pieces another origin (or this one, for a blob it fetches again) no longer builds: two
+    torrents for one blob, whose registrations replace each other at the tracker. It does not
+    seed such a torrent after the restart, and makes the current one from the kept blob (no
+    registry fetch) when the blob is asked for."""
+    first = await seeder.ensure_seeded(registry.host, "private/app", DIGEST)
+    assert first.meta.piece_length == metainfo.piece_size_for(len(BLOB)) < 256 << 10
+    with monkeypatch.context() as m:  # the torrent of the rule before: 256 KiB pieces
+        m.setattr(metainfo, "piece_size_for", lambda size: 256 << 10)
+        old = await asyncio.to_thread(metainfo.create, seeder.store.path(DIGEST), DIGEST, announce=seeder.announce,
+                                      root_cert=seeder.root_cert)
+    await seeder.store.save_metainfo(DIGEST, old, signing.sign_metainfo(keys.key, old))
+    swarm = Swarm(SwarmSettings(listen_ip="127.0.0.3", listen_port=free_port("127.0.0.3"),
+                                fingerprint=SEEDER_FINGERPRINT))
+    await swarm.start()
+    tracker_url = str(tracker.make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as http:
+        client = RegistryClient(http, registry.url, credentials=None, user_agent="t", retry_budget=0)
+        again = Seeder(store=seeder.store, swarm=swarm, registration=TrackerRegistration(http, [tracker_url], TOKEN),
+                       upstreams={registry.host: Upstream(registry.host, client)}, announce=seeder.announce,
+                       max_blob_size=1 << 30, metrics=SeederMetrics(CollectorRegistry()), key=keys.key,
+                       token_ttl=600)
+        try:
+            await again.start()
+            assert swarm.job(DIGEST.hex) is None and not again.is_seeded(DIGEST)
+            published = await again.ensure_seeded(registry.host, "private/app", DIGEST)
+            assert published.meta.raw == first.meta.raw  # the torrent every origin builds now
+            job = swarm.job(DIGEST.hex)
+            assert job is not None and job.meta.info_hash == first.meta.info_hash
+            kept = await seeder.store.load_metainfo(DIGEST)
+            assert kept is not None and kept[0] == first.meta.raw
+            assert sum(1 for s in registry.seen if s.method == "GET") == 1  # the first fetch only
+        finally:
+            await again.stop()
+            await swarm.stop()
