@@ -104,6 +104,11 @@ def _timeout(read: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read)
 
 
+def _under(path: str, prefix: str) -> bool:
+    """`path` is `prefix` or below it, by whole segments (/token does not admit /tokens)."""
+    return path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/")
+
+
 class RegistryClient:
     def __init__(
         self,
@@ -178,8 +183,10 @@ class RegistryClient:
         if realm.scheme not in ("http", "https") or not realm.host:
             return False
         if realm.host == self.base.host:
-            return True  # the registry's own host (a token server beside it, any port)
-        return any(realm.origin() == allowed.origin() and realm.path.startswith(allowed.path)
+            # the registry's own host (a token server beside it, any port), but not in clear
+            # text when the registry is asked over TLS: the login would cross the wire readable
+            return realm.scheme == "https" or self.base.scheme == "http"
+        return any(realm.origin() == allowed.origin() and _under(realm.path, allowed.path)
                    for allowed in self.token_realms)
 
     async def _fetch_token(self, realm: str, service: str | None, scope: str) -> tuple[str, float]:
