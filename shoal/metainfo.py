@@ -3,7 +3,7 @@
 Piece-size policy (deterministic, so every origin builds the same torrent for a blob):
 
     blob size         piece size
-    < 16 MiB          the largest power of two that gives 64 pieces, at least 16 KiB
+    < 16 MiB          the largest power of two up to 256 KiB giving 64 pieces, at least 16 KiB
     < 1 GiB           256 KiB
     < 16 GiB          1 MiB
     >= 16 GiB         4 MiB    (keeps the piece count and the metainfo small)

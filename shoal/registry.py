@@ -193,6 +193,9 @@ class RegistryClient:
         realm_url = URL(realm)
         if not self._realm_allowed(realm_url):
             # A realm elsewhere would receive this client's credentials: only configured ones.
+            if realm_url.host == self.base.host:
+                raise errors.UpstreamError(f"registry named a token realm in clear text ({realm_url.scheme}://) "
+                                           f"on {realm_url.host!r}, although it is asked over TLS")
             raise errors.UpstreamError(f"registry named a token realm on {realm_url.host!r}, which is neither "
                                        "the registry's host nor in token_realms")
         query: dict[str, str] = {"scope": scope} if scope else {}  # "": a login, no repository

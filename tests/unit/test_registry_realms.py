@@ -8,6 +8,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from shoal import errors
 from shoal.registry import Credentials, RegistryClient
 
 
@@ -30,3 +31,10 @@ async def test_where_a_login_may_go(base: str, realm: str, allowed: bool) -> Non
         client = RegistryClient(http, base, credentials=Credentials("node", "pw"), user_agent="t",
                                 token_realms=["https://auth.example/token"])
         assert client._realm_allowed(URL(realm)) is allowed
+
+
+async def test_a_downgraded_realm_is_refused_saying_why() -> None:
+    async with aiohttp.ClientSession() as http:
+        client = RegistryClient(http, "https://reg.example", credentials=Credentials("node", "pw"), user_agent="t")
+        with pytest.raises(errors.UpstreamError, match=r"in clear text \(http://\) on 'reg.example'"):
+            await client._fetch_token("http://reg.example/token", "reg", "repository:a:pull")
