@@ -3,6 +3,7 @@ ApiError with the status, and a dead server as a transport error (not an ApiErro
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,7 +31,9 @@ async def test_tracker_client(tracker: str, keys: Keys, tmp_path: Path) -> None:
     data = b"client" * 10_000
     digest = Digest(hashlib.sha256(data).hexdigest())
     (tmp_path / digest.hex).write_bytes(data)
-    raw = metainfo.create(tmp_path / digest.hex, digest, announce=f"{tracker}/x", root_cert=keys.root_cert)
+    # (in a thread: libtorrent's hashing, and its import if it comes first, would hold the loop)
+    raw = await asyncio.to_thread(metainfo.create, tmp_path / digest.hex, digest, announce=f"{tracker}/x",
+                                  root_cert=keys.root_cert)
     async with aiohttp.ClientSession() as http:
         origin, node = TrackerClient(http, tracker, REGISTRATION), TrackerClient(http, tracker, NODE)
         with pytest.raises(ApiError) as refused:
