@@ -21,8 +21,8 @@ from tests.support.procs import free_port
 
 # A callback or task step holding the loop longer than this is a bug (file I/O, hashing or a
 # slow libtorrent call that belongs in a thread). Not less: late in a full run (1,100 tests in one
-# process, the cyclic GC already off, below) steps that measure 15 ms alone took 0.26-0.27 s of
-# wall time on this 2-core VM, and failed the guard in two clean-clone runs of one day.
+# process) a step that measures 15 ms alone took 0.27 s of wall time on this 2-core VM with the
+# cyclic GC off (below), and a 4 ms one 0.26 s with it on: each failed a clean-clone run.
 SLOW_CALLBACK = 0.5
 
 
