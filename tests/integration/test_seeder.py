@@ -6,6 +6,7 @@ or kept; a pre-seed job resolves an image to its blobs and reports each one's fa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
@@ -201,6 +202,28 @@ async def test_a_second_registry_is_vouched_for_only_once_it_sent_the_whole_blob
         await asyncio.to_thread(other.close)  # (its shutdown waits out a poll interval)
 
 
+@contextlib.asynccontextmanager
+async def restarted(seeder: Seeder, keys: Keys, *, trackers: list[str], announce: list[str],
+                    registry: FakeServer | None = None) -> AsyncIterator[Seeder]:
+    """A new Seeder (its own libtorrent session) over `seeder`'s store, started: the origin after a
+    restart. With `registry`, it can fetch from it."""
+    swarm = Swarm(SwarmSettings(listen_ip="127.0.0.3", listen_port=free_port("127.0.0.3"),
+                                fingerprint=SEEDER_FINGERPRINT))
+    await swarm.start()
+    async with aiohttp.ClientSession() as http:
+        upstreams = {} if registry is None else {registry.host: Upstream(registry.host, RegistryClient(
+            http, registry.url, credentials=None, user_agent="t", retry_budget=0))}
+        again = Seeder(store=seeder.store, swarm=swarm, registration=TrackerRegistration(http, trackers, TOKEN),
+                       upstreams=upstreams, announce=announce, max_blob_size=1 << 30,
+                       metrics=SeederMetrics(CollectorRegistry()), key=keys.key, token_ttl=600)
+        try:
+            await again.start()
+            yield again
+        finally:
+            await again.stop()
+            await swarm.stop()
+
+
 async def test_a_restart_with_other_trackers_rewrites_the_kept_torrents(seeder: Seeder, registry: FakeServer,
                                                                        keys: Keys) -> None:
     """attack15: an origin restarted with new tracker URLs kept announcing - its every-blob token
@@ -212,26 +235,14 @@ async def test_a_restart_with_other_trackers_rewrites_the_kept_torrents(seeder: 
     assert before is not None
     info_hash = before.meta.info_hash
     new = ["https://tracker-a.example/announce", "https://tracker-b.example/announce"]
-    swarm = Swarm(SwarmSettings(listen_ip="127.0.0.3", listen_port=free_port("127.0.0.3"),
-                                fingerprint=SEEDER_FINGERPRINT))
-    await swarm.start()
-    async with aiohttp.ClientSession() as http:
-        again = Seeder(store=seeder.store, swarm=swarm,
-                       registration=TrackerRegistration(http, ["http://127.0.0.1:9"], TOKEN), upstreams={},
-                       announce=new, max_blob_size=1 << 30, metrics=SeederMetrics(CollectorRegistry()),
-                       key=keys.key, token_ttl=600)
-        try:
-            await again.start()
-            job = swarm.job(DIGEST.hex)
-            assert job is not None and job.meta.info_hash == info_hash
-            assert job.meta.trackers == tuple(new)
-            assert sorted(e["url"].split("?")[0] for e in job.handle.trackers()) == new
-            kept = await seeder.store.load_metainfo(DIGEST)
-            assert kept is not None and metainfo.parse(kept[0]).trackers == tuple(new)
-            signing.verify_metainfo(keys.key.public_key(), kept[0], kept[1])
-        finally:
-            await again.stop()
-            await swarm.stop()
+    async with restarted(seeder, keys, trackers=["http://127.0.0.1:9"], announce=new) as again:
+        job = again.swarm.job(DIGEST.hex)
+        assert job is not None and job.meta.info_hash == info_hash
+        assert job.meta.trackers == tuple(new)
+        assert sorted(e["url"].split("?")[0] for e in job.handle.trackers()) == new
+        kept = await seeder.store.load_metainfo(DIGEST)
+        assert kept is not None and metainfo.parse(kept[0]).trackers == tuple(new)
+        signing.verify_metainfo(keys.key.public_key(), kept[0], kept[1])
 
 
 async def test_a_kept_torrent_of_another_piece_rule_is_made_again(seeder: Seeder, registry: FakeServer, keys: Keys,
@@ -249,26 +260,14 @@ async def test_a_kept_torrent_of_another_piece_rule_is_made_again(seeder: Seeder
         old = await asyncio.to_thread(metainfo.create, seeder.store.path(DIGEST), DIGEST, announce=seeder.announce,
                                       root_cert=seeder.root_cert)
     await seeder.store.save_metainfo(DIGEST, old, signing.sign_metainfo(keys.key, old))
-    swarm = Swarm(SwarmSettings(listen_ip="127.0.0.3", listen_port=free_port("127.0.0.3"),
-                                fingerprint=SEEDER_FINGERPRINT))
-    await swarm.start()
     tracker_url = str(tracker.make_url("")).rstrip("/")
-    async with aiohttp.ClientSession() as http:
-        client = RegistryClient(http, registry.url, credentials=None, user_agent="t", retry_budget=0)
-        again = Seeder(store=seeder.store, swarm=swarm, registration=TrackerRegistration(http, [tracker_url], TOKEN),
-                       upstreams={registry.host: Upstream(registry.host, client)}, announce=seeder.announce,
-                       max_blob_size=1 << 30, metrics=SeederMetrics(CollectorRegistry()), key=keys.key,
-                       token_ttl=600)
-        try:
-            await again.start()
-            assert swarm.job(DIGEST.hex) is None and not again.is_seeded(DIGEST)
-            published = await again.ensure_seeded(registry.host, "private/app", DIGEST)
-            assert published.meta.raw == first.meta.raw  # the torrent every origin builds now
-            job = swarm.job(DIGEST.hex)
-            assert job is not None and job.meta.info_hash == first.meta.info_hash
-            kept = await seeder.store.load_metainfo(DIGEST)
-            assert kept is not None and kept[0] == first.meta.raw
-            assert sum(1 for s in registry.seen if s.method == "GET") == 1  # the first fetch only
-        finally:
-            await again.stop()
-            await swarm.stop()
+    async with restarted(seeder, keys, trackers=[tracker_url], announce=seeder.announce,
+                         registry=registry) as again:
+        assert again.swarm.job(DIGEST.hex) is None and not again.is_seeded(DIGEST)
+        published = await again.ensure_seeded(registry.host, "private/app", DIGEST)
+        assert published.meta.raw == first.meta.raw  # the torrent every origin builds now
+        job = again.swarm.job(DIGEST.hex)
+        assert job is not None and job.meta.info_hash == first.meta.info_hash
+        kept = await seeder.store.load_metainfo(DIGEST)
+        assert kept is not None and kept[0] == first.meta.raw
+        assert sum(1 for s in registry.seen if s.method == "GET") == 1  # the first fetch only
