@@ -319,8 +319,18 @@ class MirrorApi:
             return await send_blob(request, digest, size, _Empty())
         download = self.fetcher.get(up, name, digest, size, authorization=cred.upstream_auth)
         await download.chosen.wait()  # bounded by the download's own deadlines
+        if _refused(download) and (download.repo, download.authorization) != (name, cred.upstream_auth):
+            # The download this request joined ran with the first puller's credential and
+            # repository, and the registry refused those (revoked since its yes, say): not this
+            # client's, which it has just authorized. Once, with its own.
+            download = self.fetcher.get(up, name, digest, size, authorization=cred.upstream_auth,
+                                        instead_of=download)
+            await download.chosen.wait()
         audit.source = download.source
         if download.error is not None and download.done.is_set():
+            if _refused(download):
+                # the registry's no to this very credential outlives the yes the cache holds
+                self.authorizer.forget(up, cred, name, digest)
             raise download.error  # it ended without the blob (what streaming it would say too)
         if up.name not in download.sources and not await self.provenance.known(up, digest):
             # the bytes come from the swarm or from another registry: the origin confirms that
@@ -349,6 +359,11 @@ class MirrorApi:
             inner(n)
 
         return count
+
+
+def _refused(download: Download) -> bool:
+    """Whether `download` ended because the registry refused its credential or repository."""
+    return download.done.is_set() and isinstance(download.error, errors.CredentialRefused | errors.NotFound)
 
 
 class _Cached:

@@ -122,6 +122,12 @@ class Decisions:
         await asyncio.get_running_loop().run_in_executor(self._writer, close)
         self._writer.shutdown(wait=True)
 
+    def forget(self, key: str) -> None:
+        if self._mem.pop(key, None) is None or self._disk is None:
+            return
+        disk = self._disk
+        asyncio.get_running_loop().run_in_executor(self._writer, disk.delete, key)
+
     def get(self, key: str) -> Decision | None:
         decision = self._mem.get(key)
         if decision is not None:
@@ -217,10 +223,19 @@ class Authorizer:
             return Credential("node", None, f"node:{node.username}")
         return Credential("anonymous", None, "anonymous")
 
+    @staticmethod
+    def _key(up: Upstream, cred: Credential, repo: str, digest: Digest) -> str:
+        return f"{cred.fingerprint}|{up.name}|{repo}|{digest.hex}"
+
+    def forget(self, up: Upstream, cred: Credential, repo: str, digest: Digest) -> None:
+        """Drop the decision for this credential, repository and digest: the registry has since
+        refused them on the data path, so the next request asks it again."""
+        self.decisions.forget(self._key(up, cred, repo, digest))
+
     async def blob(self, up: Upstream, cred: Credential, repo: str, digest: Digest) -> Verdict:
         """May `cred` pull `digest` through `repo`? Asks the registry unless a decision for exactly
         this credential, repository and digest is younger than the TTL."""
-        key = f"{cred.fingerprint}|{up.name}|{repo}|{digest.hex}"
+        key = self._key(up, cred, repo, digest)
         cached = self.decisions.get(key)
         now = time.time()
         if cached is not None and now - cached.at < self.settings.decision_ttl:

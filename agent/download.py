@@ -228,7 +228,8 @@ class Download:
         # Why the swarm path was given up for the registry, if it was (the journal records it)
         self.fallback: FallbackReason | None = None
         self.done = asyncio.Event()
-        # Set once the bytes' path is known (the swarm, or the registry) or the download ended.
+        # Set once bytes are on their way (the swarm joined, the relay or the registry's answer
+        # started) or the download ended.
         self.chosen = asyncio.Event()
         self._changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -622,7 +623,6 @@ class Download:
     async def _from_registry(self, admitted: Admitted | None) -> None:
         self.source = "registry"
         self.sources.add(self.upstream.name)
-        self.chosen.set()
         self._notify()
         store, m = self.deps.store, self.deps.metrics
         if self.size == 0 and self.digest == EMPTY_DIGEST:
@@ -632,6 +632,10 @@ class Download:
         def progress(n: int) -> None:
             m.registry_bytes.inc(n)
             self.written += n
+            # Not chosen before the registry's first bytes: a refusal of this download's
+            # credential then ends it before any reader started an answer, and a reader with
+            # another credential can fetch the blob with its own (agent/api.py).
+            self.chosen.set()
             self._notify()
 
         self.partial, self.written = tmp, 0

@@ -82,15 +82,21 @@ class Fetcher:
         return len(self._flights)
 
     def get(self, upstream: Upstream, repo: str, digest: Digest, size: int, *,
-            authorization: Authorization) -> Download:
-        """The download of `digest`, started if none is running (callers are authorized)."""
+            authorization: Authorization, instead_of: Download | None = None) -> Download:
+        """The download of `digest`, started if none is running (callers are authorized), or if
+        the one running is `instead_of` (one that ended without the blob, still finishing)."""
         download = self._flights.get(digest)
-        if download is not None:
+        if download is not None and download is not instead_of:
             return download
         download = Download(self.deps, upstream, repo, digest, size, authorization)
         self._flights[digest] = download
         task = asyncio.create_task(download.run())
         download.task = task
-        task.add_done_callback(lambda _t: self._flights.pop(digest, None))
+
+        def done(_t: asyncio.Task[None]) -> None:
+            if self._flights.get(digest) is download:  # (not a download started instead of it)
+                del self._flights[digest]
+
+        task.add_done_callback(done)
         return download
 

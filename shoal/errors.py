@@ -117,6 +117,11 @@ class UpstreamError(ShoalError):
     oci = UNAVAILABLE
 
 
+class CredentialRefused(UpstreamError):
+    """The registry refused the credential a blob was fetched with (401 or 403 to the GET), after
+    a yes for it: revoked, expired, or the repository's access changed in between."""
+
+
 class IntegrityError(ShoalError):
     """Bytes did not hash to the digest they were fetched for. Never served."""
 

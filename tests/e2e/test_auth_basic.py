@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import json
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,9 @@ import pytest
 from shoal import protocol
 from tests.e2e.conftest import USERS, Images
 from tests.support.clients import Containerd
-from tests.support.faults import CuttableProxy
+from tests.support.faults import CuttableProxy, FlakyRegistry
 from tests.support.images import build_image, push
-from tests.support.procs import Component, http_get
+from tests.support.procs import Component, http_get, wait_for
 from tests.support.registry import Registry
 from tests.support.stack import Stack
 
@@ -31,11 +32,12 @@ def basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def get(agent: Component, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def get(agent: Component, path: str, headers: dict[str, str] | None = None, *,
+        method: str = "GET") -> tuple[int, dict[str, str], bytes]:
     host, port = agent.config["listen"].rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     try:
-        conn.request("GET", path, headers=headers or {})
+        conn.request(method, path, headers=headers or {})
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
@@ -47,10 +49,13 @@ def challenge_agent(stack: Stack, *, url: str | None = None, **auth: str) -> Com
     return stack.start_agent(upstreams=[upstream], auth={"unauthenticated": "challenge", **auth})
 
 
+REGISTRY_USERS = {"alice": "alice-1", "bob": "bob-1", "seeder": "seeder-1", "pusher": "pusher-1"}
+
+
 @pytest.fixture
 def own_registry(tmp_path: Path) -> Iterator[Registry]:
     """A registry this test may restart and change users of."""
-    reg = Registry(tmp_path / "registry", users={"alice": "alice-1", "seeder": "seeder-1", "pusher": "pusher-1"})
+    reg = Registry(tmp_path / "registry", users=REGISTRY_USERS)
     reg.start()
     yield reg
     reg.close()
@@ -90,6 +95,58 @@ def test_basic_challenge_and_revocation_within_the_decision_ttl(own_registry: Re
         assert len(body) < 500
     finally:
         stack.close()
+
+
+def test_a_refused_first_puller_does_not_fail_those_who_joined_its_download(own_registry: Registry,
+                                                                           tmp_path: Path) -> None:
+    """A blob's download runs once per node, with the credential of the client that started it.
+    When the registry refuses that credential (revoked while the agent still holds its yes), a
+    client that joined the download with a credential of its own gets the blob fetched with
+    that one, and the refused credential's cached yes is dropped."""
+    image = build_image(tmp_path / "img", tag="v1", layer_sizes=[2 << 20], seed=43)
+    push(image, registry=own_registry.host, repo="private/app", user="pusher", password="pusher-1")
+    proxy = FlakyRegistry(own_registry.host)
+    stack = Stack(tmp_path / "stack", own_registry, node_user=("x", "x"), seeder_user=("seeder", "seeder-1"))
+    try:
+        # no tracker and no origin: the blob comes from the registry, with the puller's credential
+        agent = challenge_agent(stack, url=proxy.url, decision_ttl="300s")
+        blob = max(image.blobs.values(), key=lambda b: b.size)
+        path = f"/v2/private/app/blobs/{blob.digest}"
+        alice = {"Authorization": basic("alice", "alice-1")}
+        bob = {"Authorization": basic("bob", "bob-1")}
+        assert get(agent, path, alice, method="HEAD")[0] == 200  # the agent now holds alice's yes
+        own_registry.set_users({k: v for k, v in REGISTRY_USERS.items() if k != "alice"})
+        own_registry.restart()
+        held, release = proxy.hold_next_get(f"/blobs/{blob.digest}")
+        answers: dict[str, tuple[int, dict[str, str], bytes]] = {}
+
+        def pull(who: str, headers: dict[str, str]) -> None:
+            answers[who] = get(agent, path, headers)
+
+        first = threading.Thread(target=pull, args=("alice", alice))
+        first.start()
+        assert held.wait(30), "alice's download did not reach the registry"
+        misses = agent.metric("shoal_agent_cache_misses_total")
+        joined = threading.Thread(target=pull, args=("bob", bob))
+        joined.start()
+        # (the miss is counted right before the request joins the download, with no wait between)
+        wait_for(lambda: agent.metric("shoal_agent_cache_misses_total") > misses, timeout=30)
+        release.set()
+        first.join(90)
+        joined.join(90)
+        status, _, body = answers["bob"]
+        assert status == 200
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
+        status, _, body = answers["alice"]
+        assert status == 503
+        assert "401" in json.loads(body)["errors"][0]["message"]
+        # alice's yes is forgotten: her next request is asked of the registry, which says no
+        status, headers, _ = get(agent, path, alice)
+        assert status == 401
+        assert headers["www-authenticate"] == 'Basic realm="basic-realm"'
+    finally:
+        stack.close()
+        proxy.close()
 
 
 def test_registry_unreachable_strict_and_availability(stack: Stack, registry: Registry, images: Images) -> None:

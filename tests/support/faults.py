@@ -100,7 +100,8 @@ class CuttableProxy:
 
 class FlakyRegistry:
     """An HTTP proxy in front of the registry that answers the next N requests with an error
-    (e.g. 429 with Retry-After, or 503) before passing requests through again."""
+    (e.g. 429 with Retry-After, or 503) before passing requests through again, and can hold a
+    request until the test lets it go on."""
 
     def __init__(self, target: str) -> None:
         self.target = target  # host:port
@@ -108,6 +109,8 @@ class FlakyRegistry:
         self.requests = 0
         self.failed = 0
         self._plan: list[tuple[int, dict[str, str]]] = []
+        self._hold: tuple[str, threading.Event, threading.Event] | None = None
+        self._releases: list[threading.Event] = []
         self._lock = threading.Lock()
         proxy = self
 
@@ -134,7 +137,18 @@ class FlakyRegistry:
         with self._lock:
             self._plan = [(status, headers or {})] * count
 
+    def hold_next_get(self, marker: str) -> tuple[threading.Event, threading.Event]:
+        """Hold the next GET whose path holds `marker` until the second event is set (at most a
+        minute): (set once it is held, set it to let the request go on to the registry)."""
+        held, release = threading.Event(), threading.Event()
+        with self._lock:
+            self._hold = (marker, held, release)
+            self._releases.append(release)
+        return held, release
+
     def close(self) -> None:
+        for release in self._releases:  # (a held request would keep server_close waiting)
+            release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -142,6 +156,12 @@ class FlakyRegistry:
         with self._lock:
             self.requests += 1
             planned = self._plan.pop(0) if self._plan else None
+            hold = self._hold if self._hold is not None and h.command == "GET" and self._hold[0] in h.path else None
+            if hold is not None:
+                self._hold = None
+        if hold is not None:
+            hold[1].set()
+            hold[2].wait(60)
         if planned is not None:
             self.failed += 1
             status, headers = planned
