@@ -13,51 +13,69 @@ does not fetch the layers it holds), so the client fetches only the others.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
+import http.client
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import aiohttp
+from urllib.parse import urlsplit
 
 ACCEPT = ", ".join(["application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
                     "application/vnd.docker.distribution.manifest.v2+json"])
 
 
-async def pull(endpoint: str, image: str, concurrency: int, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+def pull(endpoint: str, image: str, concurrency: int, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Blocking sockets in threads, not an event loop: a host's link paced by tc delivers a packet
+    at a time, and an asyncio client woke its loop for each (16 of them took 60 % of a core at
+    2.5 MB/s a host, CPU the emulated nodes then lacked); a thread blocked in recv costs a few
+    microseconds a packet, as containerd's Go client does."""
+    url = urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or 80
     repo, _, tag = image.rpartition(":")
-    timeout = aiohttp.ClientTimeout(total=3600, sock_read=120)
-    received = 0
-    errors: list[str] = []
-    async with aiohttp.ClientSession(timeout=timeout) as http:
-        async with http.get(f"{endpoint}/v2/{repo}/manifests/{tag}", headers={"Accept": ACCEPT}) as r:
-            body = await r.read()
-            if r.status != 200:  # reported as such, not as the KeyError a body of errors would give
-                return {"bytes": 0, "errors": [f"manifest {tag}: status {r.status}: {body[:200]!r}"]}
-            manifest = json.loads(body)
-        if "manifests" in manifest:
-            child = manifest["manifests"][0]["digest"]
-            async with http.get(f"{endpoint}/v2/{repo}/manifests/{child}", headers={"Accept": ACCEPT}) as r:
-                manifest = json.loads(await r.read())
-        blobs = [d for d in [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
-                 if d not in skip]
-        sem = asyncio.Semaphore(concurrency)
 
-        async def fetch(digest: str) -> None:
-            nonlocal received
-            async with sem, http.get(f"{endpoint}/v2/{repo}/blobs/{digest}") as r:
-                h = hashlib.sha256()
-                async for chunk in r.content.iter_chunked(1 << 20):
-                    h.update(chunk)
-                    received += len(chunk)
-                if r.status != 200 or "sha256:" + h.hexdigest() != digest:
-                    errors.append(f"{digest}: status {r.status}, sha256:{h.hexdigest()}")
+    def get(path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(host, port, timeout=120)
+        try:
+            conn.request("GET", path, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, r.read()
+        finally:
+            conn.close()
 
-        await asyncio.gather(*(fetch(d) for d in blobs))
-    return {"bytes": received, "errors": errors}
+    status, body = get(f"{url.path.rstrip('/')}/v2/{repo}/manifests/{tag}", {"Accept": ACCEPT})
+    if status != 200:  # reported as such, not as the KeyError a body of errors would give
+        return {"bytes": 0, "errors": [f"manifest {tag}: status {status}: {body[:200]!r}"]}
+    manifest = json.loads(body)
+    if "manifests" in manifest:
+        child = manifest["manifests"][0]["digest"]
+        _, body = get(f"{url.path.rstrip('/')}/v2/{repo}/manifests/{child}", {"Accept": ACCEPT})
+        manifest = json.loads(body)
+    blobs = [d for d in [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
+             if d not in skip]
+
+    def fetch(digest: str) -> tuple[int, str | None]:
+        conn = http.client.HTTPConnection(host, port, timeout=120)
+        try:
+            conn.request("GET", f"{url.path.rstrip('/')}/v2/{repo}/blobs/{digest}")
+            r = conn.getresponse()
+            h = hashlib.sha256()
+            received = 0
+            while chunk := r.read1(1 << 20):  # what one recv brought
+                h.update(chunk)
+                received += len(chunk)
+            ok = r.status == 200 and "sha256:" + h.hexdigest() == digest
+            return received, None if ok else f"{digest}: status {r.status}, sha256:{h.hexdigest()}"
+        except (OSError, http.client.HTTPException) as exc:
+            return 0, f"{digest}: {type(exc).__name__}: {exc}"
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(fetch, blobs))
+    return {"bytes": sum(n for n, _ in results), "errors": [e for _, e in results if e is not None]}
 
 
 def main() -> int:
@@ -81,8 +99,7 @@ def main() -> int:
     time.sleep(max(0.0, go_at - time.time()))
     started = time.time()
     try:
-        result = asyncio.run(pull(args.endpoint, args.image, args.concurrency,
-                                  frozenset(filter(None, args.skip.split(",")))))
+        result = pull(args.endpoint, args.image, args.concurrency, frozenset(filter(None, args.skip.split(","))))
     except Exception as exc:  # reported, not raised: the harness collects every host
         result = {"bytes": 0, "errors": [f"{type(exc).__name__}: {exc}"]}
     result.update(started=started, finished=time.time())
