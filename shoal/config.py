@@ -414,6 +414,9 @@ class UpstreamSettings:
         return Credentials(self.username, self.password.read(f"{prefix}.password") or "")
 
 
+MAX_DOWNLOAD_CONNECTIONS = 1000  # the session's own connections_limit
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class TorrentSettings:
     """The BitTorrent side of a component."""
@@ -423,12 +426,19 @@ class TorrentSettings:
     download_rate_limit: Annotated[int, SIZE] = 0
     # Only for tests that run several nodes on one address.
     allow_multiple_connections_per_ip: bool = False
+    # Peers a node connects with per blob it is downloading (0: no limit; the origin's seeder,
+    # which downloads nothing, takes any number); bench/RESULTS.md section 27.
+    download_connections: int = 4
     # Extra libtorrent settings_pack names and values, passed through.
     libtorrent: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self, prefix: str) -> None:
         host, _port = split_hostport(self.listen)
         parse_ip(host, f"{prefix}.listen")
+        if self.download_connections != 0 and not 2 <= self.download_connections <= MAX_DOWNLOAD_CONNECTIONS:
+            # (libtorrent takes no fewer than 2)
+            raise ConfigError(f"{prefix}.download_connections: expected 0 (no limit) or 2 to "
+                              f"{MAX_DOWNLOAD_CONNECTIONS}, got {self.download_connections}")
         for name in self.libtorrent:
             if name not in _libtorrent_setting_names():
                 hint = did_you_mean(name, _libtorrent_setting_names(), f"{prefix}.libtorrent")

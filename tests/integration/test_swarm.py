@@ -307,3 +307,50 @@ async def test_a_seeder_is_listed_again_soon_after_a_tracker_outage(tmp_path: Pa
     finally:
         await seeder.stop()
         await server.close()
+
+
+async def test_a_download_keeps_a_few_peers_and_a_seed_takes_any(tmp_path: Path, tracker: TestServer,
+                                                                  keys: Keys) -> None:
+    """A download connects with `download_connections` peers at most (libtorrent's end game had
+    every idle connection ask for blocks others were sending: the more peers, the more bytes
+    received twice); the limit goes once the blob is complete, or once the download stalls and
+    asks for the origin's seeder, which must then find room."""
+    meta, seed_dir = await _registered_blob(tmp_path, tracker.port, keys, 31)
+    stuck, _ = await _registered_blob(tmp_path, tracker.port, keys, 32)  # nobody seeds it
+    seeds = [await start_swarm(f"127.0.0.{i}", AGENT_FINGERPRINT, keys, f"node-{i}") for i in (4, 5, 6)]
+    leecher = Swarm(SwarmSettings(listen_ip="127.0.0.3", listen_port=free_port("127.0.0.3"),
+                                  fingerprint=AGENT_FINGERPRINT, download_connections=2))
+    await leecher.start()
+    pki.admit(leecher, keys.key, "node-3")
+    try:
+        for s in seeds:
+            s.add(meta, seed_dir, seed=True)
+        async with asyncio.timeout(30):
+            while await _seeders(tracker.port, meta) < len(seeds):
+                for s in seeds:
+                    job = s.job(meta.digest.hex)
+                    assert job is not None
+                    s.force_reannounce(job)
+                await asyncio.sleep(0.2)
+        (tmp_path / "leech").mkdir()
+        job = leecher.add(meta, tmp_path / "leech", seed=False)
+        assert job.handle.status().connections_limit == 2
+        peak = 0
+        async with asyncio.timeout(60):
+            while not job.finished.is_set():
+                peak = max(peak, job.handle.status().num_peers)
+                if job.have_count == 0:
+                    leecher.force_reannounce(job)
+                await job.wait_change(0.2)
+        await job.flush()
+        assert await asyncio.to_thread(sha256_file, tmp_path / "leech" / meta.digest.hex, meta.digest) == meta.digest
+        assert 1 <= peak <= 2
+        assert job.handle.status().connections_limit == -1  # a seed now (libtorrent shows no limit as -1)
+        waiting = leecher.add(stuck, tmp_path / "leech", seed=False)
+        assert waiting.handle.status().connections_limit == 2
+        leecher.ask_for_origin(waiting)
+        assert waiting.handle.status().connections_limit == -1
+    finally:
+        await leecher.stop()
+        for s in seeds:
+            await s.stop()
