@@ -97,6 +97,9 @@ class Known2(Generic[M, L, L2]):
 # libtorrent session_stats counters exported as-is (they are monotonic in the session).
 _SWARM_COUNTERS = {
     "net.recv_payload_bytes": ("swarm_received_payload_bytes", "Payload bytes received from peers"),
+    "net.recv_redundant_bytes": ("swarm_received_redundant_bytes",
+                                 "Payload bytes received that were had or asked of another peer already (end game, "
+                                 "cancelled requests): a share of received_payload"),
     "net.sent_payload_bytes": ("swarm_sent_payload_bytes", "Payload bytes sent to peers"),
     "net.recv_bytes": ("swarm_received_bytes", "All bytes received on peer connections"),
     "net.sent_bytes": ("swarm_sent_bytes", "All bytes sent on peer connections"),

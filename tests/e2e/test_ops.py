@@ -114,6 +114,7 @@ def test_health_readiness_and_metrics(stack: Stack, images: Images, workdir: Pat
     assert agent.metric("shoal_agent_download_seconds_count", source="peers") >= 1
     assert agent.metric("shoal_agent_swarm_peers_connected") >= 0
     assert agent.metric("shoal_agent_swarm_received_payload_bytes_total") > 0
+    assert series(m, "shoal_agent_swarm_received_redundant_bytes_total")  # (0 or more: exported)
     assert agent.metric("shoal_agent_cache_bytes") == image.total_blob_bytes
     assert series(m, "shoal_agent_requests_total")
     assert stack.origin is not None and stack.tracker is not None
