@@ -21,7 +21,7 @@ from yarl import URL
 
 from shoal import errors
 from shoal.oci import Digest, parse_manifest_reference, validate_name
-from shoal.registry import Response
+from shoal.registry import Authorization, Response
 from shoal.store import BlobStore
 from shoal_agent.authz import Authorizer, Credential
 from shoal_agent.config import AuthSettings
@@ -319,16 +319,20 @@ class MirrorApi:
             return await send_blob(request, digest, size, _Empty())
         download = self.fetcher.get(up, name, digest, size, authorization=cred.upstream_auth)
         await download.chosen.wait()  # bounded by the download's own deadlines
-        if _refused(download) and (download.repo, download.authorization) != (name, cred.upstream_auth):
-            # The download this request joined ran with the first puller's credential and
-            # repository, and the registry refused those (revoked since its yes, say): not this
-            # client's, which it has just authorized. Once, with its own.
+        mine = (up.name, name, cred.upstream_auth)
+        for _ in range(REFUSED_RETRIES):
+            if not _refused(download) or _fetched_with(download) == mine:
+                break
+            # The download this request joined ran with another puller's credential, repository
+            # or registry, and the registry refused those (revoked since its yes, say): not this
+            # client's, which it has just authorized. Again, joining whichever download waiters
+            # started meanwhile (itself refused, it may be another refused puller's).
             download = self.fetcher.get(up, name, digest, size, authorization=cred.upstream_auth,
                                         instead_of=download)
             await download.chosen.wait()
         audit.source = download.source
         if download.error is not None and download.done.is_set():
-            if _refused(download):
+            if _refused(download) and _fetched_with(download) == mine:
                 # the registry's no to this very credential outlives the yes the cache holds
                 self.authorizer.forget(up, cred, name, digest)
             raise download.error  # it ended without the blob (what streaming it would say too)
@@ -361,9 +365,20 @@ class MirrorApi:
         return count
 
 
+# Downloads refused for other pullers' credentials a request moves on from before it gives up:
+# each one it joined was started by a waiter with other credentials (bounded by the pullers who
+# joined, and by each refusal costing the registry one GET).
+REFUSED_RETRIES = 3
+
+
 def _refused(download: Download) -> bool:
     """Whether `download` ended because the registry refused its credential or repository."""
     return download.done.is_set() and isinstance(download.error, errors.CredentialRefused | errors.NotFound)
+
+
+def _fetched_with(download: Download) -> tuple[str, str, Authorization]:
+    """(registry, repository, credential) a download asked the registry with."""
+    return download.upstream.name, download.repo, download.authorization
 
 
 class _Cached:

@@ -380,7 +380,8 @@ class RegistryClient:
             expected = 206 if offset else 200
             if resp.status == 404:
                 raise errors.NotFound(errors.BLOB_UNKNOWN, detail=str(digest))
-            if resp.status in (401, 403):
+            if resp.status in (401, 403) and resp.url.origin() == self.base.origin():
+                # (the registry's own no; object storage it redirected to answers for its URL)
                 raise errors.CredentialRefused(f"registry answered {resp.status} for blob GET")
             if resp.status != expected:
                 raise errors.UpstreamError(f"registry answered {resp.status} for blob GET")

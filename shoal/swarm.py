@@ -98,6 +98,11 @@ GUARD_EVERY = 5  # recounts between two looks at the seeder's unchoked peers (sh
 HEAD_PIECE_PRIORITY = 7
 # libtorrent's own "no limit" for a torrent's connections (its Python binding refuses 0 and -1)
 NO_CONNECTION_LIMIT = (1 << 24) - 1
+# A download connects with SwarmSettings.download_connections peers for this long at most: peers
+# that send a piece every few seconds hold its slots without ever stalling it (a 1 MiB blob from
+# two peers at 24 KiB/s took 23 s instead of 2 with another peer there, outside the slots), and
+# libtorrent turns no peer over below 6 connections. Longer than the rollouts of section 27.
+PEER_LIMIT_SECONDS = 30.0
 # Time given at shutdown for "stopped" announces to reach the tracker.
 STOP_GRACE = 0.3
 # How long libtorrent may take to open its listen sockets at start (it takes milliseconds).
@@ -258,6 +263,8 @@ class TorrentJob:
         self.meta = meta
         self.grant: Grant | None = None  # its own, else the session's default (Swarm.set_default_grant)
         self.stalled = False  # its announces ask for the origins' seeders (Swarm.ask_for_origin)
+        # While it connects with few peers (SwarmSettings.download_connections): until when
+        self.limited_until: float | None = None
         # Trackers (their URLs without the query: the token changes at renewals) whose last
         # announce got no answer at all (a refusal is not this)
         self.unreachable_trackers: set[str] = set()
@@ -622,18 +629,22 @@ class Swarm:
         if seed:
             atp.have_pieces = [True] * meta.num_pieces
             atp.verified_pieces = [True] * meta.num_pieces
-        elif self.settings.download_connections and not self._seeder:
+        limited = not seed and not self._seeder and self.settings.download_connections > 0
+        if limited:
             # A few peers per download, not every node in the swarm. libtorrent's end game (no
             # piece left unrequested: each idle connection asks for a block another peer is
             # already sending) made every node of a 16-node create receive 1.23-1.36x the image,
             # with as many connections as nodes; with 4, 1.02-1.05x, and the last node done
             # about 25 % sooner (bench/RESULTS.md section 27). Lifted once the blob is complete
-            # (a seed takes whoever asks) or the download stalls (ask_for_origin).
+            # (a seed takes whoever asks) or the download stalls (ask_for_origin), and after
+            # PEER_LIMIT_SECONDS whatever it does.
             atp.max_connections = self.settings.download_connections
         handle = self.session.add_torrent(atp)
         if used is not None:
             self._present(handle, used)
         job = TorrentJob(self, handle, meta, complete=seed)
+        if limited:
+            job.limited_until = time.monotonic() + PEER_LIMIT_SECONDS
         job.grant = grant
         self._jobs[name] = job
         self._had_torrents = True
@@ -681,11 +692,17 @@ class Swarm:
         if job.stalled:
             return
         job.stalled = True
-        job.handle.set_max_connections(NO_CONNECTION_LIMIT)  # the origin's seeder must find room
+        self._lift_peer_limit(job)  # the origin's seeder must find room
         grant = job.grant or self._default
         if grant is not None:  # (without one it talks to no one; the grant's trackers will ask)
             self._trackers(job, grant)
             self.force_reannounce(job)
+
+    @staticmethod
+    def _lift_peer_limit(job: TorrentJob) -> None:
+        if job.limited_until is not None:
+            job.limited_until = None
+            job.handle.set_max_connections(NO_CONNECTION_LIMIT)
 
     def _use(self, job: TorrentJob, grant: Grant, *, announce: bool) -> None:
         self._present(job.handle, grant)
@@ -811,8 +828,7 @@ class Swarm:
             err = alert.error.message() if alert.error.value() else None
             job._on_read(alert.piece, bytes(alert.buffer) if err is None else b"", err)
         elif isinstance(alert, lt.torrent_finished_alert):
-            if self.settings.download_connections:
-                job.handle.set_max_connections(NO_CONNECTION_LIMIT)  # a seed now (see add)
+            self._lift_peer_limit(job)  # a seed now (see add)
             job._on_finished()
         elif isinstance(alert, lt.hash_failed_alert):
             job._on_hash_failed(alert.piece_index)
@@ -944,5 +960,9 @@ class Swarm:
     async def _poll_stats(self) -> None:
         while True:
             await asyncio.sleep(2)
+            now = time.monotonic()
+            for job in self._jobs.values():
+                if job.limited_until is not None and now >= job.limited_until:
+                    self._lift_peer_limit(job)
             if self._session is not None:
                 self._session.post_session_stats()

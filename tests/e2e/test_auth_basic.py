@@ -149,6 +149,59 @@ def test_a_refused_first_puller_does_not_fail_those_who_joined_its_download(own_
         proxy.close()
 
 
+def test_a_puller_behind_two_refused_downloads_gets_the_blob_and_keeps_its_yes(own_registry: Registry,
+                                                                               tmp_path: Path) -> None:
+    """The refused first puller's second request (another repository) joins the download before
+    bob does: when the first download is refused, that request starts the next one, bob joins
+    it, and it is refused too. bob moves on to a download of his own (found by an outsider's
+    attack: bob got the 503 and lost his cached yes, though the registry never refused him)."""
+    image = build_image(tmp_path / "img", tag="v1", layer_sizes=[2 << 20], seed=44)
+    for repo in ("private/app", "private/app2"):
+        push(image, registry=own_registry.host, repo=repo, user="pusher", password="pusher-1")
+    proxy = FlakyRegistry(own_registry.host)
+    stack = Stack(tmp_path / "stack", own_registry, node_user=("x", "x"), seeder_user=("seeder", "seeder-1"))
+    try:
+        agent = challenge_agent(stack, url=proxy.url, decision_ttl="300s")
+        blob = max(image.blobs.values(), key=lambda b: b.size)
+        app, app2 = f"/v2/private/app/blobs/{blob.digest}", f"/v2/private/app2/blobs/{blob.digest}"
+        alice = {"Authorization": basic("alice", "alice-1")}
+        bob = {"Authorization": basic("bob", "bob-1")}
+        for path, who in ((app, alice), (app2, alice), (app, bob)):
+            assert get(agent, path, who, method="HEAD")[0] == 200  # yeses the agent now holds
+        own_registry.set_users({k: v for k, v in REGISTRY_USERS.items() if k != "alice"})
+        own_registry.restart()
+        held, release = proxy.hold_next_get(f"/blobs/{blob.digest}")
+        answers: dict[str, tuple[int, dict[str, str], bytes]] = {}
+
+        def pull(who: str, path: str, headers: dict[str, str]) -> threading.Thread:
+            misses = agent.metric("shoal_agent_cache_misses_total")
+            thread = threading.Thread(target=lambda: answers.__setitem__(who, get(agent, path, headers)))
+            thread.start()
+            # (the miss is counted right before the request joins the download, with no wait between)
+            wait_for(lambda: agent.metric("shoal_agent_cache_misses_total") > misses, timeout=30)
+            return thread
+
+        first = pull("alice", app, alice)
+        assert held.wait(30), "alice's download did not reach the registry"
+        threads = [first, pull("alice2", app2, alice), pull("bob", app, bob)]
+        release.set()
+        for thread in threads:
+            thread.join(90)
+        status, _, body = answers["bob"]
+        assert status == 200
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
+        assert answers["alice"][0] == answers["alice2"][0] == 503
+        # bob's yes is still the agent's: his next pull asks the registry nothing
+        heads = agent.metric("shoal_agent_registry_requests_total", kind="blob_head")
+        status, _, body = get(agent, app, bob)
+        assert status == 200
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
+        assert agent.metric("shoal_agent_registry_requests_total", kind="blob_head") == heads
+    finally:
+        stack.close()
+        proxy.close()
+
+
 def test_registry_unreachable_strict_and_availability(stack: Stack, registry: Registry, images: Images) -> None:
     image = images.app()
     proxy = CuttableProxy("127.0.0.1", registry.port)

@@ -16,6 +16,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from shoal import announcing, bencode, metainfo, peercerts, protocol, signing
+from shoal import swarm as swarm_module
 from shoal.oci import Digest
 from shoal.store import sha256_file
 from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Grant, Swarm, SwarmSettings
@@ -310,13 +311,17 @@ async def test_a_seeder_is_listed_again_soon_after_a_tracker_outage(tmp_path: Pa
 
 
 async def test_a_download_keeps_a_few_peers_and_a_seed_takes_any(tmp_path: Path, tracker: TestServer,
-                                                                  keys: Keys) -> None:
+                                                                  keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
     """A download connects with `download_connections` peers at most (libtorrent's end game had
     every idle connection ask for blocks others were sending: the more peers, the more bytes
-    received twice); the limit goes once the blob is complete, or once the download stalls and
-    asks for the origin's seeder, which must then find room."""
-    meta, seed_dir = await _registered_blob(tmp_path, tracker.port, keys, 31)
-    stuck, _ = await _registered_blob(tmp_path, tracker.port, keys, 32)  # nobody seeds it
+    received twice); the limit goes once the blob is complete, once the download stalls and
+    asks for the origin's seeder (which must then find room), and after PEER_LIMIT_SECONDS
+    whatever happens (slow peers in its slots would never make it stall)."""
+    port = tracker.port
+    assert port is not None
+    meta, seed_dir = await _registered_blob(tmp_path, port, keys, 31)
+    stuck, _ = await _registered_blob(tmp_path, port, keys, 32)  # nobody seeds it
+    slow, _ = await _registered_blob(tmp_path, port, keys, 33)  # nor this one
     seeds = [await start_swarm(f"127.0.0.{i}", AGENT_FINGERPRINT, keys, f"node-{i}") for i in (4, 5, 6)]
     leecher = Swarm(SwarmSettings(listen_ip="127.0.0.3", listen_port=free_port("127.0.0.3"),
                                   fingerprint=AGENT_FINGERPRINT, download_connections=2))
@@ -326,7 +331,7 @@ async def test_a_download_keeps_a_few_peers_and_a_seed_takes_any(tmp_path: Path,
         for s in seeds:
             s.add(meta, seed_dir, seed=True)
         async with asyncio.timeout(30):
-            while await _seeders(tracker.port, meta) < len(seeds):
+            while await _seeders(port, meta) < len(seeds):
                 for s in seeds:
                     job = s.job(meta.digest.hex)
                     assert job is not None
@@ -350,6 +355,12 @@ async def test_a_download_keeps_a_few_peers_and_a_seed_takes_any(tmp_path: Path,
         assert waiting.handle.status().connections_limit == 2
         leecher.ask_for_origin(waiting)
         assert waiting.handle.status().connections_limit == -1
+        monkeypatch.setattr(swarm_module, "PEER_LIMIT_SECONDS", 1.0)
+        timed = leecher.add(slow, tmp_path / "leech", seed=False)
+        assert timed.handle.status().connections_limit == 2
+        async with asyncio.timeout(15):  # (the limits are looked at every 2 s)
+            while timed.handle.status().connections_limit != -1:
+                await timed.wait_change(0.2)
     finally:
         await leecher.stop()
         for s in seeds:
