@@ -116,3 +116,31 @@ async def test_a_whole_reader_holds_back_the_last_chunk_until_the_digest_matches
     assert 0 < len(got) < len(BLOB) and bytes(got) == wrong[: len(got)]
     partial.write_bytes(BLOB)  # the right bytes go out whole
     assert hashlib.sha256(await read_all(download)).hexdigest() == DIGEST.hex
+
+
+async def test_only_the_registrys_own_refusal_is_a_refused_credential(fake: FakeServer) -> None:
+    """A 401 or 403 from the registry to a blob GET refuses the puller's credential: pullers who
+    joined its download fetch with theirs, and the refused yes is dropped (agent/api.py). A 403
+    from object storage the registry redirected to (a signed URL that expired) refuses nobody."""
+    storage = FakeServer("127.0.0.1")  # named "localhost" below: another origin than the registry
+    try:
+        storage.routes[("GET", "/bucket/blob")] = Canned(403, {}, b"<Error>AccessDenied</Error>")
+        async with aiohttp.ClientSession() as http:
+            client = RegistryClient(http, fake.url, credentials=None, user_agent="t", retry_budget=0,
+                                    redirect_hosts=["localhost"])
+
+            async def fetch() -> None:
+                async for _ in client.stream_blob("private/app", DIGEST, authorization="Basic YTpi"):
+                    pass
+
+            for status in (401, 403):
+                fake.routes[("GET", PATH)] = Canned(status, {}, b'{"errors":[]}')
+                with pytest.raises(errors.CredentialRefused):
+                    await fetch()
+            fake.routes[("GET", PATH)] = Canned(307, {"Location": f"http://localhost:{storage.port}/bucket/blob?s=x"})
+            with pytest.raises(errors.UpstreamError) as caught:
+                await fetch()
+            assert not isinstance(caught.value, errors.CredentialRefused)
+            assert storage.seen  # (the redirect was followed)
+    finally:
+        storage.close()
