@@ -29,12 +29,14 @@ ACCEPT = ", ".join(["application/vnd.oci.image.index.v1+json", "application/vnd.
 
 def pull(endpoint: str, image: str, concurrency: int, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Blocking sockets in threads, not an event loop: a host's link paced by tc delivers a packet
-    at a time, and an asyncio client woke its loop for each (16 of them took 60 % of a core at
-    2.5 MB/s a host, CPU the emulated nodes then lacked); a thread blocked in recv costs a few
-    microseconds a packet, as containerd's Go client does."""
+    at a time, and an asyncio client woke its loop for each (16 of them took 0.13 of a core in
+    the pull of a 16-host create at 2.5 MB/s a host, CPU the emulated nodes lacked; 0.06 in
+    threads, bench/RESULTS.md section 27): a thread blocked in recv costs a few microseconds a
+    packet, as containerd's Go client does."""
     url = urlsplit(endpoint)
     host, port = url.hostname or "", url.port or 80
     repo, _, tag = image.rpartition(":")
+    v2 = f"{url.path.rstrip('/')}/v2/{repo}"
 
     def get(path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection(host, port, timeout=120)
@@ -45,13 +47,13 @@ def pull(endpoint: str, image: str, concurrency: int, skip: frozenset[str] = fro
         finally:
             conn.close()
 
-    status, body = get(f"{url.path.rstrip('/')}/v2/{repo}/manifests/{tag}", {"Accept": ACCEPT})
+    status, body = get(f"{v2}/manifests/{tag}", {"Accept": ACCEPT})
     if status != 200:  # reported as such, not as the KeyError a body of errors would give
         return {"bytes": 0, "errors": [f"manifest {tag}: status {status}: {body[:200]!r}"]}
     manifest = json.loads(body)
     if "manifests" in manifest:
         child = manifest["manifests"][0]["digest"]
-        _, body = get(f"{url.path.rstrip('/')}/v2/{repo}/manifests/{child}", {"Accept": ACCEPT})
+        _, body = get(f"{v2}/manifests/{child}", {"Accept": ACCEPT})
         manifest = json.loads(body)
     blobs = [d for d in [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
              if d not in skip]
@@ -59,7 +61,7 @@ def pull(endpoint: str, image: str, concurrency: int, skip: frozenset[str] = fro
     def fetch(digest: str) -> tuple[int, str | None]:
         conn = http.client.HTTPConnection(host, port, timeout=120)
         try:
-            conn.request("GET", f"{url.path.rstrip('/')}/v2/{repo}/blobs/{digest}")
+            conn.request("GET", f"{v2}/blobs/{digest}")
             r = conn.getresponse()
             h = hashlib.sha256()
             received = 0
