@@ -36,9 +36,9 @@ def parser() -> argparse.ArgumentParser:
                          "NAME= sets how clients name it (without it: the URL's host[:port])")
     up.add_argument("--name", help="how clients name the registry, with one --upstream (or use NAME=URL)")
     up.add_argument("--username", action="append", default=[],
-                    help="registry user for the node and the origin seeder: once per --upstream, in the same "
-                         "order (each registry gets only its own login; '-' for one that needs none); "
-                         "needs --password-file")
+                    help="registry user the origin seeder fetches with (and the agent, for pulls without "
+                         "credentials, with --unauthenticated node): once per --upstream, in the same order "
+                         "(each registry gets only its own login; '-' for one that needs none); needs --password-file")
     up.add_argument("--password-file", action="append", default=[],
                     help="file holding that user's password (as often as --username, which it needs)")
     up.add_argument("--data-dir", help="state directory (without it: $XDG_DATA_HOME/shoal, else "

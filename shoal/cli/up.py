@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,20 @@ from shoal.redaction import redact
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "shoal"
+
+
+def program(name: str) -> str:
+    """How a shell runs the sibling command `name` for the banner's copy-and-paste lines: the bare
+    name when PATH finds this installation's, else its path (bin/shoal runs .venv/bin/shoal, whose
+    directory a newcomer's PATH does not hold)."""
+    here = Path(sys.argv[0])
+    if here.name != "shoal":  # `python -m shoal.cli`: no installed script to point at
+        return name
+    sibling = here.resolve().parent / name
+    found = shutil.which(name)
+    if (found and Path(found).resolve() == sibling) or not sibling.exists():
+        return name
+    return str(sibling)
 
 
 def _upstreams(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -234,6 +249,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         operator_token = data / "keys" / "operator.token"
         anonymous = ("use the node credentials" if args.unauthenticated == "node"
                      else "get the registry's challenge (ctr --user, podman login)")
+        shoal = program("shoal")
         served = "\n".join(f"  {u['url']} (clients call it {u['name']})" for u in upstreams)
         if args.containerd_hosts_dir:
             containerd = "".join(f"containerd: the agent keeps {args.containerd_hosts_dir}/{u['name']}/hosts.toml "
@@ -251,17 +267,18 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"  mirror  http://{args.listen}   tracker http://{args.tracker_listen}   "
               f"origin http://{args.origin_listen}\n"
               f"  data    {data}\n\n" + containerd +
-              f"pre-seed:  shoal seed --origin http://{args.origin_listen} "
+              f"pre-seed:  {shoal} seed --origin http://{args.origin_listen} "
               f"--token-file {operator_token} {upstreams[0]['name']}/REPO:TAG\n"
               + (f"on push:   the registry's notifications endpoint: url http://{args.origin_listen}"
                  f"{protocol.NOTIFICATIONS.path()}, headers Authorization: [\"Bearer <the content of {data / 'keys'}"
                  "/notification.token>\"] (README \"Pre-seed on push\")\n" if args.seed_on_push else "") +
-              f"audit:     shoal audit --origin http://{args.origin_listen} --token-file {operator_token}\n"
-              f"status:    shoal status --agent http://{args.listen} --origin http://{args.origin_listen} "
+              f"audit:     {shoal} audit --origin http://{args.origin_listen} --token-file {operator_token}\n"
+              f"status:    {shoal} status --agent http://{args.listen} --origin http://{args.origin_listen} "
               f"--tracker http://{args.tracker_listen}\n"
-              f"           (a local admin operator; add others: shoal-origin add-operator NAME --roles seed "
+              f"           (a local admin operator; add others: {program('shoal-origin')} add-operator NAME "
+              "--roles seed "
               f"--operators {data / 'keys' / 'operators.json'}"
-              + (f", or sign in as {', '.join(args.operator)}: shoal seed --user USER ..." if args.operator else
+              + (f", or sign in as {', '.join(args.operator)}: {shoal} seed --user USER ..." if args.operator else
                  "; or let registry users sign in: --operator USER=ROLES") + ")\n"
               f"auth: pulls without credentials {anonymous}\n"
               "Ctrl-C stops all three.", flush=True)

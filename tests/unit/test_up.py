@@ -106,3 +106,22 @@ def test_an_upstream_whose_password_holds_a_slash_is_refused_without_echoing_it(
         up.up_configs(bad, tmp_path / "d")
     assert "s3cret-pw" not in str(exc.value)
     assert "--upstream" in str(exc.value)
+
+
+def test_the_banner_names_commands_a_shell_can_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    for name in ("shoal", "shoal-origin"):
+        (venv_bin / name).write_text("#!/bin/sh\n")
+        (venv_bin / name).chmod(0o755)
+    monkeypatch.setattr("sys.argv", [str(venv_bin / "shoal"), "up"])
+    # bin/shoal runs .venv/bin/shoal, which is not on PATH: the banner gives the path
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert up.program("shoal") == str(venv_bin / "shoal")
+    assert up.program("shoal-origin") == str(venv_bin / "shoal-origin")
+    # an activated virtualenv (or a system install) finds its own: the bare name
+    monkeypatch.setenv("PATH", f"{venv_bin}:/usr/bin:/bin")
+    assert up.program("shoal-origin") == "shoal-origin"
+    # run as `python -m shoal.cli`, there is no script to point at
+    monkeypatch.setattr("sys.argv", ["/x/shoal/cli/__main__.py", "up"])
+    assert up.program("shoal") == "shoal"
