@@ -1,4 +1,5 @@
-"""`--slow` adds the long checks (the soak) to the run; CI runs with it (.ci/run)."""
+"""`--slow` adds the long checks (the soak, and scenarios that wait out real timeouts) to the run;
+CI runs with it (.ci/run). Marked `@pytest.mark.slow`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ pytest_plugins = ["tests.support.postgres"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--slow", action="store_true", help="also run the slow checks (soak); CI does")
+    parser.addoption("--slow", action="store_true", help="also run the slow checks (soak, long faults); CI does")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from shoal import protocol
 from tests.e2e.conftest import Images
 from tests.support.postgres import Database, Postgres
@@ -75,6 +77,7 @@ def insert_waiting(db: Database, application: str) -> bool:
         return row is not None and row[0] > 0
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 def test_two_origins_one_postgresql_a_collector_killed_mid_batch(stack: Stack, images: Images,
                                                                  postgres: Postgres, pg_database: Database) -> None:
     image = images.app()

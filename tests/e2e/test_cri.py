@@ -137,6 +137,7 @@ def test_kubelet_credentials_bound_to_the_registry_skip_the_agent(stack: Stack, 
     assert set(got) == set(image.blobs)
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 def test_cri_pull_time_through_the_agent_and_straight(stack: Stack, registry: Registry, images: Images,
                                                       cri: tuple[Containerd, ImageService]) -> None:
     """Measured (printed with -s): CRI pulls of the test image through a cold agent (its blobs

@@ -83,7 +83,8 @@ def test_docker_hub_mirror_with_node_credentials(stack: Stack, images: Images, d
     assert {e["ns"] for e in events} == {"docker.io"}
 
 
-@pytest.mark.parametrize("failure", ["stopped", "hung"])
+# hung: docker waits out its own timeout before it falls back
+@pytest.mark.parametrize("failure", ["stopped", pytest.param("hung", marks=pytest.mark.slow)])
 def test_docker_falls_back_to_docker_hub_once_when_the_mirror_fails(stack: Stack, images: Images, docker: Dockerd,
                                                                     failure: str) -> None:
     """A mirror that refuses connections (agent stopped) or accepts them and never answers

@@ -8,6 +8,8 @@ import json
 import socket
 from pathlib import Path
 
+import pytest
+
 from shoal import protocol
 from tests.e2e.conftest import Images
 from tests.support import api
@@ -70,6 +72,7 @@ def test_origin_stopped_before_seeding(stack: Stack, registry: Registry, images:
     assert agent.metric("shoal_agent_fallbacks_total", reason="origin_unreachable") == len(image.blobs)
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 def test_a_swarm_that_delivers_nothing(stack: Stack, registry: Registry, images: Images, workdir: Path) -> None:
     """The origin admits the node and the tracker lists the seeder, which sends (almost) nothing:
     the agent gives up after first_piece_timeout and fetches from the registry."""

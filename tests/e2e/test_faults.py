@@ -342,6 +342,7 @@ def test_disk_full(stack: Stack, registry: Registry, images: Images) -> None:
         subprocess.run(["umount", "-l", str(cache)], check=False)
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 def test_registry_429_and_5xx(stack: Stack, registry: Registry, images: Images) -> None:
     image = images.app()
     small = next(b for b in image.blobs.values() if b.size < MIB)
@@ -371,6 +372,7 @@ def test_registry_429_and_5xx(stack: Stack, registry: Registry, images: Images) 
 KILL_ROUNDS = int(os.environ.get("SHOAL_KILL_ROUNDS", "4"))
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 def test_sigkill_at_random_points(stack: Stack, images: Images) -> None:
     """Repeatedly: clients pulling, the agent killed with SIGKILL at a random moment, restarted.
     Afterwards every cached blob hashes to its digest, every complete response was right, and

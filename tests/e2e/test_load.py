@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import quote_from_bytes
 
 import aiohttp
+import pytest
 
 from shoal import bencode, metainfo, peercerts, protocol, signing
 from shoal.oci import Digest
@@ -75,6 +76,7 @@ async def hammer(agent: Component, targets: list[tuple[str, str]], seconds: floa
     return done, errors, peak
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 def test_64_clients_cold_then_cached(stack: Stack, images: Images) -> None:
     apps = [images.app(), images.multi(),
             images.get("private/evict-a", layers=[30 << 20, 5 << 20, 100_000], seed=21)]
@@ -102,6 +104,7 @@ def test_64_clients_cold_then_cached(stack: Stack, images: Images) -> None:
           f"agent RSS {before >> 20} MiB at start, peak {max(cold_peak, warm_peak) >> 20} MiB")
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 def test_tracker_under_sustained_announce_load(stack: Stack, tmp_path: Path) -> None:
     # 500 emulated peers announce from one address: lift the per-address cap for them
     tracker = stack.start_tracker(log={"level": "info"}, max_peers_per_address=1000)

@@ -106,6 +106,7 @@ def egress(pulls: list[Pull], registry: Registry) -> dict[str, int]:
     return registry.blob_gets(pulls)
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 def test_owner_killed_before_the_rollout(trio: Stack, registry: Registry, images: Images, workdir: Path) -> None:
     repo = "private/owners-before"
     image = images.get(repo, layers=[24 * MIB + 11, 6 * MIB, 200_000], seed=151)
@@ -126,6 +127,7 @@ def test_owner_killed_before_the_rollout(trio: Stack, registry: Registry, images
     assert sum(a.metric("shoal_agent_origin_failovers_total") for a in agents) >= len(agents)
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 def test_owner_killed_during_the_rollout(trio: Stack, registry: Registry, images: Images, workdir: Path) -> None:
     repo = "private/owners-during"
     image = images.get(repo, layers=[24 * MIB + 13, 200_000], seed=152)
@@ -158,6 +160,7 @@ def test_owner_killed_during_the_rollout(trio: Stack, registry: Registry, images
     assert_from_the_swarm(trio, agents, image)
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 def test_preseeded_images_stay_seeded_when_an_owner_dies(trio: Stack, registry: Registry, images: Images,
                                                          workdir: Path) -> None:
     repo = "private/owners-seeded"

@@ -14,6 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from shoal import peercerts, protocol
 from shoal.registry import Credentials
 from tests.e2e.conftest import Images
@@ -213,6 +215,7 @@ def _established(local_port: int, remote_port: int) -> bool:
     return False
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 def test_a_node_that_stops_reading_a_relay_is_dropped(stack: Stack, registry: Registry, images: Images) -> None:
     """A node that takes a relay and never reads it: once the relay's write times out the origin
     drops the connection, and what it had buffered for it. (Left open, aiohttp's end of the

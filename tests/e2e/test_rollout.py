@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote_from_bytes
 
+import pytest
+
 from shoal import announcing, bencode, metainfo, protocol
 from tests.e2e.conftest import Images
 from tests.support.clients import skopeo_copy, verify_dir
@@ -79,6 +81,7 @@ def seeders(stack: Stack, digest: str) -> int:
     return complete
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 def test_seeders_stay_listed_long_after_a_pull(stack: Stack, registry: Registry, images: Images,
                                                workdir: Path) -> None:
     """A node pulling long after another (or after `shoal seed`) still gets every large blob from

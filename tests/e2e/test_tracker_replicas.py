@@ -8,6 +8,8 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from shoal import protocol
 from shoal.metainfo import Metainfo
 from shoal.swarm import SwarmSettings
@@ -58,6 +60,7 @@ def from_the_swarm(agent: Component) -> None:
     assert agent.metric("shoal_agent_fallbacks_total") == 0
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 def test_a_replica_lost_and_redis_restarted_mid_rollout(stack: Stack, registry: Registry, images: Images,
                                                         tmp_path: Path) -> None:
     redis = RedisServer(tmp_path / "redis").start()

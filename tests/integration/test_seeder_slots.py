@@ -106,6 +106,7 @@ async def test_every_swarm_gets_its_own_slots(tmp_path: Path, tracker: TestServe
         await seeder.stop()
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 async def test_peers_that_hold_slots_and_do_not_read_are_dropped_for_a_while(
         tmp_path: Path, tracker: TestServer, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
     """attack20 #3: libtorrent's round robin keeps a peer unchoked while it took more in the last

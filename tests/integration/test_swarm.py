@@ -274,6 +274,7 @@ async def test_seeders_announce_at_the_trackers_interval(tmp_path: Path, tracker
         await seeder.stop()
 
 
+@pytest.mark.slow  # long by nature: run with --slow (CI does)
 async def test_a_seeder_is_listed_again_soon_after_a_tracker_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  keys: Keys) -> None:
     """Failed announces are retried on shoal's bounded schedule: after two failures libtorrent
