@@ -226,6 +226,15 @@ class SwarmSettings:
             "max_queued_disk_bytes": 16 << 20,
             "file_pool_size": 500,
         }
+        if self.fingerprint != SEEDER_FINGERPRINT:
+            # A node that completes a blob waits for peers to come to it. Connecting out, every
+            # node finishing a rollout opened TLS connections to every other: to seeds that
+            # dropped them at once (both complete), and to downloaders that refused them after
+            # the handshake (full at download_connections). At N = 32 that was 950 outgoing and
+            # 1,450 incoming handshakes on two cores, just as the last nodes were hashing their
+            # blobs: 3.7-4.2x S/B, against 3.15x without them (bench/RESULTS.md §28). Nodes
+            # reach each other directly (no NAT between them), and downloaders connect out.
+            settings["seeding_outgoing_connections"] = False
         if self.fingerprint == SEEDER_FINGERPRINT:
             settings.update(SEEDER_CHOKING)
             # Its IP filter holds the peers it bans (shoal/slowpeers.py), which must not cut it

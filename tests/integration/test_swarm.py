@@ -341,6 +341,8 @@ async def test_a_download_keeps_a_few_peers_and_a_seed_takes_any(tmp_path: Path,
         (tmp_path / "leech").mkdir()
         job = leecher.add(meta, tmp_path / "leech", seed=False)
         assert job.handle.status().connections_limit == 2
+        # once complete it takes any peer that comes, and goes to none (RESULTS.md §28)
+        assert leecher.session.get_settings()["seeding_outgoing_connections"] is False
         peak = 0
         async with asyncio.timeout(60):
             while not job.finished.is_set():

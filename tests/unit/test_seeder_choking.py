@@ -37,6 +37,14 @@ def test_agents_unchoke_every_peer() -> None:
 
 def test_an_operator_setting_wins() -> None:
     assert settings(SEEDER_FINGERPRINT, unchoke_slots_limit=8).pack()["unchoke_slots_limit"] == 8
+    assert settings(AGENT_FINGERPRINT, seeding_outgoing_connections=True).pack()["seeding_outgoing_connections"]
+
+
+def test_a_node_with_a_whole_blob_waits_for_peers_to_connect() -> None:
+    """An agent's complete torrents make no outgoing connections (a rollout's finishing nodes
+    opened TLS connections to every other: bench/RESULTS.md §28); the origin's seeder still does."""
+    assert settings(AGENT_FINGERPRINT).pack()["seeding_outgoing_connections"] is False
+    assert "seeding_outgoing_connections" not in settings(SEEDER_FINGERPRINT).pack()
 
 
 def test_the_running_seeder_session_has_them() -> None:
