@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -45,7 +46,7 @@ def program(name: str) -> str:
     found = shutil.which(name)
     if (found and Path(found).resolve() == sibling) or not sibling.exists():
         return name
-    return str(sibling)
+    return shlex.quote(str(sibling))  # (a checkout path with a space in it)
 
 
 def _upstreams(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -250,6 +251,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         anonymous = ("use the node credentials" if args.unauthenticated == "node"
                      else "get the registry's challenge (ctr --user, podman login)")
         shoal = program("shoal")
+        token_file = shlex.quote(str(operator_token))  # the banner's lines are pasted into a shell
+        operators_file = shlex.quote(str(data / "keys" / "operators.json"))
         served = "\n".join(f"  {u['url']} (clients call it {u['name']})" for u in upstreams)
         if args.containerd_hosts_dir:
             containerd = "".join(f"containerd: the agent keeps {args.containerd_hosts_dir}/{u['name']}/hosts.toml "
@@ -268,16 +271,15 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"origin http://{args.origin_listen}\n"
               f"  data    {data}\n\n" + containerd +
               f"pre-seed:  {shoal} seed --origin http://{args.origin_listen} "
-              f"--token-file {operator_token} {upstreams[0]['name']}/REPO:TAG\n"
+              f"--token-file {token_file} {upstreams[0]['name']}/REPO:TAG\n"
               + (f"on push:   the registry's notifications endpoint: url http://{args.origin_listen}"
                  f"{protocol.NOTIFICATIONS.path()}, headers Authorization: [\"Bearer <the content of {data / 'keys'}"
                  "/notification.token>\"] (README \"Pre-seed on push\")\n" if args.seed_on_push else "") +
-              f"audit:     {shoal} audit --origin http://{args.origin_listen} --token-file {operator_token}\n"
+              f"audit:     {shoal} audit --origin http://{args.origin_listen} --token-file {token_file}\n"
               f"status:    {shoal} status --agent http://{args.listen} --origin http://{args.origin_listen} "
               f"--tracker http://{args.tracker_listen}\n"
               f"           (a local admin operator; add others: {program('shoal-origin')} add-operator NAME "
-              "--roles seed "
-              f"--operators {data / 'keys' / 'operators.json'}"
+              f"--roles seed --repositories '{upstreams[0]['name']}/*' --operators {operators_file}"
               + (f", or sign in as {', '.join(args.operator)}: {shoal} seed --user USER ..." if args.operator else
                  "; or let registry users sign in: --operator USER=ROLES") + ")\n"
               f"auth: pulls without credentials {anonymous}\n"

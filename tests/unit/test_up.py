@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,7 @@ def test_an_upstream_whose_password_holds_a_slash_is_refused_without_echoing_it(
 
 
 def test_the_banner_names_commands_a_shell_can_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin = tmp_path / "my checkout" / ".venv" / "bin"  # a space: the line is pasted into a shell
     venv_bin.mkdir(parents=True)
     for name in ("shoal", "shoal-origin"):
         (venv_bin / name).write_text("#!/bin/sh\n")
@@ -117,8 +118,8 @@ def test_the_banner_names_commands_a_shell_can_run(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr("sys.argv", [str(venv_bin / "shoal"), "up"])
     # bin/shoal runs .venv/bin/shoal, which is not on PATH: the banner gives the path
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    assert up.program("shoal") == str(venv_bin / "shoal")
-    assert up.program("shoal-origin") == str(venv_bin / "shoal-origin")
+    assert up.program("shoal") == f"'{venv_bin / 'shoal'}'"
+    assert shlex.split(up.program("shoal-origin")) == [str(venv_bin / "shoal-origin")]
     # an activated virtualenv (or a system install) finds its own: the bare name
     monkeypatch.setenv("PATH", f"{venv_bin}:/usr/bin:/bin")
     assert up.program("shoal-origin") == "shoal-origin"
