@@ -45,10 +45,22 @@ def has_ipv6_loopback() -> bool:
         return False
 
 
+# Ports free_port has handed out in this process. The kernel may give a closed port to the next
+# bind: two calls in a row once returned one port for a stack's tracker and origin, the origin
+# could not listen, and the tracker answered its readiness check.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(ip: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, and that no earlier call here returned."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError(f"no port on {ip} that was not handed out already (in 200 tries)")
 
 
 def http_get(url: str, *, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
