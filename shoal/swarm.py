@@ -235,7 +235,7 @@ class SwarmSettings:
             # blobs: 3.7-4.2x S/B, against 3.15x without them (bench/RESULTS.md §28). Nodes
             # reach each other directly (no NAT between them), and downloaders connect out.
             settings["seeding_outgoing_connections"] = False
-        if self.fingerprint == SEEDER_FINGERPRINT:
+        else:
             settings.update(SEEDER_CHOKING)
             # Its IP filter holds the peers it bans (shoal/slowpeers.py), which must not cut it
             # off from a tracker at the same address (`shoal up` runs everything on one).
