@@ -123,8 +123,8 @@ def rollout_table(rows: list[dict[str, Any]]) -> list[str]:
               "blobs); \"all done\" of that times the waves (one after the other). registry / seeder / "
               "peers: bytes each source sent, as multiples of that (seeder and peers from NIC counters); "
               "hosts got: bytes the hosts' NICs received over N x that (above 1: bytes sent twice, and headers). "
-              "CPU idle over the run (the share of one-second samples under 20 % idle; the idle over 2 s "
-              "with everything started, before the first pull); a run under "
+              "CPU idle over the run (the share of one-second samples under 20 % idle; the idle with everything "
+              "started and settled, before the first pull); a run under "
               "20 % idle is CPU-bound and does not count toward a target.", ""]
     return lines
 

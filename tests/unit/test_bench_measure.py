@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from bench import rollout
 from bench.report import plot_timeline, rollout_table, targets
-from bench.rollout import RolloutResult, percentile
+from bench.rollout import RolloutResult, percentile, settled_idle
 from bench.sampler import Timeline
 from bench.services import registry_bytes
 
@@ -34,6 +37,24 @@ def test_one_second_windows_find_the_busy_seconds() -> None:
     assert tl.idle_percent() == 42.5
     assert tl.delta("registry") == (8000, 80)
     assert tl.delta("h1") == (400, 7200)
+
+
+def test_the_idle_cost_is_read_once_the_agents_have_settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    # idle % of successive one-second windows: agents still settling, then steady
+    windows = iter([40, 70, 88, 95, 94, 96])
+    jiffies = [0, 0]  # idle, total
+
+    def read() -> tuple[int, int]:
+        return jiffies[0], jiffies[1]
+
+    def elapse(_: float) -> None:
+        jiffies[0] += next(windows)
+        jiffies[1] += 100
+
+    monkeypatch.setattr(rollout, "cpu_jiffies", read)
+    assert settled_idle(sleep=elapse) == 94.5  # not the 40 % of the first window
+    windows = iter([10, 50, 10, 50])
+    assert settled_idle(windows=4, sleep=elapse) == 50  # never settles: the last window, and it stops
 
 
 def test_nearest_rank_percentiles_of_64_hosts() -> None:
