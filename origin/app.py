@@ -12,7 +12,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client.core import CounterMetricFamily
@@ -142,8 +141,10 @@ async def _relay(request: web.Request, relays: Relays, ns: str, digest: Digest) 
         await response.prepare(request)
         sent = await relays.stream(progress, response.write)
         await response.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError, TimeoutError):
-        # the node hung up (it had the metainfo, or gave up) or stopped reading: nothing lost
+    except (ConnectionError, TimeoutError):
+        # the node hung up (it had the metainfo, or gave up) or stopped reading: nothing lost.
+        # (ConnectionError, not only ConnectionResetError: a reset while a write waits for room
+        # comes out of aiohttp as a plain ConnectionError("Connection lost").)
         log.debug("relay of %s to a node ended early", digest)
         if request.transport is not None:
             # Dropped, and what was buffered for it with it: left open, aiohttp's end of the

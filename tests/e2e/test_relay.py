@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import socket
+import struct
 import threading
 from typing import Any
 
@@ -181,3 +183,43 @@ def test_the_relay_is_only_for_the_node_the_ticket_was_given_to(stack: Stack, re
              what="the blob seeded")
     answer = ask_relay(stack, blob.digest, "node-c", node_login)
     assert isinstance(answer, protocol.Admission)
+
+
+def test_a_node_that_resets_the_relay_mid_write_leaves_no_error(stack: Stack, registry: Registry,
+                                                                 images: Images) -> None:
+    """A node stops reading the relay (its swarm delivered) and its connection is reset while the
+    origin waits for room to write: aiohttp then raises a plain ConnectionError("Connection
+    lost"), which once escaped the relay handler as an ERROR and a traceback in the origin's log
+    (seen in test_ops's `shoal up` run). It is a node hanging up, like any other."""
+    image = images.get("private/relay", layers=[12 * MIB + 77], seed=41)
+    blob = max(image.blobs.values(), key=lambda b: b.size)
+    proxy, origin, _agent = cold_stack(stack, registry)
+    node_login = Credentials(stack.node_user, stack.node_password.read_text()).basic()
+    try:
+        proxy.hold_after(3 * MIB)
+        ticket = ask_relay(stack, blob.digest, "node-a", node_login)
+        assert isinstance(ticket, protocol.RelayTicket)
+        host, port = origin.config["listen"].rsplit(":", 1)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # a small window that this client never reads from: the origin's writes fill its send
+        # buffer and wait there, 12 MiB being far more than both buffers hold
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(BOUND)
+        sock.connect((host, int(port)))
+        sock.sendall((f"GET {protocol.RELAY.path(digest=blob.digest)} HTTP/1.1\r\nHost: {host}\r\n"
+                      f"Authorization: Bearer {stack.node_token}\r\n"
+                      f"{protocol.RELAY_TICKET_HEADER}: {ticket.ticket}\r\n\r\n").encode())
+        assert sock.recv(12).startswith(b"HTTP/1.1 200")
+        wait_for(lambda: origin.metric("shoal_origin_relay_streams") == 1, what="the relay to start")
+        proxy.release()
+        # the whole blob at the origin: the relay has more than the buffers take, so it waits to write
+        wait_for(lambda: origin.metric("shoal_origin_seed_requests_total", result="fetched") >= 1,
+                 what="the blob seeded")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, not a FIN
+        wait_for(lambda: origin.metric("shoal_origin_relay_streams") == 0, what="the relay to end")
+    finally:
+        proxy.release()
+        proxy.cut()
+    log = origin.log()
+    assert " ERROR " not in log and "Traceback" not in log, log[-3000:]
