@@ -40,9 +40,9 @@ REGISTRY_IP, CACHE_IP = f"{SUBNET}.0.2", f"{SUBNET}.0.3"
 def settled_idle(window: float = 1.0, windows: int = 12, within: float = 5.0,
                  sleep: Callable[[float], None] = time.sleep) -> float:
     """The machine's CPU idle % once N started agents have settled: one-second windows until two
-    in a row agree within `within` points (at most `windows`), the mean of those two. A single
-    window right after start-up caught agents still settling (49 % idle at N = 64 where the
-    steady state is 94-96 %, RESULTS §29), and a pull started then pays for that too."""
+    in a row agree within `within` points (at most `windows`), the mean of those two. One 2-s
+    window right after start-up once read 49 % idle at N = 64, where the steady state is 90-96 %
+    (RESULTS §29)."""
     last = -100.0
     for _ in range(windows):
         idle0, total0 = cpu_jiffies()
