@@ -200,23 +200,23 @@ def test_a_node_that_resets_the_relay_mid_write_leaves_no_error(stack: Stack, re
         ticket = ask_relay(stack, blob.digest, "node-a", node_login)
         assert isinstance(ticket, protocol.RelayTicket)
         host, port = origin.config["listen"].rsplit(":", 1)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        # a small window that this client never reads from: the origin's writes fill its send
-        # buffer and wait there, 12 MiB being far more than both buffers hold
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(BOUND)
-        sock.connect((host, int(port)))
-        sock.sendall((f"GET {protocol.RELAY.path(digest=blob.digest)} HTTP/1.1\r\nHost: {host}\r\n"
-                      f"Authorization: Bearer {stack.node_token}\r\n"
-                      f"{protocol.RELAY_TICKET_HEADER}: {ticket.ticket}\r\n\r\n").encode())
-        assert sock.recv(12).startswith(b"HTTP/1.1 200")
-        wait_for(lambda: origin.metric("shoal_origin_relay_streams") == 1, what="the relay to start")
-        proxy.release()
-        # the whole blob at the origin: the relay has more than the buffers take, so it waits to write
-        wait_for(lambda: origin.metric("shoal_origin_seed_requests_total", result="fetched") >= 1,
-                 what="the blob seeded")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()  # a reset, not a FIN
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # a small window that this client never reads from: the origin's writes fill its send
+            # buffer and wait there, 12 MiB being far more than both buffers hold
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(BOUND)
+            sock.connect((host, int(port)))
+            sock.sendall((f"GET {protocol.RELAY.path(digest=blob.digest)} HTTP/1.1\r\nHost: {host}\r\n"
+                          f"Authorization: Bearer {stack.node_token}\r\n"
+                          f"{protocol.RELAY_TICKET_HEADER}: {ticket.ticket}\r\n\r\n").encode())
+            assert sock.recv(12).startswith(b"HTTP/1.1 200")
+            wait_for(lambda: origin.metric("shoal_origin_relay_streams") == 1, what="the relay to start")
+            proxy.release()
+            # the whole blob at the origin: the relay has more than the buffers take, so it waits
+            wait_for(lambda: origin.metric("shoal_origin_seed_requests_total", result="fetched") >= 1,
+                     what="the blob seeded")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset, not a FIN
         wait_for(lambda: origin.metric("shoal_origin_relay_streams") == 0, what="the relay to end")
     finally:
         proxy.release()
