@@ -627,8 +627,16 @@ class Swarm:
         used = grant or self._default
         atp.trackers = self.settings.trackers(meta, used.token if used is not None else None)
         atp.tracker_tiers = list(range(len(atp.trackers)))
-        # Assigning flags replaces the defaults, dropping auto_managed|paused: start at once.
+        # Assigning flags replaces the defaults, dropping auto_managed. Paused until the grant's
+        # certificate is in place (below): libtorrent announces as soon as a torrent starts, and
+        # the certificate is set by a later call on its network thread. A tracker on the LAN
+        # answered first often enough: 1-4 of every 16 hosts in a rolling update made their
+        # first connections with no certificate, the peers refused them ("certificate
+        # required"), and libtorrent tried again only at its next tick: 0.3-0.5 s before the
+        # first piece instead of 0.03-0.05 (bench/RESULTS.md section 30).
         atp.flags = lt.torrent_flags.override_trackers
+        if used is not None:
+            atp.flags |= lt.torrent_flags.paused
         if self._seeder:
             # its state updates (_balance_slots), and the bans of peers that hold a slot and do
             # not read (shoal/slowpeers.py)
@@ -651,6 +659,7 @@ class Swarm:
         handle = self.session.add_torrent(atp)
         if used is not None:
             self._present(handle, used)
+            handle.resume()  # after the certificate: both are queued, in order, on libtorrent's thread
         job = TorrentJob(self, handle, meta, complete=seed)
         if limited:
             job.limited_until = time.monotonic() + PEER_LIMIT_SECONDS

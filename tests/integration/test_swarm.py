@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import quote_from_bytes
 
 import aiohttp
+import libtorrent as lt
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -368,3 +369,54 @@ async def test_a_download_keeps_a_few_peers_and_a_seed_takes_any(tmp_path: Path,
         await leecher.stop()
         for s in seeds:
             await s.stop()
+
+
+async def test_a_torrent_connects_to_no_peer_before_its_certificate_is_in_place(
+        tmp_path: Path, tracker: TestServer, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libtorrent starts a torrent (announces, connects) as it is added, and the grant's
+    certificate reaches its thread in a later call. Where that call came late (this thread
+    waiting for the GIL), a LAN tracker's answer came first: the first connections went out
+    with no certificate, every peer refused them, and the download waited for libtorrent's next
+    tick (bench/RESULTS.md section 30). Here the call comes late on purpose, with a peer to
+    connect to already known: no peer may see a handshake without a certificate."""
+    port = tracker.port
+    assert port is not None
+    meta, seed_dir = await _registered_blob(tmp_path, port, keys, 34)
+    seed = await start_swarm("127.0.0.5", AGENT_FINGERPRINT, keys, "node-5")
+    leecher = await start_swarm("127.0.0.3", AGENT_FINGERPRINT, keys, "node-3")
+    present = Swarm._present
+    tried: list[bool] = []
+
+    def late(self: Swarm, handle: lt.torrent_handle, grant: Grant) -> None:
+        handle.connect_peer(("127.0.0.5", seed.settings.listen_port))
+        deadline = time.monotonic() + 5  # until the attempt came and went (or the torrent waits)
+        while time.monotonic() < deadline and not handle.status().paused:
+            if handle.get_peer_info():
+                tried.append(True)
+            elif tried:
+                break
+            time.sleep(0.01)
+        present(self, handle, grant)
+
+    try:
+        seed.add(meta, seed_dir, seed=True)
+        async with asyncio.timeout(30):
+            while await _seeders(port, meta) < 1:
+                job = seed.job(meta.digest.hex)
+                assert job is not None
+                seed.force_reannounce(job)
+                await asyncio.sleep(0.2)
+        monkeypatch.setattr(Swarm, "_present", late)
+        (tmp_path / "leech").mkdir()
+        job = leecher.add(meta, tmp_path / "leech", seed=False)
+        async with asyncio.timeout(30):
+            while not job.finished.is_set():
+                if job.have_count == 0:
+                    leecher.force_reannounce(job)
+                await job.wait_change(0.5)
+        await job.flush()
+        assert await asyncio.to_thread(sha256_file, tmp_path / "leech" / meta.digest.hex, meta.digest) == meta.digest
+        assert seed.refused_handshakes == 0
+    finally:
+        await leecher.stop()
+        await seed.stop()
