@@ -630,7 +630,7 @@ class Swarm:
         # Assigning flags replaces the defaults, dropping auto_managed. Paused until the grant's
         # certificate is in place (below): libtorrent announces as soon as a torrent starts, and
         # the certificate is set by a later call on its network thread. A tracker on the LAN
-        # answered first often enough: 1-4 of every 16 hosts in a rolling update made their
+        # answered first often enough: up to 3 of 16 hosts a run of a rolling update made their
         # first connections with no certificate, the peers refused them ("certificate
         # required"), and libtorrent tried again only at its next tick: 0.3-0.5 s before the
         # first piece instead of 0.03-0.05 (bench/RESULTS.md section 30).
