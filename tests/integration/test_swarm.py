@@ -155,6 +155,18 @@ async def _seeders(port: int, meta: metainfo.Metainfo) -> int:
     return complete
 
 
+async def _until_listed(port: int, meta: metainfo.Metainfo, seeds: list[Swarm]) -> None:
+    """Until the tracker lists every one of `seeds` as a seeder of `meta` (they announce again
+    meanwhile, not at their interval)."""
+    async with asyncio.timeout(30):
+        while await _seeders(port, meta) < len(seeds):
+            for s in seeds:
+                job = s.job(meta.digest.hex)
+                assert job is not None
+                s.force_reannounce(job)
+            await asyncio.sleep(0.2)
+
+
 async def _ok_announces(port: int) -> float:
     async with aiohttp.ClientSession() as http, http.get(protocol.METRICS.url(f"http://127.0.0.1:{port}")) as r:
         text = await r.text()
@@ -332,13 +344,7 @@ async def test_a_download_keeps_a_few_peers_and_a_seed_takes_any(tmp_path: Path,
     try:
         for s in seeds:
             s.add(meta, seed_dir, seed=True)
-        async with asyncio.timeout(30):
-            while await _seeders(port, meta) < len(seeds):
-                for s in seeds:
-                    job = s.job(meta.digest.hex)
-                    assert job is not None
-                    s.force_reannounce(job)
-                await asyncio.sleep(0.2)
+        await _until_listed(port, meta, seeds)
         (tmp_path / "leech").mkdir()
         job = leecher.add(meta, tmp_path / "leech", seed=False)
         assert job.handle.status().connections_limit == 2
@@ -385,14 +391,14 @@ async def test_a_torrent_connects_to_no_peer_before_its_certificate_is_in_place(
     seed = await start_swarm("127.0.0.5", AGENT_FINGERPRINT, keys, "node-5")
     leecher = await start_swarm("127.0.0.3", AGENT_FINGERPRINT, keys, "node-3")
     present = Swarm._present
-    tried: list[bool] = []
 
     def late(self: Swarm, handle: lt.torrent_handle, grant: Grant) -> None:
         handle.connect_peer(("127.0.0.5", seed.settings.listen_port))
+        tried = False
         deadline = time.monotonic() + 5  # until the attempt came and went (or the torrent waits)
         while time.monotonic() < deadline and not handle.status().paused:
             if handle.get_peer_info():
-                tried.append(True)
+                tried = True
             elif tried:
                 break
             time.sleep(0.01)
@@ -400,12 +406,7 @@ async def test_a_torrent_connects_to_no_peer_before_its_certificate_is_in_place(
 
     try:
         seed.add(meta, seed_dir, seed=True)
-        async with asyncio.timeout(30):
-            while await _seeders(port, meta) < 1:
-                job = seed.job(meta.digest.hex)
-                assert job is not None
-                seed.force_reannounce(job)
-                await asyncio.sleep(0.2)
+        await _until_listed(port, meta, [seed])
         monkeypatch.setattr(Swarm, "_present", late)
         (tmp_path / "leech").mkdir()
         job = leecher.add(meta, tmp_path / "leech", seed=False)
