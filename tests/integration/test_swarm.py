@@ -359,7 +359,15 @@ async def test_a_download_keeps_a_few_peers_and_a_seed_takes_any(tmp_path: Path,
                 await job.wait_change(0.2)
         await job.flush()
         assert await asyncio.to_thread(sha256_file, tmp_path / "leech" / meta.digest.hex, meta.digest) == meta.digest
-        assert 1 <= peak <= 2
+        assert peak <= 2
+        # the samples can miss a download that fits between two of them (CI's did): what the
+        # seeds uploaded is the sure count of the peers it had
+        uploaders = 0
+        for s in seeds:
+            seeding = s.job(meta.digest.hex)
+            assert seeding is not None
+            uploaders += seeding.handle.status().total_payload_upload > 0
+        assert 1 <= uploaders <= 2
         assert job.handle.status().connections_limit == -1  # a seed now (libtorrent shows no limit as -1)
         waiting = leecher.add(stuck, tmp_path / "leech", seed=False)
         assert waiting.handle.status().connections_limit == 2
