@@ -155,7 +155,8 @@ def main() -> int:
                                           f"{row['p99_x']}/{row['max_x']}, registry {row['egress_ratio']}x, "
                                           f"seeder {row['seeder_ratio']}x, peers {row['peers_ratio']}x, "
                                           f"stall escapes {r.stall_escapes}, seeder drops {r.seeder_drops}, errors "
-                                          f"{len(r.errors)}, CPU idle {r.cpu_idle_percent} % (before the pull "
+                                          f"{len(r.errors)}, CPU idle {r.cpu_idle_percent} % "
+                                          f"({r.finish_idle_percent} % while hosts finished, before the pull "
                                           f"{r.cpu_idle_before_percent} %, start-up {r.startup_seconds} s)"
                                           f"{' (CPU-bound)' if r.cpu_bound else ''}", flush=True)
                                 (out / "results.json").write_text(json.dumps(results))

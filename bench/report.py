@@ -100,7 +100,7 @@ def rollout_table(rows: list[dict[str, Any]]) -> list[str]:
     source as multiples of what one host fetches, and the CPU idle that says whether it counts."""
     lines = ["| scenario | image | layers | N | B (MB/s) | system | run | all done (s) | x S/B | host p50 / p99 / "
              "p99.9 / max (s) | x S/B | registry | seeder | peers | hosts got | errors | "
-             "CPU idle (s <20 %; before) | counts |",
+             "CPU idle (s <20 %; finishing; before) | counts |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         idle = r.get("cpu_idle_percent", -1)
@@ -117,14 +117,16 @@ def rollout_table(rows: list[dict[str, Any]]) -> list[str]:
             f"{_x(r.get('peers_ratio')) if r['system'] == 'shoal' else '-'} | {_x(r.get('received_ratio'))} | "
             f"{len(r['errors'])} | "
             f"{f'{idle:g} %' if idle >= 0 else '-'} ({100 * r.get('cpu_low_share', 0):.0f} %"
+            f"{f'; {fin:g} % finishing' if (fin := r.get('finish_idle_percent', -1)) >= 0 else ''}"
             f"{f'; {before:g} % before' if (before := r.get('cpu_idle_before_percent', -1)) >= 0 else ''}) | "
             f"{'no: CPU-bound' if bound else 'yes'} |")
     lines += ["", "x S/B: of what one host fetches (the image; in a rolling update the new version's new "
               "blobs); \"all done\" of that times the waves (one after the other). registry / seeder / "
               "peers: bytes each source sent, as multiples of that (seeder and peers from NIC counters); "
               "hosts got: bytes the hosts' NICs received over N x that (above 1: bytes sent twice, and headers). "
-              "CPU idle over the run (the share of one-second samples under 20 % idle; the idle with everything "
-              "started and settled, before the first pull); a run under "
+              "CPU idle over the run (the share of one-second samples under 20 % idle; the idle from the first "
+              "host done to the last, when a low figure means the last hosts' times include waiting for a CPU; "
+              "the idle with everything started and settled, before the first pull); a run under "
               "20 % idle is CPU-bound and does not count toward a target.", ""]
     return lines
 

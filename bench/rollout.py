@@ -90,6 +90,11 @@ class RolloutResult:
     timeline: dict[str, Any] = field(default_factory=dict)
     cpu_idle_before_percent: float = -1.0  # everything started and settled, no pull: the idle cost
     startup_seconds: float = 0.0  # the system's start-up before this session's first pull (all agents ready)
+    # the machine's, from the first host done to the last: every host finishing at once (its
+    # agent's commit, its client's last bytes) can leave this near 0 in a row whose whole-run
+    # figure reads link-bound, and then the last hosts' times include waiting for a CPU
+    # (bench/RESULTS.md section 31)
+    finish_idle_percent: float = -1.0
 
     @property
     def unit_bytes(self) -> int:
@@ -313,7 +318,7 @@ class Rollout:
             seeder_upload_bytes=max(0, host_sent - egress[1]) if system == "shoal" else 0,
             hosts_sent_bytes=hosts_sent, hosts_received_bytes=hosts_received,
             waves=len(waves), wave_hosts=size, wave_starts=wave_starts, host_seconds=durations,
-            timeline=timeline.to_json())
+            timeline=timeline.to_json(), finish_idle_percent=timeline.idle_between(min(finished), max(finished)))
 
     def zone_of(self, i: int, hosts: int) -> str:
         """The zone of the i-th of `hosts` hosts: the hosts split into `zones` equal runs."""

@@ -51,6 +51,20 @@ class Timeline:
             return -1.0
         return round(100 * (self.cpu_idle[-1] - self.cpu_idle[0]) / max(self.cpu_total[-1] - self.cpu_total[0], 1), 1)
 
+    def idle_between(self, start: float, end: float) -> float:
+        """CPU idle from the last sample at or before `start` to the first at or after `end`
+        (epoch seconds; one interval at least), -1 without two samples."""
+        if len(self.t) < 2:
+            return -1.0
+        times = [self.t0 + t for t in self.t]
+        first = max([i for i, t in enumerate(times) if t <= start], default=0)
+        last = min([i for i, t in enumerate(times) if t >= end], default=len(times) - 1)
+        last = max(last, min(first + 1, len(times) - 1))
+        if last <= first:
+            first = last - 1
+        total = self.cpu_total[last] - self.cpu_total[first]
+        return round(100 * (self.cpu_idle[last] - self.cpu_idle[first]) / max(total, 1), 1)
+
     def idle_per_second(self) -> list[float]:
         """CPU idle of consecutive one-second windows (as `vmstat 1` prints it)."""
         out: list[float] = []

@@ -39,6 +39,16 @@ def test_one_second_windows_find_the_busy_seconds() -> None:
     assert tl.delta("h1") == (400, 7200)
 
 
+def test_the_idle_while_hosts_finish_is_read_from_the_samples_around_them() -> None:
+    tl = timeline([50, 50, 50, 50, 0, 2, 50, 50])  # busy from 2.0 to 3.0 s
+    assert tl.idle_between(2.1, 2.9) == 1.0  # the samples at 2.0 and 3.0 around the two
+    assert tl.idle_between(2.0, 3.0) == 1.0
+    assert tl.idle_between(2.2, 2.2) == 0.0  # one host done: one interval at least
+    assert tl.idle_between(1.0, 3.5) == 30.4  # (50 + 50 + 0 + 2 + 50) / 5
+    assert tl.idle_between(-5.0, 99.0) == tl.idle_percent()
+    assert timeline([]).idle_between(0.0, 1.0) == -1.0
+
+
 def test_the_idle_cost_is_read_once_the_agents_have_settled(monkeypatch: pytest.MonkeyPatch) -> None:
     # idle % of successive one-second windows: agents still settling, then steady
     windows = iter([40, 70, 88, 95, 94, 96])
