@@ -9,6 +9,7 @@ Ethernet/IP/TCP headers and the BitTorrent/TLS framing, so they read a little ab
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,25 +46,22 @@ class Timeline:
     sent: dict[str, list[int]] = field(default_factory=dict)  # host -> cumulative bytes sent
     received: dict[str, list[int]] = field(default_factory=dict)
 
+    def _idle(self, first: int, last: int) -> float:
+        """CPU idle (percent) between samples `first` and `last`."""
+        return 100 * (self.cpu_idle[last] - self.cpu_idle[first]) / max(self.cpu_total[last] - self.cpu_total[first], 1)
+
     def idle_percent(self) -> float:
         """CPU idle over the whole timeline."""
-        if len(self.t) < 2:
-            return -1.0
-        return round(100 * (self.cpu_idle[-1] - self.cpu_idle[0]) / max(self.cpu_total[-1] - self.cpu_total[0], 1), 1)
+        return round(self._idle(0, len(self.t) - 1), 1) if len(self.t) >= 2 else -1.0
 
     def idle_between(self, start: float, end: float) -> float:
         """CPU idle from the last sample at or before `start` to the first at or after `end`
         (epoch seconds; one interval at least), -1 without two samples."""
         if len(self.t) < 2:
             return -1.0
-        times = [self.t0 + t for t in self.t]
-        first = max([i for i, t in enumerate(times) if t <= start], default=0)
-        last = min([i for i, t in enumerate(times) if t >= end], default=len(times) - 1)
-        last = max(last, min(first + 1, len(times) - 1))
-        if last <= first:
-            first = last - 1
-        total = self.cpu_total[last] - self.cpu_total[first]
-        return round(100 * (self.cpu_idle[last] - self.cpu_idle[first]) / max(total, 1), 1)
+        first = max(bisect.bisect_right(self.t, start - self.t0) - 1, 0)
+        last = min(max(bisect.bisect_left(self.t, end - self.t0), first + 1), len(self.t) - 1)
+        return round(self._idle(min(first, last - 1), last), 1)
 
     def idle_per_second(self) -> list[float]:
         """CPU idle of consecutive one-second windows (as `vmstat 1` prints it)."""
@@ -71,8 +69,7 @@ class Timeline:
         start = 0
         for i in range(1, len(self.t)):
             if self.t[i] - self.t[start] >= 1.0 - self.interval / 4:
-                total = self.cpu_total[i] - self.cpu_total[start]
-                out.append(100 * (self.cpu_idle[i] - self.cpu_idle[start]) / max(total, 1))
+                out.append(self._idle(start, i))
                 start = i
         return out
 
