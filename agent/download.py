@@ -57,6 +57,7 @@ from shoal.oci import Digest
 from shoal.registry import Authorization
 from shoal.store import BlobStore, fsync_file, sha256_file, stamp_of
 from shoal.swarm import PeerBytes, Swarm, TorrentJob
+from shoal_agent import firstcopy
 from shoal_agent.config import SwarmPolicy
 from shoal_agent.files import read_file
 from shoal_agent.membership import Admitted, Membership, Relayed, SwarmFailure
@@ -483,9 +484,14 @@ class Download:
         if meta.digest != self.digest or meta.size != self.size:
             raise SwarmFailure("bad_metainfo", "metainfo does not describe this blob")
         store, policy = self.deps.store, self.deps.policy
-        job = swarm.add(meta, store.downloads_dir, seed=False, grant=admitted.grant)
+        job = swarm.add(meta, store.downloads_dir, seed=False, grant=admitted.grant,
+                        first_copy=admitted.first_copy is not None)
         self.attach(job)
         moved = False
+        share: asyncio.Task[int] | None = None
+        if admitted.first_copy is not None:
+            origin, ticket = admitted.first_copy
+            share = asyncio.create_task(firstcopy.take(job, origin, ticket, self.deps.metrics))
         try:
             joined = last_announce = time.monotonic()
             relayed = self.written > 0  # pieces of a relayed prefix (1a) came from no peer
@@ -563,10 +569,12 @@ class Download:
             self._detach(job)
             self.whole = None
         except BaseException:
+            await _stop(share)  # (before the torrent goes: it adds pieces to it)
             self._detach(job)
             self.job = self.whole = self.partial = None
             await swarm.remove(self.digest.hex, delete_files=not moved)
             raise
+        await _stop(share)
 
     def _detach(self, job: TorrentJob) -> None:
         while self._notify in job.listeners:
@@ -658,6 +666,16 @@ class Download:
             published = admitted.published
             await store.save_metainfo(self.digest, published.meta.raw, published.signature, admitted.receipt)
             self.deps.swarm.add(published.meta, store.blob_dir(self.digest), seed=True, grant=admitted.grant)
+
+
+async def _stop(task: asyncio.Task[Any] | None) -> None:
+    """End `task` (it logs its own end) and wait for it."""
+    if task is None:
+        return
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the first copy's task failed", exc_info=task.exception())
 
 
 def _pread(path: Path, offset: int, length: int) -> bytes:

@@ -75,11 +75,13 @@ class SwarmAccess:
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """A blob's verified metainfo and this node's grant for its swarm."""
+    """A blob's verified metainfo and this node's grant for its swarm; and where to take this
+    node's share of the blob's first copy, if the origin hands one out (origin/firstcopy.py)."""
 
     published: Published
     grant: Grant
     receipt: str
+    first_copy: tuple[OriginClient, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +310,8 @@ class Membership:
             raise SwarmFailure("bad_metainfo", "the origin's admission is for another blob")
         grant = self._check(answer.grant, digest)
         self._receipts[digest.hex] = answer.grant.receipt
-        return Admitted(published, grant, answer.grant.receipt)
+        first_copy = (self.origins[name], answer.first_copy) if answer.first_copy is not None else None
+        return Admitted(published, grant, answer.grant.receipt, first_copy)
 
     def _credential(self, upstream: Upstream, authorization: Authorization) -> str | None:
         """What the registry accepted for the puller, as the origin can present it again."""

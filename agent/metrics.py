@@ -65,6 +65,9 @@ class AgentMetrics:
                                          registry=registry), PEERS)
         self.registry_bytes = Counter("shoal_agent_registry_bytes_total",
                                       "Blob bytes fetched from the origin registry", registry=registry)
+        self.first_copy_bytes = Counter("shoal_agent_first_copy_bytes_total",
+                                        "Bytes of blobs' first copies taken from the origin, this node's share "
+                                        "(pieces the swarm then spreads)", registry=registry)
         self.relay_bytes = Counter("shoal_agent_relay_bytes_total",
                                    "Bytes of cold blobs relayed by the origin while it fetched them (a head "
                                    "start: libtorrent keeps the whole pieces of it, the swarm sends the rest)",

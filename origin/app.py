@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -30,6 +31,7 @@ from shoal_origin import notifications as push_notifications
 from shoal_origin.admission import Admissions
 from shoal_origin.collector import Collector, store_for
 from shoal_origin.config import OriginConfig
+from shoal_origin.firstcopy import SEND_TIMEOUT, FirstCopies
 from shoal_origin.operators import Operators
 from shoal_origin.page import StatusPage
 from shoal_origin.preseed import Job, Preseeder
@@ -48,6 +50,7 @@ ADMISSIONS_KEY = web.AppKey("admissions", Admissions)
 OPERATORS_KEY = web.AppKey("operators", Operators)
 REPLICAS_KEY = web.AppKey("replicas", Replicas)
 RELAYS_KEY = web.AppKey("relays", Relays)
+FIRST_COPIES_KEY = web.AppKey("first_copies", FirstCopies)
 NOTIFICATIONS_KEY = web.AppKey("notifications", push_notifications.Notifications)
 USER_AGENT = "shoal-origin/0.1"
 
@@ -111,9 +114,46 @@ async def admission(request: web.Request) -> web.Response:
         replicas.spread(body.ns, body.repository, digest)
     grant = await asyncio.to_thread(admissions.grant, body.node, public_key, digest)
     log.debug("admitted node %s to %s (%s/%s) for %s", body.node, digest, body.ns, body.repository, principal)
+    first_copy = request.app[FIRST_COPIES_KEY].issue(body.node, published.meta, seeder.store.path(digest))
     return web.json_response(protocol.Admission(published.meta.raw, published.signature,
                                                 seeder.source_signature(digest, body.ns), grant,
-                                                admissions.grant_ttl).to_json())
+                                                admissions.grant_ttl, first_copy).to_json())
+
+
+# The first copy's sends wait for each other (origin/firstcopy.py): a send should end when its
+# piece has left, not when the kernel took it. With the default buffers a node's whole piece went
+# into its socket at once, and every node's piece was then on the link at the same time, each
+# at a share of it. Linux doubles this.
+FIRST_COPY_SEND_BUFFER = 64 << 10
+
+
+async def first_copy(request: web.Request) -> web.StreamResponse:
+    """GET FIRST_COPY with a ticket from this node's admission: the next piece of the blob no node
+    has had from the origin, its index in a header; 204 once every piece has left the origin."""
+    digest = Digest.parse(request.match_info["digest"])
+    ticket = request.headers.get(protocol.FIRST_COPY_TICKET_HEADER, "")
+    async with request.app[FIRST_COPIES_KEY].piece(ticket, digest) as lease:
+        if lease is None:
+            return web.Response(status=204)
+        sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FIRST_COPY_SEND_BUFFER)
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                               protocol.FIRST_COPY_PIECE_HEADER: str(lease.index)})
+        response.content_length = len(lease.data)
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT):
+                await response.prepare(request)
+                await response.write(lease.data)
+                await response.write_eof()
+        except (ConnectionError, TimeoutError):
+            log.debug("a node did not take piece %d of %s's first copy", lease.index, digest)
+            if request.transport is not None:
+                request.transport.abort()  # (and what was buffered for it)
+            return response
+        lease.delivered()
+        return response
 
 
 async def relay(request: web.Request) -> web.StreamResponse:
@@ -395,6 +435,7 @@ def build(config: OriginConfig) -> web.Application:
             registry.register(StoreCollector("shoal_origin", store))
             app[SEEDER_KEY] = seeder
             app[RELAYS_KEY] = Relays(seeder.fetching.get, seeder.is_seeding, registry)
+            app[FIRST_COPIES_KEY] = FirstCopies(registry)
             app[PRESEEDER_KEY] = preseeder
             app[COLLECTOR_KEY] = collector
             registry.register(CollectorMetrics(collector))
@@ -412,6 +453,7 @@ def build(config: OriginConfig) -> web.Application:
     add_routes(app, [
         (protocol.ADMISSION, admission, "node"),
         (protocol.RELAY, relay, "node"),
+        (protocol.FIRST_COPY, first_copy, "node"),
         (protocol.GRANTS, grants, "node"),
         (protocol.JOURNAL, receive_journal, "node"),
         (protocol.AUDIT, query_audit, "audit"),

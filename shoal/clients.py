@@ -120,6 +120,24 @@ class OriginClient:
             async for chunk in r.content.iter_any():
                 yield chunk
 
+    async def first_copy_piece(self, digest: Digest, ticket: str, *, piece_length: int,
+                               within: float) -> tuple[int, bytes] | None:
+        """The next piece of the blob's first copy for this node (index, bytes; unverified: the
+        torrent checks them), None once every piece has left the origin. A piece that says it is
+        longer than `piece_length` is refused unread."""
+        async with self.http.get(protocol.FIRST_COPY.url(self.base, digest=str(digest)),
+                                 headers={**self._auth, protocol.FIRST_COPY_TICKET_HEADER: ticket},
+                                 timeout=aiohttp.ClientTimeout(total=within), allow_redirects=False) as r:
+            if r.status == 204:
+                return None
+            if r.status != 200:
+                raise await _refused(r, "the origin did not send a piece of the blob's first copy")
+            index = r.headers.get(protocol.FIRST_COPY_PIECE_HEADER, "")
+            length = r.content_length
+            if not (index.isascii() and index.isdigit()) or length is None or not 0 < length <= piece_length:
+                raise errors.IntegrityError("the origin's first-copy piece has no index or a wrong length")
+            return int(index), await r.content.readexactly(length)
+
     async def ship_journal(self, batch: protocol.JournalBatch, key: Ed25519PrivateKey, *,
                            within: float) -> protocol.JournalAck:
         """Ship a batch signed with the node's own key (the collector checks it against the key

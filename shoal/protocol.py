@@ -56,6 +56,10 @@ ADMISSION = Route("POST", "/v1/blobs/{digest}/admission")
 # A cold blob's bytes as the origin fetches them from the registry, for a node it admitted with a
 # RelayTicket (node token and the ticket in RELAY_TICKET_HEADER)
 RELAY = Route("GET", "/v1/blobs/{digest}/relay")
+# A blob's first copy, a piece per request, for a node admitted with a first-copy ticket
+# (FIRST_COPY_TICKET_HEADER): each answer is the next piece no node has had from the origin yet
+# (its index in FIRST_COPY_PIECE_HEADER), 204 once every piece has left the origin
+FIRST_COPY = Route("GET", "/v1/blobs/{digest}/first-copy")
 GRANTS = Route("POST", "/v1/swarm/grants")
 JOURNAL = Route("POST", "/v1/journal")
 AUDIT = Route("GET", "/v1/audit")
@@ -92,6 +96,10 @@ UNREGISTER_METAINFO = Route("DELETE", "/v1/metainfo/{digest}")
 # the origins' seeders, which the tracker otherwise leaves out of a swarm that has seeders of its
 # own (tracker/peers.py ORIGIN_SPARE): those seeders may be unreachable, or lying.
 ANNOUNCE_STALLED = "stalled"
+# An announce parameter (`first_copy=1`): a leecher that takes its share of the blob's first copy
+# from the origin over HTTP (FIRST_COPY) is not handed the origins' seeders unless it stalls: a
+# piece the seeder sent it would be a second copy of one the origin sends another node.
+ANNOUNCE_FIRST_COPY = "first_copy"
 
 
 # Headers
@@ -214,6 +222,8 @@ class AdmissionRequest:
 
 
 RELAY_TICKET_HEADER = "Shoal-Relay-Ticket"
+FIRST_COPY_TICKET_HEADER = "Shoal-First-Copy-Ticket"
+FIRST_COPY_PIECE_HEADER = "Shoal-Piece"  # the index of the piece a FIRST_COPY answer carries
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,23 +273,29 @@ def _ttl(doc: dict[str, Any]) -> float:
 @dataclass(frozen=True, slots=True)
 class Admission:
     """The answer of ADMISSION: the blob's metainfo and the origin's signature of it, its word that
-    registry `ns` holds the blob (signing.sign_source), and the node's grant for the swarm."""
+    registry `ns` holds the blob (signing.sign_source), and the node's grant for the swarm. With
+    `first_copy`, a ticket (for this node and blob) to GET FIRST_COPY with while the origin hands
+    out the blob's first copy: the node takes pieces from there, and announces with
+    ANNOUNCE_FIRST_COPY."""
 
     metainfo: bytes
     signature: str
     source: str
     grant: Grant
     ttl_seconds: float
+    first_copy: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"metainfo": base64.b64encode(self.metainfo).decode(), "signature": self.signature,
-                "source": self.source, "grant": self.grant.to_json(), "ttl_seconds": self.ttl_seconds}
+        doc = {"metainfo": base64.b64encode(self.metainfo).decode(), "signature": self.signature,
+               "source": self.source, "grant": self.grant.to_json(), "ttl_seconds": self.ttl_seconds}
+        return doc if self.first_copy is None else {**doc, "first_copy": self.first_copy}
 
     @classmethod
     def from_json(cls, doc: Any) -> Admission:
         d = _doc(doc)
+        first_copy = _text(d, "first_copy", max_length=128) if d.get("first_copy") is not None else None
         return cls(_b64(d, "metainfo", max_length=4 << 20), _text(d, "signature", max_length=128),
-                   _text(d, "source", max_length=128), Grant.from_json(d.get("grant")), _ttl(d))
+                   _text(d, "source", max_length=128), Grant.from_json(d.get("grant")), _ttl(d), first_copy)
 
 
 @dataclass(frozen=True, slots=True)

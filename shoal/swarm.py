@@ -146,13 +146,15 @@ class SwarmSettings:
                    download_connections=torrent.download_connections, extra=torrent.libtorrent,
                    zone=zone, tracker_order=tracker_order)
 
-    def trackers(self, meta: Metainfo, token: str | None, *, stalled: bool = False) -> list[str]:
+    def trackers(self, meta: Metainfo, token: str | None, *, stalled: bool = False,
+                 first_copy: bool = False) -> list[str]:
         """The torrent's tracker URLs as this node announces to them: with its swarm token and
-        zone (and, for a stalled download, asking for the origins' seeders), starting at this
-        node's place in the list."""
+        zone (and, for a stalled download, asking for the origins' seeders; for one taking its
+        share of the first copy from the origin, not), starting at this node's place in the list."""
         extra = ([f"token={quote(token, safe='')}"] if token is not None else []) + \
             ([f"zone={quote(self.zone, safe='')}"] if self.zone else []) + \
-            ([f"{protocol.ANNOUNCE_STALLED}=1"] if stalled else [])
+            ([f"{protocol.ANNOUNCE_STALLED}=1"] if stalled else []) + \
+            ([f"{protocol.ANNOUNCE_FIRST_COPY}=1"] if first_copy and not stalled else [])
         urls = list(meta.trackers or (meta.announce,))
         start = int.from_bytes(hashlib.sha256(self.tracker_order.encode()).digest()[:4], "big") % len(urls)
         urls = urls[start:] + urls[:start]
@@ -226,16 +228,18 @@ class SwarmSettings:
             "max_queued_disk_bytes": 16 << 20,
             "file_pool_size": 500,
         }
-        if self.fingerprint != SEEDER_FINGERPRINT:
-            # A node that completes a blob waits for peers to come to it. Connecting out, every
-            # node finishing a rollout opened TLS connections to every other: to seeds that
-            # dropped them at once (both complete), and to downloaders that refused them after
-            # the handshake (full at download_connections). At N = 32 that was 950 outgoing and
-            # 1,450 incoming handshakes on two cores, just as the last nodes were hashing their
-            # blobs: 3.7-4.2x S/B, against 3.15x without them (bench/RESULTS.md §28). Nodes
-            # reach each other directly (no NAT between them), and downloaders connect out.
-            settings["seeding_outgoing_connections"] = False
-        else:
+        # A node that completes a blob waits for peers to come to it. Connecting out, every node
+        # finishing a rollout opened TLS connections to every other: to seeds that dropped them
+        # at once (both complete), and to downloaders that refused them after the handshake
+        # (full at download_connections). At N = 32 that was 950 outgoing and 1,450 incoming
+        # handshakes on two cores, just as the last nodes were hashing their blobs: 3.7-4.2x
+        # S/B, against 3.15x without them (bench/RESULTS.md §28). Nodes reach each other
+        # directly (no NAT between them), and downloaders connect out. The origin's seeder too:
+        # the tracker hands it to the leechers that should use it (a stalled one, one that does
+        # not take its share of the first copy over HTTP), and it must not dial the others it is
+        # handed (origin/firstcopy.py).
+        settings["seeding_outgoing_connections"] = False
+        if self.fingerprint == SEEDER_FINGERPRINT:
             settings.update(SEEDER_CHOKING)
             # Its IP filter holds the peers it bans (shoal/slowpeers.py), which must not cut it
             # off from a tracker at the same address (`shoal up` runs everything on one).
@@ -272,6 +276,9 @@ class TorrentJob:
         self.meta = meta
         self.grant: Grant | None = None  # its own, else the session's default (Swarm.set_default_grant)
         self.stalled = False  # its announces ask for the origins' seeders (Swarm.ask_for_origin)
+        # it takes its share of the first copy from the origin (origin/firstcopy.py): until it
+        # stalls, its announces ask not to be handed the origins' seeders
+        self.first_copy = False
         # While it connects with few peers (SwarmSettings.download_connections): until when
         self.limited_until: float | None = None
         # Trackers (their URLs without the query: the token changes at renewals) whose last
@@ -329,6 +336,13 @@ class TorrentJob:
         if not self.have[index] and index not in self._wanted:
             self._wanted.add(index)
             self.handle.piece_priority(index, HEAD_PIECE_PRIORITY)
+
+    def add_piece(self, index: int, data: bytes) -> None:
+        """Piece `index` from elsewhere than a peer (the origin's first copy): libtorrent checks
+        it against the signed merkle tree as it does a peer's, and drops it if it does not match
+        (a hash_failed_alert; it never becomes a verified piece)."""
+        if 0 <= index < len(self.have) and not self.have[index]:
+            self.handle.add_piece(index, data, 0)
 
     async def read_piece(self, index: int) -> bytes:
         """The verified bytes of a piece this torrent has."""
@@ -607,7 +621,8 @@ class Swarm:
     def jobs(self) -> list[TorrentJob]:
         return list(self._jobs.values())
 
-    def add(self, meta: Metainfo, save_path: Path, *, seed: bool, grant: Grant | None = None) -> TorrentJob:
+    def add(self, meta: Metainfo, save_path: Path, *, seed: bool, grant: Grant | None = None,
+            first_copy: bool = False) -> TorrentJob:
         """Add a torrent: `seed` for a file at save_path/<hex> whose sha256 the caller verified.
         It takes part with `grant` (else the default grant), and talks to no one without one.
 
@@ -625,7 +640,8 @@ class Swarm:
         atp.ti = lt.torrent_info(meta.raw)
         atp.save_path = str(save_path)
         used = grant or self._default
-        atp.trackers = self.settings.trackers(meta, used.token if used is not None else None)
+        atp.trackers = self.settings.trackers(meta, used.token if used is not None else None,
+                                              first_copy=first_copy and not seed)
         atp.tracker_tiers = list(range(len(atp.trackers)))
         # Assigning flags replaces the defaults, dropping auto_managed. Paused until the grant's
         # certificate is in place (below): libtorrent announces as soon as a torrent starts, and
@@ -661,6 +677,7 @@ class Swarm:
             self._present(handle, used)
             handle.resume()  # after the certificate: both are queued, in order, on libtorrent's thread
         job = TorrentJob(self, handle, meta, complete=seed)
+        job.first_copy = first_copy and not seed
         if limited:
             job.limited_until = time.monotonic() + PEER_LIMIT_SECONDS
         job.grant = grant
@@ -730,7 +747,8 @@ class Swarm:
 
     def _trackers(self, job: TorrentJob, grant: Grant) -> None:
         entries = []
-        for tier, url in enumerate(self.settings.trackers(job.meta, grant.token, stalled=job.stalled)):
+        for tier, url in enumerate(self.settings.trackers(job.meta, grant.token, stalled=job.stalled,
+                                                          first_copy=job.first_copy)):
             entry = lt.announce_entry(url)
             entry.tier = tier
             entries.append(entry)

@@ -77,6 +77,7 @@ class Announce:
     token: str | None  # the origin-signed swarm token
     zone: str  # the zone the node states ("" for none; tracker/zones.py)
     stalled: bool = False  # a leecher asking for the origins' seeders (protocol.ANNOUNCE_STALLED)
+    first_copy: bool = False  # a leecher not to be handed them (protocol.ANNOUNCE_FIRST_COPY)
 
 
 def parse_announce(raw_query: str) -> Announce:
@@ -110,6 +111,7 @@ def parse_announce(raw_query: str) -> Announce:
         token=_text(_one(params, "token", required=False)),
         zone=_zone(_one(params, "zone", required=False)),
         stalled=_one(params, protocol.ANNOUNCE_STALLED, required=False) == b"1",
+        first_copy=_one(params, protocol.ANNOUNCE_FIRST_COPY, required=False) == b"1",
     )
 
 

@@ -151,7 +151,8 @@ class Tracker:
             return self._bencoded(ann.failure("cannot determine peer address"))
         ip = source[0]
         peer = Peer(ip=ip, port=a.port, peer_id=a.peer_id, left=a.left, last_seen=time.monotonic(), zone=a.zone,
-                    node=member.node, origin=member.blob == signing.EVERY_BLOB, stalled=a.stalled)
+                    node=member.node, origin=member.blob == signing.EVERY_BLOB, stalled=a.stalled,
+                    first_copy=a.first_copy)
         want = min(a.numwant if a.numwant is not None else self.config.numwant_default,
                    self.config.numwant_max)
         answer = await self.peers.announce(a.info_hash, peer, a.event, want=want)

@@ -23,6 +23,8 @@ class Peer:
     node: str = ""  # the node its swarm token names (a zone's gateway slots are per node)
     origin: bool = False  # an origin's seeder (its swarm token admits it to every blob)
     stalled: bool = False  # this announce asks for the origins' seeders (protocol.ANNOUNCE_STALLED)
+    # this announce asks not to be handed them (protocol.ANNOUNCE_FIRST_COPY; `stalled` wins)
+    first_copy: bool = False
 
     @property
     def is_seeder(self) -> bool:
@@ -200,7 +202,8 @@ class PeerStore:
             gateways[peer.node] = key
 
     def select(self, info_hash: bytes, requester: tuple[str, int], *, want: int, seeder: bool,
-               zone: str = "", node: str = "", origin: bool = False, stalled: bool = False) -> list[Peer]:
+               zone: str = "", node: str = "", origin: bool = False, stalled: bool = False,
+               first_copy: bool = False) -> list[Peer]:
         """Up to `want` peers other than the requester: seeders first (a seeder gets only
         leechers, it needs nothing from other seeders); random order within each group; zones
         as tracker/zones.py says; in a swarm that can spare the origins' seeders (ORIGIN_SPARE),
@@ -208,7 +211,8 @@ class PeerStore:
         handed: in a rolling update the origin's periodic announce had it serve the second wave,
         a half copy of the blob, though the tracker handed it to none of them). A `stalled`
         leecher gets them first, whatever the swarm and its zone have (protocol.ANNOUNCE_STALLED:
-        they may be many, or all in its zone, and lying)."""
+        they may be many, or all in its zone, and lying); a `first_copy` leecher that has not
+        stalled gets them in no swarm (protocol.ANNOUNCE_FIRST_COPY)."""
         swarm = self._swarms.get(info_hash)
         if swarm is None:
             return []
@@ -219,7 +223,8 @@ class PeerStore:
             return first + self._select(swarm, requester, want - len(first), now, seeder=False, zone=zone,
                                         node=node, skip=swarm.origins,
                                         reserved=min(zones.reserved(want), want - len(first)))
-        spared = (not seeder or origin) and swarm.spared(now - self.spare_window, self.origin_spare, requester, node)
+        spared = (first_copy and not seeder) or \
+            ((not seeder or origin) and swarm.spared(now - self.spare_window, self.origin_spare, requester, node))
         if spared and origin:
             return []
         return self._select(swarm, requester, want, now, seeder=seeder, zone=zone, node=node,

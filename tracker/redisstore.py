@@ -96,7 +96,8 @@ end
 
 # KEYS: torrents, swarm base. ARGV: ih hex, "ip|port", ip, record, seeder 0/1, event, zone,
 # ttl us, max peers, max per address, want, zone gateways, reserved places, node, origin 0/1,
-# origin spare, spare scan (tracker/peers.py ORIGIN_SPARE, SPARE_SCAN), spare window us, stalled 0/1.
+# origin spare (-1: none, see _spare), spare scan (tracker/peers.py ORIGIN_SPARE, SPARE_SCAN), spare
+# window us, stalled 0/1.
 _ANNOUNCE = _COMMON + r"""
 local ih, me, ip, record = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local seeder, event, zone = ARGV[5] == '1', ARGV[6], ARGV[7]
@@ -202,10 +203,12 @@ if (not seeder or asker) and event ~= 'stopped' and spare > 0 and redis.call('EX
     end
   end
   spared = count >= spare
-  if spared then
-    for _, m in ipairs(redis.call('ZRANGE', O, 0, -1)) do
-      if not seen[m] then seen[m] = true; skipped = skipped + 1 end
-    end
+end
+-- spare -1: a leecher taking its share of the first copy from the origin (protocol.ANNOUNCE_FIRST_COPY)
+if spare < 0 and not seeder and event ~= 'stopped' then spared = true end
+if spared then
+  for _, m in ipairs(redis.call('ZRANGE', O, 0, -1)) do
+    if not seen[m] then seen[m] = true; skipped = skipped + 1 end
   end
 end
 -- up to n members of zset `key` at random, none already chosen (or skipped), none of zone `skip`
@@ -308,6 +311,14 @@ return ih
 """
 
 
+def _spare(peer: Peer, spare: int) -> int:
+    """The script's `spare` for this announce: 0 (hand out the origins' seeders) for a stalled
+    leecher, -1 (never) for one taking its share of the first copy, else the configured count."""
+    if peer.is_seeder:
+        return spare
+    return 0 if peer.stalled else -1 if peer.first_copy else spare
+
+
 def _record(peer: Peer) -> bytes:
     """A peer as the announce script keeps and returns it: '4' or '6', the compact address and
     port (BEP 23 / BEP 7), the peer id. Answers are these records end to end, parsed here once."""
@@ -377,7 +388,7 @@ class RedisSwarms:
             info_hash.hex(), f"{peer.ip}|{peer.port}", peer.ip, _record(peer), int(peer.is_seeder), event,
             peer.zone, self.ttl_us, self.max_peers, self.max_per_address, want, self.zone_gateways,
             zones.reserved(want), peer.node, int(peer.origin),
-            0 if peer.stalled and not peer.is_seeder else self.origin_spare, SPARE_SCAN,
+            _spare(peer, self.origin_spare), SPARE_SCAN,
             self.spare_window_us, int(peer.stalled)])
         if out is None:
             return None

@@ -81,7 +81,8 @@ class MemorySwarms:
         self.store.announce(info_hash, peer, event)
         chosen = [] if event == "stopped" else self.store.select(
             info_hash, (peer.ip, peer.port), want=want, seeder=peer.is_seeder, zone=peer.zone,
-            node=peer.node, origin=peer.origin and peer.is_seeder, stalled=peer.stalled)
+            node=peer.node, origin=peer.origin and peer.is_seeder, stalled=peer.stalled,
+            first_copy=peer.first_copy)
         complete, incomplete, _ = self.store.stats(info_hash)
         return Answer([(p.ip, p.port, p.peer_id) for p in chosen], complete, incomplete)
 

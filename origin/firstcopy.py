@@ -1,0 +1,181 @@
+"""A blob's first copy: the origin sends each piece once, to one node, and the nodes spread it
+(issue 16, bench/RESULTS.md section 32).
+
+When every node pulls a blob at once, the origin's seeder used to send 1.6-2.4 copies of it: a
+download keeps four connections, every node dials at once, and whichever few connections to the
+seeder survived that scramble asked it for the same pieces, while the swarm waited for pieces new
+to it. Here the origin hands each node it admits a ticket instead; the node asks FIRST_COPY for a
+piece at a time, and each answer is the next piece no node has had from the origin, in piece
+order, one send at a time. So every piece leaves the origin once, as early as the origin's link
+allows, and every node has pieces to trade from its first seconds. The node adds each piece to its
+torrent, which checks it against the signed merkle tree like a peer's; the tracker hands such a
+node the seeder only once it stalls (protocol.ANNOUNCE_FIRST_COPY).
+
+A round ends when every piece has left the origin. It is remembered for ROUND_MEMORY after the
+last admission or piece: nodes admitted meanwhile take the blob from the swarm (a rolling update's
+later waves), and a blob nobody asked for in that long gets a new round. A piece whose send
+failed is handed out again first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter
+
+from shoal import errors
+from shoal.metainfo import Metainfo
+from shoal.oci import Digest
+
+ROUND_MEMORY = 600.0
+# Rounds open or remembered (one per blob), and tickets over all of them: a ticket is a few
+# hundred bytes of the origin's memory, and a node holds one per blob it is pulling.
+MAX_ROUNDS = 4096
+MAX_TICKETS = 100_000
+# A node that does not take its piece in this long loses it (the piece goes to the next node):
+# the send holds up every node's next piece.
+SEND_TIMEOUT = 10.0
+
+
+@dataclass(eq=False)
+class _Round:
+    digest: str
+    path: Path
+    size: int
+    piece_length: int
+    pieces: int
+    last: float
+    cursor: int = 0
+    again: list[int] = field(default_factory=list)  # pieces whose send failed, handed out first
+    nodes: dict[str, str] = field(default_factory=dict)  # node -> its ticket
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def done(self) -> bool:
+        return self.cursor >= self.pieces and not self.again
+
+    def take(self) -> int | None:
+        if self.again:
+            return self.again.pop(0)
+        if self.cursor >= self.pieces:
+            return None
+        self.cursor += 1
+        return self.cursor - 1
+
+    def length(self, index: int) -> int:
+        return min(self.piece_length, self.size - index * self.piece_length)
+
+
+class Lease:
+    """One piece on its way to one node: handed out again unless `delivered` is called."""
+
+    def __init__(self, index: int, data: bytes) -> None:
+        self.index = index
+        self.data = data
+        self.ok = False
+
+    def delivered(self) -> None:
+        self.ok = True
+
+
+class FirstCopies:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._rounds: OrderedDict[str, _Round] = OrderedDict()  # by last use, oldest first
+        self._tickets: dict[str, _Round] = {}
+        self.tickets = Counter("shoal_origin_first_copy_tickets_total",
+                               "Admissions answered with a first-copy ticket (issued), or without one because "
+                               "the blob's first copy has left the origin or the origin holds too many "
+                               "(declined)", ["result"], registry=registry)
+        for result in ("issued", "declined"):
+            self.tickets.labels(result)
+        self.sent = Counter("shoal_origin_first_copy_bytes_total",
+                            "Bytes of blobs' first copies sent to nodes, a piece per node", registry=registry)
+        self.failed = Counter("shoal_origin_first_copy_failed_sends_total",
+                              "First-copy pieces a node did not take in time (handed out again)", registry=registry)
+
+    def _prune(self, now: float) -> None:
+        while self._rounds:
+            oldest = next(iter(self._rounds.values()))
+            if now - oldest.last <= ROUND_MEMORY:
+                break
+            self._forget(oldest)
+
+    def _forget(self, r: _Round) -> None:
+        del self._rounds[r.digest]
+        for ticket in r.nodes.values():
+            self._tickets.pop(ticket, None)
+
+    def issue(self, node: str, meta: Metainfo, path: Path) -> str | None:
+        """A ticket for `node` to take pieces of the blob of `meta` (the origin's file at `path`),
+        or None when its first copy has left the origin already (or the origin holds too many)."""
+        now = time.monotonic()
+        self._prune(now)
+        key = meta.digest.hex
+        r = self._rounds.get(key)
+        if r is None:
+            if len(self._rounds) >= MAX_ROUNDS:
+                self._forget(next(iter(self._rounds.values())))
+            r = self._rounds[key] = _Round(key, path, meta.size, meta.piece_length, meta.num_pieces, now)
+        r.last = now
+        self._rounds.move_to_end(key)
+        ticket = r.nodes.get(node)
+        if ticket is None and not r.done and len(self._tickets) < MAX_TICKETS:
+            ticket = r.nodes[node] = secrets.token_urlsafe(32)
+            self._tickets[ticket] = r
+        if ticket is None or r.done:
+            self.tickets.labels("declined").inc()
+            return None
+        self.tickets.labels("issued").inc()
+        return ticket
+
+    @contextlib.asynccontextmanager
+    async def piece(self, ticket: str, digest: Digest) -> AsyncIterator[Lease | None]:
+        """The next piece of the blob's first copy for the holder of `ticket`, None once every
+        piece has left the origin. Held until the block ends: the next node's piece is sent
+        after this one (in order, each at the origin's whole link, not all at once at a share)."""
+        r = self._tickets.get(ticket)
+        if r is None or r.digest != digest.hex:
+            raise errors.Denied("no first-copy ticket for this blob")
+        async with r.lock:
+            index = r.take()
+            if index is None:
+                yield None
+                return
+            lease: Lease | None = None
+            try:
+                data = await asyncio.to_thread(_pread_exact, r.path, index * r.piece_length, r.length(index))
+                lease = Lease(index, data)
+            except OSError:
+                # the blob left the origin's store (evicted): its round is over, nodes that stall
+                # ask the tracker for the seeders
+                r.cursor, r.again = r.pieces, []
+                yield None
+                return
+            try:
+                yield lease
+            finally:
+                r.last = time.monotonic()
+                if lease.ok:
+                    self.sent.inc(len(lease.data))
+                else:
+                    self.failed.inc()
+                    r.again.append(index)
+
+
+def _pread_exact(path: Path, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        raise OSError(f"{path.name} is shorter than its metainfo says")
+    return data
