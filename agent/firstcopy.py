@@ -29,6 +29,9 @@ async def take(job: TorrentJob, origin: OriginClient, ticket: str, metrics: Agen
     """Add this node's share of the first copy to `job` until every piece has left the origin
     or the torrent is complete: the bytes taken. Any failure ends it (the swarm has the rest)."""
     meta, taken = job.meta, 0
+    # (pieces fetched before libtorrent has checked the file, a relayed prefix's for one, would
+    # wait in memory: the other nodes take them meanwhile)
+    await job.checked.wait()
     try:
         while not job.finished.is_set():
             piece = await origin.first_copy_piece(meta.digest, ticket, piece_length=meta.piece_length,

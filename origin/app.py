@@ -114,7 +114,8 @@ async def admission(request: web.Request) -> web.Response:
         replicas.spread(body.ns, body.repository, digest)
     grant = await asyncio.to_thread(admissions.grant, body.node, public_key, digest)
     log.debug("admitted node %s to %s (%s/%s) for %s", body.node, digest, body.ns, body.repository, principal)
-    first_copy = request.app[FIRST_COPIES_KEY].issue(body.node, published.meta, seeder.store.path(digest))
+    copies = request.app.get(FIRST_COPIES_KEY)
+    first_copy = copies.issue(body.node, published.meta, seeder.store.path(digest)) if copies is not None else None
     return web.json_response(protocol.Admission(published.meta.raw, published.signature,
                                                 seeder.source_signature(digest, body.ns), grant,
                                                 admissions.grant_ttl, first_copy).to_json())
@@ -132,7 +133,10 @@ async def first_copy(request: web.Request) -> web.StreamResponse:
     has had from the origin, its index in a header; 204 once every piece has left the origin."""
     digest = Digest.parse(request.match_info["digest"])
     ticket = request.headers.get(protocol.FIRST_COPY_TICKET_HEADER, "")
-    async with request.app[FIRST_COPIES_KEY].piece(ticket, digest) as lease:
+    copies = request.app.get(FIRST_COPIES_KEY)
+    if copies is None:
+        raise errors.Denied("this origin hands out no first copies")
+    async with copies.piece(ticket, digest) as lease:
         if lease is None:
             return web.Response(status=204)
         sock = request.transport.get_extra_info("socket") if request.transport is not None else None
@@ -435,7 +439,8 @@ def build(config: OriginConfig) -> web.Application:
             registry.register(StoreCollector("shoal_origin", store))
             app[SEEDER_KEY] = seeder
             app[RELAYS_KEY] = Relays(seeder.fetching.get, seeder.is_seeding, registry)
-            app[FIRST_COPIES_KEY] = FirstCopies(registry)
+            if config.first_copy:
+                app[FIRST_COPIES_KEY] = FirstCopies(registry, rate=swarm.upload_limit)
             app[PRESEEDER_KEY] = preseeder
             app[COLLECTOR_KEY] = collector
             registry.register(CollectorMetrics(collector))

@@ -200,6 +200,9 @@ class OriginConfig:
     cache: CacheSettings = field(default_factory=CacheSettings)
     # Blobs larger than this are refused before download.
     max_blob_size: Annotated[int, SIZE] = 64 << 30
+    # Hand out each blob's first copy over HTTP, a piece per node (origin/firstcopy.py); off, the
+    # seeder serves every node that the tracker hands it to.
+    first_copy: bool = True
     # Blobs a pre-seed job fetches at once.
     preseed_concurrency: int = 4
     # Connections served at once (every node's seed requests and journal shipping);

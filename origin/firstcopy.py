@@ -14,7 +14,9 @@ node the seeder only once it stalls (protocol.ANNOUNCE_FIRST_COPY).
 A round ends when every piece has left the origin. It is remembered for ROUND_MEMORY after the
 last admission or piece: nodes admitted meanwhile take the blob from the swarm (a rolling update's
 later waves), and a blob nobody asked for in that long gets a new round. A piece whose send
-failed is handed out again first.
+failed is handed out again first. The sends keep to the seeder's upload limit
+(`torrent.upload_rate_limit`), as a pace of their own: an operator's cap on the origin's uplink
+holds for the first copies too.
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ class Lease:
 
 
 class FirstCopies:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, rate: int = 0) -> None:
+        self.rate = rate  # bytes a second over every round's sends, 0 for no limit
+        self._free_at = 0.0  # (monotonic) when the pace lets the next send start
         self._rounds: OrderedDict[str, _Round] = OrderedDict()  # by last use, oldest first
         self._tickets: dict[str, _Round] = {}
         self.tickets = Counter("shoal_origin_first_copy_tickets_total",
@@ -149,23 +153,28 @@ class FirstCopies:
             if index is None:
                 yield None
                 return
-            lease: Lease | None = None
+            lease = Lease(index, b"")
             try:
-                data = await asyncio.to_thread(_pread_exact, r.path, index * r.piece_length, r.length(index))
-                lease = Lease(index, data)
-            except OSError:
-                # the blob left the origin's store (evicted): its round is over, nodes that stall
-                # ask the tracker for the seeders
-                r.cursor, r.again = r.pieces, []
-                yield None
-                return
-            try:
+                try:
+                    lease.data = await asyncio.to_thread(_pread_exact, r.path, index * r.piece_length,
+                                                         r.length(index))
+                except OSError:
+                    # the blob left the origin's store (evicted): its round is over, and nodes that
+                    # stall ask the tracker for the seeders
+                    r.cursor, r.again, lease.ok = r.pieces, [], True
+                    yield None
+                    return
+                if self.rate > 0:
+                    now = time.monotonic()
+                    if self._free_at > now:
+                        await asyncio.sleep(self._free_at - now)
+                    self._free_at = max(now, self._free_at) + len(lease.data) / self.rate
                 yield lease
             finally:
                 r.last = time.monotonic()
                 if lease.ok:
                     self.sent.inc(len(lease.data))
-                else:
+                else:  # (not taken, or the node's request ended first: the next node gets it)
                     self.failed.inc()
                     r.again.append(index)
 

@@ -26,10 +26,13 @@ BOUND = 60
 
 def test_tracker_stopped(stack: Stack, registry: Registry, images: Images, workdir: Path) -> None:
     image = images.app()
-    stack.start(agents=1)
-    assert stack.tracker is not None
     # seeded while the tracker ran (a cold blob would come whole or in part from the origin's relay,
-    # as the origin fetches it: origin/relay.py; here the swarm is the only path)
+    # as the origin fetches it: origin/relay.py), and no first copy (origin/firstcopy.py: a lone
+    # node takes every piece of it from the origin, tracker or not): the swarm is the only path
+    stack.start_tracker()
+    stack.start_origin(first_copy=False)
+    stack.start_agent()
+    assert stack.tracker is not None
     for blob in image.large_blobs(THRESHOLD):
         _seed(stack, blob.digest)
     stack.tracker.stop()

@@ -140,7 +140,8 @@ def in_flight(agent: Component) -> int:
 def test_tracker_killed_during_a_swarm(stack: Stack, registry: Registry, images: Images) -> None:
     blob = big_blob(images)
     tracker = stack.start_tracker()
-    stack.start_origin(torrent={"upload_rate_limit": "16MiB"})
+    # (no first copy: the pieces must flow from the origin's seeder, a peer, when the tracker goes)
+    stack.start_origin(torrent={"upload_rate_limit": "16MiB"}, first_copy=False)
     seed(stack, registry, blob)
     agent = stack.start_agent()
     fetch = Fetch(agent, blob)

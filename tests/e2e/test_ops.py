@@ -113,13 +113,17 @@ def test_health_readiness_and_metrics(stack: Stack, images: Images, workdir: Pat
     assert agent.metric("shoal_agent_served_bytes_total", source="registry") > 0
     assert agent.metric("shoal_agent_download_seconds_count", source="peers") >= 1
     assert agent.metric("shoal_agent_swarm_peers_connected") >= 0
-    assert agent.metric("shoal_agent_swarm_received_payload_bytes_total") > 0
-    assert series(m, "shoal_agent_swarm_received_redundant_bytes_total")  # (0 or more: exported)
+    # a lone node takes every piece of a blob's first copy from the origin (origin/firstcopy.py)
+    large = sum(b.size for b in image.blobs.values() if b.size >= 1 << 20)
+    assert agent.metric("shoal_agent_first_copy_bytes_total") == large
+    assert stack.origin is not None and stack.origin.metric("shoal_origin_first_copy_bytes_total") == large
+    assert series(m, "shoal_agent_swarm_received_payload_bytes_total")  # (0 or more: exported)
+    assert series(m, "shoal_agent_swarm_received_redundant_bytes_total")
     assert agent.metric("shoal_agent_cache_bytes") == image.total_blob_bytes
     assert series(m, "shoal_agent_requests_total")
     assert stack.origin is not None and stack.tracker is not None
     assert stack.origin.metric("shoal_origin_registry_bytes_total") > 0
-    assert stack.origin.metric("shoal_origin_swarm_sent_payload_bytes_total") > 0
+    assert series(stack.origin.metrics(), "shoal_origin_swarm_sent_payload_bytes_total")
     assert stack.tracker.metric("shoal_tracker_announces_total", result="ok") > 0
     assert stack.tracker.metric("shoal_tracker_torrents") >= 1
 

@@ -429,3 +429,45 @@ async def test_a_torrent_connects_to_no_peer_before_its_certificate_is_in_place(
     finally:
         await leecher.stop()
         await seed.stop()
+
+
+async def test_a_piece_from_the_first_copy_is_checked_like_a_peers(tmp_path: Path, keys: Keys) -> None:
+    """origin/firstcopy.py: the origin's pieces reach the torrent through `add_piece`, unverified
+    (a hostile or broken origin, bytes flipped on the way). libtorrent checks them against the
+    signed merkle tree as it checks a peer's: a wrong one never becomes a verified piece, and
+    the right one does."""
+    data = random.Random(8).randbytes(3 * (1 << 20) + 777)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    seed_dir, leech_dir = tmp_path / "seed", tmp_path / "leech"
+    for d in (seed_dir, leech_dir):
+        d.mkdir()
+    (seed_dir / digest.hex).write_bytes(data)
+    raw = await asyncio.to_thread(metainfo.create, seed_dir / digest.hex, digest,
+                                  announce="http://127.0.0.1:9/announce", root_cert=keys.root_cert)
+    meta = metainfo.parse(raw)
+    assert meta.num_pieces >= 2
+    leecher = await start_swarm("127.0.0.3", AGENT_FINGERPRINT, keys, "node-a")
+    try:
+        job = leecher.add(meta, leech_dir, seed=False, first_copy=True)
+        # (added before libtorrent has checked the new torrent: a piece added then was lost once,
+        # with no alert; it is kept until the check is over. Nothing ran on the loop since the add)
+        assert not job.checked.is_set()
+        piece = data[meta.piece_length:2 * meta.piece_length]
+        wrong = bytearray(piece)
+        wrong[1000] ^= 1
+        job.add_piece(1, bytes(wrong))
+        async with asyncio.timeout(30):
+            while job.hash_failures == 0:
+                await job.wait_change(1.0)
+        assert not job.has_piece(1) and job.have_count == 0
+        job.add_piece(1, piece)
+        async with asyncio.timeout(30):
+            while not job.has_piece(1):
+                await job.wait_change(1.0)
+        assert await job.read_piece(1) == piece
+        assert job.have_count == 1 and job.hash_failures == 1
+        # its announces ask not to be handed the origin's seeder
+        urls = [t["url"] for t in job.handle.trackers()]
+        assert urls and all(f"{protocol.ANNOUNCE_FIRST_COPY}=1" in u for u in urls)
+    finally:
+        await leecher.stop()

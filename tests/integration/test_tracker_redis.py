@@ -320,6 +320,31 @@ async def test_a_stalled_leecher_is_handed_the_origin_in_both_stores(
         assert b"failure reason" in doc and b"peers" not in doc
 
 
+async def test_a_first_copy_leecher_is_not_handed_the_origin_until_it_stalls_in_both_stores(
+        aiohttp_client: Any, keys: Keys, redis_server: RedisServer, prefix: str, meta: metainfo.Metainfo) -> None:
+    """origin/firstcopy.py: a leecher that takes its share of the first copy from the origin over
+    HTTP announces `first_copy=1` and is not handed the origin's seeder, even in a swarm with no
+    seeder of its own (where a plain leecher gets it): a piece from the seeder would be a second
+    copy of one the origin sends another node. Once it stalls it gets the origin as any stalled
+    leecher does, and its peers are unchanged. Zones or none."""
+    node = functools.partial(node_token, keys, meta)
+    first = {protocol.ANNOUNCE_FIRST_COPY: "1"}
+    for c in await registered_stores(aiohttp_client, keys, redis_server, prefix, meta):
+        ih = meta.tracker_hash
+        await announce(c, ih, 7000, 0, token=keys.token("origin"), event="started")
+        await announce(c, ih, 7001, 5, token=node(7001), event="started", **first)
+        for _ in range(3):  # random picks: the rule holds every time
+            assert 7000 in compact_ports(await announce(c, ih, 7002, 5, token=node(7002), event="started"))
+            ports = compact_ports(await announce(c, ih, 7003, 5, token=node(7003), event="started", **first))
+            assert 7000 not in ports and {7001, 7002} <= set(ports)
+            assert 7000 not in compact_ports(await announce(c, ih, 7004, 5, token=node(7004), zone="z", **first))
+            stalled = compact_ports(await announce(c, ih, 7003, 5, token=node(7003), **first,
+                                                   **{protocol.ANNOUNCE_STALLED: "1"}))
+            assert stalled[0] == 7000 and {7001, 7002} <= set(stalled)
+        # a seeder's `first_copy` changes nothing (it is handed leechers only)
+        assert 7000 not in compact_ports(await announce(c, ih, 7005, 0, token=node(7005), event="completed", **first))
+
+
 async def test_a_stalled_leecher_gets_the_origin_first_in_its_zone_and_among_many_seeders(
         aiohttp_client: Any, keys: Keys, redis_server: RedisServer, prefix: str, meta: metainfo.Metainfo) -> None:
     """attack21 #3: `stalled` only stopped skipping the origin. A node of a zone that is not one

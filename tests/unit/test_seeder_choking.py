@@ -42,9 +42,10 @@ def test_an_operator_setting_wins() -> None:
 
 def test_a_node_with_a_whole_blob_waits_for_peers_to_connect() -> None:
     """An agent's complete torrents make no outgoing connections (a rollout's finishing nodes
-    opened TLS connections to every other: bench/RESULTS.md §28); the origin's seeder still does."""
+    opened TLS connections to every other: bench/RESULTS.md §28); nor does the origin's seeder,
+    whom the tracker hands only to the leechers that should use it (origin/firstcopy.py)."""
     assert settings(AGENT_FINGERPRINT).pack()["seeding_outgoing_connections"] is False
-    assert "seeding_outgoing_connections" not in settings(SEEDER_FINGERPRINT).pack()
+    assert settings(SEEDER_FINGERPRINT).pack()["seeding_outgoing_connections"] is False
 
 
 def test_the_running_seeder_session_has_them() -> None:

@@ -1,0 +1,170 @@
+"""The origin's first copies (origin/firstcopy.py): every piece once, in order, one send at a
+time; a failed send handed out again; tickets per node and blob, bounded, gone with the round."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from shoal import errors
+from shoal.metainfo import Metainfo
+from shoal.oci import Digest
+from shoal_origin import firstcopy
+from shoal_origin.firstcopy import FirstCopies
+
+PIECE = 16 << 10
+
+
+def blob(tmp_path: Path, size: int, seed: int = 0) -> tuple[Metainfo, Path, bytes]:
+    data = os.urandom(size) if seed == 0 else hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1)
+    data = data[:size]
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    path = tmp_path / digest.hex
+    path.write_bytes(data)
+    return Metainfo(b"", digest, size, PIECE, b"\0" * 32, "http://tracker/announce", ""), path, data
+
+
+async def take(copies: FirstCopies, ticket: str, digest: Digest, *, deliver: bool = True) -> tuple[int, bytes] | None:
+    async with copies.piece(ticket, digest) as lease:
+        if lease is None:
+            return None
+        if deliver:
+            lease.delivered()
+        return lease.index, lease.data
+
+
+async def test_every_piece_leaves_once_in_order_to_whoever_asks(tmp_path: Path) -> None:
+    meta, path, data = blob(tmp_path, 5 * PIECE + 123)
+    copies = FirstCopies(CollectorRegistry())
+    a, b = copies.issue("node-a", meta, path), copies.issue("node-b", meta, path)
+    assert a is not None and b is not None and a != b
+    assert copies.issue("node-a", meta, path) == a  # one ticket per node and round
+    got = [await take(copies, t, meta.digest) for t in (a, b, b, a, b, a)]
+    assert [g[0] for g in got if g is not None] == [0, 1, 2, 3, 4, 5]
+    assert b"".join(g[1] for g in got if g is not None) == data
+    assert got[-1] is not None and len(got[-1][1]) == 123  # the last piece is short
+    assert await take(copies, a, meta.digest) is None  # every piece left: 204
+    assert copies.sent._value.get() == len(data)
+    # the round is over: a node admitted now takes the blob from the swarm
+    assert copies.issue("node-c", meta, path) is None
+
+
+async def test_a_piece_a_node_did_not_take_goes_to_the_next(tmp_path: Path) -> None:
+    meta, path, _ = blob(tmp_path, 3 * PIECE)
+    copies = FirstCopies(CollectorRegistry())
+    a = copies.issue("node-a", meta, path)
+    assert a is not None
+    assert (await take(copies, a, meta.digest, deliver=False) or (-1,))[0] == 0
+
+    async def hang_up() -> None:
+        async with copies.piece(a, meta.digest) as lease:
+            assert lease is not None and lease.index == 0  # handed out again, first
+            raise ConnectionError("node hung up")
+
+    with pytest.raises(ConnectionError):
+        await hang_up()
+    assert [(await take(copies, a, meta.digest) or (-1,))[0] for _ in range(3)] == [0, 1, 2]
+    assert copies.failed._value.get() == 2
+
+
+async def test_sends_wait_for_each_other(tmp_path: Path) -> None:
+    """One piece on its way at a time: a second node's piece waits for the first's send."""
+    meta, path, _ = blob(tmp_path, 3 * PIECE)
+    copies = FirstCopies(CollectorRegistry())
+    a, b = copies.issue("node-a", meta, path), copies.issue("node-b", meta, path)
+    assert a is not None and b is not None
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> None:
+        async with copies.piece(a, meta.digest) as lease:
+            assert lease is not None
+            holding.set()
+            await release.wait()
+            lease.delivered()
+
+    first = asyncio.create_task(slow())
+    await holding.wait()
+    second = asyncio.create_task(take(copies, b, meta.digest))
+    for _ in range(5):  # (the steps it could take without waiting: it must take no piece)
+        await asyncio.sleep(0)
+    assert not second.done() and copies._rounds[meta.digest.hex].cursor == 1
+    release.set()
+    await first
+    assert (await second or (-1,))[0] == 1
+
+
+async def test_a_ticket_is_for_its_blob_and_holder_only(tmp_path: Path) -> None:
+    meta, path, _ = blob(tmp_path, 2 * PIECE)
+    other, other_path, _ = blob(tmp_path, 2 * PIECE, seed=7)
+    copies = FirstCopies(CollectorRegistry())
+    a = copies.issue("node-a", meta, path)
+    assert a is not None
+    for ticket, digest in (("", meta.digest), ("made-up", meta.digest), (a, other.digest)):
+        with pytest.raises(errors.Denied):
+            await take(copies, ticket, digest)
+    assert copies.issue("node-a", other, other_path) not in (None, a)
+
+
+async def test_rounds_are_forgotten_after_a_while_and_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    meta, path, _ = blob(tmp_path, PIECE)
+    copies = FirstCopies(CollectorRegistry())
+    a = copies.issue("node-a", meta, path)
+    assert a is not None and await take(copies, a, meta.digest) is not None
+    assert copies.issue("node-b", meta, path) is None  # done, remembered
+    monkeypatch.setattr(firstcopy, "ROUND_MEMORY", -1.0)
+    fresh = copies.issue("node-b", meta, path)  # forgotten: a new round, and the old ticket with it
+    assert fresh is not None
+    with pytest.raises(errors.Denied):
+        await take(copies, a, meta.digest)
+    monkeypatch.setattr(firstcopy, "ROUND_MEMORY", 600.0)
+    monkeypatch.setattr(firstcopy, "MAX_TICKETS", 2)
+    assert copies.issue("node-c", meta, path) is not None
+    assert copies.issue("node-d", meta, path) is None  # no room: the node takes the swarm's way
+    monkeypatch.setattr(firstcopy, "MAX_ROUNDS", 1)
+    other, other_path, _ = blob(tmp_path, PIECE, seed=9)
+    assert copies.issue("node-e", other, other_path) is not None  # the oldest round made room
+    with pytest.raises(errors.Denied):
+        await take(copies, fresh, meta.digest)
+
+
+async def test_a_blob_gone_from_the_store_ends_its_round(tmp_path: Path) -> None:
+    meta, path, _ = blob(tmp_path, 2 * PIECE)
+    copies = FirstCopies(CollectorRegistry())
+    a = copies.issue("node-a", meta, path)
+    assert a is not None
+    path.unlink()
+    assert await take(copies, a, meta.digest) is None
+    assert copies.issue("node-b", meta, path) is None
+
+
+async def test_sends_keep_to_the_seeders_upload_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator's torrent.upload_rate_limit holds for the first copies too: each send starts
+    when the bytes before it are due at that rate (a clock of the test's, so nothing is timed)."""
+    meta, path, _ = blob(tmp_path, 4 * PIECE)
+    copies = FirstCopies(CollectorRegistry(), rate=PIECE)  # a piece a second
+    clock = [1000.0]
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(firstcopy.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(firstcopy.asyncio, "sleep", sleep)
+    a = copies.issue("node-a", meta, path)
+    assert a is not None
+    for _ in range(4):
+        assert await take(copies, a, meta.digest) is not None
+    assert waits == [1.0, 1.0, 1.0]  # the first at once, then a piece a second
+    clock[0] += 10.0  # idle for a while: no burst is saved up beyond the next piece
+    other, other_path, _ = blob(tmp_path, 2 * PIECE, seed=3)
+    b = copies.issue("node-b", other, other_path)
+    assert b is not None
+    for _ in range(2):
+        assert await take(copies, b, other.digest) is not None
+    assert waits == [1.0, 1.0, 1.0, 1.0]
