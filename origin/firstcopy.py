@@ -27,7 +27,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,8 +89,10 @@ class Lease:
 
 
 class FirstCopies:
-    def __init__(self, registry: CollectorRegistry, *, rate: int = 0) -> None:
+    def __init__(self, registry: CollectorRegistry, *, rate: int = 0, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.rate = rate  # bytes a second over every round's sends, 0 for no limit
+        self._clock, self._sleep = clock, sleep
         self._free_at = 0.0  # (monotonic) when the pace lets the next send start
         self._rounds: OrderedDict[str, _Round] = OrderedDict()  # by last use, oldest first
         self._tickets: dict[str, _Round] = {}
@@ -120,7 +122,7 @@ class FirstCopies:
     def issue(self, node: str, meta: Metainfo, path: Path) -> str | None:
         """A ticket for `node` to take pieces of the blob of `meta` (the origin's file at `path`),
         or None when its first copy has left the origin already (or the origin holds too many)."""
-        now = time.monotonic()
+        now = self._clock()
         self._prune(now)
         key = meta.digest.hex
         r = self._rounds.get(key)
@@ -165,13 +167,13 @@ class FirstCopies:
                     yield None
                     return
                 if self.rate > 0:
-                    now = time.monotonic()
+                    now = self._clock()
                     if self._free_at > now:
-                        await asyncio.sleep(self._free_at - now)
+                        await self._sleep(self._free_at - now)
                     self._free_at = max(now, self._free_at) + len(lease.data) / self.rate
                 yield lease
             finally:
-                r.last = time.monotonic()
+                r.last = self._clock()
                 if lease.ok:
                     self.sent.inc(len(lease.data))
                 else:  # (not taken, or the node's request ended first: the next node gets it)

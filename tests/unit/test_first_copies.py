@@ -142,11 +142,10 @@ async def test_a_blob_gone_from_the_store_ends_its_round(tmp_path: Path) -> None
     assert copies.issue("node-b", meta, path) is None
 
 
-async def test_sends_keep_to_the_seeders_upload_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sends_keep_to_the_seeders_upload_limit(tmp_path: Path) -> None:
     """An operator's torrent.upload_rate_limit holds for the first copies too: each send starts
     when the bytes before it are due at that rate (a clock of the test's, so nothing is timed)."""
     meta, path, _ = blob(tmp_path, 4 * PIECE)
-    copies = FirstCopies(CollectorRegistry(), rate=PIECE)  # a piece a second
     clock = [1000.0]
     waits: list[float] = []
 
@@ -154,8 +153,7 @@ async def test_sends_keep_to_the_seeders_upload_limit(tmp_path: Path, monkeypatc
         waits.append(seconds)
         clock[0] += seconds
 
-    monkeypatch.setattr(firstcopy.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(firstcopy.asyncio, "sleep", sleep)
+    copies = FirstCopies(CollectorRegistry(), rate=PIECE, clock=lambda: clock[0], sleep=sleep)  # a piece a second
     a = copies.issue("node-a", meta, path)
     assert a is not None
     for _ in range(4):
