@@ -569,10 +569,14 @@ class Download:
             self._detach(job)
             self.whole = None
         except BaseException:
-            await _stop(share)  # (before the torrent goes: it adds pieces to it)
+            if share is not None:
+                # (at once: once asked to stop it adds no piece, and a second cancellation of
+                # this download must not skip the removal below)
+                share.cancel()
             self._detach(job)
             self.job = self.whole = self.partial = None
             await swarm.remove(self.digest.hex, delete_files=not moved)
+            await _stop(share)
             raise
         await _stop(share)
 

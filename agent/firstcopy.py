@@ -45,8 +45,10 @@ async def take(job: TorrentJob, origin: OriginClient, ticket: str, metrics: Agen
             job.add_piece(index, data)
             taken += len(data)
             metrics.first_copy_bytes.inc(len(data))
-    except (aiohttp.ClientError, TimeoutError, ApiError, errors.IntegrityError) as exc:
+    except (aiohttp.ClientError, TimeoutError, ValueError, ApiError, errors.IntegrityError) as exc:
         log.info("first copy of %s ended after %d bytes: %s", meta.digest, taken,
                  errors.connection_problem(exc, origin.base, what="the origin")
                  if isinstance(exc, (aiohttp.ClientError, TimeoutError)) else exc)
+        # no more pieces from there: the origin's seeder is for this node again, as for any
+        job.swarm.stop_first_copy(job)
     return taken

@@ -31,7 +31,7 @@ from shoal_origin import notifications as push_notifications
 from shoal_origin.admission import Admissions
 from shoal_origin.collector import Collector, store_for
 from shoal_origin.config import OriginConfig
-from shoal_origin.firstcopy import SEND_TIMEOUT, FirstCopies
+from shoal_origin.firstcopy import SEND_TIMEOUT, FirstCopies, Lease
 from shoal_origin.operators import Operators
 from shoal_origin.page import StatusPage
 from shoal_origin.preseed import Job, Preseeder
@@ -136,28 +136,39 @@ async def first_copy(request: web.Request) -> web.StreamResponse:
     copies = request.app.get(FIRST_COPIES_KEY)
     if copies is None:
         raise errors.Denied("this origin hands out no first copies")
-    async with copies.piece(ticket, digest) as lease:
-        if lease is None:
-            return web.Response(status=204)
-        sock = request.transport.get_extra_info("socket") if request.transport is not None else None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FIRST_COPY_SEND_BUFFER)
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
-                                               protocol.FIRST_COPY_PIECE_HEADER: str(lease.index)})
-        response.content_length = len(lease.data)
-        try:
-            async with asyncio.timeout(SEND_TIMEOUT):
-                await response.prepare(request)
-                await response.write(lease.data)
-                await response.write_eof()
-        except (ConnectionError, TimeoutError):
-            log.debug("a node did not take piece %d of %s's first copy", lease.index, digest)
-            if request.transport is not None:
-                request.transport.abort()  # (and what was buffered for it)
-            return response
-        lease.delivered()
+
+    def alive() -> bool:  # (aiohttp goes on with a handler whose client hung up)
+        return request.transport is not None and not request.transport.is_closing()
+
+    try:
+        async with copies.piece(ticket, digest, alive) as lease:
+            return await _send_piece(request, digest, lease)
+    except ConnectionError:
+        return web.Response(status=204)  # (to no one: the node hung up while it waited)
+
+
+async def _send_piece(request: web.Request, digest: Digest, lease: Lease | None) -> web.StreamResponse:
+    if lease is None:
+        return web.Response(status=204)
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FIRST_COPY_SEND_BUFFER)
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                           protocol.FIRST_COPY_PIECE_HEADER: str(lease.index)})
+    response.content_length = len(lease.data)
+    try:
+        async with asyncio.timeout(SEND_TIMEOUT):
+            await response.prepare(request)
+            await response.write(lease.data)
+            await response.write_eof()
+    except (ConnectionError, TimeoutError):
+        log.debug("a node did not take piece %d of %s's first copy", lease.index, digest)
+        if request.transport is not None:
+            request.transport.abort()  # (and what was buffered for it)
         return response
+    lease.delivered()
+    return response
 
 
 async def relay(request: web.Request) -> web.StreamResponse:

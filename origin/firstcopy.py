@@ -12,9 +12,9 @@ torrent, which checks it against the signed merkle tree like a peer's; the track
 node the seeder only once it stalls (protocol.ANNOUNCE_FIRST_COPY).
 
 A round ends when every piece has left the origin. It is remembered for ROUND_MEMORY after the
-last admission or piece: nodes admitted meanwhile take the blob from the swarm (a rolling update's
-later waves), and a blob nobody asked for in that long gets a new round. A piece whose send
-failed is handed out again first. The sends keep to the seeder's upload limit
+last admission or piece delivered: nodes admitted meanwhile take the blob from the swarm (a
+rolling update's later waves), and a blob nobody asked for in that long gets a new round. A piece
+whose send failed is handed out again first, up to MAX_HANDOUTS times. The sends keep to the seeder's upload limit
 (`torrent.upload_rate_limit`), as a pace of their own: an operator's cap on the origin's uplink
 holds for the first copies too.
 """
@@ -45,6 +45,15 @@ MAX_TICKETS = 100_000
 # A node that does not take its piece in this long loses it (the piece goes to the next node):
 # the send holds up every node's next piece.
 SEND_TIMEOUT = 10.0
+# Requests waiting for their turn, over every round, and how long one waits: each holds one of
+# the origin's connections (max_connections, 2,048 by default), which a request being served is
+# never shed from. A node past either is answered 503 and takes the blob from the swarm. One
+# request at a time per ticket: a node asks for its next piece once it has the last.
+MAX_WAITING = 512
+WAIT_TIMEOUT = 30.0
+# A piece handed out this many times and never taken is left to the seeder (nodes that lack it
+# stall and are handed it): a node that takes pieces and hangs up cannot keep a round open.
+MAX_HANDOUTS = 3
 
 
 @dataclass(eq=False)
@@ -57,7 +66,9 @@ class _Round:
     last: float
     cursor: int = 0
     again: list[int] = field(default_factory=list)  # pieces whose send failed, handed out first
+    failures: dict[int, int] = field(default_factory=dict)  # piece -> failed sends
     nodes: dict[str, str] = field(default_factory=dict)  # node -> its ticket
+    busy: set[str] = field(default_factory=set)  # tickets with a request in progress
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -74,6 +85,14 @@ class _Round:
 
     def length(self, index: int) -> int:
         return min(self.piece_length, self.size - index * self.piece_length)
+
+    def failed(self, index: int) -> None:
+        self.failures[index] = n = self.failures.get(index, 0) + 1
+        if n < MAX_HANDOUTS:
+            self.again.append(index)
+
+    def end(self) -> None:
+        self.cursor, self.again = self.pieces, []
 
 
 class Lease:
@@ -93,6 +112,7 @@ class FirstCopies:
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.rate = rate  # bytes a second over every round's sends, 0 for no limit
         self._clock, self._sleep = clock, sleep
+        self._waiting = 0  # requests waiting for their round's turn
         self._free_at = 0.0  # (monotonic) when the pace lets the next send start
         self._rounds: OrderedDict[str, _Round] = OrderedDict()  # by last use, oldest first
         self._tickets: dict[str, _Round] = {}
@@ -143,42 +163,77 @@ class FirstCopies:
         return ticket
 
     @contextlib.asynccontextmanager
-    async def piece(self, ticket: str, digest: Digest) -> AsyncIterator[Lease | None]:
+    async def piece(self, ticket: str, digest: Digest,
+                    alive: Callable[[], bool] = lambda: True) -> AsyncIterator[Lease | None]:
         """The next piece of the blob's first copy for the holder of `ticket`, None once every
         piece has left the origin. Held until the block ends: the next node's piece is sent
-        after this one (in order, each at the origin's whole link, not all at once at a share)."""
+        after this one (in order, each at the origin's whole link, not all at once at a share).
+        Unavailable (503) while the ticket has a request in progress, too many wait, or the turn
+        does not come in time; ConnectionError if the node hung up (`alive`) before its turn."""
         r = self._tickets.get(ticket)
         if r is None or r.digest != digest.hex:
             raise errors.Denied("no first-copy ticket for this blob")
-        async with r.lock:
-            index = r.take()
-            if index is None:
-                yield None
-                return
-            lease = Lease(index, b"")
+        if ticket in r.busy:
+            raise errors.Unavailable("this ticket has a first-copy request in progress")
+        if self._waiting >= MAX_WAITING:
+            raise errors.Unavailable("too many first-copy requests are waiting")
+        r.busy.add(ticket)
+        try:
+            self._waiting += 1
             try:
-                try:
-                    lease.data = await asyncio.to_thread(_pread_exact, r.path, index * r.piece_length,
-                                                         r.length(index))
-                except OSError:
-                    # the blob left the origin's store (evicted): its round is over, and nodes that
-                    # stall ask the tracker for the seeders
-                    r.cursor, r.again, lease.ok = r.pieces, [], True
-                    yield None
-                    return
-                if self.rate > 0:
-                    now = self._clock()
-                    if self._free_at > now:
-                        await self._sleep(self._free_at - now)
-                    self._free_at = max(now, self._free_at) + len(lease.data) / self.rate
-                yield lease
+                async with asyncio.timeout(WAIT_TIMEOUT):
+                    await r.lock.acquire()
+            except TimeoutError:
+                raise errors.Unavailable("the first copy's turn did not come in time") from None
             finally:
+                self._waiting -= 1
+            try:
+                if not alive():  # (it hung up while it waited: no piece, and no pace, for it)
+                    raise ConnectionError("the node hung up")
+                async with self._send(r) as lease:
+                    yield lease
+            finally:
+                r.lock.release()
+        finally:
+            r.busy.discard(ticket)
+
+    @contextlib.asynccontextmanager
+    async def _send(self, r: _Round) -> AsyncIterator[Lease | None]:
+        if self.rate > 0:  # (before the piece is read: the wait holds no piece in memory)
+            now = self._clock()
+            if self._free_at > now:
+                await self._sleep(self._free_at - now)
+        index = r.take()
+        if index is None:
+            yield None
+            return
+        lease = Lease(index, b"")
+        try:
+            lease.data = await asyncio.to_thread(_pread_exact, r.path, index * r.piece_length, r.length(index))
+        except FileNotFoundError:
+            # the blob left the origin's store (evicted): its round is over, and nodes that stall
+            # ask the tracker for the seeders
+            r.end()
+            yield None
+            return
+        except OSError:
+            r.failed(index)  # (a passing error, EMFILE or EIO: the piece is handed out again)
+            raise errors.Unavailable("cannot read the blob's piece now") from None
+        except BaseException:
+            r.failed(index)
+            raise
+        charge = len(lease.data) / self.rate if self.rate > 0 else 0.0
+        self._free_at = max(self._clock(), self._free_at) + charge
+        try:
+            yield lease
+        finally:
+            if lease.ok:
                 r.last = self._clock()
-                if lease.ok:
-                    self.sent.inc(len(lease.data))
-                else:  # (not taken, or the node's request ended first: the next node gets it)
-                    self.failed.inc()
-                    r.again.append(index)
+                self.sent.inc(len(lease.data))
+            else:  # (not taken, or the node's request ended first: the next node gets it)
+                self._free_at -= charge  # (nothing was sent: the pace is not spent on it)
+                self.failed.inc()
+                r.failed(index)
 
 
 def _pread_exact(path: Path, offset: int, length: int) -> bytes:
@@ -187,6 +242,6 @@ def _pread_exact(path: Path, offset: int, length: int) -> bytes:
         data = os.pread(fd, length, offset)
     finally:
         os.close(fd)
-    if len(data) != length:
-        raise OSError(f"{path.name} is shorter than its metainfo says")
+    if len(data) != length:  # (truncated: as good as gone)
+        raise FileNotFoundError(f"{path.name} is shorter than its metainfo says")
     return data

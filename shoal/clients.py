@@ -134,7 +134,8 @@ class OriginClient:
                 raise await _refused(r, "the origin did not send a piece of the blob's first copy")
             index = r.headers.get(protocol.FIRST_COPY_PIECE_HEADER, "")
             length = r.content_length
-            if not (index.isascii() and index.isdigit()) or length is None or not 0 < length <= piece_length:
+            if not (index.isascii() and index.isdigit() and len(index) <= 10) or length is None \
+                    or not 0 < length <= piece_length:
                 raise errors.IntegrityError("the origin's first-copy piece has no index or a wrong length")
             return int(index), await r.content.readexactly(length)
 

@@ -178,6 +178,16 @@ def _compact(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+TICKET_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")  # (it goes into a header: nothing else)
+
+
+def _ticket(doc: dict[str, Any], key: str) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or not TICKET_RE.fullmatch(value):
+        raise errors.BadRequest(errors.INVALID_REQUEST, f"{key} must be 1 to 128 letters, digits, '-' or '_'")
+    return value
+
+
 def _b64(doc: dict[str, Any], key: str, *, max_length: int) -> bytes:
     try:
         return base64.b64decode(_text(doc, key, max_length=max_length), validate=True)
@@ -293,7 +303,7 @@ class Admission:
     @classmethod
     def from_json(cls, doc: Any) -> Admission:
         d = _doc(doc)
-        first_copy = _text(d, "first_copy", max_length=128) if d.get("first_copy") is not None else None
+        first_copy = _ticket(d, "first_copy") if d.get("first_copy") is not None else None
         return cls(_b64(d, "metainfo", max_length=4 << 20), _text(d, "signature", max_length=128),
                    _text(d, "source", max_length=128), Grant.from_json(d.get("grant")), _ttl(d), first_copy)
 

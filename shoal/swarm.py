@@ -758,6 +758,17 @@ class Swarm:
             self._trackers(job, grant)
             self.force_reannounce(job)
 
+    def stop_first_copy(self, job: TorrentJob) -> None:
+        """A download whose first copy ended early (the origin refused or failed it): its
+        announces no longer ask not to be handed the origins' seeders, and one goes out now."""
+        if not job.first_copy or job.finished.is_set() or not job.handle.is_valid():
+            return
+        job.first_copy = False
+        grant = job.grant or self._default
+        if grant is not None:
+            self._trackers(job, grant)
+            self.force_reannounce(job)
+
     @staticmethod
     def _lift_peer_limit(job: TorrentJob) -> None:
         if job.limited_until is not None:

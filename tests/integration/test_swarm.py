@@ -15,12 +15,16 @@ import aiohttp
 import libtorrent as lt
 import pytest
 from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
 
 from shoal import announcing, bencode, metainfo, peercerts, protocol, signing
 from shoal import swarm as swarm_module
+from shoal.clients import OriginClient
 from shoal.oci import Digest
 from shoal.store import sha256_file
 from shoal.swarm import AGENT_FINGERPRINT, SEEDER_FINGERPRINT, Grant, Swarm, SwarmSettings
+from shoal_agent import firstcopy
+from shoal_agent.metrics import AgentMetrics
 from shoal_tracker import app as tracker_app
 from shoal_tracker import config as tracker_config
 from tests.integration.conftest import NODE_TOKEN, REGISTRATION_TOKEN, Keys, tracker_server
@@ -471,3 +475,38 @@ async def test_a_piece_from_the_first_copy_is_checked_like_a_peers(tmp_path: Pat
         assert urls and all(f"{protocol.ANNOUNCE_FIRST_COPY}=1" in u for u in urls)
     finally:
         await leecher.stop()
+
+
+async def test_a_first_copy_the_origin_refuses_gives_the_node_back_the_seeder(tmp_path: Path, keys: Keys) -> None:
+    """attack (helper-51 #9): a node whose first copy ended early (the origin refused it, 503
+    past its bounds, or failed) kept asking the tracker not to be handed the origin's seeder,
+    and had neither until it stalled. Now its announces stop asking that."""
+    data = random.Random(9).randbytes(1 << 20)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    (tmp_path / digest.hex).write_bytes(data)
+    raw = await asyncio.to_thread(metainfo.create, tmp_path / digest.hex, digest,
+                                  announce="http://127.0.0.1:9/announce", root_cert=keys.root_cert)
+    meta = metainfo.parse(raw)
+
+    async def busy(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.json_response({"errors": [{"code": "UNAVAILABLE", "message": "busy"}]}, status=503)
+
+    app = aiohttp.web.Application()
+    app.router.add_route("GET", protocol.FIRST_COPY.pattern, busy)
+    origin = TestServer(app, host="127.0.0.1")
+    await origin.start_server()
+    leecher = await start_swarm("127.0.0.3", AGENT_FINGERPRINT, keys, "node-a")
+    try:
+        job = leecher.add(meta, tmp_path / "leech", seed=False, first_copy=True)
+
+        def asking_not_to_get_the_seeder() -> bool:
+            return any(f"{protocol.ANNOUNCE_FIRST_COPY}=1" in t["url"] for t in job.handle.trackers())
+
+        assert asking_not_to_get_the_seeder()
+        async with aiohttp.ClientSession() as http:
+            client = OriginClient(http, str(origin.make_url("")).rstrip("/"), "t" * 32)
+            assert await firstcopy.take(job, client, "ticket-1", AgentMetrics(CollectorRegistry())) == 0
+        assert not job.first_copy and not asking_not_to_get_the_seeder()
+    finally:
+        await leecher.stop()
+        await origin.close()

@@ -166,3 +166,154 @@ async def test_sends_keep_to_the_seeders_upload_limit(tmp_path: Path) -> None:
     for _ in range(2):
         assert await take(copies, b, other.digest) is not None
     assert waits == [1.0, 1.0, 1.0, 1.0]
+
+
+async def hold(copies: FirstCopies, ticket: str, digest: Digest, entered: asyncio.Event,
+               release: asyncio.Event) -> None:
+    async with copies.piece(ticket, digest) as lease:
+        assert lease is not None
+        entered.set()
+        await release.wait()
+        lease.delivered()
+
+
+async def test_a_ticket_has_one_request_at_a_time_and_waiters_are_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """attack (helper-51 #1, #2): a node's requests that wait for their turn held a connection and
+    their request each, unbounded: 7,072 hung-up requests of one ticket raised the origin's RSS by
+    388 MiB, and max_connections of them left no connection for any other node. Now a ticket
+    has one request in progress, and MAX_WAITING wait over every round (503 past either)."""
+    meta, path, _ = blob(tmp_path, 4 * PIECE)
+    copies = FirstCopies(CollectorRegistry())
+    a, b, c = (copies.issue(n, meta, path) for n in ("node-a", "node-b", "node-c"))
+    assert a is not None and b is not None and c is not None
+    monkeypatch.setattr(firstcopy, "MAX_WAITING", 1)
+    entered, release = asyncio.Event(), asyncio.Event()
+    holder = asyncio.create_task(hold(copies, a, meta.digest, entered, release))
+    await entered.wait()
+    with pytest.raises(errors.Unavailable, match="in progress"):
+        await take(copies, a, meta.digest)  # the same ticket, again
+    waiter = asyncio.create_task(take(copies, b, meta.digest))
+    for _ in range(5):
+        await asyncio.sleep(0)  # (its steps up to the wait for its turn)
+    assert copies._waiting == 1 and not waiter.done()
+    with pytest.raises(errors.Unavailable, match="too many"):
+        await take(copies, c, meta.digest)
+    release.set()
+    await holder
+    assert (await waiter or (-1,))[0] == 1
+    assert copies._waiting == 0 and not copies._rounds[meta.digest.hex].busy
+
+
+async def test_a_node_that_hung_up_while_it_waited_takes_no_piece(tmp_path: Path) -> None:
+    """attack (helper-51 #1): aiohttp goes on with a handler whose client hung up; such a request
+    still read a piece (up to 4 MiB) when its turn came, failed to send it and handed it out
+    again. Now it takes none."""
+    meta, path, _ = blob(tmp_path, 4 * PIECE)
+    copies = FirstCopies(CollectorRegistry())
+    a, b = copies.issue("node-a", meta, path), copies.issue("node-b", meta, path)
+    assert a is not None and b is not None
+    entered, release = asyncio.Event(), asyncio.Event()
+    holder = asyncio.create_task(hold(copies, a, meta.digest, entered, release))
+    await entered.wait()
+
+    async def gone() -> None:
+        async with copies.piece(b, meta.digest, alive=lambda: False):
+            raise AssertionError("a piece for a node that hung up")
+
+    waiter = asyncio.create_task(gone())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    release.set()
+    await holder
+    with pytest.raises(ConnectionError):
+        await waiter
+    r = copies._rounds[meta.digest.hex]
+    assert r.cursor == 1 and not r.again and copies.failed._value.get() == 0
+
+
+async def test_a_turn_that_does_not_come_in_time_is_a_503(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    meta, path, _ = blob(tmp_path, 2 * PIECE)
+    copies = FirstCopies(CollectorRegistry())
+    a, b = copies.issue("node-a", meta, path), copies.issue("node-b", meta, path)
+    assert a is not None and b is not None
+    entered, release = asyncio.Event(), asyncio.Event()
+    holder = asyncio.create_task(hold(copies, a, meta.digest, entered, release))
+    await entered.wait()
+    monkeypatch.setattr(firstcopy, "WAIT_TIMEOUT", 0.01)  # (the holder never lets go before it)
+    with pytest.raises(errors.Unavailable, match="in time"):
+        await take(copies, b, meta.digest)
+    release.set()
+    await holder
+    assert copies._waiting == 0 and (await take(copies, b, meta.digest) or (-1,))[0] == 1
+
+
+async def test_a_piece_nobody_takes_cannot_keep_a_round_open(tmp_path: Path) -> None:
+    """attack (helper-51 #4): every failed send handed its piece out again and renewed the round,
+    so a node that took pieces and hung up kept it open and remembered for ever: every node
+    admitted later got a ticket and was kept from the seeder until it stalled. Now a piece is
+    handed out MAX_HANDOUTS times at most, and only admissions and delivered pieces renew."""
+    meta, path, _ = blob(tmp_path, 2 * PIECE)
+    clock = [1000.0]
+    copies = FirstCopies(CollectorRegistry(), clock=lambda: clock[0])
+    a = copies.issue("node-a", meta, path)
+    assert a is not None
+    for _ in range(firstcopy.MAX_HANDOUTS):
+        assert (await take(copies, a, meta.digest, deliver=False) or (-1,))[0] == 0
+    assert (await take(copies, a, meta.digest) or (-1,))[0] == 1  # piece 0 is left to the seeder
+    assert await take(copies, a, meta.digest) is None
+    # failed sends renew nothing: a round whose last delivered piece is older than ROUND_MEMORY
+    # is forgotten, however many failed since
+    other, other_path, _ = blob(tmp_path, 2 * PIECE, seed=5)
+    b = copies.issue("node-b", other, other_path)
+    assert b is not None and await take(copies, b, other.digest) is not None
+    for _ in range(firstcopy.MAX_HANDOUTS - 1):
+        clock[0] += firstcopy.ROUND_MEMORY / firstcopy.MAX_HANDOUTS
+        assert await take(copies, b, other.digest, deliver=False) is not None
+    clock[0] += firstcopy.ROUND_MEMORY / firstcopy.MAX_HANDOUTS + 1
+    assert copies.issue("node-c", meta, path) is not None  # (a new round of the first blob)
+    with pytest.raises(errors.Denied):
+        await take(copies, b, other.digest)
+
+
+async def test_a_passing_read_error_hands_the_piece_out_again(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """attack (helper-51 #5): any read error (EMFILE, EIO) ended the round as if the blob were
+    gone, for ten minutes. Now only a missing or short file does; another error is a 503 and
+    the piece goes out again."""
+    meta, path, data = blob(tmp_path, 2 * PIECE)
+    copies = FirstCopies(CollectorRegistry())
+    a = copies.issue("node-a", meta, path)
+    assert a is not None
+    real = firstcopy._pread_exact
+
+    def once(p: Path, offset: int, length: int) -> bytes:
+        monkeypatch.setattr(firstcopy, "_pread_exact", real)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(firstcopy, "_pread_exact", once)
+    with pytest.raises(errors.Unavailable):
+        await take(copies, a, meta.digest)
+    assert await take(copies, a, meta.digest) == (0, data[:PIECE])
+
+
+async def test_a_send_that_failed_does_not_spend_the_pace(tmp_path: Path) -> None:
+    """attack (helper-51 #3): the pace was charged before the send and kept when it failed (50
+    failed sends spent 49 s of every blob's budget); and it was waited for with the piece read."""
+    meta, path, _ = blob(tmp_path, 4 * PIECE)
+    clock = [1000.0]
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock[0] += seconds
+
+    copies = FirstCopies(CollectorRegistry(), rate=PIECE, clock=lambda: clock[0], sleep=sleep)
+    a = copies.issue("node-a", meta, path)
+    assert a is not None
+    for _ in range(firstcopy.MAX_HANDOUTS - 1):
+        assert await take(copies, a, meta.digest, deliver=False) is not None
+    assert waits == []  # nothing was sent: nothing to wait for
+    assert await take(copies, a, meta.digest) is not None
+    assert await take(copies, a, meta.digest) is not None
+    assert waits == [1.0]
