@@ -115,7 +115,9 @@ async def admission(request: web.Request) -> web.Response:
     grant = await asyncio.to_thread(admissions.grant, body.node, public_key, digest)
     log.debug("admitted node %s to %s (%s/%s) for %s", body.node, digest, body.ns, body.repository, principal)
     copies = request.app.get(FIRST_COPIES_KEY)
-    first_copy = copies.issue(body.node, published.meta, seeder.store.path(digest)) if copies is not None else None
+    # (what a relay sent a node while the origin fetched the blob is not sent again)
+    first_copy = copies.issue(body.node, published.meta, seeder.store.path(digest),
+                              start=request.app[RELAYS_KEY].relayed(digest)) if copies is not None else None
     return web.json_response(protocol.Admission(published.meta.raw, published.signature,
                                                 seeder.source_signature(digest, body.ns), grant,
                                                 admissions.grant_ttl, first_copy).to_json())
@@ -151,8 +153,10 @@ async def _send_piece(request: web.Request, digest: Digest, lease: Lease | None)
     if lease is None:
         return web.Response(status=204)
     sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    before = None
     if sock is not None:
         with contextlib.suppress(OSError):
+            before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FIRST_COPY_SEND_BUFFER)
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
                                            protocol.FIRST_COPY_PIECE_HEADER: str(lease.index)})
@@ -167,6 +171,12 @@ async def _send_piece(request: web.Request, digest: Digest, lease: Lease | None)
         if request.transport is not None:
             request.transport.abort()  # (and what was buffered for it)
         return response
+    finally:
+        if sock is not None and before is not None:
+            # the connection stays open for the node's next request, which may be a relay or an
+            # admission: the buffer it had (Linux reports it doubled)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, before // 2)
     lease.delivered()
     return response
 
@@ -194,7 +204,7 @@ async def _relay(request: web.Request, relays: Relays, ns: str, digest: Digest) 
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     try:
         await response.prepare(request)
-        sent = await relays.stream(progress, response.write)
+        sent = await relays.stream(progress, digest, response.write)
         await response.write_eof()
     except (ConnectionError, TimeoutError):
         # the node hung up (it had the metainfo, or gave up) or stopped reading: nothing lost.
