@@ -115,9 +115,7 @@ async def admission(request: web.Request) -> web.Response:
     grant = await asyncio.to_thread(admissions.grant, body.node, public_key, digest)
     log.debug("admitted node %s to %s (%s/%s) for %s", body.node, digest, body.ns, body.repository, principal)
     copies = request.app.get(FIRST_COPIES_KEY)
-    # (what a relay sent a node while the origin fetched the blob is not sent again)
-    first_copy = copies.issue(body.node, published.meta, seeder.store.path(digest),
-                              start=request.app[RELAYS_KEY].relayed(digest)) if copies is not None else None
+    first_copy = copies.issue(body.node, published.meta, seeder.store.path(digest)) if copies is not None else None
     return web.json_response(protocol.Admission(published.meta.raw, published.signature,
                                                 seeder.source_signature(digest, body.ns), grant,
                                                 admissions.grant_ttl, first_copy).to_json())
@@ -204,7 +202,7 @@ async def _relay(request: web.Request, relays: Relays, ns: str, digest: Digest) 
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     try:
         await response.prepare(request)
-        sent = await relays.stream(progress, digest, response.write)
+        sent = await relays.stream(progress, response.write)
         await response.write_eof()
     except (ConnectionError, TimeoutError):
         # the node hung up (it had the metainfo, or gave up) or stopped reading: nothing lost.

@@ -139,11 +139,9 @@ class FirstCopies:
         for ticket in r.nodes.values():
             self._tickets.pop(ticket, None)
 
-    def issue(self, node: str, meta: Metainfo, path: Path, *, start: int = 0) -> str | None:
+    def issue(self, node: str, meta: Metainfo, path: Path) -> str | None:
         """A ticket for `node` to take pieces of the blob of `meta` (the origin's file at `path`),
-        or None when its first copy has left the origin already (or the origin holds too many).
-        A new round begins after the first `start` bytes' whole pieces (a relay sent a node
-        them while the origin fetched the blob: they are in the swarm already)."""
+        or None when its first copy has left the origin already (or the origin holds too many)."""
         now = self._clock()
         self._prune(now)
         key = meta.digest.hex
@@ -151,8 +149,7 @@ class FirstCopies:
         if r is None:
             if len(self._rounds) >= MAX_ROUNDS:
                 self._forget(next(iter(self._rounds.values())))
-            r = self._rounds[key] = _Round(key, path, meta.size, meta.piece_length, meta.num_pieces, now,
-                                           cursor=min(start // meta.piece_length, meta.num_pieces))
+            r = self._rounds[key] = _Round(key, path, meta.size, meta.piece_length, meta.num_pieces, now)
         r.last = now
         self._rounds.move_to_end(key)
         ticket = r.nodes.get(node)

@@ -19,7 +19,6 @@ import contextlib
 import os
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +44,6 @@ MAX_TICKETS = 512
 START_TIMEOUT = 30.0
 # A node that stops reading is dropped after this long: the relay holds nothing for it.
 WRITE_TIMEOUT = 30.0
-# How long what a relay sent is remembered (blobs, at most): the first copy's round, which
-# starts once the blob is seeded, does not send again what a node had from the relay
-# (origin/firstcopy.py).
-RELAYED_MEMORY = 60.0
-MAX_RELAYED = 4096
 
 
 class FetchProgress:
@@ -105,8 +99,6 @@ class Relays:
         # unused ones do (else a node redeeming each ticket at once had as many streams as it
         # asked for, each holding a socket, a file and up to READ_CHUNK of the origin's memory).
         self._live: dict[str, _Ticket] = {}
-        # digest hex -> (the most bytes one relay of it sent, when it last sent)
-        self._relayed: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self.tickets = Counter("shoal_origin_relay_tickets_total",
                                "Admissions answered with a relay ticket (issued), or without one because the "
                                "blob had enough relays (declined)", ["result"], registry=registry)
@@ -163,20 +155,7 @@ class Relays:
             await asyncio.sleep(0.02)  # the fetch begins after one registry round trip
         return None
 
-    def relayed(self, digest: Digest) -> int:
-        """The most bytes of `digest`, from its start, that one relay sent lately (one node has
-        them, unverified: libtorrent keeps the whole pieces of them that match)."""
-        sent, at = self._relayed.get(digest.hex, (0, 0.0))
-        return sent if time.monotonic() - at <= RELAYED_MEMORY else 0
-
-    def _note(self, digest: Digest, sent: int) -> None:
-        before = self._relayed.pop(digest.hex, (0, 0.0))[0]
-        self._relayed[digest.hex] = (max(before, sent), time.monotonic())
-        while len(self._relayed) > MAX_RELAYED:
-            self._relayed.popitem(last=False)
-
-    async def stream(self, progress: FetchProgress, digest: Digest,
-                     write: Callable[[bytes], Awaitable[None]]) -> int:
+    async def stream(self, progress: FetchProgress, write: Callable[[bytes], Awaitable[None]]) -> int:
         """Send what the fetch has written, and what it writes, until it ends: the bytes sent."""
         pos, f = 0, None
         self.streams.inc()
@@ -196,7 +175,6 @@ class Relays:
                     await write(chunk)
                 pos += len(chunk)
                 self.sent.inc(len(chunk))
-                self._note(digest, pos)
         finally:
             self.streams.dec()
             if f is not None:

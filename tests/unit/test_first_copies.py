@@ -317,16 +317,3 @@ async def test_a_send_that_failed_does_not_spend_the_pace(tmp_path: Path) -> Non
     assert await take(copies, a, meta.digest) is not None
     assert await take(copies, a, meta.digest) is not None
     assert waits == [1.0]
-
-
-async def test_a_round_starts_after_what_a_relay_sent(tmp_path: Path) -> None:
-    """A relay sent a node the blob's first bytes while the origin fetched it (origin/relay.py);
-    their whole pieces are in the swarm already, and the round starts after them (it sent them
-    again, 0.1-0.4 copies of the blob in a 32-node create, on the link that paces it)."""
-    meta, path, data = blob(tmp_path, 5 * PIECE)
-    copies = FirstCopies(CollectorRegistry())
-    a = copies.issue("node-a", meta, path, start=2 * PIECE + 5)
-    assert a is not None
-    assert await take(copies, a, meta.digest) == (2, data[2 * PIECE:3 * PIECE])
-    other, other_path, _ = blob(tmp_path, 2 * PIECE, seed=4)
-    assert copies.issue("node-a", other, other_path, start=2 * PIECE) is None  # all of it: no round
