@@ -66,17 +66,8 @@ def test_each_piece_leaves_the_origin_once_and_the_agents_spread_it(stack: Stack
 
 
 def first_copy_get(origin: Component, token: str, digest: str, ticket: str | None) -> tuple[int, dict[str, str], bytes]:
-    host, port = origin.config["listen"].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=BOUND)
-    try:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        if ticket is not None:
-            headers[protocol.FIRST_COPY_TICKET_HEADER] = ticket
-        conn.request("GET", protocol.FIRST_COPY.path(digest=digest), headers=headers)
-        r = conn.getresponse()
-        return r.status, dict(r.getheaders()), r.read()
-    finally:
-        conn.close()
+    return api.ticket_get(origin.config["listen"], protocol.FIRST_COPY.path(digest=digest), token,
+                          protocol.FIRST_COPY_TICKET_HEADER, ticket, BOUND)
 
 
 def test_the_first_copy_is_for_admitted_nodes_of_that_blob_only(stack: Stack, registry: Registry,

@@ -110,17 +110,9 @@ def test_a_cold_blob_flows_before_the_origin_has_it(stack: Stack, registry: Regi
 
 
 def relay_status(origin: Component, token: str, digest: str, ticket: str | None) -> tuple[int, bytes]:
-    host, port = origin.config["listen"].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=BOUND)
-    try:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        if ticket is not None:
-            headers[protocol.RELAY_TICKET_HEADER] = ticket
-        conn.request("GET", protocol.RELAY.path(digest=digest), headers=headers)
-        r = conn.getresponse()
-        return r.status, r.read()
-    finally:
-        conn.close()
+    status, _, body = api.ticket_get(origin.config["listen"], protocol.RELAY.path(digest=digest), token,
+                                     protocol.RELAY_TICKET_HEADER, ticket, BOUND)
+    return status, body
 
 
 def ask_relay(stack: Stack, digest: str, node: str, credential: str | None,

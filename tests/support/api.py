@@ -5,6 +5,7 @@ malformed requests, announce and scrape)."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -70,6 +71,23 @@ def preseed(origin: str, token: str, *images: str, platforms: list[str] | None =
 
 def preseed_job(origin: str, token: str, job: str) -> protocol.PreseedJob:
     return run(lambda http: OperatorClient(http, origin, operator(token)).preseed_job(job))
+
+
+def ticket_get(listen: str, path: str, token: str, header: str, ticket: str | None,
+               timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+    """A node's GET of an origin route that takes a ticket (the relay, the first copy), raw:
+    `token` the node token ("" for none), the ticket in `header` (None: no header)."""
+    host, port = listen.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if ticket is not None:
+            headers[header] = ticket
+        conn.request("GET", path, headers=headers)
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        conn.close()
 
 
 def status(url: str) -> dict[str, Any]:

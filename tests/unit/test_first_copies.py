@@ -142,10 +142,9 @@ async def test_a_blob_gone_from_the_store_ends_its_round(tmp_path: Path) -> None
     assert copies.issue("node-b", meta, path) is None
 
 
-async def test_sends_keep_to_the_seeders_upload_limit(tmp_path: Path) -> None:
-    """An operator's torrent.upload_rate_limit holds for the first copies too: each send starts
-    when the bytes before it are due at that rate (a clock of the test's, so nothing is timed)."""
-    meta, path, _ = blob(tmp_path, 4 * PIECE)
+def paced() -> tuple[FirstCopies, list[float], list[float]]:
+    """First copies paced at a piece a second on a clock of the test's (so nothing is timed):
+    the clock, and the waits asked for."""
     clock = [1000.0]
     waits: list[float] = []
 
@@ -153,7 +152,14 @@ async def test_sends_keep_to_the_seeders_upload_limit(tmp_path: Path) -> None:
         waits.append(seconds)
         clock[0] += seconds
 
-    copies = FirstCopies(CollectorRegistry(), rate=PIECE, clock=lambda: clock[0], sleep=sleep)  # a piece a second
+    return FirstCopies(CollectorRegistry(), rate=PIECE, clock=lambda: clock[0], sleep=sleep), clock, waits
+
+
+async def test_sends_keep_to_the_seeders_upload_limit(tmp_path: Path) -> None:
+    """An operator's torrent.upload_rate_limit holds for the first copies too: each send starts
+    when the bytes before it are due at that rate (a clock of the test's, so nothing is timed)."""
+    meta, path, _ = blob(tmp_path, 4 * PIECE)
+    copies, clock, waits = paced()
     a = copies.issue("node-a", meta, path)
     assert a is not None
     for _ in range(4):
@@ -175,6 +181,17 @@ async def hold(copies: FirstCopies, ticket: str, digest: Digest, entered: asynci
         entered.set()
         await release.wait()
         lease.delivered()
+
+
+async def held(meta: Metainfo, path: Path) -> tuple[FirstCopies, str, asyncio.Task[None], asyncio.Event]:
+    """First copies whose lock node-a holds until the event is set: and node-b's ticket."""
+    copies = FirstCopies(CollectorRegistry())
+    a, b = copies.issue("node-a", meta, path), copies.issue("node-b", meta, path)
+    assert a is not None and b is not None
+    entered, release = asyncio.Event(), asyncio.Event()
+    holder = asyncio.create_task(hold(copies, a, meta.digest, entered, release))
+    await entered.wait()
+    return copies, b, holder, release
 
 
 async def test_a_ticket_has_one_request_at_a_time_and_waiters_are_bounded(
@@ -210,12 +227,7 @@ async def test_a_node_that_hung_up_while_it_waited_takes_no_piece(tmp_path: Path
     still read a piece (up to 4 MiB) when its turn came, failed to send it and handed it out
     again. Now it takes none."""
     meta, path, _ = blob(tmp_path, 4 * PIECE)
-    copies = FirstCopies(CollectorRegistry())
-    a, b = copies.issue("node-a", meta, path), copies.issue("node-b", meta, path)
-    assert a is not None and b is not None
-    entered, release = asyncio.Event(), asyncio.Event()
-    holder = asyncio.create_task(hold(copies, a, meta.digest, entered, release))
-    await entered.wait()
+    copies, b, holder, release = await held(meta, path)
 
     async def gone() -> None:
         async with copies.piece(b, meta.digest, alive=lambda: False):
@@ -234,12 +246,7 @@ async def test_a_node_that_hung_up_while_it_waited_takes_no_piece(tmp_path: Path
 
 async def test_a_turn_that_does_not_come_in_time_is_a_503(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     meta, path, _ = blob(tmp_path, 2 * PIECE)
-    copies = FirstCopies(CollectorRegistry())
-    a, b = copies.issue("node-a", meta, path), copies.issue("node-b", meta, path)
-    assert a is not None and b is not None
-    entered, release = asyncio.Event(), asyncio.Event()
-    holder = asyncio.create_task(hold(copies, a, meta.digest, entered, release))
-    await entered.wait()
+    copies, b, holder, release = await held(meta, path)
     monkeypatch.setattr(firstcopy, "WAIT_TIMEOUT", 0.01)  # (the holder never lets go before it)
     with pytest.raises(errors.Unavailable, match="in time"):
         await take(copies, b, meta.digest)
@@ -301,14 +308,7 @@ async def test_a_send_that_failed_does_not_spend_the_pace(tmp_path: Path) -> Non
     """attack (helper-51 #3): the pace was charged before the send and kept when it failed (50
     failed sends spent 49 s of every blob's budget); and it was waited for with the piece read."""
     meta, path, _ = blob(tmp_path, 4 * PIECE)
-    clock = [1000.0]
-    waits: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        waits.append(seconds)
-        clock[0] += seconds
-
-    copies = FirstCopies(CollectorRegistry(), rate=PIECE, clock=lambda: clock[0], sleep=sleep)
+    copies, _, waits = paced()
     a = copies.issue("node-a", meta, path)
     assert a is not None
     for _ in range(firstcopy.MAX_HANDOUTS - 1):
