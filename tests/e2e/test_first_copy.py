@@ -41,6 +41,9 @@ def test_each_piece_leaves_the_origin_once_and_the_agents_spread_it(stack: Stack
     blob = max(image.blobs.values(), key=lambda b: b.size)
     stack.start_tracker()
     origin = stack.start_origin()
+    # seeded first: cold, the first agent would have the origin's relay of its fetch, on loopback
+    # often the whole blob, and the others could take it all from that agent (origin/relay.py)
+    stack.admit(blob.digest, repository="private/firstcopy")
     agents = [stack.start_agent() for _ in range(4)]
     before = registry.settle(quiet=0.5)
     with ThreadPoolExecutor(len(agents)) as pool:
@@ -60,9 +63,9 @@ def test_each_piece_leaves_the_origin_once_and_the_agents_spread_it(stack: Stack
     for a in agents:
         assert a.metric("shoal_agent_fallbacks_total") == 0
         assert a.metric("shoal_agent_swarm_stall_escapes_total") == 0
-    # and the registry sent the blob once, to the origin
+    # and the registry sent the blob once, to the origin (before the pulls)
     gets = registry.blob_gets(registry.settle(quiet=0.5)[len(before):])
-    assert gets.get(blob.digest) == 1
+    assert gets.get(blob.digest) is None
 
 
 def first_copy_get(origin: Component, token: str, digest: str, ticket: str | None) -> tuple[int, dict[str, str], bytes]:
