@@ -37,6 +37,7 @@ from shoal import errors
 from shoal.metainfo import Metainfo
 from shoal.oci import Digest
 
+# A round is forgotten this long after its last admission or delivered piece.
 ROUND_MEMORY = 600.0
 # Rounds open or remembered (one per blob), and tickets over all of them: a ticket is a few
 # hundred bytes of the origin's memory, and a node holds one per blob it is pulling.
@@ -125,7 +126,8 @@ class FirstCopies:
         self.sent = Counter("shoal_origin_first_copy_bytes_total",
                             "Bytes of blobs' first copies sent to nodes, a piece per node", registry=registry)
         self.failed = Counter("shoal_origin_first_copy_failed_sends_total",
-                              "First-copy pieces a node did not take in time (handed out again)", registry=registry)
+                              "First-copy pieces a node did not take (handed out again, three times at most)",
+                              registry=registry)
 
     def _prune(self, now: float) -> None:
         while self._rounds:
@@ -229,6 +231,8 @@ class FirstCopies:
         finally:
             if lease.ok:
                 r.last = self._clock()
+                if r.digest in self._rounds:  # (kept in the order _prune reads: by last use)
+                    self._rounds.move_to_end(r.digest)
                 self.sent.inc(len(lease.data))
             else:  # (not taken, or the node's request ended first: the next node gets it)
                 self._free_at -= charge  # (nothing was sent: the pace is not spent on it)
