@@ -55,7 +55,7 @@ from shoal import errors
 from shoal.clients import ApiError
 from shoal.oci import Digest
 from shoal.registry import Authorization
-from shoal.store import BlobStore, fsync_file, sha256_file, stamp_of
+from shoal.store import BlobStore, fsync_file, read_exact, sha256_file, stamp_of
 from shoal.swarm import PeerBytes, Swarm, TorrentJob
 from shoal_agent import firstcopy
 from shoal_agent.config import SwarmPolicy
@@ -619,7 +619,7 @@ class Download:
                 following = left > 0 and await whole.wait_change(left)
                 continue
             at = whole.next  # to the end of its piece (a relay may have stopped within one)
-            data = await asyncio.to_thread(_pread_exact, partial, at, min(length - at % length, self.size - at))
+            data = await asyncio.to_thread(read_exact, partial, at, min(length - at % length, self.size - at))
             whole.feed(at, data)  # unless a reader fed it meanwhile (then `next` moved on)
             self._notify()
         if whole.hexdigest() == self.digest.hex:
@@ -711,11 +711,3 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         if n == 0:
             raise OSError(28, "no space left on device")
         view, offset = view[n:], offset + n
-
-
-def _pread_exact(path: Path, offset: int, length: int) -> bytes:
-    with open(path, "rb", buffering=0) as f:
-        data = os.pread(f.fileno(), length, offset)
-    if len(data) != length:
-        raise errors.IntegrityError(f"{path.name} is short at {offset}")
-    return data

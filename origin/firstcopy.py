@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -36,6 +35,7 @@ from prometheus_client import CollectorRegistry, Counter
 from shoal import errors
 from shoal.metainfo import Metainfo
 from shoal.oci import Digest
+from shoal.store import read_exact
 
 # A round is forgotten this long after its last admission or delivered piece.
 ROUND_MEMORY = 600.0
@@ -211,10 +211,10 @@ class FirstCopies:
             return
         lease = Lease(index, b"")
         try:
-            lease.data = await asyncio.to_thread(_pread_exact, r.path, index * r.piece_length, r.length(index))
-        except FileNotFoundError:
-            # the blob left the origin's store (evicted): its round is over, and nodes that stall
-            # ask the tracker for the seeders
+            lease.data = await asyncio.to_thread(read_exact, r.path, index * r.piece_length, r.length(index))
+        except (FileNotFoundError, errors.IntegrityError):
+            # the blob left the origin's store (evicted), or is short of its metainfo: its round
+            # is over, and nodes that stall ask the tracker for the seeders
             r.end()
             yield None
             return
@@ -238,14 +238,3 @@ class FirstCopies:
                 self._free_at -= charge  # (nothing was sent: the pace is not spent on it)
                 self.failed.inc()
                 r.failed(index)
-
-
-def _pread_exact(path: Path, offset: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        data = os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-    if len(data) != length:  # (truncated: as good as gone)
-        raise FileNotFoundError(f"{path.name} is shorter than its metainfo says")
-    return data

@@ -91,6 +91,15 @@ def _index_doc(entry: _Entry) -> str:
     return json.dumps({"size": entry.size, "atime": entry.atime, "stamp": entry.stamp})
 
 
+def read_exact(path: Path, offset: int, length: int) -> bytes:
+    """`length` bytes of the file at `offset` (blocking); IntegrityError if it is shorter."""
+    with open(path, "rb", buffering=0) as f:
+        data = os.pread(f.fileno(), length, offset)
+    if len(data) != length:
+        raise errors.IntegrityError(f"{path.name} is short at {offset}")
+    return data
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

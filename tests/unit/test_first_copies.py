@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from shoal import errors
 from shoal.metainfo import Metainfo
 from shoal.oci import Digest
+from shoal.store import read_exact
 from shoal_origin import firstcopy
 from shoal_origin.firstcopy import FirstCopies
 
@@ -292,13 +293,11 @@ async def test_a_passing_read_error_hands_the_piece_out_again(tmp_path: Path,
     copies = FirstCopies(CollectorRegistry())
     a = copies.issue("node-a", meta, path)
     assert a is not None
-    real = firstcopy._pread_exact
-
     def once(p: Path, offset: int, length: int) -> bytes:
-        monkeypatch.setattr(firstcopy, "_pread_exact", real)
+        monkeypatch.setattr(firstcopy, "read_exact", read_exact)
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(firstcopy, "_pread_exact", once)
+    monkeypatch.setattr(firstcopy, "read_exact", once)
     with pytest.raises(errors.Unavailable):
         await take(copies, a, meta.digest)
     assert await take(copies, a, meta.digest) == (0, data[:PIECE])
