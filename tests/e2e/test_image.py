@@ -133,7 +133,10 @@ def test_image_runs_tracker_origin_and_agent_read_only_as_non_root(
                         etc, tmp_path / "tracker")
     origin = Contained(image, "origin", "origin",
                        cluster.origin(listen=origin_listen, data_dir=DATA, torrent_listen=f"127.0.0.1:{free_port()}",
-                                      upstreams=[upstream("seeder")]),
+                                      upstreams=[upstream("seeder")],
+                                      # the seeder's path: a BitTorrent connection between the
+                                      # containers (first copies would fill the layers over HTTP)
+                                      first_copy=False),
                        etc, tmp_path / "origin")
     agent_ip = "127.0.0.2"
     agent = Contained(image, "agent", "agent",
