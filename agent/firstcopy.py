@@ -32,10 +32,15 @@ async def take(job: TorrentJob, origin: OriginClient, ticket: str, metrics: Agen
     # (pieces fetched before libtorrent has checked the file, a relayed prefix's for one, would
     # wait in memory: the other nodes take them meanwhile)
     await job.checked.wait()
+    # the pieces of a relayed prefix the check found whole: the origin sends them to no one again
+    # (they reach the other nodes from here), told once
+    have = job.have.find(0) if job.have_count < meta.num_pieces else meta.num_pieces
+    log.debug("first copy of %s: %d pieces here already", meta.digest, have)
     try:
         while not job.finished.is_set():
             piece = await origin.first_copy_piece(meta.digest, ticket, piece_length=meta.piece_length,
-                                                  within=PIECE_TIMEOUT)
+                                                  within=PIECE_TIMEOUT, have=have)
+            have = 0
             if piece is None:
                 break
             index, data = piece

@@ -140,8 +140,9 @@ async def first_copy(request: web.Request) -> web.StreamResponse:
     def alive() -> bool:  # (aiohttp goes on with a handler whose client hung up)
         return request.transport is not None and not request.transport.is_closing()
 
+    have = protocol.first_copy_have(request.headers.get(protocol.FIRST_COPY_HAVE_HEADER))
     try:
-        async with copies.piece(ticket, digest, alive) as lease:
+        async with copies.piece(ticket, digest, alive, have=have) as lease:
             return await _send_piece(request, digest, lease)
     except ConnectionError:
         return web.Response(status=204)  # (to no one: the node hung up while it waited)
@@ -190,19 +191,22 @@ async def relay(request: web.Request) -> web.StreamResponse:
     if ns is None:
         raise errors.Denied("no live relay ticket for this blob")
     try:
-        return await _relay(request, relays, ns, digest)
+        return await _relay(request, relays, ns, digest, ticket)
     finally:
-        relays.release(ticket)
+        node, sent = relays.release(ticket)
+        copies = request.app.get(FIRST_COPIES_KEY)
+        if copies is not None and sent:
+            copies.relayed(node, digest, sent)
 
 
-async def _relay(request: web.Request, relays: Relays, ns: str, digest: Digest) -> web.StreamResponse:
+async def _relay(request: web.Request, relays: Relays, ns: str, digest: Digest, ticket: str) -> web.StreamResponse:
     progress = await relays.progress(ns, digest)
     if progress is None:
         return web.Response(status=204)
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     try:
         await response.prepare(request)
-        sent = await relays.stream(progress, response.write)
+        sent = await relays.stream(progress, response.write, ticket)
         await response.write_eof()
     except (ConnectionError, TimeoutError):
         # the node hung up (it had the metainfo, or gave up) or stopped reading: nothing lost.

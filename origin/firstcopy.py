@@ -17,6 +17,13 @@ rolling update's later waves), and a blob nobody asked for in that long gets a n
 whose send failed is handed out again first, up to MAX_HANDOUTS times. The sends keep to the seeder's upload limit
 (`torrent.upload_rate_limit`), as a pace of their own: an operator's cap on the origin's uplink
 holds for the first copies too.
+
+The node the origin relayed the blob to while fetching it (origin/relay.py) has its first pieces
+already. Its first request says how many it has verified, and the round does not send those
+again (0.1-0.4 copies of the blob in a 32-node create, sent twice before). The count is the
+node's, not the relay's: the relay counts what it wrote to its socket, and skipping pieces from
+that count once left the nodes stalled on pieces none of them had (bench/RESULTS.md section 32).
+The relay's count bounds the node's, so a node can skip no piece the origin did not send it.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ WAIT_TIMEOUT = 30.0
 # A piece handed out this many times and never taken is left to the seeder (nodes that lack it
 # stall and are handed it): a node that takes pieces and hangs up cannot keep a round open.
 MAX_HANDOUTS = 3
+# Relays remembered (node and blob -> bytes sent) until the node's first request: a few dozen
+# bytes each, and a relay ends at most MAX_TICKETS (origin/relay.py) at a time.
+MAX_RELAYED = 4096
 
 
 @dataclass(eq=False)
@@ -95,6 +105,15 @@ class _Round:
     def end(self) -> None:
         self.cursor, self.again = self.pieces, []
 
+    def skip(self, count: int) -> int:
+        """Pieces 0 to `count` - 1 are to be sent to no one (a node has them): the bytes of
+        those not handed out yet."""
+        skipped = sum(self.length(i) for i in range(self.cursor, count))
+        skipped += sum(self.length(i) for i in self.again if i < count)
+        self.cursor = max(self.cursor, count)
+        self.again = [i for i in self.again if i >= count]
+        return skipped
+
 
 class Lease:
     """One piece on its way to one node: handed out again unless `delivered` is called."""
@@ -116,7 +135,8 @@ class FirstCopies:
         self._waiting = 0  # requests waiting for their round's turn
         self._free_at = 0.0  # (monotonic) when the pace lets the next send start
         self._rounds: OrderedDict[str, _Round] = OrderedDict()  # by last use, oldest first
-        self._tickets: dict[str, _Round] = {}
+        self._tickets: dict[str, tuple[_Round, str]] = {}  # ticket -> its round and node
+        self._relayed: OrderedDict[tuple[str, str], int] = OrderedDict()  # (blob, node) -> bytes relayed
         self.tickets = Counter("shoal_origin_first_copy_tickets_total",
                                "Admissions answered with a first-copy ticket (issued), or without one because "
                                "the blob's first copy has left the origin or the origin holds too many "
@@ -128,6 +148,9 @@ class FirstCopies:
         self.failed = Counter("shoal_origin_first_copy_failed_sends_total",
                               "First-copy pieces a node did not take (handed out again, three times at most)",
                               registry=registry)
+        self.skipped = Counter("shoal_origin_first_copy_skipped_bytes_total",
+                               "Bytes of first copies not sent: the node the origin relayed the blob to had "
+                               "verified them", registry=registry)
 
     def _prune(self, now: float) -> None:
         while self._rounds:
@@ -157,26 +180,37 @@ class FirstCopies:
         ticket = r.nodes.get(node)
         if ticket is None and not r.done and len(self._tickets) < MAX_TICKETS:
             ticket = r.nodes[node] = secrets.token_urlsafe(32)
-            self._tickets[ticket] = r
+            self._tickets[ticket] = (r, node)
         if ticket is None or r.done:
             self.tickets.labels("declined").inc()
             return None
         self.tickets.labels("issued").inc()
         return ticket
 
+    def relayed(self, node: str, digest: Digest, sent: int) -> None:
+        """The origin's relay sent `node` the first `sent` bytes of the blob (origin/relay.py)."""
+        self._relayed[(digest.hex, node)] = sent
+        self._relayed.move_to_end((digest.hex, node))
+        while len(self._relayed) > MAX_RELAYED:
+            self._relayed.popitem(last=False)
+
     @contextlib.asynccontextmanager
-    async def piece(self, ticket: str, digest: Digest,
-                    alive: Callable[[], bool] = lambda: True) -> AsyncIterator[Lease | None]:
+    async def piece(self, ticket: str, digest: Digest, alive: Callable[[], bool] = lambda: True,
+                    have: int = 0) -> AsyncIterator[Lease | None]:
         """The next piece of the blob's first copy for the holder of `ticket`, None once every
         piece has left the origin. Held until the block ends: the next node's piece is sent
         after this one (in order, each at the origin's whole link, not all at once at a share).
         Unavailable (503) while the ticket has a request in progress, too many wait, or the turn
-        does not come in time; ConnectionError if the node hung up (`alive`) before its turn."""
-        r = self._tickets.get(ticket)
-        if r is None or r.digest != digest.hex:
+        does not come in time; ConnectionError if the node hung up (`alive`) before its turn.
+        `have`: the node has verified pieces 0 to `have` - 1 (a relay's; see the module's doc)."""
+        held = self._tickets.get(ticket)
+        if held is None or held[0].digest != digest.hex:
             raise errors.Denied("no first-copy ticket for this blob")
+        r, node = held
         if ticket in r.busy:
             raise errors.Unavailable("this ticket has a first-copy request in progress")
+        if have > 0:
+            self._skip_relayed(r, node, have)
         if self._waiting >= MAX_WAITING:
             raise errors.Unavailable("too many first-copy requests are waiting")
         r.busy.add(ticket)
@@ -198,6 +232,14 @@ class FirstCopies:
                 r.lock.release()
         finally:
             r.busy.discard(ticket)
+
+    def _skip_relayed(self, r: _Round, node: str, have: int) -> None:
+        # once per relay, and no further than the relay went: whole pieces of what it sent
+        sent = self._relayed.pop((r.digest, node), 0)
+        whole = r.pieces if sent >= r.size else sent // r.piece_length
+        skipped = r.skip(min(have, whole))
+        if skipped:
+            self.skipped.inc(skipped)
 
     @contextlib.asynccontextmanager
     async def _send(self, r: _Round) -> AsyncIterator[Lease | None]:

@@ -99,6 +99,7 @@ class Relays:
         # unused ones do (else a node redeeming each ticket at once had as many streams as it
         # asked for, each holding a socket, a file and up to READ_CHUNK of the origin's memory).
         self._live: dict[str, _Ticket] = {}
+        self._sent: dict[str, int] = {}  # redeemed ticket -> bytes its relay has sent
         self.tickets = Counter("shoal_origin_relay_tickets_total",
                                "Admissions answered with a relay ticket (issued), or without one because the "
                                "blob had enough relays (declined)", ["result"], registry=registry)
@@ -136,9 +137,10 @@ class Relays:
         self._live[ticket] = held
         return held.ns
 
-    def release(self, ticket: str) -> None:
-        """The relay of a redeemed `ticket` ended."""
-        self._live.pop(ticket, None)
+    def release(self, ticket: str) -> tuple[str, int]:
+        """The relay of a redeemed `ticket` ended: its node, and the bytes sent to it."""
+        held = self._live.pop(ticket, None)
+        return (held.node if held is not None else ""), self._sent.pop(ticket, 0)
 
     async def progress(self, ns: str, digest: Digest) -> FetchProgress | None:
         """The blob's fetch from registry `ns` once it has begun; None if it ended (seeded, or
@@ -155,8 +157,10 @@ class Relays:
             await asyncio.sleep(0.02)  # the fetch begins after one registry round trip
         return None
 
-    async def stream(self, progress: FetchProgress, write: Callable[[bytes], Awaitable[None]]) -> int:
-        """Send what the fetch has written, and what it writes, until it ends: the bytes sent."""
+    async def stream(self, progress: FetchProgress, write: Callable[[bytes], Awaitable[None]],
+                     ticket: str = "") -> int:
+        """Send what the fetch has written, and what it writes, until it ends: the bytes sent
+        (also kept for the redeemed `ticket`'s release)."""
         pos, f = 0, None
         self.streams.inc()
         try:
@@ -175,6 +179,8 @@ class Relays:
                     await write(chunk)
                 pos += len(chunk)
                 self.sent.inc(len(chunk))
+                if ticket in self._live:
+                    self._sent[ticket] = pos
         finally:
             self.streams.dec()
             if f is not None:

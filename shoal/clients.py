@@ -120,13 +120,16 @@ class OriginClient:
             async for chunk in r.content.iter_any():
                 yield chunk
 
-    async def first_copy_piece(self, digest: Digest, ticket: str, *, piece_length: int,
-                               within: float) -> tuple[int, bytes] | None:
+    async def first_copy_piece(self, digest: Digest, ticket: str, *, piece_length: int, within: float,
+                               have: int = 0) -> tuple[int, bytes] | None:
         """The next piece of the blob's first copy for this node (index, bytes; unverified: the
         torrent checks them), None once every piece has left the origin. A piece that says it is
-        longer than `piece_length` is refused unread."""
-        async with self.http.get(protocol.FIRST_COPY.url(self.base, digest=str(digest)),
-                                 headers={**self._auth, protocol.FIRST_COPY_TICKET_HEADER: ticket},
+        longer than `piece_length` is refused unread. `have`: this node has verified the blob's
+        first `have` pieces (a relay's), which the origin need send no one."""
+        headers = {**self._auth, protocol.FIRST_COPY_TICKET_HEADER: ticket}
+        if have > 0:
+            headers[protocol.FIRST_COPY_HAVE_HEADER] = str(have)
+        async with self.http.get(protocol.FIRST_COPY.url(self.base, digest=str(digest)), headers=headers,
                                  timeout=aiohttp.ClientTimeout(total=within), allow_redirects=False) as r:
             if r.status == 204:
                 return None

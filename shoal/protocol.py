@@ -58,7 +58,9 @@ ADMISSION = Route("POST", "/v1/blobs/{digest}/admission")
 RELAY = Route("GET", "/v1/blobs/{digest}/relay")
 # A blob's first copy, a piece per request, for a node admitted with a first-copy ticket
 # (FIRST_COPY_TICKET_HEADER): each answer is the next piece no node has had from the origin yet
-# (its index in FIRST_COPY_PIECE_HEADER), 204 once every piece has left the origin
+# (its index in FIRST_COPY_PIECE_HEADER), 204 once every piece has left the origin. A node the
+# origin relayed the blob to says in its first request how many of the blob's first pieces it
+# has verified (FIRST_COPY_HAVE_HEADER): the origin does not send those again
 FIRST_COPY = Route("GET", "/v1/blobs/{digest}/first-copy")
 GRANTS = Route("POST", "/v1/swarm/grants")
 JOURNAL = Route("POST", "/v1/journal")
@@ -234,6 +236,16 @@ class AdmissionRequest:
 RELAY_TICKET_HEADER = "Shoal-Relay-Ticket"
 FIRST_COPY_TICKET_HEADER = "Shoal-First-Copy-Ticket"
 FIRST_COPY_PIECE_HEADER = "Shoal-Piece"  # the index of the piece a FIRST_COPY answer carries
+FIRST_COPY_HAVE_HEADER = "Shoal-First-Copy-Have"  # pieces 0 to N-1: the node has them (a relay's)
+
+
+def first_copy_have(value: str | None) -> int:
+    """FIRST_COPY_HAVE_HEADER's count of pieces; 0 when absent."""
+    if value is None:
+        return 0
+    if not (value.isascii() and value.isdigit() and len(value) <= 10):
+        raise errors.BadRequest(errors.INVALID_REQUEST, f"{FIRST_COPY_HAVE_HEADER} must be a count of pieces")
+    return int(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from shoal import peercerts, protocol
+from shoal import metainfo, peercerts, protocol
 from shoal.clients import ApiError, OriginClient
 from shoal.oci import Digest
 from shoal.registry import Credentials
@@ -103,6 +103,10 @@ def test_a_cold_blob_flows_before_the_origin_has_it(stack: Stack, registry: Regi
     relayed = agent.metric("shoal_agent_relay_bytes_total")
     assert 0 < relayed <= blob.size
     assert origin.metric("shoal_origin_relay_bytes_total") >= relayed
+    # the relay brought the whole blob (the fetch was held, the link is loopback): none of it was
+    # sent again as the blob's first copy
+    assert relayed == blob.size
+    assert origin.metric("shoal_origin_first_copy_bytes_total") == 0
     # the registry sent the blob once: to the origin
     pulls = registry.settle(quiet=0.5)
     assert registry.blob_gets(pulls[len(before):]).get(blob.digest) == 1
@@ -215,3 +219,55 @@ def test_a_node_that_resets_the_relay_mid_write_leaves_no_error(stack: Stack, re
         proxy.cut()
     log = origin.log()
     assert " ERROR " not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_pieces_a_relay_brought_are_not_sent_again_as_the_first_copy(stack: Stack, registry: Registry,
+                                                                     images: Images) -> None:
+    """A node says in its first first-copy request how many of the blob's first pieces it has
+    (those its relay brought, origin/firstcopy.py): the origin sends those to no one again, but
+    skips no further than its relay to that node went, whatever the node says."""
+    image = images.get("private/relay", layers=[12 * MIB + 77], seed=41)
+    blob = max(image.blobs.values(), key=lambda b: b.size)
+    proxy, origin, _agent = cold_stack(stack, registry)
+    node_login = Credentials(stack.node_user, stack.node_password.read_text()).basic()
+    keys = {n: peercerts.NodeKey.generate() for n in ("node-a", "node-b")}
+    for n, key in keys.items():
+        api.grants(origin.url, stack.node_token, n, key)
+    try:
+        proxy.hold_after(3 * MIB)
+        ticket = ask_relay(stack, blob.digest, "node-a", node_login, keys["node-a"])
+        assert isinstance(ticket, protocol.RelayTicket)
+        # node-a reads 2 MiB of the relay and hangs up (the origin has at most 3 MiB to send)
+        status, _, head = api.ticket_get(origin.config["listen"], protocol.RELAY.path(digest=blob.digest),
+                                         stack.node_token, protocol.RELAY_TICKET_HEADER, ticket.ticket,
+                                         BOUND, limit=2 * MIB)
+        assert status == 200 and head == blob.path.read_bytes()[:2 * MIB]
+    finally:
+        proxy.release()
+    wait_for(lambda: origin.metric("shoal_origin_relay_streams") == 0, what="the relay to end")
+    admitted = {n: api.admission(origin.url, stack.node_token, blob.digest, n, key, stack.registry.host,
+                                 "private/relay", node_login) for n, key in keys.items()}
+    tickets = {n: a.first_copy for n, a in admitted.items() if a is not None and a.first_copy is not None}
+    assert tickets.keys() == keys.keys()
+    meta = metainfo.parse(next(a for a in admitted.values() if a is not None).metainfo)
+
+    def first_copy(node: str, have: int) -> int:
+        status, headers, body = api.ticket_get(
+            origin.config["listen"], protocol.FIRST_COPY.path(digest=blob.digest), stack.node_token,
+            protocol.FIRST_COPY_TICKET_HEADER, tickets[node], BOUND,
+            extra={protocol.FIRST_COPY_HAVE_HEADER: str(have)})
+        assert status == 200
+        index = int(headers[protocol.FIRST_COPY_PIECE_HEADER])
+        assert body == blob.path.read_bytes()[index * meta.piece_length:][:meta.piece_length]
+        return index
+
+    # node-b had no relay: its claim to every piece skips nothing
+    assert first_copy("node-b", meta.num_pieces) == 0
+    assert origin.metric("shoal_origin_first_copy_skipped_bytes_total") == 0
+    # node-a's claim to every piece skips the whole pieces its relay sent, no more: about the 2-3
+    # MiB the origin had written to its socket (a chunk more once the fetch went on), of 12
+    skip_to = first_copy("node-a", meta.num_pieces)
+    assert 2 * MIB // meta.piece_length <= skip_to <= 4 * MIB // meta.piece_length < meta.num_pieces
+    assert origin.metric("shoal_origin_first_copy_skipped_bytes_total") == (skip_to - 1) * meta.piece_length
+    assert first_copy("node-b", 0) == skip_to + 1  # (told once; the next piece in order)
+    proxy.cut()

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from shoal import errors, metainfo, protocol
-from shoal.swarm import Grant
+from shoal.swarm import Grant, TorrentJob
 from shoal_agent import download as download_module
+from shoal_agent import firstcopy
 from shoal_agent.download import Collaborators, WholeHash
 from shoal_agent.membership import Admitted, Relayed
 from tests.integration.test_download_swarm import DATA, DIGEST, Node, finish, start
@@ -64,6 +65,15 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
 async def relay_then_join(node: Node, body: bytes, *, window: int = len(DATA)) -> None:
     """The relay of `body` (1a), then the swarm: the torrent checks the relayed file, takes the
     rest from the seeder, and the commit's hash runs (confirm)."""
+    job = await relay_then_add(node, body, window=window)
+    job.handle.connect_peer(("127.0.0.20", node.seeder_port))
+    await finish(node)
+    async with asyncio.timeout(60):
+        await node.download.confirm(job, node.partial)
+
+
+async def relay_then_add(node: Node, body: bytes, *, window: int = len(DATA)) -> TorrentJob:
+    """The relay of `body` (1a), then the torrent added (it checks the relayed file)."""
     d = node.download
     origin = Origin(body, node.job.meta, taken=lambda: d.written == len(body))
     d.deps = Collaborators(store=d.deps.store, metrics=d.deps.metrics, policy=d.deps.policy,
@@ -79,10 +89,7 @@ async def relay_then_join(node: Node, body: bytes, *, window: int = len(DATA)) -
     job = swarm.add(node.job.meta, node.deps.store.downloads_dir, seed=False)
     node.job = job
     d.attach(job)
-    job.handle.connect_peer(("127.0.0.20", node.seeder_port))
-    await finish(node)
-    async with asyncio.timeout(60):
-        await d.confirm(job, node.partial)
+    return job
 
 
 async def whole_body(node: Node) -> bytes | errors.IntegrityError:
@@ -144,6 +151,28 @@ async def test_a_wrong_relayed_byte_reaches_no_complete_body_no_range_reader_and
     # attack21: a whole-blob reader that starts once the torrent has every piece gets the
     # torrent's, not the relay's chunk still kept for that offset
     assert node.job.finished.is_set() and await whole_body(node) == DATA
+
+
+async def test_the_node_tells_the_origin_which_relayed_pieces_it_verified(node: Node) -> None:
+    """Its first first-copy request says how many of the blob's first pieces the torrent's check
+    of the relayed file found whole (agent/firstcopy.py): pieces 0 and 1 here, as piece 2 has a
+    wrong byte and piece 3 came in part. The origin sends those to no one again."""
+    piece = node.job.meta.piece_length
+    body = bytearray(DATA[:3 * piece + piece // 2])
+    body[2 * piece + 5] ^= 0xFF
+    job = await relay_then_add(node, bytes(body))
+    asked: list[int] = []
+
+    class FirstCopyOrigin:  # (the origin's side: tests/e2e/test_relay.py)
+        base = "http://origin.invalid"
+
+        async def first_copy_piece(self, *_: Any, have: int = 0, **__: Any) -> None:
+            asked.append(have)  # and every piece has left the origin: 204
+
+    async with asyncio.timeout(60):
+        taken = await firstcopy.take(job, FirstCopyOrigin(), "ticket", node.deps.metrics)  # type: ignore[arg-type]
+    assert (taken, asked) == (0, [2])
+    assert [job.has_piece(i) for i in range(4)] == [True, True, False, False]
 
 
 async def test_a_cancelled_relay_closes_its_file_only_after_its_last_write(node: Node,

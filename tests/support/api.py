@@ -74,18 +74,20 @@ def preseed_job(origin: str, token: str, job: str) -> protocol.PreseedJob:
 
 
 def ticket_get(listen: str, path: str, token: str, header: str, ticket: str | None,
-               timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+               timeout: float = 60, extra: dict[str, str] | None = None,
+               limit: int | None = None) -> tuple[int, dict[str, str], bytes]:
     """A node's GET of an origin route that takes a ticket (the relay, the first copy), raw:
-    `token` the node token ("" for none), the ticket in `header` (None: no header)."""
+    `token` the node token ("" for none), the ticket in `header` (None: no header), `extra`
+    headers; with `limit`, the body's first `limit` bytes only (then it hangs up)."""
     host, port = listen.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if ticket is not None:
             headers[header] = ticket
-        conn.request("GET", path, headers=headers)
+        conn.request("GET", path, headers={**headers, **(extra or {})})
         r = conn.getresponse()
-        return r.status, dict(r.getheaders()), r.read()
+        return r.status, dict(r.getheaders()), r.read() if limit is None else r.read(limit)
     finally:
         conn.close()
 

@@ -316,3 +316,53 @@ async def test_a_send_that_failed_does_not_spend_the_pace(tmp_path: Path) -> Non
     assert await take(copies, a, meta.digest) is not None
     assert await take(copies, a, meta.digest) is not None
     assert waits == [1.0]
+
+
+async def have(copies: FirstCopies, ticket: str, digest: Digest, count: int) -> int | None:
+    """The first request of a node that says it has pieces 0 to `count` - 1: the index sent."""
+    async with copies.piece(ticket, digest, have=count) as lease:
+        if lease is None:
+            return None
+        lease.delivered()
+        return lease.index
+
+
+async def test_pieces_the_relay_brought_a_node_are_sent_to_no_one_again(tmp_path: Path) -> None:
+    meta, path, data = blob(tmp_path, 8 * PIECE + 5)
+    copies = FirstCopies(CollectorRegistry())
+    relayed, other = copies.issue("relayed", meta, path), copies.issue("other", meta, path)
+    assert relayed is not None and other is not None
+    # the relay sent 4.5 pieces; the node says it has verified 6: 4 are skipped, the relay's bound
+    copies.relayed("relayed", meta.digest, 4 * PIECE + PIECE // 2)
+    assert await have(copies, relayed, meta.digest, 6) == 4
+    assert copies.skipped._value.get() == 4 * PIECE
+    # told once: a second claim skips nothing more
+    assert await have(copies, relayed, meta.digest, 8) == 5
+    got = [(await take(copies, t, meta.digest) or (-1,))[0] for t in (other, relayed, other)]
+    assert got == [6, 7, 8]
+    assert await take(copies, other, meta.digest) is None
+    assert copies.sent._value.get() + copies.skipped._value.get() == len(data)
+
+
+async def test_a_node_the_origin_relayed_nothing_to_skips_nothing(tmp_path: Path) -> None:
+    meta, path, _ = blob(tmp_path, 3 * PIECE + 7)
+    copies = FirstCopies(CollectorRegistry())
+    liar, relayed = copies.issue("liar", meta, path), copies.issue("relayed", meta, path)
+    assert liar is not None and relayed is not None
+    copies.relayed("relayed", meta.digest, 3 * PIECE + 7)  # (another node's relay does not count for it)
+    assert await have(copies, liar, meta.digest, 4) == 0
+    assert copies.skipped._value.get() == 0
+    # a relay of the whole blob: every piece not handed out yet is skipped, the short last one too
+    assert await have(copies, relayed, meta.digest, 4) is None
+    assert copies.skipped._value.get() == 2 * PIECE + 7
+
+
+async def test_a_relayed_piece_whose_send_failed_is_not_handed_out_again(tmp_path: Path) -> None:
+    meta, path, _ = blob(tmp_path, 4 * PIECE)
+    copies = FirstCopies(CollectorRegistry())
+    other, relayed = copies.issue("other", meta, path), copies.issue("relayed", meta, path)
+    assert other is not None and relayed is not None
+    assert (await take(copies, other, meta.digest, deliver=False) or (-1,))[0] == 0  # (to go again)
+    copies.relayed("relayed", meta.digest, 2 * PIECE)
+    assert await have(copies, relayed, meta.digest, 2) == 2
+    assert copies.skipped._value.get() == 2 * PIECE  # piece 0 (failed, waiting) and piece 1
