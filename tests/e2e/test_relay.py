@@ -261,6 +261,11 @@ def test_pieces_a_relay_brought_are_not_sent_again_as_the_first_copy(stack: Stac
         assert body == blob.path.read_bytes()[index * meta.piece_length:][:meta.piece_length]
         return index
 
+    for bad in ("-1", "x", "1" * 11):  # a count of pieces, or a 400 (and no piece taken)
+        status, _, body = api.ticket_get(origin.config["listen"], protocol.FIRST_COPY.path(digest=blob.digest),
+                                         stack.node_token, protocol.FIRST_COPY_TICKET_HEADER, tickets["node-b"],
+                                         BOUND, extra={protocol.FIRST_COPY_HAVE_HEADER: bad})
+        assert status == 400 and protocol.FIRST_COPY_HAVE_HEADER.encode() in body
     # node-b had no relay: its claim to every piece skips nothing
     assert first_copy("node-b", meta.num_pieces) == 0
     assert origin.metric("shoal_origin_first_copy_skipped_bytes_total") == 0
