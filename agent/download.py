@@ -467,6 +467,7 @@ class Download:
             log.info("relay of %s ended after %d bytes: %s", self.digest, self.written, exc)
         finally:
             os.close(fd)
+            log.debug("relay of %s: %d bytes", self.digest, self.written)
 
     def _finish(self, source: DownloadSource, started: float) -> None:
         self.source = source
