@@ -193,10 +193,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
     try:
         return await _relay(request, relays, ns, digest, ticket)
     finally:
-        node, sent = relays.release(ticket)
-        copies = request.app.get(FIRST_COPIES_KEY)
-        if copies is not None and sent:
-            copies.relayed(node, digest, sent)
+        relays.release(ticket)
 
 
 async def _relay(request: web.Request, relays: Relays, ns: str, digest: Digest, ticket: str) -> web.StreamResponse:
@@ -461,9 +458,11 @@ def build(config: OriginConfig) -> web.Application:
             registry.register(SwarmCollector("shoal_origin", swarm))
             registry.register(StoreCollector("shoal_origin", store))
             app[SEEDER_KEY] = seeder
-            app[RELAYS_KEY] = Relays(seeder.fetching.get, seeder.is_seeding, registry)
-            if config.first_copy:
-                app[FIRST_COPIES_KEY] = FirstCopies(registry, rate=swarm.upload_limit)
+            copies = FirstCopies(registry, rate=swarm.upload_limit) if config.first_copy else None
+            app[RELAYS_KEY] = Relays(seeder.fetching.get, seeder.is_seeding, registry,
+                                     on_sent=copies.relayed if copies is not None else None)
+            if copies is not None:
+                app[FIRST_COPIES_KEY] = copies
             app[PRESEEDER_KEY] = preseeder
             app[COLLECTOR_KEY] = collector
             registry.register(CollectorMetrics(collector))

@@ -19,11 +19,13 @@ whose send failed is handed out again first, up to MAX_HANDOUTS times. The sends
 holds for the first copies too.
 
 The node the origin relayed the blob to while fetching it (origin/relay.py) has its first pieces
-already. Its first request says how many it has verified, and the round does not send those
-again (0.1-0.4 copies of the blob in a 32-node create, sent twice before). The count is the
-node's, not the relay's: the relay counts what it wrote to its socket, and skipping pieces from
-that count once left the nodes stalled on pieces none of them had (bench/RESULTS.md section 32).
-The relay's count bounds the node's, so a node can skip no piece the origin did not send it.
+already (0.04-0.17 copies of the blob in a 32-node create, all sent again before). The round
+starts after the whole pieces the relay sent and leaves those for its end; the relay's node says
+in its first request how many first pieces it has verified, and those are not sent at all. The
+count is the node's, and the relay's only defers: the relay counts what it wrote to its socket,
+and skipping pieces on that count alone once left the nodes stalled on pieces none of them had
+(bench/RESULTS.md section 32). The relay's count bounds the node's, so a node can skip no piece
+the origin did not send it.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ WAIT_TIMEOUT = 30.0
 # A piece handed out this many times and never taken is left to the seeder (nodes that lack it
 # stall and are handed it): a node that takes pieces and hangs up cannot keep a round open.
 MAX_HANDOUTS = 3
-# Relays remembered (node and blob -> bytes sent) until the node's first request: a few dozen
-# bytes each, and a relay ends at most MAX_TICKETS (origin/relay.py) at a time.
+# Relays remembered (blob -> its node and the bytes sent) until the node's first request: a few
+# dozen bytes each, one relay per blob (origin/relay.py).
 MAX_RELAYED = 4096
 
 
@@ -75,7 +77,11 @@ class _Round:
     piece_length: int
     pieces: int
     last: float
-    cursor: int = 0
+    cursor: int = 0  # the next piece from `deferred` on
+    # Pieces 0 to deferred - 1 (a relay's) go out after the others, from `tail` on
+    deferred: int = 0
+    tail: int = 0
+    relay: tuple[str, int] | None = None  # the relay's node and the bytes it sent, until it says
     again: list[int] = field(default_factory=list)  # pieces whose send failed, handed out first
     failures: dict[int, int] = field(default_factory=dict)  # piece -> failed sends
     nodes: dict[str, str] = field(default_factory=dict)  # node -> its ticket
@@ -84,18 +90,33 @@ class _Round:
 
     @property
     def done(self) -> bool:
-        return self.cursor >= self.pieces and not self.again
+        return self.cursor >= self.pieces and self.tail >= self.deferred and not self.again
 
     def take(self) -> int | None:
         if self.again:
             return self.again.pop(0)
-        if self.cursor >= self.pieces:
-            return None
-        self.cursor += 1
-        return self.cursor - 1
+        if self.cursor < self.pieces:
+            self.cursor += 1
+            return self.cursor - 1
+        if self.tail < self.deferred:
+            self.tail += 1
+            return self.tail - 1
+        return None
 
     def length(self, index: int) -> int:
         return min(self.piece_length, self.size - index * self.piece_length)
+
+    def span(self, start: int, end: int) -> int:
+        """The bytes of pieces `start` to `end` - 1."""
+        return max(0, min(end * self.piece_length, self.size) - start * self.piece_length) if end > start else 0
+
+    def whole(self, nbytes: int) -> int:
+        """How many of the first pieces `nbytes` from the start cover whole."""
+        return self.pieces if nbytes >= self.size else nbytes // self.piece_length
+
+    def defer(self, count: int) -> None:
+        """A new round: pieces 0 to `count` - 1 go out last."""
+        self.deferred = self.cursor = min(count, self.pieces)
 
     def failed(self, index: int) -> None:
         self.failures[index] = n = self.failures.get(index, 0) + 1
@@ -103,13 +124,14 @@ class _Round:
             self.again.append(index)
 
     def end(self) -> None:
-        self.cursor, self.again = self.pieces, []
+        self.cursor, self.tail, self.again = self.pieces, self.deferred, []
 
     def skip(self, count: int) -> int:
         """Pieces 0 to `count` - 1 are to be sent to no one (a node has them): the bytes of
         those not handed out yet."""
-        skipped = sum(self.length(i) for i in range(self.cursor, count))
+        skipped = self.span(self.tail, min(count, self.deferred)) + self.span(self.cursor, count)
         skipped += sum(self.length(i) for i in self.again if i < count)
+        self.tail = max(self.tail, min(count, self.deferred))
         self.cursor = max(self.cursor, count)
         self.again = [i for i in self.again if i >= count]
         return skipped
@@ -136,7 +158,7 @@ class FirstCopies:
         self._free_at = 0.0  # (monotonic) when the pace lets the next send start
         self._rounds: OrderedDict[str, _Round] = OrderedDict()  # by last use, oldest first
         self._tickets: dict[str, tuple[_Round, str]] = {}  # ticket -> its round and node
-        self._relayed: OrderedDict[tuple[str, str], int] = OrderedDict()  # (blob, node) -> bytes relayed
+        self._relayed: OrderedDict[str, tuple[str, int]] = OrderedDict()  # blob -> (node, bytes relayed)
         self.tickets = Counter("shoal_origin_first_copy_tickets_total",
                                "Admissions answered with a first-copy ticket (issued), or without one because "
                                "the blob's first copy has left the origin or the origin holds too many "
@@ -175,6 +197,9 @@ class FirstCopies:
             if len(self._rounds) >= MAX_ROUNDS:
                 self._forget(next(iter(self._rounds.values())))
             r = self._rounds[key] = _Round(key, path, meta.size, meta.piece_length, meta.num_pieces, now)
+            r.relay = self._relayed.pop(key, None)
+            if r.relay is not None:  # (the relay stops sending when the blob is seeded: before this)
+                r.defer(r.whole(r.relay[1]))
         r.last = now
         self._rounds.move_to_end(key)
         ticket = r.nodes.get(node)
@@ -188,9 +213,13 @@ class FirstCopies:
         return ticket
 
     def relayed(self, node: str, digest: Digest, sent: int) -> None:
-        """The origin's relay sent `node` the first `sent` bytes of the blob (origin/relay.py)."""
-        self._relayed[(digest.hex, node)] = sent
-        self._relayed.move_to_end((digest.hex, node))
+        """The origin's relay has sent `node` the first `sent` bytes of the blob (origin/relay.py)."""
+        r = self._rounds.get(digest.hex)
+        if r is not None and r.relay is not None and r.relay[0] == node:
+            r.relay = (node, sent)  # (a last write the relay finished after the round began)
+            return
+        self._relayed[digest.hex] = (node, sent)
+        self._relayed.move_to_end(digest.hex)
         while len(self._relayed) > MAX_RELAYED:
             self._relayed.popitem(last=False)
 
@@ -234,10 +263,12 @@ class FirstCopies:
             r.busy.discard(ticket)
 
     def _skip_relayed(self, r: _Round, node: str, have: int) -> None:
-        # once per relay, and no further than the relay went: whole pieces of what it sent
-        sent = self._relayed.pop((r.digest, node), 0)
-        whole = r.pieces if sent >= r.size else sent // r.piece_length
-        skipped = r.skip(min(have, whole))
+        # the relay's node only, once, and no further than the relay went: whole pieces of what
+        # it sent
+        if r.relay is None or r.relay[0] != node:
+            return
+        skipped = r.skip(min(have, r.whole(r.relay[1])))
+        r.relay = None
         if skipped:
             self.skipped.inc(skipped)
 

@@ -91,15 +91,17 @@ class Relays:
     """Tickets (one use each, for one node and blob) and the streams they open."""
 
     def __init__(self, fetching: Callable[[Digest], FetchProgress | None],
-                 running: Callable[[Digest], bool], registry: CollectorRegistry) -> None:
+                 running: Callable[[Digest], bool], registry: CollectorRegistry,
+                 on_sent: Callable[[str, Digest, int], None] | None = None) -> None:
         self._fetching = fetching  # the seeder's fetch of a blob now, if any
         self._running = running  # whether the seeder's flight for a blob still runs
+        # told (node, blob, bytes sent so far) as a relay sends: the first copy starts after them
+        self._on_sent = on_sent
         self._tickets: dict[str, _Ticket] = {}
         # Redeemed tickets whose relay has not ended yet: they count against the bounds as
         # unused ones do (else a node redeeming each ticket at once had as many streams as it
         # asked for, each holding a socket, a file and up to READ_CHUNK of the origin's memory).
         self._live: dict[str, _Ticket] = {}
-        self._sent: dict[str, int] = {}  # redeemed ticket -> bytes its relay has sent
         self.tickets = Counter("shoal_origin_relay_tickets_total",
                                "Admissions answered with a relay ticket (issued), or without one because the "
                                "blob had enough relays (declined)", ["result"], registry=registry)
@@ -137,10 +139,9 @@ class Relays:
         self._live[ticket] = held
         return held.ns
 
-    def release(self, ticket: str) -> tuple[str, int]:
-        """The relay of a redeemed `ticket` ended: its node, and the bytes sent to it."""
-        held = self._live.pop(ticket, None)
-        return (held.node if held is not None else ""), self._sent.pop(ticket, 0)
+    def release(self, ticket: str) -> None:
+        """The relay of a redeemed `ticket` ended."""
+        self._live.pop(ticket, None)
 
     async def progress(self, ns: str, digest: Digest) -> FetchProgress | None:
         """The blob's fetch from registry `ns` once it has begun; None if it ended (seeded, or
@@ -160,7 +161,7 @@ class Relays:
     async def stream(self, progress: FetchProgress, write: Callable[[bytes], Awaitable[None]],
                      ticket: str = "") -> int:
         """Send what the fetch has written, and what it writes, until it ends: the bytes sent
-        (also kept for the redeemed `ticket`'s release)."""
+        (told to `on_sent` for the redeemed `ticket`'s node as they go)."""
         pos, f = 0, None
         self.streams.inc()
         try:
@@ -179,8 +180,9 @@ class Relays:
                     await write(chunk)
                 pos += len(chunk)
                 self.sent.inc(len(chunk))
-                if ticket in self._live:
-                    self._sent[ticket] = pos
+                held = self._live.get(ticket)
+                if held is not None and self._on_sent is not None:
+                    self._on_sent(held.node, held.digest, pos)
         finally:
             self.streams.dec()
             if f is not None:

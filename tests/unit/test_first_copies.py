@@ -327,42 +327,58 @@ async def have(copies: FirstCopies, ticket: str, digest: Digest, count: int) -> 
         return lease.index
 
 
-async def test_pieces_the_relay_brought_a_node_are_sent_to_no_one_again(tmp_path: Path) -> None:
+async def test_a_relays_pieces_go_last_and_to_no_one_once_its_node_has_them(tmp_path: Path) -> None:
     meta, path, data = blob(tmp_path, 8 * PIECE + 5)
     copies = FirstCopies(CollectorRegistry())
+    # the relay sent 4.5 pieces while the origin fetched the blob: the round starts after them
+    copies.relayed("relayed", meta.digest, 4 * PIECE + PIECE // 2)
     relayed, other = copies.issue("relayed", meta, path), copies.issue("other", meta, path)
     assert relayed is not None and other is not None
-    # the relay sent 4.5 pieces; the node says it has verified 6: 4 are skipped, the relay's bound
-    copies.relayed("relayed", meta.digest, 4 * PIECE + PIECE // 2)
-    assert await have(copies, relayed, meta.digest, 6) == 4
+    assert (await take(copies, other, meta.digest) or (-1,))[0] == 4
+    # its node says it verified 6: the 4 the relay sent whole are sent to no one (its bound)
+    assert await have(copies, relayed, meta.digest, 6) == 5
     assert copies.skipped._value.get() == 4 * PIECE
     # told once: a second claim skips nothing more
-    assert await have(copies, relayed, meta.digest, 8) == 5
-    got = [(await take(copies, t, meta.digest) or (-1,))[0] for t in (other, relayed, other)]
-    assert got == [6, 7, 8]
+    assert await have(copies, relayed, meta.digest, 8) == 6
+    got = [(await take(copies, t, meta.digest) or (-1,))[0] for t in (other, relayed)]
+    assert got == [7, 8]
     assert await take(copies, other, meta.digest) is None
     assert copies.sent._value.get() + copies.skipped._value.get() == len(data)
 
 
-async def test_a_node_the_origin_relayed_nothing_to_skips_nothing(tmp_path: Path) -> None:
+async def test_a_relays_pieces_still_go_out_last_if_its_node_never_says(tmp_path: Path) -> None:
+    """The relay's count is of bytes written to its socket, which its node may never have read:
+    they are deferred, not skipped, on that count alone. A node the relay did not serve skips
+    nothing with its claim."""
+    meta, path, data = blob(tmp_path, 4 * PIECE + 9)
+    copies = FirstCopies(CollectorRegistry())
+    copies.relayed("relayed", meta.digest, 2 * PIECE + 1)
+    liar = copies.issue("liar", meta, path)
+    assert liar is not None
+    assert await have(copies, liar, meta.digest, 5) == 2
+    got = [(await take(copies, liar, meta.digest) or (-1,))[0] for _ in range(5)]
+    assert got == [3, 4, 0, 1, -1]
+    assert copies.sent._value.get() == len(data) and copies.skipped._value.get() == 0
+
+
+async def test_a_relay_of_the_whole_blob_leaves_nothing_to_send_once_its_node_says(tmp_path: Path) -> None:
     meta, path, _ = blob(tmp_path, 3 * PIECE + 7)
     copies = FirstCopies(CollectorRegistry())
-    liar, relayed = copies.issue("liar", meta, path), copies.issue("relayed", meta, path)
-    assert liar is not None and relayed is not None
-    copies.relayed("relayed", meta.digest, 3 * PIECE + 7)  # (another node's relay does not count for it)
-    assert await have(copies, liar, meta.digest, 4) == 0
-    assert copies.skipped._value.get() == 0
-    # a relay of the whole blob: every piece not handed out yet is skipped, the short last one too
+    copies.relayed("relayed", meta.digest, 3 * PIECE)
+    relayed = copies.issue("relayed", meta, path)
+    assert relayed is not None
+    copies.relayed("relayed", meta.digest, 3 * PIECE + 7)  # (a last write, after the round began)
     assert await have(copies, relayed, meta.digest, 4) is None
-    assert copies.skipped._value.get() == 2 * PIECE + 7
+    assert copies.skipped._value.get() == 3 * PIECE + 7 and copies.sent._value.get() == 0
 
 
 async def test_a_relayed_piece_whose_send_failed_is_not_handed_out_again(tmp_path: Path) -> None:
     meta, path, _ = blob(tmp_path, 4 * PIECE)
     copies = FirstCopies(CollectorRegistry())
+    copies.relayed("relayed", meta.digest, 2 * PIECE)
     other, relayed = copies.issue("other", meta, path), copies.issue("relayed", meta, path)
     assert other is not None and relayed is not None
+    assert [(await take(copies, other, meta.digest) or (-1,))[0] for _ in range(2)] == [2, 3]
     assert (await take(copies, other, meta.digest, deliver=False) or (-1,))[0] == 0  # (to go again)
-    copies.relayed("relayed", meta.digest, 2 * PIECE)
-    assert await have(copies, relayed, meta.digest, 2) == 2
+    assert await have(copies, relayed, meta.digest, 2) is None
     assert copies.skipped._value.get() == 2 * PIECE  # piece 0 (failed, waiting) and piece 1
