@@ -20,18 +20,20 @@ holds for the first copies too.
 
 The node the origin relayed the blob to while fetching it (origin/relay.py) has its first pieces
 already (0.04-0.17 copies of the blob in a 32-node create, all sent again before). The round
-starts after the whole pieces the relay sent and leaves those for its end; the relay's node says
-in its first request how many first pieces it has verified, and those are not sent at all. The
-count is the node's, and the relay's only defers: the relay counts what it wrote to its socket,
-and skipping pieces on that count alone once left the nodes stalled on pieces none of them had
+starts after the whole pieces the relay sent and holds those back; the relay's node says in its
+first request how many first pieces it has verified, those are sent to no one, and the rest of
+the held-back ones go out next. The count is the node's, and the relay's only holds back: the
+relay counts what it wrote to its socket, up to four times what its node read in a rollout, and
+skipping pieces on that count alone once left the nodes stalled on pieces none of them had
 (bench/RESULTS.md section 32). The relay's count bounds the node's, so a node can skip no piece
-the origin did not send it.
+the origin did not send it. If the relay's node never asks, the held-back pieces go out last.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from collections import OrderedDict
@@ -45,6 +47,8 @@ from shoal import errors
 from shoal.metainfo import Metainfo
 from shoal.oci import Digest
 from shoal.store import read_exact
+
+log = logging.getLogger(__name__)
 
 # A round is forgotten this long after its last admission or delivered piece.
 ROUND_MEMORY = 600.0
@@ -78,7 +82,8 @@ class _Round:
     pieces: int
     last: float
     cursor: int = 0  # the next piece from `deferred` on
-    # Pieces 0 to deferred - 1 (a relay's) go out after the others, from `tail` on
+    # Pieces 0 to deferred - 1 (a relay's) are held back until its node asks (else they go out
+    # last, from `tail` on)
     deferred: int = 0
     tail: int = 0
     relay: tuple[str, int] | None = None  # the relay's node and the bytes it sent, until it says
@@ -126,14 +131,14 @@ class _Round:
     def end(self) -> None:
         self.cursor, self.tail, self.again = self.pieces, self.deferred, []
 
-    def skip(self, count: int) -> int:
-        """Pieces 0 to `count` - 1 are to be sent to no one (a node has them): the bytes of
-        those not handed out yet."""
+    def settle(self, count: int) -> int:
+        """Pieces 0 to `count` - 1 are to be sent to no one (a node has them), and the rest of
+        the deferred ones go out next: the bytes of those skipped."""
         skipped = self.span(self.tail, min(count, self.deferred)) + self.span(self.cursor, count)
         skipped += sum(self.length(i) for i in self.again if i < count)
-        self.tail = max(self.tail, min(count, self.deferred))
+        self.again = [i for i in self.again if i >= count] + list(range(max(self.tail, count), self.deferred))
+        self.tail = self.deferred
         self.cursor = max(self.cursor, count)
-        self.again = [i for i in self.again if i >= count]
         return skipped
 
 
@@ -238,8 +243,8 @@ class FirstCopies:
         r, node = held
         if ticket in r.busy:
             raise errors.Unavailable("this ticket has a first-copy request in progress")
-        if have > 0:
-            self._skip_relayed(r, node, have)
+        if r.relay is not None and r.relay[0] == node:
+            self._settle_relay(r, have)
         if self._waiting >= MAX_WAITING:
             raise errors.Unavailable("too many first-copy requests are waiting")
         r.busy.add(ticket)
@@ -262,13 +267,13 @@ class FirstCopies:
         finally:
             r.busy.discard(ticket)
 
-    def _skip_relayed(self, r: _Round, node: str, have: int) -> None:
-        # the relay's node only, once, and no further than the relay went: whole pieces of what
-        # it sent
-        if r.relay is None or r.relay[0] != node:
-            return
-        skipped = r.skip(min(have, r.whole(r.relay[1])))
+    def _settle_relay(self, r: _Round, have: int) -> None:
+        # at the relay's node's first request: no further than the relay went (whole pieces of
+        # what it wrote to its socket, which the node may not have read)
+        assert r.relay is not None
+        skipped = r.settle(min(have, r.whole(r.relay[1])))
         r.relay = None
+        log.debug("first copy of sha256:%s: %d bytes its relay's node has are sent to no one", r.digest, skipped)
         if skipped:
             self.skipped.inc(skipped)
 

@@ -382,3 +382,25 @@ async def test_a_relayed_piece_whose_send_failed_is_not_handed_out_again(tmp_pat
     assert (await take(copies, other, meta.digest, deliver=False) or (-1,))[0] == 0  # (to go again)
     assert await have(copies, relayed, meta.digest, 2) is None
     assert copies.skipped._value.get() == 2 * PIECE  # piece 0 (failed, waiting) and piece 1
+
+
+async def test_held_back_pieces_the_relays_node_lacks_go_out_next(tmp_path: Path) -> None:
+    """The relay wrote 4 pieces to its socket; its node read (and verified) 1: piece 0 is sent to
+    no one, pieces 1-3 go out before the rest. Asking with no count, all 4 go out next."""
+    meta, path, _ = blob(tmp_path, 8 * PIECE)
+    copies = FirstCopies(CollectorRegistry())
+    copies.relayed("relayed", meta.digest, 4 * PIECE)
+    relayed, other = copies.issue("relayed", meta, path), copies.issue("other", meta, path)
+    assert relayed is not None and other is not None
+    assert (await take(copies, other, meta.digest) or (-1,))[0] == 4
+    assert await have(copies, relayed, meta.digest, 1) == 1
+    got = [(await take(copies, t, meta.digest) or (-1,))[0] for t in (other, relayed) * 4]
+    assert got == [2, 3, 5, 6, 7, -1, -1, -1]
+    assert copies.skipped._value.get() == PIECE
+
+    meta, path, _ = blob(tmp_path, 6 * PIECE, seed=7)
+    copies.relayed("relayed", meta.digest, 4 * PIECE)
+    relayed = copies.issue("relayed", meta, path)
+    assert relayed is not None
+    got = [(await take(copies, relayed, meta.digest) or (-1,))[0] for _ in range(7)]
+    assert got == [0, 1, 2, 3, 4, 5, -1]
