@@ -120,7 +120,7 @@ class _Round:
         return self.pieces if nbytes >= self.size else nbytes // self.piece_length
 
     def defer(self, count: int) -> None:
-        """A new round: pieces 0 to `count` - 1 go out last."""
+        """A new round: pieces 0 to `count` - 1 are held back (`settle`, else they go out last)."""
         self.deferred = self.cursor = min(count, self.pieces)
 
     def failed(self, index: int) -> None:
@@ -220,8 +220,11 @@ class FirstCopies:
     def relayed(self, node: str, digest: Digest, sent: int) -> None:
         """The origin's relay has sent `node` the first `sent` bytes of the blob (origin/relay.py)."""
         r = self._rounds.get(digest.hex)
-        if r is not None and r.relay is not None and r.relay[0] == node:
-            r.relay = (node, sent)  # (a last write the relay finished after the round began)
+        if r is not None:
+            # a last write the relay finished after its round began; or a round remembered from
+            # an earlier fetch of the blob, whose pieces have left already
+            if r.relay is not None and r.relay[0] == node:
+                r.relay = (node, sent)
             return
         self._relayed[digest.hex] = (node, sent)
         self._relayed.move_to_end(digest.hex)

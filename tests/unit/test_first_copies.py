@@ -404,3 +404,18 @@ async def test_held_back_pieces_the_relays_node_lacks_go_out_next(tmp_path: Path
     assert relayed is not None
     got = [(await take(copies, relayed, meta.digest) or (-1,))[0] for _ in range(7)]
     assert got == [0, 1, 2, 3, 4, 5, -1]
+
+
+async def test_a_relay_while_an_earlier_round_is_remembered_holds_nothing_back_later(tmp_path: Path) -> None:
+    """The blob was evicted and fetched again (relayed) while its last round was remembered: that
+    relay is not kept for the round after it, whose nodes may be others."""
+    meta, path, _ = blob(tmp_path, 4 * PIECE)
+    clock = [0.0]
+    copies = FirstCopies(CollectorRegistry(), clock=lambda: clock[0])
+    a = copies.issue("a", meta, path)
+    assert a is not None
+    copies.relayed("b", meta.digest, 3 * PIECE)
+    clock[0] += firstcopy.ROUND_MEMORY + 1  # the round is forgotten
+    b = copies.issue("b", meta, path)
+    assert b is not None
+    assert (await take(copies, b, meta.digest) or (-1,))[0] == 0
