@@ -416,6 +416,6 @@ async def test_a_relay_while_an_earlier_round_is_remembered_holds_nothing_back_l
     assert a is not None
     copies.relayed("b", meta.digest, 3 * PIECE)
     clock[0] += firstcopy.ROUND_MEMORY + 1  # the round is forgotten
-    b = copies.issue("b", meta, path)
-    assert b is not None
-    assert (await take(copies, b, meta.digest) or (-1,))[0] == 0
+    c = copies.issue("c", meta, path)
+    assert c is not None
+    assert (await take(copies, c, meta.digest) or (-1,))[0] == 0
