@@ -26,7 +26,8 @@ the held-back ones go out next. The count is the node's, and the relay's only ho
 relay counts what it wrote to its socket, up to four times what its node read in a rollout, and
 skipping pieces on that count alone once left the nodes stalled on pieces none of them had
 (bench/RESULTS.md section 32). The relay's count bounds the node's, so a node can skip no piece
-the origin did not send it. If the relay's node never asks, the held-back pieces go out last.
+the origin did not send it, but a hostile one can withhold all of those (FAULTS.md). If the
+relay's node never asks, the held-back pieces go out last.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ MAX_HANDOUTS = 3
 # Relays remembered (blob -> its node and the bytes sent) until the node's first request: a few
 # dozen bytes each, one relay per blob (origin/relay.py).
 MAX_RELAYED = 4096
+# A relay's count is for the round that begins when its fetch is seeded: the relay reports as it
+# writes, up to the seeding. One not followed by a round this soon after its last report was of
+# a fetch that failed (or of a node that never asked for the metainfo), not of the next one.
+RELAY_RECORD_TTL = 60.0
 
 
 @dataclass(eq=False)
@@ -163,7 +168,8 @@ class FirstCopies:
         self._free_at = 0.0  # (monotonic) when the pace lets the next send start
         self._rounds: OrderedDict[str, _Round] = OrderedDict()  # by last use, oldest first
         self._tickets: dict[str, tuple[_Round, str]] = {}  # ticket -> its round and node
-        self._relayed: OrderedDict[str, tuple[str, int]] = OrderedDict()  # blob -> (node, bytes relayed)
+        # blob -> (node, bytes relayed, when last told)
+        self._relayed: OrderedDict[str, tuple[str, int, float]] = OrderedDict()
         self.tickets = Counter("shoal_origin_first_copy_tickets_total",
                                "Admissions answered with a first-copy ticket (issued), or without one because "
                                "the blob's first copy has left the origin or the origin holds too many "
@@ -202,9 +208,10 @@ class FirstCopies:
             if len(self._rounds) >= MAX_ROUNDS:
                 self._forget(next(iter(self._rounds.values())))
             r = self._rounds[key] = _Round(key, path, meta.size, meta.piece_length, meta.num_pieces, now)
-            r.relay = self._relayed.pop(key, None)
-            if r.relay is not None:  # (the relay stops sending when the blob is seeded: before this)
-                r.defer(r.whole(r.relay[1]))
+            relay = self._relayed.pop(key, None)
+            if relay is not None and now - relay[2] <= RELAY_RECORD_TTL:
+                r.relay = relay[:2]  # (the relay stops sending when the blob is seeded: before this)
+                r.defer(r.whole(relay[1]))
         r.last = now
         self._rounds.move_to_end(key)
         ticket = r.nodes.get(node)
@@ -226,7 +233,7 @@ class FirstCopies:
             if r.relay is not None and r.relay[0] == node:
                 r.relay = (node, sent)
             return
-        self._relayed[digest.hex] = (node, sent)
+        self._relayed[digest.hex] = (node, sent, self._clock())
         self._relayed.move_to_end(digest.hex)
         while len(self._relayed) > MAX_RELAYED:
             self._relayed.popitem(last=False)

@@ -155,11 +155,12 @@ async def test_a_wrong_relayed_byte_reaches_no_complete_body_no_range_reader_and
 
 async def test_the_node_tells_the_origin_which_relayed_pieces_it_verified(node: Node) -> None:
     """Its first first-copy request says how many of the blob's first pieces the torrent's check
-    of the relayed file found whole (agent/firstcopy.py): pieces 0 and 1 here, as piece 2 has a
-    wrong byte and piece 3 came in part. The origin sends those to no one again."""
+    of the relayed file found whole (agent/firstcopy.py): piece 0 only here, as piece 1 has a
+    wrong byte (piece 2 is whole, but after the hole) and piece 3 came in part. The origin sends
+    those to no one again."""
     piece = node.job.meta.piece_length
     body = bytearray(DATA[:3 * piece + piece // 2])
-    body[2 * piece + 5] ^= 0xFF
+    body[piece + 5] ^= 0xFF
     job = await relay_then_add(node, bytes(body))
     asked: list[int] = []
 
@@ -171,8 +172,8 @@ async def test_the_node_tells_the_origin_which_relayed_pieces_it_verified(node: 
 
     async with asyncio.timeout(60):
         taken = await firstcopy.take(job, FirstCopyOrigin(), "ticket", node.deps.metrics)  # type: ignore[arg-type]
-    assert (taken, asked) == (0, [2])
-    assert [job.has_piece(i) for i in range(4)] == [True, True, False, False]
+    assert (taken, asked) == (0, [1])
+    assert [job.has_piece(i) for i in range(4)] == [True, False, True, False]
 
 
 async def test_a_cancelled_relay_closes_its_file_only_after_its_last_write(node: Node,

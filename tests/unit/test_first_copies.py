@@ -419,3 +419,31 @@ async def test_a_relay_while_an_earlier_round_is_remembered_holds_nothing_back_l
     c = copies.issue("c", meta, path)
     assert c is not None
     assert (await take(copies, c, meta.digest) or (-1,))[0] == 0
+
+
+async def test_a_relay_of_a_fetch_that_failed_holds_nothing_back_in_a_later_round(tmp_path: Path) -> None:
+    """A relay whose fetch failed (no round followed it) is not the relay of the next fetch."""
+    meta, path, _ = blob(tmp_path, 4 * PIECE)
+    clock = [0.0]
+    copies = FirstCopies(CollectorRegistry(), clock=lambda: clock[0])
+    copies.relayed("relayed", meta.digest, 3 * PIECE)
+    clock[0] += firstcopy.RELAY_RECORD_TTL + 1
+    relayed, other = copies.issue("relayed", meta, path), copies.issue("other", meta, path)
+    assert relayed is not None and other is not None
+    assert (await take(copies, other, meta.digest) or (-1,))[0] == 0
+    assert await have(copies, relayed, meta.digest, 4) == 1
+    assert copies.skipped._value.get() == 0
+
+
+async def test_the_relays_node_is_heard_once(tmp_path: Path) -> None:
+    """A relay write the origin finished after its node's first request (it read slowly) raises
+    the relay's count: neither a second claim nor the next round skips more."""
+    meta, path, _ = blob(tmp_path, 8 * PIECE)
+    copies = FirstCopies(CollectorRegistry())
+    copies.relayed("relayed", meta.digest, 2 * PIECE)
+    relayed = copies.issue("relayed", meta, path)
+    assert relayed is not None
+    assert await have(copies, relayed, meta.digest, 8) == 2
+    copies.relayed("relayed", meta.digest, 6 * PIECE)
+    assert await have(copies, relayed, meta.digest, 8) == 3
+    assert copies.skipped._value.get() == 2 * PIECE
